@@ -1,0 +1,155 @@
+"""The one exception hierarchy of syft-split.
+
+::
+
+    SyftSplitError
+    ├── SplitError              cannot split a model there (lists the valid cut names)
+    ├── ConfigError             a topology / plan / parameter set that cannot run
+    ├── ValidationError         a value crossing a party boundary was refused
+    │   ├── ShapeError          wrong shape (message says expected vs got)
+    │   ├── DTypeError          wrong dtype
+    │   ├── NonFiniteError      NaN or Inf in a tensor
+    │   ├── EmptyBatchError     a batch with no rows
+    │   └── PayloadTooLargeError  a message over the receiver's size limit
+    ├── WireError               bytes that do not decode under the wire schema
+    ├── ProtocolError           an op out of order (gradient without forward) or unknown
+    ├── AccessError             the caller may not do this
+    │   ├── AuthorizationError  caller is not the approved model owner
+    │   ├── ApprovalError       the segment was never approved / was rejected
+    │   └── EgressError         the segment tried to release something not approved
+    ├── TransportError          the transport failed (PySyft errors are wrapped here)
+    ├── RemoteError             the peer failed with an error that has no mapping here
+    └── HEError                 homomorphic-encryption failures (he_layers)
+        ├── InsecureParametersError
+        └── CiphertextError
+
+Errors raised by a data owner's host travel back over the wire as (class name, message)
+and are re-raised on the model owner's side as the same class (see :func:`error_from_wire`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SyftSplitError",
+    "SplitError",
+    "ConfigError",
+    "ValidationError",
+    "ShapeError",
+    "DTypeError",
+    "NonFiniteError",
+    "EmptyBatchError",
+    "PayloadTooLargeError",
+    "WireError",
+    "ProtocolError",
+    "AccessError",
+    "AuthorizationError",
+    "ApprovalError",
+    "EgressError",
+    "TransportError",
+    "RemoteError",
+    "HEError",
+    "InsecureParametersError",
+    "CiphertextError",
+    "error_from_wire",
+]
+
+
+class SyftSplitError(Exception):
+    """Base class of every error syft-split raises."""
+
+
+class SplitError(SyftSplitError):
+    """A model cannot be split at the requested cut point(s)."""
+
+
+class ConfigError(SyftSplitError):
+    """A plan, topology or parameter set that cannot run; raised before any training."""
+
+
+class ValidationError(SyftSplitError):
+    """A value crossing a party boundary failed validation; receiver state is unchanged."""
+
+
+class ShapeError(ValidationError):
+    """A tensor has the wrong shape."""
+
+
+class DTypeError(ValidationError):
+    """A tensor has the wrong dtype."""
+
+
+class NonFiniteError(ValidationError):
+    """A tensor contains NaN or Inf."""
+
+
+class EmptyBatchError(ValidationError):
+    """A batch has no rows."""
+
+
+class PayloadTooLargeError(ValidationError):
+    """A message exceeds the receiver's size limit."""
+
+
+class WireError(SyftSplitError):
+    """Bytes that do not decode under the wire schema."""
+
+
+class ProtocolError(SyftSplitError):
+    """An operation out of order (e.g. a gradient without a pending forward) or unknown."""
+
+
+class AccessError(SyftSplitError):
+    """The caller is not allowed to do this."""
+
+
+class AuthorizationError(AccessError):
+    """The caller is not the user the data owner approved."""
+
+
+class ApprovalError(AccessError):
+    """The segment was not approved (or was rejected) by the data owner."""
+
+
+class EgressError(AccessError):
+    """A segment tried to release something other than the approved output."""
+
+
+class TransportError(SyftSplitError):
+    """The transport failed to deliver a message."""
+
+
+class RemoteError(SyftSplitError):
+    """The peer failed with an error that has no mapping in this hierarchy."""
+
+
+class HEError(SyftSplitError):
+    """Homomorphic-encryption failure."""
+
+
+class InsecureParametersError(HEError, ConfigError):
+    """CKKS parameters below 128-bit security or with a scale too small."""
+
+
+class CiphertextError(HEError, ValidationError):
+    """Ciphertext bytes that do not deserialize, or belong to another context/shape."""
+
+
+def _registry() -> dict[str, type[SyftSplitError]]:
+    out: dict[str, type[SyftSplitError]] = {}
+    stack: list[type[SyftSplitError]] = [SyftSplitError]
+    while stack:
+        cls = stack.pop()
+        out[cls.__name__] = cls
+        stack.extend(cls.__subclasses__())
+    return out
+
+
+def error_from_wire(name: str, message: str) -> SyftSplitError:
+    """Rebuild an error that a peer reported as ``(class name, message)``.
+
+    Unknown names become :class:`RemoteError`; nothing is imported or evaluated.
+    """
+    cls = _registry().get(name)
+    if cls is None:
+        return RemoteError(f"{name}: {message}")
+    return cls(message)

@@ -1,0 +1,491 @@
+"""The data owner's side: datasets, proposals, one-time approval, segment runtimes, audit.
+
+A :class:`DataOwnerHost` is transport-free. Its wire entry is :meth:`DataOwnerHost.handle`
+(``caller``, request bytes) -> response bytes; the in-process transport calls it directly and
+the PySyft plugin calls it from inside a datasite's API endpoint. Its owner-side API
+(:meth:`review`, :meth:`approve`, :meth:`export_weights`, ...) is never reachable over the wire.
+
+Ops a model owner may send:
+
+=============  ==========================================================================
+``describe``   public metadata of the host's datasets (sizes, feature shapes) — no values
+``propose``    a segment spec + initial weights + optimizer + datasets + driver
+``status``     whether a proposal is pending / approved / rejected
+``forward``    run an approved segment on record indices (first segment) or on an incoming
+               activation; may carry ``grad``, the gradient of the previous forward (fused)
+``backward``   gradient for the pending forward; runs backward and an optimizer step here
+``loss_step``  last segment + loss on labels held here (U-shaped); labels never leave
+``discard``    drop a pending forward (e.g. the model owner's step failed)
+=============  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import wire
+from .errors import (
+    AccessError,
+    ApprovalError,
+    AuthorizationError,
+    ConfigError,
+    EgressError,
+    ProtocolError,
+    ShapeError,
+    SyftSplitError,
+    ValidationError,
+)
+from .spec import OptimizerSpec, count_parameters, describe, module_from_spec
+
+__all__ = ["DataOwnerHost", "Dataset", "Proposal", "AuditEntry", "LOSSES"]
+
+#: losses a label-holding segment may compute (name -> function(logits, labels, reduction)).
+LOSSES = {
+    "cross_entropy": F.cross_entropy,
+    "mse": F.mse_loss,
+    "bce_with_logits": F.binary_cross_entropy_with_logits,
+}
+
+_ROLES = ("input", "middle", "loss")
+
+
+@dataclass
+class Dataset:
+    """Private features (and optionally labels) a data owner holds, by record index."""
+
+    features: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.features.dim() < 2 or self.features.shape[0] == 0:
+            raise ConfigError(f"features must be (records, ...), got {tuple(self.features.shape)}")
+        if self.labels is not None and self.labels.shape[0] != self.features.shape[0]:
+            raise ConfigError(
+                f"labels have {self.labels.shape[0]} records, features {self.features.shape[0]}"
+            )
+
+    def public_metadata(self) -> dict[str, Any]:
+        return {
+            "records": int(self.features.shape[0]),
+            "feature_shape": list(self.features.shape[1:]),
+            "feature_dtype": str(self.features.dtype).removeprefix("torch."),
+            "has_labels": self.labels is not None,
+        }
+
+
+@dataclass
+class Proposal:
+    """A segment a model owner asked to run here, as the data owner reviews it."""
+
+    id: str
+    driver: str
+    role: str
+    spec: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    optimizer: OptimizerSpec
+    datasets: list[str]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    max_batch: int
+    loss: str | None = None
+    release_labels: bool = False
+    status: str = "pending"
+    module: nn.Module | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One call the host answered: who, which op, on what, how big, how long, outcome."""
+
+    time: float
+    caller: str
+    op: str
+    segment: str | None
+    shapes: dict[str, list[int]]
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    outcome: str
+
+
+@dataclass
+class _Runtime:
+    proposal: Proposal
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    pending_input: torch.Tensor | None = None
+    pending_output: torch.Tensor | None = None
+    steps: int = 0
+
+
+class DataOwnerHost:
+    """Everything a data owner runs: see the module docstring for the ops it answers."""
+
+    def __init__(
+        self,
+        name: str,
+        datasets: dict[str, Dataset] | None = None,
+        *,
+        max_request_bytes: int = 64 * 1024 * 1024,
+        max_batch: int = 4096,
+    ) -> None:
+        self.name = name
+        self.datasets: dict[str, Dataset] = dict(datasets or {})
+        self.max_request_bytes = max_request_bytes
+        self.max_batch = max_batch
+        self.audit: list[AuditEntry] = []
+        self._proposals: dict[str, Proposal] = {}
+        self._runtimes: dict[str, _Runtime] = {}
+        self._released: set[str] = set()
+        self._ids = itertools.count(1)
+
+    # ----------------------------------------------------------------- owner-side API
+    def add_dataset(self, name: str, features: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> None:
+        """Hold ``features`` (and ``labels``) under ``name``; they never leave this host."""
+        self.datasets[name] = Dataset(features, labels)
+
+    def proposals(self, status: str | None = None) -> list[Proposal]:
+        return [p for p in self._proposals.values() if status is None or p.status == status]
+
+    def review(self, proposal_id: str) -> str:
+        """What the data owner reads before approving: layers, parameters, what leaves."""
+        p = self._proposal(proposal_id)
+        assert p.module is not None
+        out_bytes = 4 * math.prod(p.output_shape)
+        leaves = {
+            "input": f"activations float32 (batch, {', '.join(map(str, p.output_shape))})",
+            "middle": f"activations float32 (batch, {', '.join(map(str, p.output_shape))}) and "
+                      f"the gradient w.r.t. its input (batch, {', '.join(map(str, p.input_shape))})",
+            "loss": f"the gradient w.r.t. its input (batch, {', '.join(map(str, p.input_shape))})"
+                    " and two status scalars (loss, correct count); labels and outputs stay here",
+        }[p.role]
+        if p.role == "loss":
+            out_bytes = 4 * math.prod(p.input_shape)
+        lines = [
+            f"Proposal {p.id} from {p.driver} (role: {p.role}, status: {p.status})",
+            f"  reads datasets: {p.datasets}; input per record {p.input_shape}",
+            "  layers:",
+            *("    " + line for line in describe(p.module, p.input_shape)),
+            f"  parameters: {count_parameters(p.module)}; optimizer: {p.optimizer!r}",
+            f"  leaves per step: {leaves}",
+            f"  bytes leaving per record: {out_bytes}; max batch {p.max_batch} "
+            f"(<= {out_bytes * p.max_batch} bytes per step)",
+        ]
+        if p.loss:
+            lines.append(f"  loss computed here: {p.loss}")
+        if p.release_labels:
+            lines.append("  ALSO RELEASES LABELS of each batch to the model owner")
+        return "\n".join(lines)
+
+    def approve(self, proposal_id: str) -> None:
+        """Approve once: installs the segment's runtime; only the proposal's driver may use it."""
+        p = self._proposal(proposal_id)
+        if p.status != "pending":
+            raise ApprovalError(f"proposal {proposal_id} is {p.status}, not pending")
+        assert p.module is not None
+        self._runtimes[p.id] = _Runtime(p, p.module, p.optimizer.build(p.module.parameters()))
+        p.status = "approved"
+
+    def reject(self, proposal_id: str) -> None:
+        p = self._proposal(proposal_id)
+        p.status = "rejected"
+        self._runtimes.pop(p.id, None)
+
+    def release_weights(self, proposal_id: str) -> None:
+        """Allow the driver to fetch this segment's weights (op ``export``) from now on."""
+        self._proposal(proposal_id)
+        self._released.add(proposal_id)
+
+    def export_weights(self, proposal_id: str) -> dict[str, torch.Tensor]:
+        """The segment's current weights, for the data owner (never sent unless released)."""
+        rt = self._runtime_for_owner(proposal_id)
+        return {k: v.detach().clone() for k, v in rt.module.state_dict().items()}
+
+    def optimizer_state(self, proposal_id: str) -> dict[str, Any]:
+        return self._runtime_for_owner(proposal_id).optimizer.state_dict()
+
+    def _runtime_for_owner(self, proposal_id: str) -> _Runtime:
+        rt = self._runtimes.get(proposal_id)
+        if rt is None:
+            raise ApprovalError(f"segment {proposal_id} is not approved on {self.name}")
+        return rt
+
+    def _proposal(self, proposal_id: str) -> Proposal:
+        p = self._proposals.get(proposal_id)
+        if p is None:
+            raise ApprovalError(
+                f"no proposal {proposal_id!r} on {self.name}; known: {sorted(self._proposals)}"
+            )
+        return p
+
+    # ----------------------------------------------------------------------- wire entry
+    def handle(self, caller: str, data: bytes) -> bytes:
+        """Answer one request from ``caller``; errors come back as (class name, message)."""
+        t0 = time.perf_counter()
+        op, segment, shapes = "?", None, {}
+        try:
+            request = wire.decode(data, max_bytes=self.max_request_bytes)
+            op = str(request.pop("op", "?"))
+            segment = request.get("segment") if isinstance(request.get("segment"), str) else None
+            shapes = {k: list(v.shape) for k, v in request.items() if isinstance(v, torch.Tensor)}
+            handler = getattr(self, f"_op_{op}", None)
+            if handler is None:
+                raise ProtocolError(
+                    f"unknown op {op!r}; known: {sorted(n[4:] for n in dir(self) if n.startswith('_op_'))}"
+                )
+            with torch.enable_grad():  # the caller's grad mode is not ours
+                response = handler(caller, request)
+            raw = wire.encode(response)
+            outcome = "ok"
+        except SyftSplitError as exc:
+            raw = wire.encode({"error": type(exc).__name__, "message": str(exc)})
+            outcome = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a bug or torch failure: report, never crash the host
+            raw = wire.encode({"error": "RemoteError", "message": f"{type(exc).__name__}: {exc}"})
+            outcome = f"RemoteError: {type(exc).__name__}: {exc}"
+        self.audit.append(AuditEntry(time.time(), caller, op, segment, shapes, len(data),
+                                     len(raw), time.perf_counter() - t0, outcome))
+        return raw
+
+    # ---------------------------------------------------------------------------- ops
+    def _op_describe(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        return {"host": self.name,
+                "datasets": {k: d.public_metadata() for k, d in self.datasets.items()}}
+
+    def _op_propose(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        role = req.get("role")
+        if role not in _ROLES:
+            raise ConfigError(f"role must be one of {_ROLES}, got {role!r}")
+        datasets = req.get("datasets")
+        if not isinstance(datasets, list) or not datasets or not all(
+            isinstance(d, str) and d in self.datasets for d in datasets
+        ):
+            raise ConfigError(
+                f"datasets {datasets!r} must name datasets on {self.name}: {sorted(self.datasets)}"
+            )
+        module = module_from_spec(req.get("spec"))
+        state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
+        own = module.state_dict()
+        if set(state) != set(own):
+            raise ConfigError(f"weights {sorted(state)} do not match the spec's {sorted(own)}")
+        for k, v in state.items():
+            if v.shape != own[k].shape or v.dtype != own[k].dtype:
+                raise ShapeError(f"weight {k}: expected {tuple(own[k].shape)} {own[k].dtype}, "
+                                 f"got {tuple(v.shape)} {v.dtype}")
+            wire.check_tensor(v, f"weight {k}", nonempty=False)
+        module.load_state_dict(state)
+        first = self.datasets[datasets[0]]
+        if role == "input":
+            input_shape = tuple(first.features.shape[1:])
+            for d in datasets:
+                if tuple(self.datasets[d].features.shape[1:]) != input_shape:
+                    raise ConfigError(f"datasets {datasets} have different feature shapes")
+        else:
+            raw_shape = req.get("input_shape")
+            if not isinstance(raw_shape, list) or not all(isinstance(s, int) and s > 0
+                                                          for s in raw_shape):
+                raise ConfigError(f"input_shape must be a list of positive ints, got {raw_shape!r}")
+            input_shape = tuple(raw_shape)
+        loss = req.get("loss")
+        if role == "loss":
+            if loss not in LOSSES:
+                raise ConfigError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+            if any(self.datasets[d].labels is None for d in datasets):
+                raise ConfigError(f"role 'loss' needs labels, and {datasets} has none on {self.name}")
+        release_labels = bool(req.get("release_labels", False))
+        if release_labels and any(self.datasets[d].labels is None for d in datasets):
+            raise ConfigError("release_labels asked for datasets without labels")
+        try:
+            with torch.no_grad():
+                module.eval()
+                out = module(torch.zeros((2, *input_shape)))
+                module.train()
+        except Exception as exc:
+            raise ConfigError(f"segment does not accept input {input_shape}: {exc}") from exc
+        max_batch = req.get("max_batch", self.max_batch)
+        if not isinstance(max_batch, int) or not 0 < max_batch <= self.max_batch:
+            raise ConfigError(f"max_batch must be in 1..{self.max_batch}, got {max_batch!r}")
+        pid = f"{self.name}/seg{next(self._ids)}"
+        self._proposals[pid] = Proposal(
+            id=pid, driver=caller, role=role, spec=req["spec"], state=state,
+            optimizer=OptimizerSpec.from_json(req.get("optimizer")), datasets=datasets,
+            input_shape=input_shape, output_shape=tuple(out.shape[1:]), max_batch=max_batch,
+            loss=loss if role == "loss" else None, release_labels=release_labels, module=module,
+        )
+        return {"segment": pid, "status": "pending", "output_shape": list(out.shape[1:])}
+
+    def _op_status(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        p = self._proposal(str(req.get("segment")))
+        if p.driver != caller:
+            raise AuthorizationError(f"{caller} did not propose {p.id}")
+        return {"segment": p.id, "status": p.status}
+
+    def _runtime(self, caller: str, req: dict[str, Any], role: tuple[str, ...]) -> _Runtime:
+        seg = req.get("segment")
+        p = self._proposals.get(seg) if isinstance(seg, str) else None
+        if p is None or p.status != "approved":
+            state = "unknown" if p is None else p.status
+            raise ApprovalError(f"segment {seg!r} is {state} on {self.name}: it cannot run")
+        if caller != p.driver:
+            raise AuthorizationError(
+                f"{caller} may not drive {p.id}; the data owner approved {p.driver}"
+            )
+        if p.role not in role:
+            raise ProtocolError(f"segment {p.id} has role {p.role!r}; this op needs {role}")
+        return self._runtimes[p.id]
+
+    def _dataset(self, rt: _Runtime, req: dict[str, Any]) -> Dataset:
+        name = req.get("dataset", rt.proposal.datasets[0])
+        if name not in rt.proposal.datasets:
+            raise AccessError(f"segment {rt.proposal.id} was approved for {rt.proposal.datasets}, "
+                              f"not {name!r}")
+        return self.datasets[name]
+
+    def _indices(self, rt: _Runtime, req: dict[str, Any], ds: Dataset) -> torch.Tensor:
+        idx = wire.check_tensor(req.get("indices"), "indices", shape=(None,), dtype=torch.int64)
+        if idx.shape[0] > rt.proposal.max_batch:
+            raise ValidationError(f"indices: batch of {idx.shape[0]} exceeds the approved "
+                                  f"max_batch {rt.proposal.max_batch}")
+        n = ds.features.shape[0]
+        if bool((idx < 0).any()) or bool((idx >= n).any()):
+            raise ValidationError(f"indices must be in 0..{n - 1}")
+        return idx
+
+    def _activation_in(self, rt: _Runtime, req: dict[str, Any], name: str = "x") -> torch.Tensor:
+        x = wire.check_tensor(req.get(name), name, shape=(None, *rt.proposal.input_shape),
+                              dtype=torch.float32)
+        if x.shape[0] > rt.proposal.max_batch:
+            raise ValidationError(f"{name}: batch of {x.shape[0]} exceeds the approved "
+                                  f"max_batch {rt.proposal.max_batch}")
+        return x
+
+    def _check_grad(self, rt: _Runtime, grad: Any) -> torch.Tensor:
+        if rt.pending_output is None:
+            raise ProtocolError(f"gradient for {rt.proposal.id} without a pending forward")
+        return wire.check_tensor(grad, "grad", shape=tuple(rt.pending_output.shape),
+                                 dtype=torch.float32)
+
+    def _apply_grad(self, rt: _Runtime, grad: torch.Tensor) -> torch.Tensor | None:
+        assert rt.pending_output is not None
+        rt.optimizer.zero_grad(set_to_none=True)
+        rt.pending_output.backward(grad)
+        rt.optimizer.step()
+        rt.optimizer.zero_grad(set_to_none=True)
+        grad_in = rt.pending_input.grad if rt.pending_input is not None else None
+        rt.pending_input = rt.pending_output = None
+        rt.steps += 1
+        return None if grad_in is None else grad_in.detach()
+
+    def _egress(self, rt: _Runtime, out: torch.Tensor, batch: int,
+                shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        want = (batch, *(shape if shape is not None else rt.proposal.output_shape))
+        if tuple(out.shape) != want or out.dtype != torch.float32:
+            raise EgressError(
+                f"segment {rt.proposal.id} tried to release {tuple(out.shape)} {out.dtype}; "
+                f"approved: {want} torch.float32"
+            )
+        return out.detach().contiguous()
+
+    def _op_forward(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        rt = self._runtime(caller, req, ("input", "middle"))
+        train = bool(req.get("train", True))
+        # validate everything before changing anything
+        grad = self._check_grad(rt, req["grad"]) if "grad" in req else None
+        if rt.proposal.role == "input":
+            ds = self._dataset(rt, req)
+            idx = self._indices(rt, req, ds)
+            x = ds.features[idx].to(torch.float32)
+        else:
+            ds, idx = None, None
+            x = self._activation_in(rt, req)
+        if train and grad is None and rt.pending_output is not None:
+            raise ProtocolError(f"segment {rt.proposal.id} has a forward pending its gradient; "
+                                "send it (field 'grad') or 'discard' it first")
+        if grad is not None:
+            self._apply_grad(rt, grad)
+        response: dict[str, Any] = {}
+        if train:
+            rt.module.train()
+            if rt.proposal.role == "middle":
+                x = x.requires_grad_()
+            out = rt.module(x)
+            rt.pending_input = x if rt.proposal.role == "middle" else None
+            rt.pending_output = out
+        else:
+            rt.module.eval()
+            with torch.no_grad():
+                out = rt.module(x)
+            rt.module.train()
+        response["activation"] = self._egress(rt, out, x.shape[0])
+        if rt.proposal.release_labels and ds is not None and idx is not None:
+            assert ds.labels is not None
+            response["labels"] = ds.labels[idx].clone()
+        return response
+
+    def _op_backward(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        rt = self._runtime(caller, req, ("input", "middle"))
+        grad = self._check_grad(rt, req.get("grad"))
+        batch_in = rt.pending_input.shape[0] if rt.pending_input is not None else 0
+        grad_in = self._apply_grad(rt, grad)
+        out: dict[str, Any] = {"steps": rt.steps}
+        if grad_in is not None:
+            out["grad_input"] = self._egress(rt, grad_in, batch_in, rt.proposal.input_shape)
+        return out
+
+    def _op_discard(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        rt = self._runtime(caller, req, _ROLES)
+        dropped = rt.pending_output is not None
+        rt.pending_input = rt.pending_output = None
+        return {"discarded": dropped}
+
+    def _op_loss_step(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        rt = self._runtime(caller, req, ("loss",))
+        ds = self._dataset(rt, req)
+        idx = self._indices(rt, req, ds)
+        x = self._activation_in(rt, req)
+        if x.shape[0] != idx.shape[0]:
+            raise ShapeError(f"x has {x.shape[0]} rows but indices {idx.shape[0]}")
+        train = bool(req.get("train", True))
+        assert ds.labels is not None and rt.proposal.loss is not None
+        y = ds.labels[idx]
+        loss_fn = LOSSES[rt.proposal.loss]
+        if train:
+            rt.module.train()
+            x = x.requires_grad_()
+            logits = rt.module(x)
+            loss = loss_fn(logits, y)
+            rt.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            rt.optimizer.step()
+            rt.optimizer.zero_grad(set_to_none=True)
+            rt.steps += 1
+            assert x.grad is not None
+            grad_in = self._egress(rt, x.grad, x.shape[0], rt.proposal.input_shape)
+            loss_sum = float(loss.detach()) * x.shape[0]
+        else:
+            rt.module.eval()
+            with torch.no_grad():
+                logits = rt.module(x)
+                loss_sum = float(loss_fn(logits, y, reduction="sum"))
+            rt.module.train()
+            grad_in = None
+        correct = int((logits.argmax(1) == y).sum()) if logits.dim() == 2 and y.dim() == 1 else 0
+        out: dict[str, Any] = {"loss_sum": loss_sum, "correct": correct, "count": int(x.shape[0])}
+        if grad_in is not None:
+            out["grad_input"] = grad_in
+        return out
+
+    def _op_export(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        rt = self._runtime(caller, req, _ROLES)
+        if rt.proposal.id not in self._released:
+            raise AccessError(f"the data owner has not released the weights of {rt.proposal.id}")
+        return {f"state/{k}": v for k, v in self.export_weights(rt.proposal.id).items()}

@@ -1,0 +1,166 @@
+"""The model owner's handles on segments that run at a data owner, and autograd across parties.
+
+:class:`RemoteSegment` speaks the host ops over a :class:`~syft_split.transport.base.Transport`.
+Two ``torch.autograd.Function``\\ s stitch remote segments into the model owner's graph, so
+``loss.backward()`` sends the cut-layer gradient to the data owner, which runs its own backward
+and optimizer step there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import ProtocolError, ShapeError
+from .transport.base import Transport
+
+__all__ = ["RemoteSegment", "ActivationPointer"]
+
+
+class RemoteSegment:
+    """A segment approved on ``party``'s host, identified by ``segment_id``.
+
+    With ``fuse=True`` the gradient of a first ("input") segment is held back and sent with
+    the next forward to that segment (one call per step in steady state); call :meth:`flush`
+    before reading results that depend on the data owner's weights.
+    """
+
+    def __init__(self, transport: Transport, party: str, segment_id: str, role: str,
+                 input_shape: tuple[int, ...], output_shape: tuple[int, ...], *,
+                 fuse: bool = True) -> None:
+        self.transport = transport
+        self.party = party
+        self.segment_id = segment_id
+        self.role = role
+        self.input_shape = input_shape
+        self.output_shape = output_shape
+        self.fuse = fuse and role == "input"
+        self._held_grad: torch.Tensor | None = None
+        self.last_labels: torch.Tensor | None = None
+        self.last_metrics: dict[str, Any] = {}
+
+    def _call(self, op: str, **fields: Any) -> dict[str, Any]:
+        return self.transport.call(self.party, op, segment=self.segment_id, **fields)
+
+    def forward(self, *, indices: torch.Tensor | None = None, x: torch.Tensor | None = None,
+                dataset: str | None = None, train: bool = True) -> torch.Tensor:
+        """Run the segment remotely; return its activation (a plain tensor, no graph)."""
+        fields: dict[str, Any] = {"train": train}
+        if indices is not None:
+            fields["indices"] = indices.to(torch.int64)
+        if x is not None:
+            fields["x"] = x.detach().to(torch.float32)
+        if dataset is not None:
+            fields["dataset"] = dataset
+        if train and self._held_grad is not None:
+            fields["grad"] = self._held_grad
+        response = self._call("forward", **fields)
+        if "grad" in fields:
+            self._held_grad = None
+        act = response["activation"]
+        batch = int(indices.shape[0]) if indices is not None else int(x.shape[0])  # type: ignore[union-attr]
+        if tuple(act.shape) != (batch, *self.output_shape):
+            raise ShapeError(f"{self.party} returned {tuple(act.shape)}, expected "
+                             f"{(batch, *self.output_shape)}")
+        self.last_labels = response.get("labels")
+        return act
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor | None:
+        """Send the gradient w.r.t. the segment's output; return the gradient w.r.t. its input
+        (middle segments) or ``None`` (first segments)."""
+        grad = grad.detach().to(torch.float32).contiguous()
+        if self.fuse:
+            if self._held_grad is not None:
+                raise ProtocolError(f"{self.segment_id}: a gradient is already held; "
+                                    "flush() before a second backward")
+            self._held_grad = grad
+            return None
+        response = self._call("backward", grad=grad)
+        return response.get("grad_input")
+
+    def flush(self) -> None:
+        """Send a held-back gradient now (end of epoch, before evaluation or export)."""
+        if self._held_grad is not None:
+            grad, self._held_grad = self._held_grad, None
+            self._call("backward", grad=grad)
+
+    def discard(self) -> None:
+        """Forget the pending forward on both sides (after a failed model-owner step)."""
+        self._held_grad = None
+        self._call("discard")
+
+    def loss_step(self, x: torch.Tensor, indices: torch.Tensor, *, dataset: str | None = None,
+                  train: bool = True) -> dict[str, Any]:
+        """Last segment + loss at the data owner (U-shaped); returns loss/correct/count and, in
+        training, the gradient w.r.t. ``x``."""
+        fields: dict[str, Any] = {"x": x.detach().to(torch.float32),
+                                  "indices": indices.to(torch.int64), "train": train}
+        if dataset is not None:
+            fields["dataset"] = dataset
+        return self._call("loss_step", **fields)
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """The segment's weights, if the data owner released them."""
+        self.flush()
+        response = self._call("export")
+        return {k[6:]: v for k, v in response.items() if k.startswith("state/")}
+
+
+class _RemoteForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, x: torch.Tensor | None, seg: RemoteSegment,
+                indices: torch.Tensor | None, dataset: str | None) -> torch.Tensor:
+        ctx.seg = seg
+        return seg.forward(indices=indices, x=x, dataset=dataset, train=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        grad_in = ctx.seg.backward(grad)
+        return None, grad_in, None, None, None
+
+
+class _RemoteLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, seg: RemoteSegment, indices: torch.Tensor,
+                dataset: str | None) -> torch.Tensor:
+        response = seg.loss_step(x, indices, dataset=dataset, train=True)
+        ctx.grad_in = response["grad_input"]
+        seg.last_metrics = response
+        return torch.tensor(response["loss_sum"] / response["count"], dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        return grad * ctx.grad_in, None, None, None
+
+
+class ActivationPointer:
+    """A pointer to a cut-layer activation produced at a data owner.
+
+    :meth:`resolve` (alias :meth:`get`) returns it as a tensor wired into the model owner's
+    autograd graph: gradients that reach it are sent back to the data owner's segment.
+    """
+
+    def __init__(self, seg: RemoteSegment, indices: torch.Tensor | None,
+                 x: torch.Tensor | None, dataset: str | None) -> None:
+        self.party = seg.party
+        self.segment_id = seg.segment_id
+        self.shape = (int(indices.shape[0]) if indices is not None else int(x.shape[0]),  # type: ignore[union-attr]
+                      *seg.output_shape)
+        anchor = torch.zeros((), requires_grad=True)
+        self._tensor: torch.Tensor = _RemoteForward.apply(anchor, x, seg, indices, dataset)
+
+    def resolve(self) -> torch.Tensor:
+        return self._tensor
+
+    get = resolve
+
+    def __repr__(self) -> str:
+        return f"ActivationPointer(party={self.party!r}, segment={self.segment_id!r}, shape={self.shape})"
+
+
+def remote_loss(x: torch.Tensor, seg: RemoteSegment, indices: torch.Tensor,
+                dataset: str | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Apply a remote label-holding segment; return (loss tensor wired to autograd, metrics)."""
+    loss = _RemoteLoss.apply(x, seg, indices, dataset)
+    return loss, dict(seg.last_metrics)
