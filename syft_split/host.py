@@ -213,6 +213,10 @@ class DataOwnerHost:
     def optimizer_state(self, proposal_id: str) -> dict[str, Any]:
         return self._runtime_for_owner(proposal_id).optimizer.state_dict()
 
+    def audit_log(self) -> list[dict[str, Any]]:
+        """Every call answered so far, as plain dicts (who, op, segment, shapes, bytes, time)."""
+        return [dict(vars(e)) for e in self.audit]
+
     def _runtime_for_owner(self, proposal_id: str) -> _Runtime:
         rt = self._runtimes.get(proposal_id)
         if rt is None:

@@ -43,15 +43,16 @@ class SplitPlan:
     datasets: list[str] = field(default_factory=lambda: ["train", "test"])
     max_batch: int = 1024
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     @classmethod
     def vanilla(cls, segments: Sequence[nn.Module], data_owners: str | Sequence[str], *,
                 labels: str = MODEL_OWNER, **kwargs: object) -> SplitPlan:
         """Data owners run the first segment; the model owner runs the rest (and the loss)."""
         owners = [DATA_OWNER] + [MODEL_OWNER] * (len(segments) - 1)
-        plan = cls(list(segments), owners, _names(data_owners), labels=labels,
+        return cls(list(segments), owners, _names(data_owners), labels=labels,
                    release_labels=labels == DATA_OWNER, **kwargs)  # type: ignore[arg-type]
-        plan.validate()
-        return plan
 
     @classmethod
     def u_shaped(cls, segments: Sequence[nn.Module], data_owners: str | Sequence[str],
@@ -59,10 +60,8 @@ class SplitPlan:
         """Data owners run the first and last segments and hold the labels; the model owner
         runs the middle and never sees labels or outputs."""
         owners = [DATA_OWNER] + [MODEL_OWNER] * (len(segments) - 2) + [DATA_OWNER]
-        plan = cls(list(segments), owners, _names(data_owners), labels=DATA_OWNER,
+        return cls(list(segments), owners, _names(data_owners), labels=DATA_OWNER,
                    **kwargs)  # type: ignore[arg-type]
-        plan.validate()
-        return plan
 
     @property
     def label_location(self) -> str:

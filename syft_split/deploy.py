@@ -1,0 +1,74 @@
+"""Deployments: the data owners of a run (their consoles) and the model owner's transport.
+
+A data owner's *console* is what it uses to review, approve and audit; a model owner never
+gets one. :func:`inprocess` builds hosts in this process; :func:`datasites` (PySyft, lazy)
+puts each data owner on its own PySyft datasite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .host import DataOwnerHost
+from .transport.base import Transport
+from .transport.inprocess import InProcessTransport
+
+__all__ = ["OwnerConsole", "Deployment", "inprocess", "PartyDatasets"]
+
+#: party -> dataset name -> (features, labels or None)
+PartyDatasets = dict[str, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]
+
+
+class OwnerConsole(Protocol):
+    """What a data owner can do with the segments proposed to it."""
+
+    def review(self, proposal_id: str) -> str: ...
+    def approve(self, proposal_id: str) -> None: ...
+    def reject(self, proposal_id: str) -> None: ...
+    def release_weights(self, proposal_id: str) -> None: ...
+    def export_weights(self, proposal_id: str) -> dict[str, torch.Tensor]: ...
+    def audit_log(self) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class Deployment:
+    """The model owner's transport plus one console per data owner."""
+
+    transport: Transport
+    owners: dict[str, OwnerConsole]
+    closers: list[Any] = field(default_factory=list)
+
+    def approve_all(self, proposals: dict[str, list[str]], *, show: bool = False) -> None:
+        """Each data owner reads its reviews (printed if ``show``) and approves once."""
+        for party, ids in proposals.items():
+            for pid in ids:
+                if show:
+                    print(self.owners[party].review(pid))
+                self.owners[party].approve(pid)
+
+    def close(self) -> None:
+        self.transport.close()
+        for close in reversed(self.closers):
+            close()
+        self.closers.clear()
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def inprocess(parties: PartyDatasets, *, user: str = "model-owner@example.org",
+              **host_kwargs: Any) -> Deployment:
+    """Hosts in this process, reached through :class:`InProcessTransport` (still serialised)."""
+    hosts = []
+    for name, datasets in parties.items():
+        host = DataOwnerHost(name, **host_kwargs)
+        for ds_name, (x, y) in datasets.items():
+            host.add_dataset(ds_name, x, y)
+        hosts.append(host)
+    return Deployment(InProcessTransport(hosts, user=user), {h.name: h for h in hosts})

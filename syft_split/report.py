@@ -1,0 +1,86 @@
+"""The per-run ledger: config, per-epoch metrics, steps, wall time, bytes per party; JSON + PNG."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunReport", "EpochRecord"]
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    test_loss: float | None
+    test_accuracy: float | None
+    steps: int
+    seconds: float
+    bytes_by_party: dict[str, dict[str, int]]
+
+
+@dataclass
+class RunReport:
+    """Everything one run measured. :meth:`save` writes ``report.json`` and ``report.png``."""
+
+    config: dict[str, Any]
+    epochs: list[EpochRecord] = field(default_factory=list)
+    steps: int = 0
+    wall_time_s: float = 0.0
+    transport_calls: int = 0
+    bytes_by_party: dict[str, dict[str, int]] = field(default_factory=dict)
+    bytes_by_direction: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def final_test_accuracy(self) -> float | None:
+        return self.epochs[-1].test_accuracy if self.epochs else None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write ``report.json`` and ``report.png`` into ``run_dir``; return the JSON path."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "report.json"
+        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True))
+        self.plot(run_dir / "report.png")
+        return path
+
+    def plot(self, path: str | Path) -> None:
+        """Loss/accuracy curves per epoch and bytes sent/received per party."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        ep = [e.epoch for e in self.epochs]
+        axes[0].plot(ep, [e.train_loss for e in self.epochs], "o-", label="train")
+        if any(e.test_loss is not None for e in self.epochs):
+            axes[0].plot(ep, [e.test_loss for e in self.epochs], "s--", label="test")
+        axes[0].set(title="loss", xlabel="epoch")
+        axes[0].legend()
+        axes[1].plot(ep, [e.train_accuracy for e in self.epochs], "o-", label="train")
+        if any(e.test_accuracy is not None for e in self.epochs):
+            axes[1].plot(ep, [e.test_accuracy for e in self.epochs], "s--", label="test")
+        axes[1].set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
+        axes[1].legend()
+        parties = sorted(self.bytes_by_party)
+        sent = [self.bytes_by_party[p]["sent"] / 1e6 for p in parties]
+        recv = [self.bytes_by_party[p]["received"] / 1e6 for p in parties]
+        xs = range(len(parties))
+        axes[2].bar([x - 0.2 for x in xs], sent, width=0.4, label="sent")
+        axes[2].bar([x + 0.2 for x in xs], recv, width=0.4, label="received")
+        axes[2].set_xticks(list(xs), parties, rotation=15)
+        axes[2].set(title="MB per party")
+        axes[2].legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
