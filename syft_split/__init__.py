@@ -31,7 +31,7 @@ __all__ = [
     "InProcessTransport",
     "MODEL_OWNER",
     "OptimizerSpec",
-    "PySyftTransport",
+    "PySyftTransport",  # noqa: F405 - lazy, see __getattr__
     "RemoteSegment",
     "RunReport",
     "SplitPlan",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +49,7 @@ from .spec import OptimizerSpec, count_parameters, describe, module_from_spec
 __all__ = ["DataOwnerHost", "Dataset", "Proposal", "AuditEntry", "LOSSES"]
 
 #: losses a label-holding segment may compute (name -> function(logits, labels, reduction)).
-LOSSES = {
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "cross_entropy": F.cross_entropy,
     "mse": F.mse_loss,
     "bce_with_logits": F.binary_cross_entropy_with_logits,

@@ -115,8 +115,8 @@ class _RemoteForward(torch.autograd.Function):
         return seg.forward(indices=indices, x=x, dataset=dataset, train=True)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        grad_in = ctx.seg.backward(grad)
+    def backward(ctx: Any, *grads: Any) -> Any:
+        grad_in = ctx.seg.backward(grads[0])
         return None, grad_in, None, None, None
 
 
@@ -130,8 +130,8 @@ class _RemoteLoss(torch.autograd.Function):
         return torch.tensor(response["loss_sum"] / response["count"], dtype=torch.float32)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        return grad * ctx.grad_in, None, None, None
+    def backward(ctx: Any, *grads: Any) -> Any:
+        return grads[0] * ctx.grad_in, None, None, None
 
 
 class ActivationPointer:

@@ -96,7 +96,8 @@ class OptimizerSpec:
         return cls(data["name"], **hyper)
 
     def build(self, params: Any) -> torch.optim.Optimizer:
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.hyper.items()}
+        kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v)
+                                  for k, v in self.hyper.items()}
         if self.name == "sgd":
             return torch.optim.SGD(params, **kwargs)
         if self.name == "adam":

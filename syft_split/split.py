@@ -110,14 +110,14 @@ def _as_sequential(gm: fx.GraphModule, nodes: list[fx.Node]) -> nn.Module | None
         if node.op == "call_module" and len(args) == 1 and not node.kwargs:
             layers.append((str(node.target).replace(".", "_"),
                            copy.deepcopy(gm.get_submodule(str(node.target)))))
-        elif node.op == "call_function" and node.target in _FUNCTION_LAYERS and len(args) == 1:
-            layers.append((node.name, _FUNCTION_LAYERS[node.target]()))
+        elif node.op == "call_function" and node.target in _FUNCTION_LAYERS and len(args) == 1:  # type: ignore[comparison-overlap]
+            layers.append((node.name, _FUNCTION_LAYERS[node.target]()))  # type: ignore[index]
         elif node.op in ("call_function", "call_method") and node.target in (torch.flatten,
                                                                             "flatten"):
             rest = args[1:] + list(node.kwargs.values())
             if not all(isinstance(a, int) for a in rest):
                 return None
-            layers.append((node.name, nn.Flatten(*rest) if rest else nn.Flatten(0)))
+            layers.append((node.name, nn.Flatten(*rest) if rest else nn.Flatten(0)))  # type: ignore[arg-type]
         else:
             return None
         prev = node

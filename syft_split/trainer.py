@@ -51,7 +51,7 @@ class Trainer:
             n = self.session.records(party, self.train_dataset)
             perm = torch.randperm(n, generator=self.generator)
             per_party.append([(party, b) for b in perm.split(self.batch_size)])
-        out = []
+        out: list[tuple[str, torch.Tensor]] = []
         for i in range(max(len(b) for b in per_party)):
             out.extend(batches[i] for batches in per_party if i < len(batches))
         return out
