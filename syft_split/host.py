@@ -271,7 +271,9 @@ class DataOwnerHost:
         if role not in _ROLES:
             raise ConfigError(f"role must be one of {_ROLES}, got {role!r}")
         datasets = req.get("datasets")
-        if not isinstance(datasets, list) or not datasets or not all(
+        if role == "middle" and datasets == []:
+            datasets = []  # a relay party runs a middle segment and reads no data
+        elif not isinstance(datasets, list) or not datasets or not all(
             isinstance(d, str) and d in self.datasets for d in datasets
         ):
             raise ConfigError(
@@ -288,9 +290,8 @@ class DataOwnerHost:
                                  f"got {tuple(v.shape)} {v.dtype}")
             wire.check_tensor(v, f"weight {k}", nonempty=False)
         module.load_state_dict(state)
-        first = self.datasets[datasets[0]]
         if role == "input":
-            input_shape = tuple(first.features.shape[1:])
+            input_shape = tuple(self.datasets[datasets[0]].features.shape[1:])
             for d in datasets:
                 if tuple(self.datasets[d].features.shape[1:]) != input_shape:
                     raise ConfigError(f"datasets {datasets} have different feature shapes")

@@ -43,9 +43,9 @@ class SplitSession:
     def __init__(self, plan: SplitPlan, transport: Transport, *,
                  optimizer: OptimizerSpec | None = None, fuse: bool = True) -> None:
         plan.validate()
-        missing = [d for d in plan.data_owners if d not in transport.parties()]
+        missing = [d for d in plan.data_owners + plan.relays if d not in transport.parties()]
         if missing:
-            raise ConfigError(f"data owners {missing} are not reachable through the transport; "
+            raise ConfigError(f"parties {missing} are not reachable through the transport; "
                               f"connected: {transport.parties()}")
         self.plan = plan
         self.transport = transport
@@ -88,7 +88,8 @@ class SplitSession:
             feature_shape = tuple(meta[self.plan.datasets[0]]["feature_shape"])
             shapes = self._shapes(feature_shape)
             for i, owner in enumerate(self.plan.owners):
-                if owner != DATA_OWNER:
+                host = self._host(party, i)
+                if owner == MODEL_OWNER or (host, i) in self.remote:
                     continue
                 role = "input" if i == 0 else ("loss" if i == last else "middle")
                 module = copy.deepcopy(self.plan.segments[i])
@@ -96,7 +97,7 @@ class SplitSession:
                     "role": role,
                     "spec": module_to_spec(module),
                     "optimizer": self.optimizer_spec.to_json(),
-                    "datasets": list(self.plan.datasets),
+                    "datasets": list(self.plan.datasets) if owner == DATA_OWNER else [],
                     "input_shape": list(shapes[i]),
                     "max_batch": self.plan.max_batch,
                     **{f"state/{k}": v for k, v in spec_state(module).items()},
@@ -105,11 +106,11 @@ class SplitSession:
                     fields["loss"] = self.plan.loss
                 if role == "input" and self.plan.release_labels:
                     fields["release_labels"] = True
-                response = self.transport.call(party, "propose", **fields)
+                response = self.transport.call(host, "propose", **fields)
                 pid = response["segment"]
-                self.remote[(party, i)] = RemoteSegment(
-                    self.transport, party, pid, role, shapes[i], shapes[i + 1], fuse=self.fuse)
-                out.setdefault(party, []).append(pid)
+                self.remote[(host, i)] = RemoteSegment(
+                    self.transport, host, pid, role, shapes[i], shapes[i + 1], fuse=self.fuse)
+                out.setdefault(host, []).append(pid)
         return out
 
     def status(self) -> dict[str, str]:
@@ -123,8 +124,13 @@ class SplitSession:
         if waiting:
             raise ApprovalError(f"segments not approved yet: {waiting}")
 
+    def _host(self, party: str, i: int) -> str:
+        """The party that runs segment ``i`` in ``party``'s chain."""
+        owner = self.plan.owners[i]
+        return party if owner == DATA_OWNER else owner
+
     def _seg(self, party: str, i: int) -> RemoteSegment:
-        seg = self.remote.get((party, i))
+        seg = self.remote.get((self._host(party, i), i))
         if seg is None:
             raise ProtocolError(f"no segment {i} placed at {party!r}; call propose() first")
         return seg

@@ -28,6 +28,9 @@ DATA_OWNER = "data_owner"
 class SplitPlan:
     """Segments in forward order, their owners, the data owners and where labels are.
 
+    An owner is :data:`DATA_OWNER` (each data owner runs its own copy), :data:`MODEL_OWNER`,
+    or the name of a relay party that runs that segment for everyone (multi-hop).
+
     ``labels`` is :data:`MODEL_OWNER` (the model owner passes label tensors to the trainer),
     or :data:`DATA_OWNER`: then either the last segment is the data owner's (U-shaped: labels
     and outputs never leave) or ``release_labels=True`` (the data owner sends each batch's
@@ -63,6 +66,20 @@ class SplitPlan:
         return cls(list(segments), owners, _names(data_owners), labels=DATA_OWNER,
                    **kwargs)  # type: ignore[arg-type]
 
+    @classmethod
+    def multi_hop(cls, segments: Sequence[nn.Module], data_owners: str | Sequence[str],
+                  hops: Sequence[str], **kwargs: object) -> SplitPlan:
+        """Data owners run segment 0; relay party ``hops[k]`` runs segment ``k + 1``; the model
+        owner runs the rest. Activations relay through the parties in order, gradients back."""
+        rest = len(segments) - 1 - len(hops)
+        owners = [DATA_OWNER, *hops] + [MODEL_OWNER] * rest
+        return cls(list(segments), owners, _names(data_owners), **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def relays(self) -> list[str]:
+        """Named parties that run a segment for every data owner."""
+        return [o for o in dict.fromkeys(self.owners) if o not in (DATA_OWNER, MODEL_OWNER)]
+
     @property
     def label_location(self) -> str:
         """``"model_owner"``, ``"released"`` (sent by the data owner) or ``"data_owner"``."""
@@ -76,9 +93,15 @@ class SplitPlan:
             problems.append(f"a split needs at least 2 segments, got {len(self.segments)}")
         if len(self.owners) != len(self.segments):
             problems.append(f"{len(self.segments)} segments but {len(self.owners)} owners")
-        bad = [o for o in self.owners if o not in (DATA_OWNER, MODEL_OWNER)]
+        bad = [o for o in self.owners if not isinstance(o, str) or not o]
         if bad:
-            problems.append(f"owners must be {DATA_OWNER!r} or {MODEL_OWNER!r}, got {bad}")
+            problems.append(f"owners must be {DATA_OWNER!r}, {MODEL_OWNER!r} or a party name, "
+                            f"got {bad}")
+        both = set(self.relays) & set(self.data_owners)
+        if both:
+            problems.append(f"{sorted(both)} cannot be both a data owner and a relay party")
+        if self.owners and self.owners[-1] in self.relays:
+            problems.append("the last segment cannot be a relay party's (it would need the labels)")
         if self.owners and self.owners[0] != DATA_OWNER:
             problems.append("the first segment must be a data owner's (it reads the data)")
         if MODEL_OWNER not in self.owners:
@@ -103,11 +126,11 @@ class SplitPlan:
         if not 0 < self.max_batch:
             problems.append(f"max_batch must be positive, got {self.max_batch}")
         for i, (seg, owner) in enumerate(zip(self.segments, self.owners)):
-            if owner == DATA_OWNER:
+            if owner != MODEL_OWNER:
                 try:
                     module_to_spec(seg)
                 except ConfigError as exc:
-                    problems.append(f"segment {i} cannot be placed on a data owner: {exc}")
+                    problems.append(f"segment {i} cannot be placed on {owner}: {exc}")
         if problems:
             raise ConfigError("invalid split plan:\n  - " + "\n  - ".join(problems))
 

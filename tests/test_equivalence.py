@@ -20,6 +20,7 @@ CASES = [
     ("vanilla", ["pool1", "relu3"]),
     ("vanilla_released_labels", ["pool1"]),
     ("u_shaped", ["pool1", "relu3"]),
+    ("multi_hop", ["pool1", "pool2"]),
 ]
 
 
@@ -28,8 +29,9 @@ def split_weights(session: SplitSession, dep, party: str) -> list[torch.Tensor]:
     session.flush()
     out: list[torch.Tensor] = []
     for i in range(len(session.plan.segments)):
-        if (party, i) in session.remote:
-            state = dep.owners[party].export_weights(session.remote[(party, i)].segment_id)
+        host = session._host(party, i)
+        if (host, i) in session.remote:
+            state = dep.owners[host].export_weights(session.remote[(host, i)].segment_id)
         else:
             state = session.local[i].state_dict()
         out.extend(state.values())
@@ -46,10 +48,12 @@ def test_split_training_equals_unsplit(make_deployment, toy_data, kind, cuts, op
     opt = OPTIMIZERS[opt_name]
     ref_opt = opt.build(reference.parameters())
 
-    dep = make_deployment({"clinic": {"train": (x, y), "test": (x[:8], y[:8])}})
+    dep = make_deployment({"clinic": {"train": (x, y), "test": (x[:8], y[:8])}, "lab": {}})
     segments = split_model(model, cuts)
     if kind == "u_shaped":
         plan = SplitPlan.u_shaped(segments, "clinic")
+    elif kind == "multi_hop":  # clinic -> lab -> model owner
+        plan = SplitPlan.multi_hop(segments, "clinic", hops=["lab"])
     elif kind == "vanilla_released_labels":
         plan = SplitPlan.vanilla(segments, "clinic", labels=DATA_OWNER)
     else:
@@ -66,7 +70,8 @@ def test_split_training_equals_unsplit(make_deployment, toy_data, kind, cuts, op
         ref_opt.step()
 
         session.zero_grad()
-        loss, metrics = session.loss("clinic", idx, y[idx] if kind == "vanilla" else None)
+        labels = y[idx] if kind in ("vanilla", "multi_hop") else None
+        loss, metrics = session.loss("clinic", idx, labels)
         loss.backward()
         session.step()
         assert metrics.count == 24

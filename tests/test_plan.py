@@ -32,7 +32,7 @@ def test_plan_collects_every_problem_at_once() -> None:
     with pytest.raises(ConfigError) as err:
         SplitPlan(segs, [MODEL_OWNER, "somebody"], [], labels="nowhere", loss="hinge")
     msg = str(err.value)
-    for part in ("first segment must be a data owner", "'somebody'", "data_owners",
+    for part in ("first segment must be a data owner", "relay party", "data_owners",
                  "labels must be at", "loss must be one of"):
         assert part in msg
 
