@@ -12,7 +12,7 @@ are: at the model owner, or at the data owner in the U-shaped setting).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from .errors import ApprovalError, ConfigError, ProtocolError
 from .host import LOSSES
 from .remote import ActivationPointer, RemoteSegment, remote_loss
 from .spec import OptimizerSpec, module_to_spec, spec_state
-from .topology import DATA_OWNER, MODEL_OWNER, SplitPlan
+from .topology import DATA_OWNER, MODEL_OWNER, RELEASED, SplitPlan, Task
 from .transport.base import Transport
 
 __all__ = ["SplitSession", "StepMetrics"]
@@ -30,20 +30,26 @@ __all__ = ["SplitSession", "StepMetrics"]
 
 @dataclass
 class StepMetrics:
-    """Loss and accuracy counts of one batch."""
+    """Loss and accuracy counts of one batch (``per_task``: each task's loss and correct
+    count when the plan has several; ``correct`` is the first task's)."""
 
     loss: float
     correct: int
     count: int
+    per_task: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class SplitSession:
-    """Everything the model owner drives: see the module docstring."""
+    """Everything the model owner drives: see the module docstring.
+
+    ``source`` arguments name where a batch's records come from: a data owner of the plan,
+    or :data:`~syft_split.topology.ALIGNED` for vertical plans.
+    """
 
     def __init__(self, plan: SplitPlan, transport: Transport, *,
                  optimizer: OptimizerSpec | None = None, fuse: bool = True) -> None:
         plan.validate()
-        missing = [d for d in plan.data_owners + plan.relays if d not in transport.parties()]
+        missing = [d for d in plan.parties if d not in transport.parties()]
         if missing:
             raise ConfigError(f"parties {missing} are not reachable through the transport; "
                               f"connected: {transport.parties()}")
@@ -51,65 +57,109 @@ class SplitSession:
         self.transport = transport
         self.optimizer_spec = optimizer or OptimizerSpec("sgd", lr=0.01)
         self.fuse = fuse
-        #: modules the model owner runs, by segment position (shared by all data owners)
+        #: modules the model owner runs, by node index (shared by all data owners)
         self.local: dict[int, nn.Module] = {
-            i: seg for i, (seg, o) in enumerate(zip(plan.segments, plan.owners)) if o == MODEL_OWNER
+            i: n.module for i, n in enumerate(plan.nodes) if n.owner == MODEL_OWNER
         }
         params = [p for m in self.local.values() for p in m.parameters()]
         self.optimizer = self.optimizer_spec.build(params)
+        #: remote segments by (hosting party, node index)
         self.remote: dict[tuple[str, int], RemoteSegment] = {}
         self.metadata: dict[str, dict[str, Any]] = {}
-        self._proposed: dict[tuple[str, int], dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ placement
-    def _shapes(self, feature_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-        """Per-record input shape of every segment (dry run on zeros, at the model owner)."""
-        shapes = [feature_shape]
-        x = torch.zeros((2, *feature_shape))
+    def _host(self, source: str, i: int) -> str:
+        """The party that runs node ``i`` for records from ``source``."""
+        owner = self.plan.nodes[i].owner
+        return source if owner == DATA_OWNER else owner
+
+    def _seg(self, source: str, i: int) -> RemoteSegment:
+        seg = self.remote.get((self._host(source, i), i))
+        if seg is None:
+            raise ProtocolError(f"no segment {i} placed for {source!r}; call propose() first")
+        return seg
+
+    def _describe(self, party: str) -> dict[str, Any]:
+        if party not in self.metadata:
+            self.metadata[party] = self.transport.call(party, "describe")["datasets"]
+        return self.metadata[party]
+
+    def _merge(self, i: int, values: dict[int, torch.Tensor]) -> torch.Tensor:
+        node = self.plan.nodes[i]
+        xs = [values[j] for j in node.inputs]
+        if len(xs) == 1:
+            return xs[0]
+        if node.merge == "concat":
+            return torch.cat([x.flatten(1) for x in xs], dim=1)
+        stacked = torch.stack(xs)
+        return stacked.sum(0) if node.merge == "sum" else stacked.mean(0)
+
+    def _shapes(self, source: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(input, output) shape per record of every node (dry run on zeros, here)."""
+        values: dict[int, torch.Tensor] = {}
+        shapes = []
         with torch.no_grad():
-            for seg in self.plan.segments:
-                was = seg.training
-                seg.eval()
-                x = seg(x)
-                seg.train(was)
-                shapes.append(tuple(x.shape[1:]))
+            for i, node in enumerate(self.plan.nodes):
+                if node.inputs:
+                    try:
+                        x = self._merge(i, values)
+                    except RuntimeError as exc:
+                        shapes_in = [tuple(values[j].shape[1:]) for j in node.inputs]
+                        raise ConfigError(f"segment {i} cannot merge its inputs {shapes_in} by "
+                                          f"{node.merge!r}: {exc}") from exc
+                else:
+                    meta = self._describe(self._host(source, i))
+                    missing = [d for d in self.plan.datasets if d not in meta]
+                    if missing:
+                        raise ConfigError(f"{self._host(source, i)} has no datasets {missing}; "
+                                          f"it has {sorted(meta)}")
+                    x = torch.zeros((2, *meta[self.plan.datasets[0]]["feature_shape"]))
+                was = node.module.training
+                node.module.eval()
+                try:
+                    values[i] = node.module(x)
+                except RuntimeError as exc:
+                    raise ConfigError(f"segment {i} ({node.name}) does not accept input "
+                                      f"{tuple(x.shape[1:])}: {exc}") from exc
+                finally:
+                    node.module.train(was)
+                shapes.append((tuple(x.shape[1:]), tuple(values[i].shape[1:])))
         return shapes
 
     def propose(self) -> dict[str, list[str]]:
-        """Send every data-owner segment to its host for review; return proposal ids by party."""
+        """Send every remote segment to its host for review; return proposal ids by party.
+
+        Shapes are checked for every record source first: a plan whose shapes do not meet
+        fails with :class:`ConfigError` before anything is proposed anywhere."""
         out: dict[str, list[str]] = {}
-        last = len(self.plan.segments) - 1
-        for party in self.plan.data_owners:
-            meta = self.transport.call(party, "describe")["datasets"]
-            missing = [d for d in self.plan.datasets if d not in meta]
-            if missing:
-                raise ConfigError(f"{party} has no datasets {missing}; it has {sorted(meta)}")
-            self.metadata[party] = meta
-            feature_shape = tuple(meta[self.plan.datasets[0]]["feature_shape"])
-            shapes = self._shapes(feature_shape)
-            for i, owner in enumerate(self.plan.owners):
-                host = self._host(party, i)
-                if owner == MODEL_OWNER or (host, i) in self.remote:
+        all_shapes = {source: self._shapes(source) for source in self.plan.sources}
+        for source in self.plan.sources:
+            shapes = all_shapes[source]
+            for i, node in enumerate(self.plan.nodes):
+                host = self._host(source, i)
+                if node.owner == MODEL_OWNER or (host, i) in self.remote:
                     continue
-                role = "input" if i == 0 else ("loss" if i == last else "middle")
-                module = copy.deepcopy(self.plan.segments[i])
+                task = self.plan.task_at(i)
+                role = ("input" if not node.inputs
+                        else "loss" if self.plan.remote_loss_node(i) else "middle")
+                module = copy.deepcopy(node.module)
                 fields: dict[str, Any] = {
                     "role": role,
                     "spec": module_to_spec(module),
                     "optimizer": self.optimizer_spec.to_json(),
-                    "datasets": list(self.plan.datasets) if owner == DATA_OWNER else [],
-                    "input_shape": list(shapes[i]),
+                    "datasets": list(self.plan.datasets) if role != "middle" else [],
+                    "input_shape": list(shapes[i][0]),
                     "max_batch": self.plan.max_batch,
                     **{f"state/{k}": v for k, v in spec_state(module).items()},
                 }
-                if role == "loss":
-                    fields["loss"] = self.plan.loss
+                if role == "loss" and task is not None:
+                    fields["loss"] = task.loss
                 if role == "input" and self.plan.release_labels:
                     fields["release_labels"] = True
                 response = self.transport.call(host, "propose", **fields)
                 pid = response["segment"]
                 self.remote[(host, i)] = RemoteSegment(
-                    self.transport, host, pid, role, shapes[i], shapes[i + 1], fuse=self.fuse)
+                    self.transport, host, pid, role, shapes[i][0], shapes[i][1], fuse=self.fuse)
                 out.setdefault(host, []).append(pid)
         return out
 
@@ -124,67 +174,84 @@ class SplitSession:
         if waiting:
             raise ApprovalError(f"segments not approved yet: {waiting}")
 
-    def _host(self, party: str, i: int) -> str:
-        """The party that runs segment ``i`` in ``party``'s chain."""
-        owner = self.plan.owners[i]
-        return party if owner == DATA_OWNER else owner
-
-    def _seg(self, party: str, i: int) -> RemoteSegment:
-        seg = self.remote.get((self._host(party, i), i))
-        if seg is None:
-            raise ProtocolError(f"no segment {i} placed at {party!r}; call propose() first")
-        return seg
-
     # ------------------------------------------------------------------ low-level steps
-    def send_forward(self, party: str, indices: torch.Tensor, *,
-                     dataset: str | None = None) -> ActivationPointer:
-        """Run the first segment at ``party`` on ``indices``; return a pointer to the activation."""
-        return ActivationPointer(self._seg(party, 0), indices, None, dataset)
+    def send_forward(self, source: str, indices: torch.Tensor, *,
+                     dataset: str | None = None, node: int | None = None) -> ActivationPointer:
+        """Run an input segment on ``indices``; return a pointer to its activation."""
+        if node is None:
+            node = next(i for i, n in enumerate(self.plan.nodes) if not n.inputs)
+        return ActivationPointer(self._seg(source, node), torch.as_tensor(indices), None, dataset)
 
-    def _run(self, party: str, indices: torch.Tensor, dataset: str | None,
-             stop_before_loss: bool) -> torch.Tensor:
-        h = self.send_forward(party, indices, dataset=dataset).resolve()
-        n = len(self.plan.segments)
-        for i in range(1, n):
-            if self.plan.owners[i] == MODEL_OWNER:
-                h = self.local[i](h)
-            elif i == n - 1 and stop_before_loss:
-                return h
+    def _graph(self, source: str, indices: torch.Tensor, dataset: str | None
+               ) -> tuple[dict[int, torch.Tensor], dict[str, tuple[torch.Tensor, dict[str, Any]]]]:
+        values: dict[int, torch.Tensor] = {}
+        remote_losses: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+        for i, node in enumerate(self.plan.nodes):
+            if node.owner == MODEL_OWNER:
+                values[i] = node.module(self._merge(i, values))
+            elif not node.inputs:
+                values[i] = self.send_forward(source, indices, dataset=dataset, node=i).resolve()
+            elif self.plan.remote_loss_node(i):
+                task = self.plan.task_at(i)
+                assert task is not None
+                remote_losses[task.name] = remote_loss(self._merge(i, values),
+                                                       self._seg(source, i), indices, dataset)
             else:
-                h = ActivationPointer(self._seg(party, i), None, h, dataset).resolve()
-        return h
+                values[i] = ActivationPointer(self._seg(source, i), None,
+                                              self._merge(i, values), dataset).resolve()
+        return values, remote_losses
 
-    def forward(self, party: str, indices: torch.Tensor, *,
+    def forward(self, source: str, indices: torch.Tensor, *,
                 dataset: str | None = None) -> torch.Tensor:
-        """Output of the whole model on ``party``'s records (vanilla plans), autograd-connected."""
-        if self.plan.owners[-1] == DATA_OWNER:
+        """Output of the first task's segment (at the model owner), autograd-connected."""
+        task = self.plan.tasks[0]
+        if task.labels == DATA_OWNER:
             raise ProtocolError("in a U-shaped plan the output stays at the data owner; "
-                                "use session.loss(party, indices)")
-        return self._run(party, torch.as_tensor(indices), dataset, stop_before_loss=False)
+                                "use session.loss(source, indices)")
+        values, _ = self._graph(source, torch.as_tensor(indices), dataset)
+        return values[task.node]
 
-    def loss(self, party: str, indices: torch.Tensor, labels: torch.Tensor | None = None, *,
+    def loss(self, source: str, indices: torch.Tensor,
+             labels: torch.Tensor | dict[str, torch.Tensor] | None = None, *,
              dataset: str | None = None) -> tuple[torch.Tensor, StepMetrics]:
-        """The training loss on ``party``'s records, wherever the labels are; call
+        """The training loss (weighted sum over tasks) wherever the labels are; call
         ``.backward()`` on it, then :meth:`step`."""
         indices = torch.as_tensor(indices)
-        if self.plan.owners[-1] == DATA_OWNER:
-            h = self._run(party, indices, dataset, stop_before_loss=True)
-            loss, m = remote_loss(h, self._seg(party, len(self.plan.segments) - 1), indices,
-                                  dataset)
-            return loss, StepMetrics(float(loss.detach()), int(m["correct"]), int(m["count"]))
-        out = self._run(party, indices, dataset, stop_before_loss=False)
-        y = self._labels(party, labels)
-        loss = LOSSES[self.plan.loss](out, y)
-        return loss, StepMetrics(float(loss.detach()), _correct(out, y), int(indices.shape[0]))
+        values, remote = self._graph(source, indices, dataset)
+        total: torch.Tensor | None = None
+        per_task: dict[str, dict[str, float]] = {}
+        for task in self.plan.tasks:
+            if task.name in remote:
+                loss, m = remote[task.name]
+                correct = int(m["correct"])
+            else:
+                out = values[task.node]
+                y = self._labels(source, task, labels)
+                loss = LOSSES[task.loss](out, y)
+                correct = _correct(out, y)
+            per_task[task.name] = {"loss": float(loss.detach()), "correct": correct}
+            total = task.weight * loss if total is None else total + task.weight * loss
+        assert total is not None
+        first = per_task[self.plan.tasks[0].name]
+        return total, StepMetrics(float(total.detach()), int(first["correct"]),
+                                  int(indices.shape[0]),
+                                  per_task if len(self.plan.tasks) > 1 else {})
 
-    def _labels(self, party: str, labels: torch.Tensor | None) -> torch.Tensor:
-        if self.plan.release_labels:
-            y = self._seg(party, 0).last_labels
+    def _labels(self, source: str, task: Task,
+                labels: torch.Tensor | dict[str, torch.Tensor] | None) -> torch.Tensor:
+        if task.labels == RELEASED:
+            inputs = [i for i, n in enumerate(self.plan.nodes) if not n.inputs]
+            y = self._seg(source, inputs[0]).last_labels
             if y is None:
-                raise ProtocolError(f"{party} released no labels with its activations")
+                raise ProtocolError(f"{source} released no labels with its activations")
             return y
+        if isinstance(labels, dict):
+            if task.name not in labels:
+                raise ConfigError(f"no labels for task {task.name!r}; got {sorted(labels)}")
+            return labels[task.name]
         if labels is None:
-            raise ConfigError("labels are at the model owner: pass them to loss()/the trainer")
+            raise ConfigError(f"task {task.name!r} has its labels at the model owner: pass them "
+                              "to loss()/the trainer")
         return labels
 
     def zero_grad(self) -> None:
@@ -206,38 +273,53 @@ class SplitSession:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate_batch(self, party: str, indices: torch.Tensor, labels: torch.Tensor | None = None,
-                       *, dataset: str | None = None) -> StepMetrics:
-        """Loss and correct count on a batch, without gradient bookkeeping anywhere."""
+    def evaluate_batch(self, source: str, indices: torch.Tensor,
+                       labels: torch.Tensor | dict[str, torch.Tensor] | None = None, *,
+                       dataset: str | None = None) -> StepMetrics:
+        """Loss and correct counts on a batch, without gradient bookkeeping anywhere."""
         indices = torch.as_tensor(indices)
-        n = len(self.plan.segments)
-        h = self._seg(party, 0).forward(indices=indices, dataset=dataset, train=False)
-        labels_out = self._seg(party, 0).last_labels
+        values: dict[int, torch.Tensor] = {}
+        per_task: dict[str, dict[str, float]] = {}
         for m in self.local.values():
             m.eval()
         try:
-            for i in range(1, n):
-                if self.plan.owners[i] == MODEL_OWNER:
-                    h = self.local[i](h)
-                elif i == n - 1:
-                    r = self._seg(party, i).loss_step(h, indices, dataset=dataset, train=False)
-                    return StepMetrics(r["loss_sum"] / r["count"], int(r["correct"]),
-                                       int(r["count"]))
+            for i, node in enumerate(self.plan.nodes):
+                task = self.plan.task_at(i)
+                if node.owner == MODEL_OWNER:
+                    values[i] = node.module(self._merge(i, values))
+                elif not node.inputs:
+                    values[i] = self._seg(source, i).forward(indices=indices, dataset=dataset,
+                                                             train=False)
+                elif self.plan.remote_loss_node(i) and task is not None:
+                    r = self._seg(source, i).loss_step(self._merge(i, values), indices,
+                                                       dataset=dataset, train=False)
+                    per_task[task.name] = {"loss": r["loss_sum"] / r["count"],
+                                           "correct": int(r["correct"])}
                 else:
-                    h = self._seg(party, i).forward(x=h, dataset=dataset, train=False)
+                    values[i] = self._seg(source, i).forward(x=self._merge(i, values),
+                                                             dataset=dataset, train=False)
         finally:
             for m in self.local.values():
                 m.train()
-        y = labels_out if self.plan.release_labels else self._labels(party, labels)
-        assert y is not None
-        loss = float(LOSSES[self.plan.loss](h, y))
-        return StepMetrics(loss, _correct(h, y), int(indices.shape[0]))
+        for task in self.plan.tasks:
+            if task.name in per_task:
+                continue
+            out, y = values[task.node], self._labels(source, task, labels)
+            per_task[task.name] = {"loss": float(LOSSES[task.loss](out, y)),
+                                   "correct": _correct(out, y)}
+        total = sum(t.weight * per_task[t.name]["loss"] for t in self.plan.tasks)
+        first = per_task[self.plan.tasks[0].name]
+        return StepMetrics(float(total), int(first["correct"]), int(indices.shape[0]),
+                           per_task if len(self.plan.tasks) > 1 else {})
 
-    def records(self, party: str, dataset: str) -> int:
-        """Number of records ``party`` holds in ``dataset`` (public metadata)."""
-        if party not in self.metadata:
-            self.metadata[party] = self.transport.call(party, "describe")["datasets"]
-        return int(self.metadata[party][dataset]["records"])
+    def records(self, source: str, dataset: str) -> int:
+        """Number of records ``source`` holds in ``dataset`` (public metadata)."""
+        inputs = [i for i, n in enumerate(self.plan.nodes) if not n.inputs]
+        counts = {int(self._describe(self._host(source, i))[dataset]["records"]) for i in inputs}
+        if len(counts) != 1:
+            raise ConfigError(f"input parties hold different numbers of {dataset!r} records "
+                              f"{sorted(counts)}: align them first")
+        return counts.pop()
 
 
 def _correct(out: torch.Tensor, y: torch.Tensor) -> int:

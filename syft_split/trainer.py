@@ -17,13 +17,13 @@ __all__ = ["Trainer"]
 class Trainer:
     """Train a split model round-robin over the plan's data owners, with a progress bar.
 
-    ``labels`` (only when the model owner holds them) maps party -> dataset -> label tensor,
-    aligned with that party's records.
+    ``labels`` (only when the model owner holds them) maps source -> dataset -> label tensor
+    (or task name -> label tensor, for multi-task plans), aligned with that source's records.
     """
 
     def __init__(self, session: SplitSession, *, batch_size: int = 64,
                  train_dataset: str = "train", test_dataset: str | None = "test",
-                 labels: dict[str, dict[str, torch.Tensor]] | None = None, seed: int = 0,
+                 labels: dict[str, dict[str, Any]] | None = None, seed: int = 0,
                  progress: bool = True, config: dict[str, Any] | None = None) -> None:
         self.session = session
         self.batch_size = batch_size
@@ -35,19 +35,22 @@ class Trainer:
         transport = session.transport
         self.report = RunReport(config={
             "plan": {"owners": session.plan.owners, "data_owners": session.plan.data_owners,
-                     "labels": session.plan.label_location, "loss": session.plan.loss},
+                     "labels": session.plan.label_location,
+                     "tasks": [vars(t) for t in session.plan.tasks]},
             "optimizer": session.optimizer_spec.to_json(),
             "batch_size": batch_size, "seed": seed, "transport": type(transport).__name__,
             **(config or {}),
         })
 
-    def _label(self, party: str, dataset: str, idx: torch.Tensor) -> torch.Tensor | None:
-        y = self.labels.get(party, {}).get(dataset)
+    def _label(self, source: str, dataset: str, idx: torch.Tensor) -> Any:
+        y = self.labels.get(source, {}).get(dataset)
+        if isinstance(y, dict):
+            return {task: t[idx] for task, t in y.items()}
         return None if y is None else y[idx]
 
     def _schedule(self) -> list[tuple[str, torch.Tensor]]:
         per_party = []
-        for party in self.session.plan.data_owners:
+        for party in self.session.plan.sources:
             n = self.session.records(party, self.train_dataset)
             perm = torch.randperm(n, generator=self.generator)
             per_party.append([(party, b) for b in perm.split(self.batch_size)])
@@ -82,7 +85,7 @@ class Trainer:
         s = self.session
         s.flush()
         loss_sum, correct, count = 0.0, 0, 0
-        for party in s.plan.data_owners:
+        for party in s.plan.sources:
             n = s.records(party, dataset)
             for idx in torch.arange(n).split(batch_size):
                 m = s.evaluate_batch(party, idx, self._label(party, dataset, idx),

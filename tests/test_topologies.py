@@ -1,0 +1,151 @@
+"""Vertical and multi-task plans train exactly like the equivalent unsplit computation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from syft_split import MODEL_OWNER, OptimizerSpec, SplitPlan, SplitSession
+from syft_split.topology import ALIGNED
+
+OPT = {"sgd_momentum": OptimizerSpec("sgd", lr=0.05, momentum=0.9),
+       "adam": OptimizerSpec("adam", lr=1e-2)}
+
+
+def _breast_cancer() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    return x, torch.tensor(data.target, dtype=torch.int64)
+
+
+class VerticalReference(nn.Module):
+    """One model over all columns: the computation a vertical concat plan splits."""
+
+    def __init__(self, encoders: dict[str, nn.Module], columns: dict[str, slice],
+                 head: nn.Module, merge: str) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.columns = columns
+        self.head = head
+        self.merge = merge
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [enc(x[:, self.columns[p]]) for p, enc in self.encoders.items()]
+        if self.merge == "concat":
+            return self.head(torch.cat(parts, 1))
+        stacked = torch.stack(parts)
+        return self.head(stacked.sum(0) if self.merge == "sum" else stacked.mean(0))
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPT))
+@pytest.mark.parametrize("merge", ["concat", "sum", "mean"])
+def test_vertical_three_parties_equals_one_model(make_deployment, merge, opt_name) -> None:
+    x, y = _breast_cancer()
+    columns = {"bank": slice(0, 10), "insurer": slice(10, 20), "shop": slice(20, 30)}
+    torch.manual_seed(0)
+    width = 6
+    encoders = {p: nn.Sequential(nn.Linear(10, width), nn.ReLU()) for p in columns}
+    head = nn.Linear(width * (3 if merge == "concat" else 1), 2)
+    reference = VerticalReference(copy.deepcopy(encoders), columns, copy.deepcopy(head), merge)
+    ref_opt = OPT[opt_name].build(reference.parameters())
+
+    dep = make_deployment({p: {"train": (x[:, c], None), "test": (x[:64, c], None)}
+                           for p, c in columns.items()})
+    plan = SplitPlan.vertical(encoders, head, merge=merge)
+    session = SplitSession(plan, dep.transport, optimizer=OPT[opt_name])
+    dep.approve_all(session.propose())
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        idx = torch.randperm(len(y), generator=g)[:32]
+        ref_opt.zero_grad()
+        F.cross_entropy(reference(x[idx]), y[idx]).backward()
+        ref_opt.step()
+        session.zero_grad()
+        loss, _ = session.loss(ALIGNED, idx, y[idx])
+        loss.backward()
+        session.step()
+    session.flush()
+
+    for i, party in enumerate(columns):
+        got = dep.owners[party].export_weights(session.remote[(party, i)].segment_id)
+        want = reference.encoders[party].state_dict()
+        assert max(float((a - b).abs().max()) for a, b in zip(got.values(), want.values())) <= 1e-6
+    got_head = session.local[3].state_dict()
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=0)
+               for a, b in zip(got_head.values(), reference.head.state_dict().values()))
+    # labels never leave the model owner, and no party sends anything but activations
+    assert "labels" not in dep.transport.traffic.fields_sent_by(MODEL_OWNER)
+    for party in columns:
+        assert "labels" not in dep.transport.traffic.fields_sent_by(party)
+
+
+def test_vertical_trainer_learns(make_deployment) -> None:
+    x, y = _breast_cancer()
+    cols = {"bank": slice(0, 10), "insurer": slice(10, 20), "shop": slice(20, 30)}
+    train, test = torch.arange(0, 450), torch.arange(450, len(y))
+    dep = make_deployment({p: {"train": (x[train][:, c], None), "test": (x[test][:, c], None)}
+                           for p, c in cols.items()})
+    torch.manual_seed(0)
+    plan = SplitPlan.vertical({p: nn.Sequential(nn.Linear(10, 8), nn.ReLU()) for p in cols},
+                              nn.Linear(24, 2))
+    session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("adam", lr=1e-2))
+    dep.approve_all(session.propose())
+    from syft_split import Trainer
+
+    report = Trainer(session, batch_size=32, progress=False,
+                     labels={ALIGNED: {"train": y[train], "test": y[test]}}).fit(2, verbose=False)
+    assert report.final_test_accuracy is not None and report.final_test_accuracy >= 0.9
+
+
+def test_multi_task_equals_unsplit_weighted_loss(make_deployment) -> None:
+    from syft_split.datasets import digits_parties
+
+    (d,) = digits_parties(1, limit=200)
+    x, y = d.x_train, d.y_train
+    parity = y % 2
+    torch.manual_seed(0)
+    trunk = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                           nn.Flatten()),
+             nn.Sequential(nn.Linear(64, 16), nn.ReLU())]
+    heads = {"digit": nn.Linear(16, 10), "parity": nn.Linear(16, 2)}
+    ref_trunk = copy.deepcopy(nn.Sequential(*trunk))
+    ref_heads = copy.deepcopy(nn.ModuleDict(heads))
+    params = list(ref_trunk.parameters()) + list(ref_heads.parameters())
+    opt = OptimizerSpec("adam", lr=1e-2)
+    ref_opt = opt.build(params)
+
+    dep = make_deployment({"clinic": {"train": (x, y), "test": (x, y)}})
+    plan = SplitPlan.multi_task(trunk, heads, "clinic", weights={"parity": 0.5})
+    session = SplitSession(plan, dep.transport, optimizer=opt)
+    dep.approve_all(session.propose())
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        idx = torch.randperm(len(y), generator=g)[:24]
+        h = ref_trunk(x[idx])
+        ref_loss = (F.cross_entropy(ref_heads["digit"](h), y[idx])
+                    + 0.5 * F.cross_entropy(ref_heads["parity"](h), parity[idx]))
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+        session.zero_grad()
+        loss, m = session.loss("clinic", idx, {"digit": y[idx], "parity": parity[idx]})
+        loss.backward()
+        session.step()
+        assert abs(float(loss.detach()) - float(ref_loss.detach())) < 1e-5
+        assert set(m.per_task) == {"digit", "parity"}
+    session.flush()
+    got = list(dep.owners["clinic"].export_weights(session.remote[("clinic", 0)].segment_id)
+               .values())
+    got += [t for i in (1, 2, 3) for t in session.local[i].state_dict().values()]
+    want = (list(ref_trunk.state_dict().values())
+            + list(ref_heads["digit"].state_dict().values())
+            + list(ref_heads["parity"].state_dict().values()))
+    assert max(float((a - b).abs().max()) for a, b in zip(got, want)) <= 1e-6
