@@ -31,6 +31,8 @@ class OwnerConsole(Protocol):
     def release_weights(self, proposal_id: str) -> None: ...
     def export_weights(self, proposal_id: str) -> dict[str, torch.Tensor]: ...
     def audit_log(self) -> list[dict[str, Any]]: ...
+    def public_key(self) -> bytes: ...
+    def trust_peer(self, name: str, public_key: bytes) -> None: ...
 
 
 @dataclass
@@ -48,6 +50,14 @@ class Deployment:
                 if show:
                     print(self.owners[party].review(pid))
                 self.owners[party].approve(pid)
+
+    def trust_each_other(self, parties: list[str] | None = None) -> None:
+        """Every data owner pins every other's public key (out of band, in real life)."""
+        names = parties or list(self.owners)
+        for a in names:
+            for b in names:
+                if a != b:
+                    self.owners[a].trust_peer(b, self.owners[b].public_key())
 
     def close(self) -> None:
         self.transport.close()

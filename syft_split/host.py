@@ -16,7 +16,17 @@ Ops a model owner may send:
 ``backward``   gradient for the pending forward; runs backward and an optimizer step here
 ``loss_step``  last segment + loss on labels held here (U-shaped); labels never leave
 ``discard``    drop a pending forward (e.g. the model owner's step failed)
+``export``     the segment's weights, if released by the owner or approved for sharing
+``import``     replace the weights (relay / SplitFed averaging), if approved for sharing
+``seal``       the weights encrypted for a peer data owner the owner trusts (peer relay)
+``unseal``     load weights sealed by a trusted peer
 =============  ==========================================================================
+
+Weight sharing is part of what the data owner approves: ``share_weights`` is ``"none"``,
+``"model_owner"`` (the model owner may read and replace the segment's weights, e.g. to average
+them in SplitFed or relay them to the next client) or ``"peer"`` (weights move only between
+data owners, encrypted with public-key authenticated encryption for a peer whose key the owner
+pinned with :meth:`DataOwnerHost.trust_peer`; the model owner relays ciphertext it cannot read).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from .errors import (
     ShapeError,
     SyftSplitError,
     ValidationError,
+    WireError,
 )
 from .spec import OptimizerSpec, count_parameters, describe, module_from_spec
 
@@ -56,6 +67,7 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 _ROLES = ("input", "middle", "loss")
+_SHARING = ("none", "model_owner", "peer")
 
 
 @dataclass
@@ -98,6 +110,7 @@ class Proposal:
     max_batch: int
     loss: str | None = None
     release_labels: bool = False
+    share_weights: str = "none"
     status: str = "pending"
     module: nn.Module | None = field(default=None, repr=False)
 
@@ -147,6 +160,8 @@ class DataOwnerHost:
         self._runtimes: dict[str, _Runtime] = {}
         self._released: set[str] = set()
         self._ids = itertools.count(1)
+        self._box_key: Any = None
+        self._peers: dict[str, bytes] = {}
 
     # ----------------------------------------------------------------- owner-side API
     def add_dataset(self, name: str, features: torch.Tensor,
@@ -185,6 +200,12 @@ class DataOwnerHost:
             lines.append(f"  loss computed here: {p.loss}")
         if p.release_labels:
             lines.append("  ALSO RELEASES LABELS of each batch to the model owner")
+        if p.share_weights == "model_owner":
+            lines.append("  WEIGHTS SHARED: the model owner may read and replace this segment's "
+                         "weights (relay / SplitFed averaging)")
+        elif p.share_weights == "peer":
+            lines.append("  weights move only to/from peers you trust (trust_peer), encrypted; "
+                         "the model owner relays ciphertext")
         return "\n".join(lines)
 
     def approve(self, proposal_id: str) -> None:
@@ -205,6 +226,23 @@ class DataOwnerHost:
         """Allow the driver to fetch this segment's weights (op ``export``) from now on."""
         self._proposal(proposal_id)
         self._released.add(proposal_id)
+
+    def public_key(self) -> bytes:
+        """This host's public key for peer weight exchange (give it to trusted peers)."""
+        return bytes(self._keypair().public_key)
+
+    def trust_peer(self, name: str, public_key: bytes) -> None:
+        """Pin a peer data owner's public key: only pinned peers can send or receive weights."""
+        if not isinstance(public_key, bytes) or len(public_key) != 32:
+            raise ConfigError(f"a public key is 32 bytes, got {public_key!r:.40}")
+        self._peers[name] = public_key
+
+    def _keypair(self) -> Any:
+        if self._box_key is None:
+            from nacl.public import PrivateKey
+
+            self._box_key = PrivateKey.generate()
+        return self._box_key
 
     def export_weights(self, proposal_id: str) -> dict[str, torch.Tensor]:
         """The segment's current weights, for the data owner (never sent unless released)."""
@@ -307,6 +345,9 @@ class DataOwnerHost:
                 raise ConfigError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
             if any(self.datasets[d].labels is None for d in datasets):
                 raise ConfigError(f"role 'loss' needs labels, and {datasets} has none on {self.name}")
+        share_weights = req.get("share_weights", "none")
+        if share_weights not in _SHARING:
+            raise ConfigError(f"share_weights must be one of {_SHARING}, got {share_weights!r}")
         release_labels = bool(req.get("release_labels", False))
         if release_labels and any(self.datasets[d].labels is None for d in datasets):
             raise ConfigError("release_labels asked for datasets without labels")
@@ -326,6 +367,7 @@ class DataOwnerHost:
             optimizer=OptimizerSpec.from_json(req.get("optimizer")), datasets=datasets,
             input_shape=input_shape, output_shape=tuple(out.shape[1:]), max_batch=max_batch,
             loss=loss if role == "loss" else None, release_labels=release_labels, module=module,
+            share_weights=share_weights,
         )
         return {"segment": pid, "status": "pending", "output_shape": list(out.shape[1:])}
 
@@ -492,6 +534,63 @@ class DataOwnerHost:
 
     def _op_export(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
         rt = self._runtime(caller, req, _ROLES)
-        if rt.proposal.id not in self._released:
-            raise AccessError(f"the data owner has not released the weights of {rt.proposal.id}")
-        return {f"state/{k}": v for k, v in self.export_weights(rt.proposal.id).items()}
+        p = rt.proposal
+        if p.id not in self._released and p.share_weights != "model_owner":
+            raise AccessError(f"the data owner has not released the weights of {p.id}")
+        return {f"state/{k}": v for k, v in self.export_weights(p.id).items()}
+
+    def _new_state(self, rt: _Runtime, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        own = rt.module.state_dict()
+        if set(state) != set(own):
+            raise ShapeError(f"weights {sorted(state)} do not match the segment's {sorted(own)}")
+        for k, v in state.items():
+            wire.check_tensor(v, f"weight {k}", shape=tuple(own[k].shape), dtype=own[k].dtype,
+                              nonempty=False)
+        if rt.pending_output is not None:
+            raise ProtocolError(f"segment {rt.proposal.id} has a pending forward; flush first")
+        return state
+
+    def _op_import(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        rt = self._runtime(caller, req, _ROLES)
+        if rt.proposal.share_weights != "model_owner":
+            raise AccessError(f"{rt.proposal.id} was not approved for weight sharing with the "
+                              "model owner")
+        state = self._new_state(rt, {k[6:]: v for k, v in req.items() if k.startswith("state/")})
+        rt.module.load_state_dict(state)
+        return {"steps": rt.steps}
+
+    def _op_seal(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        from nacl.public import Box, PublicKey
+
+        rt = self._runtime(caller, req, _ROLES)
+        peer = req.get("peer")
+        if rt.proposal.share_weights != "peer":
+            raise AccessError(f"{rt.proposal.id} was not approved for peer weight sharing")
+        if peer not in self._peers:
+            raise AccessError(f"{peer!r} is not a peer {self.name} trusts; trusted: "
+                              f"{sorted(self._peers)}")
+        plain = wire.encode({f"state/{k}": v for k, v in self.export_weights(rt.proposal.id).items()})
+        sealed = Box(self._keypair(), PublicKey(self._peers[peer])).encrypt(plain)
+        return {"sealed": bytes(sealed), "sender": self.name}
+
+    def _op_unseal(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        from nacl.exceptions import CryptoError
+        from nacl.public import Box, PublicKey
+
+        rt = self._runtime(caller, req, _ROLES)
+        sender = req.get("sender")
+        if rt.proposal.share_weights != "peer":
+            raise AccessError(f"{rt.proposal.id} was not approved for peer weight sharing")
+        if sender not in self._peers:
+            raise AccessError(f"{sender!r} is not a peer {self.name} trusts")
+        sealed = req.get("sealed")
+        if not isinstance(sealed, bytes):
+            raise WireError("field 'sealed' must be bytes")
+        try:
+            plain = Box(self._keypair(), PublicKey(self._peers[sender])).decrypt(sealed)
+        except CryptoError as exc:
+            raise WireError(f"weights sealed by {sender!r} do not authenticate: {exc}") from exc
+        msg = wire.decode(plain, max_bytes=self.max_request_bytes)
+        state = self._new_state(rt, {k[6:]: v for k, v in msg.items() if k.startswith("state/")})
+        rt.module.load_state_dict(state)
+        return {"steps": rt.steps}

@@ -101,10 +101,26 @@ class RemoteSegment:
         return self._call("loss_step", **fields)
 
     def export(self) -> dict[str, torch.Tensor]:
-        """The segment's weights, if the data owner released them."""
+        """The segment's weights, if the data owner released them or approved sharing."""
         self.flush()
         response = self._call("export")
         return {k[6:]: v for k, v in response.items() if k.startswith("state/")}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the segment's weights (relay / averaging), if approved for sharing."""
+        self.flush()
+        self._call("import", **{f"state/{k}": v for k, v in state.items()})
+
+    def seal_for(self, peer: str) -> tuple[bytes, str]:
+        """The weights encrypted for ``peer`` (a data owner this one trusts)."""
+        self.flush()
+        response = self._call("seal", peer=peer)
+        return response["sealed"], response["sender"]
+
+    def unseal(self, sealed: bytes, sender: str) -> None:
+        """Load weights sealed by ``sender`` (a data owner this one trusts)."""
+        self.flush()
+        self._call("unseal", sealed=sealed, sender=sender)
 
 
 class _RemoteForward(torch.autograd.Function):

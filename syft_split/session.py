@@ -156,6 +156,8 @@ class SplitSession:
                     fields["loss"] = task.loss
                 if role == "input" and self.plan.release_labels:
                     fields["release_labels"] = True
+                if node.owner == DATA_OWNER:
+                    fields["share_weights"] = self.plan.share_weights
                 response = self.transport.call(host, "propose", **fields)
                 pid = response["segment"]
                 self.remote[(host, i)] = RemoteSegment(

@@ -73,6 +73,8 @@ class SplitPlan:
     data_owners: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=lambda: ["train", "test"])
     max_batch: int = 1024
+    #: whether data owners' input segments may be relayed/averaged: "none", "model_owner", "peer"
+    share_weights: str = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -242,6 +244,11 @@ class SplitPlan:
         if both:
             problems.append(f"{sorted(both)} cannot be both a data owner and a relay party")
         problems.extend(self._task_problems())
+        if self.share_weights not in ("none", "model_owner", "peer"):
+            problems.append(f"share_weights must be 'none', 'model_owner' or 'peer', "
+                            f"got {self.share_weights!r}")
+        if self.share_weights != "none" and len(self.data_owners) < 2:
+            problems.append("sharing client weights needs at least two data owners")
         if not 0 < self.max_batch:
             problems.append(f"max_batch must be positive, got {self.max_batch}")
         if problems:

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .errors import ConfigError
 from .report import EpochRecord, RunReport
+from .schedules import SCHEDULES, ServerCopies, average_segments, relay_weights
 from .session import SplitSession, StepMetrics
 
 __all__ = ["Trainer"]
@@ -19,12 +21,23 @@ class Trainer:
 
     ``labels`` (only when the model owner holds them) maps source -> dataset -> label tensor
     (or task name -> label tensor, for multi-task plans), aligned with that source's records.
+    ``schedule`` is one of :data:`~syft_split.schedules.SCHEDULES` (see that module);
+    ``relay_via`` is ``"model_owner"`` or ``"peer"`` for the relay schedule.
     """
 
     def __init__(self, session: SplitSession, *, batch_size: int = 64,
                  train_dataset: str = "train", test_dataset: str | None = "test",
                  labels: dict[str, dict[str, Any]] | None = None, seed: int = 0,
-                 progress: bool = True, config: dict[str, Any] | None = None) -> None:
+                 progress: bool = True, config: dict[str, Any] | None = None,
+                 schedule: str = "round_robin", relay_via: str = "model_owner") -> None:
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if relay_via not in ("model_owner", "peer"):
+            raise ConfigError(f"relay_via must be 'model_owner' or 'peer', got {relay_via!r}")
+        self.schedule = schedule
+        self.relay_via = relay_via
+        self._server_copies: ServerCopies | None = None
+        self._relay_last: str | None = None
         self.session = session
         self.batch_size = batch_size
         self.train_dataset = train_dataset
@@ -39,6 +52,7 @@ class Trainer:
                      "tasks": [vars(t) for t in session.plan.tasks]},
             "optimizer": session.optimizer_spec.to_json(),
             "batch_size": batch_size, "seed": seed, "transport": type(transport).__name__,
+            "schedule": schedule,
             **(config or {}),
         })
 
@@ -48,29 +62,63 @@ class Trainer:
             return {task: t[idx] for task, t in y.items()}
         return None if y is None else y[idx]
 
-    def _schedule(self) -> list[tuple[str, torch.Tensor]]:
+    def _batches(self) -> list[list[tuple[str, torch.Tensor]]]:
+        """Rounds of batches: round k holds batch k of every source that has one."""
         per_party = []
         for party in self.session.plan.sources:
             n = self.session.records(party, self.train_dataset)
             perm = torch.randperm(n, generator=self.generator)
             per_party.append([(party, b) for b in perm.split(self.batch_size)])
-        out: list[tuple[str, torch.Tensor]] = []
-        for i in range(max(len(b) for b in per_party)):
-            out.extend(batches[i] for batches in per_party if i < len(batches))
-        return out
+        return [[batches[i] for batches in per_party if i < len(batches)]
+                for i in range(max(len(b) for b in per_party))]
+
+    def _order(self, rounds: list[list[tuple[str, torch.Tensor]]]
+               ) -> list[tuple[str, torch.Tensor, bool]]:
+        """(source, batch, last of its round) in the order the schedule runs them."""
+        if self.schedule == "relay":  # every source's whole pass, one source after the other
+            flat = [b for r in rounds for b in r]
+            return [(p, idx, False) for src in self.session.plan.sources
+                    for p, idx in flat if p == src]
+        return [(p, idx, k == len(r) - 1) for r in rounds for k, (p, idx) in enumerate(r)]
+
+    def _before(self, party: str) -> None:
+        if self.schedule == "relay" and self._relay_last not in (None, party):
+            assert self._relay_last is not None
+            relay_weights(self.session, self._relay_last, party, via=self.relay_via)
+        if self.schedule == "splitfed_v1":
+            if self._server_copies is None:
+                self._server_copies = ServerCopies(self.session, self.session.plan.sources)
+            self._server_copies.use(party)
+        self._relay_last = party
+
+    def _after(self, party: str, idx: torch.Tensor, end_of_round: bool,
+               round_sizes: dict[str, float]) -> None:
+        round_sizes[party] = float(idx.shape[0])
+        if self.schedule == "splitfed_v1":
+            assert self._server_copies is not None
+            self._server_copies.save(party)
+        if end_of_round and self.schedule in ("splitfed_v1", "splitfed_v2"):
+            self.session.flush()
+            average_segments(self.session, list(round_sizes), list(round_sizes.values()))
+            if self._server_copies is not None:
+                self._server_copies.average(round_sizes)
+            round_sizes.clear()
 
     def train_epoch(self, epoch: int = 0) -> StepMetrics:
-        """One pass over every data owner's training records."""
+        """One pass over every source's training records, in the schedule's order."""
         s = self.session
         loss_sum, correct, count = 0.0, 0, 0
-        bar = tqdm(self._schedule(), desc=f"epoch {epoch}", disable=not self.progress,
-                   leave=False)
-        for party, idx in bar:
+        bar = tqdm(self._order(self._batches()), desc=f"epoch {epoch}",
+                   disable=not self.progress, leave=False)
+        round_sizes: dict[str, float] = {}
+        for party, idx, end_of_round in bar:
+            self._before(party)
             s.zero_grad()
             loss, m = s.loss(party, idx, self._label(party, self.train_dataset, idx),
                              dataset=self.train_dataset)
             loss.backward()
             s.step()
+            self._after(party, idx, end_of_round, round_sizes)
             self.report.steps += 1
             loss_sum += m.loss * m.count
             correct += m.correct
