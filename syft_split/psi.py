@@ -1,0 +1,319 @@
+"""Record alignment for vertical split learning by private set intersection (PSI).
+
+In vertical split learning every party holds different *columns* of the same people; before
+training they must agree on the rows they have in common, in the same order, without
+showing each other their id lists. This module does that with the ECDH-PSI of
+``openmined-psi`` (module ``private_set_intersection.python``). It is pure compute: the
+roles exchange ``bytes`` only, so any transport can carry them.
+
+Two-party roles (one round trip)::
+
+    client = PsiClient(my_ids)                     # learns the intersection (its own rows)
+    request = client.request()                     # client -> server: bytes
+    setup, response = PsiServer(your_ids).handle(request)   # server -> client: bytes, bytes
+    rows = client.intersection(setup, response)    # LongTensor of rows into my_ids
+
+The server learns only the number of elements in the request; the client learns which of
+its ids the server holds and (exactly with ``"raw"``, roughly with ``"gcs"``/
+``"bloom_filter"``) the size of the server's set. Ids are hashed to a curve and blinded
+with a fresh key per object, so nothing else travels (semi-honest parties, DDH in the
+random-oracle model; see the openmined-psi documentation).
+
+k-party alignment, :func:`align` (a leader ``L`` and the others ``P1..Pm`` in dict order):
+
+1. *Narrowing.* For ``i = 1..m``: ``L`` is client with its current candidates
+   ``C(i-1)`` (``C0`` = all of ``L``'s ids), padded with random dummy ids up to ``|L|``;
+   ``Pi`` is server with all its ids. ``L`` learns ``C(i) = C(i-1) ∩ Pi``. After ``m``
+   rounds ``L`` holds ``G``, the ids common to every party.
+2. *Distribution.* ``L`` is server with ``G``; each ``Pi`` is client with all its ids and
+   learns ``Pi ∩ G = G``.
+
+Every party then sorts its common rows by id (see :func:`id_sort_key`), so row ``j`` of
+every party's index tensor is the same record.
+
+What each party learns (honest-but-curious, no collusion):
+
+* a non-leader ``Pi``: which of its ids are in ``G`` — exactly the global intersection, no
+  other id; plus two sizes: ``|L|`` (the padded request of round i) and ``|G|``.
+* the leader ``L``: the *prefix* intersections ``L∩P1 ⊇ L∩P1∩P2 ⊇ ... ⊇ G``. So the leader
+  can learn ids outside ``G`` (an id of ``L∩P1`` missing from ``P2`` is seen in round 1),
+  and for each such id the first party in the order that lacks it; plus every ``|Pi|``.
+
+Why the leader's guarantee is not exact: every protocol built from black-box two-party
+PSI has a first execution whose inputs are two parties' own sets, and its client learns
+their pairwise intersection, a superset of ``G``. An exact k-party guarantee needs a
+multi-party PSI (e.g. OPPRF-based, Kolesnikov et al., CCS 2017) that openmined-psi does not
+provide. To limit the leak, make the leader the party that is least sensitive to it
+(usually the label holder that already coordinates training) and order the others so
+that ``L∩P1`` is small (e.g. the party with the smallest overlap first).
+
+``"gcs"`` and ``"bloom_filter"`` setups have false positives with probability at most
+``fpr`` per execution (default ``1e-9``); a false positive would leave parties with
+different row counts, which :func:`align` detects (:class:`ProtocolError`). ``"raw"`` has
+none but costs ~33 bytes per server id instead of ~5. Ids are ``str`` or ``int`` (also
+numpy/torch integers) and are compared as the string ``str(id)``: ``5`` and ``"5"`` are
+the same record.
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+
+from .errors import ConfigError, EmptyBatchError, ProtocolError, ValidationError, WireError
+
+__all__ = [
+    "DEFAULT_FPR",
+    "DataStructure",
+    "PsiClient",
+    "PsiServer",
+    "align",
+    "canonical_ids",
+    "id_sort_key",
+]
+
+#: default false-positive rate of a ``"gcs"``/``"bloom_filter"`` setup, per execution.
+DEFAULT_FPR = 1e-9
+
+DataStructure = Literal["gcs", "raw", "bloom_filter"]
+_DATA_STRUCTURES = ("gcs", "raw", "bloom_filter")
+_INT_RE = re.compile(r"-?(0|[1-9][0-9]*)\Z")
+_DUMMY_PREFIX = "\x00syft-split-psi-dummy:"
+
+
+def _psi() -> Any:
+    try:
+        import private_set_intersection.python as psi
+    except ImportError as exc:  # pragma: no cover - dependency is pinned
+        raise ConfigError(
+            "PSI needs the `openmined-psi` package (module private_set_intersection.python)"
+        ) from exc
+    return psi
+
+
+def canonical_ids(ids: Sequence[str | int] | torch.Tensor, *, party: str | None = None) -> list[str]:
+    """Validate one party's ids and return them as strings, in the given order.
+
+    Raises :class:`EmptyBatchError` for no ids and :class:`ValidationError` for an id that
+    is not ``str``/integer (``bool`` and floats are refused) or that occurs twice (after
+    ``str()``: ``5`` and ``"5"`` collide).
+    """
+    who = f"party {party!r}: " if party is not None else ""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValidationError(f"{who}expected integer ids but got a tensor of dtype {ids.dtype}")
+        ids = ids.reshape(-1).tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise ValidationError(f"{who}expected a sequence of str/int ids but got {type(ids).__name__}")
+    out: list[str] = []
+    seen: dict[str, int] = {}
+    for row, value in enumerate(ids):
+        if isinstance(value, str):
+            key = value
+        elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            key = str(int(value))
+        else:
+            raise ValidationError(
+                f"{who}expected each id to be str or int but row {row} is {type(value).__name__}"
+            )
+        if key in seen:
+            raise ValidationError(f"{who}duplicate id {key!r} at rows {seen[key]} and {row}")
+        seen[key] = row
+        out.append(key)
+    if not out:
+        raise EmptyBatchError(f"{who}expected at least one id but got none")
+    return out
+
+
+def id_sort_key(key: str) -> tuple[int, int | str]:
+    """The order common rows are returned in: decimal integers numerically, then strings.
+
+    Depends only on the canonical string, so every party sorts the same ids the same way.
+    """
+    if _INT_RE.match(key):
+        return (0, int(key))
+    return (1, key)
+
+
+def _parse(cls: Any, data: bytes, what: str) -> Any:
+    if not isinstance(data, (bytes, bytearray)):
+        raise WireError(f"expected the PSI {what} as bytes but got {type(data).__name__}")
+    msg = cls()
+    try:
+        msg.ParseFromString(bytes(data))
+    except Exception as exc:
+        raise WireError(f"PSI {what} bytes do not decode: {exc}") from exc
+    return msg
+
+
+class PsiServer:
+    """The PSI role that answers a request and learns only the request's size.
+
+    Args:
+        ids: this party's record ids (str/int, unique, non-empty).
+        fpr: false-positive rate of the setup message, per execution (``0 < fpr < 1``).
+        data_structure: ``"gcs"`` (compact, default), ``"bloom_filter"`` or ``"raw"`` (exact).
+    """
+
+    def __init__(self, ids: Sequence[str | int] | torch.Tensor, *, fpr: float = DEFAULT_FPR,
+                 data_structure: DataStructure = "gcs") -> None:
+        if not (isinstance(fpr, (int, float)) and 0.0 < fpr < 1.0):
+            raise ConfigError(f"Expected argument `fpr` to be in (0, 1) but got {fpr!r}")
+        if data_structure not in _DATA_STRUCTURES:
+            raise ConfigError(
+                f"Expected argument `data_structure` in {_DATA_STRUCTURES} but got {data_structure!r}"
+            )
+        self._ids = canonical_ids(ids)
+        self.fpr = float(fpr)
+        self.data_structure: DataStructure = data_structure
+        psi = _psi()
+        self._ds = {"gcs": psi.DataStructure.GCS, "raw": psi.DataStructure.RAW,
+                    "bloom_filter": psi.DataStructure.BLOOM_FILTER}[data_structure]
+        self._server = psi.server.CreateWithNewKey(True)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def setup(self, num_client_inputs: int) -> bytes:
+        """The setup message (this party's blinded ids) sized for a client of that many ids."""
+        if not isinstance(num_client_inputs, int) or num_client_inputs < 1:
+            raise ValidationError(
+                f"Expected `num_client_inputs` to be a positive int but got {num_client_inputs!r}"
+            )
+        msg = self._server.CreateSetupMessage(self.fpr, num_client_inputs, self._ids, self._ds)
+        return bytes(msg.SerializeToString())
+
+    def respond(self, request: bytes) -> bytes:
+        """Blind a client's request with this party's key; raises :class:`WireError` on bad bytes."""
+        return self._respond(self._parse_request(request))
+
+    def handle(self, request: bytes) -> tuple[bytes, bytes]:
+        """One round trip: ``(setup, response)`` for a client's request."""
+        req = self._parse_request(request)
+        return self.setup(len(req.encrypted_elements)), self._respond(req)
+
+    def _parse_request(self, request: bytes) -> Any:
+        req = _parse(_psi().Request, request, "request")
+        if not req.reveal_intersection:
+            raise ValidationError("expected a PSI request with reveal_intersection=True")
+        if len(req.encrypted_elements) == 0:
+            raise EmptyBatchError("expected a PSI request with at least one element but got none")
+        return req
+
+    def _respond(self, req: Any) -> bytes:
+        try:
+            resp = self._server.ProcessRequest(req)
+        except RuntimeError as exc:
+            raise WireError(f"PSI request refused: {exc}") from exc
+        return bytes(resp.SerializeToString())
+
+
+class PsiClient:
+    """The PSI role that learns which of its own ids the server holds.
+
+    Args:
+        ids: this party's record ids (str/int, unique, non-empty).
+        pad_to: pad the request with random dummy ids up to this many elements, so the
+            server learns ``pad_to`` instead of ``len(ids)``; dummies never match.
+    """
+
+    def __init__(self, ids: Sequence[str | int] | torch.Tensor, *, pad_to: int | None = None) -> None:
+        self._ids = canonical_ids(ids)
+        if pad_to is not None and (not isinstance(pad_to, int) or pad_to < len(self._ids)):
+            raise ConfigError(
+                f"Expected argument `pad_to` to be an int >= {len(self._ids)} (the number of ids) "
+                f"but got {pad_to!r}"
+            )
+        n_dummy = 0 if pad_to is None else pad_to - len(self._ids)
+        self._padded = self._ids + [_DUMMY_PREFIX + secrets.token_hex(16) for _ in range(n_dummy)]
+        self._client = _psi().client.CreateWithNewKey(True)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def request(self) -> bytes:
+        """The request message: this party's ids (and dummies), hashed and blinded."""
+        return bytes(self._client.CreateRequest(self._padded).SerializeToString())
+
+    def intersection(self, setup: bytes, response: bytes) -> torch.Tensor:
+        """Rows (into ``ids``) of the ids the server also holds, sorted by :func:`id_sort_key`.
+
+        Returns an int64 tensor (possibly empty). Raises :class:`WireError` on bad bytes.
+        """
+        psi = _psi()
+        setup_msg = _parse(psi.ServerSetup, setup, "setup")
+        resp_msg = _parse(psi.Response, response, "response")
+        if len(resp_msg.encrypted_elements) != len(self._padded):
+            raise ProtocolError(
+                f"expected a PSI response with {len(self._padded)} elements (one per request "
+                f"element) but got {len(resp_msg.encrypted_elements)}"
+            )
+        try:
+            hits = self._client.GetIntersection(setup_msg, resp_msg)
+        except RuntimeError as exc:
+            raise WireError(f"PSI setup/response refused: {exc}") from exc
+        rows = sorted((i for i in hits if i < len(self._ids)), key=lambda i: id_sort_key(self._ids[i]))
+        return torch.tensor(rows, dtype=torch.int64)
+
+
+def align(parties: Mapping[str, Sequence[str | int] | torch.Tensor], *, leader: str | None = None,
+          fpr: float = DEFAULT_FPR, data_structure: DataStructure = "gcs") -> dict[str, torch.Tensor]:
+    """Align k parties on the records they all hold (see the module docstring for who learns what).
+
+    Runs the leader/other roles of the protocol in this process; only bytes pass between
+    roles, so the same sequence runs over any transport.
+
+    Args:
+        parties: party name -> its record ids (row ``r`` of the party's data has id ``ids[r]``).
+        leader: the party that coordinates (default: the first one).
+        fpr, data_structure: as in :class:`PsiServer`.
+
+    Returns:
+        party name -> int64 row indices of the common records, the same records in the same
+        order for every party (sorted by :func:`id_sort_key`).
+
+    Raises:
+        ConfigError: fewer than two parties, unknown leader, or no record common to all.
+        ValidationError / EmptyBatchError: a party's ids are bad (named in the message).
+        ProtocolError: parties ended with different counts (a PSI false positive).
+    """
+    if not isinstance(parties, Mapping) or len(parties) < 2:
+        got = f"{len(parties)} party" if isinstance(parties, Mapping) else type(parties).__name__
+        raise ConfigError(f"Expected a mapping of at least two parties to align but got {got}")
+    names = list(parties)
+    leader = names[0] if leader is None else leader
+    if leader not in parties:
+        raise ConfigError(f"Expected argument `leader` to be one of {names} but got {leader!r}")
+    ids = {name: canonical_ids(parties[name], party=name) for name in names}
+    others = [n for n in names if n != leader]
+    lead_ids = ids[leader]
+
+    # 1. narrowing: the leader (client) against each other party (server) in turn.
+    cand = torch.arange(len(lead_ids))
+    for name in others:
+        client = PsiClient([lead_ids[i] for i in cand.tolist()], pad_to=len(lead_ids))
+        server = PsiServer(ids[name], fpr=fpr, data_structure=data_structure)  # runs at `name`
+        setup, response = server.handle(client.request())
+        cand = cand[client.intersection(setup, response)]
+        if cand.numel() == 0:
+            raise ConfigError("no record is common to all parties; nothing to align")
+    cand = cand[sorted(range(len(cand)), key=lambda j: id_sort_key(lead_ids[int(cand[j])]))]
+
+    # 2. distribution: the leader (server with G) against each other party (client).
+    out = {leader: cand}
+    common = [lead_ids[i] for i in cand.tolist()]
+    for name in others:
+        client = PsiClient(ids[name])
+        server = PsiServer(common, fpr=fpr, data_structure=data_structure)  # runs at the leader
+        setup, response = server.handle(client.request())
+        out[name] = client.intersection(setup, response)
+    counts = {name: int(rows.numel()) for name, rows in out.items()}
+    if len(set(counts.values())) != 1:
+        raise ProtocolError(f"parties ended with different numbers of common rows {counts} "
+                            "(a PSI false positive); rerun, or use data_structure='raw'")
+    return {name: out[name] for name in names}
