@@ -12,14 +12,14 @@ from typing import Any, Protocol
 
 import torch
 
-from .host import DataOwnerHost
+from .host import DataOwnerHost, Dataset
 from .transport.base import Transport
 from .transport.inprocess import InProcessTransport
 
 __all__ = ["OwnerConsole", "Deployment", "inprocess", "PartyDatasets"]
 
-#: party -> dataset name -> (features, labels or None)
-PartyDatasets = dict[str, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]
+#: party -> dataset name -> (features, labels or None[, ids[, mock]]) or a Dataset
+PartyDatasets = dict[str, dict[str, Any]]
 
 
 class OwnerConsole(Protocol):
@@ -33,6 +33,7 @@ class OwnerConsole(Protocol):
     def audit_log(self) -> list[dict[str, Any]]: ...
     def public_key(self) -> bytes: ...
     def trust_peer(self, name: str, public_key: bytes) -> None: ...
+    def allow_alignment(self, dataset: str, user: str) -> None: ...
 
 
 @dataclass
@@ -78,7 +79,7 @@ def inprocess(parties: PartyDatasets, *, user: str = "model-owner@example.org",
     hosts = []
     for name, datasets in parties.items():
         host = DataOwnerHost(name, **host_kwargs)
-        for ds_name, (x, y) in datasets.items():
-            host.add_dataset(ds_name, x, y)
+        for ds_name, ds in datasets.items():
+            host.datasets[ds_name] = ds if isinstance(ds, Dataset) else Dataset(*ds)
         hosts.append(host)
     return Deployment(InProcessTransport(hosts, user=user), {h.name: h for h in hosts})

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import wire
+from .alignment import AlignmentOps
 from .errors import (
     AccessError,
     ApprovalError,
@@ -72,10 +73,14 @@ _SHARING = ("none", "model_owner", "peer")
 
 @dataclass
 class Dataset:
-    """Private features (and optionally labels) a data owner holds, by record index."""
+    """Private features (and optionally labels, record ids and a public mock) a data owner
+    holds, by record index. ``mock`` is synthetic/public data of the same shape (PySyft's mock
+    asset), used only for leakage measurement."""
 
     features: torch.Tensor
     labels: torch.Tensor | None = None
+    ids: list[str | int] | None = None
+    mock: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.features.dim() < 2 or self.features.shape[0] == 0:
@@ -84,6 +89,11 @@ class Dataset:
             raise ConfigError(
                 f"labels have {self.labels.shape[0]} records, features {self.features.shape[0]}"
             )
+        if self.ids is not None and len(self.ids) != self.features.shape[0]:
+            raise ConfigError(f"ids have {len(self.ids)} records, features {self.features.shape[0]}")
+        if self.mock is not None and tuple(self.mock.shape[1:]) != tuple(self.features.shape[1:]):
+            raise ConfigError(f"mock rows {tuple(self.mock.shape[1:])} differ from the features' "
+                              f"{tuple(self.features.shape[1:])}")
 
     def public_metadata(self) -> dict[str, Any]:
         return {
@@ -91,7 +101,14 @@ class Dataset:
             "feature_shape": list(self.features.shape[1:]),
             "feature_dtype": str(self.features.dtype).removeprefix("torch."),
             "has_labels": self.labels is not None,
+            "has_ids": self.ids is not None,
         }
+
+    def subset(self, rows: torch.Tensor) -> Dataset:
+        """The records at ``rows``, in that order."""
+        ids = None if self.ids is None else [self.ids[int(r)] for r in rows]
+        return Dataset(self.features[rows], None if self.labels is None else self.labels[rows],
+                       ids, self.mock)
 
 
 @dataclass
@@ -140,7 +157,7 @@ class _Runtime:
     steps: int = 0
 
 
-class DataOwnerHost:
+class DataOwnerHost(AlignmentOps):
     """Everything a data owner runs: see the module docstring for the ops it answers."""
 
     def __init__(
@@ -162,12 +179,15 @@ class DataOwnerHost:
         self._ids = itertools.count(1)
         self._box_key: Any = None
         self._peers: dict[str, bytes] = {}
+        AlignmentOps.__init__(self)
 
     # ----------------------------------------------------------------- owner-side API
-    def add_dataset(self, name: str, features: torch.Tensor,
-                    labels: torch.Tensor | None = None) -> None:
-        """Hold ``features`` (and ``labels``) under ``name``; they never leave this host."""
-        self.datasets[name] = Dataset(features, labels)
+    def add_dataset(self, name: str, features: torch.Tensor, labels: torch.Tensor | None = None,
+                    *, ids: list[str | int] | None = None,
+                    mock: torch.Tensor | None = None) -> None:
+        """Hold ``features`` (and ``labels``, record ``ids``) under ``name``; they never leave
+        this host. ``mock`` is public look-alike data (leakage measurement only)."""
+        self.datasets[name] = Dataset(features, labels, ids, mock)
 
     def proposals(self, status: str | None = None) -> list[Proposal]:
         return [p for p in self._proposals.values() if status is None or p.status == status]

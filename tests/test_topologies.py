@@ -149,3 +149,58 @@ def test_multi_task_equals_unsplit_weighted_loss(make_deployment) -> None:
             + list(ref_heads["digit"].state_dict().values())
             + list(ref_heads["parity"].state_dict().values()))
     assert max(float((a - b).abs().max()) for a, b in zip(got, want)) <= 1e-6
+
+
+def test_psi_aligns_parties_on_the_intersection_only(make_deployment) -> None:
+    from syft_split.alignment import align_records
+
+    x, y = _breast_cancer()
+    ids = [f"patient-{i:04d}" for i in range(len(y))]
+    g = torch.Generator().manual_seed(5)
+    cols = {"bank": slice(0, 10), "insurer": slice(10, 20), "shop": slice(20, 30)}
+    held = {p: sorted(torch.randperm(len(y), generator=g)[:420].tolist()) for p in cols}
+    mo_rows = sorted(torch.randperm(len(y), generator=g)[:480].tolist())
+    common = set(mo_rows).intersection(*map(set, held.values()))
+    dep = make_deployment({p: {"train": (x[held[p]][:, c], None, [ids[r] for r in held[p]])}
+                           for p, c in cols.items()})
+    for p in cols:
+        dep.owners[p].allow_alignment("train", dep.transport.user)
+    mo_ids = [ids[r] for r in mo_rows]
+    rows = align_records(dep.transport, list(cols), "train", mo_ids)
+    assert sorted(mo_ids[int(r)] for r in rows) == sorted(ids[r] for r in common)
+    aligned_y = y[[mo_rows[int(r)] for r in rows]]
+    # every party now holds exactly the common records, in the model owner's order
+    meta = {p: dep.transport.call(p, "describe")["datasets"]["train@aligned"] for p in cols}
+    assert {m["records"] for m in meta.values()} == {len(common)}
+    order = [mo_rows[int(r)] for r in rows]
+    for p, c in cols.items():
+        host_x = dep.owners[p].datasets["train@aligned"].features if hasattr(
+            dep.owners[p], "datasets") else None
+        if host_x is not None:  # in-process: check the rows are the same records, same order
+            assert torch.equal(host_x, x[order][:, c])
+    # ids never travelled in clear, and nothing but PSI messages and counts came back
+    for p in cols:
+        sent = dep.transport.traffic.fields_sent_by(p)
+        assert sent <= {"setup", "response", "request", "records", "host", "datasets"}
+    # train on the aligned records
+    torch.manual_seed(0)
+    plan = SplitPlan.vertical({p: nn.Sequential(nn.Linear(10, 8), nn.ReLU()) for p in cols},
+                              nn.Linear(24, 2), datasets=["train@aligned"])
+    session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("adam", lr=1e-2))
+    dep.approve_all(session.propose())
+    from syft_split import Trainer
+
+    report = Trainer(session, batch_size=32, progress=False, train_dataset="train@aligned",
+                     test_dataset="train@aligned",
+                     labels={ALIGNED: {"train@aligned": aligned_y}}).fit(2, verbose=False)
+    assert report.final_test_accuracy is not None and report.final_test_accuracy >= 0.9
+
+
+def test_psi_needs_the_owners_permission(make_deployment) -> None:
+    from syft_split import AccessError
+    from syft_split.alignment import align_records
+
+    x = torch.randn(5, 3)
+    dep = make_deployment({"bank": {"train": (x, None, list(range(5)))}})
+    with pytest.raises(AccessError, match="may not align"):
+        align_records(dep.transport, ["bank"], "train", [1, 2, 3])

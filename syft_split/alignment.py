@@ -1,0 +1,125 @@
+"""Private record alignment over the wire (vertical split learning).
+
+The model owner, who holds the labels, leads the k-party PSI of :mod:`syft_split.psi`; each
+data owner's host answers three ops, for datasets whose alignment its owner allowed for that
+user (:meth:`AlignmentOps.allow_alignment`):
+
+=================  ===================================================================
+``psi_serve``      server role on the dataset's ids: ``request`` -> ``setup``, ``response``
+``psi_request``    client role on all its ids: returns a ``request`` (state kept here)
+``psi_finish``     ``setup``, ``response`` -> keeps the common rows, sorted by id, as a new
+                   dataset ``as_name``; returns only the number of records
+=================  ===================================================================
+
+Afterwards row ``j`` of every party's ``as_name`` dataset and of the model owner's aligned
+labels is the same record. Who learns what is documented in :mod:`syft_split.psi`: each data
+owner learns which of its records are common to all, the model owner (leader) learns the
+common ids and the prefix intersections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import AccessError, ConfigError, ProtocolError
+
+if TYPE_CHECKING:
+    from .host import Dataset
+    from .transport.base import Transport
+
+__all__ = ["AlignmentOps", "align_records"]
+
+
+class AlignmentOps:
+    """The host side of alignment (mixed into :class:`~syft_split.host.DataOwnerHost`)."""
+
+    datasets: dict[str, Dataset]
+
+    def __init__(self) -> None:
+        self._alignment_allowed: set[tuple[str, str]] = set()
+        self._psi_clients: dict[tuple[str, str], Any] = {}
+
+    def allow_alignment(self, dataset: str, user: str) -> None:
+        """Owner: let ``user`` align ``dataset``'s records by PSI (ids never leave in clear)."""
+        if dataset not in self.datasets or self.datasets[dataset].ids is None:
+            raise ConfigError(f"dataset {dataset!r} does not exist here or has no record ids")
+        self._alignment_allowed.add((dataset, user))
+
+    def _aligned_source(self, caller: str, req: dict[str, Any]) -> Dataset:
+        name = req.get("dataset")
+        if (name, caller) not in self._alignment_allowed:
+            raise AccessError(f"{caller} may not align dataset {name!r} here")
+        return self.datasets[str(name)]
+
+    def _op_psi_serve(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        from .psi import PsiServer
+
+        ds = self._aligned_source(caller, req)
+        assert ds.ids is not None
+        setup, response = PsiServer(ds.ids).handle(_bytes(req, "request"))
+        return {"setup": setup, "response": response}
+
+    def _op_psi_request(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        from .psi import PsiClient
+
+        ds = self._aligned_source(caller, req)
+        assert ds.ids is not None
+        client = PsiClient(ds.ids)
+        self._psi_clients[(str(req["dataset"]), caller)] = client
+        return {"request": client.request()}
+
+    def _op_psi_finish(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        ds = self._aligned_source(caller, req)
+        key = (str(req["dataset"]), caller)
+        client = self._psi_clients.get(key)
+        if client is None:
+            raise ProtocolError("psi_finish without psi_request")
+        as_name = req.get("as_name")
+        if not isinstance(as_name, str) or not as_name or as_name in self.datasets:
+            raise ConfigError(f"as_name must be a new dataset name, got {as_name!r}")
+        rows = client.intersection(_bytes(req, "setup"), _bytes(req, "response"))
+        del self._psi_clients[key]
+        self.datasets[as_name] = ds.subset(rows)
+        return {"records": int(rows.numel())}
+
+
+def _bytes(req: dict[str, Any], name: str) -> bytes:
+    value = req.get(name)
+    if not isinstance(value, bytes):
+        raise ConfigError(f"field {name!r} must be bytes")
+    return value
+
+
+def align_records(transport: Transport, parties: Sequence[str], dataset: str,
+                  label_ids: Sequence[str | int], *, as_name: str | None = None) -> torch.Tensor:
+    """Align ``parties``' ``dataset`` with the model owner's ``label_ids``.
+
+    Each party ends with a dataset ``as_name`` (default ``f"{dataset}@aligned"``) holding the
+    records common to everyone, sorted by id; the return value is the model owner's rows into
+    ``label_ids`` for the same records in the same order (index your labels with it).
+    """
+    from .psi import PsiClient, PsiServer, canonical_ids, id_sort_key
+
+    as_name = as_name or f"{dataset}@aligned"
+    lead = canonical_ids(label_ids, party="model owner")
+    cand = torch.arange(len(lead))
+    for party in parties:  # narrowing: the model owner (client) against each party (server)
+        client = PsiClient([lead[i] for i in cand.tolist()], pad_to=len(lead))
+        r = transport.call(party, "psi_serve", dataset=dataset, request=client.request())
+        cand = cand[client.intersection(r["setup"], r["response"])]
+        if cand.numel() == 0:
+            raise ConfigError("no record is common to all parties; nothing to align")
+    cand = cand[sorted(range(len(cand)), key=lambda j: id_sort_key(lead[int(cand[j])]))]
+    common = [lead[i] for i in cand.tolist()]
+    for party in parties:  # distribution: each party (client) against the common ids
+        request = transport.call(party, "psi_request", dataset=dataset)["request"]
+        setup, response = PsiServer(common).handle(request)
+        n = transport.call(party, "psi_finish", dataset=dataset, setup=setup,
+                           response=response, as_name=as_name)["records"]
+        if n != len(common):
+            raise ProtocolError(f"{party} aligned {n} records, expected {len(common)} "
+                                "(a PSI false positive); rerun")
+    return cand
