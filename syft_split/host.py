@@ -20,6 +20,7 @@ Ops a model owner may send:
 ``import``     replace the weights (relay / SplitFed averaging), if approved for sharing
 ``seal``       the weights encrypted for a peer data owner the owner trusts (peer relay)
 ``unseal``     load weights sealed by a trusted peer
+``leakage``    the data owner measures what its activations leak (scalars only)
 =============  ==========================================================================
 
 Weight sharing is part of what the data owner approves: ``share_weights`` is ``"none"``,
@@ -128,6 +129,7 @@ class Proposal:
     loss: str | None = None
     release_labels: bool = False
     share_weights: str = "none"
+    defences: dict[str, float] = field(default_factory=dict)
     status: str = "pending"
     module: nn.Module | None = field(default=None, repr=False)
 
@@ -154,7 +156,10 @@ class _Runtime:
     optimizer: torch.optim.Optimizer
     pending_input: torch.Tensor | None = None
     pending_output: torch.Tensor | None = None
+    pending_penalty: torch.Tensor | None = None
     steps: int = 0
+    rng: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    last_penalty: float | None = None
 
 
 class DataOwnerHost(AlignmentOps):
@@ -220,6 +225,8 @@ class DataOwnerHost(AlignmentOps):
             lines.append(f"  loss computed here: {p.loss}")
         if p.release_labels:
             lines.append("  ALSO RELEASES LABELS of each batch to the model owner")
+        for name, value in p.defences.items():
+            lines.append(f"  defence here: {name}={value}")
         if p.share_weights == "model_owner":
             lines.append("  WEIGHTS SHARED: the model owner may read and replace this segment's "
                          "weights (relay / SplitFed averaging)")
@@ -365,6 +372,18 @@ class DataOwnerHost(AlignmentOps):
                 raise ConfigError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
             if any(self.datasets[d].labels is None for d in datasets):
                 raise ConfigError(f"role 'loss' needs labels, and {datasets} has none on {self.name}")
+        defences = req.get("defences", {})
+        allowed = {"nopeek", "noise_sigma", "label_epsilon", "num_classes"}
+        if not isinstance(defences, dict) or set(defences) - allowed or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for v in defences.values()
+        ):
+            raise ConfigError(f"defences must map {sorted(allowed)} to numbers >= 0, "
+                              f"got {defences!r}")
+        if defences and role != "input":
+            raise ConfigError("defences apply to a data owner's input segment only")
+        if defences.get("label_epsilon", 0) > 0 and int(defences.get("num_classes", 0)) < 2:
+            raise ConfigError("label_epsilon needs num_classes >= 2")
         share_weights = req.get("share_weights", "none")
         if share_weights not in _SHARING:
             raise ConfigError(f"share_weights must be one of {_SHARING}, got {share_weights!r}")
@@ -387,7 +406,7 @@ class DataOwnerHost(AlignmentOps):
             optimizer=OptimizerSpec.from_json(req.get("optimizer")), datasets=datasets,
             input_shape=input_shape, output_shape=tuple(out.shape[1:]), max_batch=max_batch,
             loss=loss if role == "loss" else None, release_labels=release_labels, module=module,
-            share_weights=share_weights,
+            share_weights=share_weights, defences={k: float(v) for k, v in defences.items()},
         )
         return {"segment": pid, "status": "pending", "output_shape": list(out.shape[1:])}
 
@@ -445,11 +464,15 @@ class DataOwnerHost(AlignmentOps):
     def _apply_grad(self, rt: _Runtime, grad: torch.Tensor) -> torch.Tensor | None:
         assert rt.pending_output is not None
         rt.optimizer.zero_grad(set_to_none=True)
-        rt.pending_output.backward(grad)
+        if rt.pending_penalty is not None:  # NoPeek: the data owner's own extra loss term
+            torch.autograd.backward([rt.pending_output, rt.pending_penalty],
+                                    [grad, torch.ones_like(rt.pending_penalty)])
+        else:
+            rt.pending_output.backward(grad)
         rt.optimizer.step()
         rt.optimizer.zero_grad(set_to_none=True)
         grad_in = rt.pending_input.grad if rt.pending_input is not None else None
-        rt.pending_input = rt.pending_output = None
+        rt.pending_input = rt.pending_output = rt.pending_penalty = None
         rt.steps += 1
         return None if grad_in is None else grad_in.detach()
 
@@ -488,15 +511,33 @@ class DataOwnerHost(AlignmentOps):
             out = rt.module(x)
             rt.pending_input = x if rt.proposal.role == "middle" else None
             rt.pending_output = out
+            nopeek = rt.proposal.defences.get("nopeek", 0.0)
+            if nopeek > 0:
+                from .defences import distance_correlation
+
+                rt.pending_penalty = nopeek * distance_correlation(x, out)
+                rt.last_penalty = float(rt.pending_penalty.detach())
         else:
             rt.module.eval()
             with torch.no_grad():
                 out = rt.module(x)
             rt.module.train()
+        sigma = rt.proposal.defences.get("noise_sigma", 0.0)
+        if sigma > 0:
+            from .defences import gaussian_noise
+
+            out = gaussian_noise(out.detach(), sigma, rt.rng)
         response["activation"] = self._egress(rt, out, x.shape[0])
         if rt.proposal.release_labels and ds is not None and idx is not None:
             assert ds.labels is not None
-            response["labels"] = ds.labels[idx].clone()
+            labels = ds.labels[idx].clone()
+            eps = rt.proposal.defences.get("label_epsilon", 0.0)
+            if eps > 0:
+                from .defences import randomized_response
+
+                classes = int(rt.proposal.defences["num_classes"])
+                labels = randomized_response(labels, classes, eps, rt.rng)
+            response["labels"] = labels
         return response
 
     def _op_backward(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
@@ -614,3 +655,28 @@ class DataOwnerHost(AlignmentOps):
         state = self._new_state(rt, {k[6:]: v for k, v in msg.items() if k.startswith("state/")})
         rt.module.load_state_dict(state)
         return {"steps": rt.steps}
+
+    def _op_leakage(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+        """Measure, here, what the segment's activations leak about a held-out batch: distance
+        correlation, and a model-inversion attack trained on this dataset's mock data."""
+        from .leakage import dcor_leakage, inversion_attack
+
+        rt = self._runtime(caller, req, ("input",))
+        ds = self._dataset(rt, req)
+        n = req.get("records", 256)
+        if not isinstance(n, int) or not 4 <= n <= rt.proposal.max_batch:
+            raise ValidationError(f"records must be in 4..{rt.proposal.max_batch}, got {n!r}")
+        raw = ds.features[:n].to(torch.float32)
+        rt.module.eval()
+        try:
+            with torch.no_grad():
+                act = rt.module(raw)
+            out: dict[str, Any] = {"dcor": dcor_leakage(raw, act), "records": int(raw.shape[0])}
+            if ds.mock is not None:
+                attack = inversion_attack(rt.module, ds.mock.to(torch.float32), raw,
+                                          epochs=int(req.get("epochs", 40)), seed=0)
+                out.update({f"inversion_{k}": float(attack[k])
+                            for k in ("mse", "baseline_mse", "ratio")})
+        finally:
+            rt.module.train()
+        return out

@@ -158,6 +158,8 @@ class SplitSession:
                     fields["release_labels"] = True
                 if node.owner == DATA_OWNER:
                     fields["share_weights"] = self.plan.share_weights
+                if role == "input" and self.plan.defences:
+                    fields["defences"] = dict(self.plan.defences)
                 response = self.transport.call(host, "propose", **fields)
                 pid = response["segment"]
                 self.remote[(host, i)] = RemoteSegment(
@@ -313,6 +315,21 @@ class SplitSession:
         first = per_task[self.plan.tasks[0].name]
         return StepMetrics(float(total), int(first["correct"]), int(indices.shape[0]),
                            per_task if len(self.plan.tasks) > 1 else {})
+
+    def measure_leakage(self, dataset: str, records: int = 256) -> dict[str, dict[str, float]]:
+        """Ask every data owner to measure, on its side, what its input segment's activations
+        leak about ``records`` held-out records of ``dataset`` (distance correlation, and a
+        model-inversion attack trained on its mock data when it has one)."""
+        self.flush()
+        out = {}
+        for (host, _i), seg in self.remote.items():
+            if seg.role == "input":
+                n = min(records, self.plan.max_batch,
+                        int(self._describe(host)[dataset]["records"]))
+                r = self.transport.call(host, "leakage", segment=seg.segment_id, dataset=dataset,
+                                        records=n)
+                out[host] = {k: float(v) for k, v in r.items()}
+        return out
 
     def records(self, source: str, dataset: str) -> int:
         """Number of records ``source`` holds in ``dataset`` (public metadata)."""

@@ -75,6 +75,10 @@ class SplitPlan:
     max_batch: int = 1024
     #: whether data owners' input segments may be relayed/averaged: "none", "model_owner", "peer"
     share_weights: str = "none"
+    #: defences every data owner applies on its side to its input segment: ``nopeek`` (weight
+    #: of the distance-correlation loss), ``noise_sigma`` (Gaussian noise on released
+    #: activations), ``label_epsilon`` + ``num_classes`` (randomized response on released labels)
+    defences: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -249,6 +253,12 @@ class SplitPlan:
                             f"got {self.share_weights!r}")
         if self.share_weights != "none" and len(self.data_owners) < 2:
             problems.append("sharing client weights needs at least two data owners")
+        bad_def = set(self.defences) - {"nopeek", "noise_sigma", "label_epsilon", "num_classes"}
+        if bad_def:
+            problems.append(f"unknown defences {sorted(bad_def)}; known: nopeek, noise_sigma, "
+                            "label_epsilon (with num_classes)")
+        if self.defences.get("label_epsilon") and not self.release_labels:
+            problems.append("label_epsilon protects released labels, but no task releases them")
         if not 0 < self.max_batch:
             problems.append(f"max_batch must be positive, got {self.max_batch}")
         if problems:

@@ -29,11 +29,13 @@ class Trainer:
                  train_dataset: str = "train", test_dataset: str | None = "test",
                  labels: dict[str, dict[str, Any]] | None = None, seed: int = 0,
                  progress: bool = True, config: dict[str, Any] | None = None,
-                 schedule: str = "round_robin", relay_via: str = "model_owner") -> None:
+                 schedule: str = "round_robin", relay_via: str = "model_owner",
+                 measure_leakage: bool = True) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if relay_via not in ("model_owner", "peer"):
             raise ConfigError(f"relay_via must be 'model_owner' or 'peer', got {relay_via!r}")
+        self.measure_leakage = measure_leakage
         self.schedule = schedule
         self.relay_via = relay_via
         self._server_copies: ServerCopies | None = None
@@ -166,6 +168,13 @@ class Trainer:
                 if test:
                     msg += f" | test loss {test['loss']:.4f} acc {test['accuracy']:.4f}"
                 print(msg + f" | {rec.seconds:.1f}s", flush=True)
+        if self.measure_leakage:
+            leak = self.session.measure_leakage(self.test_dataset or self.train_dataset)
+            self.report.extra["leakage"] = leak
+            if verbose:
+                for party, values in leak.items():
+                    print(f"leakage at {party}: " + ", ".join(f"{k}={v:.4g}"
+                                                              for k, v in values.items()))
         self.report.wall_time_s += time.perf_counter() - t_run
         self.report.transport_calls = self.session.transport.calls
         self.report.bytes_by_party = traffic.bytes_by_party()
