@@ -1,0 +1,33 @@
+"""CKKS-encrypted first server layer for split-learning training (the only tenseal user).
+
+Public API: parameters (:class:`CKKSParams`), the agreement (:class:`LayerSpec`), keys
+(:class:`KeyOwner`, :class:`ServerContext`), the two parties (:class:`HEClient`,
+:class:`HEServer`), layouts (:func:`choose_layout`, :class:`Layout`), convolutions
+(:class:`ConvAsLinear`), the validator (:func:`explain_unprotectable`) and cost meters.
+See ``he_layers/README.md`` for the protocol and what each party learns.
+"""
+
+from .conv import ConvAsLinear
+from .costs import CostMeter, merge_costs
+from .keys import KeyOwner, ServerContext
+from .layer import HEClient, HEServer, combine_shares
+from .packing import Layout, choose_layout
+from .params import CKKSParams
+from .spec import LayerSpec
+from .validate import explain_unprotectable
+
+__all__ = [
+    "CKKSParams",
+    "ConvAsLinear",
+    "CostMeter",
+    "HEClient",
+    "HEServer",
+    "KeyOwner",
+    "LayerSpec",
+    "Layout",
+    "ServerContext",
+    "choose_layout",
+    "combine_shares",
+    "explain_unprotectable",
+    "merge_costs",
+]

@@ -1,0 +1,94 @@
+"""Byte framing of he_layers messages: no pickle, only JSON headers and raw blobs.
+
+Frame: ``b"HEL1"`` | u32 header length | UTF-8 JSON header | blobs back to back.
+The header carries ``kind`` and ``blob_sizes``; arrays travel as little-endian float64.
+Malformed frames raise :class:`CiphertextError` (the he_layers member of
+:class:`ValidationError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from typing import Any
+
+import numpy as np
+
+from syft_split.errors import CiphertextError, NonFiniteError, ShapeError
+
+__all__ = ["MAGIC", "encode_frame", "decode_frame", "array_to_bytes", "array_from_bytes",
+           "fingerprint"]
+
+MAGIC = b"HEL1"
+_MAX_HEADER = 1 << 20
+_MAX_BLOBS = 1 << 16
+
+
+def encode_frame(kind: str, header: dict[str, Any], blobs: list[bytes]) -> bytes:
+    """Frame ``blobs`` with a JSON ``header`` (``kind`` and ``blob_sizes`` are added)."""
+    head = dict(header, kind=kind, blob_sizes=[len(b) for b in blobs])
+    raw = json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
+    return b"".join([MAGIC, struct.pack("<I", len(raw)), raw, *blobs])
+
+
+def decode_frame(data: bytes, expected_kind: str) -> tuple[dict[str, Any], list[bytes]]:
+    """Parse a frame; refuse anything but a well-formed ``expected_kind`` message."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise CiphertextError(
+            f"{expected_kind}: expected bytes, got {type(data).__name__}"
+        )
+    data = bytes(data)
+    if len(data) < 8 or data[:4] != MAGIC:
+        raise CiphertextError(
+            f"{expected_kind}: not an he_layers message (expected magic {MAGIC!r}, "
+            f"got {data[:4]!r})"
+        )
+    (hlen,) = struct.unpack("<I", data[4:8])
+    if hlen > _MAX_HEADER or 8 + hlen > len(data):
+        raise CiphertextError(f"{expected_kind}: truncated or oversized header ({hlen} bytes)")
+    try:
+        head = json.loads(data[8 : 8 + hlen].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CiphertextError(f"{expected_kind}: header is not JSON") from exc
+    if not isinstance(head, dict) or head.get("kind") != expected_kind:
+        got = head.get("kind") if isinstance(head, dict) else type(head).__name__
+        raise CiphertextError(f"expected a {expected_kind!r} message, got {got!r}")
+    sizes = head.get("blob_sizes")
+    if (
+        not isinstance(sizes, list)
+        or len(sizes) > _MAX_BLOBS
+        or not all(isinstance(s, int) and s >= 0 for s in sizes)
+        or 8 + hlen + sum(sizes) != len(data)
+    ):
+        raise CiphertextError(
+            f"{expected_kind}: blob sizes do not match the message length {len(data)}"
+        )
+    blobs, pos = [], 8 + hlen
+    for s in sizes:
+        blobs.append(data[pos : pos + s])
+        pos += s
+    return head, blobs
+
+
+def array_to_bytes(a: np.ndarray) -> bytes:
+    """float64 little-endian, C order (the shape travels in the header)."""
+    return np.ascontiguousarray(a, dtype="<f8").tobytes()
+
+
+def array_from_bytes(data: bytes, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """Inverse of :func:`array_to_bytes` with shape and finiteness checks."""
+    expected = int(np.prod(shape)) * 8
+    if len(data) != expected:
+        raise ShapeError(
+            f"{what}: expected shape {shape} ({expected} bytes), got {len(data)} bytes"
+        )
+    a = np.frombuffer(data, dtype="<f8").reshape(shape).astype(np.float64)
+    if not np.isfinite(a).all():
+        raise NonFiniteError(f"{what}: contains NaN or Inf")
+    return a
+
+
+def fingerprint(data: bytes) -> str:
+    """Short identifier of a public context (binds messages to one key owner/run)."""
+    return hashlib.sha256(data).hexdigest()[:32]

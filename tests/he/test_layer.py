@@ -1,0 +1,139 @@
+"""The encrypted Linear equals torch: forward, dL/dx, dW, and multi-step SGD (levels A, B)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from he_layers import combine_shares
+from syft_split.errors import ConfigError, ProtocolError
+
+pytestmark = pytest.mark.he
+
+SHAPES = [(4, 3, 2), (16, 40, 12), (64, 300, 20), (8, 1100, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_equals_torch_linear(shape: tuple[int, int, int], kit: SimpleNamespace) -> None:
+    b, d_in, d_out = shape
+    client, server, linear = kit.make_parties(b, d_in, d_out, seed=b)
+    x = torch.randn(b, d_in, dtype=torch.float64)
+    z = kit.forward(client, server, x, need_grad=False)
+    assert kit.rel_err(z, linear(x)) < 1e-5
+
+
+@pytest.mark.parametrize("level", ["A", "B"])
+def test_gradients_equal_autograd(level: str, kit: SimpleNamespace) -> None:
+    b, d_in, d_out = 16, 40, 12
+    client, server, linear = kit.make_parties(b, d_in, d_out, level=level, lr=0.1)
+    x = torch.randn(b, d_in, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(b, d_out, dtype=torch.float64)
+    torch.nn.functional.mse_loss(linear(x), target).backward()
+    z, dx, gw, gb = kit.step(client, server, x.detach(), kit.mse_grad(target))
+    assert kit.rel_err(z, linear(x)) < 1e-5
+    assert kit.rel_err(dx, x.grad) < 1e-5
+    assert gb is not None and kit.rel_err(gb, linear.bias.grad) < 1e-5
+    if level == "A":
+        assert kit.rel_err(gw, linear.weight.grad) < 1e-5
+    else:  # the server only sees dW + eps/lr
+        assert (gw - linear.weight.grad).abs().max() > 1.0
+
+
+def test_smaller_last_batch_and_no_bias(kit: SimpleNamespace) -> None:
+    client, server, linear = kit.make_parties(16, 10, 4, bias=False)
+    x = torch.randn(5, 10, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(5, 4, dtype=torch.float64)
+    torch.nn.functional.mse_loss(linear(x), target).backward()
+    z, dx, gw, gb = kit.step(client, server, x.detach(), kit.mse_grad(target))
+    assert gb is None and z.shape == (5, 4)
+    assert kit.rel_err(dx, x.grad) < 1e-5 and kit.rel_err(gw, linear.weight.grad) < 1e-5
+
+
+@pytest.mark.parametrize("level", ["A", "B"])
+def test_sgd_steps_match_plain_sgd(level: str, kit: SimpleNamespace) -> None:
+    b, d_in, d_out, lr = 12, 20, 6, 0.2
+    client, server, linear = kit.make_parties(b, d_in, d_out, level=level, lr=lr, seed=7)
+    ref = torch.nn.Linear(d_in, d_out).double()
+    ref.load_state_dict(linear.state_dict())
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    for _ in range(4):
+        x = torch.randn(b, d_in, dtype=torch.float64)
+        target = torch.randn(b, d_out, dtype=torch.float64)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), target).backward()
+        opt.step()
+        kit.step(client, server, x, kit.mse_grad(target))
+        server.apply_sgd()
+    weight = combine_shares(server.weight, client.weight_share) if level == "B" else server.weight
+    assert (weight - ref.weight).abs().max() < 1e-4
+    assert server.bias is not None and (server.bias - ref.bias).abs().max() < 1e-4
+    if level == "B":
+        # the server's stored weight is a share, far from the true weight
+        assert (server.weight - ref.weight).abs().max() > 0.1
+        assert (client.weight_share.abs().max()) <= 1.0
+
+
+def test_level_b_weight_only_changes_through_agreed_sgd(kit: SimpleNamespace) -> None:
+    client, server, _ = kit.make_parties(4, 3, 2, level="B", lr=0.1)
+    with pytest.raises(ConfigError, match=r"lr=0\.1"):
+        server.set_parameters(weight=torch.zeros(2, 3))
+    kit.step(client, server, torch.randn(4, 3, dtype=torch.float64),
+         kit.mse_grad(torch.zeros(4, 2, dtype=torch.float64)))
+    with pytest.raises(ConfigError, match=r"expected lr=0\.1"):
+        server.apply_sgd(lr=0.5)
+    with pytest.raises(ProtocolError, match="apply_sgd"):
+        server.forward(client.encrypt_input(torch.randn(4, 3, dtype=torch.float64)))
+    server.apply_sgd()
+    server.forward(client.encrypt_input(torch.randn(4, 3, dtype=torch.float64)))
+
+
+def test_protocol_order_is_enforced(kit: SimpleNamespace) -> None:
+    client, server, _ = kit.make_parties(4, 3, 2)
+    with pytest.raises(ProtocolError):
+        server.backward(torch.zeros(4, 2))
+    with pytest.raises(ProtocolError):
+        server.apply_sgd(0.1)
+    msg = client.encrypt_input(torch.randn(4, 3, dtype=torch.float64))
+    reply = server.forward(msg)
+    with pytest.raises(ProtocolError, match="replayed"):
+        server.forward(msg)
+    ret = client.decrypt_output(reply)
+    with pytest.raises(ProtocolError):
+        client.decrypt_output(reply)
+    server.receive_output(ret)
+    with pytest.raises(ProtocolError):
+        server.receive_output(ret)
+
+
+def test_forward_only_step_cannot_backprop(kit: SimpleNamespace) -> None:
+    client, server, _ = kit.make_parties(4, 3, 2)
+    kit.forward(client, server, torch.randn(4, 3, dtype=torch.float64), need_grad=False)
+    with pytest.raises(ProtocolError):
+        server.backward(torch.zeros(4, 2))
+
+
+def test_costs_are_accounted(kit: SimpleNamespace) -> None:
+    client, server, _ = kit.make_parties(8, 6, 3)
+    kit.step(client, server, torch.randn(8, 6, dtype=torch.float64),
+         kit.mse_grad(torch.zeros(8, 3, dtype=torch.float64)))
+    c, s = client.costs.as_dict(), server.costs.as_dict()
+    assert c["steps"] == 1 and c["enc_s"] > 0 and c["dec_s"] > 0 and s["server_s"] > 0
+    assert c["bytes_sent"] == s["bytes_received"] > 0
+    assert c["bytes_received"] == s["bytes_sent"] > 0
+    from he_layers import merge_costs
+
+    merged = merge_costs(client.costs, server.costs)
+    assert merged["bytes_up"] == c["bytes_sent"] and merged["server_s"] == s["server_s"]
+
+
+def test_level_b_initial_share_hides_the_first_weight(kit: SimpleNamespace) -> None:
+    client, server, linear = kit.make_parties(6, 5, 8, level="B", lr=0.1, initial_share=0.05)
+    share = client.weight_share
+    assert share.abs().max() > 0
+    x = torch.randn(6, 5, dtype=torch.float64)
+    z = kit.forward(client, server, x, need_grad=False)
+    true_w = combine_shares(server.weight, share)
+    assert kit.rel_err(z, x @ true_w.T + linear.bias) < 1e-5
+    assert (true_w - server.weight).abs().max() > 0

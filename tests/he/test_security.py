@@ -1,0 +1,158 @@
+"""Public material only, and clear errors for bad bytes, wrong contexts, shapes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tenseal as ts
+import torch
+
+from he_layers import HEServer, KeyOwner, LayerSpec, ServerContext
+from he_layers.wire import decode_frame, encode_frame
+from syft_split.errors import (
+    CiphertextError,
+    HEError,
+    InsecureParametersError,
+    ShapeError,
+    SyftSplitError,
+)
+
+pytestmark = pytest.mark.he
+
+
+@pytest.fixture(scope="module")
+def owner() -> KeyOwner:
+    return KeyOwner(LayerSpec(64, 128, 64))
+
+
+def test_public_context_has_no_secret_key_and_is_small(owner: KeyOwner) -> None:
+    data = owner.public_context_bytes()
+    head, (ctx_bytes, _) = decode_frame(data, "public_context")
+    ctx = ts.context_from(ctx_bytes)
+    assert not ctx.is_private()
+    server = ServerContext.from_bytes(data)
+    assert not server.is_private()
+    assert len(head["rotation_steps"]) <= 12
+    assert len(data) < 6_000_000  # TenSEAL's default Galois key set alone is ~35 MB
+
+
+def test_private_context_is_rejected(owner: KeyOwner) -> None:
+    private = owner._ctx.serialize(save_secret_key=True)
+    with pytest.raises(HEError, match="SECRET KEY"):
+        ServerContext.from_bytes(private)
+    head, blobs = decode_frame(owner.public_context_bytes(), "public_context")
+    head = {k: v for k, v in head.items() if k not in ("kind", "blob_sizes")}
+    forged = encode_frame("public_context", head, [private, blobs[1]])
+    with pytest.raises(HEError, match="SECRET KEY"):
+        ServerContext.from_bytes(forged)
+
+
+def test_header_lying_about_params_is_rejected(owner: KeyOwner) -> None:
+    head, blobs = decode_frame(owner.public_context_bytes(), "public_context")
+    head = {k: v for k, v in head.items() if k not in ("kind", "blob_sizes")}
+    head["params"] = {**head["params"], "coeff_mod_bit_sizes": [50, 40, 50]}
+    with pytest.raises(InsecureParametersError, match="SEAL context has"):
+        ServerContext.from_bytes(encode_frame("public_context", head, blobs))
+
+
+def test_garbage_context_bytes() -> None:
+    with pytest.raises(CiphertextError):
+        ServerContext.from_bytes(b"not a context")
+
+
+def test_bad_ciphertext_bytes_are_refused(kit: SimpleNamespace) -> None:
+    client, server, _ = kit.make_parties(4, 3, 2)
+    msg = client.encrypt_input(torch.randn(4, 3, dtype=torch.float64))
+    head, blobs = decode_frame(msg, "enc_input")
+    head = {k: v for k, v in head.items() if k not in ("kind", "blob_sizes")}
+    bad = bytearray(blobs[0])
+    bad[len(bad) // 2 : len(bad) // 2 + 64] = b"\xff" * 64
+    with pytest.raises(CiphertextError):
+        server.forward(encode_frame("enc_input", head, [bytes(bad), *blobs[1:]]))
+    with pytest.raises(CiphertextError):
+        server.forward(encode_frame("enc_input", head, [b"\x00" * 100, *blobs[1:]]))
+    with pytest.raises(CiphertextError):
+        server.forward(msg[:-10])
+    with pytest.raises(CiphertextError, match="expected a 'enc_input' message"):
+        server.forward(encode_frame("grad_return", head, blobs))
+
+
+def test_ciphertext_from_another_key_owner_is_refused(kit: SimpleNamespace) -> None:
+    client1, server1, _ = kit.make_parties(4, 3, 2)
+    client2, _, _ = kit.make_parties(4, 3, 2)
+    with pytest.raises(CiphertextError, match="another key owner"):
+        server1.forward(client2.encrypt_input(torch.randn(4, 3, dtype=torch.float64)))
+    reply = server1.forward(client1.encrypt_input(torch.randn(4, 3, dtype=torch.float64)))
+    with pytest.raises(CiphertextError, match="another key owner"):
+        client2.decrypt_output(reply)
+
+
+def test_mismatched_shapes_are_refused(kit: SimpleNamespace) -> None:
+    client, server, _ = kit.make_parties(4, 3, 2)
+    with pytest.raises(ShapeError, match=r"expected shape \(rows <= 4, 3\)"):
+        client.encrypt_input(torch.randn(4, 5))
+    with pytest.raises(ShapeError, match="at most batch_size=4"):
+        client.encrypt_input(torch.randn(6, 3))
+    with pytest.raises(ShapeError, match=r"expected shape \(2, 3\)"):
+        HEServer(server.context, torch.zeros(3, 2))
+    kit.forward(client, server, torch.randn(4, 3, dtype=torch.float64))
+    with pytest.raises(ShapeError, match=r"expected shape \(4, 2\)"):
+        server.backward(torch.zeros(4, 3))
+
+
+def test_returned_array_with_wrong_shape_is_refused(kit: SimpleNamespace) -> None:
+    client, server, _ = kit.make_parties(4, 3, 2)
+    reply = server.forward(client.encrypt_input(torch.randn(4, 3, dtype=torch.float64)))
+    ret = client.decrypt_output(reply)
+    head, blobs = decode_frame(ret, "output_return")
+    head = {k: v for k, v in head.items() if k not in ("kind", "blob_sizes")}
+    with pytest.raises(ShapeError):
+        server.receive_output(encode_frame("output_return", head, [blobs[0][:-8]]))
+
+
+def test_server_never_receives_plaintext_inputs_or_weights(kit: SimpleNamespace) -> None:
+    """Level B: no message to the server contains x, and no message to the client W_s."""
+    client, server, _ = kit.make_parties(4, 3, 2, level="B", lr=0.1)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    up = client.encrypt_input(x)
+    down = server.forward(up)
+    for row in x.numpy():
+        assert row.astype("<f8").tobytes() not in up
+    for col in server.weight.numpy():
+        assert col.astype("<f8").tobytes() not in down
+    ret = client.decrypt_output(down)
+    z = server.receive_output(ret)
+    grad = server.backward(torch.ones_like(z))
+    ret2, _ = client.decrypt_gradients(grad)
+    w = np.ascontiguousarray(server.weight.numpy().T)
+    assert w.astype("<f8").tobytes() not in grad and w.tobytes() not in ret2
+
+
+def test_every_error_is_a_syft_split_error() -> None:
+    for cls in (CiphertextError, InsecureParametersError, ShapeError, HEError):
+        assert issubclass(cls, SyftSplitError)
+
+
+def test_every_slot_the_data_owner_decrypts_is_masked(kit: SimpleNamespace) -> None:
+    """Rotate-and-sum leaves replicas of the outputs in other slots: all carry the mask."""
+    from tenseal import sealapi
+
+    from he_layers._seal_io import load_ciphertext
+
+    client, server, _ = kit.make_parties(16, 40, 12)
+    lay = client.keys.layouts["forward"]
+    assert lay.out_width < lay.features  # the hybrid layout with replicas
+    reply = server.forward(client.encrypt_input(torch.randn(16, 40, dtype=torch.float64),
+                                                need_grad=False))
+    _, blobs = decode_frame(reply, "masked_output")
+    owner = client.keys
+    pt = sealapi.Plaintext()
+    owner._decryptor.decrypt(load_ciphertext(owner._seal, blobs[0]), pt)
+    slots = np.asarray(owner._encoder.decode_complex(pt)).reshape(lay.features, lay.lanes)
+    first = slots[: lay.out_width]
+    assert np.abs(first).max() > 100  # masked (uniform in ±2^12), not x W ~ O(1)
+    for m in range(1, lay.features // lay.out_width):
+        copy = slots[m * lay.out_width : (m + 1) * lay.out_width]
+        assert np.abs(copy - first).max() < 1e-4
