@@ -57,6 +57,7 @@ from .errors import (
     ValidationError,
     WireError,
 )
+from .he import HEHostOps
 from .spec import OptimizerSpec, count_parameters, describe, module_from_spec
 
 __all__ = ["DataOwnerHost", "Dataset", "Proposal", "AuditEntry", "LOSSES"]
@@ -130,6 +131,7 @@ class Proposal:
     release_labels: bool = False
     share_weights: str = "none"
     defences: dict[str, float] = field(default_factory=dict)
+    he: dict[str, Any] | None = None
     status: str = "pending"
     module: nn.Module | None = field(default=None, repr=False)
 
@@ -160,9 +162,10 @@ class _Runtime:
     steps: int = 0
     rng: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     last_penalty: float | None = None
+    he: Any = None
 
 
-class DataOwnerHost(AlignmentOps):
+class DataOwnerHost(AlignmentOps, HEHostOps):
     """Everything a data owner runs: see the module docstring for the ops it answers."""
 
     def __init__(
@@ -211,6 +214,9 @@ class DataOwnerHost(AlignmentOps):
         }[p.role]
         if p.role == "loss":
             out_bytes = 4 * math.prod(p.input_shape)
+        if p.he is not None:
+            leaves = (f"activations ONLY AS CKKS CIPHERTEXTS (level {p.he['level']}; keys are "
+                      "made here at approval, the secret key never leaves) and masked decryptions")
         lines = [
             f"Proposal {p.id} from {p.driver} (role: {p.role}, status: {p.status})",
             f"  reads datasets: {p.datasets}; input per record {p.input_shape}",
@@ -225,6 +231,8 @@ class DataOwnerHost(AlignmentOps):
             lines.append(f"  loss computed here: {p.loss}")
         if p.release_labels:
             lines.append("  ALSO RELEASES LABELS of each batch to the model owner")
+        if p.he is not None:
+            lines.append(f"  encryption agreement: {p.he}")
         for name, value in p.defences.items():
             lines.append(f"  defence here: {name}={value}")
         if p.share_weights == "model_owner":
@@ -241,7 +249,10 @@ class DataOwnerHost(AlignmentOps):
         if p.status != "pending":
             raise ApprovalError(f"proposal {proposal_id} is {p.status}, not pending")
         assert p.module is not None
-        self._runtimes[p.id] = _Runtime(p, p.module, p.optimizer.build(p.module.parameters()))
+        rt = _Runtime(p, p.module, p.optimizer.build(p.module.parameters()))
+        if p.he is not None:  # fresh CKKS keys for this run; the secret key never leaves
+            rt.he = self._he_build(p.he)
+        self._runtimes[p.id] = rt
         p.status = "approved"
 
     def reject(self, proposal_id: str) -> None:
@@ -397,6 +408,14 @@ class DataOwnerHost(AlignmentOps):
                 module.train()
         except Exception as exc:
             raise ConfigError(f"segment does not accept input {input_shape}: {exc}") from exc
+        he = req.get("he")
+        if he is not None:
+            if role != "input" or not isinstance(he, dict):
+                raise ConfigError("encryption applies to a data owner's input segment only")
+            d_in = math.prod(out.shape[1:])
+            if he.get("d_in") != d_in:
+                raise ShapeError(f"encrypted layer expects d_in={he.get('d_in')}, but this "
+                                 f"segment outputs {tuple(out.shape[1:])} = {d_in} features")
         max_batch = req.get("max_batch", self.max_batch)
         if not isinstance(max_batch, int) or not 0 < max_batch <= self.max_batch:
             raise ConfigError(f"max_batch must be in 1..{self.max_batch}, got {max_batch!r}")
@@ -407,6 +426,7 @@ class DataOwnerHost(AlignmentOps):
             input_shape=input_shape, output_shape=tuple(out.shape[1:]), max_batch=max_batch,
             loss=loss if role == "loss" else None, release_labels=release_labels, module=module,
             share_weights=share_weights, defences={k: float(v) for k, v in defences.items()},
+            he=he,
         )
         return {"segment": pid, "status": "pending", "output_shape": list(out.shape[1:])}
 
@@ -522,6 +542,10 @@ class DataOwnerHost(AlignmentOps):
             with torch.no_grad():
                 out = rt.module(x)
             rt.module.train()
+        if rt.he is not None:  # only ciphertexts of the approved output leave
+            flat = self._egress(rt, out, x.shape[0]).flatten(1)
+            response["he_input"] = rt.he.encrypt_input(flat, need_grad=train)
+            return response
         sigma = rt.proposal.defences.get("noise_sigma", 0.0)
         if sigma > 0:
             from .defences import gaussian_noise

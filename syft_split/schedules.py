@@ -87,19 +87,20 @@ class ServerCopies:
 
     def __init__(self, session: SplitSession, sources: Sequence[str]) -> None:
         self.session = session
-        self.states: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
+        self.states: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
             s: self._snapshot() for s in sources
         }
 
-    def _snapshot(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def _snapshot(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         mods = [copy.deepcopy(m.state_dict()) for m in self.session.local.values()]
-        return mods, copy.deepcopy(self.session.optimizer.state_dict())
+        return mods, [copy.deepcopy(o.state_dict()) for o in self.session.optimizers]
 
     def use(self, source: str) -> None:
         mods, opt = self.states[source]
         for m, state in zip(self.session.local.values(), mods):
             m.load_state_dict(state)
-        self.session.optimizer.load_state_dict(opt)
+        for o, state in zip(self.session.optimizers, opt):
+            o.load_state_dict(state)
 
     def save(self, source: str) -> None:
         self.states[source] = self._snapshot()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ApprovalError, ConfigError, ProtocolError
+from .he import HEState, encrypted_forward
 from .host import LOSSES
 from .remote import ActivationPointer, RemoteSegment, remote_loss
 from .spec import OptimizerSpec, module_to_spec, spec_state
@@ -61,11 +62,17 @@ class SplitSession:
         self.local: dict[int, nn.Module] = {
             i: n.module for i, n in enumerate(plan.nodes) if n.owner == MODEL_OWNER
         }
-        params = [p for m in self.local.values() for p in m.parameters()]
-        self.optimizer = self.optimizer_spec.build(params)
+        default = [p for i, m in self.local.items() if plan.nodes[i].optimizer is None
+                   for p in m.parameters()]
+        #: one optimizer for the model owner's segments, plus one per segment that overrides it
+        self.optimizers = [self.optimizer_spec.build(default)]
+        self.optimizers += [plan.nodes[i].optimizer.build(m.parameters())  # type: ignore[union-attr]
+                            for i, m in self.local.items() if plan.nodes[i].optimizer is not None]
         #: remote segments by (hosting party, node index)
         self.remote: dict[tuple[str, int], RemoteSegment] = {}
         self.metadata: dict[str, dict[str, Any]] = {}
+        #: the encrypted layer's model-owner side (HE-protected plans only)
+        self.he = HEState(self, plan.encrypted) if plan.encrypted is not None else None
 
     # ------------------------------------------------------------------ placement
     def _host(self, source: str, i: int) -> str:
@@ -116,6 +123,9 @@ class SplitSession:
                     x = torch.zeros((2, *meta[self.plan.datasets[0]]["feature_shape"]))
                 was = node.module.training
                 node.module.eval()
+                enc = self.plan.encrypted
+                if enc is not None and i == enc.node:
+                    x = enc.linear(x.flatten(1))
                 try:
                     values[i] = node.module(x)
                 except RuntimeError as exc:
@@ -146,7 +156,7 @@ class SplitSession:
                 fields: dict[str, Any] = {
                     "role": role,
                     "spec": module_to_spec(module),
-                    "optimizer": self.optimizer_spec.to_json(),
+                    "optimizer": (node.optimizer or self.optimizer_spec).to_json(),
                     "datasets": list(self.plan.datasets) if role != "middle" else [],
                     "input_shape": list(shapes[i][0]),
                     "max_batch": self.plan.max_batch,
@@ -160,6 +170,8 @@ class SplitSession:
                     fields["share_weights"] = self.plan.share_weights
                 if role == "input" and self.plan.defences:
                     fields["defences"] = dict(self.plan.defences)
+                if role == "input" and self.plan.encrypted is not None:
+                    fields["he"] = self.plan.encrypted.agreement()
                 response = self.transport.call(host, "propose", **fields)
                 pid = response["segment"]
                 self.remote[(host, i)] = RemoteSegment(
@@ -190,8 +202,14 @@ class SplitSession:
                ) -> tuple[dict[int, torch.Tensor], dict[str, tuple[torch.Tensor, dict[str, Any]]]]:
         values: dict[int, torch.Tensor] = {}
         remote_losses: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+        enc = self.plan.encrypted
         for i, node in enumerate(self.plan.nodes):
-            if node.owner == MODEL_OWNER:
+            if enc is not None and i == enc.node:
+                assert self.he is not None
+                values[i] = node.module(encrypted_forward(self.he, source, indices, dataset))
+            elif enc is not None and not node.inputs:
+                continue  # its activation only ever travels encrypted, into the layer above
+            elif node.owner == MODEL_OWNER:
                 values[i] = node.module(self._merge(i, values))
             elif not node.inputs:
                 values[i] = self.send_forward(source, indices, dataset=dataset, node=i).resolve()
@@ -259,11 +277,13 @@ class SplitSession:
         return labels
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
 
     def step(self) -> None:
         """Optimizer step for the model owner's segments (data owners step in their backward)."""
-        self.optimizer.step()
+        for opt in self.optimizers:
+            opt.step()
 
     def flush(self) -> None:
         """Deliver every held-back gradient (data owners then have stepped)."""
@@ -287,9 +307,16 @@ class SplitSession:
         for m in self.local.values():
             m.eval()
         try:
+            enc = self.plan.encrypted
             for i, node in enumerate(self.plan.nodes):
                 task = self.plan.task_at(i)
-                if node.owner == MODEL_OWNER:
+                if enc is not None and i == enc.node:
+                    assert self.he is not None
+                    z = self.he.forward(source, indices, dataset, train=False)
+                    values[i] = node.module(z)
+                elif enc is not None and not node.inputs:
+                    continue
+                elif node.owner == MODEL_OWNER:
                     values[i] = node.module(self._merge(i, values))
                 elif not node.inputs:
                     values[i] = self._seg(source, i).forward(indices=indices, dataset=dataset,

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from .errors import ConfigError
 from .host import LOSSES
-from .spec import module_to_spec
+from .spec import OptimizerSpec, module_to_spec
 from .transport.base import MODEL_OWNER
 
 __all__ = ["ALIGNED", "DATA_OWNER", "MERGES", "MODEL_OWNER", "RELEASED", "Node", "SplitPlan", "Task"]
@@ -43,13 +44,16 @@ MERGES = ("concat", "sum", "mean")
 
 @dataclass
 class Node:
-    """A segment, its owner, and the nodes it reads (``()``: the owner's own data)."""
+    """A segment, its owner, and the nodes it reads (``()``: the owner's own data).
+
+    ``optimizer`` overrides the session's optimizer for this segment's parameters."""
 
     module: nn.Module
     owner: str
     inputs: tuple[int, ...] = ()
     merge: str = "concat"
     name: str = ""
+    optimizer: OptimizerSpec | None = None
 
 
 @dataclass
@@ -79,6 +83,8 @@ class SplitPlan:
     #: of the distance-correlation loss), ``noise_sigma`` (Gaussian noise on released
     #: activations), ``label_epsilon`` + ``num_classes`` (randomized response on released labels)
     defences: dict[str, float] = field(default_factory=dict)
+    #: the model owner's layer that runs on CKKS ciphertexts (set by :func:`syft_split.he.protect`)
+    encrypted: Any = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -259,6 +265,10 @@ class SplitPlan:
                             "label_epsilon (with num_classes)")
         if self.defences.get("label_epsilon") and not self.release_labels:
             problems.append("label_epsilon protects released labels, but no task releases them")
+        if self.encrypted is not None and not (
+            0 <= self.encrypted.node < n and self.nodes[self.encrypted.node].owner == MODEL_OWNER
+        ):
+            problems.append("the encrypted layer must belong to a model-owner segment")
         if not 0 < self.max_batch:
             problems.append(f"max_batch must be positive, got {self.max_batch}")
         if problems:

@@ -137,7 +137,7 @@ class Trainer:
         loss_sum, correct, count = 0.0, 0, 0
         for party in s.plan.sources:
             n = s.records(party, dataset)
-            for idx in torch.arange(n).split(batch_size):
+            for idx in torch.arange(n).split(min(batch_size, s.plan.max_batch)):
                 m = s.evaluate_batch(party, idx, self._label(party, dataset, idx),
                                      dataset=dataset)
                 loss_sum += m.loss * m.count
@@ -168,7 +168,9 @@ class Trainer:
                 if test:
                     msg += f" | test loss {test['loss']:.4f} acc {test['accuracy']:.4f}"
                 print(msg + f" | {rec.seconds:.1f}s", flush=True)
-        if self.measure_leakage:
+        if self.session.he is not None:
+            self.report.extra["he"] = self.session.he.costs()
+        if self.measure_leakage and self.session.he is None:
             leak = self.session.measure_leakage(self.test_dataset or self.train_dataset)
             self.report.extra["leakage"] = leak
             if verbose:
