@@ -16,7 +16,7 @@ from .host import DataOwnerHost, Dataset
 from .transport.base import Transport
 from .transport.inprocess import InProcessTransport
 
-__all__ = ["OwnerConsole", "Deployment", "inprocess", "PartyDatasets"]
+__all__ = ["OwnerConsole", "Deployment", "inprocess", "datasites", "PartyDatasets"]
 
 #: party -> dataset name -> (features, labels or None[, ids[, mock]]) or a Dataset
 PartyDatasets = dict[str, dict[str, Any]]
@@ -83,3 +83,12 @@ def inprocess(parties: PartyDatasets, *, user: str = "model-owner@example.org",
             host.datasets[ds_name] = ds if isinstance(ds, Dataset) else Dataset(*ds)
         hosts.append(host)
     return Deployment(InProcessTransport(hosts, user=user), {h.name: h for h in hosts})
+
+
+def datasites(parties: PartyDatasets, *, http: bool = False, **kwargs: Any) -> Deployment:
+    """One fresh PySyft datasite per party (embedded, or uvicorn HTTP servers on loopback with
+    ``http=True``), its data uploaded as PySyft datasets and the syft-split endpoint installed;
+    ``close()`` lands them and removes their data folders. Imports syft."""
+    from .transport.pysyft import deployment
+
+    return deployment(parties, http=http, **kwargs)  # type: ignore[no-any-return]

@@ -155,7 +155,7 @@ class AuditEntry:
 class _Runtime:
     proposal: Proposal
     module: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
     pending_input: torch.Tensor | None = None
     pending_output: torch.Tensor | None = None
     pending_penalty: torch.Tensor | None = None
@@ -227,6 +227,8 @@ class DataOwnerHost(AlignmentOps, HEHostOps):
             f"  bytes leaving per record: {out_bytes}; max batch {p.max_batch} "
             f"(<= {out_bytes * p.max_batch} bytes per step)",
         ]
+        if p.role == "input":
+            lines.extend(self._review_leakage(p))
         if p.loss:
             lines.append(f"  loss computed here: {p.loss}")
         if p.release_labels:
@@ -243,13 +245,33 @@ class DataOwnerHost(AlignmentOps, HEHostOps):
                          "the model owner relays ciphertext")
         return "\n".join(lines)
 
+    def _review_leakage(self, p: Proposal) -> list[str]:
+        """Measured on the owner's own records: how much the proposed outputs reveal."""
+        from .leakage import dcor_leakage
+
+        assert p.module is not None
+        x = self.datasets[p.datasets[0]].features[:128].to(torch.float32)
+        was = p.module.training
+        p.module.eval()
+        with torch.no_grad():
+            out = p.module(x)
+        p.module.train(was)
+        lines = [f"  measured on {x.shape[0]} of your records: distance correlation between "
+                 f"your data and what would leave = {dcor_leakage(x, out):.3f} (1.0: a copy)"]
+        if math.prod(p.output_shape) >= math.prod(p.input_shape):
+            lines.append(f"  WARNING: {math.prod(p.output_shape)} values leave per record, at "
+                         f"least the {math.prod(p.input_shape)} it has: such a segment can pass "
+                         "your data through (e.g. identity weights)")
+        return lines
+
     def approve(self, proposal_id: str) -> None:
         """Approve once: installs the segment's runtime; only the proposal's driver may use it."""
         p = self._proposal(proposal_id)
         if p.status != "pending":
             raise ApprovalError(f"proposal {proposal_id} is {p.status}, not pending")
         assert p.module is not None
-        rt = _Runtime(p, p.module, p.optimizer.build(p.module.parameters()))
+        params = list(p.module.parameters())
+        rt = _Runtime(p, p.module, p.optimizer.build(params) if params else None)
         if p.he is not None:  # fresh CKKS keys for this run; the secret key never leaves
             rt.he = self._he_build(p.he)
         self._runtimes[p.id] = rt
@@ -288,7 +310,8 @@ class DataOwnerHost(AlignmentOps, HEHostOps):
         return {k: v.detach().clone() for k, v in rt.module.state_dict().items()}
 
     def optimizer_state(self, proposal_id: str) -> dict[str, Any]:
-        return self._runtime_for_owner(proposal_id).optimizer.state_dict()
+        opt = self._runtime_for_owner(proposal_id).optimizer
+        return {} if opt is None else opt.state_dict()
 
     def audit_log(self) -> list[dict[str, Any]]:
         """Every call answered so far, as plain dicts (who, op, segment, shapes, bytes, time)."""
@@ -483,14 +506,16 @@ class DataOwnerHost(AlignmentOps, HEHostOps):
 
     def _apply_grad(self, rt: _Runtime, grad: torch.Tensor) -> torch.Tensor | None:
         assert rt.pending_output is not None
-        rt.optimizer.zero_grad(set_to_none=True)
+        if rt.optimizer is not None:
+            rt.optimizer.zero_grad(set_to_none=True)
         if rt.pending_penalty is not None:  # NoPeek: the data owner's own extra loss term
             torch.autograd.backward([rt.pending_output, rt.pending_penalty],
                                     [grad, torch.ones_like(rt.pending_penalty)])
         else:
             rt.pending_output.backward(grad)
-        rt.optimizer.step()
-        rt.optimizer.zero_grad(set_to_none=True)
+        if rt.optimizer is not None:
+            rt.optimizer.step()
+            rt.optimizer.zero_grad(set_to_none=True)
         grad_in = rt.pending_input.grad if rt.pending_input is not None else None
         rt.pending_input = rt.pending_output = rt.pending_penalty = None
         rt.steps += 1
@@ -596,10 +621,10 @@ class DataOwnerHost(AlignmentOps, HEHostOps):
             x = x.requires_grad_()
             logits = rt.module(x)
             loss = loss_fn(logits, y)
-            rt.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            rt.optimizer.step()
-            rt.optimizer.zero_grad(set_to_none=True)
+            if rt.optimizer is not None:
+                rt.optimizer.step()
+                rt.optimizer.zero_grad(set_to_none=True)
             rt.steps += 1
             assert x.grad is not None
             grad_in = self._egress(rt, x.grad, x.shape[0], rt.proposal.input_shape)

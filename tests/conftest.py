@@ -14,19 +14,21 @@ from syft_split.deploy import Deployment, PartyDatasets
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-DEPLOY_KINDS = ["inprocess"]
+torch.set_num_threads(1)  # 2 shared cores: tiny ops are far slower with 2 threads under load
+
+#: every behaviour test runs on these: the in-process transport and real (embedded) PySyft
+#: datasites; ``make_deployment_http`` adds uvicorn HTTP datasites on loopback.
+DEPLOY_KINDS = ["inprocess", "datasite"]
+HTTP_KINDS = [*DEPLOY_KINDS, "http"]
 
 
 def _make(kind: str, parties: PartyDatasets, **kwargs: object) -> Deployment:
     if kind == "inprocess":
         return deploy.inprocess(parties, **kwargs)  # type: ignore[arg-type]
-    raise ValueError(kind)
+    return deploy.datasites(parties, http=kind == "http", **kwargs)
 
 
-@pytest.fixture(params=DEPLOY_KINDS)
-def make_deployment(request: pytest.FixtureRequest) -> Iterator[Callable[..., Deployment]]:
-    """Factory: ``make_deployment(parties) -> Deployment`` on the parametrised kind; closed
-    (datasites landed, data folders removed) at the end of the test."""
+def _factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Deployment]]:
     made: list[Deployment] = []
 
     def factory(parties: PartyDatasets, **kwargs: object) -> Deployment:
@@ -37,8 +39,23 @@ def make_deployment(request: pytest.FixtureRequest) -> Iterator[Callable[..., De
     level = logging.getLogger().level
     yield factory
     for dep in made:
+        dirs = [s.data_dir for s in getattr(dep.transport, "datasites", {}).values()]
         dep.close()
+        assert not any(os.path.exists(d) for d in dirs if d), "datasite data left behind"
     logging.getLogger().setLevel(level)
+
+
+@pytest.fixture(params=DEPLOY_KINDS)
+def make_deployment(request: pytest.FixtureRequest) -> Iterator[Callable[..., Deployment]]:
+    """Factory: ``make_deployment(parties) -> Deployment`` on the parametrised kind; closed
+    (datasites landed, data folders removed) at the end of the test."""
+    yield from _factory(request)
+
+
+@pytest.fixture(params=HTTP_KINDS)
+def make_deployment_http(request: pytest.FixtureRequest) -> Iterator[Callable[..., Deployment]]:
+    """As ``make_deployment``, plus real HTTP datasites (for the key behaviour tests)."""
+    yield from _factory(request)
 
 
 @pytest.fixture

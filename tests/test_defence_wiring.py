@@ -40,7 +40,7 @@ def test_nopeek_lowers_distance_correlation(make_deployment) -> None:
 
 
 def test_activation_noise_is_added_at_the_data_owner(make_deployment) -> None:
-    _, dep, session = _run(make_deployment, {"noise_sigma": 0.5}, epochs=1)
+    _, _, session = _run(make_deployment, {"noise_sigma": 0.5}, epochs=1)
     seg = session.remote[("h", 0)]
     a = seg.forward(indices=torch.arange(32), train=False)
     b = seg.forward(indices=torch.arange(32), train=False)

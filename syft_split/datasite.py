@@ -1,0 +1,577 @@
+"""The data owner's PySyft plugin: a :class:`~syft_split.host.DataOwnerHost` behind ONE endpoint.
+
+The data owner keeps its data as an ordinary PySyft dataset (private + mock assets, uploaded
+with ``sy.Dataset``/``sy.Asset`` or :func:`publish_dataset`) and registers one custom API
+endpoint with :func:`install`. Registering it is the data owner's act of consent to run this
+plugin; each segment a model owner proposes still needs :meth:`DatasiteConsole.approve`.
+
+Inside the datasite the endpoint (:func:`syft_split_endpoint`, re-executed by PySyft on every
+call) hands the request to :func:`serve`, which keeps one host per installed endpoint in a
+process-level registry: the private assets are read once (through ``context.admin_client``)
+when the host is created, and model state lives in that host, never in ``context.state``.
+
+Calls (keyword arguments of ``client.api.services.api.call(path, ...)``)::
+
+    request=<wire bytes>                 a model-owner op, answered by host.handle(user e-mail)
+    request=<wire bytes>, owner=<op>     a data-owner op; refused unless the caller is ADMIN
+    done=<uid>                           housekeeping: delete the caller's previous result
+
+Data-owner ops are reached through :class:`DatasiteConsole` built on the admin's client::
+
+    owner = DatasiteConsole(admin_client)
+    print(owner.review(pid)); owner.approve(pid)      # also reject, export_weights, audit...
+
+Responses leave the endpoint as a uint8 array of the wire bytes (see :func:`as_result`).
+
+Memory: PySyft stores every ``api.call`` result as an action object (only an admin can delete
+it), and builds two throw-away clients per call whose APIs (~5 MiB each) it registers forever
+in ``APIRegistry``. :func:`serve` deletes the caller's previous result (``done``; deleted with
+the caller's own credentials, so only the caller's objects) and unregisters the two per-call
+APIs, so a datasite stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import wire
+from .errors import (
+    AuthorizationError,
+    ConfigError,
+    ProtocolError,
+    SyftSplitError,
+    TransportError,
+    error_from_wire,
+)
+from .host import AuditEntry, DataOwnerHost
+
+__all__ = [
+    "ENDPOINT_PATH",
+    "DatasiteConsole",
+    "ProposalInfo",
+    "install",
+    "uninstall",
+    "publish_dataset",
+    "call_endpoint",
+    "syft_split_endpoint",
+    "serve",
+    "as_result",
+]
+
+#: default path of the endpoint on a datasite.
+ENDPOINT_PATH = "syft_split.call"
+
+_log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------- the endpoint
+def syft_split_endpoint(
+    context: object, request: bytes = b"", owner: str = "", done: str = ""
+) -> object:
+    """syft-split data-owner plugin: see the ``syft_split.datasite`` module on this datasite."""
+    # PySyft re-executes this source with globals {"print"}: everything is imported here.
+    try:
+        from syft_split import datasite as plugin
+    except Exception as exc:
+        return f"syft_split is not importable on this datasite: {type(exc).__name__}: {exc}"
+    return plugin.as_result(plugin.serve(context, request, owner=owner, done=done))
+
+
+def as_result(raw: bytes) -> np.ndarray:
+    """The response bytes as a 1-D uint8 array, the form the endpoint returns them in.
+
+    Same bytes, different container: PySyft walks a returned ``bytes`` object element by
+    element (``attach_attribute_to_syft_object`` treats it as a Sequence), ~110 ms per MiB;
+    an array is one object to it and travels through Arrow (no pickle).
+    """
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+@dataclass
+class _Entry:
+    instance: str
+    host: DataOwnerHost
+    lock: threading.Lock
+
+
+_ENTRIES: dict[tuple[str, str], _Entry] = {}
+_ENTRIES_LOCK = threading.Lock()
+_OWNER_OPS = ("describe", "proposals", "review", "approve", "reject", "release_weights",
+              "export_weights", "audit", "public_key", "trust_peer", "allow_alignment",
+              "shutdown")
+
+
+def serve(context: Any, request: bytes, *, owner: str = "", done: str = "") -> bytes:
+    """Answer one endpoint call inside the datasite (called by :func:`syft_split_endpoint`).
+
+    Never raises: every failure goes back as wire error bytes, because PySyft replaces an
+    exception's message with "please contact your admin" for non-admin callers.
+    """
+    try:
+        if done:
+            _delete_result(context, done)
+        entry = _entry(context)
+        caller = str(context.user.email)
+        if owner:
+            return _owner_call(context, entry, caller, owner, bytes(request))
+        with entry.lock:
+            return entry.host.handle(caller, bytes(request))
+    except SyftSplitError as exc:
+        return wire.encode({"error": type(exc).__name__, "message": str(exc)})
+    except Exception as exc:  # a syft failure (e.g. an asset that cannot be read)
+        return wire.encode({"error": "RemoteError", "message": f"{type(exc).__name__}: {exc}"})
+    finally:
+        _unregister_call_clients(context)
+
+
+def _entry(context: Any) -> _Entry:
+    settings = context.settings or {}
+    key = (str(context.server.id), str(settings.get("path", ENDPOINT_PATH)))
+    instance = str(settings.get("instance", ""))
+    entry = _ENTRIES.get(key)
+    if entry is not None and entry.instance == instance:
+        return entry
+    with _ENTRIES_LOCK:
+        entry = _ENTRIES.get(key)
+        if entry is None or entry.instance != instance:  # first call, or re-installed
+            entry = _Entry(instance, _build_host(context, settings), threading.Lock())
+            _ENTRIES[key] = entry
+    return entry
+
+
+def _build_host(context: Any, settings: Mapping[str, Any]) -> DataOwnerHost:
+    host = DataOwnerHost(
+        str(settings.get("host_name") or context.server.name),
+        max_request_bytes=int(settings.get("max_request_bytes", 64 * 1024 * 1024)),
+        max_batch=int(settings.get("max_batch", 4096)),
+    )
+    for name, ids in dict(settings.get("datasets", {})).items():
+        features = _load_asset(context, ids["features"], f"{name}.features")
+        mock = _load_asset(context, ids["features"], f"{name}.features (mock)", mock=True)
+        labels = ids.get("labels")
+        labels_t = _load_asset(context, labels, f"{name}.labels") if labels else None
+        record_ids = _load_ids(context, ids["ids"], name) if ids.get("ids") else None
+        if features.is_floating_point():
+            features = features.to(torch.float32)
+            mock = mock.to(torch.float32)
+        if labels_t is not None and not labels_t.is_floating_point():
+            labels_t = labels_t.to(torch.int64)
+        host.add_dataset(name, features, labels_t, ids=record_ids,
+                         mock=mock if mock.shape[1:] == features.shape[1:] else None)
+    return host
+
+
+def _load_ids(context: Any, action_id: str, name: str) -> list[str | int]:
+    """Record ids (for PSI alignment): an asset of strings or integers, one per record."""
+    from syft.types.uid import UID
+
+    data = getattr(context.admin_client.api.services.action.get(UID(action_id)),
+                   "syft_action_data", None)
+    values = np.asarray(data).reshape(-1).tolist()
+    if not all(isinstance(v, (str, int)) for v in values):
+        raise ConfigError(f"dataset {name!r}: record ids must be strings or integers")
+    return values
+
+
+def _load_asset(context: Any, action_id: str, what: str, *, mock: bool = False) -> torch.Tensor:
+    from syft.service.action.action_object import TwinMode
+    from syft.types.uid import UID
+
+    if mock:
+        obj = context.admin_client.api.services.action.get(UID(action_id),
+                                                           twin_mode=TwinMode.MOCK)
+    else:
+        obj = context.admin_client.api.services.action.get(UID(action_id))
+    data = getattr(obj, "syft_action_data", obj)
+    if hasattr(data, "to_numpy"):  # pandas
+        data = data.to_numpy()
+    try:
+        tensor = torch.as_tensor(data).detach().clone()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"asset {what} ({action_id}) is not array data: {type(data).__name__}"
+                          ) from exc
+    return tensor
+
+
+def _delete_result(context: Any, done: str) -> None:
+    """Delete the caller's previous result: with the CALLER's credentials, so PySyft's own
+    permissions apply (read to find it, write to delete it: only the caller's own objects)."""
+    from syft.service.context import AuthedServiceContext
+    from syft.types.uid import UID
+
+    server = context.server
+    try:
+        caller = AuthedServiceContext(server=server, credentials=context.credentials,
+                                      role=context.role)
+        server.services.action.delete(caller, UID(done))
+    except Exception as exc:  # housekeeping only: never fail the call for it
+        _log.debug("syft_split: %s could not delete %s: %s", context.user.email, done, exc)
+
+
+def _unregister_call_clients(context: Any) -> None:
+    """Drop the APIs of the two clients PySyft built for this call from its global registry."""
+    try:
+        from syft.client.api import APIRegistry
+
+        apis = [getattr(c, "_api", None) for c in (context.user_client, context.admin_client)]
+        apis = [a for a in apis if a is not None]
+        registry = APIRegistry.__api_registry__
+        for key in [k for k, v in list(registry.items()) if any(v is a for a in apis)]:
+            registry.pop(key, None)
+    except Exception as exc:
+        _log.debug("syft_split: could not unregister per-call clients: %s", exc)
+
+
+def _is_admin(context: Any) -> bool:
+    return getattr(context.role, "name", None) == "ADMIN"
+
+
+def _owner_call(context: Any, entry: _Entry, caller: str, op: str, request: bytes) -> bytes:
+    t0 = time.perf_counter()
+    segment = None
+    try:
+        if not _is_admin(context):
+            raise AuthorizationError(
+                f"{caller} is not an admin of this datasite: data-owner op {op!r} refused"
+            )
+        if op not in _OWNER_OPS:
+            raise ProtocolError(f"unknown data-owner op {op!r}; known: {sorted(_OWNER_OPS)}")
+        fields = wire.decode(request)
+        segment = fields.get("segment") if isinstance(fields.get("segment"), str) else None
+        with entry.lock:
+            response = _run_owner_op(context, entry, op, fields)
+        raw = wire.encode(response)
+        outcome = "ok"
+    except SyftSplitError as exc:
+        raw = wire.encode({"error": type(exc).__name__, "message": str(exc)})
+        outcome = f"{type(exc).__name__}: {exc}"
+    entry.host.audit.append(AuditEntry(time.time(), caller, f"owner.{op}", segment, {},
+                                       len(request), len(raw), time.perf_counter() - t0,
+                                       outcome))
+    return raw
+
+
+def _run_owner_op(context: Any, entry: _Entry, op: str, fields: dict[str, Any]
+                  ) -> dict[str, Any]:
+    host = entry.host
+    pid = str(fields.get("segment", ""))
+    if op == "describe":
+        return {"host": host.name,
+                "datasets": {k: d.public_metadata() for k, d in host.datasets.items()}}
+    if op == "proposals":
+        status = fields.get("status")
+        return {"proposals": [
+            {"id": p.id, "driver": p.driver, "role": p.role, "status": p.status,
+             "datasets": p.datasets, "input_shape": list(p.input_shape),
+             "output_shape": list(p.output_shape), "max_batch": p.max_batch}
+            for p in host.proposals(status if isinstance(status, str) else None)
+        ]}
+    if op == "review":
+        return {"text": host.review(pid)}
+    if op == "approve":
+        host.approve(pid)
+        return {"segment": pid, "status": "approved"}
+    if op == "reject":
+        host.reject(pid)
+        return {"segment": pid, "status": "rejected"}
+    if op == "release_weights":
+        host.release_weights(pid)
+        return {"segment": pid, "released": True}
+    if op == "export_weights":
+        return {f"state/{k}": v for k, v in host.export_weights(pid).items()}
+    if op == "public_key":
+        return {"key": host.public_key()}
+    if op == "allow_alignment":
+        host.allow_alignment(str(fields.get("dataset", "")), str(fields.get("user", "")))
+        return {"allowed": True}
+    if op == "trust_peer":
+        host.trust_peer(str(fields.get("name", "")), fields.get("key"))  # type: ignore[arg-type]
+        return {"trusted": str(fields.get("name", ""))}
+    if op == "audit":
+        since = fields.get("since", 0)
+        since = since if isinstance(since, int) and since >= 0 else 0
+        return {"total": len(host.audit),
+                "entries": [_audit_json(e) for e in host.audit[since:]]}
+    # shutdown: forget the host (the endpoint is being removed)
+    with _ENTRIES_LOCK:
+        for key in [k for k, v in _ENTRIES.items() if v is entry]:
+            del _ENTRIES[key]
+    return {"shutdown": True}
+
+
+def _audit_json(entry: AuditEntry) -> dict[str, Any]:
+    out = asdict(entry)
+    for k in ("time", "seconds"):
+        if not math.isfinite(out[k]):
+            out[k] = 0.0
+    return out
+
+
+# ------------------------------------------------------------------ caller-side helpers
+def call_endpoint(client: Any, path: str = ENDPOINT_PATH, **kwargs: Any) -> tuple[bytes, str]:
+    """Call the endpoint inline (``api.services.api.call``); return (response bytes, result id).
+
+    The result id names the action object PySyft stored for this call (pass it back as
+    ``done=`` on the next call, or delete it as an admin). Raises :class:`TransportError`.
+    """
+    try:
+        result = client.api.services.api.call(path, **kwargs)
+        data = result.syft_action_data
+        result_id = str(result.id)
+    except Exception as exc:
+        raise TransportError(
+            f"PySyft call to endpoint {path!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if isinstance(data, str):
+        raise TransportError(f"endpoint {path!r} failed on the datasite: {data}")
+    if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1:
+        data = data.tobytes()
+    if not isinstance(data, bytes):
+        raise TransportError(
+            f"endpoint {path!r} returned {type(data).__name__}, expected bytes; is "
+            "the syft-split endpoint installed at that path?"
+        )
+    return data, result_id
+
+
+def _owner(admin_client: Any, op: str, path: str, **fields: Any) -> dict[str, Any]:
+    raw, result_id = call_endpoint(admin_client, path, request=wire.encode(fields), owner=op)
+    try:  # only an admin may delete (and only an admin's owner op succeeds anyway)
+        if getattr(admin_client.api.user_role, "name", "") == "ADMIN":
+            from syft.types.uid import UID
+
+            admin_client.api.services.action.delete(UID(result_id))
+    except Exception as exc:
+        _log.debug("syft_split: could not delete result %s: %s", result_id, exc)
+    response = wire.decode(raw)
+    if "error" in response:
+        raise error_from_wire(str(response["error"]), str(response.get("message", "")))
+    return response
+
+
+def _action_id(ref: Any, what: str) -> str:
+    action_id = getattr(ref, "action_id", ref)
+    if action_id is None:
+        raise ConfigError(f"{what}: the asset has no action id; upload its dataset first")
+    text = getattr(action_id, "no_dash", None) or str(action_id).replace("-", "")
+    if len(text) != 32 or any(c not in "0123456789abcdef" for c in text.lower()):
+        raise ConfigError(f"{what}: expected an uploaded sy.Asset or its action id, got {ref!r}")
+    return text
+
+
+def _dataset_ids(name: str, value: Any) -> dict[str, str | None]:
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"features", "labels", "ids"}
+        if "features" not in value or unknown:
+            raise ConfigError(f"dataset {name!r}: expected keys 'features' and optional "
+                              f"'labels', 'ids', got {sorted(value)}")
+        features, labels = value["features"], value.get("labels")
+        if value.get("ids") is not None:
+            return {"features": _action_id(features, f"dataset {name!r} features"),
+                    "labels": None if labels is None else
+                    _action_id(labels, f"dataset {name!r} labels"),
+                    "ids": _action_id(value["ids"], f"dataset {name!r} ids")}
+    elif isinstance(value, tuple):
+        if len(value) != 2:
+            raise ConfigError(f"dataset {name!r}: expected (features, labels), got {value!r}")
+        features, labels = value
+    else:
+        features, labels = value, None
+    return {"features": _action_id(features, f"dataset {name!r} features"),
+            "labels": None if labels is None else _action_id(labels, f"dataset {name!r} labels")}
+
+
+def install(
+    admin_client: Any,
+    datasets: Mapping[str, Any],
+    *,
+    host_name: str | None = None,
+    path: str = ENDPOINT_PATH,
+    max_request_bytes: int = 64 * 1024 * 1024,
+    max_batch: int = 4096,
+    replace: bool = False,
+) -> dict[str, Any]:
+    """Register the syft-split endpoint on the datasite ``admin_client`` administers.
+
+    ``datasets`` maps a name the model owner will use to uploaded assets: an ``sy.Asset``
+    (features only), a ``(features, labels)`` tuple, or ``{"features": a, "labels": b}``
+    (assets or their action ids; ``"ids"``: record ids for PSI alignment). No datasets: a
+    relay party that only runs middle segments. The host reads the private data once.
+    Returns the public metadata the model owner will see (``describe``).
+    """
+    import syft as sy
+
+    settings = {
+        "path": path,
+        "instance": uuid.uuid4().hex,
+        "host_name": host_name or str(admin_client.name),
+        "datasets": {str(k): _dataset_ids(str(k), v) for k, v in datasets.items()},
+        "max_request_bytes": int(max_request_bytes),
+        "max_batch": int(max_batch),
+    }
+    try:
+        existing = [e.path for e in admin_client.api.services.api.api_endpoints()]
+        if path in existing:
+            if not replace:
+                raise ConfigError(f"an endpoint already exists at {path!r}; pass replace=True")
+            uninstall(admin_client, path=path)
+        endpoint = sy.api_endpoint(
+            path=path, settings=settings,
+            description="syft-split: split-learning segments approved by the data owner",
+        )(syft_split_endpoint)
+        if isinstance(endpoint, sy.SyftError):
+            raise ConfigError(f"cannot build the endpoint: {endpoint.message}")
+        admin_client.api.services.api.add(endpoint=endpoint)
+    except SyftSplitError:
+        raise
+    except Exception as exc:
+        raise TransportError(f"could not register endpoint {path!r}: {exc}") from exc
+    return _owner(admin_client, "describe", path)
+
+
+def uninstall(admin_client: Any, *, path: str = ENDPOINT_PATH) -> None:
+    """Forget the host behind ``path`` (its segments and audit log) and delete the endpoint."""
+    try:
+        _owner(admin_client, "shutdown", path)
+    except SyftSplitError as exc:
+        _log.debug("syft_split: shutdown of %s failed: %s", path, exc)
+    try:
+        admin_client.api.services.api.delete(endpoint_path=path)
+    except Exception as exc:
+        raise TransportError(f"could not delete endpoint {path!r}: {exc}") from exc
+
+
+def publish_dataset(
+    admin_client: Any,
+    name: str,
+    features: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    mock_features: torch.Tensor | None = None,
+    mock_labels: torch.Tensor | None = None,
+    ids: list[str | int] | None = None,
+    description: str = "",
+) -> dict[str, Any]:
+    """Upload ``features`` (and ``labels``) as an ordinary PySyft dataset with mock assets.
+
+    Default mocks are random values of the same shape and dtype (features: standard normal;
+    integer labels: uniform over the observed range). Returns ``{"features": asset,
+    "labels": asset}`` ready for :func:`install` (and ``"ids"``: record ids, private, with
+    a mock of placeholder ids).
+    """
+    import syft as sy
+
+    if mock_features is None:
+        mock_features = (torch.randn(features.shape).to(features.dtype)
+                         if features.is_floating_point() else torch.zeros_like(features))
+    assets = [sy.Asset(name="features", data=features.detach().cpu().numpy(),
+                       mock=mock_features.detach().cpu().numpy())]
+    if labels is not None:
+        if mock_labels is None:
+            if labels.is_floating_point():
+                mock_labels = torch.randn(labels.shape).to(labels.dtype)
+            else:
+                lo, hi = int(labels.min()), int(labels.max())
+                mock_labels = torch.randint(lo, hi + 1, labels.shape, dtype=labels.dtype)
+        assets.append(sy.Asset(name="labels", data=labels.detach().cpu().numpy(),
+                               mock=mock_labels.detach().cpu().numpy()))
+    if ids is not None:
+        assets.append(sy.Asset(name="ids", data=np.asarray([str(i) for i in ids]),
+                               mock=np.asarray([f"id-{k}" for k in range(len(ids))])))
+    try:
+        admin_client.upload_dataset(sy.Dataset(name=name, description=description, asset_list=assets))
+        uploaded = admin_client.datasets[name]
+    except Exception as exc:
+        raise TransportError(f"could not upload dataset {name!r}: {exc}") from exc
+    return {a.name: a for a in uploaded.asset_list}
+
+
+# ---------------------------------------------------------------- data-owner helpers
+@dataclass(frozen=True)
+class ProposalInfo:
+    """A proposal as listed for the data owner (read :func:`review` before approving)."""
+
+    id: str
+    driver: str
+    role: str
+    status: str
+    datasets: list[str]
+    input_shape: list[int]
+    output_shape: list[int]
+    max_batch: int
+
+
+class DatasiteConsole:
+    """The data owner's console for the syft-split endpoint on its datasite.
+
+    ``DatasiteConsole(admin_client)`` is what :class:`syft_split.deploy.OwnerConsole` asks
+    for. Every method is refused on the datasite (:class:`AuthorizationError`) unless the
+    client is logged in as an admin; the role is checked there, not here.
+    """
+
+    def __init__(self, admin_client: Any, *, path: str = ENDPOINT_PATH) -> None:
+        self.client = admin_client
+        self.path = path
+
+    def _call(self, op: str, **fields: Any) -> dict[str, Any]:
+        return _owner(self.client, op, self.path, **fields)
+
+    def describe(self) -> dict[str, Any]:
+        """The host name and the public metadata of its datasets."""
+        return self._call("describe")
+
+    def proposals(self, status: str | None = None) -> list[ProposalInfo]:
+        """Proposals on this datasite (optionally only ``"pending"``/``"approved"``/...)."""
+        fields = {} if status is None else {"status": status}
+        return [ProposalInfo(**p) for p in self._call("proposals", **fields)["proposals"]]
+
+    def review(self, proposal_id: str) -> str:
+        """What to read before approving: layers, parameters, what leaves per step."""
+        return str(self._call("review", segment=proposal_id)["text"])
+
+    def approve(self, proposal_id: str) -> None:
+        """Approve once; from then on only the proposer may run the segment."""
+        self._call("approve", segment=proposal_id)
+
+    def reject(self, proposal_id: str) -> None:
+        """Reject a proposal (also stops an approved segment)."""
+        self._call("reject", segment=proposal_id)
+
+    def release_weights(self, proposal_id: str) -> None:
+        """Let the proposer fetch the segment's trained weights (op ``export``)."""
+        self._call("release_weights", segment=proposal_id)
+
+    def export_weights(self, proposal_id: str) -> dict[str, torch.Tensor]:
+        """The segment's current weights, for the data owner."""
+        response = self._call("export_weights", segment=proposal_id)
+        return {k[6:]: v for k, v in response.items() if k.startswith("state/")}
+
+    def audit(self, since: int = 0) -> list[AuditEntry]:
+        """Every call the host answered (model-owner and ``owner.*`` ops), from ``since``."""
+        return [AuditEntry(**e) for e in self._call("audit", since=since)["entries"]]
+
+    def audit_log(self) -> list[dict[str, Any]]:
+        """Every call answered so far, as plain dicts (like ``DataOwnerHost.audit_log``)."""
+        return [asdict(e) for e in self.audit()]
+
+    def public_key(self) -> bytes:
+        """The host's public key for peer weight exchange."""
+        return bytes(self._call("public_key")["key"])
+
+    def trust_peer(self, name: str, public_key: bytes) -> None:
+        """Pin a peer data owner's public key on this host."""
+        self._call("trust_peer", name=name, key=public_key)
+
+    def allow_alignment(self, dataset: str, user: str) -> None:
+        """Let ``user`` align ``dataset``'s records by PSI (record ids never leave in clear)."""
+        self._call("allow_alignment", dataset=dataset, user=user)
