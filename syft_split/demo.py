@@ -1,73 +1,113 @@
 """The main job: two hospitals hold parts of scikit-learn's digits; a model owner trains a
 split CNN over both. Ends with ``test_accuracy=<float> report=<path>``.
 
-    python -m syft_split.demo                      # embedded PySyft datasites (default)
-    python -m syft_split.demo --transport http     # datasites as HTTP servers on loopback
-    python -m syft_split.demo --transport inprocess
+    python -m syft_split.demo                       # embedded PySyft datasites (default)
+    python -m syft_split.demo --transport http      # datasites as HTTP servers on loopback
+    python -m syft_split.demo --transport inprocess # no PySyft: the in-process transport
+    python -m syft_split.demo --connect hospital_a=http://localhost:8081 \\
+        --connect hospital_b=http://localhost:8082 --email me@lab.org --password ...
+                                                    # existing datasites: the data owners
+                                                    # installed the endpoint and approve there
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from .datasets import digits_parties
-from .host import DataOwnerHost
+from .deploy import Deployment, datasites, inprocess
+from .errors import ApprovalError
 from .models import digits_cnn
 from .session import SplitSession
 from .spec import OptimizerSpec
 from .split import split_model
-from .topology import DATA_OWNER, SplitPlan
+from .topology import RELEASED, SplitPlan
 from .trainer import Trainer
-from .transport.inprocess import InProcessTransport
 
 __all__ = ["main"]
 
 HOSPITALS = ("hospital_a", "hospital_b")
 
 
-def _inprocess(parties: list) -> tuple[InProcessTransport, dict[str, DataOwnerHost]]:
-    hosts = {}
-    for name, data in zip(HOSPITALS, parties):
-        host = DataOwnerHost(name)
-        host.add_dataset("train", data.x_train, data.y_train)
-        host.add_dataset("test", data.x_test, data.y_test)
-        hosts[name] = host
-    return InProcessTransport(list(hosts.values())), hosts
+def _parties(seed: int) -> dict[str, dict[str, tuple]]:
+    data = digits_parties(len(HOSPITALS), seed=seed, mock_records=200)
+    return {name: {"train": (d.x_train, d.y_train, None, d.mock),
+                   "test": (d.x_test, d.y_test, None, d.mock)}
+            for name, d in zip(HOSPITALS, data)}
+
+
+def _wait_for_approval(session: SplitSession, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            session.require_approved()
+            return
+        except ApprovalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transport", choices=["inprocess"], default="inprocess")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--transport", choices=["datasite", "http", "inprocess"],
+                        default="datasite")
+    parser.add_argument("--connect", action="append", default=[], metavar="PARTY=URL",
+                        help="use an existing datasite (repeat per hospital)")
+    parser.add_argument("--email", default="model-owner@example.org")
+    parser.add_argument("--password", default="")
+    parser.add_argument("--approval-timeout", type=float, default=600.0)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs-dir", default="runs")
     args = parser.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    parties = digits_parties(len(HOSPITALS), seed=args.seed)
-    transport, hosts = _inprocess(parties)
-    segments = split_model(digits_cnn(), cuts=["pool1"])
-    plan = SplitPlan.vanilla(segments, list(HOSPITALS), labels=DATA_OWNER)
-    session = SplitSession(plan, transport, optimizer=OptimizerSpec("adam", lr=args.lr))
-    proposals = session.propose()
-    for party, ids in proposals.items():  # each data owner reads the review and approves once
-        for pid in ids:
-            print(hosts[party].review(pid))
-            hosts[party].approve(pid)
-    trainer = Trainer(session, batch_size=args.batch_size, seed=args.seed,
-                      progress=os.environ.get("CI") != "true",
-                      config={"job": "demo", "transport": args.transport, "epochs": args.epochs})
-    report = trainer.fit(args.epochs)
-    run_dir = Path(args.runs_dir) / time.strftime("demo-%Y%m%d-%H%M%S")
-    path = report.save(run_dir)
-    transport.close()
+    remote_approval = bool(args.connect)
+    if args.connect:
+        from .transport.pysyft import connect
+
+        urls = dict(item.split("=", 1) for item in args.connect)
+        dep = Deployment(connect(urls, args.email, args.password), {})
+        hospitals = list(urls)
+        mode = "connect"
+    else:
+        parties = _parties(args.seed)
+        if args.transport == "inprocess":
+            dep = inprocess(parties)
+        else:
+            print(f"launching {len(parties)} PySyft datasites "
+                  f"({'HTTP on loopback' if args.transport == 'http' else 'embedded'})...",
+                  flush=True)
+            dep = datasites(parties, http=args.transport == "http")
+        hospitals = list(HOSPITALS)
+        mode = args.transport
+    with dep:
+        segments = split_model(digits_cnn(), cuts=["pool1"])
+        plan = SplitPlan.vanilla(segments, hospitals, labels=RELEASED)
+        session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("adam", lr=args.lr))
+        proposals = session.propose()
+        if remote_approval:
+            print(f"proposed {proposals}; waiting for the data owners to approve...", flush=True)
+            _wait_for_approval(session, args.approval_timeout)
+        else:
+            dep.approve_all(proposals, show=True)  # each data owner reads its review, approves
+        trainer = Trainer(session, batch_size=args.batch_size, seed=args.seed,
+                          progress=sys.stderr.isatty() and os.environ.get("CI") != "true",
+                          config={"job": "demo", "mode": mode, "epochs": args.epochs})
+        report = trainer.fit(args.epochs)
+        run_dir = Path(args.runs_dir) / time.strftime(f"demo-{mode}-%Y%m%d-%H%M%S")
+        path = report.save(run_dir)
     acc = report.final_test_accuracy or 0.0
     print(f"test_accuracy={acc:.4f} report={path}")
     return acc

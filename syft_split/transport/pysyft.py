@@ -40,6 +40,7 @@ __all__ = [
     "LaunchedDatasite",
     "launch_datasite",
     "free_port",
+    "connect",
     "DEFAULT_ADMIN",
 ]
 
@@ -284,3 +285,20 @@ def deployment(
         raise
     transport = PySyftTransport(clients, datasites=sites)
     return Deployment(transport, consoles, closers=[s.close for s in sites.values()])
+
+
+def connect(urls: Mapping[str, str], email: str, password: str) -> PySyftTransport:
+    """Log in to existing datasites (``{party: "http://host:port"}``) as the model owner."""
+    from urllib.parse import urlparse
+
+    clients = {}
+    for party, url in urls.items():
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"{party}: expected a URL like http://localhost:8081, got {url!r}")
+        try:
+            clients[party] = sy.login(url=f"{parsed.scheme}://{parsed.hostname}",
+                                      port=parsed.port or 80, email=email, password=password)
+        except Exception as exc:
+            raise TransportError(f"could not log in to {party} at {url}: {exc}") from exc
+    return PySyftTransport(clients)
