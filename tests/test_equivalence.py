@@ -105,3 +105,10 @@ def test_loss_backward_reaches_the_data_owner(make_deployment, toy_data) -> None
     F.cross_entropy(out, y[idx]).backward()  # sends dL/d(act) to the clinic, which steps
     after = dep.owners["clinic"].export_weights(pid)
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind, cuts", [("vanilla", ["pool1"]), ("u_shaped", ["pool1", "relu3"])])
+def test_same_final_weights_on_every_transport(make_deployment_http, toy_data, kind, cuts) -> None:
+    """The same seeded run ends with the same weights in process, on embedded datasites and
+    on HTTP datasites (each compared with the unsplit reference)."""
+    test_split_training_equals_unsplit(make_deployment_http, toy_data, kind, cuts, "adam")

@@ -10,6 +10,7 @@ from torch import nn
 
 from syft_split import ConfigError, OptimizerSpec, SplitPlan, SplitSession, Trainer, split_model
 from syft_split.datasets import digits_parties
+from syft_split.deploy import inprocess
 from syft_split.he import explain, protect
 from syft_split.topology import DATA_OWNER, MODEL_OWNER, Node, Task
 
@@ -49,13 +50,14 @@ def _baseline_plan(model: nn.Sequential) -> SplitPlan:
 
 
 @pytest.mark.parametrize("level", ["A", "B"])
-def test_he_training_matches_plain_training(make_deployment, level: str) -> None:
+def test_he_training_matches_plain_training(level: str) -> None:
+    """In process (the full accuracy runs are long); see the datasite test below."""
     d, parties = _data()
     model = _model()
-    plain_report, _ = _fit(make_deployment(parties), _baseline_plan(model), d)
+    plain_report, _ = _fit(inprocess(parties), _baseline_plan(model), d)
     plan = protect(SplitPlan.vanilla(split_model(copy.deepcopy(model), "2"), "h"),
                    level=level, lr=HE_LR, batch_size=32)
-    dep = make_deployment(parties)
+    dep = inprocess(parties)
     he_report, _ = _fit(dep, plan, d)
     assert plain_report.final_test_accuracy is not None and he_report.final_test_accuracy
     assert plain_report.final_test_accuracy >= 0.85
@@ -69,6 +71,31 @@ def test_he_training_matches_plain_training(make_deployment, level: str) -> None
     assert "activation" not in sent and "he_input" in sent
     assert sent <= {"he_input", "msg", "context", "segment", "status", "output_shape", "host",
                     "datasets", "h.enc_s"} | {k.removeprefix("h.") for k in he}
+
+
+@pytest.mark.parametrize("level", ["A", "B"])
+def test_he_over_datasites_gives_the_in_process_result(make_deployment_http, level) -> None:
+    """A short HE run through real datasites: the same losses as in process (masks differ
+    per run, but they cancel exactly up to the 2^-30 rounding), ciphertexts only."""
+    (d,) = digits_parties(1, limit=160)
+    parties = {"h": {"train": (d.x_train, d.y_train), "test": (d.x_test, d.y_test)}}
+    losses = []
+    for dep in (inprocess(parties), make_deployment_http(parties)):
+        plan = protect(SplitPlan.vanilla(split_model(_model(), "2"), "h"), level=level,
+                       lr=HE_LR, batch_size=32)
+        session = SplitSession(plan, dep.transport, optimizer=REST)
+        dep.approve_all(session.propose())
+        run = []
+        for idx in torch.arange(96).split(32):
+            session.zero_grad()
+            loss, _ = session.loss("h", idx, d.y_train[idx])
+            loss.backward()
+            session.step()
+            run.append(float(loss.detach()))
+        losses.append(run)
+        assert "activation" not in dep.transport.traffic.fields_sent_by("h")
+    assert losses[0][-1] != losses[0][0]
+    assert max(abs(a - b) for a, b in zip(*losses)) < 1e-4
 
 
 def test_public_context_on_the_wire_has_no_secret_key(make_deployment) -> None:
@@ -86,22 +113,19 @@ def test_public_context_on_the_wire_has_no_secret_key(make_deployment) -> None:
     assert len(raw) < 8_000_000  # only the rotation keys the packing needs
 
 
-def test_level_b_model_owner_holds_only_a_share(make_deployment) -> None:
+def test_level_b_model_owner_holds_only_a_share() -> None:
     from he_layers import combine_shares
 
     d, parties = _data()
     model = _model()
-    dep_plain = make_deployment(parties)
-    _, plain_session = _fit(dep_plain, _baseline_plan(model), d, epochs=1)
+    _, plain_session = _fit(inprocess(parties), _baseline_plan(model), d, epochs=1)
     true_w = plain_session.local[1].weight.detach().double()
-    dep = make_deployment(parties)
+    dep = inprocess(parties)
     plan = protect(SplitPlan.vanilla(split_model(copy.deepcopy(model), "2"), "h"), level="B",
                    lr=HE_LR, batch_size=32)
     _, session = _fit(dep, plan, d, epochs=1)
     assert session.he is not None
     server_share = session.he.weight
-    if not hasattr(dep.owners["h"], "_runtimes"):
-        pytest.skip("the data owner's share is only inspectable in process")
     client_share = dep.owners["h"]._runtimes[session.remote[("h", 0)].segment_id].he.weight_share
     assert float((server_share.double() - true_w).abs().max()) > 0.1   # W_s is not W
     combined = combine_shares(server_share, client_share)

@@ -205,6 +205,9 @@ def launch_datasite(
     port = (port or free_port()) if http else None
     try:
         if http:
+            # spawn, not fork: a forked child inherits this process's torch/SEAL thread pools
+            # in whatever state they are in and can deadlock on first use (seen here)
+            multiprocessing.set_start_method("spawn", force=True)
             handle = sy.orchestra.launch(name=name, port=port, host="127.0.0.1", reset=True)
         else:
             handle = sy.orchestra.launch(name=name, reset=True)
