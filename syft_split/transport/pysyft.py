@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import syft as sy
+import torch
 
 from .. import wire
 from ..datasite import ENDPOINT_PATH, DatasiteConsole, call_endpoint, install, publish_dataset
@@ -208,7 +209,16 @@ def launch_datasite(
             # spawn, not fork: a forked child inherits this process's torch/SEAL thread pools
             # in whatever state they are in and can deadlock on first use (seen here)
             multiprocessing.set_start_method("spawn", force=True)
-            handle = sy.orchestra.launch(name=name, port=port, host="127.0.0.1", reset=True)
+            # the server computes with as many torch threads as this process (same numerics)
+            threads = os.environ.get("OMP_NUM_THREADS")
+            os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+            try:
+                handle = sy.orchestra.launch(name=name, port=port, host="127.0.0.1", reset=True)
+            finally:
+                if threads is None:
+                    os.environ.pop("OMP_NUM_THREADS", None)
+                else:
+                    os.environ["OMP_NUM_THREADS"] = threads
         else:
             handle = sy.orchestra.launch(name=name, reset=True)
     except Exception as exc:
