@@ -62,7 +62,8 @@ def test_u_shaped_labels_and_outputs_never_leave(make_deployment) -> None:
     assert "labels" not in sent_by_owner
     assert sent_by_owner <= {"activation", "grad_input", "loss_sum", "correct", "count",
                              "segment", "status", "output_shape", "host", "datasets", "steps",
-                             "discarded", "dcor", "records"}  # + leakage scalars
+                             "discarded", "dcor", "records",  # + leakage scalars
+                             "inversion_mse", "inversion_baseline_mse", "inversion_ratio"}
     for rec in dep.transport.traffic.records:
         if rec.src == "h" and rec.op == "loss_step":
             assert "activation" not in rec.fields  # the logits stay at the data owner
