@@ -14,15 +14,6 @@ from syft_split.errors import ConfigError, NonFiniteError, ShapeError
 from syft_split.leakage import dcor_leakage, inversion_attack
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: one intra-op thread avoids oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """Mock data (the owner's synthetic stand-in: here other real digits) and a real held-out batch."""
