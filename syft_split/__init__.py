@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import alignment as _alignment  # noqa: F401  (registers the alignment op family)
+from . import he_host as _he_host  # noqa: F401  (registers the encryption op family)
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
-from .host import DataOwnerHost, Dataset
+from .host import DataOwnerHost, Dataset, HostLimits
 from .remote import ActivationPointer, RemoteSegment
 from .report import RunReport
 from .session import SplitSession, StepMetrics
@@ -28,6 +30,7 @@ __all__ = [
     "DATA_OWNER",
     "DataOwnerHost",
     "Dataset",
+    "HostLimits",
     "InProcessTransport",
     "MODEL_OWNER",
     "OptimizerSpec",

@@ -1,8 +1,8 @@
 """Private record alignment over the wire (vertical split learning).
 
 The model owner, who holds the labels, leads the k-party PSI of :mod:`syft_split.psi`; each
-data owner's host answers three ops, for datasets whose alignment its owner allowed for that
-user (:meth:`AlignmentOps.allow_alignment`):
+data owner's host answers three ops (the :class:`AlignmentOps` family), for datasets whose
+alignment its owner allowed for that user (data-owner op ``allow_alignment``):
 
 =================  ===================================================================
 ``psi_serve``      server role on the dataset's ids: ``request`` -> ``setup``, ``response``
@@ -25,64 +25,75 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import AccessError, ConfigError, ProtocolError
+from .host import Call, Dataset, OpFamily, op, owner_op, register_family
+from .host.guard import BYTES, SCALAR
 
 if TYPE_CHECKING:
-    from .host import Dataset
     from .transport.base import Transport
 
 __all__ = ["AlignmentOps", "align_records"]
 
 
-class AlignmentOps:
-    """The host side of alignment (mixed into :class:`~syft_split.host.DataOwnerHost`)."""
+@register_family
+class AlignmentOps(OpFamily):
+    """The host side of alignment: ops ``psi_serve``, ``psi_request``, ``psi_finish``; data-owner
+    op ``allow_alignment``."""
 
-    datasets: dict[str, Dataset]
+    name = "alignment"
 
-    def __init__(self) -> None:
-        self._alignment_allowed: set[tuple[str, str]] = set()
+    def __init__(self, host: Any) -> None:
+        super().__init__(host)
+        self._allowed: set[tuple[str, str]] = set()
         self._psi_clients: dict[tuple[str, str], Any] = {}
 
-    def allow_alignment(self, dataset: str, user: str) -> None:
+    @owner_op("allow_alignment")
+    def allow_alignment(self, dataset: str, user: str) -> dict[str, Any]:
         """Owner: let ``user`` align ``dataset``'s records by PSI (ids never leave in clear)."""
-        if dataset not in self.datasets or self.datasets[dataset].ids is None:
+        datasets: dict[str, Dataset] = self.host.datasets
+        if dataset not in datasets or datasets[dataset].ids is None:
             raise ConfigError(f"dataset {dataset!r} does not exist here or has no record ids")
-        self._alignment_allowed.add((dataset, user))
+        self._allowed.add((dataset, user))
+        return {"allowed": True}
 
-    def _aligned_source(self, caller: str, req: dict[str, Any]) -> Dataset:
-        name = req.get("dataset")
-        if (name, caller) not in self._alignment_allowed:
-            raise AccessError(f"{caller} may not align dataset {name!r} here")
-        return self.datasets[str(name)]
+    def _aligned_source(self, call: Call) -> Dataset:
+        name = call.req.get("dataset")
+        if (name, call.caller) not in self._allowed:
+            raise AccessError(f"{call.caller} may not align dataset {name!r} here")
+        ds: Dataset = self.host.datasets[str(name)]
+        return ds
 
-    def _op_psi_serve(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+    @op("psi_serve", egress={"setup": BYTES, "response": BYTES})
+    def psi_serve(self, call: Call) -> dict[str, Any]:
         from .psi import PsiServer
 
-        ds = self._aligned_source(caller, req)
+        ds = self._aligned_source(call)
         assert ds.ids is not None
-        setup, response = PsiServer(ds.ids).handle(_bytes(req, "request"))
+        setup, response = PsiServer(ds.ids).handle(_bytes(call.req, "request"))
         return {"setup": setup, "response": response}
 
-    def _op_psi_request(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
+    @op("psi_request", egress={"request": BYTES})
+    def psi_request(self, call: Call) -> dict[str, Any]:
         from .psi import PsiClient
 
-        ds = self._aligned_source(caller, req)
+        ds = self._aligned_source(call)
         assert ds.ids is not None
         client = PsiClient(ds.ids)
-        self._psi_clients[(str(req["dataset"]), caller)] = client
+        self._psi_clients[(str(call.req["dataset"]), call.caller)] = client
         return {"request": client.request()}
 
-    def _op_psi_finish(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
-        ds = self._aligned_source(caller, req)
-        key = (str(req["dataset"]), caller)
+    @op("psi_finish", egress={"records": SCALAR})
+    def psi_finish(self, call: Call) -> dict[str, Any]:
+        ds = self._aligned_source(call)
+        key = (str(call.req["dataset"]), call.caller)
         client = self._psi_clients.get(key)
         if client is None:
             raise ProtocolError("psi_finish without psi_request")
-        as_name = req.get("as_name")
-        if not isinstance(as_name, str) or not as_name or as_name in self.datasets:
+        as_name = call.req.get("as_name")
+        if not isinstance(as_name, str) or not as_name or as_name in self.host.datasets:
             raise ConfigError(f"as_name must be a new dataset name, got {as_name!r}")
-        rows = client.intersection(_bytes(req, "setup"), _bytes(req, "response"))
+        rows = client.intersection(_bytes(call.req, "setup"), _bytes(call.req, "response"))
         del self._psi_clients[key]
-        self.datasets[as_name] = ds.subset(rows)
+        self.host.datasets[as_name] = ds.subset(rows)
         return {"records": int(rows.numel())}
 
 

@@ -33,7 +33,6 @@ APIs, so a datasite stays bounded.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
@@ -48,7 +47,6 @@ from . import wire
 from .errors import (
     AuthorizationError,
     ConfigError,
-    ProtocolError,
     SyftSplitError,
     TransportError,
     error_from_wire,
@@ -106,9 +104,6 @@ class _Entry:
 
 _ENTRIES: dict[tuple[str, str], _Entry] = {}
 _ENTRIES_LOCK = threading.Lock()
-_OWNER_OPS = ("describe", "proposals", "review", "approve", "reject", "release_weights",
-              "export_weights", "audit", "public_key", "trust_peer", "allow_alignment",
-              "shutdown")
 
 
 def serve(context: Any, request: bytes, *, owner: str = "", done: str = "") -> bytes:
@@ -237,84 +232,24 @@ def _is_admin(context: Any) -> bool:
 
 
 def _owner_call(context: Any, entry: _Entry, caller: str, op: str, request: bytes) -> bytes:
-    t0 = time.perf_counter()
-    segment = None
+    """A data-owner op: only for an admin of this datasite; answered (and audited) by the host."""
     try:
         if not _is_admin(context):
-            raise AuthorizationError(
-                f"{caller} is not an admin of this datasite: data-owner op {op!r} refused"
-            )
-        if op not in _OWNER_OPS:
-            raise ProtocolError(f"unknown data-owner op {op!r}; known: {sorted(_OWNER_OPS)}")
+            exc = AuthorizationError(
+                f"{caller} is not an admin of this datasite: data-owner op {op!r} refused")
+            entry.host.audit.append(AuditEntry(time.time(), caller, f"owner.{op}", None, {},
+                                               len(request), 0, 0.0, f"AuthorizationError: {exc}"))
+            raise exc
         fields = wire.decode(request)
-        segment = fields.get("segment") if isinstance(fields.get("segment"), str) else None
         with entry.lock:
-            response = _run_owner_op(context, entry, op, fields)
-        raw = wire.encode(response)
-        outcome = "ok"
+            if op == "shutdown":  # forget the host (the endpoint is being removed)
+                with _ENTRIES_LOCK:
+                    for key in [k for k, v in _ENTRIES.items() if v is entry]:
+                        del _ENTRIES[key]
+                return wire.encode({"shutdown": True})
+            return wire.encode(entry.host.owner_call(caller, op, fields))
     except SyftSplitError as exc:
-        raw = wire.encode({"error": type(exc).__name__, "message": str(exc)})
-        outcome = f"{type(exc).__name__}: {exc}"
-    entry.host.audit.append(AuditEntry(time.time(), caller, f"owner.{op}", segment, {},
-                                       len(request), len(raw), time.perf_counter() - t0,
-                                       outcome))
-    return raw
-
-
-def _run_owner_op(context: Any, entry: _Entry, op: str, fields: dict[str, Any]
-                  ) -> dict[str, Any]:
-    host = entry.host
-    pid = str(fields.get("segment", ""))
-    if op == "describe":
-        return {"host": host.name,
-                "datasets": {k: d.public_metadata() for k, d in host.datasets.items()}}
-    if op == "proposals":
-        status = fields.get("status")
-        return {"proposals": [
-            {"id": p.id, "driver": p.driver, "role": p.role, "status": p.status,
-             "datasets": p.datasets, "input_shape": list(p.input_shape),
-             "output_shape": list(p.output_shape), "max_batch": p.max_batch}
-            for p in host.proposals(status if isinstance(status, str) else None)
-        ]}
-    if op == "review":
-        return {"text": host.review(pid)}
-    if op == "approve":
-        host.approve(pid)
-        return {"segment": pid, "status": "approved"}
-    if op == "reject":
-        host.reject(pid)
-        return {"segment": pid, "status": "rejected"}
-    if op == "release_weights":
-        host.release_weights(pid)
-        return {"segment": pid, "released": True}
-    if op == "export_weights":
-        return {f"state/{k}": v for k, v in host.export_weights(pid).items()}
-    if op == "public_key":
-        return {"key": host.public_key()}
-    if op == "allow_alignment":
-        host.allow_alignment(str(fields.get("dataset", "")), str(fields.get("user", "")))
-        return {"allowed": True}
-    if op == "trust_peer":
-        host.trust_peer(str(fields.get("name", "")), fields.get("key"))  # type: ignore[arg-type]
-        return {"trusted": str(fields.get("name", ""))}
-    if op == "audit":
-        since = fields.get("since", 0)
-        since = since if isinstance(since, int) and since >= 0 else 0
-        return {"total": len(host.audit),
-                "entries": [_audit_json(e) for e in host.audit[since:]]}
-    # shutdown: forget the host (the endpoint is being removed)
-    with _ENTRIES_LOCK:
-        for key in [k for k, v in _ENTRIES.items() if v is entry]:
-            del _ENTRIES[key]
-    return {"shutdown": True}
-
-
-def _audit_json(entry: AuditEntry) -> dict[str, Any]:
-    out = asdict(entry)
-    for k in ("time", "seconds"):
-        if not math.isfinite(out[k]):
-            out[k] = 0.0
-    return out
+        return wire.encode({"error": type(exc).__name__, "message": str(exc)})
 
 
 # ------------------------------------------------------------------ caller-side helpers

@@ -15,7 +15,8 @@ Per training step (all messages bytes in the wire format; 3 calls per data owner
     he_grad     model owner -> data owner: Enc(x^T delta + R2), dL/dx material
                 <- masked dW; the data owner backpropagates dL/dx and steps its segment
 
-This module imports :mod:`he_layers` (and so TenSEAL) only when an encrypted plan is used.
+The data owner's side of these ops is :mod:`syft_split.he_host`. This module imports
+:mod:`he_layers` (and so TenSEAL) only when an encrypted plan is used.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, ProtocolError
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .session import SplitSession
     from .topology import SplitPlan
 
-__all__ = ["EncryptedLayer", "protect", "explain", "HEHostOps"]
+__all__ = ["EncryptedLayer", "protect", "explain", "HEState", "encrypted_forward"]
 
 
 @dataclass
@@ -129,60 +130,6 @@ def protect(plan: SplitPlan, *, level: str = "A", lr: float = 0.05, batch_size: 
                          dict(options))
     return dataclasses.replace(plan, nodes=nodes, max_batch=min(plan.max_batch, batch_size),
                                encrypted=enc)
-
-
-# ------------------------------------------------------------------------ data owner side
-class HEHostOps:
-    """The data owner's side (mixed into :class:`~syft_split.host.DataOwnerHost`)."""
-
-    def _he_client(self, rt: Any) -> Any:
-        if rt.he is None:
-            raise ProtocolError(f"segment {rt.proposal.id} was not approved with encryption")
-        return rt.he
-
-    @staticmethod
-    def _he_build(agreement: dict[str, Any]) -> Any:
-        """Fresh keys for this run from the reviewed agreement (the secret key stays here)."""
-        from he_layers import CKKSParams, HEClient, KeyOwner, LayerSpec
-
-        try:
-            spec = LayerSpec(batch_size=agreement["batch_size"], d_in=agreement["d_in"],
-                             d_out=agreement["d_out"], level=agreement["level"],
-                             lr=agreement["lr"], bias=agreement["bias"],
-                             **agreement.get("options", {}))
-            params = CKKSParams(**agreement.get("params", {}))
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(f"bad encryption agreement {agreement}: {exc}") from exc
-        return HEClient(KeyOwner(spec, params))
-
-    def _op_he_context(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
-        rt = self._runtime(caller, req, ("input",))  # type: ignore[attr-defined]
-        return {"context": self._he_client(rt).keys.public_context_bytes()}
-
-    def _op_he_output(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
-        rt = self._runtime(caller, req, ("input",))  # type: ignore[attr-defined]
-        return {"msg": self._he_client(rt).decrypt_output(_msg(req))}
-
-    def _op_he_grad(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
-        rt = self._runtime(caller, req, ("input",))  # type: ignore[attr-defined]
-        client = self._he_client(rt)
-        if rt.pending_output is None:
-            raise ProtocolError(f"gradient for {rt.proposal.id} without a pending forward")
-        ret, dx = client.decrypt_gradients(_msg(req))
-        grad = dx.to(torch.float32).reshape(rt.pending_output.shape)
-        self._apply_grad(rt, grad)  # type: ignore[attr-defined]
-        return {"msg": ret}
-
-    def _op_he_costs(self, caller: str, req: dict[str, Any]) -> dict[str, Any]:
-        rt = self._runtime(caller, req, ("input",))  # type: ignore[attr-defined]
-        return {k: float(v) for k, v in self._he_client(rt).costs.as_dict().items()}
-
-
-def _msg(req: dict[str, Any]) -> bytes:
-    msg = req.get("msg")
-    if not isinstance(msg, bytes):
-        raise ConfigError("field 'msg' must be bytes")
-    return msg
 
 
 # ----------------------------------------------------------------------- model owner side

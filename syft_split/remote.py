@@ -22,8 +22,9 @@ class RemoteSegment:
     """A segment approved on ``party``'s host, identified by ``segment_id``.
 
     With ``fuse=True`` the gradient of a first ("input") segment is held back and sent with
-    the next forward to that segment (one call per step in steady state); call :meth:`flush`
-    before reading results that depend on the data owner's weights.
+    the next forward to that segment, and a loss segment's loss weight with its next
+    ``loss_step`` (one call per step in steady state); call :meth:`flush` before reading
+    results that depend on the data owner's weights.
     """
 
     def __init__(self, transport: Transport, party: str, segment_id: str, role: str,
@@ -35,8 +36,9 @@ class RemoteSegment:
         self.role = role
         self.input_shape = input_shape
         self.output_shape = output_shape
-        self.fuse = fuse and role == "input"
+        self.fuse = fuse and role in ("input", "loss")
         self._held_grad: torch.Tensor | None = None
+        self._held_scale: float | None = None
         self.last_labels: torch.Tensor | None = None
         self.last_metrics: dict[str, Any] = {}
 
@@ -80,15 +82,31 @@ class RemoteSegment:
         return response.get("grad_input")
 
     def flush(self) -> None:
-        """Send a held-back gradient now (end of epoch, before evaluation or export)."""
+        """Send a held-back gradient / loss weight now (end of epoch, before evaluation or
+        export): the data owner then has stepped."""
         if self._held_grad is not None:
             grad, self._held_grad = self._held_grad, None
             self._call("backward", grad=grad)
+        if self._held_scale is not None:
+            scale, self._held_scale = self._held_scale, None
+            self._call("backward", scale=scale)
 
     def discard(self) -> None:
-        """Forget the pending forward on both sides (after a failed model-owner step)."""
+        """Forget the pending step on both sides (after a failed model-owner step)."""
         self._held_grad = None
+        self._held_scale = None
         self._call("discard")
+
+    def loss_backward(self, scale: float) -> None:
+        """The loss weight for the pending loss step: the data owner steps its segment with its
+        gradients scaled by it (held back and sent with the next ``loss_step`` when fused)."""
+        if self.fuse:
+            if self._held_scale is not None:
+                raise ProtocolError(f"{self.segment_id}: a loss weight is already held; "
+                                    "flush() before a second backward")
+            self._held_scale = scale
+            return
+        self._call("backward", scale=scale)
 
     def loss_step(self, x: torch.Tensor, indices: torch.Tensor, *, dataset: str | None = None,
                   train: bool = True) -> dict[str, Any]:
@@ -98,7 +116,12 @@ class RemoteSegment:
                                   "indices": indices.to(torch.int64), "train": train}
         if dataset is not None:
             fields["dataset"] = dataset
-        return self._call("loss_step", **fields)
+        if train and self._held_scale is not None:
+            fields["step_scale"] = self._held_scale
+        response = self._call("loss_step", **fields)
+        if "step_scale" in fields:
+            self._held_scale = None
+        return response
 
     def export(self) -> dict[str, torch.Tensor]:
         """The segment's weights, if the data owner released them or approved sharing."""
@@ -141,12 +164,14 @@ class _RemoteLoss(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, seg: RemoteSegment, indices: torch.Tensor,
                 dataset: str | None) -> torch.Tensor:
         response = seg.loss_step(x, indices, dataset=dataset, train=True)
+        ctx.seg = seg
         ctx.grad_in = response["grad_input"]
         seg.last_metrics = response
         return torch.tensor(response["loss_sum"] / response["count"], dtype=torch.float32)
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:
+        ctx.seg.loss_backward(float(grads[0]))  # the task's loss weight: the data owner steps
         return grads[0] * ctx.grad_in, None, None, None
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import ApprovalError, ConfigError, ProtocolError
 from .he import HEState, encrypted_forward
-from .host import LOSSES
+from .losses import LOSSES
 from .remote import ActivationPointer, RemoteSegment, remote_loss
 from .spec import OptimizerSpec, module_to_spec, spec_state
 from .topology import DATA_OWNER, MODEL_OWNER, RELEASED, SplitPlan, Task

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ConfigError
-from .host import LOSSES
+from .losses import LOSSES
 from .spec import OptimizerSpec, module_to_spec
 from .transport.base import MODEL_OWNER
 

@@ -11,7 +11,7 @@ import syft_split
 from syft_split import errors
 
 PUBLIC = {
-    "ActivationPointer", "DATA_OWNER", "DataOwnerHost", "Dataset", "InProcessTransport",
+    "ActivationPointer", "DATA_OWNER", "DataOwnerHost", "Dataset", "HostLimits", "InProcessTransport",
     "MODEL_OWNER", "OptimizerSpec", "PySyftTransport", "RemoteSegment", "RunReport", "SplitPlan",
     "SplitSession", "StepMetrics", "TrafficLog", "Trainer", "Transport", "compose", "cut_points",
     "split_model",

@@ -126,7 +126,7 @@ def test_level_b_model_owner_holds_only_a_share() -> None:
     _, session = _fit(dep, plan, d, epochs=1)
     assert session.he is not None
     server_share = session.he.weight
-    client_share = dep.owners["h"]._runtimes[session.remote[("h", 0)].segment_id].he.weight_share
+    client_share = dep.owners["h"].runtimes[session.remote[("h", 0)].segment_id].he.weight_share
     assert float((server_share.double() - true_w).abs().max()) > 0.1   # W_s is not W
     combined = combine_shares(server_share, client_share)
     assert float((combined - true_w).abs().max()) < 1e-4               # W_s + A is

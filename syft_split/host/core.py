@@ -1,0 +1,281 @@
+"""The data owner's host: a small dispatcher over op families, one guard, one audit log.
+
+A :class:`DataOwnerHost` is transport-free. Its wire entry is :meth:`DataOwnerHost.handle`
+(``caller``, request bytes) -> response bytes; the in-process transport calls it directly and
+the PySyft plugin calls it from inside a datasite's API endpoint. Its owner-side entry is
+:meth:`DataOwnerHost.owner_call` (review, approve, audit, ...), which no model owner reaches:
+the in-process console calls it directly, the datasite only for an admin of the datasite.
+
+Every request is decoded under the wire schema, dispatched to the op family that declares the
+op (:mod:`syft_split.host.dispatch`), and every response passes the host's
+:class:`~syft_split.host.guard.Guard` before it is encoded; each call, answered or refused,
+becomes an :class:`AuditEntry`. The ops themselves live in their families: proposals and
+review (:mod:`.proposals`), segment steps (:mod:`.segments`), weights (:mod:`.weights`),
+leakage (:mod:`.watch`), and outside this package alignment (:mod:`syft_split.alignment`) and
+encryption (:mod:`syft_split.he_host`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from .. import wire
+from ..errors import (
+    ApprovalError,
+    AuthorizationError,
+    ConfigError,
+    EgressError,
+    ProtocolError,
+    SyftSplitError,
+)
+from .dispatch import OpFamily, OpSpec, owner_op, registered_families
+from .guard import Call, Guard
+from .records import AuditEntry, Dataset, HostLimits, Proposal, Runtime
+
+__all__ = ["DataOwnerHost"]
+
+
+class DataOwnerHost:
+    """Everything a data owner runs. Model owners reach it only through :meth:`handle`."""
+
+    def __init__(
+        self,
+        name: str,
+        datasets: dict[str, Dataset] | None = None,
+        *,
+        max_request_bytes: int = 64 * 1024 * 1024,
+        max_batch: int = 4096,
+        limits: HostLimits | None = None,
+    ) -> None:
+        self.name = name
+        self.datasets: dict[str, Dataset] = dict(datasets or {})
+        self.limits = limits or HostLimits(max_request_bytes=max_request_bytes,
+                                           max_batch=max_batch)
+        self.guard = Guard(self.limits)
+        self.audit: list[AuditEntry] = []
+        self.proposals_by_id: dict[str, Proposal] = {}
+        self.runtimes: dict[str, Runtime] = {}
+        self.ids = itertools.count(1)
+        self.families: dict[str, OpFamily] = {}
+        self._ops: dict[str, tuple[OpSpec, Callable[..., Any]]] = {}
+        self._owner_ops: dict[str, tuple[OpSpec, Callable[..., Any]]] = {}
+        self.add_family(_CoreOps(self))
+        for cls in registered_families():
+            self.add_family(cls(self))
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.limits.max_request_bytes
+
+    @property
+    def max_batch(self) -> int:
+        return self.limits.max_batch
+
+    def add_family(self, family: OpFamily) -> None:
+        """Answer ``family``'s ops too (op names must be new)."""
+        for spec, fn in family.ops():
+            table = self._owner_ops if spec.owner else self._ops
+            if spec.name in table:
+                raise ConfigError(f"op {spec.name!r} of family {family.name!r} is already "
+                                  "answered by another family")
+            table[spec.name] = (spec, fn)
+        self.families[family.name] = family
+
+    # ------------------------------------------------------------------ lookups for ops
+    def proposal(self, proposal_id: str) -> Proposal:
+        p = self.proposals_by_id.get(proposal_id)
+        if p is None:
+            raise ApprovalError(f"no proposal {proposal_id!r} on {self.name}; known: "
+                                f"{sorted(self.proposals_by_id)}")
+        return p
+
+    def runtime(self, caller: str, req: Mapping[str, Any], roles: tuple[str, ...]) -> Runtime:
+        """The approved runtime a request names, if ``caller`` drives it and its role fits."""
+        seg = req.get("segment")
+        p = self.proposals_by_id.get(seg) if isinstance(seg, str) else None
+        if p is None or p.status != "approved":
+            state = "unknown" if p is None else p.status
+            why = f" ({p.reason})" if p is not None and p.reason else ""
+            raise ApprovalError(f"segment {seg!r} is {state} on {self.name}{why}: it cannot run")
+        if caller != p.driver:
+            raise AuthorizationError(
+                f"{caller} may not drive {p.id}; the data owner approved {p.driver}"
+            )
+        if p.role not in roles:
+            raise ProtocolError(f"segment {p.id} has role {p.role!r}; this op needs {roles}")
+        return self.runtimes[p.id]
+
+    def owned_runtime(self, proposal_id: str) -> Runtime:
+        """An approved (or halted) segment's runtime, for the data owner's own use."""
+        rt = self.runtimes.get(proposal_id)
+        if rt is None:
+            raise ApprovalError(f"segment {proposal_id} is not approved on {self.name}")
+        return rt
+
+    def dataset(self, rt: Runtime, req: Mapping[str, Any]) -> Dataset:
+        """The dataset a request names, if the segment was approved for it."""
+        from ..errors import AccessError
+
+        name = req.get("dataset", rt.proposal.datasets[0] if rt.proposal.datasets else None)
+        if name not in rt.proposal.datasets:
+            raise AccessError(f"segment {rt.id} was approved for {rt.proposal.datasets}, "
+                              f"not {name!r}")
+        return self.datasets[str(name)]
+
+    def halt(self, proposal_id: str, reason: str) -> None:
+        """Stop an approved segment for good: every further op on it is refused with ``reason``."""
+        p = self.proposal(proposal_id)
+        p.status, p.reason = "halted", reason
+        rt = self.runtimes.get(p.id)
+        if rt is not None:
+            rt.clear_pending()
+
+    # ----------------------------------------------------------------------- wire entry
+    def handle(self, caller: str, data: bytes) -> bytes:
+        """Answer one request from ``caller``; errors come back as (class name, message)."""
+        t0 = time.perf_counter()
+        op, segment, shapes = "?", None, {}
+        try:
+            request = wire.decode(data, max_bytes=self.limits.max_request_bytes)
+            op = str(request.pop("op", "?"))
+            segment = request.get("segment") if isinstance(request.get("segment"), str) else None
+            shapes = {k: list(v.shape) for k, v in request.items() if isinstance(v, torch.Tensor)}
+            entry = self._ops.get(op)
+            if entry is None:
+                raise ProtocolError(f"unknown op {op!r}; known: {sorted(self._ops)}")
+            spec, fn = entry
+            call = Call(caller, op, request)
+            if spec.roles is not None:
+                call.rt = self.runtime(caller, request, spec.roles)
+            with torch.enable_grad():  # the caller's grad mode is not ours
+                response = fn(call)
+            try:
+                response = self.guard.release(spec.egress, call, response)
+            except EgressError:
+                if call.rt is not None:  # nothing of this step left: it is not pending either
+                    call.rt.clear_pending()
+                raise
+            raw = wire.encode(response)
+            outcome = "ok"
+        except SyftSplitError as exc:
+            raw = wire.encode({"error": type(exc).__name__, "message": str(exc)})
+            outcome = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a bug or torch failure: report, never crash the host
+            raw = wire.encode({"error": "RemoteError", "message": f"{type(exc).__name__}: {exc}"})
+            outcome = f"RemoteError: {type(exc).__name__}: {exc}"
+        self.audit.append(AuditEntry(time.time(), caller, op, segment, shapes, len(data),
+                                     len(raw), time.perf_counter() - t0, outcome))
+        return raw
+
+    # ---------------------------------------------------------------------- owner entry
+    def owner_call(self, caller: str, op: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Answer a data-owner op (the console's); audited as ``owner.<op>``. The caller must
+        already be established as the data owner (in process, or an admin of the datasite)."""
+        t0 = time.perf_counter()
+        segment = fields.get("segment") if isinstance(fields.get("segment"), str) else None
+        outcome = "RemoteError"
+        try:
+            entry = self._owner_ops.get(op)
+            if entry is None:
+                raise ProtocolError(f"unknown data-owner op {op!r}; known: "
+                                    f"{sorted(self._owner_ops)}")
+            response: dict[str, Any] = entry[1](**fields)
+            outcome = "ok"
+            return response
+        except SyftSplitError as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+            raise
+        except TypeError as exc:
+            outcome = f"ConfigError: {exc}"
+            raise ConfigError(f"data-owner op {op!r}: {exc}") from exc
+        finally:
+            self.audit.append(AuditEntry(time.time(), caller, f"owner.{op}", segment, {}, 0, 0,
+                                         time.perf_counter() - t0, outcome))
+
+    def owner(self, op: str, **fields: Any) -> dict[str, Any]:
+        """:meth:`owner_call` as the data owner itself (the in-process console)."""
+        return self.owner_call("owner", op, fields)
+
+    def owner_ops(self) -> list[str]:
+        return sorted(self._owner_ops)
+
+    # ------------------------------------------------- the console (OwnerConsole protocol)
+    def add_dataset(self, name: str, features: torch.Tensor, labels: torch.Tensor | None = None,
+                    *, ids: list[str | int] | None = None,
+                    mock: torch.Tensor | None = None) -> None:
+        """Hold ``features`` (and ``labels``, record ``ids``) under ``name``; they never leave
+        this host. ``mock`` is public look-alike data (leakage measurement only)."""
+        self.datasets[name] = Dataset(features, labels, ids, mock)
+
+    def proposals(self, status: str | None = None) -> list[Proposal]:
+        """Proposals on this host (optionally only ``"pending"``/``"approved"``/...)."""
+        return [p for p in self.proposals_by_id.values() if status is None or p.status == status]
+
+    def review(self, proposal_id: str) -> str:
+        """What the data owner reads before approving: layers, parameters, what leaves."""
+        return str(self.owner("review", segment=proposal_id)["text"])
+
+    def approve(self, proposal_id: str, **options: Any) -> None:
+        """Approve once: installs the segment's runtime; only the proposal's driver may use it."""
+        self.owner("approve", segment=proposal_id, **options)
+
+    def reject(self, proposal_id: str) -> None:
+        """Reject a proposal (also stops an approved segment)."""
+        self.owner("reject", segment=proposal_id)
+
+    def release_weights(self, proposal_id: str) -> None:
+        """Let the driver fetch this segment's weights (op ``export``) from now on."""
+        self.owner("release_weights", segment=proposal_id)
+
+    def export_weights(self, proposal_id: str) -> dict[str, torch.Tensor]:
+        """The segment's current weights, for the data owner (never sent unless released)."""
+        rt = self.owned_runtime(proposal_id)
+        return {k: v.detach().clone() for k, v in rt.module.state_dict().items()}
+
+    def optimizer_state(self, proposal_id: str) -> dict[str, Any]:
+        opt = self.owned_runtime(proposal_id).optimizer
+        return {} if opt is None else opt.state_dict()
+
+    def audit_log(self) -> list[dict[str, Any]]:
+        """Every call answered so far, as plain dicts (who, op, segment, shapes, bytes, time)."""
+        return [dict(vars(e)) for e in self.audit]
+
+    def public_key(self) -> bytes:
+        """This host's public key for peer weight exchange (give it to trusted peers)."""
+        return bytes(self.owner("public_key")["key"])
+
+    def trust_peer(self, name: str, public_key: bytes) -> None:
+        """Pin a peer data owner's public key: only pinned peers can send or receive weights."""
+        self.owner("trust_peer", name=name, key=public_key)
+
+    def allow_alignment(self, dataset: str, user: str) -> None:
+        """Let ``user`` align ``dataset``'s records by PSI (record ids never leave in clear)."""
+        self.owner("allow_alignment", dataset=dataset, user=user)
+
+
+class _CoreOps(OpFamily):
+    """The host's own data-owner ops: ``audit``."""
+
+    name = "core"
+
+    @owner_op("audit")
+    def audit(self, since: int = 0) -> dict[str, Any]:
+        """Audit entries from ``since`` on (JSON), and how many there are."""
+        since = since if isinstance(since, int) and since >= 0 else 0
+        log = self.host.audit
+        return {"total": len(log), "entries": [_audit_json(e) for e in log[since:]]}
+
+
+def _audit_json(entry: AuditEntry) -> dict[str, Any]:
+    out = asdict(entry)
+    for k in ("time", "seconds"):
+        if not math.isfinite(out[k]):
+            out[k] = 0.0
+    return out

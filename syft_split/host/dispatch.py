@@ -1,0 +1,109 @@
+"""Op families: how the host's ops are declared, and the registry the host builds its table from.
+
+An :class:`OpFamily` groups related ops (segments, weights, alignment, HE, ...). A method
+decorated with :func:`op` answers a model-owner op; it declares the roles of segment it applies
+to (the host then resolves and authorises the runtime before calling it) and the fields its
+response may carry, each with a guard rule (:mod:`syft_split.host.guard`). A method decorated
+with :func:`owner_op` answers a data-owner (console) op and is never reachable by a model
+owner. Families register themselves with :func:`register_family` from their own modules, so
+the host imports none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..errors import ConfigError
+from .guard import Rule
+
+if TYPE_CHECKING:
+    from .core import DataOwnerHost
+    from .records import Proposal, Runtime
+
+__all__ = ["OpFamily", "OpSpec", "op", "owner_op", "register_family", "registered_families"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An op's declaration: its name, the segment roles it runs on (None: no segment), and the
+    response fields it may release."""
+
+    name: str
+    roles: tuple[str, ...] | None
+    egress: Mapping[str, Rule] = field(default_factory=dict)
+    owner: bool = False
+
+
+def op(name: str, *, roles: tuple[str, ...] | None = None,
+       egress: Mapping[str, Rule] | None = None) -> Callable[[F], F]:
+    """Declare a model-owner op answered by the decorated ``method(self, call) -> dict``."""
+    def deco(fn: F) -> F:
+        fn._op_spec = OpSpec(name, roles, dict(egress or {}))  # type: ignore[attr-defined]
+        return fn
+    return deco
+
+
+def owner_op(name: str) -> Callable[[F], F]:
+    """Declare a data-owner op answered by ``method(self, **fields) -> dict`` (JSON/tensors)."""
+    def deco(fn: F) -> F:
+        fn._op_spec = OpSpec(name, None, {}, owner=True)  # type: ignore[attr-defined]
+        return fn
+    return deco
+
+
+class OpFamily:
+    """A group of ops of one host; subclasses set :attr:`name` and decorate methods."""
+
+    name = "family"
+
+    def __init__(self, host: DataOwnerHost) -> None:
+        self.host = host
+
+    def ops(self) -> list[tuple[OpSpec, Callable[..., Any]]]:
+        """(declaration, bound method) of every op this family answers."""
+        out = []
+        for attr in dir(type(self)):
+            spec = getattr(getattr(type(self), attr), "_op_spec", None)
+            if isinstance(spec, OpSpec):
+                out.append((spec, getattr(self, attr)))
+        return out
+
+    # hooks the proposal family calls on every family
+    def review_lines(self, proposal: Proposal) -> list[str]:
+        """Lines this family adds to the review of ``proposal`` (override)."""
+        return []
+
+    def on_approve(self, rt: Runtime, options: dict[str, Any]) -> None:
+        """Set up what this family needs for a newly approved segment (override); ``options``
+        are the data owner's approval options this family understands (it pops them)."""
+
+    def state(self) -> dict[str, Any]:
+        """What this family must keep across a restart (JSON and tensors; override)."""
+        return {}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Load what :meth:`state` returned (override)."""
+
+
+_FAMILIES: list[type[OpFamily]] = []
+
+
+def register_family(cls: type[OpFamily]) -> type[OpFamily]:
+    """Make every host built from now on answer ``cls``'s ops (use as a class decorator)."""
+    for i, other in enumerate(_FAMILIES):
+        if other.name == cls.name:
+            if (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ConfigError(f"an op family named {cls.name!r} is already registered "
+                                  f"({other.__module__}.{other.__qualname__})")
+            _FAMILIES[i] = cls  # the same class, re-imported
+            return cls
+    _FAMILIES.append(cls)
+    return cls
+
+
+def registered_families() -> list[type[OpFamily]]:
+    return list(_FAMILIES)

@@ -1,0 +1,244 @@
+"""The one guard every value crosses on its way into or out of a data owner's host.
+
+Ingress: record indices, activations and gradients a model owner sends are checked against
+what the data owner approved (shape, dtype, finite, magnitude, batch) before anything runs.
+
+Egress: every op declares the fields its response may carry, each with a :class:`Rule`; the
+dispatcher hands every response to :meth:`Guard.release`, which refuses (``EgressError``) any
+undeclared field and any value its rule rejects. No op writes to the wire by any other path.
+:meth:`Guard.admit` applies the optional cap on records released per minute, before an op runs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import wire
+from ..errors import EgressError, ProtocolError, ValidationError
+from .records import Dataset, HostLimits, Runtime
+
+__all__ = [
+    "Call",
+    "Guard",
+    "Rule",
+    "ACTIVATION",
+    "GRAD_INPUT",
+    "LABELS",
+    "CIPHERTEXT",
+    "SEALED",
+    "WEIGHTS",
+    "SCALAR",
+    "TEXT",
+    "JSON",
+    "BYTES",
+]
+
+
+@dataclass
+class Call:
+    """One model-owner request as an op sees it: who, what, on which approved runtime.
+
+    ``rows`` is set by the op to the number of records the response concerns (the batch)."""
+
+    caller: str
+    op: str
+    req: dict[str, Any]
+    rt: Runtime | None = None
+    rows: int | None = None
+
+
+#: a rule checks one outgoing value; it raises EgressError to stop it.
+Rule = Callable[[str, Any, Call, "Guard"], None]
+
+
+def _refuse(call: Call, name: str, why: str) -> EgressError:
+    seg = f" of {call.rt.id}" if call.rt is not None else ""
+    return EgressError(f"op {call.op!r}{seg} tried to release field {name!r}: {why}")
+
+
+def _tensor(name: str, value: Any, call: Call, guard: Guard, shape: tuple[int, ...],
+            dtype: torch.dtype | None = torch.float32) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise _refuse(call, name, f"expected a tensor, got {type(value).__name__}")
+    if tuple(value.shape) != shape or (dtype is not None and value.dtype != dtype):
+        raise _refuse(call, name, f"{tuple(value.shape)} {value.dtype}; approved: {shape} "
+                                  f"{dtype if dtype is not None else ''}".rstrip())
+    if value.is_floating_point():
+        if not bool(torch.isfinite(value).all()):
+            raise _refuse(call, name, "non-finite values (NaN/Inf) never leave")
+        if value.numel() and float(value.abs().max()) > guard.limits.max_abs_value:
+            raise _refuse(call, name, f"magnitude above the approved bound "
+                                      f"{guard.limits.max_abs_value:g}")
+
+
+def _rows(call: Call, name: str) -> int:
+    if call.rows is None:
+        raise _refuse(call, name, "the op did not say how many records it answers")
+    return call.rows
+
+
+def ACTIVATION(name: str, value: Any, call: Call, guard: Guard) -> None:
+    """The approved cut-layer output, (batch, *output_shape) float32, finite, bounded; never
+    from a segment approved to release only ciphertexts."""
+    rt = call.rt
+    if rt is None or rt.proposal.role not in ("input", "middle"):
+        raise _refuse(call, name, "only input and middle segments release activations")
+    if rt.proposal.he is not None:
+        raise _refuse(call, name, "this segment was approved to release ciphertexts only")
+    _tensor(name, value, call, guard, (_rows(call, name), *rt.proposal.output_shape))
+
+
+def GRAD_INPUT(name: str, value: Any, call: Call, guard: Guard) -> None:
+    """The gradient w.r.t. a middle or loss segment's input, (batch, *input_shape)."""
+    rt = call.rt
+    if rt is None or rt.proposal.role not in ("middle", "loss"):
+        raise _refuse(call, name, "only middle and loss segments release input gradients")
+    _tensor(name, value, call, guard, (_rows(call, name), *rt.proposal.input_shape))
+
+
+def LABELS(name: str, value: Any, call: Call, guard: Guard) -> None:
+    """A batch's labels: only where the data owner approved releasing them."""
+    rt = call.rt
+    if rt is None or not rt.proposal.release_labels:
+        raise _refuse(call, name, "labels stay here: releasing them was not approved")
+    if not isinstance(value, torch.Tensor) or value.dim() < 1 or value.shape[0] != _rows(call, name):
+        raise _refuse(call, name, f"expected one label per record ({call.rows})")
+    _tensor(name, value, call, guard, tuple(value.shape), dtype=None)
+
+
+def CIPHERTEXT(name: str, value: Any, call: Call, guard: Guard) -> None:
+    """CKKS material of a segment approved with encryption (never a secret key: he_layers
+    builds it from public material only)."""
+    if call.rt is None or call.rt.he is None:
+        raise _refuse(call, name, "ciphertexts leave only segments approved with encryption")
+    BYTES(name, value, call, guard)
+
+
+def SEALED(name: str, value: Any, call: Call, guard: Guard) -> None:
+    """Weights sealed for a trusted peer data owner (the model owner relays, cannot read)."""
+    if call.rt is None or call.rt.proposal.share_weights != "peer":
+        raise _refuse(call, name, "sealed weights leave only segments approved for peer sharing")
+    BYTES(name, value, call, guard)
+
+
+def WEIGHTS(name: str, value: Any, call: Call, guard: Guard) -> None:
+    """A segment's weight tensor: only if the data owner released them to the model owner."""
+    rt = call.rt
+    if rt is None or not (rt.extra.get("weights_released") or rt.proposal.share_weights == "model_owner"):
+        raise _refuse(call, name, "the data owner has not released these weights")
+    key = name.removeprefix("state/")
+    own = rt.module.state_dict().get(key)
+    if own is None:
+        raise _refuse(call, name, "not a weight of this segment")
+    _tensor(name, value, call, guard, tuple(own.shape), dtype=own.dtype)
+
+
+def SCALAR(name: str, value: Any, call: Call, guard: Guard) -> None:
+    """One finite number or bool (losses, counts, measured figures)."""
+    ok = isinstance(value, (bool, int)) or (isinstance(value, float) and math.isfinite(value))
+    if not ok:
+        raise _refuse(call, name, f"expected a finite scalar, got {value!r:.60}")
+
+
+def TEXT(name: str, value: Any, call: Call, guard: Guard) -> None:
+    """A short identifier (segment id, status, host name)."""
+    if not isinstance(value, str) or len(value) > 256:
+        raise _refuse(call, name, "expected a short string")
+
+
+def JSON(name: str, value: Any, call: Call, guard: Guard) -> None:
+    """Public JSON data (metadata, shapes); no tensors, bounded size."""
+    if isinstance(value, (torch.Tensor, bytes)) or len(repr(value)) > 65_536:
+        raise _refuse(call, name, "expected small JSON data")
+
+
+def BYTES(name: str, value: Any, call: Call, guard: Guard) -> None:
+    """Opaque protocol bytes (PSI messages, ciphertexts), bounded by the response size cap."""
+    if not isinstance(value, bytes):
+        raise _refuse(call, name, f"expected bytes, got {type(value).__name__}")
+    if len(value) > wire.DEFAULT_MAX_BYTES:
+        raise _refuse(call, name, f"{len(value)} bytes exceed the response cap")
+
+
+class Guard:
+    """Ingress checks and the egress gate of one host (see the module docstring)."""
+
+    def __init__(self, limits: HostLimits) -> None:
+        self.limits = limits
+        self._released: dict[str, deque[tuple[float, int]]] = {}
+
+    # ------------------------------------------------------------------------ ingress
+    def batch(self, rt: Runtime, n: int, name: str) -> None:
+        if n > rt.proposal.max_batch:
+            raise ValidationError(f"{name}: batch of {n} exceeds the approved max_batch "
+                                  f"{rt.proposal.max_batch}")
+
+    def indices(self, rt: Runtime, req: Mapping[str, Any], ds: Dataset) -> torch.Tensor:
+        """Record indices into ``ds``: int64, 1-D, non-empty, in range, at most max_batch."""
+        idx = wire.check_tensor(req.get("indices"), "indices", shape=(None,), dtype=torch.int64)
+        self.batch(rt, idx.shape[0], "indices")
+        n = ds.features.shape[0]
+        if bool((idx < 0).any()) or bool((idx >= n).any()):
+            raise ValidationError(f"indices must be in 0..{n - 1}")
+        return idx
+
+    def activation_in(self, rt: Runtime, req: Mapping[str, Any], name: str = "x") -> torch.Tensor:
+        """An incoming activation for a middle/loss segment: approved shape, float32, finite,
+        bounded."""
+        x = wire.check_tensor(req.get(name), name, shape=(None, *rt.proposal.input_shape),
+                              dtype=torch.float32)
+        self.batch(rt, x.shape[0], name)
+        self._bounded(x, name)
+        return x
+
+    def grad_in(self, rt: Runtime, grad: Any, name: str = "grad") -> torch.Tensor:
+        """The gradient for the pending forward: its exact shape, float32, finite, bounded."""
+        if rt.pending_output is None:
+            raise ProtocolError(f"gradient for {rt.id} without a pending forward")
+        g = wire.check_tensor(grad, name, shape=tuple(rt.pending_output.shape),
+                              dtype=torch.float32)
+        self._bounded(g, name)
+        return g
+
+    def _bounded(self, t: torch.Tensor, name: str) -> None:
+        if t.numel() and float(t.abs().max()) > self.limits.max_abs_value:
+            raise ValidationError(f"{name}: magnitude {float(t.abs().max()):.3g} exceeds the "
+                                  f"data owner's bound {self.limits.max_abs_value:g}")
+
+    # ------------------------------------------------------------------------- egress
+    def release(self, rules: Mapping[str, Rule], call: Call, response: dict[str, Any]
+                ) -> dict[str, Any]:
+        """Let ``response`` leave only if every field is declared and passes its rule."""
+        for name, value in response.items():
+            rule = rules.get(name)
+            if rule is None and "/" in name:
+                rule = rules.get(name.split("/", 1)[0] + "/*")
+            if rule is None:
+                rule = rules.get("*")  # an op whose every field is of one kind (e.g. costs)
+            if rule is None:
+                raise _refuse(call, name, f"not a field this op may release; declared: "
+                                          f"{sorted(rules)}")
+            rule(name, value, call, self)
+        return response
+
+    def admit(self, rt: Runtime, rows: int) -> None:
+        """Before an op that releases ``rows`` records runs: refuse it over the rate cap."""
+        cap = self.limits.max_records_per_minute
+        if cap is None:
+            return
+        now = time.monotonic()
+        window = self._released.setdefault(rt.id, deque())
+        while window and now - window[0][0] > 60.0:
+            window.popleft()
+        used = sum(n for _, n in window)
+        if used + rows > cap:
+            raise EgressError(f"{rt.id} would release {used + rows} records in a minute; the "
+                              f"data owner allows {cap}")
+        window.append((now, rows))

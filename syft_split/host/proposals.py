@@ -1,0 +1,263 @@
+"""Proposals: what a model owner asks to run, checked cheaply; what the data owner approves.
+
+Model-owner ops: ``describe`` (public metadata of the datasets), ``propose`` (a declared segment
+spec + initial weights + optimizer + datasets), ``status``. Data-owner ops: ``describe``,
+``proposals``, ``review``, ``approve``, ``reject``, ``halt``.
+
+A proposal is refused before any module is built when its caller proposes too often or has
+too many pending, or when its weights or declared layers exceed the host's
+:class:`~syft_split.host.records.HostLimits`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from .. import wire
+from ..errors import ApprovalError, ConfigError, ShapeError, ValidationError
+from ..losses import LOSSES
+from ..spec import OptimizerSpec, module_from_spec
+from .dispatch import OpFamily, op, owner_op, register_family
+from .guard import JSON, TEXT, Call
+from .records import ROLES, SHARING, Proposal, Runtime
+from .review import review_text
+
+__all__ = ["ProposalOps", "DEFENCES"]
+
+#: defences a data owner may be asked to apply on its side (see syft_split.defences)
+DEFENCES = ("nopeek", "noise_sigma", "label_epsilon", "num_classes")
+
+
+@register_family
+class ProposalOps(OpFamily):
+    """Proposals, review and approval (see the module docstring)."""
+
+    name = "proposals"
+
+    def __init__(self, host: Any) -> None:
+        super().__init__(host)
+        self._recent: dict[str, deque[float]] = {}
+
+    # --------------------------------------------------------------- model-owner ops
+    @op("describe", egress={"host": TEXT, "datasets": JSON})
+    def describe(self, call: Call | None = None) -> dict[str, Any]:
+        return {"host": self.host.name,
+                "datasets": {k: d.public_metadata() for k, d in self.host.datasets.items()}}
+
+    @op("status", egress={"segment": TEXT, "status": TEXT, "reason": TEXT})
+    def status(self, call: Call) -> dict[str, Any]:
+        p = self.host.proposal(str(call.req.get("segment")))
+        if p.driver != call.caller:
+            from ..errors import AuthorizationError
+
+            raise AuthorizationError(f"{call.caller} did not propose {p.id}")
+        out = {"segment": p.id, "status": p.status}
+        if p.reason:
+            out["reason"] = p.reason[:256]
+        return out
+
+    @op("propose", egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})
+    def propose(self, call: Call) -> dict[str, Any]:
+        self._admit(call.caller)
+        p = self._parse(call.caller, call.req)
+        self.host.proposals_by_id[p.id] = p
+        self._recent.setdefault(call.caller, deque()).append(time.monotonic())
+        return {"segment": p.id, "status": "pending", "output_shape": list(p.output_shape)}
+
+    def _admit(self, caller: str) -> None:
+        """Per-user rate and pending caps, before anything of the request is looked at."""
+        limits = self.host.limits
+        recent = self._recent.setdefault(caller, deque())
+        now = time.monotonic()
+        while recent and now - recent[0] > 60.0:
+            recent.popleft()
+        if len(recent) >= limits.max_proposals_per_minute:
+            raise ValidationError(f"{caller} proposed {len(recent)} segments in the last minute; "
+                                  f"this data owner accepts {limits.max_proposals_per_minute}")
+        pending = sum(1 for p in self.host.proposals_by_id.values()
+                      if p.driver == caller and p.status == "pending")
+        if pending >= limits.max_pending:
+            raise ValidationError(f"{caller} has {pending} proposals pending review; this data "
+                                  f"owner accepts {limits.max_pending}")
+
+    def _parse(self, caller: str, req: dict[str, Any]) -> Proposal:
+        host, limits = self.host, self.host.limits
+        role = req.get("role")
+        if role not in ROLES:
+            raise ConfigError(f"role must be one of {ROLES}, got {role!r}")
+        datasets = req.get("datasets")
+        if role == "middle" and datasets == []:
+            datasets = []  # a relay party runs a middle segment and reads no data
+        elif not isinstance(datasets, list) or not datasets or not all(
+            isinstance(d, str) and d in host.datasets for d in datasets
+        ):
+            raise ConfigError(
+                f"datasets {datasets!r} must name datasets on {host.name}: {sorted(host.datasets)}"
+            )
+        state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
+        n_params = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor))
+        if n_params > limits.max_parameters:
+            raise ConfigError(f"the proposed weights hold {n_params} values; this data owner "
+                              f"accepts at most {limits.max_parameters}")
+        _check_declared_size(req.get("spec"), limits)
+        module = module_from_spec(req.get("spec"))
+        own = module.state_dict()
+        if set(state) != set(own):
+            raise ConfigError(f"weights {sorted(state)} do not match the spec's {sorted(own)}")
+        for k, v in state.items():
+            if not isinstance(v, torch.Tensor) or v.shape != own[k].shape or v.dtype != own[k].dtype:
+                got = (f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor)
+                       else type(v).__name__)
+                raise ShapeError(f"weight {k}: expected {tuple(own[k].shape)} {own[k].dtype}, "
+                                 f"got {got}")
+            wire.check_tensor(v, f"weight {k}", nonempty=False)
+        module.load_state_dict(state)
+        if role == "input":
+            input_shape = tuple(host.datasets[datasets[0]].features.shape[1:])
+            for d in datasets:
+                if tuple(host.datasets[d].features.shape[1:]) != input_shape:
+                    raise ConfigError(f"datasets {datasets} have different feature shapes")
+        else:
+            raw_shape = req.get("input_shape")
+            if not isinstance(raw_shape, list) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 < s <= limits.max_width
+                for s in raw_shape
+            ):
+                raise ConfigError(f"input_shape must be a list of ints in 1..{limits.max_width}, "
+                                  f"got {raw_shape!r}")
+            input_shape = tuple(raw_shape)
+        loss = req.get("loss")
+        if role == "loss":
+            if loss not in LOSSES:
+                raise ConfigError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+            if any(host.datasets[d].labels is None for d in datasets):
+                raise ConfigError(f"role 'loss' needs labels, and {datasets} has none on {host.name}")
+        defences = _defences(req.get("defences", {}), role)
+        share_weights = req.get("share_weights", "none")
+        if share_weights not in SHARING:
+            raise ConfigError(f"share_weights must be one of {SHARING}, got {share_weights!r}")
+        release_labels = req.get("release_labels", False)
+        if not isinstance(release_labels, bool):
+            raise ConfigError(f"release_labels must be a bool, got {release_labels!r}")
+        if release_labels and (role != "input"
+                               or any(host.datasets[d].labels is None for d in datasets)):
+            raise ConfigError("release_labels needs an input segment on datasets with labels")
+        try:
+            with torch.no_grad():
+                module.eval()
+                out = module(torch.zeros((2, *input_shape)))
+                module.train()
+        except Exception as exc:
+            raise ConfigError(f"segment does not accept input {input_shape}: {exc}") from exc
+        he = req.get("he")
+        if he is not None:
+            if role != "input" or not isinstance(he, dict):
+                raise ConfigError("encryption applies to a data owner's input segment only")
+            d_in = math.prod(out.shape[1:])
+            if he.get("d_in") != d_in:
+                raise ShapeError(f"encrypted layer expects d_in={he.get('d_in')}, but this "
+                                 f"segment outputs {tuple(out.shape[1:])} = {d_in} features")
+        max_batch = req.get("max_batch", limits.max_batch)
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not (
+                0 < max_batch <= limits.max_batch):
+            raise ConfigError(f"max_batch must be in 1..{limits.max_batch}, got {max_batch!r}")
+        return Proposal(
+            id=f"{host.name}/seg{next(host.ids)}", driver=caller, role=role, spec=req["spec"],
+            state=state, optimizer=OptimizerSpec.from_json(req.get("optimizer")),
+            datasets=datasets, input_shape=input_shape, output_shape=tuple(out.shape[1:]),
+            max_batch=max_batch, loss=loss if role == "loss" else None,
+            release_labels=release_labels, module=module, share_weights=share_weights,
+            defences=defences, he=he,
+        )
+
+    # ----------------------------------------------------------------- data-owner ops
+    @owner_op("describe")
+    def owner_describe(self) -> dict[str, Any]:
+        return self.describe()
+
+    @owner_op("proposals")
+    def owner_proposals(self, status: str | None = None) -> dict[str, Any]:
+        return {"proposals": [
+            {"id": p.id, "driver": p.driver, "role": p.role, "status": p.status,
+             "datasets": p.datasets, "input_shape": list(p.input_shape),
+             "output_shape": list(p.output_shape), "max_batch": p.max_batch}
+            for p in self.host.proposals(status if isinstance(status, str) else None)
+        ]}
+
+    @owner_op("review")
+    def owner_review(self, segment: str) -> dict[str, Any]:
+        p = self.host.proposal(segment)
+        extra = [line for fam in self.host.families.values() for line in fam.review_lines(p)]
+        return {"text": review_text(self.host, p, extra)}
+
+    @owner_op("approve")
+    def owner_approve(self, segment: str, **options: Any) -> dict[str, Any]:
+        p = self.host.proposal(segment)
+        if p.status != "pending":
+            raise ApprovalError(f"proposal {segment} is {p.status}, not pending")
+        assert p.module is not None
+        params = list(p.module.parameters())
+        rt = Runtime(p, p.module, p.optimizer.build(params) if params else None)
+        opts = dict(options)
+        for family in self.host.families.values():
+            family.on_approve(rt, opts)
+        if opts:
+            raise ConfigError(f"unknown approval options {sorted(opts)}")
+        self.host.runtimes[p.id] = rt
+        p.status = "approved"
+        return {"segment": p.id, "status": "approved"}
+
+    @owner_op("reject")
+    def owner_reject(self, segment: str) -> dict[str, Any]:
+        p = self.host.proposal(segment)
+        p.status = "rejected"
+        self.host.runtimes.pop(p.id, None)
+        return {"segment": p.id, "status": "rejected"}
+
+    @owner_op("halt")
+    def owner_halt(self, segment: str, reason: str = "halted by the data owner") -> dict[str, Any]:
+        self.host.halt(segment, str(reason))
+        return {"segment": segment, "status": "halted"}
+
+
+def _defences(defences: Any, role: str) -> dict[str, float]:
+    if not isinstance(defences, dict) or set(defences) - set(DEFENCES) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        for v in defences.values()
+    ):
+        raise ConfigError(f"defences must map {sorted(DEFENCES)} to numbers >= 0, got {defences!r}")
+    if defences and role != "input":
+        raise ConfigError("defences apply to a data owner's input segment only")
+    if defences.get("label_epsilon", 0) > 0 and int(defences.get("num_classes", 0)) < 2:
+        raise ConfigError("label_epsilon needs num_classes >= 2")
+    return {k: float(v) for k, v in defences.items()}
+
+
+def _check_declared_size(spec: Any, limits: Any) -> None:
+    """Refuse a spec whose declared layers are too many or too wide, from its JSON alone."""
+    layers = spec.get("layers") if isinstance(spec, dict) else None
+    if not isinstance(layers, list):
+        raise ConfigError("segment spec must be an object with a 'layers' list")
+    if len(layers) > limits.max_layers:
+        raise ConfigError(f"the spec declares {len(layers)} layers; this data owner accepts "
+                          f"{limits.max_layers}")
+    total = 0
+    for i, entry in enumerate(layers):
+        args = entry.get("args", {}) if isinstance(entry, dict) else {}
+        args = args if isinstance(args, dict) else {}
+        widths = [v for k, v in args.items() if k in _WIDTH_ARGS]
+        for w in widths:
+            if not isinstance(w, int) or isinstance(w, bool) or not 0 < w <= limits.max_width:
+                raise ConfigError(f"layer {i}: width {w!r} outside 1..{limits.max_width}")
+        total += math.prod(widths) if len(widths) >= 2 else (widths[0] if widths else 0)
+    if total > limits.max_parameters:
+        raise ConfigError(f"the spec declares about {total} parameters; this data owner accepts "
+                          f"at most {limits.max_parameters}")
+
+
+_WIDTH_ARGS = ("in_features", "out_features", "in_channels", "out_channels", "num_features")

@@ -1,0 +1,163 @@
+"""What a data owner's host holds: datasets, proposals, approved runtimes, audit entries, limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..spec import OptimizerSpec
+
+__all__ = ["Dataset", "Proposal", "Runtime", "AuditEntry", "HostLimits", "ROLES", "SHARING"]
+
+#: what a segment does at the data owner: reads its records (``input``), transforms an incoming
+#: activation (``middle``, e.g. a relay party), or ends in a loss on labels held here (``loss``).
+ROLES = ("input", "middle", "loss")
+#: how a segment's weights may move: not at all, read by the model owner (explicitly approved:
+#: it reveals training data), or between data owners only (sealed, or securely aggregated).
+SHARING = ("none", "model_owner", "peer")
+
+
+@dataclass
+class Dataset:
+    """Private features (and optionally labels, record ids and a public mock) a data owner
+    holds, by record index. ``mock`` is synthetic/public data of the same shape (PySyft's mock
+    asset), used only for leakage measurement."""
+
+    features: torch.Tensor
+    labels: torch.Tensor | None = None
+    ids: list[str | int] | None = None
+    mock: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.features.dim() < 2 or self.features.shape[0] == 0:
+            raise ConfigError(f"features must be (records, ...), got {tuple(self.features.shape)}")
+        if self.labels is not None and self.labels.shape[0] != self.features.shape[0]:
+            raise ConfigError(
+                f"labels have {self.labels.shape[0]} records, features {self.features.shape[0]}"
+            )
+        if self.ids is not None and len(self.ids) != self.features.shape[0]:
+            raise ConfigError(f"ids have {len(self.ids)} records, features {self.features.shape[0]}")
+        if self.mock is not None and tuple(self.mock.shape[1:]) != tuple(self.features.shape[1:]):
+            raise ConfigError(f"mock rows {tuple(self.mock.shape[1:])} differ from the features' "
+                              f"{tuple(self.features.shape[1:])}")
+
+    def public_metadata(self) -> dict[str, Any]:
+        """What any caller may know: sizes, shapes, dtypes; never values."""
+        return {
+            "records": int(self.features.shape[0]),
+            "feature_shape": list(self.features.shape[1:]),
+            "feature_dtype": str(self.features.dtype).removeprefix("torch."),
+            "has_labels": self.labels is not None,
+            "has_ids": self.ids is not None,
+        }
+
+    def subset(self, rows: torch.Tensor) -> Dataset:
+        """The records at ``rows``, in that order."""
+        ids = None if self.ids is None else [self.ids[int(r)] for r in rows]
+        return Dataset(self.features[rows], None if self.labels is None else self.labels[rows],
+                       ids, self.mock)
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """What a data owner accepts at all, checked before anything is built or run.
+
+    ``max_parameters`` / ``max_width``: a proposal larger than this is refused from its spec
+    alone. ``max_proposals_per_minute`` / ``max_pending``: per user. ``max_abs_value``: no
+    released activation or gradient, and no incoming gradient, may exceed it in magnitude.
+    ``max_records_per_minute``: records a segment may release per minute (None: no cap).
+    """
+
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_batch: int = 4096
+    max_parameters: int = 20_000_000
+    max_width: int = 65_536
+    max_layers: int = 256
+    max_proposals_per_minute: int = 30
+    max_pending: int = 32
+    max_abs_value: float = 1e6
+    max_records_per_minute: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_batch", "max_parameters", "max_width",
+                     "max_layers", "max_proposals_per_minute", "max_pending"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"HostLimits.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.max_abs_value, (int, float)) or not self.max_abs_value > 0:
+            raise ConfigError(f"HostLimits.max_abs_value must be > 0, got {self.max_abs_value!r}")
+
+
+@dataclass
+class Proposal:
+    """A segment a model owner asked to run here, as the data owner reviews it."""
+
+    id: str
+    driver: str
+    role: str
+    spec: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    optimizer: OptimizerSpec
+    datasets: list[str]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    max_batch: int
+    loss: str | None = None
+    release_labels: bool = False
+    share_weights: str = "none"
+    defences: dict[str, float] = field(default_factory=dict)
+    he: dict[str, Any] | None = None
+    status: str = "pending"
+    #: why an approved segment stopped (set when status becomes "halted")
+    reason: str = ""
+    module: nn.Module | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One call the host answered: who, which op, on what, how big, how long, outcome."""
+
+    time: float
+    caller: str
+    op: str
+    segment: str | None
+    shapes: dict[str, list[int]]
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    outcome: str
+
+
+@dataclass
+class Runtime:
+    """An approved segment as it runs: its module, optimizer, and the step in flight."""
+
+    proposal: Proposal
+    module: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    pending_input: torch.Tensor | None = None
+    pending_output: torch.Tensor | None = None
+    pending_penalty: torch.Tensor | None = None
+    #: a loss segment's parameter gradients, waiting for the model owner's loss weight
+    pending_loss_grads: bool = False
+    steps: int = 0
+    rng: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    last_penalty: float | None = None
+    he: Any = None
+    #: free slots for op families (e.g. the leakage watch) keyed by family name
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.proposal.id
+
+    def clear_pending(self) -> None:
+        """Forget the step in flight (nothing applied)."""
+        self.pending_input = self.pending_output = self.pending_penalty = None
+        if self.pending_loss_grads and self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.pending_loss_grads = False

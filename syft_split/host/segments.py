@@ -1,0 +1,233 @@
+"""Segment steps: forward, backward, the loss at the data owner (U-shaped), discard.
+
+================  ==========================================================================
+``forward``       run an approved input/middle segment on record indices (input) or on an
+                  incoming activation (middle); may carry ``grad``, the gradient of the
+                  previous forward (fused: one call per step)
+``backward``      the gradient for the pending forward (input/middle), or the loss weight
+                  ``scale`` for a loss segment's pending step; runs the optimizer step here
+``loss_step``     last segment + loss on labels held here (U-shaped); labels never leave. In
+                  training it returns the gradient w.r.t. its input and keeps its own step
+                  pending until the model owner sends the loss weight (``backward``, or fused
+                  as ``step_scale`` on the next ``loss_step``)
+``discard``       drop the pending step (e.g. the model owner's step failed); nothing applied
+================  ==========================================================================
+
+Weights change only in ``backward`` (or its fused form): a forward or a loss alone never
+steps. Every incoming tensor passes the host's guard first, so a refused request changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..errors import NonFiniteError, ProtocolError, ShapeError, ValidationError
+from ..losses import LOSSES
+from .dispatch import OpFamily, op, register_family
+from .guard import ACTIVATION, CIPHERTEXT, GRAD_INPUT, LABELS, SCALAR, Call
+from .records import ROLES, Runtime
+
+__all__ = ["SegmentOps", "apply_grad"]
+
+
+def _step(rt: Runtime) -> None:
+    """The optimizer step on gradients already in the parameters; refused (nothing applied)
+    if any of them is non-finite."""
+    params = [p for p in rt.module.parameters() if p.grad is not None]
+    if params and not bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all()):  # type: ignore[arg-type]
+        if rt.optimizer is not None:
+            rt.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"{rt.id}: the gradient makes this segment's weight gradients "
+                             "non-finite; nothing applied")
+    if rt.optimizer is not None:
+        rt.optimizer.step()
+        rt.optimizer.zero_grad(set_to_none=True)
+    rt.steps += 1
+
+
+def apply_grad(rt: Runtime, grad: torch.Tensor) -> torch.Tensor | None:
+    """Backward of the pending forward with ``grad`` (already validated), then the step;
+    returns the gradient w.r.t. the segment's input (middle segments) or None."""
+    assert rt.pending_output is not None
+    if rt.optimizer is not None:
+        rt.optimizer.zero_grad(set_to_none=True)
+    output, penalty, x = rt.pending_output, rt.pending_penalty, rt.pending_input
+    rt.pending_input = rt.pending_output = rt.pending_penalty = None
+    if penalty is not None:  # NoPeek: the data owner's own extra loss term
+        torch.autograd.backward([output, penalty], [grad, torch.ones_like(penalty)])
+    else:
+        output.backward(grad)
+    _step(rt)
+    grad_in = x.grad if x is not None else None
+    return None if grad_in is None else grad_in.detach()
+
+
+def _scale(value: Any, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValidationError(f"{name}: expected a finite number, got {value!r}")
+    if abs(value) > 1e6:
+        raise ValidationError(f"{name}: {value} is out of range (|scale| <= 1e6)")
+    return float(value)
+
+
+def _apply_loss_step(rt: Runtime, scale: float) -> None:
+    """The loss segment's pending step, its gradients scaled by the task's loss weight."""
+    if not rt.pending_loss_grads:
+        raise ProtocolError(f"loss weight for {rt.id} without a pending loss step")
+    rt.pending_loss_grads = False
+    rt.pending_output = None
+    for p in rt.module.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    _step(rt)
+
+
+@register_family
+class SegmentOps(OpFamily):
+    """Forward, backward, loss and discard of approved segments (see the module docstring)."""
+
+    name = "segments"
+
+    @op("forward", roles=("input", "middle"),
+        egress={"activation": ACTIVATION, "labels": LABELS, "he_input": CIPHERTEXT})
+    def forward(self, call: Call) -> dict[str, Any]:
+        rt, req, guard = call.rt, call.req, self.host.guard
+        assert rt is not None
+        train = bool(req.get("train", True))
+        # validate everything before changing anything
+        grad = guard.grad_in(rt, req["grad"]) if "grad" in req else None
+        ds = idx = None
+        if rt.proposal.role == "input":
+            ds = self.host.dataset(rt, req)
+            idx = guard.indices(rt, req, ds)
+            x = ds.features[idx].to(torch.float32)
+        else:
+            x = guard.activation_in(rt, req)
+        if train and grad is None and rt.pending_output is not None:
+            raise ProtocolError(f"segment {rt.id} has a forward pending its gradient; "
+                                "send it (field 'grad') or 'discard' it first")
+        guard.admit(rt, int(x.shape[0]))
+        if grad is not None:
+            apply_grad(rt, grad)
+        call.rows = int(x.shape[0])
+        out = self._run(rt, x, train)
+        response: dict[str, Any] = {}
+        if rt.he is not None:  # only ciphertexts of the approved output leave
+            response["he_input"] = rt.he.encrypt_input(out.detach().flatten(1), need_grad=train)
+            return response
+        sigma = rt.proposal.defences.get("noise_sigma", 0.0)
+        if sigma > 0:
+            from ..defences import gaussian_noise
+
+            out = gaussian_noise(out.detach(), sigma, rt.rng)
+        response["activation"] = out.detach().contiguous()
+        if rt.proposal.release_labels and ds is not None and idx is not None:
+            assert ds.labels is not None
+            labels = ds.labels[idx].clone()
+            eps = rt.proposal.defences.get("label_epsilon", 0.0)
+            if eps > 0:
+                from ..defences import randomized_response
+
+                classes = int(rt.proposal.defences["num_classes"])
+                labels = randomized_response(labels, classes, eps, rt.rng)
+            response["labels"] = labels
+        return response
+
+    @staticmethod
+    def _run(rt: Runtime, x: torch.Tensor, train: bool) -> torch.Tensor:
+        if not train:
+            rt.module.eval()
+            try:
+                with torch.no_grad():
+                    return rt.module(x)
+            finally:
+                rt.module.train()
+        rt.module.train()
+        if rt.proposal.role == "middle":
+            x = x.requires_grad_()
+        out = rt.module(x)
+        rt.pending_input = x if rt.proposal.role == "middle" else None
+        rt.pending_output = out
+        nopeek = rt.proposal.defences.get("nopeek", 0.0)
+        if nopeek > 0:
+            from ..defences import distance_correlation
+
+            rt.pending_penalty = nopeek * distance_correlation(x, out)
+            rt.last_penalty = float(rt.pending_penalty.detach())
+        return out
+
+    @op("backward", roles=ROLES, egress={"steps": SCALAR, "grad_input": GRAD_INPUT})
+    def backward(self, call: Call) -> dict[str, Any]:
+        rt = call.rt
+        assert rt is not None
+        if rt.proposal.role == "loss":
+            _apply_loss_step(rt, _scale(call.req.get("scale", 1.0), "scale"))
+            return {"steps": rt.steps}
+        grad = self.host.guard.grad_in(rt, call.req.get("grad"))
+        assert rt.pending_output is not None
+        call.rows = int(rt.pending_output.shape[0])
+        grad_in = apply_grad(rt, grad)
+        out: dict[str, Any] = {"steps": rt.steps}
+        if grad_in is not None:
+            out["grad_input"] = grad_in
+        return out
+
+    @op("discard", roles=ROLES, egress={"discarded": SCALAR})
+    def discard(self, call: Call) -> dict[str, Any]:
+        rt = call.rt
+        assert rt is not None
+        dropped = rt.pending_output is not None or rt.pending_loss_grads
+        rt.clear_pending()
+        return {"discarded": dropped}
+
+    @op("loss_step", roles=("loss",),
+        egress={"loss_sum": SCALAR, "correct": SCALAR, "count": SCALAR, "grad_input": GRAD_INPUT})
+    def loss_step(self, call: Call) -> dict[str, Any]:
+        rt, req, guard = call.rt, call.req, self.host.guard
+        assert rt is not None and rt.proposal.loss is not None
+        train = bool(req.get("train", True))
+        scale = _scale(req["step_scale"], "step_scale") if "step_scale" in req else None
+        ds = self.host.dataset(rt, req)
+        idx = guard.indices(rt, req, ds)
+        x = guard.activation_in(rt, req)
+        if x.shape[0] != idx.shape[0]:
+            raise ShapeError(f"x has {x.shape[0]} rows but indices {idx.shape[0]}")
+        if scale is not None and not rt.pending_loss_grads:
+            raise ProtocolError(f"step_scale for {rt.id} without a pending loss step")
+        if train and scale is None and rt.pending_loss_grads:
+            raise ProtocolError(f"segment {rt.id} has a loss step pending its weight; send it "
+                                "(field 'step_scale' or op 'backward') or 'discard' it first")
+        if scale is not None:
+            _apply_loss_step(rt, scale)
+        call.rows = int(x.shape[0])
+        assert ds.labels is not None
+        y = ds.labels[idx]
+        loss_fn = LOSSES[rt.proposal.loss]
+        grad_in = None
+        if train:
+            rt.module.train()
+            x = x.requires_grad_()
+            if rt.optimizer is not None:
+                rt.optimizer.zero_grad(set_to_none=True)
+            logits = rt.module(x)
+            loss = loss_fn(logits, y)
+            loss.backward()  # parameter gradients wait for the model owner's loss weight
+            rt.pending_loss_grads = True
+            assert x.grad is not None
+            grad_in = x.grad.detach()
+            loss_sum = float(loss.detach()) * x.shape[0]
+        else:
+            rt.module.eval()
+            with torch.no_grad():
+                logits = rt.module(x)
+                loss_sum = float(loss_fn(logits, y, reduction="sum"))
+            rt.module.train()
+        correct = int((logits.argmax(1) == y).sum()) if logits.dim() == 2 and y.dim() == 1 else 0
+        out: dict[str, Any] = {"loss_sum": loss_sum, "correct": correct, "count": int(x.shape[0])}
+        if grad_in is not None:
+            out["grad_input"] = grad_in
+        return out
