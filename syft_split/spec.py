@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConfigError
-from .spec_args import LAYER_ARGS, OPS
+from .spec_args import GRAPH_LAYERS, LAYER_ARGS, OPS
 from .spec_export import chain_layers, graph_spec, layer_args, layer_spec
 from .spec_graph import GraphSegment, build
 from .spec_size import SpecSize, spec_size
@@ -128,6 +128,9 @@ def module_to_spec(module: nn.Module) -> dict[str, Any]:
     seen: dict[int, int] = {}
     for i, layer in enumerate(chain_layers(module)):
         kind, args = layer_spec(layer, f"layer {i}")
+        if kind in GRAPH_LAYERS:
+            raise ConfigError(f"layer {i} ({kind}) takes several inputs or returns a tuple: a "
+                              "chain cannot declare it (split_model makes a graph segment)")
         if id(layer) in seen and any(True for _ in layer.state_dict()):
             raise ConfigError(f"layer {i} ({kind}) is the same module as layer {seen[id(layer)]}: "
                               "a chain cannot share weights between layers")

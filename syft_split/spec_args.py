@@ -9,6 +9,7 @@ layers a spec may name (both spec forms); :data:`OPS` lists the few functional o
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -141,9 +142,14 @@ GRAPH_LAYERS: dict[str, dict[str, ArgType]] = {
 
 def layer_defaults(kind: str) -> dict[str, Any]:
     """The torch defaults of ``kind``'s declared arguments (required ones are absent)."""
+    return dict(_defaults(kind))
+
+
+@functools.cache
+def _defaults(kind: str) -> tuple[tuple[str, Any], ...]:
     params = inspect.signature(getattr(nn, kind).__init__).parameters
-    return {a: params[a].default for a in LAYER_ARGS[kind]
-            if params[a].default is not inspect.Parameter.empty}
+    return tuple((a, params[a].default) for a in LAYER_ARGS[kind]
+                 if params[a].default is not inspect.Parameter.empty)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .spec_args import LAYER_ARG_TYPES, LAYER_ARGS
+from .spec_args import GRAPH_LAYERS, LAYER_ARG_TYPES, LAYER_ARGS
 from .spec_graph import NAME_RE, RESERVED_NAMES, allowed_ops, build_layer, check_layer_args
 
 __all__ = ["layer_args", "layer_spec", "chain_layers", "graph_spec", "describe_target"]
@@ -227,8 +227,11 @@ def _function_node(node: fx.Node, op: str, bound: dict[str, Any],
     for key, value in bound.items():
         if key == "_stacklevel":
             continue
-        if key == "inplace" and value is True and len(first.users) == 1:  # type: ignore[union-attr]
-            continue  # in place on a value nothing else reads: same result
+        if key == "inplace" and value is True:
+            if len(first.users) > 1:  # type: ignore[union-attr]
+                raise ConfigError(f"node {node.name!r} ({op}) works in place on "
+                                  f"{first.name!r}, which other nodes read too")  # type: ignore[union-attr]
+            continue  # in place on a value nothing else reads: the same result
         if key in _FIXED:
             if value != _FIXED[key]:
                 raise ConfigError(f"node {node.name!r} ({op}): {key}={value!r} has no declared "
@@ -246,18 +249,19 @@ def _function_node(node: fx.Node, op: str, bound: dict[str, Any],
 def _module_node(gm: fx.GraphModule, node: fx.Node, names: dict[fx.Node, str],
                  owners: dict[int, str], layers: dict[str, nn.Module]) -> dict[str, Any]:
     module = gm.get_submodule(str(node.target))
-    where = f"node {node.name!r} calls {describe_target(node, module)}"
+    where = f"node {node.name!r}: module {node.target!r}"
     kind, args = layer_spec(module, where)
     inputs = node.args
-    wanted = 3 if kind == "MultiheadAttention" else 1
-    allowed_kw = {"need_weights", "average_attn_weights"} if wanted == 3 else set()
+    wanted = 3 if kind in GRAPH_LAYERS else 1
+    allowed_kw = set(GRAPH_LAYERS.get(kind, {}))
     if len(inputs) != wanted or not all(isinstance(i, fx.Node) for i in inputs) or (
             set(node.kwargs) - allowed_kw):
-        raise ConfigError(f"{where} with arguments {node.args} {dict(node.kwargs)}; its "
-                          f"declared form takes {wanted} traced input(s)"
-                          + (f" and keywords {sorted(allowed_kw)}" if allowed_kw else ""))
+        raise ConfigError(f"{where} ({kind}) is called with arguments {node.args} "
+                          f"{dict(node.kwargs)}; its declared form takes {wanted} traced "
+                          "input(s)" + (f" and keywords {sorted(allowed_kw)}" if allowed_kw else ""))
     if getattr(module, "inplace", False) and len(inputs[0].users) > 1:  # type: ignore[union-attr]
-        raise ConfigError(f"{where} in place on a value other nodes read; use inplace=False")
+        raise ConfigError(f"{where} ({kind}) works in place on a value other nodes read too; "
+                          "use inplace=False")
     entry: dict[str, Any] = {"name": names[node], "op": kind,
                              "inputs": [names[i] for i in inputs]}  # type: ignore[index]
     if id(module) in owners:

@@ -134,9 +134,8 @@ def _graph_node(j: int, entry: Any, known: dict[str, SpecNode | str]) -> SpecNod
     extra = sorted(set(entry) - _GRAPH_KEYS)
     if extra:
         raise ConfigError(f"{where}: keys {extra} not allowed; allowed: {sorted(_GRAPH_KEYS)}")
-    if not isinstance(name, str) or not NAME_RE.match(name) or name in RESERVED_NAMES:
-        raise ConfigError(f"{where}: a name is an identifier of at most 64 characters that is "
-                          "not a torch.nn.Module attribute")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"{where}: a name is an identifier of at most 64 characters")
     if name in known:
         raise ConfigError(f"{where}: the name {name!r} is already used")
     raw_inputs = entry.get("inputs")
@@ -157,6 +156,8 @@ def _graph_node(j: int, entry: Any, known: dict[str, SpecNode | str]) -> SpecNod
                               f"is {owner.op!r}")
         op, args = owner.op, owner.args
     elif op in LAYER_ARG_TYPES:
+        if name in RESERVED_NAMES:
+            raise ConfigError(f"{where}: a layer's name is not a torch.nn.Module attribute")
         args = check_layer_args(f"{where} ({op})", op, entry.get("args", {}))
     elif op in OPS:
         spec_args = OPS[op].args
