@@ -21,7 +21,14 @@ from torch import nn
 
 from .errors import ConfigError
 from .spec_args import GRAPH_LAYERS, LAYER_ARG_TYPES, LAYER_ARGS
-from .spec_graph import NAME_RE, RESERVED_NAMES, allowed_ops, build_layer, check_layer_args
+from .spec_graph import (
+    NAME_RE,
+    RESERVED_NAMES,
+    allowed_ops,
+    build_layer,
+    check_layer_args,
+    parse_spec,
+)
 
 __all__ = ["layer_args", "layer_spec", "chain_layers", "graph_spec", "describe_target"]
 
@@ -319,4 +326,6 @@ def graph_spec(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, nn.Module]
             nodes.append(_function_node(node, op, _bind(node, params), names))
     if not isinstance(output, fx.Node):
         raise ConfigError(f"a declared graph returns one tensor; this one returns {output!r}")
-    return {"input": names[placeholders[0]], "nodes": nodes, "output": names[output]}, layers
+    spec = {"input": names[placeholders[0]], "nodes": nodes, "output": names[output]}
+    parse_spec(spec)  # what the data owner will check (e.g. x + x.size(0) adds an int)
+    return spec, layers

@@ -65,7 +65,8 @@ class _Traced:
     names: dict[fx.Node, str]            # cut name of each call
     calls: dict[str, list[str]]          # module called several times -> cut names of its calls
     valid: dict[str, int]                # cut name -> position in body
-    why: dict[int, str]                  # position -> why it is not a cut
+    last_use: dict[fx.Node, int]         # value -> position of its last reader (len(body): output)
+    ties: list[tuple[int, int, str]]     # first and last call using the same weights, and whose
 
 
 def _cut_names(body: list[fx.Node]) -> tuple[dict[fx.Node, str], dict[str, list[str]]]:
@@ -148,7 +149,6 @@ def _analyse(gm: fx.GraphModule) -> _Traced:
     body = [n for n in nodes if n.op not in ("placeholder", "output", "get_attr")]
     order = {n: i for i, n in enumerate(body)}
     names, calls = _cut_names(body)
-    label = {**names, placeholders[0]: placeholders[0].name}
     last_use = {v: max((order.get(u, len(body)) for u in v.users), default=-1)
                 for v in [placeholders[0], *body]}
     spans: dict[int, list[int]] = {}
@@ -157,28 +157,38 @@ def _analyse(gm: fx.GraphModule) -> _Traced:
         for key, who in _tensor_ids(gm, n).items():
             spans.setdefault(key, []).append(i)
             owner.setdefault(key, who)
+    ties = [(p[0], p[-1], owner[k]) for k, p in spans.items() if p[0] < p[-1]]
     valid: dict[str, int] = {}
-    why: dict[int, str] = {}
-    for i, node in enumerate(body[:-1]):
-        tied = [(owner[k], body[p[0]], body[p[-1]]) for k, p in spans.items() if p[0] <= i < p[-1]]
-        live = [v for v in [placeholders[0], *body[: i + 1]] if last_use[v] > i]
-        if tied:
-            who, a, b = tied[0]
-            why[i] = (f"the weights {who!r} are used on both sides of it (by {label[a]!r} and "
-                      f"{label[b]!r}); split copies would train apart")
-        elif live == [node]:
+    live = {placeholders[0]} if last_use[placeholders[0]] >= 0 else set()
+    for i, node in enumerate(body[:-1]):  # sweep: the values read after position i
+        live = {v for v in live if last_use[v] > i}
+        if last_use[node] > i:
+            live.add(node)
+        if live == {node} and not any(a <= i < b for a, b, _ in ties):
             valid[names[node]] = i
-        elif node not in live:
-            why[i] = f"its value is not read after it; values {[label[v] for v in live]} cross it"
-        else:
-            why[i] = _crossing_reason(node, live, set(body[i + 1:]) | {nodes[-1]}, label)
-    return _Traced(gm, placeholders[0], body, names, calls, valid, why)
+    return _Traced(gm, placeholders[0], body, names, calls, valid, last_use, ties)
+
+
+def _why(t: _Traced, i: int) -> str:
+    """Why the position after call ``i`` is not a cut."""
+    label = {**t.names, t.entry: t.entry.name}
+    tied = [(a, b, who) for a, b, who in t.ties if a <= i < b]
+    if tied:
+        a, b, who = tied[0]
+        return (f"the weights {who!r} are used on both sides of it (by {label[t.body[a]]!r} and "
+                f"{label[t.body[b]]!r}); split copies would train apart")
+    live = [v for v in [t.entry, *t.body[: i + 1]] if t.last_use[v] > i]
+    node = t.body[i]
+    if node not in live:
+        return f"its value is not read after it; values {[label[v] for v in live]} cross it"
+    output = next(n for n in t.gm.graph.nodes if n.op == "output")
+    return _crossing_reason(node, live, set(t.body[i + 1:]) | {output}, label)
 
 
 def cut_points(model: nn.Module) -> list[str]:
     """Names at which ``model`` can be split (a cut goes right after the named call)."""
     if isinstance(model, nn.Sequential):
-        return list(_sequential_cuts(model)[1])
+        return [name for name, why in _sequential_cuts(model)[1].items() if not why]
     return list(_analyse(_trace(model)).valid)
 
 
@@ -189,10 +199,9 @@ def _unknown(name: str, valid: Sequence[str], why: str = "") -> SplitError:
 
 def _sequential_cuts(model: nn.Sequential) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
     """Children (repeats included, unlike ``named_children``) and cut name -> why not (or '')."""
-    children = list(model._modules.items())
+    children = [(name, m) for name, m in model._modules.items() if m is not None]
     spans: dict[int, list[int]] = {}
     for i, (_, child) in enumerate(children):
-        assert child is not None
         for t in [*child.parameters(), *child.buffers()]:
             spans.setdefault(id(t), []).append(i)
     cuts: dict[str, str] = {}
@@ -201,7 +210,7 @@ def _sequential_cuts(model: nn.Sequential) -> tuple[list[tuple[str, nn.Module]],
         cuts[name] = "" if not tied else (
             f"layers {children[tied[0][0]][0]!r} and {children[tied[0][-1]][0]!r} share weights "
             "across it; split copies would train apart")
-    return children, cuts  # type: ignore[return-value]
+    return children, cuts
 
 
 def _split_sequential(model: nn.Sequential, cuts: Sequence[str]) -> list[nn.Module]:
@@ -236,7 +245,7 @@ def _position(t: _Traced, cut: str) -> int:
         raise _unknown(cut, list(t.valid), "no such layer")
     if idx == len(t.body) - 1:
         raise _unknown(cut, list(t.valid), "it is the last layer")
-    raise _unknown(cut, list(t.valid), t.why[idx])
+    raise _unknown(cut, list(t.valid), _why(t, idx))
 
 
 def _as_sequential(gm: fx.GraphModule, nodes: list[fx.Node], entry: fx.Node) -> nn.Module | None:

@@ -195,6 +195,7 @@ def test_sequential_reusing_a_module_is_split_whole() -> None:
         assert torch.equal(compose(split_model(model, cut))(x), model(x))
     lin = nn.Linear(4, 4)
     tied = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(4, 2))
+    assert cut_points(tied) == ["2"]
     with pytest.raises(SplitError, match="layers '0' and '2' share weights across it"):
         split_model(tied, "1")
 
