@@ -131,7 +131,7 @@ def module_to_spec(module: nn.Module) -> dict[str, Any]:
         if kind in GRAPH_LAYERS:
             raise ConfigError(f"layer {i} ({kind}) takes several inputs or returns a tuple: a "
                               "chain cannot declare it (split_model makes a graph segment)")
-        if id(layer) in seen and any(True for _ in layer.state_dict()):
+        if id(layer) in seen and layer.state_dict():
             raise ConfigError(f"layer {i} ({kind}) is the same module as layer {seen[id(layer)]}: "
                               "a chain cannot share weights between layers")
         seen.setdefault(id(layer), i)

@@ -164,13 +164,11 @@ _NAMESPACES = (("torch", torch), ("torch.nn.functional", F), ("torch.special", t
                ("math", math))
 
 
-def describe_target(node: fx.Node, module: nn.Module | None = None) -> str:
-    """What ``node`` calls, as a reader knows it (``torch.special.erf``, ``Tensor.float``)."""
+def describe_target(node: fx.Node) -> str:
+    """What a function, method or attribute node calls, as a reader knows it
+    (``torch.special.erf``, ``Tensor.float``)."""
     if node.op == "call_method":
         return f"Tensor.{node.target}"
-    if node.op == "call_module":
-        kind = type(module).__qualname__ if module is not None else "?"
-        return f"module {node.target!r} ({kind})"
     if node.op == "get_attr":
         return f"the tensor attribute {node.target!r}"
     for prefix, namespace in _NAMESPACES:
