@@ -48,7 +48,7 @@ class SpecSize:
     output_shape: tuple[int, ...] | None = None
 
 
-def _ints(value: Any) -> list[int]:
+def _int_values(value: Any) -> list[int]:
     items = value if isinstance(value, list) else [value]
     return [v for v in items if isinstance(v, int) and not isinstance(v, bool)]
 
@@ -89,8 +89,8 @@ def _layer_counts(node: SpecNode) -> tuple[int, int]:
 
 
 def _width(node: SpecNode) -> int:
-    widths = [abs(v) for k in _WIDTHS for v in _ints(node.args.get(k))]
-    widths += [math.prod(abs(v) for v in _ints(node.args[k])) for k in _PRODUCTS if k in node.args]
+    widths = [abs(v) for k in _WIDTHS for v in _int_values(node.args.get(k))]
+    widths += [math.prod(abs(v) for v in _int_values(node.args[k])) for k in _PRODUCTS if k in node.args]
     return max(widths, default=0)
 
 
