@@ -1,57 +1,53 @@
-"""Declared segment specs: a readable, code-free description of a segment's layers.
+"""Declared segment specs: a readable, code-free description of a segment.
 
 A data owner never runs code it has not read. The model owner sends a segment as a JSON
-spec (layer types from a fixed list of standard torch layers, with their constructor
-arguments) plus its initial weights as tensors; the data owner's host rebuilds the module
-from that spec. :func:`describe` renders the review a data owner reads before approving.
+spec plus its initial weights as tensors; the data owner's host rebuilds the module from that
+spec. Two forms (both checked completely, argument types included, before anything is built):
+
+- a **chain** ``{"layers": [{"type": "Linear", "args": {...}}, ...]}`` of standard layers
+  (:data:`LAYER_ARGS`), rebuilt as ``nn.Sequential``;
+- a **graph** ``{"input": "x", "nodes": [{"name", "op", "args", "inputs"}, ...], "output"}``
+  of standard layers and a few functional ops (:data:`FUNCTIONAL_OPS`: add, cat, flatten,
+  pooling, reshape, ...), rebuilt as :class:`GraphSegment`, which runs exactly those nodes.
+  ``split_model`` makes such segments from residual blocks, branches and functional code.
+
+:func:`spec_size` measures a spec from its JSON alone (the host's first check);
+:func:`describe` renders the review a data owner reads before approving; :func:`spec_state`
+and :func:`load_spec_state` move weights between the model owner's segment and the rebuilt one.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .errors import ConfigError
+from .spec_args import GRAPH_LAYERS, LAYER_ARGS, OPS
+from .spec_export import chain_layers, graph_spec, layer_args, layer_spec
+from .spec_graph import GraphSegment, build
+from .spec_size import SpecSize, spec_size
 
 __all__ = [
     "LAYER_ARGS",
+    "FUNCTIONAL_OPS",
+    "GraphSegment",
     "OptimizerSpec",
+    "SpecSize",
     "module_to_spec",
     "module_from_spec",
     "describe",
     "count_parameters",
     "spec_state",
+    "load_spec_state",
+    "spec_size",
 ]
 
-#: layer type -> constructor arguments read from (and passed back to) the module.
-LAYER_ARGS: dict[str, tuple[str, ...]] = {
-    "Linear": ("in_features", "out_features", "bias"),
-    "Conv1d": ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-               "groups", "bias", "padding_mode"),
-    "Conv2d": ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-               "groups", "bias", "padding_mode"),
-    "MaxPool1d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    "MaxPool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    "AvgPool1d": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
-    "AvgPool2d": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
-    "AdaptiveAvgPool1d": ("output_size",),
-    "AdaptiveAvgPool2d": ("output_size",),
-    "BatchNorm1d": ("num_features", "eps", "momentum", "affine", "track_running_stats"),
-    "BatchNorm2d": ("num_features", "eps", "momentum", "affine", "track_running_stats"),
-    "LayerNorm": ("normalized_shape", "eps", "elementwise_affine"),
-    "Dropout": ("p",),
-    "Flatten": ("start_dim", "end_dim"),
-    "Unflatten": ("dim", "unflattened_size"),
-    "ReLU": (),
-    "LeakyReLU": ("negative_slope",),
-    "ELU": ("alpha",),
-    "GELU": ("approximate",),
-    "Tanh": (),
-    "Sigmoid": (),
-    "Identity": (),
-}
+#: functional ops a graph spec may use between layers (see :mod:`syft_split.spec_args`).
+FUNCTIONAL_OPS: tuple[str, ...] = tuple(OPS)
 
 _OPTIMIZERS = {"sgd": ("lr", "momentum", "weight_decay", "nesterov", "dampening"),
                "adam": ("lr", "betas", "eps", "weight_decay"),
@@ -109,97 +105,115 @@ class OptimizerSpec:
         return f"OptimizerSpec({self.name!r}, {args})"
 
 
-def _layers_of(module: nn.Module) -> list[nn.Module]:
-    if isinstance(module, nn.Sequential):
-        out: list[nn.Module] = []
-        for child in module:
-            out.extend(_layers_of(child))
-        return out
-    return [module]
-
-
-def _arg_value(layer: nn.Module, arg: str) -> Any:
-    value = getattr(layer, arg)
-    if arg == "bias" and not isinstance(value, bool):
-        return value is not None
-    if isinstance(value, torch.Size):
-        return list(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
+def _state_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(key prefix, layer): the rebuilt module's state keys are the prefix + the layer's keys."""
+    if isinstance(module, GraphSegment):
+        return [("", module)]
+    if isinstance(module, fx.GraphModule):
+        return [(f"layers.{name}.", layer) for name, layer in graph_spec(module)[1].items()]
+    return [(f"{i}.", layer) for i, layer in enumerate(chain_layers(module))]
 
 
 def module_to_spec(module: nn.Module) -> dict[str, Any]:
-    """Describe ``module`` (a layer or nested ``nn.Sequential`` of standard layers) as JSON.
+    """Describe ``module`` as JSON: a chain for (nested) ``nn.Sequential`` of standard layers,
+    a graph for a ``torch.fx.GraphModule`` (as :func:`~syft_split.split.split_model` makes).
 
-    Raises :class:`ConfigError` naming the first layer that has no declared form.
-    """
-    layers = []
-    for i, layer in enumerate(_layers_of(module)):
-        kind = type(layer).__name__
-        if kind not in LAYER_ARGS or type(layer).__module__.split(".")[0] != "torch":
-            raise ConfigError(
-                f"layer {i} ({kind}) has no declared form; a segment placed on a data owner "
-                f"must be made of standard layers: {sorted(LAYER_ARGS)}"
-            )
-        layers.append({"type": kind, "args": {a: _arg_value(layer, a) for a in LAYER_ARGS[kind]}})
+    Raises :class:`ConfigError` naming the first layer or node that has no declared form
+    (for a graph node: what it calls, e.g. ``torch.special.erf``) and the allowed ops."""
+    if isinstance(module, GraphSegment):
+        return copy.deepcopy(module.spec)
+    if isinstance(module, fx.GraphModule):
+        return graph_spec(module)[0]
+    layers: list[dict[str, Any]] = []
+    seen: dict[int, int] = {}
+    for i, layer in enumerate(chain_layers(module)):
+        kind, args = layer_spec(layer, f"layer {i}")
+        if kind in GRAPH_LAYERS:
+            raise ConfigError(f"layer {i} ({kind}) takes several inputs or returns a tuple: a "
+                              "chain cannot declare it (split_model makes a graph segment)")
+        if id(layer) in seen and layer.state_dict():
+            raise ConfigError(f"layer {i} ({kind}) is the same module as layer {seen[id(layer)]}: "
+                              "a chain cannot share weights between layers")
+        seen.setdefault(id(layer), i)
+        layers.append({"type": kind, "args": args})
     return {"layers": layers}
 
 
 def spec_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """``module``'s weights keyed as in the module :func:`module_from_spec` builds."""
-    return {
-        f"{i}.{k}": v.detach().clone()
-        for i, layer in enumerate(_layers_of(module))
-        for k, v in layer.state_dict().items()
-    }
+    return {prefix + k: v.detach().clone()
+            for prefix, layer in _state_layers(module) for k, v in layer.state_dict().items()}
 
 
-def _as_ctor_arg(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+def load_spec_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load weights keyed as :func:`spec_state` keys them (e.g. a data owner's released
+    segment) into ``module``, the model owner's segment; refuse a key set that differs."""
+    own = spec_state(module)
+    if set(state) != set(own):
+        raise ConfigError(f"weights {sorted(state)} do not match the segment's {sorted(own)}")
+    for prefix, layer in _state_layers(module):
+        layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
-def module_from_spec(spec: Any) -> nn.Sequential:
-    """Build the ``nn.Sequential`` a spec declares; refuse anything outside :data:`LAYER_ARGS`."""
-    if not isinstance(spec, dict) or not isinstance(spec.get("layers"), list):
-        raise ConfigError("segment spec must be an object with a 'layers' list")
-    modules = []
-    for i, entry in enumerate(spec["layers"]):
-        if not isinstance(entry, dict):
-            raise ConfigError(f"layer {i}: expected an object, got {entry!r}")
-        kind, args = entry.get("type"), entry.get("args", {})
-        if kind not in LAYER_ARGS:
-            raise ConfigError(f"layer {i}: type {kind!r} is not allowed; allowed: {sorted(LAYER_ARGS)}")
-        if not isinstance(args, dict) or set(args) - set(LAYER_ARGS[kind]):
-            raise ConfigError(
-                f"layer {i} ({kind}): arguments {sorted(args) if isinstance(args, dict) else args!r}"
-                f" not allowed; allowed: {list(LAYER_ARGS[kind])}"
-            )
-        try:
-            modules.append(getattr(nn, kind)(**{k: _as_ctor_arg(v) for k, v in args.items()}))
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"layer {i} ({kind}): invalid arguments {args}: {exc}") from exc
-    return nn.Sequential(*modules)
+def module_from_spec(spec: Any) -> nn.Module:
+    """Build the module a spec declares (``nn.Sequential`` for a chain, :class:`GraphSegment`
+    for a graph); refuse anything outside the allow-lists or with mistyped arguments."""
+    return build(spec)
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Trainable elements (a layer shared by several graph nodes counts once)."""
     return sum(p.numel() for p in module.parameters())
 
 
+def _shape_text(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape[1:]))
+    if isinstance(value, tuple) and all(isinstance(v, torch.Tensor) or v is None for v in value):
+        return "(" + ", ".join("None" if v is None else str(tuple(v.shape[1:])) for v in value) + ")"
+    return repr(tuple(value)) if isinstance(value, torch.Size) else repr(value)
+
+
+def _describe_graph(module: GraphSegment, x: torch.Tensor) -> list[str]:
+    lines = [f"input {module.parsed.input}: {tuple(x.shape[1:])}"]
+    for node, value in module.steps(x):
+        inputs = ", ".join(node.inputs)
+        kwargs = "".join(f", {k}={v!r}" for k, v in {**node.call,
+                                                     **({} if node.is_layer else node.args)}.items())
+        note = ""
+        if node.shares is not None:
+            text, note = f"{node.shares}({inputs}{kwargs})", f"[same layer as {node.shares}]"
+        elif node.is_layer:
+            args = ", ".join(f"{k}={v!r}" for k, v in node.args.items())
+            text = f"{node.op}({args})({inputs}{kwargs})"
+            note = f"[{count_parameters(module.layers[node.name])} params]"
+        else:
+            text = f"{node.op}({inputs}{kwargs})"
+        lines.append(f"{node.name} = {text} -> {_shape_text(value)}" + (f"  {note}" if note else ""))
+    lines.append(f"output: {module.parsed.output}")
+    return lines
+
+
 def describe(module: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
-    """One line per layer: type, arguments, output shape per record, parameter count."""
-    lines = []
+    """One line per layer (chain) or per node (graph: ``name = op(inputs, args) -> shape
+    [params]``), with output shapes per record and parameter counts."""
+    if isinstance(module, fx.GraphModule):
+        rebuilt = module_from_spec(module_to_spec(module))
+        load_spec_state(rebuilt, spec_state(module))
+        module = rebuilt
     x = torch.zeros((1, *input_shape))
     was_training = module.training
     module.eval()
-    with torch.no_grad():
-        for layer in _layers_of(module):
-            x = layer(x)
-            args = ", ".join(f"{a}={_arg_value(layer, a)}" for a in LAYER_ARGS.get(
-                type(layer).__name__, ()))
-            lines.append(
-                f"{type(layer).__name__}({args}) -> {tuple(x.shape[1:])}  "
-                f"[{count_parameters(layer)} params]"
-            )
-    module.train(was_training)
-    return lines
+    try:
+        with torch.no_grad():
+            if isinstance(module, GraphSegment):
+                return _describe_graph(module, x)
+            lines = []
+            for layer in chain_layers(module):
+                x = layer(x)
+                args = ", ".join(f"{a}={v}" for a, v in layer_args(layer).items())
+                lines.append(f"{type(layer).__name__}({args}) -> {tuple(x.shape[1:])}  "
+                             f"[{count_parameters(layer)} params]")
+            return lines
+    finally:
+        module.train(was_training)

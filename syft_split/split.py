@@ -1,80 +1,195 @@
 """Split an ordinary ``nn.Module`` into ordered segments at named cut points.
 
 ``nn.Sequential`` models are cut between children (cut names are the child names). Other
-models are traced with ``torch.fx``; a cut is valid where exactly one value crosses it (no
-skip connection jumps over it). Segments are deep copies, so training them never touches
-the original model, and ``segments[-1](...(segments[0](x)))`` equals ``model(x)`` exactly.
+models are traced with ``torch.fx``; a cut goes right after one call and is valid where
+exactly that call's value crosses it: no skip connection jumps over it, no parallel branch is
+still open, and no weights are used on both sides (split copies would train apart). Cut names
+are module names; a module called several times (one ``nn.ReLU`` reused) has one cut name per
+call, ``"act#1"``, ``"act#2"``, ...; function calls are named as fx names them (``"relu_1"``).
+
+Segments are deep copies, so training them never touches the original model, and
+``segments[-1](...(segments[0](x)))`` equals ``model(x)`` exactly. A segment is an
+``nn.Sequential`` where its calls form a chain, else a ``torch.fx.GraphModule`` of exactly
+the model's calls (:func:`~syft_split.spec.module_to_spec` declares it as a graph spec).
 """
 
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import SplitError
+from .spec_export import describe_target
 
 __all__ = ["cut_points", "split_model", "compose"]
 
-# functions/methods in a traced graph that map to a standard layer (so the segment can be
-# placed on a data owner as a declared spec).
-_FUNCTION_LAYERS = {
-    torch.relu: nn.ReLU,
-    torch.nn.functional.relu: nn.ReLU,
-    torch.tanh: nn.Tanh,
-    torch.sigmoid: nn.Sigmoid,
+# functions in a traced chain that map to a standard layer (so a chain segment stays an
+# nn.Sequential of declared layers).
+_FUNCTION_LAYERS: dict[Any, type[nn.Module]] = {
+    torch.relu: nn.ReLU, F.relu: nn.ReLU, torch.tanh: nn.Tanh, F.tanh: nn.Tanh,
+    torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid,
 }
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(model)
+        gm = fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many kinds of errors on data-dependent control flow
         raise SplitError(
             f"cannot trace {type(model).__name__} with torch.fx ({exc}); wrap the layers in an "
             "nn.Sequential or remove data-dependent control flow from forward()"
         ) from exc
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "training" in node.kwargs:
+            raise SplitError(
+                f"node {node.name!r} calls {describe_target(node)} with training="
+                f"{node.kwargs['training']} frozen when the model was traced, so the split model "
+                "would not follow .train()/.eval(); use the module form (nn.Dropout, nn.BatchNorm)"
+            )
+    return gm
 
 
-def _cut_name(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else node.name
+@dataclass
+class _Traced:
+    gm: fx.GraphModule
+    entry: fx.Node
+    body: list[fx.Node]                  # calls in forward order (no placeholder/output/get_attr)
+    names: dict[fx.Node, str]            # cut name of each call
+    calls: dict[str, list[str]]          # module called several times -> cut names of its calls
+    valid: dict[str, int]                # cut name -> position in body
+    last_use: dict[fx.Node, int]         # value -> position of its last reader (len(body): output)
+    ties: list[tuple[int, int, str]]     # first and last call using the same weights, and whose
 
 
-def _analyse(gm: fx.GraphModule) -> tuple[list[fx.Node], dict[str, int], dict[int, list[str]]]:
-    """Compute nodes, valid cut names -> index, and for invalid positions the crossing values."""
+def _cut_names(body: list[fx.Node]) -> tuple[dict[fx.Node, str], dict[str, list[str]]]:
+    count = Counter(str(n.target) for n in body if n.op == "call_module")
+    seen: Counter[str] = Counter()
+    names: dict[fx.Node, str] = {}
+    for n in body:
+        if n.op == "call_module" and count[str(n.target)] > 1:
+            seen[str(n.target)] += 1
+            names[n] = f"{n.target}#{seen[str(n.target)]}"
+        else:
+            names[n] = str(n.target) if n.op == "call_module" else n.name
+    taken = Counter(names.values())
+    for n in body:  # a module name equal to a function call's name: use the call's fx name
+        if taken[names[n]] > 1 and n.op == "call_module":
+            names[n] = n.name
+    if len(set(names.values())) != len(names):
+        names = {n: n.name for n in body}
+    calls = {t: [names[n] for n in body if n.op == "call_module" and str(n.target) == t]
+             for t, k in count.items() if k > 1}
+    return names, calls
+
+
+def _tensor_ids(gm: fx.GraphModule, node: fx.Node) -> dict[int, str]:
+    """Weights (params and buffers) a call uses, by id -> a readable owner name."""
+    out: dict[int, str] = {}
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        for key, t in [*module.named_parameters(), *module.named_buffers()]:
+            out[id(t)] = f"{node.target}.{key}"
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr":
+            out[id(_fetch_attr(gm, str(arg.target)))] = str(arg.target)
+    return out
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _crossing_reason(node: fx.Node, live: list[fx.Node], later: set[fx.Node],
+                     label: dict[fx.Node, str]) -> str:
+    """Why ``live`` values crossing a cut right after ``node`` make it invalid."""
+    crossing = [label[v] for v in live]
+    ancestors = _ancestors(node)
+    for v in live:
+        if v is node:
+            continue
+        readers = [u for u in v.users if u in later]
+        merges = [u for u in readers if node in _ancestors(u)]
+        if v not in ancestors or not merges:
+            reader = label.get(readers[0], "the output") if readers else "the output"
+            return (f"values {crossing} cross it: parallel branches ({label[v]!r} is still read "
+                    f"after the cut by {reader!r}, beside {label[node]!r})")
+    v = next(v for v in live if v is not node)
+    return (f"values {crossing} cross it: a skip connection ({label[v]!r} jumps over the cut "
+            "and is read after it again)")
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _analyse(gm: fx.GraphModule) -> _Traced:
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
-        raise SplitError(
-            f"{type(gm).__name__}.forward takes {len(placeholders)} inputs; only single-input "
-            "models can be split"
-        )
-    body = [n for n in nodes if n.op not in ("placeholder", "output")]
+        raise SplitError(f"{type(gm).__name__}.forward takes {len(placeholders)} inputs; only "
+                         "single-input models can be split")
+    body = [n for n in nodes if n.op not in ("placeholder", "output", "get_attr")]
     order = {n: i for i, n in enumerate(body)}
+    names, calls = _cut_names(body)
+    last_use = {v: max((order.get(u, len(body)) for u in v.users), default=-1)
+                for v in [placeholders[0], *body]}
+    spans: dict[int, list[int]] = {}
+    owner: dict[int, str] = {}
+    for i, n in enumerate(body):
+        for key, who in _tensor_ids(gm, n).items():
+            spans.setdefault(key, []).append(i)
+            owner.setdefault(key, who)
+    ties = [(p[0], p[-1], owner[k]) for k, p in spans.items() if p[0] < p[-1]]
     valid: dict[str, int] = {}
-    crossing: dict[int, list[str]] = {}
-    for i, node in enumerate(body[:-1]):
-        live = [
-            n for n in [placeholders[0], *body[: i + 1]]
-            if any(u.op == "output" or order.get(u, -1) > i for u in n.users)
-        ]
-        if live == [node]:
-            valid[_cut_name(node)] = i
-        else:
-            crossing[i] = [n.name for n in live]
-    return body, valid, crossing
+    live = {placeholders[0]} if last_use[placeholders[0]] >= 0 else set()
+    for i, node in enumerate(body[:-1]):  # sweep: the values read after position i
+        live = {v for v in live if last_use[v] > i}
+        if last_use[node] > i:
+            live.add(node)
+        if live == {node} and not any(a <= i < b for a, b, _ in ties):
+            valid[names[node]] = i
+    return _Traced(gm, placeholders[0], body, names, calls, valid, last_use, ties)
+
+
+def _why(t: _Traced, i: int) -> str:
+    """Why the position after call ``i`` is not a cut."""
+    label = {**t.names, t.entry: t.entry.name}
+    tied = [(a, b, who) for a, b, who in t.ties if a <= i < b]
+    if tied:
+        a, b, who = tied[0]
+        return (f"the weights {who!r} are used on both sides of it (by {label[t.body[a]]!r} and "
+                f"{label[t.body[b]]!r}); split copies would train apart")
+    live = [v for v in [t.entry, *t.body[: i + 1]] if t.last_use[v] > i]
+    node = t.body[i]
+    if node not in live:
+        return f"its value is not read after it; values {[label[v] for v in live]} cross it"
+    output = next(n for n in t.gm.graph.nodes if n.op == "output")
+    return _crossing_reason(node, live, set(t.body[i + 1:]) | {output}, label)
 
 
 def cut_points(model: nn.Module) -> list[str]:
-    """Names at which ``model`` can be split (a cut goes right after the named layer)."""
+    """Names at which ``model`` can be split (a cut goes right after the named call)."""
     if isinstance(model, nn.Sequential):
-        return [name for name, _ in list(model.named_children())[:-1]]
-    _, valid, _ = _analyse(_trace(model))
-    return list(valid)
+        return [name for name, why in _sequential_cuts(model)[1].items() if not why]
+    return list(_analyse(_trace(model)).valid)
 
 
 def _unknown(name: str, valid: Sequence[str], why: str = "") -> SplitError:
@@ -82,69 +197,120 @@ def _unknown(name: str, valid: Sequence[str], why: str = "") -> SplitError:
     return SplitError(f"cannot cut at {name!r}{reason}; valid cut names: {list(valid)}")
 
 
+def _sequential_cuts(model: nn.Sequential) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """Children (repeats included, unlike ``named_children``) and cut name -> why not (or '')."""
+    children = [(name, m) for name, m in model._modules.items() if m is not None]
+    spans: dict[int, list[int]] = {}
+    for i, (_, child) in enumerate(children):
+        for t in [*child.parameters(), *child.buffers()]:
+            spans.setdefault(id(t), []).append(i)
+    cuts: dict[str, str] = {}
+    for i, (name, _) in enumerate(children[:-1]):
+        tied = [p for p in spans.values() if p[0] <= i < p[-1]]
+        cuts[name] = "" if not tied else (
+            f"layers {children[tied[0][0]][0]!r} and {children[tied[0][-1]][0]!r} share weights "
+            "across it; split copies would train apart")
+    return children, cuts
+
+
 def _split_sequential(model: nn.Sequential, cuts: Sequence[str]) -> list[nn.Module]:
-    names = [name for name, _ in model.named_children()]
-    valid = names[:-1]
+    children, reasons = _sequential_cuts(model)
+    names = [name for name, _ in children]
+    valid = [n for n, r in reasons.items() if not r]
     positions = []
     for cut in cuts:
         if cut not in valid:
-            why = "it is the last layer" if cut in names else "no such layer"
+            why = (reasons.get(cut) or "no such layer") if cut != names[-1] else "it is the last layer"
             raise _unknown(cut, valid, why)
         positions.append(names.index(cut) + 1)
+    if positions != sorted(positions):
+        raise SplitError(f"cut names must be in forward order: {list(cuts)}")
     bounds = [0, *positions, len(names)]
-    children = list(model.named_children())
-    return [
-        nn.Sequential(OrderedDict((n, copy.deepcopy(m)) for n, m in children[a:b]))
-        for a, b in zip(bounds, bounds[1:])
-    ]
+    return [nn.Sequential(OrderedDict(zip(names[a:b], copy.deepcopy([m for _, m in children[a:b]]))))
+            for a, b in zip(bounds, bounds[1:])]
 
 
-def _as_sequential(gm: fx.GraphModule, nodes: list[fx.Node]) -> nn.Module | None:
-    """Rebuild a chain of nodes as ``nn.Sequential`` when each node only feeds the next."""
+def _position(t: _Traced, cut: str) -> int:
+    if cut in t.valid:
+        return t.valid[cut] + 1
+    if cut in t.calls:
+        raise _unknown(cut, list(t.valid), f"module {cut!r} is called {len(t.calls[cut])} times; "
+                       f"name the call: {t.calls[cut]}")
+    idx = next((i for i, n in enumerate(t.body) if t.names[n] == cut), None)
+    if idx is None:  # an fx node name (e.g. "act_1") also names its call
+        idx = next((i for i, n in enumerate(t.body) if n.name == cut), None)
+        if idx is not None and t.names[t.body[idx]] in t.valid:
+            return idx + 1
+    if idx is None:
+        raise _unknown(cut, list(t.valid), "no such layer")
+    if idx == len(t.body) - 1:
+        raise _unknown(cut, list(t.valid), "it is the last layer")
+    raise _unknown(cut, list(t.valid), _why(t, idx))
+
+
+def _as_sequential(gm: fx.GraphModule, nodes: list[fx.Node], entry: fx.Node) -> nn.Module | None:
+    """The calls as ``nn.Sequential`` when each only reads the previous one's value."""
     layers: list[tuple[str, nn.Module]] = []
-    prev: fx.Node | None = None
+    memo: dict[int, Any] = {}
+    prev = entry
+    used: set[str] = set()
     for node in nodes:
         args = list(node.args)
-        if prev is not None and (not args or args[0] is not prev):
+        if not args or args[0] is not prev or any(isinstance(a, fx.Node) for a in args[1:]):
             return None
         if node.op == "call_module" and len(args) == 1 and not node.kwargs:
-            layers.append((str(node.target).replace(".", "_"),
-                           copy.deepcopy(gm.get_submodule(str(node.target)))))
-        elif node.op == "call_function" and node.target in _FUNCTION_LAYERS and len(args) == 1:  # type: ignore[comparison-overlap]
-            layers.append((node.name, _FUNCTION_LAYERS[node.target]()))  # type: ignore[index]
-        elif node.op in ("call_function", "call_method") and node.target in (torch.flatten,
-                                                                            "flatten"):
-            rest = args[1:] + list(node.kwargs.values())
-            if not all(isinstance(a, int) for a in rest):
+            target = str(node.target)
+            module = gm.get_submodule(target)
+            if target in used and any(True for _ in [*module.parameters(), *module.buffers()]):
+                return None  # a layer with weights called twice: keep the sharing (graph)
+            used.add(target)
+            layers.append((node.name, copy.deepcopy(module, memo)))
+        elif (node.op == "call_function" and node.target in _FUNCTION_LAYERS and len(args) == 1
+              and set(node.kwargs) <= {"inplace"}):
+            layers.append((node.name, _FUNCTION_LAYERS[node.target]()))
+        elif (node.op, node.target) in (("call_function", torch.flatten), ("call_method", "flatten")):
+            start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+            end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
+            if not isinstance(start, int) or not isinstance(end, int) or len(args) > 3:
                 return None
-            layers.append((node.name, nn.Flatten(*rest) if rest else nn.Flatten(0)))  # type: ignore[arg-type]
+            layers.append((node.name, nn.Flatten(start, end)))
         else:
             return None
         prev = node
     return nn.Sequential(OrderedDict(layers))
 
 
-def _graph_segment(gm: fx.GraphModule, nodes: list[fx.Node]) -> nn.Module:
-    seq = _as_sequential(gm, nodes)
-    if seq is not None:
-        return seq
+def _segment(t: _Traced, nodes: list[fx.Node], entry: fx.Node, out: Any) -> nn.Module:
+    if out is nodes[-1]:
+        seq = _as_sequential(t.gm, nodes, entry)
+        if seq is not None:
+            return seq
     graph = fx.Graph()
-    entry = nodes[0].all_input_nodes
-    env: dict[fx.Node, fx.Node] = {}
-    x = graph.placeholder("x")
-    for n in entry:
-        env[n] = x
+    env: dict[fx.Node, fx.Node] = {entry: graph.placeholder("x")}
+    root: dict[str, Any] = {}
+    memo: dict[int, Any] = {}
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n not in env and n.op == "get_attr":
+            root[str(n.target)] = copy.deepcopy(_fetch_attr(t.gm, str(n.target)), memo)
+            env[n] = graph.get_attr(str(n.target))
+        return env[n]
+
     for node in nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(env[nodes[-1]])
-    return fx.GraphModule(copy.deepcopy(gm), graph)
+        if node.op == "call_module":
+            root[str(node.target)] = copy.deepcopy(t.gm.get_submodule(str(node.target)), memo)
+        env[node] = graph.node_copy(node, lookup)
+    graph.output(fx.map_arg(out, lookup))
+    return fx.GraphModule(root, graph)
 
 
 def split_model(model: nn.Module, cuts: str | Sequence[str]) -> list[nn.Module]:
     """Split ``model`` right after each named cut point; return ``len(cuts) + 1`` segments.
 
     Each segment is a plain ``nn.Module`` (an ``nn.Sequential`` where possible) holding a copy
-    of the original weights. Raises :class:`SplitError` listing the valid cut names.
+    of the original weights. Raises :class:`SplitError` saying why a cut is not valid
+    (a skip connection, parallel branches, weights used on both sides, an ambiguous name)
+    and listing the valid cut names.
     """
     if isinstance(cuts, str):
         cuts = [cuts]
@@ -156,29 +322,16 @@ def split_model(model: nn.Module, cuts: str | Sequence[str]) -> list[nn.Module]:
     if isinstance(model, nn.Sequential):
         segments = _split_sequential(model, cuts)
     else:
-        gm = _trace(model)
-        body, valid, crossing = _analyse(gm)
-        names_by_index = {i: _cut_name(n) for i, n in enumerate(body)}
-        positions = []
-        for cut in cuts:
-            if cut in valid:
-                positions.append(valid[cut] + 1)
-                continue
-            idx = next((i for i, nm in names_by_index.items() if nm == cut), None)
-            if idx is None:
-                raise _unknown(cut, list(valid), "no such layer")
-            if idx == len(body) - 1:
-                raise _unknown(cut, list(valid), "it is the last layer")
-            raise _unknown(cut, list(valid),
-                           f"values {crossing.get(idx)} cross it: a skip connection")
+        t = _analyse(_trace(model))
+        positions = [_position(t, cut) for cut in cuts]
         if positions != sorted(positions):
             raise SplitError(f"cut names must be in forward order: {list(cuts)}")
-        bounds = [0, *positions, len(body)]
-        segments = [_graph_segment(gm, body[a:b]) for a, b in zip(bounds, bounds[1:])]
-    if isinstance(model, nn.Sequential):
-        positions_ok = [list(dict(model.named_children())).index(c) for c in cuts]
-        if positions_ok != sorted(positions_ok):
-            raise SplitError(f"cut names must be in forward order: {list(cuts)}")
+        output = next(n for n in t.gm.graph.nodes if n.op == "output")
+        bounds = [0, *positions, len(t.body)]
+        entries = [t.entry, *(t.body[p - 1] for p in positions)]
+        outs = [*(t.body[p - 1] for p in positions), output.args[0]]
+        segments = [_segment(t, t.body[a:b], e, o)
+                    for (a, b), e, o in zip(zip(bounds, bounds[1:]), entries, outs)]
     for seg in segments:
         seg.train(model.training)
     return segments

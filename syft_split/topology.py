@@ -233,7 +233,14 @@ class SplitPlan:
                 try:
                     module_to_spec(node.module)
                 except ConfigError as exc:
-                    problems.append(f"{where} cannot be placed on {node.owner}: {exc}")
+                    if node.owner != DATA_OWNER:
+                        party = f"party {node.owner!r}"
+                    elif self.data_owners:
+                        party = ("data owner" + "s" * (len(self.data_owners) > 1) + " "
+                                 + ", ".join(repr(d) for d in self.data_owners))
+                    else:
+                        party = "the data owner"
+                    problems.append(f"{where} cannot be placed on {party}: {exc}")
             if i < n - 1 and not self.consumers(i) and self.task_at(i) is None:
                 problems.append(f"{where}: its output is used by nothing and no task")
         if MODEL_OWNER not in self.owners:

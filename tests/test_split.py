@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from syft_split import SplitError, compose, cut_points, split_model
+from syft_split import ConfigError, SplitError, SplitPlan, compose, cut_points, split_model
 from syft_split.models import digits_cnn
 
 
@@ -104,3 +104,122 @@ def test_cuts_out_of_order_rejected() -> None:
         split_model(digits_cnn(), ["pool2", "pool1"])
     with pytest.raises(SplitError, match="forward order"):
         split_model(NamedCNN(), ["pool2", "pool1"])
+
+
+class ReusedAct(nn.Module):
+    """One nn.ReLU called twice: each call is its own cut point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def test_each_call_of_a_reused_module_has_its_own_cut_name() -> None:
+    model = ReusedAct()
+    assert cut_points(model) == ["fc1", "act#1", "fc2", "act#2"]
+    with pytest.raises(SplitError) as err:
+        split_model(model, "act")
+    assert "module 'act' is called 2 times; name the call: ['act#1', 'act#2']" in str(err.value)
+    x = torch.randn(5, 4)
+    first, second = split_model(model, "act#2")
+    assert [type(m).__name__ for m in first] == ["Linear", "ReLU", "Linear", "ReLU"]
+    assert torch.equal(second(first(x)), model(x))
+    # the fx name of a call names it too
+    assert torch.equal(split_model(model, "act_1")[0](x), first(x))
+
+
+class Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.cat([self.a(x), self.b(x)], 1))
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.dropout(self.a(x), 0.5, training=self.training))
+
+
+@pytest.mark.parametrize("make, cut, fragment", [
+    (Residual, "b", "values ['a', 'b'] cross it: a skip connection ('a' jumps over the cut"),
+    (Branches, "a", "values ['x', 'a'] cross it: parallel branches ('x' is still read after "
+                    "the cut by 'b', beside 'a')"),
+    (Branches, "b", "values ['a', 'b'] cross it: parallel branches"),
+    (Tied, "fc#1", "the weights 'fc.weight' are used on both sides of it (by 'fc#1' and "
+                   "'fc#2'); split copies would train apart"),
+])
+def test_invalid_cuts_say_what_crosses(make, cut, fragment) -> None:
+    model = make()
+    with pytest.raises(SplitError) as err:
+        split_model(model, cut)
+    assert fragment in str(err.value)
+    assert cut not in cut_points(model)
+
+
+def test_weights_shared_inside_a_segment_stay_shared() -> None:
+    torch.manual_seed(0)
+    model = Tied()
+    first, _ = split_model(model, "fc#2")
+    calls = [n for n in first.graph.nodes if n.op == "call_module"]
+    assert [str(n.target) for n in calls] == ["fc", "fc"]  # one layer, called twice
+    assert len(list(first.parameters())) == 2  # one weight and one bias, not two copies
+    x = torch.randn(3, 4)
+    assert torch.equal(first(x), model.fc(torch.tanh(model.fc(x))))
+
+
+def test_sequential_reusing_a_module_is_split_whole() -> None:
+    act = nn.ReLU()
+    model = nn.Sequential(nn.Linear(4, 8), act, nn.Linear(8, 8), act, nn.Linear(8, 2))
+    assert cut_points(model) == ["0", "1", "2", "3"]
+    x = torch.randn(3, 4)
+    for cut in cut_points(model):
+        assert torch.equal(compose(split_model(model, cut))(x), model(x))
+    lin = nn.Linear(4, 4)
+    tied = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(4, 2))
+    assert cut_points(tied) == ["2"]
+    with pytest.raises(SplitError, match="layers '0' and '2' share weights across it"):
+        split_model(tied, "1")
+
+
+def test_functional_dropout_frozen_at_trace_time_is_refused() -> None:
+    with pytest.raises(SplitError, match=r"node 'dropout' calls torch\.nn\.functional\.dropout "
+                                         "with training=True frozen"):
+        cut_points(FunctionalDropout())
+
+
+class Erf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(torch.special.erf(self.a(x))))
+
+
+def test_placement_error_names_segment_party_node_and_op() -> None:
+    segments = split_model(Erf(), ["a", "special_erf"])
+    with pytest.raises(ConfigError) as err:
+        SplitPlan.multi_hop(segments, "clinic", hops=["relay"])
+    assert ("segment 1 (seg1) cannot be placed on party 'relay': node 'special_erf' calls "
+            "torch.special.erf, which has no declared form; allowed: layers [") in str(err.value)
+    with pytest.raises(ConfigError, match="cannot be placed on data owners 'a', 'b': node "):
+        SplitPlan.vanilla(split_model(Erf(), "special_erf"), ["a", "b"])

@@ -1,0 +1,161 @@
+"""How big a declared segment is, from its JSON alone: the data owner's cheap first check.
+
+:func:`spec_size` checks the spec completely (as :func:`~syft_split.spec.module_from_spec`
+would) and counts its parameters with arithmetic on the declared arguments: no module is
+built and no tensor allocated, so ``Linear(64, 4_000_000)`` is measured in microseconds and
+refused before a gigabyte is allocated. Given the input shape, it also propagates shapes on
+torch's ``meta`` device (shapes only, no memory) to find the largest activation per record,
+which catches zero-parameter blow-ups (huge padding, concatenating a value with itself).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .spec_args import layer_defaults
+from .spec_graph import GraphSegment, SpecNode, build, parse_spec
+
+__all__ = ["SpecSize", "spec_size"]
+
+#: arguments that are sizes (a product for the shape-valued ones).
+_WIDTHS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+           "padding", "dilation", "num_features", "embed_dim", "num_heads", "kdim", "vdim",
+           "shape")
+_PRODUCTS = ("normalized_shape", "output_size", "unflattened_size")
+
+
+@dataclass(frozen=True)
+class SpecSize:
+    """What a spec declares: ``parameters`` (trainable elements, as
+    :func:`~syft_split.spec.count_parameters` counts them once built), ``buffers`` (running
+    statistics), ``max_width`` (the largest size argument: features, channels, kernel, padding,
+    product of a normalized/output shape), ``layers`` (layers of a chain, nodes of a graph);
+    with an input shape, ``activations`` (elements of the largest value per record) and
+    ``output_shape`` (per record)."""
+
+    parameters: int
+    buffers: int
+    max_width: int
+    layers: int
+    activations: int | None = None
+    output_shape: tuple[int, ...] | None = None
+
+
+def _int_values(value: Any) -> list[int]:
+    items = value if isinstance(value, list) else [value]
+    return [v for v in items if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _n(value: Any, dims: int) -> int:
+    """Elements of a kernel given as an int or a list."""
+    return math.prod(value) if isinstance(value, list) else value**dims
+
+
+def _layer_counts(node: SpecNode) -> tuple[int, int]:
+    """(parameters, buffers) of a layer node, from its arguments and torch's defaults."""
+    a = {**layer_defaults(node.op), **node.args}
+    op = node.op
+    if op == "Linear":
+        return a["in_features"] * a["out_features"] + a["out_features"] * a["bias"], 0
+    if op in ("Conv1d", "Conv2d"):
+        cin, cout, groups = a["in_channels"], a["out_channels"], a["groups"]
+        if cin % groups or cout % groups:
+            raise ConfigError(f"node {node.name!r} ({op}): groups={groups} must divide "
+                              f"in_channels={cin} and out_channels={cout}")
+        kernel = _n(a["kernel_size"], 1 if op == "Conv1d" else 2)
+        return cout * (cin // groups) * kernel + cout * a["bias"], 0
+    if op in ("BatchNorm1d", "BatchNorm2d"):
+        n = a["num_features"]
+        return 2 * n * a["affine"], (2 * n + 1) * a["track_running_stats"]
+    if op == "LayerNorm":
+        n = _n(a["normalized_shape"], 1)
+        return n * a["elementwise_affine"] * (1 + a["bias"]), 0
+    if op == "MultiheadAttention":
+        e, heads = a["embed_dim"], a["num_heads"]
+        if e % heads:
+            raise ConfigError(f"node {node.name!r} ({op}): embed_dim={e} must be divisible by "
+                              f"num_heads={heads}")
+        kdim, vdim = a["kdim"] or e, a["vdim"] or e
+        return (e * (e + kdim + vdim) + 3 * e * a["bias"] + e * e + e * a["bias"]
+                + 2 * e * a["add_bias_kv"]), 0
+    return 0, 0
+
+
+def _width(node: SpecNode) -> int:
+    widths = [abs(v) for k in _WIDTHS for v in _int_values(node.args.get(k))]
+    widths += [math.prod(abs(v) for v in _int_values(node.args[k])) for k in _PRODUCTS if k in node.args]
+    return max(widths, default=0)
+
+
+def _per_record(value: Any, batch: int) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() // batch
+    if isinstance(value, tuple) and all(isinstance(v, torch.Tensor) or v is None for v in value):
+        return sum(v.numel() // batch for v in value if v is not None)
+    return 0
+
+
+def _activations(spec: Any, input_shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+    shape = tuple(input_shape)
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ConfigError(f"input_shape must be a non-empty list of positive ints, got {input_shape!r}")
+    batch = 2  # as the host's probe forward
+    with torch.device("meta"):
+        module = build(spec)
+    module.eval()
+    out: Any = torch.empty((batch, *shape), device="meta")
+    largest = math.prod(shape)
+    if isinstance(module, GraphSegment):
+        labels = [f"node {n.name!r} ({n.op})" for n in module.parsed.nodes]
+        steps: Iterator[tuple[str, Any]] = ((n.name, v) for n, v in module.steps(out))
+        output = module.parsed.output
+    else:
+        labels = [f"layer {i} ({type(layer).__name__})" for i, layer in enumerate(module)]
+        steps = _chain_steps(module, out)
+        output = str(len(module) - 1)
+    done = 0
+    try:
+        with torch.no_grad():
+            for name, value in steps:
+                done += 1
+                largest = max(largest, _per_record(value, batch))
+                if name == output:
+                    out = value
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+        raise ConfigError(f"{labels[done]} does not accept its input (input per record "
+                          f"{shape}): {exc}") from exc
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"the segment's output is not a tensor: {type(out).__name__}")
+    return largest, tuple(out.shape[1:])
+
+
+def _chain_steps(module: nn.Sequential, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    for i, layer in enumerate(module):
+        x = layer(x)
+        yield str(i), x
+
+
+def spec_size(spec: Any, input_shape: Sequence[int] | None = None) -> SpecSize:
+    """Count what ``spec`` declares without building it; raise ConfigError if it is malformed.
+
+    ``input_shape`` (per record): also propagate shapes on the meta device (no memory) and
+    report the largest activation; a spec that does not accept that input is refused."""
+    parsed = parse_spec(spec)
+    params = buffers = width = 0
+    for node in parsed.nodes:
+        if node.is_layer and node.shares is None:
+            p, b = _layer_counts(node)
+            params, buffers = params + p, buffers + b
+        width = max(width, _width(node))
+    size = SpecSize(params, buffers, width, len(parsed.nodes))
+    if input_shape is None:
+        return size
+    activations, out_shape = _activations(spec, input_shape)
+    return SpecSize(params, buffers, width, len(parsed.nodes), activations, out_shape)
