@@ -21,10 +21,10 @@ import torch
 from .. import wire
 from ..errors import ApprovalError, ConfigError, ShapeError, ValidationError
 from ..losses import LOSSES
-from ..spec import OptimizerSpec, module_from_spec
+from ..spec import OptimizerSpec, module_from_spec, spec_size
 from .dispatch import OpFamily, op, owner_op, register_family
 from .guard import JSON, TEXT, Call
-from .records import ROLES, SHARING, Proposal, Runtime
+from .records import ROLES, SHARING, HostLimits, Proposal, Runtime
 from .review import review_text
 
 __all__ = ["ProposalOps", "DEFENCES"]
@@ -104,19 +104,6 @@ class ProposalOps(OpFamily):
         if n_params > limits.max_parameters:
             raise ConfigError(f"the proposed weights hold {n_params} values; this data owner "
                               f"accepts at most {limits.max_parameters}")
-        _check_declared_size(req.get("spec"), limits)
-        module = module_from_spec(req.get("spec"))
-        own = module.state_dict()
-        if set(state) != set(own):
-            raise ConfigError(f"weights {sorted(state)} do not match the spec's {sorted(own)}")
-        for k, v in state.items():
-            if not isinstance(v, torch.Tensor) or v.shape != own[k].shape or v.dtype != own[k].dtype:
-                got = (f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor)
-                       else type(v).__name__)
-                raise ShapeError(f"weight {k}: expected {tuple(own[k].shape)} {own[k].dtype}, "
-                                 f"got {got}")
-            wire.check_tensor(v, f"weight {k}", nonempty=False)
-        module.load_state_dict(state)
         if role == "input":
             input_shape = tuple(host.datasets[datasets[0]].features.shape[1:])
             for d in datasets:
@@ -131,6 +118,23 @@ class ProposalOps(OpFamily):
                 raise ConfigError(f"input_shape must be a list of ints in 1..{limits.max_width}, "
                                   f"got {raw_shape!r}")
             input_shape = tuple(raw_shape)
+        max_batch = req.get("max_batch", limits.max_batch)
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not (
+                0 < max_batch <= limits.max_batch):
+            raise ConfigError(f"max_batch must be in 1..{limits.max_batch}, got {max_batch!r}")
+        _check_size(req.get("spec"), input_shape, max_batch, limits)
+        module = module_from_spec(req.get("spec"))
+        own = module.state_dict()
+        if set(state) != set(own):
+            raise ConfigError(f"weights {sorted(state)} do not match the spec's {sorted(own)}")
+        for k, v in state.items():
+            if not isinstance(v, torch.Tensor) or v.shape != own[k].shape or v.dtype != own[k].dtype:
+                got = (f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor)
+                       else type(v).__name__)
+                raise ShapeError(f"weight {k}: expected {tuple(own[k].shape)} {own[k].dtype}, "
+                                 f"got {got}")
+            wire.check_tensor(v, f"weight {k}", nonempty=False)
+        module.load_state_dict(state)
         loss = req.get("loss")
         if role == "loss":
             if loss not in LOSSES:
@@ -162,10 +166,6 @@ class ProposalOps(OpFamily):
             if he.get("d_in") != d_in:
                 raise ShapeError(f"encrypted layer expects d_in={he.get('d_in')}, but this "
                                  f"segment outputs {tuple(out.shape[1:])} = {d_in} features")
-        max_batch = req.get("max_batch", limits.max_batch)
-        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not (
-                0 < max_batch <= limits.max_batch):
-            raise ConfigError(f"max_batch must be in 1..{limits.max_batch}, got {max_batch!r}")
         return Proposal(
             id=f"{host.name}/seg{next(host.ids)}", driver=caller, role=role, spec=req["spec"],
             state=state, optimizer=OptimizerSpec.from_json(req.get("optimizer")),
@@ -238,26 +238,19 @@ def _defences(defences: Any, role: str) -> dict[str, float]:
     return {k: float(v) for k, v in defences.items()}
 
 
-def _check_declared_size(spec: Any, limits: Any) -> None:
-    """Refuse a spec whose declared layers are too many or too wide, from its JSON alone."""
-    layers = spec.get("layers") if isinstance(spec, dict) else None
-    if not isinstance(layers, list):
-        raise ConfigError("segment spec must be an object with a 'layers' list")
-    if len(layers) > limits.max_layers:
-        raise ConfigError(f"the spec declares {len(layers)} layers; this data owner accepts "
-                          f"{limits.max_layers}")
-    total = 0
-    for i, entry in enumerate(layers):
-        args = entry.get("args", {}) if isinstance(entry, dict) else {}
-        args = args if isinstance(args, dict) else {}
-        widths = [v for k, v in args.items() if k in _WIDTH_ARGS]
-        for w in widths:
-            if not isinstance(w, int) or isinstance(w, bool) or not 0 < w <= limits.max_width:
-                raise ConfigError(f"layer {i}: width {w!r} outside 1..{limits.max_width}")
-        total += math.prod(widths) if len(widths) >= 2 else (widths[0] if widths else 0)
-    if total > limits.max_parameters:
-        raise ConfigError(f"the spec declares about {total} parameters; this data owner accepts "
-                          f"at most {limits.max_parameters}")
-
-
-_WIDTH_ARGS = ("in_features", "out_features", "in_channels", "out_channels", "num_features")
+def _check_size(spec: Any, input_shape: tuple[int, ...], max_batch: int,
+                limits: HostLimits) -> None:
+    """Refuse a spec that is too large, from its JSON alone (no module built, no memory)."""
+    size = spec_size(spec)
+    for what, got, cap in (("parameters", size.parameters + size.buffers, limits.max_parameters),
+                           ("layer width", size.max_width, limits.max_width),
+                           ("layers", size.layers, limits.max_layers)):
+        if got > cap:
+            raise ConfigError(f"the proposed segment declares {got} {what}; this data owner "
+                              f"accepts at most {cap}")
+    shaped = spec_size(spec, input_shape)
+    per_step = 4 * (shaped.activations or 0) * max_batch
+    if per_step > limits.max_activation_bytes:
+        raise ConfigError(f"the proposed segment's widest value takes {per_step} bytes per step "
+                          f"of {max_batch} records; this data owner accepts "
+                          f"{limits.max_activation_bytes}")

@@ -66,9 +66,10 @@ class Dataset:
 class HostLimits:
     """What a data owner accepts at all, checked before anything is built or run.
 
-    ``max_parameters`` / ``max_width``: a proposal larger than this is refused from its spec
-    alone. ``max_proposals_per_minute`` / ``max_pending``: per user. ``max_abs_value``: no
-    released activation or gradient, and no incoming gradient, may exceed it in magnitude.
+    ``max_parameters`` / ``max_width`` / ``max_layers`` / ``max_activation_bytes`` (the widest
+    value of one step): a proposal larger than this is refused from its spec alone.
+    ``max_proposals_per_minute`` / ``max_pending``: per user. ``max_abs_value``: no released
+    activation or gradient, and no incoming gradient, may exceed it in magnitude.
     ``max_records_per_minute``: records a segment may release per minute (None: no cap).
     """
 
@@ -77,6 +78,7 @@ class HostLimits:
     max_parameters: int = 20_000_000
     max_width: int = 65_536
     max_layers: int = 256
+    max_activation_bytes: int = 1 << 30
     max_proposals_per_minute: int = 30
     max_pending: int = 32
     max_abs_value: float = 1e6
@@ -84,7 +86,7 @@ class HostLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_batch", "max_parameters", "max_width",
-                     "max_layers", "max_proposals_per_minute", "max_pending"):
+                     "max_layers", "max_activation_bytes", "max_proposals_per_minute", "max_pending"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"HostLimits.{name} must be a positive int, got {value!r}")
