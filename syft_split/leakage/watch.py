@@ -198,11 +198,13 @@ class LeakageWatch:
             decode, _ = ridge_decoder(zm, xm, weights=(self._ridge,))
         pred = decode(zp)
         ratio = mse_ratio(pred, xp, xm.mean(0))["ratio"]
-        entry = {"step": step, "inversion_ratio": ratio, "ssim": image_ssim(pred, xp, self._shape, xm),
-                 "dcor": dcor_leakage(xp, zp),
-                 "label_alignment": statistics.median(self._alignments) if self._alignments else None}
-        entry["seconds"] = time.perf_counter() - t0
-        self.seconds += entry["seconds"]
+        entry: dict[str, Any] = {
+            "step": step, "inversion_ratio": ratio, "ssim": image_ssim(pred, xp, self._shape, xm),
+            "dcor": dcor_leakage(xp, zp),
+            "label_alignment": statistics.median(self._alignments) if self._alignments else None}
+        seconds = time.perf_counter() - t0
+        entry["seconds"] = seconds
+        self.seconds += seconds
         self.history.append(entry)
         self.latest = entry
         return entry

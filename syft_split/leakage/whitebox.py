@@ -5,7 +5,7 @@ He, Zhang & Lee, "Model inversion attacks against collaborative inference" (ACSA
 
     x* = argmin_x  ||f(x) - z||² / ||z||²  +  λ · TV(x) / d  +  μ · ||x - x̄||² / (d · s²)
 
-over the input domain (here the box spanned by the mock records), with ``f`` the segment,
+over the input domain (here the value range of the mock records), with ``f`` the segment,
 ``z`` the released activation, ``TV`` the anisotropic total variation of an image record and
 ``d`` its number of values, ``x̄`` the mock mean and ``s`` the width of the mock's value range
 (a Gaussian prior: UnSplit's L2 term, centred on the mock). With Gaussian noise on ``z`` the
@@ -16,12 +16,16 @@ model fitting); the data owner knows its own weights, so this bounds an attacker
 them (e.g. by UnSplit's model stealing or a weight-sharing topology).
 
 The prior weights ``(λ, μ)`` are chosen on mock rows (the attacker can do the same: it knows the
-mock inputs) from ``tv_weights x l2_weights``; the start point is the mock mean; Adam with
-projection on the box.
+mock inputs) from ``tv_weights x l2_weights``. The optimiser is L-BFGS (strong Wolfe line
+search, float64): from the mock mean in a sigmoid box parametrisation, and unconstrained (then
+clipped to the box) from the mock mean and ``restarts - 1`` random mock records; each record
+keeps the run with the lowest objective (an attacker can compute it: no ground truth is used).
+On the demo segment this reaches several times lower error than projected Adam.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,32 +48,79 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
             + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).sum(1))
 
 
-def _solve(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, start: torch.Tensor,
-           lo: torch.Tensor, hi: torch.Tensor, prior: tuple[float, float], iterations: int, lr: float,
-           image: bool, deadline: float | None) -> tuple[torch.Tensor, int]:
+def _objective(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, z: torch.Tensor,
+               z_norm: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor, prior: tuple[float, float],
+               image: bool) -> torch.Tensor:
+    """The rMLE objective per record (see the module docstring)."""
     tv_weight, l2_weight = prior
-    mean = start.detach()
-    spread = (hi - lo).pow(2).mean().clamp_min(1e-12)
-    x = start.clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
-    z_norm = z.pow(2).sum(1).clamp_min(1e-12)
     d = x[0].numel()
+    out = (f(x).reshape(z.shape) - z).pow(2).sum(1) / z_norm
+    if tv_weight > 0 and image:
+        out = out + tv_weight * total_variation(x) / d
+    if l2_weight > 0:
+        out = out + l2_weight * (x - mean).pow(2).flatten(1).mean(1) / spread
+    return out
+
+
+def _solve(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
+           starts: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor, prior: tuple[float, float],
+           iterations: int, image: bool, deadline: float | None) -> tuple[torch.Tensor, int]:
+    """L-BFGS runs, the best per record by objective. Returns ``(x, runs done)``.
+
+    Two parametrisations: from ``mean``, ``x = lo + (hi - lo)·sigmoid(u)`` (stays in the box);
+    from ``mean`` and every other start, unconstrained ``x`` clipped to the box afterwards (the
+    sigmoid stalls where it is flat, at the edge of the range, where most of a digit sits; the
+    clipped solve does not, but one start alone can stall in a local minimum)."""
+    width = hi - lo
+    spread = width.pow(2).mean().clamp_min(1e-12)
+    z_norm = z.pow(2).sum(1).clamp_min(1e-12)
+    best_x: torch.Tensor | None = None
+    best_obj = torch.full((z.shape[0],), float("inf"), dtype=z.dtype)
     done = 0
-    for done in range(1, iterations + 1):  # noqa: B007
-        resid = (f(x).reshape(z.shape) - z).pow(2).sum(1) / z_norm
-        loss = resid.sum()
-        if tv_weight > 0 and image:
-            loss = loss + tv_weight * (total_variation(x) / d).sum()
-        if l2_weight > 0:
-            loss = loss + l2_weight * ((x - mean).pow(2).flatten(1).mean(1) / spread).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    runs = [(mean, True)] + [(s, False) for s in [mean, *starts]]
+    for start, sigmoid in runs:
+        if sigmoid:
+            u = torch.logit(((start - lo) / width).clamp(0.02, 0.98)).detach().clone().requires_grad_(True)
+        else:
+            u = start.detach().clone().requires_grad_(True)
+
+        def to_x(u: torch.Tensor, sigmoid: bool = sigmoid) -> torch.Tensor:
+            return lo + width * torch.sigmoid(u) if sigmoid else u
+
+        opt = torch.optim.LBFGS([u], lr=1.0, max_iter=20, history_size=20, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-12, tolerance_change=1e-16)
+
+        def closure(u: torch.Tensor = u, opt: torch.optim.LBFGS = opt,
+                    to_x: Callable[[torch.Tensor], torch.Tensor] = to_x) -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = _objective(f, to_x(u), z, z_norm, mean, spread, prior, image).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(max(1, iterations // 20)):
+            opt.step(closure)
+            if deadline is not None and time.perf_counter() > deadline:
+                break
         with torch.no_grad():
-            x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+            x_box = torch.maximum(torch.minimum(to_x(u), hi), lo)
+            obj = _objective(f, x_box, z, z_norm, mean, spread, prior, image)
+        keep = (obj < best_obj).reshape(-1, *[1] * (x_box.dim() - 1))
+        best_x = x_box.clone() if best_x is None else torch.where(keep, x_box, best_x)
+        best_obj = torch.minimum(obj, best_obj)
+        done += 1
         if deadline is not None and time.perf_counter() > deadline:
             break
-    return x.detach(), done
+    assert best_x is not None
+    return best_x.detach(), done
+
+
+def _float64(encoder: nn.Module) -> tuple[nn.Module, torch.dtype]:
+    """A float64 copy of the segment (L-BFGS converges much further in float64); the segment
+    itself if it cannot be copied."""
+    try:
+        return copy.deepcopy(encoder).double(), torch.float64
+    except Exception:  # a module that cannot be deep-copied: invert in its own precision
+        return encoder, torch.float32
 
 
 def _image(t: torch.Tensor) -> bool:
@@ -79,15 +130,16 @@ def _image(t: torch.Tensor) -> bool:
 def whitebox_inversion(encoder: nn.Module, mock_inputs: torch.Tensor, target_inputs: torch.Tensor, *,
                        release: Release | None = None, seed: int = 0,
                        tv_weights: Sequence[float] = (0.0, 1e-2, 1e-1),
-                       l2_weights: Sequence[float] = (0.0, 0.1, 1.0, 3.0), iterations: int = 300,
-                       lr: float = 0.05, select_rows: int = 32, budget_s: float | None = None,
+                       l2_weights: Sequence[float] = (0.0, 0.1, 1.0, 3.0), iterations: int = 200,
+                       restarts: int = 3, select_rows: int = 32, select_iterations: int = 40,
+                       budget_s: float | None = None,
                        num_threads: int | None = 1) -> dict[str, Any]:
     """rMLE white-box inversion (He et al. 2019) of the targets' released activations.
 
     ``(λ, μ)`` is picked from ``tv_weights x l2_weights`` by the MSE on ``select_rows`` mock
-    rows (TV applies to image records only; other records use ``λ = 0``), then the targets are
-    inverted with it,
-    ``iterations`` Adam steps (``lr``) from the mock mean, projected on the mock's value range.
+    rows after ``select_iterations`` L-BFGS iterations (TV applies to image records only; other
+    records use ``λ = 0``), then the targets are inverted with it: ``iterations`` L-BFGS
+    iterations per run, ``restarts + 1`` runs, in float64 (on a copy of the segment).
     ``budget_s`` caps the seconds (selection gets at most half); deterministic for a seed
     unless the budget cuts it. The encoder's parameters are not changed (no gradient is kept
     for them; an ``nn.Module`` runs in eval mode, mode restored).
@@ -95,12 +147,13 @@ def whitebox_inversion(encoder: nn.Module, mock_inputs: torch.Tensor, target_inp
     Returns:
         ``mse`` / ``baseline_mse`` / ``ratio`` / ``ssim`` as :func:`decoder_attack`,
         ``tv_weight``, ``l2_weight`` (chosen), ``selection`` ("λ,μ" -> mock MSE ratio),
-        ``iterations`` (run on
-        the targets), ``n_target``, ``seed``, ``seconds``, ``budget_hit``.
+        ``restarts`` (runs done on the targets), ``iterations``, ``n_target``, ``seed``, ``seconds``,
+        ``budget_hit``.
     """
     if not callable(encoder):
         raise ConfigError(f"Expected `encoder` to be a callable module but got {type(encoder).__name__}")
-    check_args(iterations=(iterations, _pos_int(iterations)), lr=(lr, _pos_float(lr)),
+    check_args(iterations=(iterations, _pos_int(iterations)), restarts=(restarts, _pos_int(restarts)),
+               select_iterations=(select_iterations, _pos_int(select_iterations)),
                select_rows=(select_rows, _pos_int(select_rows)),
                budget_s=(budget_s, budget_s is None or _pos_float(budget_s)),
                num_threads=(num_threads, num_threads is None or _pos_int(num_threads)),
@@ -122,7 +175,8 @@ def whitebox_inversion(encoder: nn.Module, mock_inputs: torch.Tensor, target_inp
         return _whitebox(encoder, mock_inputs, target_inputs, release or Release(), seed=seed,
                          priors=[(float(t), float(m))
                                  for t in (tv_weights if _image(target_inputs) else (0.0,))
-                                 for m in l2_weights], iterations=iterations, lr=lr,
+                                 for m in l2_weights], iterations=iterations, restarts=restarts,
+                         select_iterations=select_iterations,
                          select_rows=select_rows, budget_s=budget_s)
     finally:
         for p, flag in zip(params, grad_flags):
@@ -133,8 +187,8 @@ def whitebox_inversion(encoder: nn.Module, mock_inputs: torch.Tensor, target_inp
 
 
 def _whitebox(encoder: nn.Module, mock_inputs: torch.Tensor, target_inputs: torch.Tensor, release: Release,
-              *, seed: int, priors: list[tuple[float, float]], iterations: int, lr: float, select_rows: int,
-              budget_s: float | None) -> dict[str, Any]:
+              *, seed: int, priors: list[tuple[float, float]], iterations: int, restarts: int,
+              select_rows: int, select_iterations: int, budget_s: float | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     xm, xt = as_rows(mock_inputs, "mock_inputs"), as_rows(target_inputs, "target_inputs")
     shape = tuple(target_inputs.shape[1:])
@@ -146,31 +200,42 @@ def _whitebox(encoder: nn.Module, mock_inputs: torch.Tensor, target_inputs: torc
                          f"{xt.shape[0]}")
     image = is_image_shape(shape)
     gen = torch.Generator().manual_seed(seed)
-    lo = xm.min(0).values.reshape(1, *shape)
-    hi = xm.max(0).values.reshape(1, *shape)
+    # the box is the mock's value range (one interval for every value: a per-value box from a
+    # few hundred mock records would forbid values the private records do take)
+    lo, hi = xm.min().reshape(1), xm.max().reshape(1)
+    if float(hi) <= float(lo):
+        hi = lo + 1.0
     mean = xm.mean(0).reshape(1, *shape)
     mock_f = mock_inputs.detach().to(torch.float32)
     sel = torch.randperm(xm.shape[0], generator=gen)[:select_rows]
     z_sel = release.activations(encode(encoder, mock_f[sel], "mock_inputs"), gen)
     z_t = release.activations(encode(encoder, target_inputs.detach().to(torch.float32), "target_inputs"), gen)
+    f, dt = _float64(encoder)
+    z_sel, z_t, mean, lo, hi, mock_d = (t.to(dt) for t in (z_sel, z_t, mean, lo, hi, mock_f))
     half = None if budget_s is None else t0 + budget_s / 2
     selection: dict[str, float] = {}
     best_w, best = priors[0], float("inf")
-    for w in priors:
-        rec, _ = _solve(encoder, z_sel, mean.expand(len(sel), *shape), lo, hi, w, iterations, lr, image, half)
-        r = mse_ratio(rec.reshape(len(sel), -1), xm[sel], xm.mean(0))["ratio"]
+    sel_starts = [mock_d[torch.randint(0, xm.shape[0], (len(sel),), generator=gen)]
+                  for _ in range(restarts - 1)]
+    for w in priors:  # the same kinds of runs as on the targets, fewer iterations
+        rec, _ = _solve(f, z_sel, mean.expand(len(sel), *shape), sel_starts, lo, hi, w, select_iterations,
+                        image, half)
+        r = mse_ratio(rec.reshape(len(sel), -1).float(), xm[sel], xm.mean(0))["ratio"]
         selection[f"{w[0]:g},{w[1]:g}"] = r
         if r < best:
             best_w, best = w, r
         if half is not None and time.perf_counter() > half:
             break
     end = None if budget_s is None else t0 + budget_s
-    rec, done = _solve(encoder, z_t, mean.expand(xt.shape[0], *shape), lo, hi, best_w, iterations, lr,
-                       image, end)
+    n = xt.shape[0]
+    starts = [mock_d[torch.randint(0, xm.shape[0], (n,), generator=gen)] for _ in range(restarts - 1)]
+    rec, done = _solve(f, z_t, mean.expand(n, *shape), starts, lo, hi, best_w, iterations, image, end)
+    rec = rec.to(torch.float32)
     pred = rec.reshape(xt.shape[0], -1)
     out: dict[str, Any] = mse_ratio(pred, xt, xm.mean(0))
     out["ssim"] = image_ssim(pred, xt, shape, xm)
-    out.update({"tv_weight": best_w[0], "l2_weight": best_w[1], "selection": selection, "iterations": done,
-                "n_target": int(xt.shape[0]), "seed": seed, "seconds": time.perf_counter() - t0,
-                "budget_hit": done < iterations or len(selection) < len(priors)})
+    out.update({"tv_weight": best_w[0], "l2_weight": best_w[1], "selection": selection, "restarts": done,
+                "iterations": iterations, "n_target": int(xt.shape[0]), "seed": seed,
+                "seconds": time.perf_counter() - t0,
+                "budget_hit": done < restarts + 1 or len(selection) < len(priors)})
     return out
