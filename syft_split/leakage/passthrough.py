@@ -75,14 +75,14 @@ def _copies(x: torch.Tensor, z: torch.Tensor, tol: float) -> list[int]:
 
 def ridge_decoder(z_fit: torch.Tensor, x_fit: torch.Tensor, *,
                   weights: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0),
-                  val_fraction: float = 0.2, seed: int = 0
+                  val_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = torch.float64
                   ) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
     """A ridge map ``z -> x`` fit on rows ``(z_fit, x_fit)``: ``(predictor, weight)``.
 
     The ridge weight (relative to the mean squared centred activation) is picked from
     ``weights`` on ``val_fraction`` held-back rows (skipped for a single weight), then the map
-    is refit on all rows. The predictor computes in float64 and returns float32."""
-    z, x = z_fit.double(), x_fit.double()
+    is refit on all rows. The predictor computes in ``dtype`` and returns float32."""
+    z, x = z_fit.to(dtype), x_fit.to(dtype)
     n = z.shape[0]
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen)
@@ -94,12 +94,12 @@ def ridge_decoder(z_fit: torch.Tensor, x_fit: torch.Tensor, *,
         zc = zr - zm
         scale = float(zc.pow(2).mean()) or 1.0
         if zc.shape[1] <= zc.shape[0]:  # primal: (d_z x d_z)
-            a = zc.T @ zc + lam * scale * zc.shape[0] * torch.eye(zc.shape[1], dtype=torch.float64)
+            a = zc.T @ zc + lam * scale * zc.shape[0] * torch.eye(zc.shape[1], dtype=dtype)
             w = torch.linalg.solve(a, zc.T @ (xr - xmu))
         else:  # dual: (n x n)
-            k = zc @ zc.T + lam * scale * zc.shape[0] * torch.eye(zc.shape[0], dtype=torch.float64)
+            k = zc @ zc.T + lam * scale * zc.shape[0] * torch.eye(zc.shape[0], dtype=dtype)
             w = zc.T @ torch.linalg.solve(k, xr - xmu)
-        return lambda q: ((q.double() - zm) @ w + xmu).float()
+        return lambda q: ((q.to(dtype) - zm) @ w + xmu).float()
 
     lam = weights[0]
     if n_val and len(weights) > 1:

@@ -4,8 +4,9 @@
 
 1. :func:`~syft_split.leakage.passthrough.passthrough_check` — copies, affinity, rank, and a
    ridge (linear) decoder;
-2. :func:`~syft_split.leakage.whitebox.whitebox_inversion` — rMLE input optimisation with a TV
-   prior (He et al., ACSAC 2019), for ``nn.Module`` segments;
+2. :func:`~syft_split.leakage.whitebox.whitebox_inversion` — rMLE input optimisation with TV
+   and L2 priors (He et al., ACSAC 2019), started from the ridge decoder's reconstruction, for
+   ``nn.Module`` segments;
 3. :func:`~syft_split.leakage.attacks.decoder_attack` — a learned MLP decoder trained to
    convergence on mock (+ mixup) pairs;
 4. dCor between the held-out records and their released activations;
@@ -69,8 +70,9 @@ def leakage_suite(encoder: Callable[[torch.Tensor], torch.Tensor], mock: torch.T
         release: what leaves (noise on activations, released labels); default exact
             activations, no labels.
         held_out_labels: labels of ``held_out`` for the label entry (when labels leave).
-        budget_s: seconds for the whole suite, shared 40% white-box, 60% decoder (the
-            passthrough check is cheap and always runs); ``budget_hit`` says if it cut an attack.
+        budget_s: seconds for the whole suite: up to 40% for the white-box attack, the rest
+            for the decoder (the passthrough check is cheap and always runs); ``budget_hit``
+            says if it cut an attack.
         seed: seeds every attack (deterministic for a seed unless the budget cuts).
         attacks: a subset of :data:`ATTACKS`.
 

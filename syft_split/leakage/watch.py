@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, LeakageHaltError, ShapeError
@@ -105,25 +106,24 @@ def label_alignment(grad: torch.Tensor, labels: torch.Tensor) -> float | None:
     """Mean cosine between per-record gradients of same-label pairs minus that of
     different-label pairs (``None`` when the batch lacks such pairs or gradients are 0).
 
-    Rows with a zero gradient carry no direction and are left out.
+    Rows with a zero gradient carry no direction and are left out. With unit rows ``u_i`` and
+    per-label sums ``S_k``: ``Σ_{i≠j, same} cos = Σ_k |S_k|² - n`` and
+    ``Σ_{i≠j} cos = |Σ_i u_i|² - n`` (one pass, no B x B matrix).
     """
     g = grad.detach().reshape(grad.shape[0], -1).to(torch.float32)
-    norms = g.norm(dim=1)
-    top = float(norms.max()) if norms.numel() else 0.0
-    if top == 0.0 or labels.shape[0] != g.shape[0]:
+    y = labels.detach().reshape(-1).to(torch.int64)
+    if y.shape[0] != g.shape[0] or g.shape[0] < 2 or bool((y < 0).any()):
         return None
-    keep = norms > 1e-6 * top
-    g, y = g[keep] / norms[keep, None], labels[keep].to(torch.int64).reshape(-1)
-    n = g.shape[0]
-    _, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
-    sums = torch.zeros(counts.shape[0], g.shape[1]).index_add_(0, inv, g)
-    same_pairs = float((counts * counts).sum()) - n
-    diff_pairs = float(n * n) - float((counts * counts).sum())
-    if same_pairs < 2 or diff_pairs < 2:
+    norms = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+    keep = (norms > 1e-6 * norms.max()).to(g.dtype)
+    unit = g * keep / norms.clamp_min(1e-30)
+    onehot = F.one_hot(y).to(g.dtype) * keep
+    n, sq, same, total = torch.stack([keep.sum(), onehot.sum(0).pow(2).sum(), (onehot.T @ unit).pow(2).sum(),
+                                      unit.sum(0).pow(2).sum()]).tolist()
+    same_pairs, diff_pairs = sq - n, n * n - sq
+    if n < 2 or same_pairs < 2 or diff_pairs < 2:
         return None
-    same = float(sums.pow(2).sum()) - n  # Σ_{i≠j, same label} cos
-    total = float(g.sum(0).pow(2).sum()) - n  # Σ_{i≠j} cos
-    return same / same_pairs - (total - same) / diff_pairs
+    return float((same - n) / same_pairs - (total - same) / diff_pairs)
 
 
 class LeakageWatch:
@@ -193,9 +193,9 @@ class LeakageWatch:
         zm, zp = z[:n_mock], z[n_mock:]
         xm, xp = self._mock.reshape(n_mock, -1), self._probe.reshape(self._probe.shape[0], -1)
         if self._ridge is None:
-            decode, self._ridge = ridge_decoder(zm, xm, seed=self.seed)
+            decode, self._ridge = ridge_decoder(zm, xm, seed=self.seed, dtype=torch.float32)
         else:
-            decode, _ = ridge_decoder(zm, xm, weights=(self._ridge,))
+            decode, _ = ridge_decoder(zm, xm, weights=(self._ridge,), dtype=torch.float32)
         pred = decode(zp)
         ratio = mse_ratio(pred, xp, xm.mean(0))["ratio"]
         entry: dict[str, Any] = {
