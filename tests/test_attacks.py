@@ -214,3 +214,18 @@ def test_whitebox_is_deterministic_and_leaves_the_segment_alone(data) -> None:  
     assert a["ratio"] == b["ratio"] and a["ratio"] < 0.5
     assert all(torch.equal(v, seg.state_dict()[k]) for k, v in before.items())
     assert seg.training and all(p.requires_grad for p in seg.parameters())
+
+
+def test_tabular_records_and_plain_callables() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mock, held = torch.randn(120, 10, generator=gen), torch.randn(40, 10, generator=gen)
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(10, 6), nn.ReLU())
+    suite = leakage_suite(enc, mock, held, budget_s=10.0)
+    assert set(suite["attacks"]) == {"linear", "whitebox", "decoder"}
+    assert all(a["ssim"] is None for a in suite["attacks"].values()) and suite["worst"]["ssim"] is None
+    assert 0 < suite["worst"]["ratio"] < 1
+    assert any("SSIM" in line for line in review_lines(suite))
+    plain = leakage_suite(lambda x: x[:, :3] * 2, mock, held, attacks=("linear", "whitebox"))
+    assert set(plain["attacks"]) == {"linear"}  # the white-box attack needs an nn.Module
+    assert plain["passthrough"]["copied_inputs"] == 3 and plain["passthrough"]["rank"] == 3

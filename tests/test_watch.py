@@ -12,12 +12,14 @@ from torch import nn
 from syft_split.datasets import digits_parties
 from syft_split.errors import ConfigError, LeakageHaltError, ShapeError
 from syft_split.leakage import LeakageWatch, Release, WatchBound, label_alignment
+from syft_split.leakage.watch import label_alignments
 from syft_split.leakage.hijack import FeatureSpaceHijack, HonestModelOwner, SwitchingModelOwner, drive
 from syft_split.models import digits_cnn
 from syft_split.split import split_model
 
 STEPS = 40  # every run below has this many steps (about two demo epochs of one hospital)
-WINDOW = 5  # the detector's window: a hijack from step s is halted by step s + WINDOW - 1
+WINDOW, DETECT_EVERY = 5, 5  # the watch's defaults
+DELAY = WINDOW + DETECT_EVERY - 1  # the stated delay: a hijack from step s halts by step s + DELAY
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def _run(data, owner_kind: str, *, seed: int = 0, switch: int = 0, bound: WatchB
     torch.manual_seed(seed)
     seg, rest = split_model(digits_cnn(), cuts=["pool1"])
     watch = LeakageWatch(WatchBound(), probe=probe, mock=mock, every=every, window=WINDOW,
-                         release=release or Release(labels=True))
+                         detect_every=DETECT_EVERY, release=release or Release(labels=True))
     watch.bound = bound or WatchBound.relative(watch.baseline(seg))
     owner: object = HonestModelOwner(rest)
     if owner_kind == "fsha":
@@ -52,6 +54,21 @@ def test_label_alignment() -> None:
     assert label_alignment(torch.ones(6, 4), y) == pytest.approx(0.0, abs=1e-6)  # one direction for all
     assert label_alignment(torch.zeros(6, 4), y) is None
     assert label_alignment(aligned, torch.arange(6)) is None  # no same-label pair
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(b, 3, 2, generator=gen) for b in (6, 6, 4, 6)]
+    labels = [torch.randint(0, 3, (b,), generator=gen) for b in (6, 6, 4, 6)]
+    grads[1][2] = 0.0  # a record with no gradient drops out
+    single = [label_alignment(g, y) for g, y in zip(grads, labels)]
+    assert label_alignments(grads, labels) == pytest.approx(single, abs=1e-6)
+    assert label_alignments(grads[:2], labels[:2]) == pytest.approx(single[:2], abs=1e-6)
+    brute = []
+    for g, y in zip(grads, labels):
+        keep = g.flatten(1).norm(dim=1) > 0
+        u = torch.nn.functional.normalize(g.flatten(1)[keep], dim=1)
+        c, yy = u @ u.T, y[keep]
+        same = (yy[:, None] == yy[None, :]) & ~torch.eye(len(yy), dtype=torch.bool)
+        brute.append(float(c[same].mean() - c[yy[:, None] != yy[None, :]].mean()))
+    assert single == pytest.approx(brute, abs=1e-6)
 
 
 def test_hijacker_is_halted_and_honest_run_is_not(data) -> None:  # type: ignore[no-untyped-def]
@@ -63,7 +80,7 @@ def test_hijacker_is_halted_and_honest_run_is_not(data) -> None:  # type: ignore
     assert min(e["label_alignment"] for e in measured[1:]) > 0.3
 
     hijacked, steps = _run(data, "fsha")
-    assert hijacked.halted and hijacked.halted_at is not None and hijacked.halted_at <= WINDOW
+    assert hijacked.halted and hijacked.halted_at is not None and hijacked.halted_at <= DELAY
     assert steps == hijacked.halted_at  # training stopped at the halt
     assert "training hijack suspected" in (hijacked.reason or "")
     with pytest.raises(LeakageHaltError, match="label alignment"):
@@ -74,8 +91,8 @@ def test_hijacker_is_halted_and_honest_run_is_not(data) -> None:  # type: ignore
 
 
 def test_hijacker_that_first_plays_honest_is_halted(data) -> None:  # type: ignore[no-untyped-def]
-    watch, steps = _run(data, "fsha", switch=15, seed=1)
-    assert watch.halted and 15 < steps <= 15 + WINDOW
+    watch, steps = _run(data, "fsha", switch=17, seed=1)
+    assert watch.halted and 17 < steps <= 17 + DELAY
 
 
 @pytest.mark.parametrize(("bound", "figure"), [
@@ -118,7 +135,7 @@ def test_watch_measures_released_values(data) -> None:  # type: ignore[no-untype
 
 def test_watch_validates(data) -> None:  # type: ignore[no-untyped-def]
     mock, _, _, probe = data
-    for bad in ({"every": 0}, {"window": 0}, {"hijack_threshold": 2.0}):
+    for bad in ({"every": 0}, {"window": 0}, {"detect_every": 0}, {"hijack_threshold": 2.0}):
         with pytest.raises(ConfigError):
             LeakageWatch(WatchBound(), probe=probe, mock=mock, **bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError):

@@ -52,7 +52,7 @@ from .metrics import as_rows, dcor_leakage, encode, mse_ratio
 from .passthrough import ridge_decoder
 from .release import Release
 
-__all__ = ["WatchBound", "LeakageWatch", "label_alignment"]
+__all__ = ["WatchBound", "LeakageWatch", "label_alignment", "label_alignments"]
 
 
 def _opt(name: str, v: float | None, lo: float, hi: float) -> None:
@@ -102,28 +102,57 @@ class WatchBound:
         return asdict(self)
 
 
+def label_alignments(grads: list[torch.Tensor], labels: list[torch.Tensor]) -> list[float | None]:
+    """:func:`label_alignment` of several batches in one vectorised pass (batches of different
+    sizes are padded with zero rows, which drop out)."""
+    if len(grads) != len(labels):
+        raise ShapeError(f"Expected as many label batches as gradients but got {len(labels)} and "
+                         f"{len(grads)}")
+    if not grads:
+        return []
+    rows = max(g.shape[0] for g in grads)
+    dim = grads[0][0].numel() if grads[0].shape[0] else 0
+    out: list[float | None] = [None] * len(grads)
+    ok = [i for i, (g, y) in enumerate(zip(grads, labels))
+          if g.shape[0] >= 2 and g[0].numel() == dim and y.numel() == g.shape[0]]
+    if not ok or dim == 0:
+        return out
+    if all(grads[i].shape[0] == rows for i in ok):  # the usual case: one batch size
+        g = torch.stack([grads[i].detach().reshape(rows, dim) for i in ok]).to(torch.float32)
+        y = torch.stack([labels[i].detach().reshape(rows) for i in ok]).to(torch.int64)
+    else:
+        g = torch.zeros(len(ok), rows, dim)
+        y = torch.zeros(len(ok), rows, dtype=torch.int64)
+        for k, i in enumerate(ok):
+            b = grads[i].shape[0]
+            g[k, :b] = grads[i].detach().reshape(b, dim)
+            y[k, :b] = labels[i].detach().reshape(-1)
+    if bool((y < 0).any()):
+        return out
+    norms = torch.linalg.vector_norm(g, dim=2, keepdim=True)
+    keep = (norms > 1e-6 * norms.amax(dim=1, keepdim=True)).to(g.dtype)
+    unit = g * keep / norms.clamp_min(1e-30)
+    onehot = F.one_hot(y).to(g.dtype) * keep
+    n = keep.sum((1, 2))
+    sq = onehot.sum(1).pow(2).sum(1)
+    same = (onehot.transpose(1, 2) @ unit).pow(2).sum((1, 2))
+    total = unit.sum(1).pow(2).sum(1)
+    for k, (nk, sqk, samek, totk) in enumerate(torch.stack([n, sq, same, total], 1).tolist()):
+        same_pairs, diff_pairs = sqk - nk, nk * nk - sqk
+        if nk >= 2 and same_pairs >= 2 and diff_pairs >= 2:
+            out[ok[k]] = float((samek - nk) / same_pairs - (totk - samek) / diff_pairs)
+    return out
+
+
 def label_alignment(grad: torch.Tensor, labels: torch.Tensor) -> float | None:
     """Mean cosine between per-record gradients of same-label pairs minus that of
     different-label pairs (``None`` when the batch lacks such pairs or gradients are 0).
 
     Rows with a zero gradient carry no direction and are left out. With unit rows ``u_i`` and
-    per-label sums ``S_k``: ``Σ_{i≠j, same} cos = Σ_k |S_k|² - n`` and
-    ``Σ_{i≠j} cos = |Σ_i u_i|² - n`` (one pass, no B x B matrix).
+    per-label sums ``S_k``: ``sum_{i!=j, same label} cos = sum_k |S_k|² - n`` and
+    ``sum_{i!=j} cos = |sum_i u_i|² - n`` (no B x B matrix).
     """
-    g = grad.detach().reshape(grad.shape[0], -1).to(torch.float32)
-    y = labels.detach().reshape(-1).to(torch.int64)
-    if y.shape[0] != g.shape[0] or g.shape[0] < 2 or bool((y < 0).any()):
-        return None
-    norms = torch.linalg.vector_norm(g, dim=1, keepdim=True)
-    keep = (norms > 1e-6 * norms.max()).to(g.dtype)
-    unit = g * keep / norms.clamp_min(1e-30)
-    onehot = F.one_hot(y).to(g.dtype) * keep
-    n, sq, same, total = torch.stack([keep.sum(), onehot.sum(0).pow(2).sum(), (onehot.T @ unit).pow(2).sum(),
-                                      unit.sum(0).pow(2).sum()]).tolist()
-    same_pairs, diff_pairs = sq - n, n * n - sq
-    if n < 2 or same_pairs < 2 or diff_pairs < 2:
-        return None
-    return float((same - n) / same_pairs - (total - same) / diff_pairs)
+    return label_alignments([grad], [labels])[0]
 
 
 class LeakageWatch:
@@ -139,6 +168,10 @@ class LeakageWatch:
             steps with a value falls below this (honest runs stay above ~0.2, FSHA below
             ~0.05 on the demo; ``bench/results/leakage.json``).
         window: steps in the detector's median.
+        detect_every: the detector keeps each step's gradient and labels and evaluates them
+            every ``detect_every`` steps in one vectorised pass (one pass costs about what
+            one step's would): a hijack is halted at most ``window + detect_every - 1``
+            steps after it starts.
         min_label_epsilon: randomized response with a smaller ε makes the detector
             not applicable.
         seed: seeds the noise the measure draws.
@@ -146,10 +179,12 @@ class LeakageWatch:
 
     def __init__(self, bound: WatchBound, *, probe: torch.Tensor, mock: torch.Tensor, every: int = 50,
                  release: Release | None = None, hijack_threshold: float = 0.15, window: int = 5,
-                 min_label_epsilon: float = 2.0, mock_rows: int = 128, seed: int = 0) -> None:
+                 detect_every: int = 5, min_label_epsilon: float = 2.0, mock_rows: int = 128,
+                 seed: int = 0) -> None:
         if not isinstance(bound, WatchBound):
             raise ConfigError(f"Expected argument `bound` to be a WatchBound but got {type(bound).__name__}")
-        for name, v in (("every", every), ("window", window), ("mock_rows", mock_rows)):
+        for name, v in (("every", every), ("window", window), ("detect_every", detect_every),
+                        ("mock_rows", mock_rows)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"Expected argument `{name}` to be an int >= 1 but got {v!r}")
         _opt("hijack_threshold", hijack_threshold, -1.0, 1.0)
@@ -166,6 +201,7 @@ class LeakageWatch:
         self.release = release or Release()
         self.hijack_threshold = float(hijack_threshold)
         self.window = window
+        self.detect_every = detect_every
         self.seed = seed
         self._probe = probe.detach().to(torch.float32)
         self._mock = mock.detach().to(torch.float32)[:mock_rows]
@@ -173,6 +209,7 @@ class LeakageWatch:
         self._gen = torch.Generator().manual_seed(seed)
         self._ridge: float | None = None
         self._alignments: deque[float] = deque(maxlen=window)
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         eps = self.release.label_epsilon
         self.hijack_applicable = self.release.labels and (eps == 0 or eps >= min_label_epsilon)
         self.history: list[dict[str, Any]] = []
@@ -232,20 +269,29 @@ class LeakageWatch:
         t0 = time.perf_counter()
         self.steps_seen += 1
         if self.bound.hijack and self.hijack_applicable and grad is not None and labels is not None:
-            a = label_alignment(grad, labels)
-            if a is not None:
-                self._alignments.append(a)
-                if len(self._alignments) == self.window:
-                    med = statistics.median(self._alignments)
-                    if med < self.hijack_threshold:
-                        self._halt(step, "training hijack suspected: the model owner's gradients no "
-                                         f"longer follow the released labels (label alignment {med:.3f} "
-                                         f"< {self.hijack_threshold:.3f}, median of the last "
-                                         f"{self.window} steps)")
+            self._pending.append((step, grad.detach(), labels.detach()))
+            if len(self._pending) >= self.detect_every:
+                self._detect(step)
         self.seconds += time.perf_counter() - t0
         if not self.halted and step % self.every == 0:
             self._judge(self.measure(module, step))
         return self.halted
+
+    def _detect(self, step: int) -> None:
+        """Alignment of the pending batches (one vectorised pass), then the window's median."""
+        pending, self._pending = self._pending, []
+        values = label_alignments([g for _, g, _ in pending], [y for _, _, y in pending])
+        for a in values:
+            if a is None:
+                continue
+            self._alignments.append(a)
+            if len(self._alignments) == self.window:
+                med = statistics.median(self._alignments)
+                if med < self.hijack_threshold:
+                    self._halt(step, "training hijack suspected: the model owner's gradients no "
+                                     f"longer follow the released labels (label alignment {med:.3f} "
+                                     f"< {self.hijack_threshold:.3f}, median of {self.window} steps)")
+                    return
 
     def _judge(self, e: dict[str, Any]) -> None:
         b, step = self.bound, e["step"]
@@ -275,7 +321,7 @@ class LeakageWatch:
         return {
             "bound": self.bound.as_dict(), "every": self.every, "release": self.release.as_dict(),
             "hijack_detector": {"applicable": self.hijack_applicable, "threshold": self.hijack_threshold,
-                                "window": self.window},
+                                "window": self.window, "detect_every": self.detect_every},
             "history": [dict(e) for e in self.history], "halted": self.halted, "reason": self.reason,
             "halted_at_step": self.halted_at, "steps": self.steps_seen, "seconds": self.seconds,
         }
