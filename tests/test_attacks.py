@@ -3,6 +3,7 @@ pass-through checks, release transform, label entry, budget, review lines."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -96,6 +97,7 @@ def _conv_decoder(seg: nn.Module, mock: torch.Tensor, held: torch.Tensor) -> tor
         return dec(zt)
 
 
+@pytest.mark.slow
 def test_suite_worst_case_is_within_1p5x_of_independent_attacks(data, trained_segment) -> None:  # type: ignore[no-untyped-def]
     mock, _, _, held = data
     seg = trained_segment
@@ -226,6 +228,7 @@ def test_tabular_records_and_plain_callables() -> None:
     assert all(a["ssim"] is None for a in suite["attacks"].values()) and suite["worst"]["ssim"] is None
     assert 0 < suite["worst"]["ratio"] < 1
     assert any("SSIM" in line for line in review_lines(suite))
+    assert json.loads(json.dumps(suite)) == suite  # goes into the run report as it is
     plain = leakage_suite(lambda x: x[:, :3] * 2, mock, held, attacks=("linear", "whitebox"))
     assert set(plain["attacks"]) == {"linear"}  # the white-box attack needs an nn.Module
     assert plain["passthrough"]["copied_inputs"] == 3 and plain["passthrough"]["rank"] == 3

@@ -12,8 +12,8 @@ from torch import nn
 from syft_split.datasets import digits_parties
 from syft_split.errors import ConfigError, LeakageHaltError, ShapeError
 from syft_split.leakage import LeakageWatch, Release, WatchBound, label_alignment
-from syft_split.leakage.watch import label_alignments
 from syft_split.leakage.hijack import FeatureSpaceHijack, HonestModelOwner, SwitchingModelOwner, drive
+from syft_split.leakage.watch import label_alignments
 from syft_split.models import digits_cnn
 from syft_split.split import split_model
 
