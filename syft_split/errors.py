@@ -16,7 +16,9 @@
     ├── AccessError             the caller may not do this
     │   ├── AuthorizationError  caller is not the approved model owner
     │   ├── ApprovalError       the segment was never approved / was rejected
-    │   └── EgressError         the segment tried to release something not approved
+    │   ├── EgressError         the segment tried to release something not approved
+    │   └── LeakageHaltError    the data owner's leakage watch halted this segment (names the
+    │                           figure past the bound, or the suspected training hijack)
     ├── TransportError          the transport failed (PySyft errors are wrapped here)
     ├── RemoteError             the peer failed with an error that has no mapping here
     └── HEError                 homomorphic-encryption failures (he_layers)
@@ -45,6 +47,7 @@ __all__ = [
     "AuthorizationError",
     "ApprovalError",
     "EgressError",
+    "LeakageHaltError",
     "TransportError",
     "RemoteError",
     "HEError",
@@ -112,6 +115,11 @@ class ApprovalError(AccessError):
 
 class EgressError(AccessError):
     """A segment tried to release something other than the approved output."""
+
+
+class LeakageHaltError(AccessError):
+    """The data owner's leakage watch halted the segment: a measured figure passed the bound
+    set at approval, or the hijack detector fired; the message names the figure."""
 
 
 class TransportError(SyftSplitError):

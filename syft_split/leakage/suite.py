@@ -1,0 +1,136 @@
+"""One entry point for the data owner: every attack on what leaves, with bounded cost.
+
+:func:`leakage_suite` runs, on the data owner's side and on the *released* values:
+
+1. :func:`~syft_split.leakage.passthrough.passthrough_check` — copies, affinity, rank, and a
+   ridge (linear) decoder;
+2. :func:`~syft_split.leakage.whitebox.whitebox_inversion` — rMLE input optimisation with TV
+   and L2 priors (He et al., ACSAC 2019), started from the ridge decoder's reconstruction, for
+   ``nn.Module`` segments;
+3. :func:`~syft_split.leakage.attacks.decoder_attack` — a learned MLP decoder trained to
+   convergence on mock (+ mixup) pairs;
+4. dCor between the held-out records and their released activations;
+5. a label entry when labels leave (randomized response: fraction right, theory).
+
+The reported figure is the **worst case** over the attacks (lowest MSE ratio, highest SSIM),
+named by attack: what the data owner should believe an attacker can do.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attacks import _pos_float, check_args, decoder_attack
+from .metrics import as_rows, dcor_leakage, encode
+from .passthrough import passthrough_check
+from .release import Release
+from .whitebox import whitebox_inversion
+
+__all__ = ["leakage_suite", "label_leakage", "ATTACKS"]
+
+#: the attacks :func:`leakage_suite` runs, in order (``linear`` is the passthrough check's decoder).
+ATTACKS = ("linear", "whitebox", "decoder")
+
+
+def label_leakage(labels: torch.Tensor, release: Release, *, seed: int = 0) -> dict[str, Any] | None:
+    """What released labels give away (``None`` when labels do not leave).
+
+    The model owner's guess of a record's label is the released label: the fraction it gets
+    right is measured by releasing ``labels`` once (seeded) and comparing, next to the
+    theoretical keep probability ``e^ε / (e^ε + K - 1)`` of K-ary randomized response (1 for
+    exact labels).
+    """
+    if not release.labels:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    y = labels.detach().to(torch.int64).reshape(-1)
+    out = release.released_labels(y, gen)
+    return {"released": True, "epsilon": release.label_epsilon or None, "num_classes": release.num_classes,
+            "correct_fraction": float((out == y).to(torch.float32).mean()) if y.numel() else math.nan,
+            "theoretical": release.label_keep_probability(), "records": int(y.numel())}
+
+
+def leakage_suite(encoder: Callable[[torch.Tensor], torch.Tensor], mock: torch.Tensor, held_out: torch.Tensor,
+                  *, release: Release | None = None, held_out_labels: torch.Tensor | None = None,
+                  budget_s: float = 30.0, seed: int = 0, attacks: Sequence[str] = ATTACKS,
+                  num_threads: int | None = 1) -> dict[str, Any]:
+    """Run the attack suite on ``encoder`` (the proposed or current segment).
+
+    Args:
+        encoder: the segment (an ``nn.Module`` for the white-box attack and the Jacobian
+            rank; any callable otherwise). Its weights and mode are left as found.
+        mock: the owner's mock records (the attacker's side information).
+        held_out: private records the attacks are scored on (never leave; scalars only).
+        release: what leaves (noise on activations, released labels); default exact
+            activations, no labels.
+        held_out_labels: labels of ``held_out`` for the label entry (when labels leave).
+        budget_s: seconds for the whole suite: up to 40% for the white-box attack, the rest
+            for the decoder (the passthrough check is cheap and always runs); ``budget_hit``
+            says if it cut an attack.
+        seed: seeds every attack (deterministic for a seed unless the budget cuts).
+        attacks: a subset of :data:`ATTACKS`.
+
+    Returns:
+        ``attacks`` (name -> figures: ``ratio``, ``mse``, ``baseline_mse``, ``ssim``,
+        ``seconds``, ...), ``passthrough`` (copies, affine, rank, ...), ``dcor``, ``labels``
+        (or ``None``), ``worst`` (``ratio`` and its ``attack``, ``ssim`` and its
+        ``ssim_attack``), ``release``, ``seconds``, ``budget_s``, ``budget_hit``, ``n_mock``,
+        ``n_held_out``, ``seed``.
+    """
+    check_args(budget_s=(budget_s, _pos_float(budget_s)),
+               attacks=(attacks, len(attacks) > 0 and all(a in ATTACKS for a in attacks)))
+    rel = release or Release()
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        xm, xh = as_rows(mock, "mock"), as_rows(held_out, "held_out")
+        results: dict[str, dict[str, Any]] = {}
+        passthrough = passthrough_check(encoder, mock, held_out, release=rel, seed=seed)
+        if "linear" in attacks:
+            results["linear"] = dict(passthrough["linear"], seconds=passthrough["seconds"])
+        if "whitebox" in attacks and isinstance(encoder, nn.Module):
+            results["whitebox"] = whitebox_inversion(encoder, mock, held_out, release=rel, seed=seed,
+                                                     budget_s=0.4 * budget_s, num_threads=None)
+        if "decoder" in attacks:
+            left = max(budget_s - (time.perf_counter() - t0), 0.1 * budget_s)
+            results["decoder"] = decoder_attack(encoder, mock, held_out, release=rel, seed=seed,
+                                                budget_s=left, num_threads=None)
+        gen = torch.Generator().manual_seed(seed)
+        z_held = rel.activations(encode(encoder, held_out.detach().to(torch.float32), "held_out"), gen)
+        dcor = dcor_leakage(xh, z_held) if xh.shape[0] >= 4 else math.nan
+        labels = None
+        if held_out_labels is not None:
+            labels = label_leakage(held_out_labels, rel, seed=seed)
+        elif rel.labels:
+            labels = {"released": True, "epsilon": rel.label_epsilon or None, "num_classes": rel.num_classes,
+                      "correct_fraction": None, "theoretical": rel.label_keep_probability(), "records": 0}
+    finally:
+        torch.set_num_threads(threads)
+    worst = _worst(results)
+    return {"attacks": results, "passthrough": {k: v for k, v in passthrough.items() if k != "linear"},
+            "dcor": dcor, "labels": labels, "worst": worst, "release": rel.as_dict(),
+            "seconds": time.perf_counter() - t0, "budget_s": budget_s,
+            "budget_hit": any(bool(r.get("budget_hit")) for r in results.values()),
+            "n_mock": int(xm.shape[0]), "n_held_out": int(xh.shape[0]), "seed": seed}
+
+
+def _worst(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    ratios = {k: r["ratio"] for k, r in results.items()
+              if r.get("ratio") is not None and math.isfinite(r["ratio"])}
+    ssims = {k: r["ssim"] for k, r in results.items() if r.get("ssim") is not None}
+    out: dict[str, Any] = {"ratio": None, "attack": None, "ssim": None, "ssim_attack": None}
+    if ratios:
+        k = min(ratios, key=ratios.__getitem__)
+        out.update(ratio=ratios[k], attack=k, mse=results[k]["mse"], baseline_mse=results[k]["baseline_mse"])
+    if ssims:
+        k = max(ssims, key=ssims.__getitem__)
+        out.update(ssim=ssims[k], ssim_attack=k)
+    return out
