@@ -474,9 +474,10 @@ class DatasiteConsole:
         """What to read before approving: layers, parameters, what leaves per step."""
         return str(self._call("review", segment=proposal_id)["text"])
 
-    def approve(self, proposal_id: str) -> None:
-        """Approve once; from then on only the proposer may run the segment."""
-        self._call("approve", segment=proposal_id)
+    def approve(self, proposal_id: str, **options: Any) -> None:
+        """Approve once; from then on only the proposer may run the segment. ``options``
+        (JSON): e.g. ``leakage_bound={"inversion_ratio": 0.2}`` for the live watch."""
+        self._call("approve", segment=proposal_id, **options)
 
     def reject(self, proposal_id: str) -> None:
         """Reject a proposal (also stops an approved segment)."""

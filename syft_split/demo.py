@@ -23,6 +23,7 @@ import torch
 from .datasets import digits_parties
 from .deploy import Deployment, datasites, inprocess
 from .errors import ApprovalError
+from .host import HostLimits
 from .models import digits_cnn
 from .session import SplitSession
 from .spec import OptimizerSpec
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--leakage-budget", type=float, default=20.0,
+                        help="seconds each data owner's attack suite may spend at the end")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> float:
     else:
         parties = _parties(args.seed)
         if args.transport == "inprocess":
-            dep = inprocess(parties)
+            dep = inprocess(parties, limits=HostLimits(review_budget_s=args.leakage_budget))
         else:
             print(f"launching {len(parties)} PySyft datasites "
                   f"({'HTTP on loopback' if args.transport == 'http' else 'embedded'})...",
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> float:
             dep.approve_all(proposals, show=True)  # each data owner reads its review, approves
         trainer = Trainer(session, batch_size=args.batch_size, seed=args.seed,
                           progress=sys.stderr.isatty() and os.environ.get("CI") != "true",
+                          leakage_budget_s=args.leakage_budget,
                           config={"job": "demo", "mode": mode, "epochs": args.epochs})
         report = trainer.fit(args.epochs)
         run_dir = Path(args.runs_dir) / time.strftime(f"demo-{mode}-%Y%m%d-%H%M%S")

@@ -72,6 +72,7 @@ class HEOps(OpFamily):
         ret, dx = client.decrypt_gradients(_msg(call.req))
         grad = self.host.guard.grad_in(rt, dx.to(torch.float32).reshape(rt.pending_output.shape))
         apply_grad(rt, grad)
+        self.host.stepped(rt, grad)
         return {"msg": ret}
 
     @op("he_costs", roles=("input",), egress={"*": SCALAR})

@@ -21,6 +21,8 @@ class EpochRecord:
     steps: int
     seconds: float
     bytes_by_party: dict[str, dict[str, int]]
+    #: each data owner's live leakage watch at the end of the epoch (figures, or halted)
+    watch: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,7 +62,7 @@ class RunReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
         ep = [e.epoch for e in self.epochs]
         axes[0].plot(ep, [e.train_loss for e in self.epochs], "o-", label="train")
         if any(e.test_loss is not None for e in self.epochs):
@@ -81,6 +83,16 @@ class RunReport:
         axes[2].set_xticks(list(xs), parties, rotation=15)
         axes[2].set(title="MB per party")
         axes[2].legend()
+        watched = sorted({p for e in self.epochs for p, w in e.watch.items()
+                          if "inversion_ratio" in w})
+        for party in watched:
+            pts = [(e.epoch, e.watch[party]["inversion_ratio"]) for e in self.epochs
+                   if "inversion_ratio" in e.watch.get(party, {})]
+            axes[3].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=party)
+        axes[3].set(title="leakage watch: inversion ratio\n(lower = more leakage)",
+                    xlabel="epoch")
+        if watched:
+            axes[3].legend()
         fig.tight_layout()
         fig.savefig(path, dpi=90)
         plt.close(fig)

@@ -343,19 +343,35 @@ class SplitSession:
         return StepMetrics(float(total), int(first["correct"]), int(indices.shape[0]),
                            per_task if len(self.plan.tasks) > 1 else {})
 
-    def measure_leakage(self, dataset: str, records: int = 256) -> dict[str, dict[str, float]]:
-        """Ask every data owner to measure, on its side, what its input segment's activations
-        leak about ``records`` held-out records of ``dataset`` (distance correlation, and a
-        model-inversion attack trained on its mock data when it has one)."""
+    def measure_leakage(self, dataset: str, *, budget_s: float | None = None
+                        ) -> dict[str, dict[str, float]]:
+        """Ask every data owner to run, on its side, the attack suite on what its input
+        segment releases (white-box inversion, a converged decoder, linear checks, dCor,
+        labels), scored on held-out records of ``dataset``; only the figures come back
+        (``inversion_ratio``/``inversion_ssim``: the worst case over the attacks)."""
         self.flush()
         out = {}
+        extra = {} if budget_s is None else {"budget_s": budget_s}
         for (host, _i), seg in self.remote.items():
-            if seg.role == "input":
-                n = min(records, self.plan.max_batch,
-                        int(self._describe(host)[dataset]["records"]))
+            if seg.role == "input" and seg.segment_id:
                 r = self.transport.call(host, "leakage", segment=seg.segment_id, dataset=dataset,
-                                        records=n)
+                                        **extra)
                 out[host] = {k: float(v) for k, v in r.items()}
+        return out
+
+    def watch_status(self) -> dict[str, dict[str, Any]]:
+        """Each data owner's live leakage watch on its input segment: the figures measured now
+        on the current weights, or ``halted`` with the reason if it stopped the segment."""
+        from .errors import LeakageHaltError
+
+        out: dict[str, dict[str, Any]] = {}
+        for (host, _i), seg in self.remote.items():
+            if seg.role != "input":
+                continue
+            try:
+                out[host] = dict(self.transport.call(host, "watch", segment=seg.segment_id))
+            except LeakageHaltError as exc:
+                out[host] = {"halted": True, "reason": str(exc)}
         return out
 
     def records(self, source: str, dataset: str) -> int:

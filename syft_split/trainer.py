@@ -30,12 +30,15 @@ class Trainer:
                  labels: dict[str, dict[str, Any]] | None = None, seed: int = 0,
                  progress: bool = True, config: dict[str, Any] | None = None,
                  schedule: str = "round_robin", relay_via: str = "model_owner",
-                 measure_leakage: bool = True) -> None:
+                 measure_leakage: bool = True, leakage_budget_s: float | None = None,
+                 watch: bool = True) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if relay_via not in ("model_owner", "peer"):
             raise ConfigError(f"relay_via must be 'model_owner' or 'peer', got {relay_via!r}")
         self.measure_leakage = measure_leakage
+        self.leakage_budget_s = leakage_budget_s
+        self.watch = watch
         self.schedule = schedule
         self.relay_via = relay_via
         self._server_copies: ServerCopies | None = None
@@ -55,6 +58,10 @@ class Trainer:
             "optimizer": session.optimizer_spec.to_json(),
             "batch_size": batch_size, "seed": seed, "transport": type(transport).__name__,
             "schedule": schedule,
+            "defences": dict(session.plan.defences),
+            "share_weights": session.plan.share_weights,
+            "encrypted": None if session.plan.encrypted is None
+            else session.plan.encrypted.agreement(),
             **(config or {}),
         })
 
@@ -160,6 +167,7 @@ class Trainer:
                 test_accuracy=test["accuracy"] if test else None,
                 steps=self.report.steps, seconds=time.perf_counter() - t0,
                 bytes_by_party=traffic.bytes_by_party(),
+                watch=self.session.watch_status() if self.watch else {},
             )
             self.report.epochs.append(rec)
             if verbose:
@@ -168,10 +176,13 @@ class Trainer:
                 if test:
                     msg += f" | test loss {test['loss']:.4f} acc {test['accuracy']:.4f}"
                 print(msg + f" | {rec.seconds:.1f}s", flush=True)
+                for party, w in rec.watch.items():
+                    print(f"  watch at {party}: " + _watch_text(w), flush=True)
         if self.session.he is not None:
             self.report.extra["he"] = self.session.he.costs()
         if self.measure_leakage and self.session.he is None:
-            leak = self.session.measure_leakage(self.test_dataset or self.train_dataset)
+            leak = self.session.measure_leakage(self.test_dataset or self.train_dataset,
+                                                budget_s=self.leakage_budget_s)
             self.report.extra["leakage"] = leak
             if verbose:
                 for party, values in leak.items():
@@ -182,3 +193,15 @@ class Trainer:
         self.report.bytes_by_party = traffic.bytes_by_party()
         self.report.bytes_by_direction = traffic.bytes_by_direction()
         return self.report
+
+
+def _watch_text(w: dict[str, Any]) -> str:
+    if w.get("halted"):
+        return f"HALTED: {w.get('reason', '')}"
+    if "inversion_ratio" not in w:
+        return "no watch on this segment"
+    parts = [f"inversion ratio {w['inversion_ratio']:.4f}"]
+    for k in ("ssim", "dcor", "label_alignment"):
+        if k in w:
+            parts.append(f"{k.replace('_', ' ')} {w[k]:.3f}")
+    return ", ".join(parts) + f" (step {w.get('step')})"

@@ -26,7 +26,8 @@ def test_fit_on_digits_and_report(make_deployment, tmp_path, topology: str) -> N
         labels = None
     session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("adam", lr=1e-2))
     dep.approve_all(session.propose())
-    trainer = Trainer(session, batch_size=32, labels=labels, progress=False)
+    trainer = Trainer(session, batch_size=32, labels=labels, progress=False,
+                      leakage_budget_s=2.0)
     report = trainer.fit(3, verbose=False)
 
     assert report.final_test_accuracy is not None and report.final_test_accuracy >= 0.9
@@ -35,7 +36,8 @@ def test_fit_on_digits_and_report(make_deployment, tmp_path, topology: str) -> N
     assert report.steps == 3 * steps_per_epoch
     # one transport call per training step in steady state (backward fused into next forward)
     per_epoch_calls = report.transport_calls / 3
-    extra = 3 if topology == "vanilla" else 3 + steps_per_epoch  # flush + eval batches (+ loss)
+    # flush + eval batches + the leakage watch (+ the loss segment's calls)
+    extra = 4 if topology == "vanilla" else 4 + steps_per_epoch
     assert per_epoch_calls <= steps_per_epoch * (1 if topology == "vanilla" else 2) + extra
 
     path = report.save(tmp_path / "run")
@@ -43,6 +45,10 @@ def test_fit_on_digits_and_report(make_deployment, tmp_path, topology: str) -> N
     assert saved["config"]["plan"]["labels"] == ("model_owner" if topology == "vanilla"
                                                  else "data_owner")
     assert saved["steps"] == report.steps and len(saved["epochs"]) == 3
+    assert saved["config"]["defences"] == {} and saved["config"]["share_weights"] == "none"
+    watch = saved["epochs"][-1]["watch"]["h"]  # the live leakage watch, per epoch
+    assert 0 < watch["inversion_ratio"] < 2 and watch["step"] == report.steps
+    assert 0 <= saved["extra"]["leakage"]["h"]["inversion_ratio"] < 1  # the suite's worst case
     by_party = saved["bytes_by_party"]
     assert by_party["h"]["sent"] > 0 and by_party["model_owner"]["sent"] > 0
     assert by_party["h"]["sent"] == by_party["model_owner"]["received"]
@@ -57,13 +63,16 @@ def test_u_shaped_labels_and_outputs_never_leave(make_deployment) -> None:
     plan = SplitPlan.u_shaped(split_model(digits_cnn(8, 16), ["pool1", "relu3"]), "h")
     session = SplitSession(plan, dep.transport)
     dep.approve_all(session.propose())
-    Trainer(session, batch_size=50, progress=False).fit(1, verbose=False)
-    sent_by_owner = dep.transport.traffic.fields_sent_by("h")
+    Trainer(session, batch_size=50, progress=False, leakage_budget_s=2.0).fit(1, verbose=False)
+    sent_by_owner = {f for r in dep.transport.traffic.records
+                     if r.src == "h" and r.op not in ("leakage", "watch") for f in r.fields}
     assert "labels" not in sent_by_owner
     assert sent_by_owner <= {"activation", "grad_input", "loss_sum", "correct", "count",
                              "segment", "status", "output_shape", "host", "datasets", "steps",
-                             "discarded", "dcor", "records",  # + leakage scalars
-                             "inversion_mse", "inversion_baseline_mse", "inversion_ratio"}
+                             "discarded"}
+    for rec in dep.transport.traffic.records:  # the leakage figures are scalars, no labels
+        if rec.src == "h" and rec.op in ("leakage", "watch"):
+            assert "labels" not in rec.fields and "activation" not in rec.fields
     for rec in dep.transport.traffic.records:
         if rec.src == "h" and rec.op == "loss_step":
             assert "activation" not in rec.fields  # the logits stay at the data owner
@@ -72,7 +81,8 @@ def test_u_shaped_labels_and_outputs_never_leave(make_deployment) -> None:
 def test_demo_inprocess_reaches_090(tmp_path, capsys) -> None:
     from syft_split.demo import main
 
-    acc = main(["--transport", "inprocess", "--epochs", "5", "--runs-dir", str(tmp_path)])
+    acc = main(["--transport", "inprocess", "--epochs", "5", "--runs-dir", str(tmp_path),
+                "--leakage-budget", "4"])
     out = capsys.readouterr().out.strip().splitlines()
     assert acc >= 0.90
     assert out[-1].startswith("test_accuracy=") and " report=" in out[-1]

@@ -32,6 +32,7 @@ from ..errors import (
     AuthorizationError,
     ConfigError,
     EgressError,
+    LeakageHaltError,
     ProtocolError,
     SyftSplitError,
 )
@@ -103,7 +104,8 @@ class DataOwnerHost:
         if p is None or p.status != "approved":
             state = "unknown" if p is None else p.status
             why = f" ({p.reason})" if p is not None and p.reason else ""
-            raise ApprovalError(f"segment {seg!r} is {state} on {self.name}{why}: it cannot run")
+            cls = LeakageHaltError if p is not None and p.halted_by == "watch" else ApprovalError
+            raise cls(f"segment {seg!r} is {state} on {self.name}{why}: it cannot run")
         if caller != p.driver:
             raise AuthorizationError(
                 f"{caller} may not drive {p.id}; the data owner approved {p.driver}"
@@ -129,13 +131,20 @@ class DataOwnerHost:
                               f"not {name!r}")
         return self.datasets[str(name)]
 
-    def halt(self, proposal_id: str, reason: str) -> None:
-        """Stop an approved segment for good: every further op on it is refused with ``reason``."""
+    def halt(self, proposal_id: str, reason: str, *, by: str = "owner") -> None:
+        """Stop an approved segment for good: every further op on it is refused with ``reason``
+        (``by``: "owner", or "watch" for the leakage watch)."""
         p = self.proposal(proposal_id)
-        p.status, p.reason = "halted", reason
+        p.status, p.reason, p.halted_by = "halted", reason, by
+        self.audit.append(AuditEntry(time.time(), by, "halt", p.id, {}, 0, 0, 0.0, reason))
         rt = self.runtimes.get(p.id)
         if rt is not None:
             rt.clear_pending()
+
+    def stepped(self, rt: Runtime, grad: Any) -> None:
+        """Tell every family that ``rt`` just took an optimizer step on ``grad``."""
+        for family in self.families.values():
+            family.after_step(rt, grad)
 
     # ----------------------------------------------------------------------- wire entry
     def handle(self, caller: str, data: bytes) -> bytes:

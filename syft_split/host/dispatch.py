@@ -81,6 +81,10 @@ class OpFamily:
         """Set up what this family needs for a newly approved segment (override); ``options``
         are the data owner's approval options this family understands (it pops them)."""
 
+    def after_step(self, rt: Runtime, grad: Any) -> None:
+        """Called after every optimizer step of an input or middle segment, with the
+        validated gradient the model owner sent for it (override)."""
+
     def state(self) -> dict[str, Any]:
         """What this family must keep across a restart (JSON and tensors; override)."""
         return {}

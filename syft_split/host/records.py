@@ -71,6 +71,8 @@ class HostLimits:
     ``max_proposals_per_minute`` / ``max_pending``: per user. ``max_abs_value``: no released
     activation or gradient, and no incoming gradient, may exceed it in magnitude.
     ``max_records_per_minute``: records a segment may release per minute (None: no cap).
+    ``review_budget_s``: seconds the review's attack suite may spend on one proposal;
+    ``watch_every``: the live leakage watch re-measures an input segment every so many steps.
     """
 
     max_request_bytes: int = 64 * 1024 * 1024
@@ -83,6 +85,8 @@ class HostLimits:
     max_pending: int = 32
     max_abs_value: float = 1e6
     max_records_per_minute: int | None = None
+    review_budget_s: float = 30.0
+    watch_every: int = 25
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_batch", "max_parameters", "max_width",
@@ -114,8 +118,10 @@ class Proposal:
     defences: dict[str, float] = field(default_factory=dict)
     he: dict[str, Any] | None = None
     status: str = "pending"
-    #: why an approved segment stopped (set when status becomes "halted")
+    #: why an approved segment stopped (set when status becomes "halted"), and who stopped it
+    #: ("owner", or "watch": the data owner's leakage watch)
     reason: str = ""
+    halted_by: str = ""
     module: nn.Module | None = field(default=None, repr=False)
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..spec import count_parameters, describe
 from .records import Proposal
 
@@ -22,7 +20,7 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def review_text(host: DataOwnerHost, p: Proposal, extra: list[str]) -> str:
     """Layers, parameters, what leaves per step and how much; ``extra``: lines the op
-    families add (encryption, leakage measured on the owner's records, weight sharing)."""
+    families add (leakage measured on the owner's records, encryption, weight sharing)."""
     assert p.module is not None
     out_bytes = 4 * math.prod(p.output_shape)
     leaves = {
@@ -47,8 +45,6 @@ def review_text(host: DataOwnerHost, p: Proposal, extra: list[str]) -> str:
                   f"(<= {out_bytes * p.max_batch} bytes per step)"]
     lines.append(f"  every value leaving is checked: approved shape, float32, finite, "
                  f"|value| <= {host.limits.max_abs_value:g}")
-    if p.role == "input" and p.he is None:
-        lines.extend(_leakage_lines(host, p))
     if p.loss:
         lines.append(f"  loss computed here: {p.loss}")
     if p.release_labels:
@@ -57,23 +53,3 @@ def review_text(host: DataOwnerHost, p: Proposal, extra: list[str]) -> str:
         lines.append(f"  defence here: {name}={value}")
     lines.extend(extra)
     return "\n".join(lines)
-
-
-def _leakage_lines(host: DataOwnerHost, p: Proposal) -> list[str]:
-    """Measured on the owner's own records: how much the proposed outputs reveal."""
-    from ..leakage import dcor_leakage
-
-    assert p.module is not None
-    x = host.datasets[p.datasets[0]].features[:128].to(torch.float32)
-    was = p.module.training
-    p.module.eval()
-    with torch.no_grad():
-        out = p.module(x)
-    p.module.train(was)
-    lines = [f"  measured on {x.shape[0]} of your records: distance correlation between "
-             f"your data and what would leave = {dcor_leakage(x, out):.3f} (1.0: a copy)"]
-    if math.prod(p.output_shape) >= math.prod(p.input_shape):
-        lines.append(f"  WARNING: {math.prod(p.output_shape)} values leave per record, at "
-                     f"least the {math.prod(p.input_shape)} it has: such a segment can pass "
-                     "your data through (e.g. identity weights)")
-    return lines

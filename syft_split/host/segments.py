@@ -113,6 +113,7 @@ class SegmentOps(OpFamily):
         guard.admit(rt, int(x.shape[0]))
         if grad is not None:
             apply_grad(rt, grad)
+            self.host.stepped(rt, grad)
         call.rows = int(x.shape[0])
         out = self._run(rt, x, train)
         response: dict[str, Any] = {}
@@ -135,6 +136,8 @@ class SegmentOps(OpFamily):
                 classes = int(rt.proposal.defences["num_classes"])
                 labels = randomized_response(labels, classes, eps, rt.rng)
             response["labels"] = labels
+            if train:  # the labels this step's gradient will answer to (the leakage watch)
+                rt.extra["pending_labels"] = labels
         return response
 
     @staticmethod
@@ -171,6 +174,7 @@ class SegmentOps(OpFamily):
         assert rt.pending_output is not None
         call.rows = int(rt.pending_output.shape[0])
         grad_in = apply_grad(rt, grad)
+        self.host.stepped(rt, grad)
         out: dict[str, Any] = {"steps": rt.steps}
         if grad_in is not None:
             out["grad_input"] = grad_in

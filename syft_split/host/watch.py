@@ -1,56 +1,196 @@
-"""Leakage measured at the data owner, on its own side: only scalars leave.
+"""Leakage, measured by the data owner on its own side: before approval and during training.
 
-Model-owner op ``leakage``: the data owner measures what its input segment's activations leak
-about held-out records of a dataset (distance correlation, and a model-inversion attack trained
-on the dataset's mock data) and returns the figures.
+- **Review**: the attack suite (:func:`syft_split.leakage.leakage_suite`: white-box inversion,
+  a converged decoder, exact-copy / linear checks, dCor, labels) runs on the proposed weights,
+  on exactly what would leave, and the review shows its figures and warnings.
+- **Approval** installs a :class:`~syft_split.leakage.LeakageWatch` on an input segment with
+  the bound the data owner sets (option ``leakage_bound``: a dict of ``inversion_ratio``,
+  ``ssim``, ``dcor``, ``hijack``; default: halt when the watch's inversion ratio halves, or on
+  a suspected training hijack). After every step the watch re-measures the current weights
+  every ``HostLimits.watch_every`` steps and runs the hijack detector; past the bound the
+  segment halts and every further op is refused with
+  :class:`~syft_split.errors.LeakageHaltError` naming the figure.
+- Model-owner ops (scalars only leave): ``leakage`` (the suite on the current weights) and
+  ``watch`` (the watch's latest figures, measured now, and whether it halted).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from ..errors import ValidationError
+from ..errors import ConfigError, ValidationError
 from .dispatch import OpFamily, op, register_family
-from .guard import SCALAR, Call
+from .guard import SCALAR, TEXT, Call
+from .records import Dataset, Proposal, Runtime
 
 __all__ = ["LeakageOps"]
 
-_FIGURES = {"dcor": SCALAR, "records": SCALAR, "inversion_mse": SCALAR,
-            "inversion_baseline_mse": SCALAR, "inversion_ratio": SCALAR}
+_WATCH_FIELDS = {"step": SCALAR, "inversion_ratio": SCALAR, "ssim": SCALAR, "dcor": SCALAR,
+                 "label_alignment": SCALAR, "seconds": SCALAR, "halted": SCALAR,
+                 "reason": TEXT, "halted_at_step": SCALAR, "watch_seconds": SCALAR}
+
+
+def _rows(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
+    """(held-out probe, mock, probe labels, mock is a stand-in) from a dataset, or None when it
+    is too small. Without a mock asset, private records stand in for the attacker's side data
+    (conservative: they look exactly like the targets)."""
+    x = ds.features.to(torch.float32)
+    n = x.shape[0]
+    probe_n = min(128, n // 2)
+    if probe_n < 4:
+        return None
+    mock = ds.mock.to(torch.float32) if ds.mock is not None else x[probe_n:probe_n + 200]
+    if mock.shape[0] < 8:
+        return None
+    labels = ds.labels[:probe_n] if ds.labels is not None else torch.zeros(0)
+    return x[:probe_n], mock, labels, ds.mock is None
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, bool) or isinstance(v, int):
+        return v
+    if isinstance(v, float) and math.isfinite(v):
+        return v
+    return None
 
 
 @register_family
 class LeakageOps(OpFamily):
-    """The ``leakage`` op (see the module docstring)."""
+    """Review figures, the live watch, and the ``leakage``/``watch`` ops."""
 
     name = "leakage"
 
-    @op("leakage", roles=("input",), egress=_FIGURES)
+    def __init__(self, host: Any) -> None:
+        super().__init__(host)
+        self._suites: dict[str, dict[str, Any]] = {}
+
+    def _release(self, p: Proposal) -> Any:
+        from ..leakage import Release
+
+        return Release.from_defences(p.defences, release_labels=p.release_labels)
+
+    def _watched(self, p: Proposal) -> bool:
+        return p.role == "input" and p.he is None and bool(p.datasets)
+
+    # ------------------------------------------------------------------------- review
+    def suite(self, p: Proposal) -> dict[str, Any] | None:
+        """The attack suite on the proposed weights (run once per proposal, cached)."""
+        from ..leakage import leakage_suite
+
+        if not self._watched(p) or p.module is None:
+            return None
+        if p.id not in self._suites:
+            rows = _rows(self.host.datasets[p.datasets[0]])
+            if rows is None:
+                return None
+            probe, mock, labels, stand_in = rows
+            result = leakage_suite(p.module, mock, probe, release=self._release(p),
+                                   held_out_labels=labels if p.release_labels else None,
+                                   budget_s=self.host.limits.review_budget_s, seed=0)
+            result["mock_stand_in"] = stand_in
+            self._suites[p.id] = result
+        return self._suites[p.id]
+
+    def review_lines(self, proposal: Proposal) -> list[str]:
+        from ..leakage import LeakageWatch, WatchBound, review_lines
+
+        result = self.suite(proposal)
+        if result is None:
+            return []
+        lines = []
+        if result.get("mock_stand_in"):
+            lines.append("  (no mock asset: private records stand in for the attacker's side data)")
+        probe, mock, _, _ = _rows(self.host.datasets[proposal.datasets[0]])  # type: ignore[misc]
+        assert proposal.module is not None
+        watch = LeakageWatch(WatchBound(), probe=probe[:64], mock=mock,
+                             release=self._release(proposal), every=self.host.limits.watch_every)
+        base = watch.baseline(proposal.module)
+        lines += review_lines(result, bound=WatchBound.relative(base), watch_baseline=base,
+                              every=watch.every)
+        return lines
+
+    # ---------------------------------------------------------------------- the watch
+    def on_approve(self, rt: Runtime, options: dict[str, Any]) -> None:
+        from ..leakage import LeakageWatch, WatchBound
+
+        bound_opt = options.pop("leakage_bound", None)
+        if not self._watched(rt.proposal):
+            return
+        rows = _rows(self.host.datasets[rt.proposal.datasets[0]])
+        if rows is None:
+            return
+        probe, mock, _, _ = rows
+        if bound_opt is not None and not isinstance(bound_opt, (dict, WatchBound)):
+            raise ConfigError(f"leakage_bound must be a dict of inversion_ratio/ssim/dcor/hijack, "
+                              f"got {bound_opt!r}")
+        watch = LeakageWatch(WatchBound(), probe=probe[:64], mock=mock,
+                             release=self._release(rt.proposal), every=self.host.limits.watch_every)
+        base = watch.baseline(rt.module)
+        if isinstance(bound_opt, dict):
+            try:
+                watch.bound = WatchBound(**bound_opt)
+            except TypeError as exc:
+                raise ConfigError(f"leakage_bound: {exc}") from exc
+        else:
+            watch.bound = bound_opt or WatchBound.relative(base)
+        rt.extra["watch"] = watch
+
+    def after_step(self, rt: Runtime, grad: Any) -> None:
+        watch = rt.extra.get("watch")
+        labels = rt.extra.pop("pending_labels", None)
+        if watch is None or rt.proposal.status != "approved":
+            return
+        if watch.after_step(rt.module, rt.steps, grad=grad, labels=labels):
+            self.host.halt(rt.id, f"leakage watch: {watch.reason}", by="watch")
+
+    # ---------------------------------------------------------------- model-owner ops
+    @op("watch", roles=("input",), egress=_WATCH_FIELDS)
+    def watch(self, call: Call) -> dict[str, Any]:
+        """The watch's figures on the current weights (measured now) and its state."""
+        rt = call.rt
+        assert rt is not None
+        w = rt.extra.get("watch")
+        if w is None:
+            return {"halted": False}
+        entry = w.measure(rt.module, rt.steps)
+        out = {k: _scalar(entry.get(k)) for k in ("step", "inversion_ratio", "ssim", "dcor",
+                                                   "label_alignment", "seconds")}
+        out.update(halted=bool(w.halted), watch_seconds=float(w.seconds))
+        return {k: v for k, v in out.items() if v is not None}
+
+    @op("leakage", roles=("input",), egress={"*": SCALAR})
     def leakage(self, call: Call) -> dict[str, Any]:
-        from ..leakage import dcor_leakage, inversion_attack
+        """The attack suite on the current weights, scored on held-out records here."""
+        from ..leakage import leakage_suite
 
         rt = call.rt
         assert rt is not None
         ds = self.host.dataset(rt, call.req)
-        n = call.req.get("records", 256)
-        if not isinstance(n, int) or isinstance(n, bool) or not 4 <= n <= rt.proposal.max_batch:
-            raise ValidationError(f"records must be in 4..{rt.proposal.max_batch}, got {n!r}")
-        epochs = call.req.get("epochs", 40)
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 200:
-            raise ValidationError(f"epochs must be in 1..200, got {epochs!r}")
-        raw = ds.features[:n].to(torch.float32)
+        budget = call.req.get("budget_s", self.host.limits.review_budget_s)
+        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget <= 120:
+            raise ValidationError(f"budget_s must be in (0, 120], got {budget!r}")
+        rows = _rows(ds)
+        if rows is None:
+            raise ValidationError(f"dataset has too few records ({ds.features.shape[0]}) to "
+                                  "measure leakage")
+        probe, mock, labels, _ = rows
         rt.module.eval()
         try:
-            with torch.no_grad():
-                act = rt.module(raw)
-            out: dict[str, Any] = {"dcor": dcor_leakage(raw, act), "records": int(raw.shape[0])}
-            if ds.mock is not None:
-                attack = inversion_attack(rt.module, ds.mock.to(torch.float32), raw,
-                                          epochs=epochs, seed=0)
-                out.update({f"inversion_{k}": float(attack[k])
-                            for k in ("mse", "baseline_mse", "ratio")})
+            r = leakage_suite(rt.module, mock, probe, release=self._release(rt.proposal),
+                              held_out_labels=labels if rt.proposal.release_labels else None,
+                              budget_s=float(budget), seed=0)
         finally:
             rt.module.train()
-        return out
+        out: dict[str, Any] = {"records": r["n_held_out"], "dcor": r["dcor"],
+                               "inversion_ratio": r["worst"]["ratio"],
+                               "inversion_ssim": r["worst"]["ssim"], "seconds": r["seconds"]}
+        for name, figures in r["attacks"].items():
+            out[f"{name}_ratio"] = figures.get("ratio")
+            out[f"{name}_ssim"] = figures.get("ssim")
+        if r.get("labels"):
+            out["labels_correct_fraction"] = r["labels"].get("correct_fraction")
+            out["labels_theoretical"] = r["labels"].get("theoretical")
+        return {k: v for k, v in ((k, _scalar(v)) for k, v in out.items()) if v is not None}
