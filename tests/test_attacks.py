@@ -101,8 +101,10 @@ def _conv_decoder(seg: nn.Module, mock: torch.Tensor, held: torch.Tensor) -> tor
 def test_suite_worst_case_is_within_1p5x_of_independent_attacks(data, trained_segment) -> None:  # type: ignore[no-untyped-def]
     mock, _, _, held = data
     seg = trained_segment
-    suite = leakage_suite(seg, mock, held, budget_s=30.0)
-    assert not suite["budget_hit"] and suite["seconds"] < 30.0
+    # a generous budget: this test is about the figures, not speed (a loaded CI machine must
+    # not cut an attack short); bench/leakage.py records the suite's seconds
+    suite = leakage_suite(seg, mock, held, budget_s=300.0)
+    assert not suite["budget_hit"]
     worst = suite["worst"]
     assert worst["ratio"] == min(a["ratio"] for a in suite["attacks"].values())
     assert worst["ssim"] == max(a["ssim"] for a in suite["attacks"].values())
