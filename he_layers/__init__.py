@@ -7,12 +7,14 @@ Public API: parameters (:class:`CKKSParams`), the agreement (:class:`LayerSpec`)
 See ``he_layers/README.md`` for the protocol and what each party learns.
 """
 
+from ._protocol import combine_shares
+from .client import HEClient
 from .conv import ConvAsLinear
 from .costs import CostMeter, merge_costs
 from .keys import KeyOwner, ServerContext
-from .layer import HEClient, HEServer, combine_shares
 from .packing import Layout, choose_layout
 from .params import CKKSParams
+from .server import HEServer
 from .spec import LayerSpec
 from .validate import explain_unprotectable
 

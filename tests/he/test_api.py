@@ -14,7 +14,8 @@ pytestmark = pytest.mark.he
 
 def test_all_is_the_public_surface() -> None:
     public = {n for n in dir(he_layers) if not n.startswith("_")}
-    modules = {"conv", "costs", "keys", "layer", "packing", "params", "spec", "validate", "wire"}
+    modules = {"client", "conv", "costs", "evaluator", "keys", "packing", "params", "server",
+               "spec", "validate", "wire"}
     assert set(he_layers.__all__) == public - modules
 
 

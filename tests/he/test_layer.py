@@ -52,12 +52,18 @@ def test_smaller_last_batch_and_no_bias(kit: SimpleNamespace) -> None:
 
 
 @pytest.mark.parametrize("level", ["A", "B"])
-def test_sgd_steps_match_plain_sgd(level: str, kit: SimpleNamespace) -> None:
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.01)],
+                         ids=["sgd", "momentum-wd"])
+def test_sgd_steps_match_plain_sgd(level: str, momentum: float, weight_decay: float,
+                                   kit: SimpleNamespace) -> None:
+    """W = W_s + A follows torch.optim.SGD exactly, with momentum and weight decay too: the
+    data owner's share correction accounts for the momentum the server applies to it."""
     b, d_in, d_out, lr = 12, 20, 6, 0.2
-    client, server, linear = kit.make_parties(b, d_in, d_out, level=level, lr=lr, seed=7)
+    client, server, linear = kit.make_parties(b, d_in, d_out, level=level, lr=lr, seed=7,
+                                              momentum=momentum, weight_decay=weight_decay)
     ref = torch.nn.Linear(d_in, d_out).double()
     ref.load_state_dict(linear.state_dict())
-    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     for _ in range(4):
         x = torch.randn(b, d_in, dtype=torch.float64)
         target = torch.randn(b, d_out, dtype=torch.float64)

@@ -70,7 +70,8 @@ def test_several_input_ciphertexts_are_summed() -> None:
 def test_per_feature_layout_matches_numpy() -> None:
     rng = np.random.default_rng(4)
     m, p = rng.standard_normal((40, 5)), rng.uniform(-0.5, 0.5, (5, 3))
-    lay = Layout(rows=40, cols=5, out_cols=3, slots=4096, lanes=20, features=1, baby=1)
+    lay = Layout(rows=40, cols=5, out_cols=3, slots=4096, lanes=20, features=1, baby=1,
+                 period=1, width=1)
     got = _encrypted_matmul(m, p, lay)
     assert np.abs(got - m @ p).max() / np.abs(m @ p).max() < 1e-5
 
