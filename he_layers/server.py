@@ -47,6 +47,10 @@ class HEServer:
             owner's share starts at 0 unless ``initial_share`` > 0).
         bias: ``(d_out,)`` / ``(C_out,)`` or None (must match ``spec.bias``).
         seed: seeds the mask generator (tests only; default: OS CSPRNG).
+        grad_floor: level A: weight-gradient entries below this magnitude are set to 0 —
+            the precision of the decrypted gradient (~7e-9 absolute at scale 2^40, N=8192); below it
+            an entry cannot be told from 0, and a scale-free optimizer (Adam) would turn
+            CKKS noise on an exactly-zero gradient (a dead unit) into a full-size step.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class HEServer:
         bias: torch.Tensor | None = None,
         *,
         seed: int | None = None,
+        grad_floor: float = 2.0**-26,
     ) -> None:
         self.context = context
         self.spec: LayerSpec = context.spec
@@ -67,6 +72,7 @@ class HEServer:
         self._pending: dict[str, Any] | None = None
         self._grads: tuple[np.ndarray, np.ndarray] | None = None
         self._velocity: tuple[np.ndarray, np.ndarray] | None = None
+        self.grad_floor = grad_floor
         self.costs = CostMeter()
 
     @classmethod
@@ -292,6 +298,8 @@ class HEServer:
             raise CiphertextError(f"{GRAD_RETURN}: expected 1 blob, got {len(blobs)}")
         shape = (self.spec.mat_in, self.spec.mat_out)
         g = array_from_bytes(blobs[0], shape, "returned weight gradient") - p["r2"]
+        if self.spec.level == "A":
+            g[np.abs(g) < self.grad_floor] = 0.0
         self._grads = (g, p["db"])
         self._pending = None
         gb = torch.from_numpy(p["db"]).to(self.dtype) if self.spec.bias else None
