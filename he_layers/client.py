@@ -189,7 +189,7 @@ class HEClient:
         if len(blobs) != expected:
             raise CiphertextError(f"{MASKED_GRAD}: expected {expected} blobs, got {len(blobs)}")
         g = self.keys.decrypt_matrix(blobs[:n_g], lay["grad"], "masked weight gradient",
-                                     self.costs)
+                                     self.costs, rescaled=False)
         if spec.level == "A":
             dx = array_from_bytes(blobs[n_g], (n, spec.d_in), "input gradient")
         else:

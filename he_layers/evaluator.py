@@ -1,9 +1,10 @@
 """Server-side ``Enc(M) @ P + Y`` on SEAL ciphertexts (``tenseal.sealapi``), with op counts.
 
 Every product spends exactly ONE multiplicative level: weights are encoded at scale ``q1``
-(the prime the single rescale drops), so the output keeps the input's scale. Giant-step and
-fold rotations act on the products *before* the rescale (scale Delta*q1), where the
-key-switching noise is negligible; baby-step rotations act on the fresh inputs.
+(the prime the single rescale drops), so the output keeps the input's scale. Giant-step
+rotations act on the products *before* the rescale (scale Delta*q1), where the
+key-switching noise is negligible; baby-step rotations act on the fresh inputs. There are no
+fold rotations: the data owner adds the partial sums after decrypting.
 See :mod:`he_layers.packing` for the layouts.
 """
 
@@ -83,8 +84,13 @@ class MatmulEvaluator:
         rows_idx, cols_idx = self._index[layout]
         return block[rows_idx, cols_idx]
 
-    def matmul(self, cts: list[Any], p: np.ndarray, layout: Layout) -> list[Any]:
-        """``Enc(M) @ p`` for input ciphertexts in ``layout``; one level, output at level 0."""
+    def matmul(self, cts: list[Any], p: np.ndarray, layout: Layout, *,
+               rescale: bool = True) -> list[Any]:
+        """``Enc(M) @ p`` for input ciphertexts in ``layout``; one level, output at level 0.
+
+        ``rescale=False`` keeps the output at the input's level with scale Delta*q1: twice
+        the bytes, but no rescale rounding (absolute error ~1e-10 instead of ~1e-8).
+        """
         if len(cts) != layout.n_inputs:
             raise CiphertextError(
                 f"expected {layout.n_inputs} input ciphertexts, got {len(cts)}"
@@ -100,11 +106,13 @@ class MatmulEvaluator:
         ev = self.evaluator
         padded = np.zeros((cc * per, oc * ow))
         padded[: layout.cols, : layout.out_cols] = p
-        baby = [[[cts[r * cc + i]] for i in range(cc)] for r in range(rc)]
+        cp = layout.copies  # client_baby: the data owner sent the g rotations itself
+        baby = [[list(cts[(r * cc + i) * cp:(r * cc + i + 1) * cp]) for i in range(cc)]
+                for r in range(rc)]
         for r in range(rc):
             for i in range(cc):
                 chain = baby[r][i]
-                chain += [self._rotate(chain[0], k * lanes) for k in range(1, g)]
+                chain += [self._rotate(chain[0], k * lanes) for k in range(len(chain), g)]
         out: list[Any] = [None] * (rc * oc)
         for j in range(oc):
             diags = [self._diagonals(layout, padded[i * per:(i + 1) * per, j * ow:(j + 1) * ow])
@@ -140,19 +148,17 @@ class MatmulEvaluator:
                         self.counts["additions"] += 1
             for r in range(rc):
                 res = acc[r] if acc[r] is not None else self._near_zero(baby[r][0][0])
-                for step in layout.sum_steps:
-                    ev.add_inplace(res, self._rotate(res, step))
-                    self.counts["additions"] += 1
-                ev.rescale_to_next_inplace(res)
-                self.counts["rescales"] += 1
+                if rescale:
+                    ev.rescale_to_next_inplace(res)
+                    self.counts["rescales"] += 1
                 out[r * oc + j] = res
         return out
 
     def add_plain(self, cts: list[Any], y: np.ndarray, layout: Layout,
-                  fill: np.ndarray | None = None) -> None:
-        """Add the plain (R x D) matrix ``y`` to output ciphertexts of ``layout``, in place;
-        partial-sum slots get ``fill`` (see :meth:`Layout.pack_output`)."""
-        vecs = layout.pack_output(np.asarray(y, dtype=np.float64), fill)
+                  masks: np.ndarray | None = None) -> None:
+        """Add the plain (R x D) matrix ``y`` and per-slot ``masks`` to output ciphertexts of
+        ``layout``, in place (see :meth:`Layout.pack_output`)."""
+        vecs = layout.pack_output(np.asarray(y, dtype=np.float64), masks)
         for ct, v in zip(cts, vecs, strict=True):
             pt = self._s.Plaintext()
             self.encoder.encode(v.tolist(), ct.parms_id(), ct.scale, pt)

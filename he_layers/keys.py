@@ -97,6 +97,8 @@ class KeyOwner:
         self._encryptor = sealapi.Encryptor(sc, sk)
         self._decryptor = sealapi.Decryptor(sc, sk)
         self._in_parms, self._out_parms = _level_parms(sc)
+        top = sc.get_context_data(self._in_parms)
+        self._rescale_prime = float(top.parms().coeff_modulus()[-1].value())
 
     def public_context_bytes(self) -> bytes:
         """Public material for the model owner: no secret key, only the needed Galois keys."""
@@ -120,11 +122,15 @@ class KeyOwner:
         return out
 
     def decrypt_matrix(self, blobs: list[bytes], layout: Layout, what: str,
-                       costs: CostMeter | None = None) -> np.ndarray:
+                       costs: CostMeter | None = None, *, rescaled: bool = True) -> np.ndarray:
         """Decrypt the outputs of a product in ``layout`` to an (R x D) matrix.
 
+        ``rescaled=False``: the product kept both primes (scale Delta*q1, no rescale error).
         ``costs`` (optional) gets the time in ``ser_s`` (loading) and ``dec_s``.
         """
+        parms, scale = self._out_parms, self.params.scale
+        if not rescaled:
+            parms, scale = self._in_parms, self.params.scale * self._rescale_prime
         if len(blobs) != layout.n_outputs:
             raise CiphertextError(
                 f"{what}: expected {layout.n_outputs} ciphertexts, got {len(blobs)}"
@@ -134,7 +140,7 @@ class KeyOwner:
         for b in blobs:
             with meter.timed("ser_s"):
                 ct = load_ciphertext(self._seal, b, what)
-            _check_ciphertext(ct, self._out_parms, self.params.scale, what)
+            _check_ciphertext(ct, parms, scale, what)
             with meter.timed("dec_s"):
                 pt = sealapi.Plaintext()
                 self._decryptor.decrypt(ct, pt)

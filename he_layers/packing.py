@@ -6,17 +6,25 @@ feature positions of ``2L`` rows, slot ``f*L + b`` = ``M[b, col(f)] + i*M[L + b,
 
 The ``F`` positions are ``r = F / p`` *replicas* of a block of ``p`` (the *period*, a power of
 two) columns: ``col(f) = chunk*p + f mod p``. ``Enc(M) @ P`` for a plain ``P`` (C x D) uses
-``w`` (the *width*) generalized diagonals per column chunk: replica ``rho`` computes the output
-columns ``rho*w .. rho*w + w - 1`` of its chunk, with ``d_k[f] = P[(f + k) mod p, rho*w + f mod w]``
-(Halevi-Shoup for ``w = p``, the GAZELLE "hybrid" method for ``w < p`` followed by
-``log2(p/w)`` rotate-and-sum steps). Without replicas (``r = 1``) every slot ends up holding a
-copy of an output; with replicas one matrix-vector pass computes ``r*w`` output columns (all
-slots do useful work when the matrix is narrower than a ciphertext). Slots that hold neither
-an output nor a copy (partial sums, ``r > 1``) are masked independently by the server.
+``w`` (the *width*) generalized diagonals per column chunk: replica ``rho`` works for the
+output columns ``rho*w .. rho*w + w - 1`` of its chunk, with
+``d_k[f] = P[(f + k) mod p, rho*w + f mod w]`` (Halevi-Shoup for ``w = p``, the GAZELLE
+"hybrid" method for ``w < p``). After ``sum_k d_k * rot_k(x)`` slot ``f`` holds a *partial
+sum* of output column ``rho*w + f mod w`` over a window of ``w`` input columns; the ``p/w``
+partial sums of a column together cover the whole chunk. GAZELLE folds them with
+``log2(p/w)`` rotate-and-sum steps; here the *data owner* folds them in plaintext after
+decrypting (:meth:`Layout.unpack_output`), so the product needs no fold rotation at all. The
+server masks every slot independently (:meth:`Layout.pack_output`), so the data owner sees
+only masked partial sums and learns their total (plus the total of the masks), exactly what
+it learned from a folded ciphertext. With replicas one matrix-vector pass computes ``r*w``
+output columns (narrow matrices fill the slots).
 
 The diagonal sum uses baby-step/giant-step rotations: ``g - 1`` baby rotations of each
 input ciphertext (one Galois key per step ``s*L``), ``w/g - 1`` giant rotations Horner-style
-(one key, step ``g*L``), all before the single rescale. ``F == 1`` is the "one feature per
+(one key, step ``g*L``), all before the single rescale. With ``client_baby`` the data owner
+encrypts the ``g`` rotated copies itself instead (its fresh ciphertexts carry no
+key-switching noise, ~1e-9 instead of ~7e-7 absolute: used for the weight gradient, whose
+exact zeros matter to scale-free optimizers). ``F == 1`` is the "one feature per
 ciphertext" layout: scalar weights, no rotations; it wins for very large batches.
 """
 
@@ -69,6 +77,8 @@ class Layout:
         baby: g, baby-step count (a power of two dividing ``width``).
         period: p, input columns per replica block (a power of two dividing F).
         width: w, diagonals per column chunk = output columns per replica block.
+        client_baby: the data owner encrypts the g baby-step rotations of each input
+            (``g`` ciphertexts per input block) instead of the server rotating.
     """
 
     rows: int
@@ -80,6 +90,7 @@ class Layout:
     baby: int
     period: int
     width: int
+    client_baby: bool = False
 
     @property
     def kind(self) -> str:
@@ -117,9 +128,14 @@ class Layout:
         return -(-self.out_cols // self.out_width)
 
     @property
+    def copies(self) -> int:
+        """Input ciphertexts per input block (g with ``client_baby``, else 1)."""
+        return self.baby if self.client_baby else 1
+
+    @property
     def n_inputs(self) -> int:
         """Number of input ciphertexts."""
-        return self.row_chunks * self.col_chunks
+        return self.row_chunks * self.col_chunks * self.copies
 
     @property
     def n_outputs(self) -> int:
@@ -127,18 +143,14 @@ class Layout:
         return self.row_chunks * self.out_chunks
 
     @property
-    def sum_steps(self) -> list[int]:
-        """Rotate-and-sum steps (slots) folding the p/w partial sums: w*L, 2w*L, ..."""
-        out, w = [], self.width
-        while w < self.period:
-            out.append(w * self.lanes)
-            w *= 2
-        return out
+    def partials(self) -> int:
+        """Partial sums per output value (p/w), folded by the data owner after decryption."""
+        return self.period // self.width
 
     def rotation_steps(self) -> list[int]:
-        """Rotation steps (slots) the product needs: ``s*L`` (s < g), ``g*L``, the folds."""
-        steps = set(self.sum_steps)
-        if self.features > 1:
+        """Rotation steps (slots) the product needs: ``s*L`` (s < g) and ``g*L``."""
+        steps: set[int] = set()
+        if self.features > 1 and not self.client_baby:
             steps.update(s * self.lanes for s in range(1, self.baby))
         if self.features > 1 and self.giant > 1:
             steps.add(self.baby * self.lanes)
@@ -156,18 +168,22 @@ class Layout:
         """Plaintext encodings per product (= multiplications per row chunk)."""
         return int(self._nonzero_per_block().sum())
 
-    def keyswitches(self, baby: int | None = None) -> int:
-        """Rotations (key switches) of one product with ``baby`` steps (default: this one's)."""
+    def keyswitches(self, baby: int | None = None, client_baby: bool | None = None) -> int:
+        """Server rotations (key switches) of one product with ``baby`` steps (default: this
+        layout's), baby steps done by the data owner if ``client_baby``."""
         if self.features == 1:
             return 0
         g = self.baby if baby is None else baby
+        cb = self.client_baby if client_baby is None else client_baby
         rc, cc, oc = self.row_chunks, self.col_chunks, self.out_chunks
-        return rc * cc * (g - 1) + rc * oc * (self.width // g - 1 + len(self.sum_steps))
+        return (0 if cb else rc * cc * (g - 1)) + rc * oc * (self.width // g - 1)
 
     def min_keyswitches(self) -> int:
-        """The fewest rotations any baby/giant split of this packing needs (``g | w``)."""
+        """The fewest server rotations a baby/giant split (``g | w``) of this packing needs
+        when the server does every rotation — the reference a ``client_baby`` layout
+        undercuts by having the data owner encrypt rotated copies."""
         gs = [1 << i for i in range(int(math.log2(self.width)) + 1)]
-        return min(self.keyswitches(g) for g in gs)
+        return min(self.keyswitches(g, False) for g in gs)
 
     def estimate_ms(self) -> float:
         """Cost model (single core, N=8192 constants) of one product, incl. enc/dec/bytes."""
@@ -178,7 +194,7 @@ class Layout:
         enc = c["encode_scalar"] if self.features == 1 else c["encode_vector"]
         ms = nnz * enc + rc * nnz * (c["multiply_plain"] + c["add"])
         ms += self.keyswitches() * c["rotate"]
-        ms += self.n_outputs * (c["rescale"] + c["encode_vector"] + c["add"])  # + mask
+        ms += self.n_outputs * (c["rescale"] + c["encode_vector"] + c["add"])  # + masks
         ms += self.n_inputs * (c["encrypt"] + c["ser"]) + self.n_outputs * (c["decrypt"] + c["ser"])
         return ms * scale + len(self.rotation_steps()) * c["per_key"]
 
@@ -201,46 +217,53 @@ class Layout:
         return out[:nrows, :ncols]
 
     def pack_input(self, m: np.ndarray) -> np.ndarray:
-        """(R x C) matrix -> complex slot vectors, one row per input ciphertext."""
+        """(R x C) matrix -> complex slot vectors, one row per input ciphertext (with
+        ``client_baby`` the ``g`` copies of each block, rotated by ``s*L`` slots)."""
         _check_shape("encrypted matrix", m, (self.rows, self.cols))
         v = self._pack_rows(m, self.period, self.col_chunks)
-        return np.tile(v, (1, self.replicas, 1)).reshape(len(v), -1)
+        v = np.tile(v, (1, self.replicas, 1)).reshape(len(v), -1)
+        if not self.client_baby:
+            return v
+        rolled = [np.roll(v, -s * self.lanes, axis=1) for s in range(self.baby)]
+        return np.stack(rolled, axis=1).reshape(-1, v.shape[1])
 
     def unpack_input(self, vecs: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`pack_input` (reads the first replica)."""
-        v = np.asarray(vecs)[:, : self.features * self.lanes]
+        """Inverse of :meth:`pack_input` (reads the first replica, unrotated copies)."""
+        v = np.asarray(vecs)[:: self.copies, : self.features * self.lanes]
         v = v.reshape(len(v), self.features, self.lanes)[:, : self.period]
         return self._unpack_rows(v, self.rows, self.cols)
 
-    def pack_output(self, y: np.ndarray, fill: np.ndarray | None = None) -> np.ndarray:
-        """(R x D) matrix -> complex slot vectors in the product's output layout.
+    @property
+    def mask_shape(self) -> tuple[int, ...]:
+        """Shape of the per-slot masks of the output ciphertexts (complex)."""
+        return (self.n_outputs, self.replicas, self.period, self.lanes)
 
-        Slots holding copies of an output (``r == 1``) get the same value; slots holding
-        partial sums (``r > 1``) get ``fill`` (shape ``garbage_shape``; zeros if None).
+    def pack_output(self, y: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
+        """(R x D) matrix -> complex slot vectors to add to the product's outputs.
+
+        ``y`` goes into the first partial-sum slot of each output value; ``masks``
+        (:attr:`mask_shape`) is added to every slot. After :meth:`unpack_output` folds the
+        partial sums, the data owner reads ``x @ P + y + fold(masks)``.
         """
         _check_shape("output matrix", y, (self.rows, self.out_cols))
         r, w, p, lanes = self.replicas, self.width, self.period, self.lanes
         v = self._pack_rows(y, self.out_width, self.out_chunks).reshape(-1, r, w, lanes)
         out = np.zeros((len(v), r, p, lanes), dtype=complex)
         out[:, :, :w] = v
-        if p > w and r == 1:
-            out[:, :, w:] = np.tile(v, (1, 1, p // w - 1, 1))
-        elif p > w and fill is not None:
-            out[:, :, w:] = np.asarray(fill).reshape(len(v), r, p - w, lanes)
+        if masks is not None:
+            out += np.asarray(masks).reshape(out.shape)
         return out.reshape(len(v), -1)
 
-    @property
-    def garbage_shape(self) -> tuple[int, ...]:
-        """Shape of the ``fill`` for :meth:`pack_output` (partial-sum slots, complex)."""
-        if self.replicas == 1 or self.period == self.width:
-            return (0,)
-        return (self.n_outputs, self.replicas, self.period - self.width, self.lanes)
+    def fold(self, vecs: np.ndarray) -> np.ndarray:
+        """Slot vectors (n_outputs x >= F*L) -> the (R x D) matrix their partial sums add to."""
+        r, w, p, lanes = self.replicas, self.width, self.period, self.lanes
+        v = np.asarray(vecs)[:, : self.features * lanes].reshape(-1, r, p // w, w, lanes)
+        return self._unpack_rows(v.sum(axis=2).reshape(len(v), r * w, lanes), self.rows,
+                                 self.out_cols)
 
     def unpack_output(self, vecs: np.ndarray) -> np.ndarray:
-        """Decoded output slot vectors -> (R x D) real matrix."""
-        r, w, p, lanes = self.replicas, self.width, self.period, self.lanes
-        v = np.asarray(vecs)[:, : self.features * lanes].reshape(-1, r, p, lanes)[:, :, :w]
-        return self._unpack_rows(v.reshape(len(v), r * w, lanes), self.rows, self.out_cols)
+        """Decoded output slot vectors -> (R x D) real matrix (folds the partial sums)."""
+        return self.fold(vecs)
 
     def diagonal_index(self) -> tuple[np.ndarray, np.ndarray]:
         """(input column, output column) of every slot of every diagonal, already rotated
@@ -261,22 +284,25 @@ def _check_shape(what: str, m: np.ndarray, shape: tuple[int, int]) -> None:
         raise ShapeError(f"{what}: expected shape {shape}, got {tuple(m.shape)}")
 
 
-def choose_layout(rows: int, cols: int, out_cols: int, poly_modulus_degree: int) -> Layout:
+def choose_layout(rows: int, cols: int, out_cols: int, poly_modulus_degree: int,
+                  client_baby: bool = False) -> Layout:
     """Pick the cheapest layout for ``Enc(M) @ P`` with M (rows x cols), P (cols x out_cols).
 
     Candidates: every power-of-two lane count L (F = N/2 / L), period ``min(F, C)`` rounded
     up to a power of two (replicating narrow inputs), every width w and baby-step count g,
     and the one-feature-per-ciphertext layout; :meth:`Layout.estimate_ms` decides.
-    Deterministic: both parties derive the same layout.
+    Deterministic: both parties derive the same layout. ``client_baby``: the data owner
+    encrypts the baby-step rotations (see :class:`Layout`).
     """
     for name, v in (("rows", rows), ("cols", cols), ("out_cols", out_cols)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ShapeError(f"Expected `{name}` to be a positive int but got {v!r}")
-    return _choose(rows, cols, out_cols, poly_modulus_degree)
+    return _choose(rows, cols, out_cols, poly_modulus_degree, bool(client_baby))
 
 
 @lru_cache(maxsize=256)
-def _choose(rows: int, cols: int, out_cols: int, poly_modulus_degree: int) -> Layout:
+def _choose(rows: int, cols: int, out_cols: int, poly_modulus_degree: int,
+            client_baby: bool) -> Layout:
     n = poly_modulus_degree // 2
     half_rows = -(-rows // 2)
     best = Layout(rows, cols, out_cols, n, min(n, half_rows), 1, 1, 1, 1)
@@ -289,7 +315,7 @@ def _choose(rows: int, cols: int, out_cols: int, poly_modulus_degree: int) -> La
         while w <= period:
             g = 1
             while g <= w:
-                cand = Layout(rows, cols, out_cols, n, lanes, f, g, period, w)
+                cand = Layout(rows, cols, out_cols, n, lanes, f, g, period, w, client_baby)
                 ms = cand.estimate_ms()
                 if ms < best_ms:
                     best, best_ms = cand, ms

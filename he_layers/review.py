@@ -44,9 +44,12 @@ def _input_ct(params: CKKSParams) -> int:
     return min(n * len(bits) * 8, math.ceil(n * sum(bits) / 8 * 1.15)) + 192
 
 
-def _output_ct(params: CKKSParams) -> int:
-    """A result ciphertext after the rescale (two polynomials modulo q0)."""
-    return 2 * params.poly_modulus_degree * 8 + 128
+def _output_ct(params: CKKSParams, rescaled: bool = True) -> int:
+    """A result ciphertext: two polynomials modulo q0 (rescaled) or q0*q1 (weight gradient)."""
+    n, bits = params.poly_modulus_degree, params.coeff_mod_bit_sizes[:-1]
+    if rescaled:
+        return 2 * n * 8 + 128
+    return min(2 * n * len(bits) * 8, math.ceil(2 * n * sum(bits) / 8 * 1.15)) + 128
 
 
 def _galois_key(params: CKKSParams) -> int:
@@ -73,9 +76,12 @@ def estimate_step_bytes(agreement: dict[str, Any]) -> dict[str, int]:
     rows, b = spec.rows, spec.batch_size
     n_up = lay["forward"].n_inputs + lay["grad"].n_inputs
     n_down = lay["forward"].n_outputs + lay["grad"].n_outputs
+    down = (lay["forward"].n_outputs * ct_out
+            + lay["grad"].n_outputs * _output_ct(params, rescaled=False))
     if spec.level == "B":
         n_up += lay["input_grad"].n_inputs
         n_down += lay["input_grad"].n_outputs
+        down += lay["input_grad"].n_outputs * ct_out
     plain_up = 8 * (rows * spec.mat_out + spec.mat_in * spec.mat_out) + 2 * _FRAME
     plain_down = 8 * b * spec.d_in if spec.level == "A" else 0
     eval_up = lay["forward"].n_inputs * ct_in + 8 * rows * spec.mat_out + 2 * _FRAME
@@ -84,7 +90,7 @@ def estimate_step_bytes(agreement: dict[str, Any]) -> dict[str, int]:
         "ciphertext_bytes_up": n_up * ct_in + _FRAME,
         "plain_bytes_up": plain_up,
         "ciphertexts_down": n_down,
-        "ciphertext_bytes_down": n_down * ct_out + 2 * _FRAME,
+        "ciphertext_bytes_down": down + 2 * _FRAME,
         "plain_bytes_down": plain_down,
         "bytes_up_eval": eval_up,
         "bytes_down_eval": lay["forward"].n_outputs * ct_out + _FRAME,

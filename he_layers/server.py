@@ -47,10 +47,12 @@ class HEServer:
             owner's share starts at 0 unless ``initial_share`` > 0).
         bias: ``(d_out,)`` / ``(C_out,)`` or None (must match ``spec.bias``).
         seed: seeds the mask generator (tests only; default: OS CSPRNG).
-        grad_floor: level A: weight-gradient entries below this magnitude are set to 0 —
-            the precision of the decrypted gradient (~7e-9 absolute at scale 2^40, N=8192); below it
-            an entry cannot be told from 0, and a scale-free optimizer (Adam) would turn
-            CKKS noise on an exactly-zero gradient (a dead unit) into a full-size step.
+        grad_floor: level A: weight-gradient entries below this magnitude (default 2^-28,
+            ~3.7e-9) are set to 0. It is the precision of the returned gradient: the data
+            owner's 2^-flood_bits rounding (2^-30) plus CKKS noise (~5e-10: fresh
+            encryptions, no rescale). Below it an entry cannot be told from 0, and a
+            scale-free optimizer (Adam) would turn noise on an exactly-zero gradient (a dead
+            unit) into a full-size step.
     """
 
     def __init__(
@@ -60,7 +62,7 @@ class HEServer:
         bias: torch.Tensor | None = None,
         *,
         seed: int | None = None,
-        grad_floor: float = 2.0**-26,
+        grad_floor: float = 2.0**-28,
     ) -> None:
         self.context = context
         self.spec: LayerSpec = context.spec
@@ -168,24 +170,34 @@ class HEServer:
         return p
 
     def _product(self, blobs: list[bytes], p: np.ndarray, layout: Layout, what: str,
-                 y: np.ndarray, bound: float) -> list[Any]:
-        """Load ``blobs``, compute Enc(M) @ p + y, mask partial-sum slots; count the ops."""
+                 y: np.ndarray, bound: float, *, zero_sum: bool = False,
+                 rescale: bool = True) -> tuple[list[Any], np.ndarray]:
+        """Load ``blobs``, compute Enc(M) @ p + y with every slot masked; count the ops.
+
+        Returns the output ciphertexts and the (R x D) total of the masks the data owner's
+        fold adds to each value (``zero_sum``: masks of each value add up to 0, so the data
+        owner reads exactly ``M @ p + y`` but no partial sum of it).
+        """
         ctx = self.context
-        garbage = layout.garbage_shape != (0,)
-        self._headroom(bound * (2 if garbage else 1) + 2.0**self.spec.mask_bits, what)
+        self._headroom(bound + 2.0**self.spec.mask_bits, what)
         with self.costs.timed("ser_s"):
             cts = ctx.load_inputs(blobs, layout, what)
         ev = ctx.evaluator
         before = Counter(ev.counts)
         with self.costs.timed("server_s"):
-            out = ev.matmul(cts, p, layout)
-            fill = self._rnd.complex_uniform(layout.garbage_shape, 2.0**self.spec.mask_bits)
-            ev.add_plain(out, y, layout, fill)
+            out = ev.matmul(cts, p, layout, rescale=rescale)
+            masks = self._rnd.complex_uniform(layout.mask_shape, 2.0**self.spec.mask_bits)
+            assert masks is not None
+            if zero_sum:
+                parts = masks.reshape(*masks.shape[:2], layout.partials, layout.width, -1)
+                parts[:, :, 0] -= parts.sum(axis=2)
+            ev.add_plain(out, y, layout, masks)
+            total = layout.fold(masks.reshape(len(out), -1))
         ops = Counter(ev.counts)
         ops.subtract(before)
         self.costs.add_counts(ops)
         self.costs.add("keyswitches_min", layout.min_keyswitches())
-        return out
+        return out, total
 
     # -- protocol ------------------------------------------------------------------
     def forward(self, msg: bytes) -> bytes:
@@ -218,14 +230,14 @@ class HEServer:
                 f"got {got} with {len(blobs)} blobs"
             )
         n_x, n_xt, _ = want
-        r1 = self._rnd.uniform((rows, spec.mat_out), 2.0**spec.mask_bits)
         y = np.zeros((spec.rows, spec.mat_out))
-        y[:rows] = r1 + self._b
+        y[:rows] = self._b
         bound = spec.x_bound * np.abs(self._w).sum(axis=0).max() + np.abs(self._b).max(
             initial=0.0)
-        out = self._product(blobs[:n_x], self._w, lay["forward"], "forward", y, bound)
+        out, r1 = self._product(blobs[:n_x], self._w, lay["forward"], "forward", y, bound)
         self._last_step = step
-        self._pending = {"step": step, "rows": rows, "records": n, "r1": r1, "stage": "output",
+        self._pending = {"step": step, "rows": rows, "records": n, "r1": r1[:rows],
+                         "stage": "output",
                          "xt": blobs[n_x:n_x + n_xt], "a": blobs[n_x + n_xt:]}
         return self._reply(MASKED_OUTPUT, out, [])
 
@@ -268,9 +280,10 @@ class HEServer:
         dpad = np.zeros((spec.rows, spec.mat_out))
         dpad[: p["rows"]] = d
         p["db"] = d.sum(axis=0)
-        r2 = self._rnd.uniform((spec.mat_in, spec.mat_out), 2.0**spec.mask_bits)
-        g = self._product(p["xt"], dpad, lay["grad"], "weight gradient", r2,
-                          spec.x_bound * np.abs(d).sum(axis=0).max())
+        # no rescale: the weight gradient keeps ~1e-10 absolute precision (see grad_floor)
+        g, r2 = self._product(p["xt"], dpad, lay["grad"], "weight gradient",
+                              np.zeros((spec.mat_in, spec.mat_out)),
+                              spec.x_bound * np.abs(d).sum(axis=0).max(), rescale=False)
         plain: list[bytes] = []
         if spec.level == "A":
             dx = d @ self._w.T
@@ -282,7 +295,8 @@ class HEServer:
         else:
             y = self._w @ dpad.T
             bound = spec.share_bound * np.abs(d).sum(axis=1).max() + np.abs(y).max()
-            g += self._product(p["a"], dpad.T, lay["input_grad"], "input gradient", y, bound)
+            g += self._product(p["a"], dpad.T, lay["input_grad"], "input gradient", y, bound,
+                               zero_sum=True)[0]
         p["r2"], p["stage"] = r2, "grad"
         return self._reply(MASKED_GRAD, g, plain)
 

@@ -178,14 +178,16 @@ class LayerSpec:
         """Ciphertext layouts of the products this layer computes.
 
         ``forward``: Enc(x) (rows x mat_in) times W (mat_in x mat_out).
-        ``grad``: Enc(x^T) (mat_in x rows) times delta (rows x mat_out) = dW.
+        ``grad``: Enc(x^T) (mat_in x rows) times delta (rows x mat_out) = dW; the data owner
+        encrypts the baby-step rotations and the product is not rescaled, so dW keeps
+        ~1e-9 absolute precision (exact zeros stay ~0 for Adam-like optimizers).
         ``input_grad`` (level B): Enc(A) (mat_in x mat_out) times delta^T = (delta A^T)^T.
         """
         n = params.poly_modulus_degree
         rows, d_in, d_out = self.rows, self.mat_in, self.mat_out
         out = {
             "forward": choose_layout(rows, d_in, d_out, n),
-            "grad": choose_layout(d_in, rows, d_out, n),
+            "grad": choose_layout(d_in, rows, d_out, n, client_baby=True),
         }
         if self.level == "B":
             out["input_grad"] = choose_layout(d_in, d_out, rows, n)

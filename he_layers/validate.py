@@ -117,8 +117,7 @@ def explain_unprotectable(
 
             conv_geo = ConvAsLinear.from_module(conv)
     w2 = w.detach().double().reshape(d_out, -1)
-    # x2: slots holding partial sums of two output columns (replicated layouts) too
-    bound = 2 * x_bound * float(w2.abs().sum(dim=1).max()) + 2.0**mask_bits
+    bound = x_bound * float(w2.abs().sum(dim=1).max()) + 2.0**mask_bits
     limit = 2.0 ** (p.headroom_bits - 1)
     if bound > limit:
         problems.append(

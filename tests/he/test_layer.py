@@ -143,3 +143,20 @@ def test_level_b_initial_share_hides_the_first_weight(kit: SimpleNamespace) -> N
     true_w = combine_shares(server.weight, share)
     assert kit.rel_err(z, x @ true_w.T + linear.bias) < 1e-5
     assert (true_w - server.weight).abs().max() > 0
+
+
+def test_exact_zero_gradients_stay_zero(kit: SimpleNamespace) -> None:
+    """A dead output unit (zero delta column) and a dead input feature (zero x column) have
+    exactly zero weight gradient at level A, as in plain training: no CKKS noise is left
+    for Adam to blow up into a full step."""
+    client, server, _ = kit.make_parties(32, 128, 64)
+    x = torch.rand(32, 128, dtype=torch.float64)
+    x[:, :7] = 0.0
+    delta = torch.randn(32, 64, dtype=torch.float64) / 32
+    delta[:, :5] = 0.0
+    z = kit.forward(client, server, x)
+    ret, _ = client.decrypt_gradients(server.backward(delta))
+    gw, _ = server.receive_gradients(ret)
+    want = delta.T @ x
+    assert (gw[:5] == 0).all() and (gw[:, :7] == 0).all()
+    assert kit.rel_err(gw, want) < 1e-7 and z.shape == (32, 64)
