@@ -9,7 +9,8 @@ reports 987 s per training epoch of 13 245 records (batch 4, GTX 1070 Ti GPU): 7
 
 Here: the same layer sizes on synthetic beats (no download: Gaussian P/QRS/T waves with
 class-specific morphology, timing jitter, baseline wander and noise, min-max scaled to
-[0, 1] like the preprocessed MIT-BIH set), split at the flatten, the model owner's
+[0, 1] like the preprocessed MIT-BIH set; noisy enough that the plain model reaches ~85-87%
+after three epochs, near the paper's 87.9% plaintext accuracy), split at the flatten, the model owner's
 Linear(368, 5) protected at level A (syft_split.he.protect), batch 4, Adam(1e-3) for every
 layer, in-process transport, one process, one torch thread. The same plan in plain, from
 the same initial weights and batch order, gives the accuracy baseline. Seconds per 1 000
@@ -56,7 +57,7 @@ def ecg_beats(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     def bump(center: np.ndarray, width: np.ndarray, amp: np.ndarray) -> np.ndarray:
         return amp[:, None] * np.exp(-0.5 * ((t[None, :] - center[:, None]) / width[:, None]) ** 2)
 
-    jit = rng.normal(0.0, 0.02, n)
+    jit = rng.normal(0.0, 0.04, n)
     r_at = 0.30 + jit - 0.07 * (y == 1) + rng.normal(0.0, 0.01, n) * (y == 3)
     qrs = np.where(y == 2, 0.035, np.where(y == 3, 0.022, np.where(y == 4, 0.03, 0.012)))
     qrs = qrs * rng.uniform(0.8, 1.25, n)
@@ -71,7 +72,7 @@ def ecg_beats(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     x += (y == 4)[:, None] * bump(r_at - 0.06, np.full(n, 0.004), np.full(n, 0.8))
     x += 0.08 * np.sin(2 * np.pi * (rng.uniform(0.2, 1.0, n)[:, None] * t[None, :]
                                     + rng.uniform(0, 1, n)[:, None]))
-    x += rng.normal(0.0, 0.04, x.shape)
+    x += rng.normal(0.0, 0.12, x.shape)
     x = (x - x.min(axis=1, keepdims=True)) / np.ptp(x, axis=1, keepdims=True)
     return torch.from_numpy(x[:, None].astype(np.float32)), torch.from_numpy(y.astype(np.int64))
 
