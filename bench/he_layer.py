@@ -296,13 +296,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one small shape, no ECG")
     ap.add_argument("--ecg", action="store_true", help="also run bench/he_ecg.py's epoch")
+    ap.add_argument("--skip-anchors", action="store_true",
+                    help="only the digits steps (and --ecg); other keys of the JSON are kept")
     args = ap.parse_args()
     torch.set_num_threads(1)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     out: dict[str, float] = {"poly_modulus_degree": 8192.0, "scale_bits": 40.0,
                              "load_average_1min_start": os.getloadavg()[0]}
-    out.update(bench_anchors(shapes, 1 if args.quick else 3,
-                             5.0 if args.quick else PER_SAMPLE_BUDGET_S))
+    if not args.skip_anchors:
+        out.update(bench_anchors(shapes, 1 if args.quick else 3,
+                                 5.0 if args.quick else PER_SAMPLE_BUDGET_S))
     print("[digits pool2] ...", flush=True)
     out.update(bench_digits_step("pool2", 2 if args.quick else 5, 4 if args.quick else 10))
     if not args.quick:
