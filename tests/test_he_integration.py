@@ -90,10 +90,12 @@ def test_he_training_matches_plain_training(level: str) -> None:
 def test_demo_model_protected_as_is_trains_to_plain_accuracy() -> None:
     """The demo's own cut (pool1): the model owner's Conv2d(16, 32, 3) on 16x4x4 runs
     encrypted, level A, Adam everywhere; test accuracy equals the plain split's within 0.5
-    points (a digits subset and three epochs keep it under a minute)."""
+    points. Two epochs of the full digits set (449 test records: 0.5 points are 2 records;
+    Adam turns gradient noise of 2e-9 into a few points on a 160-record test set, so a
+    smaller set would test chance rather than the protocol)."""
     from syft_split.models import digits_cnn
 
-    (d,) = digits_parties(1, limit=640)
+    (d,) = digits_parties(1)
     parties = {"h": {"train": (d.x_train, d.y_train), "test": (d.x_test, d.y_test)}}
     torch.manual_seed(0)
     model = digits_cnn()
@@ -103,9 +105,9 @@ def test_demo_model_protected_as_is_trains_to_plain_accuracy() -> None:
         if protected:
             plan = protect(plan, batch_size=32, input_shape=(16, 4, 4))
             assert isinstance(plan.encrypted.module, nn.Conv2d)
-        report, _ = _fit(inprocess(parties), plan, d, epochs=3)
+        report, _ = _fit(inprocess(parties), plan, d, epochs=2)
         accs.append(report.final_test_accuracy)
-    assert accs[0] is not None and accs[1] is not None and accs[0] >= 0.8
+    assert accs[0] is not None and accs[1] is not None and accs[0] >= 0.85
     assert abs(accs[1] - accs[0]) <= 0.005
     he = report.extra["he"]
     assert he["model_owner.h.last_multiplications"] > 0 and he["h.last_ser_s"] > 0
