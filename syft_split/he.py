@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from .session import SplitSession
     from .topology import SplitPlan
 
-__all__ = ["EncryptedLayer", "protect", "explain", "HEHostOps", "HEState", "encrypted_forward"]
+__all__ = ["EncryptedLayer", "ProtectedSegment", "protect", "explain", "HEHostOps", "HEState",
+           "encrypted_forward"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 
