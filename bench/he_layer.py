@@ -1,39 +1,48 @@
-"""Benchmark: packed CKKS Linear (he_layers) vs TenSEAL ckks_tensor vs per-sample vectors vs torch.
+"""Benchmark: the packed CKKS layer (he_layers) vs the anchors, each timed its own way, and an
+HE-protected training step of the digits CNN vs the same step in plain.
 
-For each shape B x d_in x d_out, on the same inputs, one training step of the first server
-layer: forward z = xW + b and the weight gradient dW = x^T delta (plus dL/dx where the
-method provides it). Single process, one core, N=8192, primes (60, 40, 60), scale 2^40.
+Anchors (one training step of the first server layer: forward z = xW + b, weight gradient
+dW = x^T delta, dL/dx = delta W^T; same inputs, same CKKS parameters N=8192, primes
+(60, 40, 60), scale 2^40; each method runs the way its authors run it):
 
-- ``packed``: the full he_layers level-A protocol (encrypt, server forward, decrypt/unmask,
-  server backward, decrypt/unmask), messages serialized to bytes as on the wire.
-- ``ckks_tensor``: the anchors' ``ts.ckks_tensor(x, batch=True)`` (one ciphertext per input
-  feature, the B rows in slots) ``.reshape([1, d_in]).mm(W)``. The anchors' weight gradient
-  ``enc_x.transpose().mm(delta)`` cannot run with ``batch=True`` (TenSEAL raises "can't
-  multiply matrices": the batch axis lives in the slots and cannot be contracted by ``mm``), so,
-  as the anchors' measured numbers imply, each feature's ciphertext (B values) is a
-  ``CKKSVector`` and ``.matmul(delta)`` yields row p of dW. That loop is timed on
-  ``ckks_tensor_dw_features_timed_S`` features and scaled linearly to d_in (every feature
-  costs the same). HE_NOTES reports 3.0/5.4/25.6 s for the anchors' dW (method unrecorded),
-  far below this loop, so ``speedup_vs_ckks_tensor_fwd_only_S`` (their forward alone vs our
-  whole step) is the conservative comparison.
-  TenSEAL runs with ``n_threads=1`` so that every method uses one core.
-- ``per_sample``: ``ts.ckks_vector(ctx, row).matmul(W)`` per row and the per-row dW
-  contribution (one ciphertext-scalar product per output); only ``per_sample_rows_timed_S``
-  rows are timed and the time is scaled linearly to B rows (``per_sample_scaled_S`` = 1).
-- ``torch``: plain forward + backward (autograd), median of many runs.
+- ``packed``: the full he_layers level-A protocol (data owner encrypts x and the rotated
+  copies of x^T; model owner forward; data owner decrypts and folds; model owner backward;
+  data owner decrypts), every message serialized to bytes. One core (sealapi).
+- ``ckks_tensor`` (HESplitNet, Split Ways): ``ts.ckks_tensor(x, batch=True)`` reshaped to
+  ``[1, d_in]`` times W, and the weight gradient from the anchor's own separate encryption
+  of x^T (``ts.ckks_tensor(x.T, batch=True)`` reshaped to ``[1, B]``, times delta), as
+  ``hesplitnet/models.py`` does; serialized as sent. TenSEAL's default thread count (all
+  cores), as the authors run it.
+- ``per_sample``: one ``ts.ckks_vector`` per record, ``.matmul(W)`` (TenSEAL's rotations), and
+  the record's weight-gradient contribution ``x_i delta[i, q]`` accumulated per output.
+  Rows run until ``PER_SAMPLE_BUDGET_S`` is spent; the rest is extrapolated linearly (every
+  row costs the same) and the JSON says so (``per_sample_rows_timed_*``,
+  ``per_sample_extrapolated_*``). ``ckks_tensor`` always runs in full
+  (``ckks_tensor_extrapolated_* = 0``).
 
-Writes ``bench/results/he_layer.json`` (flat object of named numbers) and prints it.
-``--quick``: one small shape, written to ``bench/results/he_layer_quick.json``.
+Digits step: ``syft_split.models.digits_cnn`` cut at ``"pool2"``, fc1 (128 -> 64) encrypted,
+level A, batch 32, Adam, in-process transport, one process, one torch thread; blocks of
+plain and protected steps alternate so both see the same machine load; medians of the blocks.
+The per-step breakdown (encryption, (de)serialization, model-owner compute, decryption,
+bytes, messages, round trips, key switches beside the packing's minimum) comes from the
+run report's ``he`` costs. The demo's own cut (``"pool1"``, Conv2d(16, 32, 3) encrypted) is
+timed the same way. ``bench/he_ecg.py`` adds the ECG epoch (``--ecg`` runs it here too).
+
+Writes ``bench/results/he_layer.json`` (flat object of named numbers; keys it does not
+produce are kept) and prints it. ``--quick``: one small shape, no ECG, to
+``he_layer_quick.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +64,7 @@ from he_layers import (  # noqa: E402
 
 SHAPES = [(64, 128, 64), (64, 512, 128), (256, 512, 128)]
 QUICK_SHAPES = [(16, 64, 32)]
+PER_SAMPLE_BUDGET_S = 60.0
 
 
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
@@ -70,29 +80,13 @@ def _data(b: int, d_in: int, d_out: int) -> tuple[np.ndarray, ...]:
     return x, w, bias, delta
 
 
-def bench_torch(x: np.ndarray, w: np.ndarray, bias: np.ndarray, delta: np.ndarray) -> float:
-    lin = torch.nn.Linear(*w.shape)
-    with torch.no_grad():
-        lin.weight.copy_(torch.from_numpy(w.T))
-        lin.bias.copy_(torch.from_numpy(bias))
-    xt, dt = torch.from_numpy(x).float(), torch.from_numpy(delta).float()
-    times = []
-    for _ in range(200):
-        xx = xt.clone().requires_grad_(True)
-        t0 = time.perf_counter()
-        lin.zero_grad()
-        lin(xx).backward(dt)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench_packed(x, w, bias, delta, reps: int) -> dict[str, float]:
     b, d_in = x.shape
     d_out = w.shape[1]
     owner = KeyOwner(LayerSpec(b, d_in, d_out), CKKSParams())
     public = owner.public_context_bytes()
     context = ServerContext.from_bytes(public)
-    runs: list[tuple[float, dict[str, float]]] = []
+    runs: list[tuple[float, dict[str, float], dict[str, float]]] = []
     err = 0.0
     for _ in range(reps):
         client = HEClient(owner)
@@ -105,130 +99,238 @@ def bench_packed(x, w, bias, delta, reps: int) -> dict[str, float]:
         elapsed = time.perf_counter() - t0
         err = max(err, _rel(z.numpy(), x @ w + bias), _rel(gw.numpy().T, x.T @ delta),
                   _rel(dx.numpy(), delta @ w.T))
-        runs.append((elapsed, merge_costs(client.costs, server.costs)))
+        runs.append((elapsed, merge_costs(client.costs, server.costs),
+                     server.costs.last_step))
     runs.sort(key=lambda r: r[0])
-    elapsed, costs = runs[len(runs) // 2]  # the median run, with its own phase costs
+    elapsed, costs, ops = runs[len(runs) // 2]  # the median run, with its own phase costs
     lay = owner.layouts
     return {
-        "s": elapsed, "err": err, "enc_s": costs["enc_s"],
-        "server_s": costs["server_s"], "dec_s": costs["dec_s"],
+        "s": elapsed, "err": err, "enc_s": costs["enc_s"], "server_s": costs["server_s"],
+        "dec_s": costs["dec_s"], "ser_s": costs["client_ser_s"] + costs["server_ser_s"],
         "bytes_up": costs["bytes_up"], "bytes_down": costs["bytes_down"],
         "public_context_bytes": float(len(public)),
-        "fwd_lanes": lay["forward"].lanes, "fwd_features": lay["forward"].features,
-        "grad_lanes": lay["grad"].lanes, "grad_features": lay["grad"].features,
+        "rotations": ops["rotations"], "keyswitches_min": ops["keyswitches_min"],
+        "multiplications": ops["multiplications"], "encodes": ops["encodes"],
+        "fwd_lanes": lay["forward"].lanes, "fwd_replicas": lay["forward"].replicas,
+        "grad_lanes": lay["grad"].lanes, "grad_replicas": lay["grad"].replicas,
     }
 
 
-def _ts_context() -> ts.Context:
-    ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 60], n_threads=1)
+def _ts_context(galois: bool) -> ts.Context:
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 60])
     ctx.global_scale = 2**40
-    ctx.generate_galois_keys()
+    if galois:
+        ctx.generate_galois_keys()
     return ctx
 
 
-def bench_ckks_tensor(ctx, x, w, bias, delta, dw_features: int) -> dict[str, float]:
+def bench_ckks_tensor(ctx, x, w, bias, delta) -> dict[str, float]:
+    """HESplitNet's step: Enc(a) and its own Enc(a^T), both batched, serialized as sent."""
     b, d_in = x.shape
-    timed = min(d_in, dw_features)
     t0 = time.perf_counter()
-    enc_x = ts.ckks_tensor(ctx, x, batch=True)  # shape [d_in], B rows in the slots
-    up = len(enc_x.serialize())
-    y = enc_x.reshape([1, d_in]).mm(w).add(bias.reshape(1, -1))
-    down = len(y.serialize())
-    z = np.array(y.decrypt().tolist()).reshape(b, -1)
+    enc_a = ts.ckks_tensor(ctx, x.tolist(), batch=True)       # d_in ciphertexts of B values
+    enc_a.reshape_([1, d_in])
+    enc_at = ts.ckks_tensor(ctx, x.T.tolist(), batch=True)    # B ciphertexts of d_in values
+    enc_at.reshape_([1, b])
+    up = len(enc_a.serialize()) + len(enc_at.serialize())
+    t_enc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    y = enc_a.mm(w.tolist()) + bias.tolist()                 # server forward
+    y_bytes = y.serialize()
+    z = np.array(ts.ckks_tensor_from(ctx, y_bytes).decrypt().tolist()).reshape(b, -1)
     t_fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rows, dw_bytes = [], 0
-    for p in range(timed):  # same ciphertext content as enc_x's feature p
-        v = ts.ckks_vector(ctx, x[:, p].tolist())
-        r = v.matmul(delta.tolist())
-        dw_bytes += len(v.serialize()) + len(r.serialize())
-        rows.append(r.decrypt())
-    dw = np.array(rows)
-    t_dw = (time.perf_counter() - t0) * d_in / timed
-    err = max(_rel(z, x @ w + bias), _rel(dw, x[:, :timed].T @ delta))
-    return {"s": t_fwd + t_dw, "fwd_s": t_fwd, "dw_s": t_dw, "err": err,
-            "bytes": float(up + down + dw_bytes * d_in / timed), "timed": float(timed)}
+    g = enc_at.mm(delta.tolist())                            # server: Enc(dW^T), d_in in slots
+    g_bytes = g.serialize()
+    dw = np.array(ts.ckks_tensor_from(ctx, g_bytes).decrypt().tolist()).reshape(d_in, -1)
+    dx = delta @ w.T                                         # plain, as in HESplitNet
+    t_dw = time.perf_counter() - t0
+    err = max(_rel(z, x @ w + bias), _rel(dw, x.T @ delta))
+    return {"s": t_enc + t_fwd + t_dw, "enc_s": t_enc, "fwd_s": t_fwd, "dw_s": t_dw,
+            "err": err, "bytes": float(up + len(y_bytes) + len(g_bytes) + dx.size * 8)}
 
 
-def bench_per_sample(ctx, x, w, bias, delta, rows: int) -> dict[str, float]:
+def bench_per_sample(ctx, x, w, bias, delta, budget_s: float) -> dict[str, float]:
+    """One CKKSVector per record; rows until the budget is spent, the rest extrapolated."""
     b = x.shape[0]
+    err, nbytes, rows = 0.0, 0, 0
+    acc: list[Any] | None = None
     t0 = time.perf_counter()
-    err, nbytes = 0.0, 0
-    acc = None
-    for i in range(rows):
+    while rows < b and (rows == 0 or time.perf_counter() - t0 < budget_s):
+        i = rows
         v = ts.ckks_vector(ctx, x[i].tolist())
-        nbytes += len(v.serialize())
         y = v.matmul(w.tolist()).add(bias.tolist())
-        nbytes += len(y.serialize())
+        nbytes += len(v.serialize()) + len(y.serialize())
         err = max(err, _rel(np.array(y.decrypt()), x[i] @ w + bias))
         contrib = [v * float(delta[i, q]) for q in range(w.shape[1])]  # x_i^T delta_i
-        acc = contrib if acc is None else [a + c for a, c in zip(acc, contrib)]
-    dw = np.array([a.decrypt() for a in acc]).T  # type: ignore[union-attr]
-    nbytes += sum(len(a.serialize()) for a in acc)  # type: ignore[union-attr]
-    err = max(err, _rel(dw, x[:rows].T @ delta[:rows]))
+        acc = contrib if acc is None else [a + c for a, c in zip(acc, contrib, strict=True)]
+        rows += 1
+    assert acc is not None
+    dw = np.array([a.decrypt() for a in acc]).T
+    nbytes_dw = sum(len(a.serialize()) for a in acc)
     elapsed = time.perf_counter() - t0
-    return {"s": elapsed * b / rows, "err": err, "bytes": float(nbytes) * b / rows,
-            "rows": float(rows)}
+    err = max(err, _rel(dw, x[:rows].T @ delta[:rows]))
+    return {"s": elapsed * b / rows, "err": err, "bytes": float(nbytes * b / rows + nbytes_dw),
+            "rows": float(rows), "extrapolated": float(rows < b)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one small shape (smoke run)")
-    args = ap.parse_args()
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    torch.set_num_threads(1)
-    ctx = _ts_context()
-    out: dict[str, float] = {
-        "poly_modulus_degree": 8192.0,
-        "scale_bits": 40.0,
-        "tenseal_default_public_context_bytes": float(len(ctx.serialize(save_secret_key=False))),
-    }
+def bench_anchors(shapes: list[tuple[int, int, int]], reps: int, budget_s: float
+                  ) -> dict[str, float]:
+    out: dict[str, float] = {"per_sample_budget_s": budget_s,
+                             "tenseal_threads": float(os.cpu_count() or 1)}
+    tensor_ctx, vector_ctx = _ts_context(False), _ts_context(True)
+    out["tenseal_default_public_context_bytes"] = float(
+        len(vector_ctx.serialize(save_secret_key=False)))
     for b, d_in, d_out in shapes:
         s = f"{b}x{d_in}x{d_out}"
         x, w, bias, delta = _data(b, d_in, d_out)
         print(f"[{s}] packed ...", flush=True)
-        pk = bench_packed(x, w, bias, delta, reps=1 if args.quick else 3)
-        print(f"[{s}] torch ...", flush=True)
-        tt = bench_torch(x, w, bias, delta)
+        pk = bench_packed(x, w, bias, delta, reps)
         print(f"[{s}] ckks_tensor ...", flush=True)
-        ct = bench_ckks_tensor(ctx, x, w, bias, delta, dw_features=8 if args.quick else 64)
+        ct = bench_ckks_tensor(tensor_ctx, x, w, bias, delta)
         print(f"[{s}] per-sample ...", flush=True)
-        ps = bench_per_sample(ctx, x, w, bias, delta, rows=1 if args.quick else 2)
+        ps = bench_per_sample(vector_ctx, x, w, bias, delta, budget_s)
         out.update({
-            f"packed_s_{s}": pk["s"],
-            f"packed_enc_s_{s}": pk["enc_s"],
-            f"packed_server_s_{s}": pk["server_s"],
-            f"packed_dec_s_{s}": pk["dec_s"],
-            f"ckks_tensor_s_{s}": ct["s"],
-            f"ckks_tensor_fwd_s_{s}": ct["fwd_s"],
-            f"ckks_tensor_dw_s_{s}": ct["dw_s"],
-            f"ckks_tensor_dw_features_timed_{s}": ct["timed"],
-            f"per_sample_s_{s}": ps["s"],
-            f"per_sample_rows_timed_{s}": ps["rows"],
-            f"per_sample_scaled_{s}": 1.0,
-            f"torch_s_{s}": tt,
-            f"speedup_vs_ckks_tensor_{s}": ct["s"] / pk["s"],
-            f"speedup_vs_ckks_tensor_fwd_only_{s}": ct["fwd_s"] / pk["s"],
-            f"speedup_vs_per_sample_{s}": ps["s"] / pk["s"],
+            f"packed_s_{s}": pk["s"], f"packed_enc_s_{s}": pk["enc_s"],
+            f"packed_server_s_{s}": pk["server_s"], f"packed_dec_s_{s}": pk["dec_s"],
+            f"packed_ser_s_{s}": pk["ser_s"], f"max_rel_err_{s}": pk["err"],
+            f"bytes_up_per_batch_{s}": pk["bytes_up"], f"bytes_down_per_batch_{s}": pk["bytes_down"],
             f"bytes_per_batch_{s}": pk["bytes_up"] + pk["bytes_down"],
-            f"bytes_up_per_batch_{s}": pk["bytes_up"],
-            f"bytes_down_per_batch_{s}": pk["bytes_down"],
+            f"public_context_bytes_{s}": pk["public_context_bytes"],
+            f"keyswitches_per_step_{s}": pk["rotations"],
+            f"keyswitches_min_per_step_{s}": pk["keyswitches_min"],
+            f"multiplications_per_step_{s}": pk["multiplications"],
+            f"encodes_per_step_{s}": pk["encodes"],
+            f"packed_fwd_lanes_{s}": float(pk["fwd_lanes"]),
+            f"packed_fwd_replicas_{s}": float(pk["fwd_replicas"]),
+            f"packed_grad_lanes_{s}": float(pk["grad_lanes"]),
+            f"packed_grad_replicas_{s}": float(pk["grad_replicas"]),
+            f"ckks_tensor_s_{s}": ct["s"], f"ckks_tensor_enc_s_{s}": ct["enc_s"],
+            f"ckks_tensor_fwd_s_{s}": ct["fwd_s"], f"ckks_tensor_dw_s_{s}": ct["dw_s"],
+            f"ckks_tensor_max_rel_err_{s}": ct["err"],
             f"ckks_tensor_bytes_per_batch_{s}": ct["bytes"],
+            f"ckks_tensor_extrapolated_{s}": 0.0,
+            f"per_sample_s_{s}": ps["s"], f"per_sample_rows_timed_{s}": ps["rows"],
+            f"per_sample_extrapolated_{s}": ps["extrapolated"],
+            f"per_sample_max_rel_err_{s}": ps["err"],
             f"per_sample_bytes_per_batch_{s}": ps["bytes"],
             f"plain_bytes_per_batch_{s}": float(4 * b * (d_out + d_out + d_in)),
-            f"public_context_bytes_{s}": pk["public_context_bytes"],
-            f"max_rel_err_{s}": pk["err"],
-            f"ckks_tensor_max_rel_err_{s}": ct["err"],
-            f"per_sample_max_rel_err_{s}": ps["err"],
-            f"packed_fwd_lanes_{s}": float(pk["fwd_lanes"]),
-            f"packed_fwd_features_{s}": float(pk["fwd_features"]),
-            f"packed_grad_lanes_{s}": float(pk["grad_lanes"]),
-            f"packed_grad_features_{s}": float(pk["grad_features"]),
+            f"speedup_vs_ckks_tensor_{s}": ct["s"] / pk["s"],
+            f"speedup_vs_per_sample_{s}": ps["s"] / pk["s"],
         })
+    return out
+
+
+# ----------------------------------------------------------------------------- digits step
+def _digits_session(cut: str, protected: bool, parties: dict[str, Any]) -> Any:
+    from syft_split import OptimizerSpec, SplitPlan, SplitSession, split_model
+    from syft_split.deploy import inprocess
+    from syft_split.he import protect
+    from syft_split.models import digits_cnn
+
+    torch.manual_seed(0)
+    plan = SplitPlan.vanilla(split_model(digits_cnn(), cut), "h")
+    if protected:
+        shape = (16, 4, 4) if cut == "pool1" else None
+        plan = protect(plan, level="A", batch_size=32, input_shape=shape)
+    dep = inprocess(parties)
+    session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("adam", lr=1e-2))
+    dep.approve_all(session.propose())
+    return session
+
+
+def bench_digits_step(cut: str, blocks: int, steps: int) -> dict[str, float]:
+    """Median seconds per training step, plain and protected, alternating blocks."""
+    from syft_split.datasets import digits_parties
+
+    (d,) = digits_parties(1)
+    parties = {"h": {"train": (d.x_train, d.y_train), "test": (d.x_test, d.y_test)}}
+    sessions = {p: _digits_session(cut, p, parties) for p in (False, True)}
+    counter = {False: 0, True: 0}
+
+    def run(protected: bool, n: int) -> float:
+        s = sessions[protected]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            i = counter[protected]
+            counter[protected] += 1
+            idx = (torch.arange(32) + 32 * i) % len(d.y_train)
+            s.zero_grad()
+            loss, _ = s.loss("h", idx, d.y_train[idx])
+            loss.backward()
+            s.step()
+        return (time.perf_counter() - t0) / n
+
+    run(False, 3)
+    run(True, 3)
+    plain, he = [], []
+    for _ in range(blocks):
+        plain.append(run(False, steps * 4))
+        he.append(run(True, steps))
+    costs = sessions[True].he.costs()
+    n = costs["model_owner.h.steps"]
+    p_s, h_s = statistics.median(plain), statistics.median(he)
+    tag = "digits" if cut == "pool2" else "demo_pool1"
+    out = {f"protected_step_s_{tag}": h_s, f"plain_step_s_{tag}": p_s,
+           f"ratio_protected_vs_plain_{tag}": h_s / p_s,
+           f"keyswitches_per_step_{tag}": costs["model_owner.h.last_rotations"],
+           f"keyswitches_min_per_step_{tag}": costs["model_owner.h.last_keyswitches_min"],
+           f"multiplications_per_step_{tag}": costs["model_owner.h.last_multiplications"],
+           f"encodes_per_step_{tag}": costs["model_owner.h.last_encodes"],
+           f"rescales_per_step_{tag}": costs["model_owner.h.last_rescales"],
+           f"relinearizations_per_step_{tag}": costs["model_owner.h.last_relinearizations"],
+           f"he_enc_s_per_step_{tag}": costs["h.enc_s"] / n,
+           f"he_client_ser_s_per_step_{tag}": costs["h.ser_s"] / n,
+           f"he_client_other_s_per_step_{tag}": costs["h.client_s"] / n,
+           f"he_server_s_per_step_{tag}": costs["model_owner.h.server_s"] / n,
+           f"he_server_ser_s_per_step_{tag}": costs["model_owner.h.ser_s"] / n,
+           f"he_dec_s_per_step_{tag}": costs["h.dec_s"] / n,
+           f"bytes_up_per_step_{tag}": costs["h.last_bytes_sent"],
+           f"bytes_down_per_step_{tag}": costs["h.last_bytes_received"],
+           f"round_trips_per_step_{tag}": costs["model_owner.h.round_trips"] / n,
+           f"step_blocks_{tag}": float(blocks)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one small shape, no ECG")
+    ap.add_argument("--ecg", action="store_true", help="also run bench/he_ecg.py's epoch")
+    ap.add_argument("--skip-anchors", action="store_true",
+                    help="only the digits steps (and --ecg); other keys of the JSON are kept")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    out: dict[str, float] = {"poly_modulus_degree": 8192.0, "scale_bits": 40.0,
+                             "load_average_1min_start": os.getloadavg()[0]}
+    if not args.skip_anchors:
+        out.update(bench_anchors(shapes, 1 if args.quick else 3,
+                                 5.0 if args.quick else PER_SAMPLE_BUDGET_S))
+    print("[digits pool2] ...", flush=True)
+    out.update(bench_digits_step("pool2", 2 if args.quick else 5, 4 if args.quick else 10))
+    if not args.quick:
+        print("[digits pool1, conv] ...", flush=True)
+        out.update(bench_digits_step("pool1", 3, 4))
+    if args.ecg and not args.quick:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from he_ecg import bench_ecg
+
+        print("[ecg] ...", flush=True)
+        ecg = bench_ecg()
+        (ROOT / "bench" / "results" / "he_ecg.json").write_text(
+            json.dumps(ecg, indent=2, sort_keys=True) + "\n")
+        out.update({k: v for k, v in ecg.items() if "epoch" not in k or "per_1000" in k})
+    out["load_average_1min_end"] = os.getloadavg()[0]
     path = ROOT / "bench" / "results" / ("he_layer_quick.json" if args.quick else "he_layer.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
-    print(json.dumps(out, indent=2, sort_keys=True))
+    old = json.loads(path.read_text()) if path.exists() and not args.quick else {}
+    stale = [k for k in old if k.startswith(("speedup_vs_ckks_tensor_fwd_only_", "ckks_tensor_dw_features",
+                                             "per_sample_scaled_", "torch_s_"))]
+    for k in stale:
+        old.pop(k)
+    old.update(out)
+    path.write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
+    print(json.dumps(old, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

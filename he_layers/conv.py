@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,38 @@ class ConvAsLinear:
             _pair(conv.stride, dims), _pair(conv.padding, dims),  # type: ignore[arg-type]
             _pair(conv.dilation, dims),
         )
+
+    def to_dict(self, input_spatial: tuple[int, ...] | None = None) -> dict[str, Any]:
+        """JSON-ready geometry (``LayerSpec.conv`` with ``input_spatial``)."""
+        out: dict[str, Any] = {
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+            "padding": list(self.padding), "dilation": list(self.dilation),
+        }
+        if input_spatial is not None:
+            out["input_spatial"] = [int(v) for v in input_spatial]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ConvAsLinear:
+        """Inverse of :meth:`to_dict` (``input_spatial`` is ignored).
+
+        Raises:
+            ConfigError: missing keys, non-positive sizes or mismatched dimensions.
+        """
+        try:
+            dims = len(d["kernel_size"])
+            geo = cls(int(d["in_channels"]), int(d["out_channels"]),
+                      *(tuple(int(v) for v in d[k])
+                        for k in ("kernel_size", "stride", "padding", "dilation")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed convolution geometry {d!r}") from exc
+        sizes = (geo.kernel_size, geo.stride, geo.dilation)
+        if dims not in (1, 2) or any(len(t) != dims for t in (*sizes, geo.padding)) or min(
+                geo.in_channels, geo.out_channels, *geo.kernel_size, *geo.stride,
+                *geo.dilation) < 1 or min(geo.padding) < 0:
+            raise ConfigError(f"malformed convolution geometry {d!r}")
+        return geo
 
     @property
     def dims(self) -> int:

@@ -1,39 +1,54 @@
-"""Per-step cost accounting: seconds per phase and bytes each way."""
+"""Per-step cost accounting: seconds per phase, bytes and messages each way, HE op counts."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-__all__ = ["CostMeter", "merge_costs"]
+__all__ = ["CostMeter", "merge_costs", "COST_KEYS", "OP_KEYS"]
 
-_KEYS = ("enc_s", "dec_s", "client_s", "server_s", "bytes_sent", "bytes_received",
-         "ciphertexts_sent", "ciphertexts_received")
+#: Homomorphic operations (model owner): ``rotations`` are the key switches (there are no
+#: relinearizations: no ciphertext x ciphertext product), ``keyswitches_min`` the fewest
+#: rotations the packing needs (see :meth:`Layout.min_keyswitches`).
+OP_KEYS = ("rotations", "relinearizations", "keyswitches_min", "multiplications", "encodes",
+           "rescales", "additions")
+
+#: Every key of a :class:`CostMeter`.
+COST_KEYS = ("enc_s", "dec_s", "ser_s", "client_s", "server_s", "bytes_sent", "bytes_received",
+             "ciphertexts_sent", "ciphertexts_received", "messages_sent", "messages_received",
+             *OP_KEYS)
 
 
 class CostMeter:
     """Accumulates one party's costs, per step and in total.
 
-    Keys: ``enc_s`` (encode+encrypt+serialize), ``dec_s`` (load+decrypt+decode),
-    ``client_s`` (other data-owner work), ``server_s`` (model-owner HE work incl.
-    (de)serialization), ``bytes_sent``/``bytes_received``, ``ciphertexts_sent/received``.
+    Seconds: ``enc_s`` (encode+encrypt), ``dec_s`` (decrypt+decode), ``ser_s`` (SEAL
+    (de)serialization and message framing), ``client_s`` (other data-owner work: unfolding,
+    masks, share updates), ``server_s`` (model-owner HE compute). Traffic:
+    ``bytes_sent``/``bytes_received``, ``ciphertexts_*``, ``messages_*``. HE operations:
+    :data:`OP_KEYS` (model owner).
     """
 
     def __init__(self) -> None:
         self.steps = 0
-        self.total: dict[str, float] = dict.fromkeys(_KEYS, 0.0)
-        self.last_step: dict[str, float] = dict.fromkeys(_KEYS, 0.0)
+        self.total: dict[str, float] = dict.fromkeys(COST_KEYS, 0.0)
+        self.last_step: dict[str, float] = dict.fromkeys(COST_KEYS, 0.0)
 
     def begin_step(self) -> None:
         """Start a new step (the previous one stays in ``total``)."""
         self.steps += 1
-        self.last_step = dict.fromkeys(_KEYS, 0.0)
+        self.last_step = dict.fromkeys(COST_KEYS, 0.0)
 
     def add(self, key: str, value: float) -> None:
         """Add ``value`` to ``key`` for the current step and the total."""
         self.last_step[key] += value
         self.total[key] += value
+
+    def add_counts(self, counts: Mapping[str, float]) -> None:
+        """Add several counters at once (e.g. the evaluator's op counts of a product)."""
+        for key, value in counts.items():
+            self.add(key, float(value))
 
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
@@ -54,14 +69,19 @@ class CostMeter:
 
 def merge_costs(client: CostMeter, server: CostMeter) -> dict[str, float]:
     """One dict for a run report: phases from both parties, bytes up/down (totals)."""
-    return {
+    out = {
         "steps": float(max(client.steps, server.steps)),
         "enc_s": client.total["enc_s"],
         "server_s": server.total["server_s"],
         "dec_s": client.total["dec_s"],
         "client_s": client.total["client_s"],
+        "client_ser_s": client.total["ser_s"],
+        "server_ser_s": server.total["ser_s"],
         "bytes_up": client.total["bytes_sent"],
         "bytes_down": client.total["bytes_received"],
         "ciphertexts_up": client.total["ciphertexts_sent"],
         "ciphertexts_down": client.total["ciphertexts_received"],
+        "messages": client.total["messages_sent"] + client.total["messages_received"],
     }
+    out.update({k: server.total[k] for k in OP_KEYS})
+    return out

@@ -18,7 +18,9 @@ from tenseal import sealapi
 from syft_split.errors import CiphertextError, HEError, InsecureParametersError
 
 from ._seal_io import load_ciphertext, load_galois_keys, to_bytes
-from .packing import Layout, MatmulEvaluator, galois_element
+from .costs import CostMeter
+from .evaluator import MatmulEvaluator
+from .packing import Layout, galois_element
 from .params import MAX_COEFF_BITS_128, CKKSParams
 from .spec import LayerSpec
 from .wire import MAGIC, decode_frame, encode_frame, fingerprint
@@ -95,33 +97,54 @@ class KeyOwner:
         self._encryptor = sealapi.Encryptor(sc, sk)
         self._decryptor = sealapi.Decryptor(sc, sk)
         self._in_parms, self._out_parms = _level_parms(sc)
+        top = sc.get_context_data(self._in_parms)
+        self._rescale_prime = float(top.parms().coeff_modulus()[-1].value())
 
     def public_context_bytes(self) -> bytes:
         """Public material for the model owner: no secret key, only the needed Galois keys."""
         return self._public
 
-    def encrypt_matrix(self, m: np.ndarray, layout: Layout) -> list[bytes]:
-        """Encrypt an (R x C) matrix in ``layout`` (seeded symmetric ciphertexts, ~half size)."""
+    def encrypt_matrix(self, m: np.ndarray, layout: Layout,
+                       costs: CostMeter | None = None) -> list[bytes]:
+        """Encrypt an (R x C) matrix in ``layout`` (seeded symmetric ciphertexts, ~half size).
+
+        ``costs`` (optional) gets the time in ``enc_s`` (encode+encrypt) and ``ser_s``.
+        """
+        meter = costs or CostMeter()
         out = []
         for v in layout.pack_input(np.asarray(m, dtype=np.float64)):
-            pt = sealapi.Plaintext()
-            self._encoder.encode(v.tolist(), self._in_parms, self.params.scale, pt)
-            out.append(to_bytes(self._encryptor.encrypt_symmetric(pt)))
+            with meter.timed("enc_s"):
+                pt = sealapi.Plaintext()
+                self._encoder.encode(v.tolist(), self._in_parms, self.params.scale, pt)
+                ct = self._encryptor.encrypt_symmetric(pt)
+            with meter.timed("ser_s"):
+                out.append(to_bytes(ct))
         return out
 
-    def decrypt_matrix(self, blobs: list[bytes], layout: Layout, what: str) -> np.ndarray:
-        """Decrypt the outputs of a product in ``layout`` to an (R x D) matrix."""
+    def decrypt_matrix(self, blobs: list[bytes], layout: Layout, what: str,
+                       costs: CostMeter | None = None, *, rescaled: bool = True) -> np.ndarray:
+        """Decrypt the outputs of a product in ``layout`` to an (R x D) matrix.
+
+        ``rescaled=False``: the product kept both primes (scale Delta*q1, no rescale error).
+        ``costs`` (optional) gets the time in ``ser_s`` (loading) and ``dec_s``.
+        """
+        parms, scale = self._out_parms, self.params.scale
+        if not rescaled:
+            parms, scale = self._in_parms, self.params.scale * self._rescale_prime
         if len(blobs) != layout.n_outputs:
             raise CiphertextError(
                 f"{what}: expected {layout.n_outputs} ciphertexts, got {len(blobs)}"
             )
+        meter = costs or CostMeter()
         vecs = []
         for b in blobs:
-            ct = load_ciphertext(self._seal, b, what)
-            _check_ciphertext(ct, self._out_parms, self.params.scale, what)
-            pt = sealapi.Plaintext()
-            self._decryptor.decrypt(ct, pt)
-            vecs.append(np.asarray(self._encoder.decode_complex(pt)))
+            with meter.timed("ser_s"):
+                ct = load_ciphertext(self._seal, b, what)
+            _check_ciphertext(ct, parms, scale, what)
+            with meter.timed("dec_s"):
+                pt = sealapi.Plaintext()
+                self._decryptor.decrypt(ct, pt)
+                vecs.append(np.asarray(self._encoder.decode_complex(pt)))
         return layout.unpack_output(np.stack(vecs))
 
 

@@ -74,7 +74,15 @@ class CKKSParams:
             InsecureParametersError: with the expected and the received value.
         """
         n = self.poly_modulus_degree
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise InsecureParametersError(
+                f"poly_modulus_degree must be an int, got {type(n).__name__} {n!r}")
+        if not isinstance(self.coeff_mod_bit_sizes, (tuple, list)):
+            raise InsecureParametersError(
+                f"coeff_mod_bit_sizes must be a sequence of ints, got {self.coeff_mod_bit_sizes!r}")
         bits = tuple(self.coeff_mod_bit_sizes)
+        if any(isinstance(b, bool) for b in bits):
+            raise InsecureParametersError(f"coeff_mod_bit_sizes must be ints, got {bits!r}")
         if n not in MAX_COEFF_BITS_128:
             raise InsecureParametersError(
                 f"poly_modulus_degree must be one of {sorted(MAX_COEFF_BITS_128)}, got {n!r}"
@@ -96,7 +104,7 @@ class CKKSParams:
                 "use fewer/smaller primes or a larger poly_modulus_degree"
             )
         s = self.global_scale_bits
-        if not isinstance(s, int) or s < MIN_SCALE_BITS:
+        if not isinstance(s, int) or isinstance(s, bool) or s < MIN_SCALE_BITS:
             raise InsecureParametersError(
                 f"global_scale_bits too small for training precision "
                 f"(expected >= {MIN_SCALE_BITS}, got {s!r}); 2^40 is recommended"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from syft_split.errors import ConfigError
@@ -15,18 +15,22 @@ __all__ = ["LayerSpec", "Level"]
 
 Level = Literal["A", "B"]
 
+_CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+              "input_spatial")
+
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Public agreement for one encrypted Linear layer (travels in the public context).
+    """Public agreement for one encrypted Linear or convolution (travels in the public context).
 
     Args:
-        batch_size: largest number of rows per step (effective batch; for a convolution
-            ``B * L_out``). Smaller batches are zero-padded to this.
-        d_in: input features. d_out: output features.
+        batch_size: largest number of records per step. Smaller batches are zero-padded.
+        d_in: input features per record (a convolution: ``C_in * prod(input_spatial)``, the
+            flattened activation the data owner's segment produces).
+        d_out: output features per record (a convolution: ``C_out * prod(output spatial)``).
         level: ``"A"`` (server learns z and dW, hides W from the data owner) or ``"B"``
             (weight additively shared, server never sees x, W or dW).
-        lr: learning rate of the plain-SGD update of the weight; required for level B.
+        lr: learning rate of the weight's SGD update; required for level B.
         bias: whether the server layer has a bias.
         x_bound: the data owner refuses inputs with ``|x| > x_bound``; the server uses it
             to check that values stay within the CKKS headroom.
@@ -37,6 +41,12 @@ class LayerSpec:
         initial_share: level B: the data owner's first share A_0 is uniform in
             ``±initial_share`` (default 0: W_0 = the server's init, so the first forward
             uses a weight the server knows). The true initial weight is W_s(0) + A_0.
+        momentum, weight_decay: level B: the weight follows ``torch.optim.SGD(lr, momentum,
+            weight_decay)`` (no dampening, no Nesterov); both parties need them to keep
+            ``W_s + A`` on that trajectory. Ignored at level A (any optimizer there).
+        conv: a convolution's geometry (:meth:`ConvAsLinear.to_dict` plus
+            ``input_spatial``), or None for a Linear. The data owner unfolds (im2col) its
+            activation before encrypting; the product has ``batch_size * L_out`` rows.
     """
 
     batch_size: int
@@ -50,6 +60,46 @@ class LayerSpec:
     share_bound: float = 1.0
     flood_bits: int = 30
     initial_share: float = 0.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    conv: dict[str, Any] | None = field(default=None, hash=False)
+
+    # -- the matrix product behind the layer ---------------------------------------
+    def geometry(self) -> Any:
+        """The :class:`ConvAsLinear` of a convolution spec (None for a Linear)."""
+        if self.conv is None:
+            return None
+        from .conv import ConvAsLinear
+
+        return ConvAsLinear.from_dict(self.conv)
+
+    @property
+    def input_spatial(self) -> tuple[int, ...]:
+        """A convolution's input length / (H, W); ``()`` for a Linear."""
+        return () if self.conv is None else tuple(int(v) for v in self.conv["input_spatial"])
+
+    @property
+    def output_spatial(self) -> tuple[int, ...]:
+        """A convolution's output length / (H, W); ``()`` for a Linear."""
+        geo = self.geometry()
+        return () if geo is None else geo.output_spatial(self.input_spatial)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the encrypted matrix: the batch, times ``L_out`` for a convolution."""
+        return self.batch_size * math.prod(self.output_spatial)
+
+    @property
+    def mat_in(self) -> int:
+        """Columns of the encrypted matrix (a convolution: the patch length ``C_in * k``)."""
+        geo = self.geometry()
+        return self.d_in if geo is None else int(geo.d_in)
+
+    @property
+    def mat_out(self) -> int:
+        """Columns of the product (a convolution: ``C_out``)."""
+        geo = self.geometry()
+        return self.d_out if geo is None else int(geo.d_out)
 
     def validate(self, params: CKKSParams) -> LayerSpec:
         """Check the spec against ``params``; return ``self``.
@@ -67,9 +117,13 @@ class LayerSpec:
             self.lr is None or not math.isfinite(self.lr) or self.lr <= 0
         ):
             raise ConfigError(
-                f"Level B needs the plain-SGD learning rate `lr` > 0 (got {self.lr!r}): the "
+                f"Level B needs the SGD learning rate `lr` > 0 (got {self.lr!r}): the "
                 "data owner folds its mask into the update as eps/lr"
             )
+        for name, hi in (("momentum", 1.0), ("weight_decay", math.inf)):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and 0 <= v and v < hi):
+                raise ConfigError(f"Expected `{name}` in [0, {hi}) but got {v!r}")
         if not (math.isfinite(self.x_bound) and self.x_bound > 0):
             raise ConfigError(f"Expected `x_bound` > 0 but got {self.x_bound!r}")
         if not (math.isfinite(self.share_bound) and self.share_bound > 0):
@@ -92,22 +146,51 @@ class LayerSpec:
                 f"Expected `flood_bits` in 8..{params.global_scale_bits - 4} "
                 f"but got {self.flood_bits!r}"
             )
+        if self.conv is not None:
+            self._validate_conv()
         return self
+
+    def _validate_conv(self) -> None:
+        conv = self.conv
+        if not isinstance(conv, dict) or set(conv) != set(_CONV_KEYS):
+            raise ConfigError(f"Expected `conv` with keys {list(_CONV_KEYS)} but got {conv!r}")
+        try:
+            geo = self.geometry()
+            spatial = self.input_spatial
+            out = geo.output_spatial(spatial)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"malformed convolution geometry {conv!r}: {exc}") from exc
+        if len(spatial) != geo.dims or min(out, default=0) < 1:
+            raise ConfigError(
+                f"convolution input_spatial {list(spatial)} gives output {list(out)} "
+                f"(expected {geo.dims} positive sizes)"
+            )
+        want_in = geo.in_channels * math.prod(spatial)
+        want_out = geo.out_channels * math.prod(out)
+        if (self.d_in, self.d_out) != (want_in, want_out):
+            raise ConfigError(
+                f"convolution {geo.in_channels}x{list(spatial)} -> {geo.out_channels}x"
+                f"{list(out)}: expected d_in={want_in}, d_out={want_out}, got "
+                f"d_in={self.d_in}, d_out={self.d_out}"
+            )
 
     def layouts(self, params: CKKSParams) -> dict[str, Layout]:
         """Ciphertext layouts of the products this layer computes.
 
-        ``forward``: Enc(x) (B x d_in) times W (d_in x d_out).
-        ``grad``: Enc(x^T) (d_in x B) times delta (B x d_out) = dW.
-        ``input_grad`` (level B): Enc(A) (d_in x d_out) times delta^T = (delta A^T)^T.
+        ``forward``: Enc(x) (rows x mat_in) times W (mat_in x mat_out).
+        ``grad``: Enc(x^T) (mat_in x rows) times delta (rows x mat_out) = dW; the data owner
+        encrypts the baby-step rotations and the product is not rescaled, so dW keeps
+        ~1e-9 absolute precision (exact zeros stay ~0 for Adam-like optimizers).
+        ``input_grad`` (level B): Enc(A) (mat_in x mat_out) times delta^T = (delta A^T)^T.
         """
         n = params.poly_modulus_degree
+        rows, d_in, d_out = self.rows, self.mat_in, self.mat_out
         out = {
-            "forward": choose_layout(self.batch_size, self.d_in, self.d_out, n),
-            "grad": choose_layout(self.d_in, self.batch_size, self.d_out, n),
+            "forward": choose_layout(rows, d_in, d_out, n),
+            "grad": choose_layout(d_in, rows, d_out, n, client_baby=True),
         }
         if self.level == "B":
-            out["input_grad"] = choose_layout(self.d_in, self.d_out, self.batch_size, n)
+            out["input_grad"] = choose_layout(d_in, d_out, rows, n)
         return out
 
     def rotation_steps(self, params: CKKSParams) -> list[int]:
@@ -126,6 +209,7 @@ class LayerSpec:
         """Inverse of :meth:`to_dict` (does not validate)."""
         try:
             lr = d.get("lr")
+            conv = d.get("conv")
             return cls(
                 batch_size=int(d["batch_size"]),
                 d_in=int(d["d_in"]),
@@ -138,6 +222,9 @@ class LayerSpec:
                 share_bound=float(d["share_bound"]),
                 flood_bits=int(d["flood_bits"]),
                 initial_share=float(d.get("initial_share", 0.0)),
+                momentum=float(d.get("momentum", 0.0)),
+                weight_decay=float(d.get("weight_decay", 0.0)),
+                conv=None if conv is None else dict(conv),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed layer spec {d!r}") from exc

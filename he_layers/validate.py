@@ -11,12 +11,10 @@ from torch import nn
 from syft_split.errors import ConfigError
 
 from .params import CKKSParams
-from .spec import LayerSpec
 
 __all__ = ["explain_unprotectable"]
 
 _SUPPORTED = "nn.Linear, nn.Conv1d or nn.Conv2d"
-_CT_BYTES = 131_200  # one N=8192 ciphertext at one/two primes, compressed (approx.)
 
 
 def _kind_problems(layer: nn.Module) -> list[str]:
@@ -107,18 +105,17 @@ def explain_unprotectable(
     except ConfigError as exc:
         problems.append(str(exc))
         return problems
-    rows = batch_size
+    conv_geo = None
     if isinstance(layer, nn.Linear):
         d_in, d_out = int(layer.in_features), int(layer.out_features)
     else:
         conv = cast(nn.Conv1d | nn.Conv2d, layer)
         kernel = conv.kernel_size if isinstance(conv.kernel_size, tuple) else (conv.kernel_size,)
         d_in, d_out = int(conv.in_channels) * math.prod(kernel), int(conv.out_channels)
-        if batch_size is not None and input_spatial is not None and not problems:
+        if input_spatial is not None and not problems:
             from .conv import ConvAsLinear
 
-            geo = ConvAsLinear.from_module(conv)
-            rows = geo.rows((batch_size, int(conv.in_channels), *input_spatial))
+            conv_geo = ConvAsLinear.from_module(conv)
     w2 = w.detach().double().reshape(d_out, -1)
     bound = x_bound * float(w2.abs().sum(dim=1).max()) + 2.0**mask_bits
     limit = 2.0 ** (p.headroom_bits - 1)
@@ -127,15 +124,30 @@ def explain_unprotectable(
             f"weights too large for the CKKS headroom: |x W| could reach {bound:.4g} "
             f"> {limit:.4g} with x_bound={x_bound}; rescale inputs/weights or use a larger q0"
         )
-    if rows is not None and not problems:
-        spec = LayerSpec(batch_size=rows, d_in=d_in, d_out=d_out)
-        lay = spec.layouts(p)
-        n_ct = sum(v.n_inputs + v.n_outputs for v in lay.values())
-        mb = n_ct * _CT_BYTES / 2**20
+    if batch_size is not None and not problems and (conv_geo is not None or
+                                                    isinstance(layer, nn.Linear)):
+        from .review import estimate_step_bytes
+
+        if conv_geo is not None:
+            assert input_spatial is not None
+            out_sp = conv_geo.output_spatial(tuple(input_spatial))
+            if min(out_sp) < 1:
+                return [*problems, f"input_spatial {tuple(input_spatial)} is smaller than the "
+                        f"kernel: the convolution's output would be {out_sp}"]
+            agreement = {"batch_size": batch_size,
+                         "d_in": conv_geo.in_channels * math.prod(input_spatial),
+                         "d_out": conv_geo.out_channels * math.prod(out_sp), "level": "A",
+                         "options": {"conv": conv_geo.to_dict(tuple(input_spatial)),
+                                     "x_bound": x_bound, "mask_bits": mask_bits}}
+        else:
+            agreement = {"batch_size": batch_size, "d_in": d_in, "d_out": d_out, "level": "A",
+                         "options": {"x_bound": x_bound, "mask_bits": mask_bits}}
+        est = estimate_step_bytes({**agreement, "params": p.to_dict()})
+        mb = (est["bytes_up"] + est["bytes_down"]) / 2**20
         if mb > max_step_mb:
             problems.append(
-                f"rows*d_in = {rows}*{d_in} needs ~{mb:.0f} MB of ciphertexts per step "
-                f"(> max_step_mb={max_step_mb}); reduce the batch or d_in "
+                f"batch {batch_size} needs ~{mb:.0f} MB of ciphertexts per step "
+                f"(> max_step_mb={max_step_mb}); reduce the batch or the layer's input "
                 "(e.g. pool/downsample on the data owner first)"
             )
     return problems

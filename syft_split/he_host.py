@@ -45,10 +45,22 @@ class HEOps(OpFamily):
     def review_lines(self, proposal: Any) -> list[str]:
         if proposal.he is None:
             return []
-        return [f"  leaves per step: activations ONLY AS CKKS CIPHERTEXTS (level "
-                f"{proposal.he.get('level')}; keys are made here at approval, the secret key "
-                "never leaves) and masked decryptions",
-                f"  encryption agreement: {proposal.he}"]
+        lines = [f"  leaves per step: activations ONLY AS CKKS CIPHERTEXTS (level "
+                 f"{proposal.he.get('level')}; keys are made here at approval, the secret key "
+                 "never leaves) and masked decryptions",
+                 f"  encryption agreement: {proposal.he}"]
+        from he_layers import estimate_step_bytes
+
+        try:
+            b = estimate_step_bytes(proposal.he)
+        except ConfigError as exc:
+            return [*lines, f"  WARNING: the encryption agreement is not valid: {exc}"]
+        lines.append(f"  bytes leaving per training step: {b['bytes_up']} (of which "
+                     f"{b['ciphertext_bytes_up']} ciphertext, {b['plain_bytes_up']} masked values), "
+                     f"{b['bytes_up_eval']} per evaluation step; once per run: the public context "
+                     f"{b['public_context_bytes']} bytes (plain split learning would send "
+                     f"{b['plain_split_bytes_up']} bytes per step)")
+        return lines
 
     def on_approve(self, rt: Runtime, options: dict[str, Any]) -> None:
         if rt.proposal.he is not None:  # fresh CKKS keys for this run

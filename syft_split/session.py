@@ -369,9 +369,11 @@ class SplitSession:
             if seg.role != "input":
                 continue
             try:
-                out[host] = dict(self.transport.call(host, "watch", segment=seg.segment_id))
+                figures = dict(self.transport.call(host, "watch", segment=seg.segment_id))
             except LeakageHaltError as exc:
-                out[host] = {"halted": True, "reason": str(exc)}
+                figures = {"halted": True, "reason": str(exc)}
+            if figures:  # no watch there: nothing to report
+                out[host] = figures
         return out
 
     def records(self, source: str, dataset: str) -> int:

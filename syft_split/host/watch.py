@@ -153,8 +153,8 @@ class LeakageOps(OpFamily):
         rt = call.rt
         assert rt is not None
         w = rt.extra.get("watch")
-        if w is None:
-            return {"halted": False}
+        if w is None:  # no watch on this segment (e.g. it releases ciphertexts only)
+            return {}
         entry = w.measure(rt.module, rt.steps)
         out = {k: _scalar(entry.get(k)) for k in ("step", "inversion_ratio", "ssim", "dcor",
                                                    "label_alignment", "seconds")}

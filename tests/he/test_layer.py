@@ -52,12 +52,18 @@ def test_smaller_last_batch_and_no_bias(kit: SimpleNamespace) -> None:
 
 
 @pytest.mark.parametrize("level", ["A", "B"])
-def test_sgd_steps_match_plain_sgd(level: str, kit: SimpleNamespace) -> None:
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.01)],
+                         ids=["sgd", "momentum-wd"])
+def test_sgd_steps_match_plain_sgd(level: str, momentum: float, weight_decay: float,
+                                   kit: SimpleNamespace) -> None:
+    """W = W_s + A follows torch.optim.SGD exactly, with momentum and weight decay too: the
+    data owner's share correction accounts for the momentum the server applies to it."""
     b, d_in, d_out, lr = 12, 20, 6, 0.2
-    client, server, linear = kit.make_parties(b, d_in, d_out, level=level, lr=lr, seed=7)
+    client, server, linear = kit.make_parties(b, d_in, d_out, level=level, lr=lr, seed=7,
+                                              momentum=momentum, weight_decay=weight_decay)
     ref = torch.nn.Linear(d_in, d_out).double()
     ref.load_state_dict(linear.state_dict())
-    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     for _ in range(4):
         x = torch.randn(b, d_in, dtype=torch.float64)
         target = torch.randn(b, d_out, dtype=torch.float64)
@@ -137,3 +143,20 @@ def test_level_b_initial_share_hides_the_first_weight(kit: SimpleNamespace) -> N
     true_w = combine_shares(server.weight, share)
     assert kit.rel_err(z, x @ true_w.T + linear.bias) < 1e-5
     assert (true_w - server.weight).abs().max() > 0
+
+
+def test_exact_zero_gradients_stay_zero(kit: SimpleNamespace) -> None:
+    """A dead output unit (zero delta column) and a dead input feature (zero x column) have
+    exactly zero weight gradient at level A, as in plain training: no CKKS noise is left
+    for Adam to blow up into a full step."""
+    client, server, _ = kit.make_parties(32, 128, 64)
+    x = torch.rand(32, 128, dtype=torch.float64)
+    x[:, :7] = 0.0
+    delta = torch.randn(32, 64, dtype=torch.float64) / 32
+    delta[:, :5] = 0.0
+    z = kit.forward(client, server, x)
+    ret, _ = client.decrypt_gradients(server.backward(delta))
+    gw, _ = server.receive_gradients(ret)
+    want = delta.T @ x
+    assert (gw[:5] == 0).all() and (gw[:, :7] == 0).all()
+    assert kit.rel_err(gw, want) < 1e-7 and z.shape == (32, 64)

@@ -70,7 +70,8 @@ def test_several_input_ciphertexts_are_summed() -> None:
 def test_per_feature_layout_matches_numpy() -> None:
     rng = np.random.default_rng(4)
     m, p = rng.standard_normal((40, 5)), rng.uniform(-0.5, 0.5, (5, 3))
-    lay = Layout(rows=40, cols=5, out_cols=3, slots=4096, lanes=20, features=1, baby=1)
+    lay = Layout(rows=40, cols=5, out_cols=3, slots=4096, lanes=20, features=1, baby=1,
+                 period=1, width=1)
     got = _encrypted_matmul(m, p, lay)
     assert np.abs(got - m @ p).max() / np.abs(m @ p).max() < 1e-5
 
@@ -83,3 +84,17 @@ def test_zero_weights_give_zero_without_transparent_ciphertexts() -> None:
     got = _encrypted_matmul(m, p)
     assert np.abs(got - m @ p).max() < 1e-6
     assert np.abs(_encrypted_matmul(m, np.zeros((6, 4)))).max() < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(128, 32, 64), (40, 9, 70)], ids=lambda s: "x".join(map(str, s)))
+def test_client_rotated_copies_match_numpy(shape: tuple[int, int, int]) -> None:
+    """``client_baby``: the data owner encrypts the baby-step rotations; fewer server
+    rotations than the all-server minimum, same product."""
+    lay = choose_layout(*shape, 8192, client_baby=True)
+    assert lay.baby > 1 and lay.n_inputs == lay.row_chunks * lay.col_chunks * lay.baby
+    assert lay.keyswitches() < lay.min_keyswitches()
+    rng = np.random.default_rng(6)
+    m, p = rng.standard_normal(shape[:2]), rng.uniform(-0.2, 0.2, shape[1:])
+    assert np.array_equal(lay.unpack_input(lay.pack_input(m)), m)
+    got = _encrypted_matmul(m, p, lay)
+    assert np.abs(got - m @ p).max() / np.abs(m @ p).max() < 1e-6

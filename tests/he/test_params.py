@@ -57,3 +57,17 @@ def test_bad_layer_spec_is_refused(kwargs: dict, needle: str) -> None:
     base = {"batch_size": 4, "d_in": 4, "d_out": 2}
     with pytest.raises(ConfigError, match=needle):
         LayerSpec(**{**base, **kwargs}).validate(CKKSParams())
+
+
+@pytest.mark.parametrize("bad", [
+    {"poly_modulus_degree": 8192.0},
+    {"poly_modulus_degree": True},
+    {"poly_modulus_degree": "8192"},
+    {"coeff_mod_bit_sizes": (60.0, 40, 60)},
+    {"coeff_mod_bit_sizes": "60,40,60"},
+    {"global_scale_bits": 40.0},
+])
+def test_parameters_are_type_checked(bad) -> None:  # type: ignore[no-untyped-def]
+    """A float or string that equals a valid value is refused up front, not inside TenSEAL."""
+    with pytest.raises(InsecureParametersError):
+        CKKSParams(**bad).validate()

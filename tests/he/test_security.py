@@ -34,7 +34,7 @@ def test_public_context_has_no_secret_key_and_is_small(owner: KeyOwner) -> None:
     assert not ctx.is_private()
     server = ServerContext.from_bytes(data)
     assert not server.is_private()
-    assert len(head["rotation_steps"]) <= 12
+    assert len(head["rotation_steps"]) <= 16
     assert len(data) < 6_000_000  # TenSEAL's default Galois key set alone is ~35 MB
 
 
@@ -135,24 +135,40 @@ def test_every_error_is_a_syft_split_error() -> None:
         assert issubclass(cls, SyftSplitError)
 
 
-def test_every_slot_the_data_owner_decrypts_is_masked(kit: SimpleNamespace) -> None:
-    """Rotate-and-sum leaves replicas of the outputs in other slots: all carry the mask."""
+def _all_slots(client, blobs: list[bytes]) -> np.ndarray:
     from tenseal import sealapi
 
     from he_layers._seal_io import load_ciphertext
 
-    client, server, _ = kit.make_parties(16, 40, 12)
+    owner, pt, out = client.keys, sealapi.Plaintext(), []
+    for blob in blobs:
+        owner._decryptor.decrypt(load_ciphertext(owner._seal, blob), pt)
+        out.append(np.asarray(owner._encoder.decode_complex(pt)))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(16, 40, 12), (8, 1100, 3)],
+                         ids=["replicated", "partial-sums"])
+def test_every_slot_the_data_owner_decrypts_is_masked(shape, kit: SimpleNamespace) -> None:
+    """Every slot holds a partial sum the data owner folds after decrypting; each carries a
+    mask of its own. Two servers with different masks on the same x and W: every slot that
+    is not a structural zero changes, i.e. no unmasked partial product is ever decrypted."""
+    client, server, linear = kit.make_parties(*shape)
+    other = HEServer.from_linear(server.context, linear, seed=99)
+    x = torch.randn(shape[0], shape[1], dtype=torch.float64)
+    slots = []
+    for srv in (server, other):
+        reply = srv.forward(client.encrypt_input(x))
+        srv.receive_output(client.decrypt_output(reply))
+        grad = srv.backward(torch.ones(shape[0], shape[2], dtype=torch.float64))
+        client.decrypt_gradients(grad)
+        _, fwd_blobs = decode_frame(reply, "masked_output")
+        _, grad_blobs = decode_frame(grad, "masked_grad")
+        slots.append(np.concatenate([_all_slots(client, fwd_blobs),
+                                     _all_slots(client, grad_blobs[:-1])]))
+    a, b = slots
+    zero = (np.abs(a) < 1e-6) & (np.abs(b) < 1e-6)
+    assert (np.abs(a - b)[~zero] > 1e-3).all()
+    assert np.abs(a[~zero]).max() > 1000  # masks are uniform in ±2^12, x W is O(1)
     lay = client.keys.layouts["forward"]
-    assert lay.out_width < lay.features  # the hybrid layout with replicas
-    reply = server.forward(client.encrypt_input(torch.randn(16, 40, dtype=torch.float64),
-                                                need_grad=False))
-    _, blobs = decode_frame(reply, "masked_output")
-    owner = client.keys
-    pt = sealapi.Plaintext()
-    owner._decryptor.decrypt(load_ciphertext(owner._seal, blobs[0]), pt)
-    slots = np.asarray(owner._encoder.decode_complex(pt)).reshape(lay.features, lay.lanes)
-    first = slots[: lay.out_width]
-    assert np.abs(first).max() > 100  # masked (uniform in ±2^12), not x W ~ O(1)
-    for m in range(1, lay.features // lay.out_width):
-        copy = slots[m * lay.out_width : (m + 1) * lay.out_width]
-        assert np.abs(copy - first).max() < 1e-4
+    assert lay.partials > 1  # folded by the data owner: several masked slots per value
