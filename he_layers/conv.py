@@ -42,14 +42,10 @@ class ConvAsLinear:
 
     @classmethod
     def from_module(cls, conv: nn.Module) -> ConvAsLinear:
-        """Geometry of ``conv``; raises ConfigError listing what cannot be protected."""
-        from .validate import explain_unprotectable
-
+        """Geometry of ``conv`` (check it with :func:`he_layers.explain_unprotectable` first:
+        groups, padding modes and other unsupported settings are refused there)."""
         if not isinstance(conv, nn.Conv1d | nn.Conv2d):
             raise ConfigError(f"expected nn.Conv1d or nn.Conv2d, got {type(conv).__name__}")
-        problems = explain_unprotectable(conv)
-        if problems:
-            raise ConfigError("; ".join(problems))
         dims = 1 if isinstance(conv, nn.Conv1d) else 2
         return cls(
             conv.in_channels, conv.out_channels, _pair(conv.kernel_size, dims),

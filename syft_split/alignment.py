@@ -26,6 +26,7 @@ import torch
 
 from .errors import AccessError, ConfigError, ProtocolError
 from .host import Call, Dataset, OpFamily, op, owner_op, register_family
+from .host.dispatch import Host
 from .host.guard import BYTES, SCALAR
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class AlignmentOps(OpFamily):
 
     name = "alignment"
 
-    def __init__(self, host: Any) -> None:
+    def __init__(self, host: Host) -> None:
         super().__init__(host)
         self._allowed: set[tuple[str, str]] = set()
         self._psi_clients: dict[tuple[str, str], Any] = {}

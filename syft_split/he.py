@@ -33,7 +33,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -41,8 +41,20 @@ from torch import nn
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .session import SplitSession
+    from .remote import RemoteSegment
+    from .spec import OptimizerSpec
     from .topology import SplitPlan
+    from .transport.base import Transport
+
+
+class _Session(Protocol):
+    """What the encrypted layer needs of the model owner's session."""
+
+    plan: SplitPlan
+    optimizer_spec: OptimizerSpec
+    transport: Transport
+
+    def _seg(self, source: str, i: int) -> RemoteSegment: ...
 
 __all__ = ["EncryptedLayer", "ProtectedSegment", "protect", "explain", "HEState",
            "encrypted_forward"]
@@ -310,7 +322,7 @@ class HEState:
     dW and db into their ``.grad``. Level B: the servers' shares follow the agreed SGD.
     """
 
-    def __init__(self, session: SplitSession, enc: EncryptedLayer) -> None:
+    def __init__(self, session: _Session, enc: EncryptedLayer) -> None:
         self.session = session
         self.enc = enc
         self.servers: dict[str, Any] = {}

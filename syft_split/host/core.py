@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -63,7 +63,7 @@ class DataOwnerHost:
         self.audit: list[AuditEntry] = []
         self.proposals_by_id: dict[str, Proposal] = {}
         self.runtimes: dict[str, Runtime] = {}
-        self.ids = itertools.count(1)
+        self.ids: Iterator[int] = itertools.count(1)
         self.families: dict[str, OpFamily] = {}
         self._ops: dict[str, tuple[OpSpec, Callable[..., Any]]] = {}
         self._owner_ops: dict[str, tuple[OpSpec, Callable[..., Any]]] = {}

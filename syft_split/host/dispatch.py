@@ -13,16 +13,43 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..errors import ConfigError
 from .guard import Rule
 
 if TYPE_CHECKING:
-    from .core import DataOwnerHost
-    from .records import Proposal, Runtime
+    from collections.abc import Iterator
 
-__all__ = ["OpFamily", "OpSpec", "op", "owner_op", "register_family", "registered_families"]
+    import torch
+
+    from .guard import Guard
+    from .records import AuditEntry, Dataset, HostLimits, Proposal, Runtime
+
+
+class Host(Protocol):
+    """What an op family may use of the host it serves (:class:`~.core.DataOwnerHost`)."""
+
+    name: str
+    datasets: dict[str, Dataset]
+    limits: HostLimits
+    guard: Guard
+    audit: list[AuditEntry]
+    proposals_by_id: dict[str, Proposal]
+    runtimes: dict[str, Runtime]
+    families: dict[str, OpFamily]
+    ids: Iterator[int]
+
+    def proposal(self, proposal_id: str) -> Proposal: ...
+    def proposals(self, status: str | None = None) -> list[Proposal]: ...
+    def runtime(self, caller: str, req: Mapping[str, Any], roles: tuple[str, ...]) -> Runtime: ...
+    def owned_runtime(self, proposal_id: str) -> Runtime: ...
+    def dataset(self, rt: Runtime, req: Mapping[str, Any]) -> Dataset: ...
+    def halt(self, proposal_id: str, reason: str, *, by: str = "owner") -> None: ...
+    def stepped(self, rt: Runtime, grad: Any) -> None: ...
+    def export_weights(self, proposal_id: str) -> dict[str, torch.Tensor]: ...
+
+__all__ = ["Host", "OpFamily", "OpSpec", "op", "owner_op", "register_family", "registered_families"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,7 +87,7 @@ class OpFamily:
 
     name = "family"
 
-    def __init__(self, host: DataOwnerHost) -> None:
+    def __init__(self, host: Host) -> None:
         self.host = host
 
     def ops(self) -> list[tuple[OpSpec, Callable[..., Any]]]:

@@ -22,7 +22,7 @@ from .. import wire
 from ..errors import ApprovalError, ConfigError, ShapeError, ValidationError
 from ..losses import LOSSES
 from ..spec import OptimizerSpec, module_from_spec, spec_size
-from .dispatch import OpFamily, op, owner_op, register_family
+from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import JSON, TEXT, Call
 from .records import ROLES, SHARING, HostLimits, Proposal, Runtime
 from .review import review_text
@@ -39,7 +39,7 @@ class ProposalOps(OpFamily):
 
     name = "proposals"
 
-    def __init__(self, host: Any) -> None:
+    def __init__(self, host: Host) -> None:
         super().__init__(host)
         self._recent: dict[str, deque[float]] = {}
 

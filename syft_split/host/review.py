@@ -9,7 +9,7 @@ from ..spec import count_parameters, describe
 from .records import Proposal
 
 if TYPE_CHECKING:
-    from .core import DataOwnerHost
+    from .dispatch import Host
 
 __all__ = ["review_text"]
 
@@ -18,7 +18,7 @@ def _shape(shape: tuple[int, ...]) -> str:
     return ", ".join(map(str, shape))
 
 
-def review_text(host: DataOwnerHost, p: Proposal, extra: list[str]) -> str:
+def review_text(host: Host, p: Proposal, extra: list[str]) -> str:
     """Layers, parameters, what leaves per step and how much; ``extra``: lines the op
     families add (leakage measured on the owner's records, encryption, weight sharing)."""
     assert p.module is not None

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, ValidationError
-from .dispatch import OpFamily, op, register_family
+from .dispatch import Host, OpFamily, op, register_family
 from .guard import SCALAR, TEXT, Call
 from .records import Dataset, Proposal, Runtime
 
@@ -63,7 +63,7 @@ class LeakageOps(OpFamily):
 
     name = "leakage"
 
-    def __init__(self, host: Any) -> None:
+    def __init__(self, host: Host) -> None:
         super().__init__(host)
         self._suites: dict[str, dict[str, Any]] = {}
 

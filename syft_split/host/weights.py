@@ -15,7 +15,7 @@ import torch
 
 from .. import wire
 from ..errors import AccessError, ConfigError, ProtocolError, ShapeError, WireError
-from .dispatch import OpFamily, op, owner_op, register_family
+from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import SCALAR, SEALED, TEXT, WEIGHTS, Call
 from .records import ROLES, Runtime
 
@@ -28,7 +28,7 @@ class WeightOps(OpFamily):
 
     name = "weights"
 
-    def __init__(self, host: Any) -> None:
+    def __init__(self, host: Host) -> None:
         super().__init__(host)
         self._box_key: Any = None
         self.peers: dict[str, bytes] = {}

@@ -272,7 +272,7 @@ def deployment(
     The transport logs in as ``user``; each console uses the datasite's admin client;
     ``Deployment.close()`` lands every datasite and removes its data folder.
     """
-    from ..deploy import Deployment
+    from ..deployment import Deployment
 
     password = secrets.token_hex(12)
     sites: dict[str, LaunchedDatasite] = {}
