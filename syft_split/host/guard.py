@@ -129,9 +129,10 @@ def SEALED(name: str, value: Any, call: Call, guard: Guard) -> None:
 
 
 def WEIGHTS(name: str, value: Any, call: Call, guard: Guard) -> None:
-    """A segment's weight tensor: only if the data owner released them to the model owner."""
+    """A segment's weight tensor: only if the data owner released them to the model owner
+    (its own approval: weights reveal training data)."""
     rt = call.rt
-    if rt is None or not (rt.extra.get("weights_released") or rt.proposal.share_weights == "model_owner"):
+    if rt is None or not rt.extra.get("weights_released"):
         raise _refuse(call, name, "the data owner has not released these weights")
     key = name.removeprefix("state/")
     own = rt.module.state_dict().get(key)
