@@ -86,8 +86,8 @@ class StepGate:
         if self.grads:
             raise ProtocolError(f"{self._where()}: its gradients were already decrypted once; a "
                                 "second decryption is refused (one per step)")
-        self.grads += 1  # counted before decrypting: a failure does not earn a second try
-        ret, dx = self.client.decrypt_gradients(msg)
+        ret, dx = self.client.decrypt_gradients(msg)  # a refused message returns nothing
+        self.grads += 1
         return ret, dx
 
 
