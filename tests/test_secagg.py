@@ -264,3 +264,38 @@ def test_relay_is_bound_to_segment_and_sequence(three) -> None:
     _assert_unchanged(dep, segs, before)
     segs["b"].unseal(for_b, "a")  # the genuine next one still loads
     relay_weights(session, "b", "c")
+
+
+# ------------------------------------------------------------------ export to the model owner
+def test_weight_export_is_its_own_approval_line() -> None:
+    """Reading weights reveals training data: asking for it shows its own line in the review,
+    and approving the segment does not grant it; ``release_weights`` (or the approval option
+    of that name) does."""
+    from syft_split import ConfigError
+    from syft_split.spec import module_to_spec, spec_state
+
+    dep = inprocess({"a": {"train": (torch.randn(8, 1, 4, 4), None)}})
+    host = dep.owners["a"]
+    seg = _segment()[:2]
+
+    def propose(**fields) -> str:
+        return str(dep.transport.call(
+            "a", "propose", role="input", spec=module_to_spec(seg), datasets=["train"],
+            optimizer={"name": "sgd", "lr": 0.1},
+            **{f"state/{k}": v for k, v in spec_state(seg).items()}, **fields)["segment"])
+
+    asked, plain, granted = propose(share_weights="model_owner"), propose(), propose()
+    assert "REVEAL TRAINING DATA" in host.review(asked)
+    assert "release_weights" in host.review(plain) and "REVEAL" not in host.review(plain)
+    host.approve(asked)
+    host.approve(plain)
+    with pytest.raises(ConfigError, match="release_weights must be a bool"):
+        host.approve(granted, release_weights="yes")
+    host.approve(granted, release_weights=True)
+    for pid in (asked, plain):
+        with pytest.raises(AccessError, match="not released"):
+            dep.transport.call("a", "export", segment=pid)
+    got = dep.transport.call("a", "export", segment=granted)
+    assert torch.equal(got["state/1.weight"], host.export_weights(granted)["1.weight"])
+    host.release_weights(asked)
+    assert "state/1.weight" in dep.transport.call("a", "export", segment=asked)
