@@ -144,6 +144,8 @@ def _common(role: str) -> dict[str, tuple[type[Exception], Send]]:
         "secagg_aggregate_nothing_pending": (ProtocolError, _op("secagg_aggregate", round=1)),
         "he_output_without_he": (ProtocolError, _op("he_output", msg=b"x")),
         "he_grad_without_he": (ProtocolError, _op("he_grad", msg=b"x")),
+        "he_context_without_he": (ProtocolError, _op("he_context")),
+        "he_costs_without_he": (ProtocolError, _op("he_costs")),
         "discard_by_intruder": (AuthorizationError, _as_intruder("discard")),
         "discard_unknown_segment": (ApprovalError, _other_segment("discard")),
         "unknown_op": (ProtocolError, _op("steal_weights")),

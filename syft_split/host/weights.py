@@ -27,7 +27,6 @@ Data-owner ops: ``release_weights``, ``export_weights``, ``public_key``, ``trust
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any
 
 import torch
@@ -41,6 +40,7 @@ from .records import ROLES, Runtime
 __all__ = ["WeightOps", "fingerprint"]
 
 _MAX_MEMBERS = 64
+_MAX_WEIGHT = 1e12  # averaging weights are record counts
 
 
 def fingerprint(rt: Runtime) -> str:
@@ -257,10 +257,10 @@ class WeightOps(OpFamily):
             if peer != self.host.name:
                 self._trusted(rt, peer)
         if (not isinstance(weights, dict) or set(weights) != set(members) or not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
-                and w > 0 for w in weights.values())):
-            raise ProtocolError(f"weights must give every member a positive number, got "
-                                f"{weights!r:.200}")
+                isinstance(w, (int, float)) and not isinstance(w, bool)
+                and 0 < w <= _MAX_WEIGHT for w in weights.values())):
+            raise ProtocolError(f"weights must give every member a number in (0, "
+                                f"{_MAX_WEIGHT:g}], got {weights!r:.200}")
         return {"v": 1, "label": label, "round": rnd, "members": members, "weights": weights,
                 "fingerprint": fingerprint(rt)}
 
