@@ -14,7 +14,8 @@
 2. SplitFed averaging per round, 2 data owners, alternating rounds the same way: the old path
    (the model owner exports each data owner's weights, averages them and imports the average
    into each) vs secure aggregation now (each data owner seals pairwise-masked contributions
-   for the other; each verifies and sums), for a 260-parameter and a 1M-parameter segment.
+   for the other; each verifies and sums), for a 260-parameter and a 1M-parameter segment:
+   seconds per round and bytes through the model owner per round.
 
 torch uses one intra-op thread. ``load_avg_1min`` is recorded at the start. Writes
 ``bench/results/guard.json`` (``--quick``: ``guard_quick.json``).
@@ -101,9 +102,10 @@ def step_runner(pkg: ModuleType) -> Callable[[Any], tuple[float, float]]:
     return run
 
 
-def averager(pkg: ModuleType, width: int) -> tuple[Callable[[], float], int]:
+def averager(pkg: ModuleType, width: int) -> tuple[Callable[[], tuple[float, int]], int]:
     """Two data owners sharing a Flatten+Linear(64, width) segment; returns (one averaging
-    round -> seconds, parameter count). Secure aggregation if ``pkg`` has it."""
+    round -> (seconds, bytes through the model owner), parameter count). Secure aggregation
+    if ``pkg`` has it."""
     import torch
     from torch import nn
 
@@ -126,10 +128,12 @@ def averager(pkg: ModuleType, width: int) -> tuple[Callable[[], float], int]:
         def average(sources: list[str], weights: list[float]) -> None:
             schedules.average_segments(session, sources, weights)
 
-    def run() -> float:
+    def run() -> tuple[float, int]:
+        n = len(dep.transport.traffic.records)
         t0 = time.perf_counter()
         average(["a", "b"], [32.0, 32.0])
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        return dt, sum(r.nbytes for r in dep.transport.traffic.records[n:])
     return run, sum(p.numel() for p in first.parameters())
 
 
@@ -177,8 +181,9 @@ def main() -> None:
             (plain, n), (secure, _) = averager(old, width), averager(new, width)
             t_plain, t_secure = alternate(plain, secure, rounds, 2)
             result[f"average_params_{label}"] = n
-            result[f"average_round_s_plain_{label}"] = statistics.median(t_plain)
-            result[f"average_round_s_secagg_{label}"] = statistics.median(t_secure)
+            for side, runs in (("plain", t_plain), ("secagg", t_secure)):
+                result[f"average_round_s_{side}_{label}"] = statistics.median(r[0] for r in runs)
+                result[f"average_round_bytes_{side}_{label}"] = runs[-1][1]
             result[f"ratio_secagg_vs_plain_{label}"] = (
                 result[f"average_round_s_secagg_{label}"] / result[f"average_round_s_plain_{label}"])
     result = {k: round(v, 6) if isinstance(v, float) else v for k, v in sorted(result.items())}
