@@ -39,6 +39,10 @@ class Trainer:
         if schedule == "relay" and relay_via != "peer":
             raise ConfigError("relay_via='model_owner' is gone: the model owner never writes a "
                               "data owner's weights; relay with relay_via='peer'")
+        if schedule != "round_robin" and session.plan.share_weights != "peer":
+            raise ConfigError(f"schedule {schedule!r} moves the data owners' weights between "
+                              "them: the plan needs share_weights='peer' (and trust_peer on "
+                              f"each data owner), got {session.plan.share_weights!r}")
         self.measure_leakage = measure_leakage
         self.schedule = schedule
         self.relay_via = relay_via

@@ -97,6 +97,9 @@ def test_relay_without_approval_is_refused(make_deployment) -> None:
         session.remote[("a", 0)].export()
     with pytest.raises(ProtocolError, match="unknown op 'import'"):
         dep.transport.call("a", "import", segment=session.remote[("a", 0)].segment_id)
+    for schedule in ("relay", "splitfed_v1", "splitfed_v2"):
+        with pytest.raises(ConfigError, match="share_weights='peer'"):
+            Trainer(session, schedule=schedule)
 
 
 def test_splitfed_v1_round_equals_one_sgd_step_on_the_union(make_deployment) -> None:
