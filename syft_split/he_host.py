@@ -7,6 +7,15 @@ needed Galois keys), ``he_output`` (masked decryption of the layer's output), ``
 (masked decryption of the weight gradient; the data owner backpropagates dL/dx and steps its
 segment), ``he_costs`` (seconds and bytes so far). Imports :mod:`he_layers` (TenSEAL) only
 when a segment with encryption is approved.
+
+Levels A and B protect the data owner only against a *semi-honest* model owner: one that
+deviates can send any ciphertext back for decryption (SECURITY.md). What this module enforces
+regardless, through :class:`StepGate`: at most one ``he_output`` decryption per encrypted
+forward and one ``he_grad`` per training step, in that order, bound to the current step (a
+second, early or stale decryption is refused with :class:`ProtocolError`, state intact); and
+the plaintext ``dL/dx`` passes the same guard as the plain path. A refused ``dL/dx`` halts the
+segment: its weights are untouched, but the decryption has happened (level B has moved its
+share), so the step cannot be retried.
 """
 
 from __future__ import annotations
@@ -15,19 +24,71 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, ProtocolError
+from .errors import ConfigError, ProtocolError, ShapeError, ValidationError, WireError
 from .host import Call, OpFamily, Runtime, op, register_family
 from .host.guard import CIPHERTEXT, SCALAR
 from .host.segments import apply_grad
 
-__all__ = ["HEOps"]
+__all__ = ["HEOps", "StepGate", "build_client"]
 
 
 def _msg(req: dict[str, Any]) -> bytes:
     msg = req.get("msg")
     if not isinstance(msg, bytes):
-        raise ConfigError("field 'msg' must be bytes")
+        raise WireError(f"field 'msg' must be bytes, got {type(msg).__name__}")
     return msg
+
+
+class StepGate:
+    """The data owner's HE client with a decryption budget per step (see the module docstring).
+
+    ``segments.forward`` starts a step through :meth:`encrypt_input`; :meth:`decrypt_output`
+    and :meth:`decrypt_gradients` each run at most once per step, output first, gradients only
+    after a training forward. Every other attribute is the wrapped client's. The counters are
+    plain attributes (``step``, ``train``, ``outputs``, ``grads``)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.step = 0
+        self.train = False
+        self.outputs = 0
+        self.grads = 0
+
+    def __getattr__(self, name: str) -> Any:  # keys, costs, weight_share, ...
+        if name == "client":
+            raise AttributeError(name)
+        return getattr(self.client, name)
+
+    def encrypt_input(self, x: torch.Tensor, *, need_grad: bool = True) -> bytes:
+        msg: bytes = self.client.encrypt_input(x, need_grad=need_grad)
+        self.step, self.train, self.outputs, self.grads = self.step + 1, need_grad, 0, 0
+        return msg
+
+    def _where(self) -> str:
+        return f"encrypted step {self.step}"
+
+    def decrypt_output(self, msg: bytes) -> bytes:
+        if self.step == 0:
+            raise ProtocolError("output decryption without an encrypted forward")
+        if self.outputs:
+            raise ProtocolError(f"{self._where()}: its output was already decrypted once; a "
+                                "second decryption is refused (one per forward)")
+        out: bytes = self.client.decrypt_output(msg)
+        self.outputs += 1
+        return out
+
+    def decrypt_gradients(self, msg: bytes) -> tuple[bytes, torch.Tensor]:
+        if self.step == 0 or not self.train:
+            raise ProtocolError("gradient decryption without an encrypted training forward")
+        if not self.outputs:
+            raise ProtocolError(f"{self._where()}: gradient decryption before the output's "
+                                "(out of order)")
+        if self.grads:
+            raise ProtocolError(f"{self._where()}: its gradients were already decrypted once; a "
+                                "second decryption is refused (one per step)")
+        ret, dx = self.client.decrypt_gradients(msg)  # a refused message returns nothing
+        self.grads += 1
+        return ret, dx
 
 
 def _client(rt: Runtime | None) -> Any:
@@ -48,7 +109,12 @@ class HEOps(OpFamily):
         lines = [f"  leaves per step: activations ONLY AS CKKS CIPHERTEXTS (level "
                  f"{proposal.he.get('level')}; keys are made here at approval, the secret key "
                  "never leaves) and masked decryptions",
-                 f"  encryption agreement: {proposal.he}"]
+                 f"  encryption agreement: {proposal.he}",
+                 "  HE PROTECTS YOU ONLY AGAINST A SEMI-HONEST MODEL OWNER (one that follows the "
+                 "protocol): a model owner that deviates can send other ciphertexts for you to "
+                 "decrypt and so learn your activations and, at level B, your weight share. "
+                 "Enforced here: one output and one gradient decryption per step, in order; "
+                 "dL/dx checked like the plain path. See SECURITY.md"]
         from he_layers import estimate_step_bytes
 
         try:
@@ -64,7 +130,7 @@ class HEOps(OpFamily):
 
     def on_approve(self, rt: Runtime, options: dict[str, Any]) -> None:
         if rt.proposal.he is not None:  # fresh CKKS keys for this run
-            rt.he = build_client(rt.proposal.he)
+            rt.he = StepGate(build_client(rt.proposal.he))
 
     @op("he_context", roles=("input",), egress={"context": CIPHERTEXT})
     def he_context(self, call: Call) -> dict[str, Any]:
@@ -82,7 +148,15 @@ class HEOps(OpFamily):
         if rt.pending_output is None:
             raise ProtocolError(f"gradient for {rt.id} without a pending forward")
         ret, dx = client.decrypt_gradients(_msg(call.req))
-        grad = self.host.guard.grad_in(rt, dx.to(torch.float32).reshape(rt.pending_output.shape))
+        shape = rt.pending_output.shape
+        try:
+            if dx.numel() != shape.numel():
+                raise ShapeError(f"dL/dx: expected {tuple(shape)}, got {tuple(dx.shape)}")
+            grad = self.host.guard.grad_in(rt, dx.to(torch.float32).reshape(shape), "dL/dx")
+        except ValidationError as exc:  # decrypted already: this step cannot be retried
+            self.host.halt(rt.id, f"the model owner's encrypted gradient gave an invalid "
+                                  f"dL/dx ({exc}); halted, nothing applied")
+            raise
         apply_grad(rt, grad)
         self.host.stepped(rt, grad)
         return {"msg": ret}

@@ -123,27 +123,45 @@ class RemoteSegment:
             self._held_scale = None
         return response
 
+    # ------------------------------------------------------------------- weights
+    # The model owner never writes a data owner's weights: it may read them only if the data
+    # owner released them, and it relays sealed weights between data owners it cannot read.
     def export(self) -> dict[str, torch.Tensor]:
-        """The segment's weights, if the data owner released them or approved sharing."""
+        """The segment's weights, if the data owner released them (its own approval line)."""
         self.flush()
         response = self._call("export")
         return {k[6:]: v for k, v in response.items() if k.startswith("state/")}
 
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the segment's weights (relay / averaging), if approved for sharing."""
+    def seal_for(self, peer: str, to_segment: str) -> tuple[bytes, str]:
+        """The weights sealed for segment ``to_segment`` of ``peer`` (a data owner this one
+        trusts), with the next sequence number; returns (ciphertext, sender name)."""
         self.flush()
-        self._call("import", **{f"state/{k}": v for k, v in state.items()})
-
-    def seal_for(self, peer: str) -> tuple[bytes, str]:
-        """The weights encrypted for ``peer`` (a data owner this one trusts)."""
-        self.flush()
-        response = self._call("seal", peer=peer)
+        response = self._call("seal", peer=peer, to_segment=to_segment)
         return response["sealed"], response["sender"]
 
     def unseal(self, sealed: bytes, sender: str) -> None:
-        """Load weights sealed by ``sender`` (a data owner this one trusts)."""
+        """Load weights ``sender`` sealed for this segment (once, in sequence order)."""
         self.flush()
         self._call("unseal", sealed=sealed, sender=sender)
+
+    def secagg_round(self) -> int:
+        """The last secure-aggregation round this segment contributed to (0: none)."""
+        return int(self._call("secagg_round")["round"])
+
+    def secagg_contribute(self, label: str, round: int, members: dict[str, str],
+                          weights: dict[str, float]) -> dict[str, bytes]:
+        """This segment's masked weights sealed for each other member (``members``: data owner
+        -> its segment id; ``weights``: data owner -> averaging weight); by recipient."""
+        self.flush()
+        response = self._call("secagg_contribute", label=label, round=round, members=members,
+                              weights=weights)
+        return {k[7:]: v for k, v in response.items() if k.startswith("sealed/")}
+
+    def secagg_aggregate(self, round: int, contributions: dict[str, bytes]) -> None:
+        """Hand over every other member's sealed contribution; the data owner checks each,
+        sums them with its own and loads the average."""
+        self._call("secagg_aggregate", round=round,
+                   **{f"sealed/{sender}": sealed for sender, sealed in contributions.items()})
 
 
 class _RemoteForward(torch.autograd.Function):

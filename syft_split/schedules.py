@@ -2,17 +2,21 @@
 
 - ``round_robin``: batches interleave over data owners; each keeps its own segment weights.
 - ``relay`` (Gupta & Raskar 2018): data owners train in turn on all their batches; the segment's
-  weights pass to the next one through the model owner or peer-to-peer (sealed, the model owner
-  relays ciphertext).
+  weights pass to the next data owner sealed for it (the model owner relays ciphertext).
 - ``splitfed_v1`` (Thapa et al. 2022): each round every data owner trains one batch "in
   parallel" against its own copy of the model owner's segments; after the round the data
-  owners' segments and the server copies are averaged (FedAvg, weighted by batch size).
+  owners' segments are averaged by secure aggregation, and the model owner averages its copies
+  (FedAvg, weighted by batch size).
 - ``splitfed_v2``: as v1 but the model owner processes the data owners one after the other on
   a single copy of its segments; only the data owners' segments are averaged.
 
-The model owner plays the SplitFed "fed server" here, so it sees the data owners' segment
-weights while averaging (``share_weights="model_owner"``); use ``"peer"`` relay when it
-must not.
+The data owners' weights move only between data owners (plans with ``share_weights="peer"``;
+each data owner pins the others' public keys with ``trust_peer``): the model owner never writes
+them and never reads them. Averaging is secure aggregation (:mod:`syft_split.secagg`,
+:mod:`syft_split.host.weights`): each data owner seals a pairwise-masked, weighted contribution
+for every other member; each checks every contribution it sums (pinned key, round, cohort,
+weights, segment) and loads the average. The model owner relays ciphertext and learns no weight,
+not even the average. A round in which a data owner drops out aborts (nothing is loaded).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from .errors import ConfigError
 from .session import SplitSession
 
-__all__ = ["SCHEDULES", "relay_weights", "average_segments", "input_nodes"]
+__all__ = ["SCHEDULES", "relay_weights", "average_segments", "input_nodes", "SecureAverage"]
 
 SCHEDULES = ("round_robin", "relay", "splitfed_v1", "splitfed_v2")
 
@@ -38,22 +42,66 @@ def input_nodes(session: SplitSession) -> list[int]:
     return [i for i, n in enumerate(session.plan.nodes) if n.owner == DATA_OWNER]
 
 
-def _require_sharing(session: SplitSession, via: str) -> None:
-    if session.plan.share_weights != via:
-        raise ConfigError(f"this schedule moves client weights via {via!r}, but the plan was "
-                          f"approved with share_weights={session.plan.share_weights!r}")
+def _require_peer(session: SplitSession, via: str = "peer") -> None:
+    if via != "peer":
+        raise ConfigError(f"weights cannot move via {via!r}: the model owner never writes a data "
+                          "owner's weights; they move only between data owners (via='peer', "
+                          "plan share_weights='peer', trust_peer on each data owner)")
+    if session.plan.share_weights != "peer":
+        raise ConfigError("this schedule moves the data owners' weights between them, but the "
+                          f"plan was approved with share_weights={session.plan.share_weights!r}; "
+                          "use share_weights='peer'")
 
 
-def relay_weights(session: SplitSession, src: str, dst: str, *, via: str = "model_owner") -> None:
-    """Copy every shared segment's weights from data owner ``src`` to ``dst``."""
-    _require_sharing(session, via)
+def relay_weights(session: SplitSession, src: str, dst: str, *, via: str = "peer") -> None:
+    """Move every shared segment's weights from data owner ``src`` to ``dst``, sealed for
+    ``dst``'s segment (``dst`` checks the sender's pinned key, its segment and the sequence)."""
+    _require_peer(session, via)
     for i in input_nodes(session):
         a, b = session._seg(src, i), session._seg(dst, i)
-        if via == "peer":
-            sealed, sender = a.seal_for(dst)
-            b.unseal(sealed, sender)
-        else:
-            b.load(a.export())
+        sealed, sender = a.seal_for(dst, b.segment_id)
+        b.unseal(sealed, sender)
+
+
+class SecureAverage:
+    """Secure-aggregation rounds over a session's shared segments (the model owner relays).
+
+    Round numbers increase across calls; the first call starts after the highest round any
+    involved segment has seen (so a new session on old segments still uses fresh masks)."""
+
+    def __init__(self, session: SplitSession) -> None:
+        self.session = session
+        self.round: int | None = None
+
+    def __call__(self, sources: Sequence[str], weights: Sequence[float]) -> None:
+        """Replace each source's copy of every shared segment by their weighted average."""
+        _require_peer(self.session)
+        if len(sources) != len(weights):
+            raise ConfigError(f"{len(sources)} sources but {len(weights)} weights")
+        if len(set(sources)) < 2:
+            return  # the average of one copy is that copy
+        nodes = input_nodes(self.session)
+        if self.round is None:
+            self.round = max(self.session._seg(s, i).secagg_round()
+                             for s in sources for i in nodes)
+        self.round += 1
+        w = {s: float(x) for s, x in zip(sources, weights)}
+        for i in nodes:
+            segs = {s: self.session._seg(s, i) for s in sources}
+            members = {seg.party: seg.segment_id for seg in segs.values()}
+            sealed = {s: seg.secagg_contribute(f"node{i}", self.round, members,
+                                               {segs[o].party: w[o] for o in segs})
+                      for s, seg in segs.items()}
+            for s, seg in segs.items():
+                seg.secagg_aggregate(self.round, {segs[o].party: sealed[o][seg.party]
+                                                  for o in segs if o != s})
+
+
+def average_segments(session: SplitSession, sources: Sequence[str],
+                     weights: Sequence[float]) -> None:
+    """FedAvg the data owners' copies of every shared segment by secure aggregation (one round;
+    for many rounds keep one :class:`SecureAverage`)."""
+    SecureAverage(session)(sources, weights)
 
 
 def _mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
@@ -69,17 +117,6 @@ def _mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
         else:
             out[k] = v.clone()  # e.g. BatchNorm's num_batches_tracked
     return out
-
-
-def average_segments(session: SplitSession, sources: Sequence[str],
-                     weights: Sequence[float]) -> None:
-    """FedAvg the data owners' copies of every shared segment (model owner as fed server)."""
-    _require_sharing(session, "model_owner")
-    for i in input_nodes(session):
-        segs = [session._seg(s, i) for s in sources]
-        avg = _mean([seg.export() for seg in segs], weights)
-        for seg in segs:
-            seg.load(avg)
 
 
 class ServerCopies:

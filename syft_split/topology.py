@@ -77,7 +77,10 @@ class SplitPlan:
     data_owners: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=lambda: ["train", "test"])
     max_batch: int = 1024
-    #: whether data owners' input segments may be relayed/averaged: "none", "model_owner", "peer"
+    #: how the data owners' segment weights may move: "none"; "peer" (relayed sealed between
+    #: data owners, or securely averaged among them: relay and SplitFed schedules); or
+    #: "model_owner" (the proposal asks that the model owner may read them: each data owner
+    #: grants that separately, since weights reveal training data)
     share_weights: str = "none"
     #: defences every data owner applies on its side to its input segment: ``nopeek`` (weight
     #: of the distance-correlation loss), ``noise_sigma`` (Gaussian noise on released

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .report import EpochRecord, RunReport
-from .schedules import SCHEDULES, ServerCopies, average_segments, relay_weights
+from .schedules import SCHEDULES, SecureAverage, ServerCopies, relay_weights
 from .session import SplitSession, StepMetrics
 
 __all__ = ["Trainer"]
@@ -22,26 +22,35 @@ class Trainer:
     ``labels`` (only when the model owner holds them) maps source -> dataset -> label tensor
     (or task name -> label tensor, for multi-task plans), aligned with that source's records.
     ``schedule`` is one of :data:`~syft_split.schedules.SCHEDULES` (see that module);
-    ``relay_via`` is ``"model_owner"`` or ``"peer"`` for the relay schedule.
+    Relay and SplitFed move the data owners' weights only between them (plans with
+    ``share_weights="peer"``); ``relay_via`` must be ``"peer"`` for the relay schedule.
     """
 
     def __init__(self, session: SplitSession, *, batch_size: int = 64,
                  train_dataset: str = "train", test_dataset: str | None = "test",
                  labels: dict[str, dict[str, Any]] | None = None, seed: int = 0,
                  progress: bool = True, config: dict[str, Any] | None = None,
-                 schedule: str = "round_robin", relay_via: str = "model_owner",
+                 schedule: str = "round_robin", relay_via: str = "peer",
                  measure_leakage: bool = True, leakage_budget_s: float | None = None,
                  watch: bool = True) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if relay_via not in ("model_owner", "peer"):
-            raise ConfigError(f"relay_via must be 'model_owner' or 'peer', got {relay_via!r}")
+            raise ConfigError(f"relay_via must be 'peer', got {relay_via!r}")
+        if schedule == "relay" and relay_via != "peer":
+            raise ConfigError("relay_via='model_owner' is gone: the model owner never writes a "
+                              "data owner's weights; relay with relay_via='peer'")
+        if schedule != "round_robin" and session.plan.share_weights != "peer":
+            raise ConfigError(f"schedule {schedule!r} moves the data owners' weights between "
+                              "them: the plan needs share_weights='peer' (and trust_peer on "
+                              f"each data owner), got {session.plan.share_weights!r}")
         self.measure_leakage = measure_leakage
         self.leakage_budget_s = leakage_budget_s
         self.watch = watch
         self.schedule = schedule
         self.relay_via = relay_via
         self._server_copies: ServerCopies | None = None
+        self._average = SecureAverage(session)
         self._relay_last: str | None = None
         self.session = session
         self.batch_size = batch_size
@@ -108,7 +117,7 @@ class Trainer:
             self._server_copies.save(party)
         if end_of_round and self.schedule in ("splitfed_v1", "splitfed_v2"):
             self.session.flush()
-            average_segments(self.session, list(round_sizes), list(round_sizes.values()))
+            self._average(list(round_sizes), list(round_sizes.values()))
             if self._server_copies is not None:
                 self._server_copies.average(round_sizes)
             round_sizes.clear()

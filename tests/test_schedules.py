@@ -14,6 +14,7 @@ from syft_split import (
     AccessError,
     ConfigError,
     OptimizerSpec,
+    ProtocolError,
     SplitPlan,
     SplitSession,
     Trainer,
@@ -41,20 +42,18 @@ def _segments(model: nn.Sequential) -> list[nn.Module]:
     return [copy.deepcopy(model[:4]), copy.deepcopy(model[4:])]
 
 
-@pytest.mark.parametrize("via", ["model_owner", "peer"])
-def test_relay_equals_training_one_model_on_the_sequence(make_deployment, via) -> None:
+def test_relay_equals_training_one_model_on_the_sequence(make_deployment) -> None:
     a, b, dep = _two_clients(make_deployment)
     model = _model()
     reference = copy.deepcopy(model)
     ref_opt = SGD.build(reference.parameters())
-    plan = SplitPlan.vanilla(_segments(model), ["a", "b"], share_weights=via)
+    plan = SplitPlan.vanilla(_segments(model), ["a", "b"], share_weights="peer")
     session = SplitSession(plan, dep.transport, optimizer=SGD)
     proposals = session.propose()
     review = dep.owners["a"].review(proposals["a"][0])
-    assert ("WEIGHTS SHARED" in review) if via == "model_owner" else ("trust_peer" in review)
+    assert "trust_peer" in review and "cannot write any" in review
     dep.approve_all(proposals)
-    if via == "peer":
-        dep.trust_each_other()
+    dep.trust_each_other()
 
     sequence = [("a", a, torch.arange(0, 16)), ("a", a, torch.arange(16, 32)),
                 ("b", b, torch.arange(0, 16)), ("b", b, torch.arange(16, 32)),
@@ -62,7 +61,7 @@ def test_relay_equals_training_one_model_on_the_sequence(make_deployment, via) -
     last = None
     for party, data, idx in sequence:
         if last is not None and last != party:
-            relay_weights(session, last, party, via=via)
+            relay_weights(session, last, party)
         last = party
         ref_opt.zero_grad()
         F.cross_entropy(reference(data.x_train[idx]), data.y_train[idx]).backward()
@@ -76,14 +75,14 @@ def test_relay_equals_training_one_model_on_the_sequence(make_deployment, via) -
     got += list(session.local[1].state_dict().values())
     want = list(reference.state_dict().values())
     assert max(float((x - y).abs().max()) for x, y in zip(got, want)) <= 1e-6
-    if via == "peer":  # the model owner relayed ciphertext only
-        for party in ("a", "b"):
-            fields = dep.transport.traffic.fields_sent_by(party)
-            assert "sealed" in fields and not any(f.startswith("state/") for f in fields)
-        with pytest.raises(AccessError):
-            session.remote[("a", 0)].export()
-        with pytest.raises(AccessError, match="not a peer"):
-            session.remote[("a", 0)].seal_for(MODEL_OWNER)
+    # the model owner relayed ciphertext only, and cannot read or write the weights
+    for party in ("a", "b"):
+        fields = dep.transport.traffic.fields_sent_by(party)
+        assert "sealed" in fields and not any(f.startswith("state/") for f in fields)
+    with pytest.raises(AccessError, match="not released"):
+        session.remote[("a", 0)].export()
+    with pytest.raises(AccessError, match="not a peer"):
+        session.remote[("a", 0)].seal_for(MODEL_OWNER, session.remote[("b", 0)].segment_id)
 
 
 def test_relay_without_approval_is_refused(make_deployment) -> None:
@@ -92,10 +91,15 @@ def test_relay_without_approval_is_refused(make_deployment) -> None:
     dep.approve_all(session.propose())
     with pytest.raises(ConfigError, match="share_weights='none'"):
         relay_weights(session, "a", "b")
+    with pytest.raises(ConfigError, match="never writes"):
+        relay_weights(session, "a", "b", via="model_owner")
     with pytest.raises(AccessError, match="not released"):
         session.remote[("a", 0)].export()
-    with pytest.raises(AccessError, match="not approved for weight sharing"):
+    with pytest.raises(ProtocolError, match="unknown op 'import'"):
         dep.transport.call("a", "import", segment=session.remote[("a", 0)].segment_id)
+    for schedule in ("relay", "splitfed_v1", "splitfed_v2"):
+        with pytest.raises(ConfigError, match="share_weights='peer'"):
+            Trainer(session, schedule=schedule)
 
 
 def test_splitfed_v1_round_equals_one_sgd_step_on_the_union(make_deployment) -> None:
@@ -112,9 +116,10 @@ def test_splitfed_v1_round_equals_one_sgd_step_on_the_union(make_deployment) -> 
         F.cross_entropy(reference(x), y).backward()
         ref_opt.step()
 
-    plan = SplitPlan.vanilla(_segments(model), ["a", "b"], share_weights="model_owner")
+    plan = SplitPlan.vanilla(_segments(model), ["a", "b"], share_weights="peer")
     session = SplitSession(plan, dep.transport, optimizer=SGD)
     dep.approve_all(session.propose())
+    dep.trust_each_other()
     trainer = Trainer(session, batch_size=len(a.y_train), progress=False, schedule="splitfed_v1",
                       labels={"a": {"train": a.y_train, "test": a.y_test},
                               "b": {"train": b.y_train, "test": b.y_test}})
@@ -124,14 +129,20 @@ def test_splitfed_v1_round_equals_one_sgd_step_on_the_union(make_deployment) -> 
         got = list(dep.owners[party].export_weights(session.remote[(party, 0)].segment_id)
                    .values()) + list(session.local[1].state_dict().values())
         assert max(float((p - q).abs().max()) for p, q in zip(got, want)) <= 1e-6
+    # averaged by secure aggregation: the data owners sent sealed contributions, no weights
+    for party in ("a", "b"):
+        fields = dep.transport.traffic.fields_sent_by(party)
+        assert any(f.startswith("sealed/") for f in fields)
+        assert not any(f.startswith("state/") for f in fields)
 
 
 @pytest.mark.parametrize("schedule", ["splitfed_v2", "relay"])
 def test_shared_client_schedules_learn(make_deployment, schedule) -> None:
     a, b, dep = _two_clients(make_deployment, limit=None)
-    plan = SplitPlan.vanilla(_segments(_model()), ["a", "b"], share_weights="model_owner")
+    plan = SplitPlan.vanilla(_segments(_model()), ["a", "b"], share_weights="peer")
     session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("adam", lr=1e-2))
     dep.approve_all(session.propose())
+    dep.trust_each_other()
     report = Trainer(session, batch_size=32, progress=False, schedule=schedule,
                      labels={"a": {"train": a.y_train, "test": a.y_test},
                              "b": {"train": b.y_train, "test": b.y_test}}).fit(3, verbose=False)

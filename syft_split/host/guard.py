@@ -70,12 +70,23 @@ def _tensor(name: str, value: Any, call: Call, guard: Guard, shape: tuple[int, .
     if tuple(value.shape) != shape or (dtype is not None and value.dtype != dtype):
         raise _refuse(call, name, f"{tuple(value.shape)} {value.dtype}; approved: {shape} "
                                   f"{dtype if dtype is not None else ''}".rstrip())
-    if value.is_floating_point():
+    if value.is_floating_point() and not _within(value, guard.limits.max_abs_value):
         if not bool(torch.isfinite(value).all()):
             raise _refuse(call, name, "non-finite values (NaN/Inf) never leave")
-        if value.numel() and float(value.abs().max()) > guard.limits.max_abs_value:
-            raise _refuse(call, name, f"magnitude above the approved bound "
-                                      f"{guard.limits.max_abs_value:g}")
+        raise _refuse(call, name, f"magnitude above the approved bound "
+                                  f"{guard.limits.max_abs_value:g}")
+
+
+def _within(t: torch.Tensor, bound: float) -> bool:
+    """Every value finite and ``|v| <= bound``: one fused min/max pass (NaN fails both
+    comparisons), ~8x cheaper than ``isfinite().all()`` on CPU; the slow checks run only to
+    say what failed."""
+    if t.numel() == 0:
+        return True
+    if not math.isfinite(bound):
+        return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t)
+    return bool(lo >= -bound) and bool(hi <= bound)
 
 
 def _rows(call: Call, name: str) -> int:
@@ -129,9 +140,10 @@ def SEALED(name: str, value: Any, call: Call, guard: Guard) -> None:
 
 
 def WEIGHTS(name: str, value: Any, call: Call, guard: Guard) -> None:
-    """A segment's weight tensor: only if the data owner released them to the model owner."""
+    """A segment's weight tensor: only if the data owner released them to the model owner
+    (its own approval: weights reveal training data)."""
     rt = call.rt
-    if rt is None or not (rt.extra.get("weights_released") or rt.proposal.share_weights == "model_owner"):
+    if rt is None or not rt.extra.get("weights_released"):
         raise _refuse(call, name, "the data owner has not released these weights")
     key = name.removeprefix("state/")
     own = rt.module.state_dict().get(key)
@@ -193,9 +205,9 @@ class Guard:
         """An incoming activation for a middle/loss segment: approved shape, float32, finite,
         bounded."""
         x = wire.check_tensor(req.get(name), name, shape=(None, *rt.proposal.input_shape),
-                              dtype=torch.float32)
+                              dtype=torch.float32, finite=False)
         self.batch(rt, x.shape[0], name)
-        self._bounded(x, name)
+        self._finite_bounded(x, name)
         return x
 
     def grad_in(self, rt: Runtime, grad: Any, name: str = "grad") -> torch.Tensor:
@@ -203,9 +215,16 @@ class Guard:
         if rt.pending_output is None:
             raise ProtocolError(f"gradient for {rt.id} without a pending forward")
         g = wire.check_tensor(grad, name, shape=tuple(rt.pending_output.shape),
-                              dtype=torch.float32)
-        self._bounded(g, name)
+                              dtype=torch.float32, finite=False)
+        self._finite_bounded(g, name)
         return g
+
+    def _finite_bounded(self, t: torch.Tensor, name: str) -> None:
+        """NonFiniteError for NaN/Inf, ValidationError above the bound (fast path: one pass)."""
+        if _within(t, self.limits.max_abs_value):
+            return
+        wire.check_tensor(t, name, nonempty=False)  # raises NonFiniteError, with counts
+        self._bounded(t, name)
 
     def _bounded(self, t: torch.Tensor, name: str) -> None:
         if t.numel() and float(t.abs().max()) > self.limits.max_abs_value:

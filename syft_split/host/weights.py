@@ -1,64 +1,170 @@
 """Segment weights: what the data owner releases, and how weights move between data owners.
 
-Model-owner ops: ``export`` (the weights, only if the data owner released them or approved
-``share_weights="model_owner"``), ``import`` (replace them; ``share_weights="model_owner"``),
-``seal`` (the weights encrypted and authenticated for a peer data owner this one trusts;
-the model owner relays ciphertext it cannot read) and ``unseal`` (load weights a trusted peer
-sealed). Data-owner ops: ``release_weights``, ``export_weights``, ``public_key``, ``trust_peer``.
+No model owner ever writes a segment's weights: there is no import op. Weights come in only
+from a peer data owner whose public key this data owner pinned (``trust_peer``), sealed and
+authenticated with PyNaCl's ``Box`` (X25519 + XSalsa20-Poly1305), and bound to this segment
+and a fresh sequence or round number so the model owner, which relays them, can neither
+forge, redirect nor replay them.
+
+Model-owner ops:
+
+=====================  =====================================================================
+``export``             the weights, only after the data owner released them on their own
+                       line (``approve(..., release_weights=True)`` or ``release_weights``)
+``seal`` / ``unseal``  relay: the weights sealed for one trusted peer's named segment, with a
+                       sequence number; the peer loads them once, in order
+``secagg_round``       the last secure-aggregation round this segment took part in
+``secagg_contribute``  this segment's weights, fixed point, weighted, pairwise masked
+                       (:mod:`syft_split.secagg`) and sealed once per other member
+``secagg_aggregate``   every other member's sealed contribution for the pending round: each is
+                       authenticated and checked (member, round, cohort, weights, segment
+                       fingerprint); the masks cancel in the sum and the average is loaded
+=====================  =====================================================================
+
+Data-owner ops: ``release_weights``, ``export_weights``, ``public_key``, ``trust_peer``.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
 
-from .. import wire
+from .. import secagg, wire
 from ..errors import AccessError, ConfigError, ProtocolError, ShapeError, WireError
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import SCALAR, SEALED, TEXT, WEIGHTS, Call
 from .records import ROLES, Runtime
 
-__all__ = ["WeightOps"]
+__all__ = ["WeightOps", "fingerprint"]
+
+_MAX_MEMBERS = 64
+_MAX_WEIGHT = 1e12  # averaging weights are record counts
+
+
+def fingerprint(rt: Runtime) -> str:
+    """What two data owners' copies of one segment must share: its spec and weight layout."""
+    layout = [[k, list(v.shape), str(v.dtype)] for k, v in rt.module.state_dict().items()]
+    return hashlib.sha256(secagg.canonical({"spec": rt.proposal.spec, "state": layout})
+                          ).hexdigest()
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ProtocolError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise ProtocolError(f"{name} must be a short non-empty string, got {value!r:.60}")
+    return value
 
 
 @register_family
 class WeightOps(OpFamily):
-    """Weight export, import and peer sealing (see the module docstring)."""
+    """Weight export, peer relay and secure aggregation (see the module docstring).
+
+    State lives in plain attributes (bytes, str, int) for :meth:`state`: the X25519 secret
+    key, pinned peer keys, relay sequence numbers, the last aggregation round per segment.
+    A pending aggregation round (``pending``) is kept in memory only: after a restart it
+    aborts, and the next round starts above :attr:`rounds`."""
 
     name = "weights"
 
     def __init__(self, host: Host) -> None:
         super().__init__(host)
-        self._box_key: Any = None
+        self.secret_key: bytes | None = None
         self.peers: dict[str, bytes] = {}
+        #: relay: last sequence number sealed by each of our segments
+        self.relay_sent: dict[str, int] = {}
+        #: relay: last sequence number loaded, per "our segment<peer/their segment"
+        self.relay_seen: dict[str, int] = {}
+        #: secure aggregation: last round each of our segments contributed to
+        self.rounds: dict[str, int] = {}
+        #: secure aggregation: the round each segment contributed to and has not summed yet
+        self.pending: dict[str, dict[str, Any]] = {}
 
+    # ------------------------------------------------------------------- family hooks
     def review_lines(self, proposal: Any) -> list[str]:
-        if proposal.share_weights == "model_owner":
-            return ["  WEIGHTS SHARED: the model owner may read and replace this segment's "
-                    "weights (relay / SplitFed averaging)"]
+        lines = []
         if proposal.share_weights == "peer":
-            return ["  weights move only to/from peers you trust (trust_peer), encrypted; "
-                    "the model owner relays ciphertext"]
-        return []
+            lines.append("  weights move only between you and data owners you trust "
+                         "(trust_peer): relayed sealed and authenticated, or securely "
+                         "averaged (pairwise masks); the model owner relays ciphertext, learns "
+                         "no weights and cannot write any")
+        if proposal.share_weights == "model_owner":
+            lines.append("  REQUESTS WEIGHT EXPORT: the model owner asks to read this "
+                         "segment's trained weights. Weights REVEAL TRAINING DATA (one chosen "
+                         "gradient then an export recovers a record almost exactly). Not "
+                         "granted by approving: grant it on its own with approve(id, "
+                         "release_weights=True) or release_weights(id)")
+        else:
+            lines.append("  weights stay here; the model owner can never write them, and reads "
+                         "them only if you call release_weights(id), which reveals training "
+                         "data")
+        return lines
 
+    def on_approve(self, rt: Runtime, options: dict[str, Any]) -> None:
+        release = options.pop("release_weights", False)
+        if not isinstance(release, bool):
+            raise ConfigError(f"release_weights must be a bool, got {release!r}")
+        if release:
+            rt.extra["weights_released"] = True
+
+    def state(self) -> dict[str, Any]:
+        """JSON: keys as hex, counters (pending rounds are not kept: they abort)."""
+        return {"secret_key": None if self.secret_key is None else self.secret_key.hex(),
+                "peers": {k: v.hex() for k, v in self.peers.items()},
+                "relay_sent": dict(self.relay_sent), "relay_seen": dict(self.relay_seen),
+                "rounds": dict(self.rounds)}
+
+    def restore(self, state: Any) -> None:
+        key = state.get("secret_key")
+        self.secret_key = None if key is None else bytes.fromhex(key)
+        self.peers = {k: bytes.fromhex(v) for k, v in state.get("peers", {}).items()}
+        self.relay_sent = {k: int(v) for k, v in state.get("relay_sent", {}).items()}
+        self.relay_seen = {k: int(v) for k, v in state.get("relay_seen", {}).items()}
+        self.rounds = {k: int(v) for k, v in state.get("rounds", {}).items()}
+        self.pending = {}
+
+    # ----------------------------------------------------------------------- crypto
     def keypair(self) -> Any:
-        if self._box_key is None:
-            from nacl.public import PrivateKey
+        from nacl.public import PrivateKey
 
-            self._box_key = PrivateKey.generate()
-        return self._box_key
+        if self.secret_key is None:
+            self.secret_key = bytes(PrivateKey.generate())
+        return PrivateKey(self.secret_key)
 
-    # --------------------------------------------------------------- model-owner ops
-    @op("export", roles=ROLES, egress={"state/*": WEIGHTS})
-    def export(self, call: Call) -> dict[str, Any]:
-        rt = call.rt
-        assert rt is not None
-        if not rt.extra.get("weights_released") and rt.proposal.share_weights != "model_owner":
-            raise AccessError(f"the data owner has not released the weights of {rt.id}")
-        return {f"state/{k}": v for k, v in self.host.export_weights(rt.id).items()}
+    def _box(self, peer: str) -> Any:
+        from nacl.public import Box, PublicKey
 
-    def _new_state(self, rt: Runtime, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return Box(self.keypair(), PublicKey(self.peers[peer]))
+
+    def _trusted(self, rt: Runtime, peer: Any) -> str:
+        if rt.proposal.share_weights != "peer":
+            raise AccessError(f"{rt.id} was not approved for peer weight sharing")
+        if not isinstance(peer, str) or peer not in self.peers:
+            raise AccessError(f"{peer!r} is not a peer {self.host.name} trusts; trusted: "
+                              f"{sorted(self.peers)}")
+        return peer
+
+    def _open(self, peer: str, sealed: Any, what: str) -> dict[str, Any]:
+        """Decrypt and authenticate ``sealed`` from ``peer`` (a trusted peer's key)."""
+        from nacl.exceptions import CryptoError
+
+        if not isinstance(sealed, bytes):
+            raise WireError(f"{what} must be bytes, got {type(sealed).__name__}")
+        try:
+            plain = self._box(peer).decrypt(sealed)
+        except CryptoError as exc:
+            raise WireError(f"{what} from {peer!r} does not authenticate under its pinned key: "
+                            f"{exc}") from exc
+        return wire.decode(plain, max_bytes=self.host.limits.max_request_bytes)
+
+    @staticmethod
+    def _check_loadable(rt: Runtime, state: dict[str, Any]) -> dict[str, torch.Tensor]:
         own = rt.module.state_dict()
         if set(state) != set(own):
             raise ShapeError(f"weights {sorted(state)} do not match the segment's {sorted(own)}")
@@ -69,56 +175,163 @@ class WeightOps(OpFamily):
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         return state
 
-    @op("import", roles=ROLES, egress={"steps": SCALAR})
-    def import_(self, call: Call) -> dict[str, Any]:
+    # ----------------------------------------------------------------------- export
+    @op("export", roles=ROLES, egress={"state/*": WEIGHTS})
+    def export(self, call: Call) -> dict[str, Any]:
         rt = call.rt
         assert rt is not None
-        if rt.proposal.share_weights != "model_owner":
-            raise AccessError(f"{rt.id} was not approved for weight sharing with the model owner")
-        state = self._new_state(rt, {k[6:]: v for k, v in call.req.items()
-                                     if k.startswith("state/")})
-        rt.module.load_state_dict(state)
-        return {"steps": rt.steps}
+        if not rt.extra.get("weights_released"):
+            raise AccessError(f"the data owner has not released the weights of {rt.id} "
+                              "(weights reveal training data; releasing them is a separate "
+                              "approval)")
+        return {f"state/{k}": v for k, v in self.host.export_weights(rt.id).items()}
 
-    def _peer(self, rt: Runtime, peer: Any) -> bytes:
-        if rt.proposal.share_weights != "peer":
-            raise AccessError(f"{rt.id} was not approved for peer weight sharing")
-        if peer not in self.peers:
-            raise AccessError(f"{peer!r} is not a peer {self.host.name} trusts; trusted: "
-                              f"{sorted(self.peers)}")
-        return self.peers[peer]
-
+    # ------------------------------------------------------------------------ relay
     @op("seal", roles=ROLES, egress={"sealed": SEALED, "sender": TEXT})
     def seal(self, call: Call) -> dict[str, Any]:
-        from nacl.public import Box, PublicKey
-
         rt = call.rt
         assert rt is not None
-        key = self._peer(rt, call.req.get("peer"))
-        plain = wire.encode({f"state/{k}": v for k, v in self.host.export_weights(rt.id).items()})
-        sealed = Box(self.keypair(), PublicKey(key)).encrypt(plain)
-        return {"sealed": bytes(sealed), "sender": self.host.name}
+        peer = self._trusted(rt, call.req.get("peer"))
+        to_segment = _text(call.req.get("to_segment"), "to_segment")
+        if rt.pending_output is not None or rt.pending_loss_grads:
+            raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
+        seq = self.relay_sent.get(rt.id, 0) + 1
+        plain = wire.encode({
+            "kind": "relay", "sender": self.host.name, "from_segment": rt.id,
+            "recipient": peer, "to_segment": to_segment, "seq": seq,
+            "fingerprint": fingerprint(rt),
+            **{f"state/{k}": v for k, v in self.host.export_weights(rt.id).items()},
+        })
+        sealed = bytes(self._box(peer).encrypt(plain))
+        self.relay_sent[rt.id] = seq
+        return {"sealed": sealed, "sender": self.host.name}
 
     @op("unseal", roles=ROLES, egress={"steps": SCALAR})
     def unseal(self, call: Call) -> dict[str, Any]:
-        from nacl.exceptions import CryptoError
-        from nacl.public import Box, PublicKey
+        rt = call.rt
+        assert rt is not None
+        sender = self._trusted(rt, call.req.get("sender"))
+        msg = self._open(sender, call.req.get("sealed"), "sealed weights")
+        seen_key = f"{rt.id}<{sender}/{msg.get('from_segment')}"
+        expect = {"kind": "relay", "sender": sender, "recipient": self.host.name,
+                  "to_segment": rt.id, "fingerprint": fingerprint(rt)}
+        wrong = {k: msg.get(k) for k, v in expect.items() if msg.get(k) != v}
+        if wrong:
+            raise ProtocolError(f"sealed weights from {sender!r} are not for {rt.id}: "
+                                f"{wrong} (expected {expect})")
+        seq = msg.get("seq")
+        last = self.relay_seen.get(seen_key, 0)
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq <= last:
+            raise ProtocolError(f"sealed weights from {sender!r} carry sequence number {seq!r}; "
+                                f"{rt.id} already loaded {last}: a replay is refused")
+        state = self._check_loadable(rt, {k[6:]: v for k, v in msg.items()
+                                          if k.startswith("state/")})
+        rt.module.load_state_dict(state)
+        self.relay_seen[seen_key] = seq
+        return {"steps": rt.steps}
+
+    # --------------------------------------------------------- secure aggregation
+    @op("secagg_round", roles=ROLES, egress={"round": SCALAR})
+    def secagg_round(self, call: Call) -> dict[str, Any]:
+        assert call.rt is not None
+        return {"round": self.rounds.get(call.rt.id, 0)}
+
+    def _descriptor(self, rt: Runtime, req: dict[str, Any]) -> dict[str, Any]:
+        """The round as the model owner describes it, checked against what this host knows."""
+        if rt.proposal.share_weights != "peer":
+            raise AccessError(f"{rt.id} was not approved for peer weight sharing")
+        label = _text(req.get("label"), "label")
+        rnd = _positive_int(req.get("round"), "round")
+        last = self.rounds.get(rt.id, 0)
+        if rnd <= last:
+            raise ProtocolError(f"round {rnd} of {rt.id} is not after its last round {last}: "
+                                "masks are never reused")
+        members, weights = req.get("members"), req.get("weights")
+        if (not isinstance(members, dict) or not 2 <= len(members) <= _MAX_MEMBERS
+                or not all(isinstance(v, str) for v in members.values())):
+            raise ProtocolError(f"members must map 2..{_MAX_MEMBERS} data owners to segment ids, "
+                                f"got {members!r:.200}")
+        if members.get(self.host.name) != rt.id:
+            raise ProtocolError(f"members {members} do not list {self.host.name} as {rt.id}")
+        for peer in members:
+            if peer != self.host.name:
+                self._trusted(rt, peer)
+        if (not isinstance(weights, dict) or set(weights) != set(members) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool)
+                and 0 < w <= _MAX_WEIGHT for w in weights.values())):
+            raise ProtocolError(f"weights must give every member a number in (0, "
+                                f"{_MAX_WEIGHT:g}], got {weights!r:.200}")
+        return {"v": 1, "label": label, "round": rnd, "members": members, "weights": weights,
+                "fingerprint": fingerprint(rt)}
+
+    @op("secagg_contribute", roles=ROLES, egress={"sealed/*": SEALED, "round": SCALAR})
+    def secagg_contribute(self, call: Call) -> dict[str, Any]:
+        rt = call.rt
+        assert rt is not None
+        desc = self._descriptor(rt, call.req)
+        if rt.pending_output is not None or rt.pending_loss_grads:
+            raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
+        me, members, weights = self.host.name, desc["members"], desc["weights"]
+        state = rt.module.state_dict()
+        keys = [k for k, v in state.items() if v.is_floating_point()]
+        fraction = float(weights[me]) / float(sum(weights.values()))
+        q = secagg.encode(secagg.flatten(state, keys), fraction, len(members))
+        context = secagg.canonical(desc)
+        peers = sorted(p for p in members if p != me)
+        masked = secagg.mask(q, me, {p: bytes(self._box(p).shared_key()) for p in peers},
+                             context)
+        out: dict[str, Any] = {"round": desc["round"]}
+        for p in peers:
+            plain = wire.encode({"kind": "secagg", "sender": me, "recipient": p,
+                                 "descriptor": desc, "masked": masked.tobytes()})
+            out[f"sealed/{p}"] = bytes(self._box(p).encrypt(plain))
+        self.rounds[rt.id] = desc["round"]  # from now on these masks are spent
+        self.pending[rt.id] = {"descriptor": desc, "own": masked.tobytes(), "steps": rt.steps}
+        return out
+
+    @op("secagg_aggregate", roles=ROLES, egress={"round": SCALAR, "steps": SCALAR})
+    def secagg_aggregate(self, call: Call) -> dict[str, Any]:
+        import numpy as np
 
         rt = call.rt
         assert rt is not None
-        sender = call.req.get("sender")
-        key = self._peer(rt, sender)
-        sealed = call.req.get("sealed")
-        if not isinstance(sealed, bytes):
-            raise WireError("field 'sealed' must be bytes")
-        try:
-            plain = Box(self.keypair(), PublicKey(key)).decrypt(sealed)
-        except CryptoError as exc:
-            raise WireError(f"weights sealed by {sender!r} do not authenticate: {exc}") from exc
-        msg = wire.decode(plain, max_bytes=self.host.limits.max_request_bytes)
-        state = self._new_state(rt, {k[6:]: v for k, v in msg.items() if k.startswith("state/")})
-        rt.module.load_state_dict(state)
-        return {"steps": rt.steps}
+        pending = self.pending.get(rt.id)
+        rnd = call.req.get("round")
+        if pending is None or pending["descriptor"]["round"] != rnd:
+            have = None if pending is None else pending["descriptor"]["round"]
+            raise ProtocolError(f"no pending aggregation round {rnd!r} for {rt.id} (pending: "
+                                f"{have})")
+        desc, me = pending["descriptor"], self.host.name
+        expected = sorted(p for p in desc["members"] if p != me)
+        got = sorted(k[7:] for k in call.req if k.startswith("sealed/"))
+        if got != expected:
+            raise ProtocolError(f"round {rnd} of {rt.id} needs one contribution from each of "
+                                f"{expected}, got {got}; without every member the round "
+                                "aborts (nothing loaded)")
+        if rt.steps != pending["steps"]:
+            raise ProtocolError(f"{rt.id} trained since contributing to round {rnd}")
+        own = np.frombuffer(pending["own"], dtype=np.uint64)
+        parts = [own]
+        for peer in expected:
+            msg = self._open(self._trusted(rt, peer), call.req[f"sealed/{peer}"],
+                             f"contribution to round {rnd}")
+            if (msg.get("kind"), msg.get("sender"), msg.get("recipient")) != (
+                    "secagg", peer, me) or not isinstance(msg.get("descriptor"), dict) or (
+                    secagg.canonical(msg["descriptor"]) != secagg.canonical(desc)):
+                raise ProtocolError(f"the contribution of {peer!r} is not for round {rnd} of "
+                                    f"{rt.id} as this data owner contributed to it")
+            masked = msg.get("masked")
+            if not isinstance(masked, bytes) or len(masked) != len(pending["own"]):
+                raise ShapeError(f"the contribution of {peer!r} has the wrong size")
+            parts.append(np.frombuffer(masked, dtype=np.uint64))
+        average = secagg.decode(secagg.total(parts))
+        state = rt.module.state_dict()
+        keys = [k for k, v in state.items() if v.is_floating_point()]
+        new = {**{k: v.clone() for k, v in state.items()},
+               **secagg.unflatten(average, state, keys)}
+        rt.module.load_state_dict(self._check_loadable(rt, new))
+        del self.pending[rt.id]
+        return {"round": rnd, "steps": rt.steps}
 
     # ----------------------------------------------------------------- data-owner ops
     @owner_op("release_weights")
@@ -138,6 +351,8 @@ class WeightOps(OpFamily):
     def owner_trust_peer(self, name: str, key: bytes) -> dict[str, Any]:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"a peer needs a name, got {name!r}")
+        if name == self.host.name:
+            raise ConfigError(f"{name!r} is this data owner itself")
         if not isinstance(key, bytes) or len(key) != 32:
             raise ConfigError(f"a public key is 32 bytes, got {key!r:.40}")
         self.peers[name] = key
