@@ -241,3 +241,23 @@ def test_proposal_flood_is_rate_limited(site_world: Deployment, intruder) -> Non
     other = _propose(site_world.transport, "clinic", tiny)  # the model owner's own cap
     for pid in [*flood, other]:
         console.reject(pid)
+
+
+@pytest.mark.parametrize("width", [8, 48])
+def test_selection_segment_is_flagged_in_the_review(site_world: Deployment, width: int) -> None:
+    """A 'selection' segment: Linear(64 -> width) whose rows pick raw pixels (narrower than the
+    record, so no width-based rule fires). The review's attack suite measures what would leave
+    and warns that those pixels leave as exact copies, and that the segment is linear."""
+    t, console = site_world.transport, site_world.owners["clinic"]
+    seg = _linear(64, width, flatten=True)
+    picked = torch.randperm(64, generator=torch.Generator().manual_seed(width))[:width]
+    with torch.no_grad():
+        seg[1].weight.zero_()
+        seg[1].bias.zero_()
+        seg[1].weight[torch.arange(width), picked] = 1.0
+    pid = _propose(t, "clinic", seg)
+    review = console.review(pid)
+    assert f"WARNING: {width} of your 64 input values leave as exact copies" in review
+    assert "WARNING: the segment is linear" in review
+    assert "reconstructed from what leaves" in review or width < 64
+    console.reject(pid)
