@@ -52,6 +52,7 @@ from .errors import (
     error_from_wire,
 )
 from .host import AuditEntry, DataOwnerHost
+from .host.channel import close_channels, serving_lock
 
 __all__ = [
     "ENDPOINT_PATH",
@@ -139,7 +140,8 @@ def _entry(context: Any) -> _Entry:
     with _ENTRIES_LOCK:
         entry = _ENTRIES.get(key)
         if entry is None or entry.instance != instance:  # first call, or re-installed
-            entry = _Entry(instance, _build_host(context, settings), threading.Lock())
+            host = _build_host(context, settings)
+            entry = _Entry(instance, host, serving_lock(host))
             _ENTRIES[key] = entry
     return entry
 
@@ -246,6 +248,7 @@ def _owner_call(context: Any, entry: _Entry, caller: str, op: str, request: byte
                 with _ENTRIES_LOCK:
                     for key in [k for k, v in _ENTRIES.items() if v is entry]:
                         del _ENTRIES[key]
+                close_channels(entry.host)
                 return wire.encode({"shutdown": True})
             return wire.encode(entry.host.owner_call(caller, op, fields))
     except SyftSplitError as exc:
@@ -474,9 +477,10 @@ class DatasiteConsole:
         """What to read before approving: layers, parameters, what leaves per step."""
         return str(self._call("review", segment=proposal_id)["text"])
 
-    def approve(self, proposal_id: str) -> None:
-        """Approve once; from then on only the proposer may run the segment."""
-        self._call("approve", segment=proposal_id)
+    def approve(self, proposal_id: str, **options: Any) -> None:
+        """Approve once; from then on only the proposer may run the segment. ``options``: the
+        approval options the review mentions (e.g. ``channel=True``)."""
+        self._call("approve", segment=proposal_id, **options)
 
     def reject(self, proposal_id: str) -> None:
         """Reject a proposal (also stops an approved segment)."""
@@ -510,3 +514,16 @@ class DatasiteConsole:
     def allow_alignment(self, dataset: str, user: str) -> None:
         """Let ``user`` align ``dataset``'s records by PSI (record ids never leave in clear)."""
         self._call("allow_alignment", dataset=dataset, user=user)
+
+    def channels(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Direct channels on this datasite (``state="open"``: only the open ones)."""
+        fields = {} if state is None else {"state": state}
+        return list(self._call("channels", **fields)["channels"])
+
+    def close_channel(self, channel: str | None = None, *, segment: str | None = None,
+                      revoke: bool = True) -> list[str]:
+        """Close a direct channel now (or every channel of ``segment``); with ``revoke`` its
+        segments may not open a new one (steps go through PySyft). Returns the closed ids."""
+        fields = {"revoke": revoke, **({"channel": channel} if channel is not None else {}),
+                  **({"segment": segment} if segment is not None else {})}
+        return list(self._call("close_channel", **fields)["closed"])

@@ -59,6 +59,10 @@ class PySyftTransport(Transport):
     With ``cleanup=True`` (default) each call tells the endpoint to delete the action object
     PySyft stored for the previous call to the same party, so a datasite holds at most one
     result per transport and party (the last one stays).
+
+    ``direct=True`` (default): segments whose data owner allowed a direct channel run over one
+    (see the module docstring; ``self.router`` holds the channels). ``direct=False``: PySyft
+    carries everything.
     """
 
     def __init__(
@@ -69,7 +73,11 @@ class PySyftTransport(Transport):
         cleanup: bool = True,
         max_response_bytes: int = wire.DEFAULT_MAX_BYTES,
         datasites: Mapping[str, LaunchedDatasite] | None = None,
+        direct: bool = True,
+        channel_timeout: float = 600.0,
     ) -> None:
+        from ..channel.client import ChannelRouter
+
         super().__init__(max_response_bytes=max_response_bytes)
         if not clients:
             raise ConfigError("PySyftTransport needs at least one client (party name -> client)")
@@ -80,6 +88,9 @@ class PySyftTransport(Transport):
         self._users = {p: str(getattr(c, "logged_in_user", "") or "") for p, c in clients.items()}
         #: the datasites behind the parties, when this process launched them (not closed here)
         self.datasites: dict[str, LaunchedDatasite] = dict(datasites or {})
+        self.direct = direct
+        self.router = ChannelRouter(self._pysyft_request, self.user_on, timeout=channel_timeout,
+                                    max_response_bytes=max_response_bytes)
 
     @property
     def user(self) -> str:
@@ -101,6 +112,14 @@ class PySyftTransport(Transport):
         return client
 
     def request(self, party: str, data: bytes) -> bytes:
+        if self.direct:
+            self._client(party)
+            raw = self.router.route(party, data)
+            if raw is not None:
+                return raw
+        return self._pysyft_request(party, data)
+
+    def _pysyft_request(self, party: str, data: bytes) -> bytes:
         client = self._client(party)
         kwargs: dict[str, Any] = {"request": bytes(data)}
         done = self._done.pop(party, "")
@@ -110,6 +129,10 @@ class PySyftTransport(Transport):
         if self.cleanup:
             self._done[party] = result_id
         return raw
+
+    def close(self) -> None:
+        """Close the direct channels (the datasites free them at once)."""
+        self.router.close()
 
 
 def free_port() -> int:
@@ -180,10 +203,11 @@ class LaunchedDatasite:
 
 def _forget_hosts(server_id: str) -> None:
     from .. import datasite
+    from ..host.channel import close_channels
 
     with datasite._ENTRIES_LOCK:
         for key in [k for k in datasite._ENTRIES if k[0].replace("-", "") == server_id]:
-            del datasite._ENTRIES[key]
+            close_channels(datasite._ENTRIES.pop(key).host)
 
 
 def launch_datasite(
