@@ -23,6 +23,11 @@ class Trainer:
     (or task name -> label tensor, for multi-task plans), aligned with that source's records.
     ``schedule`` is one of :data:`~syft_split.schedules.SCHEDULES` (see that module);
     ``relay_via`` is ``"model_owner"`` or ``"peer"`` for the relay schedule.
+
+    For long round trips (approximations, see their modules): ``gradient_delay=1`` pipelines
+    steps with gradients applied one step late (:mod:`syft_split.pipeline`); a plan with
+    ``local_loss`` trains each data owner's segment with its own auxiliary head, many batches
+    per call (:mod:`syft_split.local_loss`).
     """
 
     def __init__(self, session: SplitSession, *, batch_size: int = 64,
@@ -30,9 +35,12 @@ class Trainer:
                  labels: dict[str, dict[str, Any]] | None = None, seed: int = 0,
                  progress: bool = True, config: dict[str, Any] | None = None,
                  schedule: str = "round_robin", relay_via: str = "model_owner",
-                 measure_leakage: bool = True) -> None:
+                 measure_leakage: bool = True, gradient_delay: int = 0) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        _check_latency_options(session, schedule, gradient_delay)
+        #: 1: pipelined steps, gradients applied one step late (:mod:`syft_split.pipeline`)
+        self.gradient_delay = gradient_delay
         if relay_via not in ("model_owner", "peer"):
             raise ConfigError(f"relay_via must be 'model_owner' or 'peer', got {relay_via!r}")
         self.measure_leakage = measure_leakage
@@ -108,6 +116,10 @@ class Trainer:
 
     def train_epoch(self, epoch: int = 0) -> StepMetrics:
         """One pass over every source's training records, in the schedule's order."""
+        if self.gradient_delay or self.session.plan.local_loss is not None:
+            from .pipeline import latency_epoch
+
+            return latency_epoch(self, epoch)
         s = self.session
         loss_sum, correct, count = 0.0, 0, 0
         bar = tqdm(self._order(self._batches()), desc=f"epoch {epoch}",
@@ -182,3 +194,21 @@ class Trainer:
         self.report.bytes_by_party = traffic.bytes_by_party()
         self.report.bytes_by_direction = traffic.bytes_by_direction()
         return self.report
+
+
+def _check_latency_options(session: SplitSession, schedule: str, gradient_delay: int) -> None:
+    local = session.plan.local_loss is not None
+    if gradient_delay not in (0, 1):
+        raise ConfigError(f"gradient_delay must be 0 (exact) or 1 (pipelined), got "
+                          f"{gradient_delay!r}")
+    if (local or gradient_delay) and schedule != "round_robin":
+        raise ConfigError(f"local losses and pipelining run with schedule='round_robin', not "
+                          f"{schedule!r}")
+    if local and gradient_delay:
+        raise ConfigError("a local-loss plan sends no gradients: gradient_delay does not apply")
+    if gradient_delay:
+        from .pipeline import plan_problems
+
+        problems = plan_problems(session.plan, "pipelining")
+        if problems:
+            raise ConfigError("cannot pipeline this plan:\n  - " + "\n  - ".join(problems))
