@@ -324,19 +324,24 @@ class ChannelServer:
             self._refuse(conn, channel, self._closed_error(channel), closed=channel.closed_kind,
                          **where)  # type: ignore[arg-type]
             return
+        if seq <= channel.last_seq:  # sequence refusals do not use up a sequence number
+            self._refuse(conn, channel, ProtocolError(
+                f"frame {seq} replayed on channel {channel.id} (last frame {channel.last_seq}): "
+                "refused, nothing ran"), **where)  # type: ignore[arg-type]
+            return
+        if seq != channel.last_seq + 1:
+            self._refuse(conn, channel, ProtocolError(
+                f"frame {seq} out of order on channel {channel.id}: expected "
+                f"{channel.last_seq + 1}"), **where)  # type: ignore[arg-type]
+            return
         problem: SyftSplitError | None = None
-        if seq <= channel.last_seq:
-            problem = ProtocolError(f"frame {seq} replayed on channel {channel.id} (last frame "
-                                    f"{channel.last_seq}): refused, nothing ran")
-        elif seq != channel.last_seq + 1:
-            problem = ProtocolError(f"frame {seq} out of order on channel {channel.id}: "
-                                    f"expected {channel.last_seq + 1}")
-        elif op in CONTROL_OPS:
+        if op in CONTROL_OPS:
             problem = ProtocolError(f"op {op!r} is a control-plane op: send it through PySyft")
         elif segment not in channel.segments:
             problem = AccessError(f"channel {channel.id} is bound to {list(channel.segments)}, "
                                   f"not to segment {segment!r}: refused, nothing ran")
-        if problem is not None:
+        if problem is not None:  # answered (with the refusal): the frame is used up
+            channel.last_seq, channel.last_response = seq, _error(problem)
             self._refuse(conn, channel, problem, **where)  # type: ignore[arg-type]
             return
         with self._lock:
