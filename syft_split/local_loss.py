@@ -5,8 +5,9 @@ generated losses": each data owner trains its segment with an *auxiliary head* a
 its own labels, and sends only activations; the model owner trains the rest of the network on
 them. No gradient travels back, so the activations of up to ``batches_per_call`` batches
 travel in one call (an epoch starts with calls of 1, 2, 4, ... batches so the model owner can
-start after one round trip), and the model owner keeps ``calls_in_flight`` calls ahead: with
-a round trip of L seconds, an epoch pays about one L instead of one L per batch, the rest
+start after one round trip), and the model owner keeps up to ``batches_ahead`` batches
+requested but not yet trained on (their activations are what it holds in memory): with a
+round trip of L seconds, an epoch pays about one L instead of one L per batch, the rest
 hidden behind computation on both sides.
 
 The data owner reviews the auxiliary head with the segment (it joins the proposal through the
@@ -23,9 +24,10 @@ for a linear head). Supported plans: see :func:`syft_split.pipeline.plan_problem
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,7 +60,7 @@ class LocalLoss:
     head: nn.Module
     loss: str = "cross_entropy"
     batches_per_call: int = 16
-    calls_in_flight: int = 4
+    batches_ahead: int = 64
     optimizer: OptimizerSpec | None = None
 
     def problems(self, plan: SplitPlan) -> list[str]:
@@ -73,7 +75,7 @@ class LocalLoss:
                 out.append(f"the auxiliary head cannot run at the data owner: {exc}")
         if self.loss not in LOSSES:
             out.append(f"local_loss.loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
-        for name, hi in (("batches_per_call", MAX_BATCHES_PER_CALL), ("calls_in_flight", 16)):
+        for name, hi in (("batches_per_call", MAX_BATCHES_PER_CALL), ("batches_ahead", 4096)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
                 out.append(f"local_loss.{name} must be an int in 1..{hi}, got {v!r}")
@@ -102,44 +104,85 @@ def _chunks(n: int, k: int) -> list[tuple[int, int]]:
     return out
 
 
-def local_loss_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
-    """One epoch of the local-loss schedule: the data owners' calls (``batches_per_call``
-    batches each) run ahead, the model owner trains on their activations as they arrive."""
-    s = trainer.session
-    spec: LocalLoss = s.plan.local_loss
-    ds = trainer.train_dataset
-    order = [(p, idx) for p, idx, _ in trainer._order(trainer._batches())]
+@dataclass
+class _Stream:
+    """A trainer's local-loss calls: not yet sent, and in flight (possibly into the next
+    epoch), each as (epoch, party, batches)."""
+
+    epoch: int
+    todo: deque[tuple[int, str, list[torch.Tensor]]] = field(default_factory=deque)
+    pending: deque[tuple[int, str, list[torch.Tensor], Future[dict[str, Any]]]] = field(
+        default_factory=deque)
+    ahead: int = 0
+    planned: int = 0  # the last epoch whose calls were added
+
+    def drain(self) -> None:
+        for *_, f in self.pending:
+            f.exception()
+        self.pending.clear()
+
+
+_STREAMS: weakref.WeakKeyDictionary[Any, _Stream] = weakref.WeakKeyDictionary()
+
+
+def _epoch_calls(trainer: Trainer, spec: LocalLoss) -> list[tuple[str, list[torch.Tensor]]]:
+    """The calls of one epoch in the trainer's order: round robin over data owners, batches
+    grouped by :func:`_chunks`."""
     per_source: dict[str, list[torch.Tensor]] = {}
-    for p, idx in order:
+    for p, idx, _ in trainer._order(trainer._batches()):
         per_source.setdefault(p, []).append(idx)
-    calls: list[tuple[str, list[torch.Tensor]]] = []
+    calls = []
     rounds = max(len(v) for v in per_source.values())
-    for start, stop in _chunks(rounds, spec.batches_per_call):  # round robin over data owners
+    for start, stop in _chunks(rounds, spec.batches_per_call):
         for p, batches in per_source.items():
             if batches[start:stop]:
                 calls.append((p, batches[start:stop]))
-    s.flush()
-    pending: deque[tuple[str, list[torch.Tensor], Future[dict[str, Any]]]] = deque()
+    return calls
 
-    def submit(i: int) -> None:
-        p, batches = calls[i]
+
+def local_loss_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
+    """One epoch of the local-loss schedule: the data owners' calls run up to
+    ``batches_ahead`` batches ahead of the model owner, which trains on their activations as
+    they arrive. Inside :meth:`Trainer.fit`, with epochs still to come, the calls of the next
+    epoch start before this one ends (an evaluation in between then sees the data owners'
+    segments up to ``batches_ahead`` batches further on)."""
+    s = trainer.session
+    spec: LocalLoss = s.plan.local_loss
+    ds = trainer.train_dataset
+    stream = _STREAMS.pop(trainer, None)
+    if stream is None or stream.epoch != epoch:
+        if stream is not None:
+            stream.drain()
+        s.flush()
+        stream = _Stream(epoch, planned=epoch)
+        stream.todo.extend((epoch, p, b) for p, b in _epoch_calls(trainer, spec))
+    more = getattr(trainer, "epochs_remaining", 0) > 0
+
+    def submit() -> None:
+        e, p, batches = stream.todo.popleft()
         seg = s._seg(p, 0)
-        pending.append((p, batches, submit_call(
+        stream.ahead += len(batches)
+        stream.pending.append((e, p, batches, submit_call(
             s.transport, seg.party, "local_forward", segment=seg.segment_id, dataset=ds,
             indices=torch.cat(batches), sizes=[int(b.shape[0]) for b in batches])))
 
-    totals = _Totals(trainer, len(order), epoch)
-    nxt = 0
+    def refill() -> None:
+        if more and stream.planned == epoch and not any(e == epoch for e, *_ in stream.todo):
+            stream.planned = epoch + 1  # this epoch is all requested: the next one may start
+            stream.todo.extend((epoch + 1, p, b) for p, b in _epoch_calls(trainer, spec))
+        while stream.todo and (not stream.pending or stream.ahead + len(stream.todo[0][2])
+                               <= spec.batches_ahead):
+            submit()
+
+    n = sum(len(b) for e, _, b in stream.todo if e == epoch) + sum(
+        len(b) for e, _, b, _ in stream.pending if e == epoch)
+    totals = _Totals(trainer, n, epoch)
     try:
-        while nxt < min(spec.calls_in_flight, len(calls)):
-            submit(nxt)
-            nxt += 1
-        while pending:
-            p, batches, fut = pending.popleft()
+        while (stream.pending and stream.pending[0][0] == epoch) or any(
+                e == epoch for e, *_ in stream.todo):
+            refill()
+            _, p, batches, fut = stream.pending.popleft()
             response = fut.result()
-            if nxt < len(calls):  # keep the data owners busy while the model owner trains
-                submit(nxt)
-                nxt += 1
             sizes = [int(b.shape[0]) for b in batches]
             acts = response["activation"].split(sizes)
             labels = response.get("labels")
@@ -147,8 +190,12 @@ def local_loss_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
             for idx, act, y in zip(batches, acts, released):
                 _, m = model_owner_step(s, act, trainer._label(p, ds, idx), y)
                 totals.add(m)
+            stream.ahead -= len(batches)
+        refill()
     except BaseException:
-        for *_, f in pending:
-            f.exception()
+        stream.drain()
         raise
+    if stream.pending or stream.todo:
+        stream.epoch = epoch + 1
+        _STREAMS[trainer] = stream
     return totals.result()

@@ -163,6 +163,7 @@ class Trainer:
         traffic = self.session.transport.traffic
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
+            self.epochs_remaining = epochs - epoch  # a local-loss stream may start the next
             train = self.train_epoch(epoch)
             test = self.evaluate() if self.test_dataset else None
             rec = EpochRecord(

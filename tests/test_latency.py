@@ -54,9 +54,10 @@ def _sgd(m: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
 
 
-def _order(seed: int = 0) -> list[torch.Tensor]:
-    """The trainer's batch order for one data owner, first epoch."""
-    return list(torch.randperm(N, generator=torch.Generator().manual_seed(seed)).split(B))
+def _order(seed: int = 0, epochs: int = 1) -> list[torch.Tensor]:
+    """The trainer's batch order for one data owner, over its first ``epochs`` epochs."""
+    g = torch.Generator().manual_seed(seed)
+    return [b for _ in range(epochs) for b in torch.randperm(N, generator=g).split(B)]
 
 
 @pytest.fixture
@@ -218,7 +219,7 @@ def test_local_loss_training_equals_its_local_reference(dep: Deployment, delay: 
     transport = DelayedTransport(dep.transport, delay) if delay else dep.transport
     _, _, aux = _models()
     ref_aux = copy.deepcopy(aux)
-    spec = LocalLoss(aux, batches_per_call=2, calls_in_flight=2)
+    spec = LocalLoss(aux, batches_per_call=2, batches_ahead=3)
     x, y = _data()
     session, ref_bottom, ref_top = _session(dep, transport, local_loss=spec, labels="model_owner")
     trainer = Trainer(session, batch_size=B, progress=False, measure_leakage=False,
@@ -237,6 +238,28 @@ def test_local_loss_training_equals_its_local_reference(dep: Deployment, delay: 
     assert [c["shapes"]["indices"] for c in calls] == [[16], [32], [32], [16]]  # 1, 2, 2, 1
     assert not any(e["op"] in ("backward", "forward") for e in host.audit_log())  # no gradient
     assert 0.0 <= trainer.evaluate()["accuracy"] <= 1.0
+
+
+def test_local_loss_streams_across_epochs_in_fit_and_still_equals_the_reference(
+        dep: Deployment) -> None:
+    _, _, aux = _models()
+    ref_aux = copy.deepcopy(aux)
+    x, y = _data()
+    session, ref_bottom, ref_top = _session(dep, DelayedTransport(dep.transport, 0.01),
+                                            local_loss=LocalLoss(aux, batches_per_call=4))
+    trainer = Trainer(session, batch_size=B, progress=False, measure_leakage=False)
+    report = trainer.fit(3, verbose=False)
+    assert report.steps == 3 * N // B
+    host = dep.owners["h"]
+    calls = [e for e in host.audit_log() if e["op"] in ("local_forward", "forward")]
+    # epoch 2's first call left before epoch 1's evaluation (a forward without training)
+    first_eval = next(i for i, c in enumerate(calls) if c["op"] == "forward")
+    assert sum(c["shapes"]["indices"][0] for c in calls[:first_eval]) > N
+    _reference_local_loss(ref_bottom, ref_aux, ref_top, x, y, _order(epochs=3))
+    pid = session.remote[("h", 0)].segment_id
+    assert_close(host.export_weights(pid), dict(ref_bottom.state_dict()), rtol=1e-5, atol=1e-6)
+    assert_close(dict(session.plan.nodes[1].module.state_dict()), dict(ref_top.state_dict()),
+                 rtol=1e-5, atol=1e-6)
 
 
 def test_local_loss_is_reviewed_and_needs_explicit_approval(dep: Deployment) -> None:

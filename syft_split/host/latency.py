@@ -67,7 +67,8 @@ def _step(rt: Runtime,
     """Optimizer steps on gradients already in place; refused if any gradient is non-finite."""
     pairs = [(rt.module, rt.optimizer), *extra]
     grads = [p.grad for m, _ in pairs for p in m.parameters() if p.grad is not None]
-    if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
+    # one check for all: a norm is finite iff every entry is (and not astronomically large)
+    if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
         for _, opt in pairs:
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
@@ -253,7 +254,8 @@ class LocalLossOps(OpFamily):
         assert ds.labels is not None
         loss_fn = LOSSES[head.loss]
         parts: list[dict[str, torch.Tensor]] = []
-        loss_sum, correct = 0.0, 0
+        predicted: list[torch.Tensor] = []
+        loss_sum = torch.zeros(())
         rt.module.train()
         head.module.train()
         for chunk in chunks:
@@ -268,12 +270,14 @@ class LocalLossOps(OpFamily):
             (loss if penalty is None else loss + penalty).backward()
             _step(rt, [(head.module, head.optim)])
             parts.append(_release(rt, out, ds, chunk))
-            loss_sum += float(loss.detach()) * int(chunk.shape[0])
+            loss_sum += loss.detach() * int(chunk.shape[0])
             if logits.dim() == 2 and y.dim() == 1:
-                correct += int((logits.detach().argmax(1) == y).sum())
+                predicted.append(logits.detach())
         n = sum(int(c.shape[0]) for c in chunks)
         response: dict[str, Any] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        aux_loss = loss_sum / n
+        aux_loss = float(loss_sum) / n
+        labels = ds.labels[torch.cat(chunks)]
+        correct = int((torch.cat(predicted).argmax(1) == labels).sum()) if predicted else 0
         if not math.isfinite(aux_loss):
             raise NonFiniteError(f"{rt.id}: the auxiliary loss is not finite")
         response.update(aux_loss=aux_loss, aux_correct=correct)
