@@ -149,10 +149,12 @@ def local_loss_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
     s = trainer.session
     spec: LocalLoss = s.plan.local_loss
     ds = trainer.train_dataset
-    stream = _STREAMS.pop(trainer, None)
-    if stream is None or stream.epoch != epoch:
-        if stream is not None:
-            stream.drain()
+    previous = _STREAMS.pop(trainer, None)
+    if previous is not None and previous.epoch == epoch:
+        stream = previous
+    else:
+        if previous is not None:
+            previous.drain()
         s.flush()
         stream = _Stream(epoch, planned=epoch)
         stream.todo.extend((epoch, p, b) for p, b in _epoch_calls(trainer, spec))
