@@ -232,7 +232,7 @@ class ChannelRouter:
         self.direct_calls = 0
         #: seconds each channel took to open (PySyft call + TLS handshake + hello)
         self.open_seconds: list[float] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def route(self, party: str, data: bytes) -> bytes | None:
         """The answer over a direct channel, or None: send it through the control plane."""
@@ -240,29 +240,32 @@ class ChannelRouter:
         if op is None or segment is None or op in CONTROL_OPS:
             return None
         key = (party, segment)
-        if key in self.declined:
-            return None
-        client = self.clients.get(key)
-        if client is not None and client.idle_for() > 0.8 * client.ticket.idle_timeout:
-            self._forget(key)  # about to expire at the datasite: open a fresh one
-            client = None
-        if client is None:
-            client = self._open(party, segment)
-            if client is None:
+        with self._lock:  # one channel per segment, even with calls from several threads
+            if key in self.declined:
                 return None
+            client = self.clients.get(key)
+            if client is not None and client.idle_for() > 0.8 * client.ticket.idle_timeout:
+                self._forget(key)  # about to expire at the datasite: open a fresh one
+                client = None
+            if client is None:
+                client = self._open(party, segment)
+                if client is None:
+                    return None
         try:
             raw = client.request(data)
         except SyftSplitError:
-            if client.closed_kind == "expired":  # nothing ran: open a new channel, resend
-                self._forget(key)
-                fresh = self._open(party, segment)
+            if client.closed_kind in ("expired", "replaced"):  # nothing ran: reopen, resend
+                with self._lock:
+                    self._forget(key)
+                    fresh = self._open(party, segment)
                 if fresh is None:
                     return None
                 raw = fresh.request(data)
             else:
-                self._forget(key)
-                if client.closed_kind:  # the data owner closed it: PySyft from now on
-                    self.declined[key] = f"channel closed ({client.closed_kind})"
+                with self._lock:
+                    self._forget(key)
+                    if client.closed_kind:  # the data owner closed it: PySyft from now on
+                        self.declined[key] = f"channel closed ({client.closed_kind})"
                 raise
         self.direct_calls += 1
         return raw

@@ -105,8 +105,11 @@ class ChannelServer:
                  check: Callable[[Channel], tuple[str, str] | None],
                  audit: Callable[[str, str, str | None, int, str], None],
                  bind: str = "127.0.0.1", port: int = 0, advertise: str | None = None,
-                 max_frame_bytes: int = 64 * 1024 * 1024, sweep_s: float = 0.25) -> None:
+                 max_frame_bytes: int = 64 * 1024 * 1024, sweep_s: float = 0.25,
+                 max_connections: int = 64) -> None:
         self._handle, self._lock, self._check, self._audit = handle, lock, check, audit
+        #: connections served at once (authenticated or not); more are dropped at accept
+        self._slots = threading.BoundedSemaphore(max_connections)
         self.max_frame_bytes = max_frame_bytes
         self.sweep_s = sweep_s
         self.channels: dict[str, Channel] = {}
@@ -197,8 +200,11 @@ class ChannelServer:
                     return
                 raw = None
             if raw is not None:
-                threading.Thread(target=self._serve, args=(raw,), daemon=True,
-                                 name="syft-split-channel-conn").start()
+                if not self._slots.acquire(blocking=False):  # too many connections at once
+                    raw.close()
+                else:
+                    threading.Thread(target=self._serve, args=(raw,), daemon=True,
+                                     name="syft-split-channel-conn").start()
             now = time.monotonic()
             if now - last_sweep >= self.sweep_s:
                 last_sweep = now
@@ -216,6 +222,12 @@ class ChannelServer:
 
     # ------------------------------------------------------------------- connections
     def _serve(self, raw: socket.socket) -> None:
+        try:
+            self._connection(raw)
+        finally:
+            self._slots.release()
+
+    def _connection(self, raw: socket.socket) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.settimeout(10.0)
         try:
@@ -243,10 +255,10 @@ class ChannelServer:
 
     def _refuse(self, conn: socket.socket, channel: Channel, exc: SyftSplitError, *,
                 op: str, segment: str | None = None, nbytes: int = 0, caller: str | None = None,
-                **extra: Any) -> None:
+                closed: str | None = None) -> None:
         channel.refused += 1
         self._audit(caller or channel.user, op, segment, nbytes, f"{type(exc).__name__}: {exc}")
-        tls.send_frame(conn, _error(exc, **extra))
+        tls.send_frame(conn, _error(exc, **({} if closed is None else {"closed": closed})))
 
     def _closed_error(self, channel: Channel) -> AccessError:
         return AccessError(f"channel {channel.id} is closed ({channel.closed_kind}): "
@@ -312,27 +324,24 @@ class ChannelServer:
             self._refuse(conn, channel, ProtocolError("unknown frame kind"), op="channel.frame",
                          nbytes=len(body))
             return
-        op, segment = tls.peek(data)
-        where = dict(op=op or "?", segment=segment, nbytes=len(data))
-        if channel.state != "open":
-            self._refuse(conn, channel, self._closed_error(channel), closed=channel.closed_kind,
-                         **where)  # type: ignore[arg-type]
-            return
-        why = self._check(channel)
+        op_name, segment = tls.peek(data)
+        op, n = op_name or "?", len(data)
+        why = None if channel.state != "open" else self._check(channel)
         if why is not None:
             self.close(channel.id, *why)
-            self._refuse(conn, channel, self._closed_error(channel), closed=channel.closed_kind,
-                         **where)  # type: ignore[arg-type]
+        if channel.state != "open":
+            self._refuse(conn, channel, self._closed_error(channel), op=op, segment=segment,
+                         nbytes=n, closed=channel.closed_kind)
             return
         if seq <= channel.last_seq:  # sequence refusals do not use up a sequence number
             self._refuse(conn, channel, ProtocolError(
                 f"frame {seq} replayed on channel {channel.id} (last frame {channel.last_seq}): "
-                "refused, nothing ran"), **where)  # type: ignore[arg-type]
+                "refused, nothing ran"), op=op, segment=segment, nbytes=n)
             return
         if seq != channel.last_seq + 1:
             self._refuse(conn, channel, ProtocolError(
                 f"frame {seq} out of order on channel {channel.id}: expected "
-                f"{channel.last_seq + 1}"), **where)  # type: ignore[arg-type]
+                f"{channel.last_seq + 1}"), op=op, segment=segment, nbytes=n)
             return
         problem: SyftSplitError | None = None
         if op in CONTROL_OPS:
@@ -342,12 +351,12 @@ class ChannelServer:
                                   f"not to segment {segment!r}: refused, nothing ran")
         if problem is not None:  # answered (with the refusal): the frame is used up
             channel.last_seq, channel.last_response = seq, _error(problem)
-            self._refuse(conn, channel, problem, **where)  # type: ignore[arg-type]
+            self._refuse(conn, channel, problem, op=op, segment=segment, nbytes=n)
             return
         with self._lock:
             if channel.state != "open":  # closed while we waited for the host
-                self._refuse(conn, channel, self._closed_error(channel),
-                             closed=channel.closed_kind, **where)  # type: ignore[arg-type]
+                self._refuse(conn, channel, self._closed_error(channel), op=op,
+                             segment=segment, nbytes=n, closed=channel.closed_kind)
                 return
             raw = self._handle(channel.user, data)
             channel.last_seq, channel.last_response = seq, raw

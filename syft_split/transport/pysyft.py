@@ -22,6 +22,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,7 @@ class PySyftTransport(Transport):
         self._users = {p: str(getattr(c, "logged_in_user", "") or "") for p, c in clients.items()}
         #: the datasites behind the parties, when this process launched them (not closed here)
         self.datasites: dict[str, LaunchedDatasite] = dict(datasites or {})
+        self._lock = threading.Lock()
         self.direct = direct
         self.router = ChannelRouter(self._pysyft_request, self.user_on, timeout=channel_timeout,
                                     max_response_bytes=max_response_bytes)
@@ -122,12 +124,13 @@ class PySyftTransport(Transport):
     def _pysyft_request(self, party: str, data: bytes) -> bytes:
         client = self._client(party)
         kwargs: dict[str, Any] = {"request": bytes(data)}
-        done = self._done.pop(party, "")
-        if done:
-            kwargs["done"] = done
-        raw, result_id = call_endpoint(client, self.path, **kwargs)
-        if self.cleanup:
-            self._done[party] = result_id
+        with self._lock:  # one PySyft call at a time (the cleanup bookkeeping is per party)
+            done = self._done.pop(party, "")
+            if done:
+                kwargs["done"] = done
+            raw, result_id = call_endpoint(client, self.path, **kwargs)
+            if self.cleanup:
+                self._done[party] = result_id
         return raw
 
     def close(self) -> None:
