@@ -52,7 +52,7 @@ from .errors import (
     error_from_wire,
 )
 from .host import AuditEntry, DataOwnerHost
-from .host.channel import close_channels, serving_lock
+from .host.channel import ChannelConsole, close_channels, serving_lock
 
 __all__ = [
     "ENDPOINT_PATH",
@@ -449,8 +449,9 @@ class ProposalInfo:
     max_batch: int
 
 
-class DatasiteConsole:
-    """The data owner's console for the syft-split endpoint on its datasite.
+class DatasiteConsole(ChannelConsole):
+    """The data owner's console for the syft-split endpoint on its datasite (and its direct
+    channels: :class:`~syft_split.host.channel.ChannelConsole`).
 
     ``DatasiteConsole(admin_client)`` is what :class:`syft_split.deploy.OwnerConsole` asks
     for. Every method is refused on the datasite (:class:`AuthorizationError`) unless the
@@ -514,16 +515,3 @@ class DatasiteConsole:
     def allow_alignment(self, dataset: str, user: str) -> None:
         """Let ``user`` align ``dataset``'s records by PSI (record ids never leave in clear)."""
         self._call("allow_alignment", dataset=dataset, user=user)
-
-    def channels(self, state: str | None = None) -> list[dict[str, Any]]:
-        """Direct channels on this datasite (``state="open"``: only the open ones)."""
-        fields = {} if state is None else {"state": state}
-        return list(self._call("channels", **fields)["channels"])
-
-    def close_channel(self, channel: str | None = None, *, segment: str | None = None,
-                      revoke: bool = True) -> list[str]:
-        """Close a direct channel now (or every channel of ``segment``); with ``revoke`` its
-        segments may not open a new one (steps go through PySyft). Returns the closed ids."""
-        fields = {"revoke": revoke, **({"channel": channel} if channel is not None else {}),
-                  **({"segment": segment} if segment is not None else {})}
-        return list(self._call("close_channel", **fields)["closed"])

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..channel.server import Channel, ChannelServer
     from .core import DataOwnerHost
 
-__all__ = ["ChannelOps", "serving_lock", "close_channels", "CHANNEL_MATERIAL"]
+__all__ = ["ChannelOps", "ChannelConsole", "serving_lock", "close_channels", "CHANNEL_MATERIAL"]
 
 _DEFAULTS: dict[str, Any] = {"bind": "127.0.0.1", "port": 0, "advertise": None,
                              "idle_timeout": 300.0, "max_channels": 32, "max_per_user": 8}
@@ -262,3 +262,27 @@ def close_channels(host: Any) -> None:
     fam = _family(host)
     if fam is not None:
         fam.close_all()
+
+
+class ChannelConsole:
+    """The data owner's channel methods, for a console that reaches its host's data-owner ops
+    through ``_call(op, **fields)`` (:class:`syft_split.datasite.DatasiteConsole`)."""
+
+    def _call(self, op: str, **fields: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def channels(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Direct channels on this datasite (``state="open"``: only the open ones)."""
+        return list(self._call("channels", **({"state": state} if state else {}))["channels"])
+
+    def close_channel(self, channel: str | None = None, *, segment: str | None = None,
+                      revoke: bool = True) -> list[str]:
+        """Close a direct channel (or every channel of ``segment``) now; with ``revoke`` no new
+        one opens for its segments (their steps go through PySyft). Returns the closed ids."""
+        ids = {"channel": channel, "segment": segment}
+        fields = {k: v for k, v in ids.items() if v is not None}
+        return list(self._call("close_channel", revoke=revoke, **fields)["closed"])
+
+    def allow_channel(self, segment: str, allow: bool = True) -> None:
+        """Grant (or withdraw) the direct-channel permission of an approved segment."""
+        self._call("allow_channel", segment=segment, allow=allow)
