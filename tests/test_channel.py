@@ -323,3 +323,37 @@ def test_settings_and_limits(site: Site) -> None:
     site.ticket(site.approved(0)[0])
     with pytest.raises(ValidationError, match="allows 1 per user"):
         site.ticket(site.approved(1)[0])
+
+
+def test_a_session_trains_over_channels_without_changing_user_code() -> None:
+    """SplitSession + Trainer, unchanged: over DirectTransport the steps take the channels the
+    data owners allowed, and the result equals the run over the control plane only."""
+    from syft_split import OptimizerSpec as Opt
+    from syft_split import SplitPlan, SplitSession, Trainer
+    from syft_split.deploy import inprocess
+
+    g = torch.Generator().manual_seed(1)
+    parties = {p: {"train": (torch.randn(48, 1, 8, 8, generator=g),
+                             torch.randint(0, 10, (48,), generator=g))} for p in ("a", "b")}
+    states = []
+    for direct in (True, False):
+        torch.manual_seed(0)
+        segments = [nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten()),
+                    nn.Linear(128, 10)]
+        dep = inprocess(parties)
+        transport = DirectTransport(dep.transport) if direct else dep.transport
+        plan = SplitPlan.vanilla(segments, ["a", "b"], labels="released", datasets=["train"])
+        session = SplitSession(plan, transport, optimizer=Opt("adam", lr=1e-2))
+        dep.approve_all(session.propose(), channel=True)
+        Trainer(session, batch_size=16, progress=False, measure_leakage=False,
+                test_dataset=None).fit(1, verbose=False)
+        states.append([dep.owners[p].export_weights(f"{p}/seg1") for p in ("a", "b")]
+                      + [dict(segments[1].state_dict())])
+        if direct:
+            assert isinstance(transport, DirectTransport)
+            assert transport.router.direct_calls >= 6 and len(transport.router.channels()) == 2
+        transport.close()
+        for host in dep.owners.values():
+            close_channels(host)
+    for direct_state, plain_state in zip(*states):
+        assert_close(direct_state, plain_state, rtol=0, atol=1e-6)
