@@ -190,7 +190,8 @@ def local_loss_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
             labels = response.get("labels")
             released = labels.split(sizes) if labels is not None else [None] * len(sizes)
             for idx, act, y in zip(batches, acts, released):
-                _, m = model_owner_step(s, act, trainer._label(p, ds, idx), y)
+                _, m = model_owner_step(s, act, trainer._label(p, ds, idx), y,
+                                        need_grad=False)  # nothing goes back
                 totals.add(m)
             stream.ahead -= len(batches)
         refill()

@@ -57,13 +57,15 @@ def plan_problems(plan: SplitPlan, what: str) -> list[str]:
 
 
 def model_owner_step(session: SplitSession, act: torch.Tensor, labels: Any,
-                     released: torch.Tensor | None) -> tuple[torch.Tensor, StepMetrics]:
+                     released: torch.Tensor | None, *, need_grad: bool = True
+                     ) -> tuple[torch.Tensor | None, StepMetrics]:
     """One step of the model owner's segments on a data owner's activation: forward, losses of
-    every task, backward, optimizer step. Returns the gradient w.r.t. ``act`` and metrics."""
+    every task, backward, optimizer step. Returns the gradient w.r.t. ``act`` (None without
+    ``need_grad``: then it is not computed) and metrics."""
     from .session import StepMetrics, _correct
 
     plan = session.plan
-    leaf = act.detach().requires_grad_(True)
+    leaf = act.detach().requires_grad_(need_grad)
     session.zero_grad()
     values: dict[int, torch.Tensor] = {0: leaf}
     for i in range(1, len(plan.nodes)):
@@ -85,13 +87,15 @@ def model_owner_step(session: SplitSession, act: torch.Tensor, labels: Any,
         out = values[task.node]
         loss = LOSSES[task.loss](out, y)
         per_task[task.name] = {"loss": float(loss.detach()), "correct": _correct(out, y)}
-        total = task.weight * loss if total is None else total + task.weight * loss
+        weighted = loss if task.weight == 1.0 else task.weight * loss
+        total = weighted if total is None else total + weighted
     assert total is not None
     total.backward()
     session.step()
     first = per_task[plan.tasks[0].name]
-    grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-    return grad.detach(), StepMetrics(float(total.detach()), int(first["correct"]),
+    grad = None if not need_grad else (
+        leaf.grad.detach() if leaf.grad is not None else torch.zeros_like(leaf))
+    return grad, StepMetrics(float(total.detach()), int(first["correct"]),
                                       int(act.shape[0]),
                                       per_task if len(plan.tasks) > 1 else {})
 
@@ -156,6 +160,7 @@ def pipelined_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
             response = queues[p].popleft().result()
             grad, m = model_owner_step(s, response["activation"],
                                        trainer._label(p, ds, idx), response.get("labels"))
+            assert grad is not None
             if todo[p]:
                 send(p, "pipe_forward", indices=todo[p].popleft(), dataset=ds, grad=grad)
             else:
