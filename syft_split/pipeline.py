@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from .topology import SplitPlan
     from .trainer import Trainer
 
-__all__ = ["plan_problems", "model_owner_step", "latency_epoch", "pipelined_epoch"]
+__all__ = ["plan_problems", "check_latency_options", "model_owner_step", "latency_epoch",
+           "pipelined_epoch"]
 
 
 def plan_problems(plan: SplitPlan, what: str) -> list[str]:
@@ -54,6 +55,23 @@ def plan_problems(plan: SplitPlan, what: str) -> list[str]:
     if plan.encrypted is not None:
         problems.append(f"{what} does not combine with an encrypted layer")
     return problems
+
+
+def check_latency_options(session: SplitSession, schedule: str, gradient_delay: int) -> None:
+    """Refuse (ConfigError) a trainer configuration the latency-tolerant schedules cannot run."""
+    local = session.plan.local_loss is not None
+    if gradient_delay not in (0, 1):
+        raise ConfigError(f"gradient_delay must be 0 (exact) or 1 (pipelined), got "
+                          f"{gradient_delay!r}")
+    if (local or gradient_delay) and schedule != "round_robin":
+        raise ConfigError(f"local losses and pipelining run with schedule='round_robin', not "
+                          f"{schedule!r}")
+    if local and gradient_delay:
+        raise ConfigError("a local-loss plan sends no gradients: gradient_delay does not apply")
+    if gradient_delay:
+        problems = plan_problems(session.plan, "pipelining")
+        if problems:
+            raise ConfigError("cannot pipeline this plan:\n  - " + "\n  - ".join(problems))
 
 
 def model_owner_step(session: SplitSession, act: torch.Tensor, labels: Any,

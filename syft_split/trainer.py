@@ -38,7 +38,9 @@ class Trainer:
                  measure_leakage: bool = True, gradient_delay: int = 0) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        _check_latency_options(session, schedule, gradient_delay)
+        from .pipeline import check_latency_options
+
+        check_latency_options(session, schedule, gradient_delay)
         #: 1: pipelined steps, gradients applied one step late (:mod:`syft_split.pipeline`)
         self.gradient_delay = gradient_delay
         if relay_via not in ("model_owner", "peer"):
@@ -195,21 +197,3 @@ class Trainer:
         self.report.bytes_by_party = traffic.bytes_by_party()
         self.report.bytes_by_direction = traffic.bytes_by_direction()
         return self.report
-
-
-def _check_latency_options(session: SplitSession, schedule: str, gradient_delay: int) -> None:
-    local = session.plan.local_loss is not None
-    if gradient_delay not in (0, 1):
-        raise ConfigError(f"gradient_delay must be 0 (exact) or 1 (pipelined), got "
-                          f"{gradient_delay!r}")
-    if (local or gradient_delay) and schedule != "round_robin":
-        raise ConfigError(f"local losses and pipelining run with schedule='round_robin', not "
-                          f"{schedule!r}")
-    if local and gradient_delay:
-        raise ConfigError("a local-loss plan sends no gradients: gradient_delay does not apply")
-    if gradient_delay:
-        from .pipeline import plan_problems
-
-        problems = plan_problems(session.plan, "pipelining")
-        if problems:
-            raise ConfigError("cannot pipeline this plan:\n  - " + "\n  - ".join(problems))
