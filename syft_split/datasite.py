@@ -52,6 +52,7 @@ from .errors import (
     error_from_wire,
 )
 from .host import AuditEntry, DataOwnerHost
+from .host.channel import ChannelConsole, close_channels, serving_lock
 
 __all__ = [
     "ENDPOINT_PATH",
@@ -139,7 +140,8 @@ def _entry(context: Any) -> _Entry:
     with _ENTRIES_LOCK:
         entry = _ENTRIES.get(key)
         if entry is None or entry.instance != instance:  # first call, or re-installed
-            entry = _Entry(instance, _build_host(context, settings), threading.Lock())
+            host = _build_host(context, settings)
+            entry = _Entry(instance, host, serving_lock(host))
             _ENTRIES[key] = entry
     return entry
 
@@ -246,6 +248,7 @@ def _owner_call(context: Any, entry: _Entry, caller: str, op: str, request: byte
                 with _ENTRIES_LOCK:
                     for key in [k for k, v in _ENTRIES.items() if v is entry]:
                         del _ENTRIES[key]
+                close_channels(entry.host)
                 return wire.encode({"shutdown": True})
             return wire.encode(entry.host.owner_call(caller, op, fields))
     except SyftSplitError as exc:
@@ -446,8 +449,9 @@ class ProposalInfo:
     max_batch: int
 
 
-class DatasiteConsole:
-    """The data owner's console for the syft-split endpoint on its datasite.
+class DatasiteConsole(ChannelConsole):
+    """The data owner's console for the syft-split endpoint on its datasite (and its direct
+    channels: :class:`~syft_split.host.channel.ChannelConsole`).
 
     ``DatasiteConsole(admin_client)`` is what :class:`syft_split.deploy.OwnerConsole` asks
     for. Every method is refused on the datasite (:class:`AuthorizationError`) unless the
@@ -475,8 +479,9 @@ class DatasiteConsole:
         return str(self._call("review", segment=proposal_id)["text"])
 
     def approve(self, proposal_id: str, **options: Any) -> None:
-        """Approve once; from then on only the proposer may run the segment. ``options``
-        (JSON): e.g. ``leakage_bound={"inversion_ratio": 0.2}`` for the live watch."""
+        """Approve once; from then on only the proposer may run the segment. ``options`` (JSON):
+        the approval options the review mentions, e.g. ``channel=True`` (a direct data plane),
+        ``leakage_bound={"inversion_ratio": 0.2}`` (the live watch), ``release_weights=True``."""
         self._call("approve", segment=proposal_id, **options)
 
     def reject(self, proposal_id: str) -> None:

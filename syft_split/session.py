@@ -176,6 +176,8 @@ class SplitSession:
                 pid = response["segment"]
                 self.remote[(host, i)] = RemoteSegment(
                     self.transport, host, pid, role, shapes[i][0], shapes[i][1], fuse=self.fuse)
+                if role == "input" and self.plan.local_loss is not None:  # reviewed with it
+                    self.plan.local_loss.attach(self.transport, host, pid, self.optimizer_spec)
                 out.setdefault(host, []).append(pid)
         return out
 

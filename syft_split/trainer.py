@@ -24,6 +24,10 @@ class Trainer:
     ``schedule`` is one of :data:`~syft_split.schedules.SCHEDULES` (see that module);
     Relay and SplitFed move the data owners' weights only between them (plans with
     ``share_weights="peer"``); ``relay_via`` must be ``"peer"`` for the relay schedule.
+    For long round trips (approximations, see their modules): ``gradient_delay=1`` pipelines
+    steps with gradients applied one step late (:mod:`syft_split.pipeline`); a plan with
+    ``local_loss`` trains each data owner's segment with its own auxiliary head, many batches
+    per call (:mod:`syft_split.local_loss`).
     """
 
     def __init__(self, session: SplitSession, *, batch_size: int = 64,
@@ -32,9 +36,14 @@ class Trainer:
                  progress: bool = True, config: dict[str, Any] | None = None,
                  schedule: str = "round_robin", relay_via: str = "peer",
                  measure_leakage: bool = True, leakage_budget_s: float | None = None,
-                 watch: bool = True) -> None:
+                 watch: bool = True, gradient_delay: int = 0) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        from .pipeline import check_latency_options
+
+        check_latency_options(session, schedule, gradient_delay)
+        #: 1: pipelined steps, gradients applied one step late (:mod:`syft_split.pipeline`)
+        self.gradient_delay = gradient_delay
         if relay_via not in ("model_owner", "peer"):
             raise ConfigError(f"relay_via must be 'peer', got {relay_via!r}")
         if schedule == "relay" and relay_via != "peer":
@@ -124,6 +133,10 @@ class Trainer:
 
     def train_epoch(self, epoch: int = 0) -> StepMetrics:
         """One pass over every source's training records, in the schedule's order."""
+        if self.gradient_delay or self.session.plan.local_loss is not None:
+            from .pipeline import latency_epoch
+
+            return latency_epoch(self, epoch)
         s = self.session
         loss_sum, correct, count = 0.0, 0, 0
         bar = tqdm(self._order(self._batches()), desc=f"epoch {epoch}",
@@ -167,6 +180,7 @@ class Trainer:
         traffic = self.session.transport.traffic
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
+            self.epochs_remaining = epochs - epoch  # a local-loss stream may start the next
             train = self.train_epoch(epoch)
             test = self.evaluate() if self.test_dataset else None
             rec = EpochRecord(

@@ -22,6 +22,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,10 @@ class PySyftTransport(Transport):
     With ``cleanup=True`` (default) each call tells the endpoint to delete the action object
     PySyft stored for the previous call to the same party, so a datasite holds at most one
     result per transport and party (the last one stays).
+
+    ``direct=True`` (default): segments whose data owner allowed a direct channel run over one
+    (see the module docstring; ``self.router`` holds the channels). ``direct=False``: PySyft
+    carries everything.
     """
 
     def __init__(
@@ -69,7 +74,11 @@ class PySyftTransport(Transport):
         cleanup: bool = True,
         max_response_bytes: int = wire.DEFAULT_MAX_BYTES,
         datasites: Mapping[str, LaunchedDatasite] | None = None,
+        direct: bool = True,
+        channel_timeout: float = 600.0,
     ) -> None:
+        from ..channel.client import ChannelRouter
+
         super().__init__(max_response_bytes=max_response_bytes)
         if not clients:
             raise ConfigError("PySyftTransport needs at least one client (party name -> client)")
@@ -80,6 +89,10 @@ class PySyftTransport(Transport):
         self._users = {p: str(getattr(c, "logged_in_user", "") or "") for p, c in clients.items()}
         #: the datasites behind the parties, when this process launched them (not closed here)
         self.datasites: dict[str, LaunchedDatasite] = dict(datasites or {})
+        self._lock = threading.Lock()
+        self.direct = direct
+        self.router = ChannelRouter(self._pysyft_request, self.user_on, timeout=channel_timeout,
+                                    max_response_bytes=max_response_bytes)
 
     @property
     def user(self) -> str:
@@ -101,15 +114,28 @@ class PySyftTransport(Transport):
         return client
 
     def request(self, party: str, data: bytes) -> bytes:
+        if self.direct:
+            self._client(party)
+            raw = self.router.route(party, data)
+            if raw is not None:
+                return raw
+        return self._pysyft_request(party, data)
+
+    def _pysyft_request(self, party: str, data: bytes) -> bytes:
         client = self._client(party)
         kwargs: dict[str, Any] = {"request": bytes(data)}
-        done = self._done.pop(party, "")
-        if done:
-            kwargs["done"] = done
-        raw, result_id = call_endpoint(client, self.path, **kwargs)
-        if self.cleanup:
-            self._done[party] = result_id
+        with self._lock:  # one PySyft call at a time (the cleanup bookkeeping is per party)
+            done = self._done.pop(party, "")
+            if done:
+                kwargs["done"] = done
+            raw, result_id = call_endpoint(client, self.path, **kwargs)
+            if self.cleanup:
+                self._done[party] = result_id
         return raw
+
+    def close(self) -> None:
+        """Close the direct channels (the datasites free them at once)."""
+        self.router.close()
 
 
 def free_port() -> int:
@@ -180,10 +206,11 @@ class LaunchedDatasite:
 
 def _forget_hosts(server_id: str) -> None:
     from .. import datasite
+    from ..host.channel import close_channels
 
     with datasite._ENTRIES_LOCK:
         for key in [k for k in datasite._ENTRIES if k[0].replace("-", "") == server_id]:
-            del datasite._ENTRIES[key]
+            close_channels(datasite._ENTRIES.pop(key).host)
 
 
 def launch_datasite(
