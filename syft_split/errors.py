@@ -18,6 +18,7 @@
     │   ├── ApprovalError       the segment was never approved / was rejected
     │   └── EgressError         the segment tried to release something not approved
     ├── TransportError          the transport failed (PySyft errors are wrapped here)
+    │   └── CallTimeoutError    a party did not answer within the call's timeout
     ├── RemoteError             the peer failed with an error that has no mapping here
     └── HEError                 homomorphic-encryption failures (he_layers)
         ├── InsecureParametersError
@@ -46,6 +47,7 @@ __all__ = [
     "ApprovalError",
     "EgressError",
     "TransportError",
+    "CallTimeoutError",
     "RemoteError",
     "HEError",
     "InsecureParametersError",
@@ -115,7 +117,15 @@ class EgressError(AccessError):
 
 
 class TransportError(SyftSplitError):
-    """The transport failed to deliver a message."""
+    """The transport failed to deliver a message (``party``: whom it was for, when known)."""
+
+    party: str | None = None
+
+
+class CallTimeoutError(TransportError):
+    """A party did not answer within the call's timeout (the message names party, op and
+    seconds). Whether the party applied the request is unknown: a request carrying a step id
+    is safe to send again (the party answers it from its record, never applies it twice)."""
 
 
 class RemoteError(SyftSplitError):

@@ -69,7 +69,7 @@ class WeightOps(OpFamily):
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         return state
 
-    @op("import", roles=ROLES, egress={"steps": SCALAR})
+    @op("import", roles=ROLES, mutates=True, egress={"steps": SCALAR})
     def import_(self, call: Call) -> dict[str, Any]:
         rt = call.rt
         assert rt is not None
@@ -99,7 +99,7 @@ class WeightOps(OpFamily):
         sealed = Box(self.keypair(), PublicKey(key)).encrypt(plain)
         return {"sealed": bytes(sealed), "sender": self.host.name}
 
-    @op("unseal", roles=ROLES, egress={"steps": SCALAR})
+    @op("unseal", roles=ROLES, mutates=True, egress={"steps": SCALAR})
     def unseal(self, call: Call) -> dict[str, Any]:
         from nacl.exceptions import CryptoError
         from nacl.public import Box, PublicKey
@@ -142,3 +142,17 @@ class WeightOps(OpFamily):
             raise ConfigError(f"a public key is 32 bytes, got {key!r:.40}")
         self.peers[name] = key
         return {"trusted": name}
+
+    # --------------------------------------------------- persistence (host.store)
+    def state(self) -> dict[str, Any]:
+        """The sealing key (secret: the state directory is the data owner's) and the pinned
+        peers' public keys."""
+        key = None if self._box_key is None else bytes(self._box_key)
+        return {"box_key": key, "peers": dict(self.peers)}
+
+    def restore(self, state: Any) -> None:
+        from nacl.public import PrivateKey
+
+        if state.get("box_key") is not None:
+            self._box_key = PrivateKey(bytes(state["box_key"]))
+        self.peers = {str(k): bytes(v) for k, v in (state.get("peers") or {}).items()}
