@@ -6,7 +6,7 @@ timeouts, retries) is shared, so the in-process and PySyft transports differ onl
 :meth:`Transport.request` (and, for transports that bound their own I/O, in
 :meth:`Transport.request_within`).
 
-Every call has a timeout (:class:`CallPolicy`, default 60 s per attempt; per-op overrides):
+Every call has a timeout (:class:`CallPolicy`, default 120 s per attempt; per-op overrides):
 past it the call raises :class:`~syft_split.errors.CallTimeoutError` naming the party. A call
 that fails in transit (a :class:`~syft_split.errors.TransportError`, timeouts included) is
 retried with exponential backoff when repeating it is safe: read-only ops, evaluation
@@ -42,17 +42,16 @@ class CallPolicy:
     """How long one call may take and how it is retried.
 
     ``timeout``: seconds one attempt may take (None: unbounded; ``op_timeouts`` overrides it
-    per op, e.g. the leakage measurement trains an attack). ``retries``: further attempts
-    after a transport failure, for requests safe to repeat; the waits start at ``backoff``
-    seconds and double up to ``max_backoff``.
+    per op, e.g. ``{"leakage": 600}``: the leakage measurement trains an attack).
+    ``retries``: further attempts after a transport failure, for requests safe to repeat; the
+    waits start at ``backoff`` seconds and double up to ``max_backoff``.
     """
 
-    timeout: float | None = 60.0
+    timeout: float | None = 120.0
     retries: int = 3
     backoff: float = 0.25
     max_backoff: float = 4.0
-    op_timeouts: Mapping[str, float] = field(
-        default_factory=lambda: {"leakage": 600.0, "propose": 300.0})
+    op_timeouts: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         seconds = {"timeout": self.timeout,
