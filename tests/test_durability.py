@@ -26,7 +26,9 @@ from syft_split.models import digits_cnn
 from syft_split.transport.base import CallPolicy
 
 FAST = CallPolicy(timeout=30.0, retries=3, backoff=0.0)
-KINDS = ["vanilla", "u_shaped", "multi_hop"]
+KINDS = ["vanilla", "u_shaped", "multi_hop", "splitfed_v1"]
+#: kind -> the trainer's schedule (the plan shares client weights with the model owner)
+SCHEDULE = {"splitfed_v1": "splitfed_v1", "relay": "relay"}
 
 
 def _datasets() -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -55,7 +57,8 @@ def _plan(kind: str, seed: int = 1) -> SplitPlan:
         return SplitPlan.u_shaped(split_model(model, ["pool1", "relu3"]), ["a", "b"])
     if kind == "multi_hop":
         return SplitPlan.multi_hop(split_model(model, ["pool1", "pool2"]), ["a", "b"], hops=["lab"])
-    return SplitPlan.vanilla(split_model(model, ["pool1"]), ["a", "b"])
+    share = "model_owner" if kind in SCHEDULE else "none"
+    return SplitPlan.vanilla(split_model(model, ["pool1"]), ["a", "b"], share_weights=share)
 
 
 def _one(seed: int = 1) -> SplitPlan:
@@ -112,8 +115,9 @@ class ChaosTransport(InProcessTransport):
 
 
 def _start(kind: str, transport: InProcessTransport, hosts: Callable[[str], DataOwnerHost],
-           seed: int = 1) -> SplitSession:
-    session = SplitSession(_plan(kind, seed), transport, optimizer=OptimizerSpec("adam", lr=1e-2))
+           seed: int = 1, fuse: bool = True) -> SplitSession:
+    session = SplitSession(_plan(kind, seed), transport, optimizer=OptimizerSpec("adam", lr=1e-2),
+                           fuse=fuse)
     for party, ids in session.propose().items():
         for pid in ids:
             hosts(party).approve(pid)
@@ -122,7 +126,7 @@ def _start(kind: str, transport: InProcessTransport, hosts: Callable[[str], Data
 
 def _trainer(session: SplitSession, kind: str) -> Trainer:
     return Trainer(session, batch_size=16, labels=_labels(kind), seed=0, progress=False,
-                   measure_leakage=False)
+                   measure_leakage=False, schedule=SCHEDULE.get(kind, "round_robin"))
 
 
 def _weights(session: SplitSession, host: Callable[[str], DataOwnerHost]) -> list[torch.Tensor]:
@@ -133,11 +137,12 @@ def _weights(session: SplitSession, host: Callable[[str], DataOwnerHost]) -> lis
     return out
 
 
-def _reference(kind: str, epochs: int) -> tuple[list[torch.Tensor], list[float], range]:
+def _reference(kind: str, epochs: int, fuse: bool = True
+               ) -> tuple[list[torch.Tensor], list[float], range]:
     """The uninterrupted run: final weights, per-epoch losses, and its training calls."""
     hosts = {p: _host(p, None) for p in _parties(kind)}
     t = InProcessTransport(list(hosts.values()))
-    session = _start(kind, t, hosts.__getitem__)
+    session = _start(kind, t, hosts.__getitem__, fuse=fuse)
     setup = t.calls
     report = _trainer(session, kind).fit(epochs, verbose=False)
     calls = range(setup + 1, t.calls + 1)
@@ -169,28 +174,32 @@ def test_data_owner_crashes_change_nothing(tmp_path: Path, kind: str) -> None:
         assert info["last_step"] == seg.next_step - 1 and not info["pending"]
 
 
-@pytest.mark.parametrize("kind", ["vanilla", "u_shaped"])
-def test_model_owner_resumes_from_its_checkpoint(tmp_path: Path, kind: str) -> None:
-    """The model owner's process dies right after a data owner applied a step (twice, at
-    random calls); a new process with a freshly initialised model re-attaches by segment id
-    (``fit(resume=True)``) and the run ends with the uninterrupted run's weights."""
-    want, _, calls = _reference(kind, 2)
-    rng = random.Random(f"mo-{kind}")
-    first, second = sorted(rng.sample(calls, 2))
-    t = ChaosTransport(kind, tmp_path / "owners", {first: "model_owner", second: "model_owner"})
-    session = _start(kind, t, t.host)
+@pytest.mark.parametrize("kind, fuse", [("vanilla", True), ("u_shaped", True),
+                                        ("vanilla", False), ("u_shaped", False),
+                                        ("splitfed_v1", True), ("relay", True)])
+def test_model_owner_resumes_from_its_checkpoint(tmp_path: Path, kind: str, fuse: bool) -> None:
+    """The model owner's process dies right after a data owner applied a request (three times,
+    at random calls); a new process with a freshly initialised model re-attaches by segment id
+    (``fit(resume=True)``), sends again what it cannot know was applied, and the run ends with
+    the uninterrupted run's weights. Unfused steps send two changing requests per segment and
+    step: both are answered from the data owner's record."""
+    want, _, calls = _reference(kind, 2, fuse)
+    rng = random.Random(f"mo-{kind}-{fuse}")
+    crashes = {n: "model_owner" for n in rng.sample(calls, 3)}
+    t = ChaosTransport(kind, tmp_path / "owners", crashes)
+    session = _start(kind, t, t.host, fuse=fuse)
     ckpt = tmp_path / "model_owner"
-    crashes = 0
+    crashed = 0
     while True:
         try:
             report = _trainer(session, kind).fit(2, verbose=False, checkpoint_dir=ckpt,
                                                  resume=True)
             break
         except Crash:
-            crashes += 1  # a new process: new session, other initial weights, no segments
+            crashed += 1  # a new process: new session, other initial weights, no segments
             session = SplitSession(_plan(kind, seed=99), t,
-                                   optimizer=OptimizerSpec("adam", lr=1e-2))
-    assert crashes == 2 and report.extra["resumed"] == 2
+                                   optimizer=OptimizerSpec("adam", lr=1e-2), fuse=fuse)
+    assert crashed == 3 and report.extra["resumed"] >= 1
     got = _weights(session, t.host)
     assert all(torch.equal(a, b) for a, b in zip(got, want)), "weights differ after resume"
 
@@ -216,14 +225,15 @@ def test_a_retried_step_is_answered_from_the_record(tmp_path: Path) -> None:
     assert rt.steps == 1
     assert host.handle(t.user, back) == host.handle(t.user, back)  # replayed, not re-applied
     assert rt.steps == 1
-    stale = wire.decode(host.handle(t.user, request(1, indices=idx)))
-    assert stale["error"] == "ProtocolError" and "older" in stale["message"]
+    assert host.handle(t.user, request(1, indices=idx)) == first  # still remembered
     other = wire.decode(host.handle(t.user, wire.encode(
         {"op": "backward", "segment": pid, "step": 2, "grad": 2 * grad})))
     assert other["error"] == "ProtocolError" and "different request" in other["message"]
-    assert rt.steps == 1
+    gap = wire.decode(host.handle(t.user, request(4, indices=idx)))
+    assert gap["error"] == "ProtocolError" and "steps 3..3 were lost" in gap["message"]
+    assert rt.steps == 1 and rt.pending_output is None
     outcomes = [e.outcome for e in host.audit if e.op in ("forward", "backward")]
-    assert sum("answered from the record" in o for o in outcomes) == 3
+    assert sum("answered from the record" in o for o in outcomes) == 4
 
 
 def test_restart_keeps_proposals_approvals_peers_and_audit(tmp_path: Path) -> None:
@@ -300,3 +310,36 @@ def test_alignment_permissions_and_aligned_rows_survive_restart(tmp_path: Path) 
     assert torch.equal(back.datasets["people@aligned"].features, aligned)
     assert back.datasets["people@aligned"].ids == ["p2", "p5", "p9"]
     assert ("people", "model-owner@example.org") in back.families["alignment"]._allowed  # type: ignore[attr-defined]
+
+
+def test_a_host_that_lost_steps_says_so(tmp_path: Path) -> None:
+    """With ``checkpoint_every=3`` a crash can lose applied steps: the host refuses the next
+    step (naming the lost ones) instead of training on silently; re-attaching continues."""
+    def start() -> DataOwnerHost:
+        host = DataOwnerHost("a", state_dir=tmp_path / "a", checkpoint_every=3)
+        for ds, (x, y) in DATA["a"].items():
+            host.add_dataset(ds, x, y)
+        host.restore_state()
+        return host
+
+    t = InProcessTransport([start()], policy=FAST)
+    session = SplitSession(_one(), t, optimizer=OptimizerSpec("sgd", lr=0.1))
+    t._hosts["a"].approve(session.propose()["a"][0])
+    y = DATA["a"]["train"][1]
+
+    def step() -> None:
+        session.zero_grad()
+        loss, _m = session.loss("a", torch.arange(8), y[:8])
+        loss.backward()
+        session.step()
+
+    for _ in range(4):  # the host saved after its 3rd change, not after the 4th
+        step()
+    t.add_host(start(), replace=True)  # crash: only the directory survives
+    with pytest.raises(ProtocolError, match=r"steps 4\.\.4 were lost"):
+        step()
+    info = session.attach(session.segment_ids())
+    assert info["a:0"]["last_step"] == 3 and info["a:0"]["discarded"]["pending"] is True
+    step()
+    session.flush()
+    assert t.call("a", "status", segment=session.remote[("a", 0)].segment_id)["steps"] == 3

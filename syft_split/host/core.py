@@ -14,10 +14,13 @@ review (:mod:`.proposals`), segment steps (:mod:`.segments`), weights (:mod:`.we
 leakage (:mod:`.watch`), and outside this package alignment (:mod:`syft_split.alignment`) and
 encryption (:mod:`syft_split.he_host`).
 
-Exactly-once steps: a request may carry ``step`` (an int >= 1, increasing per segment). The
-host remembers the last step each segment applied with its response; the same step again (a
-retry after a lost response) is answered from that record and never applied twice, an older
-one is refused. With ``state_dir`` the host keeps its state on disk (:mod:`.store`):
+Exactly-once steps: a request may carry ``step`` (an int >= 1; a model owner numbers the
+changing requests of each segment 1, 2, 3, ...). The host remembers the last steps each segment
+applied with their responses; one of them sent again (a retry after a lost response, a model
+owner resuming from its checkpoint) is answered from its record and never applied twice. An
+older step is refused, and so is a gap (a step after one the host does not have: it lost
+applied steps, restored from an older snapshot; :meth:`SplitSession.attach` resynchronises).
+With ``state_dir`` the host keeps its state on disk (:mod:`.store`):
 :meth:`DataOwnerHost.restore_state` loads it after a restart.
 """
 
@@ -216,7 +219,7 @@ class DataOwnerHost:
                     raise
                 raw = wire.encode(response)
                 if step is not None and call.rt is not None:
-                    call.rt.record = StepRecord(step, op, digest, raw)
+                    call.rt.remember(StepRecord(step, op, digest, raw))
                 outcome = "ok"
         except SyftSplitError as exc:
             raw = wire.encode({"error": type(exc).__name__, "message": str(exc)})
@@ -339,17 +342,24 @@ def _step_id(value: Any) -> int | None:
 
 
 def _replay(rt: Runtime | None, step: int | None, op: str, digest: str) -> bytes | None:
-    """The recorded response if ``step`` was already applied; None if it is new."""
+    """The recorded response if ``step`` was already applied; None if it is the next one."""
     if step is None:
         return None
     if rt is None:
         raise ProtocolError(f"op {op!r} does not take a step id (no segment)")
-    rec = rt.record
-    if rec is None or step > rec.step:
+    last = rt.last_step
+    if step == last + 1:
         return None
-    if step < rec.step:
-        raise ProtocolError(f"step {step} of {rt.id} is older than its last applied step "
-                            f"{rec.step}; nothing applied")
+    if step > last:
+        raise ProtocolError(
+            f"step {step} of {rt.id} follows step {step - 1}, but the last step it applied is "
+            f"{last}: steps {last + 1}..{step - 1} were lost (restored from an older snapshot); "
+            "nothing applied. Re-attach (SplitSession.attach) to continue after step "
+            f"{last}")
+    rec = next((r for r in rt.records if r.step == step), None)
+    if rec is None:
+        raise ProtocolError(f"step {step} of {rt.id} is older than the steps it remembers "
+                            f"({rt.records[0].step}..{last}); nothing applied")
     if (rec.op, rec.digest) != (op, digest):
         raise ProtocolError(f"step {step} of {rt.id} was applied as a different request "
                             f"(op {rec.op!r}); nothing applied")

@@ -65,7 +65,7 @@ class ProposalOps(OpFamily):
         rt = self.host.runtimes.get(p.id)
         if rt is not None:
             out["steps"] = rt.steps
-            out["last_step"] = rt.record.step if rt.record is not None else 0
+            out["last_step"] = rt.last_step
             out["pending"] = rt.pending_output is not None or rt.pending_loss_grads
         return out
 

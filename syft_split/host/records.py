@@ -11,7 +11,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..spec import OptimizerSpec
 
-__all__ = ["Dataset", "Proposal", "Runtime", "StepRecord", "AuditEntry", "HostLimits", "ROLES", "SHARING"]
+__all__ = ["Dataset", "Proposal", "Runtime", "StepRecord", "AuditEntry", "HostLimits", "ROLES", "SHARING",
+           "STEPS_KEPT"]
 
 #: what a segment does at the data owner: reads its records (``input``), transforms an incoming
 #: activation (``middle``, e.g. a relay party), or ends in a loss on labels held here (``loss``).
@@ -147,6 +148,11 @@ class StepRecord:
     response: bytes
 
 
+#: applied steps a segment remembers: a model owner resuming from a checkpoint re-sends at
+#: most the few changing requests of the step it was in (e.g. forward and backward)
+STEPS_KEPT = 8
+
+
 def _fresh_rng_state() -> torch.Tensor:
     return torch.Generator().manual_seed(0).get_state()
 
@@ -169,8 +175,9 @@ class Runtime:
     he: Any = None
     #: free slots for op families (e.g. the leakage watch) keyed by family name
     extra: dict[str, Any] = field(default_factory=dict)
-    #: the last applied step (exactly-once: a retried step is answered from it)
-    record: StepRecord | None = None
+    #: the last :data:`STEPS_KEPT` applied steps, oldest first (exactly-once: a step sent again
+    #: is answered from its record)
+    records: list[StepRecord] = field(default_factory=list)
     #: what the pending forward ran on (``dataset`` + ``indices``, or ``x``) and the RNG state it
     #: started from: a restarted host re-runs it to rebuild the pending step exactly
     pending_source: dict[str, Any] | None = None
@@ -180,6 +187,16 @@ class Runtime:
     @property
     def id(self) -> str:
         return self.proposal.id
+
+    @property
+    def last_step(self) -> int:
+        """The id of the last step applied (0: none yet)."""
+        return self.records[-1].step if self.records else 0
+
+    def remember(self, record: StepRecord) -> None:
+        """Keep ``record`` (and the :data:`STEPS_KEPT` - 1 before it)."""
+        self.records.append(record)
+        del self.records[:-STEPS_KEPT]
 
     def clear_pending(self) -> None:
         """Forget the step in flight (nothing applied)."""

@@ -9,7 +9,7 @@ peer-sealing key)::
                              proposal counter, and what each op family keeps (peer keys, trusted
                              peers, alignment permissions and aligned rows, ...)
       segments/<id>.sspl     per approved segment: weights, optimizer state, step counter, RNG
-                             states, the last applied step (id, op, digest, response) and what
+                             states, the last applied steps (id, op, digest, response) and what
                              its pending forward ran on
       audit.jsonl            one JSON line per call answered (appended as calls happen)
 
@@ -142,6 +142,9 @@ class HostStore:
         tree = persist.load(self.path / "host.sspl")
         if tree.get("format") != FORMAT:
             raise ConfigError(f"{self.path}: state format {tree.get('format')!r}, expected {FORMAT}")
+        if tree.get("host") != host.name:
+            raise ConfigError(f"{self.path} holds the state of host {tree.get('host')!r}, not "
+                              f"{host.name!r}: one state directory per host")
         top = 0
         for raw in tree["proposals"]:
             p = _proposal_from(raw)
@@ -173,10 +176,8 @@ class HostStore:
         rt.steps = int(snap["steps"])
         rt.rng.set_state(snap["rng"])
         rt.torch_rng = snap["torch_rng"]
-        rec = snap.get("record")
-        if rec is not None:
-            rt.record = StepRecord(int(rec["step"]), str(rec["op"]), str(rec["digest"]),
-                                   bytes(rec["response"]))
+        rt.records = [StepRecord(int(r["step"]), str(r["op"]), str(r["digest"]),
+                                 bytes(r["response"])) for r in snap.get("records", [])]
         rt.extra.update(snap.get("extra") or {})
         grads = snap.get("loss_grads")
         if grads is not None:  # a loss step waiting for its weight
@@ -247,7 +248,6 @@ def _runtime_tree(rt: Runtime) -> dict[str, Any]:
     grads = None
     if rt.pending_loss_grads:
         grads = {n: p.grad for n, p in rt.module.named_parameters() if p.grad is not None}
-    rec = rt.record
     return {
         "id": rt.id,
         "steps": rt.steps,
@@ -255,8 +255,8 @@ def _runtime_tree(rt: Runtime) -> dict[str, Any]:
         "optimizer": rt.optimizer.state_dict() if rt.optimizer is not None else None,
         "rng": rt.rng.get_state(),
         "torch_rng": rt.torch_rng,
-        "record": None if rec is None else {"step": rec.step, "op": rec.op,
-                                            "digest": rec.digest, "response": rec.response},
+        "records": [{"step": r.step, "op": r.op, "digest": r.digest, "response": r.response}
+                    for r in rt.records],
         "pending": rt.pending_source if rt.pending_output is not None else None,
         "loss_grads": grads,
         "extra": {k: v for k, v in rt.extra.items() if _plain(v)},

@@ -24,6 +24,7 @@ are the only modules of syft-split that import ``syft`` at import time.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -251,24 +252,47 @@ def restart(dep: Any, party: str, *, crash: bool = False) -> float:
 
 def connect(urls: Mapping[str, str], email: str, password: str, *,
             policy: CallPolicy | None = None) -> PySyftTransport:
-    """Log in to existing datasites (``{party: "http://host:port"}``) as the model owner;
-    each login and every call is bounded by ``policy``'s timeout."""
+    """Log in to existing datasites (``{party: "http://host:port"}``) as the model owner.
+
+    Each login and every call is bounded by ``policy``'s timeout; a datasite that refuses
+    connections (e.g. restarting) is tried again like a failed call (``policy.retries``)."""
     from urllib.parse import urlparse
 
-    timeout = (policy or CallPolicy()).timeout
+    policy = policy or CallPolicy()
     clients = {}
     for party, url in urls.items():
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ConfigError(f"{party}: expected a URL like http://localhost:8081, got {url!r}")
+
         def login(p: Any = parsed) -> Any:
             return sy.login(url=f"{p.scheme}://{p.hostname}", port=p.port or 80, email=email,
                             password=password)
 
-        try:
-            clients[party] = run_with_timeout(login, timeout, party=party, op="login")
-        except TransportError:
-            raise
-        except Exception as exc:
-            raise TransportError(f"could not log in to {party} at {url}: {exc}") from exc
+        wait = policy.backoff
+        for attempt in range(policy.retries + 1):
+            last = attempt == policy.retries
+            try:
+                clients[party] = run_with_timeout(login, policy.timeout, party=party, op="login")
+                break
+            except CallTimeoutError:
+                if last:
+                    raise
+            except Exception as exc:
+                if last or not _refused(exc):
+                    raise TransportError(f"could not log in to {party} at {url}: {exc}") from exc
+            time.sleep(wait)
+            wait = min(2 * wait, policy.max_backoff)
     return PySyftTransport(clients, policy=policy)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is a connection that could not be made."""
+    import requests  # type: ignore[import-untyped]
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, ConnectionError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -148,6 +148,19 @@ class LaunchedDatasite:
         self.close()
 
 
+def _first_login(site: LaunchedDatasite, admin: tuple[str, str], patience: float = 90.0) -> Any:
+    """Log the root admin in; an HTTP server still starting (PySyft's launch gives up waiting
+    after 20 s, a loaded machine can take longer) is given ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return site.login(*admin)
+        except TransportError:
+            if not site.http or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _reap(pid: int) -> None:
     """Wait (up to 5 s) until a server process that was stopped or killed is gone."""
     for _ in range(100):
@@ -251,7 +264,7 @@ def launch_datasite(
     site = LaunchedDatasite(name=name, handle=handle, root=None, http=http, port=port, pid=pid,
                             server_id="", admin=admin, persist_dir=persist)
     try:
-        site.root = site.login(*admin)
+        site.root = _first_login(site, admin)
         site.server_id = str(site.root.id).replace("-", "")
     except BaseException:
         if handle.python_server is not None and persist is None:
