@@ -147,6 +147,7 @@ def test_chaos_run_equals_uninterrupted_run(sites: tuple[Deployment, float],
     rng = random.Random(SEED)
     want = _reference()
     total = want["steps"]
+    phases = {"reference_run": time.perf_counter() - t_run}
     # three datasite crashes (each party at least once) and one model-owner crash, at random
     # distinct steps in random order; the model owner crashes together with a datasite
     kinds: list[list[tuple[str, str | None]]] = [
@@ -159,8 +160,12 @@ def test_chaos_run_equals_uninterrupted_run(sites: tuple[Deployment, float],
         t: Any = dep.transport
         user = t.user_on("a")
         urls = {p: f"http://127.0.0.1:{t.datasites[p].port}" for p in PARTIES}
+        t0 = time.perf_counter()
         mo = ModelOwner(urls, user, t.datasites["a"].passwords[user], tmp_path)
         _approve_when_proposed(dep, mo)
+        phases["model_owner_start_to_proposals_approved"] = time.perf_counter() - t0
+        mo.wait_steps(1)
+        phases["approved_to_first_step"] = time.perf_counter() - t0 - sum(list(phases.values())[1:])
         for crashes, at in zip(kinds, at_steps):
             mo.wait_steps(at)
             time.sleep(rng.uniform(0.0, 0.4))  # land anywhere inside a step
@@ -178,7 +183,9 @@ def test_chaos_run_equals_uninterrupted_run(sites: tuple[Deployment, float],
                            "at_step": before, "datasite_restart_s": round(restart_s, 2),
                            "recovery_s": round(time.perf_counter() - t_kill, 2)})
         assert mo.proc is not None
+        t0 = time.perf_counter()
         assert mo.proc.wait(timeout=300) == 0, mo.log_tail()
+        phases["last_event_to_exit"] = time.perf_counter() - t0
         final = persist.load(tmp_path / "final.sspl")
 
         # the same weights everywhere as the uninterrupted run
@@ -214,6 +221,7 @@ def test_chaos_run_equals_uninterrupted_run(sites: tuple[Deployment, float],
             "step_s_median_without_crash": round(step_s[len(step_s) // 2], 3) if step_s else None,
             "datasite_launch_s": round(launch_s, 2),
             "wall_s_after_launch": round(time.perf_counter() - t_run, 2),
+            "phases_s": {k: round(v, 2) for k, v in phases.items()},
             "machine": "2 shared cores, loaded by parallel jobs: seconds are indicative",
         }
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
