@@ -224,6 +224,10 @@ class Trainer:
         it, if there is one (re-attaching a fresh session to the approved segments by id)."""
         t_run = time.perf_counter()
         traffic = self.session.transport.traffic
+        if checkpoint_dir is not None and self.session.he is not None:
+            raise ConfigError("checkpoints do not cover HE-protected plans (the encrypted layer's "
+                              "state and the CKKS keys are not saved); train without "
+                              "checkpoint_dir")
         self._checkpoint = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
         position: Position | None = None
         if resume:

@@ -343,3 +343,21 @@ def test_a_host_that_lost_steps_says_so(tmp_path: Path) -> None:
     step()
     session.flush()
     assert t.call("a", "status", segment=session.remote[("a", 0)].segment_id)["steps"] == 3
+
+
+def test_encrypted_segments_come_back_halted(tmp_path: Path) -> None:
+    """CKKS secret keys are never written to disk: a segment approved with encryption is
+    restored halted (propose it again), never running without its keys."""
+    host = _host("a", tmp_path)
+    t = InProcessTransport([host])
+    session = SplitSession(_one(), t)
+    (pid,) = session.propose()["a"]
+    host.approve(pid)
+    host.proposal(pid).he = {"level": "A"}  # as if approved with encryption (no keys built here)
+    host.save_state()
+    back = _host("a", tmp_path)
+    p = back.proposal(pid)
+    assert p.status == "halted" and "propose this segment again" in p.reason
+    t.add_host(back, replace=True)
+    with pytest.raises(ApprovalError, match="halted"):
+        session.loss("a", torch.arange(4), DATA["a"]["train"][1][:4])
