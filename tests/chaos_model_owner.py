@@ -66,14 +66,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # the same numerics as the test's reference run
     urls = dict(u.split("=", 1) for u in args.url)
+    print(f"imported at {time.time():.2f}", flush=True)
     transport = connect(urls, args.email, args.password, policy=POLICY)
+    print(f"connected at {time.time():.2f}", flush=True)
     session = chaos_session(transport)
     out = Path(args.out)
     if not Checkpoint(args.checkpoint).exists():
         ids = session.propose()
         (out / "proposals.json").write_text(json.dumps(ids))
+        print(f"proposed at {time.time():.2f}", flush=True)
         while set(session.status().values()) != {"approved"}:
-            time.sleep(0.2)
+            time.sleep(0.5)
+    print(f"training from {time.time():.2f}", flush=True)
     report = chaos_trainer(session).fit(EPOCHS, verbose=False, checkpoint_dir=args.checkpoint,
                                         resume=True)
     session.flush()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -76,7 +77,7 @@ class ModelOwner:
     """The model owner's process: started, SIGKILLed, started again (it resumes)."""
 
     def __init__(self, urls: dict[str, str], email: str, password: str, work: Path) -> None:
-        self.args = [sys.executable, str(SCRIPT), *[f"--url={p}={u}" for p, u in urls.items()],
+        self.args = [sys.executable, "-u", str(SCRIPT), *[f"--url={p}={u}" for p, u in urls.items()],
                      f"--email={email}", f"--password={password}",
                      f"--checkpoint={work / 'checkpoint'}", f"--out={work}"]
         self.work = work
@@ -85,10 +86,12 @@ class ModelOwner:
         self.proc: subprocess.Popen[bytes] | None = None
         #: when each step was first seen done (from the test's clock)
         self.seen: dict[int, float] = {}
+        self.started: dict[int, float] = {}
         self.start()
 
     def start(self) -> None:
         self.starts += 1
+        self.started[self.starts] = time.time()
         log = open(self.work / f"model_owner.{self.starts}.log", "wb")
         env = {**os.environ, "TQDM_DISABLE": "1"}
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -100,6 +103,13 @@ class ModelOwner:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def startup(self, n: int) -> dict[str, float]:
+        """Seconds from start ``n`` of the process to each mark it logged."""
+        text = (self.work / f"model_owner.{n}.log").read_text(errors="replace")
+        marks = re.findall(r"^(imported|connected|proposed|training) (?:at|from) ([0-9.]+)$",
+                           text, re.M)
+        return {k: round(float(t) - self.started[n], 2) for k, t in marks}
 
     def log_tail(self) -> str:
         return (self.work / f"model_owner.{self.starts}.log").read_text(errors="replace")[-3000:]
@@ -132,7 +142,7 @@ def _approve_when_proposed(dep: Any, mo: ModelOwner, patience: float = 120.0) ->
                 pending[party] = found
         if not mo.alive() or time.monotonic() > deadline:
             raise AssertionError(f"no proposals arrived:\n{mo.log_tail()}")
-        time.sleep(0.2)
+        time.sleep(1.0)  # each look is an admin call through the datasite: not too often
     for party, proposals in pending.items():
         for p in proposals:
             assert "Conv2d" in dep.owners[party].review(p.id)
@@ -222,6 +232,7 @@ def test_chaos_run_equals_uninterrupted_run(sites: tuple[Deployment, float],
             "datasite_launch_s": round(launch_s, 2),
             "wall_s_after_launch": round(time.perf_counter() - t_run, 2),
             "phases_s": {k: round(v, 2) for k, v in phases.items()},
+            "model_owner_startup_s": {str(n): mo.startup(n) for n in mo.started},
             "machine": "2 shared cores, loaded by parallel jobs: seconds are indicative",
         }
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -246,7 +246,7 @@ class DataOwnerHost:
                                     f"{sorted(self._owner_ops)}")
             response: dict[str, Any] = entry[1](**fields)
             outcome = "ok"
-            if self.store is not None:  # approvals, releases, peers: rare, saved at once
+            if self.store is not None and entry[0].mutates:  # approvals, peers: saved at once
                 self.store.save_all(self)
             return response
         except SyftSplitError as exc:
@@ -325,7 +325,7 @@ class _CoreOps(OpFamily):
 
     name = "core"
 
-    @owner_op("audit")
+    @owner_op("audit", mutates=False)
     def audit(self, since: int = 0) -> dict[str, Any]:
         """Audit entries from ``since`` on (JSON), and how many there are."""
         since = since if isinstance(since, int) and since >= 0 else 0

@@ -52,10 +52,13 @@ def op(name: str, *, roles: tuple[str, ...] | None = None,
     return deco
 
 
-def owner_op(name: str) -> Callable[[F], F]:
-    """Declare a data-owner op answered by ``method(self, **fields) -> dict`` (JSON/tensors)."""
+def owner_op(name: str, *, mutates: bool = True) -> Callable[[F], F]:
+    """Declare a data-owner op answered by ``method(self, **fields) -> dict`` (JSON/tensors);
+    ``mutates=False`` for ops that only read (a host with a state directory saves after the
+    others)."""
     def deco(fn: F) -> F:
-        fn._op_spec = OpSpec(name, None, {}, owner=True)  # type: ignore[attr-defined]
+        fn._op_spec = OpSpec(name, None, {}, owner=True,  # type: ignore[attr-defined]
+                             mutates=mutates)
         return fn
     return deco
 

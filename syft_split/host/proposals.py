@@ -184,11 +184,11 @@ class ProposalOps(OpFamily):
         )
 
     # ----------------------------------------------------------------- data-owner ops
-    @owner_op("describe")
+    @owner_op("describe", mutates=False)
     def owner_describe(self) -> dict[str, Any]:
         return self.describe()
 
-    @owner_op("proposals")
+    @owner_op("proposals", mutates=False)
     def owner_proposals(self, status: str | None = None) -> dict[str, Any]:
         return {"proposals": [
             {"id": p.id, "driver": p.driver, "role": p.role, "status": p.status,
@@ -197,7 +197,7 @@ class ProposalOps(OpFamily):
             for p in self.host.proposals(status if isinstance(status, str) else None)
         ]}
 
-    @owner_op("review")
+    @owner_op("review", mutates=False)
     def owner_review(self, segment: str) -> dict[str, Any]:
         p = self.host.proposal(segment)
         extra = [line for fam in self.host.families.values() for line in fam.review_lines(p)]

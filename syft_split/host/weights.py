@@ -126,7 +126,7 @@ class WeightOps(OpFamily):
         self.host.owned_runtime(segment).extra["weights_released"] = True
         return {"segment": segment, "released": True}
 
-    @owner_op("export_weights")
+    @owner_op("export_weights", mutates=False)
     def owner_export(self, segment: str) -> dict[str, Any]:
         return {f"state/{k}": v for k, v in self.host.export_weights(segment).items()}
 
