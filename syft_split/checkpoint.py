@@ -18,6 +18,7 @@ the crashed process may have sent carries a step id, so the data owners apply it
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,8 +57,6 @@ class Checkpoint:
 
     def save(self, trainer: Trainer, position: Position) -> None:
         """Write the trainer's state at ``position`` (atomically)."""
-        import time
-
         t0 = time.perf_counter()
         s = trainer.session
         copies = trainer._server_copies

@@ -27,8 +27,11 @@ model owner proposes them again (fresh keys) after a restart.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +41,7 @@ from .. import persist
 from ..errors import ConfigError
 from ..spec import OptimizerSpec, module_from_spec
 from .records import AuditEntry, Proposal, Runtime, StepRecord
+from .segments import rerun_pending
 
 if TYPE_CHECKING:
     from .core import DataOwnerHost
@@ -70,8 +74,6 @@ class HostStore:
 
     def save_host(self, host: DataOwnerHost) -> None:
         """Proposals, the id counter and the families' state."""
-        import time
-
         t0 = time.perf_counter()
         tree = {
             "format": FORMAT,
@@ -100,8 +102,6 @@ class HostStore:
 
     def save_runtime(self, rt: Runtime) -> None:
         """The segment's snapshot, now."""
-        import time
-
         t0 = time.perf_counter()
         persist.save(self.segment_path(rt.id), _runtime_tree(rt))
         self._changes[rt.id] = 0
@@ -121,8 +121,6 @@ class HostStore:
             self.save_runtime(rt)
         self.save_host(host)
         if self._audit_file is not None:
-            import os
-
             os.fsync(self._audit_file.fileno())
 
     def close(self) -> None:
@@ -152,8 +150,6 @@ class HostStore:
             top = max(top, _number(p.id))
             if raw.get("runtime"):
                 host.runtimes[p.id] = self._runtime(host, p)
-        import itertools
-
         host.ids = itertools.count(top + 1)
         for name, state in tree.get("families", {}).items():
             family = host.families.get(name)
@@ -187,8 +183,6 @@ class HostStore:
             rt.pending_loss_grads = True
         pending = snap.get("pending")
         if pending is not None and p.he is None:
-            from .segments import rerun_pending
-
             rerun_pending(host, rt, pending)
         return rt
 
