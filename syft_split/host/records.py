@@ -148,9 +148,10 @@ class StepRecord:
     response: bytes
 
 
-#: applied steps a segment remembers: a model owner resuming from a checkpoint re-sends at
-#: most the few changing requests of the step it was in (e.g. forward and backward)
-STEPS_KEPT = 8
+#: applied steps a segment remembers (with their responses: memory, and the snapshot's size).
+#: A model owner resuming from its per-step checkpoint re-sends at most the changing requests
+#: of the step it was in: forward and backward (unfused), plus a weight import (SplitFed, relay)
+STEPS_KEPT = 4
 
 
 def _fresh_rng_state() -> torch.Tensor:
