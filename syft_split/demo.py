@@ -66,14 +66,14 @@ def _time_training(trainer: Trainer) -> list[float]:
     seconds: list[float] = []
     train_epoch = trainer.train_epoch
 
-    def timed(epoch: int = 0) -> Any:
+    def timed(epoch: int = 0, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
-            return train_epoch(epoch)
+            return train_epoch(epoch, **kwargs)
         finally:
             seconds.append(time.perf_counter() - t0)
 
-    trainer.train_epoch = timed  # type: ignore[method-assign]
+    trainer.train_epoch = timed  # type: ignore[method-assign,assignment]
     return seconds
 
 

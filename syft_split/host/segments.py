@@ -15,12 +15,18 @@
 
 Weights change only in ``backward`` (or its fused form): a forward or a loss alone never
 steps. Every incoming tensor passes the host's guard first, so a refused request changes
-nothing.
+nothing. Training calls may carry a step id (exactly-once, see :mod:`.core`).
+
+A segment's own forwards draw dropout masks from its own RNG stream (``Runtime.torch_rng``),
+and a pending forward remembers what it ran on (``Runtime.pending_source``): a restarted host
+re-runs it (:func:`rerun_pending`) and gets the very same pending step back.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -31,7 +37,7 @@ from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, CIPHERTEXT, GRAD_INPUT, LABELS, SCALAR, Call
 from .records import ROLES, Runtime
 
-__all__ = ["SegmentOps", "apply_grad"]
+__all__ = ["SegmentOps", "apply_grad", "rerun_pending", "segment_rng"]
 
 
 def _step(rt: Runtime) -> None:
@@ -49,6 +55,30 @@ def _step(rt: Runtime) -> None:
     rt.steps += 1
 
 
+@contextmanager
+def segment_rng(rt: Runtime, start: torch.Tensor | None = None) -> Iterator[None]:
+    """Run torch ops on the segment's own RNG stream (from ``start`` if given); the stream
+    continues where they leave it. The process-wide stream is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rt.torch_rng if start is None else start)
+        yield
+        rt.torch_rng = torch.get_rng_state()
+
+
+def rerun_pending(host: Any, rt: Runtime, source: dict[str, Any]) -> None:
+    """Rebuild a pending forward after a restart from what it ran on (``source``: ``dataset``
+    and ``indices``, or ``x``; ``rng``: the segment's RNG state before it ran)."""
+    if "indices" in source:
+        named = {"dataset": source["dataset"]} if source.get("dataset") is not None else {}
+        x = host.dataset(rt, named).features[source["indices"]].to(torch.float32)
+    else:
+        x = source["x"]
+    after = rt.torch_rng
+    SegmentOps._run(rt, x, True, rng=source["rng"])
+    rt.pending_source = source
+    rt.torch_rng = after
+
+
 def apply_grad(rt: Runtime, grad: torch.Tensor) -> torch.Tensor | None:
     """Backward of the pending forward with ``grad`` (already validated), then the step;
     returns the gradient w.r.t. the segment's input (middle segments) or None."""
@@ -57,6 +87,7 @@ def apply_grad(rt: Runtime, grad: torch.Tensor) -> torch.Tensor | None:
         rt.optimizer.zero_grad(set_to_none=True)
     output, penalty, x = rt.pending_output, rt.pending_penalty, rt.pending_input
     rt.pending_input = rt.pending_output = rt.pending_penalty = None
+    rt.pending_source = None
     if penalty is not None:  # NoPeek: the data owner's own extra loss term
         torch.autograd.backward([output, penalty], [grad, torch.ones_like(penalty)])
     else:
@@ -92,7 +123,7 @@ class SegmentOps(OpFamily):
 
     name = "segments"
 
-    @op("forward", roles=("input", "middle"),
+    @op("forward", roles=("input", "middle"), mutates=True,
         egress={"activation": ACTIVATION, "labels": LABELS, "he_input": CIPHERTEXT})
     def forward(self, call: Call) -> dict[str, Any]:
         rt, req, guard = call.rt, call.req, self.host.guard
@@ -115,7 +146,11 @@ class SegmentOps(OpFamily):
             apply_grad(rt, grad)
             self.host.stepped(rt, grad)
         call.rows = int(x.shape[0])
+        start = rt.torch_rng
         out = self._run(rt, x, train)
+        if train:
+            rt.pending_source = ({"dataset": req.get("dataset"), "indices": idx, "rng": start}
+                                 if idx is not None else {"x": x.detach(), "rng": start})
         response: dict[str, Any] = {}
         if rt.he is not None:  # only ciphertexts of the approved output leave
             response["he_input"] = rt.he.encrypt_input(out.detach().flatten(1), need_grad=train)
@@ -141,7 +176,8 @@ class SegmentOps(OpFamily):
         return response
 
     @staticmethod
-    def _run(rt: Runtime, x: torch.Tensor, train: bool) -> torch.Tensor:
+    def _run(rt: Runtime, x: torch.Tensor, train: bool,
+             rng: torch.Tensor | None = None) -> torch.Tensor:
         if not train:
             rt.module.eval()
             try:
@@ -152,7 +188,8 @@ class SegmentOps(OpFamily):
         rt.module.train()
         if rt.proposal.role == "middle":
             x = x.requires_grad_()
-        out = rt.module(x)
+        with segment_rng(rt, rng):
+            out = rt.module(x)
         rt.pending_input = x if rt.proposal.role == "middle" else None
         rt.pending_output = out
         nopeek = rt.proposal.defences.get("nopeek", 0.0)
@@ -163,7 +200,8 @@ class SegmentOps(OpFamily):
             rt.last_penalty = float(rt.pending_penalty.detach())
         return out
 
-    @op("backward", roles=ROLES, egress={"steps": SCALAR, "grad_input": GRAD_INPUT})
+    @op("backward", roles=ROLES, mutates=True,
+        egress={"steps": SCALAR, "grad_input": GRAD_INPUT})
     def backward(self, call: Call) -> dict[str, Any]:
         rt = call.rt
         assert rt is not None
@@ -180,7 +218,7 @@ class SegmentOps(OpFamily):
             out["grad_input"] = grad_in
         return out
 
-    @op("discard", roles=ROLES, egress={"discarded": SCALAR})
+    @op("discard", roles=ROLES, mutates=True, egress={"discarded": SCALAR})
     def discard(self, call: Call) -> dict[str, Any]:
         rt = call.rt
         assert rt is not None
@@ -188,7 +226,7 @@ class SegmentOps(OpFamily):
         rt.clear_pending()
         return {"discarded": dropped}
 
-    @op("loss_step", roles=("loss",),
+    @op("loss_step", roles=("loss",), mutates=True,
         egress={"loss_sum": SCALAR, "correct": SCALAR, "count": SCALAR, "grad_input": GRAD_INPUT})
     def loss_step(self, call: Call) -> dict[str, Any]:
         rt, req, guard = call.rt, call.req, self.host.guard
@@ -217,7 +255,8 @@ class SegmentOps(OpFamily):
             x = x.requires_grad_()
             if rt.optimizer is not None:
                 rt.optimizer.zero_grad(set_to_none=True)
-            logits = rt.module(x)
+            with segment_rng(rt):
+                logits = rt.module(x)
             loss = loss_fn(logits, y)
             loss.backward()  # parameter gradients wait for the model owner's loss weight
             rt.pending_loss_grads = True
