@@ -37,7 +37,7 @@ from ..errors import (
     TransportError,
     error_from_wire,
 )
-from ..transport.base import Transport
+from ..transport.base import Transport, TransportWrapper
 from . import tls
 from .server import CONTROL_OPS
 
@@ -319,23 +319,15 @@ class ChannelRouter:
             client.close()
 
 
-class DirectTransport(Transport):
+class DirectTransport(TransportWrapper):
     """Any transport, with segment ops over direct channels when the data owner allows them
     (``inner`` stays the control plane). :class:`~syft_split.transport.pysyft.PySyftTransport`
     does the same by itself (``direct=True``)."""
 
     def __init__(self, inner: Transport, *, timeout: float = 600.0) -> None:
-        super().__init__(max_response_bytes=inner.max_response_bytes)
-        self.inner = inner
+        super().__init__(inner)
         self.router = ChannelRouter(inner.request, lambda party: inner.user, timeout=timeout,
                                     max_response_bytes=inner.max_response_bytes)
-
-    @property
-    def user(self) -> str:
-        return self.inner.user
-
-    def parties(self) -> list[str]:
-        return self.inner.parties()
 
     def request(self, party: str, data: bytes) -> bytes:
         raw = self.router.route(party, data)

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 from .. import wire
 from ..errors import CallTimeoutError, ConfigError, TransportError, error_from_wire
 
-__all__ = ["Transport", "TrafficLog", "TrafficRecord", "MODEL_OWNER", "CallPolicy",
-           "READ_ONLY_OPS", "run_with_timeout"]
+__all__ = ["Transport", "TransportWrapper", "TrafficLog", "TrafficRecord", "MODEL_OWNER",
+           "CallPolicy", "READ_ONLY_OPS", "run_with_timeout"]
 
 T = TypeVar("T")
 
@@ -233,3 +233,27 @@ class Transport(ABC):
 
     def close(self) -> None:
         """Release what the transport holds (servers it launched, connections)."""
+
+
+class TransportWrapper(Transport):
+    """A transport around ``inner`` that adds something to each request (a delay, a record,
+    direct channels): same user and parties, its own traffic log and call policy (``inner``'s
+    by default); :meth:`close` closes ``inner``. Subclasses override :meth:`request`."""
+
+    def __init__(self, inner: Transport, *, policy: CallPolicy | None = None) -> None:
+        super().__init__(max_response_bytes=inner.max_response_bytes,
+                         policy=policy or inner.policy)
+        self.inner = inner
+
+    @property
+    def user(self) -> str:
+        return self.inner.user
+
+    def parties(self) -> list[str]:
+        return self.inner.parties()
+
+    def request(self, party: str, data: bytes) -> bytes:
+        return self.inner.request(party, data)
+
+    def close(self) -> None:
+        self.inner.close()

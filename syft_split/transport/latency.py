@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import wire
 from ..errors import ConfigError, error_from_wire
-from .base import MODEL_OWNER, Transport
+from .base import MODEL_OWNER, Transport, TransportWrapper
 
 __all__ = ["DelayedTransport", "submit_call"]
 
@@ -84,25 +84,17 @@ class _Link:
         self.back.stop()
 
 
-class DelayedTransport(Transport):
+class DelayedTransport(TransportWrapper):
     """``inner`` with ``seconds`` of added latency per call (see the module docstring)."""
 
     def __init__(self, inner: Transport, seconds: float) -> None:
         if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not (
                 0 <= seconds <= 60):
             raise ConfigError(f"seconds must be a delay in [0, 60], got {seconds!r}")
-        super().__init__(max_response_bytes=inner.max_response_bytes)
-        self.inner = inner
+        super().__init__(inner)
         self.seconds = float(seconds)
         self._links: dict[str, _Link] = {}
         self._lock = threading.Lock()
-
-    @property
-    def user(self) -> str:
-        return self.inner.user
-
-    def parties(self) -> list[str]:
-        return self.inner.parties()
 
     def _link(self, party: str) -> _Link:
         with self._lock:
