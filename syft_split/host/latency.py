@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +46,7 @@ from ..spec import OptimizerSpec, count_parameters, describe, module_from_spec, 
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, LABELS, SCALAR, TEXT, Call
 from .records import Dataset, Proposal, Runtime
+from .segments import nopeek_penalty, optimizer_step, release
 
 __all__ = ["LocalLossOps", "PipelineOps", "MAX_BATCHES_PER_CALL", "MAX_DELAY"]
 
@@ -60,60 +60,6 @@ def _int(value: Any, name: str, lo: int, hi: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise ValidationError(f"{name} must be an int in {lo}..{hi}, got {value!r:.60}")
     return value
-
-
-def _step(rt: Runtime,
-          extra: Sequence[tuple[nn.Module, torch.optim.Optimizer | None]] = ()) -> None:
-    """Optimizer steps on gradients already in place; refused if any gradient is non-finite."""
-    pairs = [(rt.module, rt.optimizer), *extra]
-    grads = [p.grad for m, _ in pairs for p in m.parameters() if p.grad is not None]
-    # one check for all: a norm is finite iff every entry is (and not astronomically large)
-    if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-        for _, opt in pairs:
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-        raise NonFiniteError(f"{rt.id}: non-finite weight gradients; nothing applied")
-    for _, opt in pairs:
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    rt.steps += 1
-
-
-def _release(rt: Runtime, out: torch.Tensor, ds: Dataset, idx: torch.Tensor
-             ) -> dict[str, torch.Tensor]:
-    """What leaves for a batch: the output (with the approved noise), and the labels only if
-    the proposal releases them (with the approved randomized response)."""
-    response: dict[str, torch.Tensor] = {}
-    sigma = rt.proposal.defences.get("noise_sigma", 0.0)
-    out = out.detach()
-    if sigma > 0:
-        from ..defences import gaussian_noise
-
-        out = gaussian_noise(out, sigma, rt.rng)
-    response["activation"] = out.contiguous()
-    if rt.proposal.release_labels:
-        assert ds.labels is not None
-        labels = ds.labels[idx].clone()
-        eps = rt.proposal.defences.get("label_epsilon", 0.0)
-        if eps > 0:
-            from ..defences import randomized_response
-
-            labels = randomized_response(labels, int(rt.proposal.defences["num_classes"]), eps,
-                                         rt.rng)
-        response["labels"] = labels
-    return response
-
-
-def _penalty(rt: Runtime, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
-    nopeek = rt.proposal.defences.get("nopeek", 0.0)
-    if nopeek <= 0:
-        return None
-    from ..defences import distance_correlation
-
-    penalty = nopeek * distance_correlation(x, out)
-    rt.last_penalty = float(penalty.detach())
-    return penalty
 
 
 def _plain_input(rt: Runtime, what: str) -> None:
@@ -263,14 +209,14 @@ class LocalLossOps(OpFamily):
             out = rt.module(x)
             logits = head.module(out)
             loss = loss_fn(logits, y)
-            penalty = _penalty(rt, x, out)
+            penalty = nopeek_penalty(rt, x, out)
             for opt in (rt.optimizer, head.optim):
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
             (loss if penalty is None else loss + penalty).backward()
-            _step(rt, [(head.module, head.optim)])
+            optimizer_step(rt, [(head.module, head.optim)])
             self.host.stepped(rt, None)  # the leakage watch re-measures locally trained weights
-            parts.append(_release(rt, out, ds, chunk))
+            parts.append(release(rt, out, ds, chunk))
             loss_sum += loss.detach() * int(chunk.shape[0])
             if logits.dim() == 2 and y.dim() == 1:
                 predicted.append(logits.detach())
@@ -351,7 +297,7 @@ class PipelineOps(OpFamily):
             g = item.params[name].grad
             p.grad = None if g is None else g.detach().clone()
         pipe.pending.popleft()
-        _step(rt)
+        optimizer_step(rt)
         rt.extra["pending_labels"] = item.labels
         self.host.stepped(rt, grad)
 
@@ -380,8 +326,8 @@ class PipelineOps(OpFamily):
         params = {n: p.detach().clone().requires_grad_(True)
                   for n, p in rt.module.named_parameters()}
         out = torch.func.functional_call(rt.module, params, (x,))
-        released = _release(rt, out, ds, idx)
-        pipe.pending.append(_Pending(params, out, _penalty(rt, x, out), released.get("labels")))
+        released = release(rt, out, ds, idx)
+        pipe.pending.append(_Pending(params, out, nopeek_penalty(rt, x, out), released.get("labels")))
         pipe.next_seq = (0 if restart else pipe.next_seq) + 1
         call.rows = int(idx.shape[0])
         return {**released, "pending": len(pipe.pending)}

@@ -25,34 +25,78 @@ re-runs it (:func:`rerun_pending`) and gets the very same pending step back.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import NonFiniteError, ProtocolError, ShapeError, ValidationError
 from ..losses import LOSSES
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, CIPHERTEXT, GRAD_INPUT, LABELS, SCALAR, Call
-from .records import ROLES, Runtime
+from .records import ROLES, Dataset, Runtime
 
-__all__ = ["SegmentOps", "apply_grad", "rerun_pending", "segment_rng"]
+__all__ = ["SegmentOps", "apply_grad", "rerun_pending", "segment_rng", "optimizer_step", "release",
+           "nopeek_penalty"]
 
 
-def _step(rt: Runtime) -> None:
-    """The optimizer step on gradients already in the parameters; refused (nothing applied)
-    if any of them is non-finite."""
-    params = [p for p in rt.module.parameters() if p.grad is not None]
-    if params and not bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all()):  # type: ignore[arg-type]
-        if rt.optimizer is not None:
-            rt.optimizer.zero_grad(set_to_none=True)
+def optimizer_step(rt: Runtime, extra: Sequence[tuple[nn.Module,
+                                                    torch.optim.Optimizer | None]] = ()) -> None:
+    """The optimizer step on gradients already in the parameters (of the segment, and of the
+    ``extra`` modules trained with it, e.g. a local-loss head); refused, nothing applied, if
+    any of them is non-finite."""
+    pairs = [(rt.module, rt.optimizer), *extra]
+    grads = [p.grad for m, _ in pairs for p in m.parameters() if p.grad is not None]
+    # one check for all: a norm is finite iff every entry is (and not astronomically large)
+    if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+        for _, opt in pairs:
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
         raise NonFiniteError(f"{rt.id}: the gradient makes this segment's weight gradients "
                              "non-finite; nothing applied")
-    if rt.optimizer is not None:
-        rt.optimizer.step()
-        rt.optimizer.zero_grad(set_to_none=True)
+    for _, opt in pairs:
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     rt.steps += 1
+
+
+def release(rt: Runtime, out: torch.Tensor, ds: Dataset | None, idx: torch.Tensor | None
+            ) -> dict[str, torch.Tensor]:
+    """What leaves for a batch: the output (with the approved Gaussian noise), and the labels
+    only if the proposal releases them (with the approved randomized response)."""
+    sigma = rt.proposal.defences.get("noise_sigma", 0.0)
+    out = out.detach()
+    if sigma > 0:
+        from ..defences import gaussian_noise
+
+        out = gaussian_noise(out, sigma, rt.rng)
+    response = {"activation": out.contiguous()}
+    if rt.proposal.release_labels and ds is not None and idx is not None:
+        assert ds.labels is not None
+        labels = ds.labels[idx].clone()
+        eps = rt.proposal.defences.get("label_epsilon", 0.0)
+        if eps > 0:
+            from ..defences import randomized_response
+
+            labels = randomized_response(labels, int(rt.proposal.defences["num_classes"]), eps,
+                                         rt.rng)
+        response["labels"] = labels
+    return response
+
+
+def nopeek_penalty(rt: Runtime, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+    """The data owner's own NoPeek term (distance correlation), if the proposal asks for one."""
+    nopeek = rt.proposal.defences.get("nopeek", 0.0)
+    if nopeek <= 0:
+        return None
+    from ..defences import distance_correlation
+
+    penalty = nopeek * distance_correlation(x, out)
+    rt.last_penalty = float(penalty.detach())
+    return penalty
 
 
 @contextmanager
@@ -92,7 +136,7 @@ def apply_grad(rt: Runtime, grad: torch.Tensor) -> torch.Tensor | None:
         torch.autograd.backward([output, penalty], [grad, torch.ones_like(penalty)])
     else:
         output.backward(grad)
-    _step(rt)
+    optimizer_step(rt)
     grad_in = x.grad if x is not None else None
     return None if grad_in is None else grad_in.detach()
 
@@ -114,7 +158,7 @@ def _apply_loss_step(rt: Runtime, scale: float) -> None:
     for p in rt.module.parameters():
         if p.grad is not None:
             p.grad.mul_(scale)
-    _step(rt)
+    optimizer_step(rt)
 
 
 @register_family
@@ -155,24 +199,9 @@ class SegmentOps(OpFamily):
         if rt.he is not None:  # only ciphertexts of the approved output leave
             response["he_input"] = rt.he.encrypt_input(out.detach().flatten(1), need_grad=train)
             return response
-        sigma = rt.proposal.defences.get("noise_sigma", 0.0)
-        if sigma > 0:
-            from ..defences import gaussian_noise
-
-            out = gaussian_noise(out.detach(), sigma, rt.rng)
-        response["activation"] = out.detach().contiguous()
-        if rt.proposal.release_labels and ds is not None and idx is not None:
-            assert ds.labels is not None
-            labels = ds.labels[idx].clone()
-            eps = rt.proposal.defences.get("label_epsilon", 0.0)
-            if eps > 0:
-                from ..defences import randomized_response
-
-                classes = int(rt.proposal.defences["num_classes"])
-                labels = randomized_response(labels, classes, eps, rt.rng)
-            response["labels"] = labels
-            if train:  # the labels this step's gradient will answer to (the leakage watch)
-                rt.extra["pending_labels"] = labels
+        response.update(release(rt, out, ds, idx))
+        if train and "labels" in response:  # what this step's gradient answers to (the watch)
+            rt.extra["pending_labels"] = response["labels"]
         return response
 
     @staticmethod
@@ -192,12 +221,7 @@ class SegmentOps(OpFamily):
             out = rt.module(x)
         rt.pending_input = x if rt.proposal.role == "middle" else None
         rt.pending_output = out
-        nopeek = rt.proposal.defences.get("nopeek", 0.0)
-        if nopeek > 0:
-            from ..defences import distance_correlation
-
-            rt.pending_penalty = nopeek * distance_correlation(x, out)
-            rt.last_penalty = float(rt.pending_penalty.detach())
+        rt.pending_penalty = nopeek_penalty(rt, x, out)
         return out
 
     @op("backward", roles=ROLES, mutates=True,
