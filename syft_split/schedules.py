@@ -106,9 +106,11 @@ class ServerCopies:
         self.states[source] = self._snapshot()
 
     def average(self, weights: dict[str, float]) -> None:
+        """Every copy becomes the weighted average; a source missing from ``weights`` (it had
+        no batch this round) counts with weight 0 and also continues from the average."""
         sources = list(self.states)
         per_module = [
-            _mean([self.states[s][0][k] for s in sources], [weights[s] for s in sources])
+            _mean([self.states[s][0][k] for s in sources], [weights.get(s, 0.0) for s in sources])
             for k in range(len(self.session.local))
         ]
         for s in sources:

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .ledger import CostLedger
 from .report import EpochRecord, RunReport
 from .schedules import SCHEDULES, ServerCopies, average_segments, relay_weights
 from .session import SplitSession, StepMetrics
@@ -23,6 +24,13 @@ class Trainer:
     (or task name -> label tensor, for multi-task plans), aligned with that source's records.
     ``schedule`` is one of :data:`~syft_split.schedules.SCHEDULES` (see that module);
     ``relay_via`` is ``"model_owner"`` or ``"peer"`` for the relay schedule.
+
+    SplitFed rounds run every data owner of a round concurrently (:mod:`syft_split.rounds`):
+    ``max_workers`` bounds the calls in flight (``None``: one per data owner, up to 32, when the
+    plan allows it; ``1``: one data owner after the other), ``party_deadline_s`` is each data
+    owner's time per phase of a round before it is dropped and reported
+    (``report.party_failures``). Every report counts FLOPs and peak memory per party
+    (:mod:`syft_split.ledger`) next to bytes.
     """
 
     def __init__(self, session: SplitSession, *, batch_size: int = 64,
@@ -30,7 +38,8 @@ class Trainer:
                  labels: dict[str, dict[str, Any]] | None = None, seed: int = 0,
                  progress: bool = True, config: dict[str, Any] | None = None,
                  schedule: str = "round_robin", relay_via: str = "model_owner",
-                 measure_leakage: bool = True) -> None:
+                 measure_leakage: bool = True, max_workers: int | None = None,
+                 party_deadline_s: float | None = None) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if relay_via not in ("model_owner", "peer"):
@@ -57,6 +66,20 @@ class Trainer:
             "schedule": schedule,
             **(config or {}),
         })
+        self.ledger = CostLedger()
+        self._rounds = self._concurrent_rounds(max_workers, party_deadline_s)
+
+    def _concurrent_rounds(self, max_workers: int | None, deadline_s: float | None) -> Any:
+        from .rounds import SplitFedRounds, unsupported
+
+        if self.schedule not in ("splitfed_v1", "splitfed_v2") or max_workers == 1:
+            return None
+        if max_workers is None:
+            if unsupported(self.session):
+                return None
+            max_workers = min(32, max(1, len(self.session.plan.sources)))
+        self.report.config["max_workers"] = max_workers
+        return SplitFedRounds(self, max_workers=max_workers, deadline_s=deadline_s)
 
     def _label(self, source: str, dataset: str, idx: torch.Tensor) -> Any:
         y = self.labels.get(source, {}).get(dataset)
@@ -101,13 +124,17 @@ class Trainer:
             self._server_copies.save(party)
         if end_of_round and self.schedule in ("splitfed_v1", "splitfed_v2"):
             self.session.flush()
-            average_segments(self.session, list(round_sizes), list(round_sizes.values()))
+            # a data owner without a batch this round counts with weight 0 (gets the average)
+            sources = self.session.plan.sources
+            average_segments(self.session, sources, [round_sizes.get(p, 0.0) for p in sources])
             if self._server_copies is not None:
                 self._server_copies.average(round_sizes)
             round_sizes.clear()
 
     def train_epoch(self, epoch: int = 0) -> StepMetrics:
         """One pass over every source's training records, in the schedule's order."""
+        if self._rounds is not None:
+            return self._rounds.train_epoch(epoch)  # type: ignore[no-any-return]
         s = self.session
         loss_sum, correct, count = 0.0, 0, 0
         bar = tqdm(self._order(self._batches()), desc=f"epoch {epoch}",
@@ -120,6 +147,7 @@ class Trainer:
                              dataset=self.train_dataset)
             loss.backward()
             s.step()
+            self.ledger.session_step(s, party, int(idx.shape[0]))
             self._after(party, idx, end_of_round, round_sizes)
             self.report.steps += 1
             loss_sum += m.loss * m.count
@@ -140,6 +168,7 @@ class Trainer:
             for idx in torch.arange(n).split(min(batch_size, s.plan.max_batch)):
                 m = s.evaluate_batch(party, idx, self._label(party, dataset, idx),
                                      dataset=dataset)
+                self.ledger.session_step(s, party, int(idx.shape[0]), train=False)
                 loss_sum += m.loss * m.count
                 correct += m.correct
                 count += m.count
@@ -160,6 +189,8 @@ class Trainer:
                 test_accuracy=test["accuracy"] if test else None,
                 steps=self.report.steps, seconds=time.perf_counter() - t0,
                 bytes_by_party=traffic.bytes_by_party(),
+                flops_by_party=self.ledger.flops_by_party(),
+                round_seconds=list(getattr(self._rounds, "epoch_round_seconds", [])),
             )
             self.report.epochs.append(rec)
             if verbose:
@@ -181,4 +212,6 @@ class Trainer:
         self.report.transport_calls = self.session.transport.calls
         self.report.bytes_by_party = traffic.bytes_by_party()
         self.report.bytes_by_direction = traffic.bytes_by_direction()
+        self.report.flops_by_party = self.ledger.flops_by_party()
+        self.report.peak_memory_by_party = self.ledger.peak_memory_by_party()
         return self.report

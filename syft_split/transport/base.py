@@ -7,6 +7,7 @@ is shared, so the in-process and PySyft transports differ only in :meth:`Transpo
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -35,17 +36,26 @@ class TrafficRecord:
 
 @dataclass
 class TrafficLog:
-    """Every message a transport carried, and byte totals per party and direction."""
+    """Every message a transport carried, and byte totals per party and direction.
+
+    Safe to add to from several threads (concurrent calls to different parties)."""
 
     records: list[TrafficRecord] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, src: str, dst: str, op: str, nbytes: int, fields: tuple[str, ...]) -> None:
-        self.records.append(TrafficRecord(src, dst, op, nbytes, fields))
+        with self._lock:
+            self.records.append(TrafficRecord(src, dst, op, nbytes, fields))
+
+    def snapshot(self) -> list[TrafficRecord]:
+        """The records so far (a copy; safe while other threads add)."""
+        with self._lock:
+            return list(self.records)
 
     def bytes_by_party(self) -> dict[str, dict[str, int]]:
         """``{party: {"sent": n, "received": n}}`` over all records."""
         out: dict[str, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
-        for r in self.records:
+        for r in self.snapshot():
             out[r.src]["sent"] += r.nbytes
             out[r.dst]["received"] += r.nbytes
         return {k: dict(v) for k, v in out.items()}
@@ -53,16 +63,17 @@ class TrafficLog:
     def bytes_by_direction(self) -> dict[str, int]:
         """``{"src->dst": n}`` over all records."""
         out: dict[str, int] = defaultdict(int)
-        for r in self.records:
+        for r in self.snapshot():
             out[f"{r.src}->{r.dst}"] += r.nbytes
         return dict(out)
 
     def fields_sent_by(self, party: str) -> set[str]:
         """Names of every field ``party`` ever sent (e.g. to assert labels never left)."""
-        return {f for r in self.records if r.src == party for f in r.fields}
+        return {f for r in self.snapshot() if r.src == party for f in r.fields}
 
     def clear(self) -> None:
-        self.records.clear()
+        with self._lock:
+            self.records.clear()
 
 
 class Transport(ABC):
@@ -70,6 +81,11 @@ class Transport(ABC):
 
     Subclasses implement :meth:`request` only. :meth:`call` encodes, counts, decodes, and
     re-raises a host's error as the same :mod:`syft_split.errors` class.
+
+    Calls to *different* parties may run concurrently from several threads (the counters and
+    the traffic log are locked; :meth:`request` of the built-in transports serialises calls
+    to the same party). ``seconds_in_transport`` sums every call's duration, so it can exceed
+    wall time when calls overlap.
     """
 
     def __init__(self, *, max_response_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
@@ -77,6 +93,7 @@ class Transport(ABC):
         self.max_response_bytes = max_response_bytes
         self.seconds_in_transport = 0.0
         self.calls = 0
+        self._counter_lock = threading.Lock()
 
     @property
     @abstractmethod
@@ -97,8 +114,9 @@ class Transport(ABC):
         self.traffic.add(MODEL_OWNER, party, op, len(data), tuple(fields))
         t0 = time.perf_counter()
         raw = self.request(party, data)
-        self.seconds_in_transport += time.perf_counter() - t0
-        self.calls += 1
+        with self._counter_lock:
+            self.seconds_in_transport += time.perf_counter() - t0
+            self.calls += 1
         response = wire.decode(raw, max_bytes=self.max_response_bytes)
         self.traffic.add(party, MODEL_OWNER, op, len(raw), tuple(response))
         if "error" in response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from ..errors import TransportError
 from ..host import DataOwnerHost
 from .base import Transport
@@ -13,7 +15,8 @@ class InProcessTransport(Transport):
     """Reach :class:`~syft_split.host.DataOwnerHost` objects in this process, as ``user``.
 
     Requests and responses cross as bytes (:mod:`syft_split.wire`): nothing is shared by
-    reference between the parties, exactly as on a real network.
+    reference between the parties, exactly as on a real network. Calls to different parties
+    may run concurrently; calls to one party are answered one at a time (as a datasite does).
     """
 
     def __init__(self, hosts: list[DataOwnerHost] | None = None, *,
@@ -21,6 +24,7 @@ class InProcessTransport(Transport):
         super().__init__()
         self._user = user
         self._hosts: dict[str, DataOwnerHost] = {}
+        self._locks: dict[str, threading.Lock] = {}
         for host in hosts or []:
             self.add_host(host)
 
@@ -33,6 +37,7 @@ class InProcessTransport(Transport):
         if host.name in self._hosts:
             raise TransportError(f"a host named {host.name!r} is already connected")
         self._hosts[host.name] = host
+        self._locks[host.name] = threading.Lock()
 
     def parties(self) -> list[str]:
         return list(self._hosts)
@@ -41,4 +46,5 @@ class InProcessTransport(Transport):
         host = self._hosts.get(party)
         if host is None:
             raise TransportError(f"unknown party {party!r}; connected: {sorted(self._hosts)}")
-        return host.handle(self._user, bytes(data))
+        with self._locks[party]:
+            return host.handle(self._user, bytes(data))

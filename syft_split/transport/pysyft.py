@@ -22,6 +22,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,9 @@ class PySyftTransport(Transport):
     With ``cleanup=True`` (default) each call tells the endpoint to delete the action object
     PySyft stored for the previous call to the same party, so a datasite holds at most one
     result per transport and party (the last one stays).
+
+    Calls to different parties may run concurrently from several threads (each party has
+    its own client); calls to one party are serialised here.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class PySyftTransport(Transport):
         self.path = path
         self.cleanup = cleanup
         self._done: dict[str, str] = {}
+        self._locks = {p: threading.Lock() for p in self._clients}
         self._users = {p: str(getattr(c, "logged_in_user", "") or "") for p, c in clients.items()}
         #: the datasites behind the parties, when this process launched them (not closed here)
         self.datasites: dict[str, LaunchedDatasite] = dict(datasites or {})
@@ -102,14 +107,15 @@ class PySyftTransport(Transport):
 
     def request(self, party: str, data: bytes) -> bytes:
         client = self._client(party)
-        kwargs: dict[str, Any] = {"request": bytes(data)}
-        done = self._done.pop(party, "")
-        if done:
-            kwargs["done"] = done
-        raw, result_id = call_endpoint(client, self.path, **kwargs)
-        if self.cleanup:
-            self._done[party] = result_id
-        return raw
+        with self._locks[party]:
+            kwargs: dict[str, Any] = {"request": bytes(data)}
+            done = self._done.pop(party, "")
+            if done:
+                kwargs["done"] = done
+            raw, result_id = call_endpoint(client, self.path, **kwargs)
+            if self.cleanup:
+                self._done[party] = result_id
+            return raw
 
 
 def free_port() -> int:
