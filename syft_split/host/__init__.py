@@ -2,14 +2,14 @@
 
 :class:`DataOwnerHost` (in :mod:`.core`) dispatches each model-owner op to the op family that
 declares it; importing this package registers the built-in families (proposals and review,
-segment steps, weights, leakage). Alignment (:mod:`syft_split.alignment`) and encryption
-(:mod:`syft_split.he_host`) register themselves from their own modules when ``syft_split`` is
+segment steps, weights, leakage, federated training). Alignment (:mod:`syft_split.alignment`)
+and encryption (:mod:`syft_split.he_host`) register themselves from their own modules when ``syft_split`` is
 imported.
 """
 
 from __future__ import annotations
 
-from . import proposals, segments, watch, weights  # noqa: F401  (register the families)
+from . import federated, proposals, segments, watch, weights  # noqa: F401  (register the families)
 from .core import DataOwnerHost
 from .dispatch import OpFamily, op, owner_op, register_family
 from .guard import Call, Guard
