@@ -302,9 +302,7 @@ class SplitFedRounds:
         done = self._each("backward", grads, backward)
         timing.backward_s = time.perf_counter() - t0
         for p in list(out.metrics):
-            if p in done:
-                tr.ledger.session_step(s, p, int(index[p].shape[0]))
-            else:
+            if p not in done:
                 del out.metrics[p]
 
         t0 = time.perf_counter()
@@ -328,6 +326,8 @@ class SplitFedRounds:
         timing.seconds = time.perf_counter() - t_round
         timing.parties = len(out.metrics)
         self.timings.append(timing)
+        for p in out.metrics:  # the cost ledger (counted on copies here, outside the timing)
+            tr.ledger.session_step(s, p, int(index[p].shape[0]))
         self.rounds_run += 1
         if todo and not out.metrics:
             why = "; ".join(f"{f.party} ({f.phase}): {f.error}" for f in self.failures[n_failed:])
