@@ -62,7 +62,9 @@ class PySyftTransport(Transport):
     result per transport and party (the last one stays).
 
     Calls to different parties may run concurrently from several threads (each party has
-    its own client); calls to one party are serialised here.
+    its own client); calls to one party are serialised here, and so are all calls to
+    datasites embedded in this process (PySyft's in-process servers are not safe to enter
+    from several threads at once: concurrent calls failed inside PySyft, measured).
     """
 
     def __init__(
@@ -81,7 +83,9 @@ class PySyftTransport(Transport):
         self.path = path
         self.cleanup = cleanup
         self._done: dict[str, str] = {}
-        self._locks = {p: threading.Lock() for p in self._clients}
+        embedded = threading.Lock()
+        self._locks = {p: embedded if _embedded(c) else threading.Lock()
+                       for p, c in self._clients.items()}
         self._users = {p: str(getattr(c, "logged_in_user", "") or "") for p, c in clients.items()}
         #: the datasites behind the parties, when this process launched them (not closed here)
         self.datasites: dict[str, LaunchedDatasite] = dict(datasites or {})
@@ -116,6 +120,11 @@ class PySyftTransport(Transport):
             if self.cleanup:
                 self._done[party] = result_id
             return raw
+
+
+def _embedded(client: Any) -> bool:
+    """Whether ``client`` reaches a datasite running inside this process."""
+    return type(getattr(client, "connection", None)).__name__ == "PythonConnection"
 
 
 def free_port() -> int:
