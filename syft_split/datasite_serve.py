@@ -17,7 +17,10 @@ The caller side (install, console, ``call_endpoint``) is :mod:`syft_split.datasi
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
+import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -112,6 +115,14 @@ def _entry(context: Any) -> _Entry:
             host = _build_host(context, settings)
             entry = _Entry(instance, host, serving_lock(host))
             _ENTRIES[key] = entry
+            # PySyft builds two throw-away clients per call; their garbage made the cyclic GC
+            # scan the whole server heap every few calls (1-2 s stalls, measured). In a server
+            # process of its own, what exists now (server, imports, host) is long-lived:
+            # exempt it from collection. Never in a process that runs other code too.
+            # SYFT_SPLIT_GC_FREEZE=1/0 forces it (e.g. 1 in a datasite container).
+            freeze = os.environ.get("SYFT_SPLIT_GC_FREEZE", "")
+            if freeze == "1" or (freeze != "0" and multiprocessing.parent_process() is not None):
+                gc.freeze()
     return entry
 
 

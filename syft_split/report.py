@@ -1,4 +1,5 @@
-"""The per-run ledger: config, per-epoch metrics, steps, wall time, bytes per party; JSON + PNG."""
+"""The per-run ledger: config, per-epoch metrics, steps, wall time, bytes, FLOPs and peak memory
+per party (see :mod:`syft_split.ledger`), parties that failed a round; JSON + PNG."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ class EpochRecord:
     bytes_by_party: dict[str, dict[str, int]]
     #: each data owner's live leakage watch at the end of the epoch (figures, or halted)
     watch: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: cumulative FLOPs per party so far: {"forward", "backward", "eval"} (syft_split.ledger)
+    flops_by_party: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: seconds of each concurrent round of this epoch (SplitFed with max_workers > 1)
+    round_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -36,12 +41,23 @@ class RunReport:
     transport_calls: int = 0
     bytes_by_party: dict[str, dict[str, int]] = field(default_factory=dict)
     bytes_by_direction: dict[str, int] = field(default_factory=dict)
+    #: FLOPs per party over the run: {"forward", "backward", "eval"} (syft_split.ledger)
+    flops_by_party: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: peak tensor bytes of one training step per party (syft_split.ledger)
+    peak_memory_by_party: dict[str, int] = field(default_factory=dict)
+    #: data owners that failed a round and were dropped: {"party", "round", "phase", "error"}
+    party_failures: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
     @property
     def final_test_accuracy(self) -> float | None:
         return self.epochs[-1].test_accuracy if self.epochs else None
+
+    def training_tflops(self, party: str) -> float:
+        """Forward + backward TFLOPs ``party`` spent training in this run."""
+        row = self.flops_by_party.get(party, {})
+        return (row.get("forward", 0) + row.get("backward", 0)) / 1e12
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,13 +72,14 @@ class RunReport:
         return path
 
     def plot(self, path: str | Path) -> None:
-        """Loss/accuracy curves per epoch and bytes sent/received per party."""
+        """Loss/accuracy curves per epoch, bytes sent/received and training GFLOPs per party."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+        panels = 5 if self.flops_by_party else 4
+        fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.6))
         ep = [e.epoch for e in self.epochs]
         axes[0].plot(ep, [e.train_loss for e in self.epochs], "o-", label="train")
         if any(e.test_loss is not None for e in self.epochs):
@@ -93,6 +110,12 @@ class RunReport:
                     xlabel="epoch")
         if watched:
             axes[3].legend()
+        if self.flops_by_party:
+            names = sorted(self.flops_by_party)
+            gflops = [self.training_tflops(p) * 1e3 for p in names]
+            axes[4].bar(range(len(names)), gflops)
+            axes[4].set_xticks(list(range(len(names))), names, rotation=15)
+            axes[4].set(title="training GFLOPs per party")
         fig.tight_layout()
         fig.savefig(path, dpi=90)
         plt.close(fig)

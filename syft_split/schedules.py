@@ -22,7 +22,7 @@ not even the average. A round in which a data owner drops out aborts (nothing is
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -73,28 +73,60 @@ class SecureAverage:
         self.session = session
         self.round: int | None = None
 
-    def __call__(self, sources: Sequence[str], weights: Sequence[float]) -> None:
-        """Replace each source's copy of every shared segment by their weighted average."""
+    def __call__(self, sources: Sequence[str], weights: Sequence[float], *,
+                 each: Each | None = None) -> dict[str, BaseException]:
+        """Replace each source's copy of every shared segment by their weighted average (a
+        source with weight 0 contributes nothing and receives the average).
+
+        ``each(keys, fn) -> (results, errors)`` runs one phase's calls (contribute, then
+        aggregate) for every data owner, e.g. concurrently (:func:`syft_split.rounds.run_each`);
+        then a failed phase stops the round and the failures are returned (a failed
+        contribute: nobody loads; a failed aggregate: the others have loaded). Without
+        ``each`` the calls run one after the other and a failure raises."""
         _require_peer(self.session)
         if len(sources) != len(weights):
             raise ConfigError(f"{len(sources)} sources but {len(weights)} weights")
         if len(set(sources)) < 2:
-            return  # the average of one copy is that copy
+            return {}  # the average of one copy is that copy
+        run = each or _one_after_the_other
         nodes = input_nodes(self.session)
         if self.round is None:
-            self.round = max(self.session._seg(s, i).secagg_round()
-                             for s in sources for i in nodes)
+            rounds, failed = run(list(sources), lambda s: max(
+                self.session._seg(s, i).secagg_round() for i in nodes))
+            if failed:
+                return failed
+            self.round = max(rounds.values())
         self.round += 1
         w = {s: float(x) for s, x in zip(sources, weights)}
         for i in nodes:
-            segs = {s: self.session._seg(s, i) for s in sources}
-            members = {seg.party: seg.segment_id for seg in segs.values()}
-            sealed = {s: seg.secagg_contribute(f"node{i}", self.round, members,
-                                               {segs[o].party: w[o] for o in segs})
-                      for s, seg in segs.items()}
-            for s, seg in segs.items():
-                seg.secagg_aggregate(self.round, {segs[o].party: sealed[o][seg.party]
-                                                  for o in segs if o != s})
+            failed = self._node(i, sources, w, run)
+            if failed:
+                return failed
+        return {}
+
+    def _node(self, i: int, sources: Sequence[str], w: dict[str, float], run: Each
+              ) -> dict[str, BaseException]:
+        """One round of node ``i``'s copies: every member contributes, then aggregates."""
+        segs = {s: self.session._seg(s, i) for s in sources}
+        members = {seg.party: seg.segment_id for seg in segs.values()}
+        rnd = self.round
+        assert rnd is not None
+        sealed, failed = run(list(segs), lambda s: segs[s].secagg_contribute(
+            f"node{i}", rnd, members, {segs[o].party: w[o] for o in segs}))
+        if failed:
+            return failed
+        _, failed = run(list(segs), lambda s: segs[s].secagg_aggregate(
+            rnd, {segs[o].party: sealed[o][segs[s].party] for o in segs if o != s}))
+        return failed
+
+
+#: runs ``fn(key)`` for every key; returns (results, errors) by key
+Each = Callable[[list[str], Callable[[str], Any]], tuple[dict[str, Any], dict[str, BaseException]]]
+
+
+def _one_after_the_other(keys: list[str], fn: Callable[[str], Any]
+                         ) -> tuple[dict[str, Any], dict[str, BaseException]]:
+    return {k: fn(k) for k in keys}, {}
 
 
 def average_segments(session: SplitSession, sources: Sequence[str],
@@ -143,9 +175,11 @@ class ServerCopies:
         self.states[source] = self._snapshot()
 
     def average(self, weights: dict[str, float]) -> None:
+        """Every copy becomes the weighted average; a source missing from ``weights`` (it had
+        no batch this round) counts with weight 0 and also continues from the average."""
         sources = list(self.states)
         per_module = [
-            _mean([self.states[s][0][k] for s in sources], [weights[s] for s in sources])
+            _mean([self.states[s][0][k] for s in sources], [weights.get(s, 0.0) for s in sources])
             for k in range(len(self.session.local))
         ]
         for s in sources:

@@ -7,6 +7,8 @@
 
 ``session.loss(party, idx)`` works in every setting (it computes the loss where the labels
 are: at the model owner, or at the data owner in the U-shaped setting).
+``session.to("cuda")`` runs the model owner's segments on a GPU; everything on the wire stays
+CPU tensors (moved on arrival and before sending).
 """
 
 from __future__ import annotations
@@ -78,6 +80,30 @@ class SplitSession:
         self.metadata: dict[str, dict[str, Any]] = {}
         #: the encrypted layer's model-owner side (HE-protected plans only)
         self.he = HEState(self, plan.encrypted) if plan.encrypted is not None else None
+        #: where the model owner's segments compute (see :meth:`to`)
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> SplitSession:
+        """Run the model owner's segments (parameters and optimizer state) on ``device``.
+
+        Activations arriving from data owners move there; gradients and activations leaving
+        go back to the CPU for the wire. HE-protected plans stay on the CPU."""
+        device = torch.device(device)
+        if self.plan.encrypted is not None and device.type != "cpu":
+            raise ConfigError(f"an HE-protected plan computes on the CPU; cannot move to {device}")
+        for m in self.local.values():
+            m.to(device)
+        for opt in self.optimizers:
+            for state in opt.state.values():
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor) and k != "step":  # Adam keeps step on CPU
+                        state[k] = v.to(device)
+        self.device = device
+        return self
+
+    def _wire(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as it goes on the wire (CPU; differentiable)."""
+        return t if t.device.type == "cpu" else t.cpu()
 
     # ------------------------------------------------------------------ placement
     def _host(self, source: str, i: int) -> str:
@@ -98,7 +124,7 @@ class SplitSession:
 
     def _merge(self, i: int, values: dict[int, torch.Tensor]) -> torch.Tensor:
         node = self.plan.nodes[i]
-        xs = [values[j] for j in node.inputs]
+        xs = [values[j].to(self.device) for j in node.inputs]
         if len(xs) == 1:
             return xs[0]
         if node.merge == "concat":
@@ -126,6 +152,8 @@ class SplitSession:
                         raise ConfigError(f"{self._host(source, i)} has no datasets {missing}; "
                                           f"it has {sorted(meta)}")
                     x = torch.zeros((2, *meta[self.plan.datasets[0]]["feature_shape"]))
+                at = next((p.device for p in node.module.parameters()), None)
+                x = x if at is None else x.to(at)
                 was = node.module.training
                 node.module.eval()
                 enc = self.plan.encrypted
@@ -254,7 +282,8 @@ class SplitSession:
             node = next(i for i, n in enumerate(self.plan.nodes) if not n.inputs)
         return ActivationPointer(self._seg(source, node), torch.as_tensor(indices), None, dataset)
 
-    def _graph(self, source: str, indices: torch.Tensor, dataset: str | None
+    def _graph(self, source: str, indices: torch.Tensor, dataset: str | None,
+               inputs: dict[int, torch.Tensor] | None = None,
                ) -> tuple[dict[int, torch.Tensor], dict[str, tuple[torch.Tensor, dict[str, Any]]]]:
         values: dict[int, torch.Tensor] = {}
         remote_losses: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
@@ -267,16 +296,20 @@ class SplitSession:
                 continue  # its activation only ever travels encrypted, into the layer above
             elif node.owner == MODEL_OWNER:
                 values[i] = node.module(self._merge(i, values))
+            elif not node.inputs and inputs is not None and i in inputs:
+                values[i] = inputs[i].to(self.device)  # fetched already (concurrent rounds)
             elif not node.inputs:
-                values[i] = self.send_forward(source, indices, dataset=dataset, node=i).resolve()
+                values[i] = self.send_forward(source, indices, dataset=dataset,
+                                              node=i).resolve().to(self.device)
             elif self.plan.remote_loss_node(i):
                 task = self.plan.task_at(i)
                 assert task is not None
-                remote_losses[task.name] = remote_loss(self._merge(i, values),
+                remote_losses[task.name] = remote_loss(self._wire(self._merge(i, values)),
                                                        self._seg(source, i), indices, dataset)
             else:
                 values[i] = ActivationPointer(self._seg(source, i), None,
-                                              self._merge(i, values), dataset).resolve()
+                                              self._wire(self._merge(i, values)),
+                                              dataset).resolve().to(self.device)
         return values, remote_losses
 
     def forward(self, source: str, indices: torch.Tensor, *,
@@ -291,11 +324,17 @@ class SplitSession:
 
     def loss(self, source: str, indices: torch.Tensor,
              labels: torch.Tensor | dict[str, torch.Tensor] | None = None, *,
-             dataset: str | None = None) -> tuple[torch.Tensor, StepMetrics]:
+             dataset: str | None = None,
+             inputs: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, StepMetrics]:
         """The training loss (weighted sum over tasks) wherever the labels are; call
-        ``.backward()`` on it, then :meth:`step`."""
+        ``.backward()`` on it, then :meth:`step`.
+
+        ``inputs``: activations of data-owner input segments fetched already (node index ->
+        a leaf tensor that requires grad, from :meth:`RemoteSegment.forward`); those segments
+        are not called, and sending their gradients is the caller's job
+        (:mod:`syft_split.rounds` fetches a round's activations concurrently this way)."""
         indices = torch.as_tensor(indices)
-        values, remote = self._graph(source, indices, dataset)
+        values, remote = self._graph(source, indices, dataset, inputs)
         total: torch.Tensor | None = None
         per_task: dict[str, dict[str, float]] = {}
         for task in self.plan.tasks:
@@ -304,7 +343,7 @@ class SplitSession:
                 correct = int(m["correct"])
             else:
                 out = values[task.node]
-                y = self._labels(source, task, labels)
+                y = self._labels(source, task, labels).to(out.device)
                 loss = LOSSES[task.loss](out, y)
                 correct = _correct(out, y)
             per_task[task.name] = {"loss": float(loss.detach()), "correct": correct}
@@ -383,22 +422,24 @@ class SplitSession:
                     values[i] = node.module(self._merge(i, values))
                 elif not node.inputs:
                     values[i] = self._seg(source, i).forward(indices=indices, dataset=dataset,
-                                                             train=False)
+                                                             train=False).to(self.device)
                 elif self.plan.remote_loss_node(i) and task is not None:
-                    r = self._seg(source, i).loss_step(self._merge(i, values), indices,
-                                                       dataset=dataset, train=False)
+                    r = self._seg(source, i).loss_step(self._wire(self._merge(i, values)),
+                                                       indices, dataset=dataset, train=False)
                     per_task[task.name] = {"loss": r["loss_sum"] / r["count"],
                                            "correct": int(r["correct"])}
                 else:
-                    values[i] = self._seg(source, i).forward(x=self._merge(i, values),
-                                                             dataset=dataset, train=False)
+                    values[i] = self._seg(source, i).forward(
+                        x=self._wire(self._merge(i, values)), dataset=dataset,
+                        train=False).to(self.device)
         finally:
             for m in self.local.values():
                 m.train()
         for task in self.plan.tasks:
             if task.name in per_task:
                 continue
-            out, y = values[task.node], self._labels(source, task, labels)
+            out = values[task.node]
+            y = self._labels(source, task, labels).to(out.device)
             per_task[task.name] = {"loss": float(LOSSES[task.loss](out, y)),
                                    "correct": _correct(out, y)}
         total = sum(t.weight * per_task[t.name]["loss"] for t in self.plan.tasks)
@@ -406,8 +447,8 @@ class SplitSession:
         return StepMetrics(float(total), int(first["correct"]), int(indices.shape[0]),
                            per_task if len(self.plan.tasks) > 1 else {})
 
-    def measure_leakage(self, dataset: str, *, budget_s: float | None = None
-                        ) -> dict[str, dict[str, float]]:
+    def measure_leakage(self, dataset: str, *, budget_s: float | None = None,
+                        skip: Collection[str] = ()) -> dict[str, dict[str, float]]:
         """Ask every data owner to run, on its side, the attack suite on what its input
         segment releases (white-box inversion, a converged decoder, linear checks, dCor,
         labels), scored on held-out records of ``dataset``; only the figures come back
@@ -416,7 +457,7 @@ class SplitSession:
         out = {}
         extra = {} if budget_s is None else {"budget_s": budget_s}
         for (host, _i), seg in self.remote.items():
-            if seg.role == "input" and seg.segment_id:
+            if seg.role == "input" and seg.segment_id and host not in skip:
                 r = self.transport.call(host, "leakage", segment=seg.segment_id, dataset=dataset,
                                         **extra)
                 out[host] = {k: float(v) for k, v in r.items()}

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, Position
 from .errors import ConfigError, TransportError
+from .ledger import CostLedger
 from .report import EpochRecord, RunReport
 from .schedules import SCHEDULES, SecureAverage, ServerCopies, relay_weights
 from .session import SplitSession, StepMetrics
@@ -37,6 +38,13 @@ class Trainer:
     steps with gradients applied one step late (:mod:`syft_split.pipeline`); a plan with
     ``local_loss`` trains each data owner's segment with its own auxiliary head, many batches
     per call (:mod:`syft_split.local_loss`).
+
+    SplitFed rounds run every data owner of a round concurrently (:mod:`syft_split.rounds`):
+    ``max_workers`` bounds the calls in flight (``None``: one per data owner, up to 32, when the
+    plan allows it; ``1``: one data owner after the other), ``party_deadline_s`` is each data
+    owner's time per phase of a round before it is dropped and reported
+    (``report.party_failures``). Every report counts FLOPs and peak memory per party
+    (:mod:`syft_split.ledger`) next to bytes.
     """
 
     def __init__(self, session: SplitSession, *, batch_size: int = 64,
@@ -46,7 +54,8 @@ class Trainer:
                  schedule: str = "round_robin", relay_via: str = "peer",
                  measure_leakage: bool = True, leakage_budget_s: float | None = None,
                  watch: bool = True, gradient_delay: int = 0,
-                 on_unreachable: str = "raise") -> None:
+                 on_unreachable: str = "raise", max_workers: int | None = None,
+                 party_deadline_s: float | None = None) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         from .pipeline import check_latency_options
@@ -101,6 +110,26 @@ class Trainer:
             else session.plan.encrypted.agreement(),
             **(config or {}),
         })
+        self.ledger = CostLedger()
+        self._rounds = self._concurrent_rounds(max_workers, party_deadline_s)
+
+    def _concurrent_rounds(self, max_workers: int | None, deadline_s: float | None) -> Any:
+        from .rounds import SplitFedRounds, unsupported
+
+        if self.schedule not in ("splitfed_v1", "splitfed_v2") or max_workers == 1:
+            return None
+        if max_workers is None:
+            if unsupported(self.session):
+                return None
+            max_workers = min(32, max(1, len(self.session.plan.sources)))
+        self.report.config["max_workers"] = max_workers
+        return SplitFedRounds(self, max_workers=max_workers, deadline_s=deadline_s)
+
+    def unavailable(self) -> set[str]:
+        """Data owners this run goes on without: unreachable this epoch (``on_unreachable``)
+        or dropped from concurrent rounds after a failure."""
+        dropped = set(self._rounds.dropped) if self._rounds is not None else set()
+        return set(self.down) | dropped
 
     def _label(self, source: str, dataset: str, idx: torch.Tensor) -> Any:
         y = self.labels.get(source, {}).get(dataset)
@@ -145,7 +174,9 @@ class Trainer:
             self._server_copies.save(party)
         if end_of_round and self.schedule in ("splitfed_v1", "splitfed_v2"):
             self.session.flush()
-            self._average(list(round_sizes), list(round_sizes.values()))
+            # a data owner without a batch this round counts with weight 0 (gets the average)
+            sources = self.session.plan.sources
+            self._average(sources, [round_sizes.get(p, 0.0) for p in sources])
             if self._server_copies is not None:
                 self._server_copies.average(round_sizes)
             round_sizes.clear()
@@ -157,6 +188,8 @@ class Trainer:
             from .pipeline import latency_epoch
 
             return latency_epoch(self, epoch)
+        if self._rounds is not None:
+            return self._rounds.train_epoch(epoch)  # type: ignore[no-any-return]
         if position is not None:
             self.generator.set_state(position["gen"])
         start_gen = self.generator.get_state()
@@ -193,6 +226,7 @@ class Trainer:
                          dataset=self.train_dataset)
         loss.backward()
         s.step()
+        self.ledger.session_step(s, party, int(idx.shape[0]))
         self._after(party, idx, end_of_round, round_sizes)
         self.report.steps += 1
         return m
@@ -209,8 +243,9 @@ class Trainer:
 
     def _flush(self) -> None:
         """Deliver held-back gradients; an unreachable party's stay held (sent when it is back)."""
+        skip = self.unavailable()
         for seg in self.session.remote.values():
-            if seg.party in self.down:
+            if seg.party in skip:
                 continue
             try:
                 seg.flush()
@@ -229,13 +264,14 @@ class Trainer:
         self._flush()
         loss_sum, correct, count = 0.0, 0, 0
         for party in s.plan.sources:
-            if party in self.down:
+            if party in self.unavailable():
                 continue
             try:
                 n = s.records(party, dataset)
                 for idx in torch.arange(n).split(min(batch_size, s.plan.max_batch)):
                     m = s.evaluate_batch(party, idx, self._label(party, dataset, idx),
                                          dataset=dataset)
+                    self.ledger.session_step(s, party, int(idx.shape[0]), train=False)
                     loss_sum += m.loss * m.count
                     correct += m.correct
                     count += m.count
@@ -259,6 +295,11 @@ class Trainer:
                               "state and the CKKS keys are not saved); train without "
                               "checkpoint_dir")
         self._checkpoint = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        if self._checkpoint is not None and self._rounds is not None:
+            # checkpoints are taken per step: run the rounds one data owner after the other
+            # (the same computation, see syft_split.rounds)
+            self._rounds = None
+            self.report.config["max_workers"] = 1
         position: Position | None = None
         if resume:
             if self._checkpoint is None:
@@ -283,7 +324,9 @@ class Trainer:
                 test_accuracy=test["accuracy"] if test else None,
                 steps=self.report.steps, seconds=time.perf_counter() - t0,
                 bytes_by_party=traffic.bytes_by_party(),
-                watch=self.session.watch_status(skip=self.down) if self.watch else {},
+                watch=self.session.watch_status(skip=self.unavailable()) if self.watch else {},
+                flops_by_party=self.ledger.flops_by_party(),
+                round_seconds=list(getattr(self._rounds, "epoch_round_seconds", [])),
             )
             self.report.epochs.append(rec)
             if self._checkpoint is not None:  # the next epoch starts here
@@ -300,9 +343,10 @@ class Trainer:
                     print(f"  watch at {party}: " + _watch_text(w), flush=True)
         if self.session.he is not None:
             self.report.extra["he"] = self.session.he.costs()
-        if self.measure_leakage and self.session.he is None and not self.down:
+        if self.measure_leakage and self.session.he is None:
             leak = self.session.measure_leakage(self.test_dataset or self.train_dataset,
-                                                budget_s=self.leakage_budget_s)
+                                                budget_s=self.leakage_budget_s,
+                                                skip=self.unavailable())
             self.report.extra["leakage"] = leak
             if verbose:
                 for party, values in leak.items():
@@ -312,6 +356,8 @@ class Trainer:
         self.report.transport_calls = self.session.transport.calls
         self.report.bytes_by_party = traffic.bytes_by_party()
         self.report.bytes_by_direction = traffic.bytes_by_direction()
+        self.report.flops_by_party = self.ledger.flops_by_party()
+        self.report.peak_memory_by_party = self.ledger.peak_memory_by_party()
         return self.report
 
 

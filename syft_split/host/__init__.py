@@ -2,8 +2,8 @@
 
 :class:`DataOwnerHost` (in :mod:`.core`) dispatches each model-owner op to the op family that
 declares it; importing this package registers the built-in families (proposals and review,
-segment steps, weights, leakage). Alignment (:mod:`syft_split.alignment`) and encryption
-(:mod:`syft_split.he_host`) register themselves from their own modules when ``syft_split`` is
+segment steps, weights, leakage, federated training). Alignment (:mod:`syft_split.alignment`)
+and encryption (:mod:`syft_split.he_host`) register themselves from their own modules when ``syft_split`` is
 imported.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from . import (  # noqa: F401  (register the families)
     channel,
+    federated,
     latency,
     proposals,
     segments,

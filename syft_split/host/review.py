@@ -29,7 +29,7 @@ def review_text(host: Host, p: Proposal, extra: list[str]) -> str:
                   f"w.r.t. its input (batch, {_shape(p.input_shape)})",
         "loss": f"the gradient w.r.t. its input (batch, {_shape(p.input_shape)}) and two status "
                 "scalars (loss, correct count); labels and outputs stay here",
-    }[p.role]
+    }.get(p.role)  # other roles (e.g. federated "local") state what leaves in their own lines
     if p.role == "loss":
         out_bytes = 4 * math.prod(p.input_shape)
     lines = [
@@ -39,7 +39,7 @@ def review_text(host: Host, p: Proposal, extra: list[str]) -> str:
         *("    " + line for line in describe(p.module, p.input_shape)),
         f"  parameters: {count_parameters(p.module)}; optimizer: {p.optimizer!r}",
     ]
-    if p.he is None:
+    if p.he is None and leaves is not None:
         lines += [f"  leaves per step: {leaves}",
                   f"  bytes leaving per record: {out_bytes}; max batch {p.max_batch} "
                   f"(<= {out_bytes * p.max_batch} bytes per step)"]

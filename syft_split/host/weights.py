@@ -271,9 +271,11 @@ class WeightOps(OpFamily):
                 self._trusted(rt, peer)
         if (not isinstance(weights, dict) or set(weights) != set(members) or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool)
-                and 0 < w <= _MAX_WEIGHT for w in weights.values())):
-            raise ProtocolError(f"weights must give every member a number in (0, "
-                                f"{_MAX_WEIGHT:g}], got {weights!r:.200}")
+                and 0 <= w <= _MAX_WEIGHT for w in weights.values())
+                or not sum(weights.values()) > 0):
+            raise ProtocolError(f"weights must give every member a number in [0, "
+                                f"{_MAX_WEIGHT:g}] (a member without a batch this round: 0), "
+                                f"not all 0, got {weights!r:.200}")
         return {"v": 1, "label": label, "round": rnd, "members": members, "weights": weights,
                 "fingerprint": fingerprint(rt)}
 

@@ -132,17 +132,26 @@ class TrafficRecord:
 
 @dataclass
 class TrafficLog:
-    """Every message a transport carried, and byte totals per party and direction."""
+    """Every message a transport carried, and byte totals per party and direction.
+
+    Safe to add to from several threads (concurrent calls to different parties)."""
 
     records: list[TrafficRecord] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, src: str, dst: str, op: str, nbytes: int, fields: tuple[str, ...]) -> None:
-        self.records.append(TrafficRecord(src, dst, op, nbytes, fields))
+        with self._lock:
+            self.records.append(TrafficRecord(src, dst, op, nbytes, fields))
+
+    def snapshot(self) -> list[TrafficRecord]:
+        """The records so far (a copy; safe while other threads add)."""
+        with self._lock:
+            return list(self.records)
 
     def bytes_by_party(self) -> dict[str, dict[str, int]]:
         """``{party: {"sent": n, "received": n}}`` over all records."""
         out: dict[str, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
-        for r in self.records:
+        for r in self.snapshot():
             out[r.src]["sent"] += r.nbytes
             out[r.dst]["received"] += r.nbytes
         return {k: dict(v) for k, v in out.items()}
@@ -150,16 +159,17 @@ class TrafficLog:
     def bytes_by_direction(self) -> dict[str, int]:
         """``{"src->dst": n}`` over all records."""
         out: dict[str, int] = defaultdict(int)
-        for r in self.records:
+        for r in self.snapshot():
             out[f"{r.src}->{r.dst}"] += r.nbytes
         return dict(out)
 
     def fields_sent_by(self, party: str) -> set[str]:
         """Names of every field ``party`` ever sent (e.g. to assert labels never left)."""
-        return {f for r in self.records if r.src == party for f in r.fields}
+        return {f for r in self.snapshot() if r.src == party for f in r.fields}
 
     def clear(self) -> None:
-        self.records.clear()
+        with self._lock:
+            self.records.clear()
 
 
 class Transport(ABC):
@@ -167,6 +177,11 @@ class Transport(ABC):
 
     Subclasses implement :meth:`request` only. :meth:`call` encodes, counts, decodes, and
     re-raises a host's error as the same :mod:`syft_split.errors` class.
+
+    Calls to *different* parties may run concurrently from several threads (the counters and
+    the traffic log are locked; :meth:`request` of the built-in transports serialises calls
+    to the same party). ``seconds_in_transport`` sums every call's duration, so it can exceed
+    wall time when calls overlap.
     """
 
     def __init__(self, *, max_response_bytes: int = wire.DEFAULT_MAX_BYTES,
@@ -179,6 +194,7 @@ class Transport(ABC):
         self.policy = policy or CallPolicy()
         #: attempts repeated after a transport failure
         self.retries = 0
+        self._counter_lock = threading.Lock()
 
     @property
     @abstractmethod
@@ -218,13 +234,16 @@ class Transport(ABC):
                 if exc.party is None:
                     exc.party = party
                 if attempt == attempts - 1:
-                    self.seconds_in_transport += time.perf_counter() - t0
+                    with self._counter_lock:
+                        self.seconds_in_transport += time.perf_counter() - t0
                     raise
-                self.retries += 1
+                with self._counter_lock:
+                    self.retries += 1
                 time.sleep(wait)
                 wait = min(2 * wait, policy.max_backoff)
-        self.seconds_in_transport += time.perf_counter() - t0
-        self.calls += 1
+        with self._counter_lock:
+            self.seconds_in_transport += time.perf_counter() - t0
+            self.calls += 1
         response = wire.decode(raw, max_bytes=self.max_response_bytes)
         self.traffic.add(party, MODEL_OWNER, op, len(raw), tuple(response))
         if "error" in response:

@@ -15,9 +15,10 @@ class InProcessTransport(Transport):
     """Reach :class:`~syft_split.host.DataOwnerHost` objects in this process, as ``user``.
 
     Requests and responses cross as bytes (:mod:`syft_split.wire`): nothing is shared by
-    reference between the parties, exactly as on a real network. Each host answers one call
-    at a time (as a datasite does); calls are bounded by the transport's
-    :class:`~syft_split.transport.base.CallPolicy` like any other.
+    reference between the parties, exactly as on a real network. Calls to different parties
+    may run concurrently; calls to one party are answered one at a time (as a datasite does);
+    calls are bounded by the transport's :class:`~syft_split.transport.base.CallPolicy` like
+    any other.
     """
 
     def __init__(self, hosts: list[DataOwnerHost] | None = None, *,

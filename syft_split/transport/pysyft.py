@@ -63,6 +63,11 @@ class PySyftTransport(Transport):
     ``direct=True`` (default): segments whose data owner allowed a direct channel run over one
     (see :mod:`syft_split.channel`; ``self.router`` holds the channels). ``direct=False``:
     PySyft carries everything. A channel's socket waits at most the call policy's timeout.
+
+    Calls to different parties may run concurrently from several threads (each party has
+    its own client); calls to one party are serialised here, and so are all calls to
+    datasites embedded in this process (PySyft's in-process servers are not safe to enter
+    from several threads at once: concurrent calls failed inside PySyft, measured).
     """
 
     def __init__(
@@ -89,11 +94,12 @@ class PySyftTransport(Transport):
         self.cleanup = cleanup
         self._done: dict[str, str] = {}
         self._users: dict[str, str] = {}
+        self._embedded_lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
         for party, client in clients.items():
             self.set_client(party, client)
         #: the datasites behind the parties, when this process launched them (not closed here)
         self.datasites: dict[str, LaunchedDatasite] = dict(datasites or {})
-        self._lock = threading.Lock()
         self.direct = direct
         wait = channel_timeout if channel_timeout is not None else (self.policy.timeout or 600.0)
         self.router = ChannelRouter(self._pysyft_request, self.user_on, timeout=wait,
@@ -103,6 +109,8 @@ class PySyftTransport(Transport):
         """Reach ``party`` through ``client`` (e.g. a new login after an embedded restart)."""
         self._clients[party] = client
         self._users[party] = str(getattr(client, "logged_in_user", "") or "")
+        self._locks[party] = (self._embedded_lock if _embedded(client)
+                              else self._locks.get(party) or threading.Lock())
         self._bounded[party] = _bound_http(client, lambda: self._timeout)
         self._done.pop(party, None)
 
@@ -150,7 +158,7 @@ class PySyftTransport(Transport):
     def _pysyft_request(self, party: str, data: bytes) -> bytes:
         client = self._client(party)
         kwargs: dict[str, Any] = {"request": bytes(data)}
-        with self._lock:  # one PySyft call at a time (the cleanup bookkeeping is per party)
+        with self._locks[party]:  # one call per party at a time (cleanup bookkeeping per party)
             done = self._done.pop(party, "")
             if done:
                 kwargs["done"] = done
@@ -158,6 +166,11 @@ class PySyftTransport(Transport):
             if self.cleanup:
                 self._done[party] = result_id
         return raw
+
+
+def _embedded(client: Any) -> bool:
+    """Whether ``client`` reaches a datasite running inside this process."""
+    return type(getattr(client, "connection", None)).__name__ == "PythonConnection"
 
     def close(self) -> None:
         """Close the direct channels (the datasites free them at once)."""

@@ -1,0 +1,267 @@
+"""Federated baselines at the data owner: the whole model trained here (FedAvg), or one
+gradient of it per step (large-batch synchronous SGD), on the same host, guard and audit as
+split learning -- so the two are compared on equal terms.
+
+Model-owner ops, on a proposal of role ``local`` ("the whole model, trained locally")::
+
+    fl_propose    a whole model (declared spec + initial weights), its optimizer, the datasets
+                  (with labels here) and the loss; reviewed and approved like any proposal
+    fl_train      start from the weights sent, train ``epochs`` local epochs over every record
+                  of the dataset (``batch_size``, shuffled by ``seed``, a fresh optimizer each
+                  call), return the weights after local training and the record count
+    fl_gradient   the gradient of the mean loss of the weights sent on the given records (and
+                  BatchNorm statistics after that batch)
+    fl_evaluate   loss and correct counts of the weights sent on a dataset, in batches
+
+What leaves is declared per op with a guard rule: weights and gradients of exactly the approved
+model's shapes (finite, bounded), and scalars. THE MODEL'S WEIGHTS (or gradients) LEAVE AFTER
+EVERY ROUND: they carry information about the training records (gradient-inversion attacks
+recover images from them); the review says so. Labels and records never leave.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, EgressError, ValidationError
+from ..losses import LOSSES
+from ..spec import OptimizerSpec, count_parameters, module_from_spec
+from .dispatch import OpFamily, op, register_family
+from .guard import JSON, SCALAR, TEXT, Call, Guard
+from .records import Dataset, Proposal, Runtime
+
+__all__ = ["FederatedOps", "LOCAL", "LOCAL_WEIGHTS", "LOCAL_GRADIENT"]
+
+#: the proposal role of a whole model trained at the data owner
+LOCAL = "local"
+
+
+def _like(name: str, value: Any, call: Call, guard: Guard, own: torch.Tensor | None) -> None:
+    seg = f" of {call.rt.id}" if call.rt is not None else ""
+    if call.rt is None or call.rt.proposal.role != LOCAL:
+        raise EgressError(f"op {call.op!r}{seg} tried to release {name!r}: only a model "
+                          "approved for local training releases weights or gradients")
+    if own is None:
+        raise EgressError(f"op {call.op!r}{seg} tried to release {name!r}: not a tensor of "
+                          "the approved model")
+    if not isinstance(value, torch.Tensor) or value.shape != own.shape or value.dtype != own.dtype:
+        got = (f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor)
+               else type(value).__name__)
+        raise EgressError(f"op {call.op!r}{seg} tried to release {name!r} as {got}; approved: "
+                          f"{tuple(own.shape)} {own.dtype}")
+    if value.is_floating_point() and value.numel():
+        if not bool(torch.isfinite(value).all()):
+            raise EgressError(f"op {call.op!r}{seg}: {name!r} has non-finite values")
+        if float(value.abs().max()) > guard.limits.max_abs_value:
+            raise EgressError(f"op {call.op!r}{seg}: {name!r} exceeds the approved magnitude "
+                              f"{guard.limits.max_abs_value:g}")
+
+
+def LOCAL_WEIGHTS(name: str, value: Any, call: Call, guard: Guard) -> None:
+    """A weight or buffer of the approved model (``state/<key>`` or ``buffer/<key>``), after
+    local training: exactly its shape and dtype, finite, bounded."""
+    rt = call.rt
+    own = rt.module.state_dict().get(name.split("/", 1)[1]) if rt is not None else None
+    _like(name, value, call, guard, own)
+
+
+def LOCAL_GRADIENT(name: str, value: Any, call: Call, guard: Guard) -> None:
+    """The gradient of one parameter of the approved model (``grad/<name>``)."""
+    rt = call.rt
+    own = dict(rt.module.named_parameters()).get(name[5:]) if rt is not None else None
+    _like(name, value, call, guard, None if own is None else own.detach())
+
+
+def _int(req: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = req.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValidationError(f"{key} must be an int in {lo}..{hi}, got {value!r}")
+    return value
+
+
+@register_family
+class FederatedOps(OpFamily):
+    """Local training of a whole model (see the module docstring)."""
+
+    name = "federated"
+
+    def review_lines(self, proposal: Proposal) -> list[str]:
+        if proposal.role != LOCAL:
+            return []
+        assert proposal.module is not None
+        n = count_parameters(proposal.module)
+        return [
+            "  FEDERATED: the WHOLE MODEL trains here on your records (local epochs per round, "
+            "or one gradient per step); the model owner sends the weights to start from",
+            f"  THE MODEL'S WEIGHTS LEAVE AFTER LOCAL TRAINING, every round ({n} parameters, "
+            f"{4 * n} bytes), or its gradient every step: they carry information about your "
+            "training records (gradient-inversion attacks reconstruct inputs from them)",
+            "  also leaving: the number of records trained on, loss sums and correct counts; "
+            "records and labels stay here",
+        ]
+
+    # --------------------------------------------------------------- model-owner ops
+    @op("fl_propose", egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})
+    def fl_propose(self, call: Call) -> dict[str, Any]:
+        proposals: Any = self.host.families["proposals"]  # the same per-user caps apply
+        proposals._admit(call.caller)
+        p = self._parse(call.caller, call.req)
+        self.host.proposals_by_id[p.id] = p
+        proposals._recent.setdefault(call.caller, deque()).append(time.monotonic())
+        return {"segment": p.id, "status": "pending", "output_shape": list(p.output_shape)}
+
+    def _parse(self, caller: str, req: dict[str, Any]) -> Proposal:
+        from .proposals import _check_size
+
+        host, limits = self.host, self.host.limits
+        datasets = req.get("datasets")
+        if not isinstance(datasets, list) or not datasets or not all(
+                isinstance(d, str) and d in host.datasets for d in datasets):
+            raise ConfigError(f"datasets {datasets!r} must name datasets on {host.name}: "
+                              f"{sorted(host.datasets)}")
+        if any(host.datasets[d].labels is None for d in datasets):
+            raise ConfigError(f"local training needs labels, and {datasets} has none on {host.name}")
+        input_shape = tuple(host.datasets[datasets[0]].features.shape[1:])
+        if any(tuple(host.datasets[d].features.shape[1:]) != input_shape for d in datasets):
+            raise ConfigError(f"datasets {datasets} have different feature shapes")
+        loss = req.get("loss", "cross_entropy")
+        if loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+        max_batch = _int(req, "max_batch", limits.max_batch, 1, limits.max_batch)
+        _check_size(req.get("spec"), input_shape, max_batch, limits)
+        module = module_from_spec(req.get("spec"))
+        state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
+        _load(module, state, limits.max_abs_value)
+        try:
+            with torch.no_grad():
+                module.eval()
+                out = module(torch.zeros((2, *input_shape)))
+                module.train()
+        except Exception as exc:
+            raise ConfigError(f"the model does not accept input {input_shape}: {exc}") from exc
+        return Proposal(
+            id=f"{host.name}/fl{next(host.ids)}", driver=caller, role=LOCAL, spec=req["spec"],
+            state=state, optimizer=OptimizerSpec.from_json(req.get("optimizer")),
+            datasets=datasets, input_shape=input_shape, output_shape=tuple(out.shape[1:]),
+            max_batch=max_batch, loss=loss, module=module,
+        )
+
+    def _start(self, call: Call) -> tuple[Runtime, Dataset]:
+        """Load the weights the request carries; return (runtime, dataset)."""
+        rt = call.rt
+        assert rt is not None
+        ds = self.host.dataset(rt, call.req)
+        state = {k[6:]: v for k, v in call.req.items() if k.startswith("state/")}
+        _load(rt.module, state, self.host.limits.max_abs_value)
+        return rt, ds
+
+    @op("fl_train", roles=(LOCAL,),
+        egress={"state/*": LOCAL_WEIGHTS, "records": SCALAR, "steps": SCALAR,
+                "loss_sum": SCALAR, "correct": SCALAR})
+    def fl_train(self, call: Call) -> dict[str, Any]:
+        assert call.rt is not None
+        limit = call.rt.proposal.max_batch
+        epochs = _int(call.req, "epochs", 1, 1, 100)
+        batch = _int(call.req, "batch_size", min(32, limit), 1, limit)
+        seed = _int(call.req, "seed", 0, 0, 2**62)
+        rt, ds = self._start(call)
+        params = list(rt.module.parameters())
+        opt = rt.proposal.optimizer.build(params) if params else None
+        loss_fn = LOSSES[str(rt.proposal.loss)]
+        g = torch.Generator().manual_seed(seed)
+        n = int(ds.features.shape[0])
+        loss_sum, correct, steps = 0.0, 0, 0
+        rt.module.train()
+        for _ in range(epochs):
+            loss_sum, correct = 0.0, 0  # figures of the last local epoch
+            for idx in torch.randperm(n, generator=g).split(batch):
+                x, y = ds.features[idx].to(torch.float32), _labels(ds)[idx]
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+                logits = rt.module(x)
+                loss = loss_fn(logits, y)
+                if not bool(torch.isfinite(loss)):
+                    raise ValidationError(f"{rt.id}: local training diverged (loss {loss.item()})")
+                loss.backward()
+                if opt is not None:
+                    opt.step()
+                steps += 1
+                loss_sum += float(loss.detach()) * int(idx.shape[0])
+                correct += _correct(logits, y)
+        rt.steps += steps
+        out: dict[str, Any] = {f"state/{k}": v.detach().clone()
+                               for k, v in rt.module.state_dict().items()}
+        out.update(records=n, steps=steps, loss_sum=loss_sum, correct=correct)
+        return out
+
+    @op("fl_gradient", roles=(LOCAL,),
+        egress={"grad/*": LOCAL_GRADIENT, "buffer/*": LOCAL_WEIGHTS, "count": SCALAR,
+                "loss_sum": SCALAR, "correct": SCALAR})
+    def fl_gradient(self, call: Call) -> dict[str, Any]:
+        rt, ds = self._start(call)
+        idx = self.host.guard.indices(rt, call.req, ds)
+        rt.module.train()
+        rt.module.zero_grad(set_to_none=True)
+        logits = rt.module(ds.features[idx].to(torch.float32))
+        y = _labels(ds)[idx]
+        loss = LOSSES[str(rt.proposal.loss)](logits, y)
+        loss.backward()
+        out: dict[str, Any] = {f"grad/{k}": (p.grad if p.grad is not None
+                                             else torch.zeros_like(p)).detach().clone()
+                               for k, p in rt.module.named_parameters()}
+        out.update({f"buffer/{k}": b.detach().clone() for k, b in rt.module.named_buffers()})
+        rt.module.zero_grad(set_to_none=True)
+        rt.steps += 1
+        out.update(count=int(idx.shape[0]), loss_sum=float(loss.detach()) * int(idx.shape[0]),
+                   correct=_correct(logits, y))
+        return out
+
+    @op("fl_evaluate", roles=(LOCAL,), egress={"loss_sum": SCALAR, "correct": SCALAR,
+                                                 "count": SCALAR})
+    def fl_evaluate(self, call: Call) -> dict[str, Any]:
+        rt, ds = self._start(call)
+        loss_fn = LOSSES[str(rt.proposal.loss)]
+        loss_sum, correct, n = 0.0, 0, int(ds.features.shape[0])
+        rt.module.eval()
+        try:
+            with torch.no_grad():
+                for idx in torch.arange(n).split(rt.proposal.max_batch):
+                    logits = rt.module(ds.features[idx].to(torch.float32))
+                    loss_sum += float(loss_fn(logits, _labels(ds)[idx], reduction="sum"))
+                    correct += _correct(logits, _labels(ds)[idx])
+        finally:
+            rt.module.train()
+        return {"loss_sum": loss_sum, "correct": correct, "count": n}
+
+
+def _labels(ds: Dataset) -> torch.Tensor:
+    if ds.labels is None:  # refused at proposal already
+        raise ConfigError("local training needs labels")
+    return ds.labels
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+    if logits.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
+        return int((logits.argmax(1) == y).sum())
+    return 0
+
+
+def _load(module: torch.nn.Module, state: dict[str, Any], bound: float) -> None:
+    """Load weights a model owner sent: exactly the model's keys, shapes and dtypes, finite,
+    bounded; nothing changes if any of them is refused."""
+    from .. import wire
+
+    own = module.state_dict()
+    if set(state) != set(own):
+        raise ConfigError(f"weights {sorted(state)} do not match the model's {sorted(own)}")
+    for k, v in state.items():
+        wire.check_tensor(v, f"weight {k}", shape=tuple(own[k].shape), dtype=own[k].dtype,
+                          nonempty=False)
+        if v.is_floating_point() and v.numel() and float(v.abs().max()) > bound:
+            raise ValidationError(f"weight {k}: magnitude {float(v.abs().max()):.3g} exceeds "
+                                  f"the data owner's bound {bound:g}")
+    module.load_state_dict(state)
