@@ -389,7 +389,7 @@ def uninstall(admin_client: Any, *, path: str = ENDPOINT_PATH) -> None:
 def publish_dataset(
     admin_client: Any,
     name: str,
-    features: torch.Tensor,
+    features: torch.Tensor | torch.utils.data.Dataset,
     labels: torch.Tensor | None = None,
     *,
     mock_features: torch.Tensor | None = None,
@@ -402,9 +402,17 @@ def publish_dataset(
     Default mocks are random values of the same shape and dtype (features: standard normal;
     integer labels: uniform over the observed range). Returns ``{"features": asset,
     "labels": asset}`` ready for :func:`install` (and ``"ids"``: record ids, private, with
-    a mock of placeholder ids).
+    a mock of placeholder ids). ``features`` may be a map-style ``torch.utils.data.Dataset``
+    of ``(features, label)`` items (read once: :func:`syft_split.data.materialize`).
     """
     import syft as sy
+
+    from .data import is_torch_dataset, materialize
+
+    if is_torch_dataset(features):
+        features, own_labels = materialize(features, name=f"dataset {name!r}")
+        labels = own_labels if labels is None else labels
+    assert isinstance(features, torch.Tensor)
 
     if mock_features is None:
         mock_features = (torch.randn(features.shape).to(features.dtype)
