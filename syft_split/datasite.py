@@ -282,7 +282,7 @@ def call_endpoint(client: Any, path: str = ENDPOINT_PATH, **kwargs: Any) -> tupl
 def _owner(admin_client: Any, op: str, path: str, **fields: Any) -> dict[str, Any]:
     raw, result_id = call_endpoint(admin_client, path, request=wire.encode(fields), owner=op)
     try:  # only an admin may delete (and only an admin's owner op succeeds anyway)
-        if getattr(admin_client.api.user_role, "name", "") == "ADMIN":
+        if getattr(admin_client.user_role, "name", "") == "ADMIN":
             from syft.types.uid import UID
 
             admin_client.api.services.action.delete(UID(result_id))
@@ -432,7 +432,11 @@ def publish_dataset(
         assets.append(sy.Asset(name="ids", data=np.asarray([str(i) for i in ids]),
                                mock=np.asarray([f"id-{k}" for k in range(len(ids))])))
     try:
-        admin_client.upload_dataset(sy.Dataset(name=name, description=description, asset_list=assets))
+        from .logs import quiet
+
+        with quiet():  # PySyft's upload progress bar (SYFT_SPLIT_VERBOSE=1: shown)
+            admin_client.upload_dataset(sy.Dataset(name=name, description=description,
+                                                   asset_list=assets))
         uploaded = admin_client.datasets[name]
     except Exception as exc:
         raise TransportError(f"could not upload dataset {name!r}: {exc}") from exc
@@ -490,6 +494,11 @@ class DatasiteConsole:
     def reject(self, proposal_id: str) -> None:
         """Reject a proposal (also stops an approved segment)."""
         self._call("reject", segment=proposal_id)
+
+    def watch(self, proposal_id: str) -> dict[str, Any]:
+        """The live leakage watch of an approved input segment: ``bound``, ``history`` (the
+        figures measured so far, by step), ``halted`` and ``reason``; ``{}``: no watch."""
+        return self._call("watch", segment=proposal_id)
 
     def release_weights(self, proposal_id: str) -> None:
         """Let the proposer fetch the segment's trained weights (op ``export``)."""

@@ -33,6 +33,7 @@ import torch
 from .. import wire
 from ..datasite import ENDPOINT_PATH, DatasiteConsole, call_endpoint, install, publish_dataset
 from ..errors import ConfigError, TransportError
+from ..logs import log_path, quiet
 from .base import Transport
 
 __all__ = [
@@ -135,10 +136,11 @@ class LaunchedDatasite:
     def login(self, email: str, password: str) -> Any:
         """Log in as ``email`` (over HTTP for an HTTP datasite)."""
         try:
-            if self.http:
-                return sy.login(url="http://127.0.0.1", port=self.port, email=email,
-                                password=password)
-            return self.handle.login(email=email, password=password)
+            with quiet(log_path(self.name)):  # "Logged into ...", default-password warning
+                if self.http:
+                    return sy.login(url="http://127.0.0.1", port=self.port, email=email,
+                                    password=password)
+                return self.handle.login(email=email, password=password)
         except Exception as exc:
             raise TransportError(f"login of {email} to {self.name} failed: {exc}") from exc
 
@@ -166,7 +168,8 @@ class LaunchedDatasite:
                 self.handle.python_server.cleanup()
         finally:
             try:
-                self.handle.land()
+                with quiet(log_path(self.name)):
+                    self.handle.land()
             finally:
                 shutil.rmtree(self.data_dir, ignore_errors=True)
                 _forget_hosts(self.server_id)
@@ -198,7 +201,8 @@ def launch_datasite(
     ``http=False`` embeds the server in this process; ``http=True`` starts a uvicorn server
     process on ``127.0.0.1:port`` (a free port by default). Names must be unique per test
     run (PySyft derives the server id and data folder from it). The root logger level is
-    restored after launch (PySyft sets it to CRITICAL).
+    restored after launch (PySyft sets it to CRITICAL). What PySyft and uvicorn print goes to
+    :func:`syft_split.logs.log_path` ``(name)`` unless ``SYFT_SPLIT_VERBOSE=1``.
     """
     root_logger = logging.getLogger()
     level = root_logger.level
@@ -212,15 +216,18 @@ def launch_datasite(
             # the server computes with as many torch threads as this process (same numerics)
             threads = os.environ.get("OMP_NUM_THREADS")
             os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-            try:
-                handle = sy.orchestra.launch(name=name, port=port, host="127.0.0.1", reset=True)
+            try:  # the server process writes to the log file for good (SYFT_SPLIT_VERBOSE=1: not)
+                with quiet(log_path(name), fds=True):
+                    handle = sy.orchestra.launch(name=name, port=port, host="127.0.0.1",
+                                                 reset=True)
             finally:
                 if threads is None:
                     os.environ.pop("OMP_NUM_THREADS", None)
                 else:
                     os.environ["OMP_NUM_THREADS"] = threads
         else:
-            handle = sy.orchestra.launch(name=name, reset=True)
+            with quiet(log_path(name)):
+                handle = sy.orchestra.launch(name=name, reset=True)
     except Exception as exc:
         raise TransportError(f"could not launch datasite {name!r}: {exc}") from exc
     finally:
@@ -310,8 +317,9 @@ def connect(urls: Mapping[str, str], email: str, password: str) -> PySyftTranspo
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ConfigError(f"{party}: expected a URL like http://localhost:8081, got {url!r}")
         try:
-            clients[party] = sy.login(url=f"{parsed.scheme}://{parsed.hostname}",
-                                      port=parsed.port or 80, email=email, password=password)
+            with quiet():  # "Logged into ..." (SYFT_SPLIT_VERBOSE=1: shown)
+                clients[party] = sy.login(url=f"{parsed.scheme}://{parsed.hostname}",
+                                          port=parsed.port or 80, email=email, password=password)
         except Exception as exc:
             raise TransportError(f"could not log in to {party} at {url}: {exc}") from exc
     return PySyftTransport(clients)
