@@ -9,8 +9,9 @@ party and dataset the contract asks for:
   a floating dtype (the host hands floating features to the segment as float32);
 - **labels**, one per record, when the plan needs them at the data owner: released with each
   batch (``labels=RELEASED``) or used by a loss the data owner computes (U-shaped plans);
-- **record ids** for vertical plans: ``align_records`` builds each ``"<name>@aligned"``
-  dataset from the ids of ``"<name>"``;
+- for vertical plans, rows aligned across the parties (row ``j`` is the same record
+  everywhere): ``align_records`` builds each ``"<name>@aligned"`` dataset from the record ids
+  of ``"<name>"`` by PSI;
 - a **mock** asset of the same shape (recommended): public look-alike data the leakage
   review and the live watch train their attacks on. Without one, private records stand in.
 
@@ -131,10 +132,13 @@ def explain(plan: SplitPlan) -> str:
         else:
             lines.append("    - labels: not needed here (the model owner holds them)")
         if r0.ids:
-            aligned = [r.name for r in mine if r.aligned]
-            base = sorted({n.removesuffix(_ALIGNED) for n in aligned}) or [r.name for r in mine]
-            lines.append(f"    - record ids (strings or ints, one per record) on {base}: "
-                         "align_records(...) builds the '@aligned' datasets from them by PSI")
+            aligned = sorted({r.name.removesuffix(_ALIGNED) for r in mine if r.aligned})
+            if aligned:
+                lines.append(f"    - record ids (strings or ints, one per record) on {aligned}: "
+                             "align_records(...) builds the '@aligned' datasets from them by PSI")
+            else:
+                lines.append("    - rows aligned with the other parties' (row j: the same "
+                             "record everywhere), e.g. by align_records(...) on record ids")
         lines.append("    - a mock asset of the same shape (recommended: the leakage review and "
                      "watch train their attacks on it; without one, private records stand in)")
     example = ", ".join(f'"{n}": (features, labels)' if reqs and reqs[0].labels
@@ -175,12 +179,15 @@ def _problems_of(plan: SplitPlan, party: str, datasets: Mapping[str, Any],
     for r in reqs:
         meta = datasets.get(r.name)
         if not isinstance(meta, Mapping):
-            if r.aligned and r.name.removesuffix(_ALIGNED) in datasets:
-                base = r.name.removesuffix(_ALIGNED)
+            base = r.name.removesuffix(_ALIGNED)
+            if r.aligned and base in datasets:
+                ids = datasets[base].get("has_ids") if isinstance(datasets[base], Mapping) else 0
                 problems.append(f"{party}: no dataset {r.name!r} yet: the model owner builds it "
                                 f"with align_records(transport, parties, {base!r}) (PSI on the "
                                 f"record ids of {base!r}; the data owner allows it first with "
-                                f"allow_alignment({base!r}, user))")
+                                f"allow_alignment({base!r}, user))" + ("" if ids else
+                                f"; but {base!r} has no record ids: install it as "
+                                "{'features': ..., 'ids': ...}"))
                 continue
             fix = ("the data owner adds it: install(admin_client, {..., "
                    f"{r.name.removesuffix(_ALIGNED)!r}: assets}}), or the model owner reads only "
@@ -200,9 +207,6 @@ def _problems_of(plan: SplitPlan, party: str, datasets: Mapping[str, Any],
                    else "computes the loss at the data owner (U-shaped)")
             problems.append(f"{party}: dataset {r.name!r} has no labels, but this plan {why}: "
                             "upload a labels asset and install it as (features, labels)")
-        if r.ids and not r.aligned and not meta.get("has_ids"):
-            problems.append(f"{party}: dataset {r.name!r} has no record ids, which vertical "
-                            "plans align on: install it as {'features': ..., 'ids': ...}")
         if not dtype.startswith("float"):
             problems.append(f"{party}: dataset {r.name!r} has {dtype} features; the data owner's "
                             "segments compute in float32: upload floating features (e.g. "
@@ -242,6 +246,14 @@ def _check(plan: SplitPlan, metadata: Mapping[str, Mapping[str, Any]], *,
             continue
         problems += _problems_of(plan, party, _datasets(metadata[party]),
                                  [r for r in reqs if r.party == party])
+    if plan.is_vertical:  # row j must be the same record at every party
+        for name in plan.datasets:
+            counts = {p: int(_datasets(m)[name].get("records", 0)) for p, m in metadata.items()
+                      if isinstance(_datasets(m).get(name), Mapping)}
+            if len(set(counts.values())) > 1:
+                problems.append(f"dataset {name!r} holds different numbers of records per party "
+                                f"{counts}: a vertical plan needs the same records, aligned "
+                                "(align_records)")
     return problems
 
 

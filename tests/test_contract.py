@@ -87,6 +87,8 @@ def test_vertical_plan_needs_ids_then_alignment() -> None:
                      "shop": {"train": (torch.rand(10, 4), None)}})
     problems = contract.check_parties(plan, dep.transport)
     assert any("bank: no dataset 'train@aligned' yet" in p and "align_records" in p
+               and "has no record ids" not in p for p in problems)
+    assert any(p.startswith("shop: no dataset 'train@aligned' yet") and "has no record ids" in p
                for p in problems)
     assert "record ids" in contract.explain(plan)
     meta = {"shop": {"datasets": {"train@aligned": {"records": 10, "feature_shape": [4],
@@ -97,6 +99,14 @@ def test_vertical_plan_needs_ids_then_alignment() -> None:
                                        "has_ids": True}}}
     [problem] = contract.check(plan, meta)
     assert problem.startswith("bank: dataset 'train@aligned' has features (5,)")
+    meta["bank"]["train@aligned"].update(feature_shape=[4], records=9)
+    [problem] = contract.check(plan, meta)
+    assert "different numbers of records per party" in problem
+    # pre-aligned datasets (no ids, aligned out of band) fit a vertical plan
+    pre = SplitPlan.vertical(encoders, nn.Linear(4, 2))
+    dep = inprocess({p: {"train": (torch.rand(10, 4), None), "test": (torch.rand(5, 4), None)}
+                     for p in ("bank", "shop")})
+    assert contract.check_parties(pre, dep.transport) == []
 
 
 def test_check_datasite_needs_to_know_the_party() -> None:

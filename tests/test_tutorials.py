@@ -73,3 +73,18 @@ def test_docs_site_builds_with_warnings_as_errors(tmp_path: Path) -> None:
         assert (site / page).exists(), page
     api = (site / "reference/data-owner/index.html").read_text()
     assert "check_datasite" in api and "publish_dataset" in api  # from the docstrings
+
+
+def test_no_build_artefacts_are_committed() -> None:
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    artefacts = [p for p in tracked if ".egg-info/" in p or p.startswith(("site/", "build/",
+                                                                          "dist/", "runs/",
+                                                                          "docs/tutorials/"))]
+    assert artefacts == []
