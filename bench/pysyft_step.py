@@ -20,6 +20,23 @@ Every split variant runs in steady state with ONE data-owner call per step: the 
 - ``action_objects_growth_http``: rows added to the datasite's action-object table over the
   timed steps (PySyft stores every call's result; the endpoint deletes the previous one).
 
+The direct data plane (the segment is approved with ``channel=True``; the same transport,
+first with ``direct=False``, then ``direct=True``), on the same datasites in the same run:
+
+- ``step_s_direct_http`` / ``step_s_direct_mem``: the same fused step over the TLS 1.3 channel
+  the datasite opened through PySyft (answered by the same ``host.handle``, audited per step).
+- ``ratio_direct_vs_local``: ``step_s_direct_http / step_s_local`` (goal <= 3).
+- ``channel_open_s``: median time to open a channel (PySyft ``open_channel`` call, TLS
+  handshake with the pinned certificate, key check), HTTP datasite.
+- ``rss_growth_mib_direct_2000_steps``: RSS growth of the HTTP datasite process over the timed
+  direct steps (goal <= 50); ``host_op_s_direct_http``: time inside ``handle`` per step.
+- Crypto cost, on loopback in this process, one step's frames (grad + indices out, activation
+  back): ``roundtrip_s_tls_step`` (the channel's framing over TLS 1.3),
+  ``roundtrip_s_plain_step`` (same framing, plain TCP), ``crypto_s_per_step`` (the
+  difference), ``crypto_share_of_direct_step``; and the alternatives the choice was made
+  against: ``roundtrip_s_zmq_curve_step`` (ZeroMQ REQ/REP with CURVE, which PySyft already
+  installs) and ``secretbox_s_step`` (PyNaCl SecretBox seal + open of both frames, no I/O).
+
 torch runs with ``--threads`` intra-op threads (default 1) in this process and the forked
 datasite: on a busy 2-core machine the default 2 threads make each tiny op ~50x slower.
 
@@ -34,11 +51,14 @@ import gc
 import json
 import logging
 import os
+import socket
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -175,7 +195,7 @@ def bench_datasite(x: torch.Tensor, y: torch.Tensor, *, http: bool, steps: int,
         transport = dep.transport
         site = transport.datasites[PARTY]
         pid = propose(transport, make_model()[0])
-        dep.owners[PARTY].approve(pid)
+        dep.owners[PARTY].approve(pid, channel=True)
         proc = psutil.Process(site.pid)
         rss: dict[str, int] = {}
 
@@ -202,6 +222,7 @@ def bench_datasite(x: torch.Tensor, y: torch.Tensor, *, http: bool, steps: int,
                 site.root.api.services.action.delete(result.id)  # keep the store as it was
 
         audit_start = len(dep.owners[PARTY].audit())
+        transport.direct = False  # the PySyft path first
         step_s, loss, calls = run_split(transport, pid, y, len(x), steps, warmup=20,
                                         on_warm=mark, between=floor_sample)
         gc.collect()
@@ -217,8 +238,153 @@ def bench_datasite(x: torch.Tensor, y: torch.Tensor, *, http: bool, steps: int,
         out[f"host_op_s_{kind}"] = statistics.median(host_s)
         out[f"action_objects_growth_{kind}"] = (
             action_objects(site.data_dir) - objects_before)
+        out.update(bench_direct(transport, dep.owners[PARTY], pid, proc, y, len(x), kind, steps,
+                                mark, rss))
     finally:
         dep.close()
+    return out
+
+
+def bench_direct(transport: Any, owner: Any, pid: str, proc: Any, y: torch.Tensor,
+                 n_records: int, kind: str, steps: int, mark: Callable[[], None],
+                 rss: dict[str, int]) -> dict[str, float]:
+    """The same steps over the direct channel (same transport, same datasite, same segment)."""
+    out: dict[str, float] = {}
+    transport.direct = True
+    opens = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        transport.router.open(PARTY, [pid])  # replaces the previous channel
+        opens.append(time.perf_counter() - t0)
+    out[f"channel_open_s_{kind}"] = statistics.median(opens)
+    calls0 = transport.router.direct_calls
+    audit_start = len(owner.audit())
+    step_s, loss, calls = run_split(transport, pid, y, n_records, steps, warmup=20, on_warm=mark)
+    gc.collect()
+    out[f"rss_growth_mib_direct_{kind}"] = (proc.memory_info().rss - rss["before"]) / 2**20
+    out[f"step_s_direct_{kind}"] = step_s
+    out[f"final_loss_direct_{kind}"] = loss
+    out[f"direct_calls_per_step_{kind}"] = calls
+    entries = owner.audit(audit_start)
+    host_s = [e.seconds for e in entries if e.op == "forward"]
+    out[f"host_op_s_direct_{kind}"] = statistics.median(host_s)
+    # every step was answered over the channel and audited once at the data owner
+    assert transport.router.direct_calls - calls0 == len(host_s) + 1  # + the closing discard
+    transport.direct = False
+    return out
+
+
+def _echo_server(wrap: Callable[[socket.socket], socket.socket], reply: bytes
+                 ) -> tuple[int, threading.Thread]:
+    from syft_split.channel import tls
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        raw, _ = listener.accept()
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = wrap(raw)
+        try:
+            while True:
+                tls.recv_frame(conn, 1 << 26)
+                tls.send_frame(conn, reply)
+        except (EOFError, OSError):
+            pass
+        finally:
+            conn.close()
+            listener.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return int(listener.getsockname()[1]), thread
+
+
+def _roundtrip(request: bytes, reply: bytes, reps: int, *, use_tls: bool) -> float:
+    from syft_split.channel import tls
+
+    der, pem, key = tls.make_certificate()
+    server_ctx, client_ctx = tls.server_context(pem, key), tls.client_context(der)
+    port, thread = _echo_server(
+        (lambda s: server_ctx.wrap_socket(s, server_side=True)) if use_tls else (lambda s: s),
+        reply)
+    raw = socket.create_connection(("127.0.0.1", port))
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = client_ctx.wrap_socket(raw, server_hostname="bench") if use_tls else raw
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        tls.send_frame(conn, request)
+        tls.recv_frame(conn, 1 << 26)
+        times.append(time.perf_counter() - t0)
+    conn.close()
+    thread.join(timeout=5)
+    return statistics.median(times)
+
+
+def _zmq_curve(request: bytes, reply: bytes, reps: int) -> float:
+    import zmq
+
+    ctx = zmq.Context()
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    rep = ctx.socket(zmq.REP)
+    rep.curve_secretkey, rep.curve_publickey, rep.curve_server = server_secret, server_public, True
+    port = rep.bind_to_random_port("tcp://127.0.0.1")
+    req = ctx.socket(zmq.REQ)
+    req.curve_serverkey, req.curve_publickey = server_public, client_public
+    req.curve_secretkey = client_secret
+    req.connect(f"tcp://127.0.0.1:{port}")
+
+    def serve() -> None:
+        for _ in range(reps):
+            rep.recv()
+            rep.send(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        req.send(request)
+        req.recv()
+        times.append(time.perf_counter() - t0)
+    thread.join(timeout=10)
+    req.close(0)
+    rep.close(0)
+    ctx.term()
+    return statistics.median(times)
+
+
+def _secretbox(request: bytes, reply: bytes, reps: int) -> float:
+    from nacl.secret import SecretBox
+    from nacl.utils import random as nacl_random
+
+    box = SecretBox(nacl_random(SecretBox.KEY_SIZE))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        box.decrypt(box.encrypt(request))
+        box.decrypt(box.encrypt(reply))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_crypto(reps: int) -> dict[str, float]:
+    """One step's frames (grad + indices out, activation back) through each candidate."""
+    from syft_split import wire
+
+    g = torch.Generator().manual_seed(0)
+    request = wire.encode({"op": "forward", "segment": "hospital/seg1",
+                           "indices": torch.randperm(1797, generator=g)[:BATCH],
+                           "grad": torch.randn(BATCH, 256, generator=g)})
+    reply = wire.encode({"activation": torch.randn(BATCH, 256, generator=g)})
+    out = {"frame_bytes_out": len(request), "frame_bytes_back": len(reply)}
+    out["roundtrip_s_plain_step"] = _roundtrip(request, reply, reps, use_tls=False)
+    out["roundtrip_s_tls_step"] = _roundtrip(request, reply, reps, use_tls=True)
+    out["crypto_s_per_step"] = max(0.0, out["roundtrip_s_tls_step"]
+                                   - out["roundtrip_s_plain_step"])
+    out["roundtrip_s_zmq_curve_step"] = _zmq_curve(request, reply, max(20, reps // 10))
+    out["secretbox_s_step"] = _secretbox(request, reply, reps)
     return out
 
 
@@ -242,9 +408,15 @@ def main() -> None:
     out.update(bench_datasite(x, y, http=False, steps=steps_mem, noop_calls=noop_calls))
     out.update(bench_datasite(x, y, http=True, steps=steps_http, noop_calls=noop_calls))
     logging.getLogger().setLevel(level)
+    out.update(bench_crypto(50 if args.quick else 300))
     out["rss_growth_mib_2000_steps"] = out.pop("rss_growth_mib_http")
+    out["rss_growth_mib_direct_2000_steps"] = out.pop("rss_growth_mib_direct_http")
+    out["channel_open_s"] = out.pop("channel_open_s_http")
     out["ratio_datasite_mem_vs_local"] = out["step_s_datasite_mem"] / out["step_s_local"]
     out["ratio_http_vs_noop_floor"] = out["step_s_datasite_http"] / out["noop_call_s_http"]
+    out["ratio_direct_vs_local"] = out["step_s_direct_http"] / out["step_s_local"]
+    out["ratio_http_vs_direct"] = out["step_s_datasite_http"] / out["step_s_direct_http"]
+    out["crypto_share_of_direct_step"] = out["crypto_s_per_step"] / out["step_s_direct_http"]
     out = {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
     path = ROOT / "bench" / "results" / ("pysyft_step_quick.json" if args.quick
                                          else "pysyft_step.json")

@@ -41,11 +41,14 @@ class AlignmentOps(OpFamily):
     op ``allow_alignment``."""
 
     name = "alignment"
+    host_state = True  # aligned datasets (rows) and permissions persist with the host
 
     def __init__(self, host: Host) -> None:
         super().__init__(host)
         self._allowed: set[tuple[str, str]] = set()
         self._psi_clients: dict[tuple[str, str], Any] = {}
+        #: aligned datasets made here: as_name -> (source dataset, its rows), kept on restart
+        self._aligned: dict[str, tuple[str, torch.Tensor]] = {}
 
     @owner_op("allow_alignment")
     def allow_alignment(self, dataset: str, user: str) -> dict[str, Any]:
@@ -82,7 +85,7 @@ class AlignmentOps(OpFamily):
         self._psi_clients[(str(call.req["dataset"]), call.caller)] = client
         return {"request": client.request()}
 
-    @op("psi_finish", egress={"records": SCALAR})
+    @op("psi_finish", mutates=True, egress={"records": SCALAR})
     def psi_finish(self, call: Call) -> dict[str, Any]:
         ds = self._aligned_source(call)
         key = (str(call.req["dataset"]), call.caller)
@@ -95,7 +98,25 @@ class AlignmentOps(OpFamily):
         rows = client.intersection(_bytes(call.req, "setup"), _bytes(call.req, "response"))
         del self._psi_clients[key]
         self.host.datasets[as_name] = ds.subset(rows)
+        self._aligned[as_name] = (str(call.req["dataset"]), rows)
         return {"records": int(rows.numel())}
+
+    # --------------------------------------------------- persistence (host.store)
+    def state(self) -> dict[str, Any]:
+        """Alignment permissions and the rows of each aligned dataset (not its data: the
+        source dataset is the data owner's and comes back with the datasite)."""
+        return {"allowed": sorted([d, u] for d, u in self._allowed),
+                "aligned": {k: {"source": src, "rows": rows}
+                            for k, (src, rows) in self._aligned.items()}}
+
+    def restore(self, state: Any) -> None:
+        self._allowed = {(str(d), str(u)) for d, u in state.get("allowed", [])}
+        for name, rec in (state.get("aligned") or {}).items():
+            source = self.host.datasets.get(rec["source"])
+            if source is None:
+                continue  # the source dataset is gone: so is its alignment
+            self._aligned[name] = (str(rec["source"]), rec["rows"])
+            self.host.datasets[name] = source.subset(rec["rows"])
 
 
 def _bytes(req: dict[str, Any], name: str) -> bytes:

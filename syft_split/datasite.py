@@ -4,13 +4,13 @@ The data owner keeps its data as an ordinary PySyft dataset (private + mock asse
 with ``sy.Dataset``/``sy.Asset`` or :func:`publish_dataset`) and registers one custom API
 endpoint with :func:`install`. Registering it is the data owner's act of consent to run this
 plugin; each segment a model owner proposes still needs :meth:`DatasiteConsole.approve`.
+``install(..., state_dir=...)`` makes the host keep its state in a directory the data owner
+controls, so a restarted datasite serves its approved segments again (see the README,
+"Operating a datasite").
 
-Inside the datasite the endpoint (:func:`syft_split_endpoint`, re-executed by PySyft on every
-call) hands the request to :func:`serve`, which keeps one host per installed endpoint in a
-process-level registry: the private assets are read once (through ``context.admin_client``)
-when the host is created, and model state lives in that host, never in ``context.state``.
-
-Calls (keyword arguments of ``client.api.services.api.call(path, ...)``)::
+What runs inside the datasite (the endpoint function, the host registry) is
+:mod:`syft_split.datasite_serve`; this module is the caller's side. Calls (keyword arguments
+of ``client.api.services.api.call(path, ...)``)::
 
     request=<wire bytes>                 a model-owner op, answered by host.handle(user e-mail)
     request=<wire bytes>, owner=<op>     a data-owner op; refused unless the caller is ADMIN
@@ -22,36 +22,31 @@ Data-owner ops are reached through :class:`DatasiteConsole` built on the admin's
     print(owner.review(pid)); owner.approve(pid)      # also reject, export_weights, audit...
 
 Responses leave the endpoint as a uint8 array of the wire bytes (see :func:`as_result`).
-
-Memory: PySyft stores every ``api.call`` result as an action object (only an admin can delete
-it), and builds two throw-away clients per call whose APIs (~5 MiB each) it registers forever
-in ``APIRegistry``. :func:`serve` deletes the caller's previous result (``done``; deleted with
-the caller's own credentials, so only the caller's objects) and unregisters the two per-call
-APIs, so a datasite stays bounded.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import wire
+from .datasite_serve import ENDPOINT_PATH, as_result, serve, syft_split_endpoint
 from .errors import (
-    AuthorizationError,
+    CallTimeoutError,
     ConfigError,
     SyftSplitError,
     TransportError,
     error_from_wire,
 )
-from .host import AuditEntry, DataOwnerHost
+from .host import AuditEntry
+from .host.channel import ChannelConsole
 
 __all__ = [
     "ENDPOINT_PATH",
@@ -66,191 +61,7 @@ __all__ = [
     "as_result",
 ]
 
-#: default path of the endpoint on a datasite.
-ENDPOINT_PATH = "syft_split.call"
-
 _log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------- the endpoint
-def syft_split_endpoint(
-    context: object, request: bytes = b"", owner: str = "", done: str = ""
-) -> object:
-    """syft-split data-owner plugin: see the ``syft_split.datasite`` module on this datasite."""
-    # PySyft re-executes this source with globals {"print"}: everything is imported here.
-    try:
-        from syft_split import datasite as plugin
-    except Exception as exc:
-        return f"syft_split is not importable on this datasite: {type(exc).__name__}: {exc}"
-    return plugin.as_result(plugin.serve(context, request, owner=owner, done=done))
-
-
-def as_result(raw: bytes) -> np.ndarray:
-    """The response bytes as a 1-D uint8 array, the form the endpoint returns them in.
-
-    Same bytes, different container: PySyft walks a returned ``bytes`` object element by
-    element (``attach_attribute_to_syft_object`` treats it as a Sequence), ~110 ms per MiB;
-    an array is one object to it and travels through Arrow (no pickle).
-    """
-    return np.frombuffer(raw, dtype=np.uint8)
-
-
-@dataclass
-class _Entry:
-    instance: str
-    host: DataOwnerHost
-    lock: threading.Lock
-
-
-_ENTRIES: dict[tuple[str, str], _Entry] = {}
-_ENTRIES_LOCK = threading.Lock()
-
-
-def serve(context: Any, request: bytes, *, owner: str = "", done: str = "") -> bytes:
-    """Answer one endpoint call inside the datasite (called by :func:`syft_split_endpoint`).
-
-    Never raises: every failure goes back as wire error bytes, because PySyft replaces an
-    exception's message with "please contact your admin" for non-admin callers.
-    """
-    try:
-        if done:
-            _delete_result(context, done)
-        entry = _entry(context)
-        caller = str(context.user.email)
-        if owner:
-            return _owner_call(context, entry, caller, owner, bytes(request))
-        with entry.lock:
-            return entry.host.handle(caller, bytes(request))
-    except SyftSplitError as exc:
-        return wire.encode({"error": type(exc).__name__, "message": str(exc)})
-    except Exception as exc:  # a syft failure (e.g. an asset that cannot be read)
-        return wire.encode({"error": "RemoteError", "message": f"{type(exc).__name__}: {exc}"})
-    finally:
-        _unregister_call_clients(context)
-
-
-def _entry(context: Any) -> _Entry:
-    settings = context.settings or {}
-    key = (str(context.server.id), str(settings.get("path", ENDPOINT_PATH)))
-    instance = str(settings.get("instance", ""))
-    entry = _ENTRIES.get(key)
-    if entry is not None and entry.instance == instance:
-        return entry
-    with _ENTRIES_LOCK:
-        entry = _ENTRIES.get(key)
-        if entry is None or entry.instance != instance:  # first call, or re-installed
-            entry = _Entry(instance, _build_host(context, settings), threading.Lock())
-            _ENTRIES[key] = entry
-    return entry
-
-
-def _build_host(context: Any, settings: Mapping[str, Any]) -> DataOwnerHost:
-    host = DataOwnerHost(
-        str(settings.get("host_name") or context.server.name),
-        max_request_bytes=int(settings.get("max_request_bytes", 64 * 1024 * 1024)),
-        max_batch=int(settings.get("max_batch", 4096)),
-    )
-    for name, ids in dict(settings.get("datasets", {})).items():
-        features = _load_asset(context, ids["features"], f"{name}.features")
-        mock = _load_asset(context, ids["features"], f"{name}.features (mock)", mock=True)
-        labels = ids.get("labels")
-        labels_t = _load_asset(context, labels, f"{name}.labels") if labels else None
-        record_ids = _load_ids(context, ids["ids"], name) if ids.get("ids") else None
-        if features.is_floating_point():
-            features = features.to(torch.float32)
-            mock = mock.to(torch.float32)
-        if labels_t is not None and not labels_t.is_floating_point():
-            labels_t = labels_t.to(torch.int64)
-        host.add_dataset(name, features, labels_t, ids=record_ids,
-                         mock=mock if mock.shape[1:] == features.shape[1:] else None)
-    return host
-
-
-def _load_ids(context: Any, action_id: str, name: str) -> list[str | int]:
-    """Record ids (for PSI alignment): an asset of strings or integers, one per record."""
-    from syft.types.uid import UID
-
-    data = getattr(context.admin_client.api.services.action.get(UID(action_id)),
-                   "syft_action_data", None)
-    values = np.asarray(data).reshape(-1).tolist()
-    if not all(isinstance(v, (str, int)) for v in values):
-        raise ConfigError(f"dataset {name!r}: record ids must be strings or integers")
-    return values
-
-
-def _load_asset(context: Any, action_id: str, what: str, *, mock: bool = False) -> torch.Tensor:
-    from syft.service.action.action_object import TwinMode
-    from syft.types.uid import UID
-
-    if mock:
-        obj = context.admin_client.api.services.action.get(UID(action_id),
-                                                           twin_mode=TwinMode.MOCK)
-    else:
-        obj = context.admin_client.api.services.action.get(UID(action_id))
-    data = getattr(obj, "syft_action_data", obj)
-    if hasattr(data, "to_numpy"):  # pandas
-        data = data.to_numpy()
-    try:
-        tensor = torch.as_tensor(data).detach().clone()
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"asset {what} ({action_id}) is not array data: {type(data).__name__}"
-                          ) from exc
-    return tensor
-
-
-def _delete_result(context: Any, done: str) -> None:
-    """Delete the caller's previous result: with the CALLER's credentials, so PySyft's own
-    permissions apply (read to find it, write to delete it: only the caller's own objects)."""
-    from syft.service.context import AuthedServiceContext
-    from syft.types.uid import UID
-
-    server = context.server
-    try:
-        caller = AuthedServiceContext(server=server, credentials=context.credentials,
-                                      role=context.role)
-        server.services.action.delete(caller, UID(done))
-    except Exception as exc:  # housekeeping only: never fail the call for it
-        _log.debug("syft_split: %s could not delete %s: %s", context.user.email, done, exc)
-
-
-def _unregister_call_clients(context: Any) -> None:
-    """Drop the APIs of the two clients PySyft built for this call from its global registry."""
-    try:
-        from syft.client.api import APIRegistry
-
-        apis = [getattr(c, "_api", None) for c in (context.user_client, context.admin_client)]
-        apis = [a for a in apis if a is not None]
-        registry = APIRegistry.__api_registry__
-        for key in [k for k, v in list(registry.items()) if any(v is a for a in apis)]:
-            registry.pop(key, None)
-    except Exception as exc:
-        _log.debug("syft_split: could not unregister per-call clients: %s", exc)
-
-
-def _is_admin(context: Any) -> bool:
-    return getattr(context.role, "name", None) == "ADMIN"
-
-
-def _owner_call(context: Any, entry: _Entry, caller: str, op: str, request: bytes) -> bytes:
-    """A data-owner op: only for an admin of this datasite; answered (and audited) by the host."""
-    try:
-        if not _is_admin(context):
-            exc = AuthorizationError(
-                f"{caller} is not an admin of this datasite: data-owner op {op!r} refused")
-            entry.host.audit.append(AuditEntry(time.time(), caller, f"owner.{op}", None, {},
-                                               len(request), 0, 0.0, f"AuthorizationError: {exc}"))
-            raise exc
-        fields = wire.decode(request)
-        with entry.lock:
-            if op == "shutdown":  # forget the host (the endpoint is being removed)
-                with _ENTRIES_LOCK:
-                    for key in [k for k, v in _ENTRIES.items() if v is entry]:
-                        del _ENTRIES[key]
-                return wire.encode({"shutdown": True})
-            return wire.encode(entry.host.owner_call(caller, op, fields))
-    except SyftSplitError as exc:
-        return wire.encode({"error": type(exc).__name__, "message": str(exc)})
-
 
 # ------------------------------------------------------------------ caller-side helpers
 def call_endpoint(client: Any, path: str = ENDPOINT_PATH, **kwargs: Any) -> tuple[bytes, str]:
@@ -264,6 +75,8 @@ def call_endpoint(client: Any, path: str = ENDPOINT_PATH, **kwargs: Any) -> tupl
         data = result.syft_action_data
         result_id = str(result.id)
     except Exception as exc:
+        if _timed_out(exc):
+            raise CallTimeoutError(f"PySyft call to endpoint {path!r} timed out: {exc}") from exc
         raise TransportError(
             f"PySyft call to endpoint {path!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
@@ -277,6 +90,20 @@ def call_endpoint(client: Any, path: str = ENDPOINT_PATH, **kwargs: Any) -> tupl
             "the syft-split endpoint installed at that path?"
         )
     return data, result_id
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a socket/HTTP timeout."""
+    import socket
+
+    import requests  # type: ignore[import-untyped]
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (requests.exceptions.Timeout, socket.timeout, TimeoutError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _owner(admin_client: Any, op: str, path: str, **fields: Any) -> dict[str, Any]:
@@ -335,6 +162,8 @@ def install(
     max_request_bytes: int = 64 * 1024 * 1024,
     max_batch: int = 4096,
     replace: bool = False,
+    state_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
 ) -> dict[str, Any]:
     """Register the syft-split endpoint on the datasite ``admin_client`` administers.
 
@@ -342,6 +171,13 @@ def install(
     (features only), a ``(features, labels)`` tuple, or ``{"features": a, "labels": b}``
     (assets or their action ids; ``"ids"``: record ids for PSI alignment). No datasets: a
     relay party that only runs middle segments. The host reads the private data once.
+
+    ``state_dir``: a directory on the datasite's machine where the host keeps proposals,
+    approvals, segment weights, optimizer and RNG state, step records and the audit log
+    (:mod:`syft_split.host.store`), saved after every ``checkpoint_every``-th change of a
+    segment (1: every step; nothing is lost in a crash) and on a clean shutdown. A restarted
+    datasite (same database) then serves the approved segments again. Without it, the host's
+    state lives in the datasite process's memory only.
     Returns the public metadata the model owner will see (``describe``).
     """
     import syft as sy
@@ -353,6 +189,8 @@ def install(
         "datasets": {str(k): _dataset_ids(str(k), v) for k, v in datasets.items()},
         "max_request_bytes": int(max_request_bytes),
         "max_batch": int(max_batch),
+        "state_dir": "" if state_dir is None else str(Path(state_dir).resolve()),
+        "checkpoint_every": int(checkpoint_every),
     }
     try:
         existing = [e.path for e in admin_client.api.services.api.api_endpoints()]
@@ -375,7 +213,8 @@ def install(
 
 
 def uninstall(admin_client: Any, *, path: str = ENDPOINT_PATH) -> None:
-    """Forget the host behind ``path`` (its segments and audit log) and delete the endpoint."""
+    """Forget the host behind ``path`` (its segments and audit log; saved first to its state
+    directory, if it has one) and delete the endpoint."""
     try:
         _owner(admin_client, "shutdown", path)
     except SyftSplitError as exc:
@@ -458,8 +297,9 @@ class ProposalInfo:
     max_batch: int
 
 
-class DatasiteConsole:
-    """The data owner's console for the syft-split endpoint on its datasite.
+class DatasiteConsole(ChannelConsole):
+    """The data owner's console for the syft-split endpoint on its datasite (and its direct
+    channels: :class:`~syft_split.host.channel.ChannelConsole`).
 
     ``DatasiteConsole(admin_client)`` is what :class:`syft_split.deploy.OwnerConsole` asks
     for. Every method is refused on the datasite (:class:`AuthorizationError`) unless the
@@ -487,8 +327,9 @@ class DatasiteConsole:
         return str(self._call("review", segment=proposal_id)["text"])
 
     def approve(self, proposal_id: str, **options: Any) -> None:
-        """Approve once; from then on only the proposer may run the segment. ``options``
-        (JSON): e.g. ``leakage_bound={"inversion_ratio": 0.2}`` for the live watch."""
+        """Approve once; from then on only the proposer may run the segment. ``options`` (JSON):
+        the approval options the review mentions, e.g. ``channel=True`` (a direct data plane),
+        ``leakage_bound={"relative": 0.5}`` (the live watch), ``release_weights=True``."""
         self._call("approve", segment=proposal_id, **options)
 
     def reject(self, proposal_id: str) -> None:

@@ -38,13 +38,15 @@ class Deployment:
     owners: dict[str, OwnerConsole]
     closers: list[Any] = field(default_factory=list)
 
-    def approve_all(self, proposals: dict[str, list[str]], *, show: bool = False) -> None:
-        """Each data owner reads its reviews (printed if ``show``) and approves once."""
+    def approve_all(self, proposals: dict[str, list[str]], *, show: bool = False,
+                    **options: Any) -> None:
+        """Each data owner reads its reviews (printed if ``show``) and approves once, with the
+        approval ``options`` its review mentions (e.g. ``channel=True``)."""
         for party, ids in proposals.items():
             for pid in ids:
                 if show:
                     print(self.owners[party].review(pid))
-                self.owners[party].approve(pid)
+                self.owners[party].approve(pid, **options)
 
     def trust_each_other(self, parties: list[str] | None = None) -> None:
         """Every data owner pins every other's public key (out of band, in real life)."""

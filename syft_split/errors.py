@@ -20,6 +20,7 @@
     │   └── LeakageHaltError    the data owner's leakage watch halted this segment (names the
     │                           figure past the bound, or the suspected training hijack)
     ├── TransportError          the transport failed (PySyft errors are wrapped here)
+    │   └── CallTimeoutError    a party did not answer within the call's timeout
     ├── RemoteError             the peer failed with an error that has no mapping here
     └── HEError                 homomorphic-encryption failures (he_layers)
         ├── InsecureParametersError
@@ -49,6 +50,7 @@ __all__ = [
     "EgressError",
     "LeakageHaltError",
     "TransportError",
+    "CallTimeoutError",
     "RemoteError",
     "HEError",
     "InsecureParametersError",
@@ -123,7 +125,15 @@ class LeakageHaltError(AccessError):
 
 
 class TransportError(SyftSplitError):
-    """The transport failed to deliver a message."""
+    """The transport failed to deliver a message (``party``: whom it was for, when known)."""
+
+    party: str | None = None
+
+
+class CallTimeoutError(TransportError):
+    """A party did not answer within the call's timeout (the message names party, op and
+    seconds). Whether the party applied the request is unknown: a request carrying a step id
+    is safe to send again (the party answers it from its record, never applies it twice)."""
 
 
 class RemoteError(SyftSplitError):

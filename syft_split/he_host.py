@@ -165,6 +165,16 @@ class HEOps(OpFamily):
     def he_costs(self, call: Call) -> dict[str, Any]:
         return {k: float(v) for k, v in _client(call.rt).costs.as_dict().items()}
 
+    # --------------------------------------------------- persistence (host.store)
+    def restore(self, state: Any) -> None:
+        """The CKKS secret keys of a run are never written to disk: after a restart an
+        encrypted segment cannot decrypt its model owner's ciphertexts, so it is halted; the
+        model owner proposes it again (fresh keys at the new approval)."""
+        for p in self.host.proposals("approved"):
+            if p.he is not None:
+                self.host.halt(p.id, "the datasite restarted and encryption keys are not "
+                                     "kept across restarts: propose this segment again")
+
 
 def build_client(agreement: dict[str, Any]) -> Any:
     """Fresh keys for this run from the reviewed agreement (the secret key stays here)."""

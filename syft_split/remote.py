@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import ProtocolError, ShapeError
+from .errors import ProtocolError, ShapeError, SyftSplitError, TransportError
 from .transport.base import Transport
 
 __all__ = ["RemoteSegment", "ActivationPointer"]
@@ -25,6 +25,13 @@ class RemoteSegment:
     the next forward to that segment, and a loss segment's loss weight with its next
     ``loss_step`` (one call per step in steady state); call :meth:`flush` before reading
     results that depend on the data owner's weights.
+
+    Exactly-once: every request that changes the segment carries the next step id
+    (:attr:`next_step`). If its delivery is unknown (a timeout, a lost connection, a crash of
+    either side), the request is kept (:attr:`unsettled`) and :meth:`settle` sends it again,
+    under the same id, before anything else: the host answers from its record if it already
+    applied it, and applies it otherwise. A held-back gradient thus lands exactly once, or the
+    session raises (never drops it silently).
     """
 
     def __init__(self, transport: Transport, party: str, segment_id: str, role: str,
@@ -41,10 +48,92 @@ class RemoteSegment:
         self._held_scale: float | None = None
         self.last_labels: torch.Tensor | None = None
         self.last_metrics: dict[str, Any] = {}
+        #: the id the next changing request carries (the host applies each id once)
+        self.next_step = 1
+        self._inflight: dict[str, Any] | None = None
 
     def _call(self, op: str, **fields: Any) -> dict[str, Any]:
         return self.transport.call(self.party, op, segment=self.segment_id, **fields)
 
+    # --------------------------------------------------------------- exactly-once
+    @property
+    def unsettled(self) -> dict[str, Any] | None:
+        """The changing request whose delivery is unknown (op, step id), or None."""
+        if self._inflight is None:
+            return None
+        return {"op": self._inflight["op"], "step": self._inflight["step"],
+                "carries_gradient": "grad" in self._inflight["fields"]
+                or "step_scale" in self._inflight["fields"]
+                or "scale" in self._inflight["fields"]}
+
+    def _mutate(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send a request that changes the segment, under the next step id."""
+        try:
+            self.settle()
+        except BaseException:
+            self._hold_again(fields)  # not sent: a gradient it carries is held again
+            raise
+        self._inflight = {"op": op, "fields": fields, "step": self.next_step}
+        return self._send_inflight()
+
+    def _send_inflight(self) -> dict[str, Any]:
+        inflight = self._inflight
+        assert inflight is not None
+        try:
+            response = self._call(inflight["op"], step=inflight["step"], **inflight["fields"])
+        except TransportError:
+            raise  # delivery unknown: kept, and settled before the next changing request
+        except SyftSplitError:
+            self._inflight = None  # refused by the host: nothing applied, the id is unused
+            self._hold_again(inflight["fields"])
+            raise
+        self._inflight = None
+        self.next_step = inflight["step"] + 1
+        return response
+
+    def _hold_again(self, fields: dict[str, Any]) -> None:
+        """A refused request's held-back gradient / loss weight is held again, not lost."""
+        if not self.fuse:
+            return
+        if "grad" in fields and self._held_grad is None:
+            self._held_grad = fields["grad"]
+        for key in ("step_scale", "scale"):
+            if key in fields and self._held_scale is None:
+                self._held_scale = fields[key]
+
+    def settle(self) -> bool:
+        """Resolve a changing request whose delivery is unknown: send it again under its step
+        id (applied now, or answered from the host's record if it was applied already); a
+        forward or loss step it left pending is then discarded (its batch was abandoned).
+        Returns True if there was one. Raises (and keeps it) if the party is still unreachable.
+        """
+        if self._inflight is None:
+            return False
+        op, fields = self._inflight["op"], self._inflight["fields"]
+        self._send_inflight()
+        if op in ("forward", "loss_step") and fields.get("train", True):
+            self._inflight = {"op": "discard", "fields": {}, "step": self.next_step}
+            self._send_inflight()
+        return True
+
+    def state(self) -> dict[str, Any]:
+        """What the model owner must keep to re-attach to this segment (checkpoints)."""
+        return {"party": self.party, "segment_id": self.segment_id, "role": self.role,
+                "input_shape": list(self.input_shape), "output_shape": list(self.output_shape),
+                "fuse": self.fuse, "next_step": self.next_step, "held_grad": self._held_grad,
+                "held_scale": self._held_scale, "inflight": self._inflight}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state` (same segment)."""
+        if state["segment_id"] != self.segment_id:
+            raise ProtocolError(f"state of {state['segment_id']} loaded into {self.segment_id}")
+        self.next_step = int(state["next_step"])
+        self._held_grad = state.get("held_grad")
+        scale = state.get("held_scale")
+        self._held_scale = None if scale is None else float(scale)
+        self._inflight = state.get("inflight")
+
+    # ------------------------------------------------------------------------ ops
     def forward(self, *, indices: torch.Tensor | None = None, x: torch.Tensor | None = None,
                 dataset: str | None = None, train: bool = True) -> torch.Tensor:
         """Run the segment remotely; return its activation (a plain tensor, no graph)."""
@@ -55,11 +144,12 @@ class RemoteSegment:
             fields["x"] = x.detach().to(torch.float32)
         if dataset is not None:
             fields["dataset"] = dataset
-        if train and self._held_grad is not None:
-            fields["grad"] = self._held_grad
-        response = self._call("forward", **fields)
-        if "grad" in fields:
-            self._held_grad = None
+        if train:
+            if self._held_grad is not None:  # travels inside the request from now on
+                fields["grad"], self._held_grad = self._held_grad, None
+            response = self._mutate("forward", **fields)
+        else:
+            response = self._call("forward", **fields)
         act = response["activation"]
         batch = int(indices.shape[0]) if indices is not None else int(x.shape[0])  # type: ignore[union-attr]
         if tuple(act.shape) != (batch, *self.output_shape):
@@ -78,24 +168,31 @@ class RemoteSegment:
                                     "flush() before a second backward")
             self._held_grad = grad
             return None
-        response = self._call("backward", grad=grad)
+        response = self._mutate("backward", grad=grad)
         return response.get("grad_input")
 
     def flush(self) -> None:
         """Send a held-back gradient / loss weight now (end of epoch, before evaluation or
-        export): the data owner then has stepped."""
+        export), after settling a request in flight: the data owner then has stepped."""
+        self.settle()
         if self._held_grad is not None:
             grad, self._held_grad = self._held_grad, None
-            self._call("backward", grad=grad)
+            self._mutate("backward", grad=grad)
         if self._held_scale is not None:
             scale, self._held_scale = self._held_scale, None
-            self._call("backward", scale=scale)
+            self._mutate("backward", scale=scale)
 
-    def discard(self) -> None:
-        """Forget the pending step on both sides (after a failed model-owner step)."""
+    def discard(self) -> dict[str, bool]:
+        """Forget the step on both sides (after a failed model-owner step). A request in
+        flight is settled first (applied exactly once); returns what was dropped: the held
+        gradient / loss weight (never sent) and the data owner's pending step."""
+        self.settle()
+        dropped = {"held_gradient": self._held_grad is not None,
+                   "held_scale": self._held_scale is not None}
         self._held_grad = None
         self._held_scale = None
-        self._call("discard")
+        dropped["pending"] = bool(self._mutate("discard").get("discarded"))
+        return dropped
 
     def loss_backward(self, scale: float) -> None:
         """The loss weight for the pending loss step: the data owner steps its segment with its
@@ -106,7 +203,7 @@ class RemoteSegment:
                                     "flush() before a second backward")
             self._held_scale = scale
             return
-        self._call("backward", scale=scale)
+        self._mutate("backward", scale=scale)
 
     def loss_step(self, x: torch.Tensor, indices: torch.Tensor, *, dataset: str | None = None,
                   train: bool = True) -> dict[str, Any]:
@@ -116,12 +213,11 @@ class RemoteSegment:
                                   "indices": indices.to(torch.int64), "train": train}
         if dataset is not None:
             fields["dataset"] = dataset
-        if train and self._held_scale is not None:
-            fields["step_scale"] = self._held_scale
-        response = self._call("loss_step", **fields)
-        if "step_scale" in fields:
-            self._held_scale = None
-        return response
+        if not train:
+            return self._call("loss_step", **fields)
+        if self._held_scale is not None:
+            fields["step_scale"], self._held_scale = self._held_scale, None
+        return self._mutate("loss_step", **fields)
 
     # ------------------------------------------------------------------- weights
     # The model owner never writes a data owner's weights: it may read them only if the data
@@ -142,7 +238,7 @@ class RemoteSegment:
     def unseal(self, sealed: bytes, sender: str) -> None:
         """Load weights ``sender`` sealed for this segment (once, in sequence order)."""
         self.flush()
-        self._call("unseal", sealed=sealed, sender=sender)
+        self._mutate("unseal", sealed=sealed, sender=sender)
 
     def secagg_round(self) -> int:
         """The last secure-aggregation round this segment contributed to (0: none)."""

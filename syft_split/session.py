@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from .losses import LOSSES
 from .remote import ActivationPointer, RemoteSegment, remote_loss
 from .spec import OptimizerSpec, load_spec_state, module_to_spec, spec_state
 from .topology import DATA_OWNER, MODEL_OWNER, RELEASED, SplitPlan, Task
-from .transport.base import Transport
+from .transport.base import CallPolicy, Transport
 
 __all__ = ["SplitSession", "StepMetrics"]
 
@@ -45,11 +46,13 @@ class SplitSession:
     """Everything the model owner drives: see the module docstring.
 
     ``source`` arguments name where a batch's records come from: a data owner of the plan,
-    or :data:`~syft_split.topology.ALIGNED` for vertical plans.
+    or :data:`~syft_split.topology.ALIGNED` for vertical plans. ``policy`` sets the timeouts
+    and retries of the transport's calls (:class:`~syft_split.transport.base.CallPolicy`).
     """
 
     def __init__(self, plan: SplitPlan, transport: Transport, *,
-                 optimizer: OptimizerSpec | None = None, fuse: bool = True) -> None:
+                 optimizer: OptimizerSpec | None = None, fuse: bool = True,
+                 policy: CallPolicy | None = None) -> None:
         plan.validate()
         missing = [d for d in plan.parties if d not in transport.parties()]
         if missing:
@@ -57,6 +60,8 @@ class SplitSession:
                               f"connected: {transport.parties()}")
         self.plan = plan
         self.transport = transport
+        if policy is not None:  # timeouts and retries of this session's calls
+            transport.policy = policy
         self.optimizer_spec = optimizer or OptimizerSpec("sgd", lr=0.01)
         self.fuse = fuse
         #: modules the model owner runs, by node index (shared by all data owners)
@@ -136,51 +141,102 @@ class SplitSession:
                 shapes.append((tuple(x.shape[1:]), tuple(values[i].shape[1:])))
         return shapes
 
+    def _placements(self) -> Iterator[tuple[int, str, str, tuple[tuple[int, ...], tuple[int, ...]]]]:
+        """(node, hosting party, role, (input, output) shape) of every remote segment, once."""
+        all_shapes = {source: self._shapes(source) for source in self.plan.sources}
+        seen: set[tuple[str, int]] = set()
+        for source in self.plan.sources:
+            for i, node in enumerate(self.plan.nodes):
+                host = self._host(source, i)
+                if node.owner == MODEL_OWNER or (host, i) in seen:
+                    continue
+                seen.add((host, i))
+                role = ("input" if not node.inputs
+                        else "loss" if self.plan.remote_loss_node(i) else "middle")
+                yield i, host, role, all_shapes[source][i]
+
     def propose(self) -> dict[str, list[str]]:
         """Send every remote segment to its host for review; return proposal ids by party.
 
         Shapes are checked for every record source first: a plan whose shapes do not meet
         fails with :class:`ConfigError` before anything is proposed anywhere."""
         out: dict[str, list[str]] = {}
-        all_shapes = {source: self._shapes(source) for source in self.plan.sources}
-        for source in self.plan.sources:
-            shapes = all_shapes[source]
-            for i, node in enumerate(self.plan.nodes):
-                host = self._host(source, i)
-                if node.owner == MODEL_OWNER or (host, i) in self.remote:
-                    continue
-                task = self.plan.task_at(i)
-                role = ("input" if not node.inputs
-                        else "loss" if self.plan.remote_loss_node(i) else "middle")
-                module = copy.deepcopy(node.module)
-                fields: dict[str, Any] = {
-                    "role": role,
-                    "spec": module_to_spec(module),
-                    "optimizer": (node.optimizer or self.optimizer_spec).to_json(),
-                    "datasets": list(self.plan.datasets) if role != "middle" else [],
-                    "input_shape": list(shapes[i][0]),
-                    "max_batch": self.plan.max_batch,
-                    **{f"state/{k}": v for k, v in spec_state(module).items()},
-                }
-                if role == "loss" and task is not None:
-                    fields["loss"] = task.loss
-                if role == "input" and self.plan.release_labels:
-                    fields["release_labels"] = True
-                if node.owner == DATA_OWNER:
-                    fields["share_weights"] = self.plan.share_weights
-                if role == "input" and self.plan.defences:
-                    fields["defences"] = dict(self.plan.defences)
-                if role == "input" and self.plan.encrypted is not None:
-                    fields["he"] = self.plan.encrypted.agreement()
-                response = self.transport.call(host, "propose", **fields)
-                pid = response["segment"]
-                self.remote[(host, i)] = RemoteSegment(
-                    self.transport, host, pid, role, shapes[i][0], shapes[i][1], fuse=self.fuse)
-                out.setdefault(host, []).append(pid)
+        for i, host, role, shapes in list(self._placements()):
+            if (host, i) in self.remote:
+                continue
+            node = self.plan.nodes[i]
+            task = self.plan.task_at(i)
+            module = copy.deepcopy(node.module)
+            fields: dict[str, Any] = {
+                "role": role,
+                "spec": module_to_spec(module),
+                "optimizer": (node.optimizer or self.optimizer_spec).to_json(),
+                "datasets": list(self.plan.datasets) if role != "middle" else [],
+                "input_shape": list(shapes[0]),
+                "max_batch": self.plan.max_batch,
+                **{f"state/{k}": v for k, v in spec_state(module).items()},
+            }
+            if role == "loss" and task is not None:
+                fields["loss"] = task.loss
+            if role == "input" and self.plan.release_labels:
+                fields["release_labels"] = True
+            if node.owner == DATA_OWNER:
+                fields["share_weights"] = self.plan.share_weights
+            if role == "input" and self.plan.defences:
+                fields["defences"] = dict(self.plan.defences)
+            if role == "input" and self.plan.encrypted is not None:
+                fields["he"] = self.plan.encrypted.agreement()
+            response = self.transport.call(host, "propose", **fields)
+            pid = response["segment"]
+            self.remote[(host, i)] = RemoteSegment(
+                self.transport, host, pid, role, shapes[0], shapes[1], fuse=self.fuse)
+            if role == "input" and self.plan.local_loss is not None:  # reviewed with it
+                self.plan.local_loss.attach(self.transport, host, pid, self.optimizer_spec)
+            out.setdefault(host, []).append(pid)
+        return out
+
+    def segment_ids(self) -> dict[str, str]:
+        """``{"party:node": segment id}`` of every placed segment: what :meth:`attach` takes."""
+        return {f"{host}:{i}": seg.segment_id for (host, i), seg in self.remote.items()}
+
+    def attach(self, segments: Mapping[str, str], *,
+               states: Mapping[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+        """Re-attach to segments approved earlier (e.g. by a model-owner process that crashed)
+        instead of proposing them again; ``segments`` is what :meth:`segment_ids` returned.
+
+        ``states`` (by the same keys, from a checkpoint: :meth:`RemoteSegment.state`) restores
+        step ids and held-back gradients, so training continues exactly. Without one, each
+        segment continues after the last step its data owner applied, and a step left pending
+        there is discarded: its gradient died with the old process (reported in the result).
+        Returns the data owners' view per key: status, steps, last step id, what was discarded.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        placed: dict[tuple[str, int], RemoteSegment] = {}
+        for i, host, role, shapes in self._placements():
+            key = f"{host}:{i}"
+            if key not in segments:
+                raise ConfigError(f"no segment id for {key}; got {sorted(segments)}")
+            seg = RemoteSegment(self.transport, host, str(segments[key]), role, shapes[0],
+                                shapes[1], fuse=self.fuse)
+            info = self.transport.call(host, "status", segment=seg.segment_id)
+            if info["status"] != "approved":
+                why = f" ({info['reason']})" if info.get("reason") else ""
+                raise ApprovalError(f"segment {seg.segment_id} on {host} is {info['status']}"
+                                    f"{why}: it cannot be attached")
+            seg.next_step = int(info.get("last_step", 0)) + 1
+            placed[(host, i)] = seg
+            out[key] = dict(info)
+        for (host, i), seg in placed.items():
+            key = f"{host}:{i}"
+            if states is not None and key in states:
+                seg.load_state(dict(states[key]))
+            elif out[key].get("pending"):
+                out[key]["discarded"] = seg.discard()
+        self.remote.update(placed)
         return out
 
     def status(self) -> dict[str, str]:
-        """Approval status of every proposed segment."""
+        """Approval status of every proposed segment (``"approved"``, ``"pending"``, ...)."""
         return {seg.segment_id: self.transport.call(seg.party, "status",
                                                     segment=seg.segment_id)["status"]
                 for seg in self.remote.values()}
@@ -290,10 +346,17 @@ class SplitSession:
         for seg in self.remote.values():
             seg.flush()
 
-    def discard(self) -> None:
-        """Drop pending forwards everywhere (after a failed step), keeping weights."""
-        for seg in self.remote.values():
-            seg.discard()
+    def discard(self) -> dict[str, dict[str, bool]]:
+        """Drop the step in flight everywhere (after a failed step), keeping weights: requests
+        whose delivery is unknown are settled first; returns, per segment id, what was dropped
+        (held-back gradient / loss weight never sent, the data owner's pending step)."""
+        return {seg.segment_id: seg.discard() for seg in self.remote.values()}
+
+    def unsettled(self) -> dict[str, dict[str, Any]]:
+        """Requests whose delivery is unknown (after a timeout or lost connection), by segment
+        id; they are sent again, under their step ids, before anything else on that segment."""
+        return {seg.segment_id: u for seg in self.remote.values()
+                if (u := seg.unsettled) is not None}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -359,14 +422,14 @@ class SplitSession:
                 out[host] = {k: float(v) for k, v in r.items()}
         return out
 
-    def watch_status(self) -> dict[str, dict[str, Any]]:
+    def watch_status(self, *, skip: Collection[str] = ()) -> dict[str, dict[str, Any]]:
         """Each data owner's live leakage watch on its input segment: the figures measured now
         on the current weights, or ``halted`` with the reason if it stopped the segment."""
         from .errors import LeakageHaltError
 
         out: dict[str, dict[str, Any]] = {}
         for (host, _i), seg in self.remote.items():
-            if seg.role != "input":
+            if seg.role != "input" or host in skip:
                 continue
             try:
                 figures = dict(self.transport.call(host, "watch", segment=seg.segment_id))

@@ -88,6 +88,9 @@ class SplitPlan:
     defences: dict[str, float] = field(default_factory=dict)
     #: the model owner's layer that runs on CKKS ciphertexts (set by :func:`syft_split.he.protect`)
     encrypted: Any = None
+    #: an auxiliary head each data owner trains its segment with (:class:`syft_split.local_loss.
+    #: LocalLoss`): no gradient returns, many batches per call; an approximation
+    local_loss: Any = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -279,6 +282,8 @@ class SplitPlan:
             0 <= self.encrypted.node < n and self.nodes[self.encrypted.node].owner == MODEL_OWNER
         ):
             problems.append("the encrypted layer must belong to a model-owner segment")
+        if self.local_loss is not None:
+            problems.extend(self.local_loss.problems(self))
         if not 0 < self.max_batch:
             problems.append(f"max_batch must be positive, got {self.max_batch}")
         if problems:

@@ -1,14 +1,23 @@
-"""High-level training over a :class:`~syft_split.session.SplitSession`: ``fit``/``evaluate``."""
+"""High-level training over a :class:`~syft_split.session.SplitSession`: ``fit``/``evaluate``.
+
+Durability: ``fit(checkpoint_dir=...)`` saves the model owner's side after every step
+(:mod:`syft_split.checkpoint`) and ``fit(resume=True)`` continues from it in a new process.
+With ``on_unreachable="skip"`` (round-robin schedule) a data owner that times out or cannot
+be reached loses its batches for the rest of the epoch while the others train on; what was
+skipped is listed in ``report.extra["unreachable"]``.
+"""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from .checkpoint import Checkpoint, Position
+from .errors import ConfigError, TransportError
 from .report import EpochRecord, RunReport
 from .schedules import SCHEDULES, SecureAverage, ServerCopies, relay_weights
 from .session import SplitSession, StepMetrics
@@ -24,6 +33,10 @@ class Trainer:
     ``schedule`` is one of :data:`~syft_split.schedules.SCHEDULES` (see that module);
     Relay and SplitFed move the data owners' weights only between them (plans with
     ``share_weights="peer"``); ``relay_via`` must be ``"peer"`` for the relay schedule.
+    For long round trips (approximations, see their modules): ``gradient_delay=1`` pipelines
+    steps with gradients applied one step late (:mod:`syft_split.pipeline`); a plan with
+    ``local_loss`` trains each data owner's segment with its own auxiliary head, many batches
+    per call (:mod:`syft_split.local_loss`).
     """
 
     def __init__(self, session: SplitSession, *, batch_size: int = 64,
@@ -32,9 +45,24 @@ class Trainer:
                  progress: bool = True, config: dict[str, Any] | None = None,
                  schedule: str = "round_robin", relay_via: str = "peer",
                  measure_leakage: bool = True, leakage_budget_s: float | None = None,
-                 watch: bool = True) -> None:
+                 watch: bool = True, gradient_delay: int = 0,
+                 on_unreachable: str = "raise") -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        from .pipeline import check_latency_options
+
+        check_latency_options(session, schedule, gradient_delay)
+        #: 1: pipelined steps, gradients applied one step late (:mod:`syft_split.pipeline`)
+        self.gradient_delay = gradient_delay
+        if on_unreachable not in ("raise", "skip"):
+            raise ConfigError(f"on_unreachable must be 'raise' or 'skip', got {on_unreachable!r}")
+        if on_unreachable == "skip" and schedule != "round_robin":
+            raise ConfigError(f"on_unreachable='skip' needs the round_robin schedule; "
+                              f"{schedule!r} cannot go on without a party")
+        self.on_unreachable = on_unreachable
+        #: parties skipped for the rest of the current epoch (on_unreachable="skip")
+        self.down: set[str] = set()
+        self._checkpoint: Checkpoint | None = None
         if relay_via not in ("model_owner", "peer"):
             raise ConfigError(f"relay_via must be 'peer', got {relay_via!r}")
         if schedule == "relay" and relay_via != "peer":
@@ -122,52 +150,131 @@ class Trainer:
                 self._server_copies.average(round_sizes)
             round_sizes.clear()
 
-    def train_epoch(self, epoch: int = 0) -> StepMetrics:
-        """One pass over every source's training records, in the schedule's order."""
+    def train_epoch(self, epoch: int = 0, *, position: Position | None = None) -> StepMetrics:
+        """One pass over every source's training records, in the schedule's order
+        (``position``: continue a checkpointed epoch from where it stopped)."""
+        if self.gradient_delay or self.session.plan.local_loss is not None:
+            from .pipeline import latency_epoch
+
+            return latency_epoch(self, epoch)
+        if position is not None:
+            self.generator.set_state(position["gen"])
+        start_gen = self.generator.get_state()
+        order = self._order(self._batches())
+        done = int(position["done"]) if position is not None else 0
+        loss_sum, correct, count = position["sums"] if position is not None else (0.0, 0, 0)
+        round_sizes: dict[str, float] = dict(position["round_sizes"]) if position else {}
+        self.down = set()
+        bar = tqdm(order[done:], desc=f"epoch {epoch}", disable=not self.progress, leave=False)
+        for k, (party, idx, end_of_round) in enumerate(bar, start=done):
+            if party not in self.down:
+                try:
+                    m = self._train_step(party, idx, end_of_round, round_sizes)
+                    loss_sum += m.loss * m.count
+                    correct += m.correct
+                    count += m.count
+                    bar.set_postfix(loss=f"{loss_sum / max(count, 1):.3f}",
+                                    acc=f"{correct / max(count, 1):.3f}")
+                except TransportError as exc:
+                    self._unreachable(exc, party, epoch, k)
+            if self._checkpoint is not None:
+                self._checkpoint.save(self, Position(
+                    epoch=epoch, done=k + 1, gen=start_gen, sums=[loss_sum, correct, count],
+                    round_sizes=round_sizes))
+        self._flush()
+        return StepMetrics(loss_sum / max(count, 1), int(correct), int(count))
+
+    def _train_step(self, party: str, idx: torch.Tensor, end_of_round: bool,
+                    round_sizes: dict[str, float]) -> StepMetrics:
         s = self.session
-        loss_sum, correct, count = 0.0, 0, 0
-        bar = tqdm(self._order(self._batches()), desc=f"epoch {epoch}",
-                   disable=not self.progress, leave=False)
-        round_sizes: dict[str, float] = {}
-        for party, idx, end_of_round in bar:
-            self._before(party)
-            s.zero_grad()
-            loss, m = s.loss(party, idx, self._label(party, self.train_dataset, idx),
-                             dataset=self.train_dataset)
-            loss.backward()
-            s.step()
-            self._after(party, idx, end_of_round, round_sizes)
-            self.report.steps += 1
-            loss_sum += m.loss * m.count
-            correct += m.correct
-            count += m.count
-            bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
-        s.flush()
-        return StepMetrics(loss_sum / max(count, 1), correct, count)
+        self._before(party)
+        s.zero_grad()
+        loss, m = s.loss(party, idx, self._label(party, self.train_dataset, idx),
+                         dataset=self.train_dataset)
+        loss.backward()
+        s.step()
+        self._after(party, idx, end_of_round, round_sizes)
+        self.report.steps += 1
+        return m
+
+    def _unreachable(self, exc: TransportError, party: str, epoch: int, step: int) -> None:
+        """A party failed in transit: skip it for the rest of the epoch (or raise)."""
+        who = exc.party or party
+        if self.on_unreachable != "skip" or who != party:
+            raise exc
+        self.session.zero_grad()
+        self.down.add(party)
+        self.report.extra.setdefault("unreachable", []).append(
+            {"party": party, "epoch": epoch, "batch": step, "error": f"{type(exc).__name__}: {exc}"})
+
+    def _flush(self) -> None:
+        """Deliver held-back gradients; an unreachable party's stay held (sent when it is back)."""
+        for seg in self.session.remote.values():
+            if seg.party in self.down:
+                continue
+            try:
+                seg.flush()
+            except TransportError as exc:
+                if self.on_unreachable != "skip":
+                    raise
+                self.down.add(seg.party)
+                self.report.extra.setdefault("unreachable", []).append(
+                    {"party": seg.party, "epoch": None, "batch": None,
+                     "error": f"{type(exc).__name__}: {exc}"})
 
     def evaluate(self, dataset: str | None = None, batch_size: int = 512) -> dict[str, float]:
         """Loss and accuracy over every data owner's ``dataset`` (no gradient bookkeeping)."""
         dataset = dataset or self.test_dataset or self.train_dataset
         s = self.session
-        s.flush()
+        self._flush()
         loss_sum, correct, count = 0.0, 0, 0
         for party in s.plan.sources:
-            n = s.records(party, dataset)
-            for idx in torch.arange(n).split(min(batch_size, s.plan.max_batch)):
-                m = s.evaluate_batch(party, idx, self._label(party, dataset, idx),
-                                     dataset=dataset)
-                loss_sum += m.loss * m.count
-                correct += m.correct
-                count += m.count
+            if party in self.down:
+                continue
+            try:
+                n = s.records(party, dataset)
+                for idx in torch.arange(n).split(min(batch_size, s.plan.max_batch)):
+                    m = s.evaluate_batch(party, idx, self._label(party, dataset, idx),
+                                         dataset=dataset)
+                    loss_sum += m.loss * m.count
+                    correct += m.correct
+                    count += m.count
+            except TransportError as exc:
+                self._unreachable(exc, party, -1, -1)
+        if count == 0:
+            return {"loss": float("nan"), "accuracy": float("nan")}
         return {"loss": loss_sum / count, "accuracy": correct / count}
 
-    def fit(self, epochs: int, *, verbose: bool = True) -> RunReport:
-        """Train ``epochs`` epochs, evaluating after each; return the run report."""
+    def fit(self, epochs: int, *, verbose: bool = True, checkpoint_dir: str | Path | None = None,
+            resume: bool = False) -> RunReport:
+        """Train ``epochs`` epochs, evaluating after each; return the run report.
+
+        ``checkpoint_dir``: save the model owner's side there after every step (see
+        :mod:`syft_split.checkpoint`); ``resume=True``: first continue from the checkpoint in
+        it, if there is one (re-attaching a fresh session to the approved segments by id)."""
         t_run = time.perf_counter()
         traffic = self.session.transport.traffic
-        for epoch in range(1, epochs + 1):
+        if checkpoint_dir is not None and self.session.he is not None:
+            raise ConfigError("checkpoints do not cover HE-protected plans (the encrypted layer's "
+                              "state and the CKKS keys are not saved); train without "
+                              "checkpoint_dir")
+        self._checkpoint = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        position: Position | None = None
+        if resume:
+            if self._checkpoint is None:
+                raise ConfigError("resume=True needs checkpoint_dir")
+            tree = self._checkpoint.load()
+            if tree is not None:
+                position = self._checkpoint.restore(self, tree)
+                self.report.extra["resumed"] = int(self.report.extra.get("resumed", 0)) + 1
+        if self._checkpoint is not None and position is None:  # the segment ids, at once
+            self._checkpoint.save(self, Position(epoch=1, done=0, gen=self.generator.get_state(),
+                                                 sums=[0.0, 0, 0], round_sizes={}))
+        first = int(position["epoch"]) if position is not None else 1
+        for epoch in range(first, epochs + 1):
             t0 = time.perf_counter()
-            train = self.train_epoch(epoch)
+            self.epochs_remaining = epochs - epoch  # a local-loss stream may start the next
+            train = self.train_epoch(epoch, position=position if epoch == first else None)
             test = self.evaluate() if self.test_dataset else None
             rec = EpochRecord(
                 epoch=epoch, train_loss=train.loss,
@@ -176,9 +283,13 @@ class Trainer:
                 test_accuracy=test["accuracy"] if test else None,
                 steps=self.report.steps, seconds=time.perf_counter() - t0,
                 bytes_by_party=traffic.bytes_by_party(),
-                watch=self.session.watch_status() if self.watch else {},
+                watch=self.session.watch_status(skip=self.down) if self.watch else {},
             )
             self.report.epochs.append(rec)
+            if self._checkpoint is not None:  # the next epoch starts here
+                self._checkpoint.save(self, Position(epoch=epoch + 1, done=0,
+                                                     gen=self.generator.get_state(),
+                                                     sums=[0.0, 0, 0], round_sizes={}))
             if verbose:
                 msg = (f"epoch {epoch}: train loss {rec.train_loss:.4f} "
                        f"acc {rec.train_accuracy:.4f}")
@@ -189,7 +300,7 @@ class Trainer:
                     print(f"  watch at {party}: " + _watch_text(w), flush=True)
         if self.session.he is not None:
             self.report.extra["he"] = self.session.he.costs()
-        if self.measure_leakage and self.session.he is None:
+        if self.measure_leakage and self.session.he is None and not self.down:
             leak = self.session.measure_leakage(self.test_dataset or self.train_dataset,
                                                 budget_s=self.leakage_budget_s)
             self.report.extra["leakage"] = leak

@@ -9,7 +9,14 @@ imported.
 
 from __future__ import annotations
 
-from . import proposals, segments, watch, weights  # noqa: F401  (register the families)
+from . import (  # noqa: F401  (register the families)
+    channel,
+    latency,
+    proposals,
+    segments,
+    watch,
+    weights,
+)
 from .core import DataOwnerHost
 from .dispatch import OpFamily, op, owner_op, register_family
 from .guard import Call, Guard

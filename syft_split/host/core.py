@@ -13,15 +13,25 @@ becomes an :class:`AuditEntry`. The ops themselves live in their families: propo
 review (:mod:`.proposals`), segment steps (:mod:`.segments`), weights (:mod:`.weights`),
 leakage (:mod:`.watch`), and outside this package alignment (:mod:`syft_split.alignment`) and
 encryption (:mod:`syft_split.he_host`).
+
+Exactly-once steps: a request may carry ``step`` (an int >= 1; a model owner numbers the
+changing requests of each segment 1, 2, 3, ...). The host remembers the last steps each segment
+applied with their responses; one of them sent again (a retry after a lost response, a model
+owner resuming from its checkpoint) is answered from its record and never applied twice. An
+older step is refused, and so is a gap (a step after one the host does not have: it lost
+applied steps, restored from an older snapshot; :meth:`SplitSession.attach` resynchronises).
+With ``state_dir`` the host keeps its state on disk (:mod:`.store`):
+:meth:`DataOwnerHost.restore_state` loads it after a restart.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,7 +48,8 @@ from ..errors import (
 )
 from .dispatch import OpFamily, OpSpec, owner_op, registered_families
 from .guard import Call, Guard
-from .records import AuditEntry, Dataset, HostLimits, Proposal, Runtime
+from .records import AuditEntry, Dataset, HostLimits, Proposal, Runtime, StepRecord
+from .store import HostStore, _audit_json
 
 __all__ = ["DataOwnerHost"]
 
@@ -54,6 +65,8 @@ class DataOwnerHost:
         max_request_bytes: int = 64 * 1024 * 1024,
         max_batch: int = 4096,
         limits: HostLimits | None = None,
+        state_dir: str | Path | None = None,
+        checkpoint_every: int = 1,
     ) -> None:
         self.name = name
         self.datasets: dict[str, Dataset] = dict(datasets or {})
@@ -70,6 +83,40 @@ class DataOwnerHost:
         self.add_family(_CoreOps(self))
         for cls in registered_families():
             self.add_family(cls(self))
+        #: the data owner's state directory (None: state lives in memory only)
+        self.store = HostStore(state_dir, every=checkpoint_every) if state_dir is not None else None
+
+    # ------------------------------------------------------------------- persistence
+    def restore_state(self) -> bool:
+        """Load the state directory (call after adding the datasets); False if it is empty."""
+        return self.store.restore(self) if self.store is not None else False
+
+    def save_state(self) -> None:
+        """Write everything to the state directory now (clean shutdown); no-op without one."""
+        if self.store is not None:
+            self.store.save_all(self)
+
+    def close(self) -> None:
+        """Save everything and release the state directory's files."""
+        if self.store is not None:
+            self.store.save_all(self)
+            self.store.close()
+
+    def record(self, entry: AuditEntry) -> None:
+        """Append ``entry`` to the audit log (and to the state directory's ``audit.jsonl``)."""
+        self.audit.append(entry)
+        if self.store is not None:
+            self.store.append_audit(entry)
+
+    def _persist(self, spec: OpSpec | None, call: Call | None) -> None:
+        if self.store is None or spec is None or call is None or not spec.mutates:
+            return
+        if call.req.get("train", True) is False:
+            return  # an evaluation call changes nothing
+        if call.rt is not None:
+            self.store.changed(call.rt)
+        if call.rt is None or spec.family_state:
+            self.store.save_host(self)
 
     @property
     def max_request_bytes(self) -> int:
@@ -82,6 +129,8 @@ class DataOwnerHost:
     def add_family(self, family: OpFamily) -> None:
         """Answer ``family``'s ops too (op names must be new)."""
         for spec, fn in family.ops():
+            if family.host_state:
+                spec = dataclasses.replace(spec, family_state=True)
             table = self._owner_ops if spec.owner else self._ops
             if spec.name in table:
                 raise ConfigError(f"op {spec.name!r} of family {family.name!r} is already "
@@ -151,9 +200,12 @@ class DataOwnerHost:
         """Answer one request from ``caller``; errors come back as (class name, message)."""
         t0 = time.perf_counter()
         op, segment, shapes = "?", None, {}
+        spec: OpSpec | None = None
+        call: Call | None = None
         try:
             request = wire.decode(data, max_bytes=self.limits.max_request_bytes)
             op = str(request.pop("op", "?"))
+            step = _step_id(request.pop("step", None))
             segment = request.get("segment") if isinstance(request.get("segment"), str) else None
             shapes = {k: list(v.shape) for k, v in request.items() if isinstance(v, torch.Tensor)}
             entry = self._ops.get(op)
@@ -163,24 +215,33 @@ class DataOwnerHost:
             call = Call(caller, op, request)
             if spec.roles is not None:
                 call.rt = self.runtime(caller, request, spec.roles)
-            with torch.enable_grad():  # the caller's grad mode is not ours
-                response = fn(call)
-            try:
-                response = self.guard.release(spec.egress, call, response)
-            except EgressError:
-                if call.rt is not None:  # nothing of this step left: it is not pending either
-                    call.rt.clear_pending()
-                raise
-            raw = wire.encode(response)
-            outcome = "ok"
+            digest = hashlib.sha256(data).hexdigest() if step is not None else ""
+            replay = _replay(call.rt, step, op, digest)
+            if replay is not None:
+                spec = None  # nothing ran: nothing to save
+                raw, outcome = replay, f"ok (step {step} answered from the record)"
+            else:
+                with torch.enable_grad():  # the caller's grad mode is not ours
+                    response = fn(call)
+                try:
+                    response = self.guard.release(spec.egress, call, response)
+                except EgressError:
+                    if call.rt is not None:  # nothing of this step left: not pending either
+                        call.rt.clear_pending()
+                    raise
+                raw = wire.encode(response)
+                if step is not None and call.rt is not None:
+                    call.rt.remember(StepRecord(step, op, digest, raw))
+                outcome = "ok"
         except SyftSplitError as exc:
             raw = wire.encode({"error": type(exc).__name__, "message": str(exc)})
             outcome = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # a bug or torch failure: report, never crash the host
             raw = wire.encode({"error": "RemoteError", "message": f"{type(exc).__name__}: {exc}"})
             outcome = f"RemoteError: {type(exc).__name__}: {exc}"
-        self.audit.append(AuditEntry(time.time(), caller, op, segment, shapes, len(data),
-                                     len(raw), time.perf_counter() - t0, outcome))
+        self._persist(spec, call)  # before answering: an answered step is on disk
+        self.record(AuditEntry(time.time(), caller, op, segment, shapes, len(data), len(raw),
+                               time.perf_counter() - t0, outcome))
         return raw
 
     # ---------------------------------------------------------------------- owner entry
@@ -197,6 +258,8 @@ class DataOwnerHost:
                                     f"{sorted(self._owner_ops)}")
             response: dict[str, Any] = entry[1](**fields)
             outcome = "ok"
+            if self.store is not None and entry[0].mutates:  # approvals, peers: saved at once
+                self.store.save_all(self)
             return response
         except SyftSplitError as exc:
             outcome = f"{type(exc).__name__}: {exc}"
@@ -205,8 +268,8 @@ class DataOwnerHost:
             outcome = f"ConfigError: {exc}"
             raise ConfigError(f"data-owner op {op!r}: {exc}") from exc
         finally:
-            self.audit.append(AuditEntry(time.time(), caller, f"owner.{op}", segment, {}, 0, 0,
-                                         time.perf_counter() - t0, outcome))
+            self.record(AuditEntry(time.time(), caller, f"owner.{op}", segment, {}, 0, 0,
+                                   time.perf_counter() - t0, outcome))
 
     def owner(self, op: str, **fields: Any) -> dict[str, Any]:
         """:meth:`owner_call` as the data owner itself (the in-process console)."""
@@ -274,7 +337,7 @@ class _CoreOps(OpFamily):
 
     name = "core"
 
-    @owner_op("audit")
+    @owner_op("audit", mutates=False)
     def audit(self, since: int = 0) -> dict[str, Any]:
         """Audit entries from ``since`` on (JSON), and how many there are."""
         since = since if isinstance(since, int) and since >= 0 else 0
@@ -282,9 +345,34 @@ class _CoreOps(OpFamily):
         return {"total": len(log), "entries": [_audit_json(e) for e in log[since:]]}
 
 
-def _audit_json(entry: AuditEntry) -> dict[str, Any]:
-    out = asdict(entry)
-    for k in ("time", "seconds"):
-        if not math.isfinite(out[k]):
-            out[k] = 0.0
-    return out
+def _step_id(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**53:
+        raise ProtocolError(f"step must be an int in 1..2**53, got {value!r}")
+    return value
+
+
+def _replay(rt: Runtime | None, step: int | None, op: str, digest: str) -> bytes | None:
+    """The recorded response if ``step`` was already applied; None if it is the next one."""
+    if step is None:
+        return None
+    if rt is None:
+        raise ProtocolError(f"op {op!r} does not take a step id (no segment)")
+    last = rt.last_step
+    if step == last + 1:
+        return None
+    if step > last:
+        raise ProtocolError(
+            f"step {step} of {rt.id} follows step {step - 1}, but the last step it applied is "
+            f"{last}: steps {last + 1}..{step - 1} were lost (restored from an older snapshot); "
+            "nothing applied. Re-attach (SplitSession.attach) to continue after step "
+            f"{last}")
+    rec = next((r for r in rt.records if r.step == step), None)
+    if rec is None:
+        raise ProtocolError(f"step {step} of {rt.id} is older than the steps it remembers "
+                            f"({rt.records[0].step}..{last}); nothing applied")
+    if (rec.op, rec.digest) != (op, digest):
+        raise ProtocolError(f"step {step} of {rt.id} was applied as a different request "
+                            f"(op {rec.op!r}); nothing applied")
+    return rec.response

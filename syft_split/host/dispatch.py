@@ -5,8 +5,10 @@ decorated with :func:`op` answers a model-owner op; it declares the roles of seg
 to (the host then resolves and authorises the runtime before calling it) and the fields its
 response may carry, each with a guard rule (:mod:`syft_split.host.guard`). A method decorated
 with :func:`owner_op` answers a data-owner (console) op and is never reachable by a model
-owner. Families register themselves with :func:`register_family` from their own modules, so
-the host imports none of them.
+owner. An op declared ``mutates=True`` changes what the host keeps (a segment's weights or
+pending step, or the host's proposals): a host with a state directory saves it after the op.
+Families register themselves with :func:`register_family` from their own modules, so the host
+imports none of them.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Host(Protocol):
     def dataset(self, rt: Runtime, req: Mapping[str, Any]) -> Dataset: ...
     def halt(self, proposal_id: str, reason: str, *, by: str = "owner") -> None: ...
     def stepped(self, rt: Runtime, grad: Any) -> None: ...
+    def handle(self, caller: str, data: bytes) -> bytes: ...
     def export_weights(self, proposal_id: str) -> dict[str, torch.Tensor]: ...
 
 __all__ = ["Host", "OpFamily", "OpSpec", "op", "owner_op", "register_family", "registered_families"]
@@ -63,21 +66,29 @@ class OpSpec:
     roles: tuple[str, ...] | None
     egress: Mapping[str, Rule] = field(default_factory=dict)
     owner: bool = False
+    mutates: bool = False
+    #: set from its family's ``host_state``: a mutating op also changes what the family keeps
+    family_state: bool = False
 
 
 def op(name: str, *, roles: tuple[str, ...] | None = None,
-       egress: Mapping[str, Rule] | None = None) -> Callable[[F], F]:
-    """Declare a model-owner op answered by the decorated ``method(self, call) -> dict``."""
+       egress: Mapping[str, Rule] | None = None, mutates: bool = False) -> Callable[[F], F]:
+    """Declare a model-owner op answered by the decorated ``method(self, call) -> dict``
+    (``mutates``: it changes state the host persists; evaluation calls, ``train=False``, don't)."""
     def deco(fn: F) -> F:
-        fn._op_spec = OpSpec(name, roles, dict(egress or {}))  # type: ignore[attr-defined]
+        fn._op_spec = OpSpec(name, roles, dict(egress or {}),  # type: ignore[attr-defined]
+                             mutates=mutates)
         return fn
     return deco
 
 
-def owner_op(name: str) -> Callable[[F], F]:
-    """Declare a data-owner op answered by ``method(self, **fields) -> dict`` (JSON/tensors)."""
+def owner_op(name: str, *, mutates: bool = True) -> Callable[[F], F]:
+    """Declare a data-owner op answered by ``method(self, **fields) -> dict`` (JSON/tensors);
+    ``mutates=False`` for ops that only read (a host with a state directory saves after the
+    others)."""
     def deco(fn: F) -> F:
-        fn._op_spec = OpSpec(name, None, {}, owner=True)  # type: ignore[attr-defined]
+        fn._op_spec = OpSpec(name, None, {}, owner=True,  # type: ignore[attr-defined]
+                             mutates=mutates)
         return fn
     return deco
 
@@ -86,6 +97,9 @@ class OpFamily:
     """A group of ops of one host; subclasses set :attr:`name` and decorate methods."""
 
     name = "family"
+    #: the family keeps state of its own (``state()``) that its mutating ops change: a host with
+    #: a state directory then saves it after each of them, not only the segment's file
+    host_state = False
 
     def __init__(self, host: Host) -> None:
         self.host = host
@@ -113,11 +127,13 @@ class OpFamily:
         validated gradient the model owner sent for it (override)."""
 
     def state(self) -> dict[str, Any]:
-        """What this family must keep across a restart (JSON and tensors; override)."""
+        """What this family must keep across a restart: JSON data, tensors and bytes
+        (:func:`syft_split.persist.pack`); saved with the host's proposals (override)."""
         return {}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        """Load what :meth:`state` returned (override)."""
+        """Load what :meth:`state` returned, after the host's datasets, proposals and segments
+        are back (override)."""
 
 
 _FAMILIES: list[type[OpFamily]] = []

@@ -224,9 +224,10 @@ class Guard:
         if _within(t, self.limits.max_abs_value):
             return
         wire.check_tensor(t, name, nonempty=False)  # raises NonFiniteError, with counts
-        self._bounded(t, name)
+        self.bounded(t, name)
 
-    def _bounded(self, t: torch.Tensor, name: str) -> None:
+    def bounded(self, t: torch.Tensor, name: str) -> None:
+        """Refuse ``t`` if any value exceeds the data owner's magnitude bound."""
         if t.numel() and float(t.abs().max()) > self.limits.max_abs_value:
             raise ValidationError(f"{name}: magnitude {float(t.abs().max()):.3g} exceeds the "
                                   f"data owner's bound {self.limits.max_abs_value:g}")

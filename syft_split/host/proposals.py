@@ -23,7 +23,7 @@ from ..errors import ApprovalError, ConfigError, ShapeError, ValidationError
 from ..losses import LOSSES
 from ..spec import OptimizerSpec, module_from_spec, spec_size
 from .dispatch import Host, OpFamily, op, owner_op, register_family
-from .guard import JSON, TEXT, Call
+from .guard import JSON, SCALAR, TEXT, Call
 from .records import ROLES, SHARING, HostLimits, Proposal, Runtime
 from .review import review_text
 
@@ -49,19 +49,27 @@ class ProposalOps(OpFamily):
         return {"host": self.host.name,
                 "datasets": {k: d.public_metadata() for k, d in self.host.datasets.items()}}
 
-    @op("status", egress={"segment": TEXT, "status": TEXT, "reason": TEXT})
+    @op("status", egress={"segment": TEXT, "status": TEXT, "reason": TEXT, "steps": SCALAR,
+                          "last_step": SCALAR, "pending": SCALAR})
     def status(self, call: Call) -> dict[str, Any]:
+        """Approval status; for a segment that runs, its optimizer steps, the last step id it
+        applied (a re-attaching model owner continues after it) and whether a step is pending."""
         p = self.host.proposal(str(call.req.get("segment")))
         if p.driver != call.caller:
             from ..errors import AuthorizationError
 
             raise AuthorizationError(f"{call.caller} did not propose {p.id}")
-        out = {"segment": p.id, "status": p.status}
+        out: dict[str, Any] = {"segment": p.id, "status": p.status}
         if p.reason:
             out["reason"] = p.reason[:256]
+        rt = self.host.runtimes.get(p.id)
+        if rt is not None:
+            out["steps"] = rt.steps
+            out["last_step"] = rt.last_step
+            out["pending"] = rt.pending_output is not None or rt.pending_loss_grads
         return out
 
-    @op("propose", egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})
+    @op("propose", mutates=True, egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})
     def propose(self, call: Call) -> dict[str, Any]:
         self._admit(call.caller)
         p = self._parse(call.caller, call.req)
@@ -176,11 +184,11 @@ class ProposalOps(OpFamily):
         )
 
     # ----------------------------------------------------------------- data-owner ops
-    @owner_op("describe")
+    @owner_op("describe", mutates=False)
     def owner_describe(self) -> dict[str, Any]:
         return self.describe()
 
-    @owner_op("proposals")
+    @owner_op("proposals", mutates=False)
     def owner_proposals(self, status: str | None = None) -> dict[str, Any]:
         return {"proposals": [
             {"id": p.id, "driver": p.driver, "role": p.role, "status": p.status,
@@ -189,7 +197,7 @@ class ProposalOps(OpFamily):
             for p in self.host.proposals(status if isinstance(status, str) else None)
         ]}
 
-    @owner_op("review")
+    @owner_op("review", mutates=False)
     def owner_review(self, segment: str) -> dict[str, Any]:
         p = self.host.proposal(segment)
         extra = [line for fam in self.host.families.values() for line in fam.review_lines(p)]

@@ -11,7 +11,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..spec import OptimizerSpec
 
-__all__ = ["Dataset", "Proposal", "Runtime", "AuditEntry", "HostLimits", "ROLES", "SHARING"]
+__all__ = ["Dataset", "Proposal", "Runtime", "StepRecord", "AuditEntry", "HostLimits", "ROLES", "SHARING",
+           "STEPS_KEPT"]
 
 #: what a segment does at the data owner: reads its records (``input``), transforms an incoming
 #: activation (``middle``, e.g. a relay party), or ends in a loss on labels held here (``loss``).
@@ -140,6 +141,29 @@ class AuditEntry:
     outcome: str
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """The last step a segment applied: its id, op, request digest and the response sent.
+
+    A request carrying the same step id again (a retry after a lost response) is answered with
+    ``response`` and never applied twice."""
+
+    step: int
+    op: str
+    digest: str
+    response: bytes
+
+
+#: applied steps a segment remembers (with their responses: memory, and the snapshot's size).
+#: A model owner resuming from its per-step checkpoint re-sends at most the changing requests
+#: of the step it was in: forward and backward (unfused), plus a weight import (SplitFed, relay)
+STEPS_KEPT = 4
+
+
+def _fresh_rng_state() -> torch.Tensor:
+    return torch.Generator().manual_seed(0).get_state()
+
+
 @dataclass
 class Runtime:
     """An approved segment as it runs: its module, optimizer, and the step in flight."""
@@ -158,14 +182,33 @@ class Runtime:
     he: Any = None
     #: free slots for op families (e.g. the leakage watch) keyed by family name
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the last :data:`STEPS_KEPT` applied steps, oldest first (exactly-once: a step sent again
+    #: is answered from its record)
+    records: list[StepRecord] = field(default_factory=list)
+    #: what the pending forward ran on (``dataset`` + ``indices``, or ``x``) and the RNG state it
+    #: started from: a restarted host re-runs it to rebuild the pending step exactly
+    pending_source: dict[str, Any] | None = None
+    #: the torch RNG stream of this segment's own forwards (dropout), kept across restarts
+    torch_rng: torch.Tensor = field(default_factory=_fresh_rng_state)
 
     @property
     def id(self) -> str:
         return self.proposal.id
 
+    @property
+    def last_step(self) -> int:
+        """The id of the last step applied (0: none yet)."""
+        return self.records[-1].step if self.records else 0
+
+    def remember(self, record: StepRecord) -> None:
+        """Keep ``record`` (and the :data:`STEPS_KEPT` - 1 before it)."""
+        self.records.append(record)
+        del self.records[:-STEPS_KEPT]
+
     def clear_pending(self) -> None:
         """Forget the step in flight (nothing applied)."""
         self.pending_input = self.pending_output = self.pending_penalty = None
+        self.pending_source = None
         if self.pending_loss_grads and self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         self.pending_loss_grads = False

@@ -15,38 +15,112 @@
 
 Weights change only in ``backward`` (or its fused form): a forward or a loss alone never
 steps. Every incoming tensor passes the host's guard first, so a refused request changes
-nothing.
+nothing. Training calls may carry a step id (exactly-once, see :mod:`.core`).
+
+A segment's own forwards draw dropout masks from its own RNG stream (``Runtime.torch_rng``),
+and a pending forward remembers what it ran on (``Runtime.pending_source``): a restarted host
+re-runs it (:func:`rerun_pending`) and gets the very same pending step back.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import NonFiniteError, ProtocolError, ShapeError, ValidationError
 from ..losses import LOSSES
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, CIPHERTEXT, GRAD_INPUT, LABELS, SCALAR, Call
-from .records import ROLES, Runtime
+from .records import ROLES, Dataset, Runtime
 
-__all__ = ["SegmentOps", "apply_grad"]
+__all__ = ["SegmentOps", "apply_grad", "rerun_pending", "segment_rng", "optimizer_step", "release",
+           "nopeek_penalty"]
 
 
-def _step(rt: Runtime) -> None:
-    """The optimizer step on gradients already in the parameters; refused (nothing applied)
-    if any of them is non-finite."""
-    params = [p for p in rt.module.parameters() if p.grad is not None]
-    if params and not bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all()):  # type: ignore[arg-type]
-        if rt.optimizer is not None:
-            rt.optimizer.zero_grad(set_to_none=True)
+def optimizer_step(rt: Runtime, extra: Sequence[tuple[nn.Module,
+                                                    torch.optim.Optimizer | None]] = ()) -> None:
+    """The optimizer step on gradients already in the parameters (of the segment, and of the
+    ``extra`` modules trained with it, e.g. a local-loss head); refused, nothing applied, if
+    any of them is non-finite."""
+    pairs = [(rt.module, rt.optimizer), *extra]
+    grads = [p.grad for m, _ in pairs for p in m.parameters() if p.grad is not None]
+    # one check for all: a norm is finite iff every entry is (and not astronomically large)
+    if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+        for _, opt in pairs:
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
         raise NonFiniteError(f"{rt.id}: the gradient makes this segment's weight gradients "
                              "non-finite; nothing applied")
-    if rt.optimizer is not None:
-        rt.optimizer.step()
-        rt.optimizer.zero_grad(set_to_none=True)
+    for _, opt in pairs:
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     rt.steps += 1
+
+
+def release(rt: Runtime, out: torch.Tensor, ds: Dataset | None, idx: torch.Tensor | None
+            ) -> dict[str, torch.Tensor]:
+    """What leaves for a batch: the output (with the approved Gaussian noise), and the labels
+    only if the proposal releases them (with the approved randomized response)."""
+    sigma = rt.proposal.defences.get("noise_sigma", 0.0)
+    out = out.detach()
+    if sigma > 0:
+        from ..defences import gaussian_noise
+
+        out = gaussian_noise(out, sigma, rt.rng)
+    response = {"activation": out.contiguous()}
+    if rt.proposal.release_labels and ds is not None and idx is not None:
+        assert ds.labels is not None
+        labels = ds.labels[idx].clone()
+        eps = rt.proposal.defences.get("label_epsilon", 0.0)
+        if eps > 0:
+            from ..defences import randomized_response
+
+            labels = randomized_response(labels, int(rt.proposal.defences["num_classes"]), eps,
+                                         rt.rng)
+        response["labels"] = labels
+    return response
+
+
+def nopeek_penalty(rt: Runtime, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+    """The data owner's own NoPeek term (distance correlation), if the proposal asks for one."""
+    nopeek = rt.proposal.defences.get("nopeek", 0.0)
+    if nopeek <= 0:
+        return None
+    from ..defences import distance_correlation
+
+    penalty = nopeek * distance_correlation(x, out)
+    rt.last_penalty = float(penalty.detach())
+    return penalty
+
+
+@contextmanager
+def segment_rng(rt: Runtime, start: torch.Tensor | None = None) -> Iterator[None]:
+    """Run torch ops on the segment's own RNG stream (from ``start`` if given); the stream
+    continues where they leave it. The process-wide stream is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rt.torch_rng if start is None else start)
+        yield
+        rt.torch_rng = torch.get_rng_state()
+
+
+def rerun_pending(host: Any, rt: Runtime, source: dict[str, Any]) -> None:
+    """Rebuild a pending forward after a restart from what it ran on (``source``: ``dataset``
+    and ``indices``, or ``x``; ``rng``: the segment's RNG state before it ran)."""
+    if "indices" in source:
+        named = {"dataset": source["dataset"]} if source.get("dataset") is not None else {}
+        x = host.dataset(rt, named).features[source["indices"]].to(torch.float32)
+    else:
+        x = source["x"]
+    after = rt.torch_rng
+    SegmentOps._run(rt, x, True, rng=source["rng"])
+    rt.pending_source = source
+    rt.torch_rng = after
 
 
 def apply_grad(rt: Runtime, grad: torch.Tensor) -> torch.Tensor | None:
@@ -57,11 +131,12 @@ def apply_grad(rt: Runtime, grad: torch.Tensor) -> torch.Tensor | None:
         rt.optimizer.zero_grad(set_to_none=True)
     output, penalty, x = rt.pending_output, rt.pending_penalty, rt.pending_input
     rt.pending_input = rt.pending_output = rt.pending_penalty = None
+    rt.pending_source = None
     if penalty is not None:  # NoPeek: the data owner's own extra loss term
         torch.autograd.backward([output, penalty], [grad, torch.ones_like(penalty)])
     else:
         output.backward(grad)
-    _step(rt)
+    optimizer_step(rt)
     grad_in = x.grad if x is not None else None
     return None if grad_in is None else grad_in.detach()
 
@@ -83,7 +158,7 @@ def _apply_loss_step(rt: Runtime, scale: float) -> None:
     for p in rt.module.parameters():
         if p.grad is not None:
             p.grad.mul_(scale)
-    _step(rt)
+    optimizer_step(rt)
 
 
 @register_family
@@ -92,7 +167,7 @@ class SegmentOps(OpFamily):
 
     name = "segments"
 
-    @op("forward", roles=("input", "middle"),
+    @op("forward", roles=("input", "middle"), mutates=True,
         egress={"activation": ACTIVATION, "labels": LABELS, "he_input": CIPHERTEXT})
     def forward(self, call: Call) -> dict[str, Any]:
         rt, req, guard = call.rt, call.req, self.host.guard
@@ -115,33 +190,23 @@ class SegmentOps(OpFamily):
             apply_grad(rt, grad)
             self.host.stepped(rt, grad)
         call.rows = int(x.shape[0])
+        start = rt.torch_rng
         out = self._run(rt, x, train)
+        if train:
+            rt.pending_source = ({"dataset": req.get("dataset"), "indices": idx, "rng": start}
+                                 if idx is not None else {"x": x.detach(), "rng": start})
         response: dict[str, Any] = {}
         if rt.he is not None:  # only ciphertexts of the approved output leave
             response["he_input"] = rt.he.encrypt_input(out.detach().flatten(1), need_grad=train)
             return response
-        sigma = rt.proposal.defences.get("noise_sigma", 0.0)
-        if sigma > 0:
-            from ..defences import gaussian_noise
-
-            out = gaussian_noise(out.detach(), sigma, rt.rng)
-        response["activation"] = out.detach().contiguous()
-        if rt.proposal.release_labels and ds is not None and idx is not None:
-            assert ds.labels is not None
-            labels = ds.labels[idx].clone()
-            eps = rt.proposal.defences.get("label_epsilon", 0.0)
-            if eps > 0:
-                from ..defences import randomized_response
-
-                classes = int(rt.proposal.defences["num_classes"])
-                labels = randomized_response(labels, classes, eps, rt.rng)
-            response["labels"] = labels
-            if train:  # the labels this step's gradient will answer to (the leakage watch)
-                rt.extra["pending_labels"] = labels
+        response.update(release(rt, out, ds, idx))
+        if train and "labels" in response:  # what this step's gradient answers to (the watch)
+            rt.extra["pending_labels"] = response["labels"]
         return response
 
     @staticmethod
-    def _run(rt: Runtime, x: torch.Tensor, train: bool) -> torch.Tensor:
+    def _run(rt: Runtime, x: torch.Tensor, train: bool,
+             rng: torch.Tensor | None = None) -> torch.Tensor:
         if not train:
             rt.module.eval()
             try:
@@ -152,18 +217,15 @@ class SegmentOps(OpFamily):
         rt.module.train()
         if rt.proposal.role == "middle":
             x = x.requires_grad_()
-        out = rt.module(x)
+        with segment_rng(rt, rng):
+            out = rt.module(x)
         rt.pending_input = x if rt.proposal.role == "middle" else None
         rt.pending_output = out
-        nopeek = rt.proposal.defences.get("nopeek", 0.0)
-        if nopeek > 0:
-            from ..defences import distance_correlation
-
-            rt.pending_penalty = nopeek * distance_correlation(x, out)
-            rt.last_penalty = float(rt.pending_penalty.detach())
+        rt.pending_penalty = nopeek_penalty(rt, x, out)
         return out
 
-    @op("backward", roles=ROLES, egress={"steps": SCALAR, "grad_input": GRAD_INPUT})
+    @op("backward", roles=ROLES, mutates=True,
+        egress={"steps": SCALAR, "grad_input": GRAD_INPUT})
     def backward(self, call: Call) -> dict[str, Any]:
         rt = call.rt
         assert rt is not None
@@ -180,7 +242,7 @@ class SegmentOps(OpFamily):
             out["grad_input"] = grad_in
         return out
 
-    @op("discard", roles=ROLES, egress={"discarded": SCALAR})
+    @op("discard", roles=ROLES, mutates=True, egress={"discarded": SCALAR})
     def discard(self, call: Call) -> dict[str, Any]:
         rt = call.rt
         assert rt is not None
@@ -188,7 +250,7 @@ class SegmentOps(OpFamily):
         rt.clear_pending()
         return {"discarded": dropped}
 
-    @op("loss_step", roles=("loss",),
+    @op("loss_step", roles=("loss",), mutates=True,
         egress={"loss_sum": SCALAR, "correct": SCALAR, "count": SCALAR, "grad_input": GRAD_INPUT})
     def loss_step(self, call: Call) -> dict[str, Any]:
         rt, req, guard = call.rt, call.req, self.host.guard
@@ -217,7 +279,8 @@ class SegmentOps(OpFamily):
             x = x.requires_grad_()
             if rt.optimizer is not None:
                 rt.optimizer.zero_grad(set_to_none=True)
-            logits = rt.module(x)
+            with segment_rng(rt):
+                logits = rt.module(x)
             loss = loss_fn(logits, y)
             loss.backward()  # parameter gradients wait for the model owner's loss weight
             rt.pending_loss_grads = True

@@ -5,10 +5,14 @@
   on exactly what would leave, and the review shows its figures and warnings.
 - **Approval** installs a :class:`~syft_split.leakage.LeakageWatch` on an input segment with
   the bound the data owner sets (option ``leakage_bound``: a dict of ``inversion_ratio``,
-  ``ssim``, ``dcor``, ``hijack``; default: halt when the watch's inversion ratio halves, or on
-  a suspected training hijack). After every step the watch re-measures the current weights
-  every ``HostLimits.watch_every`` steps and runs the hijack detector; past the bound the
-  segment halts and every further op is refused with
+  ``ssim``, ``dcor`` (absolute), ``relative`` (halt when the watch's inversion ratio falls
+  below that fraction of its value at approval) and ``hijack``). Without the option the
+  watch runs the training-hijack detector and records the figures but bounds none of them:
+  honest training may legitimately make a representation more invertible (seen on tabular
+  data: the ridge ratio halves within 25 steps), so how much is too much is the data owner's
+  call, made on the review's figures. After every step the watch re-measures the current
+  weights every ``HostLimits.watch_every`` steps and runs the hijack detector; past the bound
+  the segment halts and every further op is refused with
   :class:`~syft_split.errors.LeakageHaltError` naming the figure.
 - Model-owner ops (scalars only leave): ``leakage`` (the suite on the current weights) and
   ``watch`` (the watch's latest figures, measured now, and whether it halted). Data-owner op
@@ -22,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, ValidationError
+from ..errors import ConfigError, SyftSplitError, ValidationError
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import SCALAR, TEXT, Call
 from .records import Dataset, Proposal, Runtime
@@ -107,47 +111,66 @@ class LeakageOps(OpFamily):
         return self._suites[p.id]
 
     def review_lines(self, proposal: Proposal) -> list[str]:
-        from ..leakage import LeakageWatch, WatchBound, review_lines
+        from ..leakage import WatchBound, review_lines
 
-        result = self.suite(proposal)
-        if result is None:
-            return []
+        try:
+            result = self.suite(proposal)
+            if result is None:
+                return []
+            assert proposal.module is not None
+            watch = self._new_watch(proposal)
+            base = watch.baseline(proposal.module)
+        except SyftSplitError as exc:  # e.g. a segment whose output has no row per record
+            return [f"  WARNING: leakage could not be measured on this segment: {exc}"]
         lines = []
         if result.get("mock_stand_in"):
             lines.append("  (no mock asset: private records stand in for the attacker's side data)")
-        probe, mock, _, _ = _rows(self.host.datasets[proposal.datasets[0]])  # type: ignore[misc]
-        assert proposal.module is not None
-        watch = LeakageWatch(WatchBound(), probe=probe[:64], mock=mock,
-                             release=self._release(proposal), every=self.host.limits.watch_every)
-        base = watch.baseline(proposal.module)
-        lines += review_lines(result, bound=WatchBound.relative(base), watch_baseline=base,
-                              every=watch.every)
+        lines += review_lines(result, bound=WatchBound(), watch_baseline=base, every=watch.every)
+        ratio = base.get("inversion_ratio")
+        if isinstance(ratio, float) and math.isfinite(ratio):
+            lines.append(f"    to halt on leakage too, approve with e.g. leakage_bound="
+                         f"{{'relative': 0.5}} (halts below inversion ratio {0.5 * ratio:.4f}) or "
+                         "an absolute {'inversion_ratio': ..., 'ssim': ..., 'dcor': ...}")
         return lines
+
+    def _new_watch(self, p: Proposal) -> Any:
+        from ..leakage import LeakageWatch, WatchBound
+
+        rows = _rows(self.host.datasets[p.datasets[0]])
+        assert rows is not None
+        probe, mock, _, _ = rows
+        return LeakageWatch(WatchBound(), probe=probe[:64], mock=mock, release=self._release(p),
+                            every=self.host.limits.watch_every)
 
     # ---------------------------------------------------------------------- the watch
     def on_approve(self, rt: Runtime, options: dict[str, Any]) -> None:
-        from ..leakage import LeakageWatch, WatchBound
+        from ..leakage import WatchBound
 
         bound_opt = options.pop("leakage_bound", None)
-        if not self._watched(rt.proposal):
-            return
-        rows = _rows(self.host.datasets[rt.proposal.datasets[0]])
-        if rows is None:
-            return
-        probe, mock, _, _ = rows
         if bound_opt is not None and not isinstance(bound_opt, (dict, WatchBound)):
-            raise ConfigError(f"leakage_bound must be a dict of inversion_ratio/ssim/dcor/hijack, "
-                              f"got {bound_opt!r}")
-        watch = LeakageWatch(WatchBound(), probe=probe[:64], mock=mock,
-                             release=self._release(rt.proposal), every=self.host.limits.watch_every)
-        base = watch.baseline(rt.module)
+            raise ConfigError(f"leakage_bound must be a dict of inversion_ratio/ssim/dcor/"
+                              f"relative/hijack, got {bound_opt!r}")
+        if not self._watched(rt.proposal) or _rows(
+                self.host.datasets[rt.proposal.datasets[0]]) is None:
+            return
+        try:
+            watch = self._new_watch(rt.proposal)
+            base = watch.baseline(rt.module)
+        except SyftSplitError:  # not measurable (no row per record): the guard refuses its
+            return              # outputs anyway, there is nothing to watch
         if isinstance(bound_opt, dict):
+            opts = dict(bound_opt)
+            factor = opts.pop("relative", None)
             try:
-                watch.bound = WatchBound(**bound_opt)
+                if factor is not None:
+                    rel = WatchBound.relative(base, factor=factor, hijack=opts.pop("hijack", True))
+                    opts.setdefault("inversion_ratio", rel.inversion_ratio)
+                    opts["hijack"] = rel.hijack
+                watch.bound = WatchBound(**opts)
             except TypeError as exc:
                 raise ConfigError(f"leakage_bound: {exc}") from exc
-        else:
-            watch.bound = bound_opt or WatchBound.relative(base)
+        elif isinstance(bound_opt, WatchBound):
+            watch.bound = bound_opt
         rt.extra["watch"] = watch
 
     def after_step(self, rt: Runtime, grad: Any) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import secagg, wire
@@ -72,6 +73,7 @@ class WeightOps(OpFamily):
     aborts, and the next round starts above :attr:`rounds`."""
 
     name = "weights"
+    host_state = True  # relay and round counters (replay protection) persist with the host
 
     def __init__(self, host: Host) -> None:
         super().__init__(host)
@@ -85,6 +87,8 @@ class WeightOps(OpFamily):
         self.rounds: dict[str, int] = {}
         #: secure aggregation: the round each segment contributed to and has not summed yet
         self.pending: dict[str, dict[str, Any]] = {}
+        #: the last round each segment loaded (a repeated aggregate of it is answered, not redone)
+        self.aggregated: dict[str, int] = {}
 
     # ------------------------------------------------------------------- family hooks
     def review_lines(self, proposal: Any) -> list[str]:
@@ -114,11 +118,15 @@ class WeightOps(OpFamily):
             rt.extra["weights_released"] = True
 
     def state(self) -> dict[str, Any]:
-        """JSON: keys as hex, counters (pending rounds are not kept: they abort)."""
+        """JSON: keys as hex, counters, and the round in flight per segment (its descriptor and
+        this data owner's own masked contribution), so a restarted data owner answers a
+        repeated contribute or aggregate of that round exactly as before."""
         return {"secret_key": None if self.secret_key is None else self.secret_key.hex(),
                 "peers": {k: v.hex() for k, v in self.peers.items()},
                 "relay_sent": dict(self.relay_sent), "relay_seen": dict(self.relay_seen),
-                "rounds": dict(self.rounds)}
+                "rounds": dict(self.rounds), "aggregated": dict(self.aggregated),
+                "pending": {k: {"descriptor": v["descriptor"], "own": v["own"].hex(),
+                                "steps": v["steps"]} for k, v in self.pending.items()}}
 
     def restore(self, state: Any) -> None:
         key = state.get("secret_key")
@@ -127,7 +135,10 @@ class WeightOps(OpFamily):
         self.relay_sent = {k: int(v) for k, v in state.get("relay_sent", {}).items()}
         self.relay_seen = {k: int(v) for k, v in state.get("relay_seen", {}).items()}
         self.rounds = {k: int(v) for k, v in state.get("rounds", {}).items()}
-        self.pending = {}
+        self.aggregated = {k: int(v) for k, v in state.get("aggregated", {}).items()}
+        self.pending = {k: {"descriptor": v["descriptor"], "own": bytes.fromhex(v["own"]),
+                            "steps": int(v["steps"])}
+                        for k, v in state.get("pending", {}).items()}
 
     # ----------------------------------------------------------------------- crypto
     def keypair(self) -> Any:
@@ -187,7 +198,7 @@ class WeightOps(OpFamily):
         return {f"state/{k}": v for k, v in self.host.export_weights(rt.id).items()}
 
     # ------------------------------------------------------------------------ relay
-    @op("seal", roles=ROLES, egress={"sealed": SEALED, "sender": TEXT})
+    @op("seal", roles=ROLES, mutates=True, egress={"sealed": SEALED, "sender": TEXT})
     def seal(self, call: Call) -> dict[str, Any]:
         rt = call.rt
         assert rt is not None
@@ -206,7 +217,7 @@ class WeightOps(OpFamily):
         self.relay_sent[rt.id] = seq
         return {"sealed": sealed, "sender": self.host.name}
 
-    @op("unseal", roles=ROLES, egress={"steps": SCALAR})
+    @op("unseal", roles=ROLES, mutates=True, egress={"steps": SCALAR})
     def unseal(self, call: Call) -> dict[str, Any]:
         rt = call.rt
         assert rt is not None
@@ -231,7 +242,7 @@ class WeightOps(OpFamily):
         return {"steps": rt.steps}
 
     # --------------------------------------------------------- secure aggregation
-    @op("secagg_round", roles=ROLES, egress={"round": SCALAR})
+    @op("secagg_round", roles=ROLES, mutates=True, egress={"round": SCALAR})
     def secagg_round(self, call: Call) -> dict[str, Any]:
         assert call.rt is not None
         return {"round": self.rounds.get(call.rt.id, 0)}
@@ -243,7 +254,9 @@ class WeightOps(OpFamily):
         label = _text(req.get("label"), "label")
         rnd = _positive_int(req.get("round"), "round")
         last = self.rounds.get(rt.id, 0)
-        if rnd <= last:
+        pending = self.pending.get(rt.id)
+        repeat = pending is not None and pending["descriptor"]["round"] == rnd == last
+        if rnd <= last and not repeat:
             raise ProtocolError(f"round {rnd} of {rt.id} is not after its last round {last}: "
                                 "masks are never reused")
         members, weights = req.get("members"), req.get("weights")
@@ -264,7 +277,7 @@ class WeightOps(OpFamily):
         return {"v": 1, "label": label, "round": rnd, "members": members, "weights": weights,
                 "fingerprint": fingerprint(rt)}
 
-    @op("secagg_contribute", roles=ROLES, egress={"sealed/*": SEALED, "round": SCALAR})
+    @op("secagg_contribute", roles=ROLES, mutates=True, egress={"sealed/*": SEALED, "round": SCALAR})
     def secagg_contribute(self, call: Call) -> dict[str, Any]:
         rt = call.rt
         assert rt is not None
@@ -272,14 +285,23 @@ class WeightOps(OpFamily):
         if rt.pending_output is not None or rt.pending_loss_grads:
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         me, members, weights = self.host.name, desc["members"], desc["weights"]
-        state = rt.module.state_dict()
-        keys = [k for k, v in state.items() if v.is_floating_point()]
-        fraction = float(weights[me]) / float(sum(weights.values()))
-        q = secagg.encode(secagg.flatten(state, keys), fraction, len(members))
-        context = secagg.canonical(desc)
         peers = sorted(p for p in members if p != me)
-        masked = secagg.mask(q, me, {p: bytes(self._box(p).shared_key()) for p in peers},
-                             context)
+        pending = self.pending.get(rt.id)
+        if pending is not None and pending["descriptor"]["round"] == desc["round"]:
+            # the same round asked again (its answer was lost): the same contribution, if the
+            # model owner describes the round exactly as before and nothing trained since
+            if (secagg.canonical(pending["descriptor"]) != secagg.canonical(desc)
+                    or pending["steps"] != rt.steps):
+                raise ProtocolError(f"round {desc['round']} of {rt.id} was contributed to "
+                                    "with another description or other weights")
+            masked = np.frombuffer(pending["own"], dtype=np.uint64)
+        else:
+            state = rt.module.state_dict()
+            keys = [k for k, v in state.items() if v.is_floating_point()]
+            fraction = float(weights[me]) / float(sum(weights.values()))
+            q = secagg.encode(secagg.flatten(state, keys), fraction, len(members))
+            masked = secagg.mask(q, me, {p: bytes(self._box(p).shared_key()) for p in peers},
+                                 secagg.canonical(desc))
         out: dict[str, Any] = {"round": desc["round"]}
         for p in peers:
             plain = wire.encode({"kind": "secagg", "sender": me, "recipient": p,
@@ -289,14 +311,14 @@ class WeightOps(OpFamily):
         self.pending[rt.id] = {"descriptor": desc, "own": masked.tobytes(), "steps": rt.steps}
         return out
 
-    @op("secagg_aggregate", roles=ROLES, egress={"round": SCALAR, "steps": SCALAR})
+    @op("secagg_aggregate", roles=ROLES, mutates=True, egress={"round": SCALAR, "steps": SCALAR})
     def secagg_aggregate(self, call: Call) -> dict[str, Any]:
-        import numpy as np
-
         rt = call.rt
         assert rt is not None
         pending = self.pending.get(rt.id)
         rnd = call.req.get("round")
+        if pending is None and self.aggregated.get(rt.id) == rnd:  # done; its answer was lost
+            return {"round": rnd, "steps": rt.steps}
         if pending is None or pending["descriptor"]["round"] != rnd:
             have = None if pending is None else pending["descriptor"]["round"]
             raise ProtocolError(f"no pending aggregation round {rnd!r} for {rt.id} (pending: "
@@ -331,6 +353,7 @@ class WeightOps(OpFamily):
                **secagg.unflatten(average, state, keys)}
         rt.module.load_state_dict(self._check_loadable(rt, new))
         del self.pending[rt.id]
+        self.aggregated[rt.id] = rnd
         return {"round": rnd, "steps": rt.steps}
 
     # ----------------------------------------------------------------- data-owner ops
@@ -339,7 +362,7 @@ class WeightOps(OpFamily):
         self.host.owned_runtime(segment).extra["weights_released"] = True
         return {"segment": segment, "released": True}
 
-    @owner_op("export_weights")
+    @owner_op("export_weights", mutates=False)
     def owner_export(self, segment: str) -> dict[str, Any]:
         return {f"state/{k}": v for k, v in self.host.export_weights(segment).items()}
 

@@ -1,22 +1,119 @@
 """The transport seam: the only thing that moves bytes between parties.
 
 A :class:`Transport` delivers one request (bytes) from the model owner to a named party and
-returns that party's response (bytes). Everything above it (encoding, errors, byte counting)
-is shared, so the in-process and PySyft transports differ only in :meth:`Transport.request`.
+returns that party's response (bytes). Everything above it (encoding, errors, byte counting,
+timeouts, retries) is shared, so the in-process and PySyft transports differ only in
+:meth:`Transport.request` (and, for transports that bound their own I/O, in
+:meth:`Transport.request_within`).
+
+Every call has a timeout (:class:`CallPolicy`, default 120 s per attempt; per-op overrides):
+past it the call raises :class:`~syft_split.errors.CallTimeoutError` naming the party. A call
+that fails in transit (a :class:`~syft_split.errors.TransportError`, timeouts included) is
+retried with exponential backoff when repeating it is safe: read-only ops, evaluation
+forwards, and every request carrying a step id (the host applies each step id once).
 """
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import wire
-from ..errors import error_from_wire
+from ..errors import CallTimeoutError, ConfigError, TransportError, error_from_wire
 
-__all__ = ["Transport", "TrafficLog", "TrafficRecord", "MODEL_OWNER"]
+__all__ = ["Transport", "TransportWrapper", "TrafficLog", "TrafficRecord", "MODEL_OWNER",
+           "CallPolicy", "READ_ONLY_OPS", "run_with_timeout"]
+
+T = TypeVar("T")
+
+#: ops that change nothing at the data owner: always safe to send again
+READ_ONLY_OPS = frozenset({"describe", "status", "export", "seal", "leakage", "watch",
+                           "he_context", "he_costs", "psi_serve", "secagg_round"})
+
+
+@dataclass(frozen=True)
+class CallPolicy:
+    """How long one call may take and how it is retried.
+
+    ``timeout``: seconds one attempt may take (None: unbounded; ``op_timeouts`` overrides it
+    per op, e.g. ``{"leakage": 600}``: the leakage measurement trains an attack).
+    ``retries``: further attempts after a transport failure, for requests safe to repeat; the
+    waits start at ``backoff`` seconds and double up to ``max_backoff``.
+    """
+
+    timeout: float | None = 120.0
+    retries: int = 3
+    backoff: float = 0.25
+    max_backoff: float = 4.0
+    op_timeouts: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        seconds = {"timeout": self.timeout,
+                   **{f"op_timeouts[{k!r}]": v for k, v in self.op_timeouts.items()}}
+        for name, value in seconds.items():
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not (value > 0 and math.isfinite(value))):
+                raise ConfigError(f"CallPolicy.{name} must be a positive number of seconds or "
+                                  f"None, got {value!r}")
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
+            raise ConfigError(f"CallPolicy.retries must be an int >= 0, got {self.retries!r}")
+        for name in ("backoff", "max_backoff"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigError(f"CallPolicy.{name} must be >= 0 seconds, got {value!r}")
+
+    def timeout_for(self, op: str) -> float | None:
+        """The timeout of one attempt of ``op``."""
+        return self.op_timeouts.get(op, self.timeout)
+
+
+#: ops that change state but answer a repeat of the same request from their record
+IDEMPOTENT_OPS = frozenset({"secagg_contribute", "secagg_aggregate"})
+
+
+def repeatable(op: str, fields: Mapping[str, Any]) -> bool:
+    """Whether sending this request twice is safe (see the module docstring)."""
+    if "step" in fields or op in READ_ONLY_OPS or op in IDEMPOTENT_OPS:
+        return True
+    return op in ("forward", "loss_step") and fields.get("train") is False
+
+
+def run_with_timeout(fn: Callable[[], T], timeout: float | None, *, party: str,
+                     op: str) -> T:
+    """``fn()`` on a watchdog thread; :class:`CallTimeoutError` if it takes over ``timeout``
+    seconds (the thread is abandoned: whatever it was doing may still complete)."""
+    if timeout is None:
+        return fn()
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name=f"syft-split {party}:{op}").start()
+    if not done.wait(timeout):
+        raise timeout_error(party, op, timeout)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
+def timeout_error(party: str, op: str, timeout: float) -> CallTimeoutError:
+    exc = CallTimeoutError(f"{party} did not answer op {op!r} within {timeout:g} s (it may "
+                           "still apply it: a request with a step id is safe to send again)")
+    exc.party = party
+    return exc
 
 #: the name the model owner (driver) goes by in traffic logs.
 MODEL_OWNER = "model_owner"
@@ -72,11 +169,16 @@ class Transport(ABC):
     re-raises a host's error as the same :mod:`syft_split.errors` class.
     """
 
-    def __init__(self, *, max_response_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, *, max_response_bytes: int = wire.DEFAULT_MAX_BYTES,
+                 policy: CallPolicy | None = None) -> None:
         self.traffic = TrafficLog()
         self.max_response_bytes = max_response_bytes
         self.seconds_in_transport = 0.0
         self.calls = 0
+        #: timeouts and retries of every call (replace it to reconfigure)
+        self.policy = policy or CallPolicy()
+        #: attempts repeated after a transport failure
+        self.retries = 0
 
     @property
     @abstractmethod
@@ -91,12 +193,36 @@ class Transport(ABC):
     def request(self, party: str, data: bytes) -> bytes:
         """Deliver ``data`` to ``party`` as :attr:`user` and return the response bytes."""
 
+    def request_within(self, party: str, data: bytes, timeout: float | None,
+                       op: str = "?") -> bytes:
+        """:meth:`request`, bounded by ``timeout`` seconds (:class:`CallTimeoutError`). This
+        default runs it on a watchdog thread; transports that bound their own I/O override it."""
+        return run_with_timeout(lambda: self.request(party, data), timeout, party=party, op=op)
+
     def call(self, party: str, op: str, **fields: Any) -> dict[str, Any]:
-        """Send ``op`` with ``fields`` to ``party``; return the decoded response fields."""
+        """Send ``op`` with ``fields`` to ``party``; return the decoded response fields.
+
+        Bounded by the policy's timeout; retried with backoff after a transport failure when
+        the request is safe to repeat (see the module docstring)."""
         data = wire.encode({"op": op, **fields})
-        self.traffic.add(MODEL_OWNER, party, op, len(data), tuple(fields))
+        policy = self.policy
+        attempts = 1 + (policy.retries if repeatable(op, fields) else 0)
+        wait = policy.backoff
         t0 = time.perf_counter()
-        raw = self.request(party, data)
+        for attempt in range(attempts):
+            self.traffic.add(MODEL_OWNER, party, op, len(data), tuple(fields))
+            try:
+                raw = self.request_within(party, data, policy.timeout_for(op), op)
+                break
+            except TransportError as exc:
+                if exc.party is None:
+                    exc.party = party
+                if attempt == attempts - 1:
+                    self.seconds_in_transport += time.perf_counter() - t0
+                    raise
+                self.retries += 1
+                time.sleep(wait)
+                wait = min(2 * wait, policy.max_backoff)
         self.seconds_in_transport += time.perf_counter() - t0
         self.calls += 1
         response = wire.decode(raw, max_bytes=self.max_response_bytes)
@@ -107,3 +233,27 @@ class Transport(ABC):
 
     def close(self) -> None:
         """Release what the transport holds (servers it launched, connections)."""
+
+
+class TransportWrapper(Transport):
+    """A transport around ``inner`` that adds something to each request (a delay, a record,
+    direct channels): same user and parties, its own traffic log and call policy (``inner``'s
+    by default); :meth:`close` closes ``inner``. Subclasses override :meth:`request`."""
+
+    def __init__(self, inner: Transport, *, policy: CallPolicy | None = None) -> None:
+        super().__init__(max_response_bytes=inner.max_response_bytes,
+                         policy=policy or inner.policy)
+        self.inner = inner
+
+    @property
+    def user(self) -> str:
+        return self.inner.user
+
+    def parties(self) -> list[str]:
+        return self.inner.parties()
+
+    def request(self, party: str, data: bytes) -> bytes:
+        return self.inner.request(party, data)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -8,33 +8,36 @@ call, or a 60 s hang without consumers). Requests and responses are wire bytes o
 
 :func:`launch_datasite` starts a datasite for tests and demos — embedded in this process, or a
 real uvicorn HTTP server on loopback — and :meth:`LaunchedDatasite.close` lands it and removes
-its data folder.
+its data folder. With ``data_dir=`` a datasite keeps its identity and database across
+launches (:meth:`LaunchedDatasite.restart`): see :func:`launch_datasite`.
 
-This is the only module of syft-split that imports ``syft`` at import time.
+Timeouts: PySyft's HTTP client posts without a timeout (``HTTPConnection.make_call`` calls
+``requests.post`` bare). :class:`PySyftTransport` gives each HTTP client's connection a
+``make_call`` that posts with the current call's timeout, and a default timeout on its
+``requests`` session (blob transfers); embedded datasites (``PythonConnection``) run in this
+process and are bounded by a watchdog thread instead.
+
+This module and :mod:`.pysyft_launch` (launching and restarting datasites, re-exported here)
+are the only modules of syft-split that import ``syft`` at import time.
 """
 
 from __future__ import annotations
 
-import logging
-import multiprocessing
-import os
 import secrets
-import shutil
-import socket
-import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import syft as sy
-import torch
 
 from .. import wire
 from ..datasite import ENDPOINT_PATH, DatasiteConsole, call_endpoint, install, publish_dataset
-from ..errors import ConfigError, TransportError
-from ..logs import log_path, quiet
-from .base import Transport
+from ..errors import CallTimeoutError, ConfigError, TransportError
+from ..logs import quiet
+from .base import CallPolicy, Transport, run_with_timeout, timeout_error
+from .pysyft_launch import DEFAULT_ADMIN, LaunchedDatasite, free_port, launch_datasite
 
 __all__ = [
     "PySyftTransport",
@@ -43,12 +46,9 @@ __all__ = [
     "launch_datasite",
     "free_port",
     "connect",
+    "restart",
     "DEFAULT_ADMIN",
 ]
-
-#: PySyft's default root account of a freshly launched datasite.
-DEFAULT_ADMIN = ("info@openmined.org", "changethis")
-
 
 class PySyftTransport(Transport):
     """Deliver requests to the syft-split endpoint of each party's datasite.
@@ -60,6 +60,10 @@ class PySyftTransport(Transport):
     With ``cleanup=True`` (default) each call tells the endpoint to delete the action object
     PySyft stored for the previous call to the same party, so a datasite holds at most one
     result per transport and party (the last one stays).
+
+    ``direct=True`` (default): segments whose data owner allowed a direct channel run over one
+    (see :mod:`syft_split.channel`; ``self.router`` holds the channels). ``direct=False``:
+    PySyft carries everything. A channel's socket waits at most the call policy's timeout.
     """
 
     def __init__(
@@ -70,17 +74,38 @@ class PySyftTransport(Transport):
         cleanup: bool = True,
         max_response_bytes: int = wire.DEFAULT_MAX_BYTES,
         datasites: Mapping[str, LaunchedDatasite] | None = None,
+        policy: CallPolicy | None = None,
+        direct: bool = True,
+        channel_timeout: float | None = None,
     ) -> None:
-        super().__init__(max_response_bytes=max_response_bytes)
+        from ..channel.client import ChannelRouter
+
+        super().__init__(max_response_bytes=max_response_bytes, policy=policy)
         if not clients:
             raise ConfigError("PySyftTransport needs at least one client (party name -> client)")
-        self._clients = dict(clients)
+        self._clients: dict[str, Any] = {}
+        self._bounded: dict[str, bool] = {}
+        self._timeout: float | None = None
         self.path = path
         self.cleanup = cleanup
         self._done: dict[str, str] = {}
-        self._users = {p: str(getattr(c, "logged_in_user", "") or "") for p, c in clients.items()}
+        self._users: dict[str, str] = {}
+        for party, client in clients.items():
+            self.set_client(party, client)
         #: the datasites behind the parties, when this process launched them (not closed here)
         self.datasites: dict[str, LaunchedDatasite] = dict(datasites or {})
+        self._lock = threading.Lock()
+        self.direct = direct
+        wait = channel_timeout if channel_timeout is not None else (self.policy.timeout or 600.0)
+        self.router = ChannelRouter(self._pysyft_request, self.user_on, timeout=wait,
+                                    max_response_bytes=max_response_bytes)
+
+    def set_client(self, party: str, client: Any) -> None:
+        """Reach ``party`` through ``client`` (e.g. a new login after an embedded restart)."""
+        self._clients[party] = client
+        self._users[party] = str(getattr(client, "logged_in_user", "") or "")
+        self._bounded[party] = _bound_http(client, lambda: self._timeout)
+        self._done.pop(party, None)
 
     @property
     def user(self) -> str:
@@ -101,155 +126,77 @@ class PySyftTransport(Transport):
             raise TransportError(f"unknown party {party!r}; connected: {sorted(self._clients)}")
         return client
 
+    def request_within(self, party: str, data: bytes, timeout: float | None,
+                       op: str = "?") -> bytes:
+        """HTTP datasites: the connection posts with ``timeout`` itself; embedded ones run on
+        a watchdog thread (see the module docstring)."""
+        if not self._bounded.get(party):
+            return super().request_within(party, data, timeout, op)
+        self._timeout = timeout
+        try:
+            return self.request(party, data)
+        except CallTimeoutError as exc:
+            raise timeout_error(party, op, timeout or 0.0) from exc
+        finally:
+            self._timeout = None
+
     def request(self, party: str, data: bytes) -> bytes:
+        if self.direct:
+            self._client(party)
+            raw = self.router.route(party, data)
+            if raw is not None:
+                return raw
+        return self._pysyft_request(party, data)
+
+    def _pysyft_request(self, party: str, data: bytes) -> bytes:
         client = self._client(party)
         kwargs: dict[str, Any] = {"request": bytes(data)}
-        done = self._done.pop(party, "")
-        if done:
-            kwargs["done"] = done
-        raw, result_id = call_endpoint(client, self.path, **kwargs)
-        if self.cleanup:
-            self._done[party] = result_id
+        with self._lock:  # one PySyft call at a time (the cleanup bookkeeping is per party)
+            done = self._done.pop(party, "")
+            if done:
+                kwargs["done"] = done
+            raw, result_id = call_endpoint(client, self.path, **kwargs)
+            if self.cleanup:
+                self._done[party] = result_id
         return raw
 
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class LaunchedDatasite:
-    """A datasite this process launched: its handle, root client, and how to reach it."""
-
-    name: str
-    handle: Any
-    root: Any
-    http: bool
-    port: int | None
-    pid: int
-    server_id: str
-    _closed: bool = field(default=False, repr=False)
-
-    def login(self, email: str, password: str) -> Any:
-        """Log in as ``email`` (over HTTP for an HTTP datasite)."""
-        try:
-            with quiet(log_path(self.name)):  # "Logged into ...", default-password warning
-                if self.http:
-                    return sy.login(url="http://127.0.0.1", port=self.port, email=email,
-                                    password=password)
-                return self.handle.login(email=email, password=password)
-        except Exception as exc:
-            raise TransportError(f"login of {email} to {self.name} failed: {exc}") from exc
-
-    def register(self, email: str, password: str, name: str | None = None) -> Any:
-        """Register a non-admin user (as the root admin) and return its logged-in client."""
-        try:
-            self.root.register(name=name or email.split("@")[0], email=email, password=password,
-                               password_verify=password, institution="syft-split",
-                               website="https://example.org")
-        except Exception as exc:
-            raise TransportError(f"registering {email} on {self.name} failed: {exc}") from exc
-        return self.login(email, password)
-
-    @property
-    def data_dir(self) -> Path:
-        return Path(tempfile.gettempdir(), os.getenv("SYFT_TEMP_ROOT", "syft"), self.server_id)
-
     def close(self) -> None:
-        """Land the datasite and remove its data folder (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if not self.http and self.handle.python_server is not None:
-                self.handle.python_server.cleanup()
-        finally:
-            try:
-                with quiet(log_path(self.name)):
-                    self.handle.land()
-            finally:
-                shutil.rmtree(self.data_dir, ignore_errors=True)
-                _forget_hosts(self.server_id)
-
-    def __enter__(self) -> LaunchedDatasite:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        """Close the direct channels (the datasites free them at once)."""
+        self.router.close()
 
 
-def _forget_hosts(server_id: str) -> None:
-    from .. import datasite
+def _bound_http(client: Any, timeout: Callable[[], float | None]) -> bool:
+    """Give ``client``'s HTTP connection a ``make_call`` that posts with ``timeout()`` seconds
+    and a session that defaults to it; False for connections that are not HTTP (embedded)."""
+    import requests  # type: ignore[import-untyped]
+    from syft.client.client import HTTPConnection
+    from syft.serde.deserialize import _deserialize
+    from syft.serde.serialize import _serialize
 
-    with datasite._ENTRIES_LOCK:
-        for key in [k for k in datasite._ENTRIES if k[0].replace("-", "") == server_id]:
-            del datasite._ENTRIES[key]
+    conn = getattr(client, "connection", None)
+    if not isinstance(conn, HTTPConnection) or conn.rtunnel_token:
+        return False
 
+    def make_call(signed_call: Any) -> Any:  # HTTPConnection.make_call, with a timeout
+        msg = _serialize(obj=signed_call, to_bytes=True)
+        response = requests.post(url=conn.api_url, data=msg, headers=conn.headers,
+                                 timeout=timeout())
+        if response.status_code != 200:
+            raise requests.ConnectionError(
+                f"Failed to fetch metadata. Response returned with code {response.status_code}")
+        return _deserialize(response.content, from_bytes=True)
 
-def launch_datasite(
-    name: str,
-    *,
-    http: bool = False,
-    port: int | None = None,
-    admin: tuple[str, str] = DEFAULT_ADMIN,
-) -> LaunchedDatasite:
-    """Launch a fresh datasite named ``name`` and log in as its root admin.
+    session = conn.session
+    plain = session.request
 
-    ``http=False`` embeds the server in this process; ``http=True`` starts a uvicorn server
-    process on ``127.0.0.1:port`` (a free port by default). Names must be unique per test
-    run (PySyft derives the server id and data folder from it). The root logger level is
-    restored after launch (PySyft sets it to CRITICAL). What PySyft and uvicorn print goes to
-    :func:`syft_split.logs.log_path` ``(name)`` unless ``SYFT_SPLIT_VERBOSE=1``.
-    """
-    root_logger = logging.getLogger()
-    level = root_logger.level
-    before = {p.pid for p in multiprocessing.active_children()}
-    port = (port or free_port()) if http else None
-    try:
-        if http:
-            # spawn, not fork: a forked child inherits this process's torch/SEAL thread pools
-            # in whatever state they are in and can deadlock on first use (seen here)
-            multiprocessing.set_start_method("spawn", force=True)
-            # the server computes with as many torch threads as this process (same numerics)
-            threads = os.environ.get("OMP_NUM_THREADS")
-            os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-            try:  # the server process writes to the log file for good (SYFT_SPLIT_VERBOSE=1: not)
-                with quiet(log_path(name), fds=True):
-                    handle = sy.orchestra.launch(name=name, port=port, host="127.0.0.1",
-                                                 reset=True)
-            finally:
-                if threads is None:
-                    os.environ.pop("OMP_NUM_THREADS", None)
-                else:
-                    os.environ["OMP_NUM_THREADS"] = threads
-        else:
-            with quiet(log_path(name)):
-                handle = sy.orchestra.launch(name=name, reset=True)
-    except Exception as exc:
-        raise TransportError(f"could not launch datasite {name!r}: {exc}") from exc
-    finally:
-        root_logger.setLevel(level)
-    pid = os.getpid()
-    if http:  # the uvicorn server is a multiprocessing child of this process
-        new = [p.pid for p in multiprocessing.active_children() if p.pid not in before]
-        if new and new[0] is not None:
-            pid = new[0]
-    site = LaunchedDatasite(name=name, handle=handle, root=None, http=http, port=port, pid=pid,
-                            server_id="")
-    try:
-        site.root = site.login(*admin)
-        site.server_id = str(site.root.id).replace("-", "")
-    except BaseException:
-        if handle.python_server is not None:
-            handle.python_server.cleanup()
-        handle.land()
-        raise
-    finally:
-        root_logger.setLevel(level)
-    return site
+    def request(method: str, url: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", timeout())
+        return plain(method, url, **kwargs)
+
+    object.__setattr__(conn, "make_call", make_call)
+    session.request = request
+    api = getattr(client, "_api", None)  # the API holds the same connection; check it does
+    return getattr(api, "connection", conn) is conn
 
 
 def _dataset_parts(value: Any) -> tuple[Any, Any, Any, Any]:
@@ -268,6 +215,8 @@ def deployment(
     http: bool = False,
     user: str = "model-owner@example.org",
     name_prefix: str = "syft-split",
+    state_dir: str | Path | None = None,
+    policy: CallPolicy | None = None,
     **install_kwargs: Any,
 ) -> Any:
     """One fresh datasite per data-owner party, as a :class:`syft_split.deploy.Deployment`.
@@ -275,11 +224,16 @@ def deployment(
     ``parties`` is ``{party: {dataset: (features, labels or None)}}``. For each party: launch a
     datasite (embedded, or HTTP with ``http=True``), upload each dataset as a PySyft dataset
     with mock assets, :func:`~syft_split.datasite.install` the endpoint (``install_kwargs``:
-    ``max_batch``, ``max_request_bytes``), register ``user`` as a non-admin model owner.
-    The transport logs in as ``user``; each console uses the datasite's admin client;
-    ``Deployment.close()`` lands every datasite and removes its data folder.
+    ``max_batch``, ``max_request_bytes``, ``checkpoint_every``), register ``user`` as a
+    non-admin model owner. The transport logs in as ``user`` (calls bounded by ``policy``);
+    each console uses the datasite's admin client; ``Deployment.close()`` lands every datasite.
+
+    ``state_dir``: every party's datasite is persistent under ``<state_dir>/<party>/``
+    (``syft/``: PySyft's identity and database; ``host/``: the syft-split host's state), so it
+    can be restarted (:func:`restart`); ``close()`` then leaves the directory in place.
+    Without it, ``close()`` also removes each datasite's data folder.
     """
-    from ..deployment import Deployment
+    from ..deploy import Deployment
 
     password = secrets.token_hex(12)
     sites: dict[str, LaunchedDatasite] = {}
@@ -287,7 +241,9 @@ def deployment(
     consoles: dict[str, Any] = {}
     try:
         for party, datasets in parties.items():
-            site = launch_datasite(f"{name_prefix}-{party}-{secrets.token_hex(4)}", http=http)
+            where = None if state_dir is None else Path(state_dir) / party
+            site = launch_datasite(f"{name_prefix}-{party}-{secrets.token_hex(4)}", http=http,
+                                   data_dir=None if where is None else where / "syft")
             sites[party] = site
             refs: dict[str, Any] = {}
             for ds_name, value in datasets.items():
@@ -296,30 +252,76 @@ def deployment(
                                          mock_features=mock)
                 refs[ds_name] = {k: assets[k] for k in ("features", "labels", "ids")
                                  if k in assets}
-            install(site.root, refs, host_name=party, **install_kwargs)
+            install(site.root, refs, host_name=party,
+                    state_dir=None if where is None else where / "host", **install_kwargs)
             clients[party] = site.register(user, password)
             consoles[party] = DatasiteConsole(site.root)
     except BaseException:
         for site in reversed(list(sites.values())):
             site.close()
         raise
-    transport = PySyftTransport(clients, datasites=sites)
+    transport = PySyftTransport(clients, datasites=sites, policy=policy)
     return Deployment(transport, consoles, closers=[s.close for s in sites.values()])
 
 
-def connect(urls: Mapping[str, str], email: str, password: str) -> PySyftTransport:
-    """Log in to existing datasites (``{party: "http://host:port"}``) as the model owner."""
+def restart(dep: Any, party: str, *, crash: bool = False) -> float:
+    """Restart ``party``'s datasite of a persistent :func:`deployment` (``crash``: SIGKILL
+    it first instead of a clean stop); the transport and the console reach it again (an
+    embedded datasite needs new logins; an HTTP one keeps its clients). Returns seconds."""
+    transport = dep.transport
+    site: LaunchedDatasite = transport.datasites[party]
+    seconds = site.restart(crash=crash)
+    if not site.http:
+        user = transport.user_on(party)
+        transport.set_client(party, site.login(user, site.passwords[user]))
+        dep.owners[party].client = site.root
+    return seconds
+
+
+def connect(urls: Mapping[str, str], email: str, password: str, *,
+            policy: CallPolicy | None = None) -> PySyftTransport:
+    """Log in to existing datasites (``{party: "http://host:port"}``) as the model owner.
+
+    Each login and every call is bounded by ``policy``'s timeout; a datasite that refuses
+    connections (e.g. restarting) is tried again like a failed call (``policy.retries``)."""
     from urllib.parse import urlparse
 
+    policy = policy or CallPolicy()
     clients = {}
     for party, url in urls.items():
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ConfigError(f"{party}: expected a URL like http://localhost:8081, got {url!r}")
-        try:
+
+        def login(p: Any = parsed) -> Any:
             with quiet():  # "Logged into ..." (SYFT_SPLIT_VERBOSE=1: shown)
-                clients[party] = sy.login(url=f"{parsed.scheme}://{parsed.hostname}",
-                                          port=parsed.port or 80, email=email, password=password)
-        except Exception as exc:
-            raise TransportError(f"could not log in to {party} at {url}: {exc}") from exc
-    return PySyftTransport(clients)
+                return sy.login(url=f"{p.scheme}://{p.hostname}", port=p.port or 80,
+                                email=email, password=password)
+
+        wait = policy.backoff
+        for attempt in range(policy.retries + 1):
+            last = attempt == policy.retries
+            try:
+                clients[party] = run_with_timeout(login, policy.timeout, party=party, op="login")
+                break
+            except CallTimeoutError:
+                if last:
+                    raise
+            except Exception as exc:
+                if last or not _refused(exc):
+                    raise TransportError(f"could not log in to {party} at {url}: {exc}") from exc
+            time.sleep(wait)
+            wait = min(2 * wait, policy.max_backoff)
+    return PySyftTransport(clients, policy=policy)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is a connection that could not be made."""
+    import requests  # type: ignore[import-untyped]
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, ConnectionError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

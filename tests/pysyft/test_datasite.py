@@ -57,7 +57,7 @@ def test_public_surface_is_pinned() -> None:
     }
     assert set(pysyft.__all__) == {
         "PySyftTransport", "deployment", "LaunchedDatasite", "launch_datasite", "free_port",
-        "connect", "DEFAULT_ADMIN",
+        "connect", "restart", "DEFAULT_ADMIN",
     }
 
 

@@ -19,27 +19,19 @@ from torch import nn
 from syft_split import OptimizerSpec, SplitPlan, SplitSession, Trainer, wire
 from syft_split.deploy import Deployment
 from syft_split.topology import ALIGNED, RELEASED
-from syft_split.transport.base import Transport
+from syft_split.transport.base import Transport, TransportWrapper
 
 from .conftest import clinic_data, vertical_data
 
 SGD = OptimizerSpec("sgd", lr=0.05)
 
 
-class RecordingTransport(Transport):
+class RecordingTransport(TransportWrapper):
     """Wraps a real transport; keeps (party, request fields, raw response) of every call."""
 
     def __init__(self, inner: Transport) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.log: list[tuple[str, dict[str, Any], bytes]] = []
-
-    @property
-    def user(self) -> str:
-        return self.inner.user
-
-    def parties(self) -> list[str]:
-        return self.inner.parties()
 
     def request(self, party: str, data: bytes) -> bytes:
         raw = self.inner.request(party, data)

@@ -1,0 +1,338 @@
+"""The model owner's end of the direct data plane.
+
+:class:`ChannelClient` is one channel: it connects over TLS 1.3 to the address the datasite
+gave through PySyft, trusts only the certificate that came with it (and checks its SHA-256
+fingerprint), presents the channel key, and then sends request frames with increasing
+sequence numbers. A lost connection is re-established with the same key; the server says
+which frame it answered last, so a frame is never run twice and a lost answer is recovered.
+
+:class:`ChannelRouter` is what a transport uses: given the control plane (a function that
+delivers a request through PySyft), it opens a channel for a segment the first time an op on
+that segment is sent, sends that segment's ops over it from then on, and falls back to the
+control plane for segments whose data owner did not allow a channel. A channel that expired
+(idle) is re-opened transparently; one the data owner closed raises, and that segment's ops
+go through PySyft afterwards. :class:`DirectTransport` wraps any transport the same way.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import wire
+from ..errors import (
+    AccessError,
+    ApprovalError,
+    AuthorizationError,
+    ProtocolError,
+    SyftSplitError,
+    TransportError,
+    error_from_wire,
+)
+from ..transport.base import Transport, TransportWrapper
+from . import tls
+from .server import CONTROL_OPS
+
+__all__ = ["ChannelTicket", "ChannelClient", "ChannelRouter", "DirectTransport"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChannelTicket:
+    """What ``open_channel`` returned through PySyft: where, which certificate, which key."""
+
+    channel: str
+    host: str
+    port: int
+    certificate: bytes
+    fingerprint: bytes
+    key: bytes
+    idle_timeout: float
+    segments: tuple[str, ...]
+
+    @classmethod
+    def from_response(cls, r: dict[str, Any]) -> ChannelTicket:
+        try:
+            ticket = cls(str(r["channel"]), str(r["host"]), int(r["port"]),
+                         bytes(r["certificate"]), bytes(r["fingerprint"]), bytes(r["key"]),
+                         float(r["idle_timeout"]), tuple(str(s) for s in r["segments"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"open_channel answered {sorted(r)}: {exc}") from exc
+        if not hmac.compare_digest(tls.fingerprint(ticket.certificate), ticket.fingerprint):
+            raise TransportError(f"channel {ticket.channel}: the certificate does not match its "
+                                 "fingerprint")
+        return ticket
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Data or EOF waiting on an idle connection: the server closed it."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        r, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(r)
+
+
+class ChannelClient:
+    """One direct channel, as ``user`` (see the module docstring)."""
+
+    def __init__(self, ticket: ChannelTicket, user: str, *, timeout: float = 600.0,
+                 max_response_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
+        self.ticket = ticket
+        self.user = user
+        self.timeout = timeout
+        self.max_response_bytes = max_response_bytes
+        self.seq = 0
+        self.last_used = time.monotonic()
+        #: why the server refused this channel ("owner", "expired", ...), once it has
+        self.closed_kind = ""
+        self._sock: ssl.SSLSocket | None = None
+        self._lock = threading.Lock()
+        self._context = tls.client_context(ticket.certificate)
+
+    @property
+    def channel(self) -> str:
+        return self.ticket.channel
+
+    def connect(self) -> dict[str, Any]:
+        """TLS handshake, pin check and hello; returns the server's hello reply."""
+        self._disconnect()
+        t = self.ticket
+        try:
+            raw = socket.create_connection((t.host, t.port), timeout=min(self.timeout, 30.0))
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self._context.wrap_socket(raw, server_hostname=t.channel)
+        except ssl.SSLCertVerificationError as exc:
+            raise TransportError(f"channel {t.channel} at {t.host}:{t.port} did not present the "
+                                 f"certificate the datasite sent through PySyft: {exc}") from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise TransportError(f"cannot reach channel {t.channel} at {t.host}:{t.port}: "
+                                 f"{exc}") from exc
+        peer = sock.getpeercert(binary_form=True) or b""
+        if not hmac.compare_digest(tls.fingerprint(peer), t.fingerprint):
+            sock.close()
+            raise TransportError(f"channel {t.channel}: certificate fingerprint differs from the "
+                                 "one pinned through PySyft")
+        sock.settimeout(self.timeout)
+        try:
+            tls.send_frame(sock, tls.HELLO + wire.encode({"key": t.key, "user": self.user}))
+            reply = wire.decode(tls.recv_frame(sock, self.max_response_bytes),
+                                max_bytes=self.max_response_bytes)
+        except (EOFError, OSError) as exc:
+            sock.close()
+            raise TransportError(f"channel {t.channel}: hello failed: {exc}") from exc
+        if "error" in reply:
+            sock.close()
+            self.closed_kind = str(reply.get("closed", ""))
+            raise error_from_wire(str(reply["error"]), str(reply.get("message", "")))
+        self._sock = sock
+        self.last_used = time.monotonic()
+        return reply
+
+    def _disconnect(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def request(self, data: bytes) -> bytes:
+        """Send one request (wire bytes) and return the answer (wire bytes)."""
+        with self._lock:
+            if self._sock is None or _readable(self._sock):
+                self._resume(None)
+            self.seq += 1
+            seq = self.seq
+            try:
+                return self._exchange(seq, data)
+            except (EOFError, OSError) as exc:
+                _log.debug("syft_split channel %s: connection lost (%s); resuming", self.channel,
+                           exc)
+            answered = self._resume(seq)
+            if answered is not None:
+                return answered
+            try:
+                return self._exchange(seq, data)
+            except (EOFError, OSError) as exc:
+                self._disconnect()
+                raise TransportError(f"channel {self.channel}: connection lost twice: {exc}"
+                                     ) from exc
+
+    def _resume(self, seq: int | None) -> bytes | None:
+        """Reconnect. With ``seq`` (a frame whose answer did not arrive): its answer if the
+        server ran it, else None (resend it)."""
+        reply = self.connect()
+        last = int(reply.get("last_seq", 0))
+        if seq is None:
+            self.seq = max(self.seq, last)
+            return None
+        if last == seq and isinstance(reply.get("last_response"), bytes):
+            return bytes(reply["last_response"])
+        if last != seq - 1:
+            raise TransportError(f"channel {self.channel}: frame {seq} was sent, the data owner "
+                                 f"answered up to {last}; its answer is lost")
+        return None
+
+    def _exchange(self, seq: int, data: bytes) -> bytes:
+        assert self._sock is not None
+        tls.send_frame(self._sock, tls.request_body(seq, data))
+        raw = tls.recv_frame(self._sock, self.max_response_bytes)
+        self.last_used = time.monotonic()
+        return raw
+
+    def send_frame(self, seq: int, data: bytes) -> bytes:
+        """Send request frame ``seq`` as given (no retry): for tests of replay protection."""
+        with self._lock:
+            if self._sock is None:
+                self.connect()
+            return self._exchange(seq, data)
+
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last_used
+
+    def close(self) -> None:
+        """Say goodbye (the server closes the channel) and drop the connection."""
+        with self._lock:
+            if self._sock is not None:
+                try:
+                    tls.send_frame(self._sock, tls.BYE)
+                except OSError:
+                    pass
+            self._disconnect()
+
+
+class ChannelRouter:
+    """Direct channels of one transport, opened on demand (see the module docstring).
+
+    ``control(party, data) -> bytes`` delivers a request through the control plane (PySyft);
+    ``user_on(party)`` is the identity the transport has there.
+    """
+
+    def __init__(self, control: Callable[[str, bytes], bytes], user_on: Callable[[str], str], *,
+                 timeout: float = 600.0, max_response_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
+        self._control = control
+        self._user_on = user_on
+        self.timeout = timeout
+        self.max_response_bytes = max_response_bytes
+        self.clients: dict[tuple[str, str], ChannelClient] = {}
+        #: segments whose data owner did not allow a channel (their ops go through PySyft)
+        self.declined: dict[tuple[str, str], str] = {}
+        self.direct_calls = 0
+        #: seconds each channel took to open (PySyft call + TLS handshake + hello)
+        self.open_seconds: list[float] = []
+        self._lock = threading.RLock()
+
+    def route(self, party: str, data: bytes) -> bytes | None:
+        """The answer over a direct channel, or None: send it through the control plane."""
+        op, segment = tls.peek(data)
+        if op is None or segment is None or op in CONTROL_OPS:
+            return None
+        key = (party, segment)
+        with self._lock:  # one channel per segment, even with calls from several threads
+            if key in self.declined:
+                return None
+            client = self.clients.get(key)
+            if client is not None and client.idle_for() > 0.8 * client.ticket.idle_timeout:
+                self._forget(key)  # about to expire at the datasite: open a fresh one
+                client = None
+            if client is None:
+                client = self._open(party, segment)
+                if client is None:
+                    return None
+        try:
+            raw = client.request(data)
+        except SyftSplitError:
+            if client.closed_kind in ("expired", "replaced"):  # nothing ran: reopen, resend
+                with self._lock:
+                    self._forget(key)
+                    fresh = self._open(party, segment)
+                if fresh is None:
+                    return None
+                raw = fresh.request(data)
+            else:
+                with self._lock:
+                    self._forget(key)
+                    if client.closed_kind:  # the data owner closed it: PySyft from now on
+                        self.declined[key] = f"channel closed ({client.closed_kind})"
+                raise
+        self.direct_calls += 1
+        return raw
+
+    def open(self, party: str, segments: list[str]) -> ChannelClient:
+        """Ask ``party`` (through the control plane) for a channel bound to ``segments``."""
+        t0 = time.perf_counter()
+        raw = self._control(party, wire.encode({"op": "open_channel", "segments": segments}))
+        response = wire.decode(raw, max_bytes=self.max_response_bytes)
+        if "error" in response:
+            raise error_from_wire(str(response["error"]), str(response.get("message", "")))
+        client = ChannelClient(ChannelTicket.from_response(response), self._user_on(party),
+                               timeout=self.timeout, max_response_bytes=self.max_response_bytes)
+        client.connect()
+        self.open_seconds.append(time.perf_counter() - t0)
+        with self._lock:
+            for s in client.ticket.segments:
+                old = self.clients.pop((party, s), None)
+                if old is not None and old is not client:
+                    old._disconnect()
+                self.clients[(party, s)] = client
+        return client
+
+    def _open(self, party: str, segment: str) -> ChannelClient | None:
+        try:
+            return self.open(party, [segment])
+        except (ApprovalError, AuthorizationError):
+            return None  # not (yet) approved, or not ours: the control plane says so
+        except (AccessError, ProtocolError, TransportError) as exc:
+            # not allowed by the data owner, a datasite without channels, or unreachable
+            self.declined[(party, segment)] = str(exc)
+            _log.info("syft_split: no direct channel for %s on %s: %s", segment, party, exc)
+            return None
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            client = self.clients.pop(key, None)
+        if client is not None and client not in self.clients.values():
+            client._disconnect()
+
+    def channels(self) -> dict[tuple[str, str], str]:
+        """``{(party, segment): channel id}`` of the open channels."""
+        return {k: c.channel for k, c in self.clients.items()}
+
+    def close(self) -> None:
+        """Close every channel (the datasites free them at once)."""
+        with self._lock:
+            clients = list({id(c): c for c in self.clients.values()}.values())
+            self.clients.clear()
+        for client in clients:
+            client.close()
+
+
+class DirectTransport(TransportWrapper):
+    """Any transport, with segment ops over direct channels when the data owner allows them
+    (``inner`` stays the control plane). :class:`~syft_split.transport.pysyft.PySyftTransport`
+    does the same by itself (``direct=True``)."""
+
+    def __init__(self, inner: Transport, *, timeout: float = 600.0) -> None:
+        super().__init__(inner)
+        self.router = ChannelRouter(inner.request, lambda party: inner.user, timeout=timeout,
+                                    max_response_bytes=inner.max_response_bytes)
+
+    def request(self, party: str, data: bytes) -> bytes:
+        raw = self.router.route(party, data)
+        return self.inner.request(party, data) if raw is None else raw
+
+    def close(self) -> None:
+        self.router.close()
+        self.inner.close()

@@ -1,0 +1,368 @@
+"""The datasite's end of the direct data plane: one TLS 1.3 listener, many channels.
+
+A :class:`ChannelServer` runs in the process that holds the data owner's host (a thread of an
+embedded datasite, or of the uvicorn process of an HTTP datasite). It listens on one address;
+the client names its channel in the TLS handshake (SNI) and the server answers with that
+channel's own certificate. After the handshake the client presents the channel's key (made
+fresh for the channel and handed to the approved user through PySyft); from then on every
+request frame is answered by ``host.handle(channel.user, wire bytes)`` -- the same entry
+point, validation, egress guard and audit entry as a call through the PySyft endpoint -- under
+the same lock.
+
+Refused without running anything (and audited): a wrong key, a replayed or out-of-order
+frame (sequence numbers are per channel and strictly increasing), a frame for a segment the
+channel is not bound to, a control-plane op (propose, status, ...: those go through PySyft),
+and any frame on a closed channel. A channel closes when the data owner closes it, when it is
+idle longer than its timeout, when ``check`` says so (the family closes channels whose
+segments are halted, rejected or no longer allowed), or when the client says goodbye.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import wire
+from ..errors import (
+    AccessError,
+    AuthorizationError,
+    PayloadTooLargeError,
+    ProtocolError,
+    SyftSplitError,
+    WireError,
+)
+from . import tls
+
+__all__ = ["Channel", "ChannelServer", "CONTROL_OPS"]
+
+#: ops that belong to the control plane: never answered over a channel.
+CONTROL_OPS = frozenset({"describe", "propose", "status", "open_channel", "close_channel",
+                         "propose_local_loss"})
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class Channel:
+    """One channel: who may use it, for which segments, and how it has been used."""
+
+    id: str
+    user: str
+    segments: tuple[str, ...]
+    key_hash: bytes
+    certificate: bytes
+    context: ssl.SSLContext = field(repr=False)
+    idle_timeout: float
+    opened: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    state: str = "open"
+    #: why it closed: "owner", "halted", "expired", "client", "replaced", "shutdown"
+    closed_kind: str = ""
+    reason: str = ""
+    last_seq: int = 0
+    last_response: bytes | None = field(default=None, repr=False)
+    frames: int = 0
+    refused: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    conn: socket.socket | None = field(default=None, repr=False)
+
+    @property
+    def fingerprint(self) -> bytes:
+        return tls.fingerprint(self.certificate)
+
+    def info(self) -> dict[str, Any]:
+        """What the data owner's console lists (JSON)."""
+        return {"channel": self.id, "user": self.user, "segments": list(self.segments),
+                "state": self.state, "closed": self.closed_kind, "reason": self.reason,
+                "opened": self.opened, "idle_s": round(time.monotonic() - self.last_used, 3),
+                "frames": self.frames, "refused": self.refused, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "fingerprint": self.fingerprint.hex()}
+
+
+def _error(exc: SyftSplitError, **extra: Any) -> bytes:
+    return wire.encode({"error": type(exc).__name__, "message": str(exc), **extra})
+
+
+class ChannelServer:
+    """Listener + channel table of one host (see the module docstring).
+
+    ``handle(user, data) -> bytes`` is the host's wire entry; ``lock`` serialises it with the
+    PySyft endpoint; ``check(channel)`` returns a reason to close a channel (or None);
+    ``audit(user, op, segment, nbytes, outcome)`` records a refusal in the host's audit log.
+    """
+
+    def __init__(self, handle: Callable[[str, bytes], bytes], lock: Any, *,
+                 check: Callable[[Channel], tuple[str, str] | None],
+                 audit: Callable[[str, str, str | None, int, str], None],
+                 bind: str = "127.0.0.1", port: int = 0, advertise: str | None = None,
+                 max_frame_bytes: int = 64 * 1024 * 1024, sweep_s: float = 0.25,
+                 max_connections: int = 64) -> None:
+        self._handle, self._lock, self._check, self._audit = handle, lock, check, audit
+        #: connections served at once (authenticated or not); more are dropped at accept
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_frame_bytes = max_frame_bytes
+        self.sweep_s = sweep_s
+        self.channels: dict[str, Channel] = {}
+        self._table_lock = threading.Lock()
+        self._base = tls._tls13(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        self._base.sni_callback = self._select
+        self._sock = socket.create_server((bind, port))
+        self._sock.settimeout(sweep_s)
+        self.address = (advertise or bind, int(self._sock.getsockname()[1]))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="syft-split-channels",
+                                        daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ channel table
+    def open(self, user: str, segments: tuple[str, ...], idle_timeout: float
+             ) -> tuple[Channel, bytes]:
+        """A new channel for ``user`` bound to ``segments``; returns it and its key (the only
+        copy of the key: the server keeps its hash). An open channel of the same user and
+        segments is closed ("replaced")."""
+        der, pem, key_pem = tls.make_certificate(f"syft-split channel for {user}")
+        key = secrets.token_bytes(32)
+        channel = Channel(id=f"ch-{secrets.token_hex(8)}", user=user, segments=segments,
+                          key_hash=hashlib.sha256(key).digest(), certificate=der,
+                          context=tls.server_context(pem, key_pem), idle_timeout=idle_timeout)
+        for old in self.live():
+            if old.user == user and set(old.segments) == set(segments):
+                self.close(old.id, "replaced", "replaced by a new channel for the same segments")
+        with self._table_lock:
+            self.channels[channel.id] = channel
+            self._prune()
+        return channel, key
+
+    def live(self) -> list[Channel]:
+        return [c for c in list(self.channels.values()) if c.state == "open"]
+
+    def close(self, channel_id: str, kind: str, reason: str) -> bool:
+        """Close a channel now (its connection is shut down); False if it was not open."""
+        channel = self.channels.get(channel_id)
+        if channel is None or channel.state != "open":
+            return False
+        channel.state, channel.closed_kind, channel.reason = "closed", kind, reason
+        channel.last_response = None
+        self._drop(channel)
+        return True
+
+    def _drop(self, channel: Channel) -> None:
+        conn, channel.conn = channel.conn, None
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _prune(self, keep: int = 256) -> None:
+        closed = [c for c in self.channels.values() if c.state != "open"]
+        for c in closed[: max(0, len(closed) - keep)]:
+            del self.channels[c.id]
+
+    def shutdown(self, reason: str = "the data owner's host shut down") -> None:
+        """Close every channel and stop listening."""
+        for channel in self.live():
+            self.close(channel.id, "shutdown", reason)
+        self._stop.set()
+        self._thread.join(timeout=2)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------------- listening
+    def _select(self, sslsock: Any, server_name: str | None, _ctx: ssl.SSLContext) -> Any:
+        channel = self.channels.get(server_name or "")
+        if channel is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        sslsock.context = channel.context
+        return None
+
+    def _accept_loop(self) -> None:
+        last_sweep = 0.0
+        while not self._stop.is_set():
+            try:
+                raw, _ = self._sock.accept()
+            except TimeoutError:
+                raw = None
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raw = None
+            if raw is not None:
+                if not self._slots.acquire(blocking=False):  # too many connections at once
+                    raw.close()
+                else:
+                    threading.Thread(target=self._serve, args=(raw,), daemon=True,
+                                     name="syft-split-channel-conn").start()
+            now = time.monotonic()
+            if now - last_sweep >= self.sweep_s:
+                last_sweep = now
+                self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        for channel in self.live():
+            if now - channel.last_used > channel.idle_timeout:
+                self.close(channel.id, "expired",
+                           f"closed after {channel.idle_timeout:g} s without a frame")
+                continue
+            why = self._check(channel)
+            if why is not None:
+                self.close(channel.id, *why)
+
+    # ------------------------------------------------------------------- connections
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            self._connection(raw)
+        finally:
+            self._slots.release()
+
+    def _connection(self, raw: socket.socket) -> None:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(10.0)
+        try:
+            conn = self._base.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            _log.debug("syft_split channel: handshake failed: %s", exc)
+            raw.close()
+            return
+        try:
+            channel = next((c for c in list(self.channels.values())
+                            if c.context is conn.context), None)
+            if channel is None:
+                return
+            if not self._hello(conn, channel):
+                return
+            conn.settimeout(None)
+            self._frames(conn, channel)
+        except (EOFError, OSError, ssl.SSLError) as exc:
+            _log.debug("syft_split channel: connection ended: %s", exc)
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _refuse(self, conn: socket.socket, channel: Channel, exc: SyftSplitError, *,
+                op: str, segment: str | None = None, nbytes: int = 0, caller: str | None = None,
+                closed: str | None = None) -> None:
+        channel.refused += 1
+        self._audit(caller or channel.user, op, segment, nbytes, f"{type(exc).__name__}: {exc}")
+        tls.send_frame(conn, _error(exc, **({} if closed is None else {"closed": closed})))
+
+    def _closed_error(self, channel: Channel) -> AccessError:
+        return AccessError(f"channel {channel.id} is closed ({channel.closed_kind}): "
+                           f"{channel.reason}")
+
+    def _hello(self, conn: socket.socket, channel: Channel) -> bool:
+        stranger = f"unauthenticated peer {conn.getpeername()[0]} on {channel.id}"
+        body = tls.recv_frame(conn, 64 * 1024)
+        try:
+            if body[:1] != tls.HELLO:
+                raise ProtocolError("a channel starts with a hello frame")
+            msg = wire.decode(body[1:], max_bytes=64 * 1024)
+        except (ProtocolError, WireError) as exc:
+            self._refuse(conn, channel, exc, op="channel.hello", caller=stranger)
+            return False
+        key, user = msg.get("key"), msg.get("user")
+        given = hashlib.sha256(key).digest() if isinstance(key, bytes) else b""
+        if not hmac.compare_digest(given, channel.key_hash):
+            self._refuse(conn, channel, AuthorizationError(
+                f"wrong key for channel {channel.id}: refused"), op="channel.hello",
+                caller=stranger)
+            return False
+        if user != channel.user:
+            self._refuse(conn, channel, AuthorizationError(
+                f"channel {channel.id} belongs to {channel.user}, not {user!r}"),
+                op="channel.hello")
+            return False
+        if channel.state != "open":
+            self._refuse(conn, channel, self._closed_error(channel), op="channel.hello",
+                         closed=channel.closed_kind)
+            return False
+        previous, channel.conn = channel.conn, conn  # one live connection per channel
+        if previous is not None:
+            try:
+                previous.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        channel.last_used = time.monotonic()
+        reply: dict[str, Any] = {"ok": True, "last_seq": channel.last_seq}
+        if channel.last_response is not None:
+            reply["last_response"] = channel.last_response
+        tls.send_frame(conn, wire.encode(reply))
+        return True
+
+    def _frames(self, conn: socket.socket, channel: Channel) -> None:
+        while True:
+            try:
+                body = tls.recv_frame(conn, self.max_frame_bytes)
+            except PayloadTooLargeError as exc:
+                self._refuse(conn, channel, exc, op="channel.frame")
+                return
+            if channel.conn is not conn:
+                return  # replaced by a newer connection, or closed
+            if body[:1] == tls.BYE:
+                self.close(channel.id, "client", "closed by its user")
+                return
+            self._answer(conn, channel, body)
+
+    def _answer(self, conn: socket.socket, channel: Channel, body: bytes) -> None:
+        try:
+            seq, data = tls.parse_request(body)
+        except ValueError:
+            self._refuse(conn, channel, ProtocolError("unknown frame kind"), op="channel.frame",
+                         nbytes=len(body))
+            return
+        op_name, segment = tls.peek(data)
+        op, n = op_name or "?", len(data)
+        why = None if channel.state != "open" else self._check(channel)
+        if why is not None:
+            self.close(channel.id, *why)
+        if channel.state != "open":
+            self._refuse(conn, channel, self._closed_error(channel), op=op, segment=segment,
+                         nbytes=n, closed=channel.closed_kind)
+            return
+        if seq <= channel.last_seq:  # sequence refusals do not use up a sequence number
+            self._refuse(conn, channel, ProtocolError(
+                f"frame {seq} replayed on channel {channel.id} (last frame {channel.last_seq}): "
+                "refused, nothing ran"), op=op, segment=segment, nbytes=n)
+            return
+        if seq != channel.last_seq + 1:
+            self._refuse(conn, channel, ProtocolError(
+                f"frame {seq} out of order on channel {channel.id}: expected "
+                f"{channel.last_seq + 1}"), op=op, segment=segment, nbytes=n)
+            return
+        problem: SyftSplitError | None = None
+        if op in CONTROL_OPS:
+            problem = ProtocolError(f"op {op!r} is a control-plane op: send it through PySyft")
+        elif segment not in channel.segments:
+            problem = AccessError(f"channel {channel.id} is bound to {list(channel.segments)}, "
+                                  f"not to segment {segment!r}: refused, nothing ran")
+        if problem is not None:  # answered (with the refusal): the frame is used up
+            channel.last_seq, channel.last_response = seq, _error(problem)
+            self._refuse(conn, channel, problem, op=op, segment=segment, nbytes=n)
+            return
+        with self._lock:
+            if channel.state != "open":  # closed while we waited for the host
+                self._refuse(conn, channel, self._closed_error(channel), op=op,
+                             segment=segment, nbytes=n, closed=channel.closed_kind)
+                return
+            raw = self._handle(channel.user, data)
+            channel.last_seq, channel.last_response = seq, raw
+        channel.frames += 1
+        channel.bytes_in += len(body)
+        channel.bytes_out += len(raw)
+        channel.last_used = time.monotonic()
+        tls.send_frame(conn, raw)
+

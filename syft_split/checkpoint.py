@@ -1,0 +1,118 @@
+"""The model owner's checkpoints: what a new process needs to continue a run exactly.
+
+:class:`Checkpoint` keeps one file, ``<dir>/model_owner.sspl`` (the wire format through
+:mod:`syft_split.persist`: the model owner's own tensors and JSON, no pickle), replaced
+atomically after every training step by :meth:`syft_split.Trainer.fit`. It holds:
+
+- the model owner's segments (``state_dict``) and optimizers, the process's torch RNG state;
+- every remote segment's id, next step id, held-back gradient / loss weight and a request
+  whose delivery was unknown (:meth:`syft_split.remote.RemoteSegment.state`);
+- the schedule position: epoch, batches done in it, the batch generator's state at the start
+  of the epoch (the epoch's order is drawn again from it), running sums, per-client server
+  copies (SplitFed v1), the report so far.
+
+``fit(resume=True, checkpoint_dir=...)`` in a new process re-attaches to the approved segments
+by id (:meth:`syft_split.SplitSession.attach`) and continues at the next batch; every request
+the crashed process may have sent carries a step id, so the data owners apply it once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import persist
+from .errors import ConfigError
+from .report import EpochRecord
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["Checkpoint", "Position"]
+
+FORMAT = 1
+
+
+class Position(dict):  # type: ignore[type-arg]
+    """Where a run stands: ``epoch``, ``done`` (batches of it done), ``gen`` (batch generator
+    state at the epoch's start), ``sums`` ([loss sum, correct, count]), ``round_sizes``."""
+
+
+class Checkpoint:
+    """One run's model-owner checkpoint in ``directory`` (see the module docstring)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / "model_owner.sspl"
+        #: checkpoints written, and seconds spent writing them
+        self.writes = 0
+        self.seconds = 0.0
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def save(self, trainer: Trainer, position: Position) -> None:
+        """Write the trainer's state at ``position`` (atomically)."""
+        t0 = time.perf_counter()
+        s = trainer.session
+        copies = trainer._server_copies
+        tree = {
+            "format": FORMAT,
+            "position": dict(position),
+            "torch_rng": torch.get_rng_state(),
+            "local": {str(i): m.state_dict() for i, m in s.local.items()},
+            "optimizers": [o.state_dict() for o in s.optimizers],
+            "segments": {f"{host}:{i}": seg.state() for (host, i), seg in s.remote.items()},
+            "server_copies": None if copies is None else copies.states,
+            "relay_last": trainer._relay_last,
+            "report": {"steps": trainer.report.steps,
+                       "epochs": [asdict(e) for e in trainer.report.epochs],
+                       "extra": {k: v for k, v in trainer.report.extra.items()
+                                 if k in ("unreachable", "resumed")}},
+        }
+        persist.save(self.path, tree)
+        self.writes += 1
+        self.seconds += time.perf_counter() - t0
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or None if there is none yet."""
+        if not self.exists():
+            return None
+        tree = persist.load(self.path)
+        if not isinstance(tree, dict) or tree.get("format") != FORMAT:
+            got = tree.get("format") if isinstance(tree, dict) else type(tree).__name__
+            raise ConfigError(f"{self.path}: checkpoint format {got!r}, expected {FORMAT}")
+        return tree
+
+    def restore(self, trainer: Trainer, tree: dict[str, Any]) -> Position:
+        """Put ``trainer`` (and its session) back where ``tree`` was saved; return the position.
+        A session with no segments yet is re-attached to the checkpoint's segment ids."""
+        s = trainer.session
+        segments = tree["segments"]
+        if not s.remote:
+            s.attach({k: v["segment_id"] for k, v in segments.items()}, states=segments)
+        else:
+            for (host, i), seg in s.remote.items():
+                seg.load_state(segments[f"{host}:{i}"])
+        for i, m in s.local.items():
+            m.load_state_dict(tree["local"][str(i)])
+        for opt, state in zip(s.optimizers, tree["optimizers"]):
+            opt.load_state_dict(state)
+        torch.set_rng_state(tree["torch_rng"])
+        if tree.get("server_copies") is not None:
+            from .schedules import ServerCopies
+
+            copies = ServerCopies(s, list(tree["server_copies"]))
+            copies.states = {k: (list(v[0]), list(v[1]))
+                             for k, v in tree["server_copies"].items()}
+            trainer._server_copies = copies
+        trainer._relay_last = tree.get("relay_last")
+        report = tree["report"]
+        trainer.report.steps = int(report["steps"])
+        trainer.report.epochs = [EpochRecord(**e) for e in report["epochs"]]
+        trainer.report.extra.update(report.get("extra", {}))
+        return Position(tree["position"])

@@ -1,0 +1,354 @@
+"""Ops of the latency-tolerant schedules: local losses at the data owner, pipelined steps.
+
+**Local loss** (Han, Mu & Chen 2021, "Accelerating federated learning with split learning on
+locally generated losses"). The model owner attaches an *auxiliary head* to a pending input
+proposal (model-owner op ``propose_local_loss``: a declared spec, weights, a loss); the review
+shows it, and the data owner approves with ``local_loss=True``. Op ``local_forward`` then runs
+up to 64 batches in one call: for each batch the segment's output goes through the auxiliary
+head, the loss on the labels held here trains segment and head here, and the output (computed
+before that step) leaves through the guard. No gradient ever comes back. Labels and the head's
+outputs stay here (unless the proposal releases labels); two status scalars leave per call.
+
+**Pipelined** (a gradient delay of at most one step). Op ``pipe_forward`` (``seq``, ``indices``,
+optionally ``grad`` for the OLDEST pending forward) keeps up to two forwards pending, each with
+its own copy of the weights it used (weight stashing), so the gradient of a forward is exact
+for the weights that produced it and is applied to the current weights one step later.
+``pipe_backward`` delivers a gradient without a new forward; ``pipe_discard`` drops the
+pending forwards. Same values leave as in exact training.
+
+Both keep the data owner's guard: indices and gradients are checked before anything runs, and
+a refused call changes nothing (a ``local_forward`` that fails half way restores the weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import wire
+from ..errors import (
+    ApprovalError,
+    AuthorizationError,
+    ConfigError,
+    NonFiniteError,
+    ProtocolError,
+    ShapeError,
+    ValidationError,
+)
+from ..losses import LOSSES
+from ..spec import OptimizerSpec, count_parameters, describe, module_from_spec, spec_size
+from .dispatch import OpFamily, op, register_family
+from .guard import ACTIVATION, LABELS, SCALAR, TEXT, Call
+from .records import Dataset, Proposal, Runtime
+from .segments import nopeek_penalty, optimizer_step, release
+
+__all__ = ["LocalLossOps", "PipelineOps", "MAX_BATCHES_PER_CALL", "MAX_DELAY"]
+
+#: batches one ``local_forward`` may carry.
+MAX_BATCHES_PER_CALL = 64
+#: the largest gradient delay (in steps) ``pipe_forward`` allows.
+MAX_DELAY = 1
+
+
+def _int(value: Any, name: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValidationError(f"{name} must be an int in {lo}..{hi}, got {value!r:.60}")
+    return value
+
+
+def _plain_input(rt: Runtime, what: str) -> None:
+    if rt.proposal.he is not None:
+        raise ProtocolError(f"{rt.id} releases ciphertexts only; {what} needs a plain segment")
+    if rt.pending_output is not None or rt.pending_loss_grads:
+        raise ProtocolError(f"segment {rt.id} has an exact step pending; send its gradient or "
+                            "'discard' it first")
+
+
+# ------------------------------------------------------------------------- local loss
+@dataclass
+class AuxHead:
+    """An auxiliary head attached to a proposal, as reviewed."""
+
+    module: nn.Module
+    loss: str
+    optimizer: OptimizerSpec
+    optim: torch.optim.Optimizer | None = None
+
+
+@register_family
+class LocalLossOps(OpFamily):
+    """Auxiliary heads and ``local_forward`` (see the module docstring)."""
+
+    name = "local_loss"
+
+    def __init__(self, host: Any) -> None:
+        super().__init__(host)
+        self.heads: dict[str, AuxHead] = {}
+
+    def review_lines(self, proposal: Proposal) -> list[str]:
+        head = self.heads.get(proposal.id)
+        if head is None:
+            return []
+        return [
+            "  LOCAL LOSS: an auxiliary head, trained HERE on your labels, trains this segment "
+            "instead of gradients from the model owner (none come back):",
+            *("    " + line for line in describe(head.module, proposal.output_shape)),
+            f"    auxiliary parameters: {count_parameters(head.module)}; loss {head.loss}; "
+            f"optimizer {head.optimizer!r}",
+            f"    per call up to {MAX_BATCHES_PER_CALL} batches' activations leave at once, with "
+            "two status scalars (auxiliary loss, correct count); the head's outputs stay here",
+            "    approve with local_loss=True to allow it",
+        ]
+
+    def on_approve(self, rt: Runtime, options: dict[str, Any]) -> None:
+        allow = options.pop("local_loss", None)
+        head = self.heads.get(rt.id)
+        if head is None:
+            if allow is not None:
+                raise ConfigError(f"no auxiliary head (local loss) was proposed for {rt.id}")
+            return
+        if allow is not True:
+            raise ConfigError(f"{rt.id} carries an auxiliary head (local loss): read its review "
+                              "and approve with local_loss=True, or reject it")
+        params = list(head.module.parameters())
+        head.optim = head.optimizer.build(params) if params else None
+        rt.extra[self.name] = head
+
+    @op("propose_local_loss", egress={"segment": TEXT, "aux_parameters": SCALAR})
+    def propose_local_loss(self, call: Call) -> dict[str, Any]:
+        req, host = call.req, self.host
+        p = host.proposal(str(req.get("segment")))
+        if p.driver != call.caller:
+            raise AuthorizationError(f"{call.caller} did not propose {p.id}")
+        if p.status != "pending":
+            raise ApprovalError(f"{p.id} is {p.status}: an auxiliary head joins a pending "
+                                "proposal only")
+        if p.role != "input" or p.he is not None:
+            raise ConfigError("a local loss trains a plain input segment (no encryption)")
+        if any(host.datasets[d].labels is None for d in p.datasets):
+            raise ConfigError(f"a local loss needs labels here; {p.datasets} has none")
+        loss = req.get("loss")
+        if loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+        spec, limits = req.get("spec"), host.limits
+        size = spec_size(spec)
+        for what, got, cap in (("parameters", size.parameters + size.buffers,
+                                limits.max_parameters), ("layer width", size.max_width,
+                                                         limits.max_width),
+                               ("layers", size.layers, limits.max_layers)):
+            if got > cap:
+                raise ConfigError(f"the auxiliary head declares {got} {what}; this data owner "
+                                  f"accepts at most {cap}")
+        module = module_from_spec(spec)
+        state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
+        own = module.state_dict()
+        if set(state) != set(own):
+            raise ConfigError(f"weights {sorted(state)} do not match the head's {sorted(own)}")
+        for k, v in state.items():
+            wire.check_tensor(v, f"weight {k}", shape=tuple(own[k].shape), dtype=own[k].dtype,
+                              nonempty=False)
+        module.load_state_dict(state)
+        try:
+            with torch.no_grad():
+                module(torch.zeros((2, *p.output_shape)))
+        except Exception as exc:
+            raise ConfigError(f"the auxiliary head does not accept the segment's output "
+                              f"{p.output_shape}: {exc}") from exc
+        self.heads[p.id] = AuxHead(module, str(loss), OptimizerSpec.from_json(req.get("optimizer")))
+        return {"segment": p.id, "aux_parameters": count_parameters(module)}
+
+    @op("local_forward", roles=("input",),
+        egress={"activation": ACTIVATION, "labels": LABELS, "aux_loss": SCALAR,
+                "aux_correct": SCALAR})
+    def local_forward(self, call: Call) -> dict[str, Any]:
+        rt, req, guard = call.rt, call.req, self.host.guard
+        assert rt is not None
+        head = rt.extra.get(self.name)
+        if not isinstance(head, AuxHead):
+            raise ProtocolError(f"{rt.id} was not approved with a local loss")
+        _plain_input(rt, "a local loss")
+        ds = self.host.dataset(rt, req)
+        idx = wire.check_tensor(req.get("indices"), "indices", shape=(None,), dtype=torch.int64)
+        sizes = req.get("sizes")
+        if not isinstance(sizes, list) or not 1 <= len(sizes) <= MAX_BATCHES_PER_CALL:
+            raise ValidationError(f"sizes must list 1..{MAX_BATCHES_PER_CALL} batch sizes, got "
+                                  f"{sizes!r:.80}")
+        sizes = [_int(n, "a batch size", 1, rt.proposal.max_batch) for n in sizes]
+        if sum(sizes) != idx.shape[0]:
+            raise ShapeError(f"sizes add up to {sum(sizes)} but indices hold {idx.shape[0]}")
+        chunks = list(idx.split(sizes))
+        for chunk in chunks:
+            guard.indices(rt, {"indices": chunk}, ds)
+        guard.admit(rt, int(idx.shape[0]))
+        saved = _snapshot(rt, head)
+        try:
+            out = self._train(rt, head, ds, chunks)
+        except BaseException:
+            _restore(rt, head, saved)
+            raise
+        call.rows = int(idx.shape[0])
+        return out
+
+    def _train(self, rt: Runtime, head: AuxHead, ds: Dataset, chunks: list[torch.Tensor]
+               ) -> dict[str, Any]:
+        assert ds.labels is not None
+        loss_fn = LOSSES[head.loss]
+        parts: list[dict[str, torch.Tensor]] = []
+        predicted: list[torch.Tensor] = []
+        loss_sum = torch.zeros(())
+        rt.module.train()
+        head.module.train()
+        for chunk in chunks:
+            x, y = ds.features[chunk].to(torch.float32), ds.labels[chunk]
+            out = rt.module(x)
+            logits = head.module(out)
+            loss = loss_fn(logits, y)
+            penalty = nopeek_penalty(rt, x, out)
+            for opt in (rt.optimizer, head.optim):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+            (loss if penalty is None else loss + penalty).backward()
+            optimizer_step(rt, [(head.module, head.optim)])
+            self.host.stepped(rt, None)  # the leakage watch re-measures locally trained weights
+            parts.append(release(rt, out, ds, chunk))
+            loss_sum += loss.detach() * int(chunk.shape[0])
+            if logits.dim() == 2 and y.dim() == 1:
+                predicted.append(logits.detach())
+        n = sum(int(c.shape[0]) for c in chunks)
+        response: dict[str, Any] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        aux_loss = float(loss_sum) / n
+        labels = ds.labels[torch.cat(chunks)]
+        correct = int((torch.cat(predicted).argmax(1) == labels).sum()) if predicted else 0
+        if not math.isfinite(aux_loss):
+            raise NonFiniteError(f"{rt.id}: the auxiliary loss is not finite")
+        response.update(aux_loss=aux_loss, aux_correct=correct)
+        return response
+
+
+def _snapshot(rt: Runtime, head: AuxHead) -> list[Any]:
+    return [copy.deepcopy(x.state_dict()) if x is not None else None
+            for x in (rt.module, rt.optimizer, head.module, head.optim)] + [rt.steps]
+
+
+def _restore(rt: Runtime, head: AuxHead, saved: list[Any]) -> None:
+    for x, state in zip((rt.module, rt.optimizer, head.module, head.optim), saved):
+        if x is not None and state is not None:
+            x.load_state_dict(state)
+    rt.steps = saved[-1]
+
+
+# -------------------------------------------------------------------------- pipelined
+@dataclass
+class _Pending:
+    params: dict[str, torch.Tensor]
+    output: torch.Tensor
+    penalty: torch.Tensor | None
+    labels: torch.Tensor | None = None  # as released with this forward (the leakage watch)
+
+
+@dataclass
+class _Pipe:
+    pending: deque[_Pending] = field(default_factory=deque)
+    next_seq: int = 0
+
+
+@register_family
+class PipelineOps(OpFamily):
+    """``pipe_forward``, ``pipe_backward``, ``pipe_discard`` (see the module docstring)."""
+
+    name = "pipeline"
+
+    def review_lines(self, proposal: Proposal) -> list[str]:
+        if proposal.role != "input" or proposal.he is not None:
+            return []
+        return [f"  the model owner may pipeline steps: at most {MAX_DELAY + 1} forwards pending, "
+                f"each gradient applied at most {MAX_DELAY} step late (same values leave)"]
+
+    def _pipe(self, rt: Runtime) -> _Pipe:
+        pipe = rt.extra.get(self.name)
+        if not isinstance(pipe, _Pipe):
+            pipe = rt.extra[self.name] = _Pipe()
+        return pipe
+
+    def _grad(self, rt: Runtime, pipe: _Pipe, value: Any) -> torch.Tensor:
+        if not pipe.pending:
+            raise ProtocolError(f"gradient for {rt.id} without a pending pipelined forward")
+        shape = tuple(pipe.pending[0].output.shape)
+        g = wire.check_tensor(value, "grad", shape=shape, dtype=torch.float32)
+        self.host.guard.bounded(g, "grad")
+        return g
+
+    def _apply(self, rt: Runtime, pipe: _Pipe, grad: torch.Tensor) -> None:
+        item = pipe.pending[0]
+        if item.penalty is not None:
+            torch.autograd.backward([item.output, item.penalty],
+                                    [grad, torch.ones_like(item.penalty)])
+        else:
+            item.output.backward(grad)
+        if rt.optimizer is not None:
+            rt.optimizer.zero_grad(set_to_none=True)
+        for name, p in rt.module.named_parameters():
+            g = item.params[name].grad
+            p.grad = None if g is None else g.detach().clone()
+        pipe.pending.popleft()
+        optimizer_step(rt)
+        rt.extra["pending_labels"] = item.labels
+        self.host.stepped(rt, grad)
+
+    @op("pipe_forward", roles=("input",),
+        egress={"activation": ACTIVATION, "labels": LABELS, "pending": SCALAR})
+    def pipe_forward(self, call: Call) -> dict[str, Any]:
+        rt, req, guard = call.rt, call.req, self.host.guard
+        assert rt is not None
+        _plain_input(rt, "pipelining")
+        pipe = self._pipe(rt)
+        seq = req.get("seq")
+        restart = seq == 0 and not pipe.pending
+        if not restart:
+            _int(seq, "seq", pipe.next_seq, pipe.next_seq)
+        grad = self._grad(rt, pipe, req["grad"]) if "grad" in req else None
+        ds = self.host.dataset(rt, req)
+        idx = guard.indices(rt, req, ds)
+        if len(pipe.pending) - (grad is not None) > MAX_DELAY:
+            raise ProtocolError(f"{rt.id} holds {len(pipe.pending)} pipelined forwards; the delay "
+                                f"bound is {MAX_DELAY} step: send the oldest one's gradient")
+        guard.admit(rt, int(idx.shape[0]))
+        if grad is not None:
+            self._apply(rt, pipe, grad)
+        x = ds.features[idx].to(torch.float32)
+        rt.module.train()
+        params = {n: p.detach().clone().requires_grad_(True)
+                  for n, p in rt.module.named_parameters()}
+        out = torch.func.functional_call(rt.module, params, (x,))
+        released = release(rt, out, ds, idx)
+        pipe.pending.append(_Pending(params, out, nopeek_penalty(rt, x, out), released.get("labels")))
+        pipe.next_seq = (0 if restart else pipe.next_seq) + 1
+        call.rows = int(idx.shape[0])
+        return {**released, "pending": len(pipe.pending)}
+
+    @op("pipe_backward", roles=("input",), egress={"steps": SCALAR, "pending": SCALAR})
+    def pipe_backward(self, call: Call) -> dict[str, Any]:
+        rt = call.rt
+        assert rt is not None
+        pipe = self._pipe(rt)
+        _int(call.req.get("seq"), "seq", pipe.next_seq, pipe.next_seq)
+        grad = self._grad(rt, pipe, call.req.get("grad"))
+        self._apply(rt, pipe, grad)
+        pipe.next_seq += 1
+        return {"steps": rt.steps, "pending": len(pipe.pending)}
+
+    @op("pipe_discard", roles=("input",), egress={"discarded": SCALAR})
+    def pipe_discard(self, call: Call) -> dict[str, Any]:
+        rt = call.rt
+        assert rt is not None
+        pipe = self._pipe(rt)
+        dropped = len(pipe.pending)
+        pipe.pending.clear()
+        pipe.next_seq = 0
+        return {"discarded": dropped}

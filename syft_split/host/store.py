@@ -1,0 +1,265 @@
+"""A data owner's state directory: what a host keeps across a crash or a restart.
+
+A :class:`~syft_split.host.DataOwnerHost` built with ``state_dir=...`` writes there (the
+directory is the data owner's; keep it private, e.g. mode 0700 — it holds weights and the
+peer-sealing key)::
+
+    state_dir/
+      host.sspl              proposals (spec JSON, initial weights, status, approval), the
+                             proposal counter, and what each op family keeps (peer keys, trusted
+                             peers, alignment permissions and aligned rows, ...)
+      segments/<id>.sspl     per approved segment: weights, optimizer state, step counter, RNG
+                             states, the last applied steps (id, op, digest, response) and what
+                             its pending forward ran on
+      audit.jsonl            one JSON line per call answered (appended as calls happen)
+
+Files use the wire format (:mod:`syft_split.persist`; no pickle) and are replaced atomically
+(temp file, fsync, rename). A segment is saved after every ``every``-th op that changes it
+(default 1: after every step, so a crash loses nothing), ``host.sspl`` after every proposal and
+every data-owner op, and everything on a clean shutdown (:meth:`HostStore.save_all`).
+
+Restoring (:meth:`HostStore.restore`, after the host's datasets are back) rebuilds proposals and
+segments, re-runs a pending forward from its recorded input and RNG state (so the model owner's
+held-back gradient lands on the same step), and hands each family its state. Segments approved
+with encryption are restored *halted*: their CKKS secret keys are not written to disk, so the
+model owner proposes them again (fresh keys) after a restart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from .. import persist
+from ..errors import ConfigError
+from ..spec import OptimizerSpec, module_from_spec
+from .records import AuditEntry, Proposal, Runtime, StepRecord
+from .segments import rerun_pending
+
+if TYPE_CHECKING:
+    from .core import DataOwnerHost
+
+__all__ = ["HostStore", "FORMAT"]
+
+#: version of the state directory's layout
+FORMAT = 1
+
+
+class HostStore:
+    """Reads and writes one host's state directory (see the module docstring)."""
+
+    def __init__(self, path: str | Path, *, every: int = 1) -> None:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ConfigError(f"checkpoint_every must be a positive int, got {every!r}")
+        self.path = Path(path)
+        self.every = every
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "segments").mkdir(exist_ok=True)
+        self._audit_file: Any = None
+        self._changes: dict[str, int] = {}
+        #: seconds spent writing state, and how many files were written (for the report)
+        self.seconds = 0.0
+        self.writes = 0
+
+    # ----------------------------------------------------------------------- writing
+    def segment_path(self, segment_id: str) -> Path:
+        return self.path / "segments" / f"{quote(segment_id, safe='')}.sspl"
+
+    def save_host(self, host: DataOwnerHost) -> None:
+        """Proposals, the id counter and the families' state."""
+        t0 = time.perf_counter()
+        tree = {
+            "format": FORMAT,
+            "host": host.name,
+            "proposals": [_proposal_tree(p, p.id in host.runtimes)
+                          for p in host.proposals_by_id.values()],
+            "families": {name: fam.state() for name, fam in host.families.items()},
+        }
+        persist.save(self.path / "host.sspl", tree)
+        for pid in host.proposals_by_id:
+            path = self.segment_path(pid)
+            if pid not in host.runtimes:
+                path.unlink(missing_ok=True)  # rejected: its weights are not kept
+            elif not path.exists():  # newly approved: its first snapshot
+                self.save_runtime(host.runtimes[pid])
+        self.seconds += time.perf_counter() - t0
+        self.writes += 1
+
+    def changed(self, rt: Runtime) -> None:
+        """An op changed ``rt``: save it if this is the ``every``-th change since the last save."""
+        n = self._changes.get(rt.id, 0) + 1
+        if n >= self.every:
+            self.save_runtime(rt)
+        else:
+            self._changes[rt.id] = n
+
+    def save_runtime(self, rt: Runtime) -> None:
+        """The segment's snapshot, now."""
+        t0 = time.perf_counter()
+        persist.save(self.segment_path(rt.id), _runtime_tree(rt))
+        self._changes[rt.id] = 0
+        self.seconds += time.perf_counter() - t0
+        self.writes += 1
+
+    def append_audit(self, entry: AuditEntry) -> None:
+        """One JSON line per call (flushed; fsynced by :meth:`save_all`)."""
+        if self._audit_file is None:
+            self._audit_file = open(self.path / "audit.jsonl", "a", encoding="utf-8")
+        self._audit_file.write(json.dumps(_audit_json(entry), separators=(",", ":")) + "\n")
+        self._audit_file.flush()
+
+    def save_all(self, host: DataOwnerHost) -> None:
+        """Everything, now (clean shutdown)."""
+        for rt in host.runtimes.values():
+            self.save_runtime(rt)
+        self.save_host(host)
+        if self._audit_file is not None:
+            os.fsync(self._audit_file.fileno())
+
+    def close(self) -> None:
+        if self._audit_file is not None:
+            self._audit_file.close()
+            self._audit_file = None
+
+    # ----------------------------------------------------------------------- reading
+    def exists(self) -> bool:
+        return (self.path / "host.sspl").exists()
+
+    def restore(self, host: DataOwnerHost) -> bool:
+        """Load the directory into ``host`` (whose datasets must already be added); False
+        when there is nothing to restore."""
+        if not self.exists():
+            return False
+        tree = persist.load(self.path / "host.sspl")
+        if tree.get("format") != FORMAT:
+            raise ConfigError(f"{self.path}: state format {tree.get('format')!r}, expected {FORMAT}")
+        if tree.get("host") != host.name:
+            raise ConfigError(f"{self.path} holds the state of host {tree.get('host')!r}, not "
+                              f"{host.name!r}: one state directory per host")
+        top = 0
+        for raw in tree["proposals"]:
+            p = _proposal_from(raw)
+            host.proposals_by_id[p.id] = p
+            top = max(top, _number(p.id))
+            if raw.get("runtime"):
+                host.runtimes[p.id] = self._runtime(host, p)
+        host.ids = itertools.count(top + 1)
+        for name, state in tree.get("families", {}).items():
+            family = host.families.get(name)
+            if family is not None:
+                family.restore(state)
+        host.audit[:0] = self._read_audit()
+        return True
+
+    def _runtime(self, host: DataOwnerHost, p: Proposal) -> Runtime:
+        assert p.module is not None
+        params = list(p.module.parameters())
+        rt = Runtime(p, p.module, p.optimizer.build(params) if params else None)
+        path = self.segment_path(p.id)
+        if not path.exists():
+            return rt
+        snap = persist.load(path)
+        rt.module.load_state_dict(snap["weights"])
+        if rt.optimizer is not None and snap.get("optimizer") is not None:
+            rt.optimizer.load_state_dict(snap["optimizer"])
+        rt.steps = int(snap["steps"])
+        rt.rng.set_state(snap["rng"])
+        rt.torch_rng = snap["torch_rng"]
+        rt.records = [StepRecord(int(r["step"]), str(r["op"]), str(r["digest"]),
+                                 bytes(r["response"])) for r in snap.get("records", [])]
+        rt.extra.update(snap.get("extra") or {})
+        grads = snap.get("loss_grads")
+        if grads is not None:  # a loss step waiting for its weight
+            for name, param in rt.module.named_parameters():
+                if name in grads:
+                    param.grad = grads[name].clone()
+            rt.pending_loss_grads = True
+        pending = snap.get("pending")
+        if pending is not None and p.he is None:
+            rerun_pending(host, rt, pending)
+        return rt
+
+    def _read_audit(self) -> list[AuditEntry]:
+        path = self.path / "audit.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    out.append(AuditEntry(**json.loads(line)))
+                except (ValueError, TypeError):
+                    continue  # a line torn by a crash mid-write
+        return out
+
+
+# ------------------------------------------------------------------------------ trees
+def _number(pid: str) -> int:
+    tail = pid.rsplit("seg", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def _proposal_tree(p: Proposal, has_runtime: bool) -> dict[str, Any]:
+    return {
+        "id": p.id, "driver": p.driver, "role": p.role, "spec": p.spec, "state": dict(p.state),
+        "optimizer": p.optimizer.to_json(), "datasets": list(p.datasets),
+        "input_shape": list(p.input_shape), "output_shape": list(p.output_shape),
+        "max_batch": p.max_batch, "loss": p.loss, "release_labels": p.release_labels,
+        "share_weights": p.share_weights, "defences": dict(p.defences), "he": p.he,
+        "status": p.status, "reason": p.reason, "runtime": has_runtime,
+    }
+
+
+def _proposal_from(raw: dict[str, Any]) -> Proposal:
+    module = module_from_spec(raw["spec"])
+    module.load_state_dict(raw["state"])
+    return Proposal(
+        id=raw["id"], driver=raw["driver"], role=raw["role"], spec=raw["spec"],
+        state=dict(raw["state"]), optimizer=OptimizerSpec.from_json(raw["optimizer"]),
+        datasets=list(raw["datasets"]), input_shape=tuple(raw["input_shape"]),
+        output_shape=tuple(raw["output_shape"]), max_batch=int(raw["max_batch"]),
+        loss=raw.get("loss"), release_labels=bool(raw.get("release_labels")),
+        share_weights=str(raw.get("share_weights", "none")),
+        defences=dict(raw.get("defences") or {}), he=raw.get("he"),
+        status=str(raw["status"]), reason=str(raw.get("reason", "")), module=module,
+    )
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _runtime_tree(rt: Runtime) -> dict[str, Any]:
+    grads = None
+    if rt.pending_loss_grads:
+        grads = {n: p.grad for n, p in rt.module.named_parameters() if p.grad is not None}
+    return {
+        "id": rt.id,
+        "steps": rt.steps,
+        "weights": rt.module.state_dict(),
+        "optimizer": rt.optimizer.state_dict() if rt.optimizer is not None else None,
+        "rng": rt.rng.get_state(),
+        "torch_rng": rt.torch_rng,
+        "records": [{"step": r.step, "op": r.op, "digest": r.digest, "response": r.response}
+                    for r in rt.records],
+        "pending": rt.pending_source if rt.pending_output is not None else None,
+        "loss_grads": grads,
+        "extra": {k: v for k, v in rt.extra.items() if _plain(v)},
+    }
+
+
+def _audit_json(entry: AuditEntry) -> dict[str, Any]:
+    out = asdict(entry)
+    for k in ("time", "seconds"):
+        if not math.isfinite(out[k]):
+            out[k] = 0.0
+    return out

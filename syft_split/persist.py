@@ -1,0 +1,128 @@
+"""State on disk: nested JSON + tensors + bytes as one wire message, written atomically.
+
+Both parties keep state with these helpers: the data owner's host (:mod:`syft_split.host.store`)
+and the model owner's trainer checkpoints (:mod:`syft_split.checkpoint`). Files use the wire
+format (:mod:`syft_split.wire`): an explicit schema, no pickle, every field checked on load.
+
+:func:`pack` turns a nested structure (dicts, lists, JSON scalars, tensors, bytes; e.g. an
+optimizer's ``state_dict()``) into a flat message: the JSON skeleton under ``"tree"`` with each
+tensor or bytes value replaced by a reference to its own field. :func:`unpack` inverts it.
+:func:`write_atomic` writes to a temporary file in the same directory, fsyncs it, renames it
+over the target (``os.replace``) and fsyncs the directory: a reader sees the old file or the new
+one, never a torn one, even if the process is SIGKILLed mid-write.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import wire
+from .errors import WireError
+
+__all__ = ["pack", "unpack", "write_atomic", "fsync_dir", "save", "load", "MAX_STATE_BYTES"]
+
+#: the largest state file read back (a segment's weights, optimizer state and last response)
+MAX_STATE_BYTES = 4 * 1024 * 1024 * 1024
+
+
+def pack(tree: Any) -> dict[str, Any]:
+    """A nested structure as one flat wire message (see the module docstring)."""
+    fields: dict[str, Any] = {}
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            key = f"t{len(fields)}"
+            fields[key] = value.detach().cpu().contiguous()
+            return {"__t": key}
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            key = f"b{len(fields)}"
+            fields[key] = bytes(value)
+            return {"__b": key}
+        if isinstance(value, float) and not math.isfinite(value):
+            return {"__f": repr(value)}
+        if isinstance(value, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in value):
+                return {k: walk(v) for k, v in value.items()}
+            items = []
+            for k, v in value.items():
+                if not isinstance(k, (str, int)) or isinstance(k, bool):
+                    raise WireError(f"cannot store a dict key of type {type(k).__name__}")
+                items.append([k, walk(v)])
+            return {"__items": items}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise WireError(f"cannot store a value of type {type(value).__name__}")
+
+    return {"tree": walk(tree), **fields}
+
+
+def unpack(message: dict[str, Any]) -> Any:
+    """The structure :func:`pack` stored in ``message``."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            if set(value) == {"__t"} or set(value) == {"__b"}:
+                ref = next(iter(value.values()))
+                if ref not in message:
+                    raise WireError(f"state refers to a missing field {ref!r}")
+                return message[ref]
+            if set(value) == {"__f"}:
+                return float(value["__f"])
+            if set(value) == {"__items"}:
+                return {k: walk(v) for k, v in value["__items"]}
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    if "tree" not in message:
+        raise WireError("not a state file (no 'tree' field)")
+    return walk(message["tree"])
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically and durably (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(path: str | Path, tree: Any) -> int:
+    """:func:`pack` ``tree`` and write it atomically to ``path``; return the bytes written."""
+    data = wire.encode(pack(tree))
+    write_atomic(path, data)
+    return len(data)
+
+
+def load(path: str | Path) -> Any:
+    """Read a file written by :func:`save` (validated like any wire message)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return unpack(wire.decode(data, max_bytes=MAX_STATE_BYTES))

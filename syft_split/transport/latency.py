@@ -1,0 +1,171 @@
+"""Latency: a transport that adds a fixed delay per call (a simulated WAN), and calls in flight.
+
+:class:`DelayedTransport` wraps any transport: each request reaches the party ``seconds / 2``
+after it is sent and its answer comes back ``seconds / 2`` after the party answered, so a call
+costs at least ``seconds`` more than on ``inner``. Like a real link it carries several calls at
+once: :meth:`DelayedTransport.submit` returns at once, and a party answers its requests in
+the order they were sent. Benches and tests use it to measure what latency-tolerant schedules
+(:mod:`syft_split.local_loss`, :mod:`syft_split.pipeline`) buy, instead of claiming it.
+
+:func:`submit_call` is :meth:`Transport.call` without waiting: it returns a future of the
+decoded answer. On a transport with a ``submit`` method (``DelayedTransport``) several calls
+are in flight at once; on any other transport the calls to one party run one after the other
+on a worker thread (in order), so the caller can compute while it waits.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from .. import wire
+from ..errors import ConfigError, error_from_wire
+from .base import MODEL_OWNER, Transport, TransportWrapper
+
+__all__ = ["DelayedTransport", "submit_call"]
+
+
+class _Worker:
+    """A daemon thread running submitted jobs one after the other, each not before its time."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.Queue[tuple[float, Callable[[], None]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, not_before: float, job: Callable[[], None]) -> None:
+        self._jobs.put((not_before, job))
+
+    def _run(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            not_before, job = item
+            wait = not_before - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            job()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
+class _Link:
+    """One party's link: requests in order after half the delay, answers after the other half."""
+
+    def __init__(self, inner: Transport, party: str, half: float) -> None:
+        self.inner, self.party, self.half = inner, party, half
+        self.there = _Worker(f"syft-split-link-{party}-out")
+        self.back = _Worker(f"syft-split-link-{party}-back")
+
+    def submit(self, data: bytes) -> Future[bytes]:
+        fut: Future[bytes] = Future()
+
+        def arrive() -> None:
+            try:
+                raw = self.inner.request(self.party, data)
+            except BaseException as exc:
+                error = exc
+                self.back.put(time.monotonic() + self.half, lambda: fut.set_exception(error))
+                return
+            self.back.put(time.monotonic() + self.half, lambda: fut.set_result(raw))
+
+        self.there.put(time.monotonic() + self.half, arrive)
+        return fut
+
+    def stop(self) -> None:
+        self.there.stop()
+        self.back.stop()
+
+
+class DelayedTransport(TransportWrapper):
+    """``inner`` with ``seconds`` of added latency per call (see the module docstring)."""
+
+    def __init__(self, inner: Transport, seconds: float) -> None:
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not (
+                0 <= seconds <= 60):
+            raise ConfigError(f"seconds must be a delay in [0, 60], got {seconds!r}")
+        super().__init__(inner)
+        self.seconds = float(seconds)
+        self._links: dict[str, _Link] = {}
+        self._lock = threading.Lock()
+
+    def _link(self, party: str) -> _Link:
+        with self._lock:
+            link = self._links.get(party)
+            if link is None:
+                link = self._links[party] = _Link(self.inner, party, self.seconds / 2)
+            return link
+
+    def submit(self, party: str, data: bytes) -> Future[bytes]:
+        """Send ``data`` to ``party`` now; the future holds the answer once it is back."""
+        return self._link(party).submit(data)
+
+    def request(self, party: str, data: bytes) -> bytes:
+        return self.submit(party, data).result()
+
+    def close(self) -> None:
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.stop()
+        self.inner.close()
+
+
+_FALLBACK: weakref.WeakKeyDictionary[Transport, dict[str, _Worker]] = weakref.WeakKeyDictionary()
+_FALLBACK_LOCK = threading.Lock()
+
+
+def _fallback_submit(transport: Transport, party: str, data: bytes) -> Future[bytes]:
+    with _FALLBACK_LOCK:
+        workers = _FALLBACK.setdefault(transport, {})
+        worker = workers.get(party)
+        if worker is None:
+            worker = workers[party] = _Worker(f"syft-split-calls-{party}")
+    fut: Future[bytes] = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(transport.request(party, data))
+        except BaseException as exc:
+            fut.set_exception(exc)
+
+    worker.put(0.0, run)
+    return fut
+
+
+def submit_call(transport: Transport, party: str, op: str, **fields: Any
+                ) -> Future[dict[str, Any]]:
+    """:meth:`Transport.call` that does not wait: a future of the decoded answer (a data
+    owner's error is raised by ``result()`` as the same :mod:`syft_split.errors` class).
+    Calls to one party are answered in the order they were submitted."""
+    data = wire.encode({"op": op, **fields})
+    transport.traffic.add(MODEL_OWNER, party, op, len(data), tuple(fields))
+    t0 = time.perf_counter()
+    submit = getattr(transport, "submit", None)
+    raw_future = submit(party, data) if callable(submit) else _fallback_submit(
+        transport, party, data)
+    out: Future[dict[str, Any]] = Future()
+
+    def done(f: Future[bytes]) -> None:
+        try:
+            raw = f.result()
+            transport.seconds_in_transport += time.perf_counter() - t0
+            transport.calls += 1
+            response = wire.decode(raw, max_bytes=transport.max_response_bytes)
+            transport.traffic.add(party, MODEL_OWNER, op, len(raw), tuple(response))
+            if "error" in response:
+                raise error_from_wire(str(response.get("error")),
+                                      str(response.get("message", "")))
+            out.set_result(response)
+        except BaseException as exc:
+            out.set_exception(exc)
+
+    raw_future.add_done_callback(done)
+    return out

@@ -1,0 +1,81 @@
+"""A real (embedded) datasite restarted with its database and state: no new approval, no lost
+step. HTTP restarts and a SIGSTOPped HTTP datasite: tests/test_chaos.py."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from syft_split import OptimizerSpec, SplitPlan, SplitSession, split_model
+from syft_split.deploy import inprocess
+from syft_split.models import digits_cnn
+from syft_split.transport.pysyft import deployment, restart
+
+pytestmark = pytest.mark.pysyft
+
+
+def _data(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(48, 1, 8, 8, generator=g), torch.randint(0, 10, (48,), generator=g)
+    return {"train": (x[:40], y[:40]), "test": (x[40:], y[40:])}
+
+
+def _session(parties: list[str], transport, **kwargs) -> SplitSession:
+    torch.manual_seed(1)
+    plan = SplitPlan.vanilla(split_model(digits_cnn(channels=4, hidden=16), ["pool1"]), parties)
+    return SplitSession(plan, transport, optimizer=OptimizerSpec("adam", lr=1e-2), **kwargs)
+
+
+def _steps(session: SplitSession, y: torch.Tensor, batches: list[torch.Tensor]) -> None:
+    for idx in batches:
+        session.zero_grad()
+        loss, _ = session.loss("a", idx, y[idx])
+        loss.backward()  # fused: the gradient stays held until the next forward
+        session.step()
+
+
+def test_embedded_datasite_restarts_with_its_state(tmp_path: Path) -> None:
+    """A datasite crashes with a forward pending and a gradient held at the model owner; it
+    comes back from its database and state directory: the segment is still approved, the
+    gradient lands on the replayed forward, and the weights equal an uninterrupted run's."""
+    data = {"a": _data(0)}
+    y = data["a"]["train"][1]
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randperm(40, generator=g)[:16] for _ in range(4)]
+
+    ref = inprocess(data)
+    ref_session = _session(["a"], ref.transport)
+    ref.approve_all(ref_session.propose())
+    _steps(ref_session, y, batches)
+    ref_session.flush()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dep = deployment(data, state_dir=tmp_path, name_prefix="t-restart")
+    try:
+        session = _session(["a"], dep.transport)
+        dep.approve_all(session.propose())
+        _steps(session, y, batches[:2])
+        (sid,) = session.status()
+        before = dep.owners["a"].audit()
+        assert dep.transport.call("a", "status", segment=sid)["pending"] is True
+        seconds = restart(dep, "a", crash=True)
+        assert dep.transport.call("a", "status", segment=sid)["status"] == "approved"
+        _steps(session, y, batches[2:])
+        session.flush()
+        got = dep.owners["a"].export_weights(sid)
+        want = ref.owners["a"].export_weights(ref_session.remote[("a", 0)].segment_id)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        assert all(torch.equal(p, q) for p, q in zip(session.local[1].parameters(),
+                                                      ref_session.local[1].parameters()))
+        after = dep.owners["a"].audit()
+        assert [e.op for e in after[: len(before)]] == [e.op for e in before]  # audit kept
+        assert seconds < 60
+    finally:
+        dep.close()
+    assert (tmp_path / "a" / "host" / "host.sspl").exists()  # close() keeps a persistent site
+    shutil.rmtree(tmp_path, ignore_errors=True)
