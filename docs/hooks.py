@@ -118,6 +118,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         if found is None:
             log.info("%s has no section %r yet", path, title)
             return f"*The section “{title}” of `{path}` is not written yet.*"
+        if markdown.lstrip().startswith(f"# {title}\n"):  # the page's own title already
+            found = found.split("\n", 1)[1] if "\n" in found else ""
         return _rewrite_links(found, path, page.file.src_uri)
 
     return _SECTION.sub(section, _INCLUDE.sub(include, markdown))
