@@ -57,12 +57,11 @@ class RunReport:
 
     def plot(self, path: str | Path) -> None:
         """Loss/accuracy curves per epoch and bytes sent/received per party."""
-        import matplotlib
+        # a Figure without pyplot: no backend switch (a notebook's inline plots keep working)
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+        fig = Figure(figsize=(17, 3.6))
+        axes: Any = fig.subplots(1, 4)
         ep = [e.epoch for e in self.epochs]
         axes[0].plot(ep, [e.train_loss for e in self.epochs], "o-", label="train")
         if any(e.test_loss is not None for e in self.epochs):
@@ -95,4 +94,3 @@ class RunReport:
             axes[3].legend()
         fig.tight_layout()
         fig.savefig(path, dpi=90)
-        plt.close(fig)

@@ -88,3 +88,22 @@ def test_no_build_artefacts_are_committed() -> None:
                                                                           "dist/", "runs/",
                                                                           "docs/tutorials/"))]
     assert artefacts == []
+
+
+def test_saving_a_report_keeps_the_notebook_backend(tmp_path: Path) -> None:
+    """``report.save`` (report.png) must not switch matplotlib's backend: in a notebook that
+    would silently stop every later inline plot."""
+    import matplotlib
+
+    from syft_split.report import EpochRecord, RunReport
+
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use("pdf")
+        report = RunReport(config={}, epochs=[EpochRecord(1, 0.5, 0.8, 0.6, 0.7, 3, 1.0, {})],
+                           bytes_by_party={"h": {"sent": 10, "received": 20}})
+        report.save(tmp_path)
+        assert (tmp_path / "report.png").stat().st_size > 1000
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
