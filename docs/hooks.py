@@ -3,6 +3,7 @@
 - ``on_pre_build``: every ``tutorials/*.ipynb`` is staged as ``docs/tutorials/`` (git-ignored)
   and becomes a page (mkdocs-jupyter renders it): the executed copy from ``runs/notebooks/``
   when the tests or ``make docs`` wrote one, else the committed notebook (outputs stripped).
+- ``on_post_page``: links between notebooks point at their pages on the site.
 - ``on_page_markdown``: a line ``<!-- include: PATH -->`` is replaced by that file of the
   repository, ``<!-- include-section: PATH | Heading -->`` by one ``## Heading`` section of
   it (a note pointing at the file when another branch has not written that section yet).
@@ -90,7 +91,7 @@ def _rewrite_links(text: str, source: str, page: str) -> str:
         elif repo_path.startswith("tutorials/") and repo_path.endswith(".ipynb"):
             dest = Path(repo_path)
         else:
-            return f"{label} (`{repo_path}`)" if label != repo_path else f"`{repo_path}`"
+            return f"{label} (`{repo_path}`)" if label.strip("`") != repo_path else f"`{repo_path}`"
         return f"[{label}]({up(dest)}{fragment})"
 
     return _BARE_ANCHOR.sub(anchor, _LINK.sub(fix, text))
@@ -123,3 +124,13 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         return _rewrite_links(found, path, page.file.src_uri)
 
     return _SECTION.sub(section, _INCLUDE.sub(include, markdown))
+
+
+_NOTEBOOK_LINK = re.compile(r'href="(?P<name>\d\d_[A-Za-z0-9_]+)\.ipynb"')
+
+
+def on_post_page(output: str, page: Any, config: Any) -> str:
+    """Links between notebooks (``07_x.ipynb`` works in Jupyter) point at their pages."""
+    if page.file.src_uri.startswith("tutorials/"):
+        return _NOTEBOOK_LINK.sub(lambda m: f'href="../{m["name"]}/"', output)
+    return output
