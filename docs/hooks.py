@@ -129,8 +129,20 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
 _NOTEBOOK_LINK = re.compile(r'href="(?P<name>\d\d_[A-Za-z0-9_]+)\.ipynb"')
 
 
+#: a Sphinx role in a docstring as rendered: :class:<code>~a.b.C</code>
+_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj):<code>(?P<tilde>~?)(?P<name>[^<]*)</code>")
+
+
+def _role(m: re.Match[str]) -> str:
+    name = m["name"].rsplit(".", 1)[-1] if m["tilde"] else m["name"]
+    return f"<code>{name}</code>"
+
+
 def on_post_page(output: str, page: Any, config: Any) -> str:
-    """Links between notebooks (``07_x.ipynb`` works in Jupyter) point at their pages."""
+    """Links between notebooks (``07_x.ipynb`` works in Jupyter) point at their pages; the
+    docstrings' Sphinx roles (``:class:`~x.Y```) and ``::`` read as plain code and ":"."""
     if page.file.src_uri.startswith("tutorials/"):
         return _NOTEBOOK_LINK.sub(lambda m: f'href="../{m["name"]}/"', output)
+    if page.file.src_uri.startswith("reference/"):
+        return _ROLE.sub(_role, output).replace("::</p>", ":</p>")
     return output
