@@ -32,7 +32,7 @@ lab: $(STAMP)
 # executed copy in runs/notebooks/ is missing or older than the notebook (make test writes them)
 docs: $(STAMP)
 	$(PY) docs/notebooks.py --stale
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
 	$(PY) -m ruff check syft_split he_layers tests bench docs tutorials/*.py
