@@ -1,7 +1,7 @@
 """The data owner's side of the demo: a datasite holding a hospital's share of the digits,
 approving the model owner's proposals. Plain PySyft plus syft-split's ``install`` and console.
 
-Data owner (keeps running; Ctrl-C lands the datasite and removes its data)::
+Data owner (keeps running; Ctrl-C or SIGTERM lands the datasite and removes its data)::
 
     python tutorials/digits_datasite.py --party hospital_a --port 8081 \\
         --model-owner me@lab.org --model-owner-password SECRET
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -72,9 +73,18 @@ def _approve(owner, pid: str, args: argparse.Namespace) -> None:  # type: ignore
     print(f"approved {pid}", flush=True)
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # land the datasite on Ctrl-C and on SIGTERM alike
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
     import os
+
+    # a process started in the background may inherit an ignored SIGINT: handle both signals,
+    # or the uvicorn server process would outlive this script
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # PySyft's upload progress bars
     if args.verbose:

@@ -55,7 +55,7 @@ class _DataOwner:
 
     def stop(self) -> str:
         if self.proc.poll() is None:
-            self.proc.send_signal(2)  # Ctrl-C: the script lands its datasite
+            self.proc.terminate()  # SIGTERM (or Ctrl-C): the script lands its datasite
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
