@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench lint clean
+.PHONY: demo test test-fast bench lint clean lab docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,9 +24,19 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	@set -e; for f in bench/*.py; do echo "== $$f"; $(PY) $$f $(BENCH_ARGS); done
 
+# JupyterLab on the tutorials (interactive: not part of test or CI)
+lab: $(STAMP)
+	$(PY) -m jupyter lab tutorials
+
+# the documentation site into site/, warnings are errors; executes the tutorials whose
+# executed copy in runs/notebooks/ is missing or older than the notebook (make test writes them)
+docs: $(STAMP)
+	$(PY) docs/notebooks.py --stale
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 lint: $(STAMP)
-	$(PY) -m ruff check syft_split he_layers tests bench
+	$(PY) -m ruff check syft_split he_layers tests bench docs tutorials/*.py
 	$(PY) -m mypy syft_split
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs site docs/tutorials .cache .pytest_cache .mypy_cache .ruff_cache

@@ -109,7 +109,7 @@ def _timed_out(exc: BaseException) -> bool:
 def _owner(admin_client: Any, op: str, path: str, **fields: Any) -> dict[str, Any]:
     raw, result_id = call_endpoint(admin_client, path, request=wire.encode(fields), owner=op)
     try:  # only an admin may delete (and only an admin's owner op succeeds anyway)
-        if getattr(admin_client.api.user_role, "name", "") == "ADMIN":
+        if getattr(admin_client.user_role, "name", "") == "ADMIN":
             from syft.types.uid import UID
 
             admin_client.api.services.action.delete(UID(result_id))
@@ -228,7 +228,7 @@ def uninstall(admin_client: Any, *, path: str = ENDPOINT_PATH) -> None:
 def publish_dataset(
     admin_client: Any,
     name: str,
-    features: torch.Tensor,
+    features: torch.Tensor | torch.utils.data.Dataset,
     labels: torch.Tensor | None = None,
     *,
     mock_features: torch.Tensor | None = None,
@@ -241,9 +241,17 @@ def publish_dataset(
     Default mocks are random values of the same shape and dtype (features: standard normal;
     integer labels: uniform over the observed range). Returns ``{"features": asset,
     "labels": asset}`` ready for :func:`install` (and ``"ids"``: record ids, private, with
-    a mock of placeholder ids).
+    a mock of placeholder ids). ``features`` may be a map-style ``torch.utils.data.Dataset``
+    of ``(features, label)`` items (read once: :func:`syft_split.data.materialize`).
     """
     import syft as sy
+
+    from .data import is_torch_dataset, materialize
+
+    if is_torch_dataset(features):
+        features, own_labels = materialize(features, name=f"dataset {name!r}")
+        labels = own_labels if labels is None else labels
+    assert isinstance(features, torch.Tensor)
 
     if mock_features is None:
         mock_features = (torch.randn(features.shape).to(features.dtype)
@@ -263,7 +271,11 @@ def publish_dataset(
         assets.append(sy.Asset(name="ids", data=np.asarray([str(i) for i in ids]),
                                mock=np.asarray([f"id-{k}" for k in range(len(ids))])))
     try:
-        admin_client.upload_dataset(sy.Dataset(name=name, description=description, asset_list=assets))
+        from .logs import quiet
+
+        with quiet():  # PySyft's upload progress bar (SYFT_SPLIT_VERBOSE=1: shown)
+            admin_client.upload_dataset(sy.Dataset(name=name, description=description,
+                                                   asset_list=assets))
         uploaded = admin_client.datasets[name]
     except Exception as exc:
         raise TransportError(f"could not upload dataset {name!r}: {exc}") from exc
@@ -323,6 +335,11 @@ class DatasiteConsole(ChannelConsole):
     def reject(self, proposal_id: str) -> None:
         """Reject a proposal (also stops an approved segment)."""
         self._call("reject", segment=proposal_id)
+
+    def watch(self, proposal_id: str) -> dict[str, Any]:
+        """The live leakage watch of an approved input segment: ``bound``, ``history`` (the
+        figures measured so far, by step), ``halted`` and ``reason``; ``{}``: no watch."""
+        return self._call("watch", segment=proposal_id)
 
     def release_weights(self, proposal_id: str) -> None:
         """Let the proposer fetch the segment's trained weights (op ``export``)."""

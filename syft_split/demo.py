@@ -105,7 +105,14 @@ def main(argv: list[str] | None = None) -> float:
                         help="seconds each data owner's attack suite may spend at the end")
     parser.add_argument("--no-channel", action="store_true",
                         help="data owners approve without a direct channel (PySyft only)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show what PySyft and uvicorn print (default: in a log file per "
+                             "datasite, syft_split.logs.log_path)")
     args = parser.parse_args(argv)
+    if args.verbose:
+        from .logs import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

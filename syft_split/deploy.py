@@ -15,15 +15,25 @@ from .transport.inprocess import InProcessTransport
 
 __all__ = ["OwnerConsole", "Deployment", "inprocess", "datasites", "PartyDatasets"]
 
-#: party -> dataset name -> (features, labels or None[, ids[, mock]]) or a Dataset
+#: party -> dataset name -> (features, labels or None[, ids[, mock]]), a host Dataset, or a
+#: map-style ``torch.utils.data.Dataset`` of (features, label) items
 PartyDatasets = dict[str, dict[str, Any]]
+
+
+def _tensors(parties: PartyDatasets) -> PartyDatasets:
+    """``parties`` with every torch ``Dataset`` read into (features, labels) tensors."""
+    from .data import is_torch_dataset, materialize
+
+    return {party: {name: materialize(ds, name=f"{party}/{name}") if is_torch_dataset(ds) else ds
+                    for name, ds in datasets.items()}
+            for party, datasets in parties.items()}
 
 
 def inprocess(parties: PartyDatasets, *, user: str = "model-owner@example.org",
               **host_kwargs: Any) -> Deployment:
     """Hosts in this process, reached through :class:`InProcessTransport` (still serialised)."""
     hosts = []
-    for name, datasets in parties.items():
+    for name, datasets in _tensors(parties).items():
         host = DataOwnerHost(name, **host_kwargs)
         for ds_name, ds in datasets.items():
             host.datasets[ds_name] = ds if isinstance(ds, Dataset) else Dataset(*ds)
@@ -37,4 +47,4 @@ def datasites(parties: PartyDatasets, *, http: bool = False, **kwargs: Any) -> D
     ``close()`` lands them and removes their data folders. Imports syft."""
     from .transport.pysyft import deployment
 
-    return deployment(parties, http=http, **kwargs)  # type: ignore[no-any-return]
+    return deployment(_tensors(parties), http=http, **kwargs)  # type: ignore[no-any-return]

@@ -73,13 +73,12 @@ class RunReport:
 
     def plot(self, path: str | Path) -> None:
         """Loss/accuracy curves per epoch, bytes sent/received and training GFLOPs per party."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # a Figure without pyplot: no backend switch (a notebook's inline plots keep working)
+        from matplotlib.figure import Figure
 
         panels = 5 if self.flops_by_party else 4
-        fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.6))
+        fig = Figure(figsize=(4.4 * panels, 3.6))
+        axes: Any = fig.subplots(1, panels)
         ep = [e.epoch for e in self.epochs]
         axes[0].plot(ep, [e.train_loss for e in self.epochs], "o-", label="train")
         if any(e.test_loss is not None for e in self.epochs):
@@ -118,4 +117,3 @@ class RunReport:
             axes[4].set(title="training GFLOPs per party")
         fig.tight_layout()
         fig.savefig(path, dpi=90)
-        plt.close(fig)

@@ -14,6 +14,7 @@ CPU tensors (moved on arrival and before sending).
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from .errors import ApprovalError, ConfigError, ProtocolError
 from .he import HEState, encrypted_forward
 from .losses import LOSSES
 from .remote import ActivationPointer, RemoteSegment, remote_loss
-from .spec import OptimizerSpec, module_to_spec, spec_state
+from .spec import OptimizerSpec, load_spec_state, module_to_spec, spec_state
 from .topology import DATA_OWNER, MODEL_OWNER, RELEASED, SplitPlan, Task
 from .transport.base import CallPolicy, Transport
 
@@ -147,10 +148,9 @@ class SplitSession:
                                           f"{node.merge!r}: {exc}") from exc
                 else:
                     meta = self._describe(self._host(source, i))
-                    missing = [d for d in self.plan.datasets if d not in meta]
-                    if missing:
-                        raise ConfigError(f"{self._host(source, i)} has no datasets {missing}; "
-                                          f"it has {sorted(meta)}")
+                    from .contract import require  # the data contract: every problem, and why
+
+                    require(self.plan, {self._host(source, i): meta})
                     x = torch.zeros((2, *meta[self.plan.datasets[0]]["feature_shape"]))
                 at = next((p.device for p in node.module.parameters()), None)
                 x = x if at is None else x.to(at)
@@ -479,6 +479,38 @@ class SplitSession:
             if figures:  # no watch there: nothing to report
                 out[host] = figures
         return out
+
+    def export_model(self, source: str | None = None) -> nn.Sequential:
+        """The trained model in one ``nn.Sequential``: the model owner's segments and the
+        segments ``source`` (a data owner; default: the only one) runs, fetched with op
+        ``export``. Each data owner must have released its weights first
+        (``approve(pid, release_weights=True)`` or ``release_weights(pid)``: weights reveal
+        training data), else :class:`~syft_split.errors.AccessError`.
+
+        Chain plans only (vanilla, U-shaped, multi-hop); vertical, multi-task and
+        HE-protected plans raise :class:`ConfigError` (their parts do not compose into one
+        chain, or a weight is shared under encryption).
+        """
+        plan = self.plan
+        if (plan.encrypted is not None or len(plan.tasks) != 1 or plan.is_vertical
+                or any(n.inputs != ((i - 1,) if i else ()) for i, n in enumerate(plan.nodes))):
+            raise ConfigError("export_model supports chain plans (vanilla, U-shaped, multi-hop); "
+                              "this plan is vertical, multi-task or HE-protected: fetch each "
+                              "released segment with session.remote[(party, i)].export()")
+        if source is None:
+            if len(plan.sources) != 1:
+                raise ConfigError(f"each data owner trains its own copy of the input segment: "
+                                  f"pass source= one of {plan.sources}")
+            source = plan.sources[0]
+        if source not in plan.sources:
+            raise ConfigError(f"source must be one of {plan.sources}, got {source!r}")
+        parts: dict[str, nn.Module] = {}
+        for i, node in enumerate(plan.nodes):
+            module = copy.deepcopy(node.module)
+            if node.owner != MODEL_OWNER:
+                load_spec_state(module, self._seg(source, i).export())
+            parts[node.name or f"seg{i}"] = module
+        return nn.Sequential(OrderedDict(parts))
 
     def records(self, source: str, dataset: str) -> int:
         """Number of records ``source`` holds in ``dataset`` (public metadata)."""

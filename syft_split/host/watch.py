@@ -15,7 +15,8 @@
   the segment halts and every further op is refused with
   :class:`~syft_split.errors.LeakageHaltError` naming the figure.
 - Model-owner ops (scalars only leave): ``leakage`` (the suite on the current weights) and
-  ``watch`` (the watch's latest figures, measured now, and whether it halted).
+  ``watch`` (the watch's latest figures, measured now, and whether it halted). Data-owner op
+  ``watch``: the whole watch (bound, history, halt).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, SyftSplitError, ValidationError
-from .dispatch import Host, OpFamily, op, register_family
+from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import SCALAR, TEXT, Call
 from .records import Dataset, Proposal, Runtime
 
@@ -59,6 +60,17 @@ def _scalar(v: Any) -> Any:
     if isinstance(v, float) and math.isfinite(v):
         return v
     return None
+
+
+def _json(value: Any) -> Any:
+    """``value`` with non-finite floats as None (JSON on the wire)."""
+    if isinstance(value, dict):
+        return {str(k): _json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 @register_family
@@ -168,6 +180,13 @@ class LeakageOps(OpFamily):
             return
         if watch.after_step(rt.module, rt.steps, grad=grad, labels=labels):
             self.host.halt(rt.id, f"leakage watch: {watch.reason}", by="watch")
+
+    @owner_op("watch")
+    def owner_watch(self, segment: str) -> dict[str, Any]:
+        """The data owner's view of a segment's live watch: bound, every figure measured so
+        far (``history``), whether and why it halted. Empty: no watch on that segment."""
+        w = self.host.owned_runtime(segment).extra.get("watch")
+        return {} if w is None else _json(w.report())
 
     # ---------------------------------------------------------------- model-owner ops
     @op("watch", roles=("input",), egress=_WATCH_FIELDS)

@@ -35,6 +35,7 @@ import syft as sy
 from .. import wire
 from ..datasite import ENDPOINT_PATH, DatasiteConsole, call_endpoint, install, publish_dataset
 from ..errors import CallTimeoutError, ConfigError, TransportError
+from ..logs import quiet
 from .base import CallPolicy, Transport, run_with_timeout, timeout_error
 from .pysyft_launch import DEFAULT_ADMIN, LaunchedDatasite, free_port, launch_datasite
 
@@ -306,8 +307,9 @@ def connect(urls: Mapping[str, str], email: str, password: str, *,
             raise ConfigError(f"{party}: expected a URL like http://localhost:8081, got {url!r}")
 
         def login(p: Any = parsed) -> Any:
-            return sy.login(url=f"{p.scheme}://{p.hostname}", port=p.port or 80, email=email,
-                            password=password)
+            with quiet():  # "Logged into ..." (SYFT_SPLIT_VERBOSE=1: shown)
+                return sy.login(url=f"{p.scheme}://{p.hostname}", port=p.port or 80,
+                                email=email, password=password)
 
         wait = policy.backoff
         for attempt in range(policy.retries + 1):

@@ -27,6 +27,7 @@ import torch
 
 from ..datasite_serve import forget_hosts
 from ..errors import ConfigError, TransportError
+from ..logs import log_path, quiet
 
 __all__ = ["DEFAULT_ADMIN", "LaunchedDatasite", "launch_datasite", "free_port"]
 
@@ -65,10 +66,11 @@ class LaunchedDatasite:
     def login(self, email: str, password: str) -> Any:
         """Log in as ``email`` (over HTTP for an HTTP datasite)."""
         try:
-            if self.http:
-                return sy.login(url="http://127.0.0.1", port=self.port, email=email,
-                                password=password)
-            return self.handle.login(email=email, password=password)
+            with quiet(log_path(self.name)):  # "Logged into ...", default-password warning
+                if self.http:
+                    return sy.login(url="http://127.0.0.1", port=self.port, email=email,
+                                    password=password)
+                return self.handle.login(email=email, password=password)
         except Exception as exc:
             raise TransportError(f"login of {email} to {self.name} failed: {exc}") from exc
 
@@ -135,7 +137,8 @@ class LaunchedDatasite:
                 self.handle.python_server.cleanup()
         finally:
             try:
-                self.handle.land()
+                with quiet(log_path(self.name)):  # "Stopping <name>"
+                    self.handle.land()
             finally:
                 if self.persist_dir is None:
                     shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -247,10 +250,11 @@ def launch_datasite(
             multiprocessing.set_start_method("spawn", force=True)
             # the server computes with as many torch threads as this process (same numerics)
             env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-            with _environment(env):
+            # the server process writes to the log file for good (SYFT_SPLIT_VERBOSE=1: not)
+            with _environment(env), quiet(log_path(name), fds=True):
                 handle = sy.orchestra.launch(name=name, port=port, host="127.0.0.1", reset=reset)
         else:
-            with _environment(env):
+            with _environment(env), quiet(log_path(name)):
                 handle = sy.orchestra.launch(name=name, reset=reset)
     except Exception as exc:
         raise TransportError(f"could not launch datasite {name!r}: {exc}") from exc

@@ -1,0 +1,54 @@
+"""The data owner reads its live leakage watch (data-owner op ``watch``)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from syft_split import HostLimits, OptimizerSpec, SplitPlan, SplitSession, split_model
+from syft_split.deploy import inprocess
+from syft_split.errors import LeakageHaltError
+from syft_split.models import digits_cnn
+
+
+def _session(bound: dict, toy_data) -> tuple:
+    x, y = toy_data
+    dep = inprocess({"h": {"train": (x, y), "test": (x, y)}}, limits=HostLimits(watch_every=2))
+    plan = SplitPlan.vanilla(split_model(digits_cnn(channels=4, hidden=16), "pool1"), "h")
+    session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("sgd", lr=0.1),
+                           fuse=False)
+    (pid,) = session.propose()["h"]
+    dep.owners["h"].approve(pid, leakage_bound=bound)
+    return dep, session, pid, y
+
+
+def _steps(session, y, n: int) -> None:
+    for step in range(n):
+        idx = torch.arange(step * 8, step * 8 + 8)
+        session.zero_grad()
+        loss, _ = session.loss("h", idx, y[idx])
+        loss.backward()
+        session.step()
+
+
+def test_owner_reads_bound_history_and_state(toy_data) -> None:
+    dep, session, pid, y = _session({"inversion_ratio": 1e-6}, toy_data)
+    _steps(session, y, 4)
+    watch = dep.owners["h"].owner("watch", segment=pid)
+    json.dumps(watch)  # JSON on the wire
+    assert watch["bound"]["inversion_ratio"] == 1e-6
+    assert [h["step"] for h in watch["history"]] == [0, 2, 4]  # approval, then every 2 steps
+    assert all(0 < h["inversion_ratio"] for h in watch["history"])
+    assert watch["halted"] is False and watch["reason"] is None
+
+
+def test_owner_sees_why_the_watch_halted(toy_data) -> None:
+    dep, session, pid, y = _session({"inversion_ratio": 10.0}, toy_data)  # any figure is below
+    try:
+        _steps(session, y, 3)
+    except LeakageHaltError:
+        pass
+    watch = dep.owners["h"].owner("watch", segment=pid)
+    assert watch["halted"] is True and "inversion ratio" in watch["reason"]
+    assert watch["history"][-1]["halted"] == watch["reason"]
