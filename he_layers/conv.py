@@ -46,6 +46,11 @@ class ConvAsLinear:
         groups, padding modes and other unsupported settings are refused there)."""
         if not isinstance(conv, nn.Conv1d | nn.Conv2d):
             raise ConfigError(f"expected nn.Conv1d or nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ConfigError(
+                f"{type(conv).__name__} with groups={conv.groups}, padding={conv.padding!r}, "
+                f"padding_mode={conv.padding_mode!r} cannot run encrypted (use groups=1, "
+                "integer zero padding)")
         dims = 1 if isinstance(conv, nn.Conv1d) else 2
         return cls(
             conv.in_channels, conv.out_channels, _pair(conv.kernel_size, dims),

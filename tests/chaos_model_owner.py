@@ -23,7 +23,7 @@ from syft_split.models import digits_cnn
 from syft_split.transport.base import CallPolicy, Transport
 
 PARTIES = ("a", "b")
-EPOCHS = 2
+EPOCHS = 3
 BATCH = 10
 #: patient retries: a datasite being restarted is unreachable for ~10-20 s
 POLICY = CallPolicy(timeout=60.0, retries=60, backoff=0.2, max_backoff=1.0)
