@@ -141,7 +141,7 @@ def test_shared_client_schedules_learn(make_deployment, schedule) -> None:
     a, b, dep = _two_clients(make_deployment, limit=None)
     plan = SplitPlan.vanilla(_segments(_model()), ["a", "b"], share_weights="peer")
     session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("adam", lr=1e-2))
-    dep.approve_all(session.propose())
+    dep.approve_all(session.propose(), channel=True)  # datasites: steps over the direct channel
     dep.trust_each_other()
     report = Trainer(session, batch_size=32, progress=False, schedule=schedule,
                      labels={"a": {"train": a.y_train, "test": a.y_test},

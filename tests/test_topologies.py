@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,7 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from syft_split import MODEL_OWNER, OptimizerSpec, SplitPlan, SplitSession
+from syft_split.deploy import Deployment
 from syft_split.topology import ALIGNED
+
+from .conftest import DEPLOY_KINDS, _make
 
 OPT = {"sgd_momentum": OptimizerSpec("sgd", lr=0.05, momentum=0.9),
        "adam": OptimizerSpec("adam", lr=1e-2)}
@@ -44,11 +48,27 @@ class VerticalReference(nn.Module):
         return self.head(stacked.sum(0) if self.merge == "sum" else stacked.mean(0))
 
 
+COLUMNS = {"bank": slice(0, 10), "insurer": slice(10, 20), "shop": slice(20, 30)}
+
+
+@pytest.fixture(scope="module", params=DEPLOY_KINDS)
+def three_banks(request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """Three vertical parties, shared by every merge and optimizer (one proposal each)."""
+    x, _ = _breast_cancer()
+    dep = _make(request.param, {p: {"train": (x[:, c], None), "test": (x[:64, c], None)}
+                                for p, c in COLUMNS.items()})
+    try:
+        yield dep
+    finally:
+        dep.close()
+
+
 @pytest.mark.parametrize("opt_name", sorted(OPT))
 @pytest.mark.parametrize("merge", ["concat", "sum", "mean"])
-def test_vertical_three_parties_equals_one_model(make_deployment, merge, opt_name) -> None:
+def test_vertical_three_parties_equals_one_model(three_banks: Deployment, merge: str,
+                                                 opt_name: str) -> None:
     x, y = _breast_cancer()
-    columns = {"bank": slice(0, 10), "insurer": slice(10, 20), "shop": slice(20, 30)}
+    columns = COLUMNS
     torch.manual_seed(0)
     width = 6
     encoders = {p: nn.Sequential(nn.Linear(10, width), nn.ReLU()) for p in columns}
@@ -56,11 +76,11 @@ def test_vertical_three_parties_equals_one_model(make_deployment, merge, opt_nam
     reference = VerticalReference(copy.deepcopy(encoders), columns, copy.deepcopy(head), merge)
     ref_opt = OPT[opt_name].build(reference.parameters())
 
-    dep = make_deployment({p: {"train": (x[:, c], None), "test": (x[:64, c], None)}
-                           for p, c in columns.items()})
+    dep = three_banks
     plan = SplitPlan.vertical(encoders, head, merge=merge)
     session = SplitSession(plan, dep.transport, optimizer=OPT[opt_name])
-    dep.approve_all(session.propose())
+    # on datasites, concat runs every step through PySyft, sum and mean over the direct channel
+    dep.approve_all(session.propose(), channel=merge != "concat")
 
     g = torch.Generator().manual_seed(1)
     for _ in range(4):
@@ -97,7 +117,7 @@ def test_vertical_trainer_learns(make_deployment) -> None:
     plan = SplitPlan.vertical({p: nn.Sequential(nn.Linear(10, 8), nn.ReLU()) for p in cols},
                               nn.Linear(24, 2))
     session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("adam", lr=1e-2))
-    dep.approve_all(session.propose())
+    dep.approve_all(session.propose(), channel=True)  # datasites: the direct channel
     from syft_split import Trainer
 
     report = Trainer(session, batch_size=32, progress=False,
@@ -187,7 +207,7 @@ def test_psi_aligns_parties_on_the_intersection_only(make_deployment) -> None:
     plan = SplitPlan.vertical({p: nn.Sequential(nn.Linear(10, 8), nn.ReLU()) for p in cols},
                               nn.Linear(24, 2), datasets=["train@aligned"])
     session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("adam", lr=1e-2))
-    dep.approve_all(session.propose())
+    dep.approve_all(session.propose(), channel=True)  # datasites: the direct channel
     from syft_split import Trainer
 
     report = Trainer(session, batch_size=32, progress=False, train_dataset="train@aligned",

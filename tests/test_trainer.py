@@ -25,7 +25,7 @@ def test_fit_on_digits_and_report(make_deployment, tmp_path, topology: str) -> N
         plan = SplitPlan.u_shaped(split_model(digits_cnn(), ["pool1", "relu3"]), "h")
         labels = None
     session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("adam", lr=1e-2))
-    dep.approve_all(session.propose())
+    dep.approve_all(session.propose(), channel=True)  # datasites: steps over the channel
     trainer = Trainer(session, batch_size=32, labels=labels, progress=False,
                       leakage_budget_s=2.0)
     report = trainer.fit(3, verbose=False)

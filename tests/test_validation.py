@@ -7,7 +7,7 @@ pending forward all survived the bad message, and training continued.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -29,6 +29,8 @@ from syft_split import (
     split_model,
 )
 from syft_split.models import digits_cnn
+
+from .conftest import DEPLOY_KINDS, _make
 
 PARTY = "clinic"
 ACT = (8, 4, 4, 4)  # batch 8 of the first segment's (4, 4, 4) activation
@@ -85,12 +87,21 @@ def _raise_from(raw: bytes) -> None:
     raise error_from_wire(response["error"], response["message"])
 
 
-def _run(make_deployment: Callable[..., Any], bad: Callable[[Any, str], Any] | None,
-         expected: type[Exception] | None) -> list[torch.Tensor]:
+@pytest.fixture(scope="module", params=DEPLOY_KINDS)
+def deployment(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """One deployment per kind for every case (each run proposes its own segment)."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
-    dep = make_deployment({PARTY: {"train": (x, y), "test": (x, y)}},
-                          max_request_bytes=1_000_000)
+    dep = _make(request.param, {PARTY: {"train": (x, y), "test": (x, y)}},
+                max_request_bytes=1_000_000)
+    try:
+        yield dep
+    finally:
+        dep.close()
+
+
+def _run(dep: Any, bad: Callable[[Any, str], Any] | None,
+         expected: type[Exception] | None) -> list[torch.Tensor]:
     torch.manual_seed(0)
     segments = split_model(digits_cnn(channels=4, hidden=8), "pool1")
     plan = SplitPlan.vanilla(segments, PARTY, max_batch=64)
@@ -110,11 +121,17 @@ def _run(make_deployment: Callable[..., Any], bad: Callable[[Any, str], Any] | N
     return list(dep.owners[PARTY].export_weights(pid).values())
 
 
+@pytest.fixture(scope="module")
+def clean(deployment: Any) -> list[torch.Tensor]:
+    """The final weights of the protocol without a bad message."""
+    return _run(deployment, None, None)
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_raises_and_leaves_state_intact(make_deployment, case: str) -> None:
+def test_bad_input_raises_and_leaves_state_intact(deployment: Any, clean: list[torch.Tensor],
+                                                  case: str) -> None:
     expected, bad = BAD[case]
-    clean = _run(make_deployment, None, None)
-    after_bad = _run(make_deployment, bad, expected)
+    after_bad = _run(deployment, bad, expected)
     assert all(torch.equal(a, b) for a, b in zip(clean, after_bad))
 
 
