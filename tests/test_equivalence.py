@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from syft_split import DATA_OWNER, OptimizerSpec, SplitPlan, SplitSession, split_model
+from syft_split.deploy import Deployment
 from syft_split.models import digits_cnn
+
+from .conftest import DEPLOY_KINDS, HTTP_KINDS, _make
 
 OPTIMIZERS = {
     "sgd_momentum": OptimizerSpec("sgd", lr=0.05, momentum=0.9),
@@ -38,17 +42,43 @@ def split_weights(session: SplitSession, dep, party: str) -> list[torch.Tensor]:
     return out
 
 
+@pytest.fixture(scope="module")
+def sites() -> Iterator[Callable[[str], Deployment]]:
+    """``sites(kind)``: one clinic + lab deployment per kind for the whole module (each run
+    proposes its own segments), on the conftest ``toy_data``."""
+    made: dict[str, Deployment] = {}
+
+    def get(kind: str) -> Deployment:
+        if kind not in made:
+            x, y = _toy()
+            made[kind] = _make(kind, {"clinic": {"train": (x, y), "test": (x[:8], y[:8])},
+                                      "lab": {}})
+        return made[kind]
+
+    try:
+        yield get
+    finally:
+        for dep in made.values():
+            dep.close()
+
+
+def _toy() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)  # as conftest's toy_data
+    return torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 10, (96,), generator=g)
+
+
+@pytest.mark.parametrize("where", DEPLOY_KINDS)
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("kind, cuts", CASES)
-def test_split_training_equals_unsplit(make_deployment, toy_data, kind, cuts, opt_name) -> None:
-    x, y = toy_data
+def test_split_training_equals_unsplit(sites, where, kind, cuts, opt_name) -> None:
+    x, y = _toy()
     torch.manual_seed(1)
     model = digits_cnn(channels=4, hidden=16)
     reference = copy.deepcopy(model)
     opt = OPTIMIZERS[opt_name]
     ref_opt = opt.build(reference.parameters())
 
-    dep = make_deployment({"clinic": {"train": (x, y), "test": (x[:8], y[:8])}, "lab": {}})
+    dep = sites(where)
     segments = split_model(model, cuts)
     if kind == "u_shaped":
         plan = SplitPlan.u_shaped(segments, "clinic")
@@ -107,8 +137,9 @@ def test_loss_backward_reaches_the_data_owner(make_deployment, toy_data) -> None
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("where", HTTP_KINDS)
 @pytest.mark.parametrize("kind, cuts", [("vanilla", ["pool1"]), ("u_shaped", ["pool1", "relu3"])])
-def test_same_final_weights_on_every_transport(make_deployment_http, toy_data, kind, cuts) -> None:
+def test_same_final_weights_on_every_transport(sites, where, kind, cuts) -> None:
     """The same seeded run ends with the same weights in process, on embedded datasites and
     on HTTP datasites (each compared with the unsplit reference)."""
-    test_split_training_equals_unsplit(make_deployment_http, toy_data, kind, cuts, "adam")
+    test_split_training_equals_unsplit(sites, where, kind, cuts, "adam")
