@@ -11,7 +11,6 @@ The four datasites are launched once for the module (uvicorn processes on loopba
 from __future__ import annotations
 
 import copy
-import os
 import statistics
 import threading
 import time
@@ -84,7 +83,7 @@ def _splitfed(dep: Deployment, data: dict, transport: Transport, max_workers: in
     plan = SplitPlan.vanilla([copy.deepcopy(model[:4]), copy.deepcopy(model[4:])], PARTIES,
                              share_weights="peer", datasets=["train"])
     session = SplitSession(plan, transport, optimizer=OptimizerSpec("sgd", lr=0.1, momentum=0.9))
-    dep.approve_all(session.propose())
+    dep.approve_all(session.propose(), channel=True)  # steps and averaging: the direct channel
     dep.trust_each_other()
     trainer = Trainer(session, batch_size=BATCH, progress=False, schedule="splitfed_v1",
                       test_dataset=None, measure_leakage=False, max_workers=max_workers,
@@ -94,23 +93,24 @@ def _splitfed(dep: Deployment, data: dict, transport: Transport, max_workers: in
 
 def test_splitfed_v1_round_costs_the_slowest_data_owner_not_the_sum(sites) -> None:
     """The round's data-owner calls overlap: a concurrent round takes at most 1.5x the slowest
-    data owner's own call time in that round plus the model owner's compute (were they one
-    after the other, it would take the sum: ~4x), and ends with the sequential schedule's
-    weights. Against the sequential schedule measured in the same test (epochs alternating):
-    when the machine has a core per datasite, the round takes at most 1.5x the slowest single
-    data owner's share of a sequential round plus the model owner's compute. On fewer cores
-    that comparison is printed, not asserted: each PySyft endpoint call costs its datasite
-    ~0.1-0.2 s of CPU, so four datasites on two cores are CPU-bound whatever the schedule
-    (measured here: each call ~4x slower when the four run at once)."""
+    single data owner's share of a sequential round (its own calls, measured in the same test,
+    epochs alternating) plus the model owner's compute -- were they one after the other, it
+    would take the sum (~4x) -- and ends with the sequential schedule's weights. The data owners
+    allowed the direct channel, so a call costs its datasite ~2-3 ms of CPU and the 50 ms of
+    latency dominate (over PySyft itself each call costs ~0.1-0.2 s of CPU: four datasites on
+    two cores would be CPU-bound whatever the schedule)."""
     dep, data = sites
     wan, wan_con = Latency(dep.transport, LATENCY_S), Latency(dep.transport, LATENCY_S)
     seq_session, seq = _splitfed(dep, data, wan, max_workers=1)
     con_session, con = _splitfed(dep, data, wan_con, max_workers=4)
     rounds = RECORDS // BATCH
+    seq.train_epoch(1)  # warm up: channels open, first-call costs paid
+    con.train_epoch(1)
+    con._rounds.timings.clear()
     single: dict[str, list[float]] = {p: [] for p in PARTIES}
     seq_round: list[float] = []
     in_round: list[float] = []
-    for epoch in (1, 2):  # alternate, so both see the same machine load
+    for epoch in (2, 3, 4):  # alternate, so both see the same machine load
         t0 = time.perf_counter()
         seq.train_epoch(epoch)
         t1 = time.perf_counter()
@@ -122,19 +122,17 @@ def test_splitfed_v1_round_costs_the_slowest_data_owner_not_the_sum(sites) -> No
         in_round.append(max(wan_con.busy(p, t0, time.perf_counter()) for p in PARTIES) / rounds)
 
     timings = con._rounds.timings
-    assert len(timings) == 2 * rounds and all(t.parties == 4 for t in timings)
-    round_s = statistics.mean(t.seconds for t in timings)
-    model_owner_s = statistics.mean(t.model_owner_s for t in timings)
-    slowest_in_round = statistics.mean(in_round)
-    slowest_single = max(statistics.mean(v) for v in single.values())
-    seq_s = statistics.mean(seq_round)
+    assert len(timings) == 3 * rounds and all(t.parties == 4 for t in timings)
+    round_s = statistics.median(t.seconds for t in timings)
+    model_owner_s = statistics.median(t.model_owner_s for t in timings)
+    slowest_in_round = statistics.median(in_round)
+    slowest_single = max(statistics.median(v) for v in single.values())
+    seq_s = statistics.median(seq_round)
     print(f"\nround: concurrent {round_s:.3f}s, sequential {seq_s:.3f}s; slowest data owner "
           f"{slowest_in_round:.3f}s in the concurrent round, {slowest_single:.3f}s alone; "
           f"model owner {model_owner_s:.3f}s")
-    assert round_s <= 1.5 * slowest_in_round + model_owner_s
-    if (os.cpu_count() or 1) > len(PARTIES):  # a core per datasite, one for the model owner
-        assert round_s <= 1.5 * slowest_single + model_owner_s
-        assert round_s < seq_s
+    assert round_s <= 1.5 * slowest_single + model_owner_s
+    assert round_s < 0.5 * seq_s
 
     # the same weights as one data owner after the other
     for p in PARTIES:
@@ -150,8 +148,8 @@ def test_splitfed_v1_round_costs_the_slowest_data_owner_not_the_sum(sites) -> No
     # same run on the in-process transport
     ref_dep = inprocess({p: {"train": d, "test": d} for p, d in data.items()})
     _, ref = _splitfed(ref_dep, data, ref_dep.transport, max_workers=1)
-    ref.train_epoch(1)
-    ref.train_epoch(2)
+    for epoch in (1, 2, 3, 4):
+        ref.train_epoch(epoch)
     want = ref_dep.transport.traffic.bytes_by_party()
     assert wan.traffic.bytes_by_party() == wan_con.traffic.bytes_by_party() == want
     assert seq.ledger.flops_by_party() == con.ledger.flops_by_party() == ref.ledger.flops_by_party()
