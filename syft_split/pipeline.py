@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .topology import SplitPlan
     from .trainer import Trainer
 
-__all__ = ["plan_problems", "check_latency_options", "model_owner_step", "latency_epoch",
+__all__ = ["plan_problems", "check_latency_options", "model_owner_step",
            "pipelined_epoch"]
 
 
@@ -116,15 +116,6 @@ def model_owner_step(session: SplitSession, act: torch.Tensor, labels: Any,
     return grad, StepMetrics(float(total.detach()), int(first["correct"]),
                                       int(act.shape[0]),
                                       per_task if len(plan.tasks) > 1 else {})
-
-
-def latency_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
-    """The trainer's epoch under its latency-tolerant schedule (local loss or pipelined)."""
-    if trainer.session.plan.local_loss is not None:
-        from .local_loss import local_loss_epoch
-
-        return local_loss_epoch(trainer, epoch)
-    return pipelined_epoch(trainer, epoch)
 
 
 class _Totals:

@@ -184,10 +184,14 @@ class Trainer:
     def train_epoch(self, epoch: int = 0, *, position: Position | None = None) -> StepMetrics:
         """One pass over every source's training records, in the schedule's order
         (``position``: continue a checkpointed epoch from where it stopped)."""
-        if self.gradient_delay or self.session.plan.local_loss is not None:
-            from .pipeline import latency_epoch
+        if self.session.plan.local_loss is not None:  # latency-tolerant schedules
+            from .local_loss import local_loss_epoch
 
-            return latency_epoch(self, epoch)
+            return local_loss_epoch(self, epoch)
+        if self.gradient_delay:
+            from .pipeline import pipelined_epoch
+
+            return pipelined_epoch(self, epoch)
         if self._rounds is not None:
             return self._rounds.train_epoch(epoch)  # type: ignore[no-any-return]
         if position is not None:

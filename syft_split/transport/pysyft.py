@@ -246,7 +246,7 @@ def deployment(
     can be restarted (:func:`restart`); ``close()`` then leaves the directory in place.
     Without it, ``close()`` also removes each datasite's data folder.
     """
-    from ..deploy import Deployment
+    from ..deployment import Deployment
 
     password = secrets.token_hex(12)
     sites: dict[str, LaunchedDatasite] = {}
