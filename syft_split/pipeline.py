@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, ProtocolError
-from .losses import LOSSES
+from .losses import LOSSES, count_correct
 from .remote import RemoteSegment
 from .topology import DATA_OWNER, MODEL_OWNER, RELEASED
 from .transport.latency import submit_call
@@ -80,7 +80,7 @@ def model_owner_step(session: SplitSession, act: torch.Tensor, labels: Any,
     """One step of the model owner's segments on a data owner's activation: forward, losses of
     every task, backward, optimizer step. Returns the gradient w.r.t. ``act`` (None without
     ``need_grad``: then it is not computed) and metrics."""
-    from .session import StepMetrics, _correct
+    from .session import StepMetrics
 
     plan = session.plan
     leaf = act.detach().requires_grad_(need_grad)
@@ -104,7 +104,7 @@ def model_owner_step(session: SplitSession, act: torch.Tensor, labels: Any,
             y = labels
         out = values[task.node]
         loss = LOSSES[task.loss](out, y)
-        per_task[task.name] = {"loss": float(loss.detach()), "correct": _correct(out, y)}
+        per_task[task.name] = {"loss": float(loss.detach()), "correct": count_correct(out, y)}
         weighted = loss if task.weight == 1.0 else task.weight * loss
         total = weighted if total is None else total + weighted
     assert total is not None

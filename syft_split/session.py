@@ -14,7 +14,6 @@ CPU tensors (moved on arrival and before sending).
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +23,9 @@ from torch import nn
 
 from .errors import ApprovalError, ConfigError, ProtocolError
 from .he import HEState, encrypted_forward
-from .losses import LOSSES
+from .losses import LOSSES, count_correct
 from .remote import ActivationPointer, RemoteSegment, remote_loss
-from .spec import OptimizerSpec, load_spec_state, module_to_spec, spec_state
+from .spec import OptimizerSpec, module_to_spec, spec_state
 from .topology import DATA_OWNER, MODEL_OWNER, RELEASED, SplitPlan, Task
 from .transport.base import CallPolicy, Transport
 
@@ -345,7 +344,7 @@ class SplitSession:
                 out = values[task.node]
                 y = self._labels(source, task, labels).to(out.device)
                 loss = LOSSES[task.loss](out, y)
-                correct = _correct(out, y)
+                correct = count_correct(out, y)
             per_task[task.name] = {"loss": float(loss.detach()), "correct": correct}
             total = task.weight * loss if total is None else total + task.weight * loss
         assert total is not None
@@ -441,7 +440,7 @@ class SplitSession:
             out = values[task.node]
             y = self._labels(source, task, labels).to(out.device)
             per_task[task.name] = {"loss": float(LOSSES[task.loss](out, y)),
-                                   "correct": _correct(out, y)}
+                                   "correct": count_correct(out, y)}
         total = sum(t.weight * per_task[t.name]["loss"] for t in self.plan.tasks)
         first = per_task[self.plan.tasks[0].name]
         return StepMetrics(float(total), int(first["correct"]), int(indices.shape[0]),
@@ -481,36 +480,11 @@ class SplitSession:
         return out
 
     def export_model(self, source: str | None = None) -> nn.Sequential:
-        """The trained model in one ``nn.Sequential``: the model owner's segments and the
-        segments ``source`` (a data owner; default: the only one) runs, fetched with op
-        ``export``. Each data owner must have released its weights first
-        (``approve(pid, release_weights=True)`` or ``release_weights(pid)``: weights reveal
-        training data), else :class:`~syft_split.errors.AccessError`.
+        """The trained model in one ``nn.Sequential``; see :func:`syft_split.export.export_model`
+        (chain plans; each data owner must have released its weights first)."""
+        from .export import export_model
 
-        Chain plans only (vanilla, U-shaped, multi-hop); vertical, multi-task and
-        HE-protected plans raise :class:`ConfigError` (their parts do not compose into one
-        chain, or a weight is shared under encryption).
-        """
-        plan = self.plan
-        if (plan.encrypted is not None or len(plan.tasks) != 1 or plan.is_vertical
-                or any(n.inputs != ((i - 1,) if i else ()) for i, n in enumerate(plan.nodes))):
-            raise ConfigError("export_model supports chain plans (vanilla, U-shaped, multi-hop); "
-                              "this plan is vertical, multi-task or HE-protected: fetch each "
-                              "released segment with session.remote[(party, i)].export()")
-        if source is None:
-            if len(plan.sources) != 1:
-                raise ConfigError(f"each data owner trains its own copy of the input segment: "
-                                  f"pass source= one of {plan.sources}")
-            source = plan.sources[0]
-        if source not in plan.sources:
-            raise ConfigError(f"source must be one of {plan.sources}, got {source!r}")
-        parts: dict[str, nn.Module] = {}
-        for i, node in enumerate(plan.nodes):
-            module = copy.deepcopy(node.module)
-            if node.owner != MODEL_OWNER:
-                load_spec_state(module, self._seg(source, i).export())
-            parts[node.name or f"seg{i}"] = module
-        return nn.Sequential(OrderedDict(parts))
+        return export_model(self, source)
 
     def records(self, source: str, dataset: str) -> int:
         """Number of records ``source`` holds in ``dataset`` (public metadata)."""
@@ -521,8 +495,3 @@ class SplitSession:
                               f"{sorted(counts)}: align them first")
         return counts.pop()
 
-
-def _correct(out: torch.Tensor, y: torch.Tensor) -> int:
-    if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
-        return int((out.argmax(1) == y).sum())
-    return 0

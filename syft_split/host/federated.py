@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, EgressError, ValidationError
-from ..losses import LOSSES
+from ..losses import LOSSES, count_correct
 from ..spec import OptimizerSpec, count_parameters, module_from_spec
 from .dispatch import OpFamily, op, register_family
 from .guard import JSON, SCALAR, TEXT, Call, Guard
@@ -191,7 +191,7 @@ class FederatedOps(OpFamily):
                     opt.step()
                 steps += 1
                 loss_sum += float(loss.detach()) * int(idx.shape[0])
-                correct += _correct(logits, y)
+                correct += count_correct(logits, y)
         rt.steps += steps
         out: dict[str, Any] = {f"state/{k}": v.detach().clone()
                                for k, v in rt.module.state_dict().items()}
@@ -217,7 +217,7 @@ class FederatedOps(OpFamily):
         rt.module.zero_grad(set_to_none=True)
         rt.steps += 1
         out.update(count=int(idx.shape[0]), loss_sum=float(loss.detach()) * int(idx.shape[0]),
-                   correct=_correct(logits, y))
+                   correct=count_correct(logits, y))
         return out
 
     @op("fl_evaluate", roles=(LOCAL,), egress={"loss_sum": SCALAR, "correct": SCALAR,
@@ -232,7 +232,7 @@ class FederatedOps(OpFamily):
                 for idx in torch.arange(n).split(rt.proposal.max_batch):
                     logits = rt.module(ds.features[idx].to(torch.float32))
                     loss_sum += float(loss_fn(logits, _labels(ds)[idx], reduction="sum"))
-                    correct += _correct(logits, _labels(ds)[idx])
+                    correct += count_correct(logits, _labels(ds)[idx])
         finally:
             rt.module.train()
         return {"loss_sum": loss_sum, "correct": correct, "count": n}
@@ -242,12 +242,6 @@ def _labels(ds: Dataset) -> torch.Tensor:
     if ds.labels is None:  # refused at proposal already
         raise ConfigError("local training needs labels")
     return ds.labels
-
-
-def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
-    if logits.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
-        return int((logits.argmax(1) == y).sum())
-    return 0
 
 
 def _load(module: torch.nn.Module, state: dict[str, Any], bound: float) -> None:
