@@ -15,11 +15,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m syft_split.demo $(ARGS)
 
+# one pytest worker per core, a test file per worker at a time (module fixtures stay shared);
+# PYTEST_ARGS="-n 0" runs everything in this process
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@set -e; for f in bench/*.py; do echo "== $$f"; $(PY) $$f $(BENCH_ARGS); done

@@ -155,7 +155,9 @@ def write(nb: nbformat.NotebookNode, name: str, out: Path = OUT) -> Path:
     """Save an executed notebook for the docs site."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    nbformat.write(nb, str(path))
+    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+    nbformat.write(nb, str(tmp))
+    tmp.replace(path)  # atomic: a docs build running meanwhile reads old or new, never half
     return path
 
 
