@@ -38,31 +38,13 @@ from .errors import ConfigError, TransportError
 from .ledger import CostLedger
 from .report import EpochRecord, RunReport
 from .rounds import PartyFailure, run_each
+from .schedules import weighted_mean
 from .spec import OptimizerSpec, module_from_spec, module_to_spec, spec_state
 from .transport.base import Transport
 
 __all__ = ["ALGORITHMS", "FederatedTrainer", "weighted_mean"]
 
 ALGORITHMS = ("fedavg", "sync_sgd")
-
-
-def weighted_mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
-                  ) -> dict[str, torch.Tensor]:
-    """FedAvg of state dicts: floating tensors weighted by ``weights``; others (e.g.
-    BatchNorm's ``num_batches_tracked``) from the first state."""
-    total = float(sum(weights))
-    if not states or total <= 0:
-        raise ConfigError(f"weighted_mean needs states and a positive total weight, got {total}")
-    out: dict[str, torch.Tensor] = {}
-    for k, v in states[0].items():
-        if v.is_floating_point():
-            acc = torch.zeros_like(v)
-            for s, w in zip(states, weights):
-                acc += s[k] * (w / total)
-            out[k] = acc
-        else:
-            out[k] = v.clone()
-    return out
 
 
 def _declarable(model: nn.Module) -> nn.Module:

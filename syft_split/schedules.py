@@ -30,7 +30,8 @@ import torch
 from .errors import ConfigError
 from .session import SplitSession
 
-__all__ = ["SCHEDULES", "relay_weights", "average_segments", "input_nodes", "SecureAverage"]
+__all__ = ["SCHEDULES", "relay_weights", "average_segments", "input_nodes", "SecureAverage",
+           "weighted_mean"]
 
 SCHEDULES = ("round_robin", "relay", "splitfed_v1", "splitfed_v2")
 
@@ -136,9 +137,13 @@ def average_segments(session: SplitSession, sources: Sequence[str],
     SecureAverage(session)(sources, weights)
 
 
-def _mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
-          ) -> dict[str, torch.Tensor]:
+def weighted_mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
+                  ) -> dict[str, torch.Tensor]:
+    """FedAvg of state dicts: floating tensors weighted by ``weights``; others (e.g.
+    BatchNorm's ``num_batches_tracked``) from the first state."""
     total = float(sum(weights))
+    if not states or total <= 0:
+        raise ConfigError(f"weighted_mean needs states and a positive total weight, got {total}")
     out: dict[str, torch.Tensor] = {}
     for k, v in states[0].items():
         if v.is_floating_point():
@@ -147,7 +152,7 @@ def _mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
                 acc += s[k] * (w / total)
             out[k] = acc
         else:
-            out[k] = v.clone()  # e.g. BatchNorm's num_batches_tracked
+            out[k] = v.clone()
     return out
 
 
@@ -179,7 +184,7 @@ class ServerCopies:
         no batch this round) counts with weight 0 and also continues from the average."""
         sources = list(self.states)
         per_module = [
-            _mean([self.states[s][0][k] for s in sources], [weights.get(s, 0.0) for s in sources])
+            weighted_mean([self.states[s][0][k] for s in sources], [weights.get(s, 0.0) for s in sources])
             for k in range(len(self.session.local))
         ]
         for s in sources:

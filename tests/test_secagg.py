@@ -21,7 +21,7 @@ from syft_split import (
     secagg,
 )
 from syft_split.deploy import inprocess
-from syft_split.schedules import SecureAverage, _mean, relay_weights
+from syft_split.schedules import SecureAverage, relay_weights, weighted_mean
 
 NAMES = ["a", "b", "c"]
 
@@ -133,7 +133,7 @@ def test_secure_average_equals_plain_average(three) -> None:
     assert len({float(b["1.weight"].sum()) for b in before.values()}) == 3  # they differ
     dep.transport.traffic.clear()
     SecureAverage(session)(NAMES, [w[n] for n in NAMES])
-    want = _mean([before[n] for n in NAMES], [w[n] for n in NAMES])
+    want = weighted_mean([before[n] for n in NAMES], [w[n] for n in NAMES])
     for after in _weights(dep, segs).values():
         assert max(float((after[k] - want[k]).abs().max()) for k in want) <= 1e-6
     # what the data owners sent: sealed contributions and round numbers, no weight value
