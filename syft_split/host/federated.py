@@ -115,7 +115,7 @@ class FederatedOps(OpFamily):
         return {"segment": p.id, "status": "pending", "output_shape": list(p.output_shape)}
 
     def _parse(self, caller: str, req: dict[str, Any]) -> Proposal:
-        from .proposals import _check_size
+        from .proposals import _check_size, dry_run
 
         host, limits = self.host, self.host.limits
         datasets = req.get("datasets")
@@ -136,13 +136,7 @@ class FederatedOps(OpFamily):
         module = module_from_spec(req.get("spec"))
         state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
         _load(module, state, limits.max_abs_value)
-        try:
-            with torch.no_grad():
-                module.eval()
-                out = module(torch.zeros((2, *input_shape)))
-                module.train()
-        except Exception as exc:
-            raise ConfigError(f"the model does not accept input {input_shape}: {exc}") from exc
+        out = dry_run(module, input_shape, "the model")
         return Proposal(
             id=f"{host.name}/fl{next(host.ids)}", driver=caller, role=LOCAL, spec=req["spec"],
             state=state, optimizer=OptimizerSpec.from_json(req.get("optimizer")),

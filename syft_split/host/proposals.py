@@ -159,13 +159,7 @@ class ProposalOps(OpFamily):
         if release_labels and (role != "input"
                                or any(host.datasets[d].labels is None for d in datasets)):
             raise ConfigError("release_labels needs an input segment on datasets with labels")
-        try:
-            with torch.no_grad():
-                module.eval()
-                out = module(torch.zeros((2, *input_shape)))
-                module.train()
-        except Exception as exc:
-            raise ConfigError(f"segment does not accept input {input_shape}: {exc}") from exc
+        out = dry_run(module, input_shape, "segment")
         he = req.get("he")
         if he is not None:
             if role != "input" or not isinstance(he, dict):
@@ -244,6 +238,19 @@ def _defences(defences: Any, role: str) -> dict[str, float]:
     if defences.get("label_epsilon", 0) > 0 and int(defences.get("num_classes", 0)) < 2:
         raise ConfigError("label_epsilon needs num_classes >= 2")
     return {k: float(v) for k, v in defences.items()}
+
+
+def dry_run(module: torch.nn.Module, input_shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """``module``'s output on two zero records of ``input_shape`` (eval mode, no grad): a
+    proposal whose module does not accept its declared input is refused here."""
+    try:
+        with torch.no_grad():
+            module.eval()
+            out = module(torch.zeros((2, *input_shape)))
+            module.train()
+    except Exception as exc:
+        raise ConfigError(f"{what} does not accept input {input_shape}: {exc}") from exc
+    return out
 
 
 def _check_size(spec: Any, input_shape: tuple[int, ...], max_batch: int,
