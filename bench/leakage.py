@@ -59,6 +59,7 @@ from syft_split.leakage.hijack import (  # noqa: E402
     drive,
 )
 from syft_split.leakage.metrics import ssim  # noqa: E402
+from syft_split.leakage.reference import lbfgs_inversion  # noqa: E402
 from syft_split.models import digits_cnn  # noqa: E402
 from syft_split.session import SplitSession  # noqa: E402
 from syft_split.spec import OptimizerSpec  # noqa: E402
@@ -80,30 +81,6 @@ def _r(v: Any) -> Any:
 
 
 # ------------------------------------------------------------------ independent attackers
-def _lbfgs(seg: nn.Module, z: torch.Tensor, mock: torch.Tensor, restarts: int = 6) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(123)
-    best, best_res = torch.empty(0), torch.full((z.shape[0],), math.inf)
-    for r in range(restarts):
-        start = mock.mean(0, keepdim=True).expand(z.shape[0], -1, -1, -1) if r == 0 else \
-            mock[torch.randint(0, mock.shape[0], (z.shape[0],), generator=gen)]
-        u = torch.logit(start.clamp(0.02, 0.98)).clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([u], max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure(u: torch.Tensor = u, opt: torch.optim.LBFGS = opt) -> torch.Tensor:
-            opt.zero_grad()
-            loss = (seg(torch.sigmoid(u)) - z).pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            x = torch.sigmoid(u)
-            res = (seg(x) - z).flatten(1).pow(2).sum(1)
-        best = x.clone() if r == 0 else torch.where((res < best_res)[:, None, None, None], x, best)
-        best_res = torch.minimum(res, best_res)
-    return best
-
-
 def _train_decoder(dec: nn.Module, zm: torch.Tensor, mock: torch.Tensor, epochs: int) -> nn.Module:
     opt = torch.optim.Adam(dec.parameters(), 1e-3)
     for _ in range(epochs):
@@ -124,7 +101,7 @@ def independent(seg: nn.Module, mock: torch.Tensor, held: torch.Tensor) -> dict[
     with torch.no_grad():
         zm, zt = seg(mock), seg(held)
     t0 = time.perf_counter()
-    rec = {"lbfgs_whitebox": _lbfgs(seg, zt, mock)}
+    rec = {"lbfgs_whitebox": lbfgs_inversion(seg, zt, mock)}
     torch.manual_seed(1)
     conv = nn.Sequential(nn.Conv2d(zm.shape[1], 64, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2),
                          nn.Conv2d(64, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 1, 3, padding=1))

@@ -21,6 +21,7 @@ from syft_split.leakage import (
     whitebox_inversion,
 )
 from syft_split.leakage.hijack import HonestModelOwner, drive
+from syft_split.leakage.reference import lbfgs_inversion
 from syft_split.models import digits_cnn
 from syft_split.split import split_model
 
@@ -50,32 +51,6 @@ def _selection(indices: list[int], n_in: int = 64) -> nn.Module:
         lin.weight.zero_()
         lin.weight[torch.arange(len(indices)), torch.tensor(indices)] = 2.0
     return nn.Sequential(nn.Flatten(), lin)
-
-
-def _lbfgs_inversion(seg: nn.Module, z: torch.Tensor, mock: torch.Tensor, restarts: int = 6) -> torch.Tensor:
-    """An independent white-box attacker: unregularised L-BFGS in [0, 1] from the mock mean and
-    random mock records; per record, the restart that best explains ``z`` wins."""
-    gen = torch.Generator().manual_seed(123)
-    best, best_res = torch.empty(0), torch.full((z.shape[0],), math.inf)
-    for r in range(restarts):
-        start = mock.mean(0, keepdim=True).expand(z.shape[0], -1, -1, -1) if r == 0 else \
-            mock[torch.randint(0, mock.shape[0], (z.shape[0],), generator=gen)]
-        u = torch.logit(start.clamp(0.02, 0.98)).clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([u], max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure(u: torch.Tensor = u, opt: torch.optim.LBFGS = opt) -> torch.Tensor:
-            opt.zero_grad()
-            loss = (seg(torch.sigmoid(u)) - z).pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            x = torch.sigmoid(u)
-            res = (seg(x) - z).flatten(1).pow(2).sum(1)
-        best = x.clone() if r == 0 else torch.where((res < best_res)[:, None, None, None], x, best)
-        best_res = torch.minimum(res, best_res)
-    return best
 
 
 def _conv_decoder(seg: nn.Module, mock: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
@@ -114,7 +89,7 @@ def test_suite_worst_case_is_within_1p5x_of_independent_attacks(data, trained_se
     try:
         with torch.no_grad():
             z = seg(held)
-        own = {"lbfgs": _lbfgs_inversion(seg, z, mock), "conv_decoder": _conv_decoder(seg, mock, held)}
+        own = {"lbfgs": lbfgs_inversion(seg, z, mock), "conv_decoder": _conv_decoder(seg, mock, held)}
     finally:
         for p in seg.parameters():
             p.requires_grad_(True)
