@@ -30,6 +30,7 @@ import torch
 from ..errors import ConfigError, EgressError, ValidationError
 from ..losses import LOSSES, count_correct
 from ..spec import OptimizerSpec, count_parameters, module_from_spec
+from .admission import check_size, dry_run, load_weights
 from .dispatch import OpFamily, op, register_family
 from .guard import JSON, SCALAR, TEXT, Call, Guard
 from .records import Dataset, Proposal, Runtime
@@ -115,7 +116,6 @@ class FederatedOps(OpFamily):
         return {"segment": p.id, "status": "pending", "output_shape": list(p.output_shape)}
 
     def _parse(self, caller: str, req: dict[str, Any]) -> Proposal:
-        from .proposals import _check_size, dry_run
 
         host, limits = self.host, self.host.limits
         datasets = req.get("datasets")
@@ -132,10 +132,11 @@ class FederatedOps(OpFamily):
         if loss not in LOSSES:
             raise ConfigError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
         max_batch = _int(req, "max_batch", limits.max_batch, 1, limits.max_batch)
-        _check_size(req.get("spec"), input_shape, max_batch, limits)
+        check_size(req.get("spec"), limits, "the proposed segment", input_shape=input_shape,
+                   max_batch=max_batch)
         module = module_from_spec(req.get("spec"))
         state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
-        _load(module, state, limits.max_abs_value)
+        load_weights(module, state, limits.max_abs_value, "the model")
         out = dry_run(module, input_shape, "the model")
         return Proposal(
             id=f"{host.name}/fl{next(host.ids)}", driver=caller, role=LOCAL, spec=req["spec"],
@@ -150,7 +151,7 @@ class FederatedOps(OpFamily):
         assert rt is not None
         ds = self.host.dataset(rt, call.req)
         state = {k[6:]: v for k, v in call.req.items() if k.startswith("state/")}
-        _load(rt.module, state, self.host.limits.max_abs_value)
+        load_weights(rt.module, state, self.host.limits.max_abs_value, "the model")
         return rt, ds
 
     @op("fl_train", roles=(LOCAL,),
@@ -236,20 +237,3 @@ def _labels(ds: Dataset) -> torch.Tensor:
     if ds.labels is None:  # refused at proposal already
         raise ConfigError("local training needs labels")
     return ds.labels
-
-
-def _load(module: torch.nn.Module, state: dict[str, Any], bound: float) -> None:
-    """Load weights a model owner sent: exactly the model's keys, shapes and dtypes, finite,
-    bounded; nothing changes if any of them is refused."""
-    from .. import wire
-
-    own = module.state_dict()
-    if set(state) != set(own):
-        raise ConfigError(f"weights {sorted(state)} do not match the model's {sorted(own)}")
-    for k, v in state.items():
-        wire.check_tensor(v, f"weight {k}", shape=tuple(own[k].shape), dtype=own[k].dtype,
-                          nonempty=False)
-        if v.is_floating_point() and v.numel() and float(v.abs().max()) > bound:
-            raise ValidationError(f"weight {k}: magnitude {float(v.abs().max()):.3g} exceeds "
-                                  f"the data owner's bound {bound:g}")
-    module.load_state_dict(state)

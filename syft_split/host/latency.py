@@ -42,7 +42,8 @@ from ..errors import (
     ValidationError,
 )
 from ..losses import LOSSES
-from ..spec import OptimizerSpec, count_parameters, describe, module_from_spec, spec_size
+from ..spec import OptimizerSpec, count_parameters, describe, module_from_spec
+from .admission import check_size, dry_run, load_weights
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, LABELS, SCALAR, TEXT, Call
 from .records import Dataset, Proposal, Runtime
@@ -137,29 +138,11 @@ class LocalLossOps(OpFamily):
         if loss not in LOSSES:
             raise ConfigError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
         spec, limits = req.get("spec"), host.limits
-        size = spec_size(spec)
-        for what, got, cap in (("parameters", size.parameters + size.buffers,
-                                limits.max_parameters), ("layer width", size.max_width,
-                                                         limits.max_width),
-                               ("layers", size.layers, limits.max_layers)):
-            if got > cap:
-                raise ConfigError(f"the auxiliary head declares {got} {what}; this data owner "
-                                  f"accepts at most {cap}")
+        check_size(spec, limits, "the auxiliary head")
         module = module_from_spec(spec)
         state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
-        own = module.state_dict()
-        if set(state) != set(own):
-            raise ConfigError(f"weights {sorted(state)} do not match the head's {sorted(own)}")
-        for k, v in state.items():
-            wire.check_tensor(v, f"weight {k}", shape=tuple(own[k].shape), dtype=own[k].dtype,
-                              nonempty=False)
-        module.load_state_dict(state)
-        try:
-            with torch.no_grad():
-                module(torch.zeros((2, *p.output_shape)))
-        except Exception as exc:
-            raise ConfigError(f"the auxiliary head does not accept the segment's output "
-                              f"{p.output_shape}: {exc}") from exc
+        load_weights(module, state, limits.max_abs_value, "the head")
+        dry_run(module, p.output_shape, "the auxiliary head")
         self.heads[p.id] = AuxHead(module, str(loss), OptimizerSpec.from_json(req.get("optimizer")))
         return {"segment": p.id, "aux_parameters": count_parameters(module)}
 

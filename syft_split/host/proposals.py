@@ -21,10 +21,11 @@ import torch
 from .. import wire
 from ..errors import ApprovalError, ConfigError, ShapeError, ValidationError
 from ..losses import LOSSES
-from ..spec import OptimizerSpec, module_from_spec, spec_size
+from ..spec import OptimizerSpec, module_from_spec
+from .admission import check_size, dry_run
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import JSON, SCALAR, TEXT, Call
-from .records import ROLES, SHARING, HostLimits, Proposal, Runtime
+from .records import ROLES, SHARING, Proposal, Runtime
 from .review import review_text
 
 __all__ = ["ProposalOps", "DEFENCES"]
@@ -130,7 +131,8 @@ class ProposalOps(OpFamily):
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not (
                 0 < max_batch <= limits.max_batch):
             raise ConfigError(f"max_batch must be in 1..{limits.max_batch}, got {max_batch!r}")
-        _check_size(req.get("spec"), input_shape, max_batch, limits)
+        check_size(req.get("spec"), limits, "the proposed segment", input_shape=input_shape,
+                   max_batch=max_batch)
         module = module_from_spec(req.get("spec"))
         own = module.state_dict()
         if set(state) != set(own):
@@ -238,34 +240,3 @@ def _defences(defences: Any, role: str) -> dict[str, float]:
     if defences.get("label_epsilon", 0) > 0 and int(defences.get("num_classes", 0)) < 2:
         raise ConfigError("label_epsilon needs num_classes >= 2")
     return {k: float(v) for k, v in defences.items()}
-
-
-def dry_run(module: torch.nn.Module, input_shape: tuple[int, ...], what: str) -> torch.Tensor:
-    """``module``'s output on two zero records of ``input_shape`` (eval mode, no grad): a
-    proposal whose module does not accept its declared input is refused here."""
-    try:
-        with torch.no_grad():
-            module.eval()
-            out = module(torch.zeros((2, *input_shape)))
-            module.train()
-    except Exception as exc:
-        raise ConfigError(f"{what} does not accept input {input_shape}: {exc}") from exc
-    return out
-
-
-def _check_size(spec: Any, input_shape: tuple[int, ...], max_batch: int,
-                limits: HostLimits) -> None:
-    """Refuse a spec that is too large, from its JSON alone (no module built, no memory)."""
-    size = spec_size(spec)
-    for what, got, cap in (("parameters", size.parameters + size.buffers, limits.max_parameters),
-                           ("layer width", size.max_width, limits.max_width),
-                           ("layers", size.layers, limits.max_layers)):
-        if got > cap:
-            raise ConfigError(f"the proposed segment declares {got} {what}; this data owner "
-                              f"accepts at most {cap}")
-    shaped = spec_size(spec, input_shape)
-    per_step = 4 * (shaped.activations or 0) * max_batch
-    if per_step > limits.max_activation_bytes:
-        raise ConfigError(f"the proposed segment's widest value takes {per_step} bytes per step "
-                          f"of {max_batch} records; this data owner accepts "
-                          f"{limits.max_activation_bytes}")

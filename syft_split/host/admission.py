@@ -1,0 +1,66 @@
+"""What a data owner checks before it builds or loads anything a model owner proposes: the
+declared size (from the spec's JSON alone), the weights sent with it, and a dry run on zero
+records. Used by segment proposals, federated models and local-loss auxiliary heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import wire
+from ..errors import ConfigError, ValidationError
+from ..spec import spec_size
+from .records import HostLimits
+
+__all__ = ["check_size", "load_weights", "dry_run"]
+
+
+def check_size(spec: Any, limits: HostLimits, what: str, *,
+               input_shape: tuple[int, ...] | None = None, max_batch: int = 0) -> None:
+    """Refuse a spec that is too large, from its JSON alone (no module built, no memory);
+    with ``input_shape``, also one whose widest value over ``max_batch`` records is."""
+    size = spec_size(spec)
+    for kind, got, cap in (("parameters", size.parameters + size.buffers, limits.max_parameters),
+                           ("layer width", size.max_width, limits.max_width),
+                           ("layers", size.layers, limits.max_layers)):
+        if got > cap:
+            raise ConfigError(f"{what} declares {got} {kind}; this data owner accepts at most "
+                              f"{cap}")
+    if input_shape is None:
+        return
+    shaped = spec_size(spec, input_shape)
+    per_step = 4 * (shaped.activations or 0) * max_batch
+    if per_step > limits.max_activation_bytes:
+        raise ConfigError(f"{what}'s widest value takes {per_step} bytes per step of "
+                          f"{max_batch} records; this data owner accepts "
+                          f"{limits.max_activation_bytes}")
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, Any], bound: float,
+                 what: str) -> None:
+    """Load weights a model owner sent: exactly the module's keys, shapes and dtypes, finite,
+    bounded by ``bound``; nothing changes if any of them is refused."""
+    own = module.state_dict()
+    if set(state) != set(own):
+        raise ConfigError(f"weights {sorted(state)} do not match {what}'s {sorted(own)}")
+    for k, v in state.items():
+        wire.check_tensor(v, f"weight {k}", shape=tuple(own[k].shape), dtype=own[k].dtype,
+                          nonempty=False)
+        if v.is_floating_point() and v.numel() and float(v.abs().max()) > bound:
+            raise ValidationError(f"weight {k}: magnitude {float(v.abs().max()):.3g} exceeds "
+                                  f"the data owner's bound {bound:g}")
+    module.load_state_dict(state)
+
+
+def dry_run(module: torch.nn.Module, input_shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """``module``'s output on two zero records of ``input_shape`` (eval mode, no grad): a
+    module that does not accept its declared input is refused here."""
+    try:
+        with torch.no_grad():
+            module.eval()
+            out = module(torch.zeros((2, *input_shape)))
+            module.train()
+    except Exception as exc:
+        raise ConfigError(f"{what} does not accept input {input_shape}: {exc}") from exc
+    return out
