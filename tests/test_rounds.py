@@ -16,7 +16,7 @@ from torch import nn
 from syft_split import ConfigError, OptimizerSpec, SplitPlan, SplitSession, Trainer, TransportError
 from syft_split.deploy import inprocess
 from syft_split.rounds import run_each
-from syft_split.transport.base import Transport
+from syft_split.transport.base import Transport, TransportWrapper
 
 SIZES = {"a": 20, "b": 9, "c": 13}  # unequal: b and c run out of batches before a
 
@@ -105,22 +105,15 @@ def test_unequal_sizes_v1_equals_large_batch_sgd_on_each_round(max_workers) -> N
     assert max(float((x - y).abs().max()) for x, y in zip(mo.values(), tail.values())) <= 1e-6
 
 
-class _Flaky(Transport):
+class _Flaky(TransportWrapper):
     """Wraps a transport: party ``bad`` fails (or stalls until released) from its ``after``-th
     call on; every other call passes through."""
 
     def __init__(self, inner: Transport, bad: str, after: int, stall: bool = False) -> None:
-        super().__init__()
-        self.inner, self.bad, self.after, self.stall = inner, bad, after, stall
+        super().__init__(inner)
+        self.bad, self.after, self.stall = bad, after, stall
         self.seen = 0
         self.release = threading.Event()
-
-    @property
-    def user(self) -> str:
-        return self.inner.user
-
-    def parties(self) -> list[str]:
-        return self.inner.parties()
 
     def request(self, party: str, data: bytes) -> bytes:
         if party == self.bad:
