@@ -22,7 +22,8 @@ DEPLOY_KINDS = ["inprocess", "datasite"]
 HTTP_KINDS = [*DEPLOY_KINDS, "http"]
 
 
-def _make(kind: str, parties: PartyDatasets, **kwargs: object) -> Deployment:
+def deployment_of(kind: str, parties: PartyDatasets, **kwargs: object) -> Deployment:
+    """A deployment of ``kind`` (one of HTTP_KINDS), for module-scoped fixtures."""
     if kind == "inprocess":
         return deploy.inprocess(parties, **kwargs)  # type: ignore[arg-type]
     return deploy.datasites(parties, http=kind == "http", **kwargs)
@@ -32,7 +33,7 @@ def _factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Deploymen
     made: list[Deployment] = []
 
     def factory(parties: PartyDatasets, **kwargs: object) -> Deployment:
-        dep = _make(request.param, parties, **kwargs)
+        dep = deployment_of(request.param, parties, **kwargs)
         made.append(dep)
         return dep
 

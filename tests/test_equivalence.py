@@ -13,7 +13,7 @@ from syft_split import DATA_OWNER, OptimizerSpec, SplitPlan, SplitSession, split
 from syft_split.deploy import Deployment
 from syft_split.models import digits_cnn
 
-from .conftest import DEPLOY_KINDS, HTTP_KINDS, _make
+from .conftest import DEPLOY_KINDS, HTTP_KINDS, deployment_of
 
 OPTIMIZERS = {
     "sgd_momentum": OptimizerSpec("sgd", lr=0.05, momentum=0.9),
@@ -51,7 +51,7 @@ def sites() -> Iterator[Callable[[str], Deployment]]:
     def get(kind: str) -> Deployment:
         if kind not in made:
             x, y = _toy()
-            made[kind] = _make(kind, {"clinic": {"train": (x, y), "test": (x[:8], y[:8])},
+            made[kind] = deployment_of(kind, {"clinic": {"train": (x, y), "test": (x[:8], y[:8])},
                                       "lab": {}})
         return made[kind]
 

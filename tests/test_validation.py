@@ -30,7 +30,7 @@ from syft_split import (
 )
 from syft_split.models import digits_cnn
 
-from .conftest import DEPLOY_KINDS, _make
+from .conftest import DEPLOY_KINDS, deployment_of
 
 PARTY = "clinic"
 ACT = (8, 4, 4, 4)  # batch 8 of the first segment's (4, 4, 4) activation
@@ -92,7 +92,7 @@ def deployment(request: pytest.FixtureRequest) -> Iterator[Any]:
     """One deployment per kind for every case (each run proposes its own segment)."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
-    dep = _make(request.param, {PARTY: {"train": (x, y), "test": (x, y)}},
+    dep = deployment_of(request.param, {PARTY: {"train": (x, y), "test": (x, y)}},
                 max_request_bytes=1_000_000)
     try:
         yield dep
