@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -75,8 +76,7 @@ def explain_unprotectable(
     params: CKKSParams | None = None,
     input_spatial: tuple[int, ...] | None = None,
     max_step_mb: float = 512.0,
-    x_bound: float = 64.0,
-    mask_bits: int = 12,
+    options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Why ``layer`` cannot be the CKKS-protected first server layer (``[]`` if it can).
 
@@ -87,7 +87,8 @@ def explain_unprotectable(
         params: CKKS parameters (default ``CKKSParams()``); validated too.
         input_spatial: conv input length / (H, W), for the effective batch.
         max_step_mb: refuse layouts needing more ciphertext bytes per step than this.
-        x_bound, mask_bits: as in :class:`LayerSpec`, for the headroom check.
+        options: :class:`LayerSpec` fields the layer will be agreed with (``x_bound`` and
+            ``mask_bits`` bound the headroom; every field is validated against ``params``).
     """
     if not isinstance(layer, nn.Module):
         return [f"expected an nn.Module, got {type(layer).__name__}"]
@@ -116,6 +117,9 @@ def explain_unprotectable(
             from .conv import ConvAsLinear
 
             conv_geo = ConvAsLinear.from_module(conv)
+    opts = {k: v for k, v in (options or {}).items() if k != "conv"}
+    x_bound = float(opts.get("x_bound", 64.0))
+    mask_bits = int(opts.get("mask_bits", 12))
     w2 = w.detach().double().reshape(d_out, -1)
     bound = x_bound * float(w2.abs().sum(dim=1).max()) + 2.0**mask_bits
     limit = 2.0 ** (p.headroom_bits - 1)
@@ -137,12 +141,14 @@ def explain_unprotectable(
             agreement = {"batch_size": batch_size,
                          "d_in": conv_geo.in_channels * math.prod(input_spatial),
                          "d_out": conv_geo.out_channels * math.prod(out_sp), "level": "A",
-                         "options": {"conv": conv_geo.to_dict(tuple(input_spatial)),
-                                     "x_bound": x_bound, "mask_bits": mask_bits}}
+                         "options": {**opts, "conv": conv_geo.to_dict(tuple(input_spatial))}}
         else:
             agreement = {"batch_size": batch_size, "d_in": d_in, "d_out": d_out, "level": "A",
-                         "options": {"x_bound": x_bound, "mask_bits": mask_bits}}
-        est = estimate_step_bytes({**agreement, "params": p.to_dict()})
+                         "options": opts}
+        try:
+            est = estimate_step_bytes({**agreement, "params": p.to_dict()})
+        except ConfigError as exc:  # options that do not fit these parameters
+            return [*problems, str(exc)]
         mb = (est["bytes_up"] + est["bytes_down"]) / 2**20
         if mb > max_step_mb:
             problems.append(

@@ -204,8 +204,10 @@ def _input_shape(layer: nn.Module, input_shape: Any) -> tuple[tuple[int, ...], l
 
 def explain(plan: SplitPlan, *, level: str = "A", batch_size: int = 64,
             params: dict[str, Any] | None = None,
-            input_shape: tuple[int, ...] | None = None) -> list[str]:
+            input_shape: tuple[int, ...] | None = None, **options: Any) -> list[str]:
     """Why ``plan`` cannot be protected (empty list if it can), and what to change.
+
+    ``params`` and ``options`` are those :func:`protect` would get.
 
     Supported: vanilla or U-shaped plans whose model-owner segment after the cut starts with
     ``nn.Linear`` (after an optional ``nn.Flatten``), ``nn.Conv1d`` or ``nn.Conv2d`` (groups=1,
@@ -243,7 +245,7 @@ def explain(plan: SplitPlan, *, level: str = "A", batch_size: int = 64,
         return [*problems, f"bad CKKS parameters {params}: {exc}"]
     spatial = shape[1:] if isinstance(layer, _CONVS) and shape else None
     problems += explain_unprotectable(layer, batch_size=batch_size, params=ckks,
-                                      input_spatial=spatial)
+                                      input_spatial=spatial, options=options)
     return problems
 
 
@@ -271,7 +273,7 @@ def protect(plan: SplitPlan, *, level: str = "A", lr: float = 0.05, batch_size: 
     Raises :class:`ConfigError` explaining why the plan cannot be protected.
     """
     problems = explain(plan, level=level, batch_size=batch_size, params=params,
-                       input_shape=input_shape)
+                       input_shape=input_shape, **options)
     if problems:
         raise ConfigError("cannot protect this plan:\n  - " + "\n  - ".join(problems))
     inputs = [i for i, n in enumerate(plan.nodes) if not n.inputs]

@@ -198,3 +198,16 @@ def test_protect_explains_what_cannot_be_protected() -> None:
         protect(two, level="C")
     with pytest.raises(ConfigError, match="level-B agreement"):
         protect(two, level="A", momentum=0.9)
+
+
+def test_explain_checks_the_options_protect_gets() -> None:
+    """Smaller parameters need matching options: explain() judges the options given."""
+    plan = SplitPlan.vanilla(split_model(_model(), "2"), "h")
+    small = {"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": (43, 25, 41),
+             "global_scale_bits": 25}
+    assert any("flood_bits" in p for p in explain(plan, batch_size=8, params=small))
+    assert explain(plan, batch_size=8, params=small, flood_bits=21) == []
+    assert any("mask_bits" in p for p in explain(plan, batch_size=8, params=small,
+                                                  flood_bits=21, mask_bits=16))
+    protected = protect(plan, batch_size=8, params=small, flood_bits=21)
+    assert protected.encrypted.options["flood_bits"] == 21
