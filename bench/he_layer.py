@@ -21,8 +21,10 @@ dW = x^T delta, dL/dx = delta W^T; same inputs, same CKKS parameters N=8192, pri
   (``ckks_tensor_extrapolated_* = 0``).
 
 Digits step: ``syft_split.models.digits_cnn`` cut at ``"pool2"``, fc1 (128 -> 64) encrypted,
-level A, batch 32, Adam, in-process transport, one process, one torch thread; blocks of
-plain and protected steps alternate so both see the same machine load; medians of the blocks.
+level A, batch 32, Adam, in-process transport, one torch thread. ``protected_step_s_*``:
+the model owner's ciphertext products split over two processes (``workers=2``: both
+cores); ``*_one_core``: one process (``workers=1``). Blocks of plain and protected steps
+alternate so all see the same machine load; medians of the blocks.
 The per-step breakdown (encryption, (de)serialization, model-owner compute, decryption,
 bytes, messages, round trips, key switches beside the packing's minimum) comes from the
 run report's ``he`` costs. The demo's own cut (``"pool1"``, Conv2d(16, 32, 3) encrypted) is
@@ -222,7 +224,8 @@ def bench_anchors(shapes: list[tuple[int, int, int]], reps: int, budget_s: float
 
 
 # ----------------------------------------------------------------------------- digits step
-def _digits_session(cut: str, protected: bool, parties: dict[str, Any]) -> Any:
+def _digits_session(cut: str, protected: bool, parties: dict[str, Any],
+                    workers: int = 1) -> Any:
     from syft_split import OptimizerSpec, SplitPlan, SplitSession, split_model
     from syft_split.deploy import inprocess
     from syft_split.he import protect
@@ -232,7 +235,7 @@ def _digits_session(cut: str, protected: bool, parties: dict[str, Any]) -> Any:
     plan = SplitPlan.vanilla(split_model(digits_cnn(), cut), "h")
     if protected:
         shape = (16, 4, 4) if cut == "pool1" else None
-        plan = protect(plan, level="A", batch_size=32, input_shape=shape)
+        plan = protect(plan, level="A", batch_size=32, input_shape=shape, workers=workers)
     dep = inprocess(parties)
     session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("adam", lr=1e-2))
     dep.approve_all(session.propose())
@@ -245,15 +248,18 @@ def bench_digits_step(cut: str, blocks: int, steps: int) -> dict[str, float]:
 
     (d,) = digits_parties(1)
     parties = {"h": {"train": (d.x_train, d.y_train), "test": (d.x_test, d.y_test)}}
-    sessions = {p: _digits_session(cut, p, parties) for p in (False, True)}
-    counter = {False: 0, True: 0}
+    # "he": both cores (the model owner's products split over 2 processes); "he1": one core
+    sessions = {"plain": _digits_session(cut, False, parties),
+                "he": _digits_session(cut, True, parties, workers=2),
+                "he1": _digits_session(cut, True, parties, workers=1)}
+    counter = dict.fromkeys(sessions, 0)
 
-    def run(protected: bool, n: int) -> float:
-        s = sessions[protected]
+    def run(kind: str, n: int) -> float:
+        s = sessions[kind]
         t0 = time.perf_counter()
         for _ in range(n):
-            i = counter[protected]
-            counter[protected] += 1
+            i = counter[kind]
+            counter[kind] += 1
             idx = (torch.arange(32) + 32 * i) % len(d.y_train)
             s.zero_grad()
             loss, _ = s.loss("h", idx, d.y_train[idx])
@@ -261,18 +267,21 @@ def bench_digits_step(cut: str, blocks: int, steps: int) -> dict[str, float]:
             s.step()
         return (time.perf_counter() - t0) / n
 
-    run(False, 3)
-    run(True, 3)
-    plain, he = [], []
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for kind in sessions:
+        run(kind, 3)
     for _ in range(blocks):
-        plain.append(run(False, steps * 4))
-        he.append(run(True, steps))
-    costs = sessions[True].he.costs()
+        for kind in sessions:
+            times[kind].append(run(kind, steps * 4 if kind == "plain" else steps))
+    costs = sessions["he"].he.costs()
     n = costs["model_owner.h.steps"]
-    p_s, h_s = statistics.median(plain), statistics.median(he)
+    p_s, h_s, h1_s = (statistics.median(times[k]) for k in ("plain", "he", "he1"))
     tag = "digits" if cut == "pool2" else "demo_pool1"
     out = {f"protected_step_s_{tag}": h_s, f"plain_step_s_{tag}": p_s,
            f"ratio_protected_vs_plain_{tag}": h_s / p_s,
+           f"protected_step_s_{tag}_one_core": h1_s,
+           f"ratio_protected_vs_plain_{tag}_one_core": h1_s / p_s,
+           f"he_workers_{tag}": 2.0,
            f"keyswitches_per_step_{tag}": costs["model_owner.h.last_rotations"],
            f"keyswitches_min_per_step_{tag}": costs["model_owner.h.last_keyswitches_min"],
            f"multiplications_per_step_{tag}": costs["model_owner.h.last_multiplications"],

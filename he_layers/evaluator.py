@@ -11,6 +11,7 @@ See :mod:`he_layers.packing` for the layouts.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -85,11 +86,13 @@ class MatmulEvaluator:
         return block[rows_idx, cols_idx]
 
     def matmul(self, cts: list[Any], p: np.ndarray, layout: Layout, *,
-               rescale: bool = True) -> list[Any]:
+               rescale: bool = True, chunks: Sequence[int] | None = None) -> list[Any]:
         """``Enc(M) @ p`` for input ciphertexts in ``layout``; one level, output at level 0.
 
         ``rescale=False`` keeps the output at the input's level with scale Delta*q1: twice
         the bytes, but no rescale rounding (absolute error ~1e-10 instead of ~1e-8).
+        ``chunks``: compute only these output chunks (the others stay None in the returned
+        list, index ``r * out_chunks + j``); :mod:`he_layers.workers` splits a product so.
         """
         if len(cts) != layout.n_inputs:
             raise CiphertextError(
@@ -114,7 +117,9 @@ class MatmulEvaluator:
                 chain = baby[r][i]
                 chain += [self._rotate(chain[0], k * lanes) for k in range(len(chain), g)]
         out: list[Any] = [None] * (rc * oc)
-        for j in range(oc):
+        for j in (range(oc) if chunks is None else chunks):
+            if not 0 <= j < oc:
+                raise ShapeError(f"output chunk {j} outside 0..{oc - 1}")
             diags = [self._diagonals(layout, padded[i * per:(i + 1) * per, j * ow:(j + 1) * ow])
                      for i in range(cc)]
             acc: list[Any] = [None] * rc

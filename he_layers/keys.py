@@ -164,6 +164,8 @@ class ServerContext:
         self.seal_context = context.seal_context().data
         self.layouts: dict[str, Layout] = spec.layouts(params)
         self.evaluator = MatmulEvaluator(self.seal_context, galois_keys)
+        #: the public bytes this context was loaded from (for :mod:`he_layers.workers`)
+        self.public_bytes = b""
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ServerContext:
@@ -229,7 +231,9 @@ class ServerContext:
         missing = [s for s in steps if not (blobs[1] and gk.has_key(galois_element(s, n)))]
         if missing:
             raise HEError(f"public context lacks Galois keys for rotation steps {missing}")
-        return cls(params, spec, ctx, gk, fingerprint(bytes(data)))
+        out = cls(params, spec, ctx, gk, fingerprint(bytes(data)))
+        out.public_bytes = bytes(data)
+        return out
 
     def is_private(self) -> bool:
         """Always False (a private context is refused at load time)."""

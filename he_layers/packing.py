@@ -55,6 +55,7 @@ COST_MS: dict[str, float] = {
     "decrypt": 0.25,
     "ser": 1.0,
     "per_key": 0.3,
+    "worker_call": 0.5,
 }
 
 
@@ -185,15 +186,35 @@ class Layout:
         gs = [1 << i for i in range(int(math.log2(self.width)) + 1)]
         return min(self.keyswitches(g, False) for g in gs)
 
-    def estimate_ms(self) -> float:
-        """Cost model (single core, N=8192 constants) of one product, incl. enc/dec/bytes."""
+    def chunk_owner(self, j: int, workers: int) -> int:
+        """Which of ``workers`` processes computes output chunk ``j`` (0: the model owner's
+        own process; chunks go round-robin, see :mod:`he_layers.workers`)."""
+        return j % max(1, min(workers, self.out_chunks))
+
+    def estimate_ms(self, workers: int = 1) -> float:
+        """Cost model (N=8192 constants) of one product, incl. enc/dec/bytes; the server's
+        output chunks split over ``workers`` processes (1: one core)."""
         c = COST_MS
         scale = self.slots / 4096
         rc = self.row_chunks
         nnz = self.nonzero_diagonals()
         enc = c["encode_scalar"] if self.features == 1 else c["encode_vector"]
-        ms = nnz * enc + rc * nnz * (c["multiply_plain"] + c["add"])
-        ms += self.keyswitches() * c["rotate"]
+        k = max(1, min(workers, self.out_chunks))
+        if k == 1:
+            ms = nnz * enc + rc * nnz * (c["multiply_plain"] + c["add"])
+            ms += self.keyswitches() * c["rotate"]
+        else:  # every process rotates the inputs; the chunks' work runs side by side
+            per_chunk = self._nonzero_per_block().sum(axis=0)
+            giant = rc * (self.width // self.baby - 1) if self.features > 1 else 0
+            work = [0.0] * k
+            for j, n in enumerate(per_chunk):
+                work[self.chunk_owner(j, k)] += (n * enc + rc * n * (c["multiply_plain"]
+                                                 + c["add"]) + giant * c["rotate"])
+            baby = 0 if self.client_baby or self.features == 1 else (
+                rc * self.col_chunks * (self.baby - 1))
+            chunks = -(-self.out_chunks // k)
+            ipc = (self.n_inputs + rc * chunks) * c["ser"] + c["worker_call"]
+            ms = baby * c["rotate"] + max(work[0], max(work[1:]) + ipc)
         ms += self.n_outputs * (c["rescale"] + c["encode_vector"] + c["add"])  # + masks
         ms += self.n_inputs * (c["encrypt"] + c["ser"]) + self.n_outputs * (c["decrypt"] + c["ser"])
         return ms * scale + len(self.rotation_steps()) * c["per_key"]
@@ -285,28 +306,30 @@ def _check_shape(what: str, m: np.ndarray, shape: tuple[int, int]) -> None:
 
 
 def choose_layout(rows: int, cols: int, out_cols: int, poly_modulus_degree: int,
-                  client_baby: bool = False) -> Layout:
+                  client_baby: bool = False, workers: int = 1) -> Layout:
     """Pick the cheapest layout for ``Enc(M) @ P`` with M (rows x cols), P (cols x out_cols).
 
     Candidates: every power-of-two lane count L (F = N/2 / L), period ``min(F, C)`` rounded
     up to a power of two (replicating narrow inputs), every width w and baby-step count g,
     and the one-feature-per-ciphertext layout; :meth:`Layout.estimate_ms` decides.
     Deterministic: both parties derive the same layout. ``client_baby``: the data owner
-    encrypts the baby-step rotations (see :class:`Layout`).
+    encrypts the baby-step rotations (see :class:`Layout`). ``workers``: processes the model
+    owner splits the output chunks over (:meth:`Layout.estimate_ms`).
     """
-    for name, v in (("rows", rows), ("cols", cols), ("out_cols", out_cols)):
+    for name, v in (("rows", rows), ("cols", cols), ("out_cols", out_cols),
+                    ("workers", workers)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ShapeError(f"Expected `{name}` to be a positive int but got {v!r}")
-    return _choose(rows, cols, out_cols, poly_modulus_degree, bool(client_baby))
+    return _choose(rows, cols, out_cols, poly_modulus_degree, bool(client_baby), workers)
 
 
 @lru_cache(maxsize=256)
 def _choose(rows: int, cols: int, out_cols: int, poly_modulus_degree: int,
-            client_baby: bool) -> Layout:
+            client_baby: bool, workers: int) -> Layout:
     n = poly_modulus_degree // 2
     half_rows = -(-rows // 2)
     best = Layout(rows, cols, out_cols, n, min(n, half_rows), 1, 1, 1, 1)
-    best_ms = best.estimate_ms()
+    best_ms = best.estimate_ms(workers)
     lanes = 1
     while lanes <= min(n // 2, _pow2_ceil(half_rows)):
         f = n // lanes
@@ -316,7 +339,7 @@ def _choose(rows: int, cols: int, out_cols: int, poly_modulus_degree: int,
             g = 1
             while g <= w:
                 cand = Layout(rows, cols, out_cols, n, lanes, f, g, period, w, client_baby)
-                ms = cand.estimate_ms()
+                ms = cand.estimate_ms(workers)
                 if ms < best_ms:
                     best, best_ms = cand, ms
                 g *= 2

@@ -33,6 +33,7 @@ from .keys import ServerContext
 from .packing import Layout
 from .spec import LayerSpec
 from .wire import array_from_bytes, array_to_bytes, decode_frame, encode_frame
+from .workers import parallel_matmul
 
 __all__ = ["HEServer"]
 
@@ -185,7 +186,11 @@ class HEServer:
         ev = ctx.evaluator
         before = Counter(ev.counts)
         with self.costs.timed("server_s"):
-            out = ev.matmul(cts, p, layout, rescale=rescale)
+            if self.spec.workers > 1:
+                out = parallel_matmul(ctx, cts, blobs, p, layout, rescale=rescale,
+                                      workers=self.spec.workers)
+            else:
+                out = ev.matmul(cts, p, layout, rescale=rescale)
             masks = self._rnd.complex_uniform(layout.mask_shape, 2.0**self.spec.mask_bits)
             assert masks is not None
             if zero_sum:

@@ -44,6 +44,9 @@ class LayerSpec:
         momentum, weight_decay: level B: the weight follows ``torch.optim.SGD(lr, momentum,
             weight_decay)`` (no dampening, no Nesterov); both parties need them to keep
             ``W_s + A`` on that trajectory. Ignored at level A (any optimizer there).
+        workers: processes the model owner splits each product over (1: one core; 2 also
+            uses a second core, see :mod:`he_layers.workers`). Agreed because it shapes the
+            layouts (the output chunks the processes share).
         conv: a convolution's geometry (:meth:`ConvAsLinear.to_dict` plus
             ``input_spatial``), or None for a Linear. The data owner unfolds (im2col) its
             activation before encrypting; the product has ``batch_size * L_out`` rows.
@@ -62,6 +65,7 @@ class LayerSpec:
     initial_share: float = 0.0
     momentum: float = 0.0
     weight_decay: float = 0.0
+    workers: int = 1
     conv: dict[str, Any] | None = field(default=None, hash=False)
 
     # -- the matrix product behind the layer ---------------------------------------
@@ -124,6 +128,9 @@ class LayerSpec:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and 0 <= v and v < hi):
                 raise ConfigError(f"Expected `{name}` in [0, {hi}) but got {v!r}")
+        if not (isinstance(self.workers, int) and not isinstance(self.workers, bool)
+                and 1 <= self.workers <= 8):
+            raise ConfigError(f"Expected `workers` in 1..8 but got {self.workers!r}")
         if not (math.isfinite(self.x_bound) and self.x_bound > 0):
             raise ConfigError(f"Expected `x_bound` > 0 but got {self.x_bound!r}")
         if not (math.isfinite(self.share_bound) and self.share_bound > 0):
@@ -186,11 +193,12 @@ class LayerSpec:
         n = params.poly_modulus_degree
         rows, d_in, d_out = self.rows, self.mat_in, self.mat_out
         out = {
-            "forward": choose_layout(rows, d_in, d_out, n),
-            "grad": choose_layout(d_in, rows, d_out, n, client_baby=True),
+            "forward": choose_layout(rows, d_in, d_out, n, workers=self.workers),
+            "grad": choose_layout(d_in, rows, d_out, n, client_baby=True,
+                                  workers=self.workers),
         }
         if self.level == "B":
-            out["input_grad"] = choose_layout(d_in, d_out, rows, n)
+            out["input_grad"] = choose_layout(d_in, d_out, rows, n, workers=self.workers)
         return out
 
     def rotation_steps(self, params: CKKSParams) -> list[int]:
@@ -224,6 +232,7 @@ class LayerSpec:
                 initial_share=float(d.get("initial_share", 0.0)),
                 momentum=float(d.get("momentum", 0.0)),
                 weight_decay=float(d.get("weight_decay", 0.0)),
+                workers=int(d.get("workers", 1)),
                 conv=None if conv is None else dict(conv),
             )
         except (KeyError, TypeError, ValueError) as exc:
