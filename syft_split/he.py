@@ -264,7 +264,8 @@ def protect(plan: SplitPlan, *, level: str = "A", lr: float = 0.05, batch_size: 
         input_shape: the activation shape per record at the cut; required for a
             convolution (e.g. ``(16, 4, 4)``).
         options: :class:`he_layers.LayerSpec` fields, e.g. ``x_bound``, ``initial_share``,
-            level B ``momentum`` / ``weight_decay``.
+            level B ``momentum`` / ``weight_decay``, ``workers=2`` (the model owner's
+            ciphertext products split over a second process: both cores).
 
     Level B replaces the segment's optimizer for the encrypted weight by the agreed
     ``SGD(lr, momentum, weight_decay)``: a ``UserWarning`` says so and the agreement's
