@@ -68,8 +68,28 @@ def mse_grad(target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return grad
 
 
+def check_step(client: HEClient, server: HEServer, linear: nn.Linear, level: str) -> None:
+    """One MSE step through the protocol equals autograd on ``linear`` (within 1e-5): z,
+    dL/dx, the bias gradient and, at level A, the weight gradient (level B: the server only
+    sees dW + eps/lr, far from dW)."""
+    b, d_in, d_out = server.spec.batch_size, server.spec.d_in, server.spec.d_out
+    x = torch.randn(b, d_in, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(b, d_out, dtype=torch.float64)
+    torch.nn.functional.mse_loss(linear(x), target).backward()
+    z, dx, gw, gb = step(client, server, x.detach(), mse_grad(target))
+    assert rel_err(z, linear(x)) < 1e-5
+    assert x.grad is not None and rel_err(dx, x.grad) < 1e-5
+    assert gb is not None and linear.bias.grad is not None
+    assert rel_err(gb, linear.bias.grad) < 1e-5
+    if level == "A":
+        assert rel_err(gw, linear.weight.grad) < 1e-5
+    else:
+        assert (gw - linear.weight.grad).abs().max() > 1.0
+
+
 @pytest.fixture
 def kit() -> SimpleNamespace:
-    """``kit.make_parties``, ``kit.forward``, ``kit.step``, ``kit.mse_grad``, ``kit.rel_err``."""
+    """``kit.make_parties``, ``kit.forward``, ``kit.step``, ``kit.check_step``,
+    ``kit.mse_grad``, ``kit.rel_err``."""
     return SimpleNamespace(make_parties=make_parties, forward=forward, step=step,
-                           mse_grad=mse_grad, rel_err=rel_err)
+                           check_step=check_step, mse_grad=mse_grad, rel_err=rel_err)
