@@ -177,7 +177,12 @@ def parallel_matmul(ctx: Any, cts: list[Any], blobs: list[bytes], p: np.ndarray,
                 sent[w] = (proc, replies)
             except (OSError, ValueError):
                 the_pool.drop(proc)
-        out = ev.matmul(cts, p, layout, rescale=rescale, chunks=mine)
+        try:
+            out = ev.matmul(cts, p, layout, rescale=rescale, chunks=mine)
+        except BaseException:  # their replies would be read as the next product's: drop them
+            for proc, _ in sent.values():
+                the_pool.drop(proc)
+            raise
         rc, oc = layout.row_chunks, layout.out_chunks
         for w, chunks in theirs.items():
             results: list[Any] | None = None

@@ -103,3 +103,17 @@ def test_the_worker_forgets_old_contexts_as_the_model_owner_expects(
     worker.hold(other[0].context_id)
     parallel_matmul(*other[:3], p, other[3], rescale=True, workers=2)
     assert pool().failures == failures + 1
+
+
+def test_an_error_here_leaves_no_stale_reply_behind(kit: SimpleNamespace) -> None:
+    """The model owner's own chunks fail (a matrix of the wrong shape): the worker that was
+    already sent the product is dropped, so its reply cannot answer the next product."""
+    ctx, cts, blobs, layout = _inputs(kit)
+    p = np.random.default_rng(4).standard_normal((SHAPE[1], SHAPE[2])) * 0.1
+    parallel_matmul(ctx, cts, blobs, p, layout, rescale=True, workers=2)
+    [worker] = pool().workers(1)
+    with pytest.raises(Exception, match="plain matrix"):
+        parallel_matmul(ctx, cts, blobs, p[:-1], layout, rescale=True, workers=2)
+    assert worker.proc.poll() is not None
+    got = parallel_matmul(ctx, cts, blobs, p, layout, rescale=True, workers=2)
+    assert [to_bytes(c) for c in got] == [to_bytes(c) for c in ctx.evaluator.matmul(cts, p, layout)]
