@@ -160,7 +160,11 @@ def parallel_matmul(ctx: Any, cts: list[Any], blobs: list[bytes], p: np.ndarray,
               for w in range(1, k)}
     the_pool = pool()
     with the_pool._lock:
-        procs = the_pool.workers(k - 1)
+        try:
+            procs = the_pool.workers(k - 1)
+        except OSError:  # no process can be started here: one core it is
+            the_pool.failures += 1
+            return list(ev.matmul(cts, p, layout, rescale=rescale))
         p = np.ascontiguousarray(p, dtype=np.float64)
         sent: dict[int, tuple[_Worker, int]] = {}  # worker index -> (process, replies due)
         for w, proc in zip(theirs, procs, strict=True):

@@ -117,3 +117,17 @@ def test_an_error_here_leaves_no_stale_reply_behind(kit: SimpleNamespace) -> Non
     assert worker.proc.poll() is not None
     got = parallel_matmul(ctx, cts, blobs, p, layout, rescale=True, workers=2)
     assert [to_bytes(c) for c in got] == [to_bytes(c) for c in ctx.evaluator.matmul(cts, p, layout)]
+
+
+def test_no_worker_can_start_so_one_core_computes_it(kit: SimpleNamespace,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    ctx, cts, blobs, layout = _inputs(kit)
+    p = np.random.default_rng(5).standard_normal((SHAPE[1], SHAPE[2])) * 0.1
+    pool().close()
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    failures = pool().failures
+    got = parallel_matmul(ctx, cts, blobs, p, layout, rescale=True, workers=2)
+    assert [to_bytes(c) for c in got] == [to_bytes(c) for c in ctx.evaluator.matmul(cts, p, layout)]
+    assert pool().failures == failures + 1 and pool()._workers == []
