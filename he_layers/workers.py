@@ -36,6 +36,8 @@ _KIND = "he_worker"
 _MAX_FRAME = 1 << 31
 #: public contexts a worker keeps (oldest dropped first, on both sides alike)
 MAX_CONTEXTS = 8
+#: pipe capacity asked for (bytes): a digits-sized product's request and reply fit
+PIPE_BYTES = 1 << 20
 #: seconds the model owner waits for a worker's reply before computing the chunks itself
 REPLY_TIMEOUT = 120.0
 
@@ -58,6 +60,19 @@ def _read(stream: IO[bytes]) -> bytes | None:
     return data
 
 
+def _grow_pipe(stream: Any) -> None:
+    """Let a pipe hold a whole product's frame (Linux; elsewhere a no-op), so that the
+    sender goes on computing instead of waiting for the reader 64 KiB at a time."""
+    try:
+        import fcntl
+
+        with open("/proc/sys/fs/pipe-max-size") as fh:
+            limit = int(fh.read())
+        fcntl.fcntl(stream.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), min(limit, PIPE_BYTES))
+    except (ImportError, OSError, ValueError):
+        pass
+
+
 class _Worker:
     """One worker process and the contexts it has loaded."""
 
@@ -70,6 +85,8 @@ class _Worker:
             [sys.executable, "-c", "from he_layers.workers import main; main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env)
+        for stream in (self.proc.stdin, self.proc.stdout):  # a product's frames fit whole
+            _grow_pipe(stream)
         self.contexts: list[str] = []  # what the worker holds, in its eviction order
 
     def hold(self, cid: str) -> None:
