@@ -6,10 +6,15 @@ rotations act on the products *before* the rescale (scale Delta*q1), where the
 key-switching noise is negligible; baby-step rotations act on the fresh inputs. There are no
 fold rotations: the data owner adds the partial sums after decrypting.
 See :mod:`he_layers.packing` for the layouts.
+
+The encoded diagonals of the last plain matrix of each (layout, output chunk) are kept:
+a product with an unchanged matrix (evaluation batches, whose weights do not move) encodes
+nothing. The matrix is compared by a 128-bit BLAKE2b digest of its bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +55,8 @@ class MatmulEvaluator:
         self.rescale_prime = float(top.parms().coeff_modulus()[-1].value())
         self.counts: Counter[str] = Counter()
         self._index: dict[Layout, tuple[np.ndarray, np.ndarray]] = {}
+        #: per (layout, output chunk): the plain block's digest and its encoded diagonals
+        self._plains: dict[tuple[Layout, int], tuple[bytes, dict[tuple[int, int, int], Any]]] = {}
 
     def _ct(self) -> Any:
         return self._s.Ciphertext()
@@ -120,8 +127,12 @@ class MatmulEvaluator:
         for j in (range(oc) if chunks is None else chunks):
             if not 0 <= j < oc:
                 raise ShapeError(f"output chunk {j} outside 0..{oc - 1}")
-            diags = [self._diagonals(layout, padded[i * per:(i + 1) * per, j * ow:(j + 1) * ow])
-                     for i in range(cc)]
+            block = np.ascontiguousarray(padded[:, j * ow:(j + 1) * ow])
+            digest = hashlib.blake2b(block.tobytes(), digest_size=16).digest()
+            kept = self._plains.get((layout, j))
+            plains: dict[tuple[int, int, int], Any] = (
+                kept[1] if kept is not None and kept[0] == digest else {})
+            diags = [self._diagonals(layout, block[i * per:(i + 1) * per]) for i in range(cc)]
             acc: list[Any] = [None] * rc
             for t in reversed(range(gi)):
                 for r in range(rc):
@@ -133,7 +144,9 @@ class MatmulEvaluator:
                         vec = diags[i][g * t + s]
                         if not vec.any():
                             continue
-                        pt = self._encode(vec, layout)
+                        pt = plains.get((t, i, s))
+                        if pt is None:
+                            pt = plains[(t, i, s)] = self._encode(vec, layout)
                         for r in range(rc):
                             prod = self._ct()
                             ev.multiply_plain(baby[r][i][s], pt, prod)
@@ -157,6 +170,7 @@ class MatmulEvaluator:
                     ev.rescale_to_next_inplace(res)
                     self.counts["rescales"] += 1
                 out[r * oc + j] = res
+            self._plains[(layout, j)] = (digest, plains)
         return out
 
     def add_plain(self, cts: list[Any], y: np.ndarray, layout: Layout,

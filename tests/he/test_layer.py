@@ -149,3 +149,25 @@ def test_exact_zero_gradients_stay_zero(kit: SimpleNamespace) -> None:
     want = delta.T @ x
     assert (gw[:5] == 0).all() and (gw[:, :7] == 0).all()
     assert kit.rel_err(gw, want) < 1e-7 and z.shape == (32, 64)
+
+
+def test_an_unchanged_weight_is_encoded_once(kit: SimpleNamespace) -> None:
+    """Evaluation batches reuse the encoded weight; a weight that moved is encoded again."""
+    client, server, linear = kit.make_parties(16, 40, 12, seed=3)
+    ev = server.context.evaluator
+    xs = [torch.randn(16, 40, dtype=torch.float64) for _ in range(3)]
+    encodes = []
+    for x in xs[:2]:
+        before = ev.counts["encodes"]
+        z = kit.forward(client, server, x, need_grad=False)
+        encodes.append(ev.counts["encodes"] - before)
+        assert kit.rel_err(z, linear(x)) < 1e-5
+    outputs = server.context.layouts["forward"].n_outputs  # the masks' encodings
+    assert encodes[0] > outputs and encodes[1] == outputs
+    with torch.no_grad():
+        linear.weight[0, 0] += 0.5
+    server.set_parameters(linear.weight, linear.bias)
+    before = ev.counts["encodes"]
+    z = kit.forward(client, server, xs[2], need_grad=False)
+    assert ev.counts["encodes"] - before == encodes[0]
+    assert kit.rel_err(z, linear(xs[2])) < 1e-5
