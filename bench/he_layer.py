@@ -224,6 +224,10 @@ def bench_anchors(shapes: list[tuple[int, int, int]], reps: int, budget_s: float
 
 
 # ----------------------------------------------------------------------------- digits step
+#: processes of the protected digits steps (``*_one_core``: 1)
+WORKERS = 2
+
+
 def _digits_session(cut: str, protected: bool, parties: dict[str, Any],
                     workers: int = 1) -> Any:
     from syft_split import OptimizerSpec, SplitPlan, SplitSession, split_model
@@ -248,9 +252,9 @@ def bench_digits_step(cut: str, blocks: int, steps: int) -> dict[str, float]:
 
     (d,) = digits_parties(1)
     parties = {"h": {"train": (d.x_train, d.y_train), "test": (d.x_test, d.y_test)}}
-    # "he": both cores (the model owner's products split over 2 processes); "he1": one core
+    # "he": both cores (the model owner's products split over processes); "he1": one core
     sessions = {"plain": _digits_session(cut, False, parties),
-                "he": _digits_session(cut, True, parties, workers=2),
+                "he": _digits_session(cut, True, parties, workers=WORKERS),
                 "he1": _digits_session(cut, True, parties, workers=1)}
     counter = dict.fromkeys(sessions, 0)
 
@@ -283,7 +287,7 @@ def bench_digits_step(cut: str, blocks: int, steps: int) -> dict[str, float]:
            f"ratio_protected_vs_plain_{tag}": h_s / p_s,
            f"protected_step_s_{tag}_one_core": h1_s,
            f"ratio_protected_vs_plain_{tag}_one_core": h1_s / p_s,
-           f"he_workers_{tag}": 2.0,
+           f"he_workers_{tag}": float(WORKERS),
            f"keyswitches_per_step_{tag}": costs["model_owner.h.last_rotations"],
            f"keyswitches_min_per_step_{tag}": costs["model_owner.h.last_keyswitches_min"],
            f"multiplications_per_step_{tag}": costs["model_owner.h.last_multiplications"],

@@ -155,17 +155,18 @@ class ServerContext:
     """
 
     def __init__(
-        self, params: CKKSParams, spec: LayerSpec, context: Any, galois_keys: Any, cid: str
+        self, params: CKKSParams, spec: LayerSpec, context: Any, galois_keys: Any,
+        public_bytes: bytes,
     ) -> None:
         self.params = params
         self.spec = spec
-        self.context_id = cid
+        self.context_id = fingerprint(public_bytes)
+        #: the public bytes this context was loaded from (for :mod:`he_layers.workers`)
+        self.public_bytes = public_bytes
         self._ctx = context
         self.seal_context = context.seal_context().data
         self.layouts: dict[str, Layout] = spec.layouts(params)
         self.evaluator = MatmulEvaluator(self.seal_context, galois_keys)
-        #: the public bytes this context was loaded from (for :mod:`he_layers.workers`)
-        self.public_bytes = b""
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ServerContext:
@@ -231,9 +232,7 @@ class ServerContext:
         missing = [s for s in steps if not (blobs[1] and gk.has_key(galois_element(s, n)))]
         if missing:
             raise HEError(f"public context lacks Galois keys for rotation steps {missing}")
-        out = cls(params, spec, ctx, gk, fingerprint(bytes(data)))
-        out.public_bytes = bytes(data)
-        return out
+        return cls(params, spec, ctx, gk, bytes(data))
 
     def is_private(self) -> bool:
         """Always False (a private context is refused at load time)."""

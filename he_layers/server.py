@@ -186,11 +186,8 @@ class HEServer:
         ev = ctx.evaluator
         before = Counter(ev.counts)
         with self.costs.timed("server_s"):
-            if self.spec.workers > 1:
-                out = parallel_matmul(ctx, cts, blobs, p, layout, rescale=rescale,
-                                      workers=self.spec.workers)
-            else:
-                out = ev.matmul(cts, p, layout, rescale=rescale)
+            out = parallel_matmul(ctx, cts, blobs, p, layout, rescale=rescale,
+                                  workers=self.spec.workers)
             masks = self._rnd.complex_uniform(layout.mask_shape, 2.0**self.spec.mask_bits)
             assert masks is not None
             if zero_sum:

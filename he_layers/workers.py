@@ -161,17 +161,24 @@ def pool() -> WorkerPool:
     return _POOL
 
 
+def _positions(layout: Layout, chunks: list[int]) -> list[int]:
+    """Where the outputs of ``chunks`` sit in a product's output list, in the order a worker
+    sends them."""
+    return [r * layout.out_chunks + j for j in chunks for r in range(layout.row_chunks)]
+
+
 def parallel_matmul(ctx: Any, cts: list[Any], blobs: list[bytes], p: np.ndarray,
                     layout: Layout, *, rescale: bool, workers: int) -> list[Any]:
     """``ctx.evaluator.matmul`` with the output chunks split over ``workers`` processes.
 
     ``ctx`` is the :class:`~he_layers.keys.ServerContext`; ``blobs`` the bytes ``cts`` were
-    loaded from. The workers' operation counts are added to the evaluator's.
+    loaded from. The workers' operation counts are added to the evaluator's. With one
+    process (or one output chunk) it is ``ev.matmul`` and no worker is started.
     """
     ev = ctx.evaluator
     k = max(1, min(workers, layout.out_chunks))
     if k == 1:
-        return list(ev.matmul(cts, p, layout, rescale=rescale))
+        return ev.matmul(cts, p, layout, rescale=rescale)
     mine = [j for j in range(layout.out_chunks) if layout.chunk_owner(j, k) == 0]
     theirs = {w: [j for j in range(layout.out_chunks) if layout.chunk_owner(j, k) == w]
               for w in range(1, k)}
@@ -181,7 +188,7 @@ def parallel_matmul(ctx: Any, cts: list[Any], blobs: list[bytes], p: np.ndarray,
             procs = the_pool.workers(k - 1)
         except OSError:  # no process can be started here: one core it is
             the_pool.failures += 1
-            return list(ev.matmul(cts, p, layout, rescale=rescale))
+            return ev.matmul(cts, p, layout, rescale=rescale)
         p = np.ascontiguousarray(p, dtype=np.float64)
         sent: dict[int, tuple[_Worker, int]] = {}  # worker index -> (process, replies due)
         for w, proc in zip(theirs, procs, strict=True):
@@ -204,22 +211,20 @@ def parallel_matmul(ctx: Any, cts: list[Any], blobs: list[bytes], p: np.ndarray,
             for proc, _ in sent.values():
                 the_pool.drop(proc)
             raise
-        rc, oc = layout.row_chunks, layout.out_chunks
         for w, chunks in theirs.items():
+            where = _positions(layout, chunks)
             results: list[Any] | None = None
             if w in sent:
                 proc, replies = sent[w]
                 try:
-                    results = _results(proc, replies, ctx, len(chunks) * rc)
+                    results = _results(proc, replies, ctx, len(where))
                 except (HEError, OSError, ValueError):
                     the_pool.drop(proc)
             if results is None:  # the worker failed: the same chunks here
                 part = ev.matmul(cts, p, layout, rescale=rescale, chunks=chunks)
-                results = [part[r * oc + j] for j in chunks for r in range(rc)]
-            it = iter(results)
-            for j in chunks:
-                for r in range(rc):
-                    out[r * oc + j] = next(it)
+                results = [part[i] for i in where]
+            for i, ct in zip(where, results, strict=True):
+                out[i] = ct
     return out
 
 
@@ -258,9 +263,7 @@ def _handle(contexts: dict[str, Any], head: dict[str, Any],
     out = ev.matmul(cts, p, layout, rescale=bool(head["rescale"]), chunks=chunks)
     ops = Counter(ev.counts)
     ops.subtract(before)
-    rc, oc = layout.row_chunks, layout.out_chunks
-    results = [to_bytes(out[r * oc + j]) for j in chunks for r in range(rc)]
-    return {"counts": dict(ops)}, results
+    return {"counts": dict(ops)}, [to_bytes(out[i]) for i in _positions(layout, chunks)]
 
 
 def main() -> None:

@@ -94,7 +94,9 @@ class _CallThreads:
     (what an in-process data owner computes runs single-threaded). Measured, plain
     in-process digits step: 11 ms with a new thread per call, 2.8 ms with reused threads,
     1.7 ms with reused single-threaded ones, 1.5 ms without a watchdog. A call that times
-    out keeps its thread busy; the next call then gets a new one.
+    out keeps its thread busy; the next call then gets a new one. (Not a
+    ``ThreadPoolExecutor``: its threads are joined at interpreter exit, so one hung call
+    would hang the exit; these are daemon threads.)
     """
 
     def __init__(self) -> None:
