@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -23,10 +24,27 @@ HTTP_KINDS = [*DEPLOY_KINDS, "http"]
 
 
 def deployment_of(kind: str, parties: PartyDatasets, **kwargs: object) -> Deployment:
-    """A deployment of ``kind`` (one of HTTP_KINDS), for module-scoped fixtures."""
+    """A deployment of ``kind`` (one of HTTP_KINDS)."""
     if kind == "inprocess":
         return deploy.inprocess(parties, **kwargs)  # type: ignore[arg-type]
     return deploy.datasites(parties, http=kind == "http", **kwargs)
+
+
+def close_checked(dep: Deployment) -> None:
+    """Close ``dep``; its datasites' data folders must be gone afterwards."""
+    dirs = [s.data_dir for s in getattr(dep.transport, "datasites", {}).values()]
+    dep.close()
+    assert not any(os.path.exists(d) for d in dirs if d), "datasite data left behind"
+
+
+@contextmanager
+def deployed(kind: str, parties: PartyDatasets, **kwargs: object) -> Iterator[Deployment]:
+    """:func:`deployment_of`, closed (checked) on exit: for module-scoped fixtures."""
+    dep = deployment_of(kind, parties, **kwargs)
+    try:
+        yield dep
+    finally:
+        close_checked(dep)
 
 
 def _factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Deployment]]:
@@ -40,9 +58,7 @@ def _factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Deploymen
     level = logging.getLogger().level
     yield factory
     for dep in made:
-        dirs = [s.data_dir for s in getattr(dep.transport, "datasites", {}).values()]
-        dep.close()
-        assert not any(os.path.exists(d) for d in dirs if d), "datasite data left behind"
+        close_checked(dep)
     logging.getLogger().setLevel(level)
 
 
@@ -59,7 +75,12 @@ def make_deployment_http(request: pytest.FixtureRequest) -> Iterator[Callable[..
     yield from _factory(request)
 
 
-@pytest.fixture
-def toy_data() -> tuple[torch.Tensor, torch.Tensor]:
+def toy_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """96 random 1x8x8 images and labels, always the same (seed 0)."""
     g = torch.Generator().manual_seed(0)
     return torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 10, (96,), generator=g)
+
+
+@pytest.fixture
+def toy_data() -> tuple[torch.Tensor, torch.Tensor]:
+    return toy_tensors()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from syft_split import DATA_OWNER, OptimizerSpec, SplitPlan, SplitSession, split
 from syft_split.deploy import Deployment
 from syft_split.models import digits_cnn
 
-from .conftest import DEPLOY_KINDS, HTTP_KINDS, deployment_of
+from .conftest import DEPLOY_KINDS, HTTP_KINDS, deployed, toy_tensors
 
 OPTIMIZERS = {
     "sgd_momentum": OptimizerSpec("sgd", lr=0.05, momentum=0.9),
@@ -45,33 +46,25 @@ def split_weights(session: SplitSession, dep, party: str) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def sites() -> Iterator[Callable[[str], Deployment]]:
     """``sites(kind)``: one clinic + lab deployment per kind for the whole module (each run
-    proposes its own segments), on the conftest ``toy_data``."""
+    proposes its own segments), on the conftest ``toy_tensors``."""
     made: dict[str, Deployment] = {}
+    with ExitStack() as stack:
 
-    def get(kind: str) -> Deployment:
-        if kind not in made:
-            x, y = _toy()
-            made[kind] = deployment_of(kind, {"clinic": {"train": (x, y), "test": (x[:8], y[:8])},
-                                      "lab": {}})
-        return made[kind]
+        def get(kind: str) -> Deployment:
+            if kind not in made:
+                x, y = toy_tensors()
+                made[kind] = stack.enter_context(deployed(
+                    kind, {"clinic": {"train": (x, y), "test": (x[:8], y[:8])}, "lab": {}}))
+            return made[kind]
 
-    try:
         yield get
-    finally:
-        for dep in made.values():
-            dep.close()
-
-
-def _toy() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)  # as conftest's toy_data
-    return torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 10, (96,), generator=g)
 
 
 @pytest.mark.parametrize("where", DEPLOY_KINDS)
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("kind, cuts", CASES)
 def test_split_training_equals_unsplit(sites, where, kind, cuts, opt_name) -> None:
-    x, y = _toy()
+    x, y = toy_tensors()
     torch.manual_seed(1)
     model = digits_cnn(channels=4, hidden=16)
     reference = copy.deepcopy(model)

@@ -14,7 +14,7 @@ from syft_split import MODEL_OWNER, OptimizerSpec, SplitPlan, SplitSession
 from syft_split.deploy import Deployment
 from syft_split.topology import ALIGNED
 
-from .conftest import DEPLOY_KINDS, deployment_of
+from .conftest import DEPLOY_KINDS, deployed
 
 OPT = {"sgd_momentum": OptimizerSpec("sgd", lr=0.05, momentum=0.9),
        "adam": OptimizerSpec("adam", lr=1e-2)}
@@ -55,12 +55,9 @@ COLUMNS = {"bank": slice(0, 10), "insurer": slice(10, 20), "shop": slice(20, 30)
 def three_banks(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     """Three vertical parties, shared by every merge and optimizer (one proposal each)."""
     x, _ = _breast_cancer()
-    dep = deployment_of(request.param, {p: {"train": (x[:, c], None), "test": (x[:64, c], None)}
-                                for p, c in COLUMNS.items()})
-    try:
+    with deployed(request.param, {p: {"train": (x[:, c], None), "test": (x[:64, c], None)}
+                                  for p, c in COLUMNS.items()}) as dep:
         yield dep
-    finally:
-        dep.close()
 
 
 @pytest.mark.parametrize("opt_name", sorted(OPT))

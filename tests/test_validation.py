@@ -30,7 +30,7 @@ from syft_split import (
 )
 from syft_split.models import digits_cnn
 
-from .conftest import DEPLOY_KINDS, deployment_of
+from .conftest import DEPLOY_KINDS, deployed
 
 PARTY = "clinic"
 ACT = (8, 4, 4, 4)  # batch 8 of the first segment's (4, 4, 4) activation
@@ -92,12 +92,9 @@ def deployment(request: pytest.FixtureRequest) -> Iterator[Any]:
     """One deployment per kind for every case (each run proposes its own segment)."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
-    dep = deployment_of(request.param, {PARTY: {"train": (x, y), "test": (x, y)}},
-                max_request_bytes=1_000_000)
-    try:
+    with deployed(request.param, {PARTY: {"train": (x, y), "test": (x, y)}},
+                  max_request_bytes=1_000_000) as dep:
         yield dep
-    finally:
-        dep.close()
 
 
 def _run(dep: Any, bad: Callable[[Any, str], Any] | None,
