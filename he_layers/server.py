@@ -143,6 +143,16 @@ class HEServer:
                 "rescale the inputs or use a larger first prime"
             )
 
+    def is_current(self, msg: bytes) -> bool:
+        """Whether an encrypted input ``msg`` is bound to this server's public context (False:
+        the data owner made new keys, e.g. after a restart). A malformed message counts as
+        current: :meth:`forward` refuses it with its own error."""
+        try:
+            head, _ = decode_frame(msg, ENC_INPUT)
+        except CiphertextError:
+            return True
+        return bool(head.get("ctx") == self.context.context_id)
+
     def _receive(self, msg: bytes, kind: str) -> tuple[dict[str, Any], list[bytes]]:
         with self.costs.timed("ser_s"):
             head, blobs = decode_frame(msg, kind)

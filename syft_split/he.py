@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, HEError, ProtocolError
 
 if TYPE_CHECKING:
     from .remote import RemoteSegment
@@ -323,6 +323,12 @@ class HEState:
     Level A: before every forward the servers load the current parameters of
     ``enc.module`` (trained by the segment's optimizer), and every backward accumulates
     dW and db into their ``.grad``. Level B: the servers' shares follow the agreed SGD.
+
+    A level-A data owner that restarts comes back with fresh keys: an encrypted input bound to
+    another public context makes this side fetch the new one (``rekeys``), and a step the
+    restart cut is run again from its forward (same records, same weights). If the data owner
+    had applied that step before restarting, its answer is lost: the encrypted layer skips that
+    one update (``lost_steps``, with a warning) instead of applying the step twice.
     """
 
     def __init__(self, session: _Session, enc: EncryptedLayer) -> None:
@@ -330,6 +336,10 @@ class HEState:
         self.enc = enc
         self.servers: dict[str, Any] = {}
         self.round_trips: dict[str, int] = {}
+        self.rekeys: dict[str, int] = {}
+        self.lost_steps: dict[str, int] = {}
+        self._steps: dict[str, int] = {}  # the data owner's optimizer steps, as last known
+        self._last: dict[str, tuple[torch.Tensor, str | None]] = {}  # last training forward
         bias = getattr(enc.module, "bias", None)
         self.weight = cast(torch.Tensor, enc.module.weight).detach().clone().double()
         self.bias = None if bias is None else bias.detach().clone().double()
@@ -359,13 +369,26 @@ class HEState:
                                                           **fields)
         return out
 
-    def server(self, source: str) -> Any:
+    def _connect(self, source: str) -> bool:
+        """(Re)build ``source``'s server on the public context its data owner holds now;
+        True if that context is new (first use, or fresh keys after a restart)."""
         from he_layers import HEServer, ServerContext
 
+        raw = self._call(source, "he_context")["context"]
+        ctx = ServerContext.from_bytes(raw)  # refuses a context holding a secret key
+        old = self.servers.get(source)
+        if old is not None and old.context.context_id == ctx.context_id:
+            return False
+        server = self.servers[source] = HEServer(ctx, self.weight, self.bias)
+        if old is not None:  # fresh keys: the run's costs go on in the same meter
+            self.rekeys[source] = self.rekeys.get(source, 0) + 1
+            server.costs = old.costs
+        return True
+
+    def server(self, source: str) -> Any:
         if source not in self.servers:
-            raw = self._call(source, "he_context")["context"]
-            ctx = ServerContext.from_bytes(raw)  # refuses a context holding a secret key
-            self.servers[source] = HEServer(ctx, self.weight, self.bias)
+            self._connect(source)
+            self._steps[source] = int(self._call(source, "status")["steps"])
         server = self.servers[source]
         if self.enc.level == "A":
             module = self.enc.module
@@ -375,19 +398,50 @@ class HEState:
         return server
 
     def forward(self, source: str, indices: torch.Tensor, dataset: str | None,
-                train: bool) -> torch.Tensor:
+                train: bool, *, again: bool = True) -> torch.Tensor:
         server = self.server(source)
         fields: dict[str, Any] = {"indices": indices.to(torch.int64), "train": train}
         if dataset is not None:
             fields["dataset"] = dataset
         msg = self._call(source, "forward", **fields)["he_input"]
-        back = self._call(source, "he_output", msg=server.forward(msg))["msg"]
+        if not server.is_current(msg) and self._connect(source):  # restarted: fresh keys
+            server = self.server(source)
+        try:
+            back = self._call(source, "he_output", msg=server.forward(msg))["msg"]
+        except (ProtocolError, HEError):
+            if not again or not self._connect(source):
+                raise
+            return self.forward(source, indices, dataset, train, again=False)  # cut by a restart
+        if train:
+            self._last[source] = (indices, dataset)
         return cast(torch.Tensor, server.receive_output(back)).to(torch.float32)
 
+    def _grad(self, source: str, delta: torch.Tensor) -> bytes | None:
+        """The data owner's answer to this step's gradient message; after a restart that cut
+        the step, the step again from its forward (None: it had applied it already)."""
+        msg = self.servers[source].backward(delta.detach().double())
+        try:
+            return cast(bytes, self._call(source, "he_grad", msg=msg)["msg"])
+        except (ProtocolError, HEError):
+            if not self._connect(source):
+                raise
+        if int(self._call(source, "status")["steps"]) > self._steps[source]:
+            self.lost_steps[source] = self.lost_steps.get(source, 0) + 1
+            self._steps[source] += 1
+            warnings.warn(f"{source} applied an encrypted step and restarted before its answer "
+                          "arrived: the encrypted layer skips that update", UserWarning,
+                          stacklevel=4)
+            return None
+        self.forward(source, *self._last[source], train=True, again=False)
+        msg = self.servers[source].backward(delta.detach().double())
+        return cast(bytes, self._call(source, "he_grad", msg=msg)["msg"])
+
     def backward(self, source: str, delta: torch.Tensor) -> None:
+        back = self._grad(source, delta)
+        if back is None:
+            return
+        self._steps[source] += 1
         server = self.servers[source]
-        msg = server.backward(delta.detach().double())
-        back = self._call(source, "he_grad", msg=msg)["msg"]
         gw, gb = server.receive_gradients(back)
         if self.enc.level == "A":
             module = self.enc.module
@@ -414,6 +468,8 @@ class HEState:
             for k, v in server.costs.as_dict().items():
                 out[f"model_owner.{source}.{k}"] = float(v)
             out[f"model_owner.{source}.round_trips"] = float(self.round_trips.get(source, 0))
+            out[f"model_owner.{source}.rekeys"] = float(self.rekeys.get(source, 0))
+            out[f"model_owner.{source}.lost_steps"] = float(self.lost_steps.get(source, 0))
         out["optimizer_replaced"] = float(self.optimizer_replaced)
         return out
 

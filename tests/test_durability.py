@@ -348,15 +348,16 @@ def test_a_host_that_lost_steps_says_so(tmp_path: Path) -> None:
     assert t.call("a", "status", segment=session.remote[("a", 0)].segment_id)["steps"] == 3
 
 
-def test_encrypted_segments_come_back_halted(tmp_path: Path) -> None:
-    """CKKS secret keys are never written to disk: a segment approved with encryption is
-    restored halted (propose it again), never running without its keys."""
+def test_level_b_encrypted_segments_come_back_halted(tmp_path: Path) -> None:
+    """CKKS secret keys and level B's weight share are never written to disk: a segment
+    approved with encryption at level B is restored halted (propose it again), never running
+    without its share. (Level A continues with fresh keys: tests/test_he_restart.py.)"""
     host = _host("a", tmp_path)
     t = InProcessTransport([host])
     session = SplitSession(_one(), t)
     (pid,) = session.propose()["a"]
     host.approve(pid)
-    host.proposal(pid).he = {"level": "A"}  # as if approved with encryption (no keys built here)
+    host.proposal(pid).he = {"level": "B"}  # as if approved with encryption (no keys built here)
     host.save_state()
     back = _host("a", tmp_path)
     p = back.proposal(pid)

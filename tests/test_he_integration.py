@@ -84,7 +84,8 @@ def test_he_training_matches_plain_training(level: str) -> None:
     sent = dep.transport.traffic.fields_sent_by("h")
     assert "activation" not in sent and "he_input" in sent
     assert sent <= {"he_input", "msg", "context", "segment", "status", "output_shape", "host",
-                    "datasets", "h.enc_s"} | {k.removeprefix("h.") for k in he}
+                    "datasets", "h.enc_s", "steps", "last_step", "pending",
+                    } | {k.removeprefix("h.") for k in he}  # status: step counters only
 
 
 def test_demo_model_protected_as_is_trains_to_plain_accuracy() -> None:

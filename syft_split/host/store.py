@@ -20,9 +20,11 @@ every data-owner op, and everything on a clean shutdown (:meth:`HostStore.save_a
 
 Restoring (:meth:`HostStore.restore`, after the host's datasets are back) rebuilds proposals and
 segments, re-runs a pending forward from its recorded input and RNG state (so the model owner's
-held-back gradient lands on the same step), and hands each family its state. Segments approved
-with encryption are restored *halted*: their CKKS secret keys are not written to disk, so the
-model owner proposes them again (fresh keys) after a restart.
+held-back gradient lands on the same step), and hands each family its state. CKKS secret keys
+are never written to disk: a segment approved with encryption at level A comes back with fresh
+keys (the model owner fetches the new public context and runs a step cut by the restart again
+from its forward); one at level B comes back *halted* (its weight share is not kept either), so
+the model owner proposes it again.
 """
 
 from __future__ import annotations

@@ -79,3 +79,50 @@ def test_embedded_datasite_restarts_with_its_state(tmp_path: Path) -> None:
         dep.close()
     assert (tmp_path / "a" / "host" / "host.sspl").exists()  # close() keeps a persistent site
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.he
+def test_embedded_datasite_restart_under_he_continues_with_fresh_keys(tmp_path: Path) -> None:
+    """Level A on a real datasite that crashes between steps: its segment comes back approved
+    with fresh CKKS keys (the secret key is never on disk), the model owner fetches the new
+    public context, and the weights stay with an uninterrupted protected run's (CKKS noise)."""
+    from syft_split.he import protect
+
+    data = {"a": _data(0)}
+    y = data["a"]["train"][1]
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randperm(40, generator=g)[:16] for _ in range(4)]
+
+    def he_session(transport) -> SplitSession:
+        torch.manual_seed(1)
+        plan = SplitPlan.vanilla(split_model(digits_cnn(channels=4, hidden=16), ["pool2"]), "a")
+        plan = protect(plan, level="A", batch_size=16)
+        return SplitSession(plan, transport, optimizer=OptimizerSpec("adam", lr=1e-2))
+
+    ref = inprocess(data)
+    ref_session = he_session(ref.transport)
+    ref.approve_all(ref_session.propose())
+    _steps(ref_session, y, batches)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dep = deployment(data, state_dir=tmp_path, name_prefix="t-he-restart")
+    try:
+        session = he_session(dep.transport)
+        dep.approve_all(session.propose())
+        _steps(session, y, batches[:2])
+        (sid,) = session.status()
+        restart(dep, "a", crash=True)
+        assert dep.transport.call("a", "status", segment=sid)["status"] == "approved"
+        _steps(session, y, batches[2:])
+        assert session.he is not None and session.he.rekeys == {"a": 1}
+        assert dep.transport.call("a", "status", segment=sid)["steps"] == 4
+        got = dep.owners["a"].export_weights(sid)
+        want = ref.owners["a"].export_weights(ref_session.remote[("a", 0)].segment_id)
+        assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+        for p, q in zip(session.local[1].parameters(), ref_session.local[1].parameters(),
+                        strict=True):
+            assert torch.allclose(p, q, atol=1e-5)
+    finally:
+        dep.close()
+    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -1,0 +1,150 @@
+"""A data owner restarting under HE protection (real CKKS, in process): level A continues with
+fresh keys and ends where an uninterrupted run ends; a step the restart cut is run again from
+its forward; a step applied before the restart is never applied twice; level B comes back
+halted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from syft_split import DataOwnerHost, InProcessTransport, OptimizerSpec, SplitPlan, SplitSession, split_model
+from syft_split.errors import ApprovalError
+from syft_split.he import protect
+from syft_split.topology import MODEL_OWNER
+
+pytestmark = [pytest.mark.he]
+
+B = 16
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(64, 12, generator=g), torch.randint(0, 3, (64,), generator=g)
+
+
+X, Y = _data()
+
+
+def _host(state_dir: Path) -> DataOwnerHost:
+    """The data owner as it (re)starts: its dataset, then whatever its directory holds."""
+    host = DataOwnerHost("h", state_dir=state_dir)
+    host.add_dataset("train", X, Y)
+    host.add_dataset("test", X[:16], Y[:16])
+    host.restore_state()
+    return host
+
+
+def _session(t: InProcessTransport, host: DataOwnerHost, level: str = "A") -> SplitSession:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(),                  # data owner
+                          nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))  # model owner
+    plan = SplitPlan.vanilla(split_model(model, "1"), "h")
+    if level == "B":
+        with pytest.warns(UserWarning, match="trains with SGD"):
+            plan = protect(plan, level="B", lr=0.05, batch_size=B)
+    else:
+        plan = protect(plan, level="A", batch_size=B)
+    lr = 0.05 if level == "B" else 0.1  # level B: the agreed SGD, no second warning
+    session = SplitSession(plan, t, optimizer=OptimizerSpec("sgd", lr=lr))
+    for pid in session.propose()["h"]:
+        host.approve(pid)
+    return session
+
+
+def _step(session: SplitSession, i: int, between: Callable[[], Any] | None = None) -> None:
+    idx = torch.arange(B) + B * (i % 4)
+    session.zero_grad()
+    loss, _ = session.loss("h", idx, Y[idx])
+    if between is not None:
+        between()  # e.g. the data owner restarts after the forward, before the backward
+    loss.backward()
+    session.step()
+
+
+def _weights(session: SplitSession, host: DataOwnerHost) -> list[torch.Tensor]:
+    (pid,) = [p.id for p in host.proposals("approved")]
+    owner = host.export_weights(pid)
+    mine = [p.detach().clone() for n in session.plan.nodes if n.owner == MODEL_OWNER
+            for p in n.module.parameters()]
+    return [*owner.values(), *mine]
+
+
+def _restart(t: InProcessTransport, state_dir: Path) -> DataOwnerHost:
+    back = _host(state_dir)  # a crash: only the state directory survives
+    t.add_host(back, replace=True)
+    return back
+
+
+def test_level_a_continues_after_restarts_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    ref_host = _host(tmp_path / "ref")
+    ref = _session(InProcessTransport([ref_host]), ref_host)
+    for i in range(6):
+        _step(ref, i)
+
+    host = _host(tmp_path / "h")
+    t = InProcessTransport([host])
+    session = _session(t, host)
+    for i in range(2):
+        _step(session, i)
+    host = _restart(t, tmp_path / "h")  # between steps
+    _step(session, 2)
+    box: dict[str, DataOwnerHost] = {}
+    _step(session, 3, lambda: box.setdefault("h", _restart(t, tmp_path / "h")))  # mid-step
+    host = box["h"]
+    for i in range(4, 6):
+        _step(session, i)
+
+    he = session.he
+    assert he is not None and he.rekeys == {"h": 2} and he.lost_steps == {}
+    (pid,) = [p.id for p in host.proposals("approved")]
+    assert t.call("h", "status", segment=pid)["steps"] == 6  # each step applied once
+    for got, want in zip(_weights(session, host), _weights(ref, ref_host), strict=True):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    costs = he.costs()
+    assert costs["model_owner.h.rekeys"] == 2 and costs["model_owner.h.lost_steps"] == 0
+    assert costs["model_owner.h.steps"] == 7  # one meter across the restarts: 6 + 1 run again
+
+
+def test_a_step_applied_before_the_restart_is_not_applied_again(tmp_path: Path) -> None:
+    host = _host(tmp_path / "h")
+    t = InProcessTransport([host])
+    session = _session(t, host)
+    _step(session, 0)
+    call = t.call
+
+    def lose_answer(party: str, op: str, **fields: Any) -> Any:
+        """he_grad reaches the data owner, which applies it and restarts before answering;
+        the retry lands on the restarted data owner."""
+        if op != "he_grad":
+            return call(party, op, **fields)
+        call(party, op, **fields)
+        _restart(t, tmp_path / "h")
+        t.call = call  # type: ignore[method-assign]
+        return call(party, op, **fields)
+
+    t.call = lose_answer  # type: ignore[method-assign]
+    with pytest.warns(UserWarning, match="skips that update"):
+        _step(session, 1)
+    _step(session, 2)
+    he = session.he
+    assert he is not None and he.lost_steps == {"h": 1} and he.rekeys == {"h": 1}
+    (pid,) = session.segment_ids().values()
+    assert t.call("h", "status", segment=pid)["steps"] == 3
+
+
+def test_level_b_comes_back_halted(tmp_path: Path) -> None:
+    host = _host(tmp_path / "h")
+    t = InProcessTransport([host])
+    session = _session(t, host, level="B")
+    _step(session, 0)
+    back = _restart(t, tmp_path / "h")
+    (p,) = back.proposals("halted")
+    assert "level-B weight share" in p.reason
+    with pytest.raises(ApprovalError, match="halted"):
+        _step(session, 1)
