@@ -324,11 +324,12 @@ class HEState:
     ``enc.module`` (trained by the segment's optimizer), and every backward accumulates
     dW and db into their ``.grad``. Level B: the servers' shares follow the agreed SGD.
 
-    A level-A data owner that restarts comes back with fresh keys: an encrypted input bound to
-    another public context makes this side fetch the new one (``rekeys``), and a step the
-    restart cut is run again from its forward (same records, same weights). If the data owner
-    had applied that step before restarting, its answer is lost: the encrypted layer skips that
-    one update (``lost_steps``, with a warning) instead of applying the step twice.
+    Each gradient message carries the segment's next step id, so the data owner applies it
+    once: a message sent again after a lost answer (even across a restart) is answered from the
+    data owner's record. A level-A data owner that restarts comes back with fresh keys: an
+    encrypted input bound to another public context makes this side fetch the new one
+    (``rekeys``), and a step the restart cut before its gradient was applied is run again from
+    its forward (same records, same weights), under the same step id.
     """
 
     def __init__(self, session: _Session, enc: EncryptedLayer) -> None:
@@ -337,8 +338,6 @@ class HEState:
         self.servers: dict[str, Any] = {}
         self.round_trips: dict[str, int] = {}
         self.rekeys: dict[str, int] = {}
-        self.lost_steps: dict[str, int] = {}
-        self._steps: dict[str, int] = {}  # the data owner's optimizer steps, as last known
         self._last: dict[str, tuple[torch.Tensor, str | None]] = {}  # last training forward
         bias = getattr(enc.module, "bias", None)
         self.weight = cast(torch.Tensor, enc.module.weight).detach().clone().double()
@@ -388,7 +387,6 @@ class HEState:
     def server(self, source: str) -> Any:
         if source not in self.servers:
             self._connect(source)
-            self._steps[source] = int(self._call(source, "status")["steps"])
         server = self.servers[source]
         if self.enc.level == "A":
             module = self.enc.module
@@ -416,31 +414,26 @@ class HEState:
             self._last[source] = (indices, dataset)
         return cast(torch.Tensor, server.receive_output(back)).to(torch.float32)
 
-    def _grad(self, source: str, delta: torch.Tensor) -> bytes | None:
-        """The data owner's answer to this step's gradient message; after a restart that cut
-        the step, the step again from its forward (None: it had applied it already)."""
+    def _grad(self, source: str, delta: torch.Tensor) -> bytes:
+        """The data owner's answer to this step's gradient message (under the segment's next
+        step id); if a restart cut the step before the gradient was applied, the step again
+        from its forward with the new keys."""
+        seg = self.session._seg(source, 0)
+        step = seg.next_step
         msg = self.servers[source].backward(delta.detach().double())
         try:
-            return cast(bytes, self._call(source, "he_grad", msg=msg)["msg"])
+            back = self._call(source, "he_grad", msg=msg, step=step)["msg"]
         except (ProtocolError, HEError):
-            if not self._connect(source):
-                raise
-        if int(self._call(source, "status")["steps"]) > self._steps[source]:
-            self.lost_steps[source] = self.lost_steps.get(source, 0) + 1
-            self._steps[source] += 1
-            warnings.warn(f"{source} applied an encrypted step and restarted before its answer "
-                          "arrived: the encrypted layer skips that update", UserWarning,
-                          stacklevel=4)
-            return None
-        self.forward(source, *self._last[source], train=True, again=False)
-        msg = self.servers[source].backward(delta.detach().double())
-        return cast(bytes, self._call(source, "he_grad", msg=msg)["msg"])
+            if not self._connect(source) or int(self._call(source, "status")["last_step"]) >= step:
+                raise  # not a restart, or applied already as another message: nothing to redo
+            self.forward(source, *self._last[source], train=True, again=False)
+            msg = self.servers[source].backward(delta.detach().double())
+            back = self._call(source, "he_grad", msg=msg, step=step)["msg"]
+        seg.next_step = step + 1
+        return cast(bytes, back)
 
     def backward(self, source: str, delta: torch.Tensor) -> None:
         back = self._grad(source, delta)
-        if back is None:
-            return
-        self._steps[source] += 1
         server = self.servers[source]
         gw, gb = server.receive_gradients(back)
         if self.enc.level == "A":
@@ -469,7 +462,6 @@ class HEState:
                 out[f"model_owner.{source}.{k}"] = float(v)
             out[f"model_owner.{source}.round_trips"] = float(self.round_trips.get(source, 0))
             out[f"model_owner.{source}.rekeys"] = float(self.rekeys.get(source, 0))
-            out[f"model_owner.{source}.lost_steps"] = float(self.lost_steps.get(source, 0))
         out["optimizer_replaced"] = float(self.optimizer_replaced)
         return out
 

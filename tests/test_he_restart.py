@@ -1,7 +1,7 @@
 """A data owner restarting under HE protection (real CKKS, in process): level A continues with
 fresh keys and ends where an uninterrupted run ends; a step the restart cut is run again from
-its forward; a step applied before the restart is never applied twice; level B comes back
-halted."""
+its forward; a gradient applied just before the restart is answered from the data owner's
+record, never applied twice; level B comes back halted."""
 
 from __future__ import annotations
 
@@ -101,41 +101,54 @@ def test_level_a_continues_after_restarts_like_an_uninterrupted_run(tmp_path: Pa
         _step(session, i)
 
     he = session.he
-    assert he is not None and he.rekeys == {"h": 2} and he.lost_steps == {}
+    assert he is not None and he.rekeys == {"h": 2}
     (pid,) = [p.id for p in host.proposals("approved")]
     assert t.call("h", "status", segment=pid)["steps"] == 6  # each step applied once
     for got, want in zip(_weights(session, host), _weights(ref, ref_host), strict=True):
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     costs = he.costs()
-    assert costs["model_owner.h.rekeys"] == 2 and costs["model_owner.h.lost_steps"] == 0
+    assert costs["model_owner.h.rekeys"] == 2
     assert costs["model_owner.h.steps"] == 7  # one meter across the restarts: 6 + 1 run again
 
 
-def test_a_step_applied_before_the_restart_is_not_applied_again(tmp_path: Path) -> None:
+def test_a_gradient_applied_before_the_restart_is_answered_not_applied_again(
+        tmp_path: Path) -> None:
+    ref_host = _host(tmp_path / "ref")
+    ref = _session(InProcessTransport([ref_host]), ref_host)
+    for i in range(3):
+        _step(ref, i)
+
     host = _host(tmp_path / "h")
     t = InProcessTransport([host])
     session = _session(t, host)
     _step(session, 0)
     call = t.call
+    replies: list[Any] = []
 
     def lose_answer(party: str, op: str, **fields: Any) -> Any:
         """he_grad reaches the data owner, which applies it and restarts before answering;
-        the retry lands on the restarted data owner."""
+        the same request is sent again (as a transport retry does) to the restarted one."""
         if op != "he_grad":
             return call(party, op, **fields)
-        call(party, op, **fields)
-        _restart(t, tmp_path / "h")
+        replies.append(call(party, op, **fields))
+        box["h"] = _restart(t, tmp_path / "h")
         t.call = call  # type: ignore[method-assign]
-        return call(party, op, **fields)
+        replies.append(call(party, op, **fields))
+        return replies[-1]
 
+    box: dict[str, DataOwnerHost] = {}
     t.call = lose_answer  # type: ignore[method-assign]
-    with pytest.warns(UserWarning, match="skips that update"):
-        _step(session, 1)
+    _step(session, 1)
+    assert replies[0] == replies[1]  # answered from the record: the same masked values
+    audit = [e for e in box["h"].audit_log() if e["op"] == "he_grad"]
+    assert "answered from the record" in audit[-1]["outcome"]
     _step(session, 2)
     he = session.he
-    assert he is not None and he.lost_steps == {"h": 1} and he.rekeys == {"h": 1}
+    assert he is not None and he.rekeys == {"h": 1}
     (pid,) = session.segment_ids().values()
-    assert t.call("h", "status", segment=pid)["steps"] == 3
+    assert t.call("h", "status", segment=pid)["steps"] == 3  # each gradient applied once
+    for got, want in zip(_weights(session, box["h"]), _weights(ref, ref_host), strict=True):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
 def test_level_b_comes_back_halted(tmp_path: Path) -> None:
