@@ -143,6 +143,12 @@ class HEServer:
                 "rescale the inputs or use a larger first prime"
             )
 
+    def adopt(self, old: HEServer) -> None:
+        """Continue ``old``'s run on this server's (new) context: its level-B momentum
+        velocity and its cost meter (the weights come from the constructor)."""
+        self._velocity = old._velocity
+        self.costs = old.costs
+
     def is_current(self, msg: bytes) -> bool:
         """Whether an encrypted input ``msg`` is bound to this server's public context (False:
         the data owner made new keys, e.g. after a restart). A malformed message counts as

@@ -326,10 +326,10 @@ class HEState:
 
     Each gradient message carries the segment's next step id, so the data owner applies it
     once: a message sent again after a lost answer (even across a restart) is answered from the
-    data owner's record. A level-A data owner that restarts comes back with fresh keys: an
-    encrypted input bound to another public context makes this side fetch the new one
-    (``rekeys``), and a step the restart cut before its gradient was applied is run again from
-    its forward (same records, same weights), under the same step id.
+    data owner's record. A data owner that restarts comes back with fresh keys (level B: and
+    its share): an encrypted input bound to another public context makes this side fetch the
+    new one (``rekeys``), and a step the restart cut before its gradient was applied is run
+    again from its forward (same records, same weights), under the same step id.
     """
 
     def __init__(self, session: _Session, enc: EncryptedLayer) -> None:
@@ -379,9 +379,9 @@ class HEState:
         if old is not None and old.context.context_id == ctx.context_id:
             return False
         server = self.servers[source] = HEServer(ctx, self.weight, self.bias)
-        if old is not None:  # fresh keys: the run's costs go on in the same meter
+        if old is not None:  # fresh keys: momentum and the cost meter go on
             self.rekeys[source] = self.rekeys.get(source, 0) + 1
-            server.costs = old.costs
+            server.adopt(old)
         return True
 
     def server(self, source: str) -> Any:

@@ -5,8 +5,8 @@ secret key never leaves); the ``forward`` op of such a segment releases only cip
 (:mod:`syft_split.host.segments`). Ops: ``he_context`` (public context: no secret key, only the
 needed Galois keys), ``he_output`` (masked decryption of the layer's output), ``he_grad``
 (masked decryption of the weight gradient; the data owner backpropagates dL/dx and steps its
-segment), ``he_costs`` (seconds and bytes so far, since the keys were made). After a restart a
-level-A segment continues with fresh keys (:meth:`HEOps.restore`). Imports :mod:`he_layers` (TenSEAL) only
+segment), ``he_costs`` (seconds and bytes so far, since the keys were made). After a restart an
+encrypted segment continues with fresh keys (:meth:`HEOps.restore`). Imports :mod:`he_layers` (TenSEAL) only
 when a segment with encryption is approved.
 
 Levels A and B protect the data owner only against a *semi-honest* model owner: one that
@@ -168,20 +168,29 @@ class HEOps(OpFamily):
 
     # --------------------------------------------------- persistence (host.store)
     def restore(self, state: Any) -> None:
-        """The CKKS secret keys of a run are never written to disk. After a restart a level-A
-        segment gets *fresh* keys (its weights and steps come back from the state directory
-        like any segment's); the model owner sees a new public context in the next encrypted
-        input and fetches it (a step cut by the restart is run again from its forward). A
-        level-B segment is halted: its weight share A is not written to disk either (with it
-        lost, W = W_s + A is gone), so the model owner proposes it again."""
+        """The CKKS secret keys of a run are never written to disk. After a restart an
+        encrypted segment gets *fresh* keys (its weights, steps and, at level B, its weight
+        share come back from the state directory); the model owner sees a new public context
+        in the next encrypted input and fetches it (a step cut by the restart is run again from
+        its forward). A level-B segment whose share is not on disk is halted."""
         for p in self.host.proposals("approved"):
             if p.he is None:
                 continue
-            if p.he.get("level") != "A":
-                self.host.halt(p.id, "the datasite restarted and a level-B weight share is not "
-                                     "kept across restarts: propose this segment again")
+            rt = self.host.owned_runtime(p.id)
+            saved, rt.he_saved = rt.he_saved, None
+            if p.he.get("level") == "B" and not saved:
+                self.host.halt(p.id, "the datasite restarted and this segment's level-B weight "
+                                     "share is not on disk: propose this segment again")
                 continue
-            self.host.owned_runtime(p.id).he = StepGate(build_client(p.he))
+            try:
+                client = StepGate(build_client(p.he))
+                if saved:
+                    client.load_share_state(saved)
+            except (ConfigError, ValidationError) as exc:
+                self.host.halt(p.id, f"the datasite restarted and this segment's encryption "
+                                     f"could not be rebuilt ({exc}): propose this segment again")
+                continue
+            rt.he = client
 
 
 def build_client(agreement: dict[str, Any]) -> Any:

@@ -349,9 +349,9 @@ def test_a_host_that_lost_steps_says_so(tmp_path: Path) -> None:
 
 
 def test_level_b_encrypted_segments_come_back_halted(tmp_path: Path) -> None:
-    """CKKS secret keys and level B's weight share are never written to disk: a segment
-    approved with encryption at level B is restored halted (propose it again), never running
-    without its share. (Level A continues with fresh keys: tests/test_he_restart.py.)"""
+    """A level-B segment whose weight share is not in its file (here: no client was ever
+    built) is restored halted (propose it again), never running without its share. With the
+    share on disk it continues under fresh keys: tests/test_he_restart.py."""
     host = _host("a", tmp_path)
     t = InProcessTransport([host])
     session = SplitSession(_one(), t)

@@ -1,7 +1,7 @@
-"""A data owner restarting under HE protection (real CKKS, in process): level A continues with
-fresh keys and ends where an uninterrupted run ends; a step the restart cut is run again from
-its forward; a gradient applied just before the restart is answered from the data owner's
-record, never applied twice; level B comes back halted."""
+"""A data owner restarting under HE protection (real CKKS, in process): it continues with
+fresh keys (level B: and its weight share) and ends where an uninterrupted run ends; a step the
+restart cut is run again from its forward; a gradient applied just before the restart is
+answered from the data owner's record, never applied twice."""
 
 from __future__ import annotations
 
@@ -13,8 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from syft_split import DataOwnerHost, InProcessTransport, OptimizerSpec, SplitPlan, SplitSession, split_model
-from syft_split.errors import ApprovalError
+from syft_split import (
+    DataOwnerHost,
+    InProcessTransport,
+    OptimizerSpec,
+    SplitPlan,
+    SplitSession,
+    persist,
+    split_model,
+)
+from syft_split.errors import ApprovalError, ShapeError
 from syft_split.he import protect
 from syft_split.topology import MODEL_OWNER
 
@@ -45,13 +53,14 @@ def _session(t: InProcessTransport, host: DataOwnerHost, level: str = "A") -> Sp
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(),                  # data owner
                           nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))  # model owner
     plan = SplitPlan.vanilla(split_model(model, "1"), "h")
-    if level == "B":
+    if level == "B":  # SGD with momentum everywhere: the agreed optimizer, no second warning
         with pytest.warns(UserWarning, match="trains with SGD"):
-            plan = protect(plan, level="B", lr=0.05, batch_size=B)
+            plan = protect(plan, level="B", lr=0.05, batch_size=B, momentum=0.5)
+        opt = OptimizerSpec("sgd", lr=0.05, momentum=0.5)
     else:
         plan = protect(plan, level="A", batch_size=B)
-    lr = 0.05 if level == "B" else 0.1  # level B: the agreed SGD, no second warning
-    session = SplitSession(plan, t, optimizer=OptimizerSpec("sgd", lr=lr))
+        opt = OptimizerSpec("sgd", lr=0.1)
+    session = SplitSession(plan, t, optimizer=opt)
     for pid in session.propose()["h"]:
         host.approve(pid)
     return session
@@ -68,11 +77,17 @@ def _step(session: SplitSession, i: int, between: Callable[[], Any] | None = Non
 
 
 def _weights(session: SplitSession, host: DataOwnerHost) -> list[torch.Tensor]:
+    """The data owner's segment, the encrypted layer's true weight W_s + A and bias, and the
+    model owner's upper layers."""
     (pid,) = [p.id for p in host.proposals("approved")]
     owner = host.export_weights(pid)
-    mine = [p.detach().clone() for n in session.plan.nodes if n.owner == MODEL_OWNER
-            for p in n.module.parameters()]
-    return [*owner.values(), *mine]
+    he = session.he
+    assert he is not None and he.bias is not None
+    share = host.owned_runtime(pid).he.weight_share
+    (top,) = [n.module for n in session.plan.nodes if n.owner == MODEL_OWNER]
+    enc = {id(p) for p in he.enc.module.parameters()}
+    rest = [p.detach().clone() for p in top.parameters() if id(p) not in enc]
+    return [*owner.values(), he.weight + share.to(he.weight.dtype), he.bias, *rest]
 
 
 def _restart(t: InProcessTransport, state_dir: Path) -> DataOwnerHost:
@@ -81,15 +96,17 @@ def _restart(t: InProcessTransport, state_dir: Path) -> DataOwnerHost:
     return back
 
 
-def test_level_a_continues_after_restarts_like_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("level", ["A", "B"])
+def test_restarts_continue_like_an_uninterrupted_run(tmp_path: Path, level: str) -> None:
+    """Level B also puts its weight share (and its momentum part) back under the new keys."""
     ref_host = _host(tmp_path / "ref")
-    ref = _session(InProcessTransport([ref_host]), ref_host)
+    ref = _session(InProcessTransport([ref_host]), ref_host, level)
     for i in range(6):
         _step(ref, i)
 
     host = _host(tmp_path / "h")
     t = InProcessTransport([host])
-    session = _session(t, host)
+    session = _session(t, host, level)
     for i in range(2):
         _step(session, i)
     host = _restart(t, tmp_path / "h")  # between steps
@@ -151,13 +168,31 @@ def test_a_gradient_applied_before_the_restart_is_answered_not_applied_again(
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
-def test_level_b_comes_back_halted(tmp_path: Path) -> None:
+def test_level_b_without_its_share_on_disk_comes_back_halted(tmp_path: Path) -> None:
     host = _host(tmp_path / "h")
     t = InProcessTransport([host])
     session = _session(t, host, level="B")
     _step(session, 0)
+    (pid,) = session.segment_ids().values()
+    assert host.store is not None
+    path = host.store.segment_path(pid)
+    tree = persist.load(path)
+    tree["he"] = None  # e.g. written by an older version
+    persist.save(path, tree)
     back = _restart(t, tmp_path / "h")
     (p,) = back.proposals("halted")
-    assert "level-B weight share" in p.reason
+    assert "weight share is not on disk" in p.reason
     with pytest.raises(ApprovalError, match="halted"):
         _step(session, 1)
+
+
+def test_a_bad_share_on_disk_is_refused() -> None:
+    from he_layers import CKKSParams, HEClient, KeyOwner, LayerSpec
+
+    client = HEClient(KeyOwner(LayerSpec(batch_size=4, d_in=3, d_out=2, level="B", lr=0.1),
+                               CKKSParams()))
+    good = client.share_state()
+    with pytest.raises(ShapeError, match="share"):
+        client.load_share_state({**good, "share": torch.zeros(2, 3, dtype=torch.float64)})
+    with pytest.raises(ShapeError, match="momentum"):
+        client.load_share_state({**good, "momentum": torch.full((3, 2), float("nan"))})

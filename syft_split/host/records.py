@@ -180,6 +180,8 @@ class Runtime:
     rng: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     last_penalty: float | None = None
     he: Any = None
+    #: what the HE client kept at the last save (level B's share), until a restart rebuilds it
+    he_saved: dict[str, Any] | None = None
     #: free slots for op families (e.g. the leakage watch) keyed by family name
     extra: dict[str, Any] = field(default_factory=dict)
     #: the last :data:`STEPS_KEPT` applied steps, oldest first (exactly-once: a step sent again

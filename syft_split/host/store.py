@@ -21,10 +21,10 @@ every data-owner op, and everything on a clean shutdown (:meth:`HostStore.save_a
 Restoring (:meth:`HostStore.restore`, after the host's datasets are back) rebuilds proposals and
 segments, re-runs a pending forward from its recorded input and RNG state (so the model owner's
 held-back gradient lands on the same step), and hands each family its state. CKKS secret keys
-are never written to disk: a segment approved with encryption at level A comes back with fresh
-keys (the model owner fetches the new public context and runs a step cut by the restart again
-from its forward); one at level B comes back *halted* (its weight share is not kept either), so
-the model owner proposes it again.
+are never written to disk: a segment approved with encryption comes back with fresh keys (the
+model owner fetches the new public context and runs a step cut by the restart again from its
+forward); at level B its weight share, saved in the segment's file with its steps, is put
+back.
 """
 
 from __future__ import annotations
@@ -177,6 +177,7 @@ class HostStore:
         rt.records = [StepRecord(int(r["step"]), str(r["op"]), str(r["digest"]),
                                  bytes(r["response"])) for r in snap.get("records", [])]
         rt.extra.update(snap.get("extra") or {})
+        rt.he_saved = snap.get("he")
         grads = snap.get("loss_grads")
         if grads is not None:  # a loss step waiting for its weight
             for name, param in rt.module.named_parameters():
@@ -256,6 +257,8 @@ def _runtime_tree(rt: Runtime) -> dict[str, Any]:
         "pending": rt.pending_source if rt.pending_output is not None else None,
         "loss_grads": grads,
         "extra": {k: v for k, v in rt.extra.items() if _plain(v)},
+        # level B: the data owner's weight share (never a key), for fresh keys after a restart
+        "he": rt.he.share_state() if rt.he is not None else None,
     }
 
 
