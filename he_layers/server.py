@@ -143,6 +143,26 @@ class HEServer:
                 "rescale the inputs or use a larger first prime"
             )
 
+    def grad_state(self) -> dict[str, Any]:
+        """What :meth:`receive_gradients` needs of the step now waiting for its gradients (its
+        step, masks and bias gradient; no key): a model owner that checkpoints keeps it until
+        the answer is in, so a new process can take the answer (:meth:`expect_gradients`)."""
+        p = self._expect("grad", None, "grad_state")
+        return {"step": int(p["step"]), "r2": torch.from_numpy(np.array(p["r2"])),
+                "db": torch.from_numpy(np.array(p["db"]))}
+
+    def expect_gradients(self, state: dict[str, Any]) -> None:
+        """Wait for the gradients of the step another process of this model owner sent
+        (``state``: its :meth:`grad_state`)."""
+        shape = (self.spec.mat_in, self.spec.mat_out)
+        r2, db = state.get("r2"), state.get("db")
+        if not (isinstance(r2, torch.Tensor) and tuple(r2.shape) == shape
+                and isinstance(db, torch.Tensor) and tuple(db.shape) == (self.spec.mat_out,)):
+            raise ShapeError(f"grad_state: expected masks {shape} and bias gradient "
+                             f"({self.spec.mat_out},)")
+        self._pending = {"step": int(state["step"]), "stage": "grad",
+                         "r2": r2.double().numpy(), "db": db.double().numpy()}
+
     def adopt(self, old: HEServer) -> None:
         """Continue ``old``'s run on this server's (new) context: its level-B momentum
         velocity and its cost meter (the weights come from the constructor)."""

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ApprovalError, ConfigError, ProtocolError
-from .he import HEState, encrypted_forward
+from .he_state import HEState, encrypted_forward
 from .losses import LOSSES, count_correct
 from .remote import ActivationPointer, RemoteSegment, remote_loss
 from .spec import OptimizerSpec, module_to_spec, spec_state

@@ -1,0 +1,213 @@
+"""The model owner's side of an HE-protected plan: :class:`HEState` runs the encrypted layer's
+protocol with each data owner (see :mod:`syft_split.he` for the plan, ``he_layers/README.md``
+for the protocol) and hooks it into autograd (:func:`encrypted_forward`).
+
+Durability: every gradient message carries the segment's step id, so the data owner applies
+it once. A data owner that restarts comes back with fresh keys (and, at level B, its share):
+the next encrypted input names a new public context, which this side fetches, and a step the
+restart cut is run again from its forward. A model owner that checkpoints
+(``Trainer.fit(checkpoint_dir=...)``, level A) keeps a *journal* of the step in flight before
+its gradient message leaves (the message, the masks needed to read the answer, z and the
+records): a new process that finds the data owner already applied that step takes the answer
+from the data owner's record instead of running the step again.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import torch
+
+from .errors import HEError, ProtocolError
+from .he import EncryptedLayer
+
+if TYPE_CHECKING:
+    from .remote import RemoteSegment
+    from .spec import OptimizerSpec
+    from .topology import SplitPlan
+    from .transport.base import Transport
+
+__all__ = ["HEState", "encrypted_forward"]
+
+
+class _Session(Protocol):
+    """What the encrypted layer needs of the model owner's session."""
+
+    plan: SplitPlan
+    optimizer_spec: OptimizerSpec
+    transport: Transport
+
+    def _seg(self, source: str, i: int) -> RemoteSegment: ...
+
+
+class HEState:
+    """The model owner's encrypted layer: one HEServer per data owner (each has its own keys),
+    kept on one set of weights.
+
+    Level A: before every forward the servers load the current parameters of
+    ``enc.module`` (trained by the segment's optimizer), and every backward accumulates
+    dW and db into their ``.grad``. Level B: the servers' shares follow the agreed SGD.
+
+    Each gradient message carries the segment's next step id, so the data owner applies it
+    once: a message sent again after a lost answer (even across a restart) is answered from the
+    data owner's record. A data owner that restarts comes back with fresh keys (level B: and
+    its share): an encrypted input bound to another public context makes this side fetch the
+    new one (``rekeys``), and a step the restart cut before its gradient was applied is run
+    again from its forward (same records, same weights), under the same step id.
+    """
+
+    def __init__(self, session: _Session, enc: EncryptedLayer) -> None:
+        self.session = session
+        self.enc = enc
+        self.servers: dict[str, Any] = {}
+        self.round_trips: dict[str, int] = {}
+        self.rekeys: dict[str, int] = {}
+        self._last: dict[str, tuple[torch.Tensor, str | None]] = {}  # last training forward
+        bias = getattr(enc.module, "bias", None)
+        self.weight = cast(torch.Tensor, enc.module.weight).detach().clone().double()
+        self.bias = None if bias is None else bias.detach().clone().double()
+        self.optimizer_replaced = self._check_optimizer()
+
+    def _check_optimizer(self) -> bool:
+        """Level B: warn when the segment's optimizer is not the agreed SGD."""
+        if self.enc.level != "B":
+            return False
+        node_opt = self.session.plan.nodes[self.enc.node].optimizer
+        spec = node_opt if node_opt is not None else self.session.optimizer_spec
+        agreed = self.enc.optimizer
+        same = spec.name == "sgd" and all(
+            math.isclose(float(cast(float, spec.hyper.get(k, 0.0))), float(agreed[k]))
+            for k in ("lr", "momentum", "weight_decay")) and not spec.hyper.get("nesterov")
+        if not same:
+            warnings.warn(
+                f"level B: the encrypted layer trains with SGD(lr={agreed['lr']}, momentum="
+                f"{agreed['momentum']}, weight_decay={agreed['weight_decay']}), not with this "
+                f"segment's optimizer {spec.to_json()}", UserWarning, stacklevel=3)
+        return not same
+
+    def _call(self, source: str, op: str, **fields: Any) -> dict[str, Any]:
+        seg = self.session._seg(source, 0)
+        self.round_trips[source] = self.round_trips.get(source, 0) + 1
+        out: dict[str, Any] = self.session.transport.call(seg.party, op, segment=seg.segment_id,
+                                                          **fields)
+        return out
+
+    def _connect(self, source: str) -> bool:
+        """(Re)build ``source``'s server on the public context its data owner holds now;
+        True if that context is new (first use, or fresh keys after a restart)."""
+        from he_layers import HEServer, ServerContext
+
+        raw = self._call(source, "he_context")["context"]
+        ctx = ServerContext.from_bytes(raw)  # refuses a context holding a secret key
+        old = self.servers.get(source)
+        if old is not None and old.context.context_id == ctx.context_id:
+            return False
+        server = self.servers[source] = HEServer(ctx, self.weight, self.bias)
+        if old is not None:  # fresh keys: momentum and the cost meter go on
+            self.rekeys[source] = self.rekeys.get(source, 0) + 1
+            server.adopt(old)
+        return True
+
+    def server(self, source: str) -> Any:
+        if source not in self.servers:
+            self._connect(source)
+        server = self.servers[source]
+        if self.enc.level == "A":
+            module = self.enc.module
+            bias = getattr(module, "bias", None)
+            server.set_parameters(weight=cast(torch.Tensor, module.weight).detach(),
+                                  bias=None if bias is None else bias.detach())
+        return server
+
+    def forward(self, source: str, indices: torch.Tensor, dataset: str | None,
+                train: bool, *, again: bool = True) -> torch.Tensor:
+        server = self.server(source)
+        fields: dict[str, Any] = {"indices": indices.to(torch.int64), "train": train}
+        if dataset is not None:
+            fields["dataset"] = dataset
+        msg = self._call(source, "forward", **fields)["he_input"]
+        if not server.is_current(msg) and self._connect(source):  # restarted: fresh keys
+            server = self.server(source)
+        try:
+            back = self._call(source, "he_output", msg=server.forward(msg))["msg"]
+        except (ProtocolError, HEError):
+            if not again or not self._connect(source):
+                raise
+            return self.forward(source, indices, dataset, train, again=False)  # cut by a restart
+        if train:
+            self._last[source] = (indices, dataset)
+        return cast(torch.Tensor, server.receive_output(back)).to(torch.float32)
+
+    def _grad(self, source: str, delta: torch.Tensor) -> bytes:
+        """The data owner's answer to this step's gradient message (under the segment's next
+        step id); if a restart cut the step before the gradient was applied, the step again
+        from its forward with the new keys."""
+        seg = self.session._seg(source, 0)
+        step = seg.next_step
+        msg = self.servers[source].backward(delta.detach().double())
+        try:
+            back = self._call(source, "he_grad", msg=msg, step=step)["msg"]
+        except (ProtocolError, HEError):
+            if not self._connect(source) or int(self._call(source, "status")["last_step"]) >= step:
+                raise  # not a restart, or applied already as another message: nothing to redo
+            self.forward(source, *self._last[source], train=True, again=False)
+            msg = self.servers[source].backward(delta.detach().double())
+            back = self._call(source, "he_grad", msg=msg, step=step)["msg"]
+        seg.next_step = step + 1
+        return cast(bytes, back)
+
+    def backward(self, source: str, delta: torch.Tensor) -> None:
+        back = self._grad(source, delta)
+        server = self.servers[source]
+        gw, gb = server.receive_gradients(back)
+        if self.enc.level == "A":
+            module = self.enc.module
+            for param, grad in ((module.weight, gw), (getattr(module, "bias", None), gb)):
+                if param is None or grad is None:
+                    continue
+                p = cast(torch.Tensor, param)
+                g = grad.to(p.dtype).reshape(p.shape)
+                p.grad = g if p.grad is None else p.grad + g
+        else:
+            server.apply_sgd()
+        self.weight, self.bias = server.weight, server.bias
+
+    def costs(self) -> dict[str, float]:
+        """HE cost of the run per data owner (totals and ``last_`` step): seconds in
+        encryption, (de)serialization, model-owner compute and decryption; ciphertext bytes
+        and messages each way; round trips; key switches (rotations) beside the minimum the
+        packing needs, multiplications, encodings, rescales."""
+        out: dict[str, float] = {}
+        for source, server in self.servers.items():
+            client = self._call(source, "he_costs")
+            for k, v in client.items():
+                out[f"{source}.{k}"] = float(v)
+            for k, v in server.costs.as_dict().items():
+                out[f"model_owner.{source}.{k}"] = float(v)
+            out[f"model_owner.{source}.round_trips"] = float(self.round_trips.get(source, 0))
+            out[f"model_owner.{source}.rekeys"] = float(self.rekeys.get(source, 0))
+        out["optimizer_replaced"] = float(self.optimizer_replaced)
+        return out
+
+
+class _HEBoundary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, state: HEState, source: str,
+                indices: torch.Tensor, dataset: str | None) -> torch.Tensor:
+        ctx.state, ctx.source = state, source
+        return state.forward(source, indices, dataset, train=True)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        ctx.state.backward(ctx.source, grads[0])
+        return None, None, None, None, None
+
+
+def encrypted_forward(state: HEState, source: str, indices: torch.Tensor,
+                      dataset: str | None) -> torch.Tensor:
+    """z = x W + b for ``source``'s records, wired to autograd (backward runs the protocol)."""
+    anchor = torch.zeros((), requires_grad=True)
+    out: torch.Tensor = _HEBoundary.apply(anchor, state, source, indices, dataset)
+    return out
