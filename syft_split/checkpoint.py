@@ -14,6 +14,10 @@ atomically after every training step by :meth:`syft_split.Trainer.fit`. It holds
 ``fit(resume=True, checkpoint_dir=...)`` in a new process re-attaches to the approved segments
 by id (:meth:`syft_split.SplitSession.attach`) and continues at the next batch; every request
 the crashed process may have sent carries a step id, so the data owners apply it once.
+
+An HE-protected plan (level A) also keeps ``<dir>/he_step_<party>.sspl``: the encrypted step in
+flight, written before its gradient message leaves (:mod:`syft_split.he_state`), whose answer
+a new process can only take from the data owner's record.
 """
 
 from __future__ import annotations

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
+from urllib.parse import quote
 
 import torch
 
+from . import persist
 from .errors import HEError, ProtocolError
 from .he import EncryptedLayer
 
@@ -64,7 +67,11 @@ class HEState:
         self.servers: dict[str, Any] = {}
         self.round_trips: dict[str, int] = {}
         self.rekeys: dict[str, int] = {}
+        #: where a model owner that checkpoints keeps the step in flight (``Trainer.fit``)
+        self.journal: Path | None = None
         self._last: dict[str, tuple[torch.Tensor, str | None]] = {}  # last training forward
+        self._z: dict[str, torch.Tensor] = {}  # and its output
+        self._taken: dict[str, dict[str, Any]] = {}  # steps an earlier process left applied
         bias = getattr(enc.module, "bias", None)
         self.weight = cast(torch.Tensor, enc.module.weight).detach().clone().double()
         self.bias = None if bias is None else bias.detach().clone().double()
@@ -110,9 +117,29 @@ class HEState:
             server.adopt(old)
         return True
 
+    def _journal_path(self, source: str) -> Path:
+        assert self.journal is not None
+        return self.journal / f"he_step_{quote(source, safe='')}.sspl"
+
+    def _settle(self, source: str) -> None:
+        """First use of ``source`` by this process of a model owner that checkpoints: the step
+        an earlier process sent and the data owner applied is taken from the journal; a
+        forward it left pending there is discarded."""
+        seg = self.session._seg(source, 0)
+        info = self._call(source, "status")
+        path = self._journal_path(source)
+        j = persist.load(path) if path.exists() else None
+        if (j is not None and int(j["step"]) == seg.next_step
+                and int(info["last_step"]) >= seg.next_step):
+            self._taken[source] = j
+        elif info.get("pending"):
+            seg.discard()
+
     def server(self, source: str) -> Any:
         if source not in self.servers:
             self._connect(source)
+            if self.journal is not None:
+                self._settle(source)
         server = self.servers[source]
         if self.enc.level == "A":
             module = self.enc.module
@@ -124,6 +151,14 @@ class HEState:
     def forward(self, source: str, indices: torch.Tensor, dataset: str | None,
                 train: bool, *, again: bool = True) -> torch.Tensor:
         server = self.server(source)
+        taken = self._taken.get(source) if train else None
+        if taken is not None:  # applied there: its answer is in the data owner's record
+            if not torch.equal(taken["indices"], indices.to(torch.int64)):
+                raise ProtocolError(f"{source}: the step in the journal ran on other records "
+                                    "than the checkpoint's next batch")
+            server.expect_gradients(taken["pending"])
+            self._last[source], self._z[source] = (indices, dataset), taken["z"]
+            return cast(torch.Tensor, taken["z"])
         fields: dict[str, Any] = {"indices": indices.to(torch.int64), "train": train}
         if dataset is not None:
             fields["dataset"] = dataset
@@ -136,9 +171,18 @@ class HEState:
             if not again or not self._connect(source):
                 raise
             return self.forward(source, indices, dataset, train, again=False)  # cut by a restart
+        z = cast(torch.Tensor, server.receive_output(back)).to(torch.float32)
         if train:
-            self._last[source] = (indices, dataset)
-        return cast(torch.Tensor, server.receive_output(back)).to(torch.float32)
+            self._last[source], self._z[source] = (indices, dataset), z
+        return z
+
+    def _send_grad(self, source: str, msg: bytes, step: int) -> bytes:
+        if self.journal is not None:  # before it leaves: a new process may need its answer
+            self.journal.mkdir(parents=True, exist_ok=True)
+            persist.save(self._journal_path(source), {
+                "step": step, "msg": msg, "pending": self.servers[source].grad_state(),
+                "z": self._z[source], "indices": self._last[source][0].to(torch.int64)})
+        return cast(bytes, self._call(source, "he_grad", msg=msg, step=step)["msg"])
 
     def _grad(self, source: str, delta: torch.Tensor) -> bytes:
         """The data owner's answer to this step's gradient message (under the segment's next
@@ -146,17 +190,22 @@ class HEState:
         from its forward with the new keys."""
         seg = self.session._seg(source, 0)
         step = seg.next_step
+        taken = self._taken.pop(source, None)
+        if taken is not None:  # the very message an earlier process sent: answered from record
+            back = self._call(source, "he_grad", msg=taken["msg"], step=step)["msg"]
+            seg.next_step = step + 1
+            return cast(bytes, back)
         msg = self.servers[source].backward(delta.detach().double())
         try:
-            back = self._call(source, "he_grad", msg=msg, step=step)["msg"]
+            back = self._send_grad(source, msg, step)
         except (ProtocolError, HEError):
             if not self._connect(source) or int(self._call(source, "status")["last_step"]) >= step:
                 raise  # not a restart, or applied already as another message: nothing to redo
             self.forward(source, *self._last[source], train=True, again=False)
             msg = self.servers[source].backward(delta.detach().double())
-            back = self._call(source, "he_grad", msg=msg, step=step)["msg"]
+            back = self._send_grad(source, msg, step)
         seg.next_step = step + 1
-        return cast(bytes, back)
+        return back
 
     def backward(self, source: str, delta: torch.Tensor) -> None:
         back = self._grad(source, delta)

@@ -19,10 +19,11 @@ from syft_split import (
     OptimizerSpec,
     SplitPlan,
     SplitSession,
+    Trainer,
     persist,
     split_model,
 )
-from syft_split.errors import ApprovalError, ShapeError
+from syft_split.errors import ApprovalError, ConfigError, ShapeError
 from syft_split.he import protect
 from syft_split.topology import MODEL_OWNER
 
@@ -48,18 +49,20 @@ def _host(state_dir: Path) -> DataOwnerHost:
     return host
 
 
-def _session(t: InProcessTransport, host: DataOwnerHost, level: str = "A") -> SplitSession:
-    torch.manual_seed(3)
+def _plan(level: str = "A", seed: int = 3) -> tuple[SplitPlan, OptimizerSpec]:
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(),                  # data owner
                           nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))  # model owner
     plan = SplitPlan.vanilla(split_model(model, "1"), "h")
     if level == "B":  # SGD with momentum everywhere: the agreed optimizer, no second warning
         with pytest.warns(UserWarning, match="trains with SGD"):
             plan = protect(plan, level="B", lr=0.05, batch_size=B, momentum=0.5)
-        opt = OptimizerSpec("sgd", lr=0.05, momentum=0.5)
-    else:
-        plan = protect(plan, level="A", batch_size=B)
-        opt = OptimizerSpec("sgd", lr=0.1)
+        return plan, OptimizerSpec("sgd", lr=0.05, momentum=0.5)
+    return protect(plan, level="A", batch_size=B), OptimizerSpec("sgd", lr=0.1)
+
+
+def _session(t: InProcessTransport, host: DataOwnerHost, level: str = "A") -> SplitSession:
+    plan, opt = _plan(level)
     session = SplitSession(plan, t, optimizer=opt)
     for pid in session.propose()["h"]:
         host.approve(pid)
@@ -196,3 +199,71 @@ def test_a_bad_share_on_disk_is_refused() -> None:
         client.load_share_state({**good, "share": torch.zeros(2, 3, dtype=torch.float64)})
     with pytest.raises(ShapeError, match="momentum"):
         client.load_share_state({**good, "momentum": torch.full((3, 2), float("nan"))})
+
+
+class _Crash(BaseException):
+    """The model owner's process dies here (not an error anything may catch)."""
+
+
+class _Dies(InProcessTransport):
+    """The model owner's process dies right after the data owner answered the ``n``-th call
+    of ``op``."""
+
+    def __init__(self, host: DataOwnerHost, op: str, n: int) -> None:
+        super().__init__([host])
+        self.op, self.n = op, n
+
+    def call(self, party: str, op: str, **fields: Any) -> Any:
+        out = super().call(party, op, **fields)
+        if op == self.op:
+            self.n -= 1
+            if self.n == 0:
+                raise _Crash
+        return out
+
+
+def _fit(session: SplitSession, **kw: Any) -> Any:
+    trainer = Trainer(session, batch_size=B, seed=0, progress=False, measure_leakage=False,
+                      labels={"h": {"train": Y, "test": Y[:16]}})
+    return trainer.fit(1, verbose=False, **kw)
+
+
+@pytest.mark.parametrize("op", ["forward", "he_output", "he_grad"])
+def test_model_owner_resumes_a_protected_run_from_its_checkpoint(tmp_path: Path,
+                                                                  op: str) -> None:
+    """Level A: the model owner's process dies right after a data owner answered (a forward
+    left pending there; or an encrypted gradient applied there, whose answer only the data
+    owner's record still holds). A new process with other initial weights resumes from the
+    checkpoint and the journal of the step in flight: each step is applied once and the run
+    ends where an uninterrupted one does (CKKS noise apart)."""
+    ref_host = _host(tmp_path / "ref")
+    ref = _session(InProcessTransport([ref_host]), ref_host)
+    _fit(ref)
+
+    host = _host(tmp_path / "h")
+    t = _Dies(host, op, 3)
+    session = _session(t, host)
+    crashed = 0
+    while True:
+        try:
+            report = _fit(session, checkpoint_dir=tmp_path / "mo", resume=True)
+            break
+        except _Crash:
+            crashed += 1  # a new process: new session, other initial weights, no proposals
+            plan, opt = _plan(seed=99)
+            session = SplitSession(plan, t, optimizer=opt)
+    assert crashed == 1 and report.extra["resumed"] == 1
+    (pid,) = session.segment_ids().values()
+    assert t.call("h", "status", segment=pid)["steps"] == 4  # each gradient applied once
+    for got, want in zip(_weights(session, host), _weights(ref, ref_host), strict=True):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    if op == "he_grad":  # answered from the record, not run again
+        audit = [e for e in host.audit_log() if e["op"] == "he_grad"]
+        assert sum("answered from the record" in e["outcome"] for e in audit) == 1
+
+
+def test_level_b_refuses_model_owner_checkpoints(tmp_path: Path) -> None:
+    host = _host(tmp_path / "h")
+    session = _session(InProcessTransport([host]), host, level="B")
+    with pytest.raises(ConfigError, match="level A only"):
+        _fit(session, checkpoint_dir=tmp_path / "mo")
