@@ -163,6 +163,23 @@ class HEServer:
         self._pending = {"step": int(state["step"]), "stage": "grad",
                          "r2": r2.double().numpy(), "db": db.double().numpy()}
 
+    def velocity_state(self) -> list[torch.Tensor] | None:
+        """Level B with momentum: the SGD velocity (weight, bias parts), for a checkpoint."""
+        if self._velocity is None:
+            return None
+        return [torch.from_numpy(np.array(v)) for v in self._velocity]
+
+    def load_velocity(self, state: list[torch.Tensor] | None) -> None:
+        """Put back what :meth:`velocity_state` returned."""
+        if state is None:
+            self._velocity = None
+            return
+        shapes = [(self.spec.mat_in, self.spec.mat_out), (self.spec.mat_out,)]
+        if len(state) != 2 or any(tuple(t.shape) != sh for t, sh in zip(state, shapes,
+                                                                          strict=True)):
+            raise ShapeError(f"velocity: expected shapes {shapes}")
+        self._velocity = (state[0].double().numpy(), state[1].double().numpy())
+
     def adopt(self, old: HEServer) -> None:
         """Continue ``old``'s run on this server's (new) context: its level-B momentum
         velocity and its cost meter (the weights come from the constructor)."""

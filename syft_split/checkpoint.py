@@ -15,9 +15,10 @@ atomically after every training step by :meth:`syft_split.Trainer.fit`. It holds
 by id (:meth:`syft_split.SplitSession.attach`) and continues at the next batch; every request
 the crashed process may have sent carries a step id, so the data owners apply it once.
 
-An HE-protected plan (level A) also keeps ``<dir>/he_step_<party>.sspl``: the encrypted step in
-flight, written before its gradient message leaves (:mod:`syft_split.he_state`), whose answer
-a new process can only take from the data owner's record.
+An HE-protected plan also keeps, at level B, the model owner's share W_s and its SGD velocity,
+and ``<dir>/he_step_<party>.sspl``: the encrypted step in flight, written before its gradient
+message leaves (:mod:`syft_split.he_state`), whose answer a new process can only take from the
+data owner's record.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Checkpoint:
             "segments": {f"{host}:{i}": seg.state() for (host, i), seg in s.remote.items()},
             "server_copies": None if copies is None else copies.states,
             "relay_last": trainer._relay_last,
+            "he": s.he.state() if s.he is not None else None,
             "report": {"steps": trainer.report.steps,
                        "epochs": [asdict(e) for e in trainer.report.epochs],
                        "extra": {k: v for k, v in trainer.report.extra.items()
@@ -115,6 +117,8 @@ class Checkpoint:
                              for k, v in tree["server_copies"].items()}
             trainer._server_copies = copies
         trainer._relay_last = tree.get("relay_last")
+        if s.he is not None:
+            s.he.load_state(tree.get("he") or {})
         report = tree["report"]
         trainer.report.steps = int(report["steps"])
         trainer.report.epochs = [EpochRecord(**e) for e in report["epochs"]]

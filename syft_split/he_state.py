@@ -6,7 +6,7 @@ Durability: every gradient message carries the segment's step id, so the data ow
 it once. A data owner that restarts comes back with fresh keys (and, at level B, its share):
 the next encrypted input names a new public context, which this side fetches, and a step the
 restart cut is run again from its forward. A model owner that checkpoints
-(``Trainer.fit(checkpoint_dir=...)``, level A) keeps a *journal* of the step in flight before
+(``Trainer.fit(checkpoint_dir=...)``) keeps a *journal* of the step in flight before
 its gradient message leaves (the message, the masks needed to read the answer, z and the
 records): a new process that finds the data owner already applied that step takes the answer
 from the data owner's record instead of running the step again.
@@ -72,6 +72,7 @@ class HEState:
         self._last: dict[str, tuple[torch.Tensor, str | None]] = {}  # last training forward
         self._z: dict[str, torch.Tensor] = {}  # and its output
         self._taken: dict[str, dict[str, Any]] = {}  # steps an earlier process left applied
+        self._velocity: dict[str, Any] = {}  # level B: from a checkpoint, for the next server
         bias = getattr(enc.module, "bias", None)
         self.weight = cast(torch.Tensor, enc.module.weight).detach().clone().double()
         self.bias = None if bias is None else bias.detach().clone().double()
@@ -115,7 +116,26 @@ class HEState:
         if old is not None:  # fresh keys: momentum and the cost meter go on
             self.rekeys[source] = self.rekeys.get(source, 0) + 1
             server.adopt(old)
+        elif source in self._velocity:
+            server.load_velocity(self._velocity.pop(source))
         return True
+
+    def state(self) -> dict[str, Any]:
+        """What a model-owner checkpoint keeps of the encrypted layer: at level B the share
+        W_s, its bias and each server's SGD velocity (level A: the segment holds W)."""
+        if self.enc.level == "A":
+            return {}
+        velocity = {s: server.velocity_state() for s, server in self.servers.items()}
+        velocity.update({s: v for s, v in self._velocity.items() if s not in velocity})
+        return {"weight": self.weight, "bias": self.bias, "velocity": velocity}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`state` returned (before the first step of a new process)."""
+        if not state:
+            return
+        self.weight = state["weight"].double()
+        self.bias = None if state.get("bias") is None else state["bias"].double()
+        self._velocity = dict(state.get("velocity") or {})
 
     def _journal_path(self, source: str) -> Path:
         assert self.journal is not None

@@ -295,11 +295,7 @@ class Trainer:
         t_run = time.perf_counter()
         traffic = self.session.transport.traffic
         if checkpoint_dir is not None and self.session.he is not None:
-            if self.session.he.enc.level != "A":
-                raise ConfigError("checkpoints cover HE level A only (at level B the model "
-                                  "owner's share W_s and its velocity are not in the checkpoint); "
-                                  "train without checkpoint_dir")
-            self.session.he.journal = Path(checkpoint_dir)
+            self.session.he.journal = Path(checkpoint_dir)  # the encrypted step in flight
         self._checkpoint = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
         if self._checkpoint is not None and self._rounds is not None:
             # checkpoints are taken per step: run the rounds one data owner after the other

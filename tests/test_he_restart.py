@@ -23,7 +23,7 @@ from syft_split import (
     persist,
     split_model,
 )
-from syft_split.errors import ApprovalError, ConfigError, ShapeError
+from syft_split.errors import ApprovalError, ShapeError
 from syft_split.he import protect
 from syft_split.topology import MODEL_OWNER
 
@@ -228,21 +228,22 @@ def _fit(session: SplitSession, **kw: Any) -> Any:
     return trainer.fit(1, verbose=False, **kw)
 
 
-@pytest.mark.parametrize("op", ["forward", "he_output", "he_grad"])
-def test_model_owner_resumes_a_protected_run_from_its_checkpoint(tmp_path: Path,
+@pytest.mark.parametrize("level, op", [("A", "forward"), ("A", "he_output"), ("A", "he_grad"),
+                                       ("B", "forward"), ("B", "he_grad")])
+def test_model_owner_resumes_a_protected_run_from_its_checkpoint(tmp_path: Path, level: str,
                                                                   op: str) -> None:
-    """Level A: the model owner's process dies right after a data owner answered (a forward
-    left pending there; or an encrypted gradient applied there, whose answer only the data
-    owner's record still holds). A new process with other initial weights resumes from the
-    checkpoint and the journal of the step in flight: each step is applied once and the run
-    ends where an uninterrupted one does (CKKS noise apart)."""
+    """The model owner's process dies right after a data owner answered (a forward left
+    pending there; or an encrypted gradient applied there, whose answer only the data owner's
+    record still holds). A new process with other initial weights resumes from the checkpoint
+    (level B: with its share W_s and velocity) and the journal of the step in flight: each
+    step is applied once and the run ends where an uninterrupted one does (CKKS noise apart)."""
     ref_host = _host(tmp_path / "ref")
-    ref = _session(InProcessTransport([ref_host]), ref_host)
+    ref = _session(InProcessTransport([ref_host]), ref_host, level)
     _fit(ref)
 
     host = _host(tmp_path / "h")
     t = _Dies(host, op, 3)
-    session = _session(t, host)
+    session = _session(t, host, level)
     crashed = 0
     while True:
         try:
@@ -250,7 +251,7 @@ def test_model_owner_resumes_a_protected_run_from_its_checkpoint(tmp_path: Path,
             break
         except _Crash:
             crashed += 1  # a new process: new session, other initial weights, no proposals
-            plan, opt = _plan(seed=99)
+            plan, opt = _plan(level, seed=99)
             session = SplitSession(plan, t, optimizer=opt)
     assert crashed == 1 and report.extra["resumed"] == 1
     (pid,) = session.segment_ids().values()
@@ -260,10 +261,3 @@ def test_model_owner_resumes_a_protected_run_from_its_checkpoint(tmp_path: Path,
     if op == "he_grad":  # answered from the record, not run again
         audit = [e for e in host.audit_log() if e["op"] == "he_grad"]
         assert sum("answered from the record" in e["outcome"] for e in audit) == 1
-
-
-def test_level_b_refuses_model_owner_checkpoints(tmp_path: Path) -> None:
-    host = _host(tmp_path / "h")
-    session = _session(InProcessTransport([host]), host, level="B")
-    with pytest.raises(ConfigError, match="level A only"):
-        _fit(session, checkpoint_dir=tmp_path / "mo")
