@@ -32,7 +32,7 @@ from .costs import CostMeter
 from .keys import ServerContext
 from .packing import Layout
 from .spec import LayerSpec
-from .wire import array_from_bytes, array_to_bytes, decode_frame, encode_frame
+from .wire import array_from_bytes, array_to_bytes, decode_frame, encode_frame, frame_header
 from .workers import parallel_matmul
 
 __all__ = ["HEServer"]
@@ -191,7 +191,7 @@ class HEServer:
         the data owner made new keys, e.g. after a restart). A malformed message counts as
         current: :meth:`forward` refuses it with its own error."""
         try:
-            head, _ = decode_frame(msg, ENC_INPUT)
+            head = frame_header(msg, ENC_INPUT)
         except CiphertextError:
             return True
         return bool(head.get("ctx") == self.context.context_id)

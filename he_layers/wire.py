@@ -17,8 +17,8 @@ import numpy as np
 
 from syft_split.errors import CiphertextError, NonFiniteError, ShapeError
 
-__all__ = ["MAGIC", "encode_frame", "decode_frame", "array_to_bytes", "array_from_bytes",
-           "fingerprint"]
+__all__ = ["MAGIC", "encode_frame", "decode_frame", "frame_header", "array_to_bytes",
+           "array_from_bytes", "fingerprint"]
 
 MAGIC = b"HEL1"
 _MAX_HEADER = 1 << 20
@@ -32,14 +32,19 @@ def encode_frame(kind: str, header: dict[str, Any], blobs: list[bytes]) -> bytes
     return b"".join([MAGIC, struct.pack("<I", len(raw)), raw, *blobs])
 
 
-def decode_frame(data: bytes, expected_kind: str) -> tuple[dict[str, Any], list[bytes]]:
-    """Parse a frame; refuse anything but a well-formed ``expected_kind`` message."""
+def frame_header(data: bytes, expected_kind: str) -> dict[str, Any]:
+    """The JSON header of an ``expected_kind`` frame, checked as :func:`decode_frame` checks
+    it, without copying the blobs (e.g. to see which context a message belongs to)."""
+    head, _ = _header(data, expected_kind)
+    return head
+
+
+def _header(data: bytes, expected_kind: str) -> tuple[dict[str, Any], int]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CiphertextError(
             f"{expected_kind}: expected bytes, got {type(data).__name__}"
         )
-    data = bytes(data)
-    if len(data) < 8 or data[:4] != MAGIC:
+    if len(data) < 8 or bytes(data[:4]) != MAGIC:
         raise CiphertextError(
             f"{expected_kind}: not an he_layers message (expected magic {MAGIC!r}, "
             f"got {data[:4]!r})"
@@ -48,12 +53,19 @@ def decode_frame(data: bytes, expected_kind: str) -> tuple[dict[str, Any], list[
     if hlen > _MAX_HEADER or 8 + hlen > len(data):
         raise CiphertextError(f"{expected_kind}: truncated or oversized header ({hlen} bytes)")
     try:
-        head = json.loads(data[8 : 8 + hlen].decode())
+        head = json.loads(bytes(data[8 : 8 + hlen]).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CiphertextError(f"{expected_kind}: header is not JSON") from exc
     if not isinstance(head, dict) or head.get("kind") != expected_kind:
         got = head.get("kind") if isinstance(head, dict) else type(head).__name__
         raise CiphertextError(f"expected a {expected_kind!r} message, got {got!r}")
+    return head, hlen
+
+
+def decode_frame(data: bytes, expected_kind: str) -> tuple[dict[str, Any], list[bytes]]:
+    """Parse a frame; refuse anything but a well-formed ``expected_kind`` message."""
+    head, hlen = _header(data, expected_kind)
+    data = bytes(data)
     sizes = head.get("blob_sizes")
     if (
         not isinstance(sizes, list)
