@@ -1,5 +1,6 @@
 """A real (embedded) datasite restarted with its database and state: no new approval, no lost
-step. HTTP restarts and a SIGSTOPped HTTP datasite: tests/test_chaos.py."""
+step; under HE protection (embedded and a SIGKILLed HTTP server) it continues with fresh keys.
+HTTP restarts of plain runs and a SIGSTOPped HTTP datasite: tests/test_chaos.py."""
 
 from __future__ import annotations
 
@@ -82,10 +83,11 @@ def test_embedded_datasite_restarts_with_its_state(tmp_path: Path) -> None:
 
 
 @pytest.mark.he
-@pytest.mark.parametrize("level", ["A", "B"])
-def test_embedded_datasite_restart_under_he_continues_with_fresh_keys(tmp_path: Path,
-                                                                      level: str) -> None:
-    """A protected segment on a real datasite that crashes between steps comes back approved
+@pytest.mark.parametrize("level, http", [("A", False), ("B", False), ("A", True)])
+def test_datasite_restart_under_he_continues_with_fresh_keys(tmp_path: Path, level: str,
+                                                             http: bool) -> None:
+    """A protected segment on a real datasite (embedded; or an HTTP server SIGKILLed) that
+    crashes between steps comes back approved
     with fresh CKKS keys (the secret key is never on disk; level B: its share from the state
     directory), the model owner fetches the new public context, and the weights stay with an
     uninterrupted protected run's (CKKS noise; at level B a lost share would change the data
@@ -112,7 +114,8 @@ def test_embedded_datasite_restart_under_he_continues_with_fresh_keys(tmp_path: 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dep = deployment(data, state_dir=tmp_path, name_prefix="t-he-restart")
+        dep = deployment(data, state_dir=tmp_path, name_prefix=f"t-he-restart-{level}{http:d}",
+                         http=http)
     try:
         session = he_session(dep.transport)
         dep.approve_all(session.propose())
