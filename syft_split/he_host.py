@@ -6,8 +6,8 @@ secret key never leaves); the ``forward`` op of such a segment releases only cip
 needed Galois keys), ``he_output`` (masked decryption of the layer's output), ``he_grad``
 (masked decryption of the weight gradient; the data owner backpropagates dL/dx and steps its
 segment), ``he_costs`` (seconds and bytes so far, since the keys were made). After a restart an
-encrypted segment continues with fresh keys (:meth:`HEOps.restore`). Imports :mod:`he_layers` (TenSEAL) only
-when a segment with encryption is approved.
+encrypted segment continues with fresh keys (:meth:`HEOps.restore`). Imports :mod:`he_layers`
+(TenSEAL) only when a segment with encryption is approved.
 
 Levels A and B protect the data owner only against a *semi-honest* model owner: one that
 deviates can send any ciphertext back for decryption (SECURITY.md). What this module enforces
