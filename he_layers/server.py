@@ -148,12 +148,15 @@ class HEServer:
         step, masks and bias gradient; no key): a model owner that checkpoints keeps it until
         the answer is in, so a new process can take the answer (:meth:`expect_gradients`)."""
         p = self._expect("grad", None, "grad_state")
-        return {"step": int(p["step"]), "r2": torch.from_numpy(np.array(p["r2"])),
+        return {"step": int(p["step"]), "ctx": self.context.context_id,
+                "r2": torch.from_numpy(np.array(p["r2"])),
                 "db": torch.from_numpy(np.array(p["db"]))}
 
     def expect_gradients(self, state: dict[str, Any]) -> None:
         """Wait for the gradients of the step another process of this model owner sent
-        (``state``: its :meth:`grad_state`)."""
+        (``state``: its :meth:`grad_state`). The answer may come from keys the data owner has
+        since replaced (it answers from its record): it is read against the context the step
+        was sent under (it holds masked plain values only)."""
         shape = (self.spec.mat_in, self.spec.mat_out)
         r2, db = state.get("r2"), state.get("db")
         if not (isinstance(r2, torch.Tensor) and tuple(r2.shape) == shape
@@ -161,6 +164,7 @@ class HEServer:
             raise ShapeError(f"grad_state: expected masks {shape} and bias gradient "
                              f"({self.spec.mat_out},)")
         self._pending = {"step": int(state["step"]), "stage": "grad",
+                         "ctx": str(state.get("ctx", self.context.context_id)),
                          "r2": r2.double().numpy(), "db": db.double().numpy()}
 
     def velocity_state(self) -> list[torch.Tensor] | None:
@@ -201,7 +205,10 @@ class HEServer:
             head, blobs = decode_frame(msg, kind)
         self.costs.add("bytes_received", len(msg))
         self.costs.add("messages_received", 1)
-        check_ctx(head, self.context.context_id, kind)
+        cid = self.context.context_id
+        if kind == GRAD_RETURN and self._pending is not None:  # see expect_gradients
+            cid = self._pending.get("ctx", cid)
+        check_ctx(head, cid, kind)
         return head, blobs
 
     def _reply(self, kind: str, cts: list[Any], plain: list[bytes]) -> bytes:

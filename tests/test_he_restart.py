@@ -228,15 +228,19 @@ def _fit(session: SplitSession, **kw: Any) -> Any:
     return trainer.fit(1, verbose=False, **kw)
 
 
-@pytest.mark.parametrize("level, op", [("A", "forward"), ("A", "he_output"), ("A", "he_grad"),
-                                       ("B", "forward"), ("B", "he_grad")])
+@pytest.mark.parametrize("level, op, both", [
+    ("A", "forward", False), ("A", "he_output", False), ("A", "he_grad", False),
+    ("B", "forward", False), ("B", "he_grad", False), ("A", "he_grad", True),
+    ("B", "he_grad", True)])
 def test_model_owner_resumes_a_protected_run_from_its_checkpoint(tmp_path: Path, level: str,
-                                                                  op: str) -> None:
+                                                                  op: str, both: bool) -> None:
     """The model owner's process dies right after a data owner answered (a forward left
     pending there; or an encrypted gradient applied there, whose answer only the data owner's
     record still holds). A new process with other initial weights resumes from the checkpoint
     (level B: with its share W_s and velocity) and the journal of the step in flight: each
-    step is applied once and the run ends where an uninterrupted one does (CKKS noise apart)."""
+    step is applied once and the run ends where an uninterrupted one does (CKKS noise apart).
+    ``both``: the data owner restarts too (fresh keys): the recorded answer, made under the old
+    keys, is still read."""
     ref_host = _host(tmp_path / "ref")
     ref = _session(InProcessTransport([ref_host]), ref_host, level)
     _fit(ref)
@@ -251,6 +255,8 @@ def test_model_owner_resumes_a_protected_run_from_its_checkpoint(tmp_path: Path,
             break
         except _Crash:
             crashed += 1  # a new process: new session, other initial weights, no proposals
+            if both:
+                host = _restart(t, tmp_path / "h")
             plan, opt = _plan(level, seed=99)
             session = SplitSession(plan, t, optimizer=opt)
     assert crashed == 1 and report.extra["resumed"] == 1
