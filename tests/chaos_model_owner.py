@@ -39,10 +39,16 @@ def chaos_data() -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     return out
 
 
-def chaos_session(transport: Transport) -> SplitSession:
+def chaos_session(transport: Transport, he: bool = False) -> SplitSession:
+    """The chaos run's session; ``he``: its first model-owner layer (a Conv2d) encrypted,
+    level A."""
     torch.manual_seed(7)
     plan = SplitPlan.vanilla(split_model(digits_cnn(channels=4, hidden=16), ["pool1"]),
                              list(PARTIES))
+    if he:
+        from syft_split.he import protect
+
+        plan = protect(plan, level="A", batch_size=BATCH, input_shape=(4, 4, 4))
     return SplitSession(plan, transport, optimizer=OptimizerSpec("adam", lr=1e-2))
 
 
@@ -63,13 +69,14 @@ def main() -> None:
     ap.add_argument("--password", required=True)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--he", action="store_true", help="HE-protected (level A)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the same numerics as the test's reference run
     urls = dict(u.split("=", 1) for u in args.url)
     print(f"imported at {time.time():.2f}", flush=True)
     transport = connect(urls, args.email, args.password, policy=POLICY)
     print(f"connected at {time.time():.2f}", flush=True)
-    session = chaos_session(transport)
+    session = chaos_session(transport, he=args.he)
     out = Path(args.out)
     if not Checkpoint(args.checkpoint).exists():
         ids = session.propose()

@@ -2,7 +2,9 @@
 
 - chaos: datasites are SIGKILLed and restarted three times and the model owner's process once,
   at random steps (once a datasite and the model owner together); the run completes with the
-  weights of an uninterrupted run. Its summary goes to bench/results/chaos.json.
+  weights of an uninterrupted run. Its summary goes to bench/results/chaos.json. The same run
+  HE-protected (level A): every restart gives the data owner fresh keys, and the run still ends
+  where an uninterrupted protected run ends (CKKS noise apart).
 - stall: a datasite is SIGSTOPped (a 150 s stall, cut short): its call fails with
   CallTimeoutError naming it within the timeout + 1 s, training goes on with the other one,
   and after SIGCONT its timed-out request is settled (applied once) and it trains again.
@@ -56,10 +58,10 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deployment
         dep.close()
 
 
-def _reference() -> dict[str, Any]:
+def _reference(he: bool) -> dict[str, Any]:
     """The same run, uninterrupted, in process."""
     dep = inprocess(chaos_data())
-    session = chaos_session(dep.transport)
+    session = chaos_session(dep.transport, he=he)
     dep.approve_all(session.propose())
     report = chaos_trainer(session).fit(EPOCHS, verbose=False)
     session.flush()
@@ -76,10 +78,12 @@ def _reference() -> dict[str, Any]:
 class ModelOwner:
     """The model owner's process: started, SIGKILLed, started again (it resumes)."""
 
-    def __init__(self, urls: dict[str, str], email: str, password: str, work: Path) -> None:
+    def __init__(self, urls: dict[str, str], email: str, password: str, work: Path,
+                 he: bool = False) -> None:
         self.args = [sys.executable, "-u", str(SCRIPT), *[f"--url={p}={u}" for p, u in urls.items()],
                      f"--email={email}", f"--password={password}",
-                     f"--checkpoint={work / 'checkpoint'}", f"--out={work}"]
+                     f"--checkpoint={work / 'checkpoint'}", f"--out={work}",
+                     *(["--he"] if he else [])]
         self.work = work
         self.checkpoint = Checkpoint(work / "checkpoint")
         self.starts = 0
@@ -156,12 +160,13 @@ def _approve_when_proposed(dep: Any, mo: ModelOwner, patience: float = 120.0) ->
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("he", [False, True], ids=["plain", "he"])
 def test_chaos_run_equals_uninterrupted_run(sites: tuple[Deployment, float],
-                                            tmp_path: Path) -> None:
+                                            tmp_path: Path, he: bool) -> None:
     dep, launch_s = sites
     t_run = time.perf_counter()
-    rng = random.Random(SEED)
-    want = _reference()
+    rng = random.Random(SEED + he)
+    want = _reference(he)
     total = want["steps"]
     phases = {"reference_run": time.perf_counter() - t_run}
     # three datasite crashes (each party at least once) and one model-owner crash, at random
@@ -178,7 +183,8 @@ def test_chaos_run_equals_uninterrupted_run(sites: tuple[Deployment, float],
         user = t.user_on("a")
         urls = {p: f"http://127.0.0.1:{t.datasites[p].port}" for p in PARTIES}
         t0 = time.perf_counter()
-        mo = ModelOwner(urls, user, t.datasites["a"].passwords[user], tmp_path)
+        t_start = time.time()
+        mo = ModelOwner(urls, user, t.datasites["a"].passwords[user], tmp_path, he)
         _approve_when_proposed(dep, mo)
         phases["model_owner_start_to_proposals_approved"] = time.perf_counter() - t0
         mo.wait_steps(1)
@@ -243,10 +249,17 @@ def test_chaos_run_equals_uninterrupted_run(sites: tuple[Deployment, float],
             "model_owner_startup_s": {str(n): mo.startup(n) for n in mo.started},
             "machine": "2 shared cores, loaded by parallel jobs: seconds are indicative",
         }
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+        if not he:  # the plain run's summary (the protected one asserts the same outcomes)
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
         assert flat.count("site") == 3 and mo.starts == 2
         assert steps_lost == 0, f"{steps_lost} steps lost in {len(flat)} crashes"
+        if he:  # each datasite restart made fresh keys, which the model owner fetched
+            for party in PARTIES:
+                fetched = [e for e in dep.owners[party].audit() if e.op == "he_context"
+                           and e.outcome == "ok" and e.time >= t_start]
+                restarts = sum(1 for c in kinds for k, p in c if k == "site" and p == party)
+                assert len(fetched) >= 1 + restarts, (party, len(fetched), restarts)
         assert max_diff <= TOLERANCE, f"weights differ by {max_diff}"
     finally:
         if mo is not None and mo.alive():
