@@ -23,7 +23,7 @@ from urllib.parse import quote
 import torch
 
 from . import persist
-from .errors import HEError, ProtocolError
+from .errors import HEError, ProtocolError, TransportError
 from .he import EncryptedLayer
 
 if TYPE_CHECKING:
@@ -58,7 +58,9 @@ class HEState:
     data owner's record. A data owner that restarts comes back with fresh keys (level B: and
     its share): an encrypted input bound to another public context makes this side fetch the
     new one (``rekeys``), and a step the restart cut before its gradient was applied is run
-    again from its forward (same records, same weights), under the same step id.
+    again from its forward (same records, same weights), under the same step id. An encrypted
+    forward whose call failed (a restart, a lost answer) is run again once, after a forward it
+    left pending there is discarded.
     """
 
     def __init__(self, session: _Session, enc: EncryptedLayer) -> None:
@@ -182,19 +184,29 @@ class HEState:
         fields: dict[str, Any] = {"indices": indices.to(torch.int64), "train": train}
         if dataset is not None:
             fields["dataset"] = dataset
-        msg = self._call(source, "forward", **fields)["he_input"]
-        if not server.is_current(msg) and self._connect(source):  # restarted: fresh keys
-            server = self.server(source)
         try:
+            msg = self._call(source, "forward", **fields)["he_input"]
+            if not server.is_current(msg) and self._connect(source):  # restarted: fresh keys
+                server = self.server(source)
             back = self._call(source, "he_output", msg=server.forward(msg))["msg"]
-        except (ProtocolError, HEError):
-            if not again or not self._connect(source):
+        except (ProtocolError, HEError, TransportError):
+            if not again or not self._cut(source):
                 raise
-            return self.forward(source, indices, dataset, train, again=False)  # cut by a restart
+            return self.forward(source, indices, dataset, train, again=False)
         z = cast(torch.Tensor, server.receive_output(back)).to(torch.float32)
         if train:
             self._last[source], self._z[source] = (indices, dataset), z
         return z
+
+    def _cut(self, source: str) -> bool:
+        """After an encrypted forward failed: whether a restart or a lost answer cut it (then
+        the data owner is ready for it again: the new public context fetched, a forward left
+        pending there discarded). Both calls are safe to repeat, so they wait out a restart."""
+        fresh = self._connect(source)
+        if self._call(source, "status").get("pending"):
+            self.session._seg(source, 0).discard()
+            return True
+        return fresh
 
     def _send_grad(self, source: str, msg: bytes, step: int) -> bytes:
         if self.journal is not None:  # before it leaves: a new process may need its answer

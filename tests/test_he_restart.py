@@ -22,10 +22,12 @@ from syft_split import (
     Trainer,
     persist,
     split_model,
+    wire,
 )
-from syft_split.errors import ApprovalError, ShapeError
+from syft_split.errors import ApprovalError, ShapeError, TransportError
 from syft_split.he import protect
 from syft_split.topology import MODEL_OWNER
+from syft_split.transport.base import CallPolicy
 
 pytestmark = [pytest.mark.he]
 
@@ -267,3 +269,50 @@ def test_model_owner_resumes_a_protected_run_from_its_checkpoint(tmp_path: Path,
     if op == "he_grad":  # answered from the record, not run again
         audit = [e for e in host.audit_log() if e["op"] == "he_grad"]
         assert sum("answered from the record" in e["outcome"] for e in audit) == 1
+
+
+class _Flaky(InProcessTransport):
+    """The data owner restarts around the ``n``-th ``op`` request: ``"before"`` it arrives,
+    or ``"after"`` it was applied (its answer lost); the request fails either way, and the
+    transport sends it again only if that is safe (a step id, a read-only op)."""
+
+    def __init__(self, host: DataOwnerHost, state_dir: Path, op: str, mode: str) -> None:
+        super().__init__([host], policy=CallPolicy(timeout=30.0, retries=3, backoff=0.0))
+        self.state_dir, self.op, self.mode, self.n = state_dir, op, mode, 3
+
+    def request(self, party: str, data: bytes) -> bytes:
+        hit = False
+        if wire.decode(data).get("op") == self.op:
+            self.n -= 1
+            hit = self.n == 0
+        if hit and self.mode == "before":
+            _restart(self, self.state_dir)
+            raise TransportError(f"{party}: connection refused")
+        raw = super().request(party, data)
+        if hit and self.mode == "after":
+            _restart(self, self.state_dir)
+            raise TransportError(f"{party}: connection reset, answer lost")
+        return raw
+
+
+@pytest.mark.parametrize("op", ["forward", "he_output", "he_grad"])
+@pytest.mark.parametrize("mode", ["before", "after"])
+def test_a_call_lost_to_a_restart_is_recovered(tmp_path: Path, op: str, mode: str) -> None:
+    """The data owner restarts around one call of a step (before it arrives, or after it was
+    applied with its answer lost): the encrypted forward is run again (a forward left pending
+    is discarded), the gradient is sent again under its step id; every step applied once."""
+    ref_host = _host(tmp_path / "ref")
+    ref = _session(InProcessTransport([ref_host]), ref_host)
+    for i in range(6):
+        _step(ref, i)
+    host = _host(tmp_path / "h")
+    t = _Flaky(host, tmp_path / "h", op, mode)
+    session = _session(t, host)
+    for i in range(6):
+        _step(session, i)
+    assert t.n <= 0  # the restart happened
+    host = t._hosts["h"]
+    (pid,) = session.segment_ids().values()
+    assert t.call("h", "status", segment=pid)["steps"] == 6
+    for got, want in zip(_weights(session, host), _weights(ref, ref_host), strict=True):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
