@@ -184,12 +184,6 @@ class HEServer:
             raise ShapeError(f"velocity: expected shapes {shapes}")
         self._velocity = (state[0].double().numpy(), state[1].double().numpy())
 
-    def adopt(self, old: HEServer) -> None:
-        """Continue ``old``'s run on this server's (new) context: its level-B momentum
-        velocity and its cost meter (the weights come from the constructor)."""
-        self._velocity = old._velocity
-        self.costs = old.costs
-
     def is_current(self, msg: bytes) -> bool:
         """Whether an encrypted input ``msg`` is bound to this server's public context (False:
         the data owner made new keys, e.g. after a restart). A malformed message counts as

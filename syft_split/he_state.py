@@ -115,11 +115,12 @@ class HEState:
         if old is not None and old.context.context_id == ctx.context_id:
             return False
         server = self.servers[source] = HEServer(ctx, self.weight, self.bias)
-        if old is not None:  # fresh keys: momentum and the cost meter go on
+        # level B's velocity goes on: from the old server (fresh keys) or from a checkpoint
+        server.load_velocity(old.velocity_state() if old is not None
+                             else self._velocity.pop(source, None))
+        if old is not None:  # and the cost meter of the run
             self.rekeys[source] = self.rekeys.get(source, 0) + 1
-            server.adopt(old)
-        elif source in self._velocity:
-            server.load_velocity(self._velocity.pop(source))
+            server.costs = old.costs
         return True
 
     def state(self) -> dict[str, Any]:
@@ -208,7 +209,8 @@ class HEState:
             return True
         return fresh
 
-    def _send_grad(self, source: str, msg: bytes, step: int) -> bytes:
+    def _send_grad(self, source: str, delta: torch.Tensor, step: int) -> bytes:
+        msg = self.servers[source].backward(delta.detach().double())
         if self.journal is not None:  # before it leaves: a new process may need its answer
             self.journal.mkdir(parents=True, exist_ok=True)
             persist.save(self._journal_path(source), {
@@ -224,18 +226,16 @@ class HEState:
         step = seg.next_step
         taken = self._taken.pop(source, None)
         if taken is not None:  # the very message an earlier process sent: answered from record
-            back = self._call(source, "he_grad", msg=taken["msg"], step=step)["msg"]
-            seg.next_step = step + 1
-            return cast(bytes, back)
-        msg = self.servers[source].backward(delta.detach().double())
-        try:
-            back = self._send_grad(source, msg, step)
-        except (ProtocolError, HEError):
-            if not self._connect(source) or int(self._call(source, "status")["last_step"]) >= step:
-                raise  # not a restart, or applied already as another message: nothing to redo
-            self.forward(source, *self._last[source], train=True, again=False)
-            msg = self.servers[source].backward(delta.detach().double())
-            back = self._send_grad(source, msg, step)
+            back = cast(bytes, self._call(source, "he_grad", msg=taken["msg"], step=step)["msg"])
+        else:
+            try:
+                back = self._send_grad(source, delta, step)
+            except (ProtocolError, HEError):
+                if (not self._connect(source)
+                        or int(self._call(source, "status")["last_step"]) >= step):
+                    raise  # not a restart, or applied already as another message: no redo
+                self.forward(source, *self._last[source], train=True, again=False)
+                back = self._send_grad(source, delta, step)
         seg.next_step = step + 1
         return back
 
