@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import pytest
 import torch
 
-from syft_split import deploy
+from syft_split import DataOwnerHost, InProcessTransport, deploy, wire
 from syft_split.deploy import Deployment, PartyDatasets
+from syft_split.errors import TransportError
+from syft_split.transport.base import CallPolicy
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -21,6 +25,57 @@ torch.set_num_threads(1)  # 2 shared cores: tiny ops are far slower with 2 threa
 #: datasites; ``make_deployment_http`` adds uvicorn HTTP datasites on loopback.
 DEPLOY_KINDS = ["inprocess", "datasite"]
 HTTP_KINDS = [*DEPLOY_KINDS, "http"]
+
+
+#: quick retries for in-process crash tests
+FAST = CallPolicy(timeout=30.0, retries=3, backoff=0.0)
+
+
+class Crash(BaseException):
+    """The model owner's process dies here (not an error anything may catch)."""
+
+
+class ChaosTransport(InProcessTransport):
+    """In-process data owners that crash and restart (``start(party)`` builds one again from
+    its state directory) at chosen requests: the n-th request (key ``n``) or the k-th request
+    of an op (key ``(op, k)``). Modes: ``"before"`` (the request never arrives), ``"after"``
+    (applied, its response lost) or ``"model_owner"`` (applied, then the model owner's process
+    dies). A failed request is sent again only if that is safe (:data:`FAST` retries)."""
+
+    def __init__(self, start: Callable[[str], DataOwnerHost], parties: Iterable[str],
+                 crashes: dict[int | tuple[str, int], str]) -> None:
+        self.start = start
+        super().__init__([start(p) for p in parties], policy=FAST)
+        self.crashes = crashes
+        self.n = 0
+        self.per_op: Counter[str] = Counter()
+        self._count = threading.Lock()
+        self.restarts = 0
+
+    def host(self, party: str) -> DataOwnerHost:
+        return self._hosts[party]
+
+    def restart(self, party: str) -> None:
+        self.restarts += 1
+        self.add_host(self.start(party), replace=True)
+
+    def request(self, party: str, data: bytes) -> bytes:
+        op = str(wire.decode(data).get("op"))
+        with self._count:  # data owners may be called from several threads at once
+            self.n += 1
+            self.per_op[op] += 1
+            mode = (self.crashes.pop(self.n, None)
+                    or self.crashes.pop((op, self.per_op[op]), None))
+        if mode == "before":
+            self.restart(party)
+            raise TransportError(f"{party}: connection refused")
+        raw = super().request(party, data)
+        if mode == "after":
+            self.restart(party)
+            raise TransportError(f"{party}: connection reset, response lost")
+        if mode == "model_owner":
+            raise Crash
+        return raw
 
 
 def deployment_of(kind: str, parties: PartyDatasets, **kwargs: object) -> Deployment:

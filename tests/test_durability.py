@@ -21,11 +21,11 @@ from syft_split import (
     split_model,
     wire,
 )
-from syft_split.errors import ApprovalError, ProtocolError, TransportError
+from syft_split.errors import ApprovalError, ProtocolError
 from syft_split.models import digits_cnn
-from syft_split.transport.base import CallPolicy
 
-FAST = CallPolicy(timeout=30.0, retries=3, backoff=0.0)
+from .conftest import FAST, ChaosTransport, Crash
+
 KINDS = ["vanilla", "u_shaped", "multi_hop", "splitfed_v1"]
 #: kind -> the trainer's schedule (the plan shares client weights with the model owner)
 SCHEDULE = {"splitfed_v1": "splitfed_v1", "relay": "relay"}
@@ -76,42 +76,10 @@ def _labels(kind: str) -> dict[str, dict[str, torch.Tensor]] | None:
     return {p: {ds: y for ds, (_x, y) in DATA[p].items()} for p in ("a", "b")}
 
 
-class Crash(BaseException):
-    """The model owner's process dies here (not an error anything may catch)."""
-
-
-class ChaosTransport(InProcessTransport):
-    """In-process data owners that crash and restart from their state directories at chosen
-    calls: ``"before"`` (the request never arrives), ``"after"`` (applied, its response lost)
-    or ``"model_owner"`` (applied, then the model owner's process dies)."""
-
-    def __init__(self, kind: str, state_dir: Path, crashes: dict[int, str]) -> None:
-        self.state_dir = state_dir
-        super().__init__([_host(p, state_dir) for p in _parties(kind)], policy=FAST)
-        self.crashes = crashes
-        self.n = 0
-        self.restarts = 0
-
-    def host(self, party: str) -> DataOwnerHost:
-        return self._hosts[party]
-
-    def restart(self, party: str) -> None:
-        self.restarts += 1
-        self.add_host(_host(party, self.state_dir), replace=True)
-
-    def request(self, party: str, data: bytes) -> bytes:
-        self.n += 1
-        mode = self.crashes.pop(self.n, None)
-        if mode == "before":
-            self.restart(party)
-            raise TransportError(f"{party}: connection refused")
-        raw = super().request(party, data)
-        if mode == "after":
-            self.restart(party)
-            raise TransportError(f"{party}: connection reset, response lost")
-        if mode == "model_owner":
-            raise Crash
-        return raw
+def _chaos(kind: str, state_dir: Path, crashes: dict[int | tuple[str, int], str]
+           ) -> ChaosTransport:
+    """This module's data owners, crashing at ``crashes`` (see conftest's ChaosTransport)."""
+    return ChaosTransport(lambda p: _host(p, state_dir), _parties(kind), crashes)
 
 
 def _start(kind: str, transport: InProcessTransport, hosts: Callable[[str], DataOwnerHost],
@@ -162,7 +130,7 @@ def test_data_owner_crashes_change_nothing(tmp_path: Path, kind: str) -> None:
     crashes = {n: rng.choice(["before", "after"]) for n in sorted(rng.sample(calls, 8))}
     # a crash adds one request (its retry): later crash points shift with it
     crashes = {n + k: mode for k, (n, mode) in enumerate(crashes.items())}
-    t = ChaosTransport(kind, tmp_path, dict(crashes))
+    t = _chaos(kind, tmp_path, dict(crashes))
     session = _start(kind, t, t.host)
     report = _trainer(session, kind).fit(2, verbose=False)
     assert t.restarts == len(crashes) and not t.crashes  # every crash happened
@@ -189,7 +157,7 @@ def test_model_owner_resumes_from_its_checkpoint(tmp_path: Path, kind: str, fuse
     want, _, calls = _reference(kind, 2, fuse)
     rng = random.Random(f"mo-{kind}-{fuse}")
     crashes = {n: "model_owner" for n in rng.sample(calls, 3)}
-    t = ChaosTransport(kind, tmp_path / "owners", crashes)
+    t = _chaos(kind, tmp_path / "owners", crashes)
     session = _start(kind, t, t.host, fuse=fuse)
     ckpt = tmp_path / "model_owner"
     crashed = 0

@@ -22,12 +22,12 @@ from syft_split import (
     Trainer,
     persist,
     split_model,
-    wire,
 )
-from syft_split.errors import ApprovalError, ShapeError, TransportError
+from syft_split.errors import ApprovalError, ShapeError
 from syft_split.he import protect
 from syft_split.topology import MODEL_OWNER
-from syft_split.transport.base import CallPolicy
+
+from .conftest import ChaosTransport, Crash
 
 pytestmark = [pytest.mark.he]
 
@@ -203,27 +203,6 @@ def test_a_bad_share_on_disk_is_refused() -> None:
         client.load_share_state({**good, "momentum": torch.full((3, 2), float("nan"))})
 
 
-class _Crash(BaseException):
-    """The model owner's process dies here (not an error anything may catch)."""
-
-
-class _Dies(InProcessTransport):
-    """The model owner's process dies right after the data owner answered the ``n``-th call
-    of ``op``."""
-
-    def __init__(self, host: DataOwnerHost, op: str, n: int) -> None:
-        super().__init__([host])
-        self.op, self.n = op, n
-
-    def call(self, party: str, op: str, **fields: Any) -> Any:
-        out = super().call(party, op, **fields)
-        if op == self.op:
-            self.n -= 1
-            if self.n == 0:
-                raise _Crash
-        return out
-
-
 def _fit(session: SplitSession, **kw: Any) -> Any:
     trainer = Trainer(session, batch_size=B, seed=0, progress=False, measure_leakage=False,
                       labels={"h": {"train": Y, "test": Y[:16]}})
@@ -247,20 +226,20 @@ def test_model_owner_resumes_a_protected_run_from_its_checkpoint(tmp_path: Path,
     ref = _session(InProcessTransport([ref_host]), ref_host, level)
     _fit(ref)
 
-    host = _host(tmp_path / "h")
-    t = _Dies(host, op, 3)
-    session = _session(t, host, level)
+    t = ChaosTransport(lambda _: _host(tmp_path / "h"), ["h"], {(op, 3): "model_owner"})
+    session = _session(t, t.host("h"), level)
     crashed = 0
     while True:
         try:
             report = _fit(session, checkpoint_dir=tmp_path / "mo", resume=True)
             break
-        except _Crash:
+        except Crash:
             crashed += 1  # a new process: new session, other initial weights, no proposals
             if both:
-                host = _restart(t, tmp_path / "h")
+                t.restart("h")
             plan, opt = _plan(level, seed=99)
             session = SplitSession(plan, t, optimizer=opt)
+    host = t.host("h")
     assert crashed == 1 and report.extra["resumed"] == 1
     (pid,) = session.segment_ids().values()
     assert t.call("h", "status", segment=pid)["steps"] == 4  # each gradient applied once
@@ -269,30 +248,6 @@ def test_model_owner_resumes_a_protected_run_from_its_checkpoint(tmp_path: Path,
     if op == "he_grad":  # answered from the record, not run again
         audit = [e for e in host.audit_log() if e["op"] == "he_grad"]
         assert sum("answered from the record" in e["outcome"] for e in audit) == 1
-
-
-class _Flaky(InProcessTransport):
-    """The data owner restarts around the ``n``-th ``op`` request: ``"before"`` it arrives,
-    or ``"after"`` it was applied (its answer lost); the request fails either way, and the
-    transport sends it again only if that is safe (a step id, a read-only op)."""
-
-    def __init__(self, host: DataOwnerHost, state_dir: Path, op: str, mode: str) -> None:
-        super().__init__([host], policy=CallPolicy(timeout=30.0, retries=3, backoff=0.0))
-        self.state_dir, self.op, self.mode, self.n = state_dir, op, mode, 3
-
-    def request(self, party: str, data: bytes) -> bytes:
-        hit = False
-        if wire.decode(data).get("op") == self.op:
-            self.n -= 1
-            hit = self.n == 0
-        if hit and self.mode == "before":
-            _restart(self, self.state_dir)
-            raise TransportError(f"{party}: connection refused")
-        raw = super().request(party, data)
-        if hit and self.mode == "after":
-            _restart(self, self.state_dir)
-            raise TransportError(f"{party}: connection reset, answer lost")
-        return raw
 
 
 @pytest.mark.parametrize("op", ["forward", "he_output", "he_grad"])
@@ -305,13 +260,12 @@ def test_a_call_lost_to_a_restart_is_recovered(tmp_path: Path, op: str, mode: st
     ref = _session(InProcessTransport([ref_host]), ref_host)
     for i in range(6):
         _step(ref, i)
-    host = _host(tmp_path / "h")
-    t = _Flaky(host, tmp_path / "h", op, mode)
-    session = _session(t, host)
+    t = ChaosTransport(lambda _: _host(tmp_path / "h"), ["h"], {(op, 3): mode})
+    session = _session(t, t.host("h"))
     for i in range(6):
         _step(session, i)
-    assert t.n <= 0  # the restart happened
-    host = t._hosts["h"]
+    assert t.restarts == 1 and not t.crashes  # the restart happened
+    host = t.host("h")
     (pid,) = session.segment_ids().values()
     assert t.call("h", "status", segment=pid)["steps"] == 6
     for got, want in zip(_weights(session, host), _weights(ref, ref_host), strict=True):
