@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench lint clean lab docs
+.PHONY: demo test test-fast bench chaos lint clean lab docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	@set -e; for f in bench/*.py; do echo "== $$f"; $(PY) $$f $(BENCH_ARGS); done
+
+# the chaos run (part of `make test`) once more, recording its summary in bench/results/chaos.json
+chaos: $(STAMP)
+	SYFT_SPLIT_RECORD=1 $(PY) -m pytest -n 0 "tests/test_chaos.py::test_chaos_run_equals_uninterrupted_run[plain]"
 
 # JupyterLab on the tutorials (interactive: not part of test or CI)
 lab: $(STAMP)
