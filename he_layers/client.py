@@ -65,30 +65,40 @@ class HEClient:
                              *self._geo.kernel_size)
         return w
 
-    def share_state(self) -> dict[str, torch.Tensor]:
-        """Level B: what must outlive this client for the run to go on with new keys (the share
-        A and the mask part of the server's velocity); ``{}`` at level A. No key material."""
-        if self.spec.level != "B":
-            return {}
-        return {"share": torch.from_numpy(self._share.copy()),
-                "momentum": torch.from_numpy(self._momentum.copy())}
+    def state(self) -> dict[str, Any]:
+        """What must outlive this client for the run to go on with new keys: the cost meter's
+        totals and, at level B, the share A and the mask part of the server's velocity. No
+        key material."""
+        out: dict[str, Any] = {"costs": self.costs.state()}
+        if self.spec.level == "B":
+            out["share"] = torch.from_numpy(self._share.copy())
+            out["momentum"] = torch.from_numpy(self._momentum.copy())
+        return out
 
-    def load_share_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Put back what :meth:`share_state` returned (e.g. after a restart, with fresh keys).
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`state` returned (e.g. after a restart, with fresh keys); a file
+        written before costs were kept has none (the meter starts again).
 
         Raises:
-            ShapeError: a missing, misshapen or non-finite entry (nothing loaded).
+            ShapeError: level B: a missing, misshapen or non-finite share or momentum.
+            ValidationError: malformed costs. Nothing is loaded on error.
         """
-        want = (self.spec.mat_in, self.spec.mat_out)
         arrays = {}
-        for name in ("share", "momentum"):
-            t = state.get(name)
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want or not bool(
-                    torch.isfinite(t).all()):
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ShapeError(f"level-B state {name!r}: expected finite {want}, got {got}")
-            arrays[name] = t.detach().double().numpy().copy()
-        self._share, self._momentum = arrays["share"], arrays["momentum"]
+        if self.spec.level == "B":
+            want = (self.spec.mat_in, self.spec.mat_out)
+            for name in ("share", "momentum"):
+                t = state.get(name)
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != want or not bool(
+                        torch.isfinite(t).all()):
+                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ShapeError(f"level-B state {name!r}: expected finite {want}, got {got}")
+                arrays[name] = t.detach().double().numpy().copy()
+        costs = CostMeter()
+        if state.get("costs") is not None:
+            costs.load_state(state["costs"])
+        if arrays:
+            self._share, self._momentum = arrays["share"], arrays["momentum"]
+        self.costs = costs
 
     def _sent(self, msg: bytes, n_ct: int) -> bytes:
         self.costs.add("bytes_sent", len(msg))

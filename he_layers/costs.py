@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
+
+from syft_split.errors import ValidationError
 
 __all__ = ["CostMeter", "merge_costs", "COST_KEYS", "OP_KEYS"]
 
@@ -58,6 +62,33 @@ class CostMeter:
             yield
         finally:
             self.add(key, time.perf_counter() - t0)
+
+    def state(self) -> dict[str, Any]:
+        """The totals and the step count, to outlive this meter (e.g. a restart)."""
+        return {"steps": self.steps, "total": dict(self.total)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state` (the last step's figures start empty).
+
+        Raises:
+            ValidationError: an unknown key, or a count that is not finite and >= 0 (nothing
+                loaded).
+        """
+        steps, total = state.get("steps"), state.get("total")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValidationError(f"cost meter: expected a step count >= 0, got {steps!r}")
+        if not isinstance(total, Mapping) or not set(total) <= set(COST_KEYS):
+            raise ValidationError(f"cost meter: expected totals keyed by {COST_KEYS}, "
+                                  f"got {sorted(total) if isinstance(total, Mapping) else total!r}")
+        values = {}
+        for k, v in total.items():
+            if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                    or v < 0):
+                raise ValidationError(f"cost meter: {k!r} must be finite and >= 0, got {v!r}")
+            values[k] = float(v)
+        self.steps = steps
+        self.total = {**dict.fromkeys(COST_KEYS, 0.0), **values}
+        self.last_step = dict.fromkeys(COST_KEYS, 0.0)
 
     def as_dict(self) -> dict[str, float]:
         """``{"steps": n, "<key>": total, "last_<key>": last step}``."""

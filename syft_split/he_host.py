@@ -5,7 +5,7 @@ secret key never leaves); the ``forward`` op of such a segment releases only cip
 (:mod:`syft_split.host.segments`). Ops: ``he_context`` (public context: no secret key, only the
 needed Galois keys), ``he_output`` (masked decryption of the layer's output), ``he_grad``
 (masked decryption of the weight gradient; the data owner backpropagates dL/dx and steps its
-segment), ``he_costs`` (seconds and bytes so far, since the keys were made). After a restart an
+segment), ``he_costs`` (seconds and bytes so far, kept across restarts). After a restart an
 encrypted segment continues with fresh keys (:meth:`HEOps.restore`). Imports :mod:`he_layers`
 (TenSEAL) only when a segment with encryption is approved.
 
@@ -178,14 +178,14 @@ class HEOps(OpFamily):
                 continue
             rt = self.host.owned_runtime(p.id)
             saved, rt.he_saved = rt.he_saved, None
-            if p.he.get("level") == "B" and not saved:
+            if p.he.get("level") == "B" and "share" not in (saved or {}):
                 self.host.halt(p.id, "the datasite restarted and this segment's level-B weight "
                                      "share is not on disk: propose this segment again")
                 continue
             try:
                 client = StepGate(build_client(p.he))
                 if saved:
-                    client.load_share_state(saved)
+                    client.load_state(saved)
             except (ConfigError, ValidationError) as exc:
                 self.host.halt(p.id, f"the datasite restarted and this segment's encryption "
                                      f"could not be rebuilt ({exc}): propose this segment again")

@@ -23,7 +23,7 @@ from syft_split import (
     persist,
     split_model,
 )
-from syft_split.errors import ApprovalError, ShapeError
+from syft_split.errors import ApprovalError, ShapeError, ValidationError
 from syft_split.he import protect
 from syft_split.topology import MODEL_OWNER
 
@@ -128,9 +128,12 @@ def test_restarts_continue_like_an_uninterrupted_run(tmp_path: Path, level: str)
     assert t.call("h", "status", segment=pid)["steps"] == 6  # each step applied once
     for got, want in zip(_weights(session, host), _weights(ref, ref_host), strict=True):
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-    costs = he.costs()
+    costs, ref_costs = he.costs(), ref.he.costs()
     assert costs["model_owner.h.rekeys"] == 2
     assert costs["model_owner.h.steps"] == 7  # one meter across the restarts: 6 + 1 run again
+    # the data owner's meter goes on across its restarts too (its file keeps the totals)
+    assert costs["h.steps"] == ref_costs["h.steps"] + 1
+    assert costs["h.bytes_sent"] >= ref_costs["h.bytes_sent"]
 
 
 def test_a_gradient_applied_before_the_restart_is_answered_not_applied_again(
@@ -196,11 +199,18 @@ def test_a_bad_share_on_disk_is_refused() -> None:
 
     client = HEClient(KeyOwner(LayerSpec(batch_size=4, d_in=3, d_out=2, level="B", lr=0.1),
                                CKKSParams()))
-    good = client.share_state()
+    good = client.state()
     with pytest.raises(ShapeError, match="share"):
-        client.load_share_state({**good, "share": torch.zeros(2, 3, dtype=torch.float64)})
+        client.load_state({**good, "share": torch.zeros(2, 3, dtype=torch.float64)})
     with pytest.raises(ShapeError, match="momentum"):
-        client.load_share_state({**good, "momentum": torch.full((3, 2), float("nan"))})
+        client.load_state({**good, "momentum": torch.full((3, 2), float("nan"))})
+    client.load_state({**good, "costs": {"steps": 5, "total": {"enc_s": 1.5}}})
+    assert client.costs.steps == 5 and client.costs.total["enc_s"] == 1.5
+    for bad in ({"steps": -1, "total": {}}, {"steps": 1, "total": {"enc_s": float("nan")}},
+                {"steps": 1, "total": {"not_a_cost": 1.0}}):
+        with pytest.raises(ValidationError, match="cost meter"):
+            client.load_state({**good, "costs": bad})
+    assert client.costs.steps == 5 and client.costs.total["enc_s"] == 1.5  # nothing loaded
 
 
 def _fit(session: SplitSession, **kw: Any) -> Any:

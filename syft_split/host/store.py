@@ -23,8 +23,8 @@ segments, re-runs a pending forward from its recorded input and RNG state (so th
 held-back gradient lands on the same step), and hands each family its state. CKKS secret keys
 are never written to disk: a segment approved with encryption comes back with fresh keys (the
 model owner fetches the new public context and runs a step cut by the restart again from its
-forward); at level B its weight share, saved in the segment's file with its steps, is put
-back.
+forward); its HE cost totals and, at level B, its weight share, saved in the segment's file
+with its steps, are put back.
 """
 
 from __future__ import annotations
@@ -257,8 +257,9 @@ def _runtime_tree(rt: Runtime) -> dict[str, Any]:
         "pending": rt.pending_source if rt.pending_output is not None else None,
         "loss_grads": grads,
         "extra": {k: v for k, v in rt.extra.items() if _plain(v)},
-        # level B: the data owner's weight share (never a key), for fresh keys after a restart
-        "he": rt.he.share_state() if rt.he is not None else None,
+        # HE: the cost meter and (level B) the weight share, for fresh keys after a restart;
+        # never a key
+        "he": rt.he.state() if rt.he is not None else None,
     }
 
 
