@@ -16,7 +16,9 @@ them and never reads them. Averaging is secure aggregation (:mod:`syft_split.sec
 :mod:`syft_split.host.weights`): each data owner seals a pairwise-masked, weighted contribution
 for every other member; each checks every contribution it sums (pinned key, round, cohort,
 weights, segment) and loads the average. The model owner relays ciphertext and learns no weight,
-not even the average. A round in which a data owner drops out aborts (nothing is loaded).
+not even the average. A data owner that drops out before its contribution is out: the round
+runs again among the others under a new round number (fresh masks); one that drops out after
+the others have started loading stops the round there (see :class:`SecureAverage`).
 """
 
 from __future__ import annotations
@@ -80,10 +82,12 @@ class SecureAverage:
         source with weight 0 contributes nothing and receives the average).
 
         ``each(keys, fn) -> (results, errors)`` runs one phase's calls (contribute, then
-        aggregate) for every data owner, e.g. concurrently (:func:`syft_split.rounds.run_each`);
-        then a failed phase stops the round and the failures are returned (a failed
-        contribute: nobody loads; a failed aggregate: the others have loaded). Without
-        ``each`` the calls run one after the other and a failure raises."""
+        aggregate) for every data owner, e.g. concurrently (:func:`syft_split.rounds.run_each`),
+        and the failures are returned. A failed *contribute* loads nothing anywhere: the round
+        runs again among the members that did not fail, under the next round number (new masks;
+        no contribution of the aborted round was delivered to anyone), as long as two members
+        with a positive total weight remain. A failed *aggregate* stops the round (the others
+        have loaded). Without ``each`` the calls run one after the other and a failure raises."""
         _require_peer(self.session)
         if len(sources) != len(weights):
             raise ConfigError(f"{len(sources)} sources but {len(weights)} weights")
@@ -97,17 +101,25 @@ class SecureAverage:
             if failed:
                 return failed
             self.round = max(rounds.values())
-        self.round += 1
         w = {s: float(x) for s, x in zip(sources, weights)}
+        members, dropped = list(sources), {}
+        self.round += 1
         for i in nodes:
-            failed = self._node(i, sources, w, run)
-            if failed:
-                return failed
-        return {}
+            while True:
+                failed, loading = self._node(i, members, w, run)
+                dropped.update(failed)
+                if not failed:
+                    break
+                members = [s for s in members if s not in failed]
+                if loading or len(members) < 2 or sum(w[s] for s in members) <= 0:
+                    return dropped
+                self.round += 1  # the survivors again, under fresh masks
+        return dropped
 
     def _node(self, i: int, sources: Sequence[str], w: dict[str, float], run: Each
-              ) -> dict[str, BaseException]:
-        """One round of node ``i``'s copies: every member contributes, then aggregates."""
+              ) -> tuple[dict[str, BaseException], bool]:
+        """One round of node ``i``'s copies: every member contributes, then aggregates.
+        Returns the failures and whether they happened while loading (aggregate)."""
         segs = {s: self.session._seg(s, i) for s in sources}
         members = {seg.party: seg.segment_id for seg in segs.values()}
         rnd = self.round
@@ -115,10 +127,10 @@ class SecureAverage:
         sealed, failed = run(list(segs), lambda s: segs[s].secagg_contribute(
             f"node{i}", rnd, members, {segs[o].party: w[o] for o in segs}))
         if failed:
-            return failed
+            return failed, False
         _, failed = run(list(segs), lambda s: segs[s].secagg_aggregate(
             rnd, {segs[o].party: sealed[o][segs[s].party] for o in segs if o != s}))
-        return failed
+        return failed, True
 
 
 #: runs ``fn(key)`` for every key; returns (results, errors) by key

@@ -1,7 +1,8 @@
 """Secure aggregation of segment weights among data owners: the arithmetic, nothing else.
 
 Pairwise-mask secure aggregation in the style of Bonawitz et al. (CCS 2017), without the
-dropout-recovery round (a round with a missing member aborts; see SECURITY.md). Every member
+dropout-recovery round (a round with a missing member aborts, and the model owner runs it again
+among the others, :class:`syft_split.schedules.SecureAverage`; see SECURITY.md). Every member
 ``i`` of a round turns its weight vector into fixed point, scaled by its share of the averaging
 weight, ``q_i = round(w_i / W * theta_i * 2^FRACTION_BITS)`` as int64, and adds one mask per
 other member ``j``::

@@ -16,6 +16,7 @@ from syft_split import (
     ProtocolError,
     SplitPlan,
     SplitSession,
+    TransportError,
     ValidationError,
     WireError,
     secagg,
@@ -164,6 +165,41 @@ def test_missing_member_aborts_the_round_and_the_next_round_works(three) -> None
         segs[n].secagg_aggregate(2, {o: sealed[o][n] for o in NAMES if o != n})
     after = _weights(dep, segs)
     assert all(torch.allclose(after["a"][k], after["c"][k], atol=1e-7) for k in after["a"])
+
+
+def test_a_member_that_fails_to_contribute_is_left_out_and_the_others_average(three) -> None:
+    """The round runs again among the survivors under a new round number (fresh masks)."""
+    dep, session, segs = three
+    before = _weights(dep, segs)
+    w = {"a": 8.0, "b": 4.0, "c": 4.0}
+    calls: list[list[str]] = []
+
+    def each(keys, fn):  # c is unreachable once the round number is known
+        calls.append(list(keys))
+        results, errors = {}, {}
+        for k in keys:
+            if k == "c" and len(calls) > 1:
+                errors[k] = TransportError("c is down")
+            else:
+                results[k] = fn(k)
+        return results, errors
+
+    avg = SecureAverage(session)
+    failed = avg(NAMES, [w[n] for n in NAMES], each=each)
+    assert list(failed) == ["c"]
+    # round number, contribute (c fails), then the survivors' contribute and aggregate
+    assert calls == [NAMES, NAMES, ["a", "b"], ["a", "b"]]
+    want = weighted_mean([before["a"], before["b"]], [w["a"], w["b"]])
+    after = _weights(dep, segs)
+    for n in ("a", "b"):
+        assert max(float((after[n][k] - want[k]).abs().max()) for k in want) <= 1e-6
+    _assert_unchanged(dep, {"c": segs["c"]}, {"c": before["c"]})
+    assert segs["a"].secagg_round() == avg.round == segs["c"].secagg_round() + 2
+    # with one survivor there is nothing to average: the round stops, nothing more is loaded
+    mid = _weights(dep, segs)
+    failed = avg(["a", "c"], [1.0, 1.0], each=each)
+    assert list(failed) == ["c"] and calls[4:] == [["a", "c"]]
+    _assert_unchanged(dep, segs, mid)
 
 
 def test_model_owner_cannot_forge_replay_or_redirect_contributions(three) -> None:
