@@ -21,6 +21,7 @@ from syft_split import (
 from syft_split.errors import CallTimeoutError, ConfigError, TransportError
 from syft_split.models import digits_cnn
 from syft_split.transport.base import CallPolicy
+from syft_split.transport.latency import DelayedTransport, submit_call
 
 from .test_durability import DATA
 
@@ -129,3 +130,107 @@ def test_training_goes_on_without_a_stalled_party() -> None:
     assert info["steps"] == 3 and not info["pending"] and seg_b.unsettled is None
     assert [e.outcome for e in hosts["b"].audit if e.op == "forward"][:2] == [
         "ok", "ok (step 1 answered from the record)"]
+
+
+def test_a_call_in_flight_is_bounded_by_the_policy_timeout_too() -> None:
+    """``submit_call`` (pipelined steps) times out like ``Transport.call``, on a plain transport
+    and over a DelayedTransport link."""
+    for wrap in (lambda t: t, lambda t: DelayedTransport(t, 0.02)):
+        hosts = _hosts()
+        t = wrap(InProcessTransport(list(hosts.values()),
+                                    policy=CallPolicy(timeout=0.3, retries=0)))
+        t.policy = CallPolicy(timeout=0.3, retries=0)
+        hosts["b"].running.clear()
+        try:
+            t0 = time.perf_counter()
+            fut = submit_call(t, "b", "describe")
+            with pytest.raises(CallTimeoutError, match="b did not answer op 'describe'"):
+                fut.result(timeout=10)
+            assert time.perf_counter() - t0 < 0.3 + 1.0
+            assert submit_call(t, "a", "describe").result(timeout=10)["host"] == "a"
+        finally:
+            hosts["b"].running.set()
+            t.close()
+
+
+class _Damaging(InProcessTransport):
+    """Damages the answer to the ``bad``-th request in transit (after the host applied it)."""
+
+    bad: int | None = None
+    n = 0
+
+    def request(self, party: str, data: bytes) -> bytes:
+        raw = super().request(party, data)
+        self.n += 1
+        return raw[:-7] if self.n == self.bad else raw
+
+
+def test_an_unreadable_answer_leaves_the_step_unsettled_not_refused() -> None:
+    """The host applied the step; the model owner could not read its answer. That is a
+    transport failure (fate unknown): the step is settled under its id, applied once, and
+    training goes on, instead of the id being reused and every later step refused."""
+    from syft_split.transport.base import decode_response
+
+    with pytest.raises(TransportError, match="cannot be read") as err:
+        decode_response(b"\x00" * 16, "a", "forward", 1 << 20)
+    assert err.value.party == "a"
+
+    hosts = _hosts()
+    t = _Damaging(list(hosts.values()))
+    torch.manual_seed(1)
+    session = SplitSession(SplitPlan.vanilla(split_model(digits_cnn(channels=4, hidden=16),
+                                                         ["pool1"]), ["a"]),
+                           t, optimizer=OptimizerSpec("sgd", lr=0.1))
+    hosts["a"].approve(session.propose()["a"][0])
+    _x, y = DATA["a"]["train"]
+    seg = session.remote[("a", 0)]
+
+    def step(i: int) -> None:
+        idx = torch.arange(8 * i, 8 * i + 8) % len(y)
+        session.zero_grad()
+        loss, _ = session.loss("a", idx, y[idx])
+        loss.backward()
+        session.step()
+
+    step(0)
+    step(1)
+    t.bad = t.n + 1  # the next forward (carrying step 1's gradient) is applied, its answer lost
+    with pytest.raises(TransportError, match="cannot be read"):
+        step(2)
+    assert session.unsettled() == {seg.segment_id: {"op": "forward", "step": seg.next_step,
+                                             "carries_gradient": True}}
+    for i in (3, 4):
+        step(i)
+    session.flush()
+    status = t.call("a", "status", segment=seg.segment_id)
+    assert session.unsettled() == {} and status["last_step"] == seg.next_step - 1
+    # gradients of steps 0, 1, 3, 4 applied once each (step 2's batch was abandoned)
+    assert status["steps"] == 4
+
+
+def test_concurrent_calls_keep_their_own_timeout() -> None:
+    """PySyftTransport's HTTP posts read the timeout of the call made on *their* thread (two
+    data owners called at once must not swap or drop each other's timeout)."""
+    from syft_split.transport.pysyft import PySyftTransport
+
+    class _Client:  # stands for a logged-in client; only the timeout bookkeeping runs here
+        logged_in_user = "mo@example.org"
+
+    t = PySyftTransport({"a": _Client(), "b": _Client()}, direct=False)
+    t._bounded = {"a": True, "b": True}  # as for HTTP datasites
+    posted: dict[str, float | None] = {}
+    a_done = threading.Event()
+
+    def request(party: str, data: bytes) -> bytes:
+        if party == "b":
+            a_done.wait(5)  # b posts after a's call has ended
+        posted[party] = t._call_timeout()
+        return b""
+
+    t.request = request  # type: ignore[method-assign]
+    th = threading.Thread(target=t.request_within, args=("b", b"", 600.0, "leakage"))
+    th.start()
+    t.request_within("a", b"", 120.0, "forward")
+    a_done.set()
+    th.join(10)
+    assert posted == {"a": 120.0, "b": 600.0}

@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .. import wire
-from ..errors import CallTimeoutError, ConfigError, TransportError, error_from_wire
+from ..errors import (
+    CallTimeoutError,
+    ConfigError,
+    PayloadTooLargeError,
+    TransportError,
+    WireError,
+    error_from_wire,
+)
 
 __all__ = ["Transport", "TransportWrapper", "TrafficLog", "TrafficRecord", "MODEL_OWNER",
            "CallPolicy", "READ_ONLY_OPS", "run_with_timeout"]
@@ -83,6 +90,21 @@ def repeatable(op: str, fields: Mapping[str, Any]) -> bool:
     if "step" in fields or op in READ_ONLY_OPS or op in IDEMPOTENT_OPS:
         return True
     return op in ("forward", "loss_step") and fields.get("train") is False
+
+
+def decode_response(raw: bytes, party: str, op: str, max_bytes: int) -> dict[str, Any]:
+    """Decode a party's answer. One that cannot be read (damaged, truncated, over
+    ``max_bytes``) is a :class:`TransportError`: the party may have applied the request, so
+    its fate is unknown (a request with a step id is settled by sending it again), unlike an
+    answer that reports an error, which says nothing was applied."""
+    try:
+        return wire.decode(raw, max_bytes=max_bytes)
+    except (WireError, PayloadTooLargeError) as exc:
+        err = TransportError(f"{party} answered {op!r} with a response that cannot be read "
+                             f"({type(exc).__name__}: {exc}); whether it applied the request "
+                             "is unknown")
+        err.party = party
+        raise err from exc
 
 
 class _CallThreads:
@@ -286,7 +308,7 @@ class Transport(ABC):
         with self._counter_lock:
             self.seconds_in_transport += time.perf_counter() - t0
             self.calls += 1
-        response = wire.decode(raw, max_bytes=self.max_response_bytes)
+        response = decode_response(raw, party, op, self.max_response_bytes)
         self.traffic.add(party, MODEL_OWNER, op, len(raw), tuple(response))
         if "error" in response:
             raise error_from_wire(str(response.get("error")), str(response.get("message", "")))

@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import wire
 from ..errors import ConfigError, error_from_wire
-from .base import MODEL_OWNER, Transport, TransportWrapper
+from .base import MODEL_OWNER, Transport, TransportWrapper, decode_response
 
 __all__ = ["DelayedTransport", "submit_call"]
 
@@ -64,12 +64,12 @@ class _Link:
         self.there = _Worker(f"syft-split-link-{party}-out")
         self.back = _Worker(f"syft-split-link-{party}-back")
 
-    def submit(self, data: bytes) -> Future[bytes]:
+    def submit(self, data: bytes, timeout: float | None, op: str) -> Future[bytes]:
         fut: Future[bytes] = Future()
 
         def arrive() -> None:
             try:
-                raw = self.inner.request(self.party, data)
+                raw = self.inner.request_within(self.party, data, timeout, op)
             except BaseException as exc:
                 error = exc
                 self.back.put(time.monotonic() + self.half, lambda: fut.set_exception(error))
@@ -103,9 +103,11 @@ class DelayedTransport(TransportWrapper):
                 link = self._links[party] = _Link(self.inner, party, self.seconds / 2)
             return link
 
-    def submit(self, party: str, data: bytes) -> Future[bytes]:
-        """Send ``data`` to ``party`` now; the future holds the answer once it is back."""
-        return self._link(party).submit(data)
+    def submit(self, party: str, data: bytes, timeout: float | None = None,
+               op: str = "?") -> Future[bytes]:
+        """Send ``data`` to ``party`` now; the future holds the answer once it is back (or the
+        :class:`CallTimeoutError` of a party that took longer than ``timeout`` seconds)."""
+        return self._link(party).submit(data, timeout, op)
 
     def request(self, party: str, data: bytes) -> bytes:
         return self.submit(party, data).result()
@@ -122,7 +124,8 @@ _FALLBACK: weakref.WeakKeyDictionary[Transport, dict[str, _Worker]] = weakref.We
 _FALLBACK_LOCK = threading.Lock()
 
 
-def _fallback_submit(transport: Transport, party: str, data: bytes) -> Future[bytes]:
+def _fallback_submit(transport: Transport, party: str, data: bytes, timeout: float | None,
+                     op: str) -> Future[bytes]:
     with _FALLBACK_LOCK:
         workers = _FALLBACK.setdefault(transport, {})
         worker = workers.get(party)
@@ -132,7 +135,7 @@ def _fallback_submit(transport: Transport, party: str, data: bytes) -> Future[by
 
     def run() -> None:
         try:
-            fut.set_result(transport.request(party, data))
+            fut.set_result(transport.request_within(party, data, timeout, op))
         except BaseException as exc:
             fut.set_exception(exc)
 
@@ -144,13 +147,15 @@ def submit_call(transport: Transport, party: str, op: str, **fields: Any
                 ) -> Future[dict[str, Any]]:
     """:meth:`Transport.call` that does not wait: a future of the decoded answer (a data
     owner's error is raised by ``result()`` as the same :mod:`syft_split.errors` class).
-    Calls to one party are answered in the order they were submitted."""
+    Calls to one party are answered in the order they were submitted; each is bounded by the
+    transport's policy timeout for ``op`` (not retried)."""
     data = wire.encode({"op": op, **fields})
     transport.traffic.add(MODEL_OWNER, party, op, len(data), tuple(fields))
     t0 = time.perf_counter()
-    submit = getattr(transport, "submit", None)
-    raw_future = submit(party, data) if callable(submit) else _fallback_submit(
-        transport, party, data)
+    timeout = transport.policy.timeout_for(op)
+    raw_future = (transport.submit(party, data, timeout, op)
+                  if isinstance(transport, DelayedTransport)
+                  else _fallback_submit(transport, party, data, timeout, op))
     out: Future[dict[str, Any]] = Future()
 
     def done(f: Future[bytes]) -> None:
@@ -158,7 +163,7 @@ def submit_call(transport: Transport, party: str, op: str, **fields: Any
             raw = f.result()
             transport.seconds_in_transport += time.perf_counter() - t0
             transport.calls += 1
-            response = wire.decode(raw, max_bytes=transport.max_response_bytes)
+            response = decode_response(raw, party, op, transport.max_response_bytes)
             transport.traffic.add(party, MODEL_OWNER, op, len(raw), tuple(response))
             if "error" in response:
                 raise error_from_wire(str(response.get("error")),

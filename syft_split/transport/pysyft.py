@@ -90,7 +90,7 @@ class PySyftTransport(Transport):
             raise ConfigError("PySyftTransport needs at least one client (party name -> client)")
         self._clients: dict[str, Any] = {}
         self._bounded: dict[str, bool] = {}
-        self._timeout: float | None = None
+        self._call = threading.local()  # this thread's call timeout (calls run concurrently)
         self.path = path
         self.cleanup = cleanup
         self._done: dict[str, str] = {}
@@ -112,7 +112,7 @@ class PySyftTransport(Transport):
         self._users[party] = str(getattr(client, "logged_in_user", "") or "")
         self._locks[party] = (self._embedded_lock if _embedded(client)
                               else self._locks.get(party) or threading.Lock())
-        self._bounded[party] = _bound_http(client, lambda: self._timeout)
+        self._bounded[party] = _bound_http(client, self._call_timeout)
         self._done.pop(party, None)
 
     @property
@@ -140,13 +140,17 @@ class PySyftTransport(Transport):
         a watchdog thread (see the module docstring)."""
         if not self._bounded.get(party):
             return super().request_within(party, data, timeout, op)
-        self._timeout = timeout
+        self._call.timeout = timeout
         try:
             return self.request(party, data)
         except CallTimeoutError as exc:
             raise timeout_error(party, op, timeout or 0.0) from exc
         finally:
-            self._timeout = None
+            self._call.timeout = None
+
+    def _call_timeout(self) -> float | None:
+        """The timeout of the call this thread is making (read when its HTTP post is sent)."""
+        return getattr(self._call, "timeout", None)
 
     def request(self, party: str, data: bytes) -> bytes:
         if self.direct:
@@ -169,13 +173,14 @@ class PySyftTransport(Transport):
         return raw
 
 
-def _embedded(client: Any) -> bool:
-    """Whether ``client`` reaches a datasite running inside this process."""
-    return type(getattr(client, "connection", None)).__name__ == "PythonConnection"
-
     def close(self) -> None:
         """Close the direct channels (the datasites free them at once)."""
         self.router.close()
+
+
+def _embedded(client: Any) -> bool:
+    """Whether ``client`` reaches a datasite running inside this process."""
+    return type(getattr(client, "connection", None)).__name__ == "PythonConnection"
 
 
 def _bound_http(client: Any, timeout: Callable[[], float | None]) -> bool:

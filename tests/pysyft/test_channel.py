@@ -68,6 +68,15 @@ def test_direct_channel_equals_the_pysyft_path_and_audits_every_step(split_site:
         assert ops == [(MODEL_OWNER, "forward")] * 3 + [(MODEL_OWNER, "backward")]
     [info] = [c for c in site.owner.channels("open") if direct_pid in c["segments"]]
     assert (info["user"], info["frames"]) == (MODEL_OWNER, 4)
+    # closing the transport closes its channels on both sides at once (no idle timeout)
+    site.transport.close()
+    assert router.channels() == {}
+    deadline = time.monotonic() + 10
+    while [c for c in site.owner.channels("open") if direct_pid in c["segments"]]:
+        assert time.monotonic() < deadline, "the datasite kept the channel open"
+        time.sleep(0.05)
+    _steps(site, direct_pid, locals_[direct_pid], torch.Generator().manual_seed(8))
+    assert router.direct_calls - calls0 == 8  # a new channel on the next call
 
 
 def test_refusals_on_a_datasite_leave_state_intact(split_site: SplitSite) -> None:
