@@ -83,11 +83,14 @@ class SecureAverage:
 
         ``each(keys, fn) -> (results, errors)`` runs one phase's calls (contribute, then
         aggregate) for every data owner, e.g. concurrently (:func:`syft_split.rounds.run_each`),
-        and the failures are returned. A failed *contribute* loads nothing anywhere: the round
-        runs again among the members that did not fail, under the next round number (new masks;
-        no contribution of the aborted round was delivered to anyone), as long as two members
-        with a positive total weight remain. A failed *aggregate* stops the round (the others
-        have loaded). Without ``each`` the calls run one after the other and a failure raises."""
+        and the failures are returned. Each shared node is averaged in its own round. A failed
+        *contribute* loads nothing of that node anywhere: its round runs again among the members
+        that did not fail, under the next round number (new masks; no contribution of the
+        aborted round was delivered to anyone), as long as two members with a positive total
+        weight remain; the nodes after it are averaged among those members (nodes averaged
+        before it already included the member that failed). A failed *aggregate* stops the
+        averaging (the others have loaded). Without ``each`` the calls run one after the other
+        and a failure raises."""
         _require_peer(self.session)
         if len(sources) != len(weights):
             raise ConfigError(f"{len(sources)} sources but {len(weights)} weights")
