@@ -242,7 +242,13 @@ class RemoteSegment:
 
     def secagg_round(self) -> int:
         """The last secure-aggregation round this segment contributed to (0: none)."""
-        return int(self._call("secagg_round")["round"])
+        return self.secagg_status()["round"]
+
+    def secagg_status(self) -> dict[str, int]:
+        """``round`` (last contributed to), ``pending`` (in flight, 0: none) and ``aggregated``
+        (last loaded) secure-aggregation rounds of this segment."""
+        r = self._call("secagg_round")
+        return {k: int(r.get(k, 0)) for k in ("round", "pending", "aggregated")}
 
     def secagg_contribute(self, label: str, round: int, members: dict[str, str],
                           weights: dict[str, float]) -> dict[str, bytes]:

@@ -99,11 +99,11 @@ class SecureAverage:
         run = each or _one_after_the_other
         nodes = input_nodes(self.session)
         if self.round is None:
-            rounds, failed = run(list(sources), lambda s: max(
-                self.session._seg(s, i).secagg_round() for i in nodes))
+            status, failed = run(list(sources), lambda s: [
+                self.session._seg(s, i).secagg_status() for i in nodes])
             if failed:
                 return failed
-            self.round = max(rounds.values())
+            self.round = _first_round(status) - 1
         w = {s: float(x) for s, x in zip(sources, weights)}
         members, dropped = list(sources), {}
         self.round += 1
@@ -134,6 +134,19 @@ class SecureAverage:
         _, failed = run(list(segs), lambda s: segs[s].secagg_aggregate(
             rnd, {segs[o].party: sealed[o][segs[s].party] for o in segs if o != s}))
         return failed, True
+
+
+def _first_round(status: dict[str, list[dict[str, int]]]) -> int:
+    """The round a new :class:`SecureAverage` starts with: after the highest round any member
+    has seen, unless that round was interrupted while members were loading it (some loaded it,
+    some still hold it in flight: a model owner died between their ``secagg_aggregate`` calls).
+    Then that round is finished first, under its own number and description (the members that
+    loaded it serve the same contribution again; those that did not load it now)."""
+    seen = [st for sts in status.values() for st in sts]
+    last = max(st["round"] for st in seen)
+    loading = (any(st["pending"] == last for st in seen)
+               and any(st["aggregated"] == last for st in seen))
+    return last if loading and last > 0 else last + 1
 
 
 #: runs ``fn(key)`` for every key; returns (results, errors) by key

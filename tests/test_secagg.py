@@ -20,6 +20,7 @@ from syft_split import (
     ValidationError,
     WireError,
     secagg,
+    wire,
 )
 from syft_split.deploy import inprocess
 from syft_split.schedules import SecureAverage, relay_weights, weighted_mean
@@ -137,9 +138,10 @@ def test_secure_average_equals_plain_average(three) -> None:
     want = weighted_mean([before[n] for n in NAMES], [w[n] for n in NAMES])
     for after in _weights(dep, segs).values():
         assert max(float((after[k] - want[k]).abs().max()) for k in want) <= 1e-6
-    # what the data owners sent: sealed contributions and round numbers, no weight value
+    # what the data owners sent: sealed contributions, round numbers and steps, no weight value
     raw = [v for r in dep.transport.traffic.records if r.src != "model_owner" for v in r.fields]
-    assert {f for f in raw if not f.startswith("sealed/")} <= {"round", "steps"}
+    assert {f for f in raw if not f.startswith("sealed/")} <= {"round", "pending", "aggregated",
+                                                                "steps"}  # round numbers
 
 
 def _assert_unchanged(dep, segs, before) -> None:
@@ -200,6 +202,41 @@ def test_a_member_that_fails_to_contribute_is_left_out_and_the_others_average(th
     failed = avg(["a", "c"], [1.0, 1.0], each=each)
     assert list(failed) == ["c"] and calls[4:] == [["a", "c"]]
     _assert_unchanged(dep, segs, mid)
+
+
+def test_a_loaded_round_is_served_again_only_as_it_was(three) -> None:
+    """A member that loaded round r serves the same contribution again (to finish r for a
+    member that did not load it), only for exactly the same description; its weights stay."""
+    dep, _, segs = three
+    w = {n: 1.0 for n in NAMES}
+    sealed = _round(segs, 1, w)
+    segs["a"].secagg_aggregate(1, {o: sealed[o]["a"] for o in NAMES if o != "a"})
+    after_a = _weights(dep, {"a": segs["a"]})
+    assert segs["a"].secagg_status() == {"round": 1, "pending": 0, "aggregated": 1}
+    assert segs["b"].secagg_status() == {"round": 1, "pending": 1, "aggregated": 0}
+    again = _round(segs, 1, w)  # a model owner finishing round 1
+    # every sealed message opens to the same masked vector as before (fresh nonces)
+    for n in NAMES:
+        for o in NAMES:
+            if o != n:
+                assert _opened(dep, n, o, sealed[n][o]) == _opened(dep, n, o, again[n][o])
+    with pytest.raises(ProtocolError, match="another description"):
+        segs["a"].secagg_contribute("node0", 1, {n: segs[n].segment_id for n in NAMES},
+                                    {n: 2.0 if n == "a" else 1.0 for n in NAMES})
+    for n in ("b", "c"):
+        segs[n].secagg_aggregate(1, {o: again[o][n] for o in NAMES if o != n})
+    _assert_unchanged(dep, {"a": segs["a"]}, after_a)
+    final = _weights(dep, segs)
+    assert all(torch.equal(final["a"][k], final[n][k]) for n in ("b", "c") for k in final["a"])
+
+
+def _opened(dep, sender: str, recipient: str, sealed: bytes) -> bytes:
+    """The masked vector ``sender`` sealed for ``recipient`` (opened with the recipient's key)."""
+    from nacl.public import Box, PrivateKey, PublicKey
+
+    fam = dep.owners[recipient].families["weights"]
+    box = Box(PrivateKey(fam.secret_key), PublicKey(fam.peers[sender]))
+    return bytes(wire.decode(box.decrypt(sealed))["masked"])
 
 
 def test_model_owner_cannot_forge_replay_or_redirect_contributions(three) -> None:

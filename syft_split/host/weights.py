@@ -63,14 +63,22 @@ def _text(value: Any, name: str) -> str:
     return value
 
 
+def _pending_round(pending: dict[str, Any] | None) -> int | None:
+    """The round number of a round in flight (None: none)."""
+    return None if pending is None else int(pending["descriptor"]["round"])
+
+
 @register_family
 class WeightOps(OpFamily):
     """Weight export, peer relay and secure aggregation (see the module docstring).
 
     State lives in plain attributes (bytes, str, int) for :meth:`state`: the X25519 secret
     key, pinned peer keys, relay sequence numbers, the last aggregation round per segment.
-    A pending aggregation round (``pending``) is kept in memory only: after a restart it
-    aborts, and the next round starts above :attr:`rounds`."""
+    The round in flight (``pending``) and the last round loaded (``done``, with this data
+    owner's own masked contribution) persist with the host: a repeated contribute or aggregate
+    is answered as before, and a model owner that died while members were loading finishes
+    that round (members that loaded it serve their contribution again to those that did not;
+    the same bytes, already sent once, sealed for the same members)."""
 
     name = "weights"
     host_state = True  # relay and round counters (replay protection) persist with the host
@@ -89,6 +97,8 @@ class WeightOps(OpFamily):
         self.pending: dict[str, dict[str, Any]] = {}
         #: the last round each segment loaded (a repeated aggregate of it is answered, not redone)
         self.aggregated: dict[str, int] = {}
+        #: that round's descriptor and own masked contribution (served again to finish it)
+        self.done: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------- family hooks
     def review_lines(self, proposal: Any) -> list[str]:
@@ -126,7 +136,9 @@ class WeightOps(OpFamily):
                 "relay_sent": dict(self.relay_sent), "relay_seen": dict(self.relay_seen),
                 "rounds": dict(self.rounds), "aggregated": dict(self.aggregated),
                 "pending": {k: {"descriptor": v["descriptor"], "own": v["own"].hex(),
-                                "steps": v["steps"]} for k, v in self.pending.items()}}
+                                "steps": v["steps"]} for k, v in self.pending.items()},
+                "done": {k: {"descriptor": v["descriptor"], "own": v["own"].hex()}
+                         for k, v in self.done.items()}}
 
     def restore(self, state: Any) -> None:
         key = state.get("secret_key")
@@ -139,6 +151,8 @@ class WeightOps(OpFamily):
         self.pending = {k: {"descriptor": v["descriptor"], "own": bytes.fromhex(v["own"]),
                             "steps": int(v["steps"])}
                         for k, v in state.get("pending", {}).items()}
+        self.done = {k: {"descriptor": v["descriptor"], "own": bytes.fromhex(v["own"])}
+                     for k, v in state.get("done", {}).items()}
 
     # ----------------------------------------------------------------------- crypto
     def keypair(self) -> Any:
@@ -242,10 +256,16 @@ class WeightOps(OpFamily):
         return {"steps": rt.steps}
 
     # --------------------------------------------------------- secure aggregation
-    @op("secagg_round", roles=ROLES, mutates=True, egress={"round": SCALAR})
+    @op("secagg_round", roles=ROLES, mutates=True,
+        egress={"round": SCALAR, "pending": SCALAR, "aggregated": SCALAR})
     def secagg_round(self, call: Call) -> dict[str, Any]:
+        """The last round contributed to, the round in flight (0: none) and the last round
+        loaded, so that a new model-owner process can finish an interrupted round."""
         assert call.rt is not None
-        return {"round": self.rounds.get(call.rt.id, 0)}
+        pending = self.pending.get(call.rt.id)
+        return {"round": self.rounds.get(call.rt.id, 0),
+                "pending": 0 if pending is None else int(pending["descriptor"]["round"]),
+                "aggregated": self.aggregated.get(call.rt.id, 0)}
 
     def _descriptor(self, rt: Runtime, req: dict[str, Any]) -> dict[str, Any]:
         """The round as the model owner describes it, checked against what this host knows."""
@@ -255,7 +275,8 @@ class WeightOps(OpFamily):
         rnd = _positive_int(req.get("round"), "round")
         last = self.rounds.get(rt.id, 0)
         pending = self.pending.get(rt.id)
-        repeat = pending is not None and pending["descriptor"]["round"] == rnd == last
+        repeat = (pending is not None and pending["descriptor"]["round"] == rnd == last) or (
+            rt.id in self.done and self.done[rt.id]["descriptor"]["round"] == rnd == last)
         if rnd <= last and not repeat:
             raise ProtocolError(f"round {rnd} of {rt.id} is not after its last round {last}: "
                                 "masks are never reused")
@@ -288,6 +309,15 @@ class WeightOps(OpFamily):
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         me, members, weights = self.host.name, desc["members"], desc["weights"]
         peers = sorted(p for p in members if p != me)
+        done = self.done.get(rt.id)
+        if _pending_round(self.pending.get(rt.id)) != desc["round"] and done is not None and (
+                done["descriptor"]["round"] == desc["round"]):
+            # a round this data owner loaded, asked again by a model owner finishing it for the
+            # members that did not: the same contribution, for exactly the same description
+            if secagg.canonical(done["descriptor"]) != secagg.canonical(desc):
+                raise ProtocolError(f"round {desc['round']} of {rt.id} was contributed to "
+                                    "with another description")
+            return self._sealed(desc, np.frombuffer(done["own"], dtype=np.uint64), peers)
         pending = self.pending.get(rt.id)
         if pending is not None and pending["descriptor"]["round"] == desc["round"]:
             # the same round asked again (its answer was lost): the same contribution, if the
@@ -304,13 +334,19 @@ class WeightOps(OpFamily):
             q = secagg.encode(secagg.flatten(state, keys), fraction, len(members))
             masked = secagg.mask(q, me, {p: bytes(self._box(p).shared_key()) for p in peers},
                                  secagg.canonical(desc))
-        out: dict[str, Any] = {"round": desc["round"]}
-        for p in peers:
-            plain = wire.encode({"kind": "secagg", "sender": me, "recipient": p,
-                                 "descriptor": desc, "masked": masked.tobytes()})
-            out[f"sealed/{p}"] = bytes(self._box(p).encrypt(plain))
+        out = self._sealed(desc, masked, peers)
         self.rounds[rt.id] = desc["round"]  # from now on these masks are spent
         self.pending[rt.id] = {"descriptor": desc, "own": masked.tobytes(), "steps": rt.steps}
+        return out
+
+    def _sealed(self, desc: dict[str, Any], masked: np.ndarray, peers: list[str]
+                ) -> dict[str, Any]:
+        """This data owner's masked contribution, sealed for each other member."""
+        out: dict[str, Any] = {"round": desc["round"]}
+        for p in peers:
+            plain = wire.encode({"kind": "secagg", "sender": self.host.name, "recipient": p,
+                                 "descriptor": desc, "masked": masked.tobytes()})
+            out[f"sealed/{p}"] = bytes(self._box(p).encrypt(plain))
         return out
 
     @op("secagg_aggregate", roles=ROLES, mutates=True, egress={"round": SCALAR, "steps": SCALAR})
@@ -356,6 +392,7 @@ class WeightOps(OpFamily):
         rt.module.load_state_dict(self._check_loadable(rt, new))
         del self.pending[rt.id]
         self.aggregated[rt.id] = rnd
+        self.done[rt.id] = {"descriptor": desc, "own": pending["own"]}
         return {"round": rnd, "steps": rt.steps}
 
     # ----------------------------------------------------------------- data-owner ops
