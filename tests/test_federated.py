@@ -13,6 +13,8 @@ from torch import nn
 
 from syft_split import (
     AuthorizationError,
+    EgressError,
+    HostLimits,
     OptimizerSpec,
     ProtocolError,
     ShapeError,
@@ -173,3 +175,33 @@ def test_review_says_the_weights_leave_and_the_guard_holds() -> None:
                         ("state/4.bias", torch.full((10,), float("nan")))):
         with pytest.raises(EgressError):
             LOCAL_WEIGHTS(name, value, call, host.guard)
+
+
+def test_the_record_rate_cap_holds_for_federated_ops_too() -> None:
+    """``max_records_per_minute`` counts the records behind whatever leaves: a split forward's
+    activations, a federated gradient (its batch) and locally trained weights (every record)."""
+    data = _data()
+    dep = inprocess({p: {"train": d, "test": d} for p, d in data.items()},
+                    limits=HostLimits(max_records_per_minute=60))
+    fl = FederatedTrainer(_model(), dep.transport, ["a"], optimizer=SGD)
+    (seg,) = fl.propose()["a"]
+    dep.owners["a"].approve(seg)
+    t = dep.transport
+    state = {f"state/{k}": v for k, v in fl.module.state_dict().items()}
+    assert t.call("a", "fl_train", segment=seg, **state)["records"] == 40  # 40 of 60
+    t.call("a", "fl_gradient", segment=seg, indices=torch.arange(16), **state)  # 56 of 60
+    with pytest.raises(EgressError, match="would release 64 records in a minute"):
+        t.call("a", "fl_gradient", segment=seg, indices=torch.arange(8), **state)
+    with pytest.raises(EgressError, match="would release 96 records"):
+        t.call("a", "fl_train", segment=seg, **state)
+    t.call("a", "fl_gradient", segment=seg, indices=torch.arange(4), **state)  # 60: at the cap
+    # split learning's forward on the same host is capped the same way (its own segment)
+    plan = SplitPlan.vanilla([copy.deepcopy(_model()[:4]), copy.deepcopy(_model()[4:])], ["a"],
+                             datasets=["train"])
+    session = SplitSession(plan, t)
+    dep.approve_all(session.propose())
+    split = session.remote[("a", 0)].segment_id
+    t.call("a", "forward", segment=split, indices=torch.arange(40), dataset="train", train=False)
+    with pytest.raises(EgressError, match="would release 80 records"):
+        t.call("a", "forward", segment=split, indices=torch.arange(40), dataset="train",
+               train=False)

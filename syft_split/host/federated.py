@@ -164,6 +164,7 @@ class FederatedOps(OpFamily):
         batch = _int(call.req, "batch_size", min(32, limit), 1, limit)
         seed = _int(call.req, "seed", 0, 0, 2**62)
         rt, ds = self._start(call)
+        self.host.guard.admit(rt, int(ds.features.shape[0]))  # weights trained on every record
         params = list(rt.module.parameters())
         opt = rt.proposal.optimizer.build(params) if params else None
         loss_fn = LOSSES[str(rt.proposal.loss)]
@@ -199,6 +200,7 @@ class FederatedOps(OpFamily):
     def fl_gradient(self, call: Call) -> dict[str, Any]:
         rt, ds = self._start(call)
         idx = self.host.guard.indices(rt, call.req, ds)
+        self.host.guard.admit(rt, int(idx.shape[0]))
         rt.module.train()
         rt.module.zero_grad(set_to_none=True)
         logits = rt.module(ds.features[idx].to(torch.float32))
