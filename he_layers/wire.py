@@ -54,8 +54,10 @@ def _header(data: bytes, expected_kind: str) -> tuple[dict[str, Any], int]:
         raise CiphertextError(f"{expected_kind}: truncated or oversized header ({hlen} bytes)")
     try:
         head = json.loads(bytes(data[8 : 8 + hlen]).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CiphertextError(f"{expected_kind}: header is not JSON") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, too-long integers
+        raise CiphertextError(f"{expected_kind}: header is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise CiphertextError(f"{expected_kind}: header JSON is nested too deeply") from exc
     if not isinstance(head, dict) or head.get("kind") != expected_kind:
         got = head.get("kind") if isinstance(head, dict) else type(head).__name__
         raise CiphertextError(f"expected a {expected_kind!r} message, got {got!r}")
@@ -70,7 +72,7 @@ def decode_frame(data: bytes, expected_kind: str) -> tuple[dict[str, Any], list[
     if (
         not isinstance(sizes, list)
         or len(sizes) > _MAX_BLOBS
-        or not all(isinstance(s, int) and s >= 0 for s in sizes)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes)
         or 8 + hlen + sum(sizes) != len(data)
     ):
         raise CiphertextError(

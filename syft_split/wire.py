@@ -6,9 +6,10 @@ or JSON data (``None``, bool, int, float, str, and lists/dicts of those). Layout
     b"SSPL" | version (1 byte) | header length (uint32 LE) | header (UTF-8 JSON) | payload
 
 The header lists every tensor/bytes field with its dtype, shape, offset and length in the
-payload, and carries the JSON fields inline. :func:`decode` checks every number in the header
-against the payload before it builds anything, and copies the bytes (nothing is shared by
-reference with the sender).
+payload, and carries the JSON fields inline. The fields' bytes lie back to back in header order
+and fill the payload exactly. :func:`decode` checks every number in the header against the
+payload before it builds anything (so a message never decodes to more bytes than it holds),
+and copies the bytes (nothing is shared by reference with the sender).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .errors import (
 __all__ = [
     "MAGIC",
     "DEFAULT_MAX_BYTES",
+    "MAX_FIELDS",
     "WIRE_DTYPES",
     "encode",
     "decode",
@@ -45,6 +47,8 @@ _PREFIX = struct.Struct("<4sBI")
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 _MAX_HEADER = 1024 * 1024
 _MAX_DIMS = 8
+#: most tensor/bytes fields one message may carry (a 1 MiB header holds ~15k entries at most).
+MAX_FIELDS = 1 << 14
 
 #: dtypes that may travel; everything else is refused on both ends.
 WIRE_DTYPES: dict[str, torch.dtype] = {
@@ -123,6 +127,8 @@ def encode(message: Message) -> bytes:
             )
         chunks.append(raw)
         offset += len(raw)
+    if len(fields) > MAX_FIELDS:
+        raise WireError(f"message has {len(fields)} tensor/bytes fields; at most {MAX_FIELDS} travel")
     header = json.dumps({"fields": fields, "inline": inline}, separators=(",", ":")).encode()
     return _PREFIX.pack(MAGIC, _VERSION, len(header)) + header + b"".join(chunks)
 
@@ -134,11 +140,100 @@ def _field_int(field: dict[str, Any], key: str) -> int:
     return value
 
 
+def _refuse_constant(name: str) -> Any:
+    """``json.loads`` hook: ``NaN``/``Infinity``/``-Infinity`` are not JSON and never sent."""
+    raise WireError(f"header holds the non-finite constant {name}: refused")
+
+
+def _finite_float(text: str) -> float:
+    """``json.loads`` hook: a float literal that overflows to infinity (``1e400``) is refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise WireError(f"header holds the number {text[:40]!r}, which is not finite: refused")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: an object naming a key twice is ambiguous and refused."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise WireError(f"header names key {key[:80]!r} twice: refused")
+        out[key] = value
+    return out
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    """The header's JSON, strictly: finite numbers only, no repeated keys, and any failure of
+    the parser (bad UTF-8 or JSON, an integer past Python's digit limit, nesting past the
+    recursion limit) raised as :class:`WireError`."""
+    try:
+        header = json.loads(
+            raw.decode("utf-8"),
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise WireError(f"header is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise WireError("header JSON is nested too deeply") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("fields"), list):
+        raise WireError("header must be an object with a 'fields' list")
+    inline = header.get("inline", {})
+    if not isinstance(inline, dict):
+        raise WireError("header 'inline' must be an object")
+    for name, value in inline.items():
+        if not _is_json(value):  # the rule encode applies (nesting depth at most 16)
+            raise WireError(f"inline field {name[:80]!r} is nested too deeply")
+    return header
+
+
+def _layout(fields: list[Any], payload_len: int) -> list[tuple[dict[str, Any], int, int]]:
+    """Check the fields' byte ranges tile the payload as :func:`encode` lays them out: back to
+    back in header order, starting at 0, ending at the payload's last byte. No range overlaps
+    another (so no byte is decoded twice) and no byte is left over.
+    Returns (field, offset, nbytes) per field."""
+    if len(fields) > MAX_FIELDS:
+        raise WireError(f"header lists {len(fields)} fields; at most {MAX_FIELDS} are allowed")
+    out: list[tuple[dict[str, Any], int, int]] = []
+    names: set[str] = set()
+    pos = 0
+    for field in fields:
+        if not isinstance(field, dict) or not isinstance(field.get("name"), str):
+            raise WireError(f"bad header field {str(field)[:200]}")
+        name = field["name"]
+        if name in names:
+            raise WireError(f"duplicate field {name[:80]!r}")
+        names.add(name)
+        offset, nbytes = _field_int(field, "offset"), _field_int(field, "nbytes")
+        if offset != pos:
+            raise WireError(
+                f"field {name[:80]!r} starts at byte {offset} but the previous field ends at "
+                f"byte {pos}: fields must be laid out back to back (no overlap, no gap)"
+            )
+        if pos + nbytes > payload_len:
+            raise WireError(
+                f"field {name[:80]!r} claims bytes {offset}..{offset + nbytes} "
+                f"but the payload has {payload_len}"
+            )
+        out.append((field, offset, nbytes))
+        pos += nbytes
+    if pos != payload_len:
+        raise WireError(
+            f"the fields cover {pos} bytes but the payload has {payload_len}: "
+            "trailing bytes refused"
+        )
+    return out
+
+
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     """Parse bytes made by :func:`encode`, validating the schema against the payload.
 
     Raises :class:`PayloadTooLargeError` above ``max_bytes`` (checked before parsing) and
-    :class:`WireError` for anything malformed.
+    :class:`WireError` for anything malformed: the header must be strict JSON (finite numbers,
+    no repeated keys), and the fields must tile the payload exactly as :func:`encode` lays
+    them out, so the decoded message never holds more bytes than were received.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"expected bytes, got {type(data).__name__}")
@@ -156,56 +251,57 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
         raise WireError(f"unsupported wire version {version}, expected {_VERSION}")
     if header_len > _MAX_HEADER or _PREFIX.size + header_len > len(data):
         raise WireError(f"header length {header_len} does not fit the message")
-    try:
-        header = json.loads(data[_PREFIX.size : _PREFIX.size + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"header is not valid JSON: {exc}") from exc
-    if not isinstance(header, dict) or not isinstance(header.get("fields"), list):
-        raise WireError("header must be an object with a 'fields' list")
-    inline = header.get("inline", {})
-    if not isinstance(inline, dict):
-        raise WireError("header 'inline' must be an object")
+    header = _parse_header(data[_PREFIX.size : _PREFIX.size + header_len])
     payload = memoryview(data)[_PREFIX.size + header_len :]
-    out: Message = dict(inline)
-    for field in header["fields"]:
-        if not isinstance(field, dict) or not isinstance(field.get("name"), str):
-            raise WireError(f"bad header field {field!r}")
+    out: Message = dict(header.get("inline", {}))
+    layout = _layout(header["fields"], len(payload))  # every range checked before any copy
+    for field, offset, nbytes in layout:
         name = field["name"]
         if name in out:
-            raise WireError(f"duplicate field {name!r}")
-        offset, nbytes = _field_int(field, "offset"), _field_int(field, "nbytes")
-        if offset + nbytes > len(payload):
-            raise WireError(
-                f"field {name!r} claims bytes {offset}..{offset + nbytes} "
-                f"but the payload has {len(payload)}"
-            )
-        raw = bytes(payload[offset : offset + nbytes])
+            raise WireError(f"duplicate field {name[:80]!r}")
         kind = field.get("kind")
         if kind == "bytes":
-            out[name] = raw
+            out[name] = bytes(payload[offset : offset + nbytes])
         elif kind == "tensor":
-            out[name] = _tensor_from(field, name, raw)
+            out[name] = _tensor_from(field, name, payload[offset : offset + nbytes], max_bytes)
         else:
-            raise WireError(f"field {name!r} has unknown kind {kind!r}")
+            raise WireError(f"field {name[:80]!r} has unknown kind {str(kind)[:80]!r}")
     return out
 
 
-def _tensor_from(field: dict[str, Any], name: str, raw: bytes) -> torch.Tensor:
+def _tensor_from(
+    field: dict[str, Any], name: str, raw: memoryview, max_bytes: int
+) -> torch.Tensor:
+    """Build a tensor from its header entry and its bytes (copied). Every dimension, and the
+    product of the non-zero dimensions (what an empty tensor would hold with its zero
+    dimensions at 1), is bounded by ``max_bytes``; the element count must match the bytes."""
     dtype = field.get("dtype")
     if dtype not in WIRE_DTYPES:
-        raise DTypeError(f"field {name!r}: dtype {dtype!r} not allowed; allowed: {sorted(WIRE_DTYPES)}")
+        raise DTypeError(
+            f"field {name[:80]!r}: dtype {str(dtype)[:80]!r} not allowed; "
+            f"allowed: {sorted(WIRE_DTYPES)}"
+        )
     shape = field.get("shape")
     if (
         not isinstance(shape, list)
         or len(shape) > _MAX_DIMS
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
     ):
-        raise WireError(f"field {name!r}: invalid shape {shape!r}")
+        raise WireError(f"field {name[:80]!r}: invalid shape {str(shape)[:200]}")
     np_dtype = _NUMPY[dtype]
-    expected = math.prod(shape) * np.dtype(np_dtype).itemsize
+    itemsize = np.dtype(np_dtype).itemsize
+    if any(s > max_bytes for s in shape) or (
+        math.prod(s for s in shape if s) * itemsize > max_bytes
+    ):
+        raise WireError(
+            f"field {name[:80]!r}: shape {str(shape)[:200]} is out of bounds for a message "
+            f"of at most {max_bytes} bytes"
+        )
+    expected = math.prod(shape) * itemsize
     if expected != len(raw):
         raise WireError(
-            f"field {name!r}: shape {shape} of {dtype} needs {expected} bytes, got {len(raw)}"
+            f"field {name[:80]!r}: shape {shape} of {dtype} needs {expected} bytes, "
+            f"got {len(raw)}"
         )
     arr = np.frombuffer(raw, dtype=np_dtype).reshape(shape).copy()
     return torch.from_numpy(arr)

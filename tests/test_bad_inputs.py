@@ -110,7 +110,7 @@ def _raw(op: str, replace: tuple[bytes, bytes], **fields: Any) -> Send:
         data = wire.encode({"op": op, "segment": seg, **fields})
         head_len = struct.unpack_from("<I", data, 5)[0]
         header = data[9:9 + head_len].replace(*replace)
-        json.loads(header)  # still JSON (Python's json reads NaN/Infinity)
+        json.loads(header)  # Python's json reads NaN/Infinity; wire.decode refuses them
         raw = data[:5] + struct.pack("<I", len(header)) + header + data[9 + head_len:]
         response = wire.decode(dep.transport.request(PARTY, raw))
         raise error_from_wire(response["error"], response["message"])
@@ -250,9 +250,9 @@ def _loss_cases() -> dict[str, tuple[type[Exception], Send]]:
                                                               step_scale=1.0)),
         "loss_step_indices_float": (DTypeError, _op("loss_step", x=x, indices=i.float(),
                                                     step_scale=1.0)),
-        "loss_step_scale_nan": (ValidationError, _raw("loss_step", (b'"step_scale":1.0',
-                                                                    b'"step_scale":NaN'),
-                                                      x=x, indices=i, step_scale=1.0)),
+        "loss_step_scale_nan": (WireError, _raw("loss_step", (b'"step_scale":1.0',
+                                                              b'"step_scale":NaN'),
+                                                x=x, indices=i, step_scale=1.0)),
         "loss_step_scale_huge": (ValidationError, _op("loss_step", x=x, indices=i,
                                                       step_scale=HUGE)),
         "loss_step_scale_text": (ValidationError, _op("loss_step", x=x, indices=i,
@@ -260,11 +260,11 @@ def _loss_cases() -> dict[str, tuple[type[Exception], Send]]:
         "loss_step_without_scale": (ProtocolError, _op("loss_step", x=x, indices=i)),
         "loss_step_by_intruder": (AuthorizationError, _as_intruder("loss_step", x=x, indices=i,
                                                                    step_scale=1.0)),
-        "backward_scale_nan": (ValidationError, _raw("backward", (b'"scale":1.0',
-                                                                  b'"scale":NaN'), scale=1.0)),
-        "backward_scale_inf": (ValidationError, _raw("backward", (b'"scale":1.0',
-                                                                  b'"scale":-Infinity'),
-                                                     scale=1.0)),
+        "backward_scale_nan": (WireError, _raw("backward", (b'"scale":1.0',
+                                                            b'"scale":NaN'), scale=1.0)),
+        "backward_scale_inf": (WireError, _raw("backward", (b'"scale":1.0',
+                                                            b'"scale":-Infinity'),
+                                               scale=1.0)),
         "backward_scale_huge": (ValidationError, _op("backward", scale=HUGE)),
         "backward_scale_bool": (ValidationError, _op("backward", scale=True)),
         "backward_scale_unknown_segment": (ApprovalError, _other_segment("backward", scale=1.0)),

@@ -107,6 +107,15 @@ def test_public_surface_is_pinned() -> None:
                                     "ChannelServer", "ChannelTicket", "DirectTransport"}
 
 
+def test_peek_reads_op_and_segment_and_gives_none_for_bad_headers() -> None:
+    from syft_split.channel import tls
+
+    assert tls.peek(wire.encode({"op": "forward", "segment": "s"})) == ("forward", "s")
+    deep = b'{"fields":[],"inline":{"op":' + b"[" * 200_000 + b"]" * 200_000 + b"}}"
+    data = wire.MAGIC + bytes([1]) + len(deep).to_bytes(4, "little") + deep
+    assert tls.peek(data) == (None, None)  # was a RecursionError out of the frame loop
+
+
 def test_direct_steps_equal_control_plane_steps_and_each_is_audited(site: Site) -> None:
     direct_pid, seg = site.approved(1, channel=True)
     plain_pid, _ = site.approved(1, channel=False)

@@ -154,7 +154,7 @@ def peek(data: bytes) -> tuple[str | None, str | None]:
         header = json.loads(data[9:9 + n])
         inline = header.get("inline", {})
         op, segment = inline.get("op"), inline.get("segment")
-    except (ValueError, struct.error, AttributeError, TypeError):
+    except (ValueError, struct.error, AttributeError, TypeError, RecursionError):
         return None, None
     return (op if isinstance(op, str) else None,
             segment if isinstance(segment, str) else None)

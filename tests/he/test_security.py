@@ -179,3 +179,25 @@ def test_every_slot_the_data_owner_decrypts_is_masked(shape, kit: SimpleNamespac
     assert np.abs(a[~zero]).max() > 1000  # masks are uniform in ±2^12, x W is O(1)
     lay = client.keys.layouts["forward"]
     assert lay.partials > 1  # folded by the data owner: several masked slots per value
+
+
+def _frame(header: bytes, blobs: bytes = b"") -> bytes:
+    import struct
+
+    return b"HEL1" + struct.pack("<I", len(header)) + header + blobs
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (_frame(b'{"kind":"enc_input","blob_sizes":[],"n":' + b"9" * 5000 + b"}"), "not JSON"),
+        (_frame(b'{"kind":"enc_input","blob_sizes":[],"n":' + b"[" * 200_000 + b"]" * 200_000
+                + b"}"), "nested too deeply"),
+        (_frame(b'{"kind":"enc_input","blob_sizes":[true]}', b"x"), "blob sizes"),
+        (_frame(b'{"kind":"enc_input","blob_sizes":[1,1]}', b"xyz"), "blob sizes"),
+    ],
+    ids=["5000-digits", "deep", "bool-size", "trailing-bytes"],
+)
+def test_malformed_frame_headers_are_ciphertext_errors(data: bytes, match: str) -> None:
+    with pytest.raises(CiphertextError, match=match):
+        decode_frame(data, "enc_input")
