@@ -1,6 +1,7 @@
 """State lasts for the latency-tolerant schedules: pipelined and local-loss steps a data owner
 applied, and the auxiliary head it approved, survive a crash or a clean restart of the data
-owner."""
+owner; the model owner cannot checkpoint these schedules (their requests carry no step ids),
+so ``fit`` refuses to."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from syft_split import DataOwnerHost, OptimizerSpec, SplitPlan, SplitSession, persist
+from syft_split import DataOwnerHost, OptimizerSpec, SplitPlan, SplitSession, Trainer, persist
 from syft_split.errors import ApprovalError, ConfigError, LeakageHaltError, ValidationError
 from syft_split.local_loss import LocalLoss
 from syft_split.topology import RELEASED
@@ -160,3 +161,21 @@ def test_a_saved_head_that_cannot_be_rebuilt_halts_its_segment(tmp_path: Path) -
     assert "auxiliary head" in restarted.proposal(pid).reason
     with pytest.raises((ApprovalError, LeakageHaltError), match="auxiliary head"):
         _local(t, pid, 8, [8])
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_fit_refuses_checkpoints_for_the_latency_tolerant_schedules(tmp_path: Path,
+                                                                   local: bool) -> None:
+    host = _host(None)
+    t, pid, session = _start(host, local=local)
+    trainer = Trainer(session, batch_size=8, progress=False, measure_leakage=False,
+                      test_dataset=None, gradient_delay=0 if local else 1)
+    before, calls = host.export_weights(pid), t.calls
+    what = "a local_loss plan" if local else "gradient_delay=1"
+    for kwargs in ({"checkpoint_dir": tmp_path}, {"checkpoint_dir": tmp_path, "resume": True},
+                   {"resume": True}):
+        with pytest.raises(ConfigError, match=f"cannot be used with {what}.*gradient_delay=0"):
+            trainer.fit(1, verbose=False, **kwargs)
+    assert t.calls == calls and not any(tmp_path.iterdir())  # nothing ran, nothing written
+    assert_close(host.export_weights(pid), before, rtol=0, atol=0)
+    assert trainer.fit(1, verbose=False).steps == N // 8  # without a checkpoint it trains
