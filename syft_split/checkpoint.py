@@ -13,7 +13,9 @@ atomically after every training step by :meth:`syft_split.Trainer.fit`. It holds
 
 ``fit(resume=True, checkpoint_dir=...)`` in a new process re-attaches to the approved segments
 by id (:meth:`syft_split.SplitSession.attach`) and continues at the next batch; every request
-the crashed process may have sent carries a step id, so the data owners apply it once.
+the crashed process may have sent carries a step id, so the data owners apply it once. The
+latency-tolerant schedules (``gradient_delay=1``, local losses) send requests without step ids:
+``fit`` refuses a checkpoint for them.
 
 An HE-protected plan also keeps, at level B, the model owner's share W_s and its SGD velocity,
 and ``<dir>/he_step_<party>.sspl``: the encrypted step in flight, written before its gradient

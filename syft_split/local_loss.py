@@ -19,6 +19,11 @@ features can be worse than end-to-end ones (Han et al. report small accuracy los
 CIFAR-10, none on simple data); the model owner trains on activations of weights a few steps
 old; labels must be at the data owner; the auxiliary head is extra computation there (small
 for a linear head). Supported plans: see :func:`syft_split.pipeline.plan_problems`.
+
+Durability: the data owner saves its segment and auxiliary head after every ``local_forward``
+and keeps them across restarts, but the calls carry no step ids, so a call cut by a crash is
+not settled exactly once, and ``Trainer.fit`` refuses ``checkpoint_dir`` for these plans
+(:mod:`syft_split.host.latency`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ L + C. Over long round trips the local-loss schedule (:mod:`syft_split.local_los
 sends many batches per call and no gradients back, is the faster one. Only plans whose data
 owners run the first segment and the model owner everything else (vanilla, multi-task heads,
 labels at the model owner or released) are supported; no encryption, no multi-hop.
+
+Durability: the data owner saves its segment after every pipelined call, but the calls carry
+no step ids and the pending forwards live in memory only, so a call cut by a crash is not
+settled exactly once, and ``Trainer.fit`` refuses ``checkpoint_dir`` with ``gradient_delay``
+(:mod:`syft_split.host.latency`).
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Durability: ``fit(checkpoint_dir=...)`` saves the model owner's side after every step
 (:mod:`syft_split.checkpoint`) and ``fit(resume=True)`` continues from it in a new process.
+Only exact steps are checkpointed: with ``gradient_delay=1`` or a ``local_loss`` plan the data
+owners' requests carry no step ids, so ``fit`` refuses ``checkpoint_dir`` (a resume would apply
+part of an epoch twice).
 With ``on_unreachable="skip"`` (round-robin schedule) a data owner that times out or cannot
 be reached loses its batches for the rest of the epoch while the others train on; what was
 skipped is listed in ``report.extra["unreachable"]``.
@@ -291,7 +294,12 @@ class Trainer:
 
         ``checkpoint_dir``: save the model owner's side there after every step (see
         :mod:`syft_split.checkpoint`); ``resume=True``: first continue from the checkpoint in
-        it, if there is one (re-attaching a fresh session to the approved segments by id)."""
+        it, if there is one (re-attaching a fresh session to the approved segments by id).
+        Exact steps only: with ``gradient_delay=1`` or a ``local_loss`` plan both are refused
+        (ConfigError), as those requests carry no step ids and a resume would apply part of an
+        epoch twice at the data owners."""
+        if checkpoint_dir is not None or resume:
+            _check_durable(self)
         t_run = time.perf_counter()
         traffic = self.session.transport.traffic
         if checkpoint_dir is not None and self.session.he is not None:
@@ -361,6 +369,18 @@ class Trainer:
         self.report.flops_by_party = self.ledger.flops_by_party()
         self.report.peak_memory_by_party = self.ledger.peak_memory_by_party()
         return self.report
+
+
+def _check_durable(trainer: Trainer) -> None:
+    """Refuse checkpoints for the latency-tolerant schedules (see :meth:`Trainer.fit`)."""
+    what = ("gradient_delay=1 (pipelined steps)" if trainer.gradient_delay
+            else "a local_loss plan" if trainer.session.plan.local_loss is not None else None)
+    if what is not None:
+        raise ConfigError(
+            f"fit(checkpoint_dir=..., resume=...) cannot be used with {what}: its data-owner "
+            "requests carry no step ids, so resuming after a crash would apply part of an "
+            "epoch twice. Checkpoint with exact steps (gradient_delay=0 and a plan without "
+            "local_loss), or train without checkpoint_dir")
 
 
 def _watch_text(w: dict[str, Any]) -> str:

@@ -133,7 +133,8 @@ class OpFamily:
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Load what :meth:`state` returned, after the host's datasets, proposals and segments
-        are back (override)."""
+        are back; what the family kept per segment (a :class:`~.records.SegmentState` in
+        ``Runtime.extra``) is in each segment's ``Runtime.saved`` (override)."""
 
 
 _FAMILIES: list[type[OpFamily]] = []

@@ -18,6 +18,20 @@ pending forwards. Same values leave as in exact training.
 
 Both keep the data owner's guard: indices and gradients are checked before anything runs, and
 a refused call changes nothing (a ``local_forward`` that fails half way restores the weights).
+
+**State.** ``pipe_forward``, ``pipe_backward`` and ``local_forward`` change the segment: a host
+with a state directory saves it after each of them, before answering. An approved auxiliary
+head (its spec, loss, optimizer, weights and optimizer state) is saved in the segment's file
+with the segment's weights (:class:`AuxHead` is a :class:`~.records.SegmentState`) and rebuilt
+after a restart, so ``local_forward`` goes on with the same head; a head proposed but not yet
+approved is kept with the host's proposals. Not kept across a restart: the pending pipelined
+forwards (their stashed weights); after one the model owner starts the pipeline again at
+``seq`` 0 and the gradients of those forwards are dropped. These requests carry **no step
+ids**, so exactly-once is not guaranteed across a crash: a call whose answer was lost may or
+may not have been applied (it is never answered from a record, and never sent again by the
+transport), and a model owner cannot resume such a run from a checkpoint (the trainer refuses
+``checkpoint_dir`` with them). Exact steps (``forward``/``backward``) have step ids and are
+applied exactly once.
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ from ..errors import (
     NonFiniteError,
     ProtocolError,
     ShapeError,
+    SyftSplitError,
     ValidationError,
 )
 from ..losses import LOSSES
@@ -46,7 +61,7 @@ from ..spec import OptimizerSpec, count_parameters, describe, module_from_spec
 from .admission import check_size, dry_run, load_weights
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, LABELS, SCALAR, TEXT, Call
-from .records import Dataset, Proposal, Runtime
+from .records import Dataset, Proposal, Runtime, SegmentState
 from .segments import nopeek_penalty, optimizer_step, release
 
 __all__ = ["LocalLossOps", "PipelineOps", "MAX_BATCHES_PER_CALL", "MAX_DELAY"]
@@ -73,13 +88,42 @@ def _plain_input(rt: Runtime, what: str) -> None:
 
 # ------------------------------------------------------------------------- local loss
 @dataclass
-class AuxHead:
-    """An auxiliary head attached to a proposal, as reviewed."""
+class AuxHead(SegmentState):
+    """An auxiliary head attached to a proposal, as reviewed (``spec``: its declared spec;
+    ``optim``: built when the proposal is approved)."""
 
     module: nn.Module
     loss: str
     optimizer: OptimizerSpec
+    spec: dict[str, Any]
     optim: torch.optim.Optimizer | None = None
+
+    def state(self) -> dict[str, Any]:
+        """Spec, loss, optimizer, current weights and optimizer state (saved with the segment)."""
+        return {"spec": self.spec, "loss": self.loss, "optimizer": self.optimizer.to_json(),
+                "weights": self.module.state_dict(),
+                "optim": None if self.optim is None else self.optim.state_dict()}
+
+    @classmethod
+    def from_state(cls, raw: Any, *, approved: bool) -> AuxHead:
+        """The head :meth:`state` described (with its optimizer when ``approved``); raises
+        (ConfigError, KeyError, RuntimeError, ...) if it cannot be rebuilt exactly."""
+        if not isinstance(raw, dict) or raw.get("loss") not in LOSSES:
+            raise ConfigError(f"not a saved auxiliary head: {raw!r:.80}")
+        module = module_from_spec(raw["spec"])
+        module.load_state_dict(raw["weights"])  # strict: every tensor, right shapes
+        head = cls(module, str(raw["loss"]), OptimizerSpec.from_json(raw["optimizer"]),
+                   raw["spec"])
+        params = list(module.parameters())
+        if approved and params:
+            head.optim = head.optimizer.build(params)
+            if raw.get("optim") is not None:
+                head.optim.load_state_dict(raw["optim"])
+        return head
+
+
+#: what a saved head that cannot be rebuilt may raise (a damaged state file)
+_REBUILD_ERRORS = (SyftSplitError, KeyError, TypeError, ValueError, RuntimeError)
 
 
 @register_family
@@ -119,9 +163,40 @@ class LocalLossOps(OpFamily):
                               "and approve with local_loss=True, or reject it")
         params = list(head.module.parameters())
         head.optim = head.optimizer.build(params) if params else None
-        rt.extra[self.name] = head
+        rt.extra[self.name] = head  # a SegmentState: saved with the segment from now on
 
-    @op("propose_local_loss", egress={"segment": TEXT, "aux_parameters": SCALAR})
+    def state(self) -> dict[str, Any]:
+        """The heads of proposals still pending (an approved head is saved with its segment)."""
+        pending = {p.id for p in self.host.proposals_by_id.values() if p.status == "pending"}
+        return {"pending": {pid: head.state() for pid, head in self.heads.items()
+                            if pid in pending}}
+
+    def restore(self, state: Any) -> None:
+        """Rebuild the heads of pending proposals, and every approved segment's head (weights
+        and optimizer state as last saved) from its segment's file. A segment whose head cannot
+        be rebuilt is halted, with the reason."""
+        saved = dict(state.get("pending") or {}) if isinstance(state, dict) else {}
+        for seg in self.host.runtimes.values():
+            raw = seg.saved.pop(self.name, None)
+            if raw is not None:
+                saved[seg.id] = raw
+        for pid, raw in saved.items():
+            p = self.host.proposals_by_id.get(pid)
+            if p is None or p.status not in ("pending", "approved", "halted"):
+                continue
+            rt = self.host.runtimes.get(pid)
+            try:
+                head = AuxHead.from_state(raw, approved=rt is not None)
+            except _REBUILD_ERRORS as exc:
+                self.host.halt(pid, f"the datasite restarted and this segment's auxiliary head "
+                                    f"(local loss) could not be rebuilt ({exc}): propose this "
+                                    "segment again")
+                continue
+            self.heads[pid] = head
+            if rt is not None:
+                rt.extra[self.name] = head
+
+    @op("propose_local_loss", mutates=True, egress={"segment": TEXT, "aux_parameters": SCALAR})
     def propose_local_loss(self, call: Call) -> dict[str, Any]:
         req, host = call.req, self.host
         p = host.proposal(str(req.get("segment")))
@@ -143,13 +218,17 @@ class LocalLossOps(OpFamily):
         state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
         load_weights(module, state, limits.max_abs_value, "the head")
         dry_run(module, p.output_shape, "the auxiliary head")
-        self.heads[p.id] = AuxHead(module, str(loss), OptimizerSpec.from_json(req.get("optimizer")))
+        assert isinstance(spec, dict)  # module_from_spec accepts only a spec object
+        self.heads[p.id] = AuxHead(module, str(loss), OptimizerSpec.from_json(req.get("optimizer")),
+                                   spec)
         return {"segment": p.id, "aux_parameters": count_parameters(module)}
 
-    @op("local_forward", roles=("input",),
+    @op("local_forward", roles=("input",), mutates=True,
         egress={"activation": ACTIVATION, "labels": LABELS, "aux_loss": SCALAR,
                 "aux_correct": SCALAR})
     def local_forward(self, call: Call) -> dict[str, Any]:
+        """Train on up to 64 batches with the auxiliary head; release their activations. Saved
+        (segment and head) before answering; no step id: not exactly-once across a crash."""
         rt, req, guard = call.rt, call.req, self.host.guard
         assert rt is not None
         head = rt.extra.get(self.name)
@@ -241,6 +320,18 @@ class _Pipe:
     next_seq: int = 0
 
 
+def _seq(pipe: _Pipe, value: Any) -> None:
+    """Refuse a ``seq`` other than the next one (ValidationError)."""
+    try:
+        _int(value, "seq", pipe.next_seq, pipe.next_seq)
+    except ValidationError as exc:
+        if pipe.pending:
+            raise
+        raise ValidationError(f"{exc}: no pipelined forward is pending here (pending forwards "
+                              "are not kept across a restart of the data owner); start again "
+                              "with seq 0") from None
+
+
 @register_family
 class PipelineOps(OpFamily):
     """``pipe_forward``, ``pipe_backward``, ``pipe_discard`` (see the module docstring)."""
@@ -284,9 +375,11 @@ class PipelineOps(OpFamily):
         rt.extra["pending_labels"] = item.labels
         self.host.stepped(rt, grad)
 
-    @op("pipe_forward", roles=("input",),
+    @op("pipe_forward", roles=("input",), mutates=True,
         egress={"activation": ACTIVATION, "labels": LABELS, "pending": SCALAR})
     def pipe_forward(self, call: Call) -> dict[str, Any]:
+        """Apply the oldest pending forward's gradient (if sent), then a new forward. Saved
+        before answering; no step id: not exactly-once across a crash."""
         rt, req, guard = call.rt, call.req, self.host.guard
         assert rt is not None
         _plain_input(rt, "pipelining")
@@ -294,7 +387,7 @@ class PipelineOps(OpFamily):
         seq = req.get("seq")
         restart = seq == 0 and not pipe.pending
         if not restart:
-            _int(seq, "seq", pipe.next_seq, pipe.next_seq)
+            _seq(pipe, seq)
         grad = self._grad(rt, pipe, req["grad"]) if "grad" in req else None
         ds = self.host.dataset(rt, req)
         idx = guard.indices(rt, req, ds)
@@ -315,12 +408,14 @@ class PipelineOps(OpFamily):
         call.rows = int(idx.shape[0])
         return {**released, "pending": len(pipe.pending)}
 
-    @op("pipe_backward", roles=("input",), egress={"steps": SCALAR, "pending": SCALAR})
+    @op("pipe_backward", roles=("input",), mutates=True, egress={"steps": SCALAR, "pending": SCALAR})
     def pipe_backward(self, call: Call) -> dict[str, Any]:
+        """Apply the oldest pending forward's gradient. Saved before answering; no step id:
+        not exactly-once across a crash."""
         rt = call.rt
         assert rt is not None
         pipe = self._pipe(rt)
-        _int(call.req.get("seq"), "seq", pipe.next_seq, pipe.next_seq)
+        _seq(pipe, call.req.get("seq"))
         grad = self._grad(rt, pipe, call.req.get("grad"))
         self._apply(rt, pipe, grad)
         pipe.next_seq += 1

@@ -9,8 +9,10 @@ peer-sealing key)::
                              proposal counter, and what each op family keeps (peer keys, trusted
                              peers, alignment permissions and aligned rows, ...)
       segments/<id>.sspl     per approved segment: weights, optimizer state, step counter, RNG
-                             states, the last applied steps (id, op, digest, response) and what
-                             its pending forward ran on
+                             states, the last applied steps (id, op, digest, response), what
+                             its pending forward ran on, and what families keep per segment
+                             (:class:`~.records.SegmentState`: a local loss's auxiliary head,
+                             its weights and optimizer state)
       audit.jsonl            one JSON line per call answered (appended as calls happen)
 
 Files use the wire format (:mod:`syft_split.persist`; no pickle) and are replaced atomically
@@ -20,7 +22,8 @@ every data-owner op, and everything on a clean shutdown (:meth:`HostStore.save_a
 
 Restoring (:meth:`HostStore.restore`, after the host's datasets are back) rebuilds proposals and
 segments, re-runs a pending forward from its recorded input and RNG state (so the model owner's
-held-back gradient lands on the same step), and hands each family its state. CKKS secret keys
+held-back gradient lands on the same step), and hands each family its state (what it keeps per
+segment is in ``Runtime.saved``). CKKS secret keys
 are never written to disk: a segment approved with encryption comes back with fresh keys (the
 model owner fetches the new public context and runs a step cut by the restart again from its
 forward); its HE cost totals and, at level B, its weight share, saved in the segment's file
@@ -42,7 +45,7 @@ from urllib.parse import quote
 from .. import persist
 from ..errors import ConfigError
 from ..spec import OptimizerSpec, module_from_spec
-from .records import AuditEntry, Proposal, Runtime, StepRecord
+from .records import AuditEntry, Proposal, Runtime, SegmentState, StepRecord
 from .segments import rerun_pending
 
 if TYPE_CHECKING:
@@ -177,6 +180,7 @@ class HostStore:
         rt.records = [StepRecord(int(r["step"]), str(r["op"]), str(r["digest"]),
                                  bytes(r["response"])) for r in snap.get("records", [])]
         rt.extra.update(snap.get("extra") or {})
+        rt.saved = dict(snap.get("families") or {})  # rebuilt by the families' restore()
         rt.he_saved = snap.get("he")
         grads = snap.get("loss_grads")
         if grads is not None:  # a loss step waiting for its weight
@@ -257,6 +261,7 @@ def _runtime_tree(rt: Runtime) -> dict[str, Any]:
         "pending": rt.pending_source if rt.pending_output is not None else None,
         "loss_grads": grads,
         "extra": {k: v for k, v in rt.extra.items() if _plain(v)},
+        "families": {k: v.state() for k, v in rt.extra.items() if isinstance(v, SegmentState)},
         # HE: the cost meter and (level B) the weight share, for fresh keys after a restart;
         # never a key
         "he": rt.he.state() if rt.he is not None else None,
