@@ -59,8 +59,9 @@ class HEState:
     its share): an encrypted input bound to another public context makes this side fetch the
     new one (``rekeys``), and a step the restart cut before its gradient was applied is run
     again from its forward (same records, same weights), under the same step id. An encrypted
-    forward whose call failed (a restart, a lost answer) is run again once, after a forward it
-    left pending there is discarded.
+    forward whose call failed (a restart, a lost answer) is run again once, after a training
+    forward it left pending there is discarded. An evaluation forward may run between a
+    training forward and its backward.
     """
 
     def __init__(self, session: _Session, enc: EncryptedLayer) -> None:
@@ -191,7 +192,7 @@ class HEState:
                 server = self.server(source)
             back = self._call(source, "he_output", msg=server.forward(msg))["msg"]
         except (ProtocolError, HEError, TransportError):
-            if not again or not self._cut(source):
+            if not again or not self._cut(source, train):
                 raise
             return self.forward(source, indices, dataset, train, again=False)
         z = cast(torch.Tensor, server.receive_output(back)).to(torch.float32)
@@ -199,12 +200,13 @@ class HEState:
             self._last[source], self._z[source] = (indices, dataset), z
         return z
 
-    def _cut(self, source: str) -> bool:
+    def _cut(self, source: str, train: bool) -> bool:
         """After an encrypted forward failed: whether a restart or a lost answer cut it (then
-        the data owner is ready for it again: the new public context fetched, a forward left
-        pending there discarded). Both calls are safe to repeat, so they wait out a restart."""
+        the data owner is ready for it again: the new public context fetched, a training
+        forward left pending there discarded; an evaluation forward leaves a training step
+        pending there as it is). Both calls are safe to repeat, so they wait out a restart."""
         fresh = self._connect(source)
-        if self._call(source, "status").get("pending"):
+        if train and self._call(source, "status").get("pending"):
             self.session._seg(source, 0).discard()
             return True
         return fresh
