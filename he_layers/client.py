@@ -48,7 +48,8 @@ class HEClient:
         self._geo = self.spec.geometry()
         self._rnd = Random(seed)
         self._step = 0
-        self._pending: dict[str, Any] | None = None
+        self._pending: dict[str, Any] | None = None  # the training step in flight
+        self._eval: dict[str, Any] | None = None  # an evaluation forward awaiting its output
         shape = (self.spec.mat_in, self.spec.mat_out)
         self._share = np.zeros(shape)
         self._momentum = np.zeros(shape)  # level B: the mask part of the server's velocity
@@ -64,6 +65,16 @@ class HEClient:
             return w.reshape(self._geo.out_channels, self._geo.in_channels,
                              *self._geo.kernel_size)
         return w
+
+    @property
+    def step(self) -> int:
+        """The id of the last encrypted forward (0: none yet); messages carry it."""
+        return self._step
+
+    def cancel(self) -> None:
+        """Drop the steps in flight (the data owner discarded them): any later message of
+        theirs is refused, nothing of theirs is decrypted."""
+        self._pending = self._eval = None
 
     def state(self) -> dict[str, Any]:
         """What must outlive this client for the run to go on with new keys: the cost meter's
@@ -106,19 +117,23 @@ class HEClient:
         self.costs.add("messages_sent", 1)
         return msg
 
-    def _receive(self, msg: bytes, kind: str, stage: str) -> tuple[dict[str, Any], list[bytes]]:
+    def _receive(self, msg: bytes, kind: str, stage: str
+                 ) -> tuple[dict[str, Any], list[bytes], dict[str, Any]]:
+        """Decode ``msg`` and find the step in flight at ``stage`` it answers (the training
+        step, or at stage "output" also an evaluation forward in between)."""
         with self.costs.timed("ser_s"):
             head, blobs = decode_frame(msg, kind)
         self.costs.add("bytes_received", len(msg))
         self.costs.add("messages_received", 1)
         check_ctx(head, self.keys.context_id, kind)
-        p = self._pending
-        if p is None or p["stage"] != stage or head.get("step") != p["step"]:
-            raise ProtocolError(
-                f"{kind}: unexpected for step {head.get('step')!r} (pending: "
-                f"{None if p is None else (p['step'], p['stage'])})"
-            )
-        return head, blobs
+        slots = (self._pending, self._eval) if stage == "output" else (self._pending,)
+        for p in slots:
+            if p is not None and p["stage"] == stage and head.get("step") == p["step"]:
+                return head, blobs, p
+        raise ProtocolError(
+            f"{kind}: unexpected for step {head.get('step')!r} (pending: "
+            f"{[(p['step'], p['stage']) for p in (self._pending, self._eval) if p is not None]})"
+        )
 
     def _rows(self, x: Any) -> tuple[np.ndarray, int]:
         """x -> (rows of the encrypted matrix, records): a convolution unfolds patches."""
@@ -148,7 +163,9 @@ class HEClient:
         """Start a step: encrypt x -> ``enc_input`` bytes for the server.
 
         ``x``: (records, d_in) — for a convolution also (records, C_in, *spatial). Evaluation
-        (``need_grad=False``) skips Enc(x^T) and Enc(A).
+        (``need_grad=False``) skips Enc(x^T) and Enc(A) and leaves a training step in flight
+        as it is (an evaluation batch may run between a training forward and its backward).
+        A refused x (shape, batch size, ``x_bound``) changes nothing.
         """
         spec = self.spec
         a, n = self._rows(x)
@@ -180,8 +197,12 @@ class HEClient:
                 n_a = len(sa)
                 blobs += sa
         dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float64
-        self._pending = {"step": self._step, "rows": rows, "records": n, "x": a,
-                         "stage": "output", "need_grad": need_grad, "dtype": dtype}
+        slot = {"step": self._step, "rows": rows, "records": n, "x": a, "stage": "output",
+                "need_grad": need_grad, "dtype": dtype}
+        if need_grad:
+            self._pending = slot
+        else:  # a training step in flight stays so (evaluation between forward and backward)
+            self._eval = slot
         head = {"ctx": self.keys.context_id, "step": self._step, "rows": rows, "records": n,
                 "n_x": n_x, "n_xt": n_xt, "n_a": n_a}
         with self.costs.timed("ser_s"):
@@ -190,9 +211,7 @@ class HEClient:
 
     def decrypt_output(self, msg: bytes) -> bytes:
         """``masked_output`` -> ``output_return``: decrypt (level B: add x A), round, return."""
-        _, blobs = self._receive(msg, MASKED_OUTPUT, "output")
-        p = self._pending
-        assert p is not None
+        _, blobs, p = self._receive(msg, MASKED_OUTPUT, "output")
         y = self.keys.decrypt_matrix(blobs, self.keys.layouts["forward"], "masked output",
                                      self.costs)
         with self.costs.timed("client_s"):
@@ -202,7 +221,7 @@ class HEClient:
             y = flood(y, self.spec.flood_bits, self._rnd)
         p["stage"] = "grad" if p["need_grad"] else "done"
         if not p["need_grad"]:
-            self._pending = None
+            self._eval = None
         head = {"ctx": self.keys.context_id, "step": p["step"], "shape": list(y.shape)}
         with self.costs.timed("ser_s"):
             ret = encode_frame(OUTPUT_RETURN, head, [array_to_bytes(y)])
@@ -215,9 +234,7 @@ class HEClient:
         gradient carries the correction that keeps W_s + A on the agreed SGD trajectory
         (``(A' - A)/lr`` minus the momentum the server applies to earlier corrections).
         """
-        _, blobs = self._receive(msg, MASKED_GRAD, "grad")
-        p = self._pending
-        assert p is not None
+        _, blobs, p = self._receive(msg, MASKED_GRAD, "grad")
         lay, spec, rows, n = self.keys.layouts, self.spec, p["rows"], p["records"]
         n_g = lay["grad"].n_outputs
         expected = n_g + (1 if spec.level == "A" else lay["input_grad"].n_outputs)

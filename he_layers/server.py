@@ -72,7 +72,8 @@ class HEServer:
         self._set(weight, bias)
         self._rnd = Random(seed)
         self._last_step = 0
-        self._pending: dict[str, Any] | None = None
+        self._pending: dict[str, Any] | None = None  # the training step in flight
+        self._eval: dict[str, Any] | None = None  # an evaluation forward awaiting its output
         self._grads: tuple[np.ndarray, np.ndarray] | None = None
         self._velocity: tuple[np.ndarray, np.ndarray] | None = None
         self.grad_floor = grad_floor
@@ -205,18 +206,20 @@ class HEServer:
         check_ctx(head, cid, kind)
         return head, blobs
 
-    def _reply(self, kind: str, cts: list[Any], plain: list[bytes]) -> bytes:
-        assert self._pending is not None
+    def _reply(self, kind: str, step: int, cts: list[Any], plain: list[bytes]) -> bytes:
         with self.costs.timed("ser_s"):
             blobs = [to_bytes(c) for c in cts] + plain
-            msg = encode_frame(kind, {"ctx": self.context.context_id,
-                                      "step": self._pending["step"]}, blobs)
+            msg = encode_frame(kind, {"ctx": self.context.context_id, "step": step}, blobs)
         self.costs.add("bytes_sent", len(msg))
         self.costs.add("ciphertexts_sent", len(cts))
         self.costs.add("messages_sent", 1)
         return msg
 
     def _expect(self, stage: str, head: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+        e = self._eval
+        if stage == "output" and e is not None and head is not None and head.get(
+                "step") == e["step"]:
+            return e  # an evaluation forward between a training forward and its backward
         p = self._pending
         if p is None or p["stage"] != stage or (head is not None and head.get("step") != p["step"]):
             raise ProtocolError(
@@ -257,7 +260,8 @@ class HEServer:
 
     # -- protocol ------------------------------------------------------------------
     def forward(self, msg: bytes) -> bytes:
-        """``enc_input`` -> ``masked_output`` = Enc(x W_s + b + R1)."""
+        """``enc_input`` -> ``masked_output`` = Enc(x W_s + b + R1). An evaluation input
+        (no Enc(x^T)) leaves a training step in flight as it is."""
         self.costs.begin_step()
         spec, lay = self.spec, self.context.layouts
         head, blobs = self._receive(msg, ENC_INPUT)
@@ -292,10 +296,13 @@ class HEServer:
             initial=0.0)
         out, r1 = self._product(blobs[:n_x], self._w, lay["forward"], "forward", y, bound)
         self._last_step = step
-        self._pending = {"step": step, "rows": rows, "records": n, "r1": r1[:rows],
-                         "stage": "output",
-                         "xt": blobs[n_x:n_x + n_xt], "a": blobs[n_x + n_xt:]}
-        return self._reply(MASKED_OUTPUT, out, [])
+        slot = {"step": step, "rows": rows, "records": n, "r1": r1[:rows], "stage": "output",
+                "xt": blobs[n_x:n_x + n_xt], "a": blobs[n_x + n_xt:]}
+        if grad:
+            self._pending = slot
+        else:  # evaluation: a training step in flight stays so
+            self._eval = slot
+        return self._reply(MASKED_OUTPUT, step, out, [])
 
     def receive_output(self, msg: bytes) -> torch.Tensor:
         """``output_return`` -> z = x W + b: (records, d_out) — a convolution's output shape
@@ -311,7 +318,7 @@ class HEServer:
         if p["xt"]:
             p["stage"] = "backward"
         else:
-            self._pending = None
+            self._eval = None
         return z.to(self.dtype)
 
     def _delta_rows(self, delta: torch.Tensor, p: dict[str, Any]) -> np.ndarray:
@@ -354,7 +361,7 @@ class HEServer:
             g += self._product(p["a"], dpad.T, lay["input_grad"], "input gradient", y, bound,
                                zero_sum=True)[0]
         p["r2"], p["stage"] = r2, "grad"
-        return self._reply(MASKED_GRAD, g, plain)
+        return self._reply(MASKED_GRAD, p["step"], g, plain)
 
     def receive_gradients(self, msg: bytes) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``grad_return`` -> (weight gradient (the layer's weight shape), bias gradient).

@@ -13,8 +13,10 @@ Levels A and B protect the data owner only against a *semi-honest* model owner: 
 deviates can send any ciphertext back for decryption (SECURITY.md). What this module enforces
 regardless, through :class:`StepGate`: at most one ``he_output`` decryption per encrypted
 forward and one ``he_grad`` per training step, in that order, bound to the current step (a
-second, early or stale decryption is refused with :class:`ProtocolError`, state intact); and
-the plaintext ``dL/dx`` passes the same guard as the plain path. A refused ``dL/dx`` halts the
+second, early, stale or discarded decryption is refused with :class:`ProtocolError`, state
+intact; an evaluation forward between a training forward and its backward has its own output
+budget); and the plaintext ``dL/dx`` passes the same guard as the plain path. A refused
+``dL/dx``, or a gradient that cannot be applied (e.g. non-finite weight gradients), halts the
 segment: its weights are untouched, but the decryption has happened (level B has moved its
 share), so the step cannot be retried.
 """
@@ -45,15 +47,21 @@ class StepGate:
 
     ``segments.forward`` starts a step through :meth:`encrypt_input`; :meth:`decrypt_output`
     and :meth:`decrypt_gradients` each run at most once per step, output first, gradients only
-    after a training forward. Every other attribute is the wrapped client's. The counters are
-    plain attributes (``step``, ``train``, ``outputs``, ``grads``)."""
+    after a training forward. An evaluation forward may run between a training forward and its
+    backward: it has its own output budget and leaves the training step's as it is. Every other
+    attribute is the wrapped client's. The counters are plain attributes: ``step`` (forwards
+    started), ``train`` (a training step is in flight), its ``outputs`` and ``grads``
+    decrypted, and ``eval_step`` (the client's id of an evaluation forward whose output is
+    still to decrypt, 0: none). :meth:`cancel` (a discarded step) closes every budget."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self.step = 0
         self.train = False
+        self.train_step = 0  # the client's id of the training forward in flight
         self.outputs = 0
         self.grads = 0
+        self.eval_step = 0
 
     def __getattr__(self, name: str) -> Any:  # keys, costs, weight_share, ...
         if name == "client":
@@ -61,25 +69,45 @@ class StepGate:
         return getattr(self.client, name)
 
     def encrypt_input(self, x: torch.Tensor, *, need_grad: bool = True) -> bytes:
-        msg: bytes = self.client.encrypt_input(x, need_grad=need_grad)
-        self.step, self.train, self.outputs, self.grads = self.step + 1, need_grad, 0, 0
+        msg: bytes = self.client.encrypt_input(x, need_grad=need_grad)  # refused: no change
+        self.step += 1
+        if need_grad:
+            self.train, self.train_step, self.outputs, self.grads = True, self.client.step, 0, 0
+        else:
+            self.eval_step = self.client.step
         return msg
+
+    def cancel(self) -> None:
+        """The steps in flight were discarded: nothing of theirs is decrypted any more."""
+        self.client.cancel()
+        self.train, self.train_step, self.outputs, self.grads, self.eval_step = (False, 0, 0,
+                                                                                0, 0)
 
     def _where(self) -> str:
         return f"encrypted step {self.step}"
 
     def decrypt_output(self, msg: bytes) -> bytes:
-        if self.step == 0:
-            raise ProtocolError("output decryption without an encrypted forward")
+        from he_layers.wire import frame_header
+
+        step = frame_header(msg, "masked_output").get("step")
+        if self.eval_step and step == self.eval_step:  # the evaluation forward's one output
+            out: bytes = self.client.decrypt_output(msg)
+            self.eval_step = 0
+            return out
+        if not self.train:
+            raise ProtocolError("output decryption without an encrypted forward in flight")
+        if step != self.train_step:
+            raise ProtocolError(f"output decryption for step {step!r}: not the encrypted "
+                                f"forward in flight (refused)")
         if self.outputs:
             raise ProtocolError(f"{self._where()}: its output was already decrypted once; a "
                                 "second decryption is refused (one per forward)")
-        out: bytes = self.client.decrypt_output(msg)
+        out = self.client.decrypt_output(msg)
         self.outputs += 1
         return out
 
     def decrypt_gradients(self, msg: bytes) -> tuple[bytes, torch.Tensor]:
-        if self.step == 0 or not self.train:
+        if not self.train:
             raise ProtocolError("gradient decryption without an encrypted training forward")
         if not self.outputs:
             raise ProtocolError(f"{self._where()}: gradient decryption before the output's "
@@ -158,7 +186,12 @@ class HEOps(OpFamily):
             self.host.halt(rt.id, f"the model owner's encrypted gradient gave an invalid "
                                   f"dL/dx ({exc}); halted, nothing applied")
             raise
-        apply_grad(rt, grad)
+        try:
+            apply_grad(rt, grad)
+        except Exception as exc:  # e.g. non-finite weight gradients: decrypted already too
+            self.host.halt(rt.id, f"the model owner's encrypted gradient could not be applied "
+                                  f"({type(exc).__name__}: {exc}); halted, nothing applied")
+            raise
         self.host.stepped(rt, grad)
         return {"msg": ret}
 

@@ -7,13 +7,15 @@ it once. A data owner that restarts comes back with fresh keys (and, at level B,
 the next encrypted input names a new public context, which this side fetches, and a step the
 restart cut is run again from its forward. A model owner that checkpoints
 (``Trainer.fit(checkpoint_dir=...)``) keeps a *journal* of the step in flight before
-its gradient message leaves (the message, the masks needed to read the answer, z and the
-records): a new process that finds the data owner already applied that step takes the answer
-from the data owner's record instead of running the step again.
+its gradient message leaves (the message and its request digest, the masks needed to read the
+answer, z and the records): a new process that finds the data owner applied that very request
+(its record of the step: op and digest) takes the answer from the data owner's record instead
+of running the step again; a journal whose request was not applied is removed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -22,7 +24,7 @@ from urllib.parse import quote
 
 import torch
 
-from . import persist
+from . import persist, wire
 from .errors import HEError, ProtocolError, TransportError
 from .he import EncryptedLayer
 
@@ -59,8 +61,9 @@ class HEState:
     its share): an encrypted input bound to another public context makes this side fetch the
     new one (``rekeys``), and a step the restart cut before its gradient was applied is run
     again from its forward (same records, same weights), under the same step id. An encrypted
-    forward whose call failed (a restart, a lost answer) is run again once, after a forward it
-    left pending there is discarded.
+    forward whose call failed (a restart, a lost answer) is run again once, after a training
+    forward it left pending there is discarded. An evaluation forward may run between a
+    training forward and its backward.
     """
 
     def __init__(self, session: _Session, enc: EncryptedLayer) -> None:
@@ -74,6 +77,8 @@ class HEState:
         self._last: dict[str, tuple[torch.Tensor, str | None]] = {}  # last training forward
         self._z: dict[str, torch.Tensor] = {}  # and its output
         self._taken: dict[str, dict[str, Any]] = {}  # steps an earlier process left applied
+        self._settled: set[str] = set()  # sources this process has settled (journal)
+        self._journaled: dict[str, int] = {}  # the step of each source's journal on disk
         self._velocity: dict[str, Any] = {}  # level B: from a checkpoint, for the next server
         bias = getattr(enc.module, "bias", None)
         self.weight = cast(torch.Tensor, enc.module.weight).detach().clone().double()
@@ -133,7 +138,11 @@ class HEState:
         return {"weight": self.weight, "bias": self.bias, "velocity": velocity}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Put back what :meth:`state` returned (before the first step of a new process)."""
+        """Put back what :meth:`state` returned (before the first step of a new process, or of
+        this one resuming from its checkpoint: each data owner is settled again at its next
+        use, see :meth:`_settle`)."""
+        self._settled.clear()
+        self._taken.clear()
         if not state:
             return
         self.weight = state["weight"].double()
@@ -145,24 +154,62 @@ class HEState:
         return self.journal / f"he_step_{quote(source, safe='')}.sspl"
 
     def _settle(self, source: str) -> None:
-        """First use of ``source`` by this process of a model owner that checkpoints: the step
-        an earlier process sent and the data owner applied is taken from the journal; a
-        forward it left pending there is discarded."""
+        """Before the first use of ``source`` by a model owner that checkpoints (again after a
+        checkpoint is loaded, or a gradient message's fate was left unknown). The data owner
+        may have applied steps after the segment's next step id (e.g. an earlier process died
+        before its next checkpoint): if the last one is the very gradient request the journal
+        holds (op and request digest), its answer is taken from the data owner's record;
+        steps that discarded a forward are passed over. A journal not taken is stale (its step
+        completed, or its request was never applied) and is removed, then a forward left
+        pending there is discarded.
+
+        Raises:
+            ProtocolError: the data owner applied a gradient message after the checkpoint that
+                the journal does not hold (or no longer remembers that step): it cannot be
+                accounted for without applying a step twice. Nothing changed.
+            TransportError: settled at the next use of ``source``.
+        """
         seg = self.session._seg(source, 0)
+        seg.settle()  # a request of the checkpoint whose delivery was unknown, first
         info = self._call(source, "status")
+        last, nxt = int(info["last_step"]), seg.next_step
+        recent = {int(r[0]): (str(r[1]), str(r[2])) for r in info.get("recent") or []}
         path = self._journal_path(source)
         j = persist.load(path) if path.exists() else None
-        if (j is not None and int(j["step"]) == seg.next_step
-                and int(info["last_step"]) >= seg.next_step):
+        if (j is not None and nxt <= int(j["step"]) == last
+                and recent.get(last) == ("he_grad", j.get("digest"))):
+            self._passed(source, recent, nxt, last)
+            seg.next_step = last
             self._taken[source] = j
-        elif info.get("pending"):
+            self._journaled[source] = last
+            return
+        self._passed(source, recent, nxt, last + 1)
+        if j is not None:
+            path.unlink()
+        self._journaled.pop(source, None)
+        seg.next_step = max(nxt, last + 1)
+        if info.get("pending"):
             seg.discard()
+
+    @staticmethod
+    def _passed(source: str, recent: dict[int, tuple[str, str]], lo: int, hi: int) -> None:
+        """Steps ``lo``..``hi - 1`` an earlier process had the data owner apply after the
+        checkpoint may be passed over: none of them applied a gradient message."""
+        for step in range(lo, hi):
+            op = recent.get(step, ("", ""))[0]
+            if op in ("", "he_grad"):
+                what = "a gradient message the journal does not hold" if op else (
+                    "a request it no longer remembers")
+                raise ProtocolError(
+                    f"{source}: step {step} was applied at the data owner after the checkpoint "
+                    f"as {what}: the run cannot resume exactly from this checkpoint")
 
     def server(self, source: str) -> Any:
         if source not in self.servers:
             self._connect(source)
-            if self.journal is not None:
-                self._settle(source)
+        if self.journal is not None and source not in self._settled:
+            self._settle(source)  # if it raises, it runs again at the next use
+            self._settled.add(source)
         server = self.servers[source]
         if self.enc.level == "A":
             module = self.enc.module
@@ -175,10 +222,10 @@ class HEState:
                 train: bool, *, again: bool = True) -> torch.Tensor:
         server = self.server(source)
         taken = self._taken.get(source) if train else None
+        if taken is not None and not torch.equal(taken["indices"], indices.to(torch.int64)):
+            self._close(source, taken)  # that batch was skipped here
+            taken = None
         if taken is not None:  # applied there: its answer is in the data owner's record
-            if not torch.equal(taken["indices"], indices.to(torch.int64)):
-                raise ProtocolError(f"{source}: the step in the journal ran on other records "
-                                    "than the checkpoint's next batch")
             server.expect_gradients(taken["pending"])
             self._last[source], self._z[source] = (indices, dataset), taken["z"]
             return cast(torch.Tensor, taken["z"])
@@ -191,7 +238,7 @@ class HEState:
                 server = self.server(source)
             back = self._call(source, "he_output", msg=server.forward(msg))["msg"]
         except (ProtocolError, HEError, TransportError):
-            if not again or not self._cut(source):
+            if not again or not self._cut(source, train):
                 raise
             return self.forward(source, indices, dataset, train, again=False)
         z = cast(torch.Tensor, server.receive_output(back)).to(torch.float32)
@@ -199,23 +246,63 @@ class HEState:
             self._last[source], self._z[source] = (indices, dataset), z
         return z
 
-    def _cut(self, source: str) -> bool:
+    def _close(self, source: str, taken: dict[str, Any]) -> None:
+        """The step the journal holds ran on other records than the batch this process trains
+        now (the trainer skipped that batch, e.g. its data owner was unreachable when this
+        process settled): the data owner applied it, so its answer is taken from the record
+        and, at level B, applied to the share W_s (W_s + A must follow the data owner's share,
+        which moved with it); at level A that batch's gradient is dropped with the batch."""
+        warnings.warn(f"{source}: the encrypted step {int(taken['step'])} the journal holds was "
+                      "applied by the data owner but its batch was skipped here; its answer is "
+                      "taken from the data owner's record" + (
+                          " and applied to the encrypted layer" if self.enc.level == "B"
+                          else ", its gradient dropped"), UserWarning, stacklevel=4)
+        server = self.servers[source]
+        server.expect_gradients(taken["pending"])
+        step = int(taken["step"])
+        back = cast(bytes, self._call(source, "he_grad", msg=taken["msg"], step=step)["msg"])
+        self._taken.pop(source, None)
+        self.session._seg(source, 0).next_step = step + 1
+        server.receive_gradients(back)
+        if self.enc.level == "B":
+            server.apply_sgd()
+            self.weight, self.bias = server.weight, server.bias
+
+    def _cut(self, source: str, train: bool) -> bool:
         """After an encrypted forward failed: whether a restart or a lost answer cut it (then
-        the data owner is ready for it again: the new public context fetched, a forward left
-        pending there discarded). Both calls are safe to repeat, so they wait out a restart."""
+        the data owner is ready for it again: the new public context fetched, a training
+        forward left pending there discarded; an evaluation forward leaves a training step
+        pending there as it is). Both calls are safe to repeat, so they wait out a restart."""
         fresh = self._connect(source)
-        if self._call(source, "status").get("pending"):
+        if train and self._call(source, "status").get("pending"):
             self.session._seg(source, 0).discard()
             return True
         return fresh
 
     def _send_grad(self, source: str, delta: torch.Tensor, step: int) -> bytes:
+        """Send this step's gradient message under ``step``, journaled first if this model
+        owner checkpoints. A journal of ``step`` whose request the data owner applied (its
+        answer was lost) is never overwritten: ProtocolError (a new process resuming from the
+        checkpoint takes that answer)."""
+        seg = self.session._seg(source, 0)
+        if (self.journal is not None and self._journaled.get(source) == step
+                and int(self._call(source, "status")["last_step"]) >= step):
+            raise ProtocolError(
+                f"{source}: step {step} was applied at the data owner as the gradient message "
+                f"kept in {self._journal_path(source)}, whose answer was lost; it is kept: "
+                "resume from the checkpoint (fit(resume=True)), which takes that answer")
         msg = self.servers[source].backward(delta.detach().double())
         if self.journal is not None:  # before it leaves: a new process may need its answer
+            # the digest of the very request the transport sends (Transport.call encodes
+            # {"op": op, **fields}): the data owner's record of the step names it
+            digest = hashlib.sha256(wire.encode({"op": "he_grad", "segment": seg.segment_id,
+                                                 "msg": msg, "step": step})).hexdigest()
             self.journal.mkdir(parents=True, exist_ok=True)
             persist.save(self._journal_path(source), {
-                "step": step, "msg": msg, "pending": self.servers[source].grad_state(),
-                "z": self._z[source], "indices": self._last[source][0].to(torch.int64)})
+                "step": step, "msg": msg, "digest": digest,
+                "pending": self.servers[source].grad_state(), "z": self._z[source],
+                "indices": self._last[source][0].to(torch.int64)})
+            self._journaled[source] = step
         return cast(bytes, self._call(source, "he_grad", msg=msg, step=step)["msg"])
 
     def _grad(self, source: str, delta: torch.Tensor) -> bytes:
@@ -224,18 +311,24 @@ class HEState:
         from its forward with the new keys."""
         seg = self.session._seg(source, 0)
         step = seg.next_step
-        taken = self._taken.pop(source, None)
-        if taken is not None:  # the very message an earlier process sent: answered from record
-            back = cast(bytes, self._call(source, "he_grad", msg=taken["msg"], step=step)["msg"])
-        else:
-            try:
-                back = self._send_grad(source, delta, step)
-            except (ProtocolError, HEError):
-                if (not self._connect(source)
-                        or int(self._call(source, "status")["last_step"]) >= step):
-                    raise  # not a restart, or applied already as another message: no redo
-                self.forward(source, *self._last[source], train=True, again=False)
-                back = self._send_grad(source, delta, step)
+        taken = self._taken.get(source)
+        try:
+            if taken is not None:  # the very message an earlier process sent: from the record
+                back = cast(bytes, self._call(source, "he_grad", msg=taken["msg"],
+                                              step=step)["msg"])
+                del self._taken[source]
+            else:
+                try:
+                    back = self._send_grad(source, delta, step)
+                except (ProtocolError, HEError):
+                    if (not self._connect(source)
+                            or int(self._call(source, "status")["last_step"]) >= step):
+                        raise  # not a restart, or applied already as another message: no redo
+                    self.forward(source, *self._last[source], train=True, again=False)
+                    back = self._send_grad(source, delta, step)
+        except TransportError:  # applied there or not: the journal settles it at the next use
+            self._settled.discard(source)
+            raise
         seg.next_step = step + 1
         return back
 

@@ -39,8 +39,9 @@ class ChaosTransport(InProcessTransport):
     """In-process data owners that crash and restart (``start(party)`` builds one again from
     its state directory) at chosen requests: the n-th request (key ``n``) or the k-th request
     of an op (key ``(op, k)``). Modes: ``"before"`` (the request never arrives), ``"after"``
-    (applied, its response lost) or ``"model_owner"`` (applied, then the model owner's process
-    dies). A failed request is sent again only if that is safe (:data:`FAST` retries)."""
+    (applied, its response lost), ``"model_owner"`` (applied, then the model owner's process
+    dies) or ``"model_owner_before"`` (the model owner's process dies before it sends the
+    request). A failed request is sent again only if that is safe (:data:`FAST` retries)."""
 
     def __init__(self, start: Callable[[str], DataOwnerHost], parties: Iterable[str],
                  crashes: dict[int | tuple[str, int], str]) -> None:
@@ -66,6 +67,8 @@ class ChaosTransport(InProcessTransport):
             self.per_op[op] += 1
             mode = (self.crashes.pop(self.n, None)
                     or self.crashes.pop((op, self.per_op[op]), None))
+        if mode == "model_owner_before":
+            raise Crash
         if mode == "before":
             self.restart(party)
             raise TransportError(f"{party}: connection refused")

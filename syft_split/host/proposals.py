@@ -51,10 +51,12 @@ class ProposalOps(OpFamily):
                 "datasets": {k: d.public_metadata() for k, d in self.host.datasets.items()}}
 
     @op("status", egress={"segment": TEXT, "status": TEXT, "reason": TEXT, "steps": SCALAR,
-                          "last_step": SCALAR, "pending": SCALAR})
+                          "last_step": SCALAR, "pending": SCALAR, "recent": JSON})
     def status(self, call: Call) -> dict[str, Any]:
         """Approval status; for a segment that runs, its optimizer steps, the last step id it
-        applied (a re-attaching model owner continues after it) and whether a step is pending."""
+        applied (a re-attaching model owner continues after it), whether a step is pending and
+        the steps it remembers as ``[step id, op, request digest]`` (a resuming model owner
+        tells from them which of its requests were applied)."""
         p = self.host.proposal(str(call.req.get("segment")))
         if p.driver != call.caller:
             from ..errors import AuthorizationError
@@ -68,6 +70,7 @@ class ProposalOps(OpFamily):
             out["steps"] = rt.steps
             out["last_step"] = rt.last_step
             out["pending"] = rt.pending_output is not None or rt.pending_loss_grads
+            out["recent"] = [[r.step, r.op, r.digest] for r in rt.records]
         return out
 
     @op("propose", mutates=True, egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})

@@ -223,9 +223,12 @@ class Runtime:
         del self.records[:-STEPS_KEPT]
 
     def clear_pending(self) -> None:
-        """Forget the step in flight (nothing applied)."""
+        """Forget the step in flight (nothing applied); an encrypted segment's HE client
+        forgets it too (nothing of it is decrypted any more)."""
         self.pending_input = self.pending_output = self.pending_penalty = None
         self.pending_source = None
         if self.pending_loss_grads and self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         self.pending_loss_grads = False
+        if self.he is not None:
+            self.he.cancel()

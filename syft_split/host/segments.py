@@ -197,7 +197,14 @@ class SegmentOps(OpFamily):
                                  if idx is not None else {"x": x.detach(), "rng": start})
         response: dict[str, Any] = {}
         if rt.he is not None:  # only ciphertexts of the approved output leave
-            response["he_input"] = rt.he.encrypt_input(out.detach().flatten(1), need_grad=train)
+            try:
+                response["he_input"] = rt.he.encrypt_input(out.detach().flatten(1),
+                                                           need_grad=train)
+            except Exception:  # refused (|x| > x_bound, batch size): nothing of it stays
+                if train:  # pending (no gradient may land on it), its dropout draws undone
+                    rt.clear_pending()
+                    rt.torch_rng = start
+                raise
             return response
         response.update(release(rt, out, ds, idx))
         if train and "labels" in response:  # what this step's gradient answers to (the watch)

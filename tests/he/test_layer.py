@@ -102,6 +102,39 @@ def test_protocol_order_is_enforced(kit: SimpleNamespace) -> None:
         server.receive_output(ret)
 
 
+@pytest.mark.parametrize("level", ["A", "B"])
+def test_an_evaluation_forward_between_forward_and_backward(level: str,
+                                                            kit: SimpleNamespace) -> None:
+    """Both parties keep an evaluation forward apart from the training step in flight: its
+    output is right and the training step's gradients still equal autograd; the evaluation
+    forward's output is decrypted once."""
+    client, server, linear = kit.make_parties(8, 6, 3, level=level, lr=0.1)
+    x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(8, 3, dtype=torch.float64)
+    torch.nn.functional.mse_loss(linear(x), target).backward()
+    z = kit.forward(client, server, x.detach())
+    x_eval = torch.randn(5, 6, dtype=torch.float64)
+    reply = server.forward(client.encrypt_input(x_eval, need_grad=False))
+    ret = client.decrypt_output(reply)
+    with pytest.raises(ProtocolError):
+        client.decrypt_output(reply)
+    assert kit.rel_err(server.receive_output(ret), linear(x_eval)) < 1e-5
+    msg, dx = client.decrypt_gradients(server.backward(kit.mse_grad(target)(z)))
+    gw, gb = server.receive_gradients(msg)
+    assert kit.rel_err(z, linear(x)) < 1e-5 and kit.rel_err(dx, x.grad) < 1e-5
+    assert gb is not None and kit.rel_err(gb, linear.bias.grad) < 1e-5
+    if level == "A":
+        assert kit.rel_err(gw, linear.weight.grad) < 1e-5
+
+
+def test_a_cancelled_step_is_not_decrypted(kit: SimpleNamespace) -> None:
+    client, server, _ = kit.make_parties(4, 3, 2)
+    reply = server.forward(client.encrypt_input(torch.randn(4, 3, dtype=torch.float64)))
+    client.cancel()
+    with pytest.raises(ProtocolError):
+        client.decrypt_output(reply)
+
+
 def test_forward_only_step_cannot_backprop(kit: SimpleNamespace) -> None:
     client, server, _ = kit.make_parties(4, 3, 2)
     kit.forward(client, server, torch.randn(4, 3, dtype=torch.float64), need_grad=False)
