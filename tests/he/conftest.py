@@ -69,16 +69,18 @@ def mse_grad(target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def check_step(client: HEClient, server: HEServer, linear: nn.Linear, level: str) -> None:
-    """One MSE step through the protocol equals autograd on ``linear`` (within 1e-5): z,
-    dL/dx, the bias gradient and, at level A, the weight gradient (level B: the server only
-    sees dW + eps/lr, far from dW)."""
+    """One MSE step through the protocol equals autograd on ``linear`` (within 1e-5 relative):
+    z, dL/dx (level B: 2e-5), the bias gradient and, at level A, the weight gradient (level B:
+    the server only sees dW + eps/lr, far from dW)."""
     b, d_in, d_out = server.spec.batch_size, server.spec.d_in, server.spec.d_out
     x = torch.randn(b, d_in, dtype=torch.float64, requires_grad=True)
     target = torch.randn(b, d_out, dtype=torch.float64)
     torch.nn.functional.mse_loss(linear(x), target).backward()
     z, dx, gw, gb = step(client, server, x.detach(), mse_grad(target))
     assert rel_err(z, linear(x)) < 1e-5
-    assert x.grad is not None and rel_err(dx, x.grad) < 1e-5
+    # level B's dL/dx carries the key-switching noise of Enc(delta A^T): measured 5e-6 median,
+    # 6.8e-6 max in 12 runs (1.0e-5 seen once), so its bound is 2e-5; level A's is exact to 1e-8
+    assert x.grad is not None and rel_err(dx, x.grad) < (1e-5 if level == "A" else 2e-5)
     assert gb is not None and linear.bias.grad is not None
     assert rel_err(gb, linear.bias.grad) < 1e-5
     if level == "A":
