@@ -4,6 +4,7 @@ weights of an uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from syft_split import (
     DataOwnerHost,
+    HostLimits,
     InProcessTransport,
     OptimizerSpec,
     SplitPlan,
@@ -21,7 +23,7 @@ from syft_split import (
     split_model,
     wire,
 )
-from syft_split.errors import ApprovalError, ProtocolError
+from syft_split.errors import ApprovalError, LeakageHaltError, ProtocolError
 from syft_split.models import digits_cnn
 
 from .conftest import FAST, ChaosTransport, Crash
@@ -333,3 +335,55 @@ def test_level_b_encrypted_segments_come_back_halted(tmp_path: Path) -> None:
     t.add_host(back, replace=True)
     with pytest.raises(ApprovalError, match="halted"):
         session.loss("a", torch.arange(4), DATA["a"]["train"][1][:4])
+
+
+def _watched_host(state_dir: Path) -> Callable[[], DataOwnerHost]:
+    """Data owner "a" as it (re)starts, its leakage watch measuring every 2 steps."""
+    def start() -> DataOwnerHost:
+        host = DataOwnerHost("a", state_dir=state_dir, limits=HostLimits(watch_every=2))
+        for ds, (x, y) in DATA["a"].items():
+            host.add_dataset(ds, x, y)
+        host.restore_state()
+        return host
+    return start
+
+
+def _watched_session(host: DataOwnerHost, t: InProcessTransport,
+                     bound: dict[str, float]) -> tuple[SplitSession, str]:
+    session = SplitSession(_one(), t, optimizer=OptimizerSpec("sgd", lr=0.1), fuse=False)
+    (pid,) = session.propose()["a"]
+    host.approve(pid, leakage_bound=bound)
+    return session, pid
+
+
+def _train_step(session: SplitSession, i: int) -> None:
+    idx = torch.arange(8 * i, 8 * i + 8)
+    session.zero_grad()
+    loss, _m = session.loss("a", idx, DATA["a"]["train"][1][idx])
+    loss.backward()
+    session.step()
+
+
+def test_a_halt_during_a_step_survives_a_crash(tmp_path: Path) -> None:
+    """The leakage watch halts the segment inside a backward (a segment op, which saves only
+    the segment's file): the halt is on disk at once, so after a crash the segment is still
+    halted (by the watch), and the halt is in audit.jsonl."""
+    start = _watched_host(tmp_path / "a")
+    host = start()
+    t = InProcessTransport([host])
+    session, pid = _watched_session(host, t, {"inversion_ratio": 1e9})  # any figure is below
+    _train_step(session, 0)
+    _train_step(session, 1)  # step 2: the watch measures and halts (inside the backward)
+    assert host.proposal(pid).status == "halted"
+
+    back = start()  # a crash: no close, only the directory survives
+    p = back.proposal(pid)
+    assert (p.status, p.halted_by) == ("halted", "watch") and "inversion ratio" in p.reason
+    lines = (tmp_path / "a" / "audit.jsonl").read_text().splitlines()
+    halts = [e for e in map(json.loads, lines) if e["op"] == "halt"]
+    assert [(e["caller"], e["segment"]) for e in halts] == [("watch", pid)]
+    assert "inversion ratio" in halts[0]["outcome"]
+    assert [e["op"] for e in back.audit_log()].count("halt") == 1
+    t.add_host(back, replace=True)
+    with pytest.raises(LeakageHaltError, match="inversion ratio"):
+        _train_step(session, 2)

@@ -182,13 +182,17 @@ class DataOwnerHost:
 
     def halt(self, proposal_id: str, reason: str, *, by: str = "owner") -> None:
         """Stop an approved segment for good: every further op on it is refused with ``reason``
-        (``by``: "owner", or "watch" for the leakage watch)."""
+        (``by``: "owner", or "watch" for the leakage watch). With a state directory the halt is
+        saved at once (a halt issued during a segment's op, e.g. by the leakage watch or a
+        refused encrypted gradient, survives a crash right after it) and audited."""
         p = self.proposal(proposal_id)
         p.status, p.reason, p.halted_by = "halted", reason, by
-        self.audit.append(AuditEntry(time.time(), by, "halt", p.id, {}, 0, 0, 0.0, reason))
         rt = self.runtimes.get(p.id)
         if rt is not None:
             rt.clear_pending()
+        if self.store is not None:  # a halt lasts: on disk now, whatever op it interrupted
+            self.store.save_host(self)
+        self.record(AuditEntry(time.time(), by, "halt", p.id, {}, 0, 0, 0.0, reason))
 
     def stepped(self, rt: Runtime, grad: Any) -> None:
         """Tell every family that ``rt`` just took an optimizer step on ``grad``."""

@@ -5,9 +5,10 @@ directory is the data owner's; keep it private, e.g. mode 0700 — it holds weig
 peer-sealing key)::
 
     state_dir/
-      host.sspl              proposals (spec JSON, initial weights, status, approval), the
-                             proposal counter, and what each op family keeps (peer keys, trusted
-                             peers, alignment permissions and aligned rows, ...)
+      host.sspl              proposals (spec JSON, initial weights, status and, for a halted
+                             one, why and by whom, approval), the proposal counter, and what
+                             each op family keeps (peer keys, trusted peers, alignment
+                             permissions and aligned rows, ...)
       segments/<id>.sspl     per approved segment: weights, optimizer state, step counter, RNG
                              states, the last applied steps (id, op, digest, response) and what
                              its pending forward ran on
@@ -15,8 +16,9 @@ peer-sealing key)::
 
 Files use the wire format (:mod:`syft_split.persist`; no pickle) and are replaced atomically
 (temp file, fsync, rename). A segment is saved after every ``every``-th op that changes it
-(default 1: after every step, so a crash loses nothing), ``host.sspl`` after every proposal and
-every data-owner op, and everything on a clean shutdown (:meth:`HostStore.save_all`).
+(default 1: after every step, so a crash loses nothing), ``host.sspl`` after every proposal,
+every data-owner op and every halt, and everything on a clean shutdown
+(:meth:`HostStore.save_all`).
 
 Restoring (:meth:`HostStore.restore`, after the host's datasets are back) rebuilds proposals and
 segments, re-runs a pending forward from its recorded input and RNG state (so the model owner's
@@ -66,6 +68,10 @@ class HostStore:
         (self.path / "segments").mkdir(exist_ok=True)
         self._audit_file: Any = None
         self._changes: dict[str, int] = {}
+        #: set while :meth:`restore` runs: a save asked for then (a family halting a segment it
+        #: cannot rebuild) waits until everything is loaded, so no half-restored state is written
+        self._restoring = False
+        self._deferred = False
         #: seconds spent writing state, and how many files were written (for the report)
         self.seconds = 0.0
         self.writes = 0
@@ -76,6 +82,9 @@ class HostStore:
 
     def save_host(self, host: DataOwnerHost) -> None:
         """Proposals, the id counter and the families' state."""
+        if self._restoring:
+            self._deferred = True
+            return
         t0 = time.perf_counter()
         tree = {
             "format": FORMAT,
@@ -145,19 +154,25 @@ class HostStore:
         if tree.get("host") != host.name:
             raise ConfigError(f"{self.path} holds the state of host {tree.get('host')!r}, not "
                               f"{host.name!r}: one state directory per host")
-        top = 0
-        for raw in tree["proposals"]:
-            p = _proposal_from(raw)
-            host.proposals_by_id[p.id] = p
-            top = max(top, _number(p.id))
-            if raw.get("runtime"):
-                host.runtimes[p.id] = self._runtime(host, p)
-        host.ids = itertools.count(top + 1)
-        for name, state in tree.get("families", {}).items():
-            family = host.families.get(name)
-            if family is not None:
-                family.restore(state)
-        host.audit[:0] = self._read_audit()
+        host.audit[:0] = self._read_audit()  # first: what restoring audits (halts) comes after
+        self._restoring, self._deferred = True, False
+        try:
+            top = 0
+            for raw in tree["proposals"]:
+                p = _proposal_from(raw)
+                host.proposals_by_id[p.id] = p
+                top = max(top, _number(p.id))
+                if raw.get("runtime"):
+                    host.runtimes[p.id] = self._runtime(host, p)
+            host.ids = itertools.count(top + 1)
+            for name, state in tree.get("families", {}).items():
+                family = host.families.get(name)
+                if family is not None:
+                    family.restore(state)
+        finally:
+            self._restoring = False
+        if self._deferred:  # e.g. a segment halted because it could not be rebuilt
+            self.save_host(host)
         return True
 
     def _runtime(self, host: DataOwnerHost, p: Proposal) -> Runtime:
@@ -216,7 +231,7 @@ def _proposal_tree(p: Proposal, has_runtime: bool) -> dict[str, Any]:
         "input_shape": list(p.input_shape), "output_shape": list(p.output_shape),
         "max_batch": p.max_batch, "loss": p.loss, "release_labels": p.release_labels,
         "share_weights": p.share_weights, "defences": dict(p.defences), "he": p.he,
-        "status": p.status, "reason": p.reason, "runtime": has_runtime,
+        "status": p.status, "reason": p.reason, "halted_by": p.halted_by, "runtime": has_runtime,
     }
 
 
@@ -231,7 +246,8 @@ def _proposal_from(raw: dict[str, Any]) -> Proposal:
         loss=raw.get("loss"), release_labels=bool(raw.get("release_labels")),
         share_weights=str(raw.get("share_weights", "none")),
         defences=dict(raw.get("defences") or {}), he=raw.get("he"),
-        status=str(raw["status"]), reason=str(raw.get("reason", "")), module=module,
+        status=str(raw["status"]), reason=str(raw.get("reason", "")),
+        halted_by=str(raw.get("halted_by", "")), module=module,
     )
 
 
