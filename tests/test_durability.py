@@ -8,6 +8,7 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from syft_split import (
     SplitPlan,
     SplitSession,
     Trainer,
+    persist,
     split_model,
     wire,
 )
@@ -364,6 +366,11 @@ def _train_step(session: SplitSession, i: int) -> None:
     session.step()
 
 
+def _figures(watch: dict[str, Any]) -> list[dict[str, Any]]:
+    """The watch's history without its timings."""
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in watch["history"]]
+
+
 def test_a_halt_during_a_step_survives_a_crash(tmp_path: Path) -> None:
     """The leakage watch halts the segment inside a backward (a segment op, which saves only
     the segment's file): the halt is on disk at once, so after a crash the segment is still
@@ -387,3 +394,58 @@ def test_a_halt_during_a_step_survives_a_crash(tmp_path: Path) -> None:
     t.add_host(back, replace=True)
     with pytest.raises(LeakageHaltError, match="inversion ratio"):
         _train_step(session, 2)
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_the_leakage_watch_goes_on_after_a_restart(tmp_path: Path, crash: bool) -> None:
+    """The bound the data owner approved, the watch's history (its baseline first) and its
+    schedule come back after a clean restart and after a crash: the restarted watch measures
+    what an uninterrupted one measures, and halts where it halts."""
+    ref_host = _watched_host(tmp_path / "ref")()
+    ref_t = InProcessTransport([ref_host])
+    ref, ref_pid = _watched_session(ref_host, ref_t, {"inversion_ratio": 1e9})
+    for i in range(2):
+        _train_step(ref, i)
+    want = ref_host.owner("watch", segment=ref_pid)
+    assert want["halted"] and [e["step"] for e in want["history"]] == [0, 2, 2]
+
+    start = _watched_host(tmp_path / "a")
+    host = start()
+    t = InProcessTransport([host])
+    session, pid = _watched_session(host, t, {"inversion_ratio": 1e9})
+    _train_step(session, 0)
+    if not crash:
+        host.close()
+    back = start()
+    before = back.owner("watch", segment=pid)
+    assert before["bound"]["inversion_ratio"] == 1e9 and not before["halted"]
+    assert _figures(before) == _figures(want)[:1]  # the baseline measured at approval
+    t.add_host(back, replace=True)
+    _train_step(session, 1)  # step 2: measured by the restored watch, which halts
+    got = back.owner("watch", segment=pid)
+    assert _figures(got) == _figures(want) and got["reason"] == want["reason"]
+    assert back.proposal(pid).status == "halted"
+    with pytest.raises(LeakageHaltError):
+        _train_step(session, 2)
+
+
+def test_a_watch_that_cannot_be_rebuilt_halts_its_segment(tmp_path: Path) -> None:
+    """A watched segment never runs unwatched: an invalid watch state in its file halts it."""
+    start = _watched_host(tmp_path / "a")
+    host = start()
+    t = InProcessTransport([host])
+    session, pid = _watched_session(host, t, {"relative": 0.5})
+    _train_step(session, 0)
+    assert host.store is not None
+    path = host.store.segment_path(pid)
+    tree = persist.load(path)
+    tree["families"]["leakage"]["watch"]["bound"] = {"inversion_ratio": -1.0}
+    persist.save(path, tree)
+    back = start()
+    p = back.proposal(pid)
+    assert p.status == "halted" and "leakage watch could not be rebuilt" in p.reason
+    assert back.store is not None and persist.load(back.store.path / "host.sspl")[
+        "proposals"][0]["status"] == "halted"  # saved once restoring was done
+    t.add_host(back, replace=True)
+    with pytest.raises(LeakageHaltError, match="could not be rebuilt"):
+        _train_step(session, 1)

@@ -84,7 +84,8 @@ class DataOwnerHost:
         for cls in registered_families():
             self.add_family(cls(self))
         #: the data owner's state directory (None: state lives in memory only)
-        self.store = HostStore(state_dir, every=checkpoint_every) if state_dir is not None else None
+        self.store = (HostStore(state_dir, every=checkpoint_every, families=self.families)
+                      if state_dir is not None else None)
 
     # ------------------------------------------------------------------- persistence
     def restore_state(self) -> bool:

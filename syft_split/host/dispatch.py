@@ -131,6 +131,17 @@ class OpFamily:
         (:func:`syft_split.persist.pack`); saved with the host's proposals (override)."""
         return {}
 
+    def segment_state(self, rt: Runtime) -> dict[str, Any] | None:
+        """What this family keeps for segment ``rt`` that changes with its steps (e.g. the
+        leakage watch): saved in the segment's file with its steps, so the two always match
+        (override; None: nothing)."""
+        return None
+
+    def restore_segment(self, rt: Runtime, state: dict[str, Any] | None) -> None:
+        """Put back what :meth:`segment_state` returned after a restart, once every family's
+        :meth:`restore` ran (``state`` as read from the segment's file, None if it holds
+        nothing of this family) (override)."""
+
     def restore(self, state: Mapping[str, Any]) -> None:
         """Load what :meth:`state` returned, after the host's datasets, proposals and segments
         are back (override)."""

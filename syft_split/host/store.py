@@ -10,8 +10,9 @@ peer-sealing key)::
                              each op family keeps (peer keys, trusted peers, alignment
                              permissions and aligned rows, ...)
       segments/<id>.sspl     per approved segment: weights, optimizer state, step counter, RNG
-                             states, the last applied steps (id, op, digest, response) and what
-                             its pending forward ran on
+                             states, the last applied steps (id, op, digest, response), what
+                             its pending forward ran on, and what op families keep with its
+                             steps (the leakage watch: bound, history, detector)
       audit.jsonl            one JSON line per call answered (appended as calls happen)
 
 Files use the wire format (:mod:`syft_split.persist`; no pickle) and are replaced atomically
@@ -36,6 +37,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +51,7 @@ from .segments import rerun_pending
 
 if TYPE_CHECKING:
     from .core import DataOwnerHost
+    from .dispatch import OpFamily
 
 __all__ = ["HostStore", "FORMAT"]
 
@@ -59,11 +62,14 @@ FORMAT = 1
 class HostStore:
     """Reads and writes one host's state directory (see the module docstring)."""
 
-    def __init__(self, path: str | Path, *, every: int = 1) -> None:
+    def __init__(self, path: str | Path, *, every: int = 1,
+                 families: Mapping[str, OpFamily] | None = None) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ConfigError(f"checkpoint_every must be a positive int, got {every!r}")
         self.path = Path(path)
         self.every = every
+        #: the host's op families (what each keeps per segment goes in the segment's file)
+        self.families: Mapping[str, OpFamily] = families if families is not None else {}
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "segments").mkdir(exist_ok=True)
         self._audit_file: Any = None
@@ -114,7 +120,7 @@ class HostStore:
     def save_runtime(self, rt: Runtime) -> None:
         """The segment's snapshot, now."""
         t0 = time.perf_counter()
-        persist.save(self.segment_path(rt.id), _runtime_tree(rt))
+        persist.save(self.segment_path(rt.id), _runtime_tree(rt, self.families))
         self._changes[rt.id] = 0
         self.seconds += time.perf_counter() - t0
         self.writes += 1
@@ -157,31 +163,34 @@ class HostStore:
         host.audit[:0] = self._read_audit()  # first: what restoring audits (halts) comes after
         self._restoring, self._deferred = True, False
         try:
-            top = 0
+            top, kept = 0, {}
             for raw in tree["proposals"]:
                 p = _proposal_from(raw)
                 host.proposals_by_id[p.id] = p
                 top = max(top, _number(p.id))
                 if raw.get("runtime"):
-                    host.runtimes[p.id] = self._runtime(host, p)
+                    host.runtimes[p.id], kept[p.id] = self._runtime(host, p)
             host.ids = itertools.count(top + 1)
-            for name, state in tree.get("families", {}).items():
-                family = host.families.get(name)
-                if family is not None:
-                    family.restore(state)
+            states = tree.get("families") or {}
+            for name, family in host.families.items():
+                family.restore(states.get(name) or {})
+            for pid, families in kept.items():  # what families keep with a segment's steps
+                for name, family in host.families.items():  # (after theirs: aligned datasets)
+                    family.restore_segment(host.runtimes[pid], families.get(name))
         finally:
             self._restoring = False
         if self._deferred:  # e.g. a segment halted because it could not be rebuilt
             self.save_host(host)
         return True
 
-    def _runtime(self, host: DataOwnerHost, p: Proposal) -> Runtime:
+    def _runtime(self, host: DataOwnerHost, p: Proposal) -> tuple[Runtime, dict[str, Any]]:
+        """The segment as its file left it, and what the families kept with it."""
         assert p.module is not None
         params = list(p.module.parameters())
         rt = Runtime(p, p.module, p.optimizer.build(params) if params else None)
         path = self.segment_path(p.id)
         if not path.exists():
-            return rt
+            return rt, {}
         snap = persist.load(path)
         rt.module.load_state_dict(snap["weights"])
         if rt.optimizer is not None and snap.get("optimizer") is not None:
@@ -202,7 +211,7 @@ class HostStore:
         pending = snap.get("pending")
         if pending is not None and p.he is None:
             rerun_pending(host, rt, pending)
-        return rt
+        return rt, dict(snap.get("families") or {})
 
     def _read_audit(self) -> list[AuditEntry]:
         path = self.path / "audit.jsonl"
@@ -257,7 +266,7 @@ def _plain(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
-def _runtime_tree(rt: Runtime) -> dict[str, Any]:
+def _runtime_tree(rt: Runtime, families: Mapping[str, OpFamily]) -> dict[str, Any]:
     grads = None
     if rt.pending_loss_grads:
         grads = {n: p.grad for n, p in rt.module.named_parameters() if p.grad is not None}
@@ -276,6 +285,9 @@ def _runtime_tree(rt: Runtime) -> dict[str, Any]:
         # HE: the cost meter and (level B) the weight share, for fresh keys after a restart;
         # never a key
         "he": rt.he.state() if rt.he is not None else None,
+        # what the families keep per segment (e.g. the leakage watch), matching these steps
+        "families": {name: st for name, fam in families.items()
+                     if (st := fam.segment_state(rt)) is not None},
     }
 
 
