@@ -147,6 +147,21 @@ class DataOwnerHost:
                                 f"{sorted(self.proposals_by_id)}")
         return p
 
+    def new_proposal_id(self, kind: str) -> str:
+        """A fresh proposal id ``<host>/<kind><n>`` (kind ``seg``, ``fl``): never one in use
+        (the counter is shared by every kind and goes on after a restart)."""
+        while True:
+            pid = f"{self.name}/{kind}{next(self.ids)}"
+            if pid not in self.proposals_by_id:
+                return pid
+
+    def add_proposal(self, p: Proposal) -> None:
+        """Keep a new proposal; one under an id already in use is refused, nothing replaced."""
+        if p.id in self.proposals_by_id:
+            raise ProtocolError(f"proposal id {p.id!r} is already in use on {self.name}; "
+                                "nothing was replaced")
+        self.proposals_by_id[p.id] = p
+
     def runtime(self, caller: str, req: Mapping[str, Any], roles: tuple[str, ...]) -> Runtime:
         """The approved runtime a request names, if ``caller`` drives it and its role fits."""
         seg = req.get("segment")

@@ -6,9 +6,9 @@ peer-sealing key)::
 
     state_dir/
       host.sspl              proposals (spec JSON, initial weights, status and, for a halted
-                             one, why and by whom, approval), the proposal counter, and what
-                             each op family keeps (peer keys, trusted peers, alignment
-                             permissions and aligned rows, ...)
+                             one, why and by whom, approval; the id counter goes on after the
+                             highest id), and what each op family keeps (peer keys, trusted
+                             peers, alignment permissions and aligned rows, ...)
       segments/<id>.sspl     per approved segment: weights, optimizer state, step counter, RNG
                              states, the last applied steps (id, op, digest, response), what
                              its pending forward ran on, and what op families keep with its
@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -229,8 +230,10 @@ class HostStore:
 
 # ------------------------------------------------------------------------------ trees
 def _number(pid: str) -> int:
-    tail = pid.rsplit("seg", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
+    """The number an id ends with, whatever its kind (``a/seg3``: 3, ``a/fl12``: 12): the
+    counter goes on after the highest one of every kind, so no id is handed out twice."""
+    tail = re.search(r"(\d+)$", pid)
+    return int(tail.group(1)) if tail else 0
 
 
 def _proposal_tree(p: Proposal, has_runtime: bool) -> dict[str, Any]:
