@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from syft_split import (
     DataOwnerHost,
@@ -27,6 +28,7 @@ from syft_split import (
 )
 from syft_split.errors import ApprovalError, LeakageHaltError, ProtocolError
 from syft_split.models import digits_cnn
+from syft_split.spec import module_to_spec, spec_state
 
 from .conftest import FAST, ChaosTransport, Crash
 
@@ -350,9 +352,9 @@ def _watched_host(state_dir: Path) -> Callable[[], DataOwnerHost]:
     return start
 
 
-def _watched_session(host: DataOwnerHost, t: InProcessTransport,
-                     bound: dict[str, float]) -> tuple[SplitSession, str]:
-    session = SplitSession(_one(), t, optimizer=OptimizerSpec("sgd", lr=0.1), fuse=False)
+def _watched_session(host: DataOwnerHost, t: InProcessTransport, bound: dict[str, float],
+                     fuse: bool = False) -> tuple[SplitSession, str]:
+    session = SplitSession(_one(), t, optimizer=OptimizerSpec("sgd", lr=0.1), fuse=fuse)
     (pid,) = session.propose()["a"]
     host.approve(pid, leakage_bound=bound)
     return session, pid
@@ -394,6 +396,21 @@ def test_a_halt_during_a_step_survives_a_crash(tmp_path: Path) -> None:
     t.add_host(back, replace=True)
     with pytest.raises(LeakageHaltError, match="inversion ratio"):
         _train_step(session, 2)
+
+
+def test_a_fused_step_that_halts_the_segment_releases_nothing(tmp_path: Path) -> None:
+    """Fused, the gradient of step 2 rides on the third forward: the watch halts the segment
+    on that step, and the forward's activation does not leave (its step stays applied)."""
+    host = _watched_host(tmp_path / "a")()
+    t = InProcessTransport([host])
+    session, pid = _watched_session(host, t, {"inversion_ratio": 1e9}, fuse=True)
+    _train_step(session, 0)
+    _train_step(session, 1)  # carries step 1 (the watch measures every 2 steps)
+    with pytest.raises(LeakageHaltError, match="no output leaves"):
+        _train_step(session, 2)
+    assert host.runtimes[pid].steps == 2 and host.proposal(pid).status == "halted"
+    last = [e for e in host.audit_log() if e["op"] == "forward"][-1]
+    assert last["outcome"].startswith("LeakageHaltError") and last["bytes_out"] < 1024
 
 
 @pytest.mark.parametrize("crash", [False, True])
@@ -449,3 +466,26 @@ def test_a_watch_that_cannot_be_rebuilt_halts_its_segment(tmp_path: Path) -> Non
     t.add_host(back, replace=True)
     with pytest.raises(LeakageHaltError, match="could not be rebuilt"):
         _train_step(session, 1)
+
+
+def test_a_pending_forward_rebuilt_after_a_restart_keeps_batchnorm_statistics(
+        tmp_path: Path) -> None:
+    """Re-running a pending forward after a restart does not update BatchNorm's running
+    statistics a second time: they are those the forward left."""
+    def start() -> DataOwnerHost:
+        return _host("a", tmp_path)
+
+    host = start()
+    t = InProcessTransport([host])
+    torch.manual_seed(0)
+    seg = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.BatchNorm1d(6), nn.ReLU())
+    pid = t.call("a", "propose", role="input", spec=module_to_spec(seg), datasets=["train"],
+                 optimizer={"name": "sgd", "lr": 0.1},
+                 **{f"state/{k}": v for k, v in spec_state(seg).items()})["segment"]
+    host.approve(pid)
+    t.call("a", "forward", segment=pid, indices=torch.arange(8), step=1)
+    stats = {k: v.clone() for k, v in host.export_weights(pid).items() if "running" in k}
+    back = start()
+    assert back.runtimes[pid].pending_output is not None
+    got = back.export_weights(pid)
+    assert all(torch.equal(got[k], v) for k, v in stats.items())

@@ -241,15 +241,20 @@ class DataOwnerHost:
                 spec = None  # nothing ran: nothing to save
                 raw, outcome = replay, f"ok (step {step} answered from the record)"
             else:
-                with torch.enable_grad():  # the caller's grad mode is not ours
-                    response = fn(call)
                 try:
-                    response = self.guard.release(spec.egress, call, response)
-                except EgressError:
-                    if call.rt is not None:  # nothing of this step left: not pending either
-                        call.rt.clear_pending()
+                    with torch.enable_grad():  # the caller's grad mode is not ours
+                        response = fn(call)
+                    try:
+                        response = self.guard.release(spec.egress, call, response)
+                    except EgressError:
+                        if call.undo is None and call.rt is not None:
+                            call.rt.clear_pending()  # nothing of this step left: not pending
+                        raise
+                    raw = wire.encode(response)
+                except Exception:
+                    if call.undo is not None:  # a held-back step it applied: undone
+                        call.undo()
                     raise
-                raw = wire.encode(response)
                 if step is not None and call.rt is not None:
                     call.rt.remember(StepRecord(step, op, digest, raw))
                 outcome = "ok"

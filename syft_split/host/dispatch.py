@@ -140,9 +140,9 @@ class OpFamily:
         return None
 
     def restore_segment(self, rt: Runtime, state: dict[str, Any] | None) -> None:
-        """Put back what :meth:`segment_state` returned after a restart, once every family's
+        """Put back what :meth:`segment_state` returned: after a restart, once every family's
         :meth:`restore` ran (``state`` as read from the segment's file, None if it holds
-        nothing of this family) (override)."""
+        nothing of this family), and when a refused answer undoes a step (override)."""
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Load what :meth:`state` returned, after the host's datasets, proposals and segments
