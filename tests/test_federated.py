@@ -24,6 +24,7 @@ from syft_split import (
 from syft_split.deploy import inprocess
 from syft_split.federated import FederatedTrainer
 from syft_split.models import digits_cnn
+from syft_split.spec import module_to_spec, spec_state
 
 SGD = OptimizerSpec("sgd", lr=0.1)
 SIZES = {"a": 40, "b": 24}
@@ -205,3 +206,49 @@ def test_the_record_rate_cap_holds_for_federated_ops_too() -> None:
     with pytest.raises(EgressError, match="would release 80 records"):
         t.call("a", "forward", segment=split, indices=torch.arange(40), dataset="train",
                train=False)
+
+
+def test_a_restarted_host_never_hands_out_an_id_in_use(tmp_path) -> None:
+    """Ids of every kind (``seg<n>``, ``fl<n>``) share one counter that goes on after a
+    restart: another user's proposal after a restart never gets (and replaces) the id of an
+    approved federated model, and a colliding id is refused."""
+    from syft_split import DataOwnerHost, InProcessTransport
+    from syft_split.host.records import Proposal
+
+    x, y = _data()["a"]
+
+    def start() -> DataOwnerHost:
+        host = DataOwnerHost("a", state_dir=tmp_path / "a")
+        host.add_dataset("train", x, y)
+        host.restore_state()
+        return host
+
+    def fl_propose(t) -> str:
+        return t.call("a", "fl_propose", spec=module_to_spec(_model()), datasets=["train"],
+                      optimizer={"name": "sgd", "lr": 0.1}, loss="cross_entropy",
+                      **state)["segment"]
+
+    state = {f"state/{k}": v for k, v in spec_state(_model()).items()}
+    host = start()
+    alice = InProcessTransport([host], user="alice@example.org")
+    plan = SplitPlan.vanilla([_model()[:4], _model()[4:]], ["a"], datasets=["train"])
+    (seg,) = SplitSession(plan, alice).propose()["a"]
+    fl = fl_propose(alice)
+    assert (seg, fl) == ("a/seg1", "a/fl2")
+    host.approve(fl)
+    host.close()
+
+    back = start()
+    mallory = InProcessTransport([back], user="mallory@example.org")
+    new = fl_propose(mallory)
+    assert new not in (seg, fl)
+    p = back.proposal(fl)
+    assert (p.status, p.driver) == ("approved", "alice@example.org")
+    alice = InProcessTransport([back], user="alice@example.org")
+    out = alice.call("a", "fl_evaluate", segment=fl, **state)
+    assert out["count"] == len(y)
+    with pytest.raises(ProtocolError, match="already in use"):
+        back.add_proposal(Proposal(id=fl, driver="mallory@example.org", role="local",
+                                   spec={}, state={}, optimizer=SGD, datasets=["train"],
+                                   input_shape=(1, 8, 8), output_shape=(10,), max_batch=8))
+    assert back.proposal(fl).driver == "alice@example.org"

@@ -5,6 +5,7 @@ answered from the data owner's record, never applied twice."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 
 from syft_split import (
     DataOwnerHost,
+    HostLimits,
     InProcessTransport,
     OptimizerSpec,
     SplitPlan,
@@ -468,3 +470,42 @@ def test_a_lost_answer_in_a_run_that_skips_the_data_owner(tmp_path: Path, level:
     assert t.call("h", "status", segment=pid)["steps"] == 7  # 3 + (batch 3 skipped) + 4
     audit = [e for e in t.host("h").audit_log() if e["op"] == "he_grad"]
     assert sum("answered from the record" in e["outcome"] for e in audit) == 1
+
+
+def test_a_halt_on_a_refused_gradient_survives_a_crash(tmp_path: Path) -> None:
+    """The data owner halts an encrypted segment whose decrypted dL/dx is out of bounds (the
+    decryption happened: the step cannot be retried). The halt is on disk at once: after a
+    crash the segment is still halted, and the halt is in audit.jsonl."""
+    from he_layers import HEServer, ServerContext
+
+    def start() -> DataOwnerHost:
+        host = DataOwnerHost("h", state_dir=tmp_path / "h", limits=HostLimits(max_abs_value=50.0))
+        host.add_dataset("train", X, Y)
+        host.add_dataset("test", X[:16], Y[:16])
+        host.restore_state()
+        return host
+
+    host = start()
+    t = InProcessTransport([host])
+    plan, opt = _plan("A")
+    (pid,) = SplitSession(plan, t, optimizer=opt).propose()["h"]
+    host.approve(pid)
+    ctx = ServerContext.from_bytes(t.call("h", "he_context", segment=pid)["context"])
+    server = HEServer(ctx, torch.randn(8, 16, dtype=torch.float64) * 0.3,
+                      torch.zeros(8, dtype=torch.float64))
+    msg = t.call("h", "forward", segment=pid, indices=torch.arange(B), step=1)["he_input"]
+    z = server.receive_output(t.call("h", "he_output", segment=pid,
+                                     msg=server.forward(msg))["msg"])
+    with pytest.raises(ValidationError, match="bound 50"):  # dL/dx ~ 200 |W| > 50
+        t.call("h", "he_grad", segment=pid, msg=server.backward(torch.full_like(z, 200.0)),
+               step=2)
+    assert host.proposal(pid).status == "halted"
+
+    back = start()  # a crash: only the directory survives
+    p = back.proposal(pid)
+    assert p.status == "halted" and "invalid dL/dx" in p.reason
+    lines = (tmp_path / "h" / "audit.jsonl").read_text().splitlines()
+    assert [e["segment"] for e in map(json.loads, lines) if e["op"] == "halt"] == [pid]
+    t.add_host(back, replace=True)
+    with pytest.raises(ApprovalError, match="halted"):
+        t.call("h", "forward", segment=pid, indices=torch.arange(B), step=3)

@@ -145,3 +145,40 @@ def test_watch_validates(data) -> None:  # type: ignore[no-untyped-def]
     for bad_bound in ({"ssim": 1.5}, {"dcor": -0.1}, {"inversion_ratio": float("nan")}, {"hijack": 1}):
         with pytest.raises(ConfigError):
             WatchBound(**bad_bound)  # type: ignore[arg-type]
+
+
+def test_watch_state_round_trips_and_a_bad_state_changes_nothing(data) -> None:  # type: ignore[no-untyped-def]
+    """A watch goes on from its state (what a restarted data owner loads) exactly as the
+    original does; a bad state is refused with ConfigError and the watch is left as it was."""
+    mock, _, _, probe = data
+    torch.manual_seed(0)
+    seg = split_model(digits_cnn(), cuts=["pool1"])[0]
+
+    def fresh() -> LeakageWatch:
+        return LeakageWatch(WatchBound(), probe=probe, mock=mock, every=2,
+                            release=Release(labels=True, noise_sigma=0.5))
+
+    watch = fresh()
+    watch.bound = WatchBound.relative(watch.baseline(seg), factor=0.5)
+    g = torch.Generator().manual_seed(0)
+    batch = [(torch.randn(8, 16, 4, 4, generator=g), torch.randint(0, 10, (8,), generator=g))
+             for _ in range(4)]
+    for step, (grad, y) in enumerate(batch[:3], 1):
+        watch.after_step(seg, step, grad=grad, labels=y)
+    back = fresh()
+    back.load_state(watch.state())
+    for w in (watch, back):
+        w.after_step(seg, 4, grad=batch[3][0], labels=batch[3][1])
+    got, want = back.report(), watch.report()
+    assert got.pop("seconds") >= 0 and want.pop("seconds") >= 0
+    strip = [{k: v for k, v in e.items() if k != "seconds"} for e in want.pop("history")]
+    assert [{k: v for k, v in e.items() if k != "seconds"} for e in got.pop("history")] == strip
+    assert got == want and back.bound == watch.bound and len(strip) == 3  # steps 0, 2, 4
+
+    other = fresh()
+    for bad in ({**watch.state(), "bound": {"dcor": 2.0}}, {**watch.state(), "every": 0},
+                {**watch.state(), "gen": torch.zeros(3)}, {**watch.state(), "pending": [1]},
+                {**watch.state(), "halted": "no"}, None):
+        with pytest.raises(ConfigError, match="watch state"):
+            other.load_state(bad)  # type: ignore[arg-type]
+    assert other.history == [] and other.bound == WatchBound() and other.steps_seen == 0

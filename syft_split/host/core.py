@@ -84,7 +84,8 @@ class DataOwnerHost:
         for cls in registered_families():
             self.add_family(cls(self))
         #: the data owner's state directory (None: state lives in memory only)
-        self.store = HostStore(state_dir, every=checkpoint_every) if state_dir is not None else None
+        self.store = (HostStore(state_dir, every=checkpoint_every, families=self.families)
+                      if state_dir is not None else None)
 
     # ------------------------------------------------------------------- persistence
     def restore_state(self) -> bool:
@@ -146,6 +147,21 @@ class DataOwnerHost:
                                 f"{sorted(self.proposals_by_id)}")
         return p
 
+    def new_proposal_id(self, kind: str) -> str:
+        """A fresh proposal id ``<host>/<kind><n>`` (kind ``seg``, ``fl``): never one in use
+        (the counter is shared by every kind and goes on after a restart)."""
+        while True:
+            pid = f"{self.name}/{kind}{next(self.ids)}"
+            if pid not in self.proposals_by_id:
+                return pid
+
+    def add_proposal(self, p: Proposal) -> None:
+        """Keep a new proposal; one under an id already in use is refused, nothing replaced."""
+        if p.id in self.proposals_by_id:
+            raise ProtocolError(f"proposal id {p.id!r} is already in use on {self.name}; "
+                                "nothing was replaced")
+        self.proposals_by_id[p.id] = p
+
     def runtime(self, caller: str, req: Mapping[str, Any], roles: tuple[str, ...]) -> Runtime:
         """The approved runtime a request names, if ``caller`` drives it and its role fits."""
         seg = req.get("segment")
@@ -182,13 +198,17 @@ class DataOwnerHost:
 
     def halt(self, proposal_id: str, reason: str, *, by: str = "owner") -> None:
         """Stop an approved segment for good: every further op on it is refused with ``reason``
-        (``by``: "owner", or "watch" for the leakage watch)."""
+        (``by``: "owner", or "watch" for the leakage watch). With a state directory the halt is
+        saved at once (a halt issued during a segment's op, e.g. by the leakage watch or a
+        refused encrypted gradient, survives a crash right after it) and audited."""
         p = self.proposal(proposal_id)
         p.status, p.reason, p.halted_by = "halted", reason, by
-        self.audit.append(AuditEntry(time.time(), by, "halt", p.id, {}, 0, 0, 0.0, reason))
         rt = self.runtimes.get(p.id)
         if rt is not None:
             rt.clear_pending()
+        if self.store is not None:  # a halt lasts: on disk now, whatever op it interrupted
+            self.store.save_host(self)
+        self.record(AuditEntry(time.time(), by, "halt", p.id, {}, 0, 0, 0.0, reason))
 
     def stepped(self, rt: Runtime, grad: Any) -> None:
         """Tell every family that ``rt`` just took an optimizer step on ``grad``."""
@@ -221,15 +241,20 @@ class DataOwnerHost:
                 spec = None  # nothing ran: nothing to save
                 raw, outcome = replay, f"ok (step {step} answered from the record)"
             else:
-                with torch.enable_grad():  # the caller's grad mode is not ours
-                    response = fn(call)
                 try:
-                    response = self.guard.release(spec.egress, call, response)
-                except EgressError:
-                    if call.rt is not None:  # nothing of this step left: not pending either
-                        call.rt.clear_pending()
+                    with torch.enable_grad():  # the caller's grad mode is not ours
+                        response = fn(call)
+                    try:
+                        response = self.guard.release(spec.egress, call, response)
+                    except EgressError:
+                        if call.undo is None and call.rt is not None:
+                            call.rt.clear_pending()  # nothing of this step left: not pending
+                        raise
+                    raw = wire.encode(response)
+                except Exception:
+                    if call.undo is not None:  # a held-back step it applied: undone
+                        call.undo()
                     raise
-                raw = wire.encode(response)
                 if step is not None and call.rt is not None:
                     call.rt.remember(StepRecord(step, op, digest, raw))
                 outcome = "ok"

@@ -43,6 +43,8 @@ class Host(Protocol):
     ids: Iterator[int]
 
     def proposal(self, proposal_id: str) -> Proposal: ...
+    def new_proposal_id(self, kind: str) -> str: ...
+    def add_proposal(self, p: Proposal) -> None: ...
     def proposals(self, status: str | None = None) -> list[Proposal]: ...
     def runtime(self, caller: str, req: Mapping[str, Any], roles: tuple[str, ...]) -> Runtime: ...
     def owned_runtime(self, proposal_id: str) -> Runtime: ...
@@ -131,10 +133,21 @@ class OpFamily:
         (:func:`syft_split.persist.pack`); saved with the host's proposals (override)."""
         return {}
 
+    def segment_state(self, rt: Runtime) -> dict[str, Any] | None:
+        """What this family keeps for segment ``rt`` that changes with its steps (e.g. the
+        leakage watch): saved in the segment's file with its steps, so the two always match
+        (override; None: nothing)."""
+        return None
+
+    def restore_segment(self, rt: Runtime, state: dict[str, Any] | None) -> None:
+        """Put back what :meth:`segment_state` returned: after a restart, once every family's
+        :meth:`restore` ran (``state`` as read from the segment's file, None if it holds
+        nothing of this family), and when a refused answer undoes a step (override)."""
+
     def restore(self, state: Mapping[str, Any]) -> None:
         """Load what :meth:`state` returned, after the host's datasets, proposals and segments
-        are back; what the family kept per segment (a :class:`~.records.SegmentState` in
-        ``Runtime.extra``) is in each segment's ``Runtime.saved`` (override)."""
+        are back; what it kept per segment comes next, through :meth:`restore_segment`
+        (override)."""
 
 
 _FAMILIES: list[type[OpFamily]] = []

@@ -111,7 +111,7 @@ class FederatedOps(OpFamily):
         proposals: Any = self.host.families["proposals"]  # the same per-user caps apply
         proposals._admit(call.caller)
         p = self._parse(call.caller, call.req)
-        self.host.proposals_by_id[p.id] = p
+        self.host.add_proposal(p)
         proposals._recent.setdefault(call.caller, deque()).append(time.monotonic())
         return {"segment": p.id, "status": "pending", "output_shape": list(p.output_shape)}
 
@@ -139,7 +139,7 @@ class FederatedOps(OpFamily):
         load_weights(module, state, limits.max_abs_value, "the model")
         out = dry_run(module, input_shape, "the model")
         return Proposal(
-            id=f"{host.name}/fl{next(host.ids)}", driver=caller, role=LOCAL, spec=req["spec"],
+            id=host.new_proposal_id("fl"), driver=caller, role=LOCAL, spec=req["spec"],
             state=state, optimizer=OptimizerSpec.from_json(req.get("optimizer")),
             datasets=datasets, input_shape=input_shape, output_shape=tuple(out.shape[1:]),
             max_batch=max_batch, loss=loss, module=module,

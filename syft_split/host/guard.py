@@ -45,13 +45,17 @@ __all__ = [
 class Call:
     """One model-owner request as an op sees it: who, what, on which approved runtime.
 
-    ``rows`` is set by the op to the number of records the response concerns (the batch)."""
+    ``rows`` is set by the op to the number of records the response concerns (the batch).
+    ``undo`` is set by an op that applies a held-back step before it computes its answer (a
+    fused forward or loss step): the host calls it if that answer is refused, and the segment
+    is as it was before the call."""
 
     caller: str
     op: str
     req: dict[str, Any]
     rt: Runtime | None = None
     rows: int | None = None
+    undo: Callable[[], None] | None = None
 
 
 #: a rule checks one outgoing value; it raises EgressError to stop it.

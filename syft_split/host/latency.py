@@ -22,7 +22,7 @@ a refused call changes nothing (a ``local_forward`` that fails half way restores
 **State.** ``pipe_forward``, ``pipe_backward`` and ``local_forward`` change the segment: a host
 with a state directory saves it after each of them, before answering. An approved auxiliary
 head (its spec, loss, optimizer, weights and optimizer state) is saved in the segment's file
-with the segment's weights (:class:`AuxHead` is a :class:`~.records.SegmentState`) and rebuilt
+with the segment's weights (``LocalLossOps.segment_state``) and rebuilt
 after a restart, so ``local_forward`` goes on with the same head; a head proposed but not yet
 approved is kept with the host's proposals. Not kept across a restart: the pending pipelined
 forwards (their stashed weights); after one the model owner starts the pipeline again at
@@ -61,7 +61,7 @@ from ..spec import OptimizerSpec, count_parameters, describe, module_from_spec
 from .admission import check_size, dry_run, load_weights
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, LABELS, SCALAR, TEXT, Call
-from .records import Dataset, Proposal, Runtime, SegmentState
+from .records import Dataset, Proposal, Runtime
 from .segments import nopeek_penalty, optimizer_step, release
 
 __all__ = ["LocalLossOps", "PipelineOps", "MAX_BATCHES_PER_CALL", "MAX_DELAY"]
@@ -88,7 +88,7 @@ def _plain_input(rt: Runtime, what: str) -> None:
 
 # ------------------------------------------------------------------------- local loss
 @dataclass
-class AuxHead(SegmentState):
+class AuxHead:
     """An auxiliary head attached to a proposal, as reviewed (``spec``: its declared spec;
     ``optim``: built when the proposal is approved)."""
 
@@ -163,7 +163,7 @@ class LocalLossOps(OpFamily):
                               "and approve with local_loss=True, or reject it")
         params = list(head.module.parameters())
         head.optim = head.optimizer.build(params) if params else None
-        rt.extra[self.name] = head  # a SegmentState: saved with the segment from now on
+        rt.extra[self.name] = head  # saved with the segment from now on (segment_state)
 
     def state(self) -> dict[str, Any]:
         """The heads of proposals still pending (an approved head is saved with its segment)."""
@@ -172,29 +172,38 @@ class LocalLossOps(OpFamily):
                             if pid in pending}}
 
     def restore(self, state: Any) -> None:
-        """Rebuild the heads of pending proposals, and every approved segment's head (weights
-        and optimizer state as last saved) from its segment's file. A segment whose head cannot
-        be rebuilt is halted, with the reason."""
+        """Rebuild the heads of pending proposals (an approved segment's head comes back with
+        its segment: :meth:`restore_segment`). A head that cannot be rebuilt halts its
+        proposal, with the reason."""
         saved = dict(state.get("pending") or {}) if isinstance(state, dict) else {}
-        for seg in self.host.runtimes.values():
-            raw = seg.saved.pop(self.name, None)
-            if raw is not None:
-                saved[seg.id] = raw
         for pid, raw in saved.items():
             p = self.host.proposals_by_id.get(pid)
-            if p is None or p.status not in ("pending", "approved", "halted"):
-                continue
-            rt = self.host.runtimes.get(pid)
-            try:
-                head = AuxHead.from_state(raw, approved=rt is not None)
-            except _REBUILD_ERRORS as exc:
-                self.host.halt(pid, f"the datasite restarted and this segment's auxiliary head "
-                                    f"(local loss) could not be rebuilt ({exc}): propose this "
-                                    "segment again")
-                continue
-            self.heads[pid] = head
-            if rt is not None:
-                rt.extra[self.name] = head
+            if p is not None and p.status == "pending":
+                self._rebuild(pid, raw, None)
+
+    def segment_state(self, rt: Runtime) -> dict[str, Any] | None:
+        """The approved head (spec, loss, optimizer, weights, optimizer state), saved in the
+        segment's file with the segment's weights."""
+        head = rt.extra.get(self.name)
+        return head.state() if isinstance(head, AuxHead) else None
+
+    def restore_segment(self, rt: Runtime, state: dict[str, Any] | None) -> None:
+        """Rebuild the segment's head as last saved (after a restart, or when a refused answer
+        undoes a step); a head that cannot be rebuilt halts the segment, with the reason."""
+        if state is not None:
+            self._rebuild(rt.id, state, rt)
+
+    def _rebuild(self, pid: str, raw: Any, rt: Runtime | None) -> None:
+        try:
+            head = AuxHead.from_state(raw, approved=rt is not None)
+        except _REBUILD_ERRORS as exc:
+            self.host.halt(pid, f"the datasite restarted and this segment's auxiliary head "
+                                f"(local loss) could not be rebuilt ({exc}): propose this "
+                                "segment again")
+            return
+        self.heads[pid] = head
+        if rt is not None:
+            rt.extra[self.name] = head
 
     @op("propose_local_loss", mutates=True, egress={"segment": TEXT, "aux_parameters": SCALAR})
     def propose_local_loss(self, call: Call) -> dict[str, Any]:

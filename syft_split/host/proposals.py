@@ -77,7 +77,7 @@ class ProposalOps(OpFamily):
     def propose(self, call: Call) -> dict[str, Any]:
         self._admit(call.caller)
         p = self._parse(call.caller, call.req)
-        self.host.proposals_by_id[p.id] = p
+        self.host.add_proposal(p)
         self._recent.setdefault(call.caller, deque()).append(time.monotonic())
         return {"segment": p.id, "status": "pending", "output_shape": list(p.output_shape)}
 
@@ -174,7 +174,7 @@ class ProposalOps(OpFamily):
                 raise ShapeError(f"encrypted layer expects d_in={he.get('d_in')}, but this "
                                  f"segment outputs {tuple(out.shape[1:])} = {d_in} features")
         return Proposal(
-            id=f"{host.name}/seg{next(host.ids)}", driver=caller, role=role, spec=req["spec"],
+            id=host.new_proposal_id("seg"), driver=caller, role=role, spec=req["spec"],
             state=state, optimizer=OptimizerSpec.from_json(req.get("optimizer")),
             datasets=datasets, input_shape=input_shape, output_shape=tuple(out.shape[1:]),
             max_batch=max_batch, loss=loss if role == "loss" else None,

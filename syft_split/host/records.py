@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from ..spec import OptimizerSpec
 
 __all__ = ["Dataset", "Proposal", "Runtime", "StepRecord", "AuditEntry", "HostLimits", "ROLES", "SHARING",
-           "STEPS_KEPT", "SegmentState"]
+           "STEPS_KEPT"]
 
 #: what a segment does at the data owner: reads its records (``input``), transforms an incoming
 #: activation (``middle``, e.g. a relay party), or ends in a loss on labels held here (``loss``).
@@ -160,17 +160,6 @@ class StepRecord:
 STEPS_KEPT = 4
 
 
-class SegmentState:
-    """What an op family keeps per segment beside its weights (e.g. a local loss's auxiliary
-    head). Put one in ``Runtime.extra[family name]``: the segment's file holds its
-    :meth:`state`, written with the segment's weights (one atomic file), and after a restart the
-    family finds it in ``Runtime.saved[family name]`` and rebuilds it (``OpFamily.restore``)."""
-
-    def state(self) -> dict[str, Any]:
-        """JSON data, tensors and bytes (:func:`syft_split.persist.pack`)."""
-        raise NotImplementedError
-
-
 def _fresh_rng_state() -> torch.Tensor:
     return torch.Generator().manual_seed(0).get_state()
 
@@ -194,11 +183,8 @@ class Runtime:
     #: what the HE client kept at the last save (level B's share), until a restart rebuilds it
     he_saved: dict[str, Any] | None = None
     #: free slots for op families (e.g. the leakage watch) keyed by family name; plain values
-    #: and :class:`SegmentState` objects are saved in the segment's file
+    #: are saved in the segment's file, a family saves the rest (``OpFamily.segment_state``)
     extra: dict[str, Any] = field(default_factory=dict)
-    #: the states of its :class:`SegmentState` objects read back from the segment's file (by
-    #: ``extra`` key), until their families rebuild them after a restart
-    saved: dict[str, Any] = field(default_factory=dict)
     #: the last :data:`STEPS_KEPT` applied steps, oldest first (exactly-once: a step sent again
     #: is answered from its record)
     records: list[StepRecord] = field(default_factory=list)

@@ -24,22 +24,30 @@ re-runs it (:func:`rerun_pending`) and gets the very same pending step back.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import NonFiniteError, ProtocolError, ShapeError, ValidationError
+from ..errors import (
+    ApprovalError,
+    LeakageHaltError,
+    NonFiniteError,
+    ProtocolError,
+    ShapeError,
+    ValidationError,
+)
 from ..losses import LOSSES
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, CIPHERTEXT, GRAD_INPUT, LABELS, SCALAR, Call
 from .records import ROLES, Dataset, Runtime
 
-__all__ = ["SegmentOps", "apply_grad", "rerun_pending", "segment_rng", "optimizer_step", "release",
-           "nopeek_penalty"]
+__all__ = ["SegmentOps", "apply_grad", "rerun_pending", "undo_point", "segment_rng",
+           "optimizer_step", "release", "nopeek_penalty"]
 
 
 def optimizer_step(rt: Runtime, extra: Sequence[tuple[nn.Module,
@@ -110,17 +118,62 @@ def segment_rng(rt: Runtime, start: torch.Tensor | None = None) -> Iterator[None
 
 
 def rerun_pending(host: Any, rt: Runtime, source: dict[str, Any]) -> None:
-    """Rebuild a pending forward after a restart from what it ran on (``source``: ``dataset``
-    and ``indices``, or ``x``; ``rng``: the segment's RNG state before it ran)."""
+    """Rebuild a pending forward after a restart (or an undone step) from what it ran on
+    (``source``: ``dataset`` and ``indices``, or ``x``; ``rng``: the segment's RNG state before
+    it ran). The weights are those the forward left (its buffers, e.g. BatchNorm's running
+    statistics, already updated): the re-run does not update them again."""
     if "indices" in source:
         named = {"dataset": source["dataset"]} if source.get("dataset") is not None else {}
         x = host.dataset(rt, named).features[source["indices"]].to(torch.float32)
     else:
         x = source["x"]
     after = rt.torch_rng
+    buffers = {n: b.detach().clone() for n, b in rt.module.named_buffers()}
     SegmentOps._run(rt, x, True, rng=source["rng"])
+    for name, value in buffers.items():  # running statistics were updated by the first run
+        parent, _, leaf = name.rpartition(".")  # new tensors: the graph keeps the ones it saw
+        setattr(rt.module.get_submodule(parent), leaf, value)
     rt.pending_source = source
     rt.torch_rng = after
+
+
+def undo_point(host: Any, rt: Runtime) -> Callable[[], None]:
+    """Everything applying a held-back step changes, kept before it is applied: weights and
+    buffers, optimizer state, step counter, RNG streams, the pending step (re-run from what it
+    ran on, as after a restart) and what the families keep with the segment (the leakage
+    watch). The returned function puts it all back: a fused forward or loss step whose answer
+    is refused then leaves the segment as it was. A segment halted meanwhile stays as the halt
+    left it (the step applied, nothing more runs on it)."""
+    weights = {k: v.detach().clone() for k, v in rt.module.state_dict().items()}
+    opt = copy.deepcopy(rt.optimizer.state_dict()) if rt.optimizer is not None else None
+    steps, torch_rng, rng, penalty = rt.steps, rt.torch_rng, rt.rng.get_state(), rt.last_penalty
+    source, loss_grads = rt.pending_source, rt.pending_loss_grads
+    grads = {n: p.grad.detach().clone() for n, p in rt.module.named_parameters()
+             if loss_grads and p.grad is not None}
+    kept = {name: st for name, fam in host.families.items()
+            if (st := fam.segment_state(rt)) is not None}
+
+    def undo() -> None:
+        if rt.proposal.status != "approved":
+            return
+        rt.clear_pending()
+        with torch.no_grad():
+            rt.module.load_state_dict(weights)
+        if rt.optimizer is not None and opt is not None:
+            rt.optimizer.load_state_dict(opt)
+        rt.steps, rt.last_penalty = steps, penalty
+        rt.rng.set_state(rng)
+        if source is not None:  # the forward that waited for the gradient waits again
+            rerun_pending(host, rt, source)
+        rt.torch_rng = torch_rng
+        for name, param in rt.module.named_parameters():
+            if name in grads:
+                param.grad = grads[name]
+        rt.pending_loss_grads = loss_grads
+        for name, st in kept.items():
+            host.families[name].restore_segment(rt, st)
+
+    return undo
 
 
 def apply_grad(rt: Runtime, grad: torch.Tensor) -> torch.Tensor | None:
@@ -139,6 +192,16 @@ def apply_grad(rt: Runtime, grad: torch.Tensor) -> torch.Tensor | None:
     optimizer_step(rt)
     grad_in = x.grad if x is not None else None
     return None if grad_in is None else grad_in.detach()
+
+
+def _still_approved(rt: Runtime) -> None:
+    """After a fused step: if it made the leakage watch halt the segment, nothing more leaves
+    (the step stays applied, as the halt found it)."""
+    p = rt.proposal
+    if p.status != "approved":
+        cls = LeakageHaltError if p.halted_by == "watch" else ApprovalError
+        raise cls(f"segment {p.id} is {p.status} ({p.reason}): the step this request carried "
+                  "was applied, and no output leaves")
 
 
 def _scale(value: Any, name: str) -> float:
@@ -186,9 +249,11 @@ class SegmentOps(OpFamily):
             raise ProtocolError(f"segment {rt.id} has a forward pending its gradient; "
                                 "send it (field 'grad') or 'discard' it first")
         guard.admit(rt, int(x.shape[0]))
-        if grad is not None:
+        if grad is not None:  # the previous forward's step, fused: undone if this is refused
+            call.undo = undo_point(self.host, rt)
             apply_grad(rt, grad)
             self.host.stepped(rt, grad)
+            _still_approved(rt)
         call.rows = int(x.shape[0])
         start = rt.torch_rng
         out = self._run(rt, x, train)
@@ -274,7 +339,8 @@ class SegmentOps(OpFamily):
         if train and scale is None and rt.pending_loss_grads:
             raise ProtocolError(f"segment {rt.id} has a loss step pending its weight; send it "
                                 "(field 'step_scale' or op 'backward') or 'discard' it first")
-        if scale is not None:
+        if scale is not None:  # the previous loss step, fused: undone if this is refused
+            call.undo = undo_point(self.host, rt)
             _apply_loss_step(rt, scale)
         call.rows = int(x.shape[0])
         assert ds.labels is not None

@@ -5,25 +5,28 @@ directory is the data owner's; keep it private, e.g. mode 0700 — it holds weig
 peer-sealing key)::
 
     state_dir/
-      host.sspl              proposals (spec JSON, initial weights, status, approval), the
-                             proposal counter, and what each op family keeps (peer keys, trusted
+      host.sspl              proposals (spec JSON, initial weights, status and, for a halted
+                             one, why and by whom, approval; the id counter goes on after the
+                             highest id), and what each op family keeps (peer keys, trusted
                              peers, alignment permissions and aligned rows, ...)
       segments/<id>.sspl     per approved segment: weights, optimizer state, step counter, RNG
                              states, the last applied steps (id, op, digest, response), what
                              its pending forward ran on, and what families keep per segment
-                             (:class:`~.records.SegmentState`: a local loss's auxiliary head,
-                             its weights and optimizer state)
+                             with its steps (``OpFamily.segment_state``: a local loss's
+                             auxiliary head with its weights and optimizer state; the leakage
+                             watch: bound, history, detector)
       audit.jsonl            one JSON line per call answered (appended as calls happen)
 
 Files use the wire format (:mod:`syft_split.persist`; no pickle) and are replaced atomically
 (temp file, fsync, rename). A segment is saved after every ``every``-th op that changes it
-(default 1: after every step, so a crash loses nothing), ``host.sspl`` after every proposal and
-every data-owner op, and everything on a clean shutdown (:meth:`HostStore.save_all`).
+(default 1: after every step, so a crash loses nothing), ``host.sspl`` after every proposal,
+every data-owner op and every halt, and everything on a clean shutdown
+(:meth:`HostStore.save_all`).
 
 Restoring (:meth:`HostStore.restore`, after the host's datasets are back) rebuilds proposals and
 segments, re-runs a pending forward from its recorded input and RNG state (so the model owner's
 held-back gradient lands on the same step), and hands each family its state (what it keeps per
-segment is in ``Runtime.saved``). CKKS secret keys
+segment through ``OpFamily.restore_segment``). CKKS secret keys
 are never written to disk: a segment approved with encryption comes back with fresh keys (the
 model owner fetches the new public context and runs a step cut by the restart again from its
 forward); its HE cost totals and, at level B, its weight share, saved in the segment's file
@@ -36,7 +39,9 @@ import itertools
 import json
 import math
 import os
+import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,11 +50,12 @@ from urllib.parse import quote
 from .. import persist
 from ..errors import ConfigError
 from ..spec import OptimizerSpec, module_from_spec
-from .records import AuditEntry, Proposal, Runtime, SegmentState, StepRecord
+from .records import AuditEntry, Proposal, Runtime, StepRecord
 from .segments import rerun_pending
 
 if TYPE_CHECKING:
     from .core import DataOwnerHost
+    from .dispatch import OpFamily
 
 __all__ = ["HostStore", "FORMAT"]
 
@@ -60,15 +66,22 @@ FORMAT = 1
 class HostStore:
     """Reads and writes one host's state directory (see the module docstring)."""
 
-    def __init__(self, path: str | Path, *, every: int = 1) -> None:
+    def __init__(self, path: str | Path, *, every: int = 1,
+                 families: Mapping[str, OpFamily] | None = None) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ConfigError(f"checkpoint_every must be a positive int, got {every!r}")
         self.path = Path(path)
         self.every = every
+        #: the host's op families (what each keeps per segment goes in the segment's file)
+        self.families: Mapping[str, OpFamily] = families if families is not None else {}
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "segments").mkdir(exist_ok=True)
         self._audit_file: Any = None
         self._changes: dict[str, int] = {}
+        #: set while :meth:`restore` runs: a save asked for then (a family halting a segment it
+        #: cannot rebuild) waits until everything is loaded, so no half-restored state is written
+        self._restoring = False
+        self._deferred = False
         #: seconds spent writing state, and how many files were written (for the report)
         self.seconds = 0.0
         self.writes = 0
@@ -79,6 +92,9 @@ class HostStore:
 
     def save_host(self, host: DataOwnerHost) -> None:
         """Proposals, the id counter and the families' state."""
+        if self._restoring:
+            self._deferred = True
+            return
         t0 = time.perf_counter()
         tree = {
             "format": FORMAT,
@@ -108,7 +124,7 @@ class HostStore:
     def save_runtime(self, rt: Runtime) -> None:
         """The segment's snapshot, now."""
         t0 = time.perf_counter()
-        persist.save(self.segment_path(rt.id), _runtime_tree(rt))
+        persist.save(self.segment_path(rt.id), _runtime_tree(rt, self.families))
         self._changes[rt.id] = 0
         self.seconds += time.perf_counter() - t0
         self.writes += 1
@@ -148,28 +164,37 @@ class HostStore:
         if tree.get("host") != host.name:
             raise ConfigError(f"{self.path} holds the state of host {tree.get('host')!r}, not "
                               f"{host.name!r}: one state directory per host")
-        top = 0
-        for raw in tree["proposals"]:
-            p = _proposal_from(raw)
-            host.proposals_by_id[p.id] = p
-            top = max(top, _number(p.id))
-            if raw.get("runtime"):
-                host.runtimes[p.id] = self._runtime(host, p)
-        host.ids = itertools.count(top + 1)
-        for name, state in tree.get("families", {}).items():
-            family = host.families.get(name)
-            if family is not None:
-                family.restore(state)
-        host.audit[:0] = self._read_audit()
+        host.audit[:0] = self._read_audit()  # first: what restoring audits (halts) comes after
+        self._restoring, self._deferred = True, False
+        try:
+            top, kept = 0, {}
+            for raw in tree["proposals"]:
+                p = _proposal_from(raw)
+                host.proposals_by_id[p.id] = p
+                top = max(top, _number(p.id))
+                if raw.get("runtime"):
+                    host.runtimes[p.id], kept[p.id] = self._runtime(host, p)
+            host.ids = itertools.count(top + 1)
+            states = tree.get("families") or {}
+            for name, family in host.families.items():
+                family.restore(states.get(name) or {})
+            for pid, families in kept.items():  # what families keep with a segment's steps
+                for name, family in host.families.items():  # (after theirs: aligned datasets)
+                    family.restore_segment(host.runtimes[pid], families.get(name))
+        finally:
+            self._restoring = False
+        if self._deferred:  # e.g. a segment halted because it could not be rebuilt
+            self.save_host(host)
         return True
 
-    def _runtime(self, host: DataOwnerHost, p: Proposal) -> Runtime:
+    def _runtime(self, host: DataOwnerHost, p: Proposal) -> tuple[Runtime, dict[str, Any]]:
+        """The segment as its file left it, and what the families kept with it."""
         assert p.module is not None
         params = list(p.module.parameters())
         rt = Runtime(p, p.module, p.optimizer.build(params) if params else None)
         path = self.segment_path(p.id)
         if not path.exists():
-            return rt
+            return rt, {}
         snap = persist.load(path)
         rt.module.load_state_dict(snap["weights"])
         if rt.optimizer is not None and snap.get("optimizer") is not None:
@@ -180,7 +205,6 @@ class HostStore:
         rt.records = [StepRecord(int(r["step"]), str(r["op"]), str(r["digest"]),
                                  bytes(r["response"])) for r in snap.get("records", [])]
         rt.extra.update(snap.get("extra") or {})
-        rt.saved = dict(snap.get("families") or {})  # rebuilt by the families' restore()
         rt.he_saved = snap.get("he")
         grads = snap.get("loss_grads")
         if grads is not None:  # a loss step waiting for its weight
@@ -191,7 +215,7 @@ class HostStore:
         pending = snap.get("pending")
         if pending is not None and p.he is None:
             rerun_pending(host, rt, pending)
-        return rt
+        return rt, dict(snap.get("families") or {})
 
     def _read_audit(self) -> list[AuditEntry]:
         path = self.path / "audit.jsonl"
@@ -209,8 +233,10 @@ class HostStore:
 
 # ------------------------------------------------------------------------------ trees
 def _number(pid: str) -> int:
-    tail = pid.rsplit("seg", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
+    """The number an id ends with, whatever its kind (``a/seg3``: 3, ``a/fl12``: 12): the
+    counter goes on after the highest one of every kind, so no id is handed out twice."""
+    tail = re.search(r"(\d+)$", pid)
+    return int(tail.group(1)) if tail else 0
 
 
 def _proposal_tree(p: Proposal, has_runtime: bool) -> dict[str, Any]:
@@ -220,7 +246,7 @@ def _proposal_tree(p: Proposal, has_runtime: bool) -> dict[str, Any]:
         "input_shape": list(p.input_shape), "output_shape": list(p.output_shape),
         "max_batch": p.max_batch, "loss": p.loss, "release_labels": p.release_labels,
         "share_weights": p.share_weights, "defences": dict(p.defences), "he": p.he,
-        "status": p.status, "reason": p.reason, "runtime": has_runtime,
+        "status": p.status, "reason": p.reason, "halted_by": p.halted_by, "runtime": has_runtime,
     }
 
 
@@ -235,7 +261,8 @@ def _proposal_from(raw: dict[str, Any]) -> Proposal:
         loss=raw.get("loss"), release_labels=bool(raw.get("release_labels")),
         share_weights=str(raw.get("share_weights", "none")),
         defences=dict(raw.get("defences") or {}), he=raw.get("he"),
-        status=str(raw["status"]), reason=str(raw.get("reason", "")), module=module,
+        status=str(raw["status"]), reason=str(raw.get("reason", "")),
+        halted_by=str(raw.get("halted_by", "")), module=module,
     )
 
 
@@ -245,7 +272,7 @@ def _plain(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
-def _runtime_tree(rt: Runtime) -> dict[str, Any]:
+def _runtime_tree(rt: Runtime, families: Mapping[str, OpFamily]) -> dict[str, Any]:
     grads = None
     if rt.pending_loss_grads:
         grads = {n: p.grad for n, p in rt.module.named_parameters() if p.grad is not None}
@@ -261,10 +288,12 @@ def _runtime_tree(rt: Runtime) -> dict[str, Any]:
         "pending": rt.pending_source if rt.pending_output is not None else None,
         "loss_grads": grads,
         "extra": {k: v for k, v in rt.extra.items() if _plain(v)},
-        "families": {k: v.state() for k, v in rt.extra.items() if isinstance(v, SegmentState)},
         # HE: the cost meter and (level B) the weight share, for fresh keys after a restart;
         # never a key
         "he": rt.he.state() if rt.he is not None else None,
+        # what the families keep per segment (e.g. the leakage watch), matching these steps
+        "families": {name: st for name, fam in families.items()
+                     if (st := fam.segment_state(rt)) is not None},
     }
 
 

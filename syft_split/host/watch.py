@@ -14,6 +14,9 @@
   weights every ``HostLimits.watch_every`` steps and runs the hijack detector; past the bound
   the segment halts and every further op is refused with
   :class:`~syft_split.errors.LeakageHaltError` naming the figure.
+- **Restarts**: the watch is saved in the segment's file with its steps (bound, history, halt,
+  detector window; :meth:`LeakageOps.segment_state`) and rebuilt on restore: what the data
+  owner approved keeps acting after a restart or a crash.
 - Model-owner ops (scalars only leave): ``leakage`` (the suite on the current weights) and
   ``watch`` (the watch's latest figures, measured now, and whether it halted). Data-owner op
   ``watch``: the whole watch (bound, history, halt).
@@ -136,8 +139,11 @@ class LeakageOps(OpFamily):
     def _new_watch(self, p: Proposal) -> Any:
         from ..leakage import LeakageWatch, WatchBound
 
-        rows = _rows(self.host.datasets[p.datasets[0]])
-        assert rows is not None
+        ds = self.host.datasets.get(p.datasets[0])
+        rows = None if ds is None else _rows(ds)
+        if rows is None:
+            raise ConfigError(f"dataset {p.datasets[0]!r} is not on {self.host.name} or has too "
+                              "few records to watch")
         probe, mock, _, _ = rows
         return LeakageWatch(WatchBound(), probe=probe[:64], mock=mock, release=self._release(p),
                             every=self.host.limits.watch_every)
@@ -180,6 +186,44 @@ class LeakageOps(OpFamily):
             return
         if watch.after_step(rt.module, rt.steps, grad=grad, labels=labels):
             self.host.halt(rt.id, f"leakage watch: {watch.reason}", by="watch")
+
+    # ---------------------------------------------------- persistence (host.store)
+    def segment_state(self, rt: Runtime) -> dict[str, Any] | None:
+        """The watch (None: none was installed) and the labels released with the pending
+        forward (what its gradient will answer to), saved with the segment's steps."""
+        if not self._watched(rt.proposal):
+            return None
+        watch = rt.extra.get("watch")
+        return {"watch": None if watch is None else watch.state(),
+                "pending_labels": rt.extra.get("pending_labels")}
+
+    def restore_segment(self, rt: Runtime, state: Any) -> None:
+        """Rebuild the watch from the data owner's records and its saved state: the bound the
+        data owner approved, the history, the halt and the detector's window go on as before.
+        A watched segment whose watch cannot be rebuilt (not in its file, e.g. written by an
+        older version, or invalid) is halted: it never runs unwatched."""
+        if not self._watched(rt.proposal):
+            return
+        try:
+            if not isinstance(state, dict):
+                raise ConfigError("its state is not in the segment's file")
+            watch = None
+            if state.get("watch") is not None:  # None: approved unwatched (not measurable)
+                watch = self._new_watch(rt.proposal)
+                watch.load_state(state["watch"])
+        except ConfigError as exc:
+            if rt.proposal.status == "approved":
+                self.host.halt(rt.id, f"this segment's leakage watch could not be rebuilt "
+                                      f"({exc}): propose this segment again", by="watch")
+            return
+        rt.extra.pop("watch", None)
+        if watch is not None:
+            rt.extra["watch"] = watch
+        labels = state.get("pending_labels")
+        if isinstance(labels, torch.Tensor) and rt.pending_output is not None:
+            rt.extra["pending_labels"] = labels
+        else:
+            rt.extra.pop("pending_labels", None)
 
     @owner_op("watch")
     def owner_watch(self, segment: str) -> dict[str, Any]:

@@ -47,7 +47,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,21 @@ from .passthrough import ridge_decoder
 from .release import Release
 
 __all__ = ["WatchBound", "LeakageWatch", "label_alignment", "label_alignments"]
+
+
+def _finite(v: Any) -> TypeGuard[float]:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bad_state(what: str) -> ConfigError:
+    return ConfigError(f"Expected a watch state with {what}")
+
+
+def _state_int(state: Mapping[str, Any], name: str, lo: int) -> int:
+    v = state.get(name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise _bad_state(f"`{name}` an int >= {lo}, got {v!r}")
+    return v
 
 
 def _opt(name: str, v: float | None, lo: float, hi: float) -> None:
@@ -314,6 +329,72 @@ class LeakageWatch:
     def _halt(self, step: int, reason: str) -> None:
         self.halted, self.halted_at, self.reason = True, step, reason
         self.history.append({"step": step, "halted": reason})
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict[str, Any]:
+        """What this watch has decided and learnt, to go on after a restart (JSON data and
+        tensors for :func:`syft_split.persist.pack`): the bound and schedule, the history (the
+        approval's baseline first), the halt, the detector's window and pending steps, the
+        measure's ridge weight and noise stream. The probe, the mock rows and the release are
+        the data owner's own: :meth:`load_state` goes into a watch built from them again."""
+        return {
+            "bound": self.bound.as_dict(), "every": self.every, "ridge": self._ridge,
+            "gen": self._gen.get_state(), "alignments": list(self._alignments),
+            "pending": [{"step": s, "grad": g, "labels": y} for s, g, y in self._pending],
+            "history": [dict(e) for e in self.history], "halted": self.halted,
+            "reason": self.reason, "halted_at": self.halted_at, "seconds": self.seconds,
+            "steps_seen": self.steps_seen,
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state`. Every field is checked first: a bad state raises
+        :class:`~syft_split.errors.ConfigError` and leaves this watch as it was."""
+        if not isinstance(state, Mapping):
+            raise _bad_state(f"a mapping, got {type(state).__name__}")
+        raw_bound = state.get("bound")
+        if not isinstance(raw_bound, Mapping):
+            raise _bad_state("a bound (a mapping)")
+        try:
+            bound = WatchBound(**raw_bound)
+        except (TypeError, ConfigError) as exc:
+            raise _bad_state(f"a valid bound: {exc}") from exc
+        every, seen = _state_int(state, "every", 1), _state_int(state, "steps_seen", 0)
+        ridge, seconds = state.get("ridge"), state.get("seconds")
+        if ridge is not None and not _finite(ridge):
+            raise _bad_state(f"`ridge` None or a finite float, got {ridge!r}")
+        if not _finite(seconds) or seconds < 0:
+            raise _bad_state(f"`seconds` a float >= 0, got {seconds!r}")
+        gen = torch.Generator()
+        try:
+            gen.set_state(state.get("gen"))  # type: ignore[arg-type]
+        except (TypeError, RuntimeError) as exc:
+            raise _bad_state(f"`gen` a generator state: {exc}") from exc
+        alignments = state.get("alignments")
+        if not isinstance(alignments, list) or len(alignments) > self.window or not all(
+                _finite(a) for a in alignments):
+            raise _bad_state(f"`alignments` at most {self.window} finite floats")
+        pending = []
+        raw_pending = state.get("pending")
+        for e in raw_pending if isinstance(raw_pending, list) else [None]:
+            if not isinstance(e, Mapping) or not isinstance(e.get("grad"), torch.Tensor) \
+                    or not isinstance(e.get("labels"), torch.Tensor):
+                raise _bad_state("`pending` a list of {step: int, grad: tensor, labels: tensor}")
+            pending.append((_state_int(e, "step", 0), e["grad"], e["labels"]))
+        history = state.get("history")
+        if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+            raise _bad_state("`history` a list of dicts")
+        halted, reason = state.get("halted"), state.get("reason")
+        at = None if state.get("halted_at") is None else _state_int(state, "halted_at", 0)
+        if not isinstance(halted, bool) or not (reason is None or isinstance(reason, str)):
+            raise _bad_state(f"`halted` a bool and `reason` None or a str, got {halted!r}, "
+                             f"{reason!r}")
+        self.bound, self.every, self._ridge, self._gen = bound, every, ridge, gen
+        self._alignments = deque((float(a) for a in alignments), maxlen=self.window)
+        self._pending = pending
+        self.history = [dict(e) for e in history]
+        self.latest = next((e for e in reversed(self.history) if "halted" not in e), {})
+        self.halted, self.reason, self.halted_at = halted, reason, at
+        self.seconds, self.steps_seen = float(seconds), seen
 
     # ------------------------------------------------------------------ host-facing
     def check(self) -> None:
