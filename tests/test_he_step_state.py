@@ -222,3 +222,24 @@ def test_a_gradient_that_cannot_be_applied_after_decryption_halts() -> None:
                                                                     strict=True))
     with pytest.raises(ApprovalError, match="halted"):
         d.call("forward", indices=torch.arange(B), train=True)
+
+
+def test_a_plain_gradient_never_reaches_an_encrypted_segment() -> None:
+    """The gradient of an encrypted segment arrives only through he_grad, once per step: a
+    plain one (``backward``, or ``grad`` carried by the next ``forward``) is refused, nothing
+    applied, and the step then completes through he_grad."""
+    host, t, _, pid = _setup()
+    rt = host.owned_runtime(pid)
+    d = _Driver(t, pid)
+    z = d.server.receive_output(d.call("he_output", msg=d.forward(torch.arange(B)))["msg"])
+    before = _weights(host, pid)
+    plain = torch.ones(B, 16)
+    with pytest.raises(ProtocolError, match="only through 'he_grad'"):
+        d.call("backward", grad=plain, step=1)
+    with pytest.raises(ProtocolError, match="only through 'he_grad'"):
+        d.call("forward", indices=torch.arange(B, 2 * B), grad=plain, step=1)
+    assert rt.steps == 0 and rt.pending_output is not None
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(host, pid), strict=True))
+    d.server.receive_gradients(d.call("he_grad", msg=d.server.backward(torch.ones_like(z)),
+                                      step=1)["msg"])
+    assert rt.steps == 1

@@ -176,6 +176,11 @@ def undo_point(host: Any, rt: Runtime) -> Callable[[], None]:
     return undo
 
 
+#: an encrypted segment steps only through ``he_grad`` (one decryption per step, in order)
+_HE_GRAD_ONLY = ("{} runs with encryption: its gradient arrives only through 'he_grad', once "
+                 "per step; a plain gradient is refused (nothing applied)")
+
+
 def apply_grad(rt: Runtime, grad: torch.Tensor) -> torch.Tensor | None:
     """Backward of the pending forward with ``grad`` (already validated), then the step;
     returns the gradient w.r.t. the segment's input (middle segments) or None."""
@@ -237,6 +242,8 @@ class SegmentOps(OpFamily):
         assert rt is not None
         train = bool(req.get("train", True))
         # validate everything before changing anything
+        if rt.he is not None and "grad" in req:
+            raise ProtocolError(_HE_GRAD_ONLY.format(rt.id))
         grad = guard.grad_in(rt, req["grad"]) if "grad" in req else None
         ds = idx = None
         if rt.proposal.role == "input":
@@ -304,6 +311,8 @@ class SegmentOps(OpFamily):
         if rt.proposal.role == "loss":
             _apply_loss_step(rt, _scale(call.req.get("scale", 1.0), "scale"))
             return {"steps": rt.steps}
+        if rt.he is not None:
+            raise ProtocolError(_HE_GRAD_ONLY.format(rt.id))
         grad = self.host.guard.grad_in(rt, call.req.get("grad"))
         assert rt.pending_output is not None
         call.rows = int(rt.pending_output.shape[0])
