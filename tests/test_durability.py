@@ -289,6 +289,40 @@ def test_alignment_permissions_and_aligned_rows_survive_restart(tmp_path: Path) 
     assert ("people", "model-owner@example.org") in back.families["alignment"]._allowed  # type: ignore[attr-defined]
 
 
+def test_a_pending_forward_on_aligned_rows_comes_back(tmp_path: Path) -> None:
+    """A forward left pending on an aligned dataset is re-run after a crash once the aligned
+    rows are back (restoring used to fail: the re-run came before the families' state)."""
+    from syft_split.alignment import align_records
+
+    x, ids = torch.randn(12, 3), [f"p{i}" for i in range(12)]
+
+    def start() -> DataOwnerHost:
+        host = DataOwnerHost("a", state_dir=tmp_path / "a")
+        host.add_dataset("people", x, ids=ids)
+        host.restore_state()
+        return host
+
+    host = start()
+    host.allow_alignment("people", "model-owner@example.org")
+    t = InProcessTransport([host])
+    align_records(t, ["a"], "people", ["p9", "p2", "p5"])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    plan = SplitPlan.vanilla(split_model(model, "1"), "a", datasets=["people@aligned"])
+    session = SplitSession(plan, t)
+    (pid,) = session.propose()["a"]
+    host.approve(pid)
+    out = t.call("a", "forward", segment=pid, indices=torch.arange(3),
+                 dataset="people@aligned", step=1)["activation"]
+
+    back = start()  # crashed: no clean shutdown
+    t.add_host(back, replace=True)
+    assert t.call("a", "status", segment=pid)["pending"]
+    assert torch.equal(back.owned_runtime(pid).pending_output.detach(), out)
+    t.call("a", "backward", segment=pid, grad=torch.ones(3, 4), step=2)
+    assert t.call("a", "status", segment=pid)["steps"] == 1
+
+
 def test_a_host_that_lost_steps_says_so(tmp_path: Path) -> None:
     """With ``checkpoint_every=3`` a crash can lose applied steps: the host refuses the next
     step (naming the lost ones) instead of training on silently; re-attaching continues."""

@@ -178,6 +178,10 @@ class HostStore:
             states = tree.get("families") or {}
             for name, family in host.families.items():
                 family.restore(states.get(name) or {})
+            for pid in kept:  # pending forwards, after the families (aligned datasets) are back
+                rt = host.runtimes[pid]
+                if rt.pending_source is not None and rt.pending_output is None:
+                    rerun_pending(host, rt, rt.pending_source)
             for pid, families in kept.items():  # what families keep with a segment's steps
                 for name, family in host.families.items():  # (after theirs: aligned datasets)
                     family.restore_segment(host.runtimes[pid], families.get(name))
@@ -212,9 +216,8 @@ class HostStore:
                 if name in grads:
                     param.grad = grads[name].clone()
             rt.pending_loss_grads = True
-        pending = snap.get("pending")
-        if pending is not None and p.he is None:
-            rerun_pending(host, rt, pending)
+        if snap.get("pending") is not None and p.he is None:
+            rt.pending_source = snap["pending"]  # re-run once every dataset is back
         return rt, dict(snap.get("families") or {})
 
     def _read_audit(self) -> list[AuditEntry]:
