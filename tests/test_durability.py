@@ -523,3 +523,21 @@ def test_a_pending_forward_rebuilt_after_a_restart_keeps_batchnorm_statistics(
     assert back.runtimes[pid].pending_output is not None
     got = back.export_weights(pid)
     assert all(torch.equal(got[k], v) for k, v in stats.items())
+
+
+def test_an_evaluation_call_carries_no_step(tmp_path: Path) -> None:
+    """Evaluation calls are not saved, so a held-back step riding one would be lost in a
+    crash: ``grad`` on an eval forward and ``step_scale`` on an eval loss step are refused,
+    nothing applied."""
+    host = _host("a", tmp_path)
+    t = InProcessTransport([host])
+    session = SplitSession(_one(), t, optimizer=OptimizerSpec("sgd", lr=0.1))
+    (pid,) = session.propose()["a"]
+    host.approve(pid)
+    out = t.call("a", "forward", segment=pid, indices=torch.arange(8), step=1)["activation"]
+    with pytest.raises(ProtocolError, match="carries no step"):
+        t.call("a", "forward", segment=pid, indices=torch.arange(8), train=False,
+               grad=torch.ones_like(out))
+    assert t.call("a", "status", segment=pid)["steps"] == 0
+    t.call("a", "backward", segment=pid, grad=torch.ones_like(out), step=2)
+    assert t.call("a", "status", segment=pid)["steps"] == 1

@@ -176,6 +176,10 @@ def undo_point(host: Any, rt: Runtime) -> Callable[[], None]:
     return undo
 
 
+#: an evaluation call changes nothing (it is not saved): a held-back step rides a training call
+_EVAL_CARRIES_NO_STEP = ("an evaluation call (train=False) carries no step: field {!r} refused "
+                         "for {}; send it with a training call or 'backward'")
+
 #: an encrypted segment steps only through ``he_grad`` (one decryption per step, in order)
 _HE_GRAD_ONLY = ("{} runs with encryption: its gradient arrives only through 'he_grad', once "
                  "per step; a plain gradient is refused (nothing applied)")
@@ -244,6 +248,8 @@ class SegmentOps(OpFamily):
         # validate everything before changing anything
         if rt.he is not None and "grad" in req:
             raise ProtocolError(_HE_GRAD_ONLY.format(rt.id))
+        if not train and "grad" in req:
+            raise ProtocolError(_EVAL_CARRIES_NO_STEP.format("grad", rt.id))
         grad = guard.grad_in(rt, req["grad"]) if "grad" in req else None
         ds = idx = None
         if rt.proposal.role == "input":
@@ -337,6 +343,8 @@ class SegmentOps(OpFamily):
         rt, req, guard = call.rt, call.req, self.host.guard
         assert rt is not None and rt.proposal.loss is not None
         train = bool(req.get("train", True))
+        if not train and "step_scale" in req:
+            raise ProtocolError(_EVAL_CARRIES_NO_STEP.format("step_scale", rt.id))
         scale = _scale(req["step_scale"], "step_scale") if "step_scale" in req else None
         ds = self.host.dataset(rt, req)
         idx = guard.indices(rt, req, ds)
