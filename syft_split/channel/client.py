@@ -267,7 +267,8 @@ class ChannelRouter:
                     if client.closed_kind:  # the data owner closed it: PySyft from now on
                         self.declined[key] = f"channel closed ({client.closed_kind})"
                 raise
-        self.direct_calls += 1
+        with self._lock:  # routes to several parties run at once
+            self.direct_calls += 1
         return raw
 
     def open(self, party: str, segments: list[str]) -> ChannelClient:

@@ -161,8 +161,9 @@ def submit_call(transport: Transport, party: str, op: str, **fields: Any
     def done(f: Future[bytes]) -> None:
         try:
             raw = f.result()
-            transport.seconds_in_transport += time.perf_counter() - t0
-            transport.calls += 1
+            with transport._counter_lock:  # answers of several parties arrive at once
+                transport.seconds_in_transport += time.perf_counter() - t0
+                transport.calls += 1
             response = decode_response(raw, party, op, transport.max_response_bytes)
             transport.traffic.add(party, MODEL_OWNER, op, len(raw), tuple(response))
             if "error" in response:
