@@ -89,6 +89,8 @@ class StepGate:
     def decrypt_output(self, msg: bytes) -> bytes:
         from he_layers.wire import frame_header
 
+        if not self.train and not self.eval_step:  # before reading anything of the message
+            raise ProtocolError("output decryption without an encrypted forward in flight")
         step = frame_header(msg, "masked_output").get("step")
         if self.eval_step and step == self.eval_step:  # the evaluation forward's one output
             out: bytes = self.client.decrypt_output(msg)
