@@ -25,17 +25,9 @@ from syft_split.errors import ApprovalError, HEError, NonFiniteError, ProtocolEr
 from syft_split.he import protect
 from syft_split.topology import MODEL_OWNER
 
+from .test_he_restart import B, X, Y
+
 pytestmark = [pytest.mark.he]
-
-B = 16
-
-
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(64, 12, generator=g), torch.randint(0, 3, (64,), generator=g)
-
-
-X, Y = _data()
 
 
 def _setup(level: str = "A", x: torch.Tensor = X, test: torch.Tensor | None = None,
