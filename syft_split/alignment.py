@@ -56,6 +56,11 @@ class AlignmentOps(OpFamily):
         datasets: dict[str, Dataset] = self.host.datasets
         if dataset not in datasets or datasets[dataset].ids is None:
             raise ConfigError(f"dataset {dataset!r} does not exist here or has no record ids")
+        from .psi import canonical_ids
+
+        ids = datasets[dataset].ids
+        assert ids is not None
+        canonical_ids(ids, party=self.host.name)  # unique: said here
         self._allowed.add((dataset, user))
         return {"allowed": True}
 

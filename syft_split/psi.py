@@ -122,7 +122,8 @@ def canonical_ids(ids: Sequence[str | int] | torch.Tensor, *, party: str | None 
                 f"{who}expected each id to be str or int but row {row} is {type(value).__name__}"
             )
         if key in seen:
-            raise ValidationError(f"{who}duplicate id {key!r} at rows {seen[key]} and {row}")
+            # not the id itself: this message may reach the other party
+            raise ValidationError(f"{who}duplicate id at rows {seen[key]} and {row}")
         seen[key] = row
         out.append(key)
     if not out:

@@ -286,10 +286,26 @@ class GraphSegment(nn.Module):
                 self.layers[node.name] = build_layer(f"node {j} ({node.name!r}, {node.op})",
                                                      node.op, node.args)
 
+    def last_uses(self) -> dict[str, int]:
+        """For every value, the index of the last node that reads it (the output: past the
+        end); a value nobody reads is dropped right after its node."""
+        last = {n.name: j for j, n in enumerate(self.parsed.nodes)}
+        last[self.parsed.input] = -1
+        for j, node in enumerate(self.parsed.nodes):
+            refs = list(node.inputs)
+            if node.op in ("reshape", "view") and not node.is_layer:
+                refs += [s for s in node.args["shape"] if isinstance(s, str)]
+            for name in refs:
+                last[name] = max(last.get(name, j), j)
+        last[self.parsed.output] = len(self.parsed.nodes)
+        return last
+
     def steps(self, x: torch.Tensor) -> Iterator[tuple[SpecNode, Any]]:
-        """Run the nodes in order on input ``x``, yielding each node with its value."""
+        """Run the nodes in order on input ``x``, yielding each node with its value; a value
+        is dropped after the last node that reads it (memory: the values alive at once)."""
         env: dict[str, Any] = {self.parsed.input: x}
-        for node in self.parsed.nodes:
+        last = self.last_uses()
+        for j, node in enumerate(self.parsed.nodes):
             values = [env[i] for i in node.inputs]
             if node.is_layer:
                 env[node.name] = self.layers[node.shares or node.name](*values, **node.call)
@@ -298,7 +314,11 @@ class GraphSegment(nn.Module):
                 if node.op in ("reshape", "view"):
                     args = {"shape": [env[s] if isinstance(s, str) else s for s in args["shape"]]}
                 env[node.name] = _RUN[node.op](values, args)
-            yield node, env[node.name]
+            value = env[node.name]
+            del values
+            for name in [n for n in env if last.get(n, j) <= j]:
+                del env[name]
+            yield node, value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x

@@ -37,8 +37,8 @@ class SpecSize:
     :func:`~syft_split.spec.count_parameters` counts them once built), ``buffers`` (running
     statistics), ``max_width`` (the largest size argument: features, channels, kernel, padding,
     product of a normalized/output shape), ``layers`` (layers of a chain, nodes of a graph);
-    with an input shape, ``activations`` (elements of the largest value per record) and
-    ``output_shape`` (per record)."""
+    with an input shape, ``activations`` (elements per record of the largest value, for a graph
+    of the values alive at once) and ``output_shape`` (per record)."""
 
     parameters: int
     buffers: int
@@ -120,12 +120,19 @@ def _activations(spec: Any, input_shape: Sequence[int]) -> tuple[int, tuple[int,
         labels = [f"layer {i} ({type(layer).__name__})" for i, layer in enumerate(module)]
         steps = _chain_steps(module, out)
         output = str(len(module) - 1)
+    # a graph keeps several values at once: the bound is on those alive together
+    last, alive = {}, {}
+    if isinstance(module, GraphSegment):
+        last, alive = module.last_uses(), {module.parsed.input: largest}
     done = 0
     try:
         with torch.no_grad():
-            for name, value in steps:
+            for j, (name, value) in enumerate(steps):
                 done += 1
-                largest = max(largest, _per_record(value, batch))
+                alive[name] = _per_record(value, batch)
+                largest = max(largest, sum(alive.values()) if last else alive[name])
+                for gone in [n for n in alive if last.get(n, j) <= j]:
+                    del alive[gone]
                 if name == output:
                     out = value
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:

@@ -197,8 +197,8 @@ def test_spec_size_sees_activation_blowups() -> None:
     """Zero-parameter specs whose activations explode are measured, or refused, by shape."""
     doubling = [_node("n0", "cat", ["x", "x"], dim=1)]
     doubling += [_node(f"n{i}", "cat", [f"n{i - 1}", f"n{i - 1}"], dim=1) for i in range(1, 30)]
-    size = spec_size(_graph(*doubling), (4,))
-    assert size.parameters == 0 and size.activations == 4 * 2**30
+    size = spec_size(_graph(*doubling), (4,))  # the last cat's input and output, alive at once
+    assert size.parameters == 0 and size.activations == 2 * 2**30 + 4 * 2**30
     doubling += [_node(f"n{i}", "cat", [f"n{i - 1}", f"n{i - 1}"], dim=1) for i in range(30, 70)]
     with pytest.raises(ConfigError, match=r"node 'n\d+' \(cat\) does not accept its input"):
         spec_size(_graph(*doubling), (4,))
@@ -209,6 +209,20 @@ def test_spec_size_sees_activation_blowups() -> None:
     with pytest.raises(ConfigError, match=r"layer 0 \(Linear\) does not accept its input"):
         spec_size({"layers": [{"type": "Linear", "args": {"in_features": 5, "out_features": 2}}]},
                   (4,))
+
+
+def test_a_graph_is_sized_by_the_values_alive_at_once() -> None:
+    """A chain of cheap nodes keeps two values alive (each is dropped after its last reader),
+    however long; values that all wait for a final node add up."""
+    chain = [_node("n0", "add", ["x"], other=1.0)]
+    chain += [_node(f"n{i}", "add", [f"n{i - 1}"], other=1.0) for i in range(1, 120)]
+    assert spec_size(_graph(*chain), (1000,)).activations == 2 * 1000
+    fan = [_node(f"n{i}", "add", ["x"], other=float(i)) for i in range(50)]
+    fan.append(_node("all", "cat", [f"n{i}" for i in range(50)], dim=1))
+    # the 50 parts and their concatenation (the input is gone by then)
+    assert spec_size(_graph(*fan), (1000,)).activations == 2 * 50 * 1000
+    out = module_from_spec(_graph(*fan))(torch.ones(2, 1000))
+    assert torch.equal(out[:, 1000 * 7:1000 * 8], torch.full((2, 1000), 8.0))
 
 
 def test_graph_segment_runs_exactly_the_declared_nodes() -> None:

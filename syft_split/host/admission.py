@@ -32,7 +32,8 @@ def check_size(spec: Any, limits: HostLimits, what: str, *,
     shaped = spec_size(spec, input_shape)
     per_step = 4 * (shaped.activations or 0) * max_batch
     if per_step > limits.max_activation_bytes:
-        raise ConfigError(f"{what}'s widest value takes {per_step} bytes per step of "
+        raise ConfigError(f"{what}'s widest values (those alive at once) take {per_step} "
+                          f"bytes per step of "
                           f"{max_batch} records; this data owner accepts "
                           f"{limits.max_activation_bytes}")
 

@@ -21,8 +21,6 @@ recover images from them); the review says so. Labels and records never leave.
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from typing import Any
 
 import torch
@@ -109,10 +107,9 @@ class FederatedOps(OpFamily):
     @op("fl_propose", egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})
     def fl_propose(self, call: Call) -> dict[str, Any]:
         proposals: Any = self.host.families["proposals"]  # the same per-user caps apply
-        proposals._admit(call.caller)
+        proposals.admit(call.caller)
         p = self._parse(call.caller, call.req)
         self.host.add_proposal(p)
-        proposals._recent.setdefault(call.caller, deque()).append(time.monotonic())
         return {"segment": p.id, "status": "pending", "output_shape": list(p.output_shape)}
 
     def _parse(self, caller: str, req: dict[str, Any]) -> Proposal:

@@ -221,8 +221,11 @@ class LocalLossOps(OpFamily):
         loss = req.get("loss")
         if loss not in LOSSES:
             raise ConfigError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+        proposals: Any = host.families["proposals"]
+        proposals.admit(call.caller, new=False)  # the same per-user rate as proposals
         spec, limits = req.get("spec"), host.limits
-        check_size(spec, limits, "the auxiliary head")
+        check_size(spec, limits, "the auxiliary head", input_shape=p.output_shape,
+                   max_batch=p.max_batch)
         module = module_from_spec(spec)
         state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
         load_weights(module, state, limits.max_abs_value, "the head")

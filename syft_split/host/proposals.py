@@ -75,14 +75,16 @@ class ProposalOps(OpFamily):
 
     @op("propose", mutates=True, egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})
     def propose(self, call: Call) -> dict[str, Any]:
-        self._admit(call.caller)
+        self.admit(call.caller)  # counted before any work: a refused proposal costs a slot too
         p = self._parse(call.caller, call.req)
         self.host.add_proposal(p)
-        self._recent.setdefault(call.caller, deque()).append(time.monotonic())
         return {"segment": p.id, "status": "pending", "output_shape": list(p.output_shape)}
 
-    def _admit(self, caller: str) -> None:
-        """Per-user rate and pending caps, before anything of the request is looked at."""
+    def admit(self, caller: str, *, new: bool = True) -> None:
+        """Per-user rate and pending caps, before anything of the request is looked at; the
+        attempt counts toward the rate whether or not it is then accepted (building and
+        dry-running a proposed module is the work the cap bounds). ``new=False`` (an addition
+        to a pending proposal, e.g. an auxiliary head): the rate cap only."""
         limits = self.host.limits
         recent = self._recent.setdefault(caller, deque())
         now = time.monotonic()
@@ -93,9 +95,10 @@ class ProposalOps(OpFamily):
                                   f"this data owner accepts {limits.max_proposals_per_minute}")
         pending = sum(1 for p in self.host.proposals_by_id.values()
                       if p.driver == caller and p.status == "pending")
-        if pending >= limits.max_pending:
+        if new and pending >= limits.max_pending:
             raise ValidationError(f"{caller} has {pending} proposals pending review; this data "
                                   f"owner accepts {limits.max_pending}")
+        recent.append(now)
 
     def _parse(self, caller: str, req: dict[str, Any]) -> Proposal:
         host, limits = self.host, self.host.limits
@@ -155,6 +158,14 @@ class ProposalOps(OpFamily):
             if any(host.datasets[d].labels is None for d in datasets):
                 raise ConfigError(f"role 'loss' needs labels, and {datasets} has none on {host.name}")
         defences = _defences(req.get("defences", {}), role)
+        if defences.get("label_epsilon", 0) > 0:  # every label must be one of the classes
+            for d in datasets:
+                labels = host.datasets[d].labels
+                if labels is not None and labels.numel() and not (
+                        0 <= int(labels.min()) and int(labels.max()) < defences["num_classes"]):
+                    raise ConfigError(f"label_epsilon with num_classes="
+                                      f"{int(defences['num_classes'])}: dataset {d!r} holds "
+                                      "labels outside [0, num_classes)")
         share_weights = req.get("share_weights", "none")
         if share_weights not in SHARING:
             raise ConfigError(f"share_weights must be one of {SHARING}, got {share_weights!r}")

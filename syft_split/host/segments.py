@@ -269,22 +269,23 @@ class SegmentOps(OpFamily):
             _still_approved(rt)
         call.rows = int(x.shape[0])
         start = rt.torch_rng
-        out = self._run(rt, x, train)
-        if train:
-            rt.pending_source = ({"dataset": req.get("dataset"), "indices": idx, "rng": start}
-                                 if idx is not None else {"x": x.detach(), "rng": start})
-        response: dict[str, Any] = {}
-        if rt.he is not None:  # only ciphertexts of the approved output leave
-            try:
+        try:
+            out = self._run(rt, x, train)
+            if train:
+                rt.pending_source = ({"dataset": req.get("dataset"), "indices": idx,
+                                      "rng": start}
+                                     if idx is not None else {"x": x.detach(), "rng": start})
+            response: dict[str, Any] = {}
+            if rt.he is not None:  # only ciphertexts of the approved output leave
                 response["he_input"] = rt.he.encrypt_input(out.detach().flatten(1),
                                                            need_grad=train)
-            except Exception:  # refused (|x| > x_bound, batch size): nothing of it stays
-                if train:  # pending (no gradient may land on it), its dropout draws undone
-                    rt.clear_pending()
-                    rt.torch_rng = start
-                raise
-            return response
-        response.update(release(rt, out, ds, idx))
+                return response
+            response.update(release(rt, out, ds, idx))
+        except Exception:  # refused (NoPeek on one record, label noise, |x| > x_bound, ...):
+            if train:  # nothing of it stays pending (no gradient may land on it), its dropout
+                rt.clear_pending()  # draws undone
+                rt.torch_rng = start
+            raise
         if train and "labels" in response:  # what this step's gradient answers to (the watch)
             rt.extra["pending_labels"] = response["labels"]
         return response
@@ -356,6 +357,7 @@ class SegmentOps(OpFamily):
         if train and scale is None and rt.pending_loss_grads:
             raise ProtocolError(f"segment {rt.id} has a loss step pending its weight; send it "
                                 "(field 'step_scale' or op 'backward') or 'discard' it first")
+        guard.admit(rt, int(x.shape[0]))  # its input gradient carries these records' labels
         if scale is not None:  # the previous loss step, fused: undone if this is refused
             call.undo = undo_point(self.host, rt)
             _apply_loss_step(rt, scale)

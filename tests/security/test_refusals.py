@@ -1,0 +1,127 @@
+"""Refusals that cost the data owner nothing and tell the model owner nothing (found in
+review): what a refused request leaves behind, what its message says, and what it may make
+the host allocate before anyone approved anything. In process, through ``host.handle``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from syft_split import OptimizerSpec, wire
+from syft_split.host.core import DataOwnerHost
+from syft_split.host.records import HostLimits
+from syft_split.spec import module_to_spec, spec_state
+
+SGD = OptimizerSpec("sgd", lr=1.0).to_json()
+
+
+def _call(host: DataOwnerHost, caller: str, op: str, **fields: Any) -> dict[str, Any]:
+    out: dict[str, Any] = wire.decode(host.handle(caller, wire.encode({"op": op, **fields})))
+    return out
+
+
+def _propose(host: DataOwnerHost, module: nn.Module, caller: str = "mo", **fields: Any) -> str:
+    state = {f"state/{k}": v for k, v in spec_state(module).items()}
+    r = _call(host, caller, "propose", role="input", spec=module_to_spec(module),
+              datasets=["train"], optimizer=SGD, **state, **fields)
+    assert "error" not in r, r
+    return str(r["segment"])
+
+
+def _host(labels: torch.Tensor | None = None, **limits: Any) -> DataOwnerHost:
+    torch.manual_seed(0)
+    host = DataOwnerHost("do", limits=HostLimits(**limits))
+    y = torch.randint(0, 3, (64,)) if labels is None else labels
+    host.add_dataset("train", torch.randn(64, 8), y)
+    return host
+
+
+def test_a_refused_forward_leaves_nothing_pending() -> None:
+    """NoPeek needs two rows: a forward of one record is refused, and no gradient can then
+    land on a step that never answered (it stepped the weights without the NoPeek term)."""
+    host = _host()
+    pid = _propose(host, nn.Sequential(nn.Linear(8, 4)), defences={"nopeek": 5.0})
+    host.approve(pid)
+    rt = host.runtimes[pid]
+    w0 = rt.module[0].weight.detach().clone()
+    assert _call(host, "mo", "forward", segment=pid, indices=torch.tensor([3]))["error"]
+    assert rt.pending_output is None and rt.pending_source is None
+    assert _call(host, "mo", "backward", segment=pid, grad=torch.full((1, 4), 100.0))["error"]
+    assert torch.equal(w0, rt.module[0].weight) and rt.steps == 0
+
+
+def test_label_noise_needs_every_label_among_the_classes_and_never_names_one() -> None:
+    """Randomized response with ``num_classes`` below the real labels: refused at proposal; and
+    the defence's own error never carries label values (it could leave the data owner)."""
+    from syft_split.defences import randomized_response
+    from syft_split.errors import ValidationError
+
+    host = _host(labels=torch.randint(0, 10, (64,)))
+    module = nn.Sequential(nn.Linear(8, 4))
+    state = {f"state/{k}": v for k, v in spec_state(module).items()}
+    r = _call(host, "mo", "propose", role="input", spec=module_to_spec(module),
+              datasets=["train"], optimizer=SGD, release_labels=True,
+              defences={"label_epsilon": 1.0, "num_classes": 2}, **state)
+    assert r["error"] == "ConfigError" and "outside [0, num_classes)" in r["message"]
+    with pytest.raises(ValidationError) as err:
+        randomized_response(torch.tensor([7]), num_classes=2, epsilon=1.0)
+    assert "7" not in str(err.value)
+
+
+def test_loss_steps_count_against_the_record_rate() -> None:
+    """A loss segment's input gradient carries its records' labels: ``loss_step`` counts
+    toward ``max_records_per_minute`` like a forward."""
+    host = _host(max_records_per_minute=10)
+    head = nn.Sequential(nn.Linear(4, 3))
+    state = {f"state/{k}": v for k, v in spec_state(head).items()}
+    r = _call(host, "mo", "propose", role="loss", spec=module_to_spec(head), datasets=["train"],
+              optimizer=SGD, input_shape=[4], loss="cross_entropy", **state)
+    pid = str(r["segment"])
+    host.approve(pid)
+
+    def step(rows: int) -> dict[str, Any]:
+        return _call(host, "mo", "loss_step", segment=pid, x=torch.randn(rows, 4),
+                     indices=torch.arange(rows), train=False)
+
+    assert "error" not in step(8)
+    r = step(8)
+    assert r["error"] == "EgressError" and "would release 16 records" in r["message"]
+
+
+def test_refused_proposals_count_against_the_rate_and_heads_are_sized() -> None:
+    """Building and dry-running a proposed module is the work the per-user rate bounds, so a
+    refused attempt counts; an auxiliary head is sized on its input like a segment (a
+    zero-parameter head of concatenations is refused before anything is allocated)."""
+    host = _host(max_proposals_per_minute=3, max_activation_bytes=1 << 20)
+    bad = {"role": "input", "spec": module_to_spec(nn.Sequential(nn.Linear(5, 4))),
+           "datasets": ["train"], "optimizer": SGD}
+    for _ in range(3):
+        assert _call(host, "mallory", "propose", **bad)["error"] == "ConfigError"
+    r = _call(host, "mallory", "propose", **bad)
+    assert r["error"] == "ValidationError" and "in the last minute" in r["message"]
+
+    pid = _propose(host, nn.Sequential(nn.Linear(8, 4)), max_batch=1)
+    head = {"input": "z", "nodes": [
+        {"name": "a", "op": "cat", "args": {"dim": 1}, "inputs": ["z"] * 2000},
+        {"name": "b", "op": "cat", "args": {"dim": 1}, "inputs": ["a"] * 2000}], "output": "b"}
+    r = _call(host, "mo", "propose_local_loss", segment=pid, loss="cross_entropy", spec=head,
+              optimizer=SGD)
+    assert r["error"] == "ConfigError" and "bytes per step" in r["message"]
+
+
+def test_a_duplicate_record_id_is_said_to_the_owner_not_to_the_model_owner() -> None:
+    """Duplicate ids: ``allow_alignment`` refuses on the data owner's console; a message that
+    can reach the model owner names rows, never the id."""
+    from syft_split.errors import ValidationError
+    from syft_split.psi import canonical_ids
+
+    host = DataOwnerHost("do")
+    host.add_dataset("people", torch.randn(4, 2), ids=["a", "SSN-1", "b", "SSN-1"])
+    with pytest.raises(ValidationError, match="duplicate id at rows 1 and 3"):
+        host.allow_alignment("people", "mo@example.org")
+    with pytest.raises(ValidationError) as err:
+        canonical_ids(["a", "SSN-1", "SSN-1"])
+    assert "SSN" not in str(err.value)
