@@ -47,6 +47,16 @@ def _kind_problems(layer: nn.Module) -> list[str]:
             f"{name} is not supported as the encrypted first server layer: it must be one "
             f"affine map ({_SUPPORTED}); nonlinear layers cannot run in one CKKS level"
         ]
+    # it runs as a plain affine map of its .weight and .bias: anything else it does is lost
+    if torch.nn.utils.parametrize.is_parametrized(layer):
+        return [f"{name} has parametrizations (e.g. weight_norm): its weight is computed from "
+                "other parameters, which would not train; remove them"]
+    if type(layer) not in (nn.Linear, nn.Conv1d, nn.Conv2d):
+        return [f"{name} subclasses an {_SUPPORTED} layer: it would run as the plain layer (its "
+                f"own forward ignored); use the torch layer itself"]
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return [f"{name} has forward hooks (e.g. the old weight_norm): they would not run on "
+                "the encrypted layer; remove them"]
     return []
 
 

@@ -110,8 +110,10 @@ def _entry(context: Any) -> _Entry:
     with _ENTRIES_LOCK:
         entry = _ENTRIES.get(key)
         if entry is None or entry.instance != instance:  # first call, or re-installed
-            if entry is not None:
-                entry.host.close()
+            if entry is not None:  # the old host's channels first: no frame reaches it after
+                with entry.lock:
+                    close_channels(entry.host)
+                    entry.host.close()
             host = _build_host(context, settings)
             entry = _Entry(instance, host, serving_lock(host))
             _ENTRIES[key] = entry

@@ -119,9 +119,9 @@ class ChannelOps(OpFamily):
 
     def _audit(self, caller: str, op_name: str, segment: str | None, nbytes: int,
                outcome: str) -> None:
-        with self.lock:
-            self.host.audit.append(AuditEntry(time.time(), caller, op_name, segment, {}, nbytes,
-                                              0, 0.0, outcome))
+        with self.lock:  # to audit.jsonl too: refusals survive a restart
+            self.host.record(AuditEntry(time.time(), caller, op_name, segment, {}, nbytes,
+                                        0, 0.0, outcome))
 
     def close_all(self, reason: str = "the data owner's host shut down") -> None:
         """Close every channel and stop the listener (the host is going away)."""

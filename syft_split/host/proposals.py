@@ -184,6 +184,7 @@ class ProposalOps(OpFamily):
             if he.get("d_in") != d_in:
                 raise ShapeError(f"encrypted layer expects d_in={he.get('d_in')}, but this "
                                  f"segment outputs {tuple(out.shape[1:])} = {d_in} features")
+            _bound_agreement(he, max_batch, limits)
         return Proposal(
             id=host.new_proposal_id("seg"), driver=caller, role=role, spec=req["spec"],
             state=state, optimizer=OptimizerSpec.from_json(req.get("optimizer")),
@@ -254,3 +255,29 @@ def _defences(defences: Any, role: str) -> dict[str, float]:
     if defences.get("label_epsilon", 0) > 0 and int(defences.get("num_classes", 0)) < 2:
         raise ConfigError("label_epsilon needs num_classes >= 2")
     return {k: float(v) for k, v in defences.items()}
+
+
+#: the largest CKKS ring an agreement may ask for (keys and contexts grow with it)
+MAX_POLY_MODULUS_DEGREE = 16384
+
+
+def _bound_agreement(he: dict[str, Any], max_batch: int, limits: Any) -> None:
+    """An encryption agreement within the host's limits before anything is built from it: its
+    batch within the segment's ``max_batch``, its ring at most 2^14, and the matrices the data
+    owner's review, keys and steps handle (rows x d_in, d_in x d_out, rows x d_out) within
+    ``max_parameters`` elements each (an agreement is what the model owner chooses)."""
+    from he_layers.review import spec_from_agreement
+
+    spec, params = spec_from_agreement(he)
+    if spec.batch_size > max_batch:
+        raise ConfigError(f"the encrypted layer's batch_size {spec.batch_size} exceeds this "
+                          f"segment's max_batch {max_batch}")
+    if params.poly_modulus_degree > MAX_POLY_MODULUS_DEGREE:
+        raise ConfigError(f"poly_modulus_degree {params.poly_modulus_degree}: this data owner "
+                          f"accepts at most {MAX_POLY_MODULUS_DEGREE}")
+    for what, n in (("rows x d_in", spec.rows * spec.mat_in),
+                    ("d_in x d_out", spec.mat_in * spec.mat_out),
+                    ("rows x d_out", spec.rows * spec.mat_out)):
+        if n > limits.max_parameters:
+            raise ConfigError(f"the encrypted layer's {what} is {n} elements; this data owner "
+                              f"accepts at most {limits.max_parameters}")

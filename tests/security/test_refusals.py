@@ -125,3 +125,51 @@ def test_a_duplicate_record_id_is_said_to_the_owner_not_to_the_model_owner() -> 
     with pytest.raises(ValidationError) as err:
         canonical_ids(["a", "SSN-1", "SSN-1"])
     assert "SSN" not in str(err.value)
+
+
+@pytest.mark.he
+def test_an_encryption_agreement_is_bounded_before_anything_is_built() -> None:
+    """The agreement is the model owner's choice: its batch within the segment's max_batch and
+    its matrices within the host's limits, refused at proposal (its review used to allocate
+    d_in x d_out arrays per candidate layout: 1.8 GB for d_out=131072)."""
+    host = _host(max_parameters=1_000_000)
+    module = nn.Sequential(nn.Linear(8, 16))
+    state = {f"state/{k}": v for k, v in spec_state(module).items()}
+
+    def propose(**he: Any) -> dict[str, Any]:
+        agreement = {"level": "A", "lr": None, "batch_size": 8, "d_in": 16, "d_out": 4,
+                     "bias": True, "params": {}, "options": {}, **he}
+        return _call(host, "mo", "propose", role="input", spec=module_to_spec(module),
+                     datasets=["train"], optimizer=SGD, max_batch=8, he=agreement, **state)
+
+    assert "error" not in propose()
+    r = propose(batch_size=64)
+    assert r["error"] == "ConfigError" and "exceeds this segment's max_batch 8" in r["message"]
+    r = propose(d_out=131072)
+    assert r["error"] == "ConfigError" and "d_in x d_out" in r["message"]
+
+
+@pytest.mark.he
+def test_only_plain_torch_affine_layers_can_be_encrypted() -> None:
+    """A layer that is more than its weight and bias (a subclass, parametrizations such as
+    weight_norm, forward hooks) would run as the plain affine map: refused by explain()."""
+    import warnings
+
+    from he_layers import explain_unprotectable
+
+    class Scaled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    from torch.nn.utils.parametrizations import weight_norm
+
+    assert explain_unprotectable(nn.Linear(48, 32)) == []
+    assert "subclasses" in explain_unprotectable(Scaled(48, 32))[0]
+    assert "parametrizations" in explain_unprotectable(weight_norm(nn.Linear(48, 32)))[0]
+    hooked = nn.Linear(48, 32)
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    assert "hooks" in explain_unprotectable(hooked)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        old = torch.nn.utils.weight_norm(nn.Linear(48, 32))
+    assert "hooks" in explain_unprotectable(old)[0]
