@@ -7,8 +7,11 @@ tests/pysyft/test_channel.py). Every refusal is checked to change nothing at the
 from __future__ import annotations
 
 import copy
+import socket
+import ssl
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import pytest
@@ -17,7 +20,14 @@ from torch import nn
 from torch.testing import assert_close
 
 from syft_split import channel, wire
-from syft_split.channel import ChannelClient, ChannelTicket, DirectTransport
+from syft_split.channel import (
+    ChannelClient,
+    ChannelRouter,
+    ChannelServer,
+    ChannelTicket,
+    DirectTransport,
+    tls,
+)
 from syft_split.errors import (
     AccessError,
     ApprovalError,
@@ -103,7 +113,7 @@ def _local_step(seg: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
 
 
 def test_public_surface_is_pinned() -> None:
-    assert set(channel.__all__) == {"CONTROL_OPS", "Channel", "ChannelClient", "ChannelRouter",
+    assert set(channel.__all__) == {"DATA_OPS", "Channel", "ChannelClient", "ChannelRouter",
                                     "ChannelServer", "ChannelTicket", "DirectTransport"}
 
 
@@ -215,7 +225,7 @@ def test_replayed_and_out_of_order_frames_are_refused_and_nothing_runs(site: Sit
     client.close()
 
 
-def test_frames_for_other_segments_and_control_ops_are_refused(site: Site) -> None:
+def test_frames_for_other_segments_and_non_data_plane_ops_are_refused(site: Site) -> None:
     pid, _ = site.approved(0)
     other, _ = site.approved(1)  # approved with a channel too, but not bound to this one
     pending = site.propose(_segment(2))
@@ -224,8 +234,13 @@ def test_frames_for_other_segments_and_control_ops_are_refused(site: Site) -> No
     for target in (other, pending, "h/seg999"):
         r = _answer(client.request(_request("forward", target, indices=torch.arange(4))))
         assert r["error"] == "AccessError" and "not to segment" in str(r["message"])
-    r = _answer(client.request(wire.encode({"op": "propose", "segment": pid})))
-    assert r["error"] == "ProtocolError" and "control-plane" in str(r["message"])
+    proposals = set(site.host.proposals_by_id)
+    for op in ("propose", "fl_propose", "psi_serve", "psi_request", "psi_finish", "status"):
+        r = _answer(client.request(wire.encode({"op": op, "segment": pid, "datasets": ["d"]})))
+        assert r["error"] == "ProtocolError" and "not a data-plane op" in str(r["message"]), op
+    assert set(site.host.proposals_by_id) == proposals
+    # the allow list is the host's ops that run on a segment (declared with roles)
+    assert site.host.families["channel"].data_ops() == channel.DATA_OPS
     assert site.host.runtimes[other].pending_output is None
     assert_close(site.weights(other), before, rtol=0, atol=0)
     assert site.host.proposal(pending).status == "pending"
@@ -310,7 +325,7 @@ def test_a_lost_connection_resumes_and_no_frame_runs_twice(site: Site) -> None:
     pid, _ = site.approved(0)
     client = ChannelClient(site.ticket(pid), MO)
     client.request(_request("forward", pid, indices=torch.arange(4)))
-    server_side = site.host.families["channel"].server.channels[client.channel]  # type: ignore[attr-defined]
+    server_side = site.host.families["channel"].server.channels[client.channel]
     server_side.conn.shutdown(2)  # the connection drops (e.g. a NAT timeout)
     time.sleep(0.05)
     r = _answer(client.request(_request("backward", pid, grad=torch.ones(4, 256))))
@@ -366,3 +381,80 @@ def test_a_session_trains_over_channels_without_changing_user_code() -> None:
             close_channels(host)
     for direct_state, plain_state in zip(*states):
         assert_close(direct_state, plain_state, rtol=0, atol=1e-6)
+
+
+def _slow_server(seconds: float, idle: float = 60.0
+                 ) -> tuple[ChannelServer, list[float], Callable[[], ChannelTicket], list[tuple]]:
+    """A bare server whose host takes ``seconds`` per frame (first frame only) and counts runs."""
+    runs: list[float] = []
+    audits: list[tuple] = []
+
+    def handle(user: str, data: bytes) -> bytes:
+        runs.append(time.monotonic())
+        time.sleep(seconds if len(runs) == 1 else 0.0)
+        return wire.encode({"run": len(runs)})
+
+    server = ChannelServer(handle, threading.RLock(), check=lambda c: None,
+                           audit=lambda *a: audits.append(a), sweep_s=0.05)
+
+    def ticket() -> ChannelTicket:
+        ch, key = server.open(MO, ("s1",), idle)
+        return ChannelTicket(ch.id, *server.address, ch.certificate, ch.fingerprint, key, idle,
+                             ("s1",))
+    return server, runs, ticket, audits
+
+
+@pytest.mark.parametrize("how", ["drop", "timeout", "expiry"])
+def test_a_frame_in_flight_runs_once_after_a_drop_a_timeout_or_an_expiry(how: str) -> None:
+    # a local_forward (no step id: the host does not deduplicate it) runs longer than the
+    # connection lives / the client waits / the channel's idle timeout
+    server, runs, ticket, _ = _slow_server(1.0, idle=0.4 if how == "expiry" else 60.0)
+    frame = _request("local_forward", "s1")
+    try:
+        if how == "expiry":  # the router resends after "expired" only if nothing ran
+            def control(party: str, data: bytes) -> bytes:
+                t = ticket()
+                return wire.encode({"channel": t.channel, "host": t.host, "port": t.port,
+                                    "certificate": t.certificate, "fingerprint": t.fingerprint,
+                                    "key": t.key, "idle_timeout": t.idle_timeout,
+                                    "segments": list(t.segments)})
+            router = ChannelRouter(control, lambda party: MO, timeout=30)
+            answer = router.route("h", frame)
+            [ch] = server.channels.values()
+        else:
+            client = ChannelClient(ticket(), MO, timeout=0.7 if how == "timeout" else 30)
+            client.connect()
+            [ch] = server.channels.values()
+            if how == "drop":
+                conn = ch.conn
+                assert conn is not None
+                threading.Timer(0.3, lambda: conn.shutdown(socket.SHUT_RDWR)).start()
+            answer = client.request(frame)
+        time.sleep(0.3)
+        assert _answer(answer) == {"run": 1}  # the answer of its one run, recovered
+        assert len(runs) == 1 and ch.last_seq == 1 and ch.inflight == 0
+        assert ch.state == "open"  # a frame in flight is not idleness
+    finally:
+        server.shutdown()
+
+
+def test_an_oversized_hello_is_refused_and_audited(monkeypatch: pytest.MonkeyPatch) -> None:
+    escaped: list[object] = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    server, runs, ticket, audits = _slow_server(0.0)
+    t = ticket()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        with ctx.wrap_socket(socket.create_connection(server.address),
+                             server_hostname=t.channel) as s:
+            s.sendall((10**6).to_bytes(4, "little") + b"X" * 16)
+            r = wire.decode(tls.recv_frame(s, 1 << 20))
+        assert r["error"] == "PayloadTooLargeError"
+        time.sleep(0.2)
+        assert [a[1] for a in audits] == ["channel.hello"]
+        assert "PayloadTooLargeError" in audits[0][4] and "unauthenticated" in audits[0][0]
+        assert escaped == [] and runs == []
+        assert server.channels[t.channel].state == "open"  # a stranger cannot close it
+    finally:
+        server.shutdown()

@@ -22,7 +22,7 @@ standard library loads the certificate from a private temporary file, removed at
 """
 
 from .client import ChannelClient, ChannelRouter, ChannelTicket, DirectTransport
-from .server import CONTROL_OPS, Channel, ChannelServer
+from .server import DATA_OPS, Channel, ChannelServer
 
-__all__ = ["CONTROL_OPS", "Channel", "ChannelClient", "ChannelRouter", "ChannelServer",
+__all__ = ["DATA_OPS", "Channel", "ChannelClient", "ChannelRouter", "ChannelServer",
            "ChannelTicket", "DirectTransport"]

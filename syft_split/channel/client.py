@@ -4,13 +4,15 @@
 gave through PySyft, trusts only the certificate that came with it (and checks its SHA-256
 fingerprint), presents the channel key, and then sends request frames with increasing
 sequence numbers. A lost connection is re-established with the same key; the server says
-which frame it answered last, so a frame is never run twice and a lost answer is recovered.
+which frame it answered last (after waiting for one still running), so a frame is never run
+twice and a lost answer is recovered.
 
 :class:`ChannelRouter` is what a transport uses: given the control plane (a function that
 delivers a request through PySyft), it opens a channel for a segment the first time an op on
 that segment is sent, sends that segment's ops over it from then on, and falls back to the
 control plane for segments whose data owner did not allow a channel. A channel that expired
-(idle) is re-opened transparently; one the data owner closed raises, and that segment's ops
+(idle) or was replaced is re-opened transparently (a frame is resent on the new channel only
+when the datasite showed it did not run); one the data owner closed raises, and that segment's ops
 go through PySyft afterwards. :class:`DirectTransport` wraps any transport the same way.
 """
 
@@ -39,7 +41,7 @@ from ..errors import (
 )
 from ..transport.base import Transport, TransportWrapper
 from . import tls
-from .server import CONTROL_OPS
+from .server import DATA_OPS
 
 __all__ = ["ChannelTicket", "ChannelClient", "ChannelRouter", "DirectTransport"]
 
@@ -97,6 +99,11 @@ class ChannelClient:
         self.last_used = time.monotonic()
         #: why the server refused this channel ("owner", "expired", ...), once it has
         self.closed_kind = ""
+        #: the last request failed and its frame surely did not run at the datasite (it was
+        #: not sent, or the server's hello showed it had not run): it may be sent again
+        self.unsent = False
+        #: the server's refusal of the last hello (its fields: closed, last_seq, ...)
+        self.refusal: dict[str, Any] = {}
         self._sock: ssl.SSLSocket | None = None
         self._lock = threading.Lock()
         self._context = tls.client_context(ticket.certificate)
@@ -134,6 +141,7 @@ class ChannelClient:
             raise TransportError(f"channel {t.channel}: hello failed: {exc}") from exc
         if "error" in reply:
             sock.close()
+            self.refusal = reply
             self.closed_kind = str(reply.get("closed", ""))
             raise error_from_wire(str(reply["error"]), str(reply.get("message", "")))
         self._sock = sock
@@ -151,10 +159,12 @@ class ChannelClient:
     def request(self, data: bytes) -> bytes:
         """Send one request (wire bytes) and return the answer (wire bytes)."""
         with self._lock:
+            self.unsent = True
             if self._sock is None or _readable(self._sock):
                 self._resume(None)
             self.seq += 1
             seq = self.seq
+            self.unsent = False
             try:
                 return self._exchange(seq, data)
             except (EOFError, OSError) as exc:
@@ -172,8 +182,19 @@ class ChannelClient:
 
     def _resume(self, seq: int | None) -> bytes | None:
         """Reconnect. With ``seq`` (a frame whose answer did not arrive): its answer if the
-        server ran it, else None (resend it)."""
-        reply = self.connect()
+        server ran it, else None (resend it). The server answers a hello once a frame still
+        running is done, so a frame it is running is never sent again. When the channel was
+        closed meanwhile, :attr:`unsent` says whether the frame ran."""
+        try:
+            reply = self.connect()
+        except SyftSplitError:
+            last = self.refusal.get("last_seq")
+            if seq is not None and isinstance(last, int):
+                answer = self.refusal.get("last_response")
+                if last == seq and isinstance(answer, bytes):
+                    return bytes(answer)  # it ran before the channel closed: its answer
+                self.unsent = last < seq
+            raise
         last = int(reply.get("last_seq", 0))
         if seq is None:
             self.seq = max(self.seq, last)
@@ -237,7 +258,7 @@ class ChannelRouter:
     def route(self, party: str, data: bytes) -> bytes | None:
         """The answer over a direct channel, or None: send it through the control plane."""
         op, segment = tls.peek(data)
-        if op is None or segment is None or op in CONTROL_OPS:
+        if op is None or segment is None or op not in DATA_OPS:
             return None
         key = (party, segment)
         with self._lock:  # one channel per segment, even with calls from several threads
@@ -254,9 +275,12 @@ class ChannelRouter:
         try:
             raw = client.request(data)
         except SyftSplitError:
-            if client.closed_kind in ("expired", "replaced"):  # nothing ran: reopen, resend
+            if client.closed_kind in ("expired", "replaced"):
                 with self._lock:
                     self._forget(key)
+                if not client.unsent:  # it may have run (its answer is lost): never resend
+                    raise
+                with self._lock:  # it did not run: reopen, resend
                     fresh = self._open(party, segment)
                 if fresh is None:
                     return None

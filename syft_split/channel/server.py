@@ -11,10 +11,13 @@ the same lock.
 
 Refused without running anything (and audited): a wrong key, a replayed or out-of-order
 frame (sequence numbers are per channel and strictly increasing), a frame for a segment the
-channel is not bound to, a control-plane op (propose, status, ...: those go through PySyft),
-and any frame on a closed channel. A channel closes when the data owner closes it, when it is
-idle longer than its timeout, when ``check`` says so (the family closes channels whose
-segments are halted, rejected or no longer allowed), or when the client says goodbye.
+channel is not bound to, an op that is not a data-plane op (propose, status, psi_*, ...: those
+go through PySyft), and any frame on a closed channel. A frame runs at most once: it is marked
+in flight on its channel while the host runs it, a second frame (or a resent copy) is refused
+meanwhile, and a hello (a reconnect) waits for it before reporting the last frame answered.
+A channel closes when the data owner closes it, when it is idle longer than its timeout (never
+with a frame in flight), when ``check`` says so (the family closes channels whose segments are
+halted, rejected or no longer allowed), or when the client says goodbye.
 """
 
 from __future__ import annotations
@@ -42,11 +45,23 @@ from ..errors import (
 )
 from . import tls
 
-__all__ = ["Channel", "ChannelServer", "CONTROL_OPS"]
+__all__ = ["Channel", "ChannelServer", "DATA_OPS"]
 
-#: ops that belong to the control plane: never answered over a channel.
-CONTROL_OPS = frozenset({"describe", "propose", "status", "open_channel", "close_channel",
-                         "propose_local_loss"})
+#: the data-plane ops: the only ones answered over a channel (every other op goes through
+#: PySyft). They are the host's ops that run on a segment (declared with ``roles``); a host
+#: passes its own list (:class:`ChannelServer` ``data_ops``), tests check that the two agree.
+DATA_OPS = frozenset({
+    "forward", "backward", "discard", "loss_step",                        # segments
+    "local_forward", "pipe_forward", "pipe_backward", "pipe_discard",     # latency
+    "export", "seal", "unseal",                                           # weights
+    "secagg_round", "secagg_contribute", "secagg_aggregate",              # secure aggregation
+    "fl_train", "fl_gradient", "fl_evaluate",                             # federated
+    "he_context", "he_output", "he_grad", "he_costs",                     # HE
+    "watch", "leakage",                                                   # leakage watch
+})
+
+#: a channel whose answer to a frame in flight is kept for a reconnect even once closed
+_RESUMABLE = ("expired", "replaced")
 
 _log = logging.getLogger(__name__)
 
@@ -70,6 +85,10 @@ class Channel:
     reason: str = ""
     last_seq: int = 0
     last_response: bytes | None = field(default=None, repr=False)
+    #: sequence number of the frame the host is running now (0: none)
+    inflight: int = 0
+    #: guards last_seq / last_response / inflight / conn between connection threads
+    cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     frames: int = 0
     refused: int = 0
     bytes_in: int = 0
@@ -85,8 +104,8 @@ class Channel:
         return {"channel": self.id, "user": self.user, "segments": list(self.segments),
                 "state": self.state, "closed": self.closed_kind, "reason": self.reason,
                 "opened": self.opened, "idle_s": round(time.monotonic() - self.last_used, 3),
-                "frames": self.frames, "refused": self.refused, "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out, "fingerprint": self.fingerprint.hex()}
+                "running": self.inflight, "frames": self.frames, "refused": self.refused,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "fingerprint": self.fingerprint.hex()}
 
 
 def _error(exc: SyftSplitError, **extra: Any) -> bytes:
@@ -98,7 +117,9 @@ class ChannelServer:
 
     ``handle(user, data) -> bytes`` is the host's wire entry; ``lock`` serialises it with the
     PySyft endpoint; ``check(channel)`` returns a reason to close a channel (or None);
-    ``audit(user, op, segment, nbytes, outcome)`` records a refusal in the host's audit log.
+    ``audit(user, op, segment, nbytes, outcome)`` records a refusal in the host's audit log;
+    ``data_ops`` are the ops answered over a channel (default :data:`DATA_OPS`); a hello waits
+    at most ``hello_wait_s`` for a frame in flight on its channel.
     """
 
     def __init__(self, handle: Callable[[str, bytes], bytes], lock: Any, *,
@@ -106,8 +127,10 @@ class ChannelServer:
                  audit: Callable[[str, str, str | None, int, str], None],
                  bind: str = "127.0.0.1", port: int = 0, advertise: str | None = None,
                  max_frame_bytes: int = 64 * 1024 * 1024, sweep_s: float = 0.25,
-                 max_connections: int = 64) -> None:
+                 max_connections: int = 64, data_ops: frozenset[str] = DATA_OPS,
+                 hello_wait_s: float = 3600.0) -> None:
         self._handle, self._lock, self._check, self._audit = handle, lock, check, audit
+        self.data_ops, self.hello_wait_s = frozenset(data_ops), hello_wait_s
         #: connections served at once (authenticated or not); more are dropped at accept
         self._slots = threading.BoundedSemaphore(max_connections)
         self.max_frame_bytes = max_frame_bytes
@@ -151,8 +174,9 @@ class ChannelServer:
         channel = self.channels.get(channel_id)
         if channel is None or channel.state != "open":
             return False
+        # last_response stays: a client whose frame was in flight learns from its hello whether
+        # that frame ran (and, for an expired or replaced channel, gets its answer)
         channel.state, channel.closed_kind, channel.reason = "closed", kind, reason
-        channel.last_response = None
         self._drop(channel)
         return True
 
@@ -212,7 +236,9 @@ class ChannelServer:
 
     def _sweep(self, now: float) -> None:
         for channel in self.live():
-            if now - channel.last_used > channel.idle_timeout:
+            with channel.cond:  # a frame in flight is not idleness: never expired mid-frame
+                idle = not channel.inflight and now - channel.last_used > channel.idle_timeout
+            if idle:
                 self.close(channel.id, "expired",
                            f"closed after {channel.idle_timeout:g} s without a frame")
                 continue
@@ -255,10 +281,11 @@ class ChannelServer:
 
     def _refuse(self, conn: socket.socket, channel: Channel, exc: SyftSplitError, *,
                 op: str, segment: str | None = None, nbytes: int = 0, caller: str | None = None,
-                closed: str | None = None) -> None:
+                closed: str | None = None, extra: dict[str, Any] | None = None) -> None:
         channel.refused += 1
         self._audit(caller or channel.user, op, segment, nbytes, f"{type(exc).__name__}: {exc}")
-        tls.send_frame(conn, _error(exc, **({} if closed is None else {"closed": closed})))
+        tls.send_frame(conn, _error(exc, **({} if closed is None else {"closed": closed}),
+                                    **(extra or {})))
 
     def _closed_error(self, channel: Channel) -> AccessError:
         return AccessError(f"channel {channel.id} is closed ({channel.closed_kind}): "
@@ -266,7 +293,11 @@ class ChannelServer:
 
     def _hello(self, conn: socket.socket, channel: Channel) -> bool:
         stranger = f"unauthenticated peer {conn.getpeername()[0]} on {channel.id}"
-        body = tls.recv_frame(conn, 64 * 1024)
+        try:
+            body = tls.recv_frame(conn, 64 * 1024)
+        except PayloadTooLargeError as exc:  # audited like any other bad hello
+            self._refuse(conn, channel, exc, op="channel.hello", caller=stranger)
+            return False
         try:
             if body[:1] != tls.HELLO:
                 raise ProtocolError("a channel starts with a hello frame")
@@ -286,21 +317,32 @@ class ChannelServer:
                 f"channel {channel.id} belongs to {channel.user}, not {user!r}"),
                 op="channel.hello")
             return False
-        if channel.state != "open":
-            self._refuse(conn, channel, self._closed_error(channel), op="channel.hello",
-                         closed=channel.closed_kind)
+        with channel.cond:  # a frame in flight: wait for it, then say whether it ran
+            idle = channel.cond.wait_for(lambda: not channel.inflight, self.hello_wait_s)
+            running, is_open = channel.inflight, channel.state == "open"
+            previous = None
+            if idle and is_open:  # one live connection per channel
+                previous, channel.conn = channel.conn, conn
+                channel.last_used = time.monotonic()
+            reply: dict[str, Any] = {"last_seq": channel.last_seq}
+            if channel.last_response is not None and (
+                    is_open or channel.closed_kind in _RESUMABLE):
+                reply["last_response"] = channel.last_response
+        if not idle:
+            self._refuse(conn, channel, ProtocolError(
+                f"frame {running} is still running on channel {channel.id}: reconnect later"),
+                op="channel.hello")
             return False
-        previous, channel.conn = channel.conn, conn  # one live connection per channel
+        if not is_open:
+            self._refuse(conn, channel, self._closed_error(channel), op="channel.hello",
+                         closed=channel.closed_kind, extra=reply)
+            return False
         if previous is not None:
             try:
                 previous.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        channel.last_used = time.monotonic()
-        reply: dict[str, Any] = {"ok": True, "last_seq": channel.last_seq}
-        if channel.last_response is not None:
-            reply["last_response"] = channel.last_response
-        tls.send_frame(conn, wire.encode(reply))
+        tls.send_frame(conn, wire.encode({"ok": True, **reply}))
         return True
 
     def _frames(self, conn: socket.socket, channel: Channel) -> None:
@@ -324,6 +366,7 @@ class ChannelServer:
             self._refuse(conn, channel, ProtocolError("unknown frame kind"), op="channel.frame",
                          nbytes=len(body))
             return
+        channel.last_used = time.monotonic()  # a frame arrived: the channel is in use
         op_name, segment = tls.peek(data)
         op, n = op_name or "?", len(data)
         why = None if channel.state != "open" else self._check(channel)
@@ -333,36 +376,66 @@ class ChannelServer:
             self._refuse(conn, channel, self._closed_error(channel), op=op, segment=segment,
                          nbytes=n, closed=channel.closed_kind)
             return
-        if seq <= channel.last_seq:  # sequence refusals do not use up a sequence number
-            self._refuse(conn, channel, ProtocolError(
-                f"frame {seq} replayed on channel {channel.id} (last frame {channel.last_seq}): "
-                "refused, nothing ran"), op=op, segment=segment, nbytes=n)
-            return
-        if seq != channel.last_seq + 1:
-            self._refuse(conn, channel, ProtocolError(
-                f"frame {seq} out of order on channel {channel.id}: expected "
-                f"{channel.last_seq + 1}"), op=op, segment=segment, nbytes=n)
-            return
-        problem: SyftSplitError | None = None
-        if op in CONTROL_OPS:
-            problem = ProtocolError(f"op {op!r} is a control-plane op: send it through PySyft")
-        elif segment not in channel.segments:
-            problem = AccessError(f"channel {channel.id} is bound to {list(channel.segments)}, "
-                                  f"not to segment {segment!r}: refused, nothing ran")
-        if problem is not None:  # answered (with the refusal): the frame is used up
-            channel.last_seq, channel.last_response = seq, _error(problem)
+        problem, used_up = self._claim(conn, channel, seq, op, segment)
+        if problem is None and not used_up:
+            return  # the connection was replaced meanwhile: its client reconnected
+        if problem is not None:
             self._refuse(conn, channel, problem, op=op, segment=segment, nbytes=n)
             return
-        with self._lock:
-            if channel.state != "open":  # closed while we waited for the host
-                self._refuse(conn, channel, self._closed_error(channel), op=op,
-                             segment=segment, nbytes=n, closed=channel.closed_kind)
-                return
-            raw = self._handle(channel.user, data)
-            channel.last_seq, channel.last_response = seq, raw
+        refusal: AccessError | ProtocolError | None = None
+        raw = b""
+        try:
+            with self._lock:
+                if channel.state != "open":  # closed while we waited for the host
+                    refusal = self._closed_error(channel)
+                elif seq != channel.last_seq + 1:  # cannot happen while the claim holds
+                    refusal = ProtocolError(f"frame {seq} out of order on channel {channel.id}")
+                else:
+                    raw = self._handle(channel.user, data)
+                    with channel.cond:
+                        channel.last_seq, channel.last_response = seq, raw
+        finally:
+            with channel.cond:
+                channel.inflight = 0
+                channel.last_used = time.monotonic()
+                channel.cond.notify_all()
+        if refusal is not None:
+            self._refuse(conn, channel, refusal, op=op, segment=segment, nbytes=n,
+                         closed=channel.closed_kind or None)
+            return
         channel.frames += 1
         channel.bytes_in += len(body)
         channel.bytes_out += len(raw)
-        channel.last_used = time.monotonic()
         tls.send_frame(conn, raw)
 
+    def _claim(self, conn: socket.socket, channel: Channel, seq: int, op: str,
+               segment: str | None) -> tuple[SyftSplitError | None, bool]:
+        """Check frame ``seq`` and mark it in flight, in one step under the channel's lock:
+        (refusal or None, whether the frame may run / is used up). (None, False): ``conn``
+        is no longer the channel's connection (answer nothing)."""
+        with channel.cond:
+            if channel.conn is not conn:
+                return None, False
+            if channel.inflight:
+                return ProtocolError(f"frame {seq} sent while frame {channel.inflight} runs on "
+                                     f"channel {channel.id}: refused, nothing ran"), False
+            if seq <= channel.last_seq:  # sequence refusals do not use up a sequence number
+                return ProtocolError(
+                    f"frame {seq} replayed on channel {channel.id} (last frame "
+                    f"{channel.last_seq}): refused, nothing ran"), False
+            if seq != channel.last_seq + 1:
+                return ProtocolError(f"frame {seq} out of order on channel {channel.id}: "
+                                     f"expected {channel.last_seq + 1}"), False
+            problem: SyftSplitError | None = None
+            if op not in self.data_ops:
+                problem = ProtocolError(f"op {op!r} is not a data-plane op: send it through "
+                                        "PySyft")
+            elif segment not in channel.segments:
+                problem = AccessError(f"channel {channel.id} is bound to "
+                                      f"{list(channel.segments)}, not to segment {segment!r}: "
+                                      "refused, nothing ran")
+            if problem is not None:  # answered (with the refusal): the frame is used up
+                channel.last_seq, channel.last_response = seq, _error(problem)
+                return problem, True
+            channel.inflight = seq
+            return None, True

@@ -101,8 +101,15 @@ class ChannelOps(OpFamily):
                 self.server = ChannelServer(
                     self.host.handle, self.lock, check=self._check, audit=self._audit,
                     bind=s["bind"], port=s["port"], advertise=s["advertise"],
-                    max_frame_bytes=self.host.limits.max_request_bytes)
+                    max_frame_bytes=self.host.limits.max_request_bytes,
+                    data_ops=self.data_ops())
             return self.server
+
+    def data_ops(self) -> frozenset[str]:
+        """The ops answered over a channel: this host's model-owner ops that run on a segment
+        (declared with ``roles``); everything else goes through PySyft."""
+        return frozenset(spec.name for family in self.host.families.values()
+                         for spec, _ in family.ops() if spec.roles is not None and not spec.owner)
 
     def _check(self, channel: Channel) -> tuple[str, str] | None:
         """Why ``channel`` must close now (its segments' state), or None."""
