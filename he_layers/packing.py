@@ -14,7 +14,8 @@ sum* of output column ``rho*w + f mod w`` over a window of ``w`` input columns; 
 partial sums of a column together cover the whole chunk. GAZELLE folds them with
 ``log2(p/w)`` rotate-and-sum steps; here the *data owner* folds them in plaintext after
 decrypting (:meth:`Layout.unpack_output`), so the product needs no fold rotation at all. The
-server masks every slot independently (:meth:`Layout.pack_output`), so the data owner sees
+server masks every slot of every output ciphertext independently (:meth:`Layout.pack_output`,
+all ``N/2`` slots, also those no output value uses), so the data owner sees
 only masked partial sums and learns their total (plus the total of the masks), exactly what
 it learned from a folded ciphertext. With replicas one matrix-vector pass computes ``r*w``
 output columns (narrow matrices fill the slots).
@@ -256,11 +257,26 @@ class Layout:
 
     @property
     def mask_shape(self) -> tuple[int, ...]:
-        """Shape of the per-slot masks of the output ciphertexts (complex)."""
-        return (self.n_outputs, self.replicas, self.period, self.lanes)
+        """Shape of the per-slot masks of the output ciphertexts (complex): one per slot of
+        every output ciphertext, all ``N/2`` of them (with ``F == 1`` only the first ``L``
+        carry output values; the others hold the product of the weights with whatever the
+        input's unused slots hold, e.g. the data owner's encryption noise, so they are
+        masked too)."""
+        return (self.n_outputs, self.slots)
+
+    def value_mask(self) -> np.ndarray:
+        """Boolean (n_outputs, r, p/w, w, L, 2): which slot parts (real, imaginary) of the
+        first ``F*L`` slots carry a partial sum of a real output value (row < R and
+        column < D); the rest is row/column padding, whose fold the data owner discards."""
+        r, w, lanes = self.replicas, self.width, self.lanes
+        ones = np.ones((self.rows, self.out_cols))
+        v = self._pack_rows(ones, self.out_width, self.out_chunks).reshape(-1, r, 1, w, lanes)
+        v = np.broadcast_to(v, (len(v), r, self.partials, w, lanes))
+        return np.stack([v.real > 0, v.imag > 0], axis=-1)
 
     def pack_output(self, y: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
-        """(R x D) matrix -> complex slot vectors to add to the product's outputs.
+        """(R x D) matrix -> complex slot vectors (``N/2`` slots each) to add to the
+        product's outputs.
 
         ``y`` goes into the first partial-sum slot of each output value; ``masks``
         (:attr:`mask_shape`) is added to every slot. After :meth:`unpack_output` folds the
@@ -269,11 +285,13 @@ class Layout:
         _check_shape("output matrix", y, (self.rows, self.out_cols))
         r, w, p, lanes = self.replicas, self.width, self.period, self.lanes
         v = self._pack_rows(y, self.out_width, self.out_chunks).reshape(-1, r, w, lanes)
-        out = np.zeros((len(v), r, p, lanes), dtype=complex)
-        out[:, :, :w] = v
+        first = np.zeros((len(v), r, p, lanes), dtype=complex)
+        first[:, :, :w] = v
+        out = np.zeros((len(v), self.slots), dtype=complex)
+        out[:, : self.features * lanes] = first.reshape(len(v), -1)
         if masks is not None:
             out += np.asarray(masks).reshape(out.shape)
-        return out.reshape(len(v), -1)
+        return out
 
     def fold(self, vecs: np.ndarray) -> np.ndarray:
         """Slot vectors (n_outputs x >= F*L) -> the (R x D) matrix their partial sums add to."""

@@ -234,7 +234,8 @@ class HEServer:
 
         Returns the output ciphertexts and the (R x D) total of the masks the data owner's
         fold adds to each value (``zero_sum``: masks of each value add up to 0, so the data
-        owner reads exactly ``M @ p + y`` but no partial sum of it).
+        owner reads exactly ``M @ p + y`` but no partial sum of it; padded rows and columns,
+        and the slots no value uses, keep independent masks, see :func:`_zero_sum`).
         """
         ctx = self.context
         self._headroom(bound + 2.0**self.spec.mask_bits, what)
@@ -248,8 +249,7 @@ class HEServer:
             masks = self._rnd.complex_uniform(layout.mask_shape, 2.0**self.spec.mask_bits)
             assert masks is not None
             if zero_sum:
-                parts = masks.reshape(*masks.shape[:2], layout.partials, layout.width, -1)
-                parts[:, :, 0] -= parts.sum(axis=2)
+                masks = _zero_sum(masks, layout)
             ev.add_plain(out, y, layout, masks)
             total = layout.fold(masks.reshape(len(out), -1))
         ops = Counter(ev.counts)
@@ -411,3 +411,20 @@ class HEServer:
         if spec.bias:
             self._b = self._b - step * db
         self._grads = None
+
+
+def _zero_sum(masks: np.ndarray, layout: Layout) -> np.ndarray:
+    """Make the partial-sum masks of every real output value (row < R, column < D) add up to
+    0; every other slot part (padded rows and columns, whose fold the data owner discards,
+    and the slots past ``F*L``) keeps its independent uniform mask. With one partial sum a
+    value's mask becomes 0: the protocol hands the data owner that value."""
+    n, fl = len(masks), layout.features * layout.lanes
+    shape = (n, layout.replicas, layout.partials, layout.width, layout.lanes)
+    first = masks[:, :fl].reshape(shape)
+    parts = np.stack([first.real, first.imag], axis=-1)
+    zs = parts.copy()
+    zs[:, :, 0] -= zs.sum(axis=2)
+    parts = np.where(layout.value_mask(), zs, parts)
+    out = masks.copy()
+    out[:, :fl] = (parts[..., 0] + 1j * parts[..., 1]).reshape(n, fl)
+    return out
