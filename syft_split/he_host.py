@@ -42,6 +42,16 @@ def _msg(req: dict[str, Any]) -> bytes:
     return msg
 
 
+#: what a non-default security option of an agreement changes (said in the review)
+_OPTION_RISK = {
+    "share_bound": "level B hides the weight gradient dW = x^T delta from the model owner with "
+                   "your share A, uniform in +-share_bound; a small bound (relative to lr * dW) "
+                   "hides little: the model owner then learns dW, which reveals x",
+    "flood_bits": "decryptions returned to the model owner carry noise of 2^-flood_bits; fewer "
+                  "bits hide less of the CKKS noise (which depends on your secret key)",
+}
+
+
 class StepGate:
     """The data owner's HE client with a decryption budget per step (see the module docstring).
 
@@ -152,6 +162,12 @@ class HEOps(OpFamily):
             b = estimate_step_bytes(proposal.he)
         except ConfigError as exc:
             return [*lines, f"  WARNING: the encryption agreement is not valid: {exc}"]
+        options = proposal.he.get("options") or {}
+        defaults = {"share_bound": 1.0, "flood_bits": 30}  # he_layers.LayerSpec's
+        for name, default in defaults.items():
+            if name in options and options[name] != default:
+                lines.append(f"  WARNING: security option {name}={options[name]!r} instead of "
+                             f"{default!r}: " + _OPTION_RISK[name])
         lines.append(f"  bytes leaving per training step: {b['bytes_up']} (of which "
                      f"{b['ciphertext_bytes_up']} ciphertext, {b['plain_bytes_up']} masked values), "
                      f"{b['bytes_up_eval']} per evaluation step; once per run: the public context "

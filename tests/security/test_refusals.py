@@ -173,3 +173,24 @@ def test_only_plain_torch_affine_layers_can_be_encrypted() -> None:
         warnings.simplefilter("ignore")
         old = torch.nn.utils.weight_norm(nn.Linear(48, 32))
     assert "hooks" in explain_unprotectable(old)[0]
+
+
+@pytest.mark.he
+def test_the_review_flags_weakened_security_options() -> None:
+    """Level B's share_bound and the flooding bits are the model owner's choice: the review
+    says when an agreement weakens them (a tiny share_bound gives the model owner dW)."""
+    host = _host()
+    module = nn.Sequential(nn.Linear(8, 16))
+    state = {f"state/{k}": v for k, v in spec_state(module).items()}
+
+    def review(**options: Any) -> str:
+        agreement = {"level": "B", "lr": 0.05, "batch_size": 8, "d_in": 16, "d_out": 4,
+                     "bias": True, "params": {}, "options": options}
+        r = _call(host, "mo", "propose", role="input", spec=module_to_spec(module),
+                  datasets=["train"], optimizer=SGD, max_batch=8, he=agreement, **state)
+        return host.review(str(r["segment"]))
+
+    assert "WARNING: security option" not in review()
+    text = review(share_bound=1e-12)
+    assert "WARNING: security option share_bound=1e-12" in text and "reveals x" in text
+    assert "WARNING: security option flood_bits=10" in review(flood_bits=10)
