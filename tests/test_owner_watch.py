@@ -52,3 +52,15 @@ def test_owner_sees_why_the_watch_halted(toy_data) -> None:
     watch = dep.owners["h"].owner("watch", segment=pid)
     assert watch["halted"] is True and "inversion ratio" in watch["reason"]
     assert watch["history"][-1]["halted"] == watch["reason"]
+
+
+def test_the_model_owners_look_at_the_watch_records_nothing(toy_data) -> None:
+    """The model owner's ``watch`` op measures on request; asking does not grow the history the
+    data owner keeps (and saves with the segment)."""
+    dep, session, pid, y = _session({"inversion_ratio": 1e-6}, toy_data)
+    _steps(session, y, 2)
+    before = dep.owners["h"].owner("watch", segment=pid)["history"]
+    for _ in range(5):
+        look = dep.transport.call("h", "watch", segment=pid)
+        assert look["step"] == 2 and look["inversion_ratio"] > 0
+    assert dep.owners["h"].owner("watch", segment=pid)["history"] == before

@@ -241,7 +241,7 @@ class LeakageOps(OpFamily):
         w = rt.extra.get("watch")
         if w is None:  # no watch on this segment (e.g. it releases ciphertexts only)
             return {}
-        entry = w.measure(rt.module, rt.steps)
+        entry = w.measure(rt.module, rt.steps, record=False)  # asking adds nothing to keep
         out = {k: _scalar(entry.get(k)) for k in ("step", "inversion_ratio", "ssim", "dcor",
                                                    "label_alignment", "seconds")}
         out.update(halted=bool(w.halted), watch_seconds=float(w.seconds))

@@ -243,8 +243,9 @@ class LeakageWatch:
         self.latest: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ measuring
-    def measure(self, module: nn.Module, step: int) -> dict[str, Any]:
-        """The cheap leakage measure of ``module``'s current weights (recorded in history)."""
+    def measure(self, module: nn.Module, step: int, *, record: bool = True) -> dict[str, Any]:
+        """The cheap leakage measure of ``module``'s current weights (recorded in history and
+        as ``latest`` unless ``record=False``: a look on request, e.g. the model owner's)."""
         t0 = time.perf_counter()
         n_mock = self._mock.shape[0]
         z = encode(module, torch.cat([self._mock, self._probe]), "probe")
@@ -264,8 +265,9 @@ class LeakageWatch:
         seconds = time.perf_counter() - t0
         entry["seconds"] = seconds
         self.seconds += seconds
-        self.history.append(entry)
-        self.latest = entry
+        if record:
+            self.history.append(entry)
+            self.latest = entry
         return entry
 
     def baseline(self, module: nn.Module) -> dict[str, Any]:
