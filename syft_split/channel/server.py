@@ -44,6 +44,7 @@ from ..errors import (
     WireError,
 )
 from . import tls
+from .strangers import Strangers
 
 __all__ = ["Channel", "ChannelServer", "DATA_OPS"]
 
@@ -120,6 +121,14 @@ class ChannelServer:
     ``audit(user, op, segment, nbytes, outcome)`` records a refusal in the host's audit log;
     ``data_ops`` are the ops answered over a channel (default :data:`DATA_OPS`); a hello waits
     at most ``hello_wait_s`` for a frame in flight on its channel.
+
+    A connection is *unauthenticated* until its hello presented the channel's key: it gets
+    ``auth_deadline_s`` in total for the TLS handshake and the hello (a peer trickling bytes
+    does not get more), at most ``max_unauthenticated`` of them are served at once (default:
+    half of ``max_connections``, so strangers cannot take the slots authenticated clients
+    reconnect through) and at most ``max_per_address`` from one address (see
+    :mod:`.strangers`). Connections over a limit are closed at accept and counted
+    (``strangers.dropped``), not audited one by one.
     """
 
     def __init__(self, handle: Callable[[str, bytes], bytes], lock: Any, *,
@@ -128,11 +137,14 @@ class ChannelServer:
                  bind: str = "127.0.0.1", port: int = 0, advertise: str | None = None,
                  max_frame_bytes: int = 64 * 1024 * 1024, sweep_s: float = 0.25,
                  max_connections: int = 64, data_ops: frozenset[str] = DATA_OPS,
-                 hello_wait_s: float = 3600.0) -> None:
+                 hello_wait_s: float = 3600.0, auth_deadline_s: float = 10.0,
+                 max_unauthenticated: int | None = None, max_per_address: int = 8) -> None:
         self._handle, self._lock, self._check, self._audit = handle, lock, check, audit
         self.data_ops, self.hello_wait_s = frozenset(data_ops), hello_wait_s
         #: connections served at once (authenticated or not); more are dropped at accept
         self._slots = threading.BoundedSemaphore(max_connections)
+        self.strangers = Strangers(auth_deadline_s, max_connections // 2 if max_unauthenticated
+                                   is None else max_unauthenticated, max_per_address)
         self.max_frame_bytes = max_frame_bytes
         self.sweep_s = sweep_s
         self.channels: dict[str, Channel] = {}
@@ -224,17 +236,26 @@ class ChannelServer:
                     return
                 raw = None
             if raw is not None:
-                if not self._slots.acquire(blocking=False):  # too many connections at once
-                    raw.close()
-                else:
-                    threading.Thread(target=self._serve, args=(raw,), daemon=True,
-                                     name="syft-split-channel-conn").start()
+                self._admit(raw)
             now = time.monotonic()
             if now - last_sweep >= self.sweep_s:
                 last_sweep = now
                 self._sweep(now)
 
+    def _admit(self, raw: socket.socket) -> None:
+        """Serve a new connection, or close it when a limit is reached."""
+        try:
+            address = raw.getpeername()[0]
+        except OSError:
+            address = None
+        if address is None or not self.strangers.admit(raw, address, self._slots):
+            raw.close()
+            return
+        threading.Thread(target=self._serve, args=(raw,), daemon=True,
+                         name="syft-split-channel-conn").start()
+
     def _sweep(self, now: float) -> None:
+        self.strangers.shut_late(now)
         for channel in self.live():
             with channel.cond:  # a frame in flight is not idleness: never expired mid-frame
                 idle = not channel.inflight and now - channel.last_used > channel.idle_timeout
@@ -251,24 +272,29 @@ class ChannelServer:
         try:
             self._connection(raw)
         finally:
+            self.strangers.trust(raw)
             self._slots.release()
 
     def _connection(self, raw: socket.socket) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.settimeout(10.0)
-        try:
-            conn = self._base.wrap_socket(raw, server_side=True)
+        raw.settimeout(self.strangers.deadline_s)
+        try:  # the handshake runs under the deadline: the sweep shuts the socket down
+            conn = self._base.wrap_socket(raw, server_side=True,
+                                          do_handshake_on_connect=False)
         except (OSError, ssl.SSLError) as exc:
-            _log.debug("syft_split channel: handshake failed: %s", exc)
+            _log.debug("syft_split channel: wrapping failed: %s", exc)
             raw.close()
             return
+        self.strangers.wrapped(raw, conn)
         try:
+            conn.do_handshake()
             channel = next((c for c in list(self.channels.values())
                             if c.context is conn.context), None)
             if channel is None:
                 return
             if not self._hello(conn, channel):
                 return
+            self.strangers.trust(raw)
             conn.settimeout(None)
             self._frames(conn, channel)
         except (EOFError, OSError, ssl.SSLError) as exc:

@@ -1,0 +1,116 @@
+"""Unauthenticated peers cannot hold a channel listener's connection slots: one total deadline
+for the TLS handshake and the hello, and caps on strangers in all and per address (real TLS on
+loopback, no PySyft)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from syft_split import wire
+from syft_split.channel import ChannelClient, ChannelServer, ChannelTicket, tls
+
+MO = "model-owner@example.org"
+
+
+def _echo(user: str, data: bytes) -> bytes:
+    return wire.encode({"ok": True})
+
+
+@pytest.fixture
+def server() -> Iterator[ChannelServer]:
+    s = ChannelServer(_echo, threading.RLock(), check=lambda c: None, audit=lambda *a: None,
+                      sweep_s=0.05, max_connections=8, auth_deadline_s=0.6, max_per_address=2)
+    yield s
+    s.shutdown()
+
+
+def _ticket(server: ChannelServer) -> ChannelTicket:
+    ch, key = server.open(MO, ("s1",), 60.0)
+    return ChannelTicket(ch.id, *server.address, ch.certificate, ch.fingerprint, key, 60.0,
+                         ("s1",))
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> bool:
+    """True when the server ends ``sock`` (EOF or reset) within ``within`` seconds."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _served(server: ChannelServer, ticket: ChannelTicket) -> bool:
+    client = ChannelClient(ticket, MO, timeout=5)
+    try:
+        client.connect()
+        return wire.decode(client.request(wire.encode({"op": "forward", "segment": "s1"}))) == {"ok": True}
+    finally:
+        client.close()
+
+
+def test_silent_connections_are_capped_per_address_and_dropped_at_their_deadline(
+        server: ChannelServer) -> None:
+    ticket = _ticket(server)
+    idle = [socket.create_connection(server.address) for _ in range(2)]
+    time.sleep(0.1)
+    third = socket.create_connection(server.address)  # over the per-address cap
+    assert _closed_by_server(third, 0.5)
+    assert server.strangers.dropped["limit"] == 1 and server.strangers.count() == 2
+    # the two silent ones say nothing: ended at the deadline (the sweep or the read timeout,
+    # whichever comes first), their slots come back
+    t0 = time.monotonic()
+    assert all(_closed_by_server(s, 2.0) for s in idle)
+    assert time.monotonic() - t0 < 1.5
+    time.sleep(0.1)
+    assert server.strangers.count() == 0
+    assert _served(server, ticket)  # an authenticated client is not a stranger for long
+    for s in (*idle, third):
+        s.close()
+
+
+def test_a_trickled_handshake_and_hello_get_one_deadline_in_total(
+        server: ChannelServer) -> None:
+    ticket = _ticket(server)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    start = time.monotonic()
+    s = ctx.wrap_socket(socket.create_connection(server.address), server_hostname=ticket.channel)
+    hello = tls.HELLO + wire.encode({"key": ticket.key, "user": MO})
+    frame = len(hello).to_bytes(4, "little") + hello
+    try:
+        for i in range(len(frame)):  # one byte every 0.1 s: each read is quick, the total not
+            s.sendall(frame[i:i + 1])
+            time.sleep(0.1)
+        raise AssertionError("the server kept reading a trickled hello")
+    except OSError:
+        pass
+    elapsed = time.monotonic() - start
+    assert 0.5 < elapsed < 3.0
+    assert server.strangers.dropped["deadline"] == 1
+    assert server.channels[ticket.channel].state == "open"  # a stranger cannot close it
+    s.close()
+    assert _served(server, ticket)
+
+
+def test_strangers_take_at_most_half_of_the_slots(server: ChannelServer) -> None:
+    assert server.strangers.max_total == 4  # of max_connections=8
+    ticket = _ticket(server)
+    # loopback is one address: lift the per-address cap to reach the total cap
+    server.strangers.max_per_address = 100
+    idle = [socket.create_connection(server.address) for _ in range(4)]
+    time.sleep(0.1)
+    extra = socket.create_connection(server.address)
+    assert _closed_by_server(extra, 0.5)
+    assert server.strangers.count() == 4
+    for s in (*idle, extra):
+        s.close()
+    time.sleep(0.2)
+    assert _served(server, ticket)
