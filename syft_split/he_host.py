@@ -47,8 +47,9 @@ _OPTION_RISK = {
     "share_bound": "level B hides the weight gradient dW = x^T delta from the model owner with "
                    "your share A, uniform in +-share_bound; a small bound (relative to lr * dW) "
                    "hides little: the model owner then learns dW, which reveals x",
-    "flood_bits": "decryptions returned to the model owner carry noise of 2^-flood_bits; fewer "
-                  "bits hide less of the CKKS noise (which depends on your secret key)",
+    "flood_bits": "decryptions returned to the model owner carry noise of 2^-flood_bits; more "
+                  "bits (relative to the encoding scale) hide less of the CKKS noise, which "
+                  "depends on your secret key",
 }
 
 
@@ -162,12 +163,15 @@ class HEOps(OpFamily):
             b = estimate_step_bytes(proposal.he)
         except ConfigError as exc:
             return [*lines, f"  WARNING: the encryption agreement is not valid: {exc}"]
-        options = proposal.he.get("options") or {}
-        defaults = {"share_bound": 1.0, "flood_bits": 30}  # he_layers.LayerSpec's
-        for name, default in defaults.items():
-            if name in options and options[name] != default:
-                lines.append(f"  WARNING: security option {name}={options[name]!r} instead of "
-                             f"{default!r}: " + _OPTION_RISK[name])
+        from he_layers.review import spec_from_agreement
+
+        spec, params = spec_from_agreement(proposal.he)
+        weaker = {"share_bound": spec.level == "B" and spec.share_bound < 1.0,  # the defaults
+                  "flood_bits": params.global_scale_bits - spec.flood_bits < 10}
+        for name, weak in weaker.items():
+            if weak:
+                lines.append(f"  WARNING: security option {name}={getattr(spec, name)!r} is "
+                             "weaker than the default: " + _OPTION_RISK[name])
         lines.append(f"  bytes leaving per training step: {b['bytes_up']} (of which "
                      f"{b['ciphertext_bytes_up']} ciphertext, {b['plain_bytes_up']} masked values), "
                      f"{b['bytes_up_eval']} per evaluation step; once per run: the public context "

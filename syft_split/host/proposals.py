@@ -265,7 +265,9 @@ def _bound_agreement(he: dict[str, Any], max_batch: int, limits: Any) -> None:
     """An encryption agreement within the host's limits before anything is built from it: its
     batch within the segment's ``max_batch``, its ring at most 2^14, and the matrices the data
     owner's review, keys and steps handle (rows x d_in, d_in x d_out, rows x d_out) within
-    ``max_parameters`` elements each (an agreement is what the model owner chooses)."""
+    ``max_parameters`` elements each (an agreement is what the model owner chooses); its
+    security options no weaker than the host's floors (``HostLimits.he_min_share_bound``,
+    ``he_min_flood_margin``)."""
     from he_layers.review import spec_from_agreement
 
     spec, params = spec_from_agreement(he)
@@ -275,6 +277,16 @@ def _bound_agreement(he: dict[str, Any], max_batch: int, limits: Any) -> None:
     if params.poly_modulus_degree > MAX_POLY_MODULUS_DEGREE:
         raise ConfigError(f"poly_modulus_degree {params.poly_modulus_degree}: this data owner "
                           f"accepts at most {MAX_POLY_MODULUS_DEGREE}")
+    if spec.level == "B" and spec.share_bound < limits.he_min_share_bound:
+        raise ConfigError(f"share_bound {spec.share_bound:g}: this data owner needs level B's "
+                          f"share in at least +-{limits.he_min_share_bound:g} (a small share "
+                          "hides little of the weight gradient, which reveals the inputs)")
+    margin = params.global_scale_bits - spec.flood_bits
+    if margin < limits.he_min_flood_margin:
+        raise ConfigError(f"flood_bits {spec.flood_bits} at scale 2^{params.global_scale_bits}: "
+                          f"the flooding noise lies {margin} bits above the encoding unit; this "
+                          f"data owner needs at least {limits.he_min_flood_margin} (less noise "
+                          "hides less of the CKKS noise, which depends on the secret key)")
     for what, n in (("rows x d_in", spec.rows * spec.mat_in),
                     ("d_in x d_out", spec.mat_in * spec.mat_out),
                     ("rows x d_out", spec.rows * spec.mat_out)):

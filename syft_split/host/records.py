@@ -74,6 +74,10 @@ class HostLimits:
     ``max_records_per_minute``: records a segment may release per minute (None: no cap).
     ``review_budget_s``: seconds the review's attack suite may spend on one proposal;
     ``watch_every``: the live leakage watch re-measures an input segment every so many steps.
+    ``he_min_share_bound``: level B's share A must be uniform in at least +-this (a tiny bound
+    hides little of dW). ``he_min_flood_margin``: the flooding noise of returned decryptions,
+    2^-flood_bits, must lie at least this many bits above the encoding unit 2^-scale_bits
+    (the CKKS noise, which depends on the secret key, sits a few bits above that unit).
     """
 
     max_request_bytes: int = 64 * 1024 * 1024
@@ -88,6 +92,8 @@ class HostLimits:
     max_records_per_minute: int | None = None
     review_budget_s: float = 30.0
     watch_every: int = 25
+    he_min_share_bound: float = 1.0
+    he_min_flood_margin: int = 10
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_batch", "max_parameters", "max_width",

@@ -176,21 +176,32 @@ def test_only_plain_torch_affine_layers_can_be_encrypted() -> None:
 
 
 @pytest.mark.he
-def test_the_review_flags_weakened_security_options() -> None:
-    """Level B's share_bound and the flooding bits are the model owner's choice: the review
-    says when an agreement weakens them (a tiny share_bound gives the model owner dW)."""
-    host = _host()
+def test_weakened_security_options_are_refused_below_the_floors_and_flagged_above() -> None:
+    """Level B's share_bound and the flooding bits are the model owner's choice: below the data
+    owner's floors (HostLimits) the proposal is refused; a data owner that lowers its floors
+    still reads in the review what the weaker option gives away."""
     module = nn.Sequential(nn.Linear(8, 16))
     state = {f"state/{k}": v for k, v in spec_state(module).items()}
 
-    def review(**options: Any) -> str:
+    def propose(host: DataOwnerHost, **options: Any) -> dict[str, Any]:
         agreement = {"level": "B", "lr": 0.05, "batch_size": 8, "d_in": 16, "d_out": 4,
                      "bias": True, "params": {}, "options": options}
-        r = _call(host, "mo", "propose", role="input", spec=module_to_spec(module),
-                  datasets=["train"], optimizer=SGD, max_batch=8, he=agreement, **state)
-        return host.review(str(r["segment"]))
+        return _call(host, "mo", "propose", role="input", spec=module_to_spec(module),
+                     datasets=["train"], optimizer=SGD, max_batch=8, he=agreement, **state)
 
-    assert "WARNING: security option" not in review()
-    text = review(share_bound=1e-12)
+    host = _host()
+    assert "WARNING: security option" not in host.review(str(propose(host)["segment"]))
+    # more noise than the default (fewer flood bits) is not weaker
+    assert "WARNING" not in host.review(str(propose(host, flood_bits=10)["segment"]))
+    before = len(host.proposals())
+    for options, words in (({"share_bound": 1e-12}, "share_bound 1e-12"),
+                           ({"flood_bits": 34}, "6 bits above")):
+        r = propose(host, **options)
+        assert r["error"] == "ConfigError" and words in str(r["message"]), r
+    assert len(host.proposals()) == before  # refused before anything was kept
+
+    lax = _host(he_min_share_bound=0.0, he_min_flood_margin=4)
+    text = lax.review(str(propose(lax, share_bound=1e-12)["segment"]))
     assert "WARNING: security option share_bound=1e-12" in text and "reveals x" in text
-    assert "WARNING: security option flood_bits=10" in review(flood_bits=10)
+    text = lax.review(str(propose(lax, flood_bits=34)["segment"]))
+    assert "WARNING: security option flood_bits=34" in text and "hide less" in text
