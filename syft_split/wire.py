@@ -130,6 +130,9 @@ def encode(message: Message) -> bytes:
     if len(fields) > MAX_FIELDS:
         raise WireError(f"message has {len(fields)} tensor/bytes fields; at most {MAX_FIELDS} travel")
     header = json.dumps({"fields": fields, "inline": inline}, separators=(",", ":")).encode()
+    if len(header) > _MAX_HEADER:  # what decode refuses is not sent
+        raise WireError(f"message header of {len(header)} bytes exceeds {_MAX_HEADER} bytes: "
+                        "send long data as a tensor or bytes field")
     return _PREFIX.pack(MAGIC, _VERSION, len(header)) + header + b"".join(chunks)
 
 

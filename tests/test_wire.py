@@ -156,6 +156,15 @@ def test_too_many_fields_refused_on_both_ends() -> None:
         wire.encode({f"{i:x}": b"" for i in range(wire.MAX_FIELDS + 1)})
 
 
+def test_a_header_decode_would_refuse_is_not_encoded() -> None:
+    big = {"note": "x" * (1 << 20)}  # inline JSON past the 1 MiB header limit
+    with pytest.raises(WireError, match="header of"):
+        wire.encode(big)
+    names = {f"{i:0>60}": b"" for i in range(wire.MAX_FIELDS)}  # many fields, long names
+    with pytest.raises(WireError, match="header of"):
+        wire.encode(names)
+
+
 def test_honest_messages_with_many_and_empty_fields_round_trip() -> None:
     msg: dict = {f"t{i}": torch.full((i % 3, 2), float(i)) for i in range(300)}
     msg.update({"empty": b"", "blob": b"\x01" * 7, "scalar": torch.tensor(2.5),
