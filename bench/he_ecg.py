@@ -16,8 +16,9 @@ layer, in-process transport, one process, one torch thread. The same plan in pla
 the same initial weights and batch order, gives the accuracy baseline. Seconds per 1 000
 training records = training-epoch wall time (no evaluation) / training records * 1 000.
 
-Run: ``python bench/he_ecg.py [--train N] [--epochs E]``; writes
-``bench/results/he_ecg.json`` and merges its headline keys into ``he_layer.json``.
+Run: ``python bench/he_ecg.py [--train N] [--epochs E] [--quick]``; writes
+``bench/results/he_ecg.json`` and merges its headline keys into ``he_layer.json``
+(``--quick``: 200/100 records, one epoch, ``he_ecg_quick.json`` only).
 """
 
 from __future__ import annotations
@@ -173,13 +174,19 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=2000, help="training records")
     ap.add_argument("--test", type=int, default=1000, help="test records")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true",
+                    help="200/100 records, one epoch, to he_ecg_quick.json only")
     args = ap.parse_args()
+    if args.quick:
+        args.train, args.test, args.epochs = 200, 100, 1
     out = bench_ecg(args.train, args.test, args.epochs)
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "he_ecg.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
-    merge_into(results / "he_layer.json",
-               {k: v for k, v in out.items() if "epoch" not in k or "per_1000" in k})
+    name = "he_ecg_quick.json" if args.quick else "he_ecg.json"
+    (results / name).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    if not args.quick:
+        merge_into(results / "he_layer.json",
+                   {k: v for k, v in out.items() if "epoch" not in k or "per_1000" in k})
     print(json.dumps(out, indent=2, sort_keys=True))
 
 

@@ -280,6 +280,7 @@ def bench_digits_step(cut: str, blocks: int, steps: int) -> dict[str, float]:
             times[kind].append(run(kind, steps * 4 if kind == "plain" else steps))
     costs = {k: v if ".last_" in k else v - warm.get(k, 0.0)
              for k, v in sessions["he"].he.costs().items()}
+    one = sessions["he1"].he.costs()  # the one-core session's last step: its own counts
     n = costs["model_owner.h.steps"]
     p_s, h_s, h1_s = (statistics.median(times[k]) for k in ("plain", "he", "he1"))
     tag = "digits" if cut == "pool2" else "demo_pool1"
@@ -303,7 +304,13 @@ def bench_digits_step(cut: str, blocks: int, steps: int) -> dict[str, float]:
            f"bytes_up_per_step_{tag}": costs["h.last_bytes_sent"],
            f"bytes_down_per_step_{tag}": costs["h.last_bytes_received"],
            f"round_trips_per_step_{tag}": costs["model_owner.h.round_trips"] / n,
-           f"step_blocks_{tag}": float(blocks)}
+           f"step_blocks_{tag}": float(blocks),
+           f"keyswitches_per_step_{tag}_one_core": one["model_owner.h.last_rotations"],
+           f"keyswitches_min_per_step_{tag}_one_core": one["model_owner.h.last_keyswitches_min"],
+           f"multiplications_per_step_{tag}_one_core": one["model_owner.h.last_multiplications"],
+           f"encodes_per_step_{tag}_one_core": one["model_owner.h.last_encodes"],
+           f"bytes_up_per_step_{tag}_one_core": one["h.last_bytes_sent"],
+           f"bytes_down_per_step_{tag}_one_core": one["h.last_bytes_received"]}
     return out
 
 

@@ -166,7 +166,7 @@ def bench_inprocess(x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
 def noop_endpoint(context: object) -> bytes:
     """PySyft's floor: an endpoint that does nothing (but unregister PySyft's per-call client
     APIs, as the syft-split endpoint does; otherwise each call leaks ~10 MiB)."""
-    from syft_split.datasite import _unregister_call_clients
+    from syft_split.datasite_serve import _unregister_call_clients
 
     _unregister_call_clients(context)
     return b""

@@ -20,7 +20,9 @@ How the numbers are obtained (``source`` in the JSON):
   guard, wire bytes and ledger as a PySyft datasite -- tests/pysyft/test_concurrent.py checks
   the ledger is identical over HTTP datasites), each holding 100 records = one client's share
   at K = 500. Bytes come from the transport's traffic log (training ops only), FLOPs from the
-  run's ledger. K = 500 is that measurement; K = 100 (500 records per client) scales the
+  run's ledger. K = 500 is that measurement, except SplitFed's secure-aggregation bytes: run
+  with two members and extrapolated linearly to K - 1 peers (each client exchanges a masked
+  share with every other); K = 100 (500 records per client) scales the
   measured per-batch and per-round costs by the number of batches (x5) and keeps per-epoch
   costs (relay hand-off, FedAvg round) -- exact, since every full batch costs the same;
 - ``round_s_concurrent`` / ``round_s_sequential``: one SplitFed v1 round over 8 real HTTP
@@ -225,6 +227,11 @@ def measure(model_name: str, method: str, share: int = SHARE, batch: int = BATCH
             "model_owner_tflops": report.training_tflops("model_owner"), "seconds": seconds}
 
 
+#: SplitFed's secure-aggregation bytes are not run with K members (they are with 2)
+SPLITFED_NOTE = ("; SplitFed's weight bytes: the measured two-member secure aggregation per "
+                 "peer, extrapolated linearly to the {} other members")
+
+
 def per_client_epoch(method: str, m: dict[str, Any], clients: int, batch: int = BATCH
                      ) -> tuple[float, float]:
     """(bytes, FLOPs) of one client for one epoch with ``clients`` clients."""
@@ -348,7 +355,7 @@ def main() -> None:
                 "source": ("measured: two data owners holding one client's share"
                            if CIFAR_TRAIN // k == SHARE else
                            f"scaled from the measured per-batch/per-round costs "
-                           f"(x{CIFAR_TRAIN // k // SHARE} batches)"),
+                           f"(x{CIFAR_TRAIN // k // SHARE} batches)") + SPLITFED_NOTE.format(k - 1),
             }
     sensitivity: dict[str, Any] = {}
     if not args.quick:  # the same VGG-16 with only its first convolution at the client
