@@ -55,8 +55,10 @@ def review_lines(suite: Mapping[str, Any], *, bound: WatchBound | None = None,
     """
     att = suite["attacks"]
     pt = suite["passthrough"]
-    lines = [f"  leakage measured here on {suite['n_held_out']} of your records ({suite['n_mock']} mock "
-             f"records as the attacker's side data; what leaves: {_what_leaves(suite['release'])}; "
+    side = ("of your private records standing in for" if suite.get("mock_stand_in")
+            else "mock records as")
+    lines = [f"  leakage measured here on {suite['n_held_out']} of your records ({suite['n_mock']} "
+             f"{side} the attacker's side data; what leaves: {_what_leaves(suite['release'])}; "
              f"{suite['seconds']:.1f} s):",
              "    attack                                          MSE ratio  SSIM   (ratio 1 = guessing the "
              "mock mean, 0 = exact; SSIM 1 = identical)"]
