@@ -15,7 +15,10 @@ peer-sealing key)::
                              with its steps (``OpFamily.segment_state``: a local loss's
                              auxiliary head with its weights and optimizer state; the leakage
                              watch: bound, history, detector)
-      audit.jsonl            one JSON line per call answered (appended as calls happen)
+      audit.jsonl            one JSON line per call answered (appended as calls happen);
+                             past ``audit_bytes`` (64 MiB) it becomes audit.1.jsonl (the older
+                             ones move up to audit.<audit_keep>.jsonl; older than that are
+                             deleted), and a new audit.jsonl starts
 
 Files use the wire format (:mod:`syft_split.persist`; no pickle) and are replaced atomically
 (temp file, fsync, rename). A segment is saved after every ``every``-th op that changes it
@@ -41,6 +44,7 @@ import math
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -61,6 +65,9 @@ __all__ = ["HostStore", "FORMAT"]
 
 #: version of the state directory's layout
 FORMAT = 1
+#: audit.jsonl's size past which it is rotated, and how many rotated files are kept
+AUDIT_BYTES = 64 * 1024 * 1024
+AUDIT_KEEP = 4
 
 
 class HostStore:
@@ -77,6 +84,9 @@ class HostStore:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "segments").mkdir(exist_ok=True)
         self._audit_file: Any = None
+        #: audit.jsonl's size past which it is rotated, and how many rotated files are kept
+        self.audit_bytes = AUDIT_BYTES
+        self.audit_keep = AUDIT_KEEP
         self._changes: dict[str, int] = {}
         #: set while :meth:`restore` runs: a save asked for then (a family halting a segment it
         #: cannot rebuild) waits until everything is loaded, so no half-restored state is written
@@ -130,11 +140,25 @@ class HostStore:
         self.writes += 1
 
     def append_audit(self, entry: AuditEntry) -> None:
-        """One JSON line per call (flushed; fsynced by :meth:`save_all`)."""
+        """One JSON line per call (flushed; fsynced by :meth:`save_all`); the file is rotated
+        past :attr:`audit_bytes` (see the module docstring)."""
         if self._audit_file is None:
             self._audit_file = open(self.path / "audit.jsonl", "a", encoding="utf-8")
         self._audit_file.write(json.dumps(_audit_json(entry), separators=(",", ":")) + "\n")
         self._audit_file.flush()
+        if self._audit_file.tell() >= self.audit_bytes:
+            self._rotate_audit()
+
+    def _rotate_audit(self) -> None:
+        """audit.jsonl -> audit.1.jsonl -> ... -> audit.<audit_keep>.jsonl (the oldest goes)."""
+        self._audit_file.close()
+        self._audit_file = None
+        names = ["audit.jsonl"] + [f"audit.{k}.jsonl" for k in range(1, self.audit_keep + 1)]
+        (self.path / names[-1]).unlink(missing_ok=True)
+        for older, newer in reversed(list(zip(names[1:], names[:-1]))):
+            if (self.path / newer).exists():
+                os.replace(self.path / newer, self.path / older)
+        persist.fsync_dir(self.path)
 
     def save_all(self, host: DataOwnerHost) -> None:
         """Everything, now (clean shutdown)."""
@@ -164,7 +188,9 @@ class HostStore:
         if tree.get("host") != host.name:
             raise ConfigError(f"{self.path} holds the state of host {tree.get('host')!r}, not "
                               f"{host.name!r}: one state directory per host")
-        host.audit[:0] = self._read_audit()  # first: what restoring audits (halts) comes after
+        # first: what restoring audits (halts) comes after
+        tail, host.audit_first = self._read_audit(host.audit_tail)
+        host.audit[:0] = tail
         self._restoring, self._deferred = True, False
         try:
             top, kept = 0, {}
@@ -220,18 +246,24 @@ class HostStore:
             rt.pending_source = snap["pending"]  # re-run once every dataset is back
         return rt, dict(snap.get("families") or {})
 
-    def _read_audit(self) -> list[AuditEntry]:
+    def _read_audit(self, keep: int) -> tuple[list[AuditEntry], int]:
+        """The last ``keep`` entries of audit.jsonl, and how many lines come before them."""
         path = self.path / "audit.jsonl"
         if not path.exists():
-            return []
-        out = []
-        with open(path, encoding="utf-8") as f:
+            return [], 0
+        lines: deque[str] = deque(maxlen=keep)
+        count = 0
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
-                try:
-                    out.append(AuditEntry(**json.loads(line)))
-                except (ValueError, TypeError):
-                    continue  # a line torn by a crash mid-write
-        return out
+                lines.append(line)
+                count += 1
+        out = []
+        for line in lines:
+            try:
+                out.append(AuditEntry(**json.loads(line)).clipped())
+            except (ValueError, TypeError):
+                continue  # a line torn by a crash mid-write
+        return out, count - len(lines)
 
 
 # ------------------------------------------------------------------------------ trees
