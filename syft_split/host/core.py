@@ -137,8 +137,8 @@ class DataOwnerHost:
     def _persist(self, spec: OpSpec | None, call: Call | None) -> None:
         if self.store is None or spec is None or call is None or not spec.mutates:
             return
-        if call.req.get("train", True) is False:
-            return  # an evaluation call changes nothing
+        if spec.evaluates and call.req.get("train", True) is False:
+            return  # an evaluation forward or loss step changes nothing; other ops ignore train
         if call.rt is not None:
             self.store.changed(call.rt)
         if call.rt is None or spec.family_state:
