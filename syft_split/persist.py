@@ -88,11 +88,15 @@ def unpack(message: dict[str, Any]) -> Any:
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically and durably (temp file, fsync, rename)."""
+    """Replace ``path`` by ``data`` atomically and durably (temp file, fsync, rename). The file
+    is readable by its owner only (0600, whatever the umask: state holds weights and keys);
+    a missing directory is made 0700."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    tmp.unlink(missing_ok=True)  # a stale one (a crashed process with this pid)
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -1,8 +1,8 @@
 """A data owner's state directory: what a host keeps across a crash or a restart.
 
 A :class:`~syft_split.host.DataOwnerHost` built with ``state_dir=...`` writes there (the
-directory is the data owner's; keep it private, e.g. mode 0700 — it holds weights and the
-peer-sealing key)::
+directory is the data owner's: it holds weights and the peer-sealing key; the host makes the
+directories 0700 and every file 0600, whatever the umask)::
 
     state_dir/
       host.sspl              proposals (spec JSON, initial weights, status and, for a halted
@@ -81,8 +81,9 @@ class HostStore:
         self.every = every
         #: the host's op families (what each keeps per segment goes in the segment's file)
         self.families: Mapping[str, OpFamily] = families if families is not None else {}
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "segments").mkdir(exist_ok=True)
+        for folder in (self.path, self.path / "segments"):  # the data owner's only
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.chmod(0o700)
         self._audit_file: Any = None
         #: audit.jsonl's size past which it is rotated, and how many rotated files are kept
         self.audit_bytes = AUDIT_BYTES
@@ -143,7 +144,10 @@ class HostStore:
         """One JSON line per call (flushed; fsynced by :meth:`save_all`); the file is rotated
         past :attr:`audit_bytes` (see the module docstring)."""
         if self._audit_file is None:
-            self._audit_file = open(self.path / "audit.jsonl", "a", encoding="utf-8")
+            fd = os.open(self.path / "audit.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                         0o600)
+            os.fchmod(fd, 0o600)  # also a log an older version left readable by others
+            self._audit_file = os.fdopen(fd, "a", encoding="utf-8")
         self._audit_file.write(json.dumps(_audit_json(entry), separators=(",", ":")) + "\n")
         self._audit_file.flush()
         if self._audit_file.tell() >= self.audit_bytes:
