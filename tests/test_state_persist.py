@@ -111,3 +111,29 @@ def test_train_false_on_backward_still_saves_the_step(tmp_path: Path) -> None:
     again.restore_state()
     assert again.runtimes[pid].steps == 1 and again.runtimes[pid].last_step == 2
     assert all(torch.equal(trained[k], v) for k, v in again.export_weights(pid).items())
+
+
+@pytest.mark.parametrize("op", ["secagg_aggregate", "unseal"])
+def test_weights_a_family_op_loaded_are_saved_with_it_whatever_checkpoint_every(
+        tmp_path: Path, op: str) -> None:
+    """checkpoint_every=10: a round (or relay) recorded as loaded on disk comes with the weights
+    it loaded, not the ones before it."""
+    dep, t, segs = _peers(tmp_path, checkpoint_every=10)
+    for n in NAMES:  # the copies differ
+        _train_step(t, n, segs[n], seed=ord(n))
+    if op == "secagg_aggregate":
+        w = {n: 1.0 for n in NAMES}
+        sealed = {n: t.call(n, "secagg_contribute", segment=segs[n], label="node0", round=1,
+                            members=segs, weights=w) for n in NAMES}
+        for n in NAMES:
+            t.call(n, "secagg_aggregate", segment=segs[n], round=1,
+                   **{f"sealed/{o}": sealed[o][f"sealed/{n}"] for o in NAMES if o != n})
+    else:
+        relay = t.call("b", "seal", segment=segs["b"], peer="a", to_segment=segs["a"])
+        t.call("a", "unseal", segment=segs["a"], sender="b", sealed=relay["sealed"])
+    loaded = _flat(dep.owners["a"], segs["a"])
+    a2 = _host("a", tmp_path, checkpoint_every=10)  # a crashes right after loading
+    assert (_flat(a2, segs["a"]) == loaded).all()
+    if op == "secagg_aggregate":
+        t2 = _others({**dep.owners, "a": a2})
+        assert t2.call("a", "secagg_round", segment=segs["a"])["aggregated"] == 1

@@ -139,7 +139,11 @@ class DataOwnerHost:
             return
         if spec.evaluates and call.req.get("train", True) is False:
             return  # an evaluation forward or loss step changes nothing; other ops ignore train
-        if call.rt is not None:
+        if call.rt is not None and spec.family_state:
+            # what the family records (a round loaded, a relay seen) never outruns the weights
+            # it changed: the segment first, whatever checkpoint_every says
+            self.store.save_runtime(call.rt)
+        elif call.rt is not None:
             self.store.changed(call.rt)
         if call.rt is None or spec.family_state:
             self.store.save_host(self)
