@@ -76,3 +76,54 @@ def test_a_state_directory_left_readable_is_closed(tmp_path: Path, umask_022: No
 def test_write_atomic_makes_private_files(tmp_path: Path, umask_022: None) -> None:
     persist.write_atomic(tmp_path / "new" / "f.bin", b"x")
     assert _mode(tmp_path / "new") == 0o700 and _mode(tmp_path / "new" / "f.bin") == 0o600
+
+
+def _no_space(fd: int) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "f.bin"
+    persist.write_atomic(target, b"old")
+    monkeypatch.setattr(os, "fsync", _no_space)
+    with pytest.raises(OSError):
+        persist.write_atomic(target, b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def _middle(host: DataOwnerHost) -> str:
+    module = nn.Sequential(nn.Linear(4, 4))
+    req = {"op": "propose", "role": "middle", "datasets": [], "input_shape": [4],
+           "spec": module_to_spec(module), "optimizer": {"name": "sgd", "lr": 0.1},
+           **{f"state/{k}": v for k, v in spec_state(module).items()}}
+    pid = str(wire.decode(host.handle(USER, wire.encode(req)))["segment"])
+    host.approve(pid)
+    return pid
+
+
+def test_a_step_that_cannot_be_saved_is_answered_audited_and_saved_on_retry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "state"
+    host = _host(root)
+    pid = _middle(host)
+
+    def step(**fields: object) -> dict[str, object]:
+        return dict(wire.decode(host.handle(USER, wire.encode({"segment": pid, **fields}))))
+
+    step(op="forward", x=torch.randn(4, 4), step=1)
+    backward = {"op": "backward", "grad": torch.ones(4, 4), "step": 2}
+    monkeypatch.setattr(os, "fsync", _no_space)  # the disk fills up
+    failed = step(**backward)
+    monkeypatch.undo()
+    assert failed["error"] == "StateSaveError"
+    assert "ran on a" in str(failed["message"]) and "not durable" in str(failed["message"])
+    assert host.audit[-1].op == "backward"
+    assert host.audit[-1].outcome.startswith("StateSaveError")
+    assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+    assert host.runtimes[pid].steps == 1  # it ran (in memory): never applied twice
+    assert step(**backward)["steps"] == 1  # the retry: answered from the record, saved now
+    again = _host(root)  # a crash, then a restart
+    assert again.runtimes[pid].steps == 1 and again.runtimes[pid].last_step == 2

@@ -44,6 +44,7 @@ from ..errors import (
     EgressError,
     LeakageHaltError,
     ProtocolError,
+    StateSaveError,
     SyftSplitError,
 )
 from .dispatch import OpFamily, OpSpec, owner_op, registered_families
@@ -134,8 +135,16 @@ class DataOwnerHost:
         if self.store is not None:
             self.store.append_audit(entry)
 
-    def _persist(self, spec: OpSpec | None, call: Call | None) -> None:
-        if self.store is None or spec is None or call is None or not spec.mutates:
+    def _persist(self, spec: OpSpec | None, call: Call | None, *, replayed: bool = False) -> None:
+        """Save what the op changed (see :mod:`.store`). After a failed save
+        (``store.unsaved``) the next changing op or replayed step saves everything."""
+        if self.store is None:
+            return
+        if self.store.unsaved and (replayed or (spec is not None and spec.mutates)):
+            self.store.save_all(self)
+            self.store.unsaved = False
+            return
+        if spec is None or call is None or not spec.mutates:
             return
         if spec.evaluates and call.req.get("train", True) is False:
             return  # an evaluation forward or loss step changes nothing; other ops ignore train
@@ -251,6 +260,7 @@ class DataOwnerHost:
         op, segment, shapes = "?", None, {}
         spec: OpSpec | None = None
         call: Call | None = None
+        replay: bytes | None = None
         try:
             request = wire.decode(data, max_bytes=self.limits.max_request_bytes)
             op = str(request.pop("op", "?"))
@@ -294,7 +304,19 @@ class DataOwnerHost:
         except Exception as exc:  # a bug or torch failure: report, never crash the host
             raw = wire.encode({"error": "RemoteError", "message": f"{type(exc).__name__}: {exc}"})
             outcome = f"RemoteError: {type(exc).__name__}: {exc}"
-        self._persist(spec, call)  # before answering: an answered step is on disk
+        try:  # before answering: an answered step is on disk
+            self._persist(spec, call, replayed=replay is not None)
+        except Exception as exc:  # disk full, I/O error: it ran, it is not saved; say so
+            assert self.store is not None
+            self.store.unsaved = True
+            err = StateSaveError(
+                f"op {clip(op, AUDIT_TEXT)!r} ran on {self.name} (outcome: "
+                f"{clip(outcome, AUDIT_TEXT)}) but its state could not be saved "
+                f"({type(exc).__name__}: {exc}): it is not durable. Send the same request "
+                "again (same step id) to get its answer once saved; if the data owner "
+                "restarts first, the step is lost (re-attach)")
+            raw = wire.encode({"error": type(err).__name__, "message": str(err)})
+            outcome = f"StateSaveError: {err}"
         self.record(AuditEntry(time.time(), caller, op, segment, shapes, len(data), len(raw),
                                time.perf_counter() - t0, outcome))
         return raw

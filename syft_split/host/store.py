@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from .dispatch import OpFamily
 
 __all__ = ["HostStore", "FORMAT"]
+
+_log = logging.getLogger(__name__)
 
 #: version of the state directory's layout
 FORMAT = 1
@@ -89,6 +92,8 @@ class HostStore:
         self.audit_bytes = AUDIT_BYTES
         self.audit_keep = AUDIT_KEEP
         self._changes: dict[str, int] = {}
+        #: a save failed (disk full, I/O error): memory holds more than the files
+        self.unsaved = False
         #: set while :meth:`restore` runs: a save asked for then (a family halting a segment it
         #: cannot rebuild) waits until everything is loaded, so no half-restored state is written
         self._restoring = False
@@ -143,6 +148,18 @@ class HostStore:
     def append_audit(self, entry: AuditEntry) -> None:
         """One JSON line per call (flushed; fsynced by :meth:`save_all`); the file is rotated
         past :attr:`audit_bytes` (see the module docstring)."""
+        try:
+            self._append_audit(entry)
+        except OSError as exc:  # disk full: the entry stays in memory; the next one retries
+            _log.warning("syft_split: audit entry not written to %s: %s", self.path, exc)
+            if self._audit_file is not None:
+                try:
+                    self._audit_file.close()
+                except OSError:
+                    pass
+                self._audit_file = None
+
+    def _append_audit(self, entry: AuditEntry) -> None:
         if self._audit_file is None:
             fd = os.open(self.path / "audit.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT,
                          0o600)
