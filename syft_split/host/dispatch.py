@@ -37,6 +37,7 @@ class Host(Protocol):
     limits: HostLimits
     guard: Guard
     audit: list[AuditEntry]
+    audit_first: int
     proposals_by_id: dict[str, Proposal]
     runtimes: dict[str, Runtime]
     families: dict[str, OpFamily]
