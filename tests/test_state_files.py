@@ -4,6 +4,7 @@ and what a restart says about damaged or missing ones."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from syft_split import DataOwnerHost, persist, wire
+from syft_split.errors import WireError
 from syft_split.spec import module_to_spec, spec_state
 
 USER = "model-owner@example.org"
@@ -127,3 +129,51 @@ def test_a_step_that_cannot_be_saved_is_answered_audited_and_saved_on_retry(
     assert step(**backward)["steps"] == 1  # the retry: answered from the record, saved now
     again = _host(root)  # a crash, then a restart
     assert again.runtimes[pid].steps == 1 and again.runtimes[pid].last_step == 2
+
+
+def _trained(root: Path) -> tuple[DataOwnerHost, str, bytes]:
+    """A host whose middle segment took three steps, shut down cleanly, and its segment
+    file as it was after the first step."""
+    host = _host(root)
+    pid = _middle(host)
+    assert host.store is not None
+    first = b""
+    for s in (1, 3, 5):
+        for op, field in (("forward", "x"), ("backward", "grad")):
+            value = torch.randn(4, 4) if field == "x" else torch.ones(4, 4)
+            msg = {"op": op, "segment": pid, field: value, "step": s + (op == "backward")}
+            assert "error" not in wire.decode(host.handle(USER, wire.encode(msg)))
+        first = first or host.store.segment_path(pid).read_bytes()
+    host.close()
+    return host, pid, first
+
+
+@pytest.mark.parametrize("damaged", ["host.sspl", "segment"])
+def test_a_damaged_state_file_is_named(tmp_path: Path, damaged: str) -> None:
+    host, pid, _ = _trained(tmp_path)
+    assert host.store is not None
+    path = tmp_path / "host.sspl" if damaged == "host.sspl" else host.store.segment_path(pid)
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(WireError, match=re.escape(f"state file {path} is damaged")):
+        _host(tmp_path)
+
+
+@pytest.mark.parametrize("loss", ["deleted", "older"])
+def test_a_lost_segment_file_halts_the_segment(tmp_path: Path, loss: str) -> None:
+    host, pid, first = _trained(tmp_path)
+    assert host.store is not None
+    path = host.store.segment_path(pid)
+    if loss == "older":  # a copy from after the first step put back (a backup, a bad disk)
+        path.write_bytes(first)
+    else:
+        path.unlink()
+    again = _host(tmp_path)
+    p = again.proposals_by_id[pid]
+    assert p.status == "halted" and str(path) in p.reason
+    assert again.audit[-1].op == "halt" and again.audit[-1].segment == pid
+    refused = wire.decode(again.handle(USER, wire.encode(
+        {"op": "forward", "segment": pid, "x": torch.randn(4, 4), "step": 7})))
+    assert refused["error"] == "ApprovalError"
+    again.close()
+    assert _host(tmp_path).proposals_by_id[pid].status == "halted"  # and it stays halted

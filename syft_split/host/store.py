@@ -6,9 +6,10 @@ directories 0700 and every file 0600, whatever the umask)::
 
     state_dir/
       host.sspl              proposals (spec JSON, initial weights, status and, for a halted
-                             one, why and by whom, approval; the id counter goes on after the
-                             highest id), and what each op family keeps (peer keys, trusted
-                             peers, alignment permissions and aligned rows, ...)
+                             one, why and by whom, approval; how many times its segment file
+                             was written; the id counter goes on after the highest id), and
+                             what each op family keeps (peer keys, trusted peers, alignment
+                             permissions and aligned rows, ...)
       segments/<id>.sspl     per approved segment: weights, optimizer state, step counter, RNG
                              states, the last applied steps (id, op, digest, response), what
                              its pending forward ran on, and what families keep per segment
@@ -27,9 +28,11 @@ every data-owner op and every halt, and everything on a clean shutdown
 (:meth:`HostStore.save_all`).
 
 Restoring (:meth:`HostStore.restore`, after the host's datasets are back) rebuilds proposals and
-segments, re-runs a pending forward from its recorded input and RNG state (so the model owner's
-held-back gradient lands on the same step), and hands each family its state (what it keeps per
-segment through ``OpFamily.restore_segment``). CKKS secret keys
+segments (a damaged file is refused with an error naming it; a segment whose file is missing or
+older than ``host.sspl`` records is halted, audited, never run on from lost state), re-runs
+a pending forward from its recorded input and RNG state (so the model owner's held-back gradient
+lands on the same step), and hands each family its state (what it keeps per segment through
+``OpFamily.restore_segment``). CKKS secret keys
 are never written to disk: a segment approved with encryption comes back with fresh keys (the
 model owner fetches the new public context and runs a step cut by the restart again from its
 forward); its HE cost totals and, at level B, its weight share, saved in the segment's file
@@ -53,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .. import persist
-from ..errors import ConfigError
+from ..errors import ConfigError, SyftSplitError, WireError
 from ..spec import OptimizerSpec, module_from_spec
 from .records import AuditEntry, Proposal, Runtime, StepRecord
 from .segments import rerun_pending
@@ -92,6 +95,9 @@ class HostStore:
         self.audit_bytes = AUDIT_BYTES
         self.audit_keep = AUDIT_KEEP
         self._changes: dict[str, int] = {}
+        #: how many times each segment's file was written (in the file, and in host.sspl: a
+        #: restart finds a file that is missing or older than host.sspl says)
+        self._saves: dict[str, int] = {}
         #: a save failed (disk full, I/O error): memory holds more than the files
         self.unsaved = False
         #: set while :meth:`restore` runs: a save asked for then (a family halting a segment it
@@ -115,7 +121,8 @@ class HostStore:
         tree = {
             "format": FORMAT,
             "host": host.name,
-            "proposals": [_proposal_tree(p, p.id in host.runtimes)
+            "proposals": [{**_proposal_tree(p, p.id in host.runtimes),
+                           "saves": self._saves.get(p.id, 0)}
                           for p in host.proposals_by_id.values()],
             "families": {name: fam.state() for name, fam in host.families.items()},
         }
@@ -140,7 +147,10 @@ class HostStore:
     def save_runtime(self, rt: Runtime) -> None:
         """The segment's snapshot, now."""
         t0 = time.perf_counter()
-        persist.save(self.segment_path(rt.id), _runtime_tree(rt, self.families))
+        saves = self._saves.get(rt.id, 0) + 1
+        persist.save(self.segment_path(rt.id), {**_runtime_tree(rt, self.families),
+                                                "saves": saves})
+        self._saves[rt.id] = saves
         self._changes[rt.id] = 0
         self.seconds += time.perf_counter() - t0
         self.writes += 1
@@ -203,7 +213,7 @@ class HostStore:
         when there is nothing to restore."""
         if not self.exists():
             return False
-        tree = persist.load(self.path / "host.sspl")
+        tree = _load(self.path / "host.sspl")
         if tree.get("format") != FORMAT:
             raise ConfigError(f"{self.path}: state format {tree.get('format')!r}, expected {FORMAT}")
         if tree.get("host") != host.name:
@@ -220,7 +230,8 @@ class HostStore:
                 host.proposals_by_id[p.id] = p
                 top = max(top, _number(p.id))
                 if raw.get("runtime"):
-                    host.runtimes[p.id], kept[p.id] = self._runtime(host, p)
+                    host.runtimes[p.id], kept[p.id] = self._runtime(host, p,
+                                                                    int(raw.get("saves", 0)))
             host.ids = itertools.count(top + 1)
             states = tree.get("families") or {}
             for name, family in host.families.items():
@@ -238,15 +249,28 @@ class HostStore:
             self.save_host(host)
         return True
 
-    def _runtime(self, host: DataOwnerHost, p: Proposal) -> tuple[Runtime, dict[str, Any]]:
-        """The segment as its file left it, and what the families kept with it."""
+    def _runtime(self, host: DataOwnerHost, p: Proposal,
+                 saves: int) -> tuple[Runtime, dict[str, Any]]:
+        """The segment as its file left it, and what the families kept with it. A file that
+        is missing or older than host.sspl says (``saves``: how often it had been written)
+        halts the segment (audited): it would run on from lost weights and steps."""
         assert p.module is not None
         params = list(p.module.parameters())
         rt = Runtime(p, p.module, p.optimizer.build(params) if params else None)
         path = self.segment_path(p.id)
         if not path.exists():
+            if saves > 0 and p.status == "approved":
+                host.halt(p.id, f"the datasite restarted and this segment's state file {path} "
+                          f"is missing (it had been saved {saves} times): its weights and "
+                          "steps are lost; it cannot run on from its initial weights")
             return rt, {}
-        snap = persist.load(path)
+        snap = _load(path)
+        found = int(snap.get("saves", 0))
+        self._saves[p.id] = found
+        if found < saves and p.status == "approved":
+            host.halt(p.id, f"the datasite restarted and this segment's state file {path} is "
+                      f"older than the host's record (save {found} of {saves}): its latest "
+                      "weights and steps are lost; it cannot run on from older ones")
         rt.module.load_state_dict(snap["weights"])
         if rt.optimizer is not None and snap.get("optimizer") is not None:
             rt.optimizer.load_state_dict(snap["optimizer"])
@@ -288,6 +312,16 @@ class HostStore:
 
 
 # ------------------------------------------------------------------------------ trees
+def _load(path: Path) -> Any:
+    """A state file, or an error naming it (a damaged file: truncated, overwritten)."""
+    try:
+        return persist.load(path)
+    except (SyftSplitError, ValueError, KeyError) as exc:
+        raise WireError(f"state file {path} is damaged and cannot be restored "
+                        f"({type(exc).__name__}: {exc}); put back a copy from a backup, or "
+                        "move the state directory aside to start without it") from exc
+
+
 def _number(pid: str) -> int:
     """The number an id ends with, whatever its kind (``a/seg3``: 3, ``a/fl12``: 12): the
     counter goes on after the highest one of every kind, so no id is handed out twice."""
