@@ -351,8 +351,16 @@ class DatasiteConsole(ChannelConsole):
         return {k[6:]: v for k, v in response.items() if k.startswith("state/")}
 
     def audit(self, since: int = 0) -> list[AuditEntry]:
-        """Every call the host answered (model-owner and ``owner.*`` ops), from ``since``."""
-        return [AuditEntry(**e) for e in self._call("audit", since=since)["entries"]]
+        """The calls the host answered (model-owner and ``owner.*`` ops) from index ``since``
+        on, fetched page by page; entries older than the host keeps in memory are in its
+        state directory's ``audit*.jsonl`` only."""
+        out: list[AuditEntry] = []
+        while True:
+            page = self._call("audit", since=since)
+            out.extend(AuditEntry(**e) for e in page["entries"])
+            since = int(page.get("next", since))
+            if not page["entries"] or since >= int(page["total"]):
+                return out
 
     def audit_log(self) -> list[dict[str, Any]]:
         """Every call answered so far, as plain dicts (like ``DataOwnerHost.audit_log``)."""

@@ -22,6 +22,7 @@
     ├── TransportError          the transport failed (PySyft errors are wrapped here)
     │   └── CallTimeoutError    a party did not answer within the call's timeout
     ├── RemoteError             the peer failed with an error that has no mapping here
+    ├── StateSaveError          the data owner ran the request but could not save its state
     └── HEError                 homomorphic-encryption failures (he_layers)
         ├── InsecureParametersError
         └── CiphertextError
@@ -52,6 +53,7 @@ __all__ = [
     "TransportError",
     "CallTimeoutError",
     "RemoteError",
+    "StateSaveError",
     "HEError",
     "InsecureParametersError",
     "CiphertextError",
@@ -138,6 +140,15 @@ class CallTimeoutError(TransportError):
 
 class RemoteError(SyftSplitError):
     """The peer failed with an error that has no mapping in this hierarchy."""
+
+
+class StateSaveError(SyftSplitError):
+    """The data owner's host answered the request in memory but could not write its state
+    directory (disk full, I/O error). Unlike other errors this one does NOT mean nothing was
+    applied: the request ran and its answer is recorded, it is just not durable yet. Send the
+    same request again (same step id): the host tries to save everything first and answers
+    it from its record (never applying it twice). If the host restarts before a save succeeds,
+    it comes back without the step and refuses the next one as a gap (re-attach)."""
 
 
 class HEError(SyftSplitError):

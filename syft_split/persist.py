@@ -88,15 +88,23 @@ def unpack(message: dict[str, Any]) -> Any:
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically and durably (temp file, fsync, rename)."""
+    """Replace ``path`` by ``data`` atomically and durably (temp file, fsync, rename). The file
+    is readable by its owner only (0600, whatever the umask: state holds weights and keys);
+    a missing directory is made 0700. A failed write raises and leaves the old file (or
+    none) and no temp file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)  # a stale one (a crashed process with this pid)
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no partial file
     fsync_dir(path.parent)
 
 

@@ -44,14 +44,29 @@ from ..errors import (
     EgressError,
     LeakageHaltError,
     ProtocolError,
+    StateSaveError,
     SyftSplitError,
 )
 from .dispatch import OpFamily, OpSpec, owner_op, registered_families
 from .guard import Call, Guard
-from .records import AuditEntry, Dataset, HostLimits, Proposal, Runtime, StepRecord
+from .records import (
+    AUDIT_TEXT,
+    AuditEntry,
+    Dataset,
+    HostLimits,
+    Proposal,
+    Runtime,
+    StepRecord,
+    clip,
+)
 from .store import HostStore, _audit_json
 
-__all__ = ["DataOwnerHost"]
+__all__ = ["DataOwnerHost", "AUDIT_TAIL", "AUDIT_PAGE"]
+
+#: audit entries a host keeps in memory (the newest; up to twice this many before trimming)
+AUDIT_TAIL = 10_000
+#: the most audit entries one ``audit`` call returns (each is clipped: a page stays small)
+AUDIT_PAGE = 1_000
 
 
 class DataOwnerHost:
@@ -73,7 +88,11 @@ class DataOwnerHost:
         self.limits = limits or HostLimits(max_request_bytes=max_request_bytes,
                                            max_batch=max_batch)
         self.guard = Guard(self.limits)
+        #: the newest audit entries (at most about twice :attr:`audit_tail`; the whole log is
+        #: ``audit.jsonl`` in the state directory), and the index of the first one held
         self.audit: list[AuditEntry] = []
+        self.audit_first = 0
+        self.audit_tail = AUDIT_TAIL
         self.proposals_by_id: dict[str, Proposal] = {}
         self.runtimes: dict[str, Runtime] = {}
         self.ids: Iterator[int] = itertools.count(1)
@@ -104,17 +123,36 @@ class DataOwnerHost:
             self.store.close()
 
     def record(self, entry: AuditEntry) -> None:
-        """Append ``entry`` to the audit log (and to the state directory's ``audit.jsonl``)."""
+        """Append ``entry`` to the audit log (and to the state directory's ``audit.jsonl``),
+        its texts clipped (:meth:`AuditEntry.clipped`). Memory keeps the newest
+        :attr:`audit_tail` to ``2 * audit_tail`` entries; older ones live on disk only."""
+        entry = entry.clipped()
         self.audit.append(entry)
+        if len(self.audit) > 2 * self.audit_tail:
+            drop = len(self.audit) - self.audit_tail
+            del self.audit[:drop]
+            self.audit_first += drop
         if self.store is not None:
             self.store.append_audit(entry)
 
-    def _persist(self, spec: OpSpec | None, call: Call | None) -> None:
-        if self.store is None or spec is None or call is None or not spec.mutates:
+    def _persist(self, spec: OpSpec | None, call: Call | None, *, replayed: bool = False) -> None:
+        """Save what the op changed (see :mod:`.store`). After a failed save
+        (``store.unsaved``) the next changing op or replayed step saves everything."""
+        if self.store is None:
             return
-        if call.req.get("train", True) is False:
-            return  # an evaluation call changes nothing
-        if call.rt is not None:
+        if self.store.unsaved and (replayed or (spec is not None and spec.mutates)):
+            self.store.save_all(self)
+            self.store.unsaved = False
+            return
+        if spec is None or call is None or not spec.mutates:
+            return
+        if spec.evaluates and call.req.get("train", True) is False:
+            return  # an evaluation forward or loss step changes nothing; other ops ignore train
+        if call.rt is not None and spec.family_state:
+            # what the family records (a round loaded, a relay seen) never outruns the weights
+            # it changed: the segment first, whatever checkpoint_every says
+            self.store.save_runtime(call.rt)
+        elif call.rt is not None:
             self.store.changed(call.rt)
         if call.rt is None or spec.family_state:
             self.store.save_host(self)
@@ -222,6 +260,7 @@ class DataOwnerHost:
         op, segment, shapes = "?", None, {}
         spec: OpSpec | None = None
         call: Call | None = None
+        replay: bytes | None = None
         try:
             request = wire.decode(data, max_bytes=self.limits.max_request_bytes)
             op = str(request.pop("op", "?"))
@@ -230,7 +269,8 @@ class DataOwnerHost:
             shapes = {k: list(v.shape) for k, v in request.items() if isinstance(v, torch.Tensor)}
             entry = self._ops.get(op)
             if entry is None:
-                raise ProtocolError(f"unknown op {op!r}; known: {sorted(self._ops)}")
+                raise ProtocolError(f"unknown op {clip(op, AUDIT_TEXT)!r}; known: "
+                                    f"{sorted(self._ops)}")
             spec, fn = entry
             call = Call(caller, op, request)
             if spec.roles is not None:
@@ -264,7 +304,19 @@ class DataOwnerHost:
         except Exception as exc:  # a bug or torch failure: report, never crash the host
             raw = wire.encode({"error": "RemoteError", "message": f"{type(exc).__name__}: {exc}"})
             outcome = f"RemoteError: {type(exc).__name__}: {exc}"
-        self._persist(spec, call)  # before answering: an answered step is on disk
+        try:  # before answering: an answered step is on disk
+            self._persist(spec, call, replayed=replay is not None)
+        except Exception as exc:  # disk full, I/O error: it ran, it is not saved; say so
+            assert self.store is not None
+            self.store.unsaved = True
+            err = StateSaveError(
+                f"op {clip(op, AUDIT_TEXT)!r} ran on {self.name} (outcome: "
+                f"{clip(outcome, AUDIT_TEXT)}) but its state could not be saved "
+                f"({type(exc).__name__}: {exc}): it is not durable. Send the same request "
+                "again (same step id) to get its answer once saved; if the data owner "
+                "restarts first, the step is lost (re-attach)")
+            raw = wire.encode({"error": type(err).__name__, "message": str(err)})
+            outcome = f"StateSaveError: {err}"
         self.record(AuditEntry(time.time(), caller, op, segment, shapes, len(data), len(raw),
                                time.perf_counter() - t0, outcome))
         return raw
@@ -341,7 +393,8 @@ class DataOwnerHost:
         return {} if opt is None else opt.state_dict()
 
     def audit_log(self) -> list[dict[str, Any]]:
-        """Every call answered so far, as plain dicts (who, op, segment, shapes, bytes, time)."""
+        """The calls answered, newest last, as plain dicts (who, op, segment, shapes, bytes,
+        time): those held in memory (:attr:`audit`; the whole log is on disk)."""
         return [dict(vars(e)) for e in self.audit]
 
     def public_key(self) -> bytes:
@@ -363,11 +416,19 @@ class _CoreOps(OpFamily):
     name = "core"
 
     @owner_op("audit", mutates=False)
-    def audit(self, since: int = 0) -> dict[str, Any]:
-        """Audit entries from ``since`` on (JSON), and how many there are."""
+    def audit(self, since: int = 0, limit: int = AUDIT_PAGE) -> dict[str, Any]:
+        """One page of audit entries: at most ``limit`` (<= :data:`AUDIT_PAGE`) from index
+        ``since`` on (JSON). Also ``total`` (the index the next entry gets), ``first`` (the
+        oldest index still in memory; older entries are in ``audit*.jsonl`` only) and ``next``
+        (the ``since`` of the next page)."""
+        host = self.host
         since = since if isinstance(since, int) and since >= 0 else 0
-        log = self.host.audit
-        return {"total": len(log), "entries": [_audit_json(e) for e in log[since:]]}
+        limit = limit if isinstance(limit, int) and 1 <= limit <= AUDIT_PAGE else AUDIT_PAGE
+        first = host.audit_first
+        start = max(since, first)
+        page = host.audit[start - first:start - first + limit]
+        return {"total": first + len(host.audit), "first": first, "next": start + len(page),
+                "entries": [_audit_json(e) for e in page]}
 
 
 def _step_id(value: Any) -> int | None:

@@ -37,6 +37,7 @@ class Host(Protocol):
     limits: HostLimits
     guard: Guard
     audit: list[AuditEntry]
+    audit_first: int
     proposals_by_id: dict[str, Proposal]
     runtimes: dict[str, Runtime]
     families: dict[str, OpFamily]
@@ -72,15 +73,20 @@ class OpSpec:
     mutates: bool = False
     #: set from its family's ``host_state``: a mutating op also changes what the family keeps
     family_state: bool = False
+    #: the op reads ``train``: with ``train=False`` it evaluates and changes nothing (not
+    #: saved). Every other op ignores ``train``: a mutating one is saved whatever it says
+    evaluates: bool = False
 
 
 def op(name: str, *, roles: tuple[str, ...] | None = None,
-       egress: Mapping[str, Rule] | None = None, mutates: bool = False) -> Callable[[F], F]:
+       egress: Mapping[str, Rule] | None = None, mutates: bool = False,
+       evaluates: bool = False) -> Callable[[F], F]:
     """Declare a model-owner op answered by the decorated ``method(self, call) -> dict``
-    (``mutates``: it changes state the host persists; evaluation calls, ``train=False``, don't)."""
+    (``mutates``: it changes state the host persists; ``evaluates``: it reads ``train`` and a
+    call with ``train=False`` changes nothing, so it is not saved)."""
     def deco(fn: F) -> F:
         fn._op_spec = OpSpec(name, roles, dict(egress or {}),  # type: ignore[attr-defined]
-                             mutates=mutates)
+                             mutates=mutates, evaluates=evaluates)
         return fn
     return deco
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from ..errors import ConfigError
 from ..spec import OptimizerSpec
 
 __all__ = ["Dataset", "Proposal", "Runtime", "StepRecord", "AuditEntry", "HostLimits", "ROLES", "SHARING",
-           "STEPS_KEPT"]
+           "STEPS_KEPT", "clip"]
 
 #: what a segment does at the data owner: reads its records (``input``), transforms an incoming
 #: activation (``middle``, e.g. a relay party), or ends in a loss on labels held here (``loss``).
@@ -145,6 +146,31 @@ class AuditEntry:
     bytes_out: int
     seconds: float
     outcome: str
+
+    def clipped(self) -> AuditEntry:
+        """This entry with every text a caller chose cut to a bounded length: the caller,
+        op, segment and shape names to :data:`AUDIT_TEXT` characters, at most
+        :data:`AUDIT_SHAPES` shapes, the outcome to :data:`AUDIT_OUTCOME` (a refused call with
+        a 1 MiB op name costs the log a few hundred bytes, not megabytes)."""
+        shapes = {clip(str(k), AUDIT_TEXT): [int(n) for n in v[:8]]
+                  for k, v in itertools.islice(self.shapes.items(), AUDIT_SHAPES)}
+        segment = None if self.segment is None else clip(self.segment, AUDIT_TEXT)
+        return replace(self, caller=clip(self.caller, AUDIT_TEXT), op=clip(self.op, AUDIT_TEXT),
+                       segment=segment, shapes=shapes,
+                       outcome=clip(self.outcome, AUDIT_OUTCOME))
+
+
+#: the most characters an audit entry keeps of a caller, op, segment or shape name
+AUDIT_TEXT = 200
+#: ... of an outcome (error messages list the known ops: longer than the names)
+AUDIT_OUTCOME = 1000
+#: the most tensor shapes an audit entry keeps
+AUDIT_SHAPES = 16
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
 @dataclass(frozen=True)

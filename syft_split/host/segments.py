@@ -239,7 +239,7 @@ class SegmentOps(OpFamily):
 
     name = "segments"
 
-    @op("forward", roles=("input", "middle"), mutates=True,
+    @op("forward", roles=("input", "middle"), mutates=True, evaluates=True,
         egress={"activation": ACTIVATION, "labels": LABELS, "he_input": CIPHERTEXT})
     def forward(self, call: Call) -> dict[str, Any]:
         rt, req, guard = call.rt, call.req, self.host.guard
@@ -338,7 +338,7 @@ class SegmentOps(OpFamily):
         rt.clear_pending()
         return {"discarded": dropped}
 
-    @op("loss_step", roles=("loss",), mutates=True,
+    @op("loss_step", roles=("loss",), mutates=True, evaluates=True,
         egress={"loss_sum": SCALAR, "correct": SCALAR, "count": SCALAR, "grad_input": GRAD_INPUT})
     def loss_step(self, call: Call) -> dict[str, Any]:
         rt, req, guard = call.rt, call.req, self.host.guard

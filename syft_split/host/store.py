@@ -1,21 +1,25 @@
 """A data owner's state directory: what a host keeps across a crash or a restart.
 
 A :class:`~syft_split.host.DataOwnerHost` built with ``state_dir=...`` writes there (the
-directory is the data owner's; keep it private, e.g. mode 0700 — it holds weights and the
-peer-sealing key)::
+directory is the data owner's: it holds weights and the peer-sealing key; the host makes the
+directories 0700 and every file 0600, whatever the umask)::
 
     state_dir/
       host.sspl              proposals (spec JSON, initial weights, status and, for a halted
-                             one, why and by whom, approval; the id counter goes on after the
-                             highest id), and what each op family keeps (peer keys, trusted
-                             peers, alignment permissions and aligned rows, ...)
+                             one, why and by whom, approval; how many times its segment file
+                             was written; the id counter goes on after the highest id), and
+                             what each op family keeps (peer keys, trusted peers, alignment
+                             permissions and aligned rows, ...)
       segments/<id>.sspl     per approved segment: weights, optimizer state, step counter, RNG
                              states, the last applied steps (id, op, digest, response), what
                              its pending forward ran on, and what families keep per segment
                              with its steps (``OpFamily.segment_state``: a local loss's
                              auxiliary head with its weights and optimizer state; the leakage
                              watch: bound, history, detector)
-      audit.jsonl            one JSON line per call answered (appended as calls happen)
+      audit.jsonl            one JSON line per call answered (appended as calls happen);
+                             past ``audit_bytes`` (64 MiB) it becomes audit.1.jsonl (the older
+                             ones move up to audit.<audit_keep>.jsonl; older than that are
+                             deleted), and a new audit.jsonl starts
 
 Files use the wire format (:mod:`syft_split.persist`; no pickle) and are replaced atomically
 (temp file, fsync, rename). A segment is saved after every ``every``-th op that changes it
@@ -24,9 +28,11 @@ every data-owner op and every halt, and everything on a clean shutdown
 (:meth:`HostStore.save_all`).
 
 Restoring (:meth:`HostStore.restore`, after the host's datasets are back) rebuilds proposals and
-segments, re-runs a pending forward from its recorded input and RNG state (so the model owner's
-held-back gradient lands on the same step), and hands each family its state (what it keeps per
-segment through ``OpFamily.restore_segment``). CKKS secret keys
+segments (a damaged file is refused with an error naming it; a segment whose file is missing or
+older than ``host.sspl`` records is halted, audited, never run on from lost state), re-runs
+a pending forward from its recorded input and RNG state (so the model owner's held-back gradient
+lands on the same step), and hands each family its state (what it keeps per segment through
+``OpFamily.restore_segment``). CKKS secret keys
 are never written to disk: a segment approved with encryption comes back with fresh keys (the
 model owner fetches the new public context and runs a step cut by the restart again from its
 forward); its HE cost totals and, at level B, its weight share, saved in the segment's file
@@ -37,10 +43,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -48,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .. import persist
-from ..errors import ConfigError
+from ..errors import ConfigError, SyftSplitError, WireError
 from ..spec import OptimizerSpec, module_from_spec
 from .records import AuditEntry, Proposal, Runtime, StepRecord
 from .segments import rerun_pending
@@ -59,8 +67,13 @@ if TYPE_CHECKING:
 
 __all__ = ["HostStore", "FORMAT"]
 
+_log = logging.getLogger(__name__)
+
 #: version of the state directory's layout
 FORMAT = 1
+#: audit.jsonl's size past which it is rotated, and how many rotated files are kept
+AUDIT_BYTES = 64 * 1024 * 1024
+AUDIT_KEEP = 4
 
 
 class HostStore:
@@ -74,10 +87,19 @@ class HostStore:
         self.every = every
         #: the host's op families (what each keeps per segment goes in the segment's file)
         self.families: Mapping[str, OpFamily] = families if families is not None else {}
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "segments").mkdir(exist_ok=True)
+        for folder in (self.path, self.path / "segments"):  # the data owner's only
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.chmod(0o700)
         self._audit_file: Any = None
+        #: audit.jsonl's size past which it is rotated, and how many rotated files are kept
+        self.audit_bytes = AUDIT_BYTES
+        self.audit_keep = AUDIT_KEEP
         self._changes: dict[str, int] = {}
+        #: how many times each segment's file was written (in the file, and in host.sspl: a
+        #: restart finds a file that is missing or older than host.sspl says)
+        self._saves: dict[str, int] = {}
+        #: a save failed (disk full, I/O error): memory holds more than the files
+        self.unsaved = False
         #: set while :meth:`restore` runs: a save asked for then (a family halting a segment it
         #: cannot rebuild) waits until everything is loaded, so no half-restored state is written
         self._restoring = False
@@ -99,7 +121,8 @@ class HostStore:
         tree = {
             "format": FORMAT,
             "host": host.name,
-            "proposals": [_proposal_tree(p, p.id in host.runtimes)
+            "proposals": [{**_proposal_tree(p, p.id in host.runtimes),
+                           "saves": self._saves.get(p.id, 0)}
                           for p in host.proposals_by_id.values()],
             "families": {name: fam.state() for name, fam in host.families.items()},
         }
@@ -124,17 +147,49 @@ class HostStore:
     def save_runtime(self, rt: Runtime) -> None:
         """The segment's snapshot, now."""
         t0 = time.perf_counter()
-        persist.save(self.segment_path(rt.id), _runtime_tree(rt, self.families))
+        saves = self._saves.get(rt.id, 0) + 1
+        persist.save(self.segment_path(rt.id), {**_runtime_tree(rt, self.families),
+                                                "saves": saves})
+        self._saves[rt.id] = saves
         self._changes[rt.id] = 0
         self.seconds += time.perf_counter() - t0
         self.writes += 1
 
     def append_audit(self, entry: AuditEntry) -> None:
-        """One JSON line per call (flushed; fsynced by :meth:`save_all`)."""
+        """One JSON line per call (flushed; fsynced by :meth:`save_all`); the file is rotated
+        past :attr:`audit_bytes` (see the module docstring)."""
+        try:
+            self._append_audit(entry)
+        except OSError as exc:  # disk full: the entry stays in memory; the next one retries
+            _log.warning("syft_split: audit entry not written to %s: %s", self.path, exc)
+            if self._audit_file is not None:
+                try:
+                    self._audit_file.close()
+                except OSError:
+                    pass
+                self._audit_file = None
+
+    def _append_audit(self, entry: AuditEntry) -> None:
         if self._audit_file is None:
-            self._audit_file = open(self.path / "audit.jsonl", "a", encoding="utf-8")
+            fd = os.open(self.path / "audit.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                         0o600)
+            os.fchmod(fd, 0o600)  # also a log an older version left readable by others
+            self._audit_file = os.fdopen(fd, "a", encoding="utf-8")
         self._audit_file.write(json.dumps(_audit_json(entry), separators=(",", ":")) + "\n")
         self._audit_file.flush()
+        if self._audit_file.tell() >= self.audit_bytes:
+            self._rotate_audit()
+
+    def _rotate_audit(self) -> None:
+        """audit.jsonl -> audit.1.jsonl -> ... -> audit.<audit_keep>.jsonl (the oldest goes)."""
+        self._audit_file.close()
+        self._audit_file = None
+        names = ["audit.jsonl"] + [f"audit.{k}.jsonl" for k in range(1, self.audit_keep + 1)]
+        (self.path / names[-1]).unlink(missing_ok=True)
+        for older, newer in reversed(list(zip(names[1:], names[:-1]))):
+            if (self.path / newer).exists():
+                os.replace(self.path / newer, self.path / older)
+        persist.fsync_dir(self.path)
 
     def save_all(self, host: DataOwnerHost) -> None:
         """Everything, now (clean shutdown)."""
@@ -158,13 +213,15 @@ class HostStore:
         when there is nothing to restore."""
         if not self.exists():
             return False
-        tree = persist.load(self.path / "host.sspl")
+        tree = _load(self.path / "host.sspl")
         if tree.get("format") != FORMAT:
             raise ConfigError(f"{self.path}: state format {tree.get('format')!r}, expected {FORMAT}")
         if tree.get("host") != host.name:
             raise ConfigError(f"{self.path} holds the state of host {tree.get('host')!r}, not "
                               f"{host.name!r}: one state directory per host")
-        host.audit[:0] = self._read_audit()  # first: what restoring audits (halts) comes after
+        # first: what restoring audits (halts) comes after
+        tail, host.audit_first = self._read_audit(host.audit_tail)
+        host.audit[:0] = tail
         self._restoring, self._deferred = True, False
         try:
             top, kept = 0, {}
@@ -173,7 +230,8 @@ class HostStore:
                 host.proposals_by_id[p.id] = p
                 top = max(top, _number(p.id))
                 if raw.get("runtime"):
-                    host.runtimes[p.id], kept[p.id] = self._runtime(host, p)
+                    host.runtimes[p.id], kept[p.id] = self._runtime(host, p,
+                                                                    int(raw.get("saves", 0)))
             host.ids = itertools.count(top + 1)
             states = tree.get("families") or {}
             for name, family in host.families.items():
@@ -191,15 +249,28 @@ class HostStore:
             self.save_host(host)
         return True
 
-    def _runtime(self, host: DataOwnerHost, p: Proposal) -> tuple[Runtime, dict[str, Any]]:
-        """The segment as its file left it, and what the families kept with it."""
+    def _runtime(self, host: DataOwnerHost, p: Proposal,
+                 saves: int) -> tuple[Runtime, dict[str, Any]]:
+        """The segment as its file left it, and what the families kept with it. A file that
+        is missing or older than host.sspl says (``saves``: how often it had been written)
+        halts the segment (audited): it would run on from lost weights and steps."""
         assert p.module is not None
         params = list(p.module.parameters())
         rt = Runtime(p, p.module, p.optimizer.build(params) if params else None)
         path = self.segment_path(p.id)
         if not path.exists():
+            if saves > 0 and p.status == "approved":
+                host.halt(p.id, f"the datasite restarted and this segment's state file {path} "
+                          f"is missing (it had been saved {saves} times): its weights and "
+                          "steps are lost; it cannot run on from its initial weights")
             return rt, {}
-        snap = persist.load(path)
+        snap = _load(path)
+        found = int(snap.get("saves", 0))
+        self._saves[p.id] = found
+        if found < saves and p.status == "approved":
+            host.halt(p.id, f"the datasite restarted and this segment's state file {path} is "
+                      f"older than the host's record (save {found} of {saves}): its latest "
+                      "weights and steps are lost; it cannot run on from older ones")
         rt.module.load_state_dict(snap["weights"])
         if rt.optimizer is not None and snap.get("optimizer") is not None:
             rt.optimizer.load_state_dict(snap["optimizer"])
@@ -220,21 +291,37 @@ class HostStore:
             rt.pending_source = snap["pending"]  # re-run once every dataset is back
         return rt, dict(snap.get("families") or {})
 
-    def _read_audit(self) -> list[AuditEntry]:
+    def _read_audit(self, keep: int) -> tuple[list[AuditEntry], int]:
+        """The last ``keep`` entries of audit.jsonl, and how many lines come before them."""
         path = self.path / "audit.jsonl"
         if not path.exists():
-            return []
-        out = []
-        with open(path, encoding="utf-8") as f:
+            return [], 0
+        lines: deque[str] = deque(maxlen=keep)
+        count = 0
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
-                try:
-                    out.append(AuditEntry(**json.loads(line)))
-                except (ValueError, TypeError):
-                    continue  # a line torn by a crash mid-write
-        return out
+                lines.append(line)
+                count += 1
+        out = []
+        for line in lines:
+            try:
+                out.append(AuditEntry(**json.loads(line)).clipped())
+            except (ValueError, TypeError):
+                continue  # a line torn by a crash mid-write
+        return out, count - len(lines)
 
 
 # ------------------------------------------------------------------------------ trees
+def _load(path: Path) -> Any:
+    """A state file, or an error naming it (a damaged file: truncated, overwritten)."""
+    try:
+        return persist.load(path)
+    except (SyftSplitError, ValueError, KeyError) as exc:
+        raise WireError(f"state file {path} is damaged and cannot be restored "
+                        f"({type(exc).__name__}: {exc}); put back a copy from a backup, or "
+                        "move the state directory aside to start without it") from exc
+
+
 def _number(pid: str) -> int:
     """The number an id ends with, whatever its kind (``a/seg3``: 3, ``a/fl12``: 12): the
     counter goes on after the highest one of every kind, so no id is handed out twice."""

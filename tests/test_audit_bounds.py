@@ -1,0 +1,99 @@
+"""The data owner's audit log stays bounded whatever a caller sends: texts are clipped,
+audit.jsonl is rotated, memory keeps a tail, and the log is read page by page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import syft_split.host.core as host_core
+from syft_split import DataOwnerHost, wire
+from syft_split.datasite import DatasiteConsole
+
+STRANGER = "stranger@example.org"
+#: the documented bounds (syft_split.host.records.AUDIT_TEXT, AUDIT_OUTCOME; core.AUDIT_PAGE)
+AUDIT_TEXT, AUDIT_OUTCOME, PAGE = 200, 1000, 1000
+
+
+def _host(state_dir: Path) -> DataOwnerHost:
+    host = DataOwnerHost("a", state_dir=state_dir)
+    host.add_dataset("train", torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    host.restore_state()
+    return host
+
+
+def _refused(host: DataOwnerHost, n: int, op: str = "nope") -> None:
+    for _ in range(n):
+        assert "error" in wire.decode(host.handle(STRANGER, wire.encode({"op": op})))
+
+
+def test_a_huge_op_or_segment_name_costs_the_log_a_bounded_entry(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    _refused(host, 5, op="X" * 1_000_000)
+    host.handle(STRANGER, wire.encode({"op": "status", "segment": "S" * 1_000_000,
+                                       "t" * 1_000: torch.zeros(2)}))
+    assert (tmp_path / "audit.jsonl").stat().st_size < 6 * 4_000
+    for e in host.audit:
+        assert len(e.op) <= AUDIT_TEXT + 30 and len(e.outcome) <= AUDIT_OUTCOME + 30
+        assert e.segment is None or len(e.segment) <= AUDIT_TEXT + 30
+        assert all(len(k) <= AUDIT_TEXT + 30 for k in e.shapes)
+    assert host.audit[0].op.startswith("XXX") and "(1000000 chars)" in host.audit[0].op
+    assert "(1000000 chars)" in host.audit[-1].segment
+    # the refusal the caller gets does not echo the megabyte back either
+    raw = host.handle(STRANGER, wire.encode({"op": "X" * 1_000_000}))
+    assert len(raw) < 4_000
+    host.close()
+
+
+def test_audit_jsonl_is_rotated_and_old_files_dropped(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    assert host.store is not None
+    host.store.audit_bytes, host.store.audit_keep = 5_000, 2
+    _refused(host, 300)
+    host.close()
+    names = sorted(p.name for p in tmp_path.glob("audit*.jsonl"))
+    assert names == ["audit.1.jsonl", "audit.2.jsonl", "audit.jsonl"]
+    for name in names:
+        assert (tmp_path / name).stat().st_size < 5_000 + 1_000
+    # the newest entries are in audit.jsonl: a restart reads them back
+    again = _host(tmp_path)
+    assert again.audit and again.audit[-1].op == "nope"
+
+
+def test_memory_keeps_a_tail_and_a_restart_reads_only_the_tail(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_core, "AUDIT_TAIL", 20, raising=False)
+    host = _host(tmp_path)
+    _refused(host, 100)
+    assert 20 <= len(host.audit) <= 40
+    assert host.audit_first + len(host.audit) == 100
+    page = host.owner("audit", since=0)
+    assert page["first"] == host.audit_first > 0
+    assert page["total"] == 100 and page["next"] == 100
+    assert len(page["entries"]) == 100 - host.audit_first
+    host.close()
+    again = _host(tmp_path)
+    assert len(again.audit) == 20
+    assert again.audit_first == 101 - 20  # 100 refusals and the owner's audit call
+
+
+def test_the_audit_op_answers_in_pages_the_console_joins(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    _refused(host, PAGE + 200)
+    page = host.owner("audit", since=0)
+    assert len(page["entries"]) == PAGE
+    assert page["next"] == PAGE
+    assert len(host.owner("audit", since=10, limit=5)["entries"]) == 5
+
+    class Console(DatasiteConsole):  # the datasite console, over the host directly
+        def _call(self, op: str, **fields: Any) -> dict[str, Any]:
+            return dict(wire.decode(wire.encode(host.owner_call("admin", op, fields))))
+
+    entries = Console(None).audit()
+    assert len(entries) >= PAGE + 200
+    assert [e.op for e in entries[:PAGE + 200]] == ["nope"] * (
+        PAGE + 200)
+    host.close()

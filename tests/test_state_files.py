@@ -1,0 +1,179 @@
+"""The data owner's state directory as files: who may read them, what a failed write leaves,
+and what a restart says about damaged or missing ones."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from syft_split import DataOwnerHost, persist, wire
+from syft_split.errors import WireError
+from syft_split.spec import module_to_spec, spec_state
+
+USER = "model-owner@example.org"
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _host(state_dir: Path) -> DataOwnerHost:
+    host = DataOwnerHost("a", state_dir=state_dir)
+    host.add_dataset("train", torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    host.restore_state()
+    return host
+
+
+def _propose(host: DataOwnerHost, module: nn.Module) -> str:
+    req = {"op": "propose", "role": "input", "datasets": ["train"],
+           "spec": module_to_spec(module), "optimizer": {"name": "sgd", "lr": 0.1},
+           **{f"state/{k}": v for k, v in spec_state(module).items()}}
+    response = wire.decode(host.handle(USER, wire.encode(req)))
+    assert "segment" in response, response
+    return str(response["segment"])
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_state_files_are_the_data_owners_only(tmp_path: Path, umask_022: None) -> None:
+    root = tmp_path / "state"
+    host = _host(root)
+    host.public_key()  # the peer-sealing key pair, saved in host.sspl
+    host.approve(_propose(host, nn.Sequential(nn.Linear(4, 2))))
+    host.close()
+    assert persist.load(root / "host.sspl")["families"]["weights"]["secret_key"]
+    assert _mode(root) == 0o700 and _mode(root / "segments") == 0o700
+    files = [root / "host.sspl", root / "audit.jsonl", *(root / "segments").iterdir()]
+    assert len(files) == 3
+    assert all(_mode(f) == 0o600 for f in files), [oct(_mode(f)) for f in files]
+
+
+def test_a_state_directory_left_readable_is_closed(tmp_path: Path, umask_022: None) -> None:
+    root = tmp_path / "state"
+    (root / "segments").mkdir(parents=True, mode=0o755)
+    (root / "audit.jsonl").write_text("")
+    root.chmod(0o755)
+    (root / "audit.jsonl").chmod(0o644)
+    host = _host(root)
+    host.owner("audit")
+    host.close()
+    assert _mode(root) == 0o700 and _mode(root / "segments") == 0o700
+    assert _mode(root / "audit.jsonl") == 0o600
+
+
+def test_write_atomic_makes_private_files(tmp_path: Path, umask_022: None) -> None:
+    persist.write_atomic(tmp_path / "new" / "f.bin", b"x")
+    assert _mode(tmp_path / "new") == 0o700 and _mode(tmp_path / "new" / "f.bin") == 0o600
+
+
+def _no_space(fd: int) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "f.bin"
+    persist.write_atomic(target, b"old")
+    monkeypatch.setattr(os, "fsync", _no_space)
+    with pytest.raises(OSError):
+        persist.write_atomic(target, b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def _middle(host: DataOwnerHost) -> str:
+    module = nn.Sequential(nn.Linear(4, 4))
+    req = {"op": "propose", "role": "middle", "datasets": [], "input_shape": [4],
+           "spec": module_to_spec(module), "optimizer": {"name": "sgd", "lr": 0.1},
+           **{f"state/{k}": v for k, v in spec_state(module).items()}}
+    pid = str(wire.decode(host.handle(USER, wire.encode(req)))["segment"])
+    host.approve(pid)
+    return pid
+
+
+def test_a_step_that_cannot_be_saved_is_answered_audited_and_saved_on_retry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "state"
+    host = _host(root)
+    pid = _middle(host)
+
+    def step(**fields: object) -> dict[str, object]:
+        return dict(wire.decode(host.handle(USER, wire.encode({"segment": pid, **fields}))))
+
+    step(op="forward", x=torch.randn(4, 4), step=1)
+    backward = {"op": "backward", "grad": torch.ones(4, 4), "step": 2}
+    monkeypatch.setattr(os, "fsync", _no_space)  # the disk fills up
+    failed = step(**backward)
+    monkeypatch.undo()
+    assert failed["error"] == "StateSaveError"
+    assert "ran on a" in str(failed["message"]) and "not durable" in str(failed["message"])
+    assert host.audit[-1].op == "backward"
+    assert host.audit[-1].outcome.startswith("StateSaveError")
+    assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+    assert host.runtimes[pid].steps == 1  # it ran (in memory): never applied twice
+    assert step(**backward)["steps"] == 1  # the retry: answered from the record, saved now
+    again = _host(root)  # a crash, then a restart
+    assert again.runtimes[pid].steps == 1 and again.runtimes[pid].last_step == 2
+
+
+def _trained(root: Path) -> tuple[DataOwnerHost, str, bytes]:
+    """A host whose middle segment took three steps, shut down cleanly, and its segment
+    file as it was after the first step."""
+    host = _host(root)
+    pid = _middle(host)
+    assert host.store is not None
+    first = b""
+    for s in (1, 3, 5):
+        for op, field in (("forward", "x"), ("backward", "grad")):
+            value = torch.randn(4, 4) if field == "x" else torch.ones(4, 4)
+            msg = {"op": op, "segment": pid, field: value, "step": s + (op == "backward")}
+            assert "error" not in wire.decode(host.handle(USER, wire.encode(msg)))
+        first = first or host.store.segment_path(pid).read_bytes()
+    host.close()
+    return host, pid, first
+
+
+@pytest.mark.parametrize("damaged", ["host.sspl", "segment"])
+def test_a_damaged_state_file_is_named(tmp_path: Path, damaged: str) -> None:
+    host, pid, _ = _trained(tmp_path)
+    assert host.store is not None
+    path = tmp_path / "host.sspl" if damaged == "host.sspl" else host.store.segment_path(pid)
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(WireError, match=re.escape(f"state file {path} is damaged")):
+        _host(tmp_path)
+
+
+@pytest.mark.parametrize("loss", ["deleted", "older"])
+def test_a_lost_segment_file_halts_the_segment(tmp_path: Path, loss: str) -> None:
+    host, pid, first = _trained(tmp_path)
+    assert host.store is not None
+    path = host.store.segment_path(pid)
+    if loss == "older":  # a copy from after the first step put back (a backup, a bad disk)
+        path.write_bytes(first)
+    else:
+        path.unlink()
+    again = _host(tmp_path)
+    p = again.proposals_by_id[pid]
+    assert p.status == "halted" and str(path) in p.reason
+    assert again.audit[-1].op == "halt" and again.audit[-1].segment == pid
+    refused = wire.decode(again.handle(USER, wire.encode(
+        {"op": "forward", "segment": pid, "x": torch.randn(4, 4), "step": 7})))
+    assert refused["error"] == "ApprovalError"
+    again.close()
+    assert _host(tmp_path).proposals_by_id[pid].status == "halted"  # and it stays halted
