@@ -21,7 +21,8 @@ What it does, step by step (each is a plain PySyft call unless named otherwise):
    ``syft_split.contract.check_datasite`` against the demo's plan;
 4. ``root.register(...)`` the model owner's account;
 5. poll ``DatasiteConsole(root).proposals("pending")``: print each review, then approve it
-   (``--approve auto``) or ask on the terminal (``--approve ask``, the default).
+   (``--approve auto``) or ask on the terminal (``--approve ask``, the default), with a
+   direct channel for the steps (``--no-channel``: every step through PySyft).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--approve", choices=["ask", "auto"], default="ask")
     p.add_argument("--leakage-bound", type=float, default=None,
                    help="halt a segment when the watch's inversion ratio falls below this")
+    p.add_argument("--no-channel", action="store_true",
+                   help="approve without a direct channel (every step through PySyft's API)")
     p.add_argument("--serve-for", type=float, default=None, help="seconds, then land (tests)")
     p.add_argument("--verbose", action="store_true", help="show PySyft's and uvicorn's output")
     return p.parse_args(argv)
@@ -67,8 +70,9 @@ def _approve(owner, pid: str, args: argparse.Namespace) -> None:  # type: ignore
             owner.reject(pid)
             print(f"rejected {pid}", flush=True)
             return
-    options = {} if args.leakage_bound is None else {
-        "leakage_bound": {"inversion_ratio": args.leakage_bound}}
+    options: dict = {"channel": not args.no_channel}
+    if args.leakage_bound is not None:
+        options["leakage_bound"] = {"inversion_ratio": args.leakage_bound}
     owner.approve(pid, **options)
     print(f"approved {pid}", flush=True)
 
