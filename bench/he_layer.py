@@ -246,6 +246,19 @@ def _digits_session(cut: str, protected: bool, parties: dict[str, Any],
     return session
 
 
+#: (JSON key, cost name) of the per-step counts the bench records for a protected session
+LAST_COUNTS = (
+    ("keyswitches", "model_owner.h.last_rotations"),
+    ("keyswitches_min", "model_owner.h.last_keyswitches_min"),
+    ("multiplications", "model_owner.h.last_multiplications"),
+    ("encodes", "model_owner.h.last_encodes"),
+    ("rescales", "model_owner.h.last_rescales"),
+    ("relinearizations", "model_owner.h.last_relinearizations"),
+    ("bytes_up", "h.last_bytes_sent"),
+    ("bytes_down", "h.last_bytes_received"),
+)
+
+
 def bench_digits_step(cut: str, blocks: int, steps: int) -> dict[str, float]:
     """Median seconds per training step, plain and protected, alternating blocks."""
     from syft_split.datasets import digits_parties
@@ -289,28 +302,17 @@ def bench_digits_step(cut: str, blocks: int, steps: int) -> dict[str, float]:
            f"protected_step_s_{tag}_one_core": h1_s,
            f"ratio_protected_vs_plain_{tag}_one_core": h1_s / p_s,
            f"he_workers_{tag}": float(WORKERS),
-           f"keyswitches_per_step_{tag}": costs["model_owner.h.last_rotations"],
-           f"keyswitches_min_per_step_{tag}": costs["model_owner.h.last_keyswitches_min"],
-           f"multiplications_per_step_{tag}": costs["model_owner.h.last_multiplications"],
-           f"encodes_per_step_{tag}": costs["model_owner.h.last_encodes"],
-           f"rescales_per_step_{tag}": costs["model_owner.h.last_rescales"],
-           f"relinearizations_per_step_{tag}": costs["model_owner.h.last_relinearizations"],
            f"he_enc_s_per_step_{tag}": costs["h.enc_s"] / n,
            f"he_client_ser_s_per_step_{tag}": costs["h.ser_s"] / n,
            f"he_client_other_s_per_step_{tag}": costs["h.client_s"] / n,
            f"he_server_s_per_step_{tag}": costs["model_owner.h.server_s"] / n,
            f"he_server_ser_s_per_step_{tag}": costs["model_owner.h.ser_s"] / n,
            f"he_dec_s_per_step_{tag}": costs["h.dec_s"] / n,
-           f"bytes_up_per_step_{tag}": costs["h.last_bytes_sent"],
-           f"bytes_down_per_step_{tag}": costs["h.last_bytes_received"],
            f"round_trips_per_step_{tag}": costs["model_owner.h.round_trips"] / n,
-           f"step_blocks_{tag}": float(blocks),
-           f"keyswitches_per_step_{tag}_one_core": one["model_owner.h.last_rotations"],
-           f"keyswitches_min_per_step_{tag}_one_core": one["model_owner.h.last_keyswitches_min"],
-           f"multiplications_per_step_{tag}_one_core": one["model_owner.h.last_multiplications"],
-           f"encodes_per_step_{tag}_one_core": one["model_owner.h.last_encodes"],
-           f"bytes_up_per_step_{tag}_one_core": one["h.last_bytes_sent"],
-           f"bytes_down_per_step_{tag}_one_core": one["h.last_bytes_received"]}
+           f"step_blocks_{tag}": float(blocks)}
+    # the last step's counts, of both sessions ("_one_core": one process)
+    for suffix, c in (("", costs), ("_one_core", one)):
+        out.update({f"{key}_per_step_{tag}{suffix}": c[name] for key, name in LAST_COUNTS})
     return out
 
 
