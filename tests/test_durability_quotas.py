@@ -1,0 +1,129 @@
+"""What one model owner can make a data owner keep, across restarts: the weights of its
+proposals (pending: capped per user; rejected: dropped), aligned datasets (capped; never in
+place of the data owner's own) and its rate windows (saved with the host)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from syft_split import DataOwnerHost, wire
+from syft_split.errors import ApprovalError
+from syft_split.host import HostLimits
+from syft_split.spec import module_to_spec, spec_state
+
+N, D = 40, 8
+
+
+def _host(state_dir: Path, limits: HostLimits | None = None) -> DataOwnerHost:
+    """A data owner as it (re)starts: its dataset, then its state directory."""
+    host = DataOwnerHost("a", state_dir=state_dir, limits=limits)
+    g = torch.Generator().manual_seed(0)
+    host.add_dataset("train", torch.randn(N, D, generator=g),
+                     torch.randint(0, 3, (N,), generator=g), ids=[f"r{i}" for i in range(N)])
+    host.restore_state()
+    return host
+
+
+def _propose(module: nn.Module) -> dict[str, Any]:
+    req: dict[str, Any] = {"op": "propose", "role": "input", "datasets": ["train"],
+                           "spec": module_to_spec(module),
+                           "optimizer": {"name": "sgd", "lr": 0.1}}
+    req.update({f"state/{k}": v for k, v in spec_state(module).items()})
+    return req
+
+
+def _digest(module: nn.Module) -> str:
+    from syft_split.host.records import spec_digest
+
+    return spec_digest(module_to_spec(module))
+
+
+def _call(host: DataOwnerHost, user: str, req: dict[str, Any]) -> dict[str, Any]:
+    return dict(wire.decode(host.handle(user, wire.encode(req))))
+
+
+BIG = nn.Sequential(nn.Linear(D, 4096))  # 36,864 values: 147,456 bytes of weights
+BIG_BYTES = 4 * (D * 4096 + 4096)
+
+
+def test_a_rejected_proposal_keeps_no_weights_across_restarts(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    ids = [_call(host, "mo@x", _propose(BIG))["segment"] for _ in range(4)]
+    keep, pending, *rejected = ids
+    host.approve(keep)
+    size_before = (tmp_path / "host.sspl").stat().st_size
+    assert size_before > 4 * BIG_BYTES  # every proposal's initial weights are in host.sspl
+    for pid in rejected:
+        host.reject(pid)
+    p = host.proposal(rejected[0])
+    assert p.state == {} and p.module is None and p.spec == {}
+    assert p.spec_digest == _digest(BIG)
+    assert p.reason == "rejected by the data owner"
+    size_after = (tmp_path / "host.sspl").stat().st_size
+    assert size_after < size_before - 2 * BIG_BYTES + 10_000  # both rejected ones' bytes gone
+    with pytest.raises(ApprovalError, match="no longer kept"):
+        host.review(rejected[0])
+    host.close()
+
+    back = _host(tmp_path)
+    assert {p.id: p.status for p in back.proposals()} == {
+        keep: "approved", pending: "pending", rejected[0]: "rejected", rejected[1]: "rejected"}
+    assert back.proposal(rejected[1]).spec_digest == _digest(BIG)
+    assert back.proposal(rejected[1]).state == {}
+    kept = back.proposal(pending)  # pending and approved ones keep theirs
+    assert kept.module is not None and set(kept.state) == {"0.weight", "0.bias"}
+    back.approve(pending)
+    r = _call(back, "mo@x", {"op": "forward", "segment": pending, "indices": torch.arange(4),
+                             "step": 1})
+    assert tuple(r["activation"].shape) == (4, 4096)
+    status = _call(back, "mo@x", {"op": "status", "segment": rejected[0]})
+    assert status["status"] == "rejected"
+
+
+def test_rejected_weights_an_older_state_file_kept_are_dropped_on_restore(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    pid = _call(host, "mo@x", _propose(BIG))["segment"]
+    host.proposal(pid).status = "rejected"  # as an older version saved it: weights and all
+    host.close()
+    assert (tmp_path / "host.sspl").stat().st_size > BIG_BYTES
+
+    back = _host(tmp_path)
+    p = back.proposal(pid)
+    assert p.status == "rejected" and p.state == {} and p.module is None
+    assert p.spec_digest == _digest(BIG)
+    back.close()
+    assert (tmp_path / "host.sspl").stat().st_size < BIG_BYTES
+
+
+def test_pending_weights_are_capped_per_user(tmp_path: Path) -> None:
+    host = _host(tmp_path, HostLimits(max_pending_bytes=3 * BIG_BYTES))
+    ids = [_call(host, "mo@x", _propose(BIG)).get("segment") for _ in range(3)]
+    assert all(ids)
+    refused = _call(host, "mo@x", _propose(BIG))
+    assert refused["error"] == "ValidationError" and "pending proposals hold" in refused["message"]
+    assert len(host.proposals("pending")) == 3
+    assert _call(host, "other@x", _propose(BIG)).get("segment")  # another user: its own quota
+    fl = {**_propose(BIG), "op": "fl_propose"}  # federated proposals count the same
+    assert _call(host, "mo@x", fl)["error"] == "ValidationError"
+    host.reject(ids[0])  # rejecting frees the bytes
+    assert _call(host, "mo@x", _propose(BIG)).get("segment")
+    host.approve(ids[1])  # and so does approving: the data owner decided
+    assert _call(host, "mo@x", _propose(BIG)).get("segment")
+    host.close()
+
+    back = _host(tmp_path, HostLimits(max_pending_bytes=3 * BIG_BYTES))
+    refused = _call(back, "mo@x", _propose(BIG))  # the cap holds after a restart
+    assert refused["error"] == "ValidationError"
+
+
+def test_max_pending_bytes_is_validated() -> None:
+    from syft_split.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_pending_bytes"):
+        HostLimits(max_pending_bytes=0)
+
