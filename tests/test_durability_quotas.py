@@ -127,3 +127,58 @@ def test_max_pending_bytes_is_validated() -> None:
     with pytest.raises(ConfigError, match="max_pending_bytes"):
         HostLimits(max_pending_bytes=0)
 
+
+def _align(host: DataOwnerHost, user: str, as_name: str) -> dict[str, Any]:
+    from syft_split.psi import PsiServer
+
+    req = _call(host, user, {"op": "psi_request", "dataset": "train"})["request"]
+    setup, response = PsiServer([f"r{i}" for i in range(0, N, 2)]).handle(req)
+    return _call(host, user, {"op": "psi_finish", "dataset": "train", "setup": setup,
+                              "response": response, "as_name": as_name})
+
+
+def test_aligned_datasets_are_capped_per_user(tmp_path: Path) -> None:
+    from syft_split.alignment import MAX_ALIGNED_PER_USER
+
+    host = _host(tmp_path)
+    host.allow_alignment("train", "mo@x")
+    host.allow_alignment("train", "other@x")
+    for i in range(MAX_ALIGNED_PER_USER):
+        assert _align(host, "mo@x", f"copy{i}") == {"records": N // 2}
+    refused = _align(host, "mo@x", "one-more")
+    assert refused["error"] == "ConfigError" and "at most" in refused["message"]
+    assert "one-more" not in host.datasets
+    assert _align(host, "other@x", "theirs") == {"records": N // 2}
+    host.close()
+
+    back = _host(tmp_path)  # the count survives a restart
+    assert len(back.datasets) == 1 + MAX_ALIGNED_PER_USER + 1
+    assert _align(back, "mo@x", "one-more")["error"] == "ConfigError"
+
+
+def test_a_restart_keeps_the_data_owners_dataset_over_an_aligned_one(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    host.allow_alignment("train", "mo@x")
+    assert _align(host, "mo@x", "test") == {"records": N // 2}  # a name the DO will use later
+    pid = _call(host, "mo@x", {**_propose(nn.Linear(D, 3)), "datasets": ["test"]})["segment"]
+    host.approve(pid)
+    host.close()
+
+    back = DataOwnerHost("a", state_dir=tmp_path)
+    g = torch.Generator().manual_seed(0)
+    back.add_dataset("train", torch.randn(N, D, generator=g),
+                     torch.randint(0, 3, (N,), generator=g), ids=[f"r{i}" for i in range(N)])
+    own = torch.full((5, D), 7.0)
+    back.add_dataset("test", own, torch.zeros(5, dtype=torch.long))  # the DO's own, since
+    assert back.restore_state()
+    assert back.datasets["test"].features is own  # not replaced by the aligned rows
+    assert back.proposal(pid).status == "halted"
+    assert "aligned dataset 'test' was not restored" in back.proposal(pid).reason
+    r = _call(back, "mo@x", {"op": "forward", "segment": pid, "indices": torch.arange(2)})
+    assert r["error"] == "ApprovalError"
+    assert any(e.op == "restore" and "'test'" in e.outcome for e in back.audit)
+    back.close()
+
+    again = _host(tmp_path)  # the aligned rows are forgotten: not skipped again and again
+    assert "test" not in again.datasets
+    assert "test" not in again.families["alignment"]._aligned  # type: ignore[attr-defined]
