@@ -182,3 +182,47 @@ def test_a_restart_keeps_the_data_owners_dataset_over_an_aligned_one(tmp_path: P
     again = _host(tmp_path)  # the aligned rows are forgotten: not skipped again and again
     assert "test" not in again.datasets
     assert "test" not in again.families["alignment"]._aligned  # type: ignore[attr-defined]
+
+
+def test_the_records_per_minute_cap_holds_across_a_restart(tmp_path: Path) -> None:
+    limits = HostLimits(max_records_per_minute=8)
+    host = _host(tmp_path, limits)
+    pid = _call(host, "mo@x", _propose(nn.Linear(D, 4)))["segment"]
+    host.approve(pid)
+    fwd = {"op": "forward", "segment": pid, "indices": torch.arange(8)}
+    assert "activation" in _call(host, "mo@x", {**fwd, "step": 1})
+    assert "activation" not in _call(host, "mo@x", {"op": "backward", "segment": pid,
+                                                    "grad": torch.ones(8, 4), "step": 2})
+    refused = _call(host, "mo@x", {**fwd, "step": 3})
+    assert refused["error"] == "EgressError" and "16 records in a minute" in refused["message"]
+    host.close()
+
+    back = _host(tmp_path, limits)
+    refused = _call(back, "mo@x", {**fwd, "step": 3})
+    assert refused.get("error") == "EgressError" and "16 records in a minute" in refused["message"]
+    assert back.runtimes[pid].steps == 1
+
+
+def test_the_proposal_rate_cap_holds_across_a_restart(tmp_path: Path) -> None:
+    limits = HostLimits(max_proposals_per_minute=5)
+    host = _host(tmp_path, limits)
+    for _ in range(5):  # refused proposals count toward the rate too
+        assert _call(host, "mo@x", {"op": "propose"})["error"] == "ConfigError"
+    refused = _call(host, "mo@x", _propose(nn.Linear(D, 4)))
+    assert refused["error"] == "ValidationError" and "in the last minute" in refused["message"]
+    host.close()
+
+    back = _host(tmp_path, limits)
+    refused = _call(back, "mo@x", _propose(nn.Linear(D, 4)))
+    assert refused.get("error") == "ValidationError" and "in the last minute" in refused["message"]
+    assert back.proposals() == []
+    assert _call(back, "other@x", _propose(nn.Linear(D, 4))).get("segment")  # per user
+
+
+def test_a_federated_proposal_is_on_disk_when_answered(tmp_path: Path) -> None:
+    """``fl_propose`` saves the host like ``propose`` (the proposal and the rate window)."""
+    host = _host(tmp_path)
+    pid = _call(host, "mo@x", {**_propose(nn.Linear(D, 3)), "op": "fl_propose"})["segment"]
+    back = _host(tmp_path)  # the first process crashed: never closed
+    assert back.proposal(pid).status == "pending"
+    assert len(back.families["proposals"]._recent["mo@x"]) == 1  # type: ignore[attr-defined]

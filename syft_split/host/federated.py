@@ -104,7 +104,7 @@ class FederatedOps(OpFamily):
         ]
 
     # --------------------------------------------------------------- model-owner ops
-    @op("fl_propose", egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})
+    @op("fl_propose", mutates=True, egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})
     def fl_propose(self, call: Call) -> dict[str, Any]:
         proposals: Any = self.host.families["proposals"]  # the same per-user caps apply
         proposals.admit(call.caller)

@@ -25,7 +25,7 @@ from ..losses import LOSSES
 from ..spec import OptimizerSpec, module_from_spec
 from .admission import check_size, dry_run
 from .dispatch import Host, OpFamily, op, owner_op, register_family
-from .guard import JSON, SCALAR, TEXT, Call
+from .guard import JSON, SCALAR, TEXT, Call, in_window
 from .records import ROLES, SHARING, Proposal, Runtime, state_bytes
 from .review import review_text
 
@@ -87,10 +87,9 @@ class ProposalOps(OpFamily):
         dry-running a proposed module is the work the cap bounds). ``new=False`` (an addition
         to a pending proposal, e.g. an auxiliary head): the rate cap only."""
         limits = self.host.limits
-        recent = self._recent.setdefault(caller, deque())
-        now = time.monotonic()
-        while recent and now - recent[0] > 60.0:
-            recent.popleft()
+        now = time.time()  # wall clock: the window is saved and goes on after a restart
+        recent = deque(t for t in self._recent.get(caller, ()) if in_window(t, now))
+        self._recent[caller] = recent
         if len(recent) >= limits.max_proposals_per_minute:
             raise ValidationError(f"{caller} proposed {len(recent)} segments in the last minute; "
                                   f"this data owner accepts {limits.max_proposals_per_minute}")
@@ -100,6 +99,28 @@ class ProposalOps(OpFamily):
             raise ValidationError(f"{caller} has {pending} proposals pending review; this data "
                                   f"owner accepts {limits.max_pending}")
         recent.append(now)
+
+    def state(self) -> dict[str, Any]:
+        """The proposal-rate windows (wall-clock times of the last minute's attempts)."""
+        now = time.time()
+        recent = {user: [t for t in times if in_window(t, now)]
+                  for user, times in self._recent.items()}
+        return {"recent": {user: times for user, times in recent.items() if times}}
+
+    def restore(self, state: Any) -> None:
+        saved = state.get("recent") if isinstance(state, dict) else None
+        for user, times in (saved or {}).items():
+            self._recent[str(user)] = deque(float(t) for t in times)
+
+    def segment_state(self, rt: Runtime) -> dict[str, Any] | None:
+        """The segment's records-per-minute window (``HostLimits.max_records_per_minute``),
+        saved with its steps."""
+        window = self.host.guard.window(rt.id)
+        return None if window is None else {"released": window}
+
+    def restore_segment(self, rt: Runtime, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            self.host.guard.restore_window(rt.id, state.get("released"))
 
     def check_pending_bytes(self, caller: str, state: dict[str, Any]) -> None:
         """Refuse weights that would take ``caller``'s pending proposals past
