@@ -11,6 +11,11 @@ alignment its owner allowed for that user (data-owner op ``allow_alignment``):
                    dataset ``as_name``; returns only the number of records
 =================  ===================================================================
 
+Each user keeps at most :data:`MAX_ALIGNED_PER_USER` aligned datasets here, and ``as_name``
+never names a dataset the host already holds. After a restart an aligned dataset whose name
+the data owner has since given to a dataset of its own is not restored (the data owner's
+stays; audited), and a segment approved on the aligned rows is halted.
+
 Afterwards row ``j`` of every party's ``as_name`` dataset and of the model owner's aligned
 labels is the same record. Who learns what is documented in :mod:`syft_split.psi`: each data
 owner learns which of its records are common to all, the model owner (leader) learns the
@@ -19,20 +24,27 @@ common ids and the prefix intersections.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import AccessError, ConfigError, ProtocolError
-from .host import Call, Dataset, OpFamily, op, owner_op, register_family
+from .host import AuditEntry, Call, Dataset, OpFamily, op, owner_op, register_family
 from .host.dispatch import Host
 from .host.guard import BYTES, SCALAR
 
 if TYPE_CHECKING:
     from .transport.base import Transport
 
-__all__ = ["AlignmentOps", "align_records"]
+__all__ = ["AlignmentOps", "align_records", "MAX_ALIGNED_PER_USER"]
+
+#: aligned datasets one user may keep on a host (each holds a copy of its rows in memory)
+MAX_ALIGNED_PER_USER = 8
+
+_log = logging.getLogger(__name__)
 
 
 @register_family
@@ -47,8 +59,9 @@ class AlignmentOps(OpFamily):
         super().__init__(host)
         self._allowed: set[tuple[str, str]] = set()
         self._psi_clients: dict[tuple[str, str], Any] = {}
-        #: aligned datasets made here: as_name -> (source dataset, its rows), kept on restart
-        self._aligned: dict[str, tuple[str, torch.Tensor]] = {}
+        #: aligned datasets made here: as_name -> (source dataset, its rows, the user who
+        #: aligned it), kept on restart
+        self._aligned: dict[str, tuple[str, torch.Tensor, str]] = {}
 
     @owner_op("allow_alignment")
     def allow_alignment(self, dataset: str, user: str) -> dict[str, Any]:
@@ -100,10 +113,14 @@ class AlignmentOps(OpFamily):
         as_name = call.req.get("as_name")
         if not isinstance(as_name, str) or not as_name or as_name in self.host.datasets:
             raise ConfigError(f"as_name must be a new dataset name, got {as_name!r}")
+        held = sum(1 for *_, user in self._aligned.values() if user == call.caller)
+        if held >= MAX_ALIGNED_PER_USER:
+            raise ConfigError(f"{call.caller} holds {held} aligned datasets here; this data "
+                              f"owner keeps at most {MAX_ALIGNED_PER_USER} per user")
         rows = client.intersection(_bytes(call.req, "setup"), _bytes(call.req, "response"))
         del self._psi_clients[key]
         self.host.datasets[as_name] = ds.subset(rows)
-        self._aligned[as_name] = (str(call.req["dataset"]), rows)
+        self._aligned[as_name] = (str(call.req["dataset"]), rows, call.caller)
         return {"records": int(rows.numel())}
 
     # --------------------------------------------------- persistence (host.store)
@@ -111,17 +128,37 @@ class AlignmentOps(OpFamily):
         """Alignment permissions and the rows of each aligned dataset (not its data: the
         source dataset is the data owner's and comes back with the datasite)."""
         return {"allowed": sorted([d, u] for d, u in self._allowed),
-                "aligned": {k: {"source": src, "rows": rows}
-                            for k, (src, rows) in self._aligned.items()}}
+                "aligned": {k: {"source": src, "rows": rows, "user": user}
+                            for k, (src, rows, user) in self._aligned.items()}}
 
     def restore(self, state: Any) -> None:
+        """Permissions and aligned datasets; one whose name the data owner gave to a dataset
+        of its own since is dropped, not put in its place (:meth:`_shadowed`)."""
         self._allowed = {(str(d), str(u)) for d, u in state.get("allowed", [])}
         for name, rec in (state.get("aligned") or {}).items():
             source = self.host.datasets.get(rec["source"])
             if source is None:
                 continue  # the source dataset is gone: so is its alignment
-            self._aligned[name] = (str(rec["source"]), rec["rows"])
+            if name in self.host.datasets:
+                self._shadowed(str(name))
+                continue
+            self._aligned[name] = (str(rec["source"]), rec["rows"], str(rec.get("user", "")))
             self.host.datasets[name] = source.subset(rec["rows"])
+
+    def _shadowed(self, name: str) -> None:
+        """The data owner holds a dataset ``name`` of its own now: it stays; the aligned rows
+        saved under that name are forgotten (audited), and segments approved on them halt
+        (they would read other records than those they were approved on)."""
+        why = (f"aligned dataset {name!r} was not restored: the data owner holds a dataset of "
+               "that name now (kept)")
+        _log.warning("%s: %s", self.host.name, why)
+        self.host.record(AuditEntry(time.time(), "alignment", "restore", None, {}, 0, 0, 0.0,
+                                    why))
+        for p in list(self.host.proposals_by_id.values()):
+            if p.status == "approved" and name in p.datasets:
+                self.host.halt(p.id, f"the datasite restarted and {why}: this segment was "
+                                     "approved on the aligned records; align again under "
+                                     "another name and propose again")
 
 
 def _bytes(req: dict[str, Any], name: str) -> bytes:

@@ -9,6 +9,10 @@ datasite (:func:`log_path`) instead. Set the environment variable ``SYFT_SPLIT_V
 
 The root logger's level is restored afterwards either way (launching a PySyft server sets it
 to CRITICAL).
+
+The log folder is the user's own (``<tmp>/syft-split-logs-<uid>``, mode 0700; refused if it is
+a symlink or another user's) and log files are opened without following a symlink (mode
+0600): another local user can neither read the output nor redirect it into a file of yours.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import contextlib
 import io
 import logging
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["VERBOSE_ENV", "verbose", "log_path", "quiet"]
+from .errors import ConfigError
+
+__all__ = ["VERBOSE_ENV", "verbose", "log_dir", "log_path", "quiet"]
 
 #: set to 1 to see PySyft's and uvicorn's output
 VERBOSE_ENV = "SYFT_SPLIT_VERBOSE"
@@ -33,11 +40,38 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
 
 
+def log_dir() -> Path:
+    """This user's log folder, ``<tmp>/syft-split-logs-<uid>``: made with mode 0700 if new;
+    ConfigError if it is a symlink, not a folder, or someone else's (a folder left open to
+    others is closed to 0700)."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    folder = Path(tempfile.gettempdir(), f"syft-split-logs-{uid if uid is not None else 'user'}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"log folder {folder} is not a folder (a symlink?): remove it")
+    if uid is not None and st.st_uid != uid:
+        raise ConfigError(f"log folder {folder} belongs to user {st.st_uid}, not you ({uid}): "
+                          "remove it")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(folder, 0o700)
+    return folder
+
+
 def log_path(name: str) -> Path:
-    """Where the output of datasite ``name`` goes (``<tmp>/syft-split-logs/<name>.log``)."""
-    folder = Path(tempfile.gettempdir(), "syft-split-logs")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{name}.log"
+    """Where the output of datasite ``name`` goes (``<log_dir()>/<name>.log``)."""
+    return log_dir() / f"{name}.log"
+
+
+def _open_log(log: Path) -> io.TextIOBase:
+    """``log`` opened to append (created 0600), never through a symlink (ConfigError)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(log, flags, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open log file {log} (a symlink?): {exc}") from exc
+    return open(fd, "a", encoding="utf-8")  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -85,7 +119,7 @@ def quiet(log: Path | None = None, *, fds: bool = False) -> Iterator[None]:
         return
     syft_logger = logging.getLogger("syft")
     syft_level = syft_logger.level
-    sink = open(log, "a", encoding="utf-8") if log else open(os.devnull, "w")
+    sink = _open_log(log) if log else open(os.devnull, "w")
     saved: list[tuple[int, int]] = []
     try:
         syft_logger.setLevel(logging.CRITICAL + 1)

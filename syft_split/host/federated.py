@@ -104,7 +104,7 @@ class FederatedOps(OpFamily):
         ]
 
     # --------------------------------------------------------------- model-owner ops
-    @op("fl_propose", egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})
+    @op("fl_propose", mutates=True, egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})
     def fl_propose(self, call: Call) -> dict[str, Any]:
         proposals: Any = self.host.families["proposals"]  # the same per-user caps apply
         proposals.admit(call.caller)
@@ -131,8 +131,10 @@ class FederatedOps(OpFamily):
         max_batch = _int(req, "max_batch", limits.max_batch, 1, limits.max_batch)
         check_size(req.get("spec"), limits, "the proposed segment", input_shape=input_shape,
                    max_batch=max_batch)
-        module = module_from_spec(req.get("spec"))
         state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
+        self.host.families["proposals"].check_pending_bytes(  # type: ignore[attr-defined]
+            caller, state)
+        module = module_from_spec(req.get("spec"))
         load_weights(module, state, limits.max_abs_value, "the model")
         out = dry_run(module, input_shape, "the model")
         return Proposal(

@@ -6,7 +6,8 @@ what the data owner approved (shape, dtype, finite, magnitude, batch) before any
 Egress: every op declares the fields its response may carry, each with a :class:`Rule`; the
 dispatcher hands every response to :meth:`Guard.release`, which refuses (``EgressError``) any
 undeclared field and any value its rule rejects. No op writes to the wire by any other path.
-:meth:`Guard.admit` applies the optional cap on records released per minute, before an op runs.
+:meth:`Guard.admit` applies the optional cap on records released per minute, before an op runs;
+its window (wall-clock times) is saved with the segment and comes back after a restart.
 """
 
 from __future__ import annotations
@@ -183,6 +184,16 @@ def BYTES(name: str, value: Any, call: Call, guard: Guard) -> None:
         raise _refuse(call, name, f"{len(value)} bytes exceed the response cap")
 
 
+#: the span of the per-minute rate windows, in seconds of wall-clock time
+WINDOW_S = 60.0
+
+
+def in_window(t: float, now: float) -> bool:
+    """Whether the wall-clock time ``t`` lies in the minute up to ``now`` (an entry from after
+    ``now``, the clock having been set back, does not stay forever)."""
+    return 0.0 <= now - t <= WINDOW_S
+
+
 class Guard:
     """Ingress checks and the egress gate of one host (see the module docstring)."""
 
@@ -257,12 +268,25 @@ class Guard:
         cap = self.limits.max_records_per_minute
         if cap is None:
             return
-        now = time.monotonic()
-        window = self._released.setdefault(rt.id, deque())
-        while window and now - window[0][0] > 60.0:
-            window.popleft()
+        now = time.time()
+        window = deque(e for e in self._released.get(rt.id, ()) if in_window(e[0], now))
+        self._released[rt.id] = window
         used = sum(n for _, n in window)
         if used + rows > cap:
             raise EgressError(f"{rt.id} would release {used + rows} records in a minute; the "
                               f"data owner allows {cap}")
         window.append((now, rows))
+
+    def window(self, segment: str) -> list[list[float]] | None:
+        """The records ``segment`` released in the last minute, ``[[time, records], ...]``, to
+        save with it (None: none)."""
+        now = time.time()
+        kept = [[t, float(n)] for t, n in self._released.get(segment, ()) if in_window(t, now)]
+        return kept or None
+
+    def restore_window(self, segment: str, saved: Any) -> None:
+        """Put back a window :meth:`window` returned (after a restart). A window in use is
+        left as it is: a step undone does not give back the records it was admitted for."""
+        if self._released.get(segment) or not isinstance(saved, list):
+            return
+        self._released[segment] = deque((float(t), int(n)) for t, n in saved)

@@ -4,9 +4,10 @@ Model-owner ops: ``describe`` (public metadata of the datasets), ``propose`` (a 
 spec + initial weights + optimizer + datasets), ``status``. Data-owner ops: ``describe``,
 ``proposals``, ``review``, ``approve``, ``reject``, ``halt``.
 
-A proposal is refused before any module is built when its caller proposes too often or has
-too many pending, or when its weights or declared layers exceed the host's
-:class:`~syft_split.host.records.HostLimits`.
+A proposal is refused before any module is built when its caller proposes too often, has
+too many pending or too many bytes of weights pending, or when its weights or declared layers
+exceed the host's :class:`~syft_split.host.records.HostLimits`. A rejected proposal keeps its
+id, driver, shapes, status and spec digest; its spec and initial weights are dropped.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from ..losses import LOSSES
 from ..spec import OptimizerSpec, module_from_spec
 from .admission import check_size, dry_run
 from .dispatch import Host, OpFamily, op, owner_op, register_family
-from .guard import JSON, SCALAR, TEXT, Call
-from .records import ROLES, SHARING, Proposal, Runtime
+from .guard import JSON, SCALAR, TEXT, Call, in_window
+from .records import ROLES, SHARING, Proposal, Runtime, state_bytes
 from .review import review_text
 
 __all__ = ["ProposalOps", "DEFENCES"]
@@ -86,10 +87,9 @@ class ProposalOps(OpFamily):
         dry-running a proposed module is the work the cap bounds). ``new=False`` (an addition
         to a pending proposal, e.g. an auxiliary head): the rate cap only."""
         limits = self.host.limits
-        recent = self._recent.setdefault(caller, deque())
-        now = time.monotonic()
-        while recent and now - recent[0] > 60.0:
-            recent.popleft()
+        now = time.time()  # wall clock: the window is saved and goes on after a restart
+        recent = deque(t for t in self._recent.get(caller, ()) if in_window(t, now))
+        self._recent[caller] = recent
         if len(recent) >= limits.max_proposals_per_minute:
             raise ValidationError(f"{caller} proposed {len(recent)} segments in the last minute; "
                                   f"this data owner accepts {limits.max_proposals_per_minute}")
@@ -99,6 +99,41 @@ class ProposalOps(OpFamily):
             raise ValidationError(f"{caller} has {pending} proposals pending review; this data "
                                   f"owner accepts {limits.max_pending}")
         recent.append(now)
+
+    def state(self) -> dict[str, Any]:
+        """The proposal-rate windows (wall-clock times of the last minute's attempts)."""
+        now = time.time()
+        recent = {user: [t for t in times if in_window(t, now)]
+                  for user, times in self._recent.items()}
+        return {"recent": {user: times for user, times in recent.items() if times}}
+
+    def restore(self, state: Any) -> None:
+        saved = state.get("recent") if isinstance(state, dict) else None
+        for user, times in (saved or {}).items():
+            self._recent[str(user)] = deque(float(t) for t in times)
+
+    def segment_state(self, rt: Runtime) -> dict[str, Any] | None:
+        """The segment's records-per-minute window (``HostLimits.max_records_per_minute``),
+        saved with its steps."""
+        window = self.host.guard.window(rt.id)
+        return None if window is None else {"released": window}
+
+    def restore_segment(self, rt: Runtime, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            self.host.guard.restore_window(rt.id, state.get("released"))
+
+    def check_pending_bytes(self, caller: str, state: dict[str, Any]) -> None:
+        """Refuse weights that would take ``caller``'s pending proposals past
+        ``HostLimits.max_pending_bytes`` (the host keeps them, and saves them, until the data
+        owner decides)."""
+        cap = self.host.limits.max_pending_bytes
+        held = sum(state_bytes(p.state) for p in self.host.proposals_by_id.values()
+                   if p.driver == caller and p.status == "pending")
+        new = state_bytes(state)
+        if held + new > cap:
+            raise ValidationError(f"{caller}'s pending proposals hold {held} bytes of weights; "
+                                  f"these {new} more exceed the {cap} this data owner accepts "
+                                  "until it decides")
 
     def _parse(self, caller: str, req: dict[str, Any]) -> Proposal:
         host, limits = self.host, self.host.limits
@@ -119,6 +154,7 @@ class ProposalOps(OpFamily):
         if n_params > limits.max_parameters:
             raise ConfigError(f"the proposed weights hold {n_params} values; this data owner "
                               f"accepts at most {limits.max_parameters}")
+        self.check_pending_bytes(caller, state)
         if role == "input":
             input_shape = tuple(host.datasets[datasets[0]].features.shape[1:])
             for d in datasets:
@@ -211,6 +247,9 @@ class ProposalOps(OpFamily):
     @owner_op("review", mutates=False)
     def owner_review(self, segment: str) -> dict[str, Any]:
         p = self.host.proposal(segment)
+        if p.module is None:
+            raise ApprovalError(f"proposal {segment} is {p.status}: its spec and weights are no "
+                                f"longer kept (spec sha256 {p.spec_digest or '?'})")
         extra = [line for fam in self.host.families.values() for line in fam.review_lines(p)]
         return {"text": review_text(self.host, p, extra)}
 
@@ -232,9 +271,12 @@ class ProposalOps(OpFamily):
         return {"segment": p.id, "status": "approved"}
 
     @owner_op("reject")
-    def owner_reject(self, segment: str) -> dict[str, Any]:
+    def owner_reject(self, segment: str, reason: str = "rejected by the data owner"
+                     ) -> dict[str, Any]:
         p = self.host.proposal(segment)
         p.status = "rejected"
+        p.reason = p.reason or str(reason)  # a halted segment keeps why it was halted
+        p.forget()  # kept until the end, restored on every restart: not its weights
         self.host.runtimes.pop(p.id, None)
         return {"segment": p.id, "status": "rejected"}
 

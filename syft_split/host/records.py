@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -13,7 +15,7 @@ from ..errors import ConfigError
 from ..spec import OptimizerSpec
 
 __all__ = ["Dataset", "Proposal", "Runtime", "StepRecord", "AuditEntry", "HostLimits", "ROLES", "SHARING",
-           "STEPS_KEPT", "clip"]
+           "STEPS_KEPT", "clip", "spec_digest", "state_bytes"]
 
 #: what a segment does at the data owner: reads its records (``input``), transforms an incoming
 #: activation (``middle``, e.g. a relay party), or ends in a loss on labels held here (``loss``).
@@ -70,7 +72,9 @@ class HostLimits:
 
     ``max_parameters`` / ``max_width`` / ``max_layers`` / ``max_activation_bytes`` (the widest
     value of one step): a proposal larger than this is refused from its spec alone.
-    ``max_proposals_per_minute`` / ``max_pending``: per user. ``max_abs_value``: no released
+    ``max_proposals_per_minute`` / ``max_pending``: per user; ``max_pending_bytes``: the initial
+    weights a user's pending proposals hold at once (the host keeps them until the data owner
+    decides; a rejected proposal's are dropped). ``max_abs_value``: no released
     activation or gradient, and no incoming gradient, may exceed it in magnitude.
     ``max_records_per_minute``: records a segment may release per minute (None: no cap).
     ``review_budget_s``: seconds the review's attack suite may spend on one proposal;
@@ -89,6 +93,7 @@ class HostLimits:
     max_activation_bytes: int = 1 << 30
     max_proposals_per_minute: int = 30
     max_pending: int = 32
+    max_pending_bytes: int = 256 * 1024 * 1024
     max_abs_value: float = 1e6
     max_records_per_minute: int | None = None
     review_budget_s: float = 30.0
@@ -98,7 +103,8 @@ class HostLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_batch", "max_parameters", "max_width",
-                     "max_layers", "max_activation_bytes", "max_proposals_per_minute", "max_pending"):
+                     "max_layers", "max_activation_bytes", "max_proposals_per_minute", "max_pending",
+                     "max_pending_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"HostLimits.{name} must be a positive int, got {value!r}")
@@ -131,6 +137,27 @@ class Proposal:
     reason: str = ""
     halted_by: str = ""
     module: nn.Module | None = field(default=None, repr=False)
+    #: the sha256 of the spec's JSON, kept once a rejected proposal's spec and weights are not
+    spec_digest: str = ""
+
+    def forget(self) -> None:
+        """Drop what a rejected proposal no longer needs: its spec, initial weights and module
+        (kept: id, driver, shapes, status, reason and the spec's digest)."""
+        if self.spec:
+            self.spec_digest = spec_digest(self.spec)
+        self.spec, self.state, self.module = {}, {}, None
+
+
+def spec_digest(spec: Any) -> str:
+    """The sha256 of ``spec``'s canonical JSON."""
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def state_bytes(state: dict[str, Any]) -> int:
+    """The bytes the tensors of ``state`` hold."""
+    return sum(v.numel() * v.element_size() for v in state.values()
+               if isinstance(v, torch.Tensor))
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,12 @@ directory is the data owner's: it holds weights and the peer-sealing key; the ho
 directories 0700 and every file 0600, whatever the umask)::
 
     state_dir/
-      host.sspl              proposals (spec JSON, initial weights, status and, for a halted
-                             one, why and by whom, approval; how many times its segment file
-                             was written; the id counter goes on after the highest id), and
-                             what each op family keeps (peer keys, trusted peers, alignment
-                             permissions and aligned rows, ...)
+      host.sspl              proposals (spec JSON, initial weights -- a rejected one keeps
+                             only the spec's digest --, status and, for a halted one, why and
+                             by whom, approval; how many times its segment file was written;
+                             the id counter goes on after the highest id), and what each op
+                             family keeps (peer keys, trusted peers, alignment permissions and
+                             aligned rows, ...)
       segments/<id>.sspl     per approved segment: weights, optimizer state, step counter, RNG
                              states, the last applied steps (id, op, digest, response), what
                              its pending forward ran on, and what families keep per segment
@@ -337,13 +338,18 @@ def _proposal_tree(p: Proposal, has_runtime: bool) -> dict[str, Any]:
         "max_batch": p.max_batch, "loss": p.loss, "release_labels": p.release_labels,
         "share_weights": p.share_weights, "defences": dict(p.defences), "he": p.he,
         "status": p.status, "reason": p.reason, "halted_by": p.halted_by, "runtime": has_runtime,
+        "spec_digest": p.spec_digest,
     }
 
 
 def _proposal_from(raw: dict[str, Any]) -> Proposal:
-    module = module_from_spec(raw["spec"])
-    module.load_state_dict(raw["state"])
-    return Proposal(
+    """A proposal as saved; a rejected one without its spec and weights (also when an older
+    file still holds them: they are dropped on the next save)."""
+    rejected = raw["status"] == "rejected"
+    module = None if rejected else module_from_spec(raw["spec"])
+    if module is not None:
+        module.load_state_dict(raw["state"])
+    p = Proposal(
         id=raw["id"], driver=raw["driver"], role=raw["role"], spec=raw["spec"],
         state=dict(raw["state"]), optimizer=OptimizerSpec.from_json(raw["optimizer"]),
         datasets=list(raw["datasets"]), input_shape=tuple(raw["input_shape"]),
@@ -353,7 +359,11 @@ def _proposal_from(raw: dict[str, Any]) -> Proposal:
         defences=dict(raw.get("defences") or {}), he=raw.get("he"),
         status=str(raw["status"]), reason=str(raw.get("reason", "")),
         halted_by=str(raw.get("halted_by", "")), module=module,
+        spec_digest=str(raw.get("spec_digest", "")),
     )
+    if rejected:
+        p.forget()
+    return p
 
 
 def _plain(value: Any) -> bool:
