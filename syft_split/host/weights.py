@@ -63,6 +63,15 @@ def _text(value: Any, name: str) -> str:
     return value
 
 
+def _releasable(rt: Runtime) -> None:
+    """Refuse releasing a segment that loads peers' weights: its weights are theirs too (with
+    averaging weights of the model owner's choice, another member's exact weights)."""
+    if rt.proposal.share_weights == "peer":
+        raise ConfigError(f"{rt.id} shares weights with peer data owners: its weights hold "
+                          "theirs (relayed or averaged), so they are never released to the "
+                          "model owner")
+
+
 def _pending_round(pending: dict[str, Any] | None) -> int | None:
     """The round number of a round in flight (None: none)."""
     return None if pending is None else int(pending["descriptor"]["round"])
@@ -114,6 +123,9 @@ class WeightOps(OpFamily):
                          "gradient then an export recovers a record almost exactly). Not "
                          "granted by approving: grant it on its own with approve(id, "
                          "release_weights=True) or release_weights(id)")
+        elif proposal.share_weights == "peer":
+            lines.append("  the model owner can never read these weights: they hold your "
+                         "peers' weights too, so release_weights is refused for this segment")
         else:
             lines.append("  weights stay here; the model owner can never write them, and reads "
                          "them only if you call release_weights(id), which reveals training "
@@ -125,6 +137,7 @@ class WeightOps(OpFamily):
         if not isinstance(release, bool):
             raise ConfigError(f"release_weights must be a bool, got {release!r}")
         if release:
+            _releasable(rt)
             rt.extra["weights_released"] = True
 
     def state(self) -> dict[str, Any]:
@@ -205,6 +218,8 @@ class WeightOps(OpFamily):
     def export(self, call: Call) -> dict[str, Any]:
         rt = call.rt
         assert rt is not None
+        if rt.proposal.share_weights == "peer":  # even if released before this was refused
+            raise AccessError(f"{rt.id} holds peer data owners' weights: never exported")
         if not rt.extra.get("weights_released"):
             raise AccessError(f"the data owner has not released the weights of {rt.id} "
                               "(weights reveal training data; releasing them is a separate "
@@ -398,7 +413,9 @@ class WeightOps(OpFamily):
     # ----------------------------------------------------------------- data-owner ops
     @owner_op("release_weights")
     def owner_release(self, segment: str) -> dict[str, Any]:
-        self.host.owned_runtime(segment).extra["weights_released"] = True
+        rt = self.host.owned_runtime(segment)
+        _releasable(rt)
+        rt.extra["weights_released"] = True
         return {"segment": segment, "released": True}
 
     @owner_op("export_weights", mutates=False)
