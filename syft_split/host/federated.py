@@ -12,6 +12,7 @@ Model-owner ops, on a proposal of role ``local`` ("the whole model, trained loca
     fl_gradient   the gradient of the mean loss of the weights sent on the given records (and
                   BatchNorm statistics after that batch)
     fl_evaluate   loss and correct counts of the weights sent on a dataset, in batches
+                  (counted by ``max_records_per_minute``: every record, like ``fl_train``)
 
 What leaves is declared per op with a guard rule: weights and gradients of exactly the approved
 model's shapes (finite, bounded), and scalars. THE MODEL'S WEIGHTS (or gradients) LEAVE AFTER
@@ -218,8 +219,10 @@ class FederatedOps(OpFamily):
                                                  "count": SCALAR})
     def fl_evaluate(self, call: Call) -> dict[str, Any]:
         rt, ds = self._start(call)
+        n = int(ds.features.shape[0])
+        self.host.guard.admit(rt, n)  # figures of every record, under weights of the caller's
         loss_fn = LOSSES[str(rt.proposal.loss)]
-        loss_sum, correct, n = 0.0, 0, int(ds.features.shape[0])
+        loss_sum, correct = 0.0, 0
         rt.module.eval()
         try:
             with torch.no_grad():
