@@ -11,8 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from syft_split import AccessError, ConfigError, SplitPlan, SplitSession, secagg
+from syft_split import (
+    AccessError,
+    ConfigError,
+    SplitPlan,
+    SplitSession,
+    ValidationError,
+    secagg,
+    wire,
+)
 from syft_split.deploy import inprocess
+from syft_split.host.weights import fingerprint
 from syft_split.schedules import SecureAverage, relay_weights
 
 NAMES = ["a", "b", "c"]
@@ -80,3 +89,49 @@ def test_a_segment_holding_peer_weights_is_never_released(peers) -> None:
     with pytest.raises(ConfigError, match="never released"):
         dep.owners["c"].approve(again["c"][0], release_weights=True)
     assert dep.owners["c"].proposal(again["c"][0]).status == "pending"  # nothing approved
+
+
+def _forged_for_a(dep, segs, value: float) -> bytes:
+    """b's contribution to round 1, crafted for a alone: b masks weights of ``value`` (with
+    its own pairwise keys, so the masks still cancel) instead of its own."""
+    b = dep.owners["b"].families["weights"]
+    pending = b.pending[segs["b"]]
+    q = secagg.encode(np.full(len(pending["own"]) // 8, value), 1.0, 3)
+    masked = secagg.mask(q, "b", {p: bytes(b._box(p).shared_key()) for p in ("a", "c")},
+                         secagg.canonical(pending["descriptor"]))
+    return bytes(b._box("a").encrypt(wire.encode({
+        "kind": "secagg", "sender": "b", "recipient": "a",
+        "descriptor": pending["descriptor"], "masked": masked.tobytes()})))
+
+
+def test_peer_weights_past_the_bound_are_never_loaded(peers) -> None:
+    """A member's crafted contribution (or relay) would load weights of 1e8 at a, past a's
+    bound of 1e6: refused before anything changes; a genuine contribution still loads."""
+    dep, _, segs = peers
+    t, host_a = dep.transport, dep.owners["a"]
+    assert host_a.limits.max_abs_value == 1e6
+    before = _flat(dep, "a", segs["a"])
+    w = {n: 1.0 for n in NAMES}
+    sealed = {n: t.call(n, "secagg_contribute", segment=segs[n], label="node0", round=1,
+                        members=segs, weights=w) for n in NAMES}
+    with pytest.raises(ValidationError, match="exceeds the data owner's bound"):
+        t.call("a", "secagg_aggregate", segment=segs["a"], round=1,
+               **{"sealed/b": _forged_for_a(dep, segs, 1e8), "sealed/c": sealed["c"]["sealed/a"]})
+    assert np.array_equal(_flat(dep, "a", segs["a"]), before)
+    t.call("a", "secagg_aggregate", segment=segs["a"], round=1,
+           **{f"sealed/{o}": sealed[o]["sealed/a"] for o in ("b", "c")})
+    assert float(np.abs(_flat(dep, "a", segs["a"])).max()) < 10.0  # the honest average
+
+    # a relay of b's crafted weights: the same refusal, nothing loaded
+    b = dep.owners["b"].families["weights"]
+    state = {k: torch.full_like(v, 1e8) for k, v in dep.owners["b"].export_weights(
+        segs["b"]).items()}
+    plain = wire.encode({"kind": "relay", "sender": "b", "from_segment": segs["b"],
+                         "recipient": "c", "to_segment": segs["c"], "seq": 1,
+                         "fingerprint": fingerprint(dep.owners["c"].runtimes[segs["c"]]),
+                         **{f"state/{k}": v for k, v in state.items()}})
+    before_c = _flat(dep, "c", segs["c"])
+    with pytest.raises(ValidationError, match="exceeds the data owner's bound"):
+        t.call("c", "unseal", segment=segs["c"], sender="b",
+               sealed=bytes(b._box("c").encrypt(plain)))
+    assert np.array_equal(_flat(dep, "c", segs["c"]), before_c)

@@ -33,7 +33,14 @@ import numpy as np
 import torch
 
 from .. import secagg, wire
-from ..errors import AccessError, ConfigError, ProtocolError, ShapeError, WireError
+from ..errors import (
+    AccessError,
+    ConfigError,
+    ProtocolError,
+    ShapeError,
+    ValidationError,
+    WireError,
+)
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import SCALAR, SEALED, TEXT, WEIGHTS, Call
 from .records import ROLES, Runtime
@@ -201,14 +208,20 @@ class WeightOps(OpFamily):
                             f"{exc}") from exc
         return wire.decode(plain, max_bytes=self.host.limits.max_request_bytes)
 
-    @staticmethod
-    def _check_loadable(rt: Runtime, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        own = rt.module.state_dict()
+    def _check_loadable(self, rt: Runtime, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Weights from peers, before anything changes: the segment's keys, shapes and dtypes,
+        finite and within the data owner's bound (``HostLimits.max_abs_value``), like every
+        value the guard lets in; and no step pending."""
+        own, bound = rt.module.state_dict(), self.host.limits.max_abs_value
         if set(state) != set(own):
             raise ShapeError(f"weights {sorted(state)} do not match the segment's {sorted(own)}")
         for k, v in state.items():
             wire.check_tensor(v, f"weight {k}", shape=tuple(own[k].shape), dtype=own[k].dtype,
                               nonempty=False)
+            if v.is_floating_point() and v.numel() and float(v.abs().max()) > bound:
+                raise ValidationError(f"weight {k} from a peer: magnitude "
+                                      f"{float(v.abs().max()):.3g} exceeds the data owner's "
+                                      f"bound {bound:g}; nothing loaded")
         if rt.pending_output is not None or rt.pending_loss_grads:
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         return state
