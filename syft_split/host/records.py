@@ -72,7 +72,8 @@ class HostLimits:
     ``max_proposals_per_minute`` / ``max_pending``: per user. ``max_abs_value``: no released
     activation or gradient, and no incoming gradient, may exceed it in magnitude.
     ``max_records_per_minute``: records a segment may release per minute (None: no cap).
-    ``review_budget_s``: seconds the review's attack suite may spend on one proposal;
+    ``review_budget_s``: seconds the review's attack suite may spend on one proposal, and
+    the model owner's ``leakage`` op on one call (it may ask for less);
     ``watch_every``: the live leakage watch re-measures an input segment every so many steps.
     ``he_min_share_bound``: level B's share A must be uniform in at least +-this (a tiny bound
     hides little of dW). ``he_min_flood_margin``: the flooding noise of returned decryptions,
