@@ -133,7 +133,7 @@ class WeightOps(OpFamily):
         elif proposal.share_weights == "peer":
             lines.append("  the model owner can never read these weights: they hold your "
                          "peers' weights too, so release_weights is refused for this segment")
-        else:
+        elif proposal.role != "local":  # a local model starts from the model owner's weights
             lines.append("  weights stay here; the model owner can never write them, and reads "
                          "them only if you call release_weights(id), which reveals training "
                          "data")
