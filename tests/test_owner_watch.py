@@ -64,3 +64,29 @@ def test_the_model_owners_look_at_the_watch_records_nothing(toy_data) -> None:
         look = dep.transport.call("h", "watch", segment=pid)
         assert look["step"] == 2 and look["inversion_ratio"] > 0
     assert dep.owners["h"].owner("watch", segment=pid)["history"] == before
+
+
+def test_the_model_owners_leakage_op_runs_within_the_owners_budget(toy_data, monkeypatch
+                                                                   ) -> None:
+    """The model owner asks for 120 s of attacks (the host is busy meanwhile); the data owner
+    allows ``review_budget_s`` (1 s here): the suite gets 1 s, and less when asked for less."""
+    import syft_split.leakage as leakage
+
+    x, y = toy_data
+    dep = inprocess({"h": {"train": (x, y), "test": (x, y)}},
+                    limits=HostLimits(review_budget_s=1.0))
+    plan = SplitPlan.vanilla(split_model(digits_cnn(channels=4, hidden=16), "pool1"), "h")
+    (pid,) = SplitSession(plan, dep.transport).propose()["h"]
+    dep.owners["h"].approve(pid)
+    given: list[float] = []
+    suite = leakage.leakage_suite
+
+    def spy(*args, budget_s: float, **kwargs):
+        given.append(budget_s)
+        return suite(*args, budget_s=budget_s, **kwargs)
+
+    monkeypatch.setattr(leakage, "leakage_suite", spy)
+    out = dep.transport.call("h", "leakage", segment=pid, dataset="train", budget_s=120)
+    assert given == [1.0] and 0 < out["seconds"] < 10
+    dep.transport.call("h", "leakage", segment=pid, dataset="train", budget_s=0.5)
+    assert given == [1.0, 0.5]

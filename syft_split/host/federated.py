@@ -12,11 +12,15 @@ Model-owner ops, on a proposal of role ``local`` ("the whole model, trained loca
     fl_gradient   the gradient of the mean loss of the weights sent on the given records (and
                   BatchNorm statistics after that batch)
     fl_evaluate   loss and correct counts of the weights sent on a dataset, in batches
+                  (counted by ``max_records_per_minute``: every record, like ``fl_train``)
 
 What leaves is declared per op with a guard rule: weights and gradients of exactly the approved
 model's shapes (finite, bounded), and scalars. THE MODEL'S WEIGHTS (or gradients) LEAVE AFTER
 EVERY ROUND: they carry information about the training records (gradient-inversion attacks
-recover images from them); the review says so. Labels and records never leave.
+recover images from them); the review says so. Labels and records never leave as fields, but
+with weights of its choosing (a unit only one record activates) the model owner makes one update
+or gradient carry one record and its label exactly, whatever the batch: the review says so too.
+``HostLimits.min_local_batch`` is the fewest records one gradient or local step may cover.
 """
 
 from __future__ import annotations
@@ -93,14 +97,23 @@ class FederatedOps(OpFamily):
             return []
         assert proposal.module is not None
         n = count_parameters(proposal.module)
+        least = self.host.limits.min_local_batch
         return [
             "  FEDERATED: the WHOLE MODEL trains here on your records (local epochs per round, "
-            "or one gradient per step); the model owner sends the weights to start from",
+            "or one gradient per step); the model owner sends the weights to start from, any "
+            "weights it likes, every call",
             f"  THE MODEL'S WEIGHTS LEAVE AFTER LOCAL TRAINING, every round ({n} parameters, "
             f"{4 * n} bytes), or its gradient every step: they carry information about your "
             "training records (gradient-inversion attacks reconstruct inputs from them)",
-            "  also leaving: the number of records trained on, loss sums and correct counts; "
-            "records and labels stay here",
+            "  AN UPDATE OR GRADIENT CAN BE A RECORD: with weights chosen for it (a unit only "
+            "one record activates), one update gives that record's features and label "
+            "exactly, whatever the batch; "
+            + ("a gradient may be of ONE record (HostLimits.min_local_batch=1: no minimum)"
+               if least <= 1 else
+               f"each gradient and local step covers at least {least} records "
+               "(HostLimits.min_local_batch)"),
+            "  also leaving: the number of records trained on, loss sums and correct counts "
+            "(every call is counted by max_records_per_minute)",
         ]
 
     # --------------------------------------------------------------- model-owner ops
@@ -160,9 +173,13 @@ class FederatedOps(OpFamily):
         assert call.rt is not None
         limit = call.rt.proposal.max_batch
         epochs = _int(call.req, "epochs", 1, 1, 100)
-        batch = _int(call.req, "batch_size", min(32, limit), 1, limit)
+        least = self.host.limits.min_local_batch
+        batch = _int(call.req, "batch_size", max(min(32, limit), least), least, limit)
         seed = _int(call.req, "seed", 0, 0, 2**62)
         rt, ds = self._start(call)
+        if int(ds.features.shape[0]) < least:
+            raise ValidationError(f"{rt.id}: the dataset has fewer records than the data "
+                                  f"owner's minimum batch {least}")
         self.host.guard.admit(rt, int(ds.features.shape[0]))  # weights trained on every record
         params = list(rt.module.parameters())
         opt = rt.proposal.optimizer.build(params) if params else None
@@ -173,7 +190,7 @@ class FederatedOps(OpFamily):
         rt.module.train()
         for _ in range(epochs):
             loss_sum, correct = 0.0, 0  # figures of the last local epoch
-            for idx in torch.randperm(n, generator=g).split(batch):
+            for idx in _batches(torch.randperm(n, generator=g), batch, least):
                 x, y = ds.features[idx].to(torch.float32), _labels(ds)[idx]
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
@@ -199,6 +216,10 @@ class FederatedOps(OpFamily):
     def fl_gradient(self, call: Call) -> dict[str, Any]:
         rt, ds = self._start(call)
         idx = self.host.guard.indices(rt, call.req, ds)
+        least = self.host.limits.min_local_batch
+        if int(idx.shape[0]) < least:
+            raise ValidationError(f"{rt.id}: a gradient of {int(idx.shape[0])} records; the "
+                                  f"data owner's minimum batch is {least}")
         self.host.guard.admit(rt, int(idx.shape[0]))
         rt.module.train()
         rt.module.zero_grad(set_to_none=True)
@@ -220,8 +241,10 @@ class FederatedOps(OpFamily):
                                                  "count": SCALAR})
     def fl_evaluate(self, call: Call) -> dict[str, Any]:
         rt, ds = self._start(call)
+        n = int(ds.features.shape[0])
+        self.host.guard.admit(rt, n)  # figures of every record, under weights of the caller's
         loss_fn = LOSSES[str(rt.proposal.loss)]
-        loss_sum, correct, n = 0.0, 0, int(ds.features.shape[0])
+        loss_sum, correct = 0.0, 0
         rt.module.eval()
         try:
             with torch.no_grad():
@@ -232,6 +255,15 @@ class FederatedOps(OpFamily):
         finally:
             rt.module.train()
         return {"loss_sum": loss_sum, "correct": correct, "count": n}
+
+
+def _batches(perm: torch.Tensor, batch: int, least: int) -> list[torch.Tensor]:
+    """``perm`` in batches of ``batch``; a last batch under ``least`` records joins the one
+    before it (``least`` <= ``batch`` and <= the record count)."""
+    parts = list(perm.split(batch))
+    if len(parts) > 1 and parts[-1].shape[0] < least:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
 
 
 def _labels(ds: Dataset) -> torch.Tensor:

@@ -77,8 +77,11 @@ class HostLimits:
     decides; a rejected proposal's are dropped). ``max_abs_value``: no released
     activation or gradient, and no incoming gradient, may exceed it in magnitude.
     ``max_records_per_minute``: records a segment may release per minute (None: no cap).
-    ``review_budget_s``: seconds the review's attack suite may spend on one proposal;
+    ``review_budget_s``: seconds the review's attack suite may spend on one proposal, and
+    the model owner's ``leakage`` op on one call (it may ask for less);
     ``watch_every``: the live leakage watch re-measures an input segment every so many steps.
+    ``min_local_batch``: a locally trained (federated) model's gradient (``fl_gradient``) and
+    every local step of ``fl_train`` cover at least this many records (1: no minimum).
     ``he_min_share_bound``: level B's share A must be uniform in at least +-this (a tiny bound
     hides little of dW). ``he_min_flood_margin``: the flooding noise of returned decryptions,
     2^-flood_bits, must lie at least this many bits above the encoding unit 2^-scale_bits
@@ -98,13 +101,14 @@ class HostLimits:
     max_records_per_minute: int | None = None
     review_budget_s: float = 30.0
     watch_every: int = 25
+    min_local_batch: int = 1
     he_min_share_bound: float = 1.0
     he_min_flood_margin: int = 10
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_batch", "max_parameters", "max_width",
                      "max_layers", "max_activation_bytes", "max_proposals_per_minute", "max_pending",
-                     "max_pending_bytes"):
+                     "max_pending_bytes", "min_local_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"HostLimits.{name} must be a positive int, got {value!r}")

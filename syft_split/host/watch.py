@@ -249,7 +249,9 @@ class LeakageOps(OpFamily):
 
     @op("leakage", roles=("input",), egress={"*": SCALAR})
     def leakage(self, call: Call) -> dict[str, Any]:
-        """The attack suite on the current weights, scored on held-out records here."""
+        """The attack suite on the current weights, scored on held-out records here, within
+        the data owner's ``review_budget_s`` (the model owner may ask for less, never more:
+        the host is busy meanwhile)."""
         from ..leakage import leakage_suite
 
         rt = call.rt
@@ -258,6 +260,7 @@ class LeakageOps(OpFamily):
         budget = call.req.get("budget_s", self.host.limits.review_budget_s)
         if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget <= 120:
             raise ValidationError(f"budget_s must be in (0, 120], got {budget!r}")
+        budget = min(float(budget), self.host.limits.review_budget_s)
         rows = _rows(ds)
         if rows is None:  # too few records to score an attack on: say how many, nothing else
             return {"records": int(ds.features.shape[0])}
@@ -266,7 +269,7 @@ class LeakageOps(OpFamily):
         try:
             r = leakage_suite(rt.module, mock, probe, release=self._release(rt.proposal),
                               held_out_labels=labels if rt.proposal.release_labels else None,
-                              budget_s=float(budget), seed=0)
+                              budget_s=budget, seed=0)
         finally:
             rt.module.train()
         out: dict[str, Any] = {"records": r["n_held_out"], "dcor": r["dcor"],

@@ -33,7 +33,14 @@ import numpy as np
 import torch
 
 from .. import secagg, wire
-from ..errors import AccessError, ConfigError, ProtocolError, ShapeError, WireError
+from ..errors import (
+    AccessError,
+    ConfigError,
+    ProtocolError,
+    ShapeError,
+    ValidationError,
+    WireError,
+)
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import SCALAR, SEALED, TEXT, WEIGHTS, Call
 from .records import ROLES, Runtime
@@ -61,6 +68,15 @@ def _text(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value or len(value) > 256:
         raise ProtocolError(f"{name} must be a short non-empty string, got {value!r:.60}")
     return value
+
+
+def _releasable(rt: Runtime) -> None:
+    """Refuse releasing a segment that loads peers' weights: its weights are theirs too (with
+    averaging weights of the model owner's choice, another member's exact weights)."""
+    if rt.proposal.share_weights == "peer":
+        raise ConfigError(f"{rt.id} shares weights with peer data owners: its weights hold "
+                          "theirs (relayed or averaged), so they are never released to the "
+                          "model owner")
 
 
 def _pending_round(pending: dict[str, Any] | None) -> int | None:
@@ -114,7 +130,10 @@ class WeightOps(OpFamily):
                          "gradient then an export recovers a record almost exactly). Not "
                          "granted by approving: grant it on its own with approve(id, "
                          "release_weights=True) or release_weights(id)")
-        else:
+        elif proposal.share_weights == "peer":
+            lines.append("  the model owner can never read these weights: they hold your "
+                         "peers' weights too, so release_weights is refused for this segment")
+        elif proposal.role != "local":  # a local model starts from the model owner's weights
             lines.append("  weights stay here; the model owner can never write them, and reads "
                          "them only if you call release_weights(id), which reveals training "
                          "data")
@@ -125,6 +144,7 @@ class WeightOps(OpFamily):
         if not isinstance(release, bool):
             raise ConfigError(f"release_weights must be a bool, got {release!r}")
         if release:
+            _releasable(rt)
             rt.extra["weights_released"] = True
 
     def state(self) -> dict[str, Any]:
@@ -188,14 +208,20 @@ class WeightOps(OpFamily):
                             f"{exc}") from exc
         return wire.decode(plain, max_bytes=self.host.limits.max_request_bytes)
 
-    @staticmethod
-    def _check_loadable(rt: Runtime, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        own = rt.module.state_dict()
+    def _check_loadable(self, rt: Runtime, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Weights from peers, before anything changes: the segment's keys, shapes and dtypes,
+        finite and within the data owner's bound (``HostLimits.max_abs_value``), like every
+        value the guard lets in; and no step pending."""
+        own, bound = rt.module.state_dict(), self.host.limits.max_abs_value
         if set(state) != set(own):
             raise ShapeError(f"weights {sorted(state)} do not match the segment's {sorted(own)}")
         for k, v in state.items():
             wire.check_tensor(v, f"weight {k}", shape=tuple(own[k].shape), dtype=own[k].dtype,
                               nonempty=False)
+            if v.is_floating_point() and v.numel() and float(v.abs().max()) > bound:
+                raise ValidationError(f"weight {k} from a peer: magnitude "
+                                      f"{float(v.abs().max()):.3g} exceeds the data owner's "
+                                      f"bound {bound:g}; nothing loaded")
         if rt.pending_output is not None or rt.pending_loss_grads:
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         return state
@@ -205,6 +231,8 @@ class WeightOps(OpFamily):
     def export(self, call: Call) -> dict[str, Any]:
         rt = call.rt
         assert rt is not None
+        if rt.proposal.share_weights == "peer":  # even if released before this was refused
+            raise AccessError(f"{rt.id} holds peer data owners' weights: never exported")
         if not rt.extra.get("weights_released"):
             raise AccessError(f"the data owner has not released the weights of {rt.id} "
                               "(weights reveal training data; releasing them is a separate "
@@ -398,7 +426,9 @@ class WeightOps(OpFamily):
     # ----------------------------------------------------------------- data-owner ops
     @owner_op("release_weights")
     def owner_release(self, segment: str) -> dict[str, Any]:
-        self.host.owned_runtime(segment).extra["weights_released"] = True
+        rt = self.host.owned_runtime(segment)
+        _releasable(rt)
+        rt.extra["weights_released"] = True
         return {"segment": segment, "released": True}
 
     @owner_op("export_weights", mutates=False)

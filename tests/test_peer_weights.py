@@ -1,0 +1,137 @@
+"""What a segment that shares weights with peer data owners never gives the model owner:
+another member's weights, through an average it chose or a relay (found in review), and
+what such a segment never loads: weights past the data owner's bound."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from syft_split import (
+    AccessError,
+    ConfigError,
+    SplitPlan,
+    SplitSession,
+    ValidationError,
+    secagg,
+    wire,
+)
+from syft_split.deploy import inprocess
+from syft_split.host.weights import fingerprint
+from syft_split.schedules import SecureAverage, relay_weights
+
+NAMES = ["a", "b", "c"]
+
+
+@pytest.fixture
+def peers():
+    """Three data owners, one shared (peer) input segment each, trained differently."""
+    g = torch.Generator().manual_seed(0)
+    data = {n: {"train": (torch.randn(20, 1, 4, 4, generator=g),
+                          torch.randint(0, 3, (20,), generator=g))} for n in NAMES}
+    dep = inprocess(data)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3))
+    plan = SplitPlan.vanilla([copy.deepcopy(model[:2]), copy.deepcopy(model[2:])], NAMES,
+                             share_weights="peer", datasets=["train"])
+    session = SplitSession(plan, dep.transport)
+    dep.approve_all(session.propose())
+    dep.trust_each_other()
+    for k, n in enumerate(NAMES):
+        for _ in range(k + 1):
+            loss, _ = session.loss(n, torch.arange(8), data[n]["train"][1][:8], dataset="train")
+            loss.backward()
+    session.flush()
+    return dep, session, {n: session.remote[(n, 0)].segment_id for n in NAMES}
+
+
+def _flat(dep, name: str, seg: str) -> np.ndarray:
+    state = dep.owners[name].export_weights(seg)
+    return secagg.flatten(state, [k for k, v in state.items() if v.is_floating_point()])
+
+
+def test_an_average_of_one_member_never_reaches_the_model_owner(peers) -> None:
+    """Averaging weights {a: 1, b: 0, c: 0} load a's exact weights at b and c (what SplitFed
+    needs when only a had a batch); b's data owner then releasing its own segment would hand
+    a's weights to the model owner, though a released nothing: refused, nothing exported."""
+    dep, session, segs = peers
+    want = _flat(dep, "a", segs["a"])
+    SecureAverage(session)(NAMES, [1.0, 0.0, 0.0])
+    assert np.abs(_flat(dep, "b", segs["b"]) - want).max() <= 1e-6  # b holds a's weights
+    with pytest.raises(ConfigError, match="never released"):
+        dep.owners["b"].release_weights(segs["b"])
+    assert not dep.owners["b"].runtimes[segs["b"]].extra.get("weights_released")
+    with pytest.raises(AccessError, match="never exported"):
+        dep.transport.call("b", "export", segment=segs["b"])
+
+
+def test_a_segment_holding_peer_weights_is_never_released(peers) -> None:
+    """b's data owner releasing its own segment would hand the model owner what b loaded
+    from its peers (a relayed copy of a's weights; an average): refused at approval, as an
+    owner op, and the export refuses a flag set before (e.g. in a saved state)."""
+    dep, session, segs = peers
+    relay_weights(session, "a", "b")  # b now holds a's exact weights
+    assert np.array_equal(_flat(dep, "b", segs["b"]), _flat(dep, "a", segs["a"]))
+    for n in NAMES:
+        assert "release_weights is refused" in dep.owners[n].review(segs[n])
+        with pytest.raises(ConfigError, match="never released"):
+            dep.owners[n].release_weights(segs[n])
+        with pytest.raises(AccessError, match="never exported"):
+            dep.transport.call(n, "export", segment=segs[n])
+    dep.owners["b"].runtimes[segs["b"]].extra["weights_released"] = True  # an old grant
+    with pytest.raises(AccessError, match="never exported"):
+        dep.transport.call("b", "export", segment=segs["b"])
+    again = SplitSession(session.plan, dep.transport).propose()
+    with pytest.raises(ConfigError, match="never released"):
+        dep.owners["c"].approve(again["c"][0], release_weights=True)
+    assert dep.owners["c"].proposal(again["c"][0]).status == "pending"  # nothing approved
+
+
+def _forged_for_a(dep, segs, value: float) -> bytes:
+    """b's contribution to round 1, crafted for a alone: b masks weights of ``value`` (with
+    its own pairwise keys, so the masks still cancel) instead of its own."""
+    b = dep.owners["b"].families["weights"]
+    pending = b.pending[segs["b"]]
+    q = secagg.encode(np.full(len(pending["own"]) // 8, value), 1.0, 3)
+    masked = secagg.mask(q, "b", {p: bytes(b._box(p).shared_key()) for p in ("a", "c")},
+                         secagg.canonical(pending["descriptor"]))
+    return bytes(b._box("a").encrypt(wire.encode({
+        "kind": "secagg", "sender": "b", "recipient": "a",
+        "descriptor": pending["descriptor"], "masked": masked.tobytes()})))
+
+
+def test_peer_weights_past_the_bound_are_never_loaded(peers) -> None:
+    """A member's crafted contribution (or relay) would load weights of 1e8 at a, past a's
+    bound of 1e6: refused before anything changes; a genuine contribution still loads."""
+    dep, _, segs = peers
+    t, host_a = dep.transport, dep.owners["a"]
+    assert host_a.limits.max_abs_value == 1e6
+    before = _flat(dep, "a", segs["a"])
+    w = {n: 1.0 for n in NAMES}
+    sealed = {n: t.call(n, "secagg_contribute", segment=segs[n], label="node0", round=1,
+                        members=segs, weights=w) for n in NAMES}
+    with pytest.raises(ValidationError, match="exceeds the data owner's bound"):
+        t.call("a", "secagg_aggregate", segment=segs["a"], round=1,
+               **{"sealed/b": _forged_for_a(dep, segs, 1e8), "sealed/c": sealed["c"]["sealed/a"]})
+    assert np.array_equal(_flat(dep, "a", segs["a"]), before)
+    t.call("a", "secagg_aggregate", segment=segs["a"], round=1,
+           **{f"sealed/{o}": sealed[o]["sealed/a"] for o in ("b", "c")})
+    assert float(np.abs(_flat(dep, "a", segs["a"])).max()) < 10.0  # the honest average
+
+    # a relay of b's crafted weights: the same refusal, nothing loaded
+    b = dep.owners["b"].families["weights"]
+    state = {k: torch.full_like(v, 1e8) for k, v in dep.owners["b"].export_weights(
+        segs["b"]).items()}
+    plain = wire.encode({"kind": "relay", "sender": "b", "from_segment": segs["b"],
+                         "recipient": "c", "to_segment": segs["c"], "seq": 1,
+                         "fingerprint": fingerprint(dep.owners["c"].runtimes[segs["c"]]),
+                         **{f"state/{k}": v for k, v in state.items()}})
+    before_c = _flat(dep, "c", segs["c"])
+    with pytest.raises(ValidationError, match="exceeds the data owner's bound"):
+        t.call("c", "unseal", segment=segs["c"], sender="b",
+               sealed=bytes(b._box("c").encrypt(plain)))
+    assert np.array_equal(_flat(dep, "c", segs["c"]), before_c)
