@@ -45,7 +45,7 @@ from .errors import (
     TransportError,
     error_from_wire,
 )
-from .host import AuditEntry
+from .host import AuditEntry, HostLimits
 from .host.channel import ChannelConsole
 
 __all__ = [
@@ -164,6 +164,7 @@ def install(
     replace: bool = False,
     state_dir: str | Path | None = None,
     checkpoint_every: int = 1,
+    limits: HostLimits | None = None,
 ) -> dict[str, Any]:
     """Register the syft-split endpoint on the datasite ``admin_client`` administers.
 
@@ -178,6 +179,9 @@ def install(
     segment (1: every step; nothing is lost in a crash) and on a clean shutdown. A restarted
     datasite (same database) then serves the approved segments again. Without it, the host's
     state lives in the datasite process's memory only.
+    ``limits``: what this data owner accepts at all (:class:`~syft_split.host.HostLimits`:
+    sizes, rates, the record cap, the HE floors...); given, it replaces ``max_request_bytes``
+    and ``max_batch``.
     Returns the public metadata the model owner will see (``describe``).
     """
     import syft as sy
@@ -189,6 +193,7 @@ def install(
         "datasets": {str(k): _dataset_ids(str(k), v) for k, v in datasets.items()},
         "max_request_bytes": int(max_request_bytes),
         "max_batch": int(max_batch),
+        "limits": None if limits is None else asdict(limits),
         "state_dir": "" if state_dir is None else str(Path(state_dir).resolve()),
         "checkpoint_every": int(checkpoint_every),
     }

@@ -32,7 +32,7 @@ import torch
 
 from . import wire
 from .errors import AuthorizationError, ConfigError, SyftSplitError
-from .host import AuditEntry, DataOwnerHost
+from .host import AuditEntry, DataOwnerHost, HostLimits
 from .host.channel import close_channels, serving_lock
 
 __all__ = ["ENDPOINT_PATH", "syft_split_endpoint", "serve", "as_result", "forget_hosts"]
@@ -129,10 +129,12 @@ def _entry(context: Any) -> _Entry:
 
 
 def _build_host(context: Any, settings: Mapping[str, Any]) -> DataOwnerHost:
+    limits = settings.get("limits")
     host = DataOwnerHost(
         str(settings.get("host_name") or context.server.name),
         max_request_bytes=int(settings.get("max_request_bytes", 64 * 1024 * 1024)),
         max_batch=int(settings.get("max_batch", 4096)),
+        limits=HostLimits(**limits) if limits else None,
         state_dir=settings.get("state_dir") or None,
         checkpoint_every=int(settings.get("checkpoint_every", 1)),
     )

@@ -242,7 +242,7 @@ def deployment(
     ``parties`` is ``{party: {dataset: (features, labels or None)}}``. For each party: launch a
     datasite (embedded, or HTTP with ``http=True``), upload each dataset as a PySyft dataset
     with mock assets, :func:`~syft_split.datasite.install` the endpoint (``install_kwargs``:
-    ``max_batch``, ``max_request_bytes``, ``checkpoint_every``), register ``user`` as a
+    ``max_batch``, ``max_request_bytes``, ``checkpoint_every``, ``limits``), register ``user`` as a
     non-admin model owner. The transport logs in as ``user`` (calls bounded by ``policy``);
     each console uses the datasite's admin client; ``Deployment.close()`` lands every datasite.
 

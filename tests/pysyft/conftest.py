@@ -22,6 +22,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from syft_split.datasite import DatasiteConsole
 from syft_split.deploy import Deployment
+from syft_split.host import HostLimits
 from syft_split.spec import OptimizerSpec, module_to_spec, spec_state
 from syft_split.transport.pysyft import (
     LaunchedDatasite,
@@ -85,6 +86,11 @@ class SplitSite:
         return ids
 
 
+#: the data owner's limits on the shared datasites (a narrow max_width: test_datasite checks
+#: that limits given to install reach the host in the datasite's process)
+LIMITS = HostLimits(max_batch=256, max_width=4096)
+
+
 def make_split_site(kind: str) -> SplitSite:
     g = torch.Generator().manual_seed(0)
     features = torch.randn(256, 1, 8, 8, generator=g)
@@ -93,7 +99,7 @@ def make_split_site(kind: str) -> SplitSite:
     dep = deployment(
         {PARTY: {"digits": (features, labels), "other": (other, None)}},
         http=(kind == "http-datasite"), user=MODEL_OWNER, name_prefix=f"t-{kind}",
-        max_batch=256,
+        limits=LIMITS,
     )
     try:
         site = dep.transport.datasites[PARTY]  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@ from syft_split.errors import (
     AccessError,
     ApprovalError,
     AuthorizationError,
+    ConfigError,
     DTypeError,
     EgressError,
     NonFiniteError,
@@ -104,6 +105,17 @@ def test_unapproved_or_rejected_segment_cannot_run(split_site: SplitSite) -> Non
         site.owner.approve(pid)  # a rejected proposal stays rejected
     with pytest.raises(ApprovalError, match="unknown"):
         t.call(site.party, "forward", segment="hospital/seg999", indices=torch.arange(4))
+
+
+def test_the_data_owners_limits_reach_its_host(split_site: SplitSite) -> None:
+    """``install(..., limits=HostLimits(...))``: the host in the datasite's process enforces
+    them (here max_width=4096, the default accepts 65 536)."""
+    site = split_site
+    before = len(site.owner.proposals())
+    wide = nn.Sequential(nn.Flatten(), nn.Linear(64, 5000))
+    with pytest.raises(ConfigError, match="layer width; this data owner accepts at most 4096"):
+        site.propose(wide)
+    assert len(site.owner.proposals()) == before
 
 
 def test_other_user_cannot_drive_an_approved_segment(split_site: SplitSite) -> None:
