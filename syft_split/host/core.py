@@ -261,6 +261,7 @@ class DataOwnerHost:
         spec: OpSpec | None = None
         call: Call | None = None
         replay: bytes | None = None
+        step: int | None = None
         try:
             request = wire.decode(data, max_bytes=self.limits.max_request_bytes)
             op = str(request.pop("op", "?"))
@@ -312,9 +313,13 @@ class DataOwnerHost:
             err = StateSaveError(
                 f"op {clip(op, AUDIT_TEXT)!r} ran on {self.name} (outcome: "
                 f"{clip(outcome, AUDIT_TEXT)}) but its state could not be saved "
-                f"({type(exc).__name__}: {exc}): it is not durable. Send the same request "
-                "again (same step id) to get its answer once saved; if the data owner "
-                "restarts first, the step is lost (re-attach)")
+                f"({type(exc).__name__}: {exc}): it is not durable. " + (
+                    "Send the same request again (same step id) to get its answer once saved; "
+                    "if the data owner restarts first, the step is lost (re-attach)"
+                    if step is not None else
+                    "It carried no step id: sent again it runs again (check its effect "
+                    "first); if the data owner restarts before a save succeeds, its effect "
+                    "is lost"))
             raw = wire.encode({"error": type(err).__name__, "message": str(err)})
             outcome = f"StateSaveError: {err}"
         self.record(AuditEntry(time.time(), caller, op, segment, shapes, len(data), len(raw),
