@@ -114,3 +114,30 @@ def test_strangers_take_at_most_half_of_the_slots(server: ChannelServer) -> None
         s.close()
     time.sleep(0.2)
     assert _served(server, ticket)
+
+
+def test_a_reconnect_waiting_for_a_long_frame_is_not_cut_at_the_stranger_deadline() -> None:
+    """A frame runs longer than ``auth_deadline_s`` and its connection drops: the client's
+    reconnect (right key) waits in its hello for the frame, trusted, and gets its answer."""
+    runs: list[int] = []
+
+    def slow(user: str, data: bytes) -> bytes:
+        runs.append(1)
+        time.sleep(1.5)
+        return wire.encode({"run": len(runs)})
+
+    s = ChannelServer(slow, threading.RLock(), check=lambda c: None, audit=lambda *a: None,
+                      sweep_s=0.05, auth_deadline_s=0.4)
+    try:
+        ticket = _ticket(s)
+        client = ChannelClient(ticket, MO, timeout=10)
+        client.connect()
+        [ch] = s.channels.values()
+        conn = ch.conn
+        assert conn is not None
+        threading.Timer(0.2, lambda: conn.shutdown(socket.SHUT_RDWR)).start()
+        answer = wire.decode(client.request(wire.encode({"op": "forward", "segment": "s1"})))
+        assert answer == {"run": 1} and len(runs) == 1
+        assert s.strangers.dropped["deadline"] == 0
+    finally:
+        s.shutdown()

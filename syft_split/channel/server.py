@@ -292,9 +292,8 @@ class ChannelServer:
                             if c.context is conn.context), None)
             if channel is None:
                 return
-            if not self._hello(conn, channel):
+            if not self._hello(conn, channel, raw):
                 return
-            self.strangers.trust(raw)
             conn.settimeout(None)
             self._frames(conn, channel)
         except (EOFError, OSError, ssl.SSLError) as exc:
@@ -317,7 +316,9 @@ class ChannelServer:
         return AccessError(f"channel {channel.id} is closed ({channel.closed_kind}): "
                            f"{channel.reason}")
 
-    def _hello(self, conn: socket.socket, channel: Channel) -> bool:
+    def _hello(self, conn: socket.socket, channel: Channel, raw: socket.socket) -> bool:
+        """Check the hello; the connection is trusted (no stranger's deadline) as soon as its
+        key and user are right, before it waits (up to ``hello_wait_s``) for a frame in flight."""
         stranger = f"unauthenticated peer {conn.getpeername()[0]} on {channel.id}"
         try:
             body = tls.recv_frame(conn, 64 * 1024)
@@ -343,6 +344,7 @@ class ChannelServer:
                 f"channel {channel.id} belongs to {channel.user}, not {user!r}"),
                 op="channel.hello")
             return False
+        self.strangers.trust(raw)  # authenticated: waiting for a frame in flight is no stall
         with channel.cond:  # a frame in flight: wait for it, then say whether it ran
             idle = channel.cond.wait_for(lambda: not channel.inflight, self.hello_wait_s)
             running, is_open = channel.inflight, channel.state == "open"
