@@ -122,12 +122,15 @@ class ChannelServer:
     ``data_ops`` are the ops answered over a channel (default :data:`DATA_OPS`); a hello waits
     at most ``hello_wait_s`` for a frame in flight on its channel.
 
-    A connection is *unauthenticated* until its hello presented the channel's key: it gets
-    ``auth_deadline_s`` in total for the TLS handshake and the hello (a peer trickling bytes
-    does not get more), at most ``max_unauthenticated`` of them are served at once (default:
-    half of ``max_connections``, so strangers cannot take the slots authenticated clients
-    reconnect through) and at most ``max_per_address`` from one address (see
-    :mod:`.strangers`). Connections over a limit are closed at accept and counted
+    A connection is *unauthenticated* until its hello presented the channel's key and user: it
+    gets ``auth_deadline_s`` in total for the TLS handshake and the hello (a peer trickling
+    bytes does not get more), at most ``max_unauthenticated`` of them are served at once
+    (default: half of ``max_connections``, so strangers cannot take the slots authenticated
+    clients reconnect through) and at most ``max_per_address`` from one address. A newcomer
+    over either cap is served and the oldest stranger (of its address, or of all) is shut down
+    instead, so idle connections cannot shut a reconnecting client out; one that authenticates
+    before that many newer connections arrive gets through (see :mod:`.strangers`). A
+    newcomer is closed at accept only when no connection slot is free. Both are counted
     (``strangers.dropped``), not audited one by one.
     """
 
