@@ -86,3 +86,22 @@ def test_state_save_error_says_whether_sending_again_is_safe(
     answer = wire.decode(host.handle(USER, wire.encode(forward)))
     assert answer["error"] == "StateSaveError"
     assert "Send the same request again (same step id)" in answer["message"]
+
+
+def test_a_data_owner_op_whose_save_fails_says_so_and_is_saved_by_the_next_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "state"
+    host = _host(root)
+    pid = _propose(host)
+    monkeypatch.setattr(os, "fsync", _no_space)
+    with pytest.raises(StateSaveError, match=r"'approve' took effect .* not durable"):
+        host.approve(pid)
+    monkeypatch.undo()
+    assert host.proposal(pid).status == "approved"  # in effect, in memory
+    entry = host.audit[-1]
+    assert entry.op == "owner.approve" and entry.outcome.startswith("StateSaveError")
+    assert host.store is not None and host.store.unsaved
+    assert _host(root).proposal(pid).status == "pending"  # not on disk yet
+    host.release_weights(pid)  # the next change saves everything
+    assert not host.store.unsaved
+    assert _host(root).proposal(pid).status == "approved"

@@ -341,7 +341,16 @@ class DataOwnerHost:
             response: dict[str, Any] = entry[1](**fields)
             outcome = "ok"
             if self.store is not None and entry[0].mutates:  # approvals, peers: saved at once
-                self.store.save_all(self)
+                try:
+                    self.store.save_all(self)
+                except Exception as exc:  # disk full, I/O error: in effect, not saved; say so
+                    self.store.unsaved = True  # the next change saves everything
+                    raise StateSaveError(
+                        f"data-owner op {op!r} took effect on {self.name} but its state could "
+                        f"not be saved ({type(exc).__name__}: {exc}): it is not durable. The "
+                        "next change that saves (a data-owner op or a model owner's step) "
+                        "saves it too; if the host restarts first, it is lost") from exc
+                self.store.unsaved = False
             return response
         except SyftSplitError as exc:
             outcome = f"{type(exc).__name__}: {exc}"
