@@ -145,10 +145,13 @@ class RemoteError(SyftSplitError):
 class StateSaveError(SyftSplitError):
     """The data owner's host answered the request in memory but could not write its state
     directory (disk full, I/O error). Unlike other errors this one does NOT mean nothing was
-    applied: the request ran and its answer is recorded, it is just not durable yet. Send the
-    same request again (same step id): the host tries to save everything first and answers
-    it from its record (never applying it twice). If the host restarts before a save succeeds,
-    it comes back without the step and refuses the next one as a gap (re-attach)."""
+    applied: the request ran, it is just not durable yet. A request with a step id is
+    recorded: send it again (same step id) and the host tries to save everything first and
+    answers it from its record (never applying it twice); the model owner's RemoteSegment keeps
+    it in flight and does so (:meth:`~syft_split.remote.RemoteSegment.settle`). If the host
+    restarts before a save succeeds, it comes back without the step and refuses the next one
+    as a gap (re-attach). A request without a step id (``propose``, ``fl_train``, ...) is not
+    recorded: sent again, it runs again (the message says which)."""
 
 
 class HEError(SyftSplitError):

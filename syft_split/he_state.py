@@ -25,7 +25,7 @@ from urllib.parse import quote
 import torch
 
 from . import persist, wire
-from .errors import HEError, ProtocolError, TransportError
+from .errors import HEError, ProtocolError, StateSaveError, TransportError
 from .he import EncryptedLayer
 
 if TYPE_CHECKING:
@@ -326,7 +326,9 @@ class HEState:
                         raise  # not a restart, or applied already as another message: no redo
                     self.forward(source, *self._last[source], train=True, again=False)
                     back = self._send_grad(source, delta, step)
-        except TransportError:  # applied there or not: the journal settles it at the next use
+        except (TransportError, StateSaveError):
+            # applied there or not (or applied and recorded, not yet saved): the journal
+            # settles it at the next use
             self._settled.discard(source)
             raise
         seg.next_step = step + 1

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import ProtocolError, ShapeError, SyftSplitError, TransportError
+from .errors import ProtocolError, ShapeError, StateSaveError, SyftSplitError, TransportError
 from .transport.base import Transport
 
 __all__ = ["RemoteSegment", "ActivationPointer"]
@@ -28,7 +28,8 @@ class RemoteSegment:
 
     Exactly-once: every request that changes the segment carries the next step id
     (:attr:`next_step`). If its delivery is unknown (a timeout, a lost connection, a crash of
-    either side), the request is kept (:attr:`unsettled`) and :meth:`settle` sends it again,
+    either side) or the host applied it but could not save its state (StateSaveError), the
+    request is kept (:attr:`unsettled`) and :meth:`settle` sends it again,
     under the same id, before anything else: the host answers from its record if it already
     applied it, and applies it otherwise. A held-back gradient thus lands exactly once, or the
     session raises (never drops it silently).
@@ -81,8 +82,10 @@ class RemoteSegment:
         assert inflight is not None
         try:
             response = self._call(inflight["op"], step=inflight["step"], **inflight["fields"])
-        except TransportError:
-            raise  # delivery unknown: kept, and settled before the next changing request
+        except (TransportError, StateSaveError):
+            # delivery unknown, or applied and recorded there but not yet saved: kept, and
+            # sent again (same id) before the next changing request
+            raise
         except SyftSplitError:
             self._inflight = None  # refused by the host: nothing applied, the id is unused
             self._hold_again(inflight["fields"])

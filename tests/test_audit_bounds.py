@@ -97,3 +97,32 @@ def test_the_audit_op_answers_in_pages_the_console_joins(tmp_path: Path) -> None
     assert [e.op for e in entries[:PAGE + 200]] == ["nope"] * (
         PAGE + 200)
     host.close()
+
+
+def test_audit_indices_go_on_across_restarts_after_rotations(tmp_path: Path) -> None:
+    """A console polling ``audit(since=last total)`` misses nothing across a restart, also
+    once the log rotated (and rotated files were dropped); an older directory without
+    audit.index counts the rotated files' lines."""
+    host = _host(tmp_path)
+    assert host.store is not None
+    host.store.audit_bytes, host.store.audit_keep = 3_000, 2
+    _refused(host, 100)
+    total = host.owner("audit", since=0)["total"]
+    assert total == 100
+    host.close()
+    assert sorted(p.name for p in tmp_path.glob("audit*.jsonl")) == [
+        "audit.1.jsonl", "audit.2.jsonl", "audit.jsonl"]  # older ones dropped
+    again = _host(tmp_path)
+    assert again.store is not None
+    again.store.audit_bytes, again.store.audit_keep = 3_000, 2
+    assert again.audit_first + len(again.audit) == 101  # and the owner's audit call
+    _refused(again, 5, op="after")
+    page = again.owner("audit", since=total)
+    assert page["total"] == 106
+    assert [e["op"] for e in page["entries"]] == ["owner.audit"] + ["after"] * 5
+    again.close()
+    (tmp_path / "audit.index").unlink()  # a directory of an older version
+    old = _host(tmp_path)
+    lines = sum(len((tmp_path / n).read_text().splitlines())
+                for n in ("audit.jsonl", "audit.1.jsonl", "audit.2.jsonl"))
+    assert old.audit_first + len(old.audit) == lines

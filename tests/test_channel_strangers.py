@@ -59,11 +59,11 @@ def _served(server: ChannelServer, ticket: ChannelTicket) -> bool:
 def test_silent_connections_are_capped_per_address_and_dropped_at_their_deadline(
         server: ChannelServer) -> None:
     ticket = _ticket(server)
-    idle = [socket.create_connection(server.address) for _ in range(2)]
+    first = socket.create_connection(server.address)
     time.sleep(0.1)
-    third = socket.create_connection(server.address)  # over the per-address cap
-    assert _closed_by_server(third, 0.5)
-    assert server.strangers.dropped["limit"] == 1 and server.strangers.count() == 2
+    idle = [socket.create_connection(server.address) for _ in range(2)]  # over the cap
+    assert _closed_by_server(first, 0.5)  # the oldest made room
+    assert server.strangers.dropped["evicted"] == 1 and server.strangers.count() == 2
     # the two silent ones say nothing: ended at the deadline (the sweep or the read timeout,
     # whichever comes first), their slots come back
     t0 = time.monotonic()
@@ -72,7 +72,7 @@ def test_silent_connections_are_capped_per_address_and_dropped_at_their_deadline
     time.sleep(0.1)
     assert server.strangers.count() == 0
     assert _served(server, ticket)  # an authenticated client is not a stranger for long
-    for s in (*idle, third):
+    for s in (*idle, first):
         s.close()
 
 
@@ -108,9 +108,71 @@ def test_strangers_take_at_most_half_of_the_slots(server: ChannelServer) -> None
     idle = [socket.create_connection(server.address) for _ in range(4)]
     time.sleep(0.1)
     extra = socket.create_connection(server.address)
-    assert _closed_by_server(extra, 0.5)
+    assert _closed_by_server(idle[0], 0.5)  # the oldest made room
+    assert not _closed_by_server(extra, 0.1)
     assert server.strangers.count() == 4
     for s in (*idle, extra):
         s.close()
     time.sleep(0.2)
     assert _served(server, ticket)
+
+
+def test_a_reconnect_waiting_for_a_long_frame_is_not_cut_at_the_stranger_deadline() -> None:
+    """A frame runs longer than ``auth_deadline_s`` and its connection drops: the client's
+    reconnect (right key) waits in its hello for the frame, trusted, and gets its answer."""
+    runs: list[int] = []
+
+    def slow(user: str, data: bytes) -> bytes:
+        runs.append(1)
+        time.sleep(1.5)
+        return wire.encode({"run": len(runs)})
+
+    s = ChannelServer(slow, threading.RLock(), check=lambda c: None, audit=lambda *a: None,
+                      sweep_s=0.05, auth_deadline_s=0.4)
+    try:
+        ticket = _ticket(s)
+        client = ChannelClient(ticket, MO, timeout=10)
+        client.connect()
+        [ch] = s.channels.values()
+        conn = ch.conn
+        assert conn is not None
+        threading.Timer(0.2, lambda: conn.shutdown(socket.SHUT_RDWR)).start()
+        answer = wire.decode(client.request(wire.encode({"op": "forward", "segment": "s1"})))
+        assert answer == {"run": 1} and len(runs) == 1
+        assert s.strangers.dropped["deadline"] == 0
+    finally:
+        s.shutdown()
+
+
+def test_idle_strangers_held_open_cannot_shut_a_client_out(server: ChannelServer) -> None:
+    """Peers keep every stranger place taken (from several addresses, each at its cap, each
+    closed socket renewed): a reconnecting client is still served, each time."""
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def fill(src: str) -> None:
+        mine: list[socket.socket] = []
+        while not stop.is_set():
+            mine = [x for x in mine if not _closed_by_server(x, 0.001)]
+            while len(mine) < 2:
+                x = socket.socket()
+                x.bind((src, 0))
+                x.connect(server.address)
+                mine.append(x)
+                held.append(x)
+            time.sleep(0.05)
+
+    fillers = [threading.Thread(target=fill, args=(f"127.0.0.{i}",), daemon=True)
+               for i in (2, 3)]
+    for f in fillers:
+        f.start()
+    try:
+        time.sleep(0.3)
+        assert server.strangers.count() == 4  # every place taken
+        assert all(_served(server, _ticket(server)) for _ in range(5))
+    finally:
+        stop.set()
+        for f in fillers:
+            f.join()
+        for x in held:
+            x.close()

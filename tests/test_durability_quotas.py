@@ -121,6 +121,30 @@ def test_pending_weights_are_capped_per_user(tmp_path: Path) -> None:
     assert refused["error"] == "ValidationError"
 
 
+def _head_request(pid: str, head: nn.Module) -> dict[str, Any]:
+    return {"op": "propose_local_loss", "segment": pid, "loss": "cross_entropy",
+            "spec": module_to_spec(head), "optimizer": {"name": "sgd", "lr": 0.1},
+            **{f"state/{k}": v for k, v in spec_state(head).items()}}
+
+
+def test_auxiliary_heads_count_against_pending_bytes_and_go_with_a_reject(
+        tmp_path: Path) -> None:
+    host = _host(tmp_path, HostLimits(max_pending_bytes=BIG_BYTES))
+    small = nn.Sequential(nn.Linear(D, 4))
+    ids = [_call(host, "mo@x", _propose(small))["segment"] for _ in range(3)]
+    head = nn.Sequential(nn.Linear(4, 4096))  # 81,920 bytes: room for one under the cap
+    assert "error" not in _call(host, "mo@x", _head_request(ids[0], head))
+    refused = _call(host, "mo@x", _head_request(ids[1], head))
+    assert refused["error"] == "ValidationError" and "pending proposals hold" in refused["message"]
+    assert "error" not in _call(host, "mo@x", _head_request(ids[0], head))  # a replacement
+    refused = _call(host, "mo@x", _propose(BIG))  # nor room for other weights
+    assert refused["error"] == "ValidationError"
+    latency: Any = host.families["local_loss"]
+    host.reject(ids[0])  # the head goes with its proposal
+    assert ids[0] not in latency.heads
+    assert "error" not in _call(host, "mo@x", _head_request(ids[1], head))
+
+
 def test_max_pending_bytes_is_validated() -> None:
     from syft_split.errors import ConfigError
 

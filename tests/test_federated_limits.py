@@ -96,6 +96,10 @@ def test_the_data_owners_minimum_batch_for_local_training() -> None:
         with pytest.raises(ValidationError, match="minimum batch is 8"):
             t.call("a", "fl_gradient", segment=seg, indices=torch.arange(n), **state)
     assert t.call("a", "fl_gradient", segment=seg, indices=torch.arange(8), **state)["count"] == 8
+    # one record's index repeated is one record (its exact gradient): refused too
+    for idx in (torch.full((8,), 3), torch.tensor([0, 1, 2, 3, 4, 5, 6, 6])):
+        with pytest.raises(ValidationError, match=r"(7|1) distinct records"):
+            t.call("a", "fl_gradient", segment=seg, indices=idx, **state)
     with pytest.raises(ValidationError, match="batch_size must be an int in 8"):
         t.call("a", "fl_train", segment=seg, batch_size=4, **state)
     out = t.call("a", "fl_train", segment=seg, batch_size=12, **state)  # 12, 12, 12 + 4

@@ -5,6 +5,7 @@ another message. Every gradient is applied once; the run ends where an uninterru
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from syft_split import InProcessTransport, SplitSession, Trainer, wire
-from syft_split.errors import TransportError
+from syft_split.errors import StateSaveError, TransportError
 
 from .conftest import FAST, ChaosTransport, Crash
 from .test_he_restart import B, Y, _applied_once_like, _fit, _host, _plan, _session, _weights
@@ -190,5 +191,44 @@ def test_a_lost_answer_in_a_run_that_skips_the_data_owner(tmp_path: Path, level:
     assert [u["batch"] for u in report.extra["unreachable"]] == [2]
     (pid,) = session.segment_ids().values()
     assert t.call("h", "status", segment=pid)["steps"] == 7  # 3 + (batch 3 skipped) + 4
+    audit = [e for e in t.host("h").audit_log() if e["op"] == "he_grad"]
+    assert sum("answered from the record" in e["outcome"] for e in audit) == 1
+
+
+class _DiskFull(ChaosTransport):
+    """The data owner's disk is full while it answers the ``at``-th ``he_grad``: applied and
+    recorded there, answered StateSaveError."""
+
+    def __init__(self, *args: Any, at: int, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.at, self.grads = at, 0
+
+    def request(self, party: str, data: bytes) -> bytes:
+        if wire.decode(data).get("op") == "he_grad":
+            self.grads += 1
+            if self.grads == self.at:
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(os, "fsync", _no_space)
+                    return super().request(party, data)
+        return super().request(party, data)
+
+
+def _no_space(fd: int) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_a_gradient_answered_state_save_error_is_settled_by_the_journal(tmp_path: Path) -> None:
+    """Step 3's gradient is applied there but cannot be saved (StateSaveError). The same
+    process trains on (``fit`` again, not resuming): it settles the data owner again, takes
+    step 3's answer from the record instead of sending another message under step 3 (refused
+    as a different request, for ever)."""
+    t = _DiskFull(lambda _: _host(tmp_path / "h"), ["h"], {}, at=3)
+    session = _session(t, t.host("h"), "A")
+    with pytest.raises(StateSaveError):
+        _fit(session, checkpoint_dir=tmp_path / "mo")
+    with pytest.warns(UserWarning, match="batch was skipped"):
+        _fit(session, checkpoint_dir=tmp_path / "mo")
+    (pid,) = session.segment_ids().values()
+    assert t.call("h", "status", segment=pid)["steps"] == 2 + 1 + 4
     audit = [e for e in t.host("h").audit_log() if e["op"] == "he_grad"]
     assert sum("answered from the record" in e["outcome"] for e in audit) == 1

@@ -122,12 +122,15 @@ class ChannelServer:
     ``data_ops`` are the ops answered over a channel (default :data:`DATA_OPS`); a hello waits
     at most ``hello_wait_s`` for a frame in flight on its channel.
 
-    A connection is *unauthenticated* until its hello presented the channel's key: it gets
-    ``auth_deadline_s`` in total for the TLS handshake and the hello (a peer trickling bytes
-    does not get more), at most ``max_unauthenticated`` of them are served at once (default:
-    half of ``max_connections``, so strangers cannot take the slots authenticated clients
-    reconnect through) and at most ``max_per_address`` from one address (see
-    :mod:`.strangers`). Connections over a limit are closed at accept and counted
+    A connection is *unauthenticated* until its hello presented the channel's key and user: it
+    gets ``auth_deadline_s`` in total for the TLS handshake and the hello (a peer trickling
+    bytes does not get more), at most ``max_unauthenticated`` of them are served at once
+    (default: half of ``max_connections``, so strangers cannot take the slots authenticated
+    clients reconnect through) and at most ``max_per_address`` from one address. A newcomer
+    over either cap is served and the oldest stranger (of its address, or of all) is shut down
+    instead, so idle connections cannot shut a reconnecting client out; one that authenticates
+    before that many newer connections arrive gets through (see :mod:`.strangers`). A
+    newcomer is closed at accept only when no connection slot is free. Both are counted
     (``strangers.dropped``), not audited one by one.
     """
 
@@ -292,9 +295,8 @@ class ChannelServer:
                             if c.context is conn.context), None)
             if channel is None:
                 return
-            if not self._hello(conn, channel):
+            if not self._hello(conn, channel, raw):
                 return
-            self.strangers.trust(raw)
             conn.settimeout(None)
             self._frames(conn, channel)
         except (EOFError, OSError, ssl.SSLError) as exc:
@@ -317,7 +319,9 @@ class ChannelServer:
         return AccessError(f"channel {channel.id} is closed ({channel.closed_kind}): "
                            f"{channel.reason}")
 
-    def _hello(self, conn: socket.socket, channel: Channel) -> bool:
+    def _hello(self, conn: socket.socket, channel: Channel, raw: socket.socket) -> bool:
+        """Check the hello; the connection is trusted (no stranger's deadline) as soon as its
+        key and user are right, before it waits (up to ``hello_wait_s``) for a frame in flight."""
         stranger = f"unauthenticated peer {conn.getpeername()[0]} on {channel.id}"
         try:
             body = tls.recv_frame(conn, 64 * 1024)
@@ -343,6 +347,7 @@ class ChannelServer:
                 f"channel {channel.id} belongs to {channel.user}, not {user!r}"),
                 op="channel.hello")
             return False
+        self.strangers.trust(raw)  # authenticated: waiting for a frame in flight is no stall
         with channel.cond:  # a frame in flight: wait for it, then say whether it ran
             idle = channel.cond.wait_for(lambda: not channel.inflight, self.hello_wait_s)
             running, is_open = channel.inflight, channel.state == "open"

@@ -1,9 +1,18 @@
 """The unauthenticated connections of a channel listener: deadline and caps.
 
-A connection is a *stranger* until its hello presented a channel's key. Strangers get one
-total deadline for the TLS handshake and the hello (a peer trickling bytes gets no more time
+A connection is a *stranger* until its hello presented a channel's key and user. Strangers get
+one total deadline for the TLS handshake and the hello (a peer trickling bytes gets no more time
 than a silent one), and their number is capped in all and per peer address, so that strangers
 cannot hold the connection slots authenticated clients reconnect through.
+
+A cap that is full does not refuse the newcomer: the oldest stranger is shut down to make room
+(the oldest from the newcomer's address if that address is at its cap, else the oldest of
+all), so idle connections held open (and renewed) by a few addresses cannot shut a reconnecting
+client out. What holds: a client whose handshake and hello complete before
+``max_total`` (from its own address: ``max_per_address``) newer connections arrive is
+served; a peer opening connections faster than that can still keep it out (the model owner's
+router then falls back to PySyft). A newcomer is refused only when no connection slot is free
+(the server is full of authenticated connections).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ __all__ = ["Strangers"]
 
 @dataclass
 class _Entry:
+    key: int  # id() of the raw socket accepted
     sock: socket.socket
     address: str
     deadline: float
@@ -38,22 +48,38 @@ class Strangers:
         self.max_per_address = max(1, max_per_address)
         self._entries: dict[int, _Entry] = {}
         self._lock = threading.Lock()
-        #: connections closed at accept (over a cap) or shut down at their deadline
-        self.dropped = {"limit": 0, "deadline": 0}
+        #: strangers shut down to make room under a cap ("evicted"), newcomers closed at
+        #: accept for want of a connection slot ("limit"), strangers shut down at their
+        #: deadline ("deadline")
+        self.dropped = {"evicted": 0, "limit": 0, "deadline": 0}
 
     def admit(self, raw: socket.socket, address: str, slot: threading.Semaphore) -> bool:
-        """Register ``raw`` if under the caps and a ``slot`` is free (taken then); else count
-        it as dropped and return False."""
+        """Register ``raw`` if a ``slot`` is free (taken then), shutting down the oldest
+        stranger of a full cap first (see the module docstring); else count it as dropped and
+        return False."""
+        evict: list[socket.socket] = []
         with self._lock:
-            same = sum(1 for e in self._entries.values() if e.address == address)
-            ok = (len(self._entries) < self.max_total and same < self.max_per_address
-                  and slot.acquire(blocking=False))
+            ok = slot.acquire(blocking=False)
             if ok:
-                self._entries[id(raw)] = _Entry(raw, address,
+                same = [e for e in self._entries.values() if e.address == address]
+                if len(same) >= self.max_per_address:
+                    evict.append(self._evict(same))
+                if len(self._entries) >= self.max_total:
+                    evict.append(self._evict(list(self._entries.values())))
+                self._entries[id(raw)] = _Entry(id(raw), raw, address,
                                                 time.monotonic() + self.deadline_s)
             else:
                 self.dropped["limit"] += 1
+        for sock in evict:
+            _shut(sock)
         return ok
+
+    def _evict(self, entries: list[_Entry]) -> socket.socket:
+        """Forget the oldest of ``entries`` (it no longer counts); its socket, to shut down."""
+        oldest = min(entries, key=lambda e: e.deadline)
+        del self._entries[oldest.key]
+        self.dropped["evicted"] += 1
+        return oldest.sock
 
     def wrapped(self, raw: socket.socket, conn: socket.socket) -> None:
         """``raw`` now lives on as the TLS socket ``conn`` (same descriptor)."""
@@ -82,7 +108,11 @@ class Strangers:
                     self.dropped["deadline"] += 1
             socks = [e.sock for e in late]
         for sock in socks:
-            try:  # the plain socket call: also on a TLS socket, from another thread
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:  # the plain socket call: also on a TLS socket, from another thread
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -261,6 +261,7 @@ class DataOwnerHost:
         spec: OpSpec | None = None
         call: Call | None = None
         replay: bytes | None = None
+        step: int | None = None
         try:
             request = wire.decode(data, max_bytes=self.limits.max_request_bytes)
             op = str(request.pop("op", "?"))
@@ -312,9 +313,13 @@ class DataOwnerHost:
             err = StateSaveError(
                 f"op {clip(op, AUDIT_TEXT)!r} ran on {self.name} (outcome: "
                 f"{clip(outcome, AUDIT_TEXT)}) but its state could not be saved "
-                f"({type(exc).__name__}: {exc}): it is not durable. Send the same request "
-                "again (same step id) to get its answer once saved; if the data owner "
-                "restarts first, the step is lost (re-attach)")
+                f"({type(exc).__name__}: {exc}): it is not durable. " + (
+                    "Send the same request again (same step id) to get its answer once saved; "
+                    "if the data owner restarts first, the step is lost (re-attach)"
+                    if step is not None else
+                    "It carried no step id: sent again it runs again (check its effect "
+                    "first); if the data owner restarts before a save succeeds, its effect "
+                    "is lost"))
             raw = wire.encode({"error": type(err).__name__, "message": str(err)})
             outcome = f"StateSaveError: {err}"
         self.record(AuditEntry(time.time(), caller, op, segment, shapes, len(data), len(raw),
@@ -336,7 +341,16 @@ class DataOwnerHost:
             response: dict[str, Any] = entry[1](**fields)
             outcome = "ok"
             if self.store is not None and entry[0].mutates:  # approvals, peers: saved at once
-                self.store.save_all(self)
+                try:
+                    self.store.save_all(self)
+                except Exception as exc:  # disk full, I/O error: in effect, not saved; say so
+                    self.store.unsaved = True  # the next change saves everything
+                    raise StateSaveError(
+                        f"data-owner op {op!r} took effect on {self.name} but its state could "
+                        f"not be saved ({type(exc).__name__}: {exc}): it is not durable. The "
+                        "next change that saves (a data-owner op or a model owner's step) "
+                        "saves it too; if the host restarts first, it is lost") from exc
+                self.store.unsaved = False
             return response
         except SyftSplitError as exc:
             outcome = f"{type(exc).__name__}: {exc}"

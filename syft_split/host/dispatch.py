@@ -131,6 +131,14 @@ class OpFamily:
         """Set up what this family needs for a newly approved segment (override); ``options``
         are the data owner's approval options this family understands (it pops them)."""
 
+    def pending_bytes(self, proposal: Proposal) -> int:
+        """Bytes of weights this family keeps (and saves) for pending ``proposal``: counted
+        against ``HostLimits.max_pending_bytes`` with its own weights (override)."""
+        return 0
+
+    def on_reject(self, proposal: Proposal) -> None:
+        """Forget what this family keeps for ``proposal``, just rejected (override)."""
+
     def after_step(self, rt: Runtime, grad: Any) -> None:
         """Called after every optimizer step of an input or middle segment, with the
         validated gradient the model owner sent for it (override)."""

@@ -20,7 +20,8 @@ EVERY ROUND: they carry information about the training records (gradient-inversi
 recover images from them); the review says so. Labels and records never leave as fields, but
 with weights of its choosing (a unit only one record activates) the model owner makes one update
 or gradient carry one record and its label exactly, whatever the batch: the review says so too.
-``HostLimits.min_local_batch`` is the fewest records one gradient or local step may cover.
+``HostLimits.min_local_batch`` is the fewest distinct records one gradient or local step may
+cover (an index repeated counts once; ``fl_train``'s batches are a permutation's slices).
 """
 
 from __future__ import annotations
@@ -217,8 +218,9 @@ class FederatedOps(OpFamily):
         rt, ds = self._start(call)
         idx = self.host.guard.indices(rt, call.req, ds)
         least = self.host.limits.min_local_batch
-        if int(idx.shape[0]) < least:
-            raise ValidationError(f"{rt.id}: a gradient of {int(idx.shape[0])} records; the "
+        distinct = int(torch.unique(idx).numel())  # one record's index repeated is one record
+        if distinct < least:
+            raise ValidationError(f"{rt.id}: a gradient of {distinct} distinct records; the "
                                   f"data owner's minimum batch is {least}")
         self.host.guard.admit(rt, int(idx.shape[0]))
         rt.module.train()

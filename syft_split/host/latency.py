@@ -61,7 +61,7 @@ from ..spec import OptimizerSpec, count_parameters, describe, module_from_spec
 from .admission import check_size, dry_run, load_weights
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, LABELS, SCALAR, TEXT, Call
-from .records import Dataset, Proposal, Runtime
+from .records import Dataset, Proposal, Runtime, state_bytes
 from .segments import nopeek_penalty, optimizer_step, release
 
 __all__ = ["LocalLossOps", "PipelineOps", "MAX_BATCHES_PER_CALL", "MAX_DELAY"]
@@ -151,6 +151,14 @@ class LocalLossOps(OpFamily):
             "    approve with local_loss=True to allow it",
         ]
 
+    def pending_bytes(self, proposal: Proposal) -> int:
+        """The auxiliary head's weights (kept and saved with the pending proposal)."""
+        head = self.heads.get(proposal.id)
+        return 0 if head is None else state_bytes(head.module.state_dict())
+
+    def on_reject(self, proposal: Proposal) -> None:
+        self.heads.pop(proposal.id, None)
+
     def on_approve(self, rt: Runtime, options: dict[str, Any]) -> None:
         allow = options.pop("local_loss", None)
         head = self.heads.get(rt.id)
@@ -228,6 +236,9 @@ class LocalLossOps(OpFamily):
                    max_batch=p.max_batch)
         module = module_from_spec(spec)
         state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
+        old = self.heads.get(p.id)  # a head proposed again replaces the one before
+        proposals.check_pending_bytes(call.caller, state,
+                                      freed=0 if old is None else self.pending_bytes(p))
         load_weights(module, state, limits.max_abs_value, "the head")
         dry_run(module, p.output_shape, "the auxiliary head")
         assert isinstance(spec, dict)  # module_from_spec accepts only a spec object

@@ -122,13 +122,16 @@ class ProposalOps(OpFamily):
         if state is not None:
             self.host.guard.restore_window(rt.id, state.get("released"))
 
-    def check_pending_bytes(self, caller: str, state: dict[str, Any]) -> None:
+    def check_pending_bytes(self, caller: str, state: dict[str, Any], *, freed: int = 0) -> None:
         """Refuse weights that would take ``caller``'s pending proposals past
         ``HostLimits.max_pending_bytes`` (the host keeps them, and saves them, until the data
-        owner decides)."""
+        owner decides): their own weights and what families keep for them (e.g. a local
+        loss's auxiliary head), less ``freed`` (what the new weights replace)."""
         cap = self.host.limits.max_pending_bytes
-        held = sum(state_bytes(p.state) for p in self.host.proposals_by_id.values()
-                   if p.driver == caller and p.status == "pending")
+        families = list(self.host.families.values())
+        held = sum(state_bytes(p.state) + sum(f.pending_bytes(p) for f in families)
+                   for p in self.host.proposals_by_id.values()
+                   if p.driver == caller and p.status == "pending") - freed
         new = state_bytes(state)
         if held + new > cap:
             raise ValidationError(f"{caller}'s pending proposals hold {held} bytes of weights; "
@@ -278,6 +281,8 @@ class ProposalOps(OpFamily):
         p.reason = p.reason or str(reason)  # a halted segment keeps why it was halted
         p.forget()  # kept until the end, restored on every restart: not its weights
         self.host.runtimes.pop(p.id, None)
+        for family in self.host.families.values():
+            family.on_reject(p)
         return {"segment": p.id, "status": "rejected"}
 
     @owner_op("halt")

@@ -73,9 +73,10 @@ class HostLimits:
     ``max_parameters`` / ``max_width`` / ``max_layers`` / ``max_activation_bytes`` (the widest
     value of one step): a proposal larger than this is refused from its spec alone.
     ``max_proposals_per_minute`` / ``max_pending``: per user; ``max_pending_bytes``: the initial
-    weights a user's pending proposals hold at once (the host keeps them until the data owner
-    decides; a rejected proposal's are dropped). ``max_abs_value``: no released
-    activation or gradient, and no incoming gradient, may exceed it in magnitude.
+    weights a user's pending proposals hold at once, auxiliary heads (local loss) included (the
+    host keeps them until the data owner decides; a rejected proposal's are dropped).
+    ``max_abs_value``: no released activation or gradient, and no incoming gradient, may
+    exceed it in magnitude.
     ``max_records_per_minute``: records a segment may release per minute (None: no cap).
     ``review_budget_s``: seconds the review's attack suite may spend on one proposal, and
     the model owner's ``leakage`` op on one call (it may ask for less);

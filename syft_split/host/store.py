@@ -21,6 +21,9 @@ directories 0700 and every file 0600, whatever the umask)::
                              past ``audit_bytes`` (64 MiB) it becomes audit.1.jsonl (the older
                              ones move up to audit.<audit_keep>.jsonl; older than that are
                              deleted), and a new audit.jsonl starts
+      audit.index            the index of audit.jsonl's first line (the lines rotated away
+                             before it), written before each rotation: audit indices
+                             (``owner("audit", since=...)``) go on across restarts
 
 Files use the wire format (:mod:`syft_split.persist`; no pickle) and are replaced atomically
 (temp file, fsync, rename). A segment is saved after every ``every``-th op that changes it
@@ -182,9 +185,14 @@ class HostStore:
             self._rotate_audit()
 
     def _rotate_audit(self) -> None:
-        """audit.jsonl -> audit.1.jsonl -> ... -> audit.<audit_keep>.jsonl (the oldest goes)."""
+        """audit.jsonl -> audit.1.jsonl -> ... -> audit.<audit_keep>.jsonl (the oldest goes).
+        audit.index first says where the new audit.jsonl starts (a crash before the renames
+        makes the indices jump forward at the restart, never go back)."""
         self._audit_file.close()
         self._audit_file = None
+        current = self.path / "audit.jsonl"
+        persist.write_atomic(self.path / "audit.index", json.dumps(
+            {"first": self._audit_base() + _count_lines(current)}).encode())
         names = ["audit.jsonl"] + [f"audit.{k}.jsonl" for k in range(1, self.audit_keep + 1)]
         (self.path / names[-1]).unlink(missing_ok=True)
         for older, newer in reversed(list(zip(names[1:], names[:-1]))):
@@ -292,11 +300,24 @@ class HostStore:
             rt.pending_source = snap["pending"]  # re-run once every dataset is back
         return rt, dict(snap.get("families") or {})
 
+    def _audit_base(self) -> int:
+        """The index of audit.jsonl's first line: from audit.index; without it (a directory
+        of an older version, a damaged file), the lines of the rotated files kept."""
+        try:
+            first = json.loads((self.path / "audit.index").read_text())["first"]
+            if isinstance(first, int) and not isinstance(first, bool) and first >= 0:
+                return first
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return sum(_count_lines(self.path / f"audit.{k}.jsonl")
+                   for k in range(1, self.audit_keep + 1))
+
     def _read_audit(self, keep: int) -> tuple[list[AuditEntry], int]:
-        """The last ``keep`` entries of audit.jsonl, and how many lines come before them."""
+        """The last ``keep`` entries of audit.jsonl, and the index of the first of them."""
         path = self.path / "audit.jsonl"
+        base = self._audit_base()
         if not path.exists():
-            return [], 0
+            return [], base
         lines: deque[str] = deque(maxlen=keep)
         count = 0
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -309,7 +330,16 @@ class HostStore:
                 out.append(AuditEntry(**json.loads(line)).clipped())
             except (ValueError, TypeError):
                 continue  # a line torn by a crash mid-write
-        return out, count - len(lines)
+        return out, base + count - len(lines)
+
+
+def _count_lines(path: Path) -> int:
+    """Lines of ``path`` (as iterating it counts them: a torn last line too); 0 if missing."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
 
 
 # ------------------------------------------------------------------------------ trees
