@@ -264,15 +264,15 @@ class LocalLossOps(OpFamily):
         guard.admit(rt, int(idx.shape[0]))
         saved = _snapshot(rt, head)
         try:
-            out = self._train(rt, head, ds, chunks)
+            out = self._train(rt, head, ds, chunks, req.get("dataset"))
         except BaseException:
             _restore(rt, head, saved)
             raise
         call.rows = int(idx.shape[0])
         return out
 
-    def _train(self, rt: Runtime, head: AuxHead, ds: Dataset, chunks: list[torch.Tensor]
-               ) -> dict[str, Any]:
+    def _train(self, rt: Runtime, head: AuxHead, ds: Dataset, chunks: list[torch.Tensor],
+               dataset: str | None) -> dict[str, Any]:
         assert ds.labels is not None
         loss_fn = LOSSES[head.loss]
         parts: list[dict[str, torch.Tensor]] = []
@@ -292,7 +292,7 @@ class LocalLossOps(OpFamily):
             (loss if penalty is None else loss + penalty).backward()
             optimizer_step(rt, [(head.module, head.optim)])
             self.host.stepped(rt, None)  # the leakage watch re-measures locally trained weights
-            parts.append(release(rt, out, ds, chunk))
+            parts.append(release(rt, out, ds, chunk, dataset))
             loss_sum += loss.detach() * int(chunk.shape[0])
             if logits.dim() == 2 and y.dim() == 1:
                 predicted.append(logits.detach())
@@ -416,7 +416,7 @@ class PipelineOps(OpFamily):
         params = {n: p.detach().clone().requires_grad_(True)
                   for n, p in rt.module.named_parameters()}
         out = torch.func.functional_call(rt.module, params, (x,))
-        released = release(rt, out, ds, idx)
+        released = release(rt, out, ds, idx, req.get("dataset"))
         pipe.pending.append(_Pending(params, out, nopeek_penalty(rt, x, out), released.get("labels")))
         pipe.next_seq = (0 if restart else pipe.next_seq) + 1
         call.rows = int(idx.shape[0])

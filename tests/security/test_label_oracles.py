@@ -95,3 +95,75 @@ def test_an_unexpected_errors_text_stays_in_the_audit_log() -> None:
     r = call(host, "loss_step", segment=pid, x=torch.zeros(1, 12), indices=torch.tensor([4]),
              train=False)
     assert "error" not in r and r["count"] == 1
+
+
+# ------------------------------------------------ randomized response: one draw per record
+def _released_host(state_dir: Any = None, y: torch.Tensor | None = None
+                   ) -> tuple[DataOwnerHost, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=g)
+    y = torch.randint(0, K, (64,), generator=g) if y is None else y
+    host = DataOwnerHost("do", state_dir=state_dir)
+    host.add_dataset("train", x, y)
+    host.add_dataset("other", x, y)
+    return host, x, y
+
+
+def _propose_released(host: DataOwnerHost, seg: nn.Module, **defences: float) -> str:
+    r = call(host, "propose", role="input", spec=module_to_spec(seg), datasets=["train", "other"],
+             optimizer=SGD, release_labels=True,
+             defences={"label_epsilon": 1.0, "num_classes": K, **defences}, **_state(seg))
+    return str(r["segment"])
+
+
+def test_repeated_releases_give_each_record_the_same_noisy_label(tmp_path: Any) -> None:
+    """The reviewer's attack: 200 evaluation forwards on the same indices, majority vote, read
+    100% of the labels (epsilon 1, 10 classes; each release promises 23.2%). Each record is
+    now randomized once: every release, evaluation or training, before and after a restart,
+    gives the same noisy label, and the vote reads what one release reads."""
+    host, _, y = _released_host(tmp_path / "do")
+    torch.manual_seed(0)
+    seg = nn.Linear(8, 4)
+    pid = _propose_released(host, seg)
+    host.approve(pid)
+    idx = torch.arange(64)
+    first = call(host, "forward", segment=pid, indices=idx, train=False)["labels"]
+    for _ in range(20):
+        again = call(host, "forward", segment=pid, indices=idx, train=False)["labels"]
+        assert torch.equal(again, first)
+    # another order, another batch split, a training forward: the same label per record
+    perm = torch.randperm(64)
+    r = call(host, "forward", segment=pid, indices=perm[:16], train=True)
+    assert torch.equal(r["labels"], first[perm[:16]])
+    call(host, "discard", segment=pid)
+    wrong = float((first != y).float().mean())
+    assert 0.5 < wrong < 0.99  # flip probability 0.768 at epsilon 1, 10 classes
+    # another dataset's records are their own (same rows and labels, independent draws)
+    other = call(host, "forward", segment=pid, indices=idx, train=False, dataset="other")
+    assert not torch.equal(other["labels"], first)
+    host.close()
+    again_host, _, _ = _released_host(tmp_path / "do")
+    assert again_host.restore_state()
+    r = call(again_host, "forward", segment=pid, indices=idx, train=False)
+    assert torch.equal(r["labels"], first)
+    again_host.close()
+
+
+def test_activation_noise_is_not_predictable() -> None:
+    """Each segment's noise stream is seeded from secret randomness at approval (it was
+    seeded 0: a model owner reproduced the noise exactly and subtracted it)."""
+    host, x, _ = _released_host()
+    torch.manual_seed(0)
+    seg = nn.Linear(8, 4)
+    pids = [_propose_released(host, seg, noise_sigma=1.0) for _ in range(2)]
+    for pid in pids:
+        host.approve(pid)
+    idx = torch.arange(8)
+    clean = seg(x[idx]).detach()
+    noise = [call(host, "forward", segment=pid, indices=idx, train=False)["activation"] - clean
+             for pid in pids]
+    guess = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    for n in noise:
+        assert float((n - guess).abs().max()) > 0.5
+        assert 0.5 < float(n.std()) < 1.6
+    assert float((noise[0] - noise[1]).abs().max()) > 0.5  # each segment its own stream
