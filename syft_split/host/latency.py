@@ -62,6 +62,7 @@ from .admission import check_classes, check_size, dry_run, load_weights
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, LABELS, SCALAR, TEXT, Call
 from .records import Dataset, Proposal, Runtime
+from .review import record_rate
 from .segments import nopeek_penalty, optimizer_step, release
 
 __all__ = ["LocalLossOps", "PipelineOps", "MAX_BATCHES_PER_CALL", "MAX_DELAY"]
@@ -148,6 +149,9 @@ class LocalLossOps(OpFamily):
             f"optimizer {head.optimizer!r}",
             f"    per call up to {MAX_BATCHES_PER_CALL} batches' activations leave at once, with "
             "two status scalars (auxiliary loss, correct count); the head's outputs stay here",
+            "    LABELS CAN BE READ: the model owner chose this head and its weights; a malicious "
+            "one reads the labels of a call's records from the auxiliary loss and correct count "
+            "(about a dozen per call); " + record_rate(self.host.limits.max_records_per_minute),
             "    approve with local_loss=True to allow it",
         ]
 

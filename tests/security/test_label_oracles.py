@@ -167,3 +167,32 @@ def test_activation_noise_is_not_predictable() -> None:
         assert float((n - guess).abs().max()) > 0.5
         assert 0.5 < float(n.std()) < 1.6
     assert float((noise[0] - noise[1]).abs().max()) > 0.5  # each segment its own stream
+
+
+# ------------------------------------------- what the review says a malicious MO can read
+def test_the_review_says_what_a_malicious_model_owner_reads() -> None:
+    """U-shaped: one training loss step then discard returns every label of the batch; local
+    loss: the auxiliary loss is a label oracle; noise averages out over releases; NoPeek is
+    cancelled by a scaled gradient. The review says each, and the record-rate cap (none by
+    default) that bounds it."""
+    host, _ = _host()
+    pid = _propose_loss(host, nn.Linear(12, K))["segment"]
+    text = host.review(pid)
+    assert "labels and outputs stay here" not in text
+    assert "reads EVERY LABEL a call touches" in text
+    assert "at most 10000 records a minute" in text
+    seg = nn.Linear(8, 4)
+    sid = call(host, "propose", role="input", spec=module_to_spec(seg), datasets=["train"],
+               optimizer=SGD, defences={"nopeek": 1.0, "noise_sigma": 0.5},
+               **_state(seg))["segment"]
+    aux = nn.Linear(4, K)
+    call(host, "propose_local_loss", segment=sid, spec=module_to_spec(aux),
+         loss="cross_entropy", optimizer=SGD, **_state(aux))
+    text = host.review(sid)
+    assert "a malicious one reads the labels" in text
+    assert "semi-honest model owner only" in text
+    assert "averaged down to sigma/sqrt(n)" in text
+    uncapped = DataOwnerHost("do")  # the default: no cap, and the review says to set one
+    uncapped.add_dataset("train", host.datasets["train"].features, host.datasets["train"].labels)
+    pid = _propose_loss(uncapped, nn.Linear(12, K))["segment"]
+    assert "NO CAP, set it" in uncapped.review(pid)
