@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -22,6 +24,7 @@ __all__ = [
     "NoPeekLoss",
     "gaussian_noise",
     "randomized_response",
+    "fixed_randomized_response",
     "keep_probability",
     "flip_probability",
 ]
@@ -190,5 +193,42 @@ def randomized_response(labels: torch.Tensor, num_classes: int, epsilon: float,
         num_classes, epsilon
     )
     other = torch.randint(0, num_classes - 1, labels.shape, generator=generator, device=labels.device)
+    other = other + (other >= labels).to(torch.int64)
+    return torch.where(keep, labels, other)
+
+
+def fixed_randomized_response(labels: torch.Tensor, records: Sequence[str], num_classes: int,
+                              epsilon: float, key: bytes) -> torch.Tensor:
+    """:func:`randomized_response` with each record's randomness fixed: drawn from
+    BLAKE2b keyed with ``key`` (secret, at least 16 bytes) over the record's name in
+    ``records`` (one per label, e.g. ``"dataset/index"``). The same record under the same key
+    always gives the same noisy label, so a record released any number of times is one
+    ε-label-DP release; the draws of different records (or keys) are independent.
+
+    Raises:
+        ConfigError: as :func:`randomized_response`; a key shorter than 16 bytes.
+        ValidationError: as :func:`randomized_response`; ``records`` not one per label.
+    """
+    _check_rr(num_classes, epsilon)
+    if not isinstance(key, bytes) or not 16 <= len(key) <= 64:
+        raise ConfigError("Expected argument `key` to be 16..64 secret bytes")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point \
+            or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValidationError("Expected `labels` to be a 1-d integer tensor")
+    if len(records) != labels.shape[0]:
+        raise ValidationError(f"Expected one record name per label ({labels.shape[0]}), got "
+                              f"{len(records)}")
+    labels = labels.to(torch.int64)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValidationError(  # no label value in the message: it may leave the data owner
+            f"Expected labels in [0, {num_classes}); some are outside it")
+    flip = flip_probability(num_classes, epsilon)
+    u, r = [], []
+    for name in records:
+        d = hashlib.blake2b(str(name).encode(), key=key, digest_size=16).digest()
+        u.append(int.from_bytes(d[:8], "big") / 2.0**64)  # uniform in [0, 1)
+        r.append(int.from_bytes(d[8:], "big") % (num_classes - 1))  # bias < 2^-60
+    keep = torch.tensor(u, dtype=torch.float64) >= flip
+    other = torch.tensor(r, dtype=torch.int64)
     other = other + (other >= labels).to(torch.int64)
     return torch.where(keep, labels, other)

@@ -11,6 +11,7 @@ from syft_split import defences
 from syft_split.defences import (
     NoPeekLoss,
     distance_correlation,
+    fixed_randomized_response,
     flip_probability,
     gaussian_noise,
     keep_probability,
@@ -26,7 +27,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 def test_all_is_pinned() -> None:
     assert set(defences.__all__) == {
         "distance_correlation", "NoPeekLoss", "gaussian_noise", "randomized_response",
-        "keep_probability", "flip_probability",
+        "keep_probability", "flip_probability", "fixed_randomized_response",
     }
 
 
@@ -148,3 +149,20 @@ def test_labels_validated() -> None:
         randomized_response(torch.tensor([0, 3]), 3, 1.0)
     with pytest.raises(ValidationError, match="integer"):
         randomized_response(torch.tensor([0.0, 1.0]), 3, 1.0)
+
+
+def test_fixed_randomized_response_draws_each_record_once() -> None:
+    y = torch.randint(0, 10, (4000,), generator=torch.Generator().manual_seed(0))
+    names = [f"train/{i}" for i in range(4000)]
+    key = bytes(range(32))
+    a = fixed_randomized_response(y, names, 10, 1.0, key)
+    assert torch.equal(a, fixed_randomized_response(y, names, 10, 1.0, key))  # same draw
+    assert torch.equal(a[7:9], fixed_randomized_response(y[7:9], names[7:9], 10, 1.0, key))
+    assert abs(float((a != y).float().mean()) - flip_probability(10, 1.0)) < 0.03
+    assert int(a.min()) >= 0 and int(a.max()) < 10
+    other = fixed_randomized_response(y, names, 10, 1.0, bytes(32))  # another key
+    assert float((other != a).float().mean()) > 0.5
+    with pytest.raises(ConfigError):
+        fixed_randomized_response(y, names, 10, 1.0, b"short")
+    with pytest.raises(ValidationError):
+        fixed_randomized_response(y, names[:-1], 10, 1.0, key)

@@ -13,7 +13,7 @@ from ..errors import ConfigError, ValidationError
 from ..spec import spec_size
 from .records import HostLimits
 
-__all__ = ["check_size", "load_weights", "dry_run"]
+__all__ = ["check_size", "load_weights", "dry_run", "check_classes"]
 
 
 def check_size(spec: Any, limits: HostLimits, what: str, *,
@@ -65,3 +65,18 @@ def dry_run(module: torch.nn.Module, input_shape: tuple[int, ...], what: str) ->
     except Exception as exc:
         raise ConfigError(f"{what} does not accept input {input_shape}: {exc}") from exc
     return out
+
+
+def check_classes(output_shape: tuple[int, ...], loss: str | None,
+                  labels: list[torch.Tensor | None], what: str) -> None:
+    """Refuse a cross-entropy ``what`` whose outputs (dimension 1: the classes) are fewer than
+    the classes of its datasets' integer labels. Such a loss fails on every record whose label
+    is past its width, and whether it fails is then a label oracle; the refusal names no
+    label value."""
+    if loss != "cross_entropy" or not output_shape:
+        return
+    classes = max((int(y.max()) + 1 for y in labels
+                   if y is not None and y.numel() and not y.is_floating_point()), default=0)
+    if output_shape[0] < classes:
+        raise ConfigError(f"{what} ends in cross_entropy with {output_shape[0]} outputs: it "
+                          "needs at least as many outputs as its datasets have classes")

@@ -303,7 +303,10 @@ class DataOwnerHost:
             raw = wire.encode({"error": type(exc).__name__, "message": str(exc)})
             outcome = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # a bug or torch failure: report, never crash the host
-            raw = wire.encode({"error": "RemoteError", "message": f"{type(exc).__name__}: {exc}"})
+            # its text may be computed from private values (torch's "Target 4 is out of
+            # bounds." is a label): only the exception's type leaves, the text stays in the
+            # data owner's audit entry
+            raw = wire.encode({"error": "RemoteError", "message": _opaque(exc, op, self.name)})
             outcome = f"RemoteError: {type(exc).__name__}: {exc}"
         try:  # before answering: an answered step is on disk
             self._persist(spec, call, replayed=replay is not None)
@@ -443,6 +446,14 @@ class _CoreOps(OpFamily):
         page = host.audit[start - first:start - first + limit]
         return {"total": first + len(host.audit), "first": first, "next": start + len(page),
                 "entries": [_audit_json(e) for e in page]}
+
+
+def _opaque(exc: Exception, op: str, host: str) -> str:
+    """What a model owner reads of an unexpected (non-``SyftSplitError``) failure: its type
+    and where to look, never its text."""
+    return (f"{type(exc).__name__} while answering op {clip(op, AUDIT_TEXT)!r} on {host}; "
+            "see the data owner's audit log (the details stay there: they may be computed "
+            "from its records)")
 
 
 def _step_id(value: Any) -> int | None:

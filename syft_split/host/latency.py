@@ -58,10 +58,11 @@ from ..errors import (
 )
 from ..losses import LOSSES
 from ..spec import OptimizerSpec, count_parameters, describe, module_from_spec
-from .admission import check_size, dry_run, load_weights
+from .admission import check_classes, check_size, dry_run, load_weights
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, LABELS, SCALAR, TEXT, Call
 from .records import Dataset, Proposal, Runtime, state_bytes
+from .review import record_rate
 from .segments import nopeek_penalty, optimizer_step, release
 
 __all__ = ["LocalLossOps", "PipelineOps", "MAX_BATCHES_PER_CALL", "MAX_DELAY"]
@@ -148,6 +149,9 @@ class LocalLossOps(OpFamily):
             f"optimizer {head.optimizer!r}",
             f"    per call up to {MAX_BATCHES_PER_CALL} batches' activations leave at once, with "
             "two status scalars (auxiliary loss, correct count); the head's outputs stay here",
+            "    LABELS CAN BE READ: the model owner chose this head and its weights; a malicious "
+            "one reads the labels of a call's records from the auxiliary loss and correct count "
+            "(about a dozen per call); " + record_rate(self.host.limits.max_records_per_minute),
             "    approve with local_loss=True to allow it",
         ]
 
@@ -240,7 +244,9 @@ class LocalLossOps(OpFamily):
         proposals.check_pending_bytes(call.caller, state,
                                       freed=0 if old is None else self.pending_bytes(p))
         load_weights(module, state, limits.max_abs_value, "the head")
-        dry_run(module, p.output_shape, "the auxiliary head")
+        out = dry_run(module, p.output_shape, "the auxiliary head")
+        check_classes(tuple(out.shape[1:]), str(loss), [host.datasets[d].labels for d in p.datasets],
+                      "the auxiliary head")
         assert isinstance(spec, dict)  # module_from_spec accepts only a spec object
         self.heads[p.id] = AuxHead(module, str(loss), OptimizerSpec.from_json(req.get("optimizer")),
                                    spec)
@@ -273,15 +279,15 @@ class LocalLossOps(OpFamily):
         guard.admit(rt, int(idx.shape[0]))
         saved = _snapshot(rt, head)
         try:
-            out = self._train(rt, head, ds, chunks)
+            out = self._train(rt, head, ds, chunks, req.get("dataset"))
         except BaseException:
             _restore(rt, head, saved)
             raise
         call.rows = int(idx.shape[0])
         return out
 
-    def _train(self, rt: Runtime, head: AuxHead, ds: Dataset, chunks: list[torch.Tensor]
-               ) -> dict[str, Any]:
+    def _train(self, rt: Runtime, head: AuxHead, ds: Dataset, chunks: list[torch.Tensor],
+               dataset: str | None) -> dict[str, Any]:
         assert ds.labels is not None
         loss_fn = LOSSES[head.loss]
         parts: list[dict[str, torch.Tensor]] = []
@@ -301,7 +307,7 @@ class LocalLossOps(OpFamily):
             (loss if penalty is None else loss + penalty).backward()
             optimizer_step(rt, [(head.module, head.optim)])
             self.host.stepped(rt, None)  # the leakage watch re-measures locally trained weights
-            parts.append(release(rt, out, ds, chunk))
+            parts.append(release(rt, out, ds, chunk, dataset))
             loss_sum += loss.detach() * int(chunk.shape[0])
             if logits.dim() == 2 and y.dim() == 1:
                 predicted.append(logits.detach())
@@ -425,7 +431,7 @@ class PipelineOps(OpFamily):
         params = {n: p.detach().clone().requires_grad_(True)
                   for n, p in rt.module.named_parameters()}
         out = torch.func.functional_call(rt.module, params, (x,))
-        released = release(rt, out, ds, idx)
+        released = release(rt, out, ds, idx, req.get("dataset"))
         pipe.pending.append(_Pending(params, out, nopeek_penalty(rt, x, out), released.get("labels")))
         pipe.next_seq = (0 if restart else pipe.next_seq) + 1
         call.rows = int(idx.shape[0])

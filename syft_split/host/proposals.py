@@ -13,6 +13,7 @@ id, driver, shapes, status and spec digest; its spec and initial weights are dro
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections import deque
 from typing import Any
@@ -23,10 +24,10 @@ from .. import wire
 from ..errors import ApprovalError, ConfigError, ShapeError, ValidationError
 from ..losses import LOSSES
 from ..spec import OptimizerSpec, module_from_spec
-from .admission import check_size, dry_run
+from .admission import check_classes, check_size, dry_run
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import JSON, SCALAR, TEXT, Call, in_window
-from .records import ROLES, SHARING, Proposal, Runtime, state_bytes
+from .records import LABEL_KEY, ROLES, SHARING, Proposal, Runtime, state_bytes
 from .review import review_text
 
 __all__ = ["ProposalOps", "DEFENCES"]
@@ -215,6 +216,9 @@ class ProposalOps(OpFamily):
                                or any(host.datasets[d].labels is None for d in datasets)):
             raise ConfigError("release_labels needs an input segment on datasets with labels")
         out = dry_run(module, input_shape, "segment")
+        if role == "loss":
+            check_classes(tuple(out.shape[1:]), loss, [host.datasets[d].labels for d in datasets],
+                          "the loss segment")
         he = req.get("he")
         if he is not None:
             if role != "input" or not isinstance(he, dict):
@@ -264,6 +268,11 @@ class ProposalOps(OpFamily):
         assert p.module is not None
         params = list(p.module.parameters())
         rt = Runtime(p, p.module, p.optimizer.build(params) if params else None)
+        # secret randomness: a model owner must not predict the activation noise, nor the
+        # randomized response's draws (each record's fixed by this key: saved with the segment)
+        rt.rng.manual_seed(secrets.randbits(63))
+        if p.release_labels and p.defences.get("label_epsilon", 0) > 0:
+            rt.extra[LABEL_KEY] = secrets.token_hex(32)
         opts = dict(options)
         for family in self.host.families.values():
             family.on_approve(rt, opts)

@@ -224,6 +224,11 @@ class StepRecord:
 STEPS_KEPT = 4
 
 
+#: ``Runtime.extra`` key of a segment's randomized-response key (hex; made at approval, saved
+#: with the segment: each record's noisy label is the same on every release)
+LABEL_KEY = "label_key"
+
+
 def _fresh_rng_state() -> torch.Tensor:
     return torch.Generator().manual_seed(0).get_state()
 

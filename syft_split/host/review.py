@@ -11,11 +11,27 @@ from .records import Proposal
 if TYPE_CHECKING:
     from .dispatch import Host
 
-__all__ = ["review_text"]
+__all__ = ["review_text", "record_rate"]
 
 
 def _shape(shape: tuple[int, ...]) -> str:
     return ", ".join(map(str, shape))
+
+
+def record_rate(cap: int | None) -> str:
+    """How fast records can be read, as the review says it."""
+    return ("HostLimits.max_records_per_minute is not set: NO CAP, set it" if cap is None
+            else f"at most {cap} records a minute (max_records_per_minute)")
+
+
+#: what the review says of each defence, after its value
+_DEFENCE_NOTES = {
+    "label_epsilon": " (each record's label is randomized ONCE: every release of it, in every "
+                     "epoch, gives the same noisy label)",
+    "nopeek": " (holds against a semi-honest model owner only: a malicious one scales the "
+              "gradient it sends until the NoPeek term no longer counts; the leakage watch "
+              "measures what leaks regardless)",
+}
 
 
 def review_text(host: Host, p: Proposal, extra: list[str]) -> str:
@@ -28,7 +44,8 @@ def review_text(host: Host, p: Proposal, extra: list[str]) -> str:
         "middle": f"activations float32 (batch, {_shape(p.output_shape)}) and the gradient "
                   f"w.r.t. its input (batch, {_shape(p.input_shape)})",
         "loss": f"the gradient w.r.t. its input (batch, {_shape(p.input_shape)}) and two status "
-                "scalars (loss, correct count); labels and outputs stay here",
+                "scalars (loss, correct count); the labels themselves and the outputs stay "
+                "here",
     }.get(p.role)  # other roles (e.g. federated "local") state what leaves in their own lines
     if p.role == "loss":
         out_bytes = 4 * math.prod(p.input_shape)
@@ -45,11 +62,20 @@ def review_text(host: Host, p: Proposal, extra: list[str]) -> str:
                   f"(<= {out_bytes * p.max_batch} bytes per step)"]
     lines.append(f"  every value leaving is checked: approved shape, float32, finite, "
                  f"|value| <= {host.limits.max_abs_value:g}")
+    rate = record_rate(host.limits.max_records_per_minute)
     if p.loss:
         lines.append(f"  loss computed here: {p.loss}")
+    if p.role == "loss":
+        lines.append("  LABELS CAN BE READ: the model owner knows this segment's weights (it "
+                     "proposed them) and chooses its input; a malicious one reads EVERY LABEL "
+                     "a call touches exactly, from one training loss step's input gradient "
+                     "(then discarded: no weight changes) or from evaluation losses; " + rate)
     if p.release_labels:
         lines.append("  ALSO RELEASES LABELS of each batch to the model owner")
     for name, value in p.defences.items():
-        lines.append(f"  defence here: {name}={value}")
+        lines.append(f"  defence here: {name}={value}" + _DEFENCE_NOTES.get(name, ""))
+    if p.defences.get("noise_sigma", 0) > 0:
+        lines.append(f"    activation noise is drawn afresh on every release: a record released "
+                     f"n times has its noise averaged down to sigma/sqrt(n); {rate}")
     lines.extend(extra)
     return "\n".join(lines)

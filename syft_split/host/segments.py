@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -44,7 +45,7 @@ from ..errors import (
 from ..losses import LOSSES
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, CIPHERTEXT, GRAD_INPUT, LABELS, SCALAR, Call
-from .records import ROLES, Dataset, Runtime
+from .records import LABEL_KEY, ROLES, Dataset, Runtime
 
 __all__ = ["SegmentOps", "apply_grad", "rerun_pending", "undo_point", "segment_rng",
            "optimizer_step", "release", "nopeek_penalty"]
@@ -71,10 +72,11 @@ def optimizer_step(rt: Runtime, extra: Sequence[tuple[nn.Module,
     rt.steps += 1
 
 
-def release(rt: Runtime, out: torch.Tensor, ds: Dataset | None, idx: torch.Tensor | None
-            ) -> dict[str, torch.Tensor]:
-    """What leaves for a batch: the output (with the approved Gaussian noise), and the labels
-    only if the proposal releases them (with the approved randomized response)."""
+def release(rt: Runtime, out: torch.Tensor, ds: Dataset | None, idx: torch.Tensor | None,
+            dataset: str | None = None) -> dict[str, torch.Tensor]:
+    """What leaves for a batch: the output (with the approved Gaussian noise, drawn afresh on
+    every release), and the labels only if the proposal releases them (with the approved
+    randomized response, drawn once per record: ``dataset`` names the records)."""
     sigma = rt.proposal.defences.get("noise_sigma", 0.0)
     out = out.detach()
     if sigma > 0:
@@ -87,10 +89,15 @@ def release(rt: Runtime, out: torch.Tensor, ds: Dataset | None, idx: torch.Tenso
         labels = ds.labels[idx].clone()
         eps = rt.proposal.defences.get("label_epsilon", 0.0)
         if eps > 0:
-            from ..defences import randomized_response
+            from ..defences import fixed_randomized_response
 
-            labels = randomized_response(labels, int(rt.proposal.defences["num_classes"]), eps,
-                                         rt.rng)
+            key = rt.extra.get(LABEL_KEY)
+            if not isinstance(key, str):  # approved before keys existed: one from now on
+                key = rt.extra[LABEL_KEY] = secrets.token_hex(32)
+            name = dataset if dataset is not None else rt.proposal.datasets[0]
+            labels = fixed_randomized_response(
+                labels, [f"{name}/{int(i)}" for i in idx],
+                int(rt.proposal.defences["num_classes"]), eps, bytes.fromhex(key))
         response["labels"] = labels
     return response
 
@@ -280,7 +287,7 @@ class SegmentOps(OpFamily):
                 response["he_input"] = rt.he.encrypt_input(out.detach().flatten(1),
                                                            need_grad=train)
                 return response
-            response.update(release(rt, out, ds, idx))
+            response.update(release(rt, out, ds, idx, req.get("dataset")))
         except Exception:  # refused (NoPeek on one record, label noise, |x| > x_bound, ...):
             if train:  # nothing of it stays pending (no gradient may land on it), its dropout
                 rt.clear_pending()  # draws undone
