@@ -126,3 +126,28 @@ def test_audit_indices_go_on_across_restarts_after_rotations(tmp_path: Path) -> 
     lines = sum(len((tmp_path / n).read_text().splitlines())
                 for n in ("audit.jsonl", "audit.1.jsonl", "audit.2.jsonl"))
     assert old.audit_first + len(old.audit) == lines
+
+
+def test_an_error_quoting_a_huge_caller_string_is_still_answered_and_audited(
+        tmp_path: Path) -> None:
+    """Error messages quote what the caller sent (repr doubles a backslash): the answer is
+    clipped, so it stays encodable (the wire refuses headers over 1 MiB) and is audited."""
+    from torch import nn
+
+    from syft_split.spec import module_to_spec, spec_state
+
+    host = _host(tmp_path)
+    m = nn.Sequential(nn.Linear(4, 3))
+    pid = str(wire.decode(host.handle("mo", wire.encode({
+        "op": "propose", "role": "input", "datasets": ["train"], "spec": module_to_spec(m),
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        **{f"state/{k}": v for k, v in spec_state(m).items()}})))["segment"])
+    host.approve(pid)
+    n = len(host.audit)
+    slashes = "\\" * 400_000
+    for req in ({"op": "forward", "segment": slashes},
+                {"op": "status", "segment": slashes},
+                {"op": "forward", "segment": pid, "indices": torch.arange(2), "dataset": slashes}):
+        answer = wire.decode(host.handle("mo", wire.encode(req)))
+        assert answer["error"] and len(answer["message"]) < 20_000
+    assert len(host.audit) == n + 3

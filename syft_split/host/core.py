@@ -69,6 +69,16 @@ AUDIT_TAIL = 10_000
 AUDIT_PAGE = 1_000
 
 
+#: the longest error message answered (messages quote what the caller sent: a caller's long
+#: string, doubled by repr, must not make the answer too large to encode)
+ERROR_TEXT = 16_000
+
+
+def _error_answer(name: str, message: str) -> bytes:
+    """The wire answer of an error: its class name and its message, clipped."""
+    return wire.encode({"error": name, "message": clip(message, ERROR_TEXT)})
+
+
 class DataOwnerHost:
     """Everything a data owner runs. Model owners reach it only through :meth:`handle`."""
 
@@ -300,13 +310,13 @@ class DataOwnerHost:
                     call.rt.remember(StepRecord(step, op, digest, raw))
                 outcome = "ok"
         except SyftSplitError as exc:
-            raw = wire.encode({"error": type(exc).__name__, "message": str(exc)})
+            raw = _error_answer(type(exc).__name__, str(exc))
             outcome = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # a bug or torch failure: report, never crash the host
             # its text may be computed from private values (torch's "Target 4 is out of
             # bounds." is a label): only the exception's type leaves, the text stays in the
             # data owner's audit entry
-            raw = wire.encode({"error": "RemoteError", "message": _opaque(exc, op, self.name)})
+            raw = _error_answer("RemoteError", _opaque(exc, op, self.name))
             outcome = f"RemoteError: {type(exc).__name__}: {exc}"
         try:  # before answering: an answered step is on disk
             self._persist(spec, call, replayed=replay is not None)
@@ -323,7 +333,7 @@ class DataOwnerHost:
                     "It carried no step id: sent again it runs again (check its effect "
                     "first); if the data owner restarts before a save succeeds, its effect "
                     "is lost"))
-            raw = wire.encode({"error": type(err).__name__, "message": str(err)})
+            raw = _error_answer(type(err).__name__, str(err))
             outcome = f"StateSaveError: {err}"
         self.record(AuditEntry(time.time(), caller, op, segment, shapes, len(data), len(raw),
                                time.perf_counter() - t0, outcome))
