@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -284,7 +285,11 @@ class HostStore:
         if rt.optimizer is not None and snap.get("optimizer") is not None:
             rt.optimizer.load_state_dict(snap["optimizer"])
         rt.steps = int(snap["steps"])
-        rt.rng.set_state(snap["rng"])
+        # the release-noise stream (activation noise) starts afresh from secret randomness:
+        # restored, it would replay draws already released since the last save (evaluation
+        # forwards are not saved), and two releases with the same noise give a noise-free
+        # difference. Nothing needs it reproducible: replayed steps answer from their record.
+        rt.rng.manual_seed(secrets.randbits(63))
         rt.torch_rng = snap["torch_rng"]
         rt.records = [StepRecord(int(r["step"]), str(r["op"]), str(r["digest"]),
                                  bytes(r["response"])) for r in snap.get("records", [])]

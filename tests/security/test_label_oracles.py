@@ -169,6 +169,25 @@ def test_activation_noise_is_not_predictable() -> None:
     assert float((noise[0] - noise[1]).abs().max()) > 0.5  # each segment its own stream
 
 
+def test_activation_noise_does_not_repeat_after_a_crash(tmp_path: Any) -> None:
+    """Evaluation forwards are not saved: a restored noise stream replayed the draws released
+    since the last save, and two releases with the same noise gave the model owner a
+    noise-free difference (found in review). The stream starts afresh after a restore."""
+    host, x, _ = _released_host(tmp_path / "do")
+    torch.manual_seed(0)
+    seg = nn.Linear(8, 4)
+    pid = _propose_released(host, seg, noise_sigma=1.0)
+    host.approve(pid)
+    a, b = torch.arange(0, 8), torch.arange(8, 16)
+    out_a = call(host, "forward", segment=pid, indices=a, train=False)["activation"]
+    crashed, _, _ = _released_host(tmp_path / "do")  # no close(): a new process restores
+    assert crashed.restore_state()
+    out_b = call(crashed, "forward", segment=pid, indices=b, train=False)["activation"]
+    with torch.no_grad():
+        noise_a, noise_b = out_a - seg(x[a]), out_b - seg(x[b])
+    assert float((noise_a - noise_b).abs().max()) > 0.5
+
+
 # ------------------------------------------- what the review says a malicious MO can read
 def test_the_review_says_what_a_malicious_model_owner_reads() -> None:
     """U-shaped: one training loss step then discard returns every label of the batch; local
