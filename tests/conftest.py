@@ -142,3 +142,38 @@ def toy_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture
 def toy_data() -> tuple[torch.Tensor, torch.Tensor]:
     return toy_tensors()
+
+
+#: the data owners of :func:`three_peers`
+PEER_NAMES = ["a", "b", "c"]
+
+
+@pytest.fixture
+def three_peers():
+    """Three data owners (in process) with one shared (peer) input segment each, trusting each
+    other; the segments trained differently so that their weights differ. Returns the
+    deployment, the session and each owner's remote segment."""
+    import copy
+
+    from torch import nn
+
+    from syft_split import SplitPlan, SplitSession
+
+    g = torch.Generator().manual_seed(0)
+    parties = {n: {"train": (torch.randn(20, 1, 4, 4, generator=g),
+                             torch.randint(0, 3, (20,), generator=g))} for n in PEER_NAMES}
+    dep = deploy.inprocess(parties)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3))
+    plan = SplitPlan.vanilla([copy.deepcopy(model[:2]), copy.deepcopy(model[2:])], PEER_NAMES,
+                             share_weights="peer", datasets=["train"])
+    session = SplitSession(plan, dep.transport)
+    dep.approve_all(session.propose())
+    dep.trust_each_other()
+    for k, n in enumerate(PEER_NAMES):
+        for _ in range(k + 1):
+            loss, _ = session.loss(n, torch.arange(8), parties[n]["train"][1][:8],
+                                   dataset="train")
+            loss.backward()
+    session.flush()
+    return dep, session, {n: session.remote[(n, 0)] for n in PEER_NAMES}

@@ -4,23 +4,18 @@ what such a segment never loads: weights past the data owner's bound."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from syft_split import (
     AccessError,
     ConfigError,
-    SplitPlan,
     SplitSession,
     ValidationError,
     secagg,
     wire,
 )
-from syft_split.deploy import inprocess
 from syft_split.host.weights import fingerprint
 from syft_split.schedules import SecureAverage, relay_weights
 
@@ -28,25 +23,11 @@ NAMES = ["a", "b", "c"]
 
 
 @pytest.fixture
-def peers():
-    """Three data owners, one shared (peer) input segment each, trained differently."""
-    g = torch.Generator().manual_seed(0)
-    data = {n: {"train": (torch.randn(20, 1, 4, 4, generator=g),
-                          torch.randint(0, 3, (20,), generator=g))} for n in NAMES}
-    dep = inprocess(data)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3))
-    plan = SplitPlan.vanilla([copy.deepcopy(model[:2]), copy.deepcopy(model[2:])], NAMES,
-                             share_weights="peer", datasets=["train"])
-    session = SplitSession(plan, dep.transport)
-    dep.approve_all(session.propose())
-    dep.trust_each_other()
-    for k, n in enumerate(NAMES):
-        for _ in range(k + 1):
-            loss, _ = session.loss(n, torch.arange(8), data[n]["train"][1][:8], dataset="train")
-            loss.backward()
-    session.flush()
-    return dep, session, {n: session.remote[(n, 0)].segment_id for n in NAMES}
+def peers(three_peers):
+    """Three data owners, one shared (peer) input segment each, trained differently
+    (conftest's ``three_peers``), by segment id."""
+    dep, session, segs = three_peers
+    return dep, session, {n: s.segment_id for n, s in segs.items()}
 
 
 def _flat(dep, name: str, seg: str) -> np.ndarray:

@@ -4,8 +4,6 @@ contributions may try: forge, replay, redirect, drop, or split the cohort's view
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -14,8 +12,6 @@ from torch import nn
 from syft_split import (
     AccessError,
     ProtocolError,
-    SplitPlan,
-    SplitSession,
     TransportError,
     ValidationError,
     WireError,
@@ -93,30 +89,6 @@ def _segment() -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3))
 
 
-@pytest.fixture
-def three():
-    """Three data owners with one shared (peer) input segment each, trusting each other; the
-    segments trained differently so that their weights differ."""
-    g = torch.Generator().manual_seed(0)
-    parties = {n: {"train": (torch.randn(20, 1, 4, 4, generator=g),
-                             torch.randint(0, 3, (20,), generator=g))} for n in NAMES}
-    dep = inprocess(parties)
-    model = _segment()
-    plan = SplitPlan.vanilla([copy.deepcopy(model[:2]), copy.deepcopy(model[2:])], NAMES,
-                             share_weights="peer", datasets=["train"])
-    session = SplitSession(plan, dep.transport)
-    dep.approve_all(session.propose())
-    dep.trust_each_other()
-    for k, n in enumerate(NAMES):
-        for _ in range(k + 1):
-            loss, _ = session.loss(n, torch.arange(8), parties[n]["train"][1][:8],
-                                   dataset="train")
-            loss.backward()
-    session.flush()
-    segs = {n: session.remote[(n, 0)] for n in NAMES}
-    return dep, session, segs
-
-
 def _weights(dep, segs) -> dict[str, dict[str, torch.Tensor]]:
     return {n: dep.owners[n].export_weights(s.segment_id) for n, s in segs.items()}
 
@@ -128,8 +100,8 @@ def _round(segs, rnd: int, w: dict[str, float], members: list[str] | None = None
             for n in members}
 
 
-def test_secure_average_equals_plain_average(three) -> None:
-    dep, session, segs = three
+def test_secure_average_equals_plain_average(three_peers) -> None:
+    dep, session, segs = three_peers
     before = _weights(dep, segs)
     w = {"a": 8.0, "b": 8.0, "c": 4.0}
     assert len({float(b["1.weight"].sum()) for b in before.values()}) == 3  # they differ
@@ -149,8 +121,8 @@ def _assert_unchanged(dep, segs, before) -> None:
         assert all(torch.equal(w[k], before[n][k]) for k in w)
 
 
-def test_missing_member_aborts_the_round_and_the_next_round_works(three) -> None:
-    dep, _, segs = three
+def test_missing_member_aborts_the_round_and_the_next_round_works(three_peers) -> None:
+    dep, _, segs = three_peers
     before = _weights(dep, segs)
     w = {n: 1.0 for n in NAMES}
     sealed = _round(segs, 1, w)
@@ -169,9 +141,9 @@ def test_missing_member_aborts_the_round_and_the_next_round_works(three) -> None
     assert all(torch.allclose(after["a"][k], after["c"][k], atol=1e-7) for k in after["a"])
 
 
-def test_a_member_that_fails_to_contribute_is_left_out_and_the_others_average(three) -> None:
+def test_a_member_that_fails_to_contribute_is_left_out_and_the_others_average(three_peers) -> None:
     """The round runs again among the survivors under a new round number (fresh masks)."""
-    dep, session, segs = three
+    dep, session, segs = three_peers
     before = _weights(dep, segs)
     w = {"a": 8.0, "b": 4.0, "c": 4.0}
     calls: list[list[str]] = []
@@ -204,10 +176,10 @@ def test_a_member_that_fails_to_contribute_is_left_out_and_the_others_average(th
     _assert_unchanged(dep, segs, mid)
 
 
-def test_a_loaded_round_is_served_again_only_as_it_was(three) -> None:
+def test_a_loaded_round_is_served_again_only_as_it_was(three_peers) -> None:
     """A member that loaded round r serves the same contribution again (to finish r for a
     member that did not load it), only for exactly the same description; its weights stay."""
-    dep, _, segs = three
+    dep, _, segs = three_peers
     w = {n: 1.0 for n in NAMES}
     sealed = _round(segs, 1, w)
     segs["a"].secagg_aggregate(1, {o: sealed[o]["a"] for o in NAMES if o != "a"})
@@ -239,12 +211,12 @@ def _opened(dep, sender: str, recipient: str, sealed: bytes) -> bytes:
     return bytes(wire.decode(box.decrypt(sealed))["masked"])
 
 
-def test_model_owner_cannot_forge_replay_or_redirect_contributions(three) -> None:
+def test_model_owner_cannot_forge_replay_or_redirect_contributions(three_peers) -> None:
     from nacl.public import Box, PrivateKey, PublicKey
 
     from syft_split import wire
 
-    dep, _, segs = three
+    dep, _, segs = three_peers
     before = _weights(dep, segs)
     w = {n: 1.0 for n in NAMES}
     old = _round(segs, 1, w)
@@ -271,10 +243,10 @@ def test_model_owner_cannot_forge_replay_or_redirect_contributions(three) -> Non
         segs[n].secagg_aggregate(2, {o: sealed[o][n] for o in NAMES if o != n})
 
 
-def test_a_split_view_of_the_round_is_detected(three) -> None:
+def test_a_split_view_of_the_round_is_detected(three_peers) -> None:
     """The model owner tells a and b different averaging weights (its masks would not cancel):
     every member checks the descriptor in each contribution, so nothing is loaded."""
-    dep, _, segs = three
+    dep, _, segs = three_peers
     before = _weights(dep, segs)
     ids = {n: s.segment_id for n, s in segs.items()}
     s_a = segs["a"].secagg_contribute("node0", 1, ids, {"a": 1.0, "b": 1.0, "c": 1.0})
@@ -287,8 +259,8 @@ def test_a_split_view_of_the_round_is_detected(three) -> None:
     _assert_unchanged(dep, segs, before)
 
 
-def test_cohort_checks_at_contribution(three) -> None:
-    _, session, segs = three
+def test_cohort_checks_at_contribution(three_peers) -> None:
+    _, session, segs = three_peers
     ids = {n: s.segment_id for n, s in segs.items()}
     w = {n: 1.0 for n in NAMES}
     with pytest.raises(AccessError, match="not a peer"):  # an outsider in the cohort
@@ -314,12 +286,12 @@ def test_cohort_checks_at_contribution(three) -> None:
         segs["a"].secagg_aggregate(1, {o: sealed[o]["a"] for o in NAMES if o != "a"})
 
 
-def test_relay_is_bound_to_segment_and_sequence(three) -> None:
+def test_relay_is_bound_to_segment_and_sequence(three_peers) -> None:
     from nacl.public import Box, PrivateKey, PublicKey
 
     from syft_split import wire
 
-    dep, session, segs = three
+    dep, session, segs = three_peers
     first, sender = segs["a"].seal_for("b", segs["b"].segment_id)
     segs["b"].unseal(first, sender)
     before = _weights(dep, segs)
