@@ -152,7 +152,6 @@ class DataOwnerHost:
             return
         if self.store.unsaved and (replayed or (spec is not None and spec.mutates)):
             self.store.save_all(self)
-            self.store.unsaved = False
             return
         if spec is None or call is None or not spec.mutates:
             return
@@ -321,8 +320,6 @@ class DataOwnerHost:
         try:  # before answering: an answered step is on disk
             self._persist(spec, call, replayed=replay is not None)
         except Exception as exc:  # disk full, I/O error: it ran, it is not saved; say so
-            assert self.store is not None
-            self.store.unsaved = True
             err = StateSaveError(
                 f"op {clip(op, AUDIT_TEXT)!r} ran on {self.name} (outcome: "
                 f"{clip(outcome, AUDIT_TEXT)}) but its state could not be saved "
@@ -357,13 +354,11 @@ class DataOwnerHost:
                 try:
                     self.store.save_all(self)
                 except Exception as exc:  # disk full, I/O error: in effect, not saved; say so
-                    self.store.unsaved = True  # the next change saves everything
-                    raise StateSaveError(
+                    raise StateSaveError(  # store.unsaved: the next change saves everything
                         f"data-owner op {op!r} took effect on {self.name} but its state could "
                         f"not be saved ({type(exc).__name__}: {exc}): it is not durable. The "
                         "next change that saves (a data-owner op or a model owner's step) "
                         "saves it too; if the host restarts first, it is lost") from exc
-                self.store.unsaved = False
             return response
         except SyftSplitError as exc:
             outcome = f"{type(exc).__name__}: {exc}"

@@ -54,7 +54,8 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,7 +104,8 @@ class HostStore:
         #: how many times each segment's file was written (in the file, and in host.sspl: a
         #: restart finds a file that is missing or older than host.sspl says)
         self._saves: dict[str, int] = {}
-        #: a save failed (disk full, I/O error): memory holds more than the files
+        #: a write failed (disk full, I/O error): memory holds more than the files, until
+        #: :meth:`save_all` succeeds
         self.unsaved = False
         #: set while :meth:`restore` runs: a save asked for then (a family halting a segment it
         #: cannot rebuild) waits until everything is loaded, so no half-restored state is written
@@ -122,6 +124,19 @@ class HostStore:
         if self._restoring:
             self._deferred = True
             return
+        with self._flagging():
+            self._save_host(host)
+
+    @contextmanager
+    def _flagging(self) -> Iterator[None]:
+        """A write that fails marks the store :attr:`unsaved` (whoever asked for it)."""
+        try:
+            yield
+        except Exception:
+            self.unsaved = True
+            raise
+
+    def _save_host(self, host: DataOwnerHost) -> None:
         t0 = time.perf_counter()
         tree = {
             "format": FORMAT,
@@ -153,8 +168,9 @@ class HostStore:
         """The segment's snapshot, now."""
         t0 = time.perf_counter()
         saves = self._saves.get(rt.id, 0) + 1
-        persist.save(self.segment_path(rt.id), {**_runtime_tree(rt, self.families),
-                                                "saves": saves})
+        with self._flagging():
+            persist.save(self.segment_path(rt.id), {**_runtime_tree(rt, self.families),
+                                                    "saves": saves})
         self._saves[rt.id] = saves
         self._changes[rt.id] = 0
         self.seconds += time.perf_counter() - t0
@@ -202,12 +218,14 @@ class HostStore:
         persist.fsync_dir(self.path)
 
     def save_all(self, host: DataOwnerHost) -> None:
-        """Everything, now (clean shutdown)."""
+        """Everything, now (clean shutdown; after a failed write: memory and files agree
+        again, :attr:`unsaved` is cleared)."""
         for rt in host.runtimes.values():
             self.save_runtime(rt)
         self.save_host(host)
         if self._audit_file is not None:
             os.fsync(self._audit_file.fileno())
+        self.unsaved = False
 
     def close(self) -> None:
         if self._audit_file is not None:
