@@ -4,6 +4,7 @@ records. Used by segment proposals, federated models and local-loss auxiliary he
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -54,9 +55,11 @@ def load_weights(module: torch.nn.Module, state: dict[str, Any], bound: float,
     module.load_state_dict(state)
 
 
-def dry_run(module: torch.nn.Module, input_shape: tuple[int, ...], what: str) -> torch.Tensor:
+def dry_run(module: torch.nn.Module, input_shape: tuple[int, ...], what: str, *,
+            loss: str | None = None, labels: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
     """``module``'s output on two zero records of ``input_shape`` (eval mode, no grad): a
-    module that does not accept its declared input is refused here."""
+    module that does not accept its declared input is refused here, and one ending in
+    ``loss`` that does not fit the classes of ``labels`` (:func:`check_classes`)."""
     try:
         with torch.no_grad():
             module.eval()
@@ -64,11 +67,12 @@ def dry_run(module: torch.nn.Module, input_shape: tuple[int, ...], what: str) ->
             module.train()
     except Exception as exc:
         raise ConfigError(f"{what} does not accept input {input_shape}: {exc}") from exc
+    check_classes(tuple(out.shape[1:]), loss, labels, what)
     return out
 
 
 def check_classes(output_shape: tuple[int, ...], loss: str | None,
-                  labels: list[torch.Tensor | None], what: str) -> None:
+                  labels: Sequence[torch.Tensor | None], what: str) -> None:
     """Refuse a cross-entropy ``what`` whose outputs (dimension 1: the classes) are fewer than
     the classes of its datasets' integer labels. Such a loss fails on every record whose label
     is past its width, and whether it fails is then a label oracle; the refusal names no

@@ -33,7 +33,7 @@ import torch
 from ..errors import ConfigError, EgressError, ValidationError
 from ..losses import LOSSES, count_correct
 from ..spec import OptimizerSpec, count_parameters, module_from_spec
-from .admission import check_classes, check_size, dry_run, load_weights
+from .admission import check_size, dry_run, load_weights
 from .dispatch import OpFamily, op, register_family
 from .guard import JSON, SCALAR, TEXT, Call, Guard
 from .records import Dataset, Proposal, Runtime
@@ -150,9 +150,8 @@ class FederatedOps(OpFamily):
             caller, state)
         module = module_from_spec(req.get("spec"))
         load_weights(module, state, limits.max_abs_value, "the model")
-        out = dry_run(module, input_shape, "the model")
-        check_classes(tuple(out.shape[1:]), loss, [host.datasets[d].labels for d in datasets],
-                      "the model")
+        out = dry_run(module, input_shape, "the model", loss=loss,
+                      labels=[host.datasets[d].labels for d in datasets])
         return Proposal(
             id=host.new_proposal_id("fl"), driver=caller, role=LOCAL, spec=req["spec"],
             state=state, optimizer=OptimizerSpec.from_json(req.get("optimizer")),

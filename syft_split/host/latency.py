@@ -58,7 +58,7 @@ from ..errors import (
 )
 from ..losses import LOSSES
 from ..spec import OptimizerSpec, count_parameters, describe, module_from_spec
-from .admission import check_classes, check_size, dry_run, load_weights
+from .admission import check_size, dry_run, load_weights
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, LABELS, SCALAR, TEXT, Call
 from .records import Dataset, Proposal, Runtime, state_bytes
@@ -244,9 +244,8 @@ class LocalLossOps(OpFamily):
         proposals.check_pending_bytes(call.caller, state,
                                       freed=0 if old is None else self.pending_bytes(p))
         load_weights(module, state, limits.max_abs_value, "the head")
-        out = dry_run(module, p.output_shape, "the auxiliary head")
-        check_classes(tuple(out.shape[1:]), str(loss), [host.datasets[d].labels for d in p.datasets],
-                      "the auxiliary head")
+        dry_run(module, p.output_shape, "the auxiliary head", loss=str(loss),
+                labels=[host.datasets[d].labels for d in p.datasets])
         assert isinstance(spec, dict)  # module_from_spec accepts only a spec object
         self.heads[p.id] = AuxHead(module, str(loss), OptimizerSpec.from_json(req.get("optimizer")),
                                    spec)

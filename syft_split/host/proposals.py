@@ -24,7 +24,7 @@ from .. import wire
 from ..errors import ApprovalError, ConfigError, ShapeError, ValidationError
 from ..losses import LOSSES
 from ..spec import OptimizerSpec, module_from_spec
-from .admission import check_classes, check_size, dry_run
+from .admission import check_size, dry_run
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import JSON, SCALAR, TEXT, Call, in_window
 from .records import LABEL_KEY, ROLES, SHARING, Proposal, Runtime, state_bytes
@@ -215,10 +215,9 @@ class ProposalOps(OpFamily):
         if release_labels and (role != "input"
                                or any(host.datasets[d].labels is None for d in datasets)):
             raise ConfigError("release_labels needs an input segment on datasets with labels")
-        out = dry_run(module, input_shape, "segment")
-        if role == "loss":
-            check_classes(tuple(out.shape[1:]), loss, [host.datasets[d].labels for d in datasets],
-                          "the loss segment")
+        out = dry_run(module, input_shape, "the loss segment" if role == "loss" else "segment",
+                      loss=loss if role == "loss" else None,
+                      labels=[host.datasets[d].labels for d in datasets])
         he = req.get("he")
         if he is not None:
             if role != "input" or not isinstance(he, dict):
