@@ -13,7 +13,6 @@ id, driver, shapes, status and spec digest; its spec and initial weights are dro
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from collections import deque
 from typing import Any
@@ -27,7 +26,7 @@ from ..spec import OptimizerSpec, module_from_spec
 from .admission import check_size, dry_run
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import JSON, SCALAR, TEXT, Call, in_window
-from .records import LABEL_KEY, ROLES, SHARING, Proposal, Runtime, state_bytes
+from .records import ROLES, SHARING, Proposal, Runtime, state_bytes
 from .review import review_text
 
 __all__ = ["ProposalOps", "DEFENCES"]
@@ -267,11 +266,7 @@ class ProposalOps(OpFamily):
         assert p.module is not None
         params = list(p.module.parameters())
         rt = Runtime(p, p.module, p.optimizer.build(params) if params else None)
-        # secret randomness: a model owner must not predict the activation noise, nor the
-        # randomized response's draws (each record's fixed by this key: saved with the segment)
-        rt.rng.manual_seed(secrets.randbits(63))
-        if p.release_labels and p.defences.get("label_epsilon", 0) > 0:
-            rt.extra[LABEL_KEY] = secrets.token_hex(32)
+        rt.fresh_secrets()
         opts = dict(options)
         for family in self.host.families.values():
             family.on_approve(rt, opts)

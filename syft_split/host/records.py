@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -276,6 +277,17 @@ class Runtime:
         """Keep ``record`` (and the :data:`STEPS_KEPT` - 1 before it)."""
         self.records.append(record)
         del self.records[:-STEPS_KEPT]
+
+    def fresh_secrets(self) -> None:
+        """Secret randomness the model owner must not predict, at approval and at every
+        restore: the release-noise stream (activation noise) starts afresh (restored, it
+        would replay draws released since the last save: two releases with the same noise
+        give a noise-free difference; nothing needs it reproducible, replayed steps answer
+        from their record), and the randomized response's key is made once, then kept with
+        the segment (each record's noisy label is fixed by it)."""
+        self.rng.manual_seed(secrets.randbits(63))
+        if self.proposal.release_labels and self.proposal.defences.get("label_epsilon", 0) > 0:
+            self.extra.setdefault(LABEL_KEY, secrets.token_hex(32))
 
     def clear_pending(self) -> None:
         """Forget the step in flight (nothing applied); an encrypted segment's HE client

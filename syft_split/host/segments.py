@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import math
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -91,9 +90,7 @@ def release(rt: Runtime, out: torch.Tensor, ds: Dataset | None, idx: torch.Tenso
         if eps > 0:
             from ..defences import fixed_randomized_response
 
-            key = rt.extra.get(LABEL_KEY)
-            if not isinstance(key, str):  # approved before keys existed: one from now on
-                key = rt.extra[LABEL_KEY] = secrets.token_hex(32)
+            key = rt.extra[LABEL_KEY]  # made at approval (or restore): Runtime.fresh_secrets
             name = dataset if dataset is not None else rt.proposal.datasets[0]
             labels = fixed_randomized_response(
                 labels, [f"{name}/{int(i)}" for i in idx],

@@ -51,7 +51,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -303,15 +302,11 @@ class HostStore:
         if rt.optimizer is not None and snap.get("optimizer") is not None:
             rt.optimizer.load_state_dict(snap["optimizer"])
         rt.steps = int(snap["steps"])
-        # the release-noise stream (activation noise) starts afresh from secret randomness:
-        # restored, it would replay draws already released since the last save (evaluation
-        # forwards are not saved), and two releases with the same noise give a noise-free
-        # difference. Nothing needs it reproducible: replayed steps answer from their record.
-        rt.rng.manual_seed(secrets.randbits(63))
         rt.torch_rng = snap["torch_rng"]
         rt.records = [StepRecord(int(r["step"]), str(r["op"]), str(r["digest"]),
                                  bytes(r["response"])) for r in snap.get("records", [])]
         rt.extra.update(snap.get("extra") or {})
+        rt.fresh_secrets()  # noise not replayed; a label key for segments saved without one
         rt.he_saved = snap.get("he")
         grads = snap.get("loss_grads")
         if grads is not None:  # a loss step waiting for its weight
