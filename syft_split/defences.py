@@ -181,6 +181,16 @@ def randomized_response(labels: torch.Tensor, num_classes: int, epsilon: float,
         ValidationError: labels not integer, or outside ``[0, num_classes)``.
     """
     _check_rr(num_classes, epsilon)
+    labels = _checked_labels(labels, num_classes)
+    keep = torch.rand(labels.shape, generator=generator, device=labels.device) >= flip_probability(
+        num_classes, epsilon
+    )
+    other = torch.randint(0, num_classes - 1, labels.shape, generator=generator, device=labels.device)
+    return _respond(labels, keep, other)
+
+
+def _checked_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``labels`` as int64, refused if not integer or outside ``[0, num_classes)``."""
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
             or labels.dtype == torch.bool:
         got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
@@ -189,12 +199,13 @@ def randomized_response(labels: torch.Tensor, num_classes: int, epsilon: float,
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValidationError(  # no label value in the message: it may leave the data owner
             f"Expected labels in [0, {num_classes}); some are outside it")
-    keep = torch.rand(labels.shape, generator=generator, device=labels.device) >= flip_probability(
-        num_classes, epsilon
-    )
-    other = torch.randint(0, num_classes - 1, labels.shape, generator=generator, device=labels.device)
-    other = other + (other >= labels).to(torch.int64)
-    return torch.where(keep, labels, other)
+    return labels
+
+
+def _respond(labels: torch.Tensor, keep: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Each label kept where ``keep``, else the ``other`` class (drawn from the K - 1 others:
+    ``other`` in ``[0, K - 1)`` skips the label's own class)."""
+    return torch.where(keep, labels, other + (other >= labels).to(torch.int64))
 
 
 def fixed_randomized_response(labels: torch.Tensor, records: Sequence[str], num_classes: int,
@@ -212,23 +223,17 @@ def fixed_randomized_response(labels: torch.Tensor, records: Sequence[str], num_
     _check_rr(num_classes, epsilon)
     if not isinstance(key, bytes) or not 16 <= len(key) <= 64:
         raise ConfigError("Expected argument `key` to be 16..64 secret bytes")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point \
-            or labels.dtype.is_complex or labels.dtype == torch.bool:
+    labels = _checked_labels(labels, num_classes)
+    if labels.dim() != 1:
         raise ValidationError("Expected `labels` to be a 1-d integer tensor")
     if len(records) != labels.shape[0]:
         raise ValidationError(f"Expected one record name per label ({labels.shape[0]}), got "
                               f"{len(records)}")
-    labels = labels.to(torch.int64)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValidationError(  # no label value in the message: it may leave the data owner
-            f"Expected labels in [0, {num_classes}); some are outside it")
     flip = flip_probability(num_classes, epsilon)
     u, r = [], []
     for name in records:
         d = hashlib.blake2b(str(name).encode(), key=key, digest_size=16).digest()
         u.append(int.from_bytes(d[:8], "big") / 2.0**64)  # uniform in [0, 1)
         r.append(int.from_bytes(d[8:], "big") % (num_classes - 1))  # bias < 2^-60
-    keep = torch.tensor(u, dtype=torch.float64) >= flip
-    other = torch.tensor(r, dtype=torch.int64)
-    other = other + (other >= labels).to(torch.int64)
-    return torch.where(keep, labels, other)
+    return _respond(labels, torch.tensor(u, dtype=torch.float64) >= flip,
+                    torch.tensor(r, dtype=torch.int64))

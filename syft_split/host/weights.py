@@ -38,7 +38,6 @@ from ..errors import (
     ConfigError,
     ProtocolError,
     ShapeError,
-    ValidationError,
     WireError,
 )
 from .dispatch import Host, OpFamily, op, owner_op, register_family
@@ -212,16 +211,14 @@ class WeightOps(OpFamily):
         """Weights from peers, before anything changes: the segment's keys, shapes and dtypes,
         finite and within the data owner's bound (``HostLimits.max_abs_value``), like every
         value the guard lets in; and no step pending."""
-        own, bound = rt.module.state_dict(), self.host.limits.max_abs_value
+        own = rt.module.state_dict()
         if set(state) != set(own):
             raise ShapeError(f"weights {sorted(state)} do not match the segment's {sorted(own)}")
         for k, v in state.items():
             wire.check_tensor(v, f"weight {k}", shape=tuple(own[k].shape), dtype=own[k].dtype,
                               nonempty=False)
-            if v.is_floating_point() and v.numel() and float(v.abs().max()) > bound:
-                raise ValidationError(f"weight {k} from a peer: magnitude "
-                                      f"{float(v.abs().max()):.3g} exceeds the data owner's "
-                                      f"bound {bound:g}; nothing loaded")
+            if v.is_floating_point():
+                self.host.guard.bounded(v, f"weight {k} from a peer (nothing loaded)")
         if rt.pending_output is not None or rt.pending_loss_grads:
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         return state
