@@ -163,11 +163,13 @@ class HEOps(OpFamily):
             b = estimate_step_bytes(proposal.he)
         except ConfigError as exc:
             return [*lines, f"  WARNING: the encryption agreement is not valid: {exc}"]
+        from he_layers import CKKSParams, LayerSpec
         from he_layers.review import spec_from_agreement
 
         spec, params = spec_from_agreement(proposal.he)
-        weaker = {"share_bound": spec.level == "B" and spec.share_bound < 1.0,  # the defaults
-                  "flood_bits": params.global_scale_bits - spec.flood_bits < 10}
+        default_margin = CKKSParams.global_scale_bits - LayerSpec.flood_bits
+        weaker = {"share_bound": spec.level == "B" and spec.share_bound < LayerSpec.share_bound,
+                  "flood_bits": params.global_scale_bits - spec.flood_bits < default_margin}
         for name, weak in weaker.items():
             if weak:
                 lines.append(f"  WARNING: security option {name}={getattr(spec, name)!r} is "

@@ -41,7 +41,7 @@ from ..errors import (
 )
 from ..transport.base import Transport, TransportWrapper
 from . import tls
-from .server import DATA_OPS
+from .server import DATA_OPS, RESUMABLE
 
 __all__ = ["ChannelTicket", "ChannelClient", "ChannelRouter", "DirectTransport"]
 
@@ -275,9 +275,9 @@ class ChannelRouter:
         try:
             raw = client.request(data)
         except SyftSplitError:
-            if client.closed_kind in ("expired", "replaced"):
-                with self._lock:
-                    self._forget(key)
+            with self._lock:
+                self._forget(key)
+            if client.closed_kind in RESUMABLE:  # the server kept its answer, or it never ran
                 if not client.unsent:  # it may have run (its answer is lost): never resend
                     raise
                 with self._lock:  # it did not run: reopen, resend
@@ -286,9 +286,8 @@ class ChannelRouter:
                     return None
                 raw = fresh.request(data)
             else:
-                with self._lock:
-                    self._forget(key)
-                    if client.closed_kind:  # the data owner closed it: PySyft from now on
+                if client.closed_kind:  # the data owner closed it: PySyft from now on
+                    with self._lock:
                         self.declined[key] = f"channel closed ({client.closed_kind})"
                 raise
         with self._lock:  # routes to several parties run at once

@@ -62,7 +62,7 @@ DATA_OPS = frozenset({
 })
 
 #: a channel whose answer to a frame in flight is kept for a reconnect even once closed
-_RESUMABLE = ("expired", "replaced")
+RESUMABLE = ("expired", "replaced")
 
 _log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ class ChannelServer:
                 channel.last_used = time.monotonic()
             reply: dict[str, Any] = {"last_seq": channel.last_seq}
             if channel.last_response is not None and (
-                    is_open or channel.closed_kind in _RESUMABLE):
+                    is_open or channel.closed_kind in RESUMABLE):
                 reply["last_response"] = channel.last_response
         if not idle:
             self._refuse(conn, channel, ProtocolError(
