@@ -305,6 +305,11 @@ class Transport(ABC):
                     self.retries += 1
                 time.sleep(wait)
                 wait = min(2 * wait, policy.max_backoff)
+        return self.answered(party, op, raw, t0)
+
+    def answered(self, party: str, op: str, raw: bytes, t0: float) -> dict[str, Any]:
+        """The answer ``raw`` to a call of ``op`` sent at ``t0``: counted (also from several
+        threads at once), decoded, logged; a data owner's error raised as its class."""
         with self._counter_lock:
             self.seconds_in_transport += time.perf_counter() - t0
             self.calls += 1

@@ -24,8 +24,8 @@ from concurrent.futures import Future
 from typing import Any
 
 from .. import wire
-from ..errors import ConfigError, error_from_wire
-from .base import MODEL_OWNER, Transport, TransportWrapper, decode_response
+from ..errors import ConfigError
+from .base import MODEL_OWNER, Transport, TransportWrapper
 
 __all__ = ["DelayedTransport", "submit_call"]
 
@@ -159,17 +159,8 @@ def submit_call(transport: Transport, party: str, op: str, **fields: Any
     out: Future[dict[str, Any]] = Future()
 
     def done(f: Future[bytes]) -> None:
-        try:
-            raw = f.result()
-            with transport._counter_lock:  # answers of several parties arrive at once
-                transport.seconds_in_transport += time.perf_counter() - t0
-                transport.calls += 1
-            response = decode_response(raw, party, op, transport.max_response_bytes)
-            transport.traffic.add(party, MODEL_OWNER, op, len(raw), tuple(response))
-            if "error" in response:
-                raise error_from_wire(str(response.get("error")),
-                                      str(response.get("message", "")))
-            out.set_result(response)
+        try:  # answers of several parties arrive at once: answered() takes the lock
+            out.set_result(transport.answered(party, op, f.result(), t0))
         except BaseException as exc:
             out.set_exception(exc)
 
