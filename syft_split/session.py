@@ -13,8 +13,7 @@ CPU tensors (moved on arrival and before sending).
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +23,9 @@ from torch import nn
 from .errors import ApprovalError, ConfigError, ProtocolError
 from .he_state import HEState, encrypted_forward
 from .losses import LOSSES, count_correct
+from .placement import host_of, merge_inputs, node_shapes, placements, proposal_fields
 from .remote import ActivationPointer, RemoteSegment, remote_loss
-from .spec import OptimizerSpec, module_to_spec, spec_state
+from .spec import OptimizerSpec
 from .topology import DATA_OWNER, MODEL_OWNER, RELEASED, SplitPlan, Task
 from .transport.base import CallPolicy, Transport
 
@@ -108,8 +108,7 @@ class SplitSession:
     # ------------------------------------------------------------------ placement
     def _host(self, source: str, i: int) -> str:
         """The party that runs node ``i`` for records from ``source``."""
-        owner = self.plan.nodes[i].owner
-        return source if owner == DATA_OWNER else owner
+        return host_of(self.plan, source, i)
 
     def _seg(self, source: str, i: int) -> RemoteSegment:
         seg = self.remote.get((self._host(source, i), i))
@@ -123,64 +122,11 @@ class SplitSession:
         return self.metadata[party]
 
     def _merge(self, i: int, values: dict[int, torch.Tensor]) -> torch.Tensor:
-        node = self.plan.nodes[i]
-        xs = [values[j].to(self.device) for j in node.inputs]
-        if len(xs) == 1:
-            return xs[0]
-        if node.merge == "concat":
-            return torch.cat([x.flatten(1) for x in xs], dim=1)
-        stacked = torch.stack(xs)
-        return stacked.sum(0) if node.merge == "sum" else stacked.mean(0)
+        return merge_inputs(self.plan, i, values, self.device)
 
     def _shapes(self, source: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """(input, output) shape per record of every node (dry run on zeros, here)."""
-        values: dict[int, torch.Tensor] = {}
-        shapes = []
-        with torch.no_grad():
-            for i, node in enumerate(self.plan.nodes):
-                if node.inputs:
-                    try:
-                        x = self._merge(i, values)
-                    except RuntimeError as exc:
-                        shapes_in = [tuple(values[j].shape[1:]) for j in node.inputs]
-                        raise ConfigError(f"segment {i} cannot merge its inputs {shapes_in} by "
-                                          f"{node.merge!r}: {exc}") from exc
-                else:
-                    meta = self._describe(self._host(source, i))
-                    from .contract import require  # the data contract: every problem, and why
-
-                    require(self.plan, {self._host(source, i): meta})
-                    x = torch.zeros((2, *meta[self.plan.datasets[0]]["feature_shape"]))
-                at = next((p.device for p in node.module.parameters()), None)
-                x = x if at is None else x.to(at)
-                was = node.module.training
-                node.module.eval()
-                enc = self.plan.encrypted
-                if enc is not None and i == enc.node:
-                    x = enc.linear(x.flatten(1))
-                try:
-                    values[i] = node.module(x)
-                except RuntimeError as exc:
-                    raise ConfigError(f"segment {i} ({node.name}) does not accept input "
-                                      f"{tuple(x.shape[1:])}: {exc}") from exc
-                finally:
-                    node.module.train(was)
-                shapes.append((tuple(x.shape[1:]), tuple(values[i].shape[1:])))
-        return shapes
-
-    def _placements(self) -> Iterator[tuple[int, str, str, tuple[tuple[int, ...], tuple[int, ...]]]]:
-        """(node, hosting party, role, (input, output) shape) of every remote segment, once."""
-        all_shapes = {source: self._shapes(source) for source in self.plan.sources}
-        seen: set[tuple[str, int]] = set()
-        for source in self.plan.sources:
-            for i, node in enumerate(self.plan.nodes):
-                host = self._host(source, i)
-                if node.owner == MODEL_OWNER or (host, i) in seen:
-                    continue
-                seen.add((host, i))
-                role = ("input" if not node.inputs
-                        else "loss" if self.plan.remote_loss_node(i) else "middle")
-                yield i, host, role, all_shapes[source][i]
+        return node_shapes(self.plan, source, self._describe, self.device)
 
     def propose(self) -> dict[str, list[str]]:
         """Send every remote segment to its host for review; return proposal ids by party.
@@ -188,31 +134,10 @@ class SplitSession:
         Shapes are checked for every record source first: a plan whose shapes do not meet
         fails with :class:`ConfigError` before anything is proposed anywhere."""
         out: dict[str, list[str]] = {}
-        for i, host, role, shapes in list(self._placements()):
+        for i, host, role, shapes in list(placements(self.plan, self._describe, self.device)):
             if (host, i) in self.remote:
                 continue
-            node = self.plan.nodes[i]
-            task = self.plan.task_at(i)
-            module = copy.deepcopy(node.module)
-            fields: dict[str, Any] = {
-                "role": role,
-                "spec": module_to_spec(module),
-                "optimizer": (node.optimizer or self.optimizer_spec).to_json(),
-                "datasets": list(self.plan.datasets) if role != "middle" else [],
-                "input_shape": list(shapes[0]),
-                "max_batch": self.plan.max_batch,
-                **{f"state/{k}": v for k, v in spec_state(module).items()},
-            }
-            if role == "loss" and task is not None:
-                fields["loss"] = task.loss
-            if role == "input" and self.plan.release_labels:
-                fields["release_labels"] = True
-            if node.owner == DATA_OWNER:
-                fields["share_weights"] = self.plan.share_weights
-            if role == "input" and self.plan.defences:
-                fields["defences"] = dict(self.plan.defences)
-            if role == "input" and self.plan.encrypted is not None:
-                fields["he"] = self.plan.encrypted.agreement()
+            fields = proposal_fields(self.plan, i, role, shapes[0], self.optimizer_spec)
             response = self.transport.call(host, "propose", **fields)
             pid = response["segment"]
             self.remote[(host, i)] = RemoteSegment(
@@ -239,7 +164,7 @@ class SplitSession:
         """
         out: dict[str, dict[str, Any]] = {}
         placed: dict[tuple[str, int], RemoteSegment] = {}
-        for i, host, role, shapes in self._placements():
+        for i, host, role, shapes in placements(self.plan, self._describe, self.device):
             key = f"{host}:{i}"
             if key not in segments:
                 raise ConfigError(f"no segment id for {key}; got {sorted(segments)}")

@@ -14,12 +14,7 @@ review (:mod:`.proposals`), segment steps (:mod:`.segments`), weights (:mod:`.we
 leakage (:mod:`.watch`), and outside this package alignment (:mod:`syft_split.alignment`) and
 encryption (:mod:`syft_split.he_host`).
 
-Exactly-once steps: a request may carry ``step`` (an int >= 1; a model owner numbers the
-changing requests of each segment 1, 2, 3, ...). The host remembers the last steps each segment
-applied with their responses; one of them sent again (a retry after a lost response, a model
-owner resuming from its checkpoint) is answered from its record and never applied twice. An
-older step is refused, and so is a gap (a step after one the host does not have: it lost
-applied steps, restored from an older snapshot; :meth:`SplitSession.attach` resynchronises).
+Exactly-once steps (a request carrying ``step``) are answered by :mod:`.answers`.
 With ``state_dir`` the host keeps its state on disk (:mod:`.store`):
 :meth:`DataOwnerHost.restore_state` loads it after a restart.
 """
@@ -47,6 +42,7 @@ from ..errors import (
     StateSaveError,
     SyftSplitError,
 )
+from .answers import error_answer, opaque, recorded_answer, step_id
 from .dispatch import OpFamily, OpSpec, owner_op, registered_families
 from .guard import Call, Guard
 from .records import (
@@ -67,16 +63,6 @@ __all__ = ["DataOwnerHost", "AUDIT_TAIL", "AUDIT_PAGE"]
 AUDIT_TAIL = 10_000
 #: the most audit entries one ``audit`` call returns (each is clipped: a page stays small)
 AUDIT_PAGE = 1_000
-
-
-#: the longest error message answered (messages quote what the caller sent: a caller's long
-#: string, doubled by repr, must not make the answer too large to encode)
-ERROR_TEXT = 16_000
-
-
-def _error_answer(name: str, message: str) -> bytes:
-    """The wire answer of an error: its class name and its message, clipped."""
-    return wire.encode({"error": name, "message": clip(message, ERROR_TEXT)})
 
 
 class DataOwnerHost:
@@ -274,7 +260,7 @@ class DataOwnerHost:
         try:
             request = wire.decode(data, max_bytes=self.limits.max_request_bytes)
             op = str(request.pop("op", "?"))
-            step = _step_id(request.pop("step", None))
+            step = step_id(request.pop("step", None))
             segment = request.get("segment") if isinstance(request.get("segment"), str) else None
             shapes = {k: list(v.shape) for k, v in request.items() if isinstance(v, torch.Tensor)}
             entry = self._ops.get(op)
@@ -286,7 +272,7 @@ class DataOwnerHost:
             if spec.roles is not None:
                 call.rt = self.runtime(caller, request, spec.roles)
             digest = hashlib.sha256(data).hexdigest() if step is not None else ""
-            replay = _replay(call.rt, step, op, digest)
+            replay = recorded_answer(call.rt, step, op, digest)
             if replay is not None:
                 spec = None  # nothing ran: nothing to save
                 raw, outcome = replay, f"ok (step {step} answered from the record)"
@@ -309,13 +295,13 @@ class DataOwnerHost:
                     call.rt.remember(StepRecord(step, op, digest, raw))
                 outcome = "ok"
         except SyftSplitError as exc:
-            raw = _error_answer(type(exc).__name__, str(exc))
+            raw = error_answer(type(exc).__name__, str(exc))
             outcome = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # a bug or torch failure: report, never crash the host
             # its text may be computed from private values (torch's "Target 4 is out of
             # bounds." is a label): only the exception's type leaves, the text stays in the
             # data owner's audit entry
-            raw = _error_answer("RemoteError", _opaque(exc, op, self.name))
+            raw = error_answer("RemoteError", opaque(exc, op, self.name))
             outcome = f"RemoteError: {type(exc).__name__}: {exc}"
         try:  # before answering: an answered step is on disk
             self._persist(spec, call, replayed=replay is not None)
@@ -330,7 +316,7 @@ class DataOwnerHost:
                     "It carried no step id: sent again it runs again (check its effect "
                     "first); if the data owner restarts before a save succeeds, its effect "
                     "is lost"))
-            raw = _error_answer(type(err).__name__, str(err))
+            raw = error_answer(type(err).__name__, str(err))
             outcome = f"StateSaveError: {err}"
         self.record(AuditEntry(time.time(), caller, op, segment, shapes, len(data), len(raw),
                                time.perf_counter() - t0, outcome))
@@ -451,44 +437,3 @@ class _CoreOps(OpFamily):
         page = host.audit[start - first:start - first + limit]
         return {"total": first + len(host.audit), "first": first, "next": start + len(page),
                 "entries": [_audit_json(e) for e in page]}
-
-
-def _opaque(exc: Exception, op: str, host: str) -> str:
-    """What a model owner reads of an unexpected (non-``SyftSplitError``) failure: its type
-    and where to look, never its text."""
-    return (f"{type(exc).__name__} while answering op {clip(op, AUDIT_TEXT)!r} on {host}; "
-            "see the data owner's audit log (the details stay there: they may be computed "
-            "from its records)")
-
-
-def _step_id(value: Any) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**53:
-        raise ProtocolError(f"step must be an int in 1..2**53, got {value!r}")
-    return value
-
-
-def _replay(rt: Runtime | None, step: int | None, op: str, digest: str) -> bytes | None:
-    """The recorded response if ``step`` was already applied; None if it is the next one."""
-    if step is None:
-        return None
-    if rt is None:
-        raise ProtocolError(f"op {op!r} does not take a step id (no segment)")
-    last = rt.last_step
-    if step == last + 1:
-        return None
-    if step > last:
-        raise ProtocolError(
-            f"step {step} of {rt.id} follows step {step - 1}, but the last step it applied is "
-            f"{last}: steps {last + 1}..{step - 1} were lost (restored from an older snapshot); "
-            "nothing applied. Re-attach (SplitSession.attach) to continue after step "
-            f"{last}")
-    rec = next((r for r in rt.records if r.step == step), None)
-    if rec is None:
-        raise ProtocolError(f"step {step} of {rt.id} is older than the steps it remembers "
-                            f"({rt.records[0].step}..{last}); nothing applied")
-    if (rec.op, rec.digest) != (op, digest):
-        raise ProtocolError(f"step {step} of {rt.id} was applied as a different request "
-                            f"(op {rec.op!r}); nothing applied")
-    return rec.response
