@@ -13,6 +13,7 @@ CPU tensors (moved on arrival and before sending).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,8 @@ class SplitSession:
         #: remote segments by (hosting party, node index)
         self.remote: dict[tuple[str, int], RemoteSegment] = {}
         self.metadata: dict[str, dict[str, Any]] = {}
+        #: the token of each segment's propose request (see :meth:`propose`)
+        self._tokens: dict[tuple[str, int], str] = {}
         #: the encrypted layer's model-owner side (HE-protected plans only)
         self.he = HEState(self, plan.encrypted) if plan.encrypted is not None else None
         #: where the model owner's segments compute (see :meth:`to`)
@@ -132,12 +135,17 @@ class SplitSession:
         """Send every remote segment to its host for review; return proposal ids by party.
 
         Shapes are checked for every record source first: a plan whose shapes do not meet
-        fails with :class:`ConfigError` before anything is proposed anywhere."""
+        fails with :class:`ConfigError` before anything is proposed anywhere. Each segment's
+        request carries a token: after a failure (no answer, or ``StateSaveError``) call this
+        again; a segment its host already holds is answered, not proposed twice."""
         out: dict[str, list[str]] = {}
         for i, host, role, shapes in list(placements(self.plan, self._describe, self.device)):
             if (host, i) in self.remote:
                 continue
             fields = proposal_fields(self.plan, i, role, shapes[0], self.optimizer_spec)
+            # one token per segment until its proposal is answered: a propose that failed
+            # (no answer, or answered StateSaveError) and is sent again makes no second one
+            fields["token"] = self._tokens.setdefault((host, i), secrets.token_hex(16))
             response = self.transport.call(host, "propose", **fields)
             pid = response["segment"]
             self.remote[(host, i)] = RemoteSegment(

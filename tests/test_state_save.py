@@ -105,3 +105,51 @@ def test_a_data_owner_op_whose_save_fails_says_so_and_is_saved_by_the_next_chang
     host.release_weights(pid)  # the next change saves everything
     assert not host.store.unsaved
     assert _host(root).proposal(pid).status == "approved"
+
+
+def test_a_propose_sent_again_after_a_failed_save_makes_one_proposal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from syft_split import OptimizerSpec, SplitPlan, SplitSession, split_model
+
+    host = _host(tmp_path / "state")
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    plan = SplitPlan.vanilla(split_model(model, "1"), "a", datasets=["train"])
+    session = SplitSession(plan, InProcessTransport([host], user=USER),
+                           optimizer=OptimizerSpec("sgd", lr=0.1))
+    monkeypatch.setattr(os, "fsync", _no_space)
+    with pytest.raises(StateSaveError, match=r"same token\) to get its proposal"):
+        session.propose()
+    assert len(host.proposals()) == 1  # it ran; the model owner has no id for it
+    monkeypatch.undo()
+    ids = session.propose()  # the same request (same token): answered, not made again
+    assert len(host.proposals()) == 1 and ids == {"a": [host.proposals()[0].id]}
+    host.close()
+    restarted = _host(tmp_path / "state")  # the token survives a restart of the data owner
+    again = SplitSession(plan, InProcessTransport([restarted], user=USER),
+                         optimizer=OptimizerSpec("sgd", lr=0.1))
+    again._tokens = dict(session._tokens)
+    assert again.propose() == ids and len(restarted.proposals()) == 1
+
+
+def test_a_token_names_one_request(tmp_path: Path) -> None:
+
+    host = _host(tmp_path / "state")
+    token = "ab" * 16
+
+    def propose(width: int, tok: object = token) -> dict[str, object]:
+        m = nn.Sequential(nn.Linear(8, width))
+        req = {"op": "propose", "role": "input", "datasets": ["train"], "token": tok,
+               "spec": module_to_spec(m), "optimizer": {"name": "sgd", "lr": 0.1},
+               **{f"state/{k}": v for k, v in spec_state(m).items()}}
+        return wire.decode(host.handle(USER, wire.encode(req)))
+
+    first = propose(3)
+    assert propose(3)["segment"] == first["segment"] and len(host.proposals()) == 1
+    other = propose(5)  # the same token for another spec: refused, nothing made
+    assert other["error"] == "ProtocolError" and "another spec" in str(other["message"])
+    host.reject(str(first["segment"]))  # a rejected proposal answers its status
+    assert propose(3) == {**first, "status": "rejected"}
+    assert propose(3, "XYZ")["error"] == "ProtocolError"  # not hex
+    assert wire.decode(host.handle("someone-else", wire.encode(  # tokens are per caller
+        {"op": "status", "segment": first["segment"]})))["error"] == "AuthorizationError"
+    assert len(host.proposals()) == 1

@@ -257,9 +257,11 @@ class DataOwnerHost:
         call: Call | None = None
         replay: bytes | None = None
         step: int | None = None
+        token = False  # a propose with a token: sent again, it is answered, not made twice
         try:
             request = wire.decode(data, max_bytes=self.limits.max_request_bytes)
             op = str(request.pop("op", "?"))
+            token = op == "propose" and request.get("token") is not None
             step = step_id(request.pop("step", None))
             segment = request.get("segment") if isinstance(request.get("segment"), str) else None
             shapes = {k: list(v.shape) for k, v in request.items() if isinstance(v, torch.Tensor)}
@@ -313,6 +315,9 @@ class DataOwnerHost:
                     "Send the same request again (same step id) to get its answer once saved; "
                     "if the data owner restarts first, the step is lost (re-attach)"
                     if step is not None else
+                    "Send the same request again (same token) to get its proposal's id once "
+                    "saved; if the data owner restarts first, the proposal is lost"
+                    if token else
                     "It carried no step id: sent again it runs again (check its effect "
                     "first); if the data owner restarts before a save succeeds, its effect "
                     "is lost"))

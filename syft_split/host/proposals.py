@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from .. import wire
-from ..errors import ApprovalError, ConfigError, ShapeError, ValidationError
+from ..errors import ApprovalError, ConfigError, ProtocolError, ShapeError, ValidationError
 from ..losses import LOSSES
 from ..spec import OptimizerSpec, module_from_spec
 from .admission import check_size, dry_run
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import JSON, SCALAR, TEXT, Call, in_window
-from .records import ROLES, SHARING, Proposal, Runtime, state_bytes
+from .records import ROLES, SHARING, Proposal, Runtime, spec_digest, state_bytes
 from .review import review_text
 
 __all__ = ["ProposalOps", "DEFENCES"]
@@ -76,10 +76,30 @@ class ProposalOps(OpFamily):
 
     @op("propose", mutates=True, egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})
     def propose(self, call: Call) -> dict[str, Any]:
-        self.admit(call.caller)  # counted before any work: a refused proposal costs a slot too
-        p = self._parse(call.caller, call.req)
-        self.host.add_proposal(p)
-        return {"segment": p.id, "status": "pending", "output_shape": list(p.output_shape)}
+        """A new proposal, pending review. With ``token`` (16-64 hex digits, the model owner's
+        choice) the request may be sent again: a proposal this caller made with that token is
+        answered (its current status), not made twice."""
+        token = _token(call.req.get("token"))
+        earlier = self._by_token(call.caller, token, call.req.get("spec"))
+        if earlier is None:
+            self.admit(call.caller)  # counted before any work: a refused proposal costs a slot
+            earlier = self._parse(call.caller, call.req)
+            earlier.token = token
+            self.host.add_proposal(earlier)
+        return {"segment": earlier.id, "status": earlier.status,
+                "output_shape": list(earlier.output_shape)}
+
+    def _by_token(self, caller: str, token: str, spec: Any) -> Proposal | None:
+        """``caller``'s proposal made with ``token`` (None: none, or no token); refused if it
+        was made from another spec (a token names one request)."""
+        if not token:
+            return None
+        p = next((p for p in self.host.proposals_by_id.values()
+                  if p.driver == caller and p.token == token), None)
+        if p is not None and (p.spec_digest or spec_digest(p.spec)) != spec_digest(spec):
+            raise ProtocolError(f"token {token} was used for proposal {p.id}, with another "
+                                "spec: a resent proposal must be the same request")
+        return p
 
     def admit(self, caller: str, *, new: bool = True) -> None:
         """Per-user rate and pending caps, before anything of the request is looked at; the
@@ -343,3 +363,13 @@ def _bound_agreement(he: dict[str, Any], max_batch: int, limits: Any) -> None:
         if n > limits.max_parameters:
             raise ConfigError(f"the encrypted layer's {what} is {n} elements; this data owner "
                               f"accepts at most {limits.max_parameters}")
+
+
+def _token(value: Any) -> str:
+    """A propose request's token: absent, or 16-64 lowercase hex digits."""
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not 16 <= len(value) <= 64 or not all(
+            c in "0123456789abcdef" for c in value):
+        raise ProtocolError("token must be 16-64 lowercase hex digits")
+    return value

@@ -145,6 +145,9 @@ class Proposal:
     module: nn.Module | None = field(default=None, repr=False)
     #: the sha256 of the spec's JSON, kept once a rejected proposal's spec and weights are not
     spec_digest: str = ""
+    #: the model owner's token of the ``propose`` request that made it: the same request sent
+    #: again (a retry after a lost answer or a failed save) gets this proposal back
+    token: str = ""
 
     def forget(self) -> None:
         """Drop what a rejected proposal no longer needs: its spec, initial weights and module

@@ -10,7 +10,8 @@ Every call has a timeout (:class:`CallPolicy`, default 120 s per attempt; per-op
 past it the call raises :class:`~syft_split.errors.CallTimeoutError` naming the party. A call
 that fails in transit (a :class:`~syft_split.errors.TransportError`, timeouts included) is
 retried with exponential backoff when repeating it is safe: read-only ops, evaluation
-forwards, and every request carrying a step id (the host applies each step id once).
+forwards, every request carrying a step id (the host applies each step id once) and a
+``propose`` carrying a token (the host makes one proposal per token).
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ IDEMPOTENT_OPS = frozenset({"secagg_contribute", "secagg_aggregate"})
 def repeatable(op: str, fields: Mapping[str, Any]) -> bool:
     """Whether sending this request twice is safe (see the module docstring)."""
     if "step" in fields or op in READ_ONLY_OPS or op in IDEMPOTENT_OPS:
+        return True
+    if op == "propose" and "token" in fields:
         return True
     return op in ("forward", "loss_step") and fields.get("train") is False
 
