@@ -119,7 +119,7 @@ class AlignmentOps(OpFamily):
                               f"owner keeps at most {MAX_ALIGNED_PER_USER} per user")
         rows = client.intersection(_bytes(call.req, "setup"), _bytes(call.req, "response"))
         del self._psi_clients[key]
-        self.host.datasets[as_name] = ds.subset(rows)
+        self.host.datasets[as_name] = ds.subset(rows, str(call.req["dataset"]))
         self._aligned[as_name] = (str(call.req["dataset"]), rows, call.caller)
         return {"records": int(rows.numel())}
 
@@ -143,7 +143,7 @@ class AlignmentOps(OpFamily):
                 self._shadowed(str(name))
                 continue
             self._aligned[name] = (str(rec["source"]), rec["rows"], str(rec.get("user", "")))
-            self.host.datasets[name] = source.subset(rec["rows"])
+            self.host.datasets[name] = source.subset(rec["rows"], str(rec["source"]))
 
     def _shadowed(self, name: str) -> None:
         """The data owner holds a dataset ``name`` of its own now: it stays; the aligned rows

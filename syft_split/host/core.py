@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -92,6 +93,9 @@ class DataOwnerHost:
         self.proposals_by_id: dict[str, Proposal] = {}
         self.runtimes: dict[str, Runtime] = {}
         self.ids: Iterator[int] = itertools.count(1)
+        #: the randomized response's secret key (hex), one per data owner and kept with its
+        #: state: every segment that releases a record's label releases the same noisy one
+        self.label_key = secrets.token_hex(32)
         self.families: dict[str, OpFamily] = {}
         self._ops: dict[str, tuple[OpSpec, Callable[..., Any]]] = {}
         self._owner_ops: dict[str, tuple[OpSpec, Callable[..., Any]]] = {}

@@ -42,6 +42,7 @@ class Host(Protocol):
     runtimes: dict[str, Runtime]
     families: dict[str, OpFamily]
     ids: Iterator[int]
+    label_key: str
 
     def proposal(self, proposal_id: str) -> Proposal: ...
     def new_proposal_id(self, kind: str) -> str: ...

@@ -286,7 +286,7 @@ class ProposalOps(OpFamily):
         assert p.module is not None
         params = list(p.module.parameters())
         rt = Runtime(p, p.module, p.optimizer.build(params) if params else None)
-        rt.fresh_secrets()
+        rt.fresh_secrets(self.host.label_key)
         opts = dict(options)
         for family in self.host.families.values():
             family.on_approve(rt, opts)

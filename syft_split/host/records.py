@@ -36,6 +36,9 @@ class Dataset:
     labels: torch.Tensor | None = None
     ids: list[str | int] | None = None
     mock: torch.Tensor | None = None
+    #: where its records come from when it was taken from another dataset (an aligned
+    #: dataset): that dataset's name and the row of each record there
+    origin: tuple[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         if self.features.dim() < 2 or self.features.shape[0] == 0:
@@ -60,11 +63,22 @@ class Dataset:
             "has_ids": self.ids is not None,
         }
 
-    def subset(self, rows: torch.Tensor) -> Dataset:
-        """The records at ``rows``, in that order."""
+    def subset(self, rows: torch.Tensor, name: str) -> Dataset:
+        """The records at ``rows`` of this dataset (called ``name``), in that order."""
         ids = None if self.ids is None else [self.ids[int(r)] for r in rows]
+        src, at = self.origin if self.origin is not None else (name, None)
+        origin = (src, [int(r) if at is None else at[int(r)] for r in rows])
         return Dataset(self.features[rows], None if self.labels is None else self.labels[rows],
-                       ids, self.mock)
+                       ids, self.mock, origin)
+
+    def record_names(self, name: str, idx: torch.Tensor) -> list[str]:
+        """A stable name for each record at ``idx`` of this dataset (called ``name``): the
+        same record has the same name in every dataset that holds it (a record of an
+        aligned dataset is named as in the dataset it was taken from)."""
+        if self.origin is None:
+            return [f"{name}/{int(i)}" for i in idx]
+        src, rows = self.origin
+        return [f"{src}/{rows[int(i)]}" for i in idx]
 
 
 @dataclass(frozen=True)
@@ -228,8 +242,9 @@ class StepRecord:
 STEPS_KEPT = 4
 
 
-#: ``Runtime.extra`` key of a segment's randomized-response key (hex; made at approval, saved
-#: with the segment: each record's noisy label is the same on every release)
+#: ``Runtime.extra`` key of the randomized-response key (hex): the host's (one per data owner,
+#: saved with its state), so each record's noisy label is the same on every release by every
+#: segment
 LABEL_KEY = "label_key"
 
 
@@ -281,16 +296,17 @@ class Runtime:
         self.records.append(record)
         del self.records[:-STEPS_KEPT]
 
-    def fresh_secrets(self) -> None:
+    def fresh_secrets(self, label_key: str) -> None:
         """Secret randomness the model owner must not predict, at approval and at every
         restore: the release-noise stream (activation noise) starts afresh (restored, it
         would replay draws released since the last save: two releases with the same noise
         give a noise-free difference; nothing needs it reproducible, replayed steps answer
-        from their record), and the randomized response's key is made once, then kept with
-        the segment (each record's noisy label is fixed by it)."""
+        from their record), and the randomized response uses the host's ``label_key`` (one
+        per data owner: each record's noisy label is fixed by it, whichever segment releases
+        it)."""
         self.rng.manual_seed(secrets.randbits(63))
         if self.proposal.release_labels and self.proposal.defences.get("label_epsilon", 0) > 0:
-            self.extra.setdefault(LABEL_KEY, secrets.token_hex(32))
+            self.extra[LABEL_KEY] = label_key
 
     def clear_pending(self) -> None:
         """Forget the step in flight (nothing applied); an encrypted segment's HE client

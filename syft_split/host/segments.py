@@ -90,10 +90,10 @@ def release(rt: Runtime, out: torch.Tensor, ds: Dataset | None, idx: torch.Tenso
         if eps > 0:
             from ..defences import fixed_randomized_response
 
-            key = rt.extra[LABEL_KEY]  # made at approval (or restore): Runtime.fresh_secrets
+            key = rt.extra[LABEL_KEY]  # the host's, set at approval (or restore)
             name = dataset if dataset is not None else rt.proposal.datasets[0]
             labels = fixed_randomized_response(
-                labels, [f"{name}/{int(i)}" for i in idx],
+                labels, ds.record_names(name, idx),
                 int(rt.proposal.defences["num_classes"]), eps, bytes.fromhex(key))
         response["labels"] = labels
     return response

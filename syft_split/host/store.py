@@ -144,6 +144,7 @@ class HostStore:
                            "saves": self._saves.get(p.id, 0)}
                           for p in host.proposals_by_id.values()],
             "families": {name: fam.state() for name, fam in host.families.items()},
+            "label_key": host.label_key,
         }
         persist.save(self.path / "host.sspl", tree)
         for pid in host.proposals_by_id:
@@ -246,6 +247,9 @@ class HostStore:
         if tree.get("host") != host.name:
             raise ConfigError(f"{self.path} holds the state of host {tree.get('host')!r}, not "
                               f"{host.name!r}: one state directory per host")
+        saved_key = tree.get("label_key")
+        if isinstance(saved_key, str) and len(saved_key) == 64:
+            host.label_key = saved_key
         # first: what restoring audits (halts) comes after
         tail, host.audit_first = self._read_audit(host.audit_tail)
         host.audit[:0] = tail
@@ -272,7 +276,8 @@ class HostStore:
                     family.restore_segment(host.runtimes[pid], families.get(name))
         finally:
             self._restoring = False
-        if self._deferred:  # e.g. a segment halted because it could not be rebuilt
+        if self._deferred or saved_key != host.label_key:  # e.g. a segment halted because it
+            # could not be rebuilt, or state from before the host kept a label key
             self.save_host(host)
         return True
 
@@ -306,7 +311,7 @@ class HostStore:
         rt.records = [StepRecord(int(r["step"]), str(r["op"]), str(r["digest"]),
                                  bytes(r["response"])) for r in snap.get("records", [])]
         rt.extra.update(snap.get("extra") or {})
-        rt.fresh_secrets()  # noise not replayed; a label key for segments saved without one
+        rt.fresh_secrets(host.label_key)  # the release noise not replayed
         rt.he_saved = snap.get("he")
         grads = snap.get("loss_grads")
         if grads is not None:  # a loss step waiting for its weight

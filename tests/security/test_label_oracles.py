@@ -149,6 +149,38 @@ def test_repeated_releases_give_each_record_the_same_noisy_label(tmp_path: Any) 
     again_host.close()
 
 
+def test_every_segment_and_every_aligned_copy_releases_the_same_noisy_label(
+        tmp_path: Any) -> None:
+    """The key is the data owner's, not each segment's, and an aligned dataset's record is
+    named as in its source: two approved label-releasing segments, or a record released
+    through an aligned copy of its dataset, give no second draw to vote over."""
+    host, _, _ = _released_host(tmp_path / "do")
+    torch.manual_seed(0)
+    pids = [_propose_released(host, nn.Linear(8, 4)) for _ in range(2)]
+    for pid in pids:
+        host.approve(pid)
+    idx = torch.arange(64)
+    first, second = (call(host, "forward", segment=pid, indices=idx, train=False)["labels"]
+                     for pid in pids)
+    assert torch.equal(first, second)
+    rows = torch.randperm(64)[:40]
+    host.datasets["aligned"] = host.datasets["train"].subset(rows, "train")
+    r = call(host, "propose", role="input", spec=module_to_spec(nn.Linear(8, 4)),
+             datasets=["aligned"], optimizer=SGD, release_labels=True,
+             defences={"label_epsilon": 1.0, "num_classes": K}, **_state(nn.Linear(8, 4)))
+    host.approve(str(r["segment"]))
+    via = call(host, "forward", segment=str(r["segment"]), indices=torch.arange(40),
+               train=False)["labels"]
+    assert torch.equal(via, first[rows])
+    key = host.label_key
+    host.close()
+    again, _, _ = _released_host(tmp_path / "do")
+    assert again.restore_state() and again.label_key == key  # kept with the host's state
+    assert torch.equal(call(again, "forward", segment=pids[1], indices=idx,
+                            train=False)["labels"], first)
+    again.close()
+
+
 def test_activation_noise_is_not_predictable() -> None:
     """Each segment's noise stream is seeded from secret randomness at approval (it was
     seeded 0: a model owner reproduced the noise exactly and subtracted it)."""
