@@ -153,3 +153,21 @@ def test_a_token_names_one_request(tmp_path: Path) -> None:
     assert wire.decode(host.handle("someone-else", wire.encode(  # tokens are per caller
         {"op": "status", "segment": first["segment"]})))["error"] == "AuthorizationError"
     assert len(host.proposals()) == 1
+
+
+def test_a_halt_whose_save_fails_is_in_effect_audited_and_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "state"
+    host = _host(root)
+    pid = _propose(host)
+    host.approve(pid)
+    monkeypatch.setattr(os, "fsync", _no_space)
+    with pytest.raises(StateSaveError, match=r"halted .* could not be saved"):
+        host.owner("halt", segment=pid, reason="suspicious")
+    monkeypatch.undo()
+    assert [e.op for e in host.audit[-2:]] == ["halt", "owner.halt"]  # audited, both
+    assert host.audit[-1].outcome.startswith("StateSaveError")
+    answer = wire.decode(host.handle(USER, wire.encode(
+        {"op": "forward", "segment": pid, "indices": torch.arange(4)})))
+    assert answer["error"] == "ApprovalError" and "suspicious" in str(answer["message"])
+    assert _host(root).proposal(pid).status == "halted"  # that refused call saved it

@@ -243,9 +243,15 @@ class DataOwnerHost:
         rt = self.runtimes.get(p.id)
         if rt is not None:
             rt.clear_pending()
-        if self.store is not None:  # a halt lasts: on disk now, whatever op it interrupted
-            self.store.save_host(self)
         self.record(AuditEntry(time.time(), by, "halt", p.id, {}, 0, 0, 0.0, reason))
+        if self.store is not None:  # a halt lasts: on disk now, whatever op it interrupted
+            try:
+                self.store.save_host(self)
+            except Exception as exc:  # disk full: in effect here; the next save saves it
+                raise StateSaveError(
+                    f"segment {p.id} is halted ({reason}) but the halt could not be saved "
+                    f"({type(exc).__name__}: {exc}): if the host restarts before a save "
+                    "succeeds, halt it again") from exc
 
     def stepped(self, rt: Runtime, grad: Any) -> None:
         """Tell every family that ``rt`` just took an optimizer step on ``grad``."""
