@@ -77,6 +77,25 @@ class AlignmentOps(OpFamily):
         self._allowed.add((dataset, user))
         return {"allowed": True}
 
+    @owner_op("drop_aligned")
+    def drop_aligned(self, dataset: str) -> dict[str, Any]:
+        """Owner: delete the aligned dataset ``dataset`` (made by a user's PSI alignment);
+        segments approved on it, and proposals pending on it, halt (they would read
+        records that are gone). Its source dataset and the permission stay."""
+        if dataset not in self._aligned:
+            raise ConfigError(f"{dataset!r} is not an aligned dataset here; aligned: "
+                              f"{sorted(self._aligned)}")
+        del self._aligned[dataset]
+        self.host.datasets.pop(dataset, None)
+        stopped = []
+        for p in list(self.host.proposals_by_id.values()):
+            if dataset not in p.datasets or p.status not in ("approved", "pending"):
+                continue
+            self.host.halt(p.id, f"the data owner deleted the aligned dataset {dataset!r} it "
+                                 "reads")
+            stopped.append(p.id)
+        return {"dropped": dataset, "stopped": stopped}
+
     def _aligned_source(self, call: Call) -> Dataset:
         name = call.req.get("dataset")
         if (name, call.caller) not in self._allowed:

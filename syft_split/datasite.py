@@ -382,3 +382,7 @@ class DatasiteConsole(ChannelConsole):
     def allow_alignment(self, dataset: str, user: str) -> None:
         """Let ``user`` align ``dataset``'s records by PSI (record ids never leave in clear)."""
         self._call("allow_alignment", dataset=dataset, user=user)
+
+    def drop_aligned(self, dataset: str) -> None:
+        """Delete an aligned dataset a user's PSI made here (its segments halt)."""
+        self._call("drop_aligned", dataset=dataset)

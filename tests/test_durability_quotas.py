@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from syft_split import DataOwnerHost, wire
-from syft_split.errors import ApprovalError
+from syft_split.errors import ApprovalError, ConfigError
 from syft_split.host import HostLimits
 from syft_split.spec import module_to_spec, spec_state
 
@@ -146,8 +146,6 @@ def test_auxiliary_heads_count_against_pending_bytes_and_go_with_a_reject(
 
 
 def test_max_pending_bytes_is_validated() -> None:
-    from syft_split.errors import ConfigError
-
     with pytest.raises(ConfigError, match="max_pending_bytes"):
         HostLimits(max_pending_bytes=0)
 
@@ -250,3 +248,27 @@ def test_a_federated_proposal_is_on_disk_when_answered(tmp_path: Path) -> None:
     back = _host(tmp_path)  # the first process crashed: never closed
     assert back.proposal(pid).status == "pending"
     assert len(back.families["proposals"]._recent["mo@x"]) == 1  # type: ignore[attr-defined]
+
+
+def test_the_data_owner_deletes_an_aligned_dataset_and_frees_its_slot(tmp_path: Path) -> None:
+    from syft_split.alignment import MAX_ALIGNED_PER_USER
+
+    host = _host(tmp_path)
+    host.allow_alignment("train", "mo@x")
+    for i in range(MAX_ALIGNED_PER_USER):
+        assert _align(host, "mo@x", f"copy{i}") == {"records": N // 2}
+    approved = _call(host, "mo@x", {**_propose(nn.Linear(D, 3)), "datasets": ["copy0"]})
+    host.approve(approved["segment"])
+    pending = _call(host, "mo@x", {**_propose(nn.Linear(D, 3)), "datasets": ["copy0"]})
+    with pytest.raises(ConfigError, match="not an aligned dataset"):
+        host.drop_aligned("train")  # the data owner's own: not this op's
+    host.drop_aligned("copy0")
+    assert "copy0" not in host.datasets
+    for pid in (approved["segment"], pending["segment"]):
+        assert host.proposal(pid).status == "halted"
+        assert "deleted the aligned dataset 'copy0'" in host.proposal(pid).reason
+    assert _align(host, "mo@x", "again") == {"records": N // 2}  # its slot is free
+    host.close()
+    back = _host(tmp_path)  # gone for good
+    assert "copy0" not in back.datasets and "again" in back.datasets
+    assert back.proposal(approved["segment"]).status == "halted"

@@ -432,6 +432,10 @@ class DataOwnerHost:
         """Let ``user`` align ``dataset``'s records by PSI (record ids never leave in clear)."""
         self.owner("allow_alignment", dataset=dataset, user=user)
 
+    def drop_aligned(self, dataset: str) -> None:
+        """Delete an aligned dataset a user's PSI made here (its segments halt)."""
+        self.owner("drop_aligned", dataset=dataset)
+
 
 class _CoreOps(OpFamily):
     """The host's own data-owner ops: ``audit``."""
