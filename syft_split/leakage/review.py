@@ -109,6 +109,9 @@ def _warnings(suite: Mapping[str, Any]) -> list[str]:
     lab = suite.get("labels")
     if lab and not lab.get("epsilon"):
         out.append("  WARNING: labels leave exactly (no randomized response)")
+    if suite.get("memory_cut"):
+        out.append("  NOTE: the segment's outputs are large: fewer records (or a narrower decoder) were "
+                   "used to stay within the review's memory bound; the figures may understate leakage")
     if suite.get("budget_hit"):
         out.append("  NOTE: the time budget cut an attack: the figures may understate leakage")
     return out

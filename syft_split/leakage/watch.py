@@ -197,16 +197,18 @@ class LeakageWatch:
         min_label_epsilon: randomized response with a smaller ε makes the detector
             not applicable.
         seed: seeds the noise the measure draws.
+        max_batch: the segment runs on at most this many rows at a time (``None``: all at
+            once).
     """
 
     def __init__(self, bound: WatchBound, *, probe: torch.Tensor, mock: torch.Tensor, every: int = 50,
                  release: Release | None = None, hijack_threshold: float = 0.15, window: int = 5,
                  detect_every: int = 5, min_label_epsilon: float = 2.0, mock_rows: int = 128,
-                 seed: int = 0) -> None:
+                 seed: int = 0, max_batch: int | None = None) -> None:
         if not isinstance(bound, WatchBound):
             raise ConfigError(f"Expected argument `bound` to be a WatchBound but got {type(bound).__name__}")
         for name, v in (("every", every), ("window", window), ("detect_every", detect_every),
-                        ("mock_rows", mock_rows)):
+                        ("mock_rows", mock_rows), ("max_batch", 1 if max_batch is None else max_batch)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"Expected argument `{name}` to be an int >= 1 but got {v!r}")
         _opt("hijack_threshold", hijack_threshold, -1.0, 1.0)
@@ -225,6 +227,7 @@ class LeakageWatch:
         self.window = window
         self.detect_every = detect_every
         self.seed = seed
+        self.max_batch = max_batch
         self._probe = probe.detach().to(torch.float32)
         self._mock = mock.detach().to(torch.float32)[:mock_rows]
         self._shape = tuple(probe.shape[1:])
@@ -248,7 +251,7 @@ class LeakageWatch:
         as ``latest`` unless ``record=False``: a look on request, e.g. the model owner's)."""
         t0 = time.perf_counter()
         n_mock = self._mock.shape[0]
-        z = encode(module, torch.cat([self._mock, self._probe]), "probe")
+        z = encode(module, torch.cat([self._mock, self._probe]), "probe", self.max_batch)
         z = self.release.activations(z, self._gen)
         zm, zp = z[:n_mock], z[n_mock:]
         xm, xp = self._mock.reshape(n_mock, -1), self._probe.reshape(self._probe.shape[0], -1)
