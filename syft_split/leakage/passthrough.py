@@ -60,11 +60,24 @@ def _max_abs_corr(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return corr.abs().max(1).values
 
 
-def _copies(x: torch.Tensor, z: torch.Tensor, tol: float) -> list[int]:
+def _per_batch(t: torch.Tensor, batch_rows: int) -> torch.Tensor:
+    """``t`` with each column standardised within each batch of rows (a per-batch affine map
+    undone: what BatchNorm's batch statistics apply in training)."""
+    out = torch.empty_like(t)
+    for s in row_chunks(t.shape[0], batch_rows):
+        c = t[s] - t[s].mean(0)
+        out[s] = c / c.pow(2).mean(0).sqrt().clamp_min(1e-300)
+    return out
+
+
+def _copies(x: torch.Tensor, z: torch.Tensor, tol: float, batch_rows: int | None = None) -> list[int]:
     """Input coordinates some output reproduces exactly: affine (Pearson) or any strictly
-    monotone function (Spearman on tie-averaged ranks) with ``|corr| >= 1 - tol``."""
+    monotone function (Spearman on tie-averaged ranks) with ``|corr| >= 1 - tol``; with
+    ``batch_rows``, also up to an affine map per batch of that many rows."""
     xd, zd = x.double(), z.double()
     xi = torch.nonzero((xd.std(0) > 1e-12) & _supported(x)).flatten()
+    if batch_rows is not None and batch_rows < x.shape[0]:
+        xd, zd = _per_batch(xd, batch_rows), _per_batch(zd, batch_rows)
     zi = torch.nonzero(zd.std(0) > 1e-12).flatten()
     if xi.numel() == 0 or zi.numel() == 0:
         return []
@@ -161,8 +174,11 @@ def _chunk_ranks(f: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tensor)
 def passthrough_check(encoder: Callable[[torch.Tensor], torch.Tensor], mock_inputs: torch.Tensor,
                       target_inputs: torch.Tensor, *, release: Release | None = None, seed: int = 0,
                       tol: float = 1e-5, jacobian_rows: int = 16,
-                      max_batch: int | None = None) -> dict[str, Any]:
+                      max_batch: int | None = None, batch_rows: int | None = None) -> dict[str, Any]:
     """Copies, affinity, rank and a ridge (linear) decoder; see the module docstring.
+
+    ``batch_rows`` (a train-mode view whose batch statistics apply an affine map per batch of
+    that many rows): copies are also counted up to such a per-batch map.
 
     The segment runs on at most ``max_batch`` rows at a time (``None``: all at once); the
     Jacobian rank on as many as keep it within :data:`JACOBIAN_ENTRIES` entries (none: no rank).
@@ -185,7 +201,7 @@ def passthrough_check(encoder: Callable[[torch.Tensor], torch.Tensor], mock_inpu
     x_all = torch.cat([xm, xt])
     was_training = isinstance(encoder, nn.Module) and encoder.training
     z_all = encode(encoder, probe, "probe", max_batch)
-    copied = _copies(x_all, z_all, tol)
+    copied = _copies(x_all, z_all, tol, batch_rows)
     gen = torch.Generator().manual_seed(seed)
     if isinstance(encoder, nn.Module):
         encoder.eval()

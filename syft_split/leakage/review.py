@@ -62,9 +62,17 @@ def review_lines(suite: Mapping[str, Any], *, bound: WatchBound | None = None,
              f"{suite['seconds']:.1f} s):",
              "    attack                                          MSE ratio  SSIM   (ratio 1 = guessing the "
              "mock mean, 0 = exact; SSIM 1 = identical)"]
+    modes = suite.get("modes")
+    if modes:
+        lines.insert(1, f"    the segment computes something else in training than in eval mode "
+                        f"({', '.join(modes['layers'])}): measured both ways, as training runs it on a "
+                        f"copy in train mode with batches of {modes['train_batch'] or 'all'} records "
+                        f"(rows marked 'training mode'); every figure below is the worse of the two")
     for name in sorted(att, key=lambda k: att[k]["ratio"] if math.isfinite(att[k]["ratio"]) else math.inf):
         r = att[name]
-        lines.append(f"    {_NAMES.get(name, name):<47} {_f(r['ratio']):<10} {_f(r.get('ssim')):<6} "
+        base = name[:-len("_train")] if name.endswith("_train") else name
+        label = _NAMES.get(base, base) + (", training mode" if base != name else "")
+        lines.append(f"    {label:<47} {_f(r['ratio']):<10} {_f(r.get('ssim')):<6} "
                      f"({r['seconds']:.1f} s{', cut by the time budget' if r.get('budget_hit') else ''})")
     w = suite["worst"]
     lines.append(f"    worst case: {w['attack']} (ratio {_f(w['ratio'])}); highest SSIM {_f(w['ssim'])}"

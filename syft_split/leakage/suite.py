@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import ConfigError
 from .attacks import _pos_float, _pos_int, check_args, decoder_attack
 from .metrics import as_rows, dcor_leakage, encode
+from .modes import TrainView, mode_dependent
 from .passthrough import passthrough_check
 from .release import Release
 from .whitebox import whitebox_inversion
@@ -84,6 +85,12 @@ def leakage_suite(encoder: Callable[[torch.Tensor], torch.Tensor], mock: torch.T
             narrower decoder when they would not fit; :class:`ConfigError` when not even 4
             held-out and 8 mock rows fit. ``None``: no bound.
 
+    A segment whose output depends on its mode (BatchNorm/InstanceNorm with running statistics,
+    Dropout: :func:`~syft_split.leakage.modes.mode_dependent`) is measured twice, in eval mode
+    and as training runs it (:class:`~syft_split.leakage.modes.TrainView`: a copy in train mode
+    on batches of ``max_batch`` rows; the white-box attack is eval-mode only), each with part of
+    the budget; the result is the worse of the two (``modes`` says which gave what).
+
     Returns:
         ``attacks`` (name -> figures: ``ratio``, ``mse``, ``baseline_mse``, ``ssim``,
         ``seconds``, ...), ``passthrough`` (copies, affine, rank, ...), ``dcor``, ``labels``
@@ -95,6 +102,57 @@ def leakage_suite(encoder: Callable[[torch.Tensor], torch.Tensor], mock: torch.T
                attacks=(attacks, len(attacks) > 0 and all(a in ATTACKS for a in attacks)),
                max_batch=(max_batch, max_batch is None or _pos_int(max_batch)),
                memory_bytes=(memory_bytes, memory_bytes is None or _pos_int(memory_bytes)))
+    layers = mode_dependent(encoder)
+    if not layers:
+        return _suite(encoder, mock, held_out, release=release, held_out_labels=held_out_labels,
+                      budget_s=budget_s, seed=seed, attacks=attacks, num_threads=num_threads,
+                      max_batch=max_batch, memory_bytes=memory_bytes)
+    assert isinstance(encoder, nn.Module)
+    t0 = time.perf_counter()
+    ev = _suite(encoder, mock, held_out, release=release, held_out_labels=held_out_labels,
+                budget_s=0.6 * budget_s, seed=seed, attacks=attacks, num_threads=num_threads,
+                max_batch=max_batch, memory_bytes=memory_bytes)
+    train = TrainView(encoder, max_batch)
+    tr = _suite(train, mock, held_out, release=release, held_out_labels=held_out_labels,
+                budget_s=0.4 * budget_s, seed=seed, num_threads=num_threads, max_batch=max_batch,
+                memory_bytes=memory_bytes, attacks=[a for a in attacks if a != "whitebox"],
+                batch_rows=max_batch)
+    return _merge(ev, tr, layers, max_batch, time.perf_counter() - t0, budget_s)
+
+
+def _merge(ev: dict[str, Any], tr: dict[str, Any], layers: list[str], batch: int | None,
+           seconds: float, budget_s: float) -> dict[str, Any]:
+    """The eval-mode and train-mode suites as one: every attack of both (train mode's named
+    ``<attack>_train``), the worst over them, the more copies, the higher dCor."""
+    out = dict(ev)
+    attacks = dict(ev["attacks"])
+    attacks.update({f"{k}_train": v for k, v in tr["attacks"].items()})
+    out["attacks"] = attacks
+    out["worst"] = _worst(attacks)
+    pt = dict(ev["passthrough"])
+    if tr["passthrough"]["copied_inputs"] > pt["copied_inputs"]:
+        pt.update(copied_inputs=tr["passthrough"]["copied_inputs"],
+                  copied_indices=tr["passthrough"]["copied_indices"])
+    out["passthrough"] = pt
+    if isinstance(tr["dcor"], float) and not (tr["dcor"] <= ev["dcor"]):
+        out["dcor"] = tr["dcor"]
+    out["modes"] = {"layers": layers, "train_batch": batch,
+                    "eval": {"ratio": ev["worst"]["ratio"], "dcor": ev["dcor"],
+                             "copied_inputs": ev["passthrough"]["copied_inputs"]},
+                    "train": {"ratio": tr["worst"]["ratio"], "dcor": tr["dcor"],
+                              "copied_inputs": tr["passthrough"]["copied_inputs"]}}
+    out.update(seconds=seconds, budget_s=budget_s,
+               budget_hit=bool(ev["budget_hit"] or tr["budget_hit"]),
+               memory_cut=bool(ev["memory_cut"] or tr["memory_cut"]))
+    return out
+
+
+def _suite(encoder: Callable[[torch.Tensor], torch.Tensor], mock: torch.Tensor, held_out: torch.Tensor,
+           *, release: Release | None, held_out_labels: torch.Tensor | None, budget_s: float, seed: int,
+           attacks: Sequence[str], num_threads: int | None, max_batch: int | None,
+           memory_bytes: int | None, batch_rows: int | None = None) -> dict[str, Any]:
+    """One mode of :func:`leakage_suite` (``batch_rows``: the copies check allows a per-batch
+    affine map, for a train-mode view)."""
     rel = release or Release()
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
@@ -105,7 +163,7 @@ def leakage_suite(encoder: Callable[[torch.Tensor], torch.Tensor], mock: torch.T
         xm, xh = as_rows(mock, "mock"), as_rows(held_out, "held_out")
         results: dict[str, dict[str, Any]] = {}
         passthrough = passthrough_check(encoder, mock, held_out, release=rel, seed=seed,
-                                        max_batch=max_batch)
+                                        max_batch=max_batch, batch_rows=batch_rows)
         if "linear" in attacks:
             results["linear"] = dict(passthrough["linear"], seconds=passthrough["seconds"])
         if "whitebox" in attacks and isinstance(encoder, nn.Module):

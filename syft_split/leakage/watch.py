@@ -4,7 +4,9 @@ The review measures the proposed weights once; training then follows gradients t
 owner chooses. :class:`LeakageWatch` runs at the data owner after every applied step:
 
 * **Leakage of the current weights**, every ``every`` steps, by a cheap measure: the segment
-  encodes the owner's mock rows and a probe of its private rows (eval mode, no gradients), the
+  encodes the owner's mock rows and a probe of its private rows (eval mode, no gradients; a
+  segment whose output depends on its mode, e.g. BatchNorm or Dropout, also as training runs
+  it, on a copy in train mode, and the worse figure counts), the
   release transform applies (noise as configured), a ridge decoder fit on the mock pairs
   reconstructs the probe (the suite's linear decoder; ridge weight fixed at the baseline) →
   inversion MSE ratio and SSIM; plus dCor between the probe and its released activations.
@@ -56,6 +58,7 @@ from torch import nn
 from ..errors import ConfigError, LeakageHaltError, ShapeError
 from .attacks import image_ssim
 from .metrics import as_rows, dcor_leakage, encode, mse_ratio
+from .modes import TrainView, mode_dependent, worse_of
 from .passthrough import ridge_decoder
 from .release import Release
 
@@ -250,6 +253,22 @@ class LeakageWatch:
         """The cheap leakage measure of ``module``'s current weights (recorded in history and
         as ``latest`` unless ``record=False``: a look on request, e.g. the model owner's)."""
         t0 = time.perf_counter()
+        entry: dict[str, Any] = {"step": step, **self._figures(module)}
+        if mode_dependent(module):  # what training releases too (batch statistics, Dropout)
+            train = self._figures(TrainView(module, self.max_batch))
+            entry = worse_of(entry, train)
+            entry["train_mode"] = {k: train[k] for k in ("inversion_ratio", "ssim", "dcor")}
+        entry["label_alignment"] = (statistics.median(self._alignments) if self._alignments
+                                    else None)
+        seconds = time.perf_counter() - t0
+        entry["seconds"] = seconds
+        self.seconds += seconds
+        if record:
+            self.history.append(entry)
+            self.latest = entry
+        return entry
+
+    def _figures(self, module: nn.Module | TrainView) -> dict[str, Any]:
         n_mock = self._mock.shape[0]
         z = encode(module, torch.cat([self._mock, self._probe]), "probe", self.max_batch)
         z = self.release.activations(z, self._gen)
@@ -260,18 +279,8 @@ class LeakageWatch:
         else:
             decode, _ = ridge_decoder(zm, xm, weights=(self._ridge,), dtype=torch.float32)
         pred = decode(zp)
-        ratio = mse_ratio(pred, xp, xm.mean(0))["ratio"]
-        entry: dict[str, Any] = {
-            "step": step, "inversion_ratio": ratio, "ssim": image_ssim(pred, xp, self._shape, xm),
-            "dcor": dcor_leakage(xp, zp),
-            "label_alignment": statistics.median(self._alignments) if self._alignments else None}
-        seconds = time.perf_counter() - t0
-        entry["seconds"] = seconds
-        self.seconds += seconds
-        if record:
-            self.history.append(entry)
-            self.latest = entry
-        return entry
+        return {"inversion_ratio": mse_ratio(pred, xp, xm.mean(0))["ratio"],
+                "ssim": image_ssim(pred, xp, self._shape, xm), "dcor": dcor_leakage(xp, zp)}
 
     def baseline(self, module: nn.Module) -> dict[str, Any]:
         """Step-0 figures of the approved weights (call at approval; the relative bound and
