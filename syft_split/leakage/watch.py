@@ -22,9 +22,16 @@ owner chooses. :class:`LeakageWatch` runs at the data owner after every applied 
   to Thwart Split-Learning Hijacking Attacks Using Intrinsic Attributes", NDSS 2023; the
   cosine label-leakage of Li et al., "Label Leakage and Protection in Two-party Split
   Learning", ICLR 2022, is the same structure seen from the attacker's side). The watch halts
-  when the median over the last ``window`` steps falls below ``hijack_threshold`` (0.15: on
-  the demo honest runs stay above 0.49 — plain, NoPeek 2/8, randomized response ε=4 — and a
-  simulated FSHA below 0.03).
+  when the median over the last ``window`` steps falls below ``hijack_threshold`` (0.15). On
+  the demo (``bench/leakage.py``, ``detection``; 100 steps, digits cut at pool1) honest runs —
+  plain, NoPeek 2/8, randomized response ε=4 — gave alignments of at least 0.497 at the watch's
+  measure steps (``honest_min_alignment`` in ``bench/results/leakage.json``, 5 seeds, recorded
+  every 50 steps before the bench recorded every median); the lowest of *every* median the
+  detector compares is now recorded (``honest_min_alignment``, :attr:`LeakageWatch.median_min`)
+  next to the simulated FSHA's median when it halts (``fsha_alignment_at_halt``): a ``--quick``
+  run (2 seeds) gave honest medians of at least 0.50 and FSHA medians at the halt of
+  0.003-0.007 from step 1, 0.011-0.026 after 30 honest steps (the full bench's 5 seeds will
+  record them in ``bench/results/leakage.json`` when it is next run).
   It is passive (unlike SplitGuard's fake batches, Erdogan et al., WPES 2022, which need the
   data owner to compute or alter the loss) and works whenever the model owner holds the labels
   the data owner released. It needs the labels: without them (or with randomized response of
@@ -190,8 +197,8 @@ class LeakageWatch:
         every: measure leakage every ``every`` applied steps (the detector runs every step).
         release: what leaves (noise on the activations; released labels and their ε).
         hijack_threshold: halt when the median label alignment over the last ``window``
-            steps with a value falls below this (honest runs stay above ~0.2, FSHA below
-            ~0.05 on the demo; ``bench/results/leakage.json``).
+            steps with a value falls below this (the figures honest and FSHA runs reach on
+            the demo are in the module docstring).
         window: steps in the detector's median.
         detect_every: the detector keeps each step's gradient and labels and evaluates them
             every ``detect_every`` steps in one vectorised pass (one pass costs about what
@@ -237,6 +244,10 @@ class LeakageWatch:
         self._gen = torch.Generator().manual_seed(seed)
         self._ridge: float | None = None
         self._alignments: deque[float] = deque(maxlen=window)
+        #: the lowest and the latest median the detector compared with its threshold (None:
+        #: no full window yet)
+        self.median_min: float | None = None
+        self.median_last: float | None = None
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         eps = self.release.label_epsilon
         self.hijack_applicable = self.release.labels and (eps == 0 or eps >= min_label_epsilon)
@@ -323,6 +334,8 @@ class LeakageWatch:
             self._alignments.append(a)
             if len(self._alignments) == self.window:
                 med = statistics.median(self._alignments)
+                self.median_last = med
+                self.median_min = med if self.median_min is None else min(self.median_min, med)
                 if med < self.hijack_threshold:
                     self._halt(step, "training hijack suspected: the model owner's gradients no "
                                      f"longer follow the released labels (label alignment {med:.3f} "
@@ -357,7 +370,8 @@ class LeakageWatch:
             "pending": [{"step": s, "grad": g, "labels": y} for s, g, y in self._pending],
             "history": [dict(e) for e in self.history], "halted": self.halted,
             "reason": self.reason, "halted_at": self.halted_at, "seconds": self.seconds,
-            "steps_seen": self.steps_seen,
+            "steps_seen": self.steps_seen, "median_min": self.median_min,
+            "median_last": self.median_last,
         }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
@@ -399,6 +413,9 @@ class LeakageWatch:
             raise _bad_state("`history` a list of dicts")
         halted, reason = state.get("halted"), state.get("reason")
         at = None if state.get("halted_at") is None else _state_int(state, "halted_at", 0)
+        medians = state.get("median_min"), state.get("median_last")  # absent: an older file
+        if not all(m is None or _finite(m) for m in medians):
+            raise _bad_state(f"`median_min`/`median_last` None or finite floats, got {medians!r}")
         if not isinstance(halted, bool) or not (reason is None or isinstance(reason, str)):
             raise _bad_state(f"`halted` a bool and `reason` None or a str, got {halted!r}, "
                              f"{reason!r}")
@@ -409,6 +426,7 @@ class LeakageWatch:
         self.latest = next((e for e in reversed(self.history) if "halted" not in e), {})
         self.halted, self.reason, self.halted_at = halted, reason, at
         self.seconds, self.steps_seen = float(seconds), seen
+        self.median_min, self.median_last = (None if m is None else float(m) for m in medians)
 
     # ------------------------------------------------------------------ host-facing
     def check(self) -> None:
@@ -423,7 +441,8 @@ class LeakageWatch:
         return {
             "bound": self.bound.as_dict(), "every": self.every, "release": self.release.as_dict(),
             "hijack_detector": {"applicable": self.hijack_applicable, "threshold": self.hijack_threshold,
-                                "window": self.window, "detect_every": self.detect_every},
+                                "window": self.window, "detect_every": self.detect_every,
+                                "median_min": self.median_min, "median_last": self.median_last},
             "history": [dict(e) for e in self.history], "halted": self.halted, "reason": self.reason,
             "halted_at_step": self.halted_at, "steps": self.steps_seen, "seconds": self.seconds,
         }
