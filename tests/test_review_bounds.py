@@ -39,6 +39,9 @@ def test_review_watch_and_leakage_op_run_at_most_max_batch_rows() -> None:
     review = host.review(seg)
     assert "leakage measured here on 128 of your records" in review  # measured, not refused
     assert "white-box inversion" in review and "learned decoder" in review
+    # the dCor shown is the bias-corrected estimator, said where it is shown
+    assert "distance correlation, bias-corrected" in review and "V-statistic" in review
+    assert "dCor (bias-corrected)" in review
     assert seen and max(seen) <= 4  # the suite and the watch's baseline, incl. white-box autograd
     host.approve(seg)
     runtime = host.runtimes[seg]

@@ -123,7 +123,7 @@ def test_hijacker_that_first_plays_honest_is_halted(data) -> None:  # type: igno
 @pytest.mark.parametrize(("bound", "figure"), [
     (WatchBound(inversion_ratio=0.9, hijack=False), "inversion ratio"),
     (WatchBound(ssim=0.5, hijack=False), "SSIM"),
-    (WatchBound(dcor=0.5, hijack=False), "dCor"),
+    (WatchBound(dcor=0.5, hijack=False), r"dCor \(bias-corrected\)"),
 ])
 def test_bound_halts_naming_the_figure(data, bound: WatchBound, figure: str) -> None:  # type: ignore[no-untyped-def]
     watch, steps = _run(data, "honest", bound=bound, every=3)

@@ -5,7 +5,8 @@
   on exactly what would leave, and the review shows its figures and warnings.
 - **Approval** installs a :class:`~syft_split.leakage.LeakageWatch` on an input segment with
   the bound the data owner sets (option ``leakage_bound``: a dict of ``inversion_ratio``,
-  ``ssim``, ``dcor`` (absolute), ``relative`` (halt when the watch's inversion ratio falls
+  ``ssim``, ``dcor`` (absolute; the bias-corrected dCor the review shows, not NoPeek's
+  V-statistic), ``relative`` (halt when the watch's inversion ratio falls
   below that fraction of its value at approval) and ``hijack``). Without the option the
   watch runs the training-hijack detector and records the figures but bounds none of them:
   honest training may legitimately make a representation more invertible (seen on tabular

@@ -77,8 +77,8 @@ def review_lines(suite: Mapping[str, Any], *, bound: WatchBound | None = None,
     w = suite["worst"]
     lines.append(f"    worst case: {w['attack']} (ratio {_f(w['ratio'])}); highest SSIM {_f(w['ssim'])}"
                  f"{'' if w['ssim_attack'] is None else ' (' + str(w['ssim_attack']) + ')'}")
-    lines.append(f"    distance correlation (records vs what leaves): {_f(suite['dcor'])} "
-                 "(1.0: a similarity)")
+    lines.append(f"    distance correlation, bias-corrected (records vs what leaves): {_f(suite['dcor'])} "
+                 "(1.0: a similarity; NoPeek's regulariser uses the V-statistic, another scale)")
     rank = pt["jacobian_rank_median"]
     lines.append(f"    exact copies: {pt['copied_inputs']} of {pt['input_dim']} input values; affine map: "
                  f"{'yes, rank ' + str(pt['rank']) if pt['affine'] else 'no'}; local Jacobian rank "
@@ -132,14 +132,14 @@ def _watch_lines(bound: WatchBound, base: Mapping[str, Any] | None, every: int |
     if bound.ssim is not None:
         halts.append(f"SSIM > {bound.ssim:.4f}")
     if bound.dcor is not None:
-        halts.append(f"dCor > {bound.dcor:.4f}")
+        halts.append(f"dCor (bias-corrected) > {bound.dcor:.4f}")
     if bound.hijack:
         halts.append("a suspected training hijack")
     out = [f"  live watch{'' if every is None else f' (every {every} steps)'}: halts on "
            f"{', '.join(halts) if halts else 'nothing (no bound set)'}"]
     if base is not None:
         out.append(f"    now: inversion ratio {_f(base.get('inversion_ratio'), '.4f')} (ridge decoder), "
-                   f"SSIM {_f(base.get('ssim'))}, dCor {_f(base.get('dcor'))}")
+                   f"SSIM {_f(base.get('ssim'))}, dCor (bias-corrected) {_f(base.get('dcor'))}")
         past = ((bound.inversion_ratio is not None and base["inversion_ratio"] < bound.inversion_ratio)
                 or (bound.ssim is not None and base.get("ssim") is not None and base["ssim"] > bound.ssim)
                 or (bound.dcor is not None and base["dcor"] > bound.dcor))

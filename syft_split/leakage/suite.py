@@ -9,7 +9,8 @@
    ``nn.Module`` segments;
 3. :func:`~syft_split.leakage.attacks.decoder_attack` — a learned MLP decoder trained to
    convergence on mock (+ mixup) pairs;
-4. dCor between the held-out records and their released activations;
+4. dCor between the held-out records and their released activations (bias-corrected,
+   :func:`~syft_split.leakage.dcor_leakage`; NoPeek's regulariser uses the V-statistic);
 5. a label entry when labels leave (randomized response: fraction right, theory).
 
 The reported figure is the **worst case** over the attacks (lowest MSE ratio, highest SSIM),
@@ -93,7 +94,7 @@ def leakage_suite(encoder: Callable[[torch.Tensor], torch.Tensor], mock: torch.T
 
     Returns:
         ``attacks`` (name -> figures: ``ratio``, ``mse``, ``baseline_mse``, ``ssim``,
-        ``seconds``, ...), ``passthrough`` (copies, affine, rank, ...), ``dcor``, ``labels``
+        ``seconds``, ...), ``passthrough`` (copies, affine, rank, ...), ``dcor`` (bias-corrected), ``labels``
         (or ``None``), ``worst`` (``ratio`` and its ``attack``, ``ssim`` and its
         ``ssim_attack``), ``release``, ``seconds``, ``budget_s``, ``budget_hit``, ``n_mock``,
         ``n_held_out``, ``seed``.

@@ -9,7 +9,8 @@ owner chooses. :class:`LeakageWatch` runs at the data owner after every applied 
   it, on a copy in train mode, and the worse figure counts), the
   release transform applies (noise as configured), a ridge decoder fit on the mock pairs
   reconstructs the probe (the suite's linear decoder; ridge weight fixed at the baseline) →
-  inversion MSE ratio and SSIM; plus dCor between the probe and its released activations.
+  inversion MSE ratio and SSIM; plus dCor (bias-corrected, not NoPeek's V-statistic) between
+  the probe and its released activations.
   A figure past the :class:`WatchBound` the owner set at approval halts the segment.
 * **Training-hijack detector** (every step's cut gradient from the model owner and the labels
   the owner released for that batch, evaluated every ``detect_every`` steps in one pass). A
@@ -102,7 +103,12 @@ class WatchBound:
         inversion_ratio: halt when the watch's inversion MSE ratio falls **below** this
             (smaller ratio = better reconstruction = more leakage).
         ssim: halt when the reconstruction SSIM rises **above** this (image records).
-        dcor: halt when the distance correlation rises **above** this.
+        dcor: halt when the distance correlation rises **above** this. It is the
+            bias-corrected estimator (Székely & Rizzo 2014: ``sqrt(max(R², 0))`` of the
+            U-centred statistic, :func:`~syft_split.leakage.dcor_leakage`), the figure the
+            review and the watch show; NoPeek's regulariser (``nopeek`` defence) uses the
+            V-statistic, which reads higher on small batches of wide records: a bound taken
+            from NoPeek's values is on another scale.
         hijack: halt when the training-hijack detector fires.
     """
 
@@ -351,7 +357,8 @@ class LeakageWatch:
         elif b.ssim is not None and e["ssim"] is not None and e["ssim"] > b.ssim:
             self._halt(step, f"SSIM {e['ssim']:.4f} > bound {b.ssim:.4f} ({where})")
         elif b.dcor is not None and e["dcor"] > b.dcor:
-            self._halt(step, f"dCor {e['dcor']:.4f} > bound {b.dcor:.4f} (at step {step})")
+            self._halt(step, f"dCor (bias-corrected) {e['dcor']:.4f} > bound {b.dcor:.4f} "
+                             f"(at step {step})")
 
     def _halt(self, step: int, reason: str) -> None:
         self.halted, self.halted_at, self.reason = True, step, reason
