@@ -281,16 +281,22 @@ def _watched(kind: str, steps: int, seed: int, *, switch: int = 0, release: Rele
     else:
         drive(seg, opt, owner, d.x_train, d.y_train, steps, seed=seed,
               on_step=lambda s, xb, z, g, yb: watch.after_step(seg, s, grad=g, labels=yb))
+    # every median the detector compared (about every detect_every steps), not only those the
+    # history records at the measure steps (every 50)
     return {"halted_at": watch.halted_at, "reason": watch.reason,
-            "min_alignment": min((e["label_alignment"] for e in watch.history
-                                  if e.get("label_alignment") is not None), default=None)}
+            "min_alignment": watch.median_min, "last_alignment": watch.median_last}
 
 
 def detection(seeds: int, steps: int) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": steps, "seeds": seeds, "every": 50, "window": 5, "detect_every": 5,
                            "threshold": 0.15, "stated_delay_steps": 9}
-    start = [_watched("fsha", steps, s)["halted_at"] for s in range(seeds)]
-    late = [_watched("fsha", steps, s, switch=30)["halted_at"] for s in range(seeds)]
+    runs = [_watched("fsha", steps, s) for s in range(seeds)]
+    late_runs = [_watched("fsha", steps, s, switch=30) for s in range(seeds)]
+    start = [r["halted_at"] for r in runs]
+    late = [r["halted_at"] for r in late_runs]
+    # the median that halted each FSHA run (the detector's figure when it fired)
+    out["fsha_alignment_at_halt"] = [r["last_alignment"] for r in runs]
+    out["fsha_after_30_honest_alignment_at_halt"] = [r["last_alignment"] for r in late_runs]
     out["fsha_from_step_1_halted_at"] = start
     out["fsha_from_step_1_delay_steps_max"] = max((h or math.inf) for h in start)
     out["fsha_after_30_honest_halted_at"] = late
@@ -303,7 +309,9 @@ def detection(seeds: int, steps: int) -> dict[str, Any]:
         honest[name] = [_watched("honest", steps, s, **kw) for s in range(seeds)]  # type: ignore[arg-type]
     out["honest_false_alarms"] = {k: sum(r["halted_at"] is not None for r in v) for k, v in honest.items()}
     out["honest_runs"] = {k: len(v) for k, v in honest.items()}
-    out["honest_min_alignment"] = {k: min(r["min_alignment"] for r in v) for k, v in honest.items()}
+    out["honest_min_alignment"] = {  # the lowest median the detector compared, over seeds
+        k: min((r["min_alignment"] for r in v if r["min_alignment"] is not None), default=None)
+        for k, v in honest.items()}
     out["false_alarm_count"] = sum(out["honest_false_alarms"].values())
     return out
 

@@ -97,7 +97,7 @@ def watch_figure(watch: Mapping[str, Any]) -> Figure:
     axes[0].set(title="inversion ratio (lower = more leakage)", xlabel="step")
     axes[0].legend()
     axes[1].plot(steps, [h.get("ssim") for h in history], "o-", label="SSIM")
-    axes[1].plot(steps, [h.get("dcor") for h in history], "s--", label="dCor")
+    axes[1].plot(steps, [h.get("dcor") for h in history], "s--", label="dCor (bias-corrected)")
     axes[1].set(title="similarity of reconstructions / activations", xlabel="step",
                 ylim=(0, 1.02))
     axes[1].legend()

@@ -391,5 +391,6 @@ def _watch_text(w: dict[str, Any]) -> str:
     parts = [f"inversion ratio {w['inversion_ratio']:.4f}"]
     for k in ("ssim", "dcor", "label_alignment"):
         if k in w:
-            parts.append(f"{k.replace('_', ' ')} {w[k]:.3f}")
+            name = "dCor (bias-corrected)" if k == "dcor" else k.replace("_", " ")
+            parts.append(f"{name} {w[k]:.3f}")
     return ", ".join(parts) + f" (step {w.get('step')})"

@@ -90,6 +90,31 @@ def test_hijacker_is_halted_and_honest_run_is_not(data) -> None:  # type: ignore
     assert report["halted_at_step"] == hijacked.halted_at and report["history"][-1]["halted"]
 
 
+def test_detector_records_every_median_it_compares(data) -> None:  # type: ignore[no-untyped-def]
+    """The lowest median is over every window the detector judged (about every detect_every
+    steps), not only those the history shows at measure steps; the last one is kept too (an
+    FSHA run's is the one that halted it). Both survive a restart."""
+    mock, _, _, probe = data
+    watch = LeakageWatch(WatchBound(), probe=probe, mock=mock, every=1000, window=WINDOW,
+                         detect_every=DETECT_EVERY, hijack_threshold=-1.0,
+                         release=Release(labels=True))
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    aligned = torch.nn.functional.one_hot(y, 3).float() * torch.arange(1.0, 7.0)[:, None]  # 1.0
+    flat = torch.ones(6, 3)  # alignment 0.0
+    grads = [aligned] * 5 + [flat] * 3 + [aligned] * 12  # one window dips to a median of 0
+    for step, g in enumerate(grads, 1):
+        assert not watch.after_step(nn.Identity(), step, grad=g, labels=y)
+    assert watch.history == []  # never measured: the history shows no alignment at all
+    assert watch.median_min == pytest.approx(0.0, abs=1e-6)
+    assert watch.median_last == pytest.approx(1.0)
+    assert watch.report()["hijack_detector"]["median_min"] == watch.median_min
+    again = LeakageWatch(WatchBound(), probe=probe, mock=mock)
+    again.load_state(watch.state())
+    assert (again.median_min, again.median_last) == (watch.median_min, watch.median_last)
+    hijacked, _ = _run(data, "fsha")
+    assert hijacked.median_last is not None and f"{hijacked.median_last:.3f}" in (hijacked.reason or "")
+
+
 def test_hijacker_that_first_plays_honest_is_halted(data) -> None:  # type: ignore[no-untyped-def]
     watch, steps = _run(data, "fsha", switch=17, seed=1)
     assert watch.halted and 17 < steps <= 17 + DELAY
@@ -98,7 +123,7 @@ def test_hijacker_that_first_plays_honest_is_halted(data) -> None:  # type: igno
 @pytest.mark.parametrize(("bound", "figure"), [
     (WatchBound(inversion_ratio=0.9, hijack=False), "inversion ratio"),
     (WatchBound(ssim=0.5, hijack=False), "SSIM"),
-    (WatchBound(dcor=0.5, hijack=False), "dCor"),
+    (WatchBound(dcor=0.5, hijack=False), r"dCor \(bias-corrected\)"),
 ])
 def test_bound_halts_naming_the_figure(data, bound: WatchBound, figure: str) -> None:  # type: ignore[no-untyped-def]
     watch, steps = _run(data, "honest", bound=bound, every=3)

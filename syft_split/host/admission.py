@@ -8,13 +8,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .. import wire
 from ..errors import ConfigError, ValidationError
 from ..spec import spec_size
 from .records import HostLimits
 
-__all__ = ["check_size", "load_weights", "dry_run", "check_classes"]
+__all__ = ["check_size", "load_weights", "dry_run", "check_classes", "check_norm_state",
+           "MAX_BATCHES_TRACKED"]
+
+#: a proposed ``num_batches_tracked`` above this is refused: with ``momentum=None`` (a
+#: cumulative average) running statistics then barely move, so eval mode keeps whatever the
+#: model owner sent.
+MAX_BATCHES_TRACKED = 10**7
 
 
 def check_size(spec: Any, limits: HostLimits, what: str, *,
@@ -42,10 +50,12 @@ def check_size(spec: Any, limits: HostLimits, what: str, *,
 def load_weights(module: torch.nn.Module, state: dict[str, Any], bound: float,
                  what: str) -> None:
     """Load weights a model owner sent: exactly the module's keys, shapes and dtypes, finite,
-    bounded by ``bound``; nothing changes if any of them is refused."""
+    bounded by ``bound``, running statistics that can follow the data
+    (:func:`check_norm_state`); nothing changes if any of them is refused."""
     own = module.state_dict()
     if set(state) != set(own):
         raise ConfigError(f"weights {sorted(state)} do not match {what}'s {sorted(own)}")
+    check_norm_state(module, state, what)
     for k, v in state.items():
         wire.check_tensor(v, f"weight {k}", shape=tuple(own[k].shape), dtype=own[k].dtype,
                           nonempty=False)
@@ -53,6 +63,25 @@ def load_weights(module: torch.nn.Module, state: dict[str, Any], bound: float,
             raise ValidationError(f"weight {k}: magnitude {float(v.abs().max()):.3g} exceeds "
                                   f"the data owner's bound {bound:g}")
     module.load_state_dict(state)
+
+
+def check_norm_state(module: torch.nn.Module, state: dict[str, Any], what: str) -> None:
+    """Refuse running statistics a model owner could freeze: a BatchNorm/InstanceNorm that
+    tracks them with ``momentum == 0`` (they never follow the data, so eval mode computes
+    whatever the proposal sent) or a ``num_batches_tracked`` outside ``[0,``
+    :data:`MAX_BATCHES_TRACKED` ``]``."""
+    for name, m in module.named_modules():
+        if not isinstance(m, (_BatchNorm, _InstanceNorm)) or not m.track_running_stats:
+            continue
+        where = f"{what}'s {type(m).__name__} {name or '(top)'}"
+        if m.momentum is not None and not m.momentum > 0:
+            raise ConfigError(f"{where} has momentum {m.momentum}: its running statistics would "
+                              "never follow the data (use momentum > 0 or None)")
+        tracked = state.get(f"{name}.num_batches_tracked" if name else "num_batches_tracked")
+        if isinstance(tracked, torch.Tensor) and tracked.numel() == 1 and not (
+                0 <= int(tracked) <= MAX_BATCHES_TRACKED):
+            raise ConfigError(f"{where}: num_batches_tracked {int(tracked)} is outside "
+                              f"[0, {MAX_BATCHES_TRACKED}]")
 
 
 def dry_run(module: torch.nn.Module, input_shape: tuple[int, ...], what: str, *,

@@ -23,7 +23,7 @@ from .. import wire
 from ..errors import ApprovalError, ConfigError, ProtocolError, ShapeError, ValidationError
 from ..losses import LOSSES
 from ..spec import OptimizerSpec, module_from_spec
-from .admission import check_size, dry_run
+from .admission import check_norm_state, check_size, dry_run
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import JSON, SCALAR, TEXT, Call, in_window
 from .records import ROLES, SHARING, Proposal, Runtime, spec_digest, state_bytes
@@ -209,6 +209,7 @@ class ProposalOps(OpFamily):
                 raise ShapeError(f"weight {k}: expected {tuple(own[k].shape)} {own[k].dtype}, "
                                  f"got {got}")
             wire.check_tensor(v, f"weight {k}", nonempty=False)
+        check_norm_state(module, state, "the proposed segment")
         module.load_state_dict(state)
         loss = req.get("loss")
         if role == "loss":

@@ -5,7 +5,8 @@
   on exactly what would leave, and the review shows its figures and warnings.
 - **Approval** installs a :class:`~syft_split.leakage.LeakageWatch` on an input segment with
   the bound the data owner sets (option ``leakage_bound``: a dict of ``inversion_ratio``,
-  ``ssim``, ``dcor`` (absolute), ``relative`` (halt when the watch's inversion ratio falls
+  ``ssim``, ``dcor`` (absolute; the bias-corrected dCor the review shows, not NoPeek's
+  V-statistic), ``relative`` (halt when the watch's inversion ratio falls
   below that fraction of its value at approval) and ``hijack``). Without the option the
   watch runs the training-hijack detector and records the figures but bounds none of them:
   honest training may legitimately make a representation more invertible (seen on tabular
@@ -17,6 +18,13 @@
 - **Restarts**: the watch is saved in the segment's file with its steps (bound, history, halt,
   detector window; :meth:`LeakageOps.segment_state`) and rebuilt on restore: what the data
   owner approved keeps acting after a restart or a crash.
+- **Bounded cost**: every forward of the segment the review, the watch and the ``leakage`` op
+  run goes on at most the proposal's ``max_batch`` records at a time (the size check at
+  proposal assumed that many; the white-box inversion's autograd too), and the activations
+  they keep stay within ``max(HostLimits.max_activation_bytes, 256 MiB)`` (fewer mock,
+  held-out and augmentation rows, a narrower decoder; a segment whose records do not fit is
+  reported as not measurable). A failure inside the measurement comes out as a
+  :class:`~syft_split.errors.ConfigError`, shown in the review.
 - Model-owner ops (scalars only leave): ``leakage`` (the suite on the current weights) and
   ``watch`` (the watch's latest figures, measured now, and whether it halted). Data-owner op
   ``watch``: the whole watch (bound, history, halt).
@@ -25,7 +33,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -34,7 +43,15 @@ from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import SCALAR, TEXT, Call
 from .records import Dataset, Proposal, Runtime
 
-__all__ = ["LeakageOps"]
+__all__ = ["LeakageOps", "REVIEW_MEMORY_FLOOR", "MOCK_ROWS"]
+
+T = TypeVar("T")
+
+#: the activations a review, watch or ``leakage`` op keeps are bounded by the larger of this and
+#: ``HostLimits.max_activation_bytes``.
+REVIEW_MEMORY_FLOOR = 1 << 28
+#: at most this many mock records are used (the attacker's side data; the mock asset may be big).
+MOCK_ROWS = 200
 
 _WATCH_FIELDS = {"step": SCALAR, "inversion_ratio": SCALAR, "ssim": SCALAR, "dcor": SCALAR,
                  "label_alignment": SCALAR, "seconds": SCALAR, "halted": SCALAR,
@@ -50,11 +67,26 @@ def _rows(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] 
     probe_n = min(128, n // 2)
     if probe_n < 4:
         return None
-    mock = ds.mock.to(torch.float32) if ds.mock is not None else x[probe_n:probe_n + 200]
+    mock = (ds.mock[:MOCK_ROWS].to(torch.float32) if ds.mock is not None
+            else x[probe_n:probe_n + MOCK_ROWS])
     if mock.shape[0] < 8:
         return None
     labels = ds.labels[:probe_n] if ds.labels is not None else torch.zeros(0)
     return x[:probe_n], mock, labels, ds.mock is None
+
+
+def _measuring(what: str, run: Callable[[], T], *, detail: bool = True) -> T:
+    """``run()``, a failure of the segment inside it (e.g. out of memory, a shape it does not
+    take) raised as :class:`ConfigError` naming ``what`` and the exception's type, and its
+    text with ``detail`` (the data owner's review; never for the model owner's ops: torch's
+    texts can be computed from private values)."""
+    try:
+        return run()
+    except SyftSplitError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as exc:
+        text = f": {str(exc)[:200]}" if detail else ""
+        raise ConfigError(f"{what} failed on this segment: {type(exc).__name__}{text}") from exc
 
 
 def _scalar(v: Any) -> Any:
@@ -106,9 +138,12 @@ class LeakageOps(OpFamily):
             if rows is None:
                 return None
             probe, mock, labels, stand_in = rows
-            result = leakage_suite(p.module, mock, probe, release=self._release(p),
-                                   held_out_labels=labels if p.release_labels else None,
-                                   budget_s=self.host.limits.review_budget_s, seed=0)
+            module = p.module
+            result = _measuring("the leakage review", lambda: leakage_suite(
+                module, mock, probe, release=self._release(p),
+                held_out_labels=labels if p.release_labels else None,
+                budget_s=self.host.limits.review_budget_s, seed=0, max_batch=p.max_batch,
+                memory_bytes=self._memory()))
             result["mock_stand_in"] = stand_in
             self._suites[p.id] = result
         return self._suites[p.id]
@@ -122,7 +157,8 @@ class LeakageOps(OpFamily):
                 return []
             assert proposal.module is not None
             watch = self._new_watch(proposal)
-            base = watch.baseline(proposal.module)
+            module = proposal.module
+            base = _measuring("the leakage watch", lambda: watch.baseline(module))
         except SyftSplitError as exc:  # e.g. a segment whose output has no row per record
             return [f"  WARNING: leakage could not be measured on this segment: {exc}"]
         lines = []
@@ -136,6 +172,9 @@ class LeakageOps(OpFamily):
                          "an absolute {'inversion_ratio': ..., 'ssim': ..., 'dcor': ...}")
         return lines
 
+    def _memory(self) -> int:
+        return max(self.host.limits.max_activation_bytes, REVIEW_MEMORY_FLOOR)
+
     def _new_watch(self, p: Proposal) -> Any:
         from ..leakage import LeakageWatch, WatchBound
 
@@ -145,8 +184,17 @@ class LeakageOps(OpFamily):
             raise ConfigError(f"dataset {p.datasets[0]!r} is not on {self.host.name} or has too "
                               "few records to watch")
         probe, mock, _, _ = rows
-        return LeakageWatch(WatchBound(), probe=probe[:64], mock=mock, release=self._release(p),
-                            every=self.host.limits.watch_every)
+        # the watch keeps its mock and probe rows' activations (16 bytes a value, counted as
+        # the review does): fewer rows for a segment with many values per record
+        per_row = 16 * max(math.prod(p.output_shape), math.prod(p.input_shape))
+        fit = self._memory() // per_row
+        if fit < 12:
+            raise ConfigError(f"the segment's {math.prod(p.output_shape)} output values per "
+                              f"record are too many to watch within {self._memory()} bytes")
+        n_probe = min(64, fit // 3)
+        return LeakageWatch(WatchBound(), probe=probe[:n_probe], mock=mock,
+                            mock_rows=min(128, fit - n_probe), release=self._release(p),
+                            every=self.host.limits.watch_every, max_batch=p.max_batch)
 
     # ---------------------------------------------------------------------- the watch
     def on_approve(self, rt: Runtime, options: dict[str, Any]) -> None:
@@ -161,7 +209,7 @@ class LeakageOps(OpFamily):
             return
         try:
             watch = self._new_watch(rt.proposal)
-            base = watch.baseline(rt.module)
+            base = _measuring("the leakage watch", lambda: watch.baseline(rt.module))
         except SyftSplitError:  # not measurable (no row per record): the guard refuses its
             return              # outputs anyway, there is nothing to watch
         if isinstance(bound_opt, dict):
@@ -267,9 +315,11 @@ class LeakageOps(OpFamily):
         probe, mock, labels, _ = rows
         rt.module.eval()
         try:
-            r = leakage_suite(rt.module, mock, probe, release=self._release(rt.proposal),
-                              held_out_labels=labels if rt.proposal.release_labels else None,
-                              budget_s=budget, seed=0)
+            r = _measuring("the leakage measurement", lambda: leakage_suite(
+                rt.module, mock, probe, release=self._release(rt.proposal),
+                held_out_labels=labels if rt.proposal.release_labels else None,
+                budget_s=budget, seed=0, max_batch=rt.proposal.max_batch,
+                memory_bytes=self._memory()), detail=False)
         finally:
             rt.module.train()
         out: dict[str, Any] = {"records": r["n_held_out"], "dcor": r["dcor"],

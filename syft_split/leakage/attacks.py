@@ -63,8 +63,10 @@ def decoder_attack(encoder: Callable[[torch.Tensor], torch.Tensor], mock_inputs:
                    hidden: int | None = None, lr: float = 1e-3, batch_size: int = 64,
                    max_epochs: int = 100, patience: int = 10, val_fraction: float = 0.2,
                    augment: int = 2000, budget_s: float | None = None,
-                   num_threads: int | None = 1) -> dict[str, Any]:
+                   num_threads: int | None = 1, max_batch: int | None = None) -> dict[str, Any]:
     """Learned-decoder inversion trained to convergence; scored on ``target_inputs``.
+
+    The segment runs on at most ``max_batch`` rows at a time (``None``: all at once).
 
     A one-hidden-layer MLP (``hidden`` units, default ``clamp(8·input_dim, 128, 1024)``)
     maps the released activations (``release``: noise drawn afresh each epoch, as an
@@ -90,7 +92,8 @@ def decoder_attack(encoder: Callable[[torch.Tensor], torch.Tensor], mock_inputs:
                val_fraction=(val_fraction, isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1),
                augment=(augment, _pos_int(augment, 0)),
                budget_s=(budget_s, budget_s is None or _pos_float(budget_s)),
-               num_threads=(num_threads, num_threads is None or _pos_int(num_threads)))
+               num_threads=(num_threads, num_threads is None or _pos_int(num_threads)),
+               max_batch=(max_batch, max_batch is None or _pos_int(max_batch)))
     threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -98,7 +101,7 @@ def decoder_attack(encoder: Callable[[torch.Tensor], torch.Tensor], mock_inputs:
         return _decoder(encoder, mock_inputs, target_inputs, release or Release(), seed=seed,
                         hidden=hidden, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
                         patience=patience, val_fraction=val_fraction, augment=augment,
-                        budget_s=budget_s)
+                        budget_s=budget_s, max_batch=max_batch)
     finally:
         torch.set_num_threads(threads)
 
@@ -106,7 +109,7 @@ def decoder_attack(encoder: Callable[[torch.Tensor], torch.Tensor], mock_inputs:
 def _decoder(encoder: Callable[[torch.Tensor], torch.Tensor], mock_inputs: torch.Tensor,
              target_inputs: torch.Tensor, release: Release, *, seed: int, hidden: int | None,
              lr: float, batch_size: int, max_epochs: int, patience: int, val_fraction: float,
-             augment: int, budget_s: float | None) -> dict[str, Any]:
+             augment: int, budget_s: float | None, max_batch: int | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     xm, xt = as_rows(mock_inputs, "mock_inputs"), as_rows(target_inputs, "target_inputs")
     if mock_inputs.shape[1:] != target_inputs.shape[1:]:
@@ -123,9 +126,10 @@ def _decoder(encoder: Callable[[torch.Tensor], torch.Tensor], mock_inputs: torch
     x_train = mock_f[tr]
     if augment:
         x_train = torch.cat([x_train, mixup(x_train, augment, gen)])
-    z_train = encode(encoder, x_train, "mock_inputs")
-    z_val = release.activations(encode(encoder, mock_f[val], "mock_inputs"), gen)
-    zt = release.activations(encode(encoder, target_inputs.detach().to(torch.float32), "target_inputs"), gen)
+    z_train = encode(encoder, x_train, "mock_inputs", max_batch)
+    z_val = release.activations(encode(encoder, mock_f[val], "mock_inputs", max_batch), gen)
+    zt = release.activations(encode(encoder, target_inputs.detach().to(torch.float32), "target_inputs",
+                                    max_batch), gen)
     if z_train.shape[1] != zt.shape[1]:
         raise ShapeError(f"Expected encoder outputs of one width but got {z_train.shape[1]} and "
                          f"{zt.shape[1]}")

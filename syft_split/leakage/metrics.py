@@ -20,7 +20,8 @@ from torch import nn
 from ..defences import distance_correlation
 from ..errors import ConfigError, NonFiniteError, ShapeError, ValidationError
 
-__all__ = ["dcor_leakage", "mse_ratio", "ssim", "is_image_shape"]
+__all__ = ["dcor_leakage", "mse_ratio", "ssim", "is_image_shape", "as_rows", "encode", "forward",
+           "row_chunks"]
 
 
 def dcor_leakage(raw: torch.Tensor, activations: torch.Tensor, *, unbiased: bool = True) -> float:
@@ -119,14 +120,41 @@ def as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.detach().reshape(t.shape[0], -1).to(torch.float32)
 
 
-def encode(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, name: str) -> torch.Tensor:
-    """``encoder(x)`` as rows, without gradients, an ``nn.Module`` in eval mode (mode restored)."""
+def row_chunks(n: int, max_batch: int | None) -> list[slice]:
+    """``n`` rows in consecutive slices of at most ``max_batch`` rows, as even as possible (a
+    batch-statistics layer never sees a lone last row); one slice when ``max_batch`` is
+    ``None`` or at least ``n``."""
+    if max_batch is None or max_batch >= n or n == 0:
+        return [slice(0, n)]
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ConfigError(f"Expected argument `max_batch` to be None or an int >= 1 but got {max_batch!r}")
+    k = -(-n // max_batch)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def forward(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+            max_batch: int | None) -> torch.Tensor:
+    """``f(x)`` computed on at most ``max_batch`` rows at a time (no gradients), rows joined."""
+    with torch.no_grad():
+        parts = [f(x[s]) for s in row_chunks(x.shape[0], max_batch)]
+    if len(parts) == 1:
+        return parts[0]
+    for z in parts:
+        if not isinstance(z, torch.Tensor):
+            raise ValidationError(f"Expected `encoder` to return a tensor but got {type(z).__name__}")
+    return torch.cat(parts)
+
+
+def encode(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, name: str,
+           max_batch: int | None = None) -> torch.Tensor:
+    """``encoder(x)`` as rows, without gradients, an ``nn.Module`` in eval mode (mode restored),
+    on at most ``max_batch`` rows at a time (``None``: all at once)."""
     was_training = isinstance(encoder, nn.Module) and encoder.training
     if isinstance(encoder, nn.Module):
         encoder.eval()
     try:
-        with torch.no_grad():
-            z = encoder(x)
+        z = forward(encoder, x, max_batch)
     finally:
         if was_training:
             assert isinstance(encoder, nn.Module)

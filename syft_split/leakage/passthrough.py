@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from .attacks import image_ssim
-from .metrics import as_rows, encode, mse_ratio
+from .metrics import as_rows, encode, forward, mse_ratio, row_chunks
 from .release import Release
 
-__all__ = ["passthrough_check", "ridge_decoder"]
+__all__ = ["passthrough_check", "ridge_decoder", "JACOBIAN_ENTRIES"]
 
 
 def _supported(x: torch.Tensor) -> torch.Tensor:
@@ -60,11 +60,24 @@ def _max_abs_corr(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return corr.abs().max(1).values
 
 
-def _copies(x: torch.Tensor, z: torch.Tensor, tol: float) -> list[int]:
+def _per_batch(t: torch.Tensor, batch_rows: int) -> torch.Tensor:
+    """``t`` with each column standardised within each batch of rows (a per-batch affine map
+    undone: what BatchNorm's batch statistics apply in training)."""
+    out = torch.empty_like(t)
+    for s in row_chunks(t.shape[0], batch_rows):
+        c = t[s] - t[s].mean(0)
+        out[s] = c / c.pow(2).mean(0).sqrt().clamp_min(1e-300)
+    return out
+
+
+def _copies(x: torch.Tensor, z: torch.Tensor, tol: float, batch_rows: int | None = None) -> list[int]:
     """Input coordinates some output reproduces exactly: affine (Pearson) or any strictly
-    monotone function (Spearman on tie-averaged ranks) with ``|corr| >= 1 - tol``."""
+    monotone function (Spearman on tie-averaged ranks) with ``|corr| >= 1 - tol``; with
+    ``batch_rows``, also up to an affine map per batch of that many rows."""
     xd, zd = x.double(), z.double()
     xi = torch.nonzero((xd.std(0) > 1e-12) & _supported(x)).flatten()
+    if batch_rows is not None and batch_rows < x.shape[0]:
+        xd, zd = _per_batch(xd, batch_rows), _per_batch(zd, batch_rows)
     zi = torch.nonzero(zd.std(0) > 1e-12).flatten()
     if xi.numel() == 0 or zi.numel() == 0:
         return []
@@ -98,7 +111,11 @@ def ridge_decoder(z_fit: torch.Tensor, x_fit: torch.Tensor, *,
             w = torch.linalg.solve(a, zc.T @ (xr - xmu))
         else:  # dual: (n x n)
             k = zc @ zc.T + lam * scale * zc.shape[0] * torch.eye(zc.shape[0], dtype=dtype)
-            w = zc.T @ torch.linalg.solve(k, xr - xmu)
+            alpha = torch.linalg.solve(k, xr - xmu)
+            if zc.shape[1] * alpha.shape[1] > 1 << 24:
+                # W = zc.T @ alpha (d_z x d_x) would be large: predict through the n rows
+                return lambda q: (((q.to(dtype) - zm) @ zc.T) @ alpha + xmu).float()
+            w = zc.T @ alpha
         return lambda q: ((q.to(dtype) - zm) @ w + xmu).float()
 
     lam = weights[0]
@@ -109,20 +126,38 @@ def ridge_decoder(z_fit: torch.Tensor, x_fit: torch.Tensor, *,
     return fit(torch.arange(n), lam), lam
 
 
-def _affine(f: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tensor, gen: torch.Generator) -> bool:
+def _affine(f: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tensor, gen: torch.Generator,
+            max_batch: int | None = None) -> bool:
     n = probe.shape[0]
     i, j = torch.randperm(n, generator=gen), torch.randperm(n, generator=gen)
     a = torch.rand((n,) + (1,) * (probe.dim() - 1), generator=gen)
     mixed = a * probe[i] + (1 - a) * probe[j]
-    with torch.no_grad():
-        lhs = f(mixed).reshape(n, -1).double()
-        w = a.reshape(n, 1)
-        rhs = (w * f(probe[i]).reshape(n, -1) + (1 - w) * f(probe[j]).reshape(n, -1)).double()
+    lhs = forward(f, mixed, max_batch).reshape(n, -1).double()
+    w = a.reshape(n, 1)
+    rhs = (w * forward(f, probe[i], max_batch).reshape(n, -1)
+           + (1 - w) * forward(f, probe[j], max_batch).reshape(n, -1)).double()
     scale = float(rhs.abs().max()) or 1.0
     return float((lhs - rhs).abs().max()) <= 1e-4 * scale
 
 
-def _jacobian_ranks(f: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tensor) -> list[int]:
+#: the Jacobian rank is computed on as many rows at once as keep its entries (output x input
+#: values per row) within this many; a segment with more per row gets no rank (``None``).
+JACOBIAN_ENTRIES = 1 << 24
+
+
+def _jacobian_ranks(f: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tensor,
+                    out_dim: int, max_batch: int | None = None) -> list[int]:
+    per_row = out_dim * probe[0].numel()
+    if per_row > JACOBIAN_ENTRIES:
+        return []
+    rows = max(1, min(max_batch or probe.shape[0], JACOBIAN_ENTRIES // per_row))
+    ranks: list[int] = []
+    for s in row_chunks(probe.shape[0], rows):
+        ranks += _chunk_ranks(f, probe[s].detach().clone().requires_grad_(True))
+    return ranks
+
+
+def _chunk_ranks(f: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tensor) -> list[int]:
     n = probe.shape[0]
 
     def summed(x: torch.Tensor) -> torch.Tensor:
@@ -138,8 +173,15 @@ def _jacobian_ranks(f: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tens
 
 def passthrough_check(encoder: Callable[[torch.Tensor], torch.Tensor], mock_inputs: torch.Tensor,
                       target_inputs: torch.Tensor, *, release: Release | None = None, seed: int = 0,
-                      tol: float = 1e-5, jacobian_rows: int = 16) -> dict[str, Any]:
+                      tol: float = 1e-5, jacobian_rows: int = 16,
+                      max_batch: int | None = None, batch_rows: int | None = None) -> dict[str, Any]:
     """Copies, affinity, rank and a ridge (linear) decoder; see the module docstring.
+
+    ``batch_rows`` (a train-mode view whose batch statistics apply an affine map per batch of
+    that many rows): copies are also counted up to such a per-batch map.
+
+    The segment runs on at most ``max_batch`` rows at a time (``None``: all at once); the
+    Jacobian rank on as many as keep it within :data:`JACOBIAN_ENTRIES` entries (none: no rank).
 
     Probe rows are the mock and target rows together. ``release`` applies to the linear
     decoder (it sees what leaves); copies, affinity and rank describe the segment itself.
@@ -158,15 +200,15 @@ def passthrough_check(encoder: Callable[[torch.Tensor], torch.Tensor], mock_inpu
     probe = torch.cat([mock_inputs, target_inputs]).detach().to(torch.float32)
     x_all = torch.cat([xm, xt])
     was_training = isinstance(encoder, nn.Module) and encoder.training
-    z_all = encode(encoder, probe, "probe")
-    copied = _copies(x_all, z_all, tol)
+    z_all = encode(encoder, probe, "probe", max_batch)
+    copied = _copies(x_all, z_all, tol, batch_rows)
     gen = torch.Generator().manual_seed(seed)
     if isinstance(encoder, nn.Module):
         encoder.eval()
     try:
-        affine = _affine(encoder, probe, gen)
+        affine = _affine(encoder, probe, gen, max_batch)
         try:
-            ranks = _jacobian_ranks(encoder, probe[:jacobian_rows].clone().requires_grad_(True))
+            ranks = _jacobian_ranks(encoder, probe[:jacobian_rows], int(z_all.shape[1]), max_batch)
             local = int(torch.tensor(ranks).median()) if ranks else None
         except (RuntimeError, TypeError):
             ranks, local = [], None

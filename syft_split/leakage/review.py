@@ -62,15 +62,23 @@ def review_lines(suite: Mapping[str, Any], *, bound: WatchBound | None = None,
              f"{suite['seconds']:.1f} s):",
              "    attack                                          MSE ratio  SSIM   (ratio 1 = guessing the "
              "mock mean, 0 = exact; SSIM 1 = identical)"]
+    modes = suite.get("modes")
+    if modes:
+        lines.insert(1, f"    the segment computes something else in training than in eval mode "
+                        f"({', '.join(modes['layers'])}): measured both ways, as training runs it on a "
+                        f"copy in train mode with batches of {modes['train_batch'] or 'all'} records "
+                        f"(rows marked 'training mode'); every figure below is the worse of the two")
     for name in sorted(att, key=lambda k: att[k]["ratio"] if math.isfinite(att[k]["ratio"]) else math.inf):
         r = att[name]
-        lines.append(f"    {_NAMES.get(name, name):<47} {_f(r['ratio']):<10} {_f(r.get('ssim')):<6} "
+        base = name[:-len("_train")] if name.endswith("_train") else name
+        label = _NAMES.get(base, base) + (", training mode" if base != name else "")
+        lines.append(f"    {label:<47} {_f(r['ratio']):<10} {_f(r.get('ssim')):<6} "
                      f"({r['seconds']:.1f} s{', cut by the time budget' if r.get('budget_hit') else ''})")
     w = suite["worst"]
     lines.append(f"    worst case: {w['attack']} (ratio {_f(w['ratio'])}); highest SSIM {_f(w['ssim'])}"
                  f"{'' if w['ssim_attack'] is None else ' (' + str(w['ssim_attack']) + ')'}")
-    lines.append(f"    distance correlation (records vs what leaves): {_f(suite['dcor'])} "
-                 "(1.0: a similarity)")
+    lines.append(f"    distance correlation, bias-corrected (records vs what leaves): {_f(suite['dcor'])} "
+                 "(1.0: a similarity; NoPeek's regulariser uses the V-statistic, another scale)")
     rank = pt["jacobian_rank_median"]
     lines.append(f"    exact copies: {pt['copied_inputs']} of {pt['input_dim']} input values; affine map: "
                  f"{'yes, rank ' + str(pt['rank']) if pt['affine'] else 'no'}; local Jacobian rank "
@@ -109,6 +117,9 @@ def _warnings(suite: Mapping[str, Any]) -> list[str]:
     lab = suite.get("labels")
     if lab and not lab.get("epsilon"):
         out.append("  WARNING: labels leave exactly (no randomized response)")
+    if suite.get("memory_cut"):
+        out.append("  NOTE: the segment's outputs are large: fewer records (or a narrower decoder) were "
+                   "used to stay within the review's memory bound; the figures may understate leakage")
     if suite.get("budget_hit"):
         out.append("  NOTE: the time budget cut an attack: the figures may understate leakage")
     return out
@@ -121,14 +132,14 @@ def _watch_lines(bound: WatchBound, base: Mapping[str, Any] | None, every: int |
     if bound.ssim is not None:
         halts.append(f"SSIM > {bound.ssim:.4f}")
     if bound.dcor is not None:
-        halts.append(f"dCor > {bound.dcor:.4f}")
+        halts.append(f"dCor (bias-corrected) > {bound.dcor:.4f}")
     if bound.hijack:
         halts.append("a suspected training hijack")
     out = [f"  live watch{'' if every is None else f' (every {every} steps)'}: halts on "
            f"{', '.join(halts) if halts else 'nothing (no bound set)'}"]
     if base is not None:
         out.append(f"    now: inversion ratio {_f(base.get('inversion_ratio'), '.4f')} (ridge decoder), "
-                   f"SSIM {_f(base.get('ssim'))}, dCor {_f(base.get('dcor'))}")
+                   f"SSIM {_f(base.get('ssim'))}, dCor (bias-corrected) {_f(base.get('dcor'))}")
         past = ((bound.inversion_ratio is not None and base["inversion_ratio"] < bound.inversion_ratio)
                 or (bound.ssim is not None and base.get("ssim") is not None and base["ssim"] > bound.ssim)
                 or (bound.dcor is not None and base["dcor"] > bound.dcor))

@@ -4,10 +4,13 @@ The review measures the proposed weights once; training then follows gradients t
 owner chooses. :class:`LeakageWatch` runs at the data owner after every applied step:
 
 * **Leakage of the current weights**, every ``every`` steps, by a cheap measure: the segment
-  encodes the owner's mock rows and a probe of its private rows (eval mode, no gradients), the
+  encodes the owner's mock rows and a probe of its private rows (eval mode, no gradients; a
+  segment whose output depends on its mode, e.g. BatchNorm or Dropout, also as training runs
+  it, on a copy in train mode, and the worse figure counts), the
   release transform applies (noise as configured), a ridge decoder fit on the mock pairs
   reconstructs the probe (the suite's linear decoder; ridge weight fixed at the baseline) →
-  inversion MSE ratio and SSIM; plus dCor between the probe and its released activations.
+  inversion MSE ratio and SSIM; plus dCor (bias-corrected, not NoPeek's V-statistic) between
+  the probe and its released activations.
   A figure past the :class:`WatchBound` the owner set at approval halts the segment.
 * **Training-hijack detector** (every step's cut gradient from the model owner and the labels
   the owner released for that batch, evaluated every ``detect_every`` steps in one pass). A
@@ -20,9 +23,16 @@ owner chooses. :class:`LeakageWatch` runs at the data owner after every applied 
   to Thwart Split-Learning Hijacking Attacks Using Intrinsic Attributes", NDSS 2023; the
   cosine label-leakage of Li et al., "Label Leakage and Protection in Two-party Split
   Learning", ICLR 2022, is the same structure seen from the attacker's side). The watch halts
-  when the median over the last ``window`` steps falls below ``hijack_threshold`` (0.15: on
-  the demo honest runs stay above 0.49 — plain, NoPeek 2/8, randomized response ε=4 — and a
-  simulated FSHA below 0.03).
+  when the median over the last ``window`` steps falls below ``hijack_threshold`` (0.15). On
+  the demo (``bench/leakage.py``, ``detection``; 100 steps, digits cut at pool1) honest runs —
+  plain, NoPeek 2/8, randomized response ε=4 — gave alignments of at least 0.497 at the watch's
+  measure steps (``honest_min_alignment`` in ``bench/results/leakage.json``, 5 seeds, recorded
+  every 50 steps before the bench recorded every median); the lowest of *every* median the
+  detector compares is now recorded (``honest_min_alignment``, :attr:`LeakageWatch.median_min`)
+  next to the simulated FSHA's median when it halts (``fsha_alignment_at_halt``): a ``--quick``
+  run (2 seeds) gave honest medians of at least 0.50 and FSHA medians at the halt of
+  0.003-0.007 from step 1, 0.011-0.026 after 30 honest steps (the full bench's 5 seeds will
+  record them in ``bench/results/leakage.json`` when it is next run).
   It is passive (unlike SplitGuard's fake batches, Erdogan et al., WPES 2022, which need the
   data owner to compute or alter the loss) and works whenever the model owner holds the labels
   the data owner released. It needs the labels: without them (or with randomized response of
@@ -56,6 +66,7 @@ from torch import nn
 from ..errors import ConfigError, LeakageHaltError, ShapeError
 from .attacks import image_ssim
 from .metrics import as_rows, dcor_leakage, encode, mse_ratio
+from .modes import TrainView, mode_dependent, worse_of
 from .passthrough import ridge_decoder
 from .release import Release
 
@@ -92,7 +103,12 @@ class WatchBound:
         inversion_ratio: halt when the watch's inversion MSE ratio falls **below** this
             (smaller ratio = better reconstruction = more leakage).
         ssim: halt when the reconstruction SSIM rises **above** this (image records).
-        dcor: halt when the distance correlation rises **above** this.
+        dcor: halt when the distance correlation rises **above** this. It is the
+            bias-corrected estimator (Székely & Rizzo 2014: ``sqrt(max(R², 0))`` of the
+            U-centred statistic, :func:`~syft_split.leakage.dcor_leakage`), the figure the
+            review and the watch show; NoPeek's regulariser (``nopeek`` defence) uses the
+            V-statistic, which reads higher on small batches of wide records: a bound taken
+            from NoPeek's values is on another scale.
         hijack: halt when the training-hijack detector fires.
     """
 
@@ -187,8 +203,8 @@ class LeakageWatch:
         every: measure leakage every ``every`` applied steps (the detector runs every step).
         release: what leaves (noise on the activations; released labels and their ε).
         hijack_threshold: halt when the median label alignment over the last ``window``
-            steps with a value falls below this (honest runs stay above ~0.2, FSHA below
-            ~0.05 on the demo; ``bench/results/leakage.json``).
+            steps with a value falls below this (the figures honest and FSHA runs reach on
+            the demo are in the module docstring).
         window: steps in the detector's median.
         detect_every: the detector keeps each step's gradient and labels and evaluates them
             every ``detect_every`` steps in one vectorised pass (one pass costs about what
@@ -197,16 +213,18 @@ class LeakageWatch:
         min_label_epsilon: randomized response with a smaller ε makes the detector
             not applicable.
         seed: seeds the noise the measure draws.
+        max_batch: the segment runs on at most this many rows at a time (``None``: all at
+            once).
     """
 
     def __init__(self, bound: WatchBound, *, probe: torch.Tensor, mock: torch.Tensor, every: int = 50,
                  release: Release | None = None, hijack_threshold: float = 0.15, window: int = 5,
                  detect_every: int = 5, min_label_epsilon: float = 2.0, mock_rows: int = 128,
-                 seed: int = 0) -> None:
+                 seed: int = 0, max_batch: int | None = None) -> None:
         if not isinstance(bound, WatchBound):
             raise ConfigError(f"Expected argument `bound` to be a WatchBound but got {type(bound).__name__}")
         for name, v in (("every", every), ("window", window), ("detect_every", detect_every),
-                        ("mock_rows", mock_rows)):
+                        ("mock_rows", mock_rows), ("max_batch", 1 if max_batch is None else max_batch)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"Expected argument `{name}` to be an int >= 1 but got {v!r}")
         _opt("hijack_threshold", hijack_threshold, -1.0, 1.0)
@@ -225,12 +243,17 @@ class LeakageWatch:
         self.window = window
         self.detect_every = detect_every
         self.seed = seed
+        self.max_batch = max_batch
         self._probe = probe.detach().to(torch.float32)
         self._mock = mock.detach().to(torch.float32)[:mock_rows]
         self._shape = tuple(probe.shape[1:])
         self._gen = torch.Generator().manual_seed(seed)
         self._ridge: float | None = None
         self._alignments: deque[float] = deque(maxlen=window)
+        #: the lowest and the latest median the detector compared with its threshold (None:
+        #: no full window yet)
+        self.median_min: float | None = None
+        self.median_last: float | None = None
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         eps = self.release.label_epsilon
         self.hijack_applicable = self.release.labels and (eps == 0 or eps >= min_label_epsilon)
@@ -247,8 +270,24 @@ class LeakageWatch:
         """The cheap leakage measure of ``module``'s current weights (recorded in history and
         as ``latest`` unless ``record=False``: a look on request, e.g. the model owner's)."""
         t0 = time.perf_counter()
+        entry: dict[str, Any] = {"step": step, **self._figures(module)}
+        if mode_dependent(module):  # what training releases too (batch statistics, Dropout)
+            train = self._figures(TrainView(module, self.max_batch))
+            entry = worse_of(entry, train)
+            entry["train_mode"] = {k: train[k] for k in ("inversion_ratio", "ssim", "dcor")}
+        entry["label_alignment"] = (statistics.median(self._alignments) if self._alignments
+                                    else None)
+        seconds = time.perf_counter() - t0
+        entry["seconds"] = seconds
+        self.seconds += seconds
+        if record:
+            self.history.append(entry)
+            self.latest = entry
+        return entry
+
+    def _figures(self, module: nn.Module | TrainView) -> dict[str, Any]:
         n_mock = self._mock.shape[0]
-        z = encode(module, torch.cat([self._mock, self._probe]), "probe")
+        z = encode(module, torch.cat([self._mock, self._probe]), "probe", self.max_batch)
         z = self.release.activations(z, self._gen)
         zm, zp = z[:n_mock], z[n_mock:]
         xm, xp = self._mock.reshape(n_mock, -1), self._probe.reshape(self._probe.shape[0], -1)
@@ -257,18 +296,8 @@ class LeakageWatch:
         else:
             decode, _ = ridge_decoder(zm, xm, weights=(self._ridge,), dtype=torch.float32)
         pred = decode(zp)
-        ratio = mse_ratio(pred, xp, xm.mean(0))["ratio"]
-        entry: dict[str, Any] = {
-            "step": step, "inversion_ratio": ratio, "ssim": image_ssim(pred, xp, self._shape, xm),
-            "dcor": dcor_leakage(xp, zp),
-            "label_alignment": statistics.median(self._alignments) if self._alignments else None}
-        seconds = time.perf_counter() - t0
-        entry["seconds"] = seconds
-        self.seconds += seconds
-        if record:
-            self.history.append(entry)
-            self.latest = entry
-        return entry
+        return {"inversion_ratio": mse_ratio(pred, xp, xm.mean(0))["ratio"],
+                "ssim": image_ssim(pred, xp, self._shape, xm), "dcor": dcor_leakage(xp, zp)}
 
     def baseline(self, module: nn.Module) -> dict[str, Any]:
         """Step-0 figures of the approved weights (call at approval; the relative bound and
@@ -311,6 +340,8 @@ class LeakageWatch:
             self._alignments.append(a)
             if len(self._alignments) == self.window:
                 med = statistics.median(self._alignments)
+                self.median_last = med
+                self.median_min = med if self.median_min is None else min(self.median_min, med)
                 if med < self.hijack_threshold:
                     self._halt(step, "training hijack suspected: the model owner's gradients no "
                                      f"longer follow the released labels (label alignment {med:.3f} "
@@ -326,7 +357,8 @@ class LeakageWatch:
         elif b.ssim is not None and e["ssim"] is not None and e["ssim"] > b.ssim:
             self._halt(step, f"SSIM {e['ssim']:.4f} > bound {b.ssim:.4f} ({where})")
         elif b.dcor is not None and e["dcor"] > b.dcor:
-            self._halt(step, f"dCor {e['dcor']:.4f} > bound {b.dcor:.4f} (at step {step})")
+            self._halt(step, f"dCor (bias-corrected) {e['dcor']:.4f} > bound {b.dcor:.4f} "
+                             f"(at step {step})")
 
     def _halt(self, step: int, reason: str) -> None:
         self.halted, self.halted_at, self.reason = True, step, reason
@@ -345,7 +377,8 @@ class LeakageWatch:
             "pending": [{"step": s, "grad": g, "labels": y} for s, g, y in self._pending],
             "history": [dict(e) for e in self.history], "halted": self.halted,
             "reason": self.reason, "halted_at": self.halted_at, "seconds": self.seconds,
-            "steps_seen": self.steps_seen,
+            "steps_seen": self.steps_seen, "median_min": self.median_min,
+            "median_last": self.median_last,
         }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
@@ -387,6 +420,9 @@ class LeakageWatch:
             raise _bad_state("`history` a list of dicts")
         halted, reason = state.get("halted"), state.get("reason")
         at = None if state.get("halted_at") is None else _state_int(state, "halted_at", 0)
+        medians = state.get("median_min"), state.get("median_last")  # absent: an older file
+        if not all(m is None or _finite(m) for m in medians):
+            raise _bad_state(f"`median_min`/`median_last` None or finite floats, got {medians!r}")
         if not isinstance(halted, bool) or not (reason is None or isinstance(reason, str)):
             raise _bad_state(f"`halted` a bool and `reason` None or a str, got {halted!r}, "
                              f"{reason!r}")
@@ -397,6 +433,7 @@ class LeakageWatch:
         self.latest = next((e for e in reversed(self.history) if "halted" not in e), {})
         self.halted, self.reason, self.halted_at = halted, reason, at
         self.seconds, self.steps_seen = float(seconds), seen
+        self.median_min, self.median_last = (None if m is None else float(m) for m in medians)
 
     # ------------------------------------------------------------------ host-facing
     def check(self) -> None:
@@ -411,7 +448,8 @@ class LeakageWatch:
         return {
             "bound": self.bound.as_dict(), "every": self.every, "release": self.release.as_dict(),
             "hijack_detector": {"applicable": self.hijack_applicable, "threshold": self.hijack_threshold,
-                                "window": self.window, "detect_every": self.detect_every},
+                                "window": self.window, "detect_every": self.detect_every,
+                                "median_min": self.median_min, "median_last": self.median_last},
             "history": [dict(e) for e in self.history], "halted": self.halted, "reason": self.reason,
             "halted_at_step": self.halted_at, "steps": self.steps_seen, "seconds": self.seconds,
         }

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import ConfigError, ShapeError
 from .attacks import _pos_float, _pos_int, check_args, image_ssim
-from .metrics import as_rows, encode, is_image_shape, mse_ratio
+from .metrics import as_rows, encode, is_image_shape, mse_ratio, row_chunks
 from .passthrough import ridge_decoder
 from .release import Release
 
@@ -116,6 +116,24 @@ def _solve(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, mean: tor
     return best_x.detach(), done
 
 
+def _solve_rows(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
+                runs: list[tuple[torch.Tensor, bool]], lo: torch.Tensor, hi: torch.Tensor,
+                prior: tuple[float, float], iterations: int, image: bool, deadline: float | None,
+                max_batch: int | None) -> tuple[torch.Tensor, int]:
+    """:func:`_solve` on at most ``max_batch`` records at a time (records are independent:
+    each has its own objective); runs done: the fewest over the chunks."""
+    chunks = row_chunks(z.shape[0], max_batch)
+    if len(chunks) == 1:
+        return _solve(f, z, mean, runs, lo, hi, prior, iterations, image, deadline)
+    parts, done = [], len(runs)
+    for s in chunks:
+        x, d = _solve(f, z[s], mean[s], [(start[s], sig) for start, sig in runs], lo, hi, prior,
+                      iterations, image, deadline)
+        parts.append(x)
+        done = min(done, d)
+    return torch.cat(parts), done
+
+
 def _float64(encoder: nn.Module) -> tuple[nn.Module, torch.dtype]:
     """A float64 copy of the segment (L-BFGS converges much further in float64); the segment
     itself if it cannot be copied."""
@@ -135,7 +153,7 @@ def whitebox_inversion(encoder: nn.Module, mock_inputs: torch.Tensor, target_inp
                        l2_weights: Sequence[float] = (0.0, 0.1, 1.0, 3.0), iterations: int = 200,
                        restarts: int = 2, select_rows: int = 32, select_iterations: int = 40,
                        budget_s: float | None = None,
-                       num_threads: int | None = 1) -> dict[str, Any]:
+                       num_threads: int | None = 1, max_batch: int | None = None) -> dict[str, Any]:
     """rMLE white-box inversion (He et al. 2019) of the targets' released activations.
 
     ``(λ, μ)`` is picked from ``tv_weights x l2_weights`` by the MSE on ``select_rows`` mock
@@ -144,7 +162,8 @@ def whitebox_inversion(encoder: nn.Module, mock_inputs: torch.Tensor, target_inp
     iterations per run, ``4 + restarts`` runs, in float64 (on a copy of the segment).
     ``budget_s`` caps the seconds (selection gets at most half); deterministic for a seed
     unless the budget cuts it. The encoder's parameters are not changed (no gradient is kept
-    for them; an ``nn.Module`` runs in eval mode, mode restored).
+    for them; an ``nn.Module`` runs in eval mode, mode restored). The segment runs (with
+    autograd) on at most ``max_batch`` rows at a time: more rows are solved chunk by chunk.
 
     Returns:
         ``mse`` / ``baseline_mse`` / ``ratio`` / ``ssim`` as :func:`decoder_attack`,
@@ -159,6 +178,7 @@ def whitebox_inversion(encoder: nn.Module, mock_inputs: torch.Tensor, target_inp
                select_rows=(select_rows, _pos_int(select_rows)),
                budget_s=(budget_s, budget_s is None or _pos_float(budget_s)),
                num_threads=(num_threads, num_threads is None or _pos_int(num_threads)),
+               max_batch=(max_batch, max_batch is None or _pos_int(max_batch)),
                tv_weights=(tv_weights, len(tv_weights) > 0 and all(
                    isinstance(w, (int, float)) and w >= 0 for w in tv_weights)),
                l2_weights=(l2_weights, len(l2_weights) > 0 and all(
@@ -179,7 +199,7 @@ def whitebox_inversion(encoder: nn.Module, mock_inputs: torch.Tensor, target_inp
                                  for t in (tv_weights if _image(target_inputs) else (0.0,))
                                  for m in l2_weights], iterations=iterations, restarts=restarts,
                          select_iterations=select_iterations,
-                         select_rows=select_rows, budget_s=budget_s)
+                         select_rows=select_rows, budget_s=budget_s, max_batch=max_batch)
     finally:
         for p, flag in zip(params, grad_flags):
             p.requires_grad_(flag)
@@ -190,7 +210,8 @@ def whitebox_inversion(encoder: nn.Module, mock_inputs: torch.Tensor, target_inp
 
 def _whitebox(encoder: nn.Module, mock_inputs: torch.Tensor, target_inputs: torch.Tensor, release: Release,
               *, seed: int, priors: list[tuple[float, float]], iterations: int, restarts: int,
-              select_rows: int, select_iterations: int, budget_s: float | None) -> dict[str, Any]:
+              select_rows: int, select_iterations: int, budget_s: float | None,
+              max_batch: int | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     xm, xt = as_rows(mock_inputs, "mock_inputs"), as_rows(target_inputs, "target_inputs")
     shape = tuple(target_inputs.shape[1:])
@@ -210,13 +231,12 @@ def _whitebox(encoder: nn.Module, mock_inputs: torch.Tensor, target_inputs: torc
     mean = xm.mean(0).reshape(1, *shape)
     mock_f = mock_inputs.detach().to(torch.float32)
     sel = torch.randperm(xm.shape[0], generator=gen)[:select_rows]
-    z_sel = release.activations(encode(encoder, mock_f[sel], "mock_inputs"), gen)
-    z_t = release.activations(encode(encoder, target_inputs.detach().to(torch.float32), "target_inputs"), gen)
-    f, dt = _float64(encoder)
-    z_sel, z_t, mean, lo, hi, mock_d = (t.to(dt) for t in (z_sel, z_t, mean, lo, hi, mock_f))
+    z_sel = release.activations(encode(encoder, mock_f[sel], "mock_inputs", max_batch), gen)
+    z_t = release.activations(encode(encoder, target_inputs.detach().to(torch.float32), "target_inputs",
+                                     max_batch), gen)
     # the ridge decoder's reconstruction starts the solve near the right basin (the attacker
     # fits it on released mock pairs; for the selection rows, on the other mock rows)
-    z_mock = release.activations(encode(encoder, mock_f, "mock_inputs"), gen)
+    z_mock = release.activations(encode(encoder, mock_f, "mock_inputs", max_batch), gen)
     rest = torch.ones(xm.shape[0], dtype=torch.bool)
     rest[sel] = False
     ridge_sel, _ = ridge_decoder(z_mock[rest], xm[rest], seed=seed)
@@ -232,7 +252,8 @@ def _whitebox(encoder: nn.Module, mock_inputs: torch.Tensor, target_inputs: torc
     m_sel = mean.expand(len(sel), *shape)
     sel_runs = [(start_sel, True), (m_sel, True), (start_sel, False), (m_sel, False)]
     for w in priors:  # the runs from the ridge start and the mean, fewer iterations
-        rec, _ = _solve(f, z_sel, m_sel, sel_runs, lo, hi, w, select_iterations, image, half)
+        rec, _ = _solve_rows(f, z_sel, m_sel, sel_runs, lo, hi, w, select_iterations, image, half,
+                             max_batch)
         r = mse_ratio(rec.reshape(len(sel), -1).float(), xm[sel], xm.mean(0))["ratio"]
         selection[f"{w[0]:g},{w[1]:g}"] = r
         if r < best:
@@ -244,7 +265,7 @@ def _whitebox(encoder: nn.Module, mock_inputs: torch.Tensor, target_inputs: torc
     m_t = mean.expand(n, *shape)
     runs = [(start_t, True), (m_t, True), (start_t, False), (m_t, False)]
     runs += [(mock_d[torch.randint(0, xm.shape[0], (n,), generator=gen)], False) for _ in range(restarts)]
-    rec, done = _solve(f, z_t, m_t, runs, lo, hi, best_w, iterations, image, end)
+    rec, done = _solve_rows(f, z_t, m_t, runs, lo, hi, best_w, iterations, image, end, max_batch)
     rec = rec.to(torch.float32)
     pred = rec.reshape(xt.shape[0], -1)
     out: dict[str, Any] = mse_ratio(pred, xt, xm.mean(0))
