@@ -101,7 +101,10 @@ def step_cost(module: nn.Module, input_shape: tuple[int, ...], batch: int, *,
     x = torch.zeros((batch, *input_shape), device=device, requires_grad=input_grad)
     counter = FlopCounterMode(display=False)
     tracker = _PeakMemory([x, *m.parameters(), *m.buffers()]) if memory else None
-    with torch.enable_grad():
+    # the copy runs real kernels (dropout draws from the global RNG): leave the caller's
+    # random stream as it was, or a resumed run (empty cache) would draw differently
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
         if tracker is not None:
             tracker.__enter__()
         try:

@@ -5,6 +5,7 @@ weights of an uninterrupted run."""
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def _plan(kind: str, seed: int = 1) -> SplitPlan:
         return SplitPlan.u_shaped(split_model(model, ["pool1", "relu3"]), ["a", "b"])
     if kind == "multi_hop":
         return SplitPlan.multi_hop(split_model(model, ["pool1", "pool2"]), ["a", "b"], hops=["lab"])
+    if kind == "dropout":  # the model owner's segment draws from the global torch RNG
+        layers = list(model.named_children())
+        model = nn.Sequential(OrderedDict([*layers[:-1], ("drop", nn.Dropout(0.3)),
+                                           layers[-1]]))
     share = "peer" if kind in SCHEDULE else "none"
     return SplitPlan.vanilla(split_model(model, ["pool1"]), ["a", "b"], share_weights=share)
 
@@ -149,13 +154,16 @@ def test_data_owner_crashes_change_nothing(tmp_path: Path, kind: str) -> None:
 
 @pytest.mark.parametrize("kind, fuse", [("vanilla", True), ("u_shaped", True),
                                         ("vanilla", False), ("u_shaped", False),
-                                        ("splitfed_v1", True), ("relay", True)])
+                                        ("splitfed_v1", True), ("relay", True),
+                                        ("dropout", True)])
 def test_model_owner_resumes_from_its_checkpoint(tmp_path: Path, kind: str, fuse: bool) -> None:
     """The model owner's process dies right after a data owner applied a request (three times,
     at random calls); a new process with a freshly initialised model re-attaches by segment id
     (``fit(resume=True)``), sends again what it cannot know was applied, and the run ends with
-    the uninterrupted run's weights. Unfused steps send two changing requests per segment and
-    step: both are answered from the data owner's record."""
+    the uninterrupted run's weights -- with a dropout in the model owner's segment too: the
+    cost ledger's first count in the new process draws nothing from the restored RNG.
+    Unfused steps send two changing requests per segment and step: both are answered from the
+    data owner's record."""
     want, _, calls = _reference(kind, 2, fuse)
     rng = random.Random(f"mo-{kind}-{fuse}")
     crashes = {n: "model_owner" for n in rng.sample(calls, 3)}
@@ -170,6 +178,7 @@ def test_model_owner_resumes_from_its_checkpoint(tmp_path: Path, kind: str, fuse
             break
         except Crash:
             crashed += 1  # a new process: new session, other initial weights, no segments
+            torch.manual_seed(1000 + crashed)  # and another torch RNG state
             session = SplitSession(_plan(kind, seed=99), t,
                                    optimizer=OptimizerSpec("adam", lr=1e-2), fuse=fuse)
     assert crashed == 3 and report.extra["resumed"] >= 1

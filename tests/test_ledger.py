@@ -102,3 +102,14 @@ def test_ledger_caches_one_count_per_batch_size() -> None:
     assert ledger.flops_by_party()["x"] == {"forward": 3 * first.forward,
                                             "backward": 3 * first.backward,
                                             "eval": first.forward}
+
+
+def test_counting_a_step_leaves_the_global_random_stream_alone() -> None:
+    # a dropout in the counted copy draws from torch's RNG: the count must not shift the
+    # caller's stream (a resumed run counts again, right after restoring the RNG state)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5))
+    torch.manual_seed(0)
+    want = torch.rand(4)
+    torch.manual_seed(0)
+    step_cost(model, (8,), 4)
+    assert torch.equal(torch.rand(4), want)
