@@ -1,11 +1,13 @@
 """The cost ledger: FLOPs (forward, backward) and peak tensor memory per party, next to bytes.
 
-FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` (no hand formulas): it
+FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` with torch's formulas: it
 counts matrix multiplications and convolutions (2 FLOPs per multiply-add) and leaves out
-element-wise ops, pooling, normalisation and losses. Peak memory is the largest number of
-tensor bytes alive during one training step -- parameters, buffers, the input batch,
-activations saved for backward, gradients, optimizer state and temporaries -- tracked storage
-by storage while the step runs (not the process's RSS, which would include PySyft and Python).
+element-wise ops, pooling, normalisation and losses. One formula is ours: a grouped
+convolution's weight gradient (torch's counts it as a dense one's, ``groups`` times too many).
+Peak memory is the largest number of tensor bytes alive during one training step -- parameters,
+buffers, the input batch, activations saved for backward, gradients, optimizer state and
+temporaries -- tracked storage by storage while the step runs (not the process's RSS, which
+would include PySyft and Python).
 
 Where a count comes from: the model owner knows every segment's architecture (it proposed
 them) and every batch shape, so :class:`CostLedger` counts each party's share of a step on an
@@ -83,6 +85,32 @@ class _PeakMemory(TorchDispatchMode):
         return out
 
 
+def _conv_backward_flop(grad_out_shape: list[int], x_shape: list[int], w_shape: list[int],
+                        _bias: Any, _stride: Any, _padding: Any, _dilation: Any,
+                        transposed: bool, _output_padding: Any, _groups: int,
+                        output_mask: list[bool], out_shape: Any, **kwargs: Any) -> int:
+    """torch's ``conv_backward_flop`` counts a grouped convolution's weight gradient as if the
+    convolution were dense (``groups`` times too many; a depthwise one C times): each weight
+    meets each output position once, so the weight gradient costs what the forward pass does
+    (the weight's shape already holds ``in_channels / groups``)."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    flops = 0
+    if output_mask[0]:  # input gradient: a transposed convolution of grad_out with the weight
+        flops += conv_flop_count(grad_out_shape, w_shape, x_shape, not transposed)
+    if output_mask[1]:  # weight gradient: the forward's multiply-adds
+        flops += conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return flops
+
+
+def _flop_formulas() -> dict[Any, Any]:
+    """Formulas :class:`FlopCounterMode` gets on top of torch's own: a groups-aware
+    convolution backward."""
+    aten = torch.ops.aten
+    formulas: dict[Any, Any] = {aten.convolution_backward: _conv_backward_flop}
+    return formulas
+
+
 def step_cost(module: nn.Module, input_shape: tuple[int, ...], batch: int, *,
               input_grad: bool = False, optimizer: OptimizerSpec | None = None,
               memory: bool = True) -> StepCost:
@@ -99,7 +127,7 @@ def step_cost(module: nn.Module, input_shape: tuple[int, ...], batch: int, *,
     opt = optimizer.build(params) if optimizer is not None and params else None
     device = next((p.device for p in m.parameters()), torch.device("cpu"))
     x = torch.zeros((batch, *input_shape), device=device, requires_grad=input_grad)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_flop_formulas())
     tracker = _PeakMemory([x, *m.parameters(), *m.buffers()]) if memory else None
     # the copy runs real kernels (dropout draws from the global RNG): leave the caller's
     # random stream as it was, or a resumed run (empty cache) would draw differently

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -113,3 +114,34 @@ def test_counting_a_step_leaves_the_global_random_stream_alone() -> None:
     torch.manual_seed(0)
     step_cost(model, (8,), 4)
     assert torch.equal(torch.rand(4), want)
+
+
+def _conv_macs(batch: int, conv: nn.Conv2d | nn.Conv1d, size: list[int]) -> int:
+    """Multiply-adds of ``conv``'s forward pass, counted by hand."""
+    out = 1
+    for n, k, s, p, d in zip(size, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                             strict=True):
+        out *= (n + 2 * int(p) - d * (k - 1) - 1) // s + 1
+    kernel = 1
+    for k in conv.kernel_size:
+        kernel *= k
+    return batch * conv.out_channels * out * (conv.in_channels // conv.groups) * kernel
+
+
+@pytest.mark.parametrize("conv, size", [
+    (nn.Conv2d(8, 8, 3, groups=8, padding=1), [16, 16]),  # depthwise
+    (nn.Conv2d(8, 16, 3, stride=2, dilation=2, groups=4), [31, 31]),
+    (nn.Conv1d(4, 8, 5, stride=2, padding=1, dilation=2, groups=2), [50]),
+    (nn.Conv2d(3, 16, 3, padding=1), [32, 32]),
+])
+def test_grouped_convolutions_count_their_own_multiply_adds(conv: nn.Module,
+                                                           size: list[int]) -> None:
+    # the weight gradient costs what the forward does (torch's formula counts it as if the
+    # convolution were dense: groups times too many); the input gradient as much again
+    assert isinstance(conv, nn.Conv1d | nn.Conv2d)
+    flops = 2 * _conv_macs(8, conv, size)
+    cost = step_cost(conv, (conv.in_channels, *size), 8, memory=False)
+    assert (cost.forward, cost.backward) == (flops, flops)
+    assert step_cost(conv, (conv.in_channels, *size), 8, input_grad=True,
+                     memory=False).backward == 2 * flops
+
