@@ -1,9 +1,11 @@
 """The cost ledger: FLOPs (forward, backward) and peak tensor memory per party, next to bytes.
 
 FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` with torch's formulas: it
-counts matrix multiplications and convolutions (2 FLOPs per multiply-add) and leaves out
-element-wise ops, pooling, normalisation and losses. One formula is ours: a grouped
-convolution's weight gradient (torch's counts it as a dense one's, ``groups`` times too many).
+counts matrix multiplications, convolutions and attention (2 FLOPs per multiply-add) and leaves
+out element-wise ops, pooling, normalisation and losses. Ours on top: a grouped convolution's
+weight gradient (torch's counts it as a dense one's, ``groups`` times too many), and the CPU
+flash-attention kernel behind ``scaled_dot_product_attention`` (forward and backward), which
+torch's table lacks, counted with torch's own attention formulas.
 Peak memory is the largest number of tensor bytes alive during one training step -- parameters,
 buffers, the input batch, activations saved for backward, gradients, optimizer state and
 temporaries -- tracked storage by storage while the step runs (not the process's RSS, which
@@ -103,11 +105,31 @@ def _conv_backward_flop(grad_out_shape: list[int], x_shape: list[int], w_shape: 
     return flops
 
 
+def _sdpa_flop(query_shape: list[int], key_shape: list[int], value_shape: list[int],
+               *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+def _sdpa_backward_flop(grad_out_shape: list[int], query_shape: list[int],
+                        key_shape: list[int], value_shape: list[int], *args: Any,
+                        out_shape: Any = None, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return int(sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape))
+
+
 def _flop_formulas() -> dict[Any, Any]:
     """Formulas :class:`FlopCounterMode` gets on top of torch's own: a groups-aware
-    convolution backward."""
+    convolution backward, and the CPU flash-attention kernel that ``scaled_dot_product_attention``
+    (``nn.MultiheadAttention(need_weights=False)``, transformer layers) runs on CPU, which this
+    torch does not count (its forward and backward, with torch's own attention formulas)."""
     aten = torch.ops.aten
     formulas: dict[Any, Any] = {aten.convolution_backward: _conv_backward_flop}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flop
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_backward_flop
     return formulas
 
 

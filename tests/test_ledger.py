@@ -145,3 +145,26 @@ def test_grouped_convolutions_count_their_own_multiply_adds(conv: nn.Module,
     assert step_cost(conv, (conv.in_channels, *size), 8, input_grad=True,
                      memory=False).backward == 2 * flops
 
+
+class _SelfAttention(nn.Module):
+    def __init__(self, embed: int, heads: int) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(embed, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # need_weights=False: the fused attention kernel (on CPU: flash attention for CPU)
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def test_an_attention_segment_counts_its_attention_products() -> None:
+    b, t, e, heads = 4, 10, 16, 2
+    cost = step_cost(_SelfAttention(e, heads), (t, e), b, memory=False)
+    projections = 2 * b * t * e * 3 * e + 2 * b * t * e * e  # q, k, v in; out
+    scores = 2 * b * t * t * e  # Q K^T over all heads (and as much for the weights times V)
+    assert cost.forward == projections + 2 * scores
+    # backward: weight gradients of the projections, the input gradient of the output
+    # projection (the segment's input needs none), attention: recomputed scores + 4 products
+    assert cost.backward == projections + 2 * b * t * e * e + 5 * scores
+    ledger = CostLedger(memory=False)
+    ledger.add("lab", cost)
+    assert ledger.training_flops("lab") == cost.forward + cost.backward
