@@ -219,18 +219,33 @@ class CostLedger:
             return hit
 
     def session_step(self, session: SplitSession, source: str, batch: int, *,
-                     train: bool = True) -> None:
+                     train: bool = True, local_loss: bool = False) -> None:
         """Book one step of ``batch`` records from ``source`` to every party that ran a segment
-        of it (data owners, relays, the model owner), counted on identical copies here."""
+        of it (data owners, relays, the model owner), counted on identical copies here.
+
+        ``local_loss``: a step of the local-loss schedule (:mod:`syft_split.local_loss`): the
+        data owner also trains the plan's auxiliary head on its segment's output, and the
+        model owner's segments read the cut activation without sending a gradient back."""
+        spec = session.plan.local_loss if local_loss else None
         with self._lock:
             shapes = self._shapes.get(source)
             if shapes is None:
                 shapes = self._shapes[source] = session._shapes(source)
             per_party: dict[str, list[StepCost]] = {}
             for i, node in enumerate(session.plan.nodes):
-                cost = self.cost(node.module, shapes[i][0], batch, input_grad=bool(node.inputs),
-                                 optimizer=node.optimizer or session.optimizer_spec)
+                optimizer = node.optimizer or session.optimizer_spec
+                if spec is not None and i == 0:
+                    optimizer = spec.optimizer or optimizer
+                # no input gradient for a first segment, nor at a cut no gradient goes back
+                grad_in = bool(node.inputs) and not (spec is not None and set(node.inputs) == {0})
+                cost = self.cost(node.module, shapes[i][0], batch, input_grad=grad_in,
+                                 optimizer=optimizer)
                 per_party.setdefault(session._host(source, i), []).append(cost)
+            if spec is not None:  # the auxiliary head, trained through into the segment
+                per_party.setdefault(session._host(source, 0), []).append(self.cost(
+                    spec.head, shapes[0][1], batch, input_grad=True,
+                    optimizer=spec.optimizer or session.plan.nodes[0].optimizer
+                    or session.optimizer_spec))
             for party, costs in per_party.items():
                 total = StepCost(sum(c.forward for c in costs), sum(c.backward for c in costs),
                                  sum(c.peak_bytes for c in costs))
