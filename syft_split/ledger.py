@@ -251,6 +251,20 @@ class CostLedger:
                                  sum(c.peak_bytes for c in costs))
                 self.add(party, total, train=train)
 
+    def totals(self) -> dict[str, Any]:
+        """What a checkpoint keeps: ``{"flops": flops_by_party(), "peak": peak_memory...}``."""
+        return {"flops": self.flops_by_party(), "peak": self.peak_memory_by_party()}
+
+    def load_totals(self, totals: dict[str, Any]) -> None:
+        """Add :meth:`totals` of an earlier process (a resumed run) to this ledger's."""
+        with self._lock:
+            for party, row in totals.get("flops", {}).items():
+                mine = self._flops.setdefault(party, {"forward": 0, "backward": 0, "eval": 0})
+                for k, n in row.items():
+                    mine[k] = mine.get(k, 0) + int(n)
+            for party, n in totals.get("peak", {}).items():
+                self._peak[party] = max(self._peak.get(party, 0), int(n))
+
     def flops_by_party(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {p: dict(row) for p, row in self._flops.items()}

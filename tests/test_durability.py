@@ -17,6 +17,7 @@ from syft_split import (
     DataOwnerHost,
     InProcessTransport,
     OptimizerSpec,
+    RunReport,
     SplitPlan,
     SplitSession,
     Trainer,
@@ -116,15 +117,15 @@ def _weights(session: SplitSession, host: Callable[[str], DataOwnerHost]) -> lis
 
 
 def _reference(kind: str, epochs: int, fuse: bool = True
-               ) -> tuple[list[torch.Tensor], list[float], range]:
-    """The uninterrupted run: final weights, per-epoch losses, and its training calls."""
+               ) -> tuple[list[torch.Tensor], RunReport, range]:
+    """The uninterrupted run: final weights, its report, and its training calls."""
     hosts = {p: _host(p, None) for p in _parties(kind)}
     t = InProcessTransport(list(hosts.values()))
     session = _start(kind, t, hosts.__getitem__, fuse=fuse)
     setup = t.calls
     report = _trainer(session, kind).fit(epochs, verbose=False)
     calls = range(setup + 1, t.calls + 1)
-    return _weights(session, hosts.__getitem__), [e.train_loss for e in report.epochs], calls
+    return _weights(session, hosts.__getitem__), report, calls
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -132,7 +133,8 @@ def test_data_owner_crashes_change_nothing(tmp_path: Path, kind: str) -> None:
     """Data owners crash before requests arrive and after applying them (response lost) at
     random calls; they restart from their state directories, the transport retries under the
     same step ids, and the run ends bit-for-bit where the uninterrupted one does."""
-    want, want_losses, calls = _reference(kind, 2)
+    want, want_report, calls = _reference(kind, 2)
+    want_losses = [e.train_loss for e in want_report.epochs]
     rng = random.Random(kind)
     crashes = {n: rng.choice(["before", "after"]) for n in sorted(rng.sample(calls, 8))}
     # a crash adds one request (its retry): later crash points shift with it
@@ -164,7 +166,7 @@ def test_model_owner_resumes_from_its_checkpoint(tmp_path: Path, kind: str, fuse
     cost ledger's first count in the new process draws nothing from the restored RNG.
     Unfused steps send two changing requests per segment and step: both are answered from the
     data owner's record."""
-    want, _, calls = _reference(kind, 2, fuse)
+    want, want_report, calls = _reference(kind, 2, fuse)
     rng = random.Random(f"mo-{kind}-{fuse}")
     crashes = {n: "model_owner" for n in rng.sample(calls, 3)}
     t = _chaos(kind, tmp_path / "owners", crashes)
@@ -184,6 +186,14 @@ def test_model_owner_resumes_from_its_checkpoint(tmp_path: Path, kind: str, fuse
     assert crashed == 3 and report.extra["resumed"] >= 1
     got = _weights(session, t.host)
     assert all(torch.equal(a, b) for a, b in zip(got, want)), "weights differ after resume"
+    # the report covers the crashed processes' work too (as of their last checkpoints)
+    assert report.steps == want_report.steps
+    assert report.flops_by_party == want_report.flops_by_party
+    assert report.peak_memory_by_party == want_report.peak_memory_by_party
+    assert report.transport_calls >= want_report.transport_calls  # + requests sent again
+    for party, row in want_report.bytes_by_party.items():
+        assert report.bytes_by_party[party]["sent"] >= row["sent"]
+    assert report.wall_time_s >= sum(e.seconds for e in report.epochs)
 
 
 def test_a_retried_step_is_answered_from_the_record(tmp_path: Path) -> None:
