@@ -7,6 +7,12 @@ Bytes are this run's only: :class:`RunTraffic` takes the records a transport's t
 measuring and querying calls (:data:`MEASUREMENT_OPS`: the live leakage watch, the leakage
 measurement after training, HE cost figures, segment status) are booked apart, in
 ``measurement_bytes_by_party``, not in ``bytes_by_party``.
+
+Every byte figure counts payloads -- the wire-format message (:mod:`syft_split.wire`) of each
+request and answer the transport's ``call`` carried, once per attempt -- not bytes on the
+network: PySyft's own serialization and HTTP, the direct channel's ``open_channel`` control
+calls, frame headers and TLS records are not counted, and a channel frame sent again after a
+reconnect counts once.
 """
 
 from __future__ import annotations
@@ -50,8 +56,10 @@ class EpochRecord:
 class RunReport:
     """Everything one run measured. :meth:`save` writes ``report.json`` and ``report.png``.
 
-    Byte figures are this run's payload bytes (see the module docstring: not setup, not bytes
-    on the network); a trainer's report covers all its ``fit`` calls."""
+    Byte figures are this run's payload bytes (see the module docstring): wire-format
+    requests and answers, not bytes on the network (no PySyft serialization or HTTP, no channel
+    control calls, frame headers or TLS; a frame resent after a reconnect counts once), and not
+    the setup before ``fit``. A trainer's report covers all its ``fit`` calls."""
 
     config: dict[str, Any]
     epochs: list[EpochRecord] = field(default_factory=list)
