@@ -17,7 +17,9 @@ reconnect counts once.
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,49 +165,56 @@ def _add_bytes(into: dict[str, dict[str, int]], more: dict[str, dict[str, int]])
 class RunTraffic:
     """One run's share of a transport's :class:`~syft_split.transport.base.TrafficLog`: the
     records added since this object was made, plus figures carried over from a process that
-    crashed before a resume (:attr:`carried`, the saved report's figures)."""
+    crashed before a resume (:attr:`carried`, the saved report's figures). Each record is
+    summed once (a checkpoint asks for the figures after every step)."""
 
     def __init__(self, log: TrafficLog) -> None:
         self.log = log
-        self.start = len(log.snapshot())
+        self._seen = log.size()
+        self._lock = threading.Lock()
         #: figures of the run before this process (a resumed run): same keys as figures()
         self.carried: dict[str, Any] = {}
+        self._by_party: dict[str, dict[str, int]] = {}
+        self._measured: dict[str, dict[str, int]] = {}
+        self._by_direction: dict[str, int] = {}
+        self._by_op: dict[str, dict[str, int]] = {}
+        self._calls = 0
 
-    def records(self) -> list[TrafficRecord]:
-        records = self.log.snapshot()
-        if len(records) < self.start:  # the log was cleared meanwhile: all it holds is ours
-            self.start = 0
-        return records[self.start:]
+    def _take(self, records: list[TrafficRecord]) -> None:
+        for r in records:
+            answer = r.dst == MODEL_OWNER
+            op = self._by_op.setdefault(r.op, {"calls": 0, "request_bytes": 0,
+                                               "answer_bytes": 0})
+            op["answer_bytes" if answer else "request_bytes"] += r.nbytes
+            op["calls"] += int(answer)
+            measured = r.op in MEASUREMENT_OPS
+            _add_bytes(self._measured if measured else self._by_party,
+                       {r.src: {"sent": r.nbytes, "received": 0},
+                        r.dst: {"sent": 0, "received": r.nbytes}})
+            if not measured:
+                key = f"{r.src}->{r.dst}"
+                self._by_direction[key] = self._by_direction.get(key, 0) + r.nbytes
+                self._calls += int(answer)
 
     def figures(self) -> dict[str, Any]:
         """``bytes_by_party``, ``bytes_by_direction``, ``transport_calls`` (training and
         evaluation), ``measurement_bytes_by_party`` and ``bytes_by_op`` of this run."""
-        by_party: dict[str, dict[str, int]] = {}
-        measured: dict[str, dict[str, int]] = {}
-        by_direction: dict[str, int] = {}
-        by_op: dict[str, dict[str, int]] = {}
-        calls = 0
-        for r in self.records():
-            answer = r.dst == MODEL_OWNER
-            op = by_op.setdefault(r.op, {"calls": 0, "request_bytes": 0, "answer_bytes": 0})
-            op["answer_bytes" if answer else "request_bytes"] += r.nbytes
-            op["calls"] += int(answer)
-            rows = measured if r.op in MEASUREMENT_OPS else by_party
-            _add_bytes(rows, {r.src: {"sent": r.nbytes, "received": 0},
-                              r.dst: {"sent": 0, "received": r.nbytes}})
-            if r.op not in MEASUREMENT_OPS:
-                key = f"{r.src}->{r.dst}"
-                by_direction[key] = by_direction.get(key, 0) + r.nbytes
-                calls += int(answer)
-        out: dict[str, Any] = {"bytes_by_party": by_party, "bytes_by_direction": by_direction,
-                               "transport_calls": calls, "measurement_bytes_by_party": measured,
-                               "bytes_by_op": by_op}
+        with self._lock:
+            if self.log.size() < self._seen:  # the log was cleared: what it holds is new
+                self._seen = 0
+            new = self.log.since(self._seen)
+            self._seen += len(new)
+            self._take(new)
+            out: dict[str, Any] = copy.deepcopy({
+                "bytes_by_party": self._by_party, "bytes_by_direction": self._by_direction,
+                "transport_calls": self._calls, "measurement_bytes_by_party": self._measured,
+                "bytes_by_op": self._by_op})
         carried = self.carried
         if carried:
             for key in ("bytes_by_party", "measurement_bytes_by_party", "bytes_by_op"):
                 _add_bytes(out[key], carried.get(key, {}))
             for k, n in carried.get("bytes_by_direction", {}).items():
-                by_direction[k] = by_direction.get(k, 0) + int(n)
+                out["bytes_by_direction"][k] = out["bytes_by_direction"].get(k, 0) + int(n)
             out["transport_calls"] += int(carried.get("transport_calls", 0))
         return out
 

@@ -221,6 +221,16 @@ class TrafficLog:
         with self._lock:
             return list(self.records)
 
+    def size(self) -> int:
+        """How many records there are."""
+        with self._lock:
+            return len(self.records)
+
+    def since(self, start: int) -> list[TrafficRecord]:
+        """The records from index ``start`` on (a copy)."""
+        with self._lock:
+            return self.records[start:]
+
     def bytes_by_party(self) -> dict[str, dict[str, int]]:
         """``{party: {"sent": n, "received": n}}`` over all records."""
         out: dict[str, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
