@@ -9,7 +9,9 @@ atomically after every training step by :meth:`syft_split.Trainer.fit`. It holds
   whose delivery was unknown (:meth:`syft_split.remote.RemoteSegment.state`);
 - the schedule position: epoch, batches done in it, the batch generator's state at the start
   of the epoch (the epoch's order is drawn again from it), running sums, per-client server
-  copies (SplitFed v1), the report so far.
+  copies (SplitFed v1), the report so far (steps, epochs, wall time, the cost ledger's FLOPs and
+  peak memory, this run's bytes and calls: a resumed run's report covers the crashed process's
+  work up to its last checkpoint too).
 
 ``fit(resume=True, checkpoint_dir=...)`` in a new process re-attaches to the approved segments
 by id (:meth:`syft_split.SplitSession.attach`) and continues at the next batch; every request
@@ -80,7 +82,10 @@ class Checkpoint:
             "report": {"steps": trainer.report.steps,
                        "epochs": [asdict(e) for e in trainer.report.epochs],
                        "extra": {k: v for k, v in trainer.report.extra.items()
-                                 if k in ("unreachable", "resumed")}},
+                                 if k in ("unreachable", "resumed")},
+                       "wall_time_s": trainer.report.wall_time_s + trainer.fit_seconds(),
+                       "ledger": trainer.ledger.totals(),
+                       "traffic": {} if trainer.traffic is None else trainer.traffic.figures()},
         }
         persist.save(self.path, tree)
         self.writes += 1
@@ -125,4 +130,9 @@ class Checkpoint:
         trainer.report.steps = int(report["steps"])
         trainer.report.epochs = [EpochRecord(**e) for e in report["epochs"]]
         trainer.report.extra.update(report.get("extra", {}))
+        # the crashed process's costs, as of this checkpoint: the report goes on from them
+        trainer.report.wall_time_s = float(report.get("wall_time_s", 0.0))
+        trainer.ledger.load_totals(report.get("ledger", {}))
+        if trainer.traffic is not None:
+            trainer.traffic.carried = dict(report.get("traffic", {}))
         return Position(tree["position"])

@@ -36,7 +36,7 @@ from torch import nn
 
 from .errors import ConfigError, TransportError
 from .ledger import CostLedger
-from .report import EpochRecord, RunReport
+from .report import EpochRecord, RunReport, RunTraffic
 from .rounds import PartyFailure, run_each
 from .schedules import weighted_mean
 from .spec import OptimizerSpec, module_from_spec, module_to_spec, spec_state
@@ -100,6 +100,8 @@ class FederatedTrainer:
         self.dropped: dict[str, PartyFailure] = {}
         self.rounds_run = 0
         self.ledger = CostLedger()
+        #: this run's share of the transport's traffic log (made by the first fit)
+        self.traffic: RunTraffic | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.report = RunReport(config={
             "algorithm": algorithm, "data_owners": self.data_owners,
@@ -232,7 +234,9 @@ class FederatedTrainer:
         """``rounds`` FedAvg rounds (each ``local_epochs`` local epochs), or ``rounds`` epochs of
         synchronous SGD; evaluates after each; returns the run report (one record per round)."""
         t_run = time.perf_counter()
-        traffic = self.transport.traffic
+        if self.traffic is None:  # this run's bytes: from its first fit on (not the setup)
+            self.traffic = RunTraffic(self.transport.traffic)
+        traffic = self.traffic
         for r in range(1, rounds + 1):
             t0 = time.perf_counter()
             if self.algorithm == "fedavg":
@@ -251,7 +255,7 @@ class FederatedTrainer:
                 test_loss=test["loss"] if test else None,
                 test_accuracy=test["accuracy"] if test else None,
                 steps=self.report.steps, seconds=time.perf_counter() - t0,
-                bytes_by_party=traffic.bytes_by_party(),
+                bytes_by_party=traffic.figures()["bytes_by_party"],
                 flops_by_party=self.ledger.flops_by_party(),
             )
             self.report.epochs.append(rec)
@@ -260,9 +264,7 @@ class FederatedTrainer:
                       + (f" | test acc {rec.test_accuracy:.4f}" if test else "")
                       + f" | {rec.seconds:.1f}s", flush=True)
         self.report.wall_time_s += time.perf_counter() - t_run
-        self.report.transport_calls = self.transport.calls
-        self.report.bytes_by_party = traffic.bytes_by_party()
-        self.report.bytes_by_direction = traffic.bytes_by_direction()
+        traffic.book(self.report)
         self.report.flops_by_party = self.ledger.flops_by_party()
         self.report.peak_memory_by_party = self.ledger.peak_memory_by_party()
         return self.report

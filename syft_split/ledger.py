@@ -1,11 +1,15 @@
 """The cost ledger: FLOPs (forward, backward) and peak tensor memory per party, next to bytes.
 
-FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` (no hand formulas): it
-counts matrix multiplications and convolutions (2 FLOPs per multiply-add) and leaves out
-element-wise ops, pooling, normalisation and losses. Peak memory is the largest number of
-tensor bytes alive during one training step -- parameters, buffers, the input batch,
-activations saved for backward, gradients, optimizer state and temporaries -- tracked storage
-by storage while the step runs (not the process's RSS, which would include PySyft and Python).
+FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` with torch's formulas: it
+counts matrix multiplications, convolutions and attention (2 FLOPs per multiply-add) and leaves
+out element-wise ops, pooling, normalisation and losses. Ours on top: a grouped convolution's
+weight gradient (torch's counts it as a dense one's, ``groups`` times too many), and the CPU
+flash-attention kernel behind ``scaled_dot_product_attention`` (forward and backward), which
+torch's table lacks, counted with torch's own attention formulas.
+Peak memory is the largest number of tensor bytes alive during one training step -- parameters,
+buffers, the input batch, activations saved for backward, gradients, optimizer state and
+temporaries -- tracked storage by storage while the step runs (not the process's RSS, which
+would include PySyft and Python).
 
 Where a count comes from: the model owner knows every segment's architecture (it proposed
 them) and every batch shape, so :class:`CostLedger` counts each party's share of a step on an
@@ -83,6 +87,52 @@ class _PeakMemory(TorchDispatchMode):
         return out
 
 
+def _conv_backward_flop(grad_out_shape: list[int], x_shape: list[int], w_shape: list[int],
+                        _bias: Any, _stride: Any, _padding: Any, _dilation: Any,
+                        transposed: bool, _output_padding: Any, _groups: int,
+                        output_mask: list[bool], out_shape: Any, **kwargs: Any) -> int:
+    """torch's ``conv_backward_flop`` counts a grouped convolution's weight gradient as if the
+    convolution were dense (``groups`` times too many; a depthwise one C times): each weight
+    meets each output position once, so the weight gradient costs what the forward pass does
+    (the weight's shape already holds ``in_channels / groups``)."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    flops = 0
+    if output_mask[0]:  # input gradient: a transposed convolution of grad_out with the weight
+        flops += conv_flop_count(grad_out_shape, w_shape, x_shape, not transposed)
+    if output_mask[1]:  # weight gradient: the forward's multiply-adds
+        flops += conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return flops
+
+
+def _sdpa_flop(query_shape: list[int], key_shape: list[int], value_shape: list[int],
+               *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+def _sdpa_backward_flop(grad_out_shape: list[int], query_shape: list[int],
+                        key_shape: list[int], value_shape: list[int], *args: Any,
+                        out_shape: Any = None, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return int(sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape))
+
+
+def _flop_formulas() -> dict[Any, Any]:
+    """Formulas :class:`FlopCounterMode` gets on top of torch's own: a groups-aware
+    convolution backward, and the CPU flash-attention kernel that ``scaled_dot_product_attention``
+    (``nn.MultiheadAttention(need_weights=False)``, transformer layers) runs on CPU, which this
+    torch does not count (its forward and backward, with torch's own attention formulas)."""
+    aten = torch.ops.aten
+    formulas: dict[Any, Any] = {aten.convolution_backward: _conv_backward_flop}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flop
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_backward_flop
+    return formulas
+
+
 def step_cost(module: nn.Module, input_shape: tuple[int, ...], batch: int, *,
               input_grad: bool = False, optimizer: OptimizerSpec | None = None,
               memory: bool = True) -> StepCost:
@@ -99,9 +149,12 @@ def step_cost(module: nn.Module, input_shape: tuple[int, ...], batch: int, *,
     opt = optimizer.build(params) if optimizer is not None and params else None
     device = next((p.device for p in m.parameters()), torch.device("cpu"))
     x = torch.zeros((batch, *input_shape), device=device, requires_grad=input_grad)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_flop_formulas())
     tracker = _PeakMemory([x, *m.parameters(), *m.buffers()]) if memory else None
-    with torch.enable_grad():
+    # the copy runs real kernels (dropout draws from the global RNG): leave the caller's
+    # random stream as it was, or a resumed run (empty cache) would draw differently
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
         if tracker is not None:
             tracker.__enter__()
         try:
@@ -166,22 +219,51 @@ class CostLedger:
             return hit
 
     def session_step(self, session: SplitSession, source: str, batch: int, *,
-                     train: bool = True) -> None:
+                     train: bool = True, local_loss: bool = False) -> None:
         """Book one step of ``batch`` records from ``source`` to every party that ran a segment
-        of it (data owners, relays, the model owner), counted on identical copies here."""
+        of it (data owners, relays, the model owner), counted on identical copies here.
+
+        ``local_loss``: a step of the local-loss schedule (:mod:`syft_split.local_loss`): the
+        data owner also trains the plan's auxiliary head on its segment's output, and the
+        model owner's segments read the cut activation without sending a gradient back."""
+        spec = session.plan.local_loss if local_loss else None
         with self._lock:
             shapes = self._shapes.get(source)
             if shapes is None:
                 shapes = self._shapes[source] = session._shapes(source)
             per_party: dict[str, list[StepCost]] = {}
             for i, node in enumerate(session.plan.nodes):
-                cost = self.cost(node.module, shapes[i][0], batch, input_grad=bool(node.inputs),
-                                 optimizer=node.optimizer or session.optimizer_spec)
+                optimizer = node.optimizer or session.optimizer_spec
+                if spec is not None and i == 0:
+                    optimizer = spec.optimizer or optimizer
+                # no input gradient for a first segment, nor at a cut no gradient goes back
+                grad_in = bool(node.inputs) and not (spec is not None and set(node.inputs) == {0})
+                cost = self.cost(node.module, shapes[i][0], batch, input_grad=grad_in,
+                                 optimizer=optimizer)
                 per_party.setdefault(session._host(source, i), []).append(cost)
+            if spec is not None:  # the auxiliary head, trained through into the segment
+                per_party.setdefault(session._host(source, 0), []).append(self.cost(
+                    spec.head, shapes[0][1], batch, input_grad=True,
+                    optimizer=spec.optimizer or session.plan.nodes[0].optimizer
+                    or session.optimizer_spec))
             for party, costs in per_party.items():
                 total = StepCost(sum(c.forward for c in costs), sum(c.backward for c in costs),
                                  sum(c.peak_bytes for c in costs))
                 self.add(party, total, train=train)
+
+    def totals(self) -> dict[str, Any]:
+        """What a checkpoint keeps: ``{"flops": flops_by_party(), "peak": peak_memory...}``."""
+        return {"flops": self.flops_by_party(), "peak": self.peak_memory_by_party()}
+
+    def load_totals(self, totals: dict[str, Any]) -> None:
+        """Add :meth:`totals` of an earlier process (a resumed run) to this ledger's."""
+        with self._lock:
+            for party, row in totals.get("flops", {}).items():
+                mine = self._flops.setdefault(party, {"forward": 0, "backward": 0, "eval": 0})
+                for k, n in row.items():
+                    mine[k] = mine.get(k, 0) + int(n)
+            for party, n in totals.get("peak", {}).items():
+                self._peak[party] = max(self._peak.get(party, 0), int(n))
 
     def flops_by_party(self) -> dict[str, dict[str, int]]:
         with self._lock:

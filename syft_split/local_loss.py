@@ -197,6 +197,7 @@ def local_loss_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
             for idx, act, y in zip(batches, acts, released):
                 _, m = model_owner_step(s, act, trainer._label(p, ds, idx), y,
                                         need_grad=False)  # nothing goes back
+                trainer.ledger.session_step(s, p, int(idx.shape[0]), local_loss=True)
                 totals.add(m)
             stream.ahead -= len(batches)
         refill()

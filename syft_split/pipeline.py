@@ -175,6 +175,7 @@ def pipelined_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
             grad, m = model_owner_step(s, response["activation"],
                                        trainer._label(p, ds, idx), response.get("labels"))
             assert grad is not None
+            trainer.ledger.session_step(s, p, int(idx.shape[0]))  # data owner + model owner
             if todo[p]:
                 send(p, "pipe_forward", indices=todo[p].popleft(), dataset=ds, grad=grad)
             else:

@@ -1,15 +1,36 @@
 """The per-run ledger: config, per-epoch metrics, steps, wall time, bytes, FLOPs and peak memory
-per party (see :mod:`syft_split.ledger`), parties that failed a round; JSON + PNG."""
+per party (see :mod:`syft_split.ledger`), parties that failed a round; JSON + PNG.
+
+Bytes are this run's only: :class:`RunTraffic` takes the records a transport's traffic log
+(which lives as long as the transport) gained since the run's first ``fit``. Setup before it
+(``describe``, ``propose`` with the initial weights, approvals) is not in the report; the
+measuring and querying calls (:data:`MEASUREMENT_OPS`: the live leakage watch, the leakage
+measurement after training, HE cost figures, segment status) are booked apart, in
+``measurement_bytes_by_party``, not in ``bytes_by_party``.
+
+Every byte figure counts payloads -- the wire-format message (:mod:`syft_split.wire`) of each
+request and answer the transport's ``call`` carried, once per attempt -- not bytes on the
+network: PySyft's own serialization and HTTP, the direct channel's ``open_channel`` control
+calls, frame headers and TLS records are not counted, and a channel frame sent again after a
+reconnect counts once.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunReport", "EpochRecord"]
+from .transport.base import MODEL_OWNER, TrafficLog, TrafficRecord
+
+__all__ = ["RunReport", "EpochRecord", "RunTraffic", "MEASUREMENT_OPS"]
+
+#: ops that measure or query rather than train: booked in ``measurement_bytes_by_party``
+MEASUREMENT_OPS = frozenset({"leakage", "watch", "he_costs", "status"})
 
 
 @dataclass
@@ -20,7 +41,10 @@ class EpochRecord:
     test_loss: float | None
     test_accuracy: float | None
     steps: int
+    #: seconds of this epoch (training, evaluation and the watch)
     seconds: float
+    #: cumulative bytes of this run so far, like ``steps`` and ``flops_by_party`` (not this
+    #: epoch's alone): the report's ``bytes_by_party`` at the end of this epoch
     bytes_by_party: dict[str, dict[str, int]]
     #: each data owner's live leakage watch at the end of the epoch (figures, or halted)
     watch: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -32,15 +56,27 @@ class EpochRecord:
 
 @dataclass
 class RunReport:
-    """Everything one run measured. :meth:`save` writes ``report.json`` and ``report.png``."""
+    """Everything one run measured. :meth:`save` writes ``report.json`` and ``report.png``.
+
+    Byte figures are this run's payload bytes (see the module docstring): wire-format
+    requests and answers, not bytes on the network (no PySyft serialization or HTTP, no channel
+    control calls, frame headers or TLS; a frame resent after a reconnect counts once), and not
+    the setup before ``fit``. A trainer's report covers all its ``fit`` calls."""
 
     config: dict[str, Any]
     epochs: list[EpochRecord] = field(default_factory=list)
     steps: int = 0
     wall_time_s: float = 0.0
+    #: calls answered in this run's training and evaluation (measurement calls not included)
     transport_calls: int = 0
+    #: payload bytes of this run's training and evaluation: {party: {"sent", "received"}}
     bytes_by_party: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: the same bytes per direction: {"src->dst": n}
     bytes_by_direction: dict[str, int] = field(default_factory=dict)
+    #: payload bytes of this run's measuring calls (MEASUREMENT_OPS), apart from the above
+    measurement_bytes_by_party: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: every op of this run: {op: {"calls", "request_bytes", "answer_bytes"}}
+    bytes_by_op: dict[str, dict[str, int]] = field(default_factory=dict)
     #: FLOPs per party over the run: {"forward", "backward", "eval"} (syft_split.ledger)
     flops_by_party: dict[str, dict[str, int]] = field(default_factory=dict)
     #: peak tensor bytes of one training step per party (syft_split.ledger)
@@ -117,3 +153,72 @@ class RunReport:
             axes[4].set(title="training GFLOPs per party")
         fig.tight_layout()
         fig.savefig(path, dpi=90)
+
+
+def _add_bytes(into: dict[str, dict[str, int]], more: dict[str, dict[str, int]]) -> None:
+    for key, row in more.items():
+        mine = into.setdefault(key, {})
+        for k, n in row.items():
+            mine[k] = mine.get(k, 0) + int(n)
+
+
+class RunTraffic:
+    """One run's share of a transport's :class:`~syft_split.transport.base.TrafficLog`: the
+    records added since this object was made, plus figures carried over from a process that
+    crashed before a resume (:attr:`carried`, the saved report's figures). Each record is
+    summed once (a checkpoint asks for the figures after every step)."""
+
+    def __init__(self, log: TrafficLog) -> None:
+        self.log = log
+        self._seen = log.size()
+        self._lock = threading.Lock()
+        #: figures of the run before this process (a resumed run): same keys as figures()
+        self.carried: dict[str, Any] = {}
+        self._by_party: dict[str, dict[str, int]] = {}
+        self._measured: dict[str, dict[str, int]] = {}
+        self._by_direction: dict[str, int] = {}
+        self._by_op: dict[str, dict[str, int]] = {}
+        self._calls = 0
+
+    def _take(self, records: list[TrafficRecord]) -> None:
+        for r in records:
+            answer = r.dst == MODEL_OWNER
+            op = self._by_op.setdefault(r.op, {"calls": 0, "request_bytes": 0,
+                                               "answer_bytes": 0})
+            op["answer_bytes" if answer else "request_bytes"] += r.nbytes
+            op["calls"] += int(answer)
+            measured = r.op in MEASUREMENT_OPS
+            _add_bytes(self._measured if measured else self._by_party,
+                       {r.src: {"sent": r.nbytes, "received": 0},
+                        r.dst: {"sent": 0, "received": r.nbytes}})
+            if not measured:
+                key = f"{r.src}->{r.dst}"
+                self._by_direction[key] = self._by_direction.get(key, 0) + r.nbytes
+                self._calls += int(answer)
+
+    def figures(self) -> dict[str, Any]:
+        """``bytes_by_party``, ``bytes_by_direction``, ``transport_calls`` (training and
+        evaluation), ``measurement_bytes_by_party`` and ``bytes_by_op`` of this run."""
+        with self._lock:
+            if self.log.size() < self._seen:  # the log was cleared: what it holds is new
+                self._seen = 0
+            new = self.log.since(self._seen)
+            self._seen += len(new)
+            self._take(new)
+            out: dict[str, Any] = copy.deepcopy({
+                "bytes_by_party": self._by_party, "bytes_by_direction": self._by_direction,
+                "transport_calls": self._calls, "measurement_bytes_by_party": self._measured,
+                "bytes_by_op": self._by_op})
+        carried = self.carried
+        if carried:
+            for key in ("bytes_by_party", "measurement_bytes_by_party", "bytes_by_op"):
+                _add_bytes(out[key], carried.get(key, {}))
+            for k, n in carried.get("bytes_by_direction", {}).items():
+                out["bytes_by_direction"][k] = out["bytes_by_direction"].get(k, 0) + int(n)
+            out["transport_calls"] += int(carried.get("transport_calls", 0))
+        return out
+
+    def book(self, report: RunReport) -> None:
+        """Write this run's figures into ``report``."""
+        for key, value in self.figures().items():
+            setattr(report, key, value)

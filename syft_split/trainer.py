@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint, Position
 from .errors import ConfigError, TransportError
 from .ledger import CostLedger
-from .report import EpochRecord, RunReport
+from .report import EpochRecord, RunReport, RunTraffic
 from .schedules import SCHEDULES, SecureAverage, ServerCopies, relay_weights
 from .session import SplitSession, StepMetrics
 
@@ -114,6 +114,9 @@ class Trainer:
             **(config or {}),
         })
         self.ledger = CostLedger()
+        #: this run's share of the transport's traffic log (made by the first fit)
+        self.traffic: RunTraffic | None = None
+        self._fit_started: float | None = None
         self._rounds = self._concurrent_rounds(max_workers, party_deadline_s)
 
     def _concurrent_rounds(self, max_workers: int | None, deadline_s: float | None) -> Any:
@@ -127,6 +130,11 @@ class Trainer:
             max_workers = min(32, max(1, len(self.session.plan.sources)))
         self.report.config["max_workers"] = max_workers
         return SplitFedRounds(self, max_workers=max_workers, deadline_s=deadline_s)
+
+    def fit_seconds(self) -> float:
+        """Seconds of the fit running now (0 outside fit): not yet in ``report.wall_time_s``."""
+        started = self._fit_started
+        return 0.0 if started is None else time.perf_counter() - started
 
     def unavailable(self) -> set[str]:
         """Data owners this run goes on without: unreachable this epoch (``on_unreachable``)
@@ -300,8 +308,10 @@ class Trainer:
         epoch twice at the data owners."""
         if checkpoint_dir is not None or resume:
             _check_durable(self)
-        t_run = time.perf_counter()
-        traffic = self.session.transport.traffic
+        t_run = self._fit_started = time.perf_counter()
+        if self.traffic is None:  # this run's bytes: from its first fit on (not the setup)
+            self.traffic = RunTraffic(self.session.transport.traffic)
+        traffic = self.traffic
         if checkpoint_dir is not None and self.session.he is not None:
             self.session.he.journal = Path(checkpoint_dir)  # the encrypted step in flight
         self._checkpoint = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
@@ -333,7 +343,7 @@ class Trainer:
                 test_loss=test["loss"] if test else None,
                 test_accuracy=test["accuracy"] if test else None,
                 steps=self.report.steps, seconds=time.perf_counter() - t0,
-                bytes_by_party=traffic.bytes_by_party(),
+                bytes_by_party=traffic.figures()["bytes_by_party"],
                 watch=self.session.watch_status(skip=self.unavailable()) if self.watch else {},
                 flops_by_party=self.ledger.flops_by_party(),
                 round_seconds=list(getattr(self._rounds, "epoch_round_seconds", [])),
@@ -363,9 +373,8 @@ class Trainer:
                     print(f"leakage at {party}: " + ", ".join(f"{k}={v:.4g}"
                                                               for k, v in values.items()))
         self.report.wall_time_s += time.perf_counter() - t_run
-        self.report.transport_calls = self.session.transport.calls
-        self.report.bytes_by_party = traffic.bytes_by_party()
-        self.report.bytes_by_direction = traffic.bytes_by_direction()
+        self._fit_started = None
+        traffic.book(self.report)
         self.report.flops_by_party = self.ledger.flops_by_party()
         self.report.peak_memory_by_party = self.ledger.peak_memory_by_party()
         return self.report

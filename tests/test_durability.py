@@ -5,6 +5,7 @@ weights of an uninterrupted run."""
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from syft_split import (
     DataOwnerHost,
     InProcessTransport,
     OptimizerSpec,
+    RunReport,
     SplitPlan,
     SplitSession,
     Trainer,
@@ -59,6 +61,10 @@ def _plan(kind: str, seed: int = 1) -> SplitPlan:
         return SplitPlan.u_shaped(split_model(model, ["pool1", "relu3"]), ["a", "b"])
     if kind == "multi_hop":
         return SplitPlan.multi_hop(split_model(model, ["pool1", "pool2"]), ["a", "b"], hops=["lab"])
+    if kind == "dropout":  # the model owner's segment draws from the global torch RNG
+        layers = list(model.named_children())
+        model = nn.Sequential(OrderedDict([*layers[:-1], ("drop", nn.Dropout(0.3)),
+                                           layers[-1]]))
     share = "peer" if kind in SCHEDULE else "none"
     return SplitPlan.vanilla(split_model(model, ["pool1"]), ["a", "b"], share_weights=share)
 
@@ -111,15 +117,15 @@ def _weights(session: SplitSession, host: Callable[[str], DataOwnerHost]) -> lis
 
 
 def _reference(kind: str, epochs: int, fuse: bool = True
-               ) -> tuple[list[torch.Tensor], list[float], range]:
-    """The uninterrupted run: final weights, per-epoch losses, and its training calls."""
+               ) -> tuple[list[torch.Tensor], RunReport, range]:
+    """The uninterrupted run: final weights, its report, and its training calls."""
     hosts = {p: _host(p, None) for p in _parties(kind)}
     t = InProcessTransport(list(hosts.values()))
     session = _start(kind, t, hosts.__getitem__, fuse=fuse)
     setup = t.calls
     report = _trainer(session, kind).fit(epochs, verbose=False)
     calls = range(setup + 1, t.calls + 1)
-    return _weights(session, hosts.__getitem__), [e.train_loss for e in report.epochs], calls
+    return _weights(session, hosts.__getitem__), report, calls
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -127,7 +133,8 @@ def test_data_owner_crashes_change_nothing(tmp_path: Path, kind: str) -> None:
     """Data owners crash before requests arrive and after applying them (response lost) at
     random calls; they restart from their state directories, the transport retries under the
     same step ids, and the run ends bit-for-bit where the uninterrupted one does."""
-    want, want_losses, calls = _reference(kind, 2)
+    want, want_report, calls = _reference(kind, 2)
+    want_losses = [e.train_loss for e in want_report.epochs]
     rng = random.Random(kind)
     crashes = {n: rng.choice(["before", "after"]) for n in sorted(rng.sample(calls, 8))}
     # a crash adds one request (its retry): later crash points shift with it
@@ -149,14 +156,17 @@ def test_data_owner_crashes_change_nothing(tmp_path: Path, kind: str) -> None:
 
 @pytest.mark.parametrize("kind, fuse", [("vanilla", True), ("u_shaped", True),
                                         ("vanilla", False), ("u_shaped", False),
-                                        ("splitfed_v1", True), ("relay", True)])
+                                        ("splitfed_v1", True), ("relay", True),
+                                        ("dropout", True)])
 def test_model_owner_resumes_from_its_checkpoint(tmp_path: Path, kind: str, fuse: bool) -> None:
     """The model owner's process dies right after a data owner applied a request (three times,
     at random calls); a new process with a freshly initialised model re-attaches by segment id
     (``fit(resume=True)``), sends again what it cannot know was applied, and the run ends with
-    the uninterrupted run's weights. Unfused steps send two changing requests per segment and
-    step: both are answered from the data owner's record."""
-    want, _, calls = _reference(kind, 2, fuse)
+    the uninterrupted run's weights -- with a dropout in the model owner's segment too: the
+    cost ledger's first count in the new process draws nothing from the restored RNG.
+    Unfused steps send two changing requests per segment and step: both are answered from the
+    data owner's record."""
+    want, want_report, calls = _reference(kind, 2, fuse)
     rng = random.Random(f"mo-{kind}-{fuse}")
     crashes = {n: "model_owner" for n in rng.sample(calls, 3)}
     t = _chaos(kind, tmp_path / "owners", crashes)
@@ -170,11 +180,20 @@ def test_model_owner_resumes_from_its_checkpoint(tmp_path: Path, kind: str, fuse
             break
         except Crash:
             crashed += 1  # a new process: new session, other initial weights, no segments
+            torch.manual_seed(1000 + crashed)  # and another torch RNG state
             session = SplitSession(_plan(kind, seed=99), t,
                                    optimizer=OptimizerSpec("adam", lr=1e-2), fuse=fuse)
     assert crashed == 3 and report.extra["resumed"] >= 1
     got = _weights(session, t.host)
     assert all(torch.equal(a, b) for a, b in zip(got, want)), "weights differ after resume"
+    # the report covers the crashed processes' work too (as of their last checkpoints)
+    assert report.steps == want_report.steps
+    assert report.flops_by_party == want_report.flops_by_party
+    assert report.peak_memory_by_party == want_report.peak_memory_by_party
+    assert report.transport_calls >= want_report.transport_calls  # + requests sent again
+    for party, row in want_report.bytes_by_party.items():
+        assert report.bytes_by_party[party]["sent"] >= row["sent"]
+    assert report.wall_time_s >= sum(e.seconds for e in report.epochs)
 
 
 def test_a_retried_step_is_answered_from_the_record(tmp_path: Path) -> None:

@@ -168,7 +168,8 @@ class _Damaging(InProcessTransport):
 def test_an_unreadable_answer_leaves_the_step_unsettled_not_refused() -> None:
     """The host applied the step; the model owner could not read its answer. That is a
     transport failure (fate unknown): the step is settled under its id, applied once, and
-    training goes on, instead of the id being reused and every later step refused."""
+    training goes on, instead of the id being reused and every later step refused. (Without
+    retries: with them the transport sends the step again at once, test below.)"""
     from syft_split.transport.base import decode_response
 
     with pytest.raises(TransportError, match="cannot be read") as err:
@@ -176,7 +177,7 @@ def test_an_unreadable_answer_leaves_the_step_unsettled_not_refused() -> None:
     assert err.value.party == "a"
 
     hosts = _hosts()
-    t = _Damaging(list(hosts.values()))
+    t = _Damaging(list(hosts.values()), policy=CallPolicy(retries=0))
     torch.manual_seed(1)
     session = SplitSession(SplitPlan.vanilla(split_model(digits_cnn(channels=4, hidden=16),
                                                          ["pool1"]), ["a"]),
@@ -206,6 +207,40 @@ def test_an_unreadable_answer_leaves_the_step_unsettled_not_refused() -> None:
     assert session.unsettled() == {} and status["last_step"] == seg.next_step - 1
     # gradients of steps 0, 1, 3, 4 applied once each (step 2's batch was abandoned)
     assert status["steps"] == 4
+
+
+def test_an_unreadable_answer_is_logged_and_a_safe_request_sent_again() -> None:
+    """An answer that cannot be read was received: its bytes are in the traffic log. A
+    request safe to repeat (read-only ``status``, a step with its id) is sent again, like
+    after any transport failure; the host answers the step from its record."""
+    hosts = _hosts()
+    t = _Damaging(list(hosts.values()), policy=CallPolicy(retries=2, backoff=0.0))
+    torch.manual_seed(1)
+    session = SplitSession(SplitPlan.vanilla(split_model(digits_cnn(channels=4, hidden=16),
+                                                         ["pool1"]), ["a"]),
+                           t, optimizer=OptimizerSpec("sgd", lr=0.1))
+    hosts["a"].approve(session.propose()["a"][0])
+    seg = session.remote[("a", 0)]
+    t.traffic.clear()
+    calls = t.calls
+    t.bad = t.n + 1
+    assert t.call("a", "status", segment=seg.segment_id)["status"] == "approved"
+    answers = [r for r in t.traffic.snapshot() if r.src == "a"]
+    assert len(answers) == 2 and answers[0].nbytes > 0 and answers[0].fields == ()
+    assert t.retries == 1 and t.calls == calls + 2  # both answers arrived
+
+    _x, y = DATA["a"]["train"]
+    for i in range(3):
+        if i == 2:
+            t.bad = t.n + 1  # this step's answer is lost: sent again, answered from the record
+        session.zero_grad()
+        loss, _ = session.loss("a", torch.arange(8 * i, 8 * i + 8), y[8 * i:8 * i + 8])
+        loss.backward()
+        session.step()
+    session.flush()
+    assert t.retries == 2 and session.unsettled() == {}
+    status = t.call("a", "status", segment=seg.segment_id)
+    assert status["steps"] == 3 and status["last_step"] == seg.next_step - 1
 
 
 def test_concurrent_calls_keep_their_own_timeout() -> None:

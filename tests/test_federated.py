@@ -252,3 +252,23 @@ def test_a_restarted_host_never_hands_out_an_id_in_use(tmp_path) -> None:
                                    spec={}, state={}, optimizer=SGD, datasets=["train"],
                                    input_shape=(1, 8, 8), output_shape=(10,), max_batch=8))
     assert back.proposal(fl).driver == "alice@example.org"
+
+
+def test_the_report_counts_this_runs_bytes_not_the_setup_or_an_earlier_run() -> None:
+    from syft_split.transport.base import MODEL_OWNER
+
+    data = _data()
+    dep = inprocess({p: {"train": d, "test": d} for p, d in data.items()})
+    reports = []
+    for _ in range(2):  # two identical runs on one deployment
+        fl = _trainer(dep, list(data), optimizer=SGD, batch_size=8, seed=5)
+        start = len(dep.transport.traffic.snapshot())  # after fl_propose
+        reports.append(fl.fit(1))
+    one, two = reports
+    assert two.bytes_by_party == one.bytes_by_party and two.transport_calls == one.transport_calls
+    ours = dep.transport.traffic.snapshot()[start:]
+    assert "fl_propose" not in {r.op for r in ours} and "fl_propose" not in two.bytes_by_op
+    for party in data:
+        assert two.bytes_by_party[party]["sent"] == sum(r.nbytes for r in ours if r.src == party)
+    assert two.transport_calls == sum(1 for r in ours if r.dst == MODEL_OWNER)
+    assert two.epochs[-1].bytes_by_party == two.bytes_by_party

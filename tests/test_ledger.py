@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -102,3 +103,68 @@ def test_ledger_caches_one_count_per_batch_size() -> None:
     assert ledger.flops_by_party()["x"] == {"forward": 3 * first.forward,
                                             "backward": 3 * first.backward,
                                             "eval": first.forward}
+
+
+def test_counting_a_step_leaves_the_global_random_stream_alone() -> None:
+    # a dropout in the counted copy draws from torch's RNG: the count must not shift the
+    # caller's stream (a resumed run counts again, right after restoring the RNG state)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5))
+    torch.manual_seed(0)
+    want = torch.rand(4)
+    torch.manual_seed(0)
+    step_cost(model, (8,), 4)
+    assert torch.equal(torch.rand(4), want)
+
+
+def _conv_macs(batch: int, conv: nn.Conv2d | nn.Conv1d, size: list[int]) -> int:
+    """Multiply-adds of ``conv``'s forward pass, counted by hand."""
+    out = 1
+    for n, k, s, p, d in zip(size, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                             strict=True):
+        out *= (n + 2 * int(p) - d * (k - 1) - 1) // s + 1
+    kernel = 1
+    for k in conv.kernel_size:
+        kernel *= k
+    return batch * conv.out_channels * out * (conv.in_channels // conv.groups) * kernel
+
+
+@pytest.mark.parametrize("conv, size", [
+    (nn.Conv2d(8, 8, 3, groups=8, padding=1), [16, 16]),  # depthwise
+    (nn.Conv2d(8, 16, 3, stride=2, dilation=2, groups=4), [31, 31]),
+    (nn.Conv1d(4, 8, 5, stride=2, padding=1, dilation=2, groups=2), [50]),
+    (nn.Conv2d(3, 16, 3, padding=1), [32, 32]),
+])
+def test_grouped_convolutions_count_their_own_multiply_adds(conv: nn.Module,
+                                                           size: list[int]) -> None:
+    # the weight gradient costs what the forward does (torch's formula counts it as if the
+    # convolution were dense: groups times too many); the input gradient as much again
+    assert isinstance(conv, nn.Conv1d | nn.Conv2d)
+    flops = 2 * _conv_macs(8, conv, size)
+    cost = step_cost(conv, (conv.in_channels, *size), 8, memory=False)
+    assert (cost.forward, cost.backward) == (flops, flops)
+    assert step_cost(conv, (conv.in_channels, *size), 8, input_grad=True,
+                     memory=False).backward == 2 * flops
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, embed: int, heads: int) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(embed, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # need_weights=False: the fused attention kernel (on CPU: flash attention for CPU)
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def test_an_attention_segment_counts_its_attention_products() -> None:
+    b, t, e, heads = 4, 10, 16, 2
+    cost = step_cost(_SelfAttention(e, heads), (t, e), b, memory=False)
+    projections = 2 * b * t * e * 3 * e + 2 * b * t * e * e  # q, k, v in; out
+    scores = 2 * b * t * t * e  # Q K^T over all heads (and as much for the weights times V)
+    assert cost.forward == projections + 2 * scores
+    # backward: weight gradients of the projections, the input gradient of the output
+    # projection (the segment's input needs none), attention: recomputed scores + 4 products
+    assert cost.backward == projections + 2 * b * t * e * e + 5 * scores
+    ledger = CostLedger(memory=False)
+    ledger.add("lab", cost)
+    assert ledger.training_flops("lab") == cost.forward + cost.backward

@@ -89,3 +89,52 @@ def test_demo_inprocess_reaches_090(tmp_path, capsys) -> None:
     report = out[-1].split("report=")[1]
     assert json.loads(open(report).read())["epochs"][-1]["test_accuracy"] == pytest.approx(acc,
                                                                                          abs=1e-4)
+
+
+def _small_run(dep, parties, measure: bool) -> tuple[Trainer, int]:
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(64, 10))
+    plan = SplitPlan.vanilla([model[:4], model[4:]], list(parties), datasets=["train", "test"])
+    session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("sgd", lr=0.1))
+    dep.approve_all(session.propose())
+    start = len(dep.transport.traffic.snapshot())  # after the setup
+    trainer = Trainer(session, batch_size=16, progress=False, measure_leakage=measure,
+                      leakage_budget_s=2.0, watch=measure,
+                      labels={p: {ds: y for ds, (_x, y) in d.items()} for p, d in parties.items()})
+    trainer.fit(1, verbose=False)
+    return trainer, start
+
+
+def test_report_counts_this_runs_training_bytes_only() -> None:
+    """A second run on the same deployment reports its own bytes (not both runs'); the setup
+    before fit is not in the report; the leakage watch and measurement are booked apart."""
+    from syft_split.deploy import inprocess
+    from syft_split.transport.base import MODEL_OWNER
+
+    g = torch.Generator().manual_seed(0)
+    parties = {p: {"train": (torch.rand(64, 1, 8, 8, generator=g),
+                             torch.randint(0, 10, (64,), generator=g)),
+                   "test": (torch.rand(16, 1, 8, 8, generator=g),
+                            torch.randint(0, 10, (16,), generator=g))} for p in ("a", "b")}
+    dep = inprocess(parties)
+    first, _ = _small_run(dep, parties, measure=False)
+    second, start = _small_run(dep, parties, measure=True)
+    one, two = first.report, second.report
+    assert two.bytes_by_party == one.bytes_by_party  # the same training, the same bytes
+    assert two.transport_calls == one.transport_calls
+    ours = dep.transport.traffic.snapshot()[start:]  # what the second fit sent, counted here
+    train = [r for r in ours if r.op not in ("watch", "leakage")]
+    assert {r.op for r in train} <= {"forward", "backward"}  # no describe / propose
+    for party in parties:
+        assert two.bytes_by_party[party]["sent"] == sum(r.nbytes for r in train if r.src == party)
+        assert two.bytes_by_direction[f"{MODEL_OWNER}->{party}"] == sum(
+            r.nbytes for r in train if r.dst == party)
+        measured = sum(r.nbytes for r in ours if r.src == party and r.op in ("watch", "leakage"))
+        assert measured > 0 and two.measurement_bytes_by_party[party]["sent"] == measured
+    assert two.transport_calls == sum(1 for r in train if r.dst == MODEL_OWNER)
+    assert two.bytes_by_op["leakage"]["calls"] == 2 and "propose" not in two.bytes_by_op
+    # an epoch's record holds the run's bytes so far (one epoch here: the run's)
+    assert two.epochs[-1].bytes_by_party == two.bytes_by_party

@@ -9,9 +9,15 @@ timeouts, retries) is shared, so the in-process and PySyft transports differ onl
 Every call has a timeout (:class:`CallPolicy`, default 120 s per attempt; per-op overrides):
 past it the call raises :class:`~syft_split.errors.CallTimeoutError` naming the party. A call
 that fails in transit (a :class:`~syft_split.errors.TransportError`, timeouts included) is
-retried with exponential backoff when repeating it is safe: read-only ops, evaluation
+retried with exponential backoff when repeating it is safe (an answer that cannot be read
+counts as such a failure): read-only ops, evaluation
 forwards, every request carrying a step id (the host applies each step id once) and a
 ``propose`` carrying a token (the host makes one proposal per token).
+
+Bytes (:class:`TrafficLog`): a request is logged as sent at every attempt, also one that
+failed (whether it reached the party is unknown at this layer: a timed-out request may still
+be applied; a refused connection delivered nothing but is counted all the same); an answer is
+logged as received once it arrived, also one that cannot be read.
 """
 
 from __future__ import annotations
@@ -215,6 +221,16 @@ class TrafficLog:
         with self._lock:
             return list(self.records)
 
+    def size(self) -> int:
+        """How many records there are."""
+        with self._lock:
+            return len(self.records)
+
+    def since(self, start: int) -> list[TrafficRecord]:
+        """The records from index ``start`` on (a copy)."""
+        with self._lock:
+            return self.records[start:]
+
     def bytes_by_party(self) -> dict[str, dict[str, int]]:
         """``{party: {"sent": n, "received": n}}`` over all records."""
         out: dict[str, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
@@ -293,9 +309,12 @@ class Transport(ABC):
         wait = policy.backoff
         t0 = time.perf_counter()
         for attempt in range(attempts):
+            # booked as sent at every attempt: whether a failed attempt reached the party is
+            # unknown here (a timed-out request may still be applied), so each one counts
             self.traffic.add(MODEL_OWNER, party, op, len(data), tuple(fields))
             try:
                 raw = self.request_within(party, data, policy.timeout_for(op), op)
+                response = self._read(party, op, raw)  # an unreadable answer is retried too
                 break
             except TransportError as exc:
                 if exc.party is None:
@@ -308,22 +327,39 @@ class Transport(ABC):
                     self.retries += 1
                 time.sleep(wait)
                 wait = min(2 * wait, policy.max_backoff)
-        return self.answered(party, op, raw, t0)
+        with self._counter_lock:
+            self.seconds_in_transport += time.perf_counter() - t0
+        return _raise_error(response)
 
     def answered(self, party: str, op: str, raw: bytes, t0: float) -> dict[str, Any]:
         """The answer ``raw`` to a call of ``op`` sent at ``t0``: counted (also from several
-        threads at once), decoded, logged; a data owner's error raised as its class."""
+        threads at once), logged, decoded; a data owner's error raised as its class."""
         with self._counter_lock:
             self.seconds_in_transport += time.perf_counter() - t0
+        return _raise_error(self._read(party, op, raw))
+
+    def _read(self, party: str, op: str, raw: bytes) -> dict[str, Any]:
+        """Count an answer and log its bytes (also one that cannot be read: it was received),
+        then decode it (:class:`TransportError` if it cannot be read)."""
+        with self._counter_lock:
             self.calls += 1
-        response = decode_response(raw, party, op, self.max_response_bytes)
+        try:
+            response = decode_response(raw, party, op, self.max_response_bytes)
+        except TransportError:
+            self.traffic.add(party, MODEL_OWNER, op, len(raw), ())
+            raise
         self.traffic.add(party, MODEL_OWNER, op, len(raw), tuple(response))
-        if "error" in response:
-            raise error_from_wire(str(response.get("error")), str(response.get("message", "")))
         return response
 
     def close(self) -> None:
         """Release what the transport holds (servers it launched, connections)."""
+
+
+def _raise_error(response: dict[str, Any]) -> dict[str, Any]:
+    """``response``, or the data owner's error it reports raised as its class."""
+    if "error" in response:
+        raise error_from_wire(str(response.get("error")), str(response.get("message", "")))
+    return response
 
 
 class TransportWrapper(Transport):
