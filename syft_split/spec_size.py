@@ -5,11 +5,14 @@ would) and counts its parameters with arithmetic on the declared arguments: no m
 built and no tensor allocated, so ``Linear(64, 4_000_000)`` is measured in microseconds and
 refused before a gigabyte is allocated. Given the input shape, it also propagates shapes on
 torch's ``meta`` device (shapes only, no memory) to find the largest activation per record,
-which catches zero-parameter blow-ups (huge padding, concatenating a value with itself).
+which catches zero-parameter blow-ups (huge padding, concatenating a value with itself). A
+MultiheadAttention node also counts, while it runs, its per-head score matrices and their
+softmax (``2 x heads x L x S`` per record): they are no node's value but are allocated.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +41,8 @@ class SpecSize:
     statistics), ``max_width`` (the largest size argument: features, channels, kernel, padding,
     product of a normalized/output shape), ``layers`` (layers of a chain, nodes of a graph);
     with an input shape, ``activations`` (elements per record of the largest value, for a graph
-    of the values alive at once) and ``output_shape`` (per record)."""
+    of the values alive at once, with the score matrices of an attention node while it runs)
+    and ``output_shape`` (per record)."""
 
     parameters: int
     buffers: int
@@ -110,6 +114,10 @@ def _activations(spec: Any, input_shape: Sequence[int]) -> tuple[int, tuple[int,
     with torch.device("meta"):
         module = build(spec)
     module.eval()
+    scores: list[int] = []
+    for layer in module.modules():
+        if isinstance(layer, nn.MultiheadAttention):
+            layer.register_forward_pre_hook(functools.partial(_attention_scores, scores))
     out: Any = torch.empty((batch, *shape), device="meta")
     largest = math.prod(shape)
     if isinstance(module, GraphSegment):
@@ -130,7 +138,9 @@ def _activations(spec: Any, input_shape: Sequence[int]) -> tuple[int, tuple[int,
             for j, (name, value) in enumerate(steps):
                 done += 1
                 alive[name] = _per_record(value, batch)
-                largest = max(largest, sum(alive.values()) if last else alive[name])
+                transient = sum(scores) // batch  # held only while the node runs
+                scores.clear()
+                largest = max(largest, (sum(alive.values()) if last else alive[name]) + transient)
                 for gone in [n for n in alive if last.get(n, j) <= j]:
                     del alive[gone]
                 if name == output:
@@ -141,6 +151,20 @@ def _activations(spec: Any, input_shape: Sequence[int]) -> tuple[int, tuple[int,
     if not isinstance(out, torch.Tensor):
         raise ConfigError(f"the segment's output is not a tensor: {type(out).__name__}")
     return largest, tuple(out.shape[1:])
+
+
+def _attention_scores(found: list[int], layer: nn.MultiheadAttention,
+                      args: tuple[Any, ...]) -> None:
+    """Record the elements of the per-head score matrices a MultiheadAttention call makes
+    (batch x heads x L x S, and their softmax): no node's value, yet allocated while it runs."""
+    query, key = args[0], args[1]
+    if query.dim() == 3:
+        batch, length = query.shape[:2] if layer.batch_first else query.shape[1::-1]
+        source = key.shape[1] if layer.batch_first else key.shape[0]
+    else:  # unbatched (L, E)
+        batch, length, source = 1, query.shape[0], key.shape[0]
+    source += (layer.bias_k is not None) + layer.add_zero_attn
+    found.append(2 * batch * layer.num_heads * length * source)
 
 
 def _chain_steps(module: nn.Sequential, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

@@ -352,3 +352,19 @@ def test_host_refuses_a_mistyped_spec() -> None:
         dep.transport.call("h", "propose", role="input", spec=bad, datasets=["train"],
                            optimizer={"name": "sgd"})
     assert dep.owners["h"].proposals() == []
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_scores_count_towards_the_activations(batch_first: bool) -> None:
+    """MultiheadAttention materialises batch x heads x L x S scores (and their softmax) that
+    are no node's value: they are counted while it runs, so many heads cost what they take."""
+    length, embed, heads = 16, 32, 32
+    # (batch, L, E), or transposed to (L, batch, E)
+    seq = [] if batch_first else [_node("t", "transpose", ["x"], dim0=0, dim1=1)]
+    spec = _graph(*seq, {"name": "att", "op": "MultiheadAttention", "inputs": ["x"] * 3 if
+                         batch_first else ["t"] * 3, "args": {"embed_dim": embed, "num_heads": heads,
+                                                              "batch_first": batch_first}},
+                  _node("o", "getitem", ["att"], index=0))
+    size = spec_size(spec, (length, embed))
+    # its input, output, head-averaged weights (L x L), and 2 x heads x L x L per record
+    assert size.activations == 2 * length * embed + length**2 + 2 * heads * length**2

@@ -112,6 +112,26 @@ def test_refused_proposals_count_against_the_rate_and_heads_are_sized() -> None:
     assert r["error"] == "ConfigError" and "bytes per step" in r["message"]
 
 
+def test_attention_heads_are_sized_before_the_dry_run() -> None:
+    """A middle proposal of one attention layer with as many heads as features: its outputs
+    are small (0.5 MiB per record) but its per-head scores take 128 MiB per record while it
+    runs. They count against ``max_activation_bytes`` (here 64 MiB), so the proposal is
+    refused from its spec before the host builds or dry-runs anything."""
+    from syft_split.spec import module_from_spec
+
+    length, embed = 512, 64
+    spec = {"input": "x", "output": "o", "nodes": [
+        {"name": "att", "op": "MultiheadAttention", "inputs": ["x", "x", "x"],
+         "args": {"embed_dim": embed, "num_heads": embed, "batch_first": True}},
+        {"name": "o", "op": "getitem", "args": {"index": 0}, "inputs": ["att"]}]}
+    state = {f"state/{k}": v for k, v in spec_state(module_from_spec(spec)).items()}
+    host = _host(max_activation_bytes=64 << 20)
+    r = _call(host, "mallory", "propose", role="middle", spec=spec, datasets=[],
+              input_shape=[length, embed], max_batch=1, optimizer=SGD, **state)
+    assert r["error"] == "ConfigError" and "bytes per step" in r["message"], r
+    assert 2 * 4 * embed * length**2 <= int(r["message"].split(" take ")[1].split()[0])
+
+
 def test_a_duplicate_record_id_is_said_to_the_owner_not_to_the_model_owner() -> None:
     """Duplicate ids: ``allow_alignment`` refuses on the data owner's console; a message that
     can reach the model owner names rows, never the id."""
