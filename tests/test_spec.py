@@ -368,3 +368,26 @@ def test_attention_scores_count_towards_the_activations(batch_first: bool) -> No
     size = spec_size(spec, (length, embed))
     # its input, output, head-averaged weights (L x L), and 2 x heads x L x L per record
     assert size.activations == 2 * length * embed + length**2 + 2 * heads * length**2
+
+
+def test_a_value_growing_faster_than_the_batch_is_refused() -> None:
+    """An outer product across the batch, (B*D)^2, reshaped back to (B, 8): measured at one
+    batch size and scaled linearly it looks like 8.5 MiB at 4096 records, but takes 16 GiB.
+    Shapes are propagated at several batch sizes and such a value is refused by name."""
+    quadratic = _graph(_node("s", "size", ["x"], dim=0),
+                       _node("col", "reshape", ["x"], shape=[-1, 1]),
+                       _node("row", "reshape", ["x"], shape=[1, -1]),
+                       _node("m", "add", ["col", "row"]),
+                       _node("r", "mean", ["m"], dim=1),
+                       _node("o", "reshape", ["r"], shape=["s", -1]),
+                       _node("fc", "Linear", ["o"], in_features=16, out_features=8))
+    with pytest.raises(ConfigError, match=r"node 'm' \(add\): its value holds 256 elements for "
+                                          r"1 record\(s\) and 1024 for 2: not proportional"):
+        spec_size(quadratic, (16,))
+    # a value that does not grow with the batch (mixing records) is refused too
+    pooled = _graph(_node("m", "mean", ["x"], dim=0, keepdim=True), _node("o", "add", ["x", "m"]))
+    with pytest.raises(ConfigError, match=r"node 'm' \(mean\).*not proportional"):
+        spec_size(pooled, (16,))
+    # the batch read from the input's size, as exported graphs do, is proportional
+    flat = _graph(_node("s", "size", ["x"], dim=0), _node("o", "reshape", ["x"], shape=["s", -1]))
+    assert spec_size(flat, (4, 4), max_batch=4096).activations == 2 * 16  # input and output

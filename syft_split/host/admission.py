@@ -30,7 +30,7 @@ def check_size(spec: Any, limits: HostLimits, what: str, *,
                               f"{cap}")
     if input_shape is None:
         return
-    shaped = spec_size(spec, input_shape)
+    shaped = spec_size(spec, input_shape, max_batch=max_batch)
     per_step = 4 * (shaped.activations or 0) * max_batch
     if per_step > limits.max_activation_bytes:
         raise ConfigError(f"{what}'s widest values (those alive at once) take {per_step} "

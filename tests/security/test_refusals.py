@@ -132,6 +132,26 @@ def test_attention_heads_are_sized_before_the_dry_run() -> None:
     assert 2 * 4 * embed * length**2 <= int(r["message"].split(" take ")[1].split()[0])
 
 
+def test_a_value_quadratic_in_the_batch_is_refused_at_proposal() -> None:
+    """A graph whose (B*16)^2 outer product is averaged back to (B, 8): 8.5 MiB per step at
+    4096 records if sized at one batch and scaled, 16 GiB in fact. Refused at proposal."""
+    from syft_split.spec import module_from_spec
+
+    def node(name: str, op: str, inputs: list[str], **args: Any) -> dict[str, Any]:
+        return {"name": name, "op": op, "args": args, "inputs": inputs}
+
+    spec = {"input": "x", "output": "fc", "nodes": [
+        node("s", "size", ["x"], dim=0), node("col", "reshape", ["x"], shape=[-1, 1]),
+        node("row", "reshape", ["x"], shape=[1, -1]), node("m", "add", ["col", "row"]),
+        node("r", "mean", ["m"], dim=1), node("o", "reshape", ["r"], shape=["s", -1]),
+        node("fc", "Linear", ["o"], in_features=16, out_features=8)]}
+    state = {f"state/{k}": v for k, v in spec_state(module_from_spec(spec)).items()}
+    r = _call(_host(), "mallory", "propose", role="middle", spec=spec, datasets=[],
+              input_shape=[16], optimizer=SGD, **state)
+    assert r["error"] == "ConfigError" and "node 'm' (add)" in r["message"], r
+    assert "not proportional to the records" in r["message"]
+
+
 def test_a_duplicate_record_id_is_said_to_the_owner_not_to_the_model_owner() -> None:
     """Duplicate ids: ``allow_alignment`` refuses on the data owner's console; a message that
     can reach the model owner names rows, never the id."""
