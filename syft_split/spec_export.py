@@ -30,7 +30,8 @@ from .spec_graph import (
     parse_spec,
 )
 
-__all__ = ["layer_args", "layer_spec", "chain_layers", "graph_spec", "describe_target"]
+__all__ = ["layer_args", "layer_spec", "chain_layers", "graph_spec", "describe_target",
+           "check_layer_tensors"]
 
 
 def _arg_value(layer: nn.Module, kind: str, arg: str) -> Any:
@@ -92,6 +93,30 @@ def chain_layers(module: nn.Module) -> list[nn.Module]:
     if isinstance(module, nn.Sequential):
         return [leaf for child in module for leaf in chain_layers(child)]
     return [module]
+
+
+def check_layer_tensors(layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse weights a spec cannot carry: a parameter or buffer held by two different layers
+    (tied weights: the rebuilt segment would hold two copies and untie them) and a frozen
+    parameter (``requires_grad=False``: the data owner trains every parameter it runs).
+    ``layers``: (label, layer), each layer once."""
+    owners: dict[int, tuple[str, str]] = {}
+    for label, layer in layers:
+        for key, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+            first = owners.setdefault(id(tensor), (label, key))
+            if first[0] != label:
+                raise ConfigError(
+                    f"{label}'s {key} is the same tensor as {first[0]}'s {first[1]}: a spec "
+                    "cannot tie weights between different layers (the rebuilt segment would "
+                    "untie them); call the same layer twice instead, or untie them (clone) "
+                    "before declaring the segment")
+        for key, param in layer.named_parameters():
+            if not param.requires_grad:
+                raise ConfigError(
+                    f"{label}'s {key} is frozen (requires_grad=False), but the data owner "
+                    "trains every parameter of a segment it runs: unfreeze it to have it "
+                    "trained there, or keep the frozen layer at the model owner (cut the "
+                    "model so that it falls in the model owner's segment)")
 
 
 # ------------------------------------------------------------------ fx graphs

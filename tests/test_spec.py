@@ -391,3 +391,48 @@ def test_a_value_growing_faster_than_the_batch_is_refused() -> None:
     # the batch read from the input's size, as exported graphs do, is proportional
     flat = _graph(_node("s", "size", ["x"], dim=0), _node("o", "reshape", ["x"], shape=["s", -1]))
     assert spec_size(flat, (4, 4), max_batch=4096).activations == 2 * 16  # input and output
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))) + x
+
+
+def test_tied_or_frozen_weights_are_refused_not_silently_changed() -> None:
+    """A spec rebuilds every layer with its own weights, all trained at the data owner: two
+    layers holding one tensor would be untied and a frozen layer trained, so both refuse."""
+    from torch import fx
+
+    chain = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 4, bias=False))
+    chain[2].weight = chain[0].weight
+    graph = _Residual()
+    graph.b.weight = graph.a.weight
+    norms = nn.Sequential(nn.BatchNorm1d(4), nn.BatchNorm1d(4))
+    norms[1].running_mean = norms[0].running_mean
+    tied = [(chain, r"layer 2 \(Linear\)'s weight is the same tensor as layer 0 \(Linear\)'s weight"),
+            (fx.symbolic_trace(graph), r"node 'b' \(Linear\)'s weight is the same tensor as "
+                                       r"node 'a' \(Linear\)'s weight"),
+            (norms, r"layer 1 \(BatchNorm1d\)'s running_mean is the same tensor")]
+    for module, message in tied:
+        with pytest.raises(ConfigError, match=message + ".*cannot tie weights"):
+            module_to_spec(module)
+    frozen = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    frozen[0].requires_grad_(False)
+    segment = module_from_spec(_graph(_node("fc", "Linear", ["x"], in_features=4, out_features=2)))
+    segment.layers["fc"].bias.requires_grad_(False)
+    traced = fx.symbolic_trace(_Residual())
+    traced.b.weight.requires_grad_(False)
+    for module, label in ((frozen, r"layer 0 \(Linear\)'s weight"), (segment, r"node 'fc' \(Linear\)'s bias"),
+                          (traced, r"node 'b' \(Linear\)'s weight")):
+        with pytest.raises(ConfigError, match=label + r" is frozen \(requires_grad=False\).*keep "
+                                                      "the frozen layer at the model owner"):
+            module_to_spec(module)
+    # the same layer called twice shares its weights as declared (a graph's "shares")
+    twice = _Residual()
+    twice.b = twice.a
+    nodes = module_to_spec(fx.symbolic_trace(twice))["nodes"]
+    assert [n.get("shares") for n in nodes if n["op"] == "Linear"] == [None, "a"]
