@@ -152,6 +152,22 @@ def test_a_value_quadratic_in_the_batch_is_refused_at_proposal() -> None:
     assert "not proportional to the records" in r["message"]
 
 
+def test_proposed_weights_are_bounded_like_every_other_weight() -> None:
+    """A segment proposal's weights go through the same check as a federated model's or an
+    auxiliary head's: finite, and within ``HostLimits.max_abs_value``. A finite 3e38 weight
+    (or one just past the bound) is refused and no proposal is made."""
+    host = _host(max_abs_value=100.0)
+    module = nn.Sequential(nn.Linear(8, 2))
+    for value in (3e38, 101.0):
+        state = {f"state/{k}": v for k, v in spec_state(module).items()}
+        state["state/0.weight"] = torch.full((2, 8), value)
+        r = _call(host, "mallory", "propose", role="input", spec=module_to_spec(module),
+                  datasets=["train"], optimizer=SGD, **state)
+        assert r["error"] == "ValidationError" and "exceeds the data owner's bound 100" in r["message"]
+    assert not host.proposals_by_id
+    _propose(host, module)  # the same segment with its own weights is accepted
+
+
 def test_a_duplicate_record_id_is_said_to_the_owner_not_to_the_model_owner() -> None:
     """Duplicate ids: ``allow_alignment`` refuses on the data owner's console; a message that
     can reach the model owner names rows, never the id."""
