@@ -11,7 +11,8 @@ A spec is JSON the data owner reads before anything runs. Two forms:
   same layer (same weights) as node ``fc``. Rebuilt as :class:`GraphSegment`, a small
   interpreter that runs exactly the declared nodes in order (state keys ``"layers.fc.weight"``).
 
-:func:`parse_spec` checks either form completely (types, names, wiring) without building
+:func:`parse_spec` checks either form completely (types, names, wiring; a key neither form
+declares is refused, and so is a spec giving both ``layers`` and ``nodes``) without building
 anything; :func:`build` makes the module.
 """
 
@@ -41,6 +42,7 @@ MAX_NODES = 4096
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
 _GRAPH_KEYS = {"name", "op", "args", "inputs", "shares", "call"}
+_CHAIN_KEYS = {"type", "args"}
 
 
 def allowed_ops() -> str:
@@ -86,6 +88,9 @@ def check_layer_args(where: str, kind: str, args: Any) -> dict[str, Any]:
 
 
 def _parse_chain(spec: dict[str, Any]) -> ParsedSpec:
+    extra = sorted(set(spec) - {"layers"})
+    if extra:
+        raise ConfigError(f"chain spec: keys {extra} not allowed; allowed: layers")
     layers = spec["layers"]
     if len(layers) > MAX_NODES:
         raise ConfigError(f"spec declares {len(layers)} layers; at most {MAX_NODES}")
@@ -93,6 +98,10 @@ def _parse_chain(spec: dict[str, Any]) -> ParsedSpec:
     for i, entry in enumerate(layers):
         if not isinstance(entry, dict):
             raise ConfigError(f"layer {i}: expected an object, got {entry!r}")
+        extra = sorted(set(entry) - _CHAIN_KEYS)
+        if extra:
+            raise ConfigError(f"layer {i}: keys {extra} not allowed; allowed: "
+                              f"{sorted(_CHAIN_KEYS)}")
         kind = entry.get("type")
         if kind not in LAYER_ARG_TYPES:
             raise ConfigError(f"layer {i}: type {kind!r} is not allowed; allowed: "
@@ -211,6 +220,9 @@ def _parse_graph(spec: dict[str, Any]) -> ParsedSpec:
 
 def parse_spec(spec: Any) -> ParsedSpec:
     """Check a spec of either form completely; raise ConfigError naming the first problem."""
+    if isinstance(spec, dict) and "layers" in spec and "nodes" in spec:
+        raise ConfigError("segment spec declares both 'layers' (a chain) and 'nodes' (a graph); "
+                          "a spec is one or the other")
     if isinstance(spec, dict) and isinstance(spec.get("layers"), list):
         return _parse_chain(spec)
     if isinstance(spec, dict) and isinstance(spec.get("nodes"), list):

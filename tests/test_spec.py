@@ -115,6 +115,12 @@ BAD_GRAPHS = [
     ({"layers": [{"type": "MultiheadAttention", "args": {"embed_dim": 4, "num_heads": 2}}]},
      "declare it in a graph spec"),
     ({"graph": []}, "a 'layers' list (a chain) or a 'nodes' list (a graph)"),
+    # a chain is checked to the key as a graph is, and a spec is one form or the other
+    ({"layers": [{"type": "Identity", "shares": "x"}]}, "layer 0: keys ['shares'] not allowed"),
+    ({"layers": [{"type": "ReLU", "args": {}, "note": "ignored"}]}, "keys ['note'] not allowed"),
+    ({"layers": [{"type": "ReLU"}], "comment": "anything"}, "chain spec: keys ['comment'] not"),
+    ({"layers": [{"type": "Identity"}], **_graph(_node("a", "relu", ["x"]))},
+     "declares both 'layers' (a chain) and 'nodes' (a graph)"),
 ]
 
 
