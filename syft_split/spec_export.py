@@ -317,6 +317,18 @@ def _spec_names(graph: fx.Graph) -> dict[fx.Node, str]:
     return names
 
 
+def _live(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes the graph's output is computed from."""
+    todo = [n for n in graph.nodes if n.op == "output"]
+    live: set[fx.Node] = set()
+    while todo:
+        node = todo.pop()
+        if node not in live:
+            live.add(node)
+            todo.extend(node.all_input_nodes)
+    return live
+
+
 def graph_spec(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, nn.Module]]:
     """A traced module as a graph spec, and the layers that own weights (by node name)."""
     names = _spec_names(gm.graph)
@@ -327,9 +339,11 @@ def graph_spec(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, nn.Module]
     if len(placeholders) != 1:
         raise ConfigError(f"a declared graph has one input; this one takes {len(placeholders)}")
     output: Any = None
+    live = _live(gm.graph)
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            continue
+        if node.op == "placeholder" or (node.op in ("call_function", "call_method")
+                                        and node not in live):
+            continue  # e.g. the unused half of an unpacked tuple; a dead layer call is refused
         if node.op == "output":
             output = node.args[0]
         elif node.op == "call_module":

@@ -4,7 +4,8 @@ A spec is JSON the data owner reads before anything runs. Two forms:
 
 - **chain** (``{"layers": [{"type", "args"}, ...]}``): standard layers applied one after the
   other; rebuilt as ``nn.Sequential`` (state keys ``"0.weight"``, ...).
-- **graph** (``{"input": "x", "nodes": [...], "output": "name"}``): each node is
+- **graph** (``{"input": "x", "nodes": [...], "output": "name"}``): the output is a node (not
+  the input) and every node is one the output is computed from; each node is
   ``{"name", "op", "args", "inputs"}`` where ``op`` is a standard layer or a functional op of
   :data:`~syft_split.spec_args.OPS` and ``inputs`` name the spec's input or earlier nodes
   (so the graph has no cycles). A node ``{"name", "op", "shares": "fc", "inputs"}`` calls the
@@ -213,9 +214,21 @@ def _parse_graph(spec: dict[str, Any]) -> ParsedSpec:
         parsed.append(node)
     out = spec.get("output")
     target = known.get(out) if isinstance(out, str) else None
-    if target is None or (isinstance(target, SpecNode) and target.kind != "tensor"):
-        raise ConfigError(f"graph spec: output {out!r} must name a node holding a tensor")
-    return ParsedSpec("graph", entry, tuple(parsed), out)  # type: ignore[arg-type]
+    if not isinstance(target, SpecNode) or target.kind != "tensor":
+        raise ConfigError(f"graph spec: output {out!r} must name a node holding a tensor"
+                          + (" (not the input)" if out == entry else ""))
+    needed = {target.name}
+    for node in reversed(parsed):
+        if node.name in needed:
+            needed.update(node.inputs)
+            if node.op in ("reshape", "view"):
+                needed.update(s for s in node.args["shape"] if isinstance(s, str))
+    unused = [node.name for node in parsed if node.name not in needed]
+    if unused:
+        raise ConfigError(f"graph spec: nodes {unused[:8]}{' ...' if len(unused) > 8 else ''} do "
+                          f"not reach the output {target.name!r}: a graph lists only the nodes "
+                          "its output is computed from")
+    return ParsedSpec("graph", entry, tuple(parsed), target.name)
 
 
 def parse_spec(spec: Any) -> ParsedSpec:

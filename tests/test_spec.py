@@ -121,6 +121,13 @@ BAD_GRAPHS = [
     ({"layers": [{"type": "ReLU"}], "comment": "anything"}, "chain spec: keys ['comment'] not"),
     ({"layers": [{"type": "Identity"}], **_graph(_node("a", "relu", ["x"]))},
      "declares both 'layers' (a chain) and 'nodes' (a graph)"),
+    # what the review lists is what runs: no node the output bypasses
+    (_graph(_node("fc", "Linear", ["x"], in_features=4, out_features=2),
+            _node("h", "relu", ["fc"]), output="x"), "output 'x' must name a node holding a "
+                                                    "tensor (not the input)"),
+    (_graph(_node("fc", "Linear", ["x"], in_features=4, out_features=2),
+            _node("n", "size", ["x"], dim=0), _node("h", "relu", ["x"])),
+     "nodes ['fc', 'n'] do not reach the output 'h'"),
 ]
 
 
