@@ -30,6 +30,8 @@ from .spec_graph import GraphSegment, SpecNode, build, parse_spec
 
 __all__ = ["SpecSize", "spec_size"]
 
+#: ops whose value is another's (an item of a tuple, the same tensor): counted once.
+_ALIASES = frozenset({"getitem", "Identity"})
 #: arguments that are sizes (a product for the shape-valued ones).
 _WIDTHS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
            "padding", "dilation", "num_features", "embed_dim", "num_heads", "kdim", "vdim",
@@ -44,8 +46,10 @@ class SpecSize:
     statistics), ``max_width`` (the largest size argument: features, channels, kernel, padding,
     product of a normalized/output shape), ``layers`` (layers of a chain, nodes of a graph);
     with an input shape, ``activations`` (elements per record of the largest value, for a graph
-    of the values alive at once, with the score matrices of an attention node while it runs)
-    and ``output_shape`` (per record)."""
+    of the values alive at once, with the score matrices of an attention node while it runs),
+    ``output_shape`` (per record) and ``training`` (elements per record a training forward
+    keeps until its gradient returns: the input and every node's value, attention scores
+    included; a value that only names another, such as an item of a tuple, counts once)."""
 
     parameters: int
     buffers: int
@@ -53,6 +57,7 @@ class SpecSize:
     layers: int
     activations: int | None = None
     output_shape: tuple[int, ...] | None = None
+    training: int | None = None
 
 
 def _int_values(value: Any) -> list[int]:
@@ -113,12 +118,13 @@ def _elements(value: Any) -> int:
 class _Run:
     """One propagation at ``batch`` records: every step's label, the elements of its value and
     of what it allocates only while it runs (totals, not per record); the most elements alive
-    at once; the output."""
+    at once; what a training forward keeps; the output."""
 
     batch: int
     steps: list[tuple[str, int, int]]
     largest: int
     output: Any
+    kept: int = 0
 
 
 def _propagate(module: nn.Module, shape: tuple[int, ...], batch: int, scores: list[int]) -> _Run:
@@ -126,11 +132,13 @@ def _propagate(module: nn.Module, shape: tuple[int, ...], batch: int, scores: li
     largest = batch * math.prod(shape)
     if isinstance(module, GraphSegment):
         labels = [f"node {n.name!r} ({n.op})" for n in module.parsed.nodes]
+        aliases = [n.op in _ALIASES for n in module.parsed.nodes]
         steps: Iterator[tuple[str, Any]] = ((n.name, v) for n, v in module.steps(out))
         output = module.parsed.output
     else:
         assert isinstance(module, nn.Sequential)
         labels = [f"layer {i} ({type(layer).__name__})" for i, layer in enumerate(module)]
+        aliases = [type(layer).__name__ in _ALIASES for layer in module]
         steps = _chain_steps(module, out)
         output = str(len(module) - 1)
     # a graph keeps several values at once: the bound is on those alive together
@@ -138,7 +146,7 @@ def _propagate(module: nn.Module, shape: tuple[int, ...], batch: int, scores: li
     alive: dict[str, int] = {}
     if isinstance(module, GraphSegment):
         last, alive = module.last_uses(), {module.parsed.input: largest}
-    run = _Run(batch, [], largest, out)
+    run = _Run(batch, [], largest, out, largest)
     scores.clear()
     try:
         with torch.no_grad():
@@ -147,6 +155,7 @@ def _propagate(module: nn.Module, shape: tuple[int, ...], batch: int, scores: li
                 transient = sum(scores)  # held only while the node runs
                 scores.clear()
                 run.steps.append((labels[j], alive[name], transient))
+                run.kept += transient + (0 if aliases[j] else alive[name])
                 run.largest = max(run.largest,
                                   (sum(alive.values()) if last else alive[name]) + transient)
                 for gone in [n for n in alive if last.get(n, j) <= j]:
@@ -162,7 +171,7 @@ def _propagate(module: nn.Module, shape: tuple[int, ...], batch: int, scores: li
 
 
 def _activations(spec: Any, input_shape: Sequence[int],
-                 max_batch: int | None = None) -> tuple[int, tuple[int, ...]]:
+                 max_batch: int | None = None) -> tuple[int, tuple[int, ...], int]:
     shape = tuple(input_shape)
     if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ConfigError(f"input_shape must be a non-empty list of positive ints, got {input_shape!r}")
@@ -186,7 +195,7 @@ def _activations(spec: Any, input_shape: Sequence[int],
                     f"{label}: {what} {got[0]} elements for {base.batch} record(s) and {got[1]} "
                     f"for {run.batch}: not proportional to the records (a value's size must "
                     "grow linearly with the batch; per-record bounds would not hold)")
-    return base.largest // base.batch, tuple(base.output.shape[1:])
+    return base.largest // base.batch, tuple(base.output.shape[1:]), base.kept // base.batch
 
 
 def _attention_scores(found: list[int], layer: nn.MultiheadAttention,
@@ -227,5 +236,5 @@ def spec_size(spec: Any, input_shape: Sequence[int] | None = None, *,
     size = SpecSize(params, buffers, width, len(parsed.nodes))
     if input_shape is None:
         return size
-    activations, out_shape = _activations(spec, input_shape, max_batch)
-    return SpecSize(params, buffers, width, len(parsed.nodes), activations, out_shape)
+    activations, out_shape, training = _activations(spec, input_shape, max_batch)
+    return SpecSize(params, buffers, width, len(parsed.nodes), activations, out_shape, training)

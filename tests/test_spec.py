@@ -449,3 +449,16 @@ def test_tied_or_frozen_weights_are_refused_not_silently_changed() -> None:
     twice.b = twice.a
     nodes = module_to_spec(fx.symbolic_trace(twice))["nodes"]
     assert [n.get("shares") for n in nodes if n["op"] == "Linear"] == [None, "a"]
+
+
+def test_a_training_forward_is_sized_by_every_value_it_keeps() -> None:
+    """Without grad a chain holds one value at a time; a training forward keeps every layer's
+    output until the gradient returns. ``training`` counts them all (an alias once)."""
+    deep = {"layers": [{"type": "Tanh"} for _ in range(200)]}
+    size = spec_size(deep, (4096,))
+    assert size.activations == 4096 and size.training == 201 * 4096
+    graph = _graph({"name": "att", "op": "MultiheadAttention", "inputs": ["x", "x", "x"],
+                    "args": {"embed_dim": 8, "num_heads": 2, "batch_first": True}},
+                   _node("o", "getitem", ["att"], index=0), _node("r", "relu", ["o"]))
+    # input, the attention's output and weights, its scores, relu (the getitem names the output)
+    assert spec_size(graph, (5, 8)).training == 40 + 40 + 25 + 2 * 2 * 25 + 40

@@ -168,6 +168,21 @@ def test_proposed_weights_are_bounded_like_every_other_weight() -> None:
     _propose(host, module)  # the same segment with its own weights is accepted
 
 
+def test_what_a_training_step_keeps_is_bounded() -> None:
+    """200 Tanh layers on 4096 features: one value is 16 MiB at 1024 records, but a training
+    forward keeps all 201 until the gradient returns (3.2 GiB). Refused under the default
+    1 GiB; the same chain with a batch that fits is accepted."""
+    spec = {"layers": [{"type": "Tanh"} for _ in range(200)]}
+    host = _host()
+    r = _call(host, "mallory", "propose", role="middle", spec=spec, datasets=[],
+              input_shape=[4096], max_batch=1024, optimizer=SGD)
+    assert r["error"] == "ConfigError" and "keeps 3372220416 bytes" in r["message"], r
+    assert not host.proposals_by_id
+    r = _call(host, "mallory", "propose", role="middle", spec=spec, datasets=[],
+              input_shape=[4096], max_batch=256, optimizer=SGD)
+    assert "error" not in r, r
+
+
 def test_a_duplicate_record_id_is_said_to_the_owner_not_to_the_model_owner() -> None:
     """Duplicate ids: ``allow_alignment`` refuses on the data owner's console; a message that
     can reach the model owner names rows, never the id."""
