@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .spec_args import GRAPH_LAYERS, LAYER_ARGS, OPS
-from .spec_export import chain_layers, graph_spec, layer_args, layer_spec
+from .spec_export import chain_layers, check_layer_tensors, graph_spec, layer_args, layer_spec
 from .spec_graph import GraphSegment, build
 from .spec_size import SpecSize, spec_size
 
@@ -119,13 +119,21 @@ def module_to_spec(module: nn.Module) -> dict[str, Any]:
     a graph for a ``torch.fx.GraphModule`` (as :func:`~syft_split.split.split_model` makes).
 
     Raises :class:`ConfigError` naming the first layer or node that has no declared form
-    (for a graph node: what it calls, e.g. ``torch.special.erf``) and the allowed ops."""
+    (for a graph node: what it calls, e.g. ``torch.special.erf``) and the allowed ops, and
+    naming layers whose weights a spec cannot carry: a parameter or buffer shared by two
+    different layers (tied weights) or a frozen parameter (the data owner would train it)."""
     if isinstance(module, GraphSegment):
+        check_layer_tensors([(f"node {name!r} ({type(layer).__name__})", layer)
+                             for name, layer in module.layers.items()])
         return copy.deepcopy(module.spec)
     if isinstance(module, fx.GraphModule):
-        return graph_spec(module)[0]
+        spec, owners = graph_spec(module)
+        check_layer_tensors([(f"node {name!r} ({type(layer).__name__})", layer)
+                             for name, layer in owners.items()])
+        return spec
     layers: list[dict[str, Any]] = []
     seen: dict[int, int] = {}
+    labelled: list[tuple[str, nn.Module]] = []
     for i, layer in enumerate(chain_layers(module)):
         kind, args = layer_spec(layer, f"layer {i}")
         if kind in GRAPH_LAYERS:
@@ -134,8 +142,11 @@ def module_to_spec(module: nn.Module) -> dict[str, Any]:
         if id(layer) in seen and layer.state_dict():
             raise ConfigError(f"layer {i} ({kind}) is the same module as layer {seen[id(layer)]}: "
                               "a chain cannot share weights between layers")
+        if id(layer) not in seen:
+            labelled.append((f"layer {i} ({kind})", layer))
         seen.setdefault(id(layer), i)
         layers.append({"type": kind, "args": args})
+    check_layer_tensors(labelled)
     return {"layers": layers}
 
 

@@ -30,7 +30,8 @@ from .spec_graph import (
     parse_spec,
 )
 
-__all__ = ["layer_args", "layer_spec", "chain_layers", "graph_spec", "describe_target"]
+__all__ = ["layer_args", "layer_spec", "chain_layers", "graph_spec", "describe_target",
+           "check_layer_tensors"]
 
 
 def _arg_value(layer: nn.Module, kind: str, arg: str) -> Any:
@@ -92,6 +93,30 @@ def chain_layers(module: nn.Module) -> list[nn.Module]:
     if isinstance(module, nn.Sequential):
         return [leaf for child in module for leaf in chain_layers(child)]
     return [module]
+
+
+def check_layer_tensors(layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse weights a spec cannot carry: a parameter or buffer held by two different layers
+    (tied weights: the rebuilt segment would hold two copies and untie them) and a frozen
+    parameter (``requires_grad=False``: the data owner trains every parameter it runs).
+    ``layers``: (label, layer), each layer once."""
+    owners: dict[int, tuple[str, str]] = {}
+    for label, layer in layers:
+        for key, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+            first = owners.setdefault(id(tensor), (label, key))
+            if first[0] != label:
+                raise ConfigError(
+                    f"{label}'s {key} is the same tensor as {first[0]}'s {first[1]}: a spec "
+                    "cannot tie weights between different layers (the rebuilt segment would "
+                    "untie them); call the same layer twice instead, or untie them (clone) "
+                    "before declaring the segment")
+        for key, param in layer.named_parameters():
+            if not param.requires_grad:
+                raise ConfigError(
+                    f"{label}'s {key} is frozen (requires_grad=False), but the data owner "
+                    "trains every parameter of a segment it runs: unfreeze it to have it "
+                    "trained there, or keep the frozen layer at the model owner (cut the "
+                    "model so that it falls in the model owner's segment)")
 
 
 # ------------------------------------------------------------------ fx graphs
@@ -292,6 +317,18 @@ def _spec_names(graph: fx.Graph) -> dict[fx.Node, str]:
     return names
 
 
+def _live(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes the graph's output is computed from."""
+    todo = [n for n in graph.nodes if n.op == "output"]
+    live: set[fx.Node] = set()
+    while todo:
+        node = todo.pop()
+        if node not in live:
+            live.add(node)
+            todo.extend(node.all_input_nodes)
+    return live
+
+
 def graph_spec(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, nn.Module]]:
     """A traced module as a graph spec, and the layers that own weights (by node name)."""
     names = _spec_names(gm.graph)
@@ -302,9 +339,11 @@ def graph_spec(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, nn.Module]
     if len(placeholders) != 1:
         raise ConfigError(f"a declared graph has one input; this one takes {len(placeholders)}")
     output: Any = None
+    live = _live(gm.graph)
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            continue
+        if node.op == "placeholder" or (node.op in ("call_function", "call_method")
+                                        and node not in live):
+            continue  # e.g. the unused half of an unpacked tuple; a dead layer call is refused
         if node.op == "output":
             output = node.args[0]
         elif node.op == "call_module":

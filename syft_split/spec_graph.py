@@ -4,14 +4,16 @@ A spec is JSON the data owner reads before anything runs. Two forms:
 
 - **chain** (``{"layers": [{"type", "args"}, ...]}``): standard layers applied one after the
   other; rebuilt as ``nn.Sequential`` (state keys ``"0.weight"``, ...).
-- **graph** (``{"input": "x", "nodes": [...], "output": "name"}``): each node is
+- **graph** (``{"input": "x", "nodes": [...], "output": "name"}``): the output is a node (not
+  the input) and every node is one the output is computed from; each node is
   ``{"name", "op", "args", "inputs"}`` where ``op`` is a standard layer or a functional op of
   :data:`~syft_split.spec_args.OPS` and ``inputs`` name the spec's input or earlier nodes
   (so the graph has no cycles). A node ``{"name", "op", "shares": "fc", "inputs"}`` calls the
   same layer (same weights) as node ``fc``. Rebuilt as :class:`GraphSegment`, a small
   interpreter that runs exactly the declared nodes in order (state keys ``"layers.fc.weight"``).
 
-:func:`parse_spec` checks either form completely (types, names, wiring) without building
+:func:`parse_spec` checks either form completely (types, names, wiring; a key neither form
+declares is refused, and so is a spec giving both ``layers`` and ``nodes``) without building
 anything; :func:`build` makes the module.
 """
 
@@ -41,6 +43,7 @@ MAX_NODES = 4096
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
 _GRAPH_KEYS = {"name", "op", "args", "inputs", "shares", "call"}
+_CHAIN_KEYS = {"type", "args"}
 
 
 def allowed_ops() -> str:
@@ -86,6 +89,9 @@ def check_layer_args(where: str, kind: str, args: Any) -> dict[str, Any]:
 
 
 def _parse_chain(spec: dict[str, Any]) -> ParsedSpec:
+    extra = sorted(set(spec) - {"layers"})
+    if extra:
+        raise ConfigError(f"chain spec: keys {extra} not allowed; allowed: layers")
     layers = spec["layers"]
     if len(layers) > MAX_NODES:
         raise ConfigError(f"spec declares {len(layers)} layers; at most {MAX_NODES}")
@@ -93,6 +99,10 @@ def _parse_chain(spec: dict[str, Any]) -> ParsedSpec:
     for i, entry in enumerate(layers):
         if not isinstance(entry, dict):
             raise ConfigError(f"layer {i}: expected an object, got {entry!r}")
+        extra = sorted(set(entry) - _CHAIN_KEYS)
+        if extra:
+            raise ConfigError(f"layer {i}: keys {extra} not allowed; allowed: "
+                              f"{sorted(_CHAIN_KEYS)}")
         kind = entry.get("type")
         if kind not in LAYER_ARG_TYPES:
             raise ConfigError(f"layer {i}: type {kind!r} is not allowed; allowed: "
@@ -204,13 +214,28 @@ def _parse_graph(spec: dict[str, Any]) -> ParsedSpec:
         parsed.append(node)
     out = spec.get("output")
     target = known.get(out) if isinstance(out, str) else None
-    if target is None or (isinstance(target, SpecNode) and target.kind != "tensor"):
-        raise ConfigError(f"graph spec: output {out!r} must name a node holding a tensor")
-    return ParsedSpec("graph", entry, tuple(parsed), out)  # type: ignore[arg-type]
+    if not isinstance(target, SpecNode) or target.kind != "tensor":
+        raise ConfigError(f"graph spec: output {out!r} must name a node holding a tensor"
+                          + (" (not the input)" if out == entry else ""))
+    needed = {target.name}
+    for node in reversed(parsed):
+        if node.name in needed:
+            needed.update(node.inputs)
+            if node.op in ("reshape", "view"):
+                needed.update(s for s in node.args["shape"] if isinstance(s, str))
+    unused = [node.name for node in parsed if node.name not in needed]
+    if unused:
+        raise ConfigError(f"graph spec: nodes {unused[:8]}{' ...' if len(unused) > 8 else ''} do "
+                          f"not reach the output {target.name!r}: a graph lists only the nodes "
+                          "its output is computed from")
+    return ParsedSpec("graph", entry, tuple(parsed), target.name)
 
 
 def parse_spec(spec: Any) -> ParsedSpec:
     """Check a spec of either form completely; raise ConfigError naming the first problem."""
+    if isinstance(spec, dict) and "layers" in spec and "nodes" in spec:
+        raise ConfigError("segment spec declares both 'layers' (a chain) and 'nodes' (a graph); "
+                          "a spec is one or the other")
     if isinstance(spec, dict) and isinstance(spec.get("layers"), list):
         return _parse_chain(spec)
     if isinstance(spec, dict) and isinstance(spec.get("nodes"), list):

@@ -5,11 +5,17 @@ would) and counts its parameters with arithmetic on the declared arguments: no m
 built and no tensor allocated, so ``Linear(64, 4_000_000)`` is measured in microseconds and
 refused before a gigabyte is allocated. Given the input shape, it also propagates shapes on
 torch's ``meta`` device (shapes only, no memory) to find the largest activation per record,
-which catches zero-parameter blow-ups (huge padding, concatenating a value with itself).
+which catches zero-parameter blow-ups (huge padding, concatenating a value with itself). It
+propagates at several batch sizes: a value whose size is not proportional to the records
+(e.g. an outer product across the batch) is refused, as a bound per record times the batch
+would not hold for it. A MultiheadAttention node also counts, while it runs, its per-head
+score matrices and their softmax (``2 x heads x L x S`` per record): they are no node's
+value but are allocated.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +30,8 @@ from .spec_graph import GraphSegment, SpecNode, build, parse_spec
 
 __all__ = ["SpecSize", "spec_size"]
 
+#: ops whose value is another's (an item of a tuple, the same tensor): counted once.
+_ALIASES = frozenset({"getitem", "Identity"})
 #: arguments that are sizes (a product for the shape-valued ones).
 _WIDTHS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
            "padding", "dilation", "num_features", "embed_dim", "num_heads", "kdim", "vdim",
@@ -38,7 +46,10 @@ class SpecSize:
     statistics), ``max_width`` (the largest size argument: features, channels, kernel, padding,
     product of a normalized/output shape), ``layers`` (layers of a chain, nodes of a graph);
     with an input shape, ``activations`` (elements per record of the largest value, for a graph
-    of the values alive at once) and ``output_shape`` (per record)."""
+    of the values alive at once, with the score matrices of an attention node while it runs),
+    ``output_shape`` (per record) and ``training`` (elements per record a training forward
+    keeps until its gradient returns: the input and every node's value, attention scores
+    included; a value that only names another, such as an item of a tuple, counts once)."""
 
     parameters: int
     buffers: int
@@ -46,6 +57,7 @@ class SpecSize:
     layers: int
     activations: int | None = None
     output_shape: tuple[int, ...] | None = None
+    training: int | None = None
 
 
 def _int_values(value: Any) -> list[int]:
@@ -94,53 +106,110 @@ def _width(node: SpecNode) -> int:
     return max(widths, default=0)
 
 
-def _per_record(value: Any, batch: int) -> int:
+def _elements(value: Any) -> int:
     if isinstance(value, torch.Tensor):
-        return value.numel() // batch
+        return value.numel()
     if isinstance(value, tuple) and all(isinstance(v, torch.Tensor) or v is None for v in value):
-        return sum(v.numel() // batch for v in value if v is not None)
+        return sum(v.numel() for v in value if v is not None)
     return 0
 
 
-def _activations(spec: Any, input_shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
-    shape = tuple(input_shape)
-    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-        raise ConfigError(f"input_shape must be a non-empty list of positive ints, got {input_shape!r}")
-    batch = 2  # as the host's probe forward
-    with torch.device("meta"):
-        module = build(spec)
-    module.eval()
+@dataclass
+class _Run:
+    """One propagation at ``batch`` records: every step's label, the elements of its value and
+    of what it allocates only while it runs (totals, not per record); the most elements alive
+    at once; what a training forward keeps; the output."""
+
+    batch: int
+    steps: list[tuple[str, int, int]]
+    largest: int
+    output: Any
+    kept: int = 0
+
+
+def _propagate(module: nn.Module, shape: tuple[int, ...], batch: int, scores: list[int]) -> _Run:
     out: Any = torch.empty((batch, *shape), device="meta")
-    largest = math.prod(shape)
+    largest = batch * math.prod(shape)
     if isinstance(module, GraphSegment):
         labels = [f"node {n.name!r} ({n.op})" for n in module.parsed.nodes]
+        aliases = [n.op in _ALIASES for n in module.parsed.nodes]
         steps: Iterator[tuple[str, Any]] = ((n.name, v) for n, v in module.steps(out))
         output = module.parsed.output
     else:
+        assert isinstance(module, nn.Sequential)
         labels = [f"layer {i} ({type(layer).__name__})" for i, layer in enumerate(module)]
+        aliases = [type(layer).__name__ in _ALIASES for layer in module]
         steps = _chain_steps(module, out)
         output = str(len(module) - 1)
     # a graph keeps several values at once: the bound is on those alive together
-    last, alive = {}, {}
+    last: dict[str, int] = {}
+    alive: dict[str, int] = {}
     if isinstance(module, GraphSegment):
         last, alive = module.last_uses(), {module.parsed.input: largest}
-    done = 0
+    run = _Run(batch, [], largest, out, largest)
+    scores.clear()
     try:
         with torch.no_grad():
             for j, (name, value) in enumerate(steps):
-                done += 1
-                alive[name] = _per_record(value, batch)
-                largest = max(largest, sum(alive.values()) if last else alive[name])
+                alive[name] = _elements(value)
+                transient = sum(scores)  # held only while the node runs
+                scores.clear()
+                run.steps.append((labels[j], alive[name], transient))
+                run.kept += transient + (0 if aliases[j] else alive[name])
+                run.largest = max(run.largest,
+                                  (sum(alive.values()) if last else alive[name]) + transient)
                 for gone in [n for n in alive if last.get(n, j) <= j]:
                     del alive[gone]
                 if name == output:
-                    out = value
+                    run.output = value
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
-        raise ConfigError(f"{labels[done]} does not accept its input (input per record "
-                          f"{shape}): {exc}") from exc
-    if not isinstance(out, torch.Tensor):
-        raise ConfigError(f"the segment's output is not a tensor: {type(out).__name__}")
-    return largest, tuple(out.shape[1:])
+        raise ConfigError(f"{labels[len(run.steps)]} does not accept its input (input per "
+                          f"record {shape}, {batch} records): {exc}") from exc
+    if not isinstance(run.output, torch.Tensor):
+        raise ConfigError(f"the segment's output is not a tensor: {type(run.output).__name__}")
+    return run
+
+
+def _activations(spec: Any, input_shape: Sequence[int],
+                 max_batch: int | None = None) -> tuple[int, tuple[int, ...], int]:
+    shape = tuple(input_shape)
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ConfigError(f"input_shape must be a non-empty list of positive ints, got {input_shape!r}")
+    with torch.device("meta"):
+        module = build(spec)
+    module.eval()
+    scores: list[int] = []
+    for layer in module.modules():
+        if isinstance(layer, nn.MultiheadAttention):
+            layer.register_forward_pre_hook(functools.partial(_attention_scores, scores))
+    # 2 as the host's probe forward; a step's memory is bounded by its size per record times
+    # the records, so every value must grow linearly with them (checked at several batches)
+    base, *others = [_propagate(module, shape, b, scores)
+                     for b in sorted({2, 1, 3, max_batch or 2})]
+    for run in others:
+        for (label, n, t), (_, m, u) in zip(base.steps, run.steps, strict=True):
+            if n * run.batch != m * base.batch or t * run.batch != u * base.batch:
+                what = "its value holds" if n * run.batch != m * base.batch else "it allocates"
+                got = (n, m) if n * run.batch != m * base.batch else (t, u)
+                raise ConfigError(
+                    f"{label}: {what} {got[0]} elements for {base.batch} record(s) and {got[1]} "
+                    f"for {run.batch}: not proportional to the records (a value's size must "
+                    "grow linearly with the batch; per-record bounds would not hold)")
+    return base.largest // base.batch, tuple(base.output.shape[1:]), base.kept // base.batch
+
+
+def _attention_scores(found: list[int], layer: nn.MultiheadAttention,
+                      args: tuple[Any, ...]) -> None:
+    """Record the elements of the per-head score matrices a MultiheadAttention call makes
+    (batch x heads x L x S, and their softmax): no node's value, yet allocated while it runs."""
+    query, key = args[0], args[1]
+    if query.dim() == 3:
+        batch, length = query.shape[:2] if layer.batch_first else query.shape[1::-1]
+        source = key.shape[1] if layer.batch_first else key.shape[0]
+    else:  # unbatched (L, E)
+        batch, length, source = 1, query.shape[0], key.shape[0]
+    source += (layer.bias_k is not None) + layer.add_zero_attn
+    found.append(2 * batch * layer.num_heads * length * source)
 
 
 def _chain_steps(module: nn.Sequential, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -149,11 +218,14 @@ def _chain_steps(module: nn.Sequential, x: torch.Tensor) -> Iterator[tuple[str, 
         yield str(i), x
 
 
-def spec_size(spec: Any, input_shape: Sequence[int] | None = None) -> SpecSize:
+def spec_size(spec: Any, input_shape: Sequence[int] | None = None, *,
+              max_batch: int | None = None) -> SpecSize:
     """Count what ``spec`` declares without building it; raise ConfigError if it is malformed.
 
     ``input_shape`` (per record): also propagate shapes on the meta device (no memory) and
-    report the largest activation; a spec that does not accept that input is refused."""
+    report the largest activation; a spec that does not accept that input is refused, and so
+    is one with a value whose size is not proportional to the records (propagated with 1, 2,
+    3 and ``max_batch`` records), as a per-record bound times the batch would not hold."""
     parsed = parse_spec(spec)
     params = buffers = width = 0
     for node in parsed.nodes:
@@ -164,5 +236,5 @@ def spec_size(spec: Any, input_shape: Sequence[int] | None = None) -> SpecSize:
     size = SpecSize(params, buffers, width, len(parsed.nodes))
     if input_shape is None:
         return size
-    activations, out_shape = _activations(spec, input_shape)
-    return SpecSize(params, buffers, width, len(parsed.nodes), activations, out_shape)
+    activations, out_shape, training = _activations(spec, input_shape, max_batch)
+    return SpecSize(params, buffers, width, len(parsed.nodes), activations, out_shape, training)

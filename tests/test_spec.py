@@ -115,6 +115,19 @@ BAD_GRAPHS = [
     ({"layers": [{"type": "MultiheadAttention", "args": {"embed_dim": 4, "num_heads": 2}}]},
      "declare it in a graph spec"),
     ({"graph": []}, "a 'layers' list (a chain) or a 'nodes' list (a graph)"),
+    # a chain is checked to the key as a graph is, and a spec is one form or the other
+    ({"layers": [{"type": "Identity", "shares": "x"}]}, "layer 0: keys ['shares'] not allowed"),
+    ({"layers": [{"type": "ReLU", "args": {}, "note": "ignored"}]}, "keys ['note'] not allowed"),
+    ({"layers": [{"type": "ReLU"}], "comment": "anything"}, "chain spec: keys ['comment'] not"),
+    ({"layers": [{"type": "Identity"}], **_graph(_node("a", "relu", ["x"]))},
+     "declares both 'layers' (a chain) and 'nodes' (a graph)"),
+    # what the review lists is what runs: no node the output bypasses
+    (_graph(_node("fc", "Linear", ["x"], in_features=4, out_features=2),
+            _node("h", "relu", ["fc"]), output="x"), "output 'x' must name a node holding a "
+                                                    "tensor (not the input)"),
+    (_graph(_node("fc", "Linear", ["x"], in_features=4, out_features=2),
+            _node("n", "size", ["x"], dim=0), _node("h", "relu", ["x"])),
+     "nodes ['fc', 'n'] do not reach the output 'h'"),
 ]
 
 
@@ -352,3 +365,100 @@ def test_host_refuses_a_mistyped_spec() -> None:
         dep.transport.call("h", "propose", role="input", spec=bad, datasets=["train"],
                            optimizer={"name": "sgd"})
     assert dep.owners["h"].proposals() == []
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_scores_count_towards_the_activations(batch_first: bool) -> None:
+    """MultiheadAttention materialises batch x heads x L x S scores (and their softmax) that
+    are no node's value: they are counted while it runs, so many heads cost what they take."""
+    length, embed, heads = 16, 32, 32
+    # (batch, L, E), or transposed to (L, batch, E)
+    seq = [] if batch_first else [_node("t", "transpose", ["x"], dim0=0, dim1=1)]
+    spec = _graph(*seq, {"name": "att", "op": "MultiheadAttention", "inputs": ["x"] * 3 if
+                         batch_first else ["t"] * 3, "args": {"embed_dim": embed, "num_heads": heads,
+                                                              "batch_first": batch_first}},
+                  _node("o", "getitem", ["att"], index=0))
+    size = spec_size(spec, (length, embed))
+    # its input, output, head-averaged weights (L x L), and 2 x heads x L x L per record
+    assert size.activations == 2 * length * embed + length**2 + 2 * heads * length**2
+
+
+def test_a_value_growing_faster_than_the_batch_is_refused() -> None:
+    """An outer product across the batch, (B*D)^2, reshaped back to (B, 8): measured at one
+    batch size and scaled linearly it looks like 8.5 MiB at 4096 records, but takes 16 GiB.
+    Shapes are propagated at several batch sizes and such a value is refused by name."""
+    quadratic = _graph(_node("s", "size", ["x"], dim=0),
+                       _node("col", "reshape", ["x"], shape=[-1, 1]),
+                       _node("row", "reshape", ["x"], shape=[1, -1]),
+                       _node("m", "add", ["col", "row"]),
+                       _node("r", "mean", ["m"], dim=1),
+                       _node("o", "reshape", ["r"], shape=["s", -1]),
+                       _node("fc", "Linear", ["o"], in_features=16, out_features=8))
+    with pytest.raises(ConfigError, match=r"node 'm' \(add\): its value holds 256 elements for "
+                                          r"1 record\(s\) and 1024 for 2: not proportional"):
+        spec_size(quadratic, (16,))
+    # a value that does not grow with the batch (mixing records) is refused too
+    pooled = _graph(_node("m", "mean", ["x"], dim=0, keepdim=True), _node("o", "add", ["x", "m"]))
+    with pytest.raises(ConfigError, match=r"node 'm' \(mean\).*not proportional"):
+        spec_size(pooled, (16,))
+    # the batch read from the input's size, as exported graphs do, is proportional
+    flat = _graph(_node("s", "size", ["x"], dim=0), _node("o", "reshape", ["x"], shape=["s", -1]))
+    assert spec_size(flat, (4, 4), max_batch=4096).activations == 2 * 16  # input and output
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))) + x
+
+
+def test_tied_or_frozen_weights_are_refused_not_silently_changed() -> None:
+    """A spec rebuilds every layer with its own weights, all trained at the data owner: two
+    layers holding one tensor would be untied and a frozen layer trained, so both refuse."""
+    from torch import fx
+
+    chain = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 4, bias=False))
+    chain[2].weight = chain[0].weight
+    graph = _Residual()
+    graph.b.weight = graph.a.weight
+    norms = nn.Sequential(nn.BatchNorm1d(4), nn.BatchNorm1d(4))
+    norms[1].running_mean = norms[0].running_mean
+    tied = [(chain, r"layer 2 \(Linear\)'s weight is the same tensor as layer 0 \(Linear\)'s weight"),
+            (fx.symbolic_trace(graph), r"node 'b' \(Linear\)'s weight is the same tensor as "
+                                       r"node 'a' \(Linear\)'s weight"),
+            (norms, r"layer 1 \(BatchNorm1d\)'s running_mean is the same tensor")]
+    for module, message in tied:
+        with pytest.raises(ConfigError, match=message + ".*cannot tie weights"):
+            module_to_spec(module)
+    frozen = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    frozen[0].requires_grad_(False)
+    segment = module_from_spec(_graph(_node("fc", "Linear", ["x"], in_features=4, out_features=2)))
+    segment.layers["fc"].bias.requires_grad_(False)
+    traced = fx.symbolic_trace(_Residual())
+    traced.b.weight.requires_grad_(False)
+    for module, label in ((frozen, r"layer 0 \(Linear\)'s weight"), (segment, r"node 'fc' \(Linear\)'s bias"),
+                          (traced, r"node 'b' \(Linear\)'s weight")):
+        with pytest.raises(ConfigError, match=label + r" is frozen \(requires_grad=False\).*keep "
+                                                      "the frozen layer at the model owner"):
+            module_to_spec(module)
+    # the same layer called twice shares its weights as declared (a graph's "shares")
+    twice = _Residual()
+    twice.b = twice.a
+    nodes = module_to_spec(fx.symbolic_trace(twice))["nodes"]
+    assert [n.get("shares") for n in nodes if n["op"] == "Linear"] == [None, "a"]
+
+
+def test_a_training_forward_is_sized_by_every_value_it_keeps() -> None:
+    """Without grad a chain holds one value at a time; a training forward keeps every layer's
+    output until the gradient returns. ``training`` counts them all (an alias once)."""
+    deep = {"layers": [{"type": "Tanh"} for _ in range(200)]}
+    size = spec_size(deep, (4096,))
+    assert size.activations == 4096 and size.training == 201 * 4096
+    graph = _graph({"name": "att", "op": "MultiheadAttention", "inputs": ["x", "x", "x"],
+                    "args": {"embed_dim": 8, "num_heads": 2, "batch_first": True}},
+                   _node("o", "getitem", ["att"], index=0), _node("r", "relu", ["o"]))
+    # input, the attention's output and weights, its scores, relu (the getitem names the output)
+    assert spec_size(graph, (5, 8)).training == 40 + 40 + 25 + 2 * 2 * 25 + 40

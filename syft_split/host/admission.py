@@ -28,7 +28,9 @@ MAX_BATCHES_TRACKED = 10**7
 def check_size(spec: Any, limits: HostLimits, what: str, *,
                input_shape: tuple[int, ...] | None = None, max_batch: int = 0) -> None:
     """Refuse a spec that is too large, from its JSON alone (no module built, no memory);
-    with ``input_shape``, also one whose widest value over ``max_batch`` records is."""
+    with ``input_shape``, also one whose widest values over ``max_batch`` records are, or
+    whose training forward keeps too much until its gradient returns (every layer's output:
+    ``HostLimits.max_activation_bytes`` bounds both)."""
     size = spec_size(spec)
     for kind, got, cap in (("parameters", size.parameters + size.buffers, limits.max_parameters),
                            ("layer width", size.max_width, limits.max_width),
@@ -38,13 +40,19 @@ def check_size(spec: Any, limits: HostLimits, what: str, *,
                               f"{cap}")
     if input_shape is None:
         return
-    shaped = spec_size(spec, input_shape)
+    shaped = spec_size(spec, input_shape, max_batch=max_batch)
     per_step = 4 * (shaped.activations or 0) * max_batch
     if per_step > limits.max_activation_bytes:
         raise ConfigError(f"{what}'s widest values (those alive at once) take {per_step} "
                           f"bytes per step of "
                           f"{max_batch} records; this data owner accepts "
                           f"{limits.max_activation_bytes}")
+    kept = 4 * (shaped.training or 0) * max_batch
+    if kept > limits.max_activation_bytes:
+        raise ConfigError(f"a training step of {what} keeps {kept} bytes of values until its "
+                          f"gradient returns (every layer's output, for {max_batch} records); "
+                          f"this data owner accepts {limits.max_activation_bytes} (a smaller "
+                          "max_batch takes less)")
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, Any], bound: float,

@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 
-from .. import wire
 from ..errors import ApprovalError, ConfigError, ProtocolError, ShapeError, ValidationError
 from ..losses import LOSSES
 from ..spec import OptimizerSpec, module_from_spec
-from .admission import check_norm_state, check_size, dry_run
+from .admission import check_size, dry_run, load_weights
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import JSON, SCALAR, TEXT, Call, in_window
 from .records import ROLES, SHARING, Proposal, Runtime, spec_digest, state_bytes
@@ -199,18 +198,7 @@ class ProposalOps(OpFamily):
         check_size(req.get("spec"), limits, "the proposed segment", input_shape=input_shape,
                    max_batch=max_batch)
         module = module_from_spec(req.get("spec"))
-        own = module.state_dict()
-        if set(state) != set(own):
-            raise ConfigError(f"weights {sorted(state)} do not match the spec's {sorted(own)}")
-        for k, v in state.items():
-            if not isinstance(v, torch.Tensor) or v.shape != own[k].shape or v.dtype != own[k].dtype:
-                got = (f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor)
-                       else type(v).__name__)
-                raise ShapeError(f"weight {k}: expected {tuple(own[k].shape)} {own[k].dtype}, "
-                                 f"got {got}")
-            wire.check_tensor(v, f"weight {k}", nonempty=False)
-        check_norm_state(module, state, "the proposed segment")
-        module.load_state_dict(state)
+        load_weights(module, state, limits.max_abs_value, "the spec")
         loss = req.get("loss")
         if role == "loss":
             if loss not in LOSSES:

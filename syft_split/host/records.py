@@ -85,8 +85,12 @@ class Dataset:
 class HostLimits:
     """What a data owner accepts at all, checked before anything is built or run.
 
-    ``max_parameters`` / ``max_width`` / ``max_layers`` / ``max_activation_bytes`` (the widest
-    value of one step): a proposal larger than this is refused from its spec alone.
+    ``max_parameters`` / ``max_width`` / ``max_layers`` / ``max_activation_bytes``: a proposal
+    larger than this is refused from its spec alone. ``max_activation_bytes`` bounds, over the
+    proposal's ``max_batch`` records (float32), both the values alive at once in a forward
+    without grad (attention score matrices included) and what a training forward keeps until
+    its gradient returns (the input and every layer's output). It does not bound compute
+    (FLOPs), the optimizer's state or parameter gradients (``max_parameters`` bounds those).
     ``max_proposals_per_minute`` / ``max_pending``: per user; ``max_pending_bytes``: the initial
     weights a user's pending proposals hold at once, auxiliary heads (local loss) included (the
     host keeps them until the data owner decides; a rejected proposal's are dropped).

@@ -112,6 +112,77 @@ def test_refused_proposals_count_against_the_rate_and_heads_are_sized() -> None:
     assert r["error"] == "ConfigError" and "bytes per step" in r["message"]
 
 
+def test_attention_heads_are_sized_before_the_dry_run() -> None:
+    """A middle proposal of one attention layer with as many heads as features: its outputs
+    are small (0.5 MiB per record) but its per-head scores take 128 MiB per record while it
+    runs. They count against ``max_activation_bytes`` (here 64 MiB), so the proposal is
+    refused from its spec before the host builds or dry-runs anything."""
+    from syft_split.spec import module_from_spec
+
+    length, embed = 512, 64
+    spec = {"input": "x", "output": "o", "nodes": [
+        {"name": "att", "op": "MultiheadAttention", "inputs": ["x", "x", "x"],
+         "args": {"embed_dim": embed, "num_heads": embed, "batch_first": True}},
+        {"name": "o", "op": "getitem", "args": {"index": 0}, "inputs": ["att"]}]}
+    state = {f"state/{k}": v for k, v in spec_state(module_from_spec(spec)).items()}
+    host = _host(max_activation_bytes=64 << 20)
+    r = _call(host, "mallory", "propose", role="middle", spec=spec, datasets=[],
+              input_shape=[length, embed], max_batch=1, optimizer=SGD, **state)
+    assert r["error"] == "ConfigError" and "bytes per step" in r["message"], r
+    assert 2 * 4 * embed * length**2 <= int(r["message"].split(" take ")[1].split()[0])
+
+
+def test_a_value_quadratic_in_the_batch_is_refused_at_proposal() -> None:
+    """A graph whose (B*16)^2 outer product is averaged back to (B, 8): 8.5 MiB per step at
+    4096 records if sized at one batch and scaled, 16 GiB in fact. Refused at proposal."""
+    from syft_split.spec import module_from_spec
+
+    def node(name: str, op: str, inputs: list[str], **args: Any) -> dict[str, Any]:
+        return {"name": name, "op": op, "args": args, "inputs": inputs}
+
+    spec = {"input": "x", "output": "fc", "nodes": [
+        node("s", "size", ["x"], dim=0), node("col", "reshape", ["x"], shape=[-1, 1]),
+        node("row", "reshape", ["x"], shape=[1, -1]), node("m", "add", ["col", "row"]),
+        node("r", "mean", ["m"], dim=1), node("o", "reshape", ["r"], shape=["s", -1]),
+        node("fc", "Linear", ["o"], in_features=16, out_features=8)]}
+    state = {f"state/{k}": v for k, v in spec_state(module_from_spec(spec)).items()}
+    r = _call(_host(), "mallory", "propose", role="middle", spec=spec, datasets=[],
+              input_shape=[16], optimizer=SGD, **state)
+    assert r["error"] == "ConfigError" and "node 'm' (add)" in r["message"], r
+    assert "not proportional to the records" in r["message"]
+
+
+def test_proposed_weights_are_bounded_like_every_other_weight() -> None:
+    """A segment proposal's weights go through the same check as a federated model's or an
+    auxiliary head's: finite, and within ``HostLimits.max_abs_value``. A finite 3e38 weight
+    (or one just past the bound) is refused and no proposal is made."""
+    host = _host(max_abs_value=100.0)
+    module = nn.Sequential(nn.Linear(8, 2))
+    for value in (3e38, 101.0):
+        state = {f"state/{k}": v for k, v in spec_state(module).items()}
+        state["state/0.weight"] = torch.full((2, 8), value)
+        r = _call(host, "mallory", "propose", role="input", spec=module_to_spec(module),
+                  datasets=["train"], optimizer=SGD, **state)
+        assert r["error"] == "ValidationError" and "exceeds the data owner's bound 100" in r["message"]
+    assert not host.proposals_by_id
+    _propose(host, module)  # the same segment with its own weights is accepted
+
+
+def test_what_a_training_step_keeps_is_bounded() -> None:
+    """200 Tanh layers on 4096 features: one value is 16 MiB at 1024 records, but a training
+    forward keeps all 201 until the gradient returns (3.2 GiB). Refused under the default
+    1 GiB; the same chain with a batch that fits is accepted."""
+    spec = {"layers": [{"type": "Tanh"} for _ in range(200)]}
+    host = _host()
+    r = _call(host, "mallory", "propose", role="middle", spec=spec, datasets=[],
+              input_shape=[4096], max_batch=1024, optimizer=SGD)
+    assert r["error"] == "ConfigError" and "keeps 3372220416 bytes" in r["message"], r
+    assert not host.proposals_by_id
+    r = _call(host, "mallory", "propose", role="middle", spec=spec, datasets=[],
+              input_shape=[4096], max_batch=256, optimizer=SGD)
+    assert "error" not in r, r
+
+
 def test_a_duplicate_record_id_is_said_to_the_owner_not_to_the_model_owner() -> None:
     """Duplicate ids: ``allow_alignment`` refuses on the data owner's console; a message that
     can reach the model owner names rows, never the id."""
