@@ -70,12 +70,8 @@ class SplitSession:
         self.local: dict[int, nn.Module] = {
             i: n.module for i, n in enumerate(plan.nodes) if n.owner == MODEL_OWNER
         }
-        default = [p for i, m in self.local.items() if plan.nodes[i].optimizer is None
-                   for p in m.parameters()]
         #: one optimizer for the model owner's segments, plus one per segment that overrides it
-        self.optimizers = [self.optimizer_spec.build(default)]
-        self.optimizers += [plan.nodes[i].optimizer.build(m.parameters())  # type: ignore[union-attr]
-                            for i, m in self.local.items() if plan.nodes[i].optimizer is not None]
+        self.optimizers = _build_optimizers(plan, self.local, self.optimizer_spec)
         #: remote segments by (hosting party, node index)
         self.remote: dict[tuple[str, int], RemoteSegment] = {}
         self.metadata: dict[str, dict[str, Any]] = {}
@@ -428,3 +424,27 @@ class SplitSession:
                               f"{sorted(counts)}: align them first")
         return counts.pop()
 
+
+def _build_optimizers(plan: SplitPlan, local: Mapping[int, nn.Module],
+                      default_spec: OptimizerSpec) -> list[torch.optim.Optimizer]:
+    """The default optimizer over the model owner's segments without an override, then one
+    per overriding segment. A layer shared by several segments is stepped once (parameters
+    are taken by identity); one parameter under two optimizers is a :class:`ConfigError`."""
+    groups: list[tuple[OptimizerSpec, list[nn.Parameter]]] = [(default_spec, [])]
+    where: dict[int, tuple[int, int]] = {}  # id(parameter) -> (group, segment)
+    for i, m in local.items():
+        spec = plan.nodes[i].optimizer
+        if spec is not None:
+            groups.append((spec, []))
+        g = 0 if spec is None else len(groups) - 1
+        for p in m.parameters():
+            if id(p) in where:
+                first_g, first_i = where[id(p)]
+                if first_g != g:
+                    raise ConfigError(f"segments {first_i} and {i} share a parameter under "
+                                      "two optimizers (optimizer= overrides), which would step "
+                                      "it twice: leave both on the session's optimizer")
+                continue
+            where[id(p)] = (g, i)
+            groups[g][1].append(p)
+    return [spec.build(params) for spec, params in groups]

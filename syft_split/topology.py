@@ -267,6 +267,7 @@ class SplitPlan:
         if both:
             problems.append(f"{sorted(both)} cannot be both a data owner and a relay party")
         problems.extend(self._task_problems())
+        problems.extend(self._shared_tensor_problems())
         if self.share_weights not in ("none", "model_owner", "peer"):
             problems.append(f"share_weights must be 'none', 'model_owner' or 'peer', "
                             f"got {self.share_weights!r}")
@@ -288,6 +289,25 @@ class SplitPlan:
             problems.append(f"max_batch must be positive, got {self.max_batch}")
         if problems:
             raise ConfigError("invalid split plan:\n  - " + "\n  - ".join(problems))
+
+    def _shared_tensor_problems(self) -> list[str]:
+        """A tensor held by a model-owner segment and a remote one: the remote copy would
+        train apart from the model owner's (the unsplit model has one)."""
+        mine: dict[int, int] = {}
+        for i, node in enumerate(self.nodes):
+            if node.owner == MODEL_OWNER and isinstance(node.module, nn.Module):
+                for t in [*node.module.parameters(), *node.module.buffers()]:
+                    mine.setdefault(id(t), i)
+        problems = []
+        for i, node in enumerate(self.nodes):
+            if node.owner == MODEL_OWNER or not isinstance(node.module, nn.Module):
+                continue
+            for name, t in [*node.module.named_parameters(), *node.module.named_buffers()]:
+                if id(t) in mine:
+                    problems.append(f"segment {i} ({node.owner}) shares {name!r} with model-owner "
+                                    f"segment {mine[id(t)]}: the copies would train apart")
+                    break
+        return problems
 
     def _task_problems(self) -> list[str]:
         problems: list[str] = []
