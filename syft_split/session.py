@@ -330,39 +330,19 @@ class SplitSession:
     def evaluate_batch(self, source: str, indices: torch.Tensor,
                        labels: torch.Tensor | dict[str, torch.Tensor] | None = None, *,
                        dataset: str | None = None) -> StepMetrics:
-        """Loss and correct counts on a batch, without gradient bookkeeping anywhere."""
+        """Loss and correct counts on a batch, without gradient bookkeeping anywhere: on the
+        current weights (a held-back gradient is delivered first), every segment in
+        evaluation mode (the model owner's get their own modes back afterwards)."""
         indices = torch.as_tensor(indices)
-        values: dict[int, torch.Tensor] = {}
-        per_task: dict[str, dict[str, float]] = {}
+        self.flush()
+        modes = [(mod, mod.training) for m in self.local.values() for mod in m.modules()]
         for m in self.local.values():
             m.eval()
         try:
-            enc = self.plan.encrypted
-            for i, node in enumerate(self.plan.nodes):
-                task = self.plan.task_at(i)
-                if enc is not None and i == enc.node:
-                    assert self.he is not None
-                    z = self.he.forward(source, indices, dataset, train=False)
-                    values[i] = node.module(z)
-                elif enc is not None and not node.inputs:
-                    continue
-                elif node.owner == MODEL_OWNER:
-                    values[i] = node.module(self._merge(i, values))
-                elif not node.inputs:
-                    values[i] = self._seg(source, i).forward(indices=indices, dataset=dataset,
-                                                             train=False).to(self.device)
-                elif self.plan.remote_loss_node(i) and task is not None:
-                    r = self._seg(source, i).loss_step(self._wire(self._merge(i, values)),
-                                                       indices, dataset=dataset, train=False)
-                    per_task[task.name] = {"loss": r["loss_sum"] / r["count"],
-                                           "correct": int(r["correct"])}
-                else:
-                    values[i] = self._seg(source, i).forward(
-                        x=self._wire(self._merge(i, values)), dataset=dataset,
-                        train=False).to(self.device)
+            values, per_task = self._eval_graph(source, indices, dataset)
         finally:
-            for m in self.local.values():
-                m.train()
+            for mod, training in modes:
+                mod.training = training
         for task in self.plan.tasks:
             if task.name in per_task:
                 continue
@@ -374,6 +354,36 @@ class SplitSession:
         first = per_task[self.plan.tasks[0].name]
         return StepMetrics(float(total), int(first["correct"]), int(indices.shape[0]),
                            per_task if len(self.plan.tasks) > 1 else {})
+
+    def _eval_graph(self, source: str, indices: torch.Tensor, dataset: str | None,
+                    ) -> tuple[dict[int, torch.Tensor], dict[str, dict[str, float]]]:
+        """Every node's output in the evaluation form (data owners: ``train=False``, nothing
+        left pending there), and the figures of the tasks whose loss is at a data owner."""
+        values: dict[int, torch.Tensor] = {}
+        per_task: dict[str, dict[str, float]] = {}
+        enc = self.plan.encrypted
+        for i, node in enumerate(self.plan.nodes):
+            task = self.plan.task_at(i)
+            if enc is not None and i == enc.node:
+                assert self.he is not None
+                values[i] = node.module(self.he.forward(source, indices, dataset, train=False))
+            elif enc is not None and not node.inputs:
+                continue
+            elif node.owner == MODEL_OWNER:
+                values[i] = node.module(self._merge(i, values))
+            elif not node.inputs:
+                values[i] = self._seg(source, i).forward(indices=indices, dataset=dataset,
+                                                         train=False).to(self.device)
+            elif self.plan.remote_loss_node(i) and task is not None:
+                r = self._seg(source, i).loss_step(self._wire(self._merge(i, values)),
+                                                   indices, dataset=dataset, train=False)
+                per_task[task.name] = {"loss": r["loss_sum"] / r["count"],
+                                       "correct": int(r["correct"])}
+            else:
+                values[i] = self._seg(source, i).forward(
+                    x=self._wire(self._merge(i, values)), dataset=dataset,
+                    train=False).to(self.device)
+        return values, per_task
 
     def measure_leakage(self, dataset: str, *, budget_s: float | None = None,
                         skip: Collection[str] = ()) -> dict[str, dict[str, float]]:

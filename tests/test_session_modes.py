@@ -1,0 +1,73 @@
+"""Evaluation, inference and module modes: the split behaves like the unsplit model."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from syft_split import OptimizerSpec, SplitPlan, SplitSession, split_model
+
+from .conftest import toy_tensors
+
+OPT = OptimizerSpec("sgd", lr=0.5)
+
+
+def bn_model() -> nn.Sequential:
+    torch.manual_seed(1)
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(1, 4, 3, padding=1)), ("bn1", nn.BatchNorm2d(4)),
+        ("pool1", nn.MaxPool2d(2)), ("flatten", nn.Flatten()), ("fc1", nn.Linear(64, 16)),
+        ("drop", nn.Dropout(0.5)), ("fc2", nn.Linear(16, 10))]))
+
+
+def session_for(make_deployment, model: nn.Module) -> tuple[SplitSession, object]:
+    x, y = toy_tensors()
+    dep = make_deployment({"clinic": {"train": (x, y), "test": (x, y)}})
+    session = SplitSession(SplitPlan.vanilla(split_model(model, ["pool1"]), "clinic"),
+                           dep.transport, optimizer=OPT)
+    dep.approve_all(session.propose())
+    return session, dep
+
+
+def train_step(session: SplitSession, ref: nn.Module, ref_opt: torch.optim.Optimizer,
+               idx: torch.Tensor) -> None:
+    x, y = toy_tensors()
+    ref_opt.zero_grad()
+    F.cross_entropy(ref(x[idx]), y[idx]).backward()
+    ref_opt.step()
+    session.zero_grad()
+    loss, _ = session.loss("clinic", idx, y[idx])
+    loss.backward()
+    session.step()
+
+
+def test_evaluate_batch_scores_the_current_weights(make_deployment) -> None:
+    model = bn_model()
+    model.drop.p = 0.0  # nothing random: the training step is compared exactly
+    ref = copy.deepcopy(model)
+    ref_opt = OPT.build(ref.parameters())
+    session, _ = session_for(make_deployment, model)
+    train_step(session, ref, ref_opt, torch.arange(32))  # its gradient is held (fused)
+    x, y = toy_tensors()
+    ev = torch.arange(32, 96)
+    ref.eval()
+    with torch.no_grad():
+        want = float(F.cross_entropy(ref(x[ev]), y[ev]))
+    assert session.evaluate_batch("clinic", ev, y[ev]).loss == want
+
+
+def test_evaluate_batch_gives_each_submodule_its_mode_back(make_deployment) -> None:
+    session, _ = session_for(make_deployment, bn_model())
+    head = session.local[1]
+    head.drop.eval()  # a submodule in its own mode: given back as it was
+    _, y = toy_tensors()
+    session.evaluate_batch("clinic", torch.arange(8), y[:8])
+    assert head.training and not head.drop.training and head.fc1.training
+    head.eval()
+    session.evaluate_batch("clinic", torch.arange(8), y[:8])
+    assert not any(m.training for m in head.modules())
+
