@@ -242,12 +242,22 @@ class SplitSession:
 
     def forward(self, source: str, indices: torch.Tensor, *,
                 dataset: str | None = None) -> torch.Tensor:
-        """Output of the first task's segment (at the model owner), autograd-connected."""
+        """Output of the first task's segment (at the model owner), autograd-connected.
+
+        Under ``torch.no_grad()`` this is inference: a held-back gradient is delivered first,
+        then data owners run their segments in evaluation mode (``train=False``: no step is
+        left pending there, their BatchNorm statistics do not move); the model owner's
+        segments run in the mode they are in (``.eval()`` them for a full evaluation, or use
+        :meth:`evaluate_batch`)."""
         task = self.plan.tasks[0]
         if task.labels == DATA_OWNER:
             raise ProtocolError("in a U-shaped plan the output stays at the data owner; "
                                 "use session.loss(source, indices)")
-        values, _ = self._graph(source, torch.as_tensor(indices), dataset)
+        if not torch.is_grad_enabled():
+            self.flush()
+            values, _ = self._eval_graph(source, torch.as_tensor(indices), dataset)
+        else:
+            values, _ = self._graph(source, torch.as_tensor(indices), dataset)
         return values[task.node]
 
     def loss(self, source: str, indices: torch.Tensor,

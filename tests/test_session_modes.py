@@ -71,3 +71,34 @@ def test_evaluate_batch_gives_each_submodule_its_mode_back(make_deployment) -> N
     session.evaluate_batch("clinic", torch.arange(8), y[:8])
     assert not any(m.training for m in head.modules())
 
+
+def test_forward_under_no_grad_is_inference_at_the_data_owner(make_deployment) -> None:
+    """``with torch.no_grad(): session.forward(...)`` between training steps: the data owner
+    runs in evaluation mode (its BatchNorm statistics stay), and training then continues
+    exactly like the unsplit model's."""
+    model = bn_model()
+    model.drop.p = 0.0
+    ref = copy.deepcopy(model)
+    ref_opt = OPT.build(ref.parameters())
+    session, dep = session_for(make_deployment, model)
+    train_step(session, ref, ref_opt, torch.arange(16))
+    x, _ = toy_tensors()
+    ref.eval()
+    for m in session.local.values():
+        m.eval()
+    with torch.no_grad():
+        want = ref(x[16:32])
+        got = session.forward("clinic", torch.arange(16, 32))
+    assert torch.equal(got, want)
+    ref.train()
+    for m in session.local.values():
+        m.train()
+    train_step(session, ref, ref_opt, torch.arange(32, 48))
+    session.flush()
+    seg = session.remote[("clinic", 0)]
+    remote = dep.owners["clinic"].export_weights(seg.segment_id)  # type: ignore[attr-defined]
+    for k, v in ref.state_dict().items():
+        if k.startswith(("conv1.", "bn1.")):
+            assert torch.equal(remote[k.replace("conv1.", "0.").replace("bn1.", "1.")], v), k
+    assert all(torch.equal(session.local[1].state_dict()[k], v)
+               for k, v in ref.state_dict().items() if k.startswith(("fc1.", "fc2.")))
