@@ -312,11 +312,21 @@ class SplitSession:
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        self._steps_done()
 
     def step(self) -> None:
-        """Optimizer step for the model owner's segments (data owners step in their backward)."""
+        """Optimizer step for the model owner's segments (data owners step in their backward).
+
+        One backward per step: data owners step on every gradient they receive, so a second
+        training pass through a remote segment before this raises ``ProtocolError`` (no
+        gradient accumulation across remote segments)."""
         for opt in self.optimizers:
             opt.step()
+        self._steps_done()
+
+    def _steps_done(self) -> None:
+        for seg in self.remote.values():
+            seg.awaiting_step = False
 
     def flush(self) -> None:
         """Deliver every held-back gradient (data owners then have stepped)."""
@@ -327,6 +337,7 @@ class SplitSession:
         """Drop the step in flight everywhere (after a failed step), keeping weights: requests
         whose delivery is unknown are settled first; returns, per segment id, what was dropped
         (held-back gradient / loss weight never sent, the data owner's pending step)."""
+        self._steps_done()
         return {seg.segment_id: seg.discard() for seg in self.remote.values()}
 
     def unsettled(self) -> dict[str, dict[str, Any]]:

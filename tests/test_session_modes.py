@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from syft_split import OptimizerSpec, SplitPlan, SplitSession, split_model
+from syft_split import OptimizerSpec, ProtocolError, SplitPlan, SplitSession, split_model
 
 from .conftest import toy_tensors
 
@@ -94,6 +95,10 @@ def test_forward_under_no_grad_is_inference_at_the_data_owner(make_deployment) -
     for m in session.local.values():
         m.train()
     train_step(session, ref, ref_opt, torch.arange(32, 48))
+    assert_equal_weights(session, dep, ref)
+
+
+def assert_equal_weights(session: SplitSession, dep: object, ref: nn.Module) -> None:
     session.flush()
     seg = session.remote[("clinic", 0)]
     remote = dep.owners["clinic"].export_weights(seg.segment_id)  # type: ignore[attr-defined]
@@ -102,3 +107,31 @@ def test_forward_under_no_grad_is_inference_at_the_data_owner(make_deployment) -
             assert torch.equal(remote[k.replace("conv1.", "0.").replace("bn1.", "1.")], v), k
     assert all(torch.equal(session.local[1].state_dict()[k], v)
                for k, v in ref.state_dict().items() if k.startswith(("fc1.", "fc2.")))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_gradient_accumulation_across_a_remote_segment_is_refused(make_deployment,
+                                                                  fuse: bool) -> None:
+    """Two micro-batch backward()s before one step would train differently from the unsplit
+    model (the data owner steps on each gradient): refused; one backward per step is exact."""
+    model = bn_model()
+    model.drop.p = 0.0
+    ref = copy.deepcopy(model)
+    ref_opt = OPT.build(ref.parameters())
+    x, y = toy_tensors()
+    dep = make_deployment({"clinic": {"train": (x, y), "test": (x, y)}})
+    session = SplitSession(SplitPlan.vanilla(split_model(model, ["pool1"]), "clinic"),
+                           dep.transport, optimizer=OPT, fuse=fuse)
+    dep.approve_all(session.propose())
+    for k in range(3):  # the ordinary loop: forward, backward, step
+        train_step(session, ref, ref_opt, torch.arange(16 * k, 16 * k + 16))
+    assert_equal_weights(session, dep, ref)
+    session.zero_grad()
+    loss, _ = session.loss("clinic", torch.arange(16), y[:16])
+    (loss / 2).backward()
+    with pytest.raises(ProtocolError, match="do not accumulate across remote segments"):
+        session.loss("clinic", torch.arange(16, 32), y[16:32])
+    session.zero_grad()  # the model owner drops its half; the data owner stepped on its own
+    session.discard()
+    session.flush()
+    assert session.remote[("clinic", 0)].unsettled is None
