@@ -254,7 +254,7 @@ class SplitSession:
             raise ProtocolError("in a U-shaped plan the output stays at the data owner; "
                                 "use session.loss(source, indices)")
         if not torch.is_grad_enabled():
-            self.flush()
+            self.flush(source)
             values, _ = self._eval_graph(source, torch.as_tensor(indices), dataset)
         else:
             values, _ = self._graph(source, torch.as_tensor(indices), dataset)
@@ -328,10 +328,12 @@ class SplitSession:
         for seg in self.remote.values():
             seg.awaiting_step = False
 
-    def flush(self) -> None:
-        """Deliver every held-back gradient (data owners then have stepped)."""
-        for seg in self.remote.values():
-            seg.flush()
+    def flush(self, source: str | None = None) -> None:
+        """Deliver every held-back gradient (data owners then have stepped); ``source``: only
+        those of the segments that run ``source``'s records (the others may be unreachable)."""
+        for (host, i), seg in self.remote.items():
+            if source is None or host == self._host(source, i):
+                seg.flush()
 
     def discard(self) -> dict[str, dict[str, bool]]:
         """Drop the step in flight everywhere (after a failed step), keeping weights: requests
@@ -355,7 +357,7 @@ class SplitSession:
         current weights (a held-back gradient is delivered first), every segment in
         evaluation mode (the model owner's get their own modes back afterwards)."""
         indices = torch.as_tensor(indices)
-        self.flush()
+        self.flush(source)
         modes = [(mod, mod.training) for m in self.local.values() for mod in m.modules()]
         for m in self.local.values():
             m.eval()
