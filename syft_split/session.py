@@ -24,6 +24,7 @@ from torch import nn
 from .errors import ApprovalError, ConfigError, ProtocolError
 from .he_state import HEState, encrypted_forward
 from .losses import LOSSES, count_correct
+from .modes import eval_mode
 from .placement import host_of, merge_inputs, node_shapes, placements, proposal_fields
 from .remote import ActivationPointer, RemoteSegment, remote_loss
 from .spec import OptimizerSpec
@@ -358,14 +359,8 @@ class SplitSession:
         evaluation mode (the model owner's get their own modes back afterwards)."""
         indices = torch.as_tensor(indices)
         self.flush(source)
-        modes = [(mod, mod.training) for m in self.local.values() for mod in m.modules()]
-        for m in self.local.values():
-            m.eval()
-        try:
+        with eval_mode(*self.local.values()):
             values, per_task = self._eval_graph(source, indices, dataset)
-        finally:
-            for mod, training in modes:
-                mod.training = training
         for task in self.plan.tasks:
             if task.name in per_task:
                 continue

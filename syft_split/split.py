@@ -319,6 +319,26 @@ def split_model(model: nn.Module, cuts: str | Sequence[str]) -> list[nn.Module]:
                          f"{cut_points(model)}")
     if len(set(cuts)) != len(cuts):
         raise SplitError(f"cut names repeat: {list(cuts)}")
+    # every layer keeps its own training flag (a frozen BatchNorm stays frozen): each is
+    # tagged with it, the tag travels with its copy, and modules made here take the model's
+    for m in model.modules():
+        m.__dict__[_MODE_TAG] = m.training
+    try:
+        segments = _split(model, cuts)
+    finally:
+        for m in model.modules():
+            m.__dict__.pop(_MODE_TAG, None)
+    for seg in segments:
+        for m in seg.modules():
+            m.training = m.__dict__.pop(_MODE_TAG, model.training)
+    return segments
+
+
+#: the attribute carrying a layer's training flag through :func:`split_model`'s copies
+_MODE_TAG = "_syft_split_training"
+
+
+def _split(model: nn.Module, cuts: Sequence[str]) -> list[nn.Module]:
     if isinstance(model, nn.Sequential):
         segments = _split_sequential(model, cuts)
     else:
@@ -332,8 +352,6 @@ def split_model(model: nn.Module, cuts: str | Sequence[str]) -> list[nn.Module]:
         outs = [*(t.body[p - 1] for p in positions), output.args[0]]
         segments = [_segment(t, t.body[a:b], e, o)
                     for (a, b), e, o in zip(zip(bounds, bounds[1:]), entries, outs)]
-    for seg in segments:
-        seg.train(model.training)
     return segments
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .losses import LOSSES
+from .modes import mixed_modes
 from .spec import OptimizerSpec, module_to_spec
 from .transport.base import MODEL_OWNER
 
@@ -235,6 +236,13 @@ class SplitPlan:
                 problems.append(f"{where} merges several inputs: merging happens at the model owner")
             if node.merge not in MERGES:
                 problems.append(f"{where}: merge must be one of {MERGES}, got {node.merge!r}")
+            if node.owner != MODEL_OWNER and isinstance(node.module, nn.Module):
+                mixed = mixed_modes(node.module)
+                if mixed:
+                    problems.append(
+                        f"{where} has layers in another training mode than the segment "
+                        f"({', '.join(mixed[:5])}): its host runs a segment all in train() "
+                        "or all in eval(); keep such layers at the model owner")
             if node.owner != MODEL_OWNER:
                 try:
                     module_to_spec(node.module)

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from syft_split import OptimizerSpec, ProtocolError, SplitPlan, SplitSession, split_model
+from syft_split import (
+    ConfigError,
+    OptimizerSpec,
+    ProtocolError,
+    SplitPlan,
+    SplitSession,
+    split_model,
+)
 
 from .conftest import toy_tensors
 
@@ -135,3 +142,45 @@ def test_gradient_accumulation_across_a_remote_segment_is_refused(make_deploymen
     session.discard()
     session.flush()
     assert session.remote[("clinic", 0)].unsettled is None
+
+
+def test_a_frozen_layer_at_the_model_owner_trains_like_the_unsplit_model(
+        make_deployment) -> None:
+    """Fine-tuning with a frozen BatchNorm (``model.train(); model.bn.eval()``) in the model
+    owner's segment: the split trains exactly like the unsplit model (the BatchNorm ran in
+    training mode after the split, and propose() reset it too)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([
+        ("fc0", nn.Linear(16, 8)), ("act0", nn.ReLU()), ("fc1", nn.Linear(8, 8)),
+        ("bn", nn.BatchNorm1d(8)), ("act", nn.ReLU()), ("fc2", nn.Linear(8, 10))]))
+    model.train()
+    model.bn.eval()
+    ref = copy.deepcopy(model)
+    ref_opt = OPT.build(ref.parameters())
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 16, generator=g), torch.randint(0, 10, (96,), generator=g)
+    dep = make_deployment({"clinic": {"train": (x, y), "test": (x, y)}})
+    session = SplitSession(SplitPlan.vanilla(split_model(model, ["act0"]), "clinic"),
+                           dep.transport, optimizer=OPT)
+    dep.approve_all(session.propose())
+    for k in range(3):
+        idx = torch.arange(32 * k, 32 * k + 32)
+        ref_opt.zero_grad()
+        F.cross_entropy(ref(x[idx]), y[idx]).backward()
+        ref_opt.step()
+        session.zero_grad()
+        loss, _ = session.loss("clinic", idx, y[idx])
+        loss.backward()
+        session.step()
+    head = session.local[1]
+    assert not head.bn.training and head.training
+    assert all(torch.equal(head.state_dict()[k], v)
+               for k, v in ref.state_dict().items() if not k.startswith("fc0."))
+
+
+def test_a_remote_segment_in_mixed_modes_is_refused() -> None:
+    model = nn.Sequential(OrderedDict([("fc0", nn.Linear(4, 4)), ("bn", nn.BatchNorm1d(4)),
+                                       ("act0", nn.ReLU()), ("fc1", nn.Linear(4, 2))]))
+    model.bn.eval()
+    with pytest.raises(ConfigError, match=r"another training mode than the segment \(bn\)"):
+        SplitPlan.vanilla(split_model(model, ["act0"]), "clinic")
