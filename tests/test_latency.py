@@ -357,3 +357,33 @@ def test_a_failed_pipelined_epoch_raises_its_error_and_the_next_starts_clean() -
         assert trainer.train_epoch(2).count == 2 * N
     finally:
         dep.close()
+
+
+def test_a_dropped_transport_leaves_no_fallback_worker_behind() -> None:
+    """submit_call's worker threads (one per transport and party) kept the last job, hence
+    the transport, alive forever; a transport closed and dropped now takes them with it."""
+    import gc
+    import threading
+    import weakref
+
+    parties = ("leakcheck1", "leakcheck2")
+
+    def workers() -> int:
+        return sum(t.name in {f"syft-split-calls-{p}" for p in parties} and t.is_alive()
+                   for t in threading.enumerate())
+
+    x, y = _data()
+    d = inprocess({p: {"train": (x, y), "test": (x[:8], y[:8])} for p in parties})
+    for p in parties:
+        assert "datasets" in submit_call(d.transport, p, "describe").result(timeout=30)
+    assert workers() == 2
+    ref = weakref.ref(d.transport)
+    d.close()
+    del d
+    gc.collect()
+    assert ref() is None
+    deadline = time.monotonic() + 5
+    while workers() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert workers() == 0
+

@@ -10,7 +10,9 @@ the order they were sent. Benches and tests use it to measure what latency-toler
 :func:`submit_call` is :meth:`Transport.call` without waiting: it returns a future of the
 decoded answer. On a transport with a ``submit`` method (``DelayedTransport``) several calls
 are in flight at once; on any other transport the calls to one party run one after the other
-on a worker thread (in order), so the caller can compute while it waits.
+on a worker thread (in order), so the caller can compute while it waits. Those workers keep
+nothing of a finished call and stop when their transport is gone (closed and no longer
+referenced).
 """
 
 from __future__ import annotations
@@ -47,10 +49,14 @@ class _Worker:
             if item is None:
                 return
             not_before, job = item
+            del item  # nothing of a finished job (its transport, data) stays alive while idle
             wait = not_before - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            job()
+            try:
+                job()
+            finally:
+                del job
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -127,7 +133,11 @@ _FALLBACK_LOCK = threading.Lock()
 def _fallback_submit(transport: Transport, party: str, data: bytes, timeout: float | None,
                      op: str) -> Future[bytes]:
     with _FALLBACK_LOCK:
-        workers = _FALLBACK.setdefault(transport, {})
+        workers = _FALLBACK.get(transport)
+        if workers is None:
+            workers = _FALLBACK[transport] = {}
+            # the transport gone (closed and dropped), its workers stop: no thread outlives it
+            weakref.finalize(transport, _stop_all, workers)
         worker = workers.get(party)
         if worker is None:
             worker = workers[party] = _Worker(f"syft-split-calls-{party}")
@@ -141,6 +151,11 @@ def _fallback_submit(transport: Transport, party: str, data: bytes, timeout: flo
 
     worker.put(0.0, run)
     return fut
+
+
+def _stop_all(workers: dict[str, _Worker]) -> None:
+    for worker in workers.values():
+        worker.stop()
 
 
 def submit_call(transport: Transport, party: str, op: str, **fields: Any
