@@ -387,3 +387,10 @@ def test_a_dropped_transport_leaves_no_fallback_worker_behind() -> None:
         time.sleep(0.01)
     assert workers() == 0
 
+
+def test_closing_a_delayed_transport_fails_the_calls_in_flight(dep: Deployment) -> None:
+    transport = DelayedTransport(dep.transport, 0.4)
+    fut = submit_call(transport, "h", "describe")
+    transport.close()
+    with pytest.raises(TransportError, match="closed with the call in flight"):
+        fut.result(timeout=5)

@@ -22,11 +22,11 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from .. import wire
-from ..errors import ConfigError
+from ..errors import ConfigError, TransportError
 from .base import MODEL_OWNER, Transport, TransportWrapper
 
 __all__ = ["DelayedTransport", "submit_call"]
@@ -69,25 +69,60 @@ class _Link:
         self.inner, self.party, self.half = inner, party, half
         self.there = _Worker(f"syft-split-link-{party}-out")
         self.back = _Worker(f"syft-split-link-{party}-back")
+        self._lock = threading.Lock()
+        self._open: set[Future[bytes]] = set()  # calls not answered yet
+        self._closed = False
 
     def submit(self, data: bytes, timeout: float | None, op: str) -> Future[bytes]:
         fut: Future[bytes] = Future()
+        with self._lock:
+            if self._closed:
+                raise TransportError(f"{self.party}: the delayed transport is closed")
+            self._open.add(fut)
+        fut.add_done_callback(self._answered)
 
         def arrive() -> None:
+            if self._closed:  # closed before the request left: never sent
+                return
             try:
                 raw = self.inner.request_within(self.party, data, timeout, op)
             except BaseException as exc:
                 error = exc
-                self.back.put(time.monotonic() + self.half, lambda: fut.set_exception(error))
+                self.back.put(time.monotonic() + self.half, lambda: _settle(fut, error=error))
                 return
-            self.back.put(time.monotonic() + self.half, lambda: fut.set_result(raw))
+            self.back.put(time.monotonic() + self.half, lambda: _settle(fut, raw))
 
         self.there.put(time.monotonic() + self.half, arrive)
         return fut
 
+    def _answered(self, fut: Future[bytes]) -> None:
+        with self._lock:
+            self._open.discard(fut)
+
     def stop(self) -> None:
+        """Stop both directions; a call still in flight fails with :class:`TransportError`
+        (its future would otherwise never complete)."""
+        with self._lock:
+            self._closed = True
+            open_calls = list(self._open)
+        for fut in open_calls:
+            _settle(fut, error=TransportError(
+                f"{self.party}: the delayed transport was closed with the call in flight"))
         self.there.stop()
         self.back.stop()
+
+
+def _settle(fut: Future[bytes], raw: bytes | None = None, *,
+            error: BaseException | None = None) -> None:
+    """Complete ``fut`` unless it is complete already (a call failed by close())."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            assert raw is not None
+            fut.set_result(raw)
+    except InvalidStateError:
+        pass
 
 
 class DelayedTransport(TransportWrapper):
@@ -119,6 +154,8 @@ class DelayedTransport(TransportWrapper):
         return self.submit(party, data).result()
 
     def close(self) -> None:
+        """Close the links, then ``inner``: a call still in flight fails with
+        :class:`TransportError` (whoever waits on it is not left waiting forever)."""
         with self._lock:
             links, self._links = list(self._links.values()), {}
         for link in links:
