@@ -261,3 +261,25 @@ class _Frozen(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.fc0(x))
         return self.fc2(self.bn(self.fc1(h)) + 1)
+
+
+class _BranchesOnTraining(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if self.training:
+            h = h * 0.9  # a train-only rescaling: one branch would be frozen by the trace
+        return self.b(h)
+
+
+def test_a_forward_branching_on_training_is_refused() -> None:
+    model = _BranchesOnTraining()
+    model.eval()
+    model.b.train()
+    with pytest.raises(SplitError, match=r"branches on self\.training"):
+        split_model(model, "a")
+    assert not model.training and not model.a.training and model.b.training  # given back
