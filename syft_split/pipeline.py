@@ -20,13 +20,15 @@ labels at the model owner or released) are supported; no encryption, no multi-ho
 Durability: the data owner saves its segment after every pipelined call, but the calls carry
 no step ids and the pending forwards live in memory only, so a call cut by a crash is not
 settled exactly once, and ``Trainer.fit`` refuses ``checkpoint_dir`` with ``gradient_delay``
-(:mod:`syft_split.host.latency`).
+(:mod:`syft_split.host.latency`). A failed epoch drops the pending forwards at every data
+owner it can reach and raises its own error; each epoch starts by dropping them again.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -152,6 +154,8 @@ def pipelined_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
     order = [(p, idx) for p, idx, _ in trainer._order(trainer._batches())]
     segs: dict[str, RemoteSegment] = {p: s._seg(p, 0) for p in s.plan.sources}
     s.flush()  # nothing of an exact step may be pending at the data owners
+    for seg in segs.values():  # start clean: drop forwards an interrupted epoch left pending
+        s.transport.call(seg.party, "pipe_discard", segment=seg.segment_id)
     queues: dict[str, deque[Future[dict[str, Any]]]] = {p: deque() for p in segs}
     todo: dict[str, deque[torch.Tensor]] = {p: deque() for p in segs}
     for p, idx in order:
@@ -184,11 +188,25 @@ def pipelined_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
         for q in queues.values():  # the last gradients are applied
             while q:
                 q.popleft().result()
-    except BaseException:
-        for p, q in queues.items():
-            for f in q:
-                f.exception()  # wait for what is in flight before cleaning up
-            seg = segs[p]
-            s.transport.call(seg.party, "pipe_discard", segment=seg.segment_id)
+    except BaseException as exc:
+        _discard_all(s, segs, queues, exc)
         raise
     return totals.result()
+
+
+def _discard_all(s: SplitSession, segs: dict[str, RemoteSegment],
+                 queues: dict[str, deque[Future[dict[str, Any]]]], exc: BaseException) -> None:
+    """After a failed pipelined epoch: wait for what is in flight, then drop the pending
+    forwards at every data owner, each on its own (one still unreachable does not stop the
+    others); failures are noted on ``exc``, which the caller raises (the next epoch discards
+    again before it starts)."""
+    for q in queues.values():
+        for f in q:
+            with suppress(CancelledError):  # wait for what is in flight
+                f.exception()
+    for p, seg in segs.items():
+        try:
+            s.transport.call(seg.party, "pipe_discard", segment=seg.segment_id)
+        except Exception as err:  # the original error is the one raised
+            exc.add_note(f"pipe_discard at {p} failed too: {type(err).__name__}: {err}")
+

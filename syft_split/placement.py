@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .modes import eval_mode
 from .spec import OptimizerSpec, module_to_spec, spec_state
 from .topology import DATA_OWNER, MODEL_OWNER, SplitPlan
 
@@ -68,18 +69,15 @@ def node_shapes(plan: SplitPlan, source: str, describe: Callable[[str], dict[str
                 x = torch.zeros((2, *meta[plan.datasets[0]]["feature_shape"]))
             at = next((p.device for p in node.module.parameters()), None)
             x = x if at is None else x.to(at)
-            was = node.module.training
-            node.module.eval()
             enc = plan.encrypted
             if enc is not None and i == enc.node:
                 x = enc.linear(x.flatten(1))
             try:
-                values[i] = node.module(x)
+                with eval_mode(node.module):  # each submodule keeps its own mode after
+                    values[i] = node.module(x)
             except RuntimeError as exc:
                 raise ConfigError(f"segment {i} ({node.name}) does not accept input "
                                   f"{tuple(x.shape[1:])}: {exc}") from exc
-            finally:
-                node.module.train(was)
             shapes.append((tuple(x.shape[1:]), tuple(values[i].shape[1:])))
     return shapes
 

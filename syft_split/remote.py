@@ -51,6 +51,9 @@ class RemoteSegment:
         self.last_metrics: dict[str, Any] = {}
         #: the id the next changing request carries (the host applies each id once)
         self.next_step = 1
+        #: a gradient reached this segment through autograd since the last session step /
+        #: zero_grad (the data owner steps on it): a second one would not accumulate
+        self.awaiting_step = False
         self._inflight: dict[str, Any] | None = None
 
     def _call(self, op: str, **fields: Any) -> dict[str, Any]:
@@ -269,16 +272,29 @@ class RemoteSegment:
                    **{f"sealed/{sender}": sealed for sender, sealed in contributions.items()})
 
 
+def _no_accumulation(seg: RemoteSegment, what: str) -> None:
+    """Refuse a second training pass through ``seg`` before the step (see README)."""
+    if seg.awaiting_step:
+        raise ProtocolError(
+            f"{what} reached {seg.party}'s segment {seg.segment_id}, which already received a "
+            "gradient since the last session.step(): a data owner steps on every gradient it "
+            "receives, so gradients do not accumulate across remote segments; call "
+            "session.step() (or zero_grad()) after each backward")
+
+
 class _RemoteForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, anchor: torch.Tensor, x: torch.Tensor | None, seg: RemoteSegment,
                 indices: torch.Tensor | None, dataset: str | None) -> torch.Tensor:
+        _no_accumulation(seg, "a training forward")
         ctx.seg = seg
         return seg.forward(indices=indices, x=x, dataset=dataset, train=True)
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:
+        _no_accumulation(ctx.seg, "a backward")
         grad_in = ctx.seg.backward(grads[0])
+        ctx.seg.awaiting_step = True
         return None, grad_in, None, None, None
 
 
@@ -286,6 +302,7 @@ class _RemoteLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, seg: RemoteSegment, indices: torch.Tensor,
                 dataset: str | None) -> torch.Tensor:
+        _no_accumulation(seg, "a training loss step")
         response = seg.loss_step(x, indices, dataset=dataset, train=True)
         ctx.seg = seg
         ctx.grad_in = response["grad_input"]
@@ -294,7 +311,9 @@ class _RemoteLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:
+        _no_accumulation(ctx.seg, "a backward")
         ctx.seg.loss_backward(float(grads[0]))  # the task's loss weight: the data owner steps
+        ctx.seg.awaiting_step = True
         return grads[0] * ctx.grad_in, None, None, None
 
 

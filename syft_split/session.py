@@ -24,6 +24,7 @@ from torch import nn
 from .errors import ApprovalError, ConfigError, ProtocolError
 from .he_state import HEState, encrypted_forward
 from .losses import LOSSES, count_correct
+from .modes import eval_mode
 from .placement import host_of, merge_inputs, node_shapes, placements, proposal_fields
 from .remote import ActivationPointer, RemoteSegment, remote_loss
 from .spec import OptimizerSpec
@@ -70,12 +71,8 @@ class SplitSession:
         self.local: dict[int, nn.Module] = {
             i: n.module for i, n in enumerate(plan.nodes) if n.owner == MODEL_OWNER
         }
-        default = [p for i, m in self.local.items() if plan.nodes[i].optimizer is None
-                   for p in m.parameters()]
         #: one optimizer for the model owner's segments, plus one per segment that overrides it
-        self.optimizers = [self.optimizer_spec.build(default)]
-        self.optimizers += [plan.nodes[i].optimizer.build(m.parameters())  # type: ignore[union-attr]
-                            for i, m in self.local.items() if plan.nodes[i].optimizer is not None]
+        self.optimizers = _build_optimizers(plan, self.local, self.optimizer_spec)
         #: remote segments by (hosting party, node index)
         self.remote: dict[tuple[str, int], RemoteSegment] = {}
         self.metadata: dict[str, dict[str, Any]] = {}
@@ -246,12 +243,22 @@ class SplitSession:
 
     def forward(self, source: str, indices: torch.Tensor, *,
                 dataset: str | None = None) -> torch.Tensor:
-        """Output of the first task's segment (at the model owner), autograd-connected."""
+        """Output of the first task's segment (at the model owner), autograd-connected.
+
+        Under ``torch.no_grad()`` this is inference: a held-back gradient is delivered first,
+        then data owners run their segments in evaluation mode (``train=False``: no step is
+        left pending there, their BatchNorm statistics do not move); the model owner's
+        segments run in the mode they are in (``.eval()`` them for a full evaluation, or use
+        :meth:`evaluate_batch`)."""
         task = self.plan.tasks[0]
         if task.labels == DATA_OWNER:
             raise ProtocolError("in a U-shaped plan the output stays at the data owner; "
                                 "use session.loss(source, indices)")
-        values, _ = self._graph(source, torch.as_tensor(indices), dataset)
+        if not torch.is_grad_enabled():
+            self.flush(source)
+            values, _ = self._eval_graph(source, torch.as_tensor(indices), dataset)
+        else:
+            values, _ = self._graph(source, torch.as_tensor(indices), dataset)
         return values[task.node]
 
     def loss(self, source: str, indices: torch.Tensor,
@@ -306,21 +313,34 @@ class SplitSession:
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        self._steps_done()
 
     def step(self) -> None:
-        """Optimizer step for the model owner's segments (data owners step in their backward)."""
+        """Optimizer step for the model owner's segments (data owners step in their backward).
+
+        One backward per step: data owners step on every gradient they receive, so a second
+        training pass through a remote segment before this raises ``ProtocolError`` (no
+        gradient accumulation across remote segments)."""
         for opt in self.optimizers:
             opt.step()
+        self._steps_done()
 
-    def flush(self) -> None:
-        """Deliver every held-back gradient (data owners then have stepped)."""
+    def _steps_done(self) -> None:
         for seg in self.remote.values():
-            seg.flush()
+            seg.awaiting_step = False
+
+    def flush(self, source: str | None = None) -> None:
+        """Deliver every held-back gradient (data owners then have stepped); ``source``: only
+        those of the segments that run ``source``'s records (the others may be unreachable)."""
+        for (host, i), seg in self.remote.items():
+            if source is None or host == self._host(source, i):
+                seg.flush()
 
     def discard(self) -> dict[str, dict[str, bool]]:
         """Drop the step in flight everywhere (after a failed step), keeping weights: requests
         whose delivery is unknown are settled first; returns, per segment id, what was dropped
         (held-back gradient / loss weight never sent, the data owner's pending step)."""
+        self._steps_done()
         return {seg.segment_id: seg.discard() for seg in self.remote.values()}
 
     def unsettled(self) -> dict[str, dict[str, Any]]:
@@ -334,39 +354,13 @@ class SplitSession:
     def evaluate_batch(self, source: str, indices: torch.Tensor,
                        labels: torch.Tensor | dict[str, torch.Tensor] | None = None, *,
                        dataset: str | None = None) -> StepMetrics:
-        """Loss and correct counts on a batch, without gradient bookkeeping anywhere."""
+        """Loss and correct counts on a batch, without gradient bookkeeping anywhere: on the
+        current weights (a held-back gradient is delivered first), every segment in
+        evaluation mode (the model owner's get their own modes back afterwards)."""
         indices = torch.as_tensor(indices)
-        values: dict[int, torch.Tensor] = {}
-        per_task: dict[str, dict[str, float]] = {}
-        for m in self.local.values():
-            m.eval()
-        try:
-            enc = self.plan.encrypted
-            for i, node in enumerate(self.plan.nodes):
-                task = self.plan.task_at(i)
-                if enc is not None and i == enc.node:
-                    assert self.he is not None
-                    z = self.he.forward(source, indices, dataset, train=False)
-                    values[i] = node.module(z)
-                elif enc is not None and not node.inputs:
-                    continue
-                elif node.owner == MODEL_OWNER:
-                    values[i] = node.module(self._merge(i, values))
-                elif not node.inputs:
-                    values[i] = self._seg(source, i).forward(indices=indices, dataset=dataset,
-                                                             train=False).to(self.device)
-                elif self.plan.remote_loss_node(i) and task is not None:
-                    r = self._seg(source, i).loss_step(self._wire(self._merge(i, values)),
-                                                       indices, dataset=dataset, train=False)
-                    per_task[task.name] = {"loss": r["loss_sum"] / r["count"],
-                                           "correct": int(r["correct"])}
-                else:
-                    values[i] = self._seg(source, i).forward(
-                        x=self._wire(self._merge(i, values)), dataset=dataset,
-                        train=False).to(self.device)
-        finally:
-            for m in self.local.values():
-                m.train()
+        self.flush(source)
+        with eval_mode(*self.local.values()):
+            values, per_task = self._eval_graph(source, indices, dataset)
         for task in self.plan.tasks:
             if task.name in per_task:
                 continue
@@ -378,6 +372,36 @@ class SplitSession:
         first = per_task[self.plan.tasks[0].name]
         return StepMetrics(float(total), int(first["correct"]), int(indices.shape[0]),
                            per_task if len(self.plan.tasks) > 1 else {})
+
+    def _eval_graph(self, source: str, indices: torch.Tensor, dataset: str | None,
+                    ) -> tuple[dict[int, torch.Tensor], dict[str, dict[str, float]]]:
+        """Every node's output in the evaluation form (data owners: ``train=False``, nothing
+        left pending there), and the figures of the tasks whose loss is at a data owner."""
+        values: dict[int, torch.Tensor] = {}
+        per_task: dict[str, dict[str, float]] = {}
+        enc = self.plan.encrypted
+        for i, node in enumerate(self.plan.nodes):
+            task = self.plan.task_at(i)
+            if enc is not None and i == enc.node:
+                assert self.he is not None
+                values[i] = node.module(self.he.forward(source, indices, dataset, train=False))
+            elif enc is not None and not node.inputs:
+                continue
+            elif node.owner == MODEL_OWNER:
+                values[i] = node.module(self._merge(i, values))
+            elif not node.inputs:
+                values[i] = self._seg(source, i).forward(indices=indices, dataset=dataset,
+                                                         train=False).to(self.device)
+            elif self.plan.remote_loss_node(i) and task is not None:
+                r = self._seg(source, i).loss_step(self._wire(self._merge(i, values)),
+                                                   indices, dataset=dataset, train=False)
+                per_task[task.name] = {"loss": r["loss_sum"] / r["count"],
+                                       "correct": int(r["correct"])}
+            else:
+                values[i] = self._seg(source, i).forward(
+                    x=self._wire(self._merge(i, values)), dataset=dataset,
+                    train=False).to(self.device)
+        return values, per_task
 
     def measure_leakage(self, dataset: str, *, budget_s: float | None = None,
                         skip: Collection[str] = ()) -> dict[str, dict[str, float]]:
@@ -428,3 +452,27 @@ class SplitSession:
                               f"{sorted(counts)}: align them first")
         return counts.pop()
 
+
+def _build_optimizers(plan: SplitPlan, local: Mapping[int, nn.Module],
+                      default_spec: OptimizerSpec) -> list[torch.optim.Optimizer]:
+    """The default optimizer over the model owner's segments without an override, then one
+    per overriding segment. A layer shared by several segments is stepped once (parameters
+    are taken by identity); one parameter under two optimizers is a :class:`ConfigError`."""
+    groups: list[tuple[OptimizerSpec, list[nn.Parameter]]] = [(default_spec, [])]
+    where: dict[int, tuple[int, int]] = {}  # id(parameter) -> (group, segment)
+    for i, m in local.items():
+        spec = plan.nodes[i].optimizer
+        if spec is not None:
+            groups.append((spec, []))
+        g = 0 if spec is None else len(groups) - 1
+        for p in m.parameters():
+            if id(p) in where:
+                first_g, first_i = where[id(p)]
+                if first_g != g:
+                    raise ConfigError(f"segments {first_i} and {i} share a parameter under "
+                                      "two optimizers (optimizer= overrides), which would step "
+                                      "it twice: leave both on the session's optimizer")
+                continue
+            where[id(p)] = (g, i)
+            groups[g][1].append(p)
+    return [spec.build(params) for spec, params in groups]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SplitError
+from .modes import restore_modes, save_modes
 from .spec_export import describe_target
 
 __all__ = ["cut_points", "split_model", "compose"]
@@ -40,21 +41,39 @@ _FUNCTION_LAYERS: dict[Any, type[nn.Module]] = {
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
+    """The model's graph; traced in train() and in eval() (each layer's mode given back): a
+    forward that branches on ``self.training`` would be frozen in one mode, so it is refused."""
+    saved = save_modes([model])
     try:
-        gm = fx.symbolic_trace(model)
+        model.train()
+        gm = _trace_once(model)
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "training" in node.kwargs:
+                raise SplitError(
+                    f"node {node.name!r} calls {describe_target(node)} with training="
+                    f"{node.kwargs['training']} frozen when the model was traced, so the split "
+                    "model would not follow .train()/.eval(); use the module form (nn.Dropout, "
+                    "nn.BatchNorm)")
+        model.eval()
+        if _trace_once(model).code != gm.code:
+            raise SplitError(
+                f"the forward of {type(model).__name__} (or of a module it calls) branches on "
+                "self.training: its traced graph differs between train() and eval(), and a "
+                "split would freeze one of them; move the branch into a module that is called "
+                "as a layer (like nn.Dropout), or wrap the layers in an nn.Sequential")
+    finally:
+        restore_modes(saved)
+    return gm
+
+
+def _trace_once(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many kinds of errors on data-dependent control flow
         raise SplitError(
             f"cannot trace {type(model).__name__} with torch.fx ({exc}); wrap the layers in an "
             "nn.Sequential or remove data-dependent control flow from forward()"
         ) from exc
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and "training" in node.kwargs:
-            raise SplitError(
-                f"node {node.name!r} calls {describe_target(node)} with training="
-                f"{node.kwargs['training']} frozen when the model was traced, so the split model "
-                "would not follow .train()/.eval(); use the module form (nn.Dropout, nn.BatchNorm)"
-            )
-    return gm
 
 
 @dataclass
@@ -319,6 +338,26 @@ def split_model(model: nn.Module, cuts: str | Sequence[str]) -> list[nn.Module]:
                          f"{cut_points(model)}")
     if len(set(cuts)) != len(cuts):
         raise SplitError(f"cut names repeat: {list(cuts)}")
+    # every layer keeps its own training flag (a frozen BatchNorm stays frozen): each is
+    # tagged with it, the tag travels with its copy, and modules made here take the model's
+    for m in model.modules():
+        m.__dict__[_MODE_TAG] = m.training
+    try:
+        segments = _split(model, cuts)
+    finally:
+        for m in model.modules():
+            m.__dict__.pop(_MODE_TAG, None)
+    for seg in segments:
+        for m in seg.modules():
+            m.training = m.__dict__.pop(_MODE_TAG, model.training)
+    return segments
+
+
+#: the attribute carrying a layer's training flag through :func:`split_model`'s copies
+_MODE_TAG = "_syft_split_training"
+
+
+def _split(model: nn.Module, cuts: Sequence[str]) -> list[nn.Module]:
     if isinstance(model, nn.Sequential):
         segments = _split_sequential(model, cuts)
     else:
@@ -332,8 +371,6 @@ def split_model(model: nn.Module, cuts: str | Sequence[str]) -> list[nn.Module]:
         outs = [*(t.body[p - 1] for p in positions), output.args[0]]
         segments = [_segment(t, t.body[a:b], e, o)
                     for (a, b), e, o in zip(zip(bounds, bounds[1:]), entries, outs)]
-    for seg in segments:
-        seg.train(model.training)
     return segments
 
 

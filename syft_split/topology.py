@@ -27,6 +27,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .losses import LOSSES
+from .modes import mixed_modes
 from .spec import OptimizerSpec, module_to_spec
 from .transport.base import MODEL_OWNER
 
@@ -235,6 +236,13 @@ class SplitPlan:
                 problems.append(f"{where} merges several inputs: merging happens at the model owner")
             if node.merge not in MERGES:
                 problems.append(f"{where}: merge must be one of {MERGES}, got {node.merge!r}")
+            if node.owner != MODEL_OWNER and isinstance(node.module, nn.Module):
+                mixed = mixed_modes(node.module)
+                if mixed:
+                    problems.append(
+                        f"{where} has layers in another training mode than the segment "
+                        f"({', '.join(mixed[:5])}): its host runs a segment all in train() "
+                        "or all in eval(); keep such layers at the model owner")
             if node.owner != MODEL_OWNER:
                 try:
                     module_to_spec(node.module)
@@ -267,6 +275,7 @@ class SplitPlan:
         if both:
             problems.append(f"{sorted(both)} cannot be both a data owner and a relay party")
         problems.extend(self._task_problems())
+        problems.extend(self._shared_tensor_problems())
         if self.share_weights not in ("none", "model_owner", "peer"):
             problems.append(f"share_weights must be 'none', 'model_owner' or 'peer', "
                             f"got {self.share_weights!r}")
@@ -288,6 +297,25 @@ class SplitPlan:
             problems.append(f"max_batch must be positive, got {self.max_batch}")
         if problems:
             raise ConfigError("invalid split plan:\n  - " + "\n  - ".join(problems))
+
+    def _shared_tensor_problems(self) -> list[str]:
+        """A tensor held by a model-owner segment and a remote one: the remote copy would
+        train apart from the model owner's (the unsplit model has one)."""
+        mine: dict[int, int] = {}
+        for i, node in enumerate(self.nodes):
+            if node.owner == MODEL_OWNER and isinstance(node.module, nn.Module):
+                for t in [*node.module.parameters(), *node.module.buffers()]:
+                    mine.setdefault(id(t), i)
+        problems = []
+        for i, node in enumerate(self.nodes):
+            if node.owner == MODEL_OWNER or not isinstance(node.module, nn.Module):
+                continue
+            for name, t in [*node.module.named_parameters(), *node.module.named_buffers()]:
+                if id(t) in mine:
+                    problems.append(f"segment {i} ({node.owner}) shares {name!r} with model-owner "
+                                    f"segment {mine[id(t)]}: the copies would train apart")
+                    break
+        return problems
 
     def _task_problems(self) -> list[str]:
         problems: list[str] = []

@@ -172,6 +172,7 @@ def three_peers():
     dep.trust_each_other()
     for k, n in enumerate(PEER_NAMES):
         for _ in range(k + 1):
+            session.zero_grad()  # one backward per step (no accumulation across segments)
             loss, _ = session.loss(n, torch.arange(8), parties[n]["train"][1][:8],
                                    dataset="train")
             loss.backward()

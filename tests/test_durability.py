@@ -265,8 +265,10 @@ def test_attach_without_checkpoint_continues_after_the_last_applied_step(tmp_pat
     old = SplitSession(_one(), t, optimizer=OptimizerSpec("sgd", lr=0.1))
     host.approve(old.propose()["a"][0])
     for _ in range(2):
+        old.zero_grad()
         loss, _m = old.loss("a", torch.arange(8), DATA["a"]["train"][1][:8])
         loss.backward()  # the second gradient stays held at the old process: it dies with it
+        old.step()
     ids = old.segment_ids()
     new = SplitSession(_one(2), t)
     with pytest.raises(ProtocolError, match="propose"):

@@ -25,11 +25,12 @@ from syft_split.errors import (
     ConfigError,
     ProtocolError,
     ShapeError,
+    TransportError,
     ValidationError,
 )
 from syft_split.local_loss import LocalLoss
 from syft_split.topology import RELEASED
-from syft_split.transport.base import Transport
+from syft_split.transport.base import CallPolicy, Transport
 from syft_split.transport.inprocess import InProcessTransport
 from syft_split.transport.latency import DelayedTransport, submit_call
 
@@ -343,3 +344,79 @@ def test_latency_tolerant_schedules_book_flops_and_memory(dep: Deployment, sched
     assert report.flops_by_party == {"h": want_h, "model_owner": want_mo}
     assert report.peak_memory_by_party == {
         "h": seg.peak_bytes + local * head.peak_bytes, "model_owner": mo.peak_bytes}
+
+
+def test_a_failed_pipelined_epoch_raises_its_error_and_the_next_starts_clean() -> None:
+    """A data owner drops out mid-epoch and stays unreachable during the cleanup: the error
+    raised is the original one (the failed cleanup noted on it), the other data owner's
+    pending forwards are dropped all the same, and the next epoch runs from a clean start."""
+    x, y = _data()
+    dep = inprocess({p: {"train": (x, y), "test": (x[:32], y[:32])} for p in ("b", "a")})
+    transport = dep.transport
+    assert isinstance(transport, InProcessTransport)
+    down, calls = [False], [0]
+    request = transport.request
+
+    def flaky(party: str, data: bytes) -> bytes:
+        if party == "b":
+            calls[0] += 1
+            if down[0] or calls[0] == 8:
+                down[0] = True
+                raise TransportError("b: connection refused")
+        return request(party, data)
+
+    transport.request = flaky  # type: ignore[method-assign]
+    transport.policy = CallPolicy(timeout=10, retries=0)
+    bottom, top, _ = _models()
+    session = SplitSession(SplitPlan.vanilla([bottom, top], ["b", "a"], labels=RELEASED),
+                           transport, optimizer=OPT)
+    dep.approve_all(session.propose())
+    trainer = Trainer(session, batch_size=B, progress=False, measure_leakage=False,
+                      watch=False, gradient_delay=1)
+    try:
+        with pytest.raises(TransportError, match="connection refused") as err:
+            trainer.train_epoch(1)
+        assert any("pipe_discard at b failed too" in n for n in err.value.__notes__)
+        a = session.remote[("a", 0)].segment_id
+        assert transport.call("a", "pipe_discard", segment=a)["discarded"] == 0
+        down[0] = False  # b is back: its forwards are still pending there
+        assert trainer.train_epoch(2).count == 2 * N
+    finally:
+        dep.close()
+
+
+def test_a_dropped_transport_leaves_no_fallback_worker_behind() -> None:
+    """submit_call's worker threads (one per transport and party) kept the last job, hence
+    the transport, alive forever; a transport closed and dropped now takes them with it."""
+    import gc
+    import threading
+    import weakref
+
+    parties = ("leakcheck1", "leakcheck2")
+
+    def workers() -> int:
+        return sum(t.name in {f"syft-split-calls-{p}" for p in parties} and t.is_alive()
+                   for t in threading.enumerate())
+
+    x, y = _data()
+    d = inprocess({p: {"train": (x, y), "test": (x[:8], y[:8])} for p in parties})
+    for p in parties:
+        assert "datasets" in submit_call(d.transport, p, "describe").result(timeout=30)
+    assert workers() == 2
+    ref = weakref.ref(d.transport)
+    d.close()
+    del d
+    gc.collect()
+    assert ref() is None
+    deadline = time.monotonic() + 5
+    while workers() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert workers() == 0
+
+
+def test_closing_a_delayed_transport_fails_the_calls_in_flight(dep: Deployment) -> None:
+    transport = DelayedTransport(dep.transport, 0.4)
+    fut = submit_call(transport, "h", "describe")
+    transport.close()
+    with pytest.raises(TransportError, match="closed with the call in flight"):
+        fut.result(timeout=5)

@@ -122,3 +122,20 @@ def test_unused_output_and_task_on_inner_segment() -> None:
     with pytest.raises(ConfigError) as err:
         SplitPlan(nodes, [Task(2), Task(0, name="aux")], ["a"])
     assert "used by nothing" in str(err.value) and "feeds other segments" in str(err.value)
+
+
+def test_a_tensor_shared_between_model_owner_and_remote_segments_is_refused() -> None:
+    shared = nn.Linear(4, 4)
+    with pytest.raises(ConfigError, match=r"shares '0\.weight' with model-owner segment 1"):
+        SplitPlan.vanilla([nn.Sequential(shared, nn.ReLU()), nn.Sequential(shared)], "h")
+
+
+def test_a_parameter_under_two_optimizers_is_refused() -> None:
+    shared = nn.Linear(4, 4)
+    trunk = nn.Sequential(nn.Linear(4, 4))
+    plan = SplitPlan.multi_task([trunk], {"a": nn.Sequential(shared, nn.Linear(4, 2)),
+                                          "b": nn.Sequential(shared, nn.Linear(4, 2))}, "h")
+    plan.nodes[2].optimizer = OptimizerSpec("adam", lr=1e-3)
+    dep = inprocess({"h": {"train": (torch.randn(4, 4), None)}})
+    with pytest.raises(ConfigError, match="share a parameter under two optimizers"):
+        SplitSession(plan, dep.transport)

@@ -223,3 +223,63 @@ def test_placement_error_names_segment_party_node_and_op() -> None:
             "torch.special.erf, which has no declared form; allowed: layers [") in str(err.value)
     with pytest.raises(ConfigError, match="cannot be placed on data owners 'a', 'b': node "):
         SplitPlan.vanilla(split_model(Erf(), "special_erf"), ["a", "b"])
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_split_keeps_each_layers_training_mode(sequential: bool) -> None:
+    """A frozen layer (``model.train(); model.bn.eval()``) stays frozen in its segment."""
+    torch.manual_seed(0)
+    layers = [("fc0", nn.Linear(4, 8)), ("act0", nn.ReLU()), ("fc1", nn.Linear(8, 8)),
+              ("bn", nn.BatchNorm1d(8)), ("fc2", nn.Linear(8, 2))]
+    if sequential:
+        from collections import OrderedDict
+
+        model: nn.Module = nn.Sequential(OrderedDict(layers))
+    else:
+        model = _Frozen(dict(layers))
+    model.train()
+    model.bn.eval()  # type: ignore[union-attr]
+    cut = "act0" if sequential else "relu"
+    segments = split_model(model, cut)
+    assert model.training and not model.bn.training  # type: ignore[union-attr]
+    assert not any(k.startswith("_syft") for m in model.modules() for k in vars(m))
+    assert segments[0].training and segments[1].training
+    frozen = [name for s in segments for name, m in s.named_modules() if not m.training]
+    assert len(frozen) == 1 and frozen[0].endswith("bn")
+    x = torch.randn(6, 4)
+    assert torch.equal(compose(segments)(x), model(x))
+    model.eval()
+    assert not any(m.training for s in split_model(model, cut) for m in s.modules())
+
+
+class _Frozen(nn.Module):
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        super().__init__()
+        for name, layer in layers.items():
+            self.add_module(name, layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc0(x))
+        return self.fc2(self.bn(self.fc1(h)) + 1)
+
+
+class _BranchesOnTraining(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if self.training:
+            h = h * 0.9  # a train-only rescaling: one branch would be frozen by the trace
+        return self.b(h)
+
+
+def test_a_forward_branching_on_training_is_refused() -> None:
+    model = _BranchesOnTraining()
+    model.eval()
+    model.b.train()
+    with pytest.raises(SplitError, match=r"branches on self\.training"):
+        split_model(model, "a")
+    assert not model.training and not model.a.training and model.b.training  # given back

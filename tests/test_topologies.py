@@ -221,3 +221,38 @@ def test_psi_needs_the_owners_permission(make_deployment) -> None:
     dep = make_deployment({"bank": {"train": (x, None, list(range(5)))}})
     with pytest.raises(AccessError, match="may not align"):
         align_records(dep.transport, ["bank"], "train", [1, 2, 3])
+
+
+def test_multi_task_heads_sharing_a_layer_step_it_once(make_deployment) -> None:
+    """Two model-owner heads holding the same layer: the split steps it once per step, like
+    the unsplit model (a duplicated parameter list stepped it twice)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(16, 8), nn.ReLU())
+    shared = nn.Linear(8, 8)
+    heads = {"a": nn.Sequential(shared, nn.ReLU(), nn.Linear(8, 10)),
+             "b": nn.Sequential(shared, nn.ReLU(), nn.Linear(8, 10))}
+    ref = copy.deepcopy(nn.ModuleDict({"trunk": trunk, **heads}))  # keeps the sharing
+    assert ref["a"][0] is ref["b"][0]
+    opt = OptimizerSpec("sgd", lr=0.1, momentum=0.9)
+    ref_opt = opt.build(ref.parameters())
+    dep = make_deployment({"clinic": {"train": (x, y), "test": (x, y)}})
+    session = SplitSession(SplitPlan.multi_task([trunk], heads, "clinic"), dep.transport,
+                           optimizer=opt)
+    dep.approve_all(session.propose())
+    for step in range(3):
+        idx = torch.arange(step * 16, step * 16 + 32)
+        h = ref["trunk"](x[idx])
+        ref_loss = F.cross_entropy(ref["a"](h), y[idx]) + F.cross_entropy(ref["b"](h), y[idx])
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+        session.zero_grad()
+        loss, _ = session.loss("clinic", idx, {"a": y[idx], "b": y[idx]})
+        loss.backward()
+        session.step()
+    assert torch.equal(session.local[1][0].weight, ref["a"][0].weight)
+    for name in ("a", "b"):
+        got = session.local[1 if name == "a" else 2].state_dict()
+        assert all(torch.equal(got[k], v) for k, v in ref[name].state_dict().items())

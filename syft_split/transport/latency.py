@@ -10,7 +10,9 @@ the order they were sent. Benches and tests use it to measure what latency-toler
 :func:`submit_call` is :meth:`Transport.call` without waiting: it returns a future of the
 decoded answer. On a transport with a ``submit`` method (``DelayedTransport``) several calls
 are in flight at once; on any other transport the calls to one party run one after the other
-on a worker thread (in order), so the caller can compute while it waits.
+on a worker thread (in order), so the caller can compute while it waits. Those workers keep
+nothing of a finished call and stop when their transport is gone (closed and no longer
+referenced).
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from .. import wire
-from ..errors import ConfigError
+from ..errors import ConfigError, TransportError
 from .base import MODEL_OWNER, Transport, TransportWrapper
 
 __all__ = ["DelayedTransport", "submit_call"]
@@ -47,10 +49,14 @@ class _Worker:
             if item is None:
                 return
             not_before, job = item
+            del item  # nothing of a finished job (its transport, data) stays alive while idle
             wait = not_before - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            job()
+            try:
+                job()
+            finally:
+                del job
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -63,25 +69,60 @@ class _Link:
         self.inner, self.party, self.half = inner, party, half
         self.there = _Worker(f"syft-split-link-{party}-out")
         self.back = _Worker(f"syft-split-link-{party}-back")
+        self._lock = threading.Lock()
+        self._open: set[Future[bytes]] = set()  # calls not answered yet
+        self._closed = False
 
     def submit(self, data: bytes, timeout: float | None, op: str) -> Future[bytes]:
         fut: Future[bytes] = Future()
+        with self._lock:
+            if self._closed:
+                raise TransportError(f"{self.party}: the delayed transport is closed")
+            self._open.add(fut)
+        fut.add_done_callback(self._answered)
 
         def arrive() -> None:
+            if self._closed:  # closed before the request left: never sent
+                return
             try:
                 raw = self.inner.request_within(self.party, data, timeout, op)
             except BaseException as exc:
                 error = exc
-                self.back.put(time.monotonic() + self.half, lambda: fut.set_exception(error))
+                self.back.put(time.monotonic() + self.half, lambda: _settle(fut, error=error))
                 return
-            self.back.put(time.monotonic() + self.half, lambda: fut.set_result(raw))
+            self.back.put(time.monotonic() + self.half, lambda: _settle(fut, raw))
 
         self.there.put(time.monotonic() + self.half, arrive)
         return fut
 
+    def _answered(self, fut: Future[bytes]) -> None:
+        with self._lock:
+            self._open.discard(fut)
+
     def stop(self) -> None:
+        """Stop both directions; a call still in flight fails with :class:`TransportError`
+        (its future would otherwise never complete)."""
+        with self._lock:
+            self._closed = True
+            open_calls = list(self._open)
+        for fut in open_calls:
+            _settle(fut, error=TransportError(
+                f"{self.party}: the delayed transport was closed with the call in flight"))
         self.there.stop()
         self.back.stop()
+
+
+def _settle(fut: Future[bytes], raw: bytes | None = None, *,
+            error: BaseException | None = None) -> None:
+    """Complete ``fut`` unless it is complete already (a call failed by close())."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            assert raw is not None
+            fut.set_result(raw)
+    except InvalidStateError:
+        pass
 
 
 class DelayedTransport(TransportWrapper):
@@ -113,6 +154,8 @@ class DelayedTransport(TransportWrapper):
         return self.submit(party, data).result()
 
     def close(self) -> None:
+        """Close the links, then ``inner``: a call still in flight fails with
+        :class:`TransportError` (whoever waits on it is not left waiting forever)."""
         with self._lock:
             links, self._links = list(self._links.values()), {}
         for link in links:
@@ -127,7 +170,11 @@ _FALLBACK_LOCK = threading.Lock()
 def _fallback_submit(transport: Transport, party: str, data: bytes, timeout: float | None,
                      op: str) -> Future[bytes]:
     with _FALLBACK_LOCK:
-        workers = _FALLBACK.setdefault(transport, {})
+        workers = _FALLBACK.get(transport)
+        if workers is None:
+            workers = _FALLBACK[transport] = {}
+            # the transport gone (closed and dropped), its workers stop: no thread outlives it
+            weakref.finalize(transport, _stop_all, workers)
         worker = workers.get(party)
         if worker is None:
             worker = workers[party] = _Worker(f"syft-split-calls-{party}")
@@ -141,6 +188,11 @@ def _fallback_submit(transport: Transport, party: str, data: bytes, timeout: flo
 
     worker.put(0.0, run)
     return fut
+
+
+def _stop_all(workers: dict[str, _Worker]) -> None:
+    for worker in workers.values():
+        worker.stop()
 
 
 def submit_call(transport: Transport, party: str, op: str, **fields: Any
