@@ -101,8 +101,8 @@ def _fused_host(role: str) -> tuple[DataOwnerHost, RemoteSegment]:
     """A data owner with one approved segment driven fused (the gradient / loss weight rides
     on the next request). Input: one record (12) whose activation exceeds the data owner's
     bound; dropout, noise, released labels and a leakage watch use every RNG and the watch's
-    state. Loss: its tail puts 20 on the class ``x`` names, so ``x`` naming a wrong class
-    makes the gradient w.r.t. ``x`` exceed the bound (1.0)."""
+    state. Loss: its tail puts 400 on the class ``x`` names, so ``x`` naming a wrong class
+    makes the gradient w.r.t. ``x`` exceed the bound (25; each weight is within it)."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 10, generator=g), torch.randint(0, 3, (40,), generator=g)
     torch.manual_seed(0)
@@ -113,11 +113,12 @@ def _fused_host(role: str) -> tuple[DataOwnerHost, RemoteSegment]:
         fields = {"role": "input", "defences": {"noise_sigma": 0.1}, "release_labels": True}
         shapes: tuple[tuple[int, ...], tuple[int, ...]] = ((10,), (4,))
     else:
-        host = DataOwnerHost("a", limits=HostLimits(max_abs_value=1.0))
-        seg = nn.Sequential(nn.Linear(3, 3))
-        with torch.no_grad():
-            seg[0].weight.copy_(20 * torch.eye(3))
-            seg[0].bias.zero_()
+        host = DataOwnerHost("a", limits=HostLimits(max_abs_value=25.0))
+        seg = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+        with torch.no_grad():  # weights within the bound, their product (400) beyond it
+            for layer in seg:
+                layer.weight.copy_(20 * torch.eye(3))
+                layer.bias.zero_()
         fields = {"role": "loss", "input_shape": [3], "loss": "cross_entropy"}
         shapes = ((3,), (3,))
     host.add_dataset("train", x, y)
