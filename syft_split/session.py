@@ -78,6 +78,8 @@ class SplitSession:
         self.metadata: dict[str, dict[str, Any]] = {}
         #: the token of each segment's propose request (see :meth:`propose`)
         self._tokens: dict[tuple[str, int], str] = {}
+        #: segments proposed by a propose() call that then failed: the next call returns them
+        self._unreported: set[tuple[str, int]] = set()
         #: the encrypted layer's model-owner side (HE-protected plans only)
         self.he = HEState(self, plan.encrypted) if plan.encrypted is not None else None
         #: where the model owner's segments compute (see :meth:`to`)
@@ -134,22 +136,27 @@ class SplitSession:
         Shapes are checked for every record source first: a plan whose shapes do not meet
         fails with :class:`ConfigError` before anything is proposed anywhere. Each segment's
         request carries a token: after a failure (no answer, or ``StateSaveError``) call this
-        again; a segment its host already holds is answered, not proposed twice."""
+        again; a segment its host already holds is answered, not proposed twice, and the ids
+        proposed before the failure are returned with the others."""
         out: dict[str, list[str]] = {}
         for i, host, role, shapes in list(placements(self.plan, self._describe, self.device)):
-            if (host, i) in self.remote:
+            placed = self.remote.get((host, i))
+            if placed is not None:  # by an earlier call; one that failed did not return it
+                if (host, i) in self._unreported:
+                    out.setdefault(host, []).append(placed.segment_id)
                 continue
             fields = proposal_fields(self.plan, i, role, shapes[0], self.optimizer_spec)
             # one token per segment until its proposal is answered: a propose that failed
             # (no answer, or answered StateSaveError) and is sent again makes no second one
             fields["token"] = self._tokens.setdefault((host, i), secrets.token_hex(16))
-            response = self.transport.call(host, "propose", **fields)
-            pid = response["segment"]
-            self.remote[(host, i)] = RemoteSegment(
-                self.transport, host, pid, role, shapes[0], shapes[1], fuse=self.fuse)
+            pid = self.transport.call(host, "propose", **fields)["segment"]
             if role == "input" and self.plan.local_loss is not None:  # reviewed with it
                 self.plan.local_loss.attach(self.transport, host, pid, self.optimizer_spec)
+            self.remote[(host, i)] = RemoteSegment(
+                self.transport, host, pid, role, shapes[0], shapes[1], fuse=self.fuse)
+            self._unreported.add((host, i))
             out.setdefault(host, []).append(pid)
+        self._unreported.clear()
         return out
 
     def segment_ids(self) -> dict[str, str]:
@@ -266,14 +273,21 @@ class SplitSession:
              dataset: str | None = None,
              inputs: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, StepMetrics]:
         """The training loss (weighted sum over tasks) wherever the labels are; call
-        ``.backward()`` on it, then :meth:`step`.
+        ``.backward()`` on it, then :meth:`step`. Under ``torch.no_grad()`` it is inference,
+        as :meth:`forward` is (data owners evaluate; nothing is left pending).
 
         ``inputs``: activations of data-owner input segments fetched already (node index ->
         a leaf tensor that requires grad, from :meth:`RemoteSegment.forward`); those segments
         are not called, and sending their gradients is the caller's job
         (:mod:`syft_split.rounds` fetches a round's activations concurrently this way)."""
         indices = torch.as_tensor(indices)
-        values, remote = self._graph(source, indices, dataset, inputs)
+        if torch.is_grad_enabled() or inputs is not None:
+            values, remote = self._graph(source, indices, dataset, inputs)
+        else:  # inference, as in forward(): nothing left pending at the data owners
+            self.flush(source)
+            values, figures = self._eval_graph(source, indices, dataset)
+            remote = {name: (torch.tensor(f["loss"], dtype=torch.float64), f)
+                      for name, f in figures.items()}
         total: torch.Tensor | None = None
         per_task: dict[str, dict[str, float]] = {}
         for task in self.plan.tasks:
@@ -357,21 +371,8 @@ class SplitSession:
         """Loss and correct counts on a batch, without gradient bookkeeping anywhere: on the
         current weights (a held-back gradient is delivered first), every segment in
         evaluation mode (the model owner's get their own modes back afterwards)."""
-        indices = torch.as_tensor(indices)
-        self.flush(source)
-        with eval_mode(*self.local.values()):
-            values, per_task = self._eval_graph(source, indices, dataset)
-        for task in self.plan.tasks:
-            if task.name in per_task:
-                continue
-            out = values[task.node]
-            y = self._labels(source, task, labels).to(out.device)
-            per_task[task.name] = {"loss": float(LOSSES[task.loss](out, y)),
-                                   "correct": count_correct(out, y)}
-        total = sum(t.weight * per_task[t.name]["loss"] for t in self.plan.tasks)
-        first = per_task[self.plan.tasks[0].name]
-        return StepMetrics(float(total), int(first["correct"]), int(indices.shape[0]),
-                           per_task if len(self.plan.tasks) > 1 else {})
+        with torch.no_grad(), eval_mode(*self.local.values()):
+            return self.loss(source, indices, labels, dataset=dataset)[1]
 
     def _eval_graph(self, source: str, indices: torch.Tensor, dataset: str | None,
                     ) -> tuple[dict[int, torch.Tensor], dict[str, dict[str, float]]]:

@@ -80,10 +80,12 @@ def test_evaluate_batch_gives_each_submodule_its_mode_back(make_deployment) -> N
     assert not any(m.training for m in head.modules())
 
 
-def test_forward_under_no_grad_is_inference_at_the_data_owner(make_deployment) -> None:
-    """``with torch.no_grad(): session.forward(...)`` between training steps: the data owner
-    runs in evaluation mode (its BatchNorm statistics stay), and training then continues
-    exactly like the unsplit model's."""
+@pytest.mark.parametrize("call", ["forward", "loss"])
+def test_forward_under_no_grad_is_inference_at_the_data_owner(make_deployment,
+                                                              call: str) -> None:
+    """``with torch.no_grad(): session.forward(...)`` (or ``session.loss``, the validation
+    idiom) between training steps: the data owner runs in evaluation mode (its BatchNorm
+    statistics stay), and training then continues exactly like the unsplit model's."""
     model = bn_model()
     model.drop.p = 0.0
     ref = copy.deepcopy(model)
@@ -94,9 +96,14 @@ def test_forward_under_no_grad_is_inference_at_the_data_owner(make_deployment) -
     ref.eval()
     for m in session.local.values():
         m.eval()
+    _, y = toy_tensors()
     with torch.no_grad():
         want = ref(x[16:32])
-        got = session.forward("clinic", torch.arange(16, 32))
+        if call == "forward":
+            got = session.forward("clinic", torch.arange(16, 32))
+        else:
+            want = F.cross_entropy(want, y[16:32])
+            got, _ = session.loss("clinic", torch.arange(16, 32), y[16:32])
     assert torch.equal(got, want)
     ref.train()
     for m in session.local.values():

@@ -171,3 +171,34 @@ def test_a_halt_whose_save_fails_is_in_effect_audited_and_says_so(
         {"op": "forward", "segment": pid, "indices": torch.arange(4)})))
     assert answer["error"] == "ApprovalError" and "suspicious" in str(answer["message"])
     assert _host(root).proposal(pid).status == "halted"  # that refused call saved it
+
+
+def test_a_propose_that_failed_half_way_returns_every_id_when_called_again() -> None:
+    """Proposals made before the failure are returned by the next call (they were left out,
+    and a data owner following the returned ids never approved them)."""
+    from syft_split import OptimizerSpec, SplitPlan, SplitSession, deploy
+    from syft_split.errors import TransportError
+
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    dep = deploy.inprocess({p: {"train": (x, y)} for p in ("a", "b")})
+    t = dep.transport
+    failures = [4]  # b's propose fails in transit on every attempt (1 + 3 retries), once
+    sent = t.request
+
+    def request(party: str, data: bytes) -> bytes:
+        if party == "b" and wire.decode(data).get("op") == "propose" and failures[0] > 0:
+            failures[0] -= 1
+            raise TransportError("b: connection reset")
+        return sent(party, data)
+
+    t.request = request  # type: ignore[method-assign]
+    plan = SplitPlan.vanilla([nn.Linear(4, 4), nn.Linear(4, 2)], ["a", "b"], datasets=["train"])
+    session = SplitSession(plan, t, optimizer=OptimizerSpec("sgd", lr=0.1))
+    with pytest.raises(TransportError):
+        session.propose()
+    ids = session.propose()
+    assert ids == {"a": ["a/seg1"], "b": ["b/seg1"]}
+    assert {p: len(h.proposals()) for p, h in dep.owners.items()} == {"a": 1, "b": 1}
+    assert session.propose() == {}  # all returned: nothing new
+    dep.approve_all(ids)
+    assert set(session.status().values()) == {"approved"}
