@@ -134,5 +134,5 @@ class Checkpoint:
         trainer.report.wall_time_s = float(report.get("wall_time_s", 0.0))
         trainer.ledger.load_totals(report.get("ledger", {}))
         if trainer.traffic is not None:
-            trainer.traffic.carried = dict(report.get("traffic", {}))
+            trainer.traffic.resume(dict(report.get("traffic", {})))
         return Position(tree["position"])

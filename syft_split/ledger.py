@@ -256,14 +256,14 @@ class CostLedger:
         return {"flops": self.flops_by_party(), "peak": self.peak_memory_by_party()}
 
     def load_totals(self, totals: dict[str, Any]) -> None:
-        """Add :meth:`totals` of an earlier process (a resumed run) to this ledger's."""
+        """Set this ledger's totals to a checkpoint's :meth:`totals` (a resumed run: what it
+        counted since, in this process or one that crashed, is counted again as the steps
+        after the checkpoint run again)."""
         with self._lock:
-            for party, row in totals.get("flops", {}).items():
-                mine = self._flops.setdefault(party, {"forward": 0, "backward": 0, "eval": 0})
-                for k, n in row.items():
-                    mine[k] = mine.get(k, 0) + int(n)
-            for party, n in totals.get("peak", {}).items():
-                self._peak[party] = max(self._peak.get(party, 0), int(n))
+            self._flops = {party: {"forward": 0, "backward": 0, "eval": 0,
+                                   **{k: int(n) for k, n in row.items()}}
+                           for party, row in totals.get("flops", {}).items()}
+            self._peak = {party: int(n) for party, n in totals.get("peak", {}).items()}
 
     def flops_by_party(self) -> dict[str, dict[str, int]]:
         with self._lock:

@@ -180,6 +180,16 @@ class RunTraffic:
         self._by_op: dict[str, dict[str, int]] = {}
         self._calls = 0
 
+    def resume(self, carried: dict[str, Any]) -> None:
+        """Go on from a checkpoint's figures (``carried``): what this object counted so far
+        is dropped (a resume in the same process replays the steps after the checkpoint,
+        whose traffic it had counted already)."""
+        with self._lock:
+            self._seen = self.log.size()
+            self._by_party, self._measured, self._by_direction, self._by_op = {}, {}, {}, {}
+            self._calls = 0
+            self.carried = dict(carried)
+
     def _take(self, records: list[TrafficRecord]) -> None:
         for r in records:
             answer = r.dst == MODEL_OWNER
