@@ -89,3 +89,26 @@ def test_frozen_running_statistics_are_refused(momentum: float | None, tracked: 
     st["0.num_batches_tracked"] = torch.tensor(tracked)
     with pytest.raises(ConfigError, match=words):
         _propose(_bn_spec(momentum), st)
+
+
+def test_a_watch_that_cannot_be_built_refuses_a_leakage_bound_and_is_audited() -> None:
+    """A BatchNorm segment proposed with max_batch=2: its train-mode view meets a lone row and
+    the watch cannot be built. Approving with a leakage_bound installed no watch at all (the
+    bound silently unenforced); now it is refused, and without one the segment runs
+    unwatched with an audit entry that says so."""
+    spec = _bn_spec(0.1)
+    g = torch.Generator().manual_seed(0)
+    dep = inprocess({"h": {"train": (torch.rand(101, D, generator=g),
+                                     torch.randint(0, 2, (101,), generator=g))}})
+    host = dep.owners["h"]
+    pid = dep.transport.call("h", "propose", role="input", spec=spec, datasets=["train"],
+                             max_batch=2, optimizer=OptimizerSpec("sgd").to_json(),
+                             **{f"state/{k}": v for k, v in spec_state(
+                                 module_from_spec(spec)).items()})["segment"]
+    with pytest.raises(ConfigError, match="leakage_bound could not be enforced"):
+        host.approve(pid, leakage_bound={"inversion_ratio": 0.5})
+    assert host.proposal(pid).status == "pending" and pid not in host.runtimes
+    host.approve(pid)
+    assert "watch" not in host.runtimes[pid].extra
+    assert any(e.op == "approve" and e.segment == pid and "runs unwatched" in e.outcome
+               for e in host.audit)

@@ -33,6 +33,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -41,7 +42,7 @@ import torch
 from ..errors import ConfigError, SyftSplitError, ValidationError
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import SCALAR, TEXT, Call
-from .records import Dataset, Proposal, Runtime
+from .records import AuditEntry, Dataset, Proposal, Runtime
 
 __all__ = ["LeakageOps", "REVIEW_MEMORY_FLOOR", "MOCK_ROWS"]
 
@@ -210,8 +211,15 @@ class LeakageOps(OpFamily):
         try:
             watch = self._new_watch(rt.proposal)
             base = _measuring("the leakage watch", lambda: watch.baseline(rt.module))
-        except SyftSplitError:  # not measurable (no row per record): the guard refuses its
-            return              # outputs anyway, there is nothing to watch
+        except SyftSplitError as exc:  # not measurable (e.g. no row per record, or it fails)
+            if bound_opt is not None:  # a bound nothing would enforce: not approved
+                raise ConfigError(f"the leakage watch cannot be built on this segment ({exc}): "
+                                  "its leakage_bound could not be enforced. Approve without "
+                                  "leakage_bound to run it unwatched") from exc
+            self.host.record(AuditEntry(time.time(), "watch", "approve", rt.id, {}, 0, 0, 0.0,
+                                        f"runs unwatched: the leakage watch cannot be built "
+                                        f"({exc})"))
+            return
         if isinstance(bound_opt, dict):
             opts = dict(bound_opt)
             factor = opts.pop("relative", None)
