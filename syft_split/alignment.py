@@ -85,15 +85,15 @@ class AlignmentOps(OpFamily):
         if dataset not in self._aligned:
             raise ConfigError(f"{dataset!r} is not an aligned dataset here; aligned: "
                               f"{sorted(self._aligned)}")
-        del self._aligned[dataset]
-        self.host.datasets.pop(dataset, None)
         stopped = []
-        for p in list(self.host.proposals_by_id.values()):
-            if dataset not in p.datasets or p.status not in ("approved", "pending"):
-                continue
+        for p in list(self.host.proposals_by_id.values()):  # first: a halt that fails to
+            if dataset not in p.datasets or p.status not in ("approved", "pending"):  # save
+                continue  # leaves the dataset in place, and the call can be made again
             self.host.halt(p.id, f"the data owner deleted the aligned dataset {dataset!r} it "
                                  "reads")
             stopped.append(p.id)
+        del self._aligned[dataset]
+        self.host.datasets.pop(dataset, None)
         return {"dropped": dataset, "stopped": stopped}
 
     def _aligned_source(self, call: Call) -> Dataset:

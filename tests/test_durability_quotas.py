@@ -19,7 +19,7 @@ from syft_split.spec import module_to_spec, spec_state
 N, D = 40, 8
 
 
-def _host(state_dir: Path, limits: HostLimits | None = None) -> DataOwnerHost:
+def _host(state_dir: Path | None, limits: HostLimits | None = None) -> DataOwnerHost:
     """A data owner as it (re)starts: its dataset, then its state directory."""
     host = DataOwnerHost("a", state_dir=state_dir, limits=limits)
     g = torch.Generator().manual_seed(0)
@@ -272,3 +272,47 @@ def test_the_data_owner_deletes_an_aligned_dataset_and_frees_its_slot(tmp_path: 
     back = _host(tmp_path)  # gone for good
     assert "copy0" not in back.datasets and "again" in back.datasets
     assert back.proposal(approved["segment"]).status == "halted"
+
+
+def test_drop_aligned_whose_halt_cannot_be_saved_can_be_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from syft_split.errors import StateSaveError
+
+    host = _host(tmp_path)
+    host.allow_alignment("train", "mo@x")
+    assert _align(host, "mo@x", "copy") == {"records": N // 2}
+    pids = [_call(host, "mo@x", {**_propose(nn.Linear(D, 3)), "datasets": ["copy"]})["segment"]
+            for _ in range(2)]
+    for pid in pids:
+        host.approve(pid)
+
+    def no_space(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(StateSaveError):
+        host.drop_aligned("copy")
+    monkeypatch.undo()
+    assert "copy" in host.datasets  # kept until every segment on it is halted
+    host.drop_aligned("copy")  # made again: the rest halt, the dataset goes
+    assert "copy" not in host.datasets
+    assert [host.proposal(p).status for p in pids] == ["halted", "halted"]
+
+
+def test_a_segment_saved_with_its_own_label_key_keeps_it() -> None:
+    """State from before the host kept one key: a segment restored with a key of its own keeps
+    it (a new key gave each of its records a second noisy label)."""
+    from syft_split.host.records import LABEL_KEY, Runtime
+
+    host = _host(None)
+    req = {**_propose(nn.Linear(D, 3)), "release_labels": True,
+           "defences": {"label_epsilon": 1.0, "num_classes": 3}}
+    pid = _call(host, "mo@x", req)["segment"]
+    host.approve(pid)
+    rt: Runtime = host.runtimes[pid]
+    assert rt.extra[LABEL_KEY] == host.label_key
+    rt.extra[LABEL_KEY] = "ab" * 32
+    rt.fresh_secrets(host.label_key)
+    assert rt.extra[LABEL_KEY] == "ab" * 32

@@ -310,7 +310,9 @@ class Runtime:
         it)."""
         self.rng.manual_seed(secrets.randbits(63))
         if self.proposal.release_labels and self.proposal.defences.get("label_epsilon", 0) > 0:
-            self.extra[LABEL_KEY] = label_key
+            # a segment saved with a key of its own (state from before the host kept one)
+            # keeps it: a new key would give each of its records a second draw
+            self.extra.setdefault(LABEL_KEY, label_key)
 
     def clear_pending(self) -> None:
         """Forget the step in flight (nothing applied); an encrypted segment's HE client
