@@ -12,6 +12,7 @@ id, driver, shapes, status and spec digest; its spec and initial weights are dro
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import deque
@@ -19,13 +20,14 @@ from typing import Any
 
 import torch
 
+from .. import wire
 from ..errors import ApprovalError, ConfigError, ProtocolError, ShapeError, ValidationError
 from ..losses import LOSSES
 from ..spec import OptimizerSpec, module_from_spec
 from .admission import check_size, dry_run, load_weights
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import JSON, SCALAR, TEXT, Call, in_window
-from .records import ROLES, SHARING, Proposal, Runtime, spec_digest, state_bytes
+from .records import ROLES, SHARING, Proposal, Runtime, state_bytes
 from .review import review_text
 
 __all__ = ["ProposalOps", "DEFENCES"]
@@ -79,25 +81,27 @@ class ProposalOps(OpFamily):
         choice) the request may be sent again: a proposal this caller made with that token is
         answered (its current status), not made twice."""
         token = _token(call.req.get("token"))
-        earlier = self._by_token(call.caller, token, call.req.get("spec"))
+        digest = _request_digest(call.req) if token else ""
+        earlier = self._by_token(call.caller, token, digest)
         if earlier is None:
             self.admit(call.caller)  # counted before any work: a refused proposal costs a slot
             earlier = self._parse(call.caller, call.req)
-            earlier.token = token
+            earlier.token, earlier.request_digest = token, digest
             self.host.add_proposal(earlier)
         return {"segment": earlier.id, "status": earlier.status,
                 "output_shape": list(earlier.output_shape)}
 
-    def _by_token(self, caller: str, token: str, spec: Any) -> Proposal | None:
+    def _by_token(self, caller: str, token: str, digest: str) -> Proposal | None:
         """``caller``'s proposal made with ``token`` (None: none, or no token); refused if it
-        was made from another spec (a token names one request)."""
+        was made from another request (a token names one request: spec, weights, datasets,
+        options, everything but the token)."""
         if not token:
             return None
         p = next((p for p in self.host.proposals_by_id.values()
                   if p.driver == caller and p.token == token), None)
-        if p is not None and (p.spec_digest or spec_digest(p.spec)) != spec_digest(spec):
+        if p is not None and p.request_digest != digest:
             raise ProtocolError(f"token {token} was used for proposal {p.id}, with another "
-                                "spec: a resent proposal must be the same request")
+                                "request: a resent proposal must be the same request")
         return p
 
     def admit(self, caller: str, *, new: bool = True) -> None:
@@ -362,3 +366,9 @@ def _token(value: Any) -> str:
             c in "0123456789abcdef" for c in value):
         raise ProtocolError("token must be 16-64 lowercase hex digits")
     return value
+
+
+def _request_digest(req: dict[str, Any]) -> str:
+    """The sha256 of a propose request's fields but its token (in a fixed order)."""
+    return hashlib.sha256(wire.encode({k: req[k] for k in sorted(req) if k != "token"})
+                          ).hexdigest()

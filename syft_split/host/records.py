@@ -166,6 +166,8 @@ class Proposal:
     #: the model owner's token of the ``propose`` request that made it: the same request sent
     #: again (a retry after a lost answer or a failed save) gets this proposal back
     token: str = ""
+    #: the sha256 of that request but its token (a resend must be the same request)
+    request_digest: str = ""
 
     def forget(self) -> None:
         """Drop what a rejected proposal no longer needs: its spec, initial weights and module

@@ -391,7 +391,7 @@ def _proposal_tree(p: Proposal, has_runtime: bool) -> dict[str, Any]:
         "max_batch": p.max_batch, "loss": p.loss, "release_labels": p.release_labels,
         "share_weights": p.share_weights, "defences": dict(p.defences), "he": p.he,
         "status": p.status, "reason": p.reason, "halted_by": p.halted_by, "runtime": has_runtime,
-        "spec_digest": p.spec_digest, "token": p.token,
+        "spec_digest": p.spec_digest, "token": p.token, "request_digest": p.request_digest,
     }
 
 
@@ -413,6 +413,7 @@ def _proposal_from(raw: dict[str, Any]) -> Proposal:
         status=str(raw["status"]), reason=str(raw.get("reason", "")),
         halted_by=str(raw.get("halted_by", "")), module=module,
         spec_digest=str(raw.get("spec_digest", "")), token=str(raw.get("token", "")),
+        request_digest=str(raw.get("request_digest", "")),
     )
     if rejected:
         p.forget()
