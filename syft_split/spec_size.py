@@ -32,6 +32,8 @@ __all__ = ["SpecSize", "spec_size"]
 
 #: ops whose value is another's (an item of a tuple, the same tensor): counted once.
 _ALIASES = frozenset({"getitem", "Identity"})
+#: steps whose backward also keeps int64 indices of their output (two float32s' worth each)
+_WITH_INDICES = frozenset({"MaxPool1d", "MaxPool2d", "max_pool1d", "max_pool2d"})
 #: arguments that are sizes (a product for the shape-valued ones).
 _WIDTHS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
            "padding", "dilation", "num_features", "embed_dim", "num_heads", "kdim", "vdim",
@@ -133,12 +135,14 @@ def _propagate(module: nn.Module, shape: tuple[int, ...], batch: int, scores: li
     if isinstance(module, GraphSegment):
         labels = [f"node {n.name!r} ({n.op})" for n in module.parsed.nodes]
         aliases = [n.op in _ALIASES for n in module.parsed.nodes]
+        indices = [n.op in _WITH_INDICES for n in module.parsed.nodes]
         steps: Iterator[tuple[str, Any]] = ((n.name, v) for n, v in module.steps(out))
         output = module.parsed.output
     else:
         assert isinstance(module, nn.Sequential)
         labels = [f"layer {i} ({type(layer).__name__})" for i, layer in enumerate(module)]
         aliases = [type(layer).__name__ in _ALIASES for layer in module]
+        indices = [type(layer).__name__ in _WITH_INDICES for layer in module]
         steps = _chain_steps(module, out)
         output = str(len(module) - 1)
     # a graph keeps several values at once: the bound is on those alive together
@@ -155,7 +159,7 @@ def _propagate(module: nn.Module, shape: tuple[int, ...], batch: int, scores: li
                 transient = sum(scores)  # held only while the node runs
                 scores.clear()
                 run.steps.append((labels[j], alive[name], transient))
-                run.kept += transient + (0 if aliases[j] else alive[name])
+                run.kept += transient + (0 if aliases[j] else alive[name] * (3 if indices[j] else 1))
                 run.largest = max(run.largest,
                                   (sum(alive.values()) if last else alive[name]) + transient)
                 for gone in [n for n in alive if last.get(n, j) <= j]:
@@ -201,7 +205,8 @@ def _activations(spec: Any, input_shape: Sequence[int],
 def _attention_scores(found: list[int], layer: nn.MultiheadAttention,
                       args: tuple[Any, ...]) -> None:
     """Record the elements of the per-head score matrices a MultiheadAttention call makes
-    (batch x heads x L x S, and their softmax): no node's value, yet allocated while it runs."""
+    (batch x heads x L x S, and their softmax; with dropout its mask and result too): no
+    node's value, yet allocated while it runs."""
     query, key = args[0], args[1]
     if query.dim() == 3:
         batch, length = query.shape[:2] if layer.batch_first else query.shape[1::-1]
@@ -209,7 +214,8 @@ def _attention_scores(found: list[int], layer: nn.MultiheadAttention,
     else:  # unbatched (L, E)
         batch, length, source = 1, query.shape[0], key.shape[0]
     source += (layer.bias_k is not None) + layer.add_zero_attn
-    found.append(2 * batch * layer.num_heads * length * source)
+    # scores and softmax; with dropout also its mask and the dropped weights (kept for backward)
+    found.append((4 if layer.dropout > 0 else 2) * batch * layer.num_heads * length * source)
 
 
 def _chain_steps(module: nn.Sequential, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
