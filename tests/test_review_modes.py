@@ -82,6 +82,8 @@ def test_dropout_segment_is_measured_in_both_modes_and_others_once() -> None:
     (0.0, 0, "momentum 0.0"),
     (None, 2**62, "num_batches_tracked 4611686018427387904"),
     (None, -1, "num_batches_tracked -1"),
+    (1e-12, 0, "momentum 1e-12"),  # as good as frozen (found in review)
+    (None, 10**7, "momentum None .* num_batches_tracked 10000000"),
 ])
 def test_frozen_running_statistics_are_refused(momentum: float | None, tracked: int,
                                                words: str) -> None:
@@ -89,6 +91,14 @@ def test_frozen_running_statistics_are_refused(momentum: float | None, tracked: 
     st["0.num_batches_tracked"] = torch.tensor(tracked)
     with pytest.raises(ConfigError, match=words):
         _propose(_bn_spec(momentum), st)
+
+
+def test_running_statistics_that_follow_the_data_are_accepted() -> None:
+    for momentum, tracked in ((0.1, 10**6), (1e-3, 0), (None, 999)):
+        st = spec_state(module_from_spec(_bn_spec(momentum)))
+        st["0.num_batches_tracked"] = torch.tensor(tracked)
+        _, host, pid, _ = _propose(_bn_spec(momentum), st)
+        assert host.proposal(pid).status == "pending"
 
 
 def test_a_watch_that_cannot_be_built_refuses_a_leakage_bound_and_is_audited() -> None:

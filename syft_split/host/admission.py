@@ -17,12 +17,16 @@ from ..spec import spec_size
 from .records import HostLimits
 
 __all__ = ["check_size", "load_weights", "dry_run", "check_classes", "check_norm_state",
-           "MAX_BATCHES_TRACKED"]
+           "MAX_BATCHES_TRACKED", "MIN_MOMENTUM"]
 
 #: a proposed ``num_batches_tracked`` above this is refused: with ``momentum=None`` (a
 #: cumulative average) running statistics then barely move, so eval mode keeps whatever the
 #: model owner sent.
 MAX_BATCHES_TRACKED = 10**7
+#: the least a tracked running statistic must follow each training batch: ``momentum`` at
+#: least this, or with ``momentum=None`` (weight 1 / (num_batches_tracked + 1)) at most
+#: ``1 / MIN_MOMENTUM - 1`` batches tracked (a tiny momentum froze the statistics too)
+MIN_MOMENTUM = 1e-3
 
 
 def check_size(spec: Any, limits: HostLimits, what: str, *,
@@ -75,21 +79,28 @@ def load_weights(module: torch.nn.Module, state: dict[str, Any], bound: float,
 
 def check_norm_state(module: torch.nn.Module, state: dict[str, Any], what: str) -> None:
     """Refuse running statistics a model owner could freeze: a BatchNorm/InstanceNorm that
-    tracks them with ``momentum == 0`` (they never follow the data, so eval mode computes
-    whatever the proposal sent) or a ``num_batches_tracked`` outside ``[0,``
-    :data:`MAX_BATCHES_TRACKED` ``]``."""
+    tracks them with ``momentum`` below :data:`MIN_MOMENTUM` (they would barely follow the
+    data, so eval mode computes whatever the proposal sent), with ``momentum=None`` and more
+    than ``1 / MIN_MOMENTUM - 1`` batches tracked (the same, for a cumulative average), or
+    a ``num_batches_tracked`` outside ``[0,`` :data:`MAX_BATCHES_TRACKED` ``]``."""
     for name, m in module.named_modules():
         if not isinstance(m, (_BatchNorm, _InstanceNorm)) or not m.track_running_stats:
             continue
         where = f"{what}'s {type(m).__name__} {name or '(top)'}"
-        if m.momentum is not None and not m.momentum > 0:
+        if m.momentum is not None and not m.momentum >= MIN_MOMENTUM:
             raise ConfigError(f"{where} has momentum {m.momentum}: its running statistics would "
-                              "never follow the data (use momentum > 0 or None)")
+                              f"barely follow the data (use momentum >= {MIN_MOMENTUM} or None)")
         tracked = state.get(f"{name}.num_batches_tracked" if name else "num_batches_tracked")
-        if isinstance(tracked, torch.Tensor) and tracked.numel() == 1 and not (
-                0 <= int(tracked) <= MAX_BATCHES_TRACKED):
+        if not isinstance(tracked, torch.Tensor) or tracked.numel() != 1:
+            continue
+        if not 0 <= int(tracked) <= MAX_BATCHES_TRACKED:
             raise ConfigError(f"{where}: num_batches_tracked {int(tracked)} is outside "
                               f"[0, {MAX_BATCHES_TRACKED}]")
+        if m.momentum is None and int(tracked) > round(1 / MIN_MOMENTUM) - 1:
+            raise ConfigError(f"{where}: momentum None (a cumulative average) with "
+                              f"num_batches_tracked {int(tracked)}: its running statistics "
+                              "would barely follow the data (at most "
+                              f"{round(1 / MIN_MOMENTUM) - 1} with momentum None)")
 
 
 def dry_run(module: torch.nn.Module, input_shape: tuple[int, ...], what: str, *,
