@@ -127,9 +127,11 @@ class LeakageHaltError(AccessError):
 
 
 class TransportError(SyftSplitError):
-    """The transport failed to deliver a message (``party``: whom it was for, when known)."""
+    """The transport failed to deliver a message (``party``: whom it was for, when known;
+    ``retry``: False when sending it again would fail the same way)."""
 
     party: str | None = None
+    retry: bool = True
 
 
 class CallTimeoutError(TransportError):

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 from syft_split import (
     DataOwnerHost,
@@ -269,3 +270,23 @@ def test_concurrent_calls_keep_their_own_timeout() -> None:
     a_done.set()
     th.join(10)
     assert posted == {"a": 120.0, "b": 600.0}
+
+
+def test_an_answer_too_large_is_not_asked_for_again() -> None:
+    """An answer over max_response_bytes comes back the same every time: a repeatable
+    request (an evaluation forward) is not sent again (it ran 4 times, 4 answers booked)."""
+    from syft_split import deploy
+
+    x, y = torch.randn(64, 32), torch.randint(0, 2, (64,))
+    dep = deploy.inprocess({"a": {"train": (x, y)}})
+    t = dep.transport
+    t.policy = CallPolicy(retries=3, backoff=0.0)
+    plan = SplitPlan.vanilla([nn.Sequential(nn.Linear(32, 512)), nn.Linear(512, 2)], "a",
+                             datasets=["train"])
+    session = SplitSession(plan, t, optimizer=OptimizerSpec("sgd", lr=0.1))
+    dep.approve_all(session.propose())
+    t.max_response_bytes = 50_000  # an evaluation forward of 64 x 512 floats is ~131 kB
+    with pytest.raises(TransportError, match="PayloadTooLargeError"), torch.no_grad():
+        session.forward("a", torch.arange(64))
+    assert t.retries == 0
+    assert sum(e["op"] == "forward" for e in dep.owners["a"].audit_log()) == 1

@@ -113,6 +113,8 @@ def decode_response(raw: bytes, party: str, op: str, max_bytes: int) -> dict[str
                              f"({type(exc).__name__}: {exc}); whether it applied the request "
                              "is unknown")
         err.party = party
+        # too large comes back too large: sending it again runs the request again for nothing
+        err.retry = not isinstance(exc, PayloadTooLargeError)
         raise err from exc
 
 
@@ -319,7 +321,7 @@ class Transport(ABC):
             except TransportError as exc:
                 if exc.party is None:
                     exc.party = party
-                if attempt == attempts - 1:
+                if attempt == attempts - 1 or not exc.retry:
                     with self._counter_lock:
                         self.seconds_in_transport += time.perf_counter() - t0
                     raise
