@@ -8,6 +8,7 @@ transport and through a transport with added delay (calls in flight, same number
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -420,3 +421,22 @@ def test_closing_a_delayed_transport_fails_the_calls_in_flight(dep: Deployment) 
     transport.close()
     with pytest.raises(TransportError, match="closed with the call in flight"):
         fut.result(timeout=5)
+    # a call through Transport.call (retried when safe) is not sent again after the close
+    transport = DelayedTransport(dep.transport, 0.4)
+    transport.policy = CallPolicy(retries=3, backoff=0.0)
+    answer: list[object] = []
+    worker = threading.Thread(target=lambda: answer.append(_outcome(transport)))
+    worker.start()
+    time.sleep(0.1)
+    transport.close()
+    worker.join(5)
+    assert isinstance(answer[0], TransportError)
+    assert isinstance(_outcome(transport), TransportError)  # and none after it
+    assert transport.retries <= 1
+
+
+def _outcome(transport: Transport) -> object:
+    try:
+        return transport.call("h", "describe")
+    except TransportError as exc:
+        return exc

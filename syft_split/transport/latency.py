@@ -136,9 +136,14 @@ class DelayedTransport(TransportWrapper):
         self.seconds = float(seconds)
         self._links: dict[str, _Link] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     def _link(self, party: str) -> _Link:
         with self._lock:
+            if self._closed:  # not sent again either (a retry would open a new link)
+                err = TransportError(f"{party}: the transport is closed")
+                err.party, err.retry = party, False
+                raise err
             link = self._links.get(party)
             if link is None:
                 link = self._links[party] = _Link(self.inner, party, self.seconds / 2)
@@ -157,7 +162,7 @@ class DelayedTransport(TransportWrapper):
         """Close the links, then ``inner``: a call still in flight fails with
         :class:`TransportError` (whoever waits on it is not left waiting forever)."""
         with self._lock:
-            links, self._links = list(self._links.values()), {}
+            links, self._links, self._closed = list(self._links.values()), {}, True
         for link in links:
             link.stop()
         self.inner.close()
