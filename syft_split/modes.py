@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["eval_mode", "mixed_modes", "restore_modes", "save_modes"]
+__all__ = ["eval_mode", "mixed_modes", "mode_dependent", "restore_modes", "save_modes"]
 
 
 def save_modes(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, bool]]:
@@ -41,3 +45,17 @@ def mixed_modes(module: nn.Module) -> list[str]:
     """Names of the submodules whose training flag differs from ``module``'s (empty: one
     mode throughout)."""
     return [name for name, sub in module.named_modules() if sub.training != module.training]
+
+
+def mode_dependent(module: Any) -> list[str]:
+    """Type names of the layers of ``module`` whose output differs between train and eval
+    mode (empty for anything else, e.g. a plain callable)."""
+    if not isinstance(module, nn.Module):
+        return []
+    names = []
+    for m in module.modules():
+        if isinstance(m, (_BatchNorm, _InstanceNorm)) and m.track_running_stats:
+            names.append(type(m).__name__)
+        elif isinstance(m, _DropoutNd) and m.p > 0:
+            names.append(type(m).__name__)
+    return sorted(set(names))

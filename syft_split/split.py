@@ -339,7 +339,8 @@ def split_model(model: nn.Module, cuts: str | Sequence[str]) -> list[nn.Module]:
     if len(set(cuts)) != len(cuts):
         raise SplitError(f"cut names repeat: {list(cuts)}")
     # every layer keeps its own training flag (a frozen BatchNorm stays frozen): each is
-    # tagged with it, the tag travels with its copy, and modules made here take the model's
+    # tagged with it, the tag travels with its copy; modules made here take their children's
+    # mode when they all agree (a frozen trunk stays frozen), else the model's
     for m in model.modules():
         m.__dict__[_MODE_TAG] = m.training
     try:
@@ -348,8 +349,15 @@ def split_model(model: nn.Module, cuts: str | Sequence[str]) -> list[nn.Module]:
         for m in model.modules():
             m.__dict__.pop(_MODE_TAG, None)
     for seg in segments:
+        made = []  # containers made here: their children's mode when they agree
         for m in seg.modules():
-            m.training = m.__dict__.pop(_MODE_TAG, model.training)
+            if _MODE_TAG in m.__dict__:
+                m.training = m.__dict__.pop(_MODE_TAG)
+            else:
+                made.append(m)
+        for m in reversed(made):  # children first
+            modes = {c.training for c in m.children()}
+            m.training = modes.pop() if len(modes) == 1 else model.training
     return segments
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .losses import LOSSES
-from .modes import mixed_modes
+from .modes import mixed_modes, mode_dependent
 from .spec import OptimizerSpec, module_to_spec
 from .transport.base import MODEL_OWNER
 
@@ -243,6 +243,12 @@ class SplitPlan:
                         f"{where} has layers in another training mode than the segment "
                         f"({', '.join(mixed[:5])}): its host runs a segment all in train() "
                         "or all in eval(); keep such layers at the model owner")
+                elif not node.module.training and mode_dependent(node.module):
+                    problems.append(
+                        f"{where} is in eval() and holds "
+                        f"{', '.join(mode_dependent(node.module))}: its host trains a segment "
+                        "in train() (batch statistics, dropout); .train() it, or keep it at "
+                        "the model owner")
             if node.owner != MODEL_OWNER:
                 try:
                     module_to_spec(node.module)

@@ -191,3 +191,23 @@ def test_a_remote_segment_in_mixed_modes_is_refused() -> None:
     model.bn.eval()
     with pytest.raises(ConfigError, match=r"another training mode than the segment \(bn\)"):
         SplitPlan.vanilla(split_model(model, ["act0"]), "clinic")
+
+
+def test_a_remote_segment_in_eval_mode_with_batch_statistics_is_refused() -> None:
+    """The host trains a segment in train(): one given wholly in eval() with a BatchNorm
+    would use batch statistics there and train apart from the unsplit model (it was
+    accepted); split_model's segment takes its layers' mode when they agree, so a frozen
+    trunk is named as such, not as 'mixed modes'."""
+    model = nn.Sequential(OrderedDict([("trunk", nn.Sequential(nn.Linear(4, 4),
+                                                               nn.BatchNorm1d(4))),
+                                       ("act0", nn.ReLU()), ("fc1", nn.Linear(4, 2))]))
+    model.train()
+    model.trunk.eval()
+    segments = split_model(model, ["trunk"])
+    assert not segments[0].training and segments[1].training
+    with pytest.raises(ConfigError, match=r"is in eval\(\) and holds BatchNorm1d"):
+        SplitPlan.vanilla(segments, "clinic")
+    plain = nn.Sequential(OrderedDict([("fc0", nn.Linear(4, 4)), ("act0", nn.ReLU()),
+                                       ("fc1", nn.Linear(4, 2))]))
+    plain.eval()  # no mode-dependent layer: the mode changes nothing, accepted
+    SplitPlan.vanilla(split_model(plain, ["act0"]), "clinic")

@@ -21,27 +21,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
-from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ..modes import mode_dependent
 from .metrics import forward
 
 __all__ = ["mode_dependent", "TrainView", "worse_of"]
-
-
-def mode_dependent(encoder: Any) -> list[str]:
-    """Type names of the layers of ``encoder`` whose output differs between train and eval
-    mode (empty for anything else, e.g. a plain callable)."""
-    if not isinstance(encoder, nn.Module):
-        return []
-    names = []
-    for m in encoder.modules():
-        if isinstance(m, (_BatchNorm, _InstanceNorm)) and m.track_running_stats:
-            names.append(type(m).__name__)
-        elif isinstance(m, _DropoutNd) and m.p > 0:
-            names.append(type(m).__name__)
-    return sorted(set(names))
 
 
 class TrainView:
