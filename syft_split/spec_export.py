@@ -30,7 +30,7 @@ from .spec_graph import (
     parse_spec,
 )
 
-__all__ = ["layer_args", "layer_spec", "chain_layers", "graph_spec", "describe_target",
+__all__ = ["ancestors", "layer_args", "layer_spec", "chain_layers", "graph_spec", "describe_target",
            "check_layer_tensors"]
 
 
@@ -317,16 +317,23 @@ def _spec_names(graph: fx.Graph) -> dict[fx.Node, str]:
     return names
 
 
+def ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Every node that ``nodes`` are computed from (not ``nodes`` themselves, unless one is
+    computed from another)."""
+    seen: set[fx.Node] = set()
+    stack = [i for n in nodes for i in n.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
 def _live(graph: fx.Graph) -> set[fx.Node]:
-    """The nodes the graph's output is computed from."""
-    todo = [n for n in graph.nodes if n.op == "output"]
-    live: set[fx.Node] = set()
-    while todo:
-        node = todo.pop()
-        if node not in live:
-            live.add(node)
-            todo.extend(node.all_input_nodes)
-    return live
+    """The nodes the graph's output is computed from (and the output)."""
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    return ancestors(outputs) | set(outputs)
 
 
 def graph_spec(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, nn.Module]]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import SplitError
 from .modes import restore_modes, save_modes
-from .spec_export import describe_target
+from .spec_export import ancestors, describe_target
 
 __all__ = ["cut_points", "split_model", "compose"]
 
@@ -133,30 +133,19 @@ def _crossing_reason(node: fx.Node, live: list[fx.Node], later: set[fx.Node],
                      label: dict[fx.Node, str]) -> str:
     """Why ``live`` values crossing a cut right after ``node`` make it invalid."""
     crossing = [label[v] for v in live]
-    ancestors = _ancestors(node)
+    before = ancestors([node])
     for v in live:
         if v is node:
             continue
         readers = [u for u in v.users if u in later]
-        merges = [u for u in readers if node in _ancestors(u)]
-        if v not in ancestors or not merges:
+        merges = [u for u in readers if node in ancestors([u])]
+        if v not in before or not merges:
             reader = label.get(readers[0], "the output") if readers else "the output"
             return (f"values {crossing} cross it: parallel branches ({label[v]!r} is still read "
                     f"after the cut by {reader!r}, beside {label[node]!r})")
     v = next(v for v in live if v is not node)
     return (f"values {crossing} cross it: a skip connection ({label[v]!r} jumps over the cut "
             "and is read after it again)")
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
 
 
 def _analyse(gm: fx.GraphModule) -> _Traced:

@@ -42,8 +42,10 @@ def session_for(make_deployment, model: nn.Module) -> tuple[SplitSession, object
 
 
 def train_step(session: SplitSession, ref: nn.Module, ref_opt: torch.optim.Optimizer,
-               idx: torch.Tensor) -> None:
-    x, y = toy_tensors()
+               idx: torch.Tensor,
+               data: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """One step of the unsplit ``ref`` and of ``session`` on the same records."""
+    x, y = data if data is not None else toy_tensors()
     ref_opt.zero_grad()
     F.cross_entropy(ref(x[idx]), y[idx]).backward()
     ref_opt.step()
@@ -171,14 +173,7 @@ def test_a_frozen_layer_at_the_model_owner_trains_like_the_unsplit_model(
                            dep.transport, optimizer=OPT)
     dep.approve_all(session.propose())
     for k in range(3):
-        idx = torch.arange(32 * k, 32 * k + 32)
-        ref_opt.zero_grad()
-        F.cross_entropy(ref(x[idx]), y[idx]).backward()
-        ref_opt.step()
-        session.zero_grad()
-        loss, _ = session.loss("clinic", idx, y[idx])
-        loss.backward()
-        session.step()
+        train_step(session, ref, ref_opt, torch.arange(32 * k, 32 * k + 32), (x, y))
     head = session.local[1]
     assert not head.bn.training and head.training
     assert all(torch.equal(head.state_dict()[k], v)
