@@ -233,9 +233,7 @@ class CostLedger:
                 shapes = self._shapes[source] = session._shapes(source)
             per_party: dict[str, list[StepCost]] = {}
             for i, node in enumerate(session.plan.nodes):
-                optimizer = node.optimizer or session.optimizer_spec
-                if spec is not None and i == 0:
-                    optimizer = spec.optimizer or optimizer
+                optimizer = node.optimizer or session.optimizer_spec  # as proposed
                 # no input gradient for a first segment, nor at a cut no gradient goes back
                 grad_in = bool(node.inputs) and not (spec is not None and set(node.inputs) == {0})
                 cost = self.cost(node.module, shapes[i][0], batch, input_grad=grad_in,
@@ -244,8 +242,7 @@ class CostLedger:
             if spec is not None:  # the auxiliary head, trained through into the segment
                 per_party.setdefault(session._host(source, 0), []).append(self.cost(
                     spec.head, shapes[0][1], batch, input_grad=True,
-                    optimizer=spec.optimizer or session.plan.nodes[0].optimizer
-                    or session.optimizer_spec))
+                    optimizer=spec.optimizer or session.optimizer_spec))  # as attached
             for party, costs in per_party.items():
                 total = StepCost(sum(c.forward for c in costs), sum(c.backward for c in costs),
                                  sum(c.peak_bytes for c in costs))

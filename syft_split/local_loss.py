@@ -59,7 +59,8 @@ class LocalLoss:
     """The auxiliary head every data owner trains its segment with (see the module docstring).
 
     ``head`` reads the first segment's output; ``loss`` is computed on the data owner's labels;
-    ``optimizer`` trains segment and head there (default: the session's optimizer).
+    ``optimizer`` trains the head there (default: the session's optimizer); the segment
+    trains with the optimizer it was proposed with (its plan node's, or the session's).
     """
 
     head: nn.Module

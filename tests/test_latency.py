@@ -325,19 +325,21 @@ def test_local_loss_plans_are_validated() -> None:
 def test_latency_tolerant_schedules_book_flops_and_memory(dep: Deployment, schedule: str) -> None:
     """Every applied step is in the ledger: with gradient_delay=1 the same FLOPs as exact
     steps; with local losses the data owner also trains its head, and the model owner computes
-    no gradient for the cut activation (none goes back)."""
+    no gradient for the cut activation (none goes back); the head with its own optimizer
+    (Adam), the segment with the one it was proposed with."""
     from syft_split.ledger import step_cost
 
     bottom, top, aux = _models()
     local = schedule == "local_loss"
-    session, _, _ = _session(dep, dep.transport,
-                             local_loss=LocalLoss(aux, batches_per_call=2) if local else None)
+    adam = OptimizerSpec("adam", lr=1e-3)
+    session, _, _ = _session(dep, dep.transport, local_loss=LocalLoss(
+        aux, batches_per_call=2, optimizer=adam) if local else None)
     trainer = Trainer(session, batch_size=B, progress=False, measure_leakage=False, watch=False,
                       test_dataset=None, gradient_delay=0 if local else 1)
     report = trainer.fit(1, verbose=False)
     steps = N // B
     seg = step_cost(bottom, (1, 8, 8), B, optimizer=OPT)
-    head = step_cost(aux, (256,), B, input_grad=True, optimizer=OPT)
+    head = step_cost(aux, (256,), B, input_grad=True, optimizer=adam)
     mo = step_cost(top, (256,), B, input_grad=not local, optimizer=OPT)
     want_h = {"forward": steps * (seg.forward + local * head.forward),
               "backward": steps * (seg.backward + local * head.backward), "eval": 0}
