@@ -442,3 +442,25 @@ def _outcome(transport: Transport) -> object:
         return transport.call("h", "describe")
     except TransportError as exc:
         return exc
+
+
+def test_the_local_loss_ledger_books_each_module_with_its_own_optimizer(dep: Deployment) -> None:
+    """The data owner trains its segment with the optimizer it was proposed with (here SGD
+    with momentum) and the head with LocalLoss.optimizer (Adam): the ledger took Adam for
+    both, overstating the segment's optimizer state."""
+    from syft_split.ledger import CostLedger, step_cost
+
+    torch.manual_seed(0)
+    bottom = nn.Sequential(nn.Flatten(), nn.Linear(64, 256))
+    top, aux = nn.Linear(256, 10), nn.Linear(256, 10)
+    adam = OptimizerSpec("adam", lr=1e-3)
+    plan = SplitPlan.vanilla([bottom, top], "h", labels=RELEASED,
+                             local_loss=LocalLoss(aux, optimizer=adam))
+    session = SplitSession(plan, dep.transport, optimizer=OPT)
+    ledger = CostLedger()
+    ledger.session_step(session, "h", B, local_loss=True)
+    want = (step_cost(bottom, (1, 8, 8), B, optimizer=OPT).peak_bytes
+            + step_cost(aux, (256,), B, input_grad=True, optimizer=adam).peak_bytes)
+    assert (step_cost(bottom, (1, 8, 8), B, optimizer=adam).peak_bytes
+            != step_cost(bottom, (1, 8, 8), B, optimizer=OPT).peak_bytes)  # they differ here
+    assert ledger.peak_memory_by_party()["h"] == want
