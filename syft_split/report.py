@@ -210,8 +210,6 @@ class RunTraffic:
         """``bytes_by_party``, ``bytes_by_direction``, ``transport_calls`` (training and
         evaluation), ``measurement_bytes_by_party`` and ``bytes_by_op`` of this run."""
         with self._lock:
-            if self.log.size() < self._seen:  # the log was cleared: what it holds is new
-                self._seen = 0
             new = self.log.since(self._seen)
             self._seen += len(new)
             self._take(new)

@@ -168,3 +168,24 @@ def test_an_attention_segment_counts_its_attention_products() -> None:
     ledger = CostLedger(memory=False)
     ledger.add("lab", cost)
     assert ledger.training_flops("lab") == cost.forward + cost.backward
+
+
+def test_run_traffic_keeps_its_place_when_the_log_is_cleared() -> None:
+    """A traffic log cleared between two reads (e.g. by a test between two fits): the run's
+    figures go on with what is added after it (they lost every record up to the log's old
+    length: 2000 bytes instead of 3500 here)."""
+    from syft_split.report import RunTraffic
+    from syft_split.transport.base import MODEL_OWNER, TrafficLog
+
+    log = TrafficLog()
+    for _ in range(10):  # before the run: not its traffic
+        log.add(MODEL_OWNER, "a", "forward", 100, ())
+    run = RunTraffic(log)
+    for _ in range(5):
+        log.add(MODEL_OWNER, "a", "forward", 100, ())
+    assert run.figures()["bytes_by_party"]["a"]["received"] == 500
+    log.clear()
+    for _ in range(30):
+        log.add(MODEL_OWNER, "a", "forward", 100, ())
+    assert run.figures()["bytes_by_party"]["a"]["received"] == 3500
+    assert log.size() == 45 and len(log.since(40)) == 5

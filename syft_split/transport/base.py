@@ -212,6 +212,9 @@ class TrafficLog:
     Safe to add to from several threads (concurrent calls to different parties)."""
 
     records: list[TrafficRecord] = field(default_factory=list)
+    #: records dropped by :meth:`clear` (:meth:`size` and :meth:`since` count every record
+    #: ever added, so a reader's position survives a clear)
+    dropped: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, src: str, dst: str, op: str, nbytes: int, fields: tuple[str, ...]) -> None:
@@ -224,14 +227,14 @@ class TrafficLog:
             return list(self.records)
 
     def size(self) -> int:
-        """How many records there are."""
+        """How many records were ever added (those dropped by :meth:`clear` included)."""
         with self._lock:
-            return len(self.records)
+            return self.dropped + len(self.records)
 
     def since(self, start: int) -> list[TrafficRecord]:
-        """The records from index ``start`` on (a copy)."""
+        """The records added from position ``start`` (a :meth:`size`) on, still held (a copy)."""
         with self._lock:
-            return self.records[start:]
+            return self.records[max(0, start - self.dropped):]
 
     def bytes_by_party(self) -> dict[str, dict[str, int]]:
         """``{party: {"sent": n, "received": n}}`` over all records."""
@@ -254,6 +257,7 @@ class TrafficLog:
 
     def clear(self) -> None:
         with self._lock:
+            self.dropped += len(self.records)
             self.records.clear()
 
 
