@@ -16,7 +16,7 @@ from ..errors import ConfigError, ValidationError
 from ..spec import spec_size
 from .records import HostLimits
 
-__all__ = ["check_size", "load_weights", "dry_run", "check_classes", "check_norm_state",
+__all__ = ["check_size", "check_weights", "load_weights", "dry_run", "check_classes", "check_norm_state",
            "MAX_BATCHES_TRACKED", "MIN_MOMENTUM"]
 
 #: a proposed ``num_batches_tracked`` above this is refused: with ``momentum=None`` (a
@@ -61,20 +61,27 @@ def check_size(spec: Any, limits: HostLimits, what: str, *,
 
 def load_weights(module: torch.nn.Module, state: dict[str, Any], bound: float,
                  what: str) -> None:
-    """Load weights a model owner sent: exactly the module's keys, shapes and dtypes, finite,
-    bounded by ``bound``, running statistics that can follow the data
-    (:func:`check_norm_state`); nothing changes if any of them is refused."""
+    """Load weights a model owner sent, once :func:`check_weights` let them in and their
+    running statistics can follow the data (:func:`check_norm_state`); nothing changes if
+    any of them is refused."""
+    check_weights(module, state, bound, what)
+    check_norm_state(module, state, what)
+    module.load_state_dict(state)
+
+
+def check_weights(module: torch.nn.Module, state: dict[str, Any], bound: float,
+                  what: str) -> None:
+    """Refuse weights for ``module`` unless they are exactly its keys, shapes and dtypes,
+    finite and bounded by ``bound``. Nothing is loaded."""
     own = module.state_dict()
     if set(state) != set(own):
         raise ConfigError(f"weights {sorted(state)} do not match {what}'s {sorted(own)}")
-    check_norm_state(module, state, what)
     for k, v in state.items():
         wire.check_tensor(v, f"weight {k}", shape=tuple(own[k].shape), dtype=own[k].dtype,
                           nonempty=False)
         if v.is_floating_point() and v.numel() and float(v.abs().max()) > bound:
             raise ValidationError(f"weight {k}: magnitude {float(v.abs().max()):.3g} exceeds "
                                   f"the data owner's bound {bound:g}")
-    module.load_state_dict(state)
 
 
 def check_norm_state(module: torch.nn.Module, state: dict[str, Any], what: str) -> None:

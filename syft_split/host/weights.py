@@ -40,6 +40,7 @@ from ..errors import (
     ShapeError,
     WireError,
 )
+from .admission import check_weights
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import SCALAR, SEALED, TEXT, WEIGHTS, Call
 from .records import ROLES, Runtime
@@ -211,14 +212,7 @@ class WeightOps(OpFamily):
         """Weights from peers, before anything changes: the segment's keys, shapes and dtypes,
         finite and within the data owner's bound (``HostLimits.max_abs_value``), like every
         value the guard lets in; and no step pending."""
-        own = rt.module.state_dict()
-        if set(state) != set(own):
-            raise ShapeError(f"weights {sorted(state)} do not match the segment's {sorted(own)}")
-        for k, v in state.items():
-            wire.check_tensor(v, f"weight {k}", shape=tuple(own[k].shape), dtype=own[k].dtype,
-                              nonempty=False)
-            if v.is_floating_point():
-                self.host.guard.bounded(v, f"weight {k} from a peer (nothing loaded)")
+        check_weights(rt.module, state, self.host.limits.max_abs_value, f"segment {rt.id}")
         if rt.pending_output is not None or rt.pending_loss_grads:
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         return state
