@@ -178,6 +178,7 @@ class LeakageOps(OpFamily):
 
     def _new_watch(self, p: Proposal) -> Any:
         from ..leakage import LeakageWatch, WatchBound
+        from ..leakage.suite import rows_within
 
         ds = self.host.datasets.get(p.datasets[0])
         rows = None if ds is None else _rows(ds)
@@ -185,13 +186,10 @@ class LeakageOps(OpFamily):
             raise ConfigError(f"dataset {p.datasets[0]!r} is not on {self.host.name} or has too "
                               "few records to watch")
         probe, mock, _, _ = rows
-        # the watch keeps its mock and probe rows' activations (16 bytes a value, counted as
-        # the review does): fewer rows for a segment with many values per record
-        per_row = 16 * max(math.prod(p.output_shape), math.prod(p.input_shape))
-        fit = self._memory() // per_row
-        if fit < 12:
-            raise ConfigError(f"the segment's {math.prod(p.output_shape)} output values per "
-                              f"record are too many to watch within {self._memory()} bytes")
+        # the watch keeps its mock and probe rows' activations, counted as the review does:
+        # fewer rows for a segment with many values per record
+        fit = rows_within(self._memory(), math.prod(p.output_shape), math.prod(p.input_shape),
+                          "watch")
         n_probe = min(64, fit // 3)
         return LeakageWatch(WatchBound(), probe=probe[:n_probe], mock=mock,
                             mock_rows=min(128, fit - n_probe), release=self._release(p),

@@ -35,7 +35,7 @@ from .passthrough import passthrough_check
 from .release import Release
 from .whitebox import whitebox_inversion
 
-__all__ = ["leakage_suite", "label_leakage", "ATTACKS"]
+__all__ = ["leakage_suite", "label_leakage", "rows_within", "ATTACKS"]
 
 #: the attacks :func:`leakage_suite` runs, in order (``linear`` is the passthrough check's decoder).
 ATTACKS = ("linear", "whitebox", "decoder")
@@ -213,11 +213,7 @@ def _fit(encoder: Callable[[torch.Tensor], torch.Tensor], mock: torch.Tensor, he
     per_value = 16
     out_dim = int(encode(encoder, mock[:2].detach().to(torch.float32), "mock", max_batch).shape[1])
     in_dim = int(mock[0].numel())
-    rows = memory_bytes // (per_value * max(out_dim, in_dim))
-    if rows < 12:
-        raise ConfigError(f"the segment's {out_dim} output values per record are too many to measure "
-                          f"leakage within {memory_bytes} bytes (at least 4 held-out and 8 mock "
-                          "records are needed)")
+    rows = rows_within(memory_bytes, out_dim, in_dim, "measure leakage")
     n_held = min(held_out.shape[0], max(4, rows // 3))
     n_mock = min(mock.shape[0], rows - n_held)
     augment = min(AUGMENT, max(0, rows - n_held - n_mock))
@@ -241,3 +237,15 @@ def _worst(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         k = max(ssims, key=ssims.__getitem__)
         out.update(ssim=ssims[k], ssim_attack=k)
     return out
+
+
+def rows_within(memory_bytes: int, out_dim: int, in_dim: int, what: str) -> int:
+    """How many records' activations (and inputs) a measurement may keep within
+    ``memory_bytes`` (16 bytes per kept value); :class:`ConfigError` below the 12 it needs
+    (4 held-out and 8 mock records), saying it cannot ``what``."""
+    rows = memory_bytes // (16 * max(out_dim, in_dim))
+    if rows < 12:
+        raise ConfigError(f"the segment's {out_dim} output values per record are too many to "
+                          f"{what} within {memory_bytes} bytes (at least 4 held-out and 8 mock "
+                          "records are needed)")
+    return rows
