@@ -219,15 +219,20 @@ class SplitSession:
         return ActivationPointer(self._seg(source, node), torch.as_tensor(indices), None, dataset)
 
     def _graph(self, source: str, indices: torch.Tensor, dataset: str | None,
-               inputs: dict[int, torch.Tensor] | None = None,
+               inputs: dict[int, torch.Tensor] | None = None, *, evaluate: bool = False,
                ) -> tuple[dict[int, torch.Tensor], dict[str, tuple[torch.Tensor, dict[str, Any]]]]:
+        """Every node's output, and the loss of each task whose loss is at a data owner: for
+        training (autograd across parties) or, with ``evaluate``, in the evaluation form (data
+        owners get ``train=False``: nothing is left pending there)."""
         values: dict[int, torch.Tensor] = {}
         remote_losses: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
         enc = self.plan.encrypted
         for i, node in enumerate(self.plan.nodes):
             if enc is not None and i == enc.node:
                 assert self.he is not None
-                values[i] = node.module(encrypted_forward(self.he, source, indices, dataset))
+                values[i] = node.module(
+                    self.he.forward(source, indices, dataset, train=False) if evaluate
+                    else encrypted_forward(self.he, source, indices, dataset))
             elif enc is not None and not node.inputs:
                 continue  # its activation only ever travels encrypted, into the layer above
             elif node.owner == MODEL_OWNER:
@@ -235,17 +240,26 @@ class SplitSession:
             elif not node.inputs and inputs is not None and i in inputs:
                 values[i] = inputs[i].to(self.device)  # fetched already (concurrent rounds)
             elif not node.inputs:
-                values[i] = self.send_forward(source, indices, dataset=dataset,
-                                              node=i).resolve().to(self.device)
+                values[i] = (self._seg(source, i).forward(indices=indices, dataset=dataset,
+                                                          train=False) if evaluate
+                             else self.send_forward(source, indices, dataset=dataset,
+                                                    node=i).resolve()).to(self.device)
             elif self.plan.remote_loss_node(i):
                 task = self.plan.task_at(i)
                 assert task is not None
-                remote_losses[task.name] = remote_loss(self._wire(self._merge(i, values)),
-                                                       self._seg(source, i), indices, dataset)
+                x, seg = self._wire(self._merge(i, values)), self._seg(source, i)
+                if evaluate:
+                    r = seg.loss_step(x, indices, dataset=dataset, train=False)
+                    remote_losses[task.name] = (
+                        torch.tensor(r["loss_sum"] / r["count"], dtype=torch.float64),
+                        {"correct": int(r["correct"])})
+                else:
+                    remote_losses[task.name] = remote_loss(x, seg, indices, dataset)
             else:
-                values[i] = ActivationPointer(self._seg(source, i), None,
-                                              self._wire(self._merge(i, values)),
-                                              dataset).resolve().to(self.device)
+                x, seg = self._wire(self._merge(i, values)), self._seg(source, i)
+                values[i] = (seg.forward(x=x, dataset=dataset, train=False) if evaluate
+                             else ActivationPointer(seg, None, x, dataset).resolve()
+                             ).to(self.device)
         return values, remote_losses
 
     def forward(self, source: str, indices: torch.Tensor, *,
@@ -263,7 +277,7 @@ class SplitSession:
                                 "use session.loss(source, indices)")
         if not torch.is_grad_enabled():
             self.flush(source)
-            values, _ = self._eval_graph(source, torch.as_tensor(indices), dataset)
+            values, _ = self._graph(source, torch.as_tensor(indices), dataset, evaluate=True)
         else:
             values, _ = self._graph(source, torch.as_tensor(indices), dataset)
         return values[task.node]
@@ -281,13 +295,10 @@ class SplitSession:
         are not called, and sending their gradients is the caller's job
         (:mod:`syft_split.rounds` fetches a round's activations concurrently this way)."""
         indices = torch.as_tensor(indices)
-        if torch.is_grad_enabled() or inputs is not None:
-            values, remote = self._graph(source, indices, dataset, inputs)
-        else:  # inference, as in forward(): nothing left pending at the data owners
+        evaluate = not torch.is_grad_enabled() and inputs is None
+        if evaluate:  # inference, as in forward(): nothing left pending at the data owners
             self.flush(source)
-            values, figures = self._eval_graph(source, indices, dataset)
-            remote = {name: (torch.tensor(f["loss"], dtype=torch.float64), f)
-                      for name, f in figures.items()}
+        values, remote = self._graph(source, indices, dataset, inputs, evaluate=evaluate)
         total: torch.Tensor | None = None
         per_task: dict[str, dict[str, float]] = {}
         for task in self.plan.tasks:
@@ -373,36 +384,6 @@ class SplitSession:
         evaluation mode (the model owner's get their own modes back afterwards)."""
         with torch.no_grad(), eval_mode(*self.local.values()):
             return self.loss(source, indices, labels, dataset=dataset)[1]
-
-    def _eval_graph(self, source: str, indices: torch.Tensor, dataset: str | None,
-                    ) -> tuple[dict[int, torch.Tensor], dict[str, dict[str, float]]]:
-        """Every node's output in the evaluation form (data owners: ``train=False``, nothing
-        left pending there), and the figures of the tasks whose loss is at a data owner."""
-        values: dict[int, torch.Tensor] = {}
-        per_task: dict[str, dict[str, float]] = {}
-        enc = self.plan.encrypted
-        for i, node in enumerate(self.plan.nodes):
-            task = self.plan.task_at(i)
-            if enc is not None and i == enc.node:
-                assert self.he is not None
-                values[i] = node.module(self.he.forward(source, indices, dataset, train=False))
-            elif enc is not None and not node.inputs:
-                continue
-            elif node.owner == MODEL_OWNER:
-                values[i] = node.module(self._merge(i, values))
-            elif not node.inputs:
-                values[i] = self._seg(source, i).forward(indices=indices, dataset=dataset,
-                                                         train=False).to(self.device)
-            elif self.plan.remote_loss_node(i) and task is not None:
-                r = self._seg(source, i).loss_step(self._wire(self._merge(i, values)),
-                                                   indices, dataset=dataset, train=False)
-                per_task[task.name] = {"loss": r["loss_sum"] / r["count"],
-                                       "correct": int(r["correct"])}
-            else:
-                values[i] = self._seg(source, i).forward(
-                    x=self._wire(self._merge(i, values)), dataset=dataset,
-                    train=False).to(self.device)
-        return values, per_task
 
     def measure_leakage(self, dataset: str, *, budget_s: float | None = None,
                         skip: Collection[str] = ()) -> dict[str, dict[str, float]]:
