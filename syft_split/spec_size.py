@@ -49,9 +49,11 @@ class SpecSize:
     product of a normalized/output shape), ``layers`` (layers of a chain, nodes of a graph);
     with an input shape, ``activations`` (elements per record of the largest value, for a graph
     of the values alive at once, with the score matrices of an attention node while it runs),
-    ``output_shape`` (per record) and ``training`` (elements per record a training forward
+    ``output_shape`` (per record), ``training`` (elements per record a training forward
     keeps until its gradient returns: the input and every node's value, attention scores
-    included; a value that only names another, such as an item of a tuple, counts once)."""
+    included; a value that only names another, such as an item of a tuple, counts once) and
+    ``flops`` (floating-point operations of a forward per record, counted on the meta device
+    by :class:`torch.utils.flop_counter.FlopCounterMode` over the most records propagated)."""
 
     parameters: int
     buffers: int
@@ -60,6 +62,7 @@ class SpecSize:
     activations: int | None = None
     output_shape: tuple[int, ...] | None = None
     training: int | None = None
+    flops: int | None = None
 
 
 def _int_values(value: Any) -> list[int]:
@@ -174,8 +177,18 @@ def _propagate(module: nn.Module, shape: tuple[int, ...], batch: int, scores: li
     return run
 
 
+def _counted(module: nn.Module, shape: tuple[int, ...], batch: int,
+             scores: list[int]) -> tuple[_Run, int]:
+    """:func:`_propagate` and the forward's FLOPs (shapes only: nothing is computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run = _propagate(module, shape, batch, scores)
+    return run, int(counter.get_total_flops())
+
+
 def _activations(spec: Any, input_shape: Sequence[int],
-                 max_batch: int | None = None) -> tuple[int, tuple[int, ...], int]:
+                 max_batch: int | None = None) -> tuple[int, tuple[int, ...], int, int]:
     shape = tuple(input_shape)
     if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ConfigError(f"input_shape must be a non-empty list of positive ints, got {input_shape!r}")
@@ -188,8 +201,9 @@ def _activations(spec: Any, input_shape: Sequence[int],
             layer.register_forward_pre_hook(functools.partial(_attention_scores, scores))
     # 2 as the host's probe forward; a step's memory is bounded by its size per record times
     # the records, so every value must grow linearly with them (checked at several batches)
-    base, *others = [_propagate(module, shape, b, scores)
-                     for b in sorted({2, 1, 3, max_batch or 2})]
+    counted = [_counted(module, shape, b, scores) for b in sorted({2, 1, 3, max_batch or 2})]
+    base, *others = [run for run, _ in counted]
+    most, flops = counted[-1]
     for run in others:
         for (label, n, t), (_, m, u) in zip(base.steps, run.steps, strict=True):
             if n * run.batch != m * base.batch or t * run.batch != u * base.batch:
@@ -199,7 +213,8 @@ def _activations(spec: Any, input_shape: Sequence[int],
                     f"{label}: {what} {got[0]} elements for {base.batch} record(s) and {got[1]} "
                     f"for {run.batch}: not proportional to the records (a value's size must "
                     "grow linearly with the batch; per-record bounds would not hold)")
-    return base.largest // base.batch, tuple(base.output.shape[1:]), base.kept // base.batch
+    return (base.largest // base.batch, tuple(base.output.shape[1:]), base.kept // base.batch,
+            -(-flops // most.batch))
 
 
 def _attention_scores(found: list[int], layer: nn.MultiheadAttention,
@@ -242,5 +257,6 @@ def spec_size(spec: Any, input_shape: Sequence[int] | None = None, *,
     size = SpecSize(params, buffers, width, len(parsed.nodes))
     if input_shape is None:
         return size
-    activations, out_shape, training = _activations(spec, input_shape, max_batch)
-    return SpecSize(params, buffers, width, len(parsed.nodes), activations, out_shape, training)
+    activations, out_shape, training, flops = _activations(spec, input_shape, max_batch)
+    return SpecSize(params, buffers, width, len(parsed.nodes), activations, out_shape, training,
+                    flops)

@@ -204,6 +204,7 @@ def test_spec_size_builds_nothing() -> None:
     size = spec_size(huge, (10**6,))
     assert size.parameters == 10**12 + 10**6
     assert size.max_width == 10**6 and size.activations == 10**6
+    assert size.flops == 2 * 10**12  # a forward's multiply-adds per record, from shapes alone
 
 
 def test_spec_size_sees_activation_blowups() -> None:

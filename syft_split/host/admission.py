@@ -34,7 +34,9 @@ def check_size(spec: Any, limits: HostLimits, what: str, *,
     """Refuse a spec that is too large, from its JSON alone (no module built, no memory);
     with ``input_shape``, also one whose widest values over ``max_batch`` records are, or
     whose training forward keeps too much until its gradient returns (every layer's output:
-    ``HostLimits.max_activation_bytes`` bounds both)."""
+    ``HostLimits.max_activation_bytes`` bounds both), or whose training step computes too much
+    (``HostLimits.max_step_flops``: forward and backward over ``max_batch`` records, counted
+    as three forwards)."""
     size = spec_size(spec)
     for kind, got, cap in (("parameters", size.parameters + size.buffers, limits.max_parameters),
                            ("layer width", size.max_width, limits.max_width),
@@ -57,6 +59,12 @@ def check_size(spec: Any, limits: HostLimits, what: str, *,
                           f"gradient returns (every layer's output, for {max_batch} records); "
                           f"this data owner accepts {limits.max_activation_bytes} (a smaller "
                           "max_batch takes less)")
+    step_flops = 3 * (shaped.flops or 0) * max_batch
+    if step_flops > limits.max_step_flops:
+        raise ConfigError(f"a training step of {what} computes about {step_flops:.3g} FLOPs "
+                          f"(forward and backward, {max_batch} records); this data owner "
+                          f"accepts {limits.max_step_flops:.3g} (a smaller max_batch "
+                          "computes less)")
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, Any], bound: float,

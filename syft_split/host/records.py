@@ -89,8 +89,12 @@ class HostLimits:
     larger than this is refused from its spec alone. ``max_activation_bytes`` bounds, over the
     proposal's ``max_batch`` records (float32), both the values alive at once in a forward
     without grad (attention score matrices included) and what a training forward keeps until
-    its gradient returns (the input and every layer's output). It does not bound compute
-    (FLOPs), the optimizer's state or parameter gradients (``max_parameters`` bounds those).
+    its gradient returns (the input and every layer's output). It does not bound the
+    optimizer's state or parameter gradients (``max_parameters`` bounds those).
+    ``max_step_flops``: a proposal whose training step over ``max_batch`` records computes
+    more (three times its forward's FLOPs, counted on the meta device) is refused; this bounds
+    each step, the review's and the watch's forwards (``max_batch`` records at a time) and the
+    time a step holds the host. The default, 1e12, is some 10-60 s of one CPU core.
     ``max_proposals_per_minute`` / ``max_pending``: per user; ``max_pending_bytes``: the initial
     weights a user's pending proposals hold at once, auxiliary heads (local loss) included (the
     host keeps them until the data owner decides; a rejected proposal's are dropped).
@@ -114,6 +118,7 @@ class HostLimits:
     max_width: int = 65_536
     max_layers: int = 256
     max_activation_bytes: int = 1 << 30
+    max_step_flops: float = 1e12
     max_proposals_per_minute: int = 30
     max_pending: int = 32
     max_pending_bytes: int = 256 * 1024 * 1024
@@ -132,8 +137,10 @@ class HostLimits:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"HostLimits.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.max_abs_value, (int, float)) or not self.max_abs_value > 0:
-            raise ConfigError(f"HostLimits.max_abs_value must be > 0, got {self.max_abs_value!r}")
+        for name in ("max_abs_value", "max_step_flops"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"HostLimits.{name} must be > 0, got {value!r}")
 
 
 @dataclass

@@ -183,6 +183,25 @@ def test_what_a_training_step_keeps_is_bounded() -> None:
     assert "error" not in r, r
 
 
+def test_what_a_training_step_computes_is_bounded() -> None:
+    """Compute was unbounded: a chain of large convolutions within every size bound held the
+    host (and its lock) for hours per step. A step's FLOPs (3 x the forward's, over max_batch
+    records, counted from shapes alone) are bounded by ``HostLimits.max_step_flops``; the same
+    spec with a batch that fits is accepted."""
+    module = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))
+    host = _host(max_step_flops=1e7)
+    per_record = 2 * 8 * 8 * 9 * 8 * 8  # 2 x C_out x C_in x k^2 x H x W (bias not counted)
+    state = {f"state/{k}": v for k, v in spec_state(module).items()}
+    fields = {"role": "middle", "spec": module_to_spec(module), "datasets": [],
+              "input_shape": [8, 8, 8], "optimizer": SGD, **state}
+    r = _call(host, "mallory", "propose", max_batch=64, **fields)
+    assert r["error"] == "ConfigError", r
+    assert f"computes about {3 * per_record * 64:.3g} FLOPs" in r["message"], r
+    assert not host.proposals_by_id
+    r = _call(host, "mallory", "propose", max_batch=32, **fields)  # 7.1e6 FLOPs
+    assert "error" not in r, r
+
+
 def test_a_duplicate_record_id_is_said_to_the_owner_not_to_the_model_owner() -> None:
     """Duplicate ids: ``allow_alignment`` refuses on the data owner's console; a message that
     can reach the model owner names rows, never the id."""
