@@ -175,10 +175,10 @@ class HEClient:
             raise ShapeError(
                 f"input x: expected at most batch_size={spec.batch_size} rows, got {n}"
             )
-        if np.abs(a).max() > spec.x_bound:
+        if not np.abs(a).max() <= spec.x_bound:  # the value is private: not in the message
             raise HEError(
-                f"input x: |x| reaches {np.abs(a).max():.4g} > x_bound={spec.x_bound} agreed "
-                "in the LayerSpec (normalize the inputs or raise x_bound within the headroom)"
+                f"input x: an activation exceeds x_bound={spec.x_bound} agreed in the LayerSpec "
+                "(normalize the inputs or raise x_bound within the headroom)"
             )
         self.costs.begin_step()
         self._step += 1

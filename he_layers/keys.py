@@ -8,6 +8,7 @@ layouts need (two per packed layout, instead of TenSEAL's ~35 MB default set).
 
 from __future__ import annotations
 
+import math
 import secrets
 from typing import Any
 
@@ -44,7 +45,7 @@ def _check_ciphertext(ct: Any, parms_id: Any, scale: float, what: str) -> None:
         raise CiphertextError(
             f"{what}: expected a size-2 NTT-form ciphertext, got size {ct.size()}"
         )
-    if abs(ct.scale / scale - 1.0) > 1e-9:
+    if not math.isfinite(ct.scale) or abs(ct.scale / scale - 1.0) > 1e-9:
         raise CiphertextError(f"{what}: expected scale 2^{np.log2(scale):.1f}, got {ct.scale!r}")
 
 

@@ -34,8 +34,11 @@ def spec_from_agreement(agreement: dict[str, Any]) -> tuple[LayerSpec, CKKSParam
         params = CKKSParams(**agreement.get("params", {}))
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"bad encryption agreement {agreement}: {exc}") from exc
-    params.validate()
-    return spec.validate(params), params
+    try:
+        params.validate()
+        return spec.validate(params), params
+    except (TypeError, ValueError) as exc:  # a field of the wrong type the checks missed
+        raise ConfigError(f"bad encryption agreement {agreement}: {exc}") from exc
 
 
 def _input_ct(params: CKKSParams) -> int:

@@ -115,6 +115,16 @@ class LayerSpec:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"Expected `{name}` to be a positive int but got {v!r}")
+        for name in ("mask_bits", "flood_bits"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"Expected `{name}` to be an int but got {v!r}")
+        for name in ("lr", "x_bound", "share_bound", "initial_share", "momentum",
+                     "weight_decay"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and not isinstance(v, bool)) and not (
+                    name == "lr" and v is None):
+                raise ConfigError(f"Expected `{name}` to be a number but got {v!r}")
         if self.level not in ("A", "B"):
             raise ConfigError(f"Expected `level` to be 'A' or 'B' but got {self.level!r}")
         if self.level == "B" and (

@@ -154,7 +154,10 @@ class HEOps(OpFamily):
                  f"  encryption agreement: {proposal.he}",
                  "  HE PROTECTS YOU ONLY AGAINST A SEMI-HONEST MODEL OWNER (one that follows the "
                  "protocol): a model owner that deviates can send other ciphertexts for you to "
-                 "decrypt and so learn your activations and, at level B, your weight share. "
+                 "decrypt, recover this run's secret key from a few of your answers (4 for a "
+                 "32 x 128 -> 64 layer) and then read every ciphertext you sent: your "
+                 "activations and, at level B, your weight share, as in plain split learning. "
+                 "Your defences (noise, NoPeek, leakage watch) apply as without HE. "
                  "Enforced here: one output and one gradient decryption per step, in order; "
                  "dL/dx checked like the plain path. See SECURITY.md"]
         from he_layers import estimate_step_bytes
@@ -174,6 +177,14 @@ class HEOps(OpFamily):
             if weak:
                 lines.append(f"  WARNING: security option {name}={getattr(spec, name)!r} is "
                              "weaker than the default: " + _OPTION_RISK[name])
+        if spec.level == "B" and spec.lr is not None:
+            lines.append(f"  level B masks the weight gradient the model owner receives within "
+                         f"+-{2 * spec.share_bound / spec.lr:.3g} (2 share_bound / lr, lr="
+                         f"{spec.lr:g}): a gradient much larger than that is poorly hidden")
+        if spec.x_bound < LayerSpec.x_bound:
+            lines.append(f"  WARNING: x_bound={spec.x_bound:g} is below the default "
+                         f"{LayerSpec.x_bound:g}: a forward with an activation above it is "
+                         "refused, and the refusal tells the model owner that one was")
         lines.append(f"  bytes leaving per training step: {b['bytes_up']} (of which "
                      f"{b['ciphertext_bytes_up']} ciphertext, {b['plain_bytes_up']} masked values), "
                      f"{b['bytes_up_eval']} per evaluation step; once per run: the public context "

@@ -94,6 +94,19 @@ def _dx(grad_msg: bytes, value: float) -> bytes:
     return encode_frame("masked_grad", head, [*blobs[:-1], array_to_bytes(np.full((B, 16), value))])
 
 
+def _nan_scale(d: _HEDriver, masked: bytes) -> bytes:
+    """The masked-output message with its first ciphertext's scale set to NaN (SEAL loads it;
+    a NaN passed the scale check, which compared with ``>``)."""
+    from he_layers._seal_io import load_ciphertext, to_bytes
+    from he_layers.wire import decode_frame, encode_frame
+
+    head, blobs = decode_frame(masked, "masked_output")
+    head = {k: v for k, v in head.items() if k not in ("kind", "blob_sizes")}
+    ct = load_ciphertext(d.server.context.seal_context, blobs[0])
+    ct.scale = float("nan")
+    return encode_frame("masked_output", head, [to_bytes(ct), *blobs[1:]])
+
+
 # (point where the bad message arrives, the message, expected error, whether it halts)
 HE_CASES: dict[str, tuple[str, Callable[..., Any], type[Exception], bool]] = {
     "he_grad_before_output": ("forward", lambda d, m1, g1, m2, g2: d.call("he_grad", msg=g1),
@@ -108,6 +121,8 @@ HE_CASES: dict[str, tuple[str, Callable[..., Any], type[Exception], bool]] = {
         "he_output", msg=m2)(d.dep, d.pid), AuthorizationError, False),
     "he_output_unknown_segment": ("forward", lambda d, m1, g1, m2, g2: _other_segment(
         "he_output", msg=m2)(d.dep, d.pid), ApprovalError, False),
+    "he_output_nan_scale": ("forward", lambda d, m1, g1, m2, g2: d.call(
+        "he_output", msg=_nan_scale(d, m2)), ValidationError, False),
     "he_output_twice": ("output", lambda d, m1, g1, m2, g2: d.call("he_output", msg=m2),
                         ProtocolError, False),
     "he_grad_stale_step": ("output", lambda d, m1, g1, m2, g2: d.call("he_grad", msg=g1),

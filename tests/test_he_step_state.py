@@ -6,6 +6,7 @@ decryption halts the segment."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -97,8 +98,11 @@ def test_a_refused_encrypted_forward_leaves_nothing_pending() -> None:
     stale = d.grad_message(torch.arange(B))  # step 1, then discarded
     assert d.call("discard", step=1)["discarded"]
     before, rng = _weights(host, pid), rt.torch_rng.clone()
-    with pytest.raises(HEError, match="x_bound"):
+    with pytest.raises(HEError, match="x_bound") as err:
         d.call("forward", indices=torch.arange(32, 48), train=True)
+    # the refusal names the agreed bound only: the activation's size is private (it said
+    # "|x| reaches 812.3", and the model owner chooses x_bound and the records)
+    assert set(re.findall(r"\d+(?:\.\d+)?", str(err.value))) <= {"64", "64.0"}, err.value
     assert not d.call("status")["pending"]
     assert rt.pending_output is None and rt.pending_source is None
     assert torch.equal(rt.torch_rng, rng)  # as if it never ran

@@ -344,6 +344,13 @@ def _bound_agreement(he: dict[str, Any], max_batch: int, limits: Any) -> None:
         raise ConfigError(f"share_bound {spec.share_bound:g}: this data owner needs level B's "
                           f"share in at least +-{limits.he_min_share_bound:g} (a small share "
                           "hides little of the weight gradient, which reveals the inputs)")
+    if spec.level == "B" and spec.lr is not None and (
+            spec.share_bound / spec.lr < limits.he_min_grad_mask):
+        raise ConfigError(f"share_bound / lr = {spec.share_bound / spec.lr:.3g}: level B hides "
+                          "the weight gradient under the share's change divided by lr, and "
+                          f"this data owner needs at least {limits.he_min_grad_mask:g} (a "
+                          "larger lr shows the model owner the weight gradient, which reveals "
+                          "the inputs)")
     margin = params.global_scale_bits - spec.flood_bits
     if margin < limits.he_min_flood_margin:
         raise ConfigError(f"flood_bits {spec.flood_bits} at scale 2^{params.global_scale_bits}: "
@@ -356,6 +363,14 @@ def _bound_agreement(he: dict[str, Any], max_batch: int, limits: Any) -> None:
         if n > limits.max_parameters:
             raise ConfigError(f"the encrypted layer's {what} is {n} elements; this data owner "
                               f"accepts at most {limits.max_parameters}")
+    from he_layers import estimate_step_bytes
+
+    b = estimate_step_bytes(he)  # a step that cannot cross the wire is refused now, not at
+    for what, n, cap in (("leave", b["bytes_up"], wire.DEFAULT_MAX_BYTES),  # every forward
+                         ("arrive", b["bytes_down"], limits.max_request_bytes)):
+        if n > cap:
+            raise ConfigError(f"a training step of the encrypted layer would {what} as {n} "
+                              f"bytes; this data owner's messages take at most {cap}")
 
 
 def _token(value: Any) -> str:

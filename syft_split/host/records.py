@@ -107,7 +107,10 @@ class HostLimits:
     ``min_local_batch``: a locally trained (federated) model's gradient (``fl_gradient``) and
     every local step of ``fl_train`` cover at least this many records (1: no minimum).
     ``he_min_share_bound``: level B's share A must be uniform in at least +-this (a tiny bound
-    hides little of dW). ``he_min_flood_margin``: the flooding noise of returned decryptions,
+    hides little of dW). ``he_min_grad_mask``: level B masks the weight gradient the model
+    owner receives with the share's change over lr (within +-2 share_bound / lr);
+    ``share_bound / lr`` must be at least this (a large agreed lr shrinks the mask).
+    ``he_min_flood_margin``: the flooding noise of returned decryptions,
     2^-flood_bits, must lie at least this many bits above the encoding unit 2^-scale_bits
     (the CKKS noise, which depends on the secret key, sits a few bits above that unit).
     """
@@ -128,6 +131,7 @@ class HostLimits:
     watch_every: int = 25
     min_local_batch: int = 1
     he_min_share_bound: float = 1.0
+    he_min_grad_mask: float = 1.0
     he_min_flood_margin: int = 10
 
     def __post_init__(self) -> None:

@@ -290,8 +290,61 @@ def test_weakened_security_options_are_refused_below_the_floors_and_flagged_abov
         assert r["error"] == "ConfigError" and words in str(r["message"]), r
     assert len(host.proposals()) == before  # refused before anything was kept
 
-    lax = _host(he_min_share_bound=0.0, he_min_flood_margin=4)
+    lax = _host(he_min_share_bound=0.0, he_min_grad_mask=0.0, he_min_flood_margin=4)
     text = lax.review(str(propose(lax, share_bound=1e-12)["segment"]))
     assert "WARNING: security option share_bound=1e-12" in text and "reveals x" in text
     text = lax.review(str(propose(lax, flood_bits=34)["segment"]))
     assert "WARNING: security option flood_bits=34" in text and "hide less" in text
+
+
+def _he_propose(host: DataOwnerHost, level: str = "A", lr: float | None = None,
+                **options: Any) -> dict[str, Any]:
+    module = nn.Sequential(nn.Linear(8, 16))
+    state = {f"state/{k}": v for k, v in spec_state(module).items()}
+    agreement = {"level": level, "lr": lr, "batch_size": 8, "d_in": 16, "d_out": 4,
+                 "bias": True, "params": {}, "options": options}
+    return _call(host, "mo", "propose", role="input", spec=module_to_spec(module),
+                 datasets=["train"], optimizer=SGD, max_batch=8, he=agreement, **state)
+
+
+@pytest.mark.he
+def test_level_b_masks_the_weight_gradient_within_a_floor_whatever_lr() -> None:
+    """Level B hides dW under the share's change over lr: the model owner's lr shrank the mask
+    (lr=1e5 gave dW to 4e-5 relative) while only share_bound had a floor. share_bound / lr is
+    held to ``HostLimits.he_min_grad_mask``; the review states the mask."""
+    host = _host()
+    before = len(host.proposals())
+    r = _he_propose(host, "B", lr=100.0)
+    assert r["error"] == "ConfigError" and "share_bound / lr = 0.01" in r["message"], r
+    assert len(host.proposals()) == before
+    text = host.review(str(_he_propose(host, "B", lr=0.05)["segment"]))
+    assert "within +-40 (2 share_bound / lr, lr=0.05)" in text
+
+
+@pytest.mark.he
+def test_encryption_agreement_fields_of_the_wrong_type_are_clear_refusals() -> None:
+    """Strings and None where numbers belong escaped as raw TypeErrors (RemoteError)."""
+    host = _host()
+    for level, lr, options in (("A", None, {"x_bound": "64"}), ("B", 0.05, {"share_bound": "1"}),
+                               ("B", "0.1", {}), ("A", None, {"mask_bits": "12"}),
+                               ("A", None, {"flood_bits": None}), ("A", None, {"x_bound": True})):
+        r = _he_propose(host, level, lr, **options)
+        assert r["error"] == "ConfigError", (options, lr, r)
+
+
+@pytest.mark.he
+def test_an_encryption_agreement_whose_step_cannot_cross_the_wire_is_refused() -> None:
+    """An agreement within the matrix limits whose messages exceed what the host sends or
+    accepts was approved, and then every forward encrypted for nothing: refused at proposal."""
+    r = _he_propose(_host(max_request_bytes=200_000))  # this layer's step: 368384 bytes in
+    assert r["error"] == "ConfigError" and "would arrive as 368384 bytes" in r["message"], r
+    assert "error" not in _he_propose(_host(max_request_bytes=400_000))
+
+
+@pytest.mark.he
+def test_a_small_x_bound_is_flagged_in_the_review() -> None:
+    """The model owner chooses x_bound; a refused forward tells it an activation exceeded it."""
+    host = _host()
+    assert "WARNING: x_bound" not in host.review(str(_he_propose(host)["segment"]))
+    text = host.review(str(_he_propose(host, x_bound=1e-6)["segment"]))
+    assert "WARNING: x_bound=1e-06 is below the default 64" in text
