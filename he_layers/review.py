@@ -9,6 +9,7 @@ compresses ciphertexts, so sizes are estimates (within ~5% of the measured messa
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -23,9 +24,25 @@ __all__ = ["estimate_step_bytes", "spec_from_agreement"]
 _FRAME = 256  # JSON header of one message (approx.)
 
 
+#: the fields of an encryption agreement (``layer`` and ``optimizer``: what the model owner
+#: says runs encrypted and trains it, for the review); the host stores what it approved
+AGREEMENT_KEYS = frozenset({"level", "lr", "batch_size", "d_in", "d_out", "bias", "params",
+                            "options", "layer", "optimizer"})
+#: the most JSON an agreement may take (the host keeps it with the proposal, in its state)
+MAX_AGREEMENT_CHARS = 16384
+
+
 def spec_from_agreement(agreement: dict[str, Any]) -> tuple[LayerSpec, CKKSParams]:
     """The (validated) :class:`LayerSpec` and :class:`CKKSParams` an agreement describes,
     built exactly as the data owner's host builds its keys."""
+    if not isinstance(agreement, dict) or set(agreement) - AGREEMENT_KEYS:
+        extra = sorted(set(agreement) - AGREEMENT_KEYS) if isinstance(agreement, dict) else None
+        raise ConfigError(f"an encryption agreement is a dict of {sorted(AGREEMENT_KEYS)}; "
+                          f"unknown: {extra}")
+    size = len(json.dumps(agreement, default=str))
+    if size > MAX_AGREEMENT_CHARS:
+        raise ConfigError(f"the encryption agreement takes {size} characters of JSON; at most "
+                          f"{MAX_AGREEMENT_CHARS}")
     try:
         spec = LayerSpec(batch_size=agreement["batch_size"], d_in=agreement["d_in"],
                          d_out=agreement["d_out"], level=agreement["level"],

@@ -24,10 +24,14 @@ import torch
 from . import wire
 from .errors import WireError
 
-__all__ = ["pack", "unpack", "write_atomic", "fsync_dir", "save", "load", "MAX_STATE_BYTES"]
+__all__ = ["pack", "unpack", "write_atomic", "fsync_dir", "save", "load", "MAX_STATE_BYTES",
+           "MAX_STATE_HEADER"]
 
 #: the largest state file read back (a segment's weights, optimizer state and last response)
 MAX_STATE_BYTES = 4 * 1024 * 1024 * 1024
+#: the largest JSON part of a state file: a party's own file, not a peer's message (whose
+#: header stops at 1 MiB); what peers choose in it is bounded where it is let in
+MAX_STATE_HEADER = 64 * 1024 * 1024
 
 
 def pack(tree: Any) -> dict[str, Any]:
@@ -124,7 +128,7 @@ def fsync_dir(path: str | Path) -> None:
 
 def save(path: str | Path, tree: Any) -> int:
     """:func:`pack` ``tree`` and write it atomically to ``path``; return the bytes written."""
-    data = wire.encode(pack(tree))
+    data = wire.encode(pack(tree), max_header=MAX_STATE_HEADER)
     write_atomic(path, data)
     return len(data)
 
@@ -133,4 +137,4 @@ def load(path: str | Path) -> Any:
     """Read a file written by :func:`save` (validated like any wire message)."""
     with open(path, "rb") as f:
         data = f.read()
-    return unpack(wire.decode(data, max_bytes=MAX_STATE_BYTES))
+    return unpack(wire.decode(data, max_bytes=MAX_STATE_BYTES, max_header=MAX_STATE_HEADER))

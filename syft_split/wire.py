@@ -92,8 +92,9 @@ def _is_json(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def encode(message: Message) -> bytes:
-    """Serialise a message to bytes (tensors are detached and copied to CPU)."""
+def encode(message: Message, *, max_header: int = _MAX_HEADER) -> bytes:
+    """Serialise a message to bytes (tensors are detached and copied to CPU); its JSON header
+    at most ``max_header`` bytes (a peer's messages: 1 MiB; a party's own state files more)."""
     fields: list[dict[str, Any]] = []
     inline: dict[str, Any] = {}
     chunks: list[bytes] = []
@@ -130,8 +131,8 @@ def encode(message: Message) -> bytes:
     if len(fields) > MAX_FIELDS:
         raise WireError(f"message has {len(fields)} tensor/bytes fields; at most {MAX_FIELDS} travel")
     header = json.dumps({"fields": fields, "inline": inline}, separators=(",", ":")).encode()
-    if len(header) > _MAX_HEADER:  # what decode refuses is not sent
-        raise WireError(f"message header of {len(header)} bytes exceeds {_MAX_HEADER} bytes: "
+    if len(header) > max_header:  # what decode refuses is not sent
+        raise WireError(f"message header of {len(header)} bytes exceeds {max_header} bytes: "
                         "send long data as a tensor or bytes field")
     return _PREFIX.pack(MAGIC, _VERSION, len(header)) + header + b"".join(chunks)
 
@@ -230,7 +231,8 @@ def _layout(fields: list[Any], payload_len: int) -> list[tuple[dict[str, Any], i
     return out
 
 
-def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
+           max_header: int = _MAX_HEADER) -> Message:
     """Parse bytes made by :func:`encode`, validating the schema against the payload.
 
     Raises :class:`PayloadTooLargeError` above ``max_bytes`` (checked before parsing) and
@@ -252,7 +254,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
         raise WireError(f"not a syft-split message (magic {magic!r}, expected {MAGIC!r})")
     if version != _VERSION:
         raise WireError(f"unsupported wire version {version}, expected {_VERSION}")
-    if header_len > _MAX_HEADER or _PREFIX.size + header_len > len(data):
+    if header_len > max_header or _PREFIX.size + header_len > len(data):
         raise WireError(f"header length {header_len} does not fit the message")
     header = _parse_header(data[_PREFIX.size : _PREFIX.size + header_len])
     payload = memoryview(data)[_PREFIX.size + header_len :]

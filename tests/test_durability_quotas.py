@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from syft_split import DataOwnerHost, wire
-from syft_split.errors import ApprovalError, ConfigError
+from syft_split.errors import ApprovalError, ConfigError, WireError
 from syft_split.host import HostLimits
 from syft_split.spec import module_to_spec, spec_state
 
@@ -316,3 +316,32 @@ def test_a_segment_saved_with_its_own_label_key_keeps_it() -> None:
     rt.extra[LABEL_KEY] = "ab" * 32
     rt.fresh_secrets(host.label_key)
     assert rt.extra[LABEL_KEY] == "ab" * 32
+
+
+@pytest.mark.he
+def test_an_agreement_is_kept_as_validated_and_dropped_with_a_reject(tmp_path: Path) -> None:
+    """An encryption agreement was stored as sent: 600 kB of junk under an unknown key took
+    host.sspl past the 1 MiB header cap and no save (not even the data owner's halt) lasted.
+    Unknown keys and oversized agreements are refused; a rejected proposal drops its
+    agreement; a state file's own JSON may exceed the 1 MiB a peer's message may take."""
+    from syft_split import persist
+
+    host = _host(tmp_path)
+    agreement = {"level": "A", "lr": None, "batch_size": 4, "d_in": 4096, "d_out": 4,
+                 "bias": True, "params": {}, "options": {}}
+    for bad, words in (({"note": "x" * 600_000}, "unknown: ['note']"),
+                       ({"layer": "x" * 600_000}, "characters of JSON")):
+        r = _call(host, "mo@x", {**_propose(BIG), "max_batch": 4, "he": {**agreement, **bad}})
+        assert r["error"] == "ConfigError" and words in r["message"], r
+    assert not host.proposals()
+    pid = _call(host, "mo@x", {**_propose(BIG), "max_batch": 4, "he": agreement})["segment"]
+    host.reject(pid)
+    assert host.proposal(pid).he is None
+    host.close()
+    assert _host(tmp_path).proposal(pid).he is None
+
+    big = {"text": "y" * (2 << 20)}  # a party's own file: 2 MiB of JSON saves and loads
+    persist.save(tmp_path / "big.sspl", big)
+    assert persist.load(tmp_path / "big.sspl") == big
+    with pytest.raises(WireError, match="header length"):  # a peer's message: at most 1 MiB
+        wire.decode(wire.encode(big, max_header=4 << 20))

@@ -181,11 +181,12 @@ class Proposal:
     request_digest: str = ""
 
     def forget(self) -> None:
-        """Drop what a rejected proposal no longer needs: its spec, initial weights and module
-        (kept: id, driver, shapes, status, reason and the spec's digest)."""
+        """Drop what a rejected proposal no longer needs: its spec, initial weights, module
+        and encryption agreement (kept: id, driver, shapes, status, reason and the spec's
+        digest)."""
         if self.spec:
             self.spec_digest = spec_digest(self.spec)
-        self.spec, self.state, self.module = {}, {}, None
+        self.spec, self.state, self.module, self.he = {}, {}, None, None
 
 
 def spec_digest(spec: Any) -> str:
