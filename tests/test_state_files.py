@@ -96,6 +96,32 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
 
+def test_two_threads_saving_one_file_do_not_collide(tmp_path: Path) -> None:
+    """The temp file was named by the process id: two threads saving the same file (a save
+    outside the host's lock, an atexit save) shared it, and one raised FileNotFoundError."""
+    import threading
+
+    target, errors = tmp_path / "f.bin", []
+    start = threading.Barrier(2)
+
+    def save(payload: bytes) -> None:
+        start.wait()
+        try:
+            for _ in range(50):
+                persist.write_atomic(target, payload)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(b * 100_000,)) for b in (b"a", b"b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert target.read_bytes() in (b"a" * 100_000, b"b" * 100_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]  # no temp left
+
+
 def _middle(host: DataOwnerHost) -> str:
     module = nn.Sequential(nn.Linear(4, 4))
     req = {"op": "propose", "role": "middle", "datasets": [], "input_shape": [4],
