@@ -9,11 +9,15 @@ optimizer's ``state_dict()``) into a flat message: the JSON skeleton under ``"tr
 tensor or bytes value replaced by a reference to its own field. :func:`unpack` inverts it.
 :func:`write_atomic` writes to a temporary file in the same directory, fsyncs it, renames it
 over the target (``os.replace``) and fsyncs the directory: a reader sees the old file or the new
-one, never a torn one, even if the process is SIGKILLed mid-write.
+one, never a torn one, even if the process is SIGKILLed mid-write. A file starts with
+:data:`SUM_MAGIC` and the sha256 of the message: :func:`load` refuses a file whose bytes
+changed on disk (a flipped bit in a weight or a step counter restored silently before);
+files written before the checksum (no magic) still load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -26,13 +30,15 @@ from . import wire
 from .errors import WireError
 
 __all__ = ["pack", "unpack", "write_atomic", "fsync_dir", "save", "load", "MAX_STATE_BYTES",
-           "MAX_STATE_HEADER"]
+           "MAX_STATE_HEADER", "SUM_MAGIC"]
 
 #: the largest state file read back (a segment's weights, optimizer state and last response)
 MAX_STATE_BYTES = 4 * 1024 * 1024 * 1024
 #: the largest JSON part of a state file: a party's own file, not a peer's message (whose
 #: header stops at 1 MiB); what peers choose in it is bounded where it is let in
 MAX_STATE_HEADER = 64 * 1024 * 1024
+#: what a state file starts with: then the sha256 of the wire message that follows
+SUM_MAGIC = b"SSPLSUM1"
 
 
 def pack(tree: Any) -> dict[str, Any]:
@@ -129,13 +135,21 @@ def fsync_dir(path: str | Path) -> None:
 
 def save(path: str | Path, tree: Any) -> int:
     """:func:`pack` ``tree`` and write it atomically to ``path``; return the bytes written."""
-    data = wire.encode(pack(tree), max_header=MAX_STATE_HEADER)
+    message = wire.encode(pack(tree), max_header=MAX_STATE_HEADER)
+    data = SUM_MAGIC + hashlib.sha256(message).digest() + message
     write_atomic(path, data)
     return len(data)
 
 
 def load(path: str | Path) -> Any:
-    """Read a file written by :func:`save` (validated like any wire message)."""
+    """Read a file written by :func:`save` (its checksum, then validated like any wire
+    message); :class:`~syft_split.errors.WireError` if its bytes changed."""
     with open(path, "rb") as f:
         data = f.read()
+    if data.startswith(SUM_MAGIC):
+        head = len(SUM_MAGIC) + 32
+        digest, data = data[len(SUM_MAGIC):head], data[head:]
+        if hashlib.sha256(data).digest() != digest:
+            raise WireError(f"state file {path}: its checksum does not match its bytes "
+                            "(changed on disk)")
     return unpack(wire.decode(data, max_bytes=MAX_STATE_BYTES, max_header=MAX_STATE_HEADER))
