@@ -11,7 +11,12 @@ atomically after every training step by :meth:`syft_split.Trainer.fit`. It holds
   of the epoch (the epoch's order is drawn again from it), running sums, per-client server
   copies (SplitFed v1), the report so far (steps, epochs, wall time, the cost ledger's FLOPs and
   peak memory, this run's bytes and calls: a resumed run's report covers the crashed process's
-  work up to its last checkpoint too).
+  work up to its last checkpoint too);
+- the relay under way (relay schedule): the checkpoint is written again, at the same position,
+  once each shared segment's weights are sealed and before their ``unseal`` request leaves, so
+  a new process sends those very bytes again under their step id (sealing again would give
+  other bytes, which the data owner refuses under a step id it applied) and seals only the
+  segments not sealed yet.
 
 ``fit(resume=True, checkpoint_dir=...)`` in a new process re-attaches to the approved segments
 by id (:meth:`syft_split.SplitSession.attach`) and continues at the next batch; every request
@@ -60,6 +65,8 @@ class Checkpoint:
         #: checkpoints written, and seconds spent writing them
         self.writes = 0
         self.seconds = 0.0
+        #: the position last saved or restored (:meth:`journal` writes at it again)
+        self.position: Position | None = None
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -78,6 +85,7 @@ class Checkpoint:
             "segments": {f"{host}:{i}": seg.state() for (host, i), seg in s.remote.items()},
             "server_copies": None if copies is None else copies.states,
             "relay_last": trainer._relay_last,
+            "relay": trainer._relay,
             "he": s.he.state() if s.he is not None else None,
             "report": {"steps": trainer.report.steps,
                        "epochs": [asdict(e) for e in trainer.report.epochs],
@@ -88,8 +96,18 @@ class Checkpoint:
                        "traffic": {} if trainer.traffic is None else trainer.traffic.figures()},
         }
         persist.save(self.path, tree)
+        self.position = Position({k: dict(v) if isinstance(v, dict) else v
+                                  for k, v in position.items()})
         self.writes += 1
         self.seconds += time.perf_counter() - t0
+
+    def journal(self, trainer: Trainer) -> None:
+        """Write the trainer's state again at the last position, within a step: before a
+        request that cannot be made again identically leaves (a relay's sealed weights), so
+        that a new process sends that very request again."""
+        if self.position is None:
+            raise ConfigError("a checkpoint journal needs a saved or restored position")
+        self.save(trainer, self.position)
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or None if there is none yet."""
@@ -124,6 +142,7 @@ class Checkpoint:
                              for k, v in tree["server_copies"].items()}
             trainer._server_copies = copies
         trainer._relay_last = tree.get("relay_last")
+        trainer._relay = tree.get("relay")
         if s.he is not None:
             s.he.load_state(tree.get("he") or {})
         report = tree["report"]
@@ -135,4 +154,5 @@ class Checkpoint:
         trainer.ledger.load_totals(report.get("ledger", {}))
         if trainer.traffic is not None:
             trainer.traffic.resume(dict(report.get("traffic", {})))
+        self.position = Position(tree["position"])
         return Position(tree["position"])

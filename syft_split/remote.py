@@ -8,6 +8,7 @@ and optimizer step there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,13 +73,18 @@ class RemoteSegment:
 
     def _mutate(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send a request that changes the segment, under the next step id."""
+        self._prepare(op, fields)
+        return self._send_inflight()
+
+    def _prepare(self, op: str, fields: dict[str, Any]) -> None:
+        """Fix the next changing request (``op``, ``fields``, the next step id) as the one in
+        flight, not sent yet (it is in :meth:`state` from now on)."""
         try:
             self.settle()
         except BaseException:
             self._hold_again(fields)  # not sent: a gradient it carries is held again
             raise
         self._inflight = {"op": op, "fields": fields, "step": self.next_step}
-        return self._send_inflight()
 
     def _send_inflight(self) -> dict[str, Any]:
         inflight = self._inflight
@@ -241,10 +247,24 @@ class RemoteSegment:
         response = self._call("seal", peer=peer, to_segment=to_segment)
         return response["sealed"], response["sender"]
 
-    def unseal(self, sealed: bytes, sender: str) -> None:
-        """Load weights ``sender`` sealed for this segment (once, in sequence order)."""
+    def unseal(self, sealed: bytes, sender: str, *,
+               journal: Callable[[], None] | None = None) -> None:
+        """Load weights ``sender`` sealed for this segment (once, in sequence order).
+
+        ``journal()`` runs once the request is fixed (these bytes under the next step id, in
+        :meth:`state`) and before it leaves: a checkpoint written then lets a new process send
+        exactly this request again (:meth:`settle`). Sealing again would give other bytes (a
+        new nonce and sequence number), which the data owner refuses under a step id it
+        already applied. If ``journal`` raises, nothing is sent."""
         self.flush()
-        self._mutate("unseal", sealed=sealed, sender=sender)
+        self._prepare("unseal", {"sealed": sealed, "sender": sender})
+        if journal is not None:
+            try:
+                journal()
+            except BaseException:
+                self._inflight = None  # not sent: the step id stays unused
+                raise
+        self._send_inflight()
 
     def secagg_round(self) -> int:
         """The last secure-aggregation round this segment contributed to (0: none)."""

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .remote import RemoteSegment
 from .session import SplitSession
 
 __all__ = ["SCHEDULES", "relay_weights", "average_segments", "input_nodes", "SecureAverage",
@@ -56,14 +57,35 @@ def _require_peer(session: SplitSession, via: str = "peer") -> None:
                           "use share_weights='peer'")
 
 
-def relay_weights(session: SplitSession, src: str, dst: str, *, via: str = "peer") -> None:
+def relay_weights(session: SplitSession, src: str, dst: str, *, via: str = "peer",
+                  journal: Callable[[int, int], None] | None = None,
+                  sealed_before: dict[int, int] | None = None) -> None:
     """Move every shared segment's weights from data owner ``src`` to ``dst``, sealed for
-    ``dst``'s segment (``dst`` checks the sender's pinned key, its segment and the sequence)."""
+    ``dst``'s segment (``dst`` checks the sender's pinned key, its segment and the sequence).
+
+    Resumable (checkpoints): ``journal(node, step)`` runs once a node's weights are sealed and
+    their ``unseal`` request is fixed in ``dst``'s segment state under step id ``step``, before
+    it is sent. ``sealed_before`` (node -> step id) holds what a crashed process journaled:
+    such a node is not sealed again (new bytes under a step id the data owner may have applied
+    would be refused); its request, restored with the segment's state, is sent again as it was,
+    unless it was settled. Only a request that was refused (nothing applied) is sealed anew."""
     _require_peer(session, via)
     for i in input_nodes(session):
         a, b = session._seg(src, i), session._seg(dst, i)
+        step = (sealed_before or {}).get(i)
+        if step is not None and (b.next_step > step or b.unsettled is not None):
+            b.settle()
+            continue
         sealed, sender = a.seal_for(dst, b.segment_id)
-        b.unseal(sealed, sender)
+        b.unseal(sealed, sender, journal=_journal_node(journal, i, b))
+
+
+def _journal_node(journal: Callable[[int, int], None] | None, node: int, seg: RemoteSegment
+                  ) -> Callable[[], None] | None:
+    """``journal`` for ``node``, told the step id of ``seg``'s request in flight."""
+    if journal is None:
+        return None
+    return lambda: journal(node, seg.next_step)
 
 
 class SecureAverage:

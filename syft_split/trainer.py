@@ -92,6 +92,8 @@ class Trainer:
         self._server_copies: ServerCopies | None = None
         self._average = SecureAverage(session)
         self._relay_last: str | None = None
+        #: the relay under way: {"from", "to", "sealed": [[node, step id of its unseal], ...]}
+        self._relay: dict[str, Any] | None = None
         self.session = session
         self.batch_size = batch_size
         self.train_dataset = train_dataset
@@ -170,12 +172,36 @@ class Trainer:
     def _before(self, party: str) -> None:
         if self.schedule == "relay" and self._relay_last not in (None, party):
             assert self._relay_last is not None
-            relay_weights(self.session, self._relay_last, party, via=self.relay_via)
+            self._relay_to(self._relay_last, party)
         if self.schedule == "splitfed_v1":
             if self._server_copies is None:
                 self._server_copies = ServerCopies(self.session, self.session.plan.sources)
             self._server_copies.use(party)
         self._relay_last = party
+
+    def _relay_to(self, src: str, dst: str) -> None:
+        """Relay the shared segments from ``src`` to ``dst``. With a checkpoint, each node's
+        sealed weights are written to it (in the ``unseal`` request under its step id) before
+        they are sent: a process resumed there sends exactly those bytes again and seals only
+        the nodes not sealed yet, so the run goes on as if it had not stopped."""
+        relay = self._relay
+        if relay is None or (relay["from"], relay["to"]) != (src, dst):
+            relay = self._relay = {"from": src, "to": dst, "sealed": []}
+
+        def journal(node: int, step: int) -> None:
+            before = self._relay
+            assert before is not None
+            self._relay = {**before, "sealed": [*before["sealed"], [node, step]]}
+            if self._checkpoint is not None:
+                try:
+                    self._checkpoint.journal(self)
+                except BaseException:
+                    self._relay = before  # nothing sent
+                    raise
+
+        relay_weights(self.session, src, dst, via=self.relay_via, journal=journal,
+                      sealed_before={int(n): int(k) for n, k in relay["sealed"]})
+        self._relay = None
 
     def _after(self, party: str, idx: torch.Tensor, end_of_round: bool,
                round_sizes: dict[str, float]) -> None:

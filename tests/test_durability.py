@@ -154,6 +154,25 @@ def test_data_owner_crashes_change_nothing(tmp_path: Path, kind: str) -> None:
         assert info["last_step"] == seg.next_step - 1 and not info["pending"]
 
 
+def _fit_resuming(kind: str, t: ChaosTransport, ckpt: Path, fuse: bool = True
+                  ) -> tuple[SplitSession, RunReport, int]:
+    """Two epochs from a new session on ``t``'s data owners; each time the model owner's
+    process dies, a new one resumes from ``ckpt``. Returns the last session, its report and
+    how many processes died."""
+    session = _start(kind, t, t.host, fuse=fuse)
+    crashed = 0
+    while True:
+        try:
+            report = _trainer(session, kind).fit(2, verbose=False, checkpoint_dir=ckpt,
+                                                 resume=True)
+            return session, report, crashed
+        except Crash:
+            crashed += 1  # a new process: new session, other initial weights, no segments
+            torch.manual_seed(1000 + crashed)  # and another torch RNG state
+            session = SplitSession(_plan(kind, seed=99), t,
+                                   optimizer=OptimizerSpec("adam", lr=1e-2), fuse=fuse)
+
+
 @pytest.mark.parametrize("kind, fuse", [("vanilla", True), ("u_shaped", True),
                                         ("vanilla", False), ("u_shaped", False),
                                         ("splitfed_v1", True), ("relay", True),
@@ -170,19 +189,7 @@ def test_model_owner_resumes_from_its_checkpoint(tmp_path: Path, kind: str, fuse
     rng = random.Random(f"mo-{kind}-{fuse}")
     crashes = {n: "model_owner" for n in rng.sample(calls, 3)}
     t = _chaos(kind, tmp_path / "owners", crashes)
-    session = _start(kind, t, t.host, fuse=fuse)
-    ckpt = tmp_path / "model_owner"
-    crashed = 0
-    while True:
-        try:
-            report = _trainer(session, kind).fit(2, verbose=False, checkpoint_dir=ckpt,
-                                                 resume=True)
-            break
-        except Crash:
-            crashed += 1  # a new process: new session, other initial weights, no segments
-            torch.manual_seed(1000 + crashed)  # and another torch RNG state
-            session = SplitSession(_plan(kind, seed=99), t,
-                                   optimizer=OptimizerSpec("adam", lr=1e-2), fuse=fuse)
+    session, report, crashed = _fit_resuming(kind, t, tmp_path / "model_owner", fuse)
     assert crashed == 3 and report.extra["resumed"] >= 1
     got = _weights(session, t.host)
     assert all(torch.equal(a, b) for a, b in zip(got, want)), "weights differ after resume"
@@ -194,6 +201,32 @@ def test_model_owner_resumes_from_its_checkpoint(tmp_path: Path, kind: str, fuse
     for party, row in want_report.bytes_by_party.items():
         assert report.bytes_by_party[party]["sent"] >= row["sent"]
     assert report.wall_time_s >= sum(e.seconds for e in report.epochs)
+
+
+def test_model_owner_resumes_in_the_middle_of_a_relay(tmp_path: Path) -> None:
+    """Relay: the model owner dies around the sealed weights it relays -- after the source
+    flushed its gradient, after a seal, after the recipient applied the unseal, after that
+    unseal was answered again from the record, and before an unseal leaves. The sealed bytes
+    are in the checkpoint before they are sent, so a new process sends those very bytes again
+    under their step id (sealing again gives other bytes, which the data owner would refuse as
+    a different request) and the run ends with the uninterrupted run's weights."""
+    want, want_report, _ = _reference("relay", 2)
+    # per op, requests sent again count too: unseal 2 is unseal 1 sent again after the crash
+    crashes: dict[int | tuple[str, int], str] = {
+        ("backward", 1): "model_owner", ("seal", 1): "model_owner",
+        ("unseal", 1): "model_owner", ("unseal", 2): "model_owner",
+        ("unseal", 4): "model_owner_before"}
+    t = _chaos("relay", tmp_path / "owners", dict(crashes))
+    session, report, crashed = _fit_resuming("relay", t, tmp_path / "model_owner")
+    assert crashed == len(crashes) and not t.crashes  # every crash happened
+    assert t.per_op["unseal"] == 6  # 3 relays; one sent twice, one three times
+    got = _weights(session, t.host)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), "weights differ after resume"
+    assert report.steps == want_report.steps
+    assert [e.train_loss for e in report.epochs] == [e.train_loss for e in want_report.epochs]
+    for (party, _i), seg in session.remote.items():  # no step applied twice, none lost
+        info = t.call(party, "status", segment=seg.segment_id)
+        assert info["last_step"] == seg.next_step - 1 and not info["pending"]
 
 
 def test_a_retried_step_is_answered_from_the_record(tmp_path: Path) -> None:
