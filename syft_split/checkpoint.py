@@ -12,6 +12,9 @@ atomically after every training step by :meth:`syft_split.Trainer.fit`. It holds
   copies (SplitFed v1), the report so far (steps, epochs, wall time, the cost ledger's FLOPs and
   peak memory, this run's bytes and calls: a resumed run's report covers the crashed process's
   work up to its last checkpoint too);
+- the run's configuration (plan, optimizer, batch size, seed, schedule, defences, datasets):
+  a resume configured otherwise is refused, as it would silently train another run; the
+  parties skipped for the rest of the epoch (``on_unreachable="skip"``);
 - the relay under way (relay schedule): the checkpoint is written again, at the same position,
   once each shared segment's weights are sealed and before their ``unseal`` request leaves, so
   a new process sends those very bytes again under their step id (sealing again would give
@@ -32,6 +35,7 @@ data owner's record.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -86,6 +90,8 @@ class Checkpoint:
             "server_copies": None if copies is None else copies.states,
             "relay_last": trainer._relay_last,
             "relay": trainer._relay,
+            "down": sorted(trainer.down),
+            "run": _run(trainer),
             "he": s.he.state() if s.he is not None else None,
             "report": {"steps": trainer.report.steps,
                        "epochs": [asdict(e) for e in trainer.report.epochs],
@@ -123,6 +129,12 @@ class Checkpoint:
         """Put ``trainer`` (and its session) back where ``tree`` was saved; return the position.
         A session with no segments yet is re-attached to the checkpoint's segment ids."""
         s = trainer.session
+        saved, now = tree.get("run"), _run(trainer)
+        if saved is not None and saved != now:  # (older checkpoints have none)
+            differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise ConfigError(f"{self.path} was written by a run configured otherwise ({differ} "
+                              "differ): resuming it would train another run than the one it "
+                              "continues")
         segments = tree["segments"]
         if not s.remote:
             s.attach({k: v["segment_id"] for k, v in segments.items()}, states=segments)
@@ -143,6 +155,7 @@ class Checkpoint:
             trainer._server_copies = copies
         trainer._relay_last = tree.get("relay_last")
         trainer._relay = tree.get("relay")
+        trainer.down = set(tree.get("down", []))
         if s.he is not None:
             s.he.load_state(tree.get("he") or {})
         report = tree["report"]
@@ -156,3 +169,18 @@ class Checkpoint:
             trainer.traffic.resume(dict(report.get("traffic", {})))
         self.position = Position(tree["position"])
         return Position(tree["position"])
+
+
+#: what decides a run's batches and updates: a resume must be configured the same way
+_RUN_KEYS = ("plan", "optimizer", "batch_size", "seed", "schedule", "defences",
+             "share_weights", "encrypted")
+
+
+def _run(trainer: Trainer) -> dict[str, Any]:
+    """The trainer's configuration that a checkpoint holds to (as JSON would keep it)."""
+    config = {k: trainer.report.config.get(k) for k in _RUN_KEYS}
+    config.update(train_dataset=trainer.train_dataset, gradient_delay=trainer.gradient_delay,
+                  on_unreachable=trainer.on_unreachable)
+    out: dict[str, Any] = json.loads(json.dumps(config, sort_keys=True, default=str))
+    return out
+

@@ -24,7 +24,7 @@ from syft_split import (
     split_model,
     wire,
 )
-from syft_split.errors import ApprovalError, ProtocolError
+from syft_split.errors import ApprovalError, ConfigError, ProtocolError
 from syft_split.models import digits_cnn
 from syft_split.spec import module_to_spec, spec_state
 
@@ -499,3 +499,24 @@ def test_a_resume_in_the_same_process_reports_like_an_uninterrupted_run(tmp_path
     assert got.steps == want.steps  # type: ignore[attr-defined]
     for field in ("flops_by_party", "bytes_by_party", "transport_calls"):
         assert getattr(got, field) == getattr(want, field), field
+
+
+def test_a_resume_configured_otherwise_is_refused(tmp_path: Path) -> None:
+    """The checkpoint held no configuration: a new process resuming with another batch size
+    or seed went on silently with other batches (no step id overlaps, nothing noticed it).
+    It is refused, naming what differs; configured as before, the run ends as uninterrupted."""
+    want, _, calls = _reference("vanilla", 2)
+    t = _chaos("vanilla", tmp_path / "do", {calls[5]: "model_owner"})
+    ckpt = tmp_path / "mo"
+    session = _start("vanilla", t, t.host)
+    with pytest.raises(Crash):
+        _trainer(session, "vanilla").fit(2, verbose=False, checkpoint_dir=ckpt)
+    session = SplitSession(_plan("vanilla", seed=99), t, optimizer=OptimizerSpec("adam", lr=1e-2))
+    for other in ({"batch_size": 8}, {"seed": 5}):
+        kwargs = {"batch_size": 16, "labels": None, "seed": 0, "progress": False,
+                  "measure_leakage": False, **other}
+        with pytest.raises(ConfigError, match=f"configured otherwise \\(\\['{next(iter(other))}'"):
+            Trainer(session, **kwargs).fit(2, verbose=False, checkpoint_dir=ckpt, resume=True)
+    _trainer(session, "vanilla").fit(2, verbose=False, checkpoint_dir=ckpt, resume=True)
+    got = _weights(session, t.host)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
