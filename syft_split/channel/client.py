@@ -41,7 +41,7 @@ from ..errors import (
 )
 from ..transport.base import Transport, TransportWrapper
 from . import tls
-from .server import DATA_OPS, RESUMABLE
+from .table import DATA_OPS, RESUMABLE
 
 __all__ = ["ChannelTicket", "ChannelClient", "ChannelRouter", "DirectTransport"]
 
