@@ -45,8 +45,7 @@ def host() -> Host:
 @pytest.fixture
 def server(host: Host) -> Iterator[ChannelServer]:
     s = ChannelServer(host.handle, threading.RLock(), check=lambda c: None, audit=host.audit,
-                      sweep_s=0.05, closed_grace_s=0.5, max_kept_bytes=3000,
-                      refusal_summary_s=0.4)
+                      sweep_s=0.05, max_kept_bytes=3000)
     yield s
     s.shutdown()
 
@@ -68,6 +67,15 @@ def _tls(server: ChannelServer, name: str) -> ssl.SSLSocket:
                            server_hostname=name)
 
 
+def _until(condition: Any, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _hello(server: ChannelServer, ticket: ChannelTicket, key: bytes | None = None
            ) -> ssl.SSLSocket:
     s = _tls(server, ticket.channel)
@@ -78,6 +86,7 @@ def _hello(server: ChannelServer, ticket: ChannelTicket, key: bytes | None = Non
 def test_closed_channels_keep_answers_only_when_resumable_within_budget_and_grace(
         host: Host, server: ChannelServer) -> None:
     host.size = 1000
+    server.closed_grace_s = 60.0  # the grace is shortened below
     closed = []
     for kind in ("client", "owner", "halted", "expired", "replaced", "expired", "replaced"):
         client = ChannelClient(_ticket(server), MO)
@@ -98,8 +107,8 @@ def test_closed_channels_keep_answers_only_when_resumable_within_budget_and_grac
     s = _hello(server, late.ticket)
     assert wire.decode(tls.recv_frame(s, 1 << 20))["error"] == "AuthorizationError"
     s.close()
-    time.sleep(0.7)  # past the grace: answers dropped, the name is unknown to the listener
-    assert all(c.last_response is None for c in closed)
+    server.closed_grace_s = 0.1  # past the grace: answers dropped, the name is unknown
+    assert _until(lambda: all(c.last_response is None for c in closed))
     with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
         _tls(server, closed[-1].id)
 
@@ -107,6 +116,7 @@ def test_closed_channels_keep_answers_only_when_resumable_within_budget_and_grac
 def test_refused_hellos_without_the_key_are_audited_once_per_interval(
         host: Host, server: ChannelServer) -> None:
     ticket = _ticket(server)
+    server.refusals.interval_s = 60.0  # the interval ends below
     for _ in range(12):
         s = _hello(server, ticket, key=bytes(32))
         assert wire.decode(tls.recv_frame(s, 1 << 20))["error"] == "AuthorizationError"
@@ -114,7 +124,9 @@ def test_refused_hellos_without_the_key_are_audited_once_per_interval(
     assert len(host.audits) == 1  # the first one, at once
     assert host.audits[0][0].startswith("unauthenticated peer 127.0.0.1")
     assert "wrong key" in host.audits[0][4]
-    time.sleep(0.6)  # the interval ended: one summary of the rest
+    server.refusals.interval_s = 0.1  # the interval ended: the sweep audits one summary
+    assert _until(lambda: len(host.audits) == 2)
+    time.sleep(0.2)
     assert len(host.audits) == 2
     caller, op, _, _, outcome = host.audits[1]
     assert caller == f"unauthenticated peers on {ticket.channel}" and op == "channel.hello"
@@ -131,7 +143,9 @@ def test_one_reconnect_waits_per_channel_and_a_gone_peer_stops_waiting(
     client = ChannelClient(ticket, MO)
     client.connect()
     host.hold.clear()  # the frame stays in flight
-    threading.Thread(target=lambda: _forward(client), daemon=True).start()
+    answers: list[bytes] = []
+    running = threading.Thread(target=lambda: answers.append(_forward(client)), daemon=True)
+    running.start()
     ch = server.channels[ticket.channel]
     deadline = time.monotonic() + 5
     while not ch.inflight and time.monotonic() < deadline:
@@ -143,14 +157,16 @@ def test_one_reconnect_waits_per_channel_and_a_gone_peer_stops_waiting(
             reply = wire.decode(tls.recv_frame(older, 1 << 20))
             assert reply["error"] == "ProtocolError" and "newer reconnect" in reply["message"]
             older.close()
-        time.sleep(0.2)
-        assert ch.waiting is not None and server._slots._value == free - 1  # type: ignore
+        assert _until(lambda: server._slots._value == free - 1)  # type: ignore[attr-defined]
+        assert ch.waiting is not None
         waiting[-1].close()  # its peer goes away: the server stops waiting at once
-        time.sleep(0.3)
-        assert ch.waiting is None and server._slots._value == free  # type: ignore
+        assert _until(lambda: ch.waiting is None and server._slots._value == free, 0.5)  # type: ignore[attr-defined]
     finally:
         host.hold.set()
+    running.join(5)
+    assert [wire.decode(a)["pad"] for a in answers] == [b"x" * 16]  # its one run, answered
     assert host.runs == 1 and ch.state == "open"
+    client.close()
 
 
 def test_a_stranger_evicted_while_its_socket_is_wrapped_is_shut_down(
@@ -176,8 +192,7 @@ def test_a_stranger_evicted_while_its_socket_is_wrapped_is_shut_down(
     finally:
         s.close()
         server._base = base
-    time.sleep(0.1)
-    assert server.strangers.count() == 0 and server._slots._value == 64  # type: ignore
+    assert _until(lambda: server.strangers.count() == 0 and server._slots._value == 64)  # type: ignore[attr-defined]
     client = ChannelClient(ticket, MO)
     assert wire.decode(_forward(client))["pad"] == b"x" * 16
     client.close()

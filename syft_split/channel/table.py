@@ -100,6 +100,8 @@ def trim_kept(channels: Iterable[Channel], now: float, grace_s: float, max_bytes
     kept = 0
     closed = sorted((c for c in channels if c.state != "open"), key=lambda c: -c.closed_at)
     for c in closed:
+        if c.last_response is None:
+            continue
         with c.cond:
             if c.last_response is None:
                 continue
