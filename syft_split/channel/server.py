@@ -378,8 +378,8 @@ class ChannelServer:
             if left <= 0:
                 break
             channel.cond.wait(min(left, max(self.sweep_s, 0.05)))
-            if _readable(conn):  # EOF (or bytes out of turn): its peer does not wait
-                channel.waiting = None
+            if channel.waiting is conn and _readable(conn):  # EOF (or bytes out of turn):
+                channel.waiting = None                             # its peer does not wait
         displaced = channel.waiting is not conn
         if not displaced:
             channel.waiting = None
