@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -347,6 +348,28 @@ def test_settings_and_limits(site: Site) -> None:
     site.ticket(site.approved(0)[0])
     with pytest.raises(ValidationError, match="allows 1 per user"):
         site.ticket(site.approved(1)[0])
+
+
+def test_settings_survive_a_restart(tmp_path: Path) -> None:
+    def start() -> DataOwnerHost:
+        host = DataOwnerHost("h", state_dir=tmp_path)
+        host.add_dataset("d", torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+        host.restore_state()
+        return host
+    first = start()
+    tight = {"idle_timeout": 5.0, "max_channels": 1, "max_per_user": 1, "advertise": "dt.local"}
+    first.owner("channel_settings", **tight)
+    with pytest.raises(ConfigError, match="max_channels"):  # refused, nothing changes
+        first.owner("channel_settings", max_channels=0)
+    first.close()
+    again = start()
+    assert again.owner("channels")["settings"] == {"bind": "127.0.0.1", "port": 0, **tight}
+    family = again.families["channel"]
+    with pytest.raises(ConfigError, match="saved channel settings are invalid"):
+        family.restore({"settings": {**tight, "max_per_user": "many"}})
+    assert again.owner("channels")["settings"]["max_per_user"] == 1  # left as it was
+    close_channels(again)
+    again.close()
 
 
 def test_a_session_trains_over_channels_without_changing_user_code() -> None:

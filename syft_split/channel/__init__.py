@@ -12,8 +12,9 @@ given to that user only) and only about the segments the channel is bound to; fr
 encrypted and authenticated by TLS 1.3 and numbered (a replayed or reordered frame is refused,
 nothing runs). Not hidden: the channel id (sent as TLS server name) and traffic sizes and
 timing. Anyone who can reach the address can attempt handshakes: the datasite caps concurrent
-connections and audits every refused hello. Keys and certificates live in memory only (the
-standard library loads the certificate from a private temporary file, removed at once).
+connections and counts refused hellos (audited once per interval per channel). Keys and
+certificates live in memory only (the standard library loads the certificate from a private
+temporary file, removed at once).
 
 - :mod:`.tls`: certificates (``cryptography``), TLS 1.3 contexts (stdlib ``ssl``), framing.
 - :mod:`.server`: :class:`ChannelServer`, the listener in the data owner's process.

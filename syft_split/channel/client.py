@@ -12,8 +12,12 @@ delivers a request through PySyft), it opens a channel for a segment the first t
 that segment is sent, sends that segment's ops over it from then on, and falls back to the
 control plane for segments whose data owner did not allow a channel. A channel that expired
 (idle) or was replaced is re-opened transparently (a frame is resent on the new channel only
-when the datasite showed it did not run); one the data owner closed raises, and that segment's ops
-go through PySyft afterwards. :class:`DirectTransport` wraps any transport the same way.
+when the datasite showed it did not run); one the data owner closed (or whose segment was
+halted) raises, and that segment's ops go through PySyft afterwards. A channel that could not be
+opened for any other reason (the datasite unreachable or restarting, its cap on channels
+reached, a lost connect) is tried again later, after a backoff doubling from ``retry_s`` up to
+``max_retry_s``; its ops go through PySyft meanwhile. :class:`DirectTransport` wraps any
+transport the same way.
 """
 
 from __future__ import annotations
@@ -37,15 +41,19 @@ from ..errors import (
     ProtocolError,
     SyftSplitError,
     TransportError,
+    ValidationError,
     error_from_wire,
 )
 from ..transport.base import Transport, TransportWrapper
 from . import tls
-from .server import DATA_OPS, RESUMABLE
+from .table import DATA_OPS, RESUMABLE
 
 __all__ = ["ChannelTicket", "ChannelClient", "ChannelRouter", "DirectTransport"]
 
 _log = logging.getLogger(__name__)
+
+#: closes by the data owner: that segment's ops go through PySyft for the router's life
+DECLINED = ("owner", "halted")
 
 
 @dataclass(frozen=True)
@@ -238,18 +246,25 @@ class ChannelRouter:
     """Direct channels of one transport, opened on demand (see the module docstring).
 
     ``control(party, data) -> bytes`` delivers a request through the control plane (PySyft);
-    ``user_on(party)`` is the identity the transport has there.
+    ``user_on(party)`` is the identity the transport has there; an open that failed is tried
+    again after ``retry_s`` seconds, doubling with each failure up to ``max_retry_s``.
     """
 
     def __init__(self, control: Callable[[str, bytes], bytes], user_on: Callable[[str], str], *,
-                 timeout: float = 600.0, max_response_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
+                 timeout: float = 600.0, max_response_bytes: int = wire.DEFAULT_MAX_BYTES,
+                 retry_s: float = 2.0, max_retry_s: float = 300.0) -> None:
         self._control = control
         self._user_on = user_on
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
         self.clients: dict[tuple[str, str], ChannelClient] = {}
-        #: segments whose data owner did not allow a channel (their ops go through PySyft)
+        #: segments whose data owner did not allow a channel, or closed it (their ops go
+        #: through PySyft)
         self.declined: dict[tuple[str, str], str] = {}
+        #: segments whose channel failed to open: (when to try again, failures so far, why);
+        #: their ops go through PySyft until then
+        self.failed: dict[tuple[str, str], tuple[float, int, str]] = {}
+        self.retry_s, self.max_retry_s = retry_s, max_retry_s
         self.direct_calls = 0
         #: seconds each channel took to open (PySyft call + TLS handshake + hello)
         self.open_seconds: list[float] = []
@@ -262,7 +277,7 @@ class ChannelRouter:
             return None
         key = (party, segment)
         with self._lock:  # one channel per segment, even with calls from several threads
-            if key in self.declined:
+            if key in self.declined or time.monotonic() < self.failed.get(key, (0.0,))[0]:
                 return None
             client = self.clients.get(key)
             if client is not None and client.idle_for() > 0.8 * client.ticket.idle_timeout:
@@ -286,9 +301,11 @@ class ChannelRouter:
                     return None
                 raw = fresh.request(data)
             else:
-                if client.closed_kind:  # the data owner closed it: PySyft from now on
-                    with self._lock:
+                with self._lock:  # the data owner closed it: PySyft from now on
+                    if client.closed_kind in DECLINED:
                         self.declined[key] = f"channel closed ({client.closed_kind})"
+                    elif client.closed_kind:  # shut down (e.g. a restart): open one later
+                        self._failure(key, f"channel closed ({client.closed_kind})")
                 raise
         with self._lock:  # routes to several parties run at once
             self.direct_calls += 1
@@ -307,6 +324,7 @@ class ChannelRouter:
         self.open_seconds.append(time.perf_counter() - t0)
         with self._lock:
             for s in client.ticket.segments:
+                self.failed.pop((party, s), None)
                 old = self.clients.pop((party, s), None)
                 if old is not None and old is not client:
                     old._disconnect()
@@ -318,11 +336,22 @@ class ChannelRouter:
             return self.open(party, [segment])
         except (ApprovalError, AuthorizationError):
             return None  # not (yet) approved, or not ours: the control plane says so
-        except (AccessError, ProtocolError, TransportError) as exc:
-            # not allowed by the data owner, a datasite without channels, or unreachable
+        except AccessError as exc:  # the data owner did not allow one: not asked again
             self.declined[(party, segment)] = str(exc)
             _log.info("syft_split: no direct channel for %s on %s: %s", segment, party, exc)
             return None
+        except (ProtocolError, TransportError, ValidationError) as exc:
+            # a datasite without channels, unreachable, or at its cap: PySyft, and later again
+            self._failure((party, segment), str(exc))
+            return None
+
+    def _failure(self, key: tuple[str, str], why: str) -> None:
+        with self._lock:
+            failures = self.failed.get(key, (0.0, 0, ""))[1] + 1
+            wait = min(self.max_retry_s, self.retry_s * 2 ** min(failures - 1, 30))
+            self.failed[key] = (time.monotonic() + wait, failures, why)
+        _log.info("syft_split: no direct channel for %s on %s (again in %g s): %s", key[1],
+                  key[0], wait, why)
 
     def _forget(self, key: tuple[str, str]) -> None:
         with self._lock:

@@ -9,12 +9,16 @@ request frame is answered by ``host.handle(channel.user, wire bytes)`` -- the sa
 point, validation, egress guard and audit entry as a call through the PySyft endpoint -- under
 the same lock.
 
-Refused without running anything (and audited): a wrong key, a replayed or out-of-order
-frame (sequence numbers are per channel and strictly increasing), a frame for a segment the
-channel is not bound to, an op that is not a data-plane op (propose, status, psi_*, ...: those
-go through PySyft), and any frame on a closed channel. A frame runs at most once: it is marked
-in flight on its channel while the host runs it, a second frame (or a resent copy) is refused
-meanwhile, and a hello (a reconnect) waits for it before reporting the last frame answered.
+Refused without running anything (and audited; refused hellos of peers without the key are
+counted and audited once per interval, :class:`~.strangers.Refusals`): a wrong key, a replayed
+or out-of-order frame (sequence numbers are per channel and strictly increasing), a frame for a
+segment the channel is not bound to, an op that is not a data-plane op (propose, status,
+psi_*, ...: those go through PySyft), and any frame on a closed channel. A frame runs at most
+once: it is marked in flight on its channel while the host runs it, a second frame (or a resent
+copy) is refused meanwhile, and a hello (a reconnect) waits for it before reporting the last frame answered
+(one waiting hello per channel: a newer one replaces it; one whose peer went away stops).
+A closed channel answers hellos (to say whether its last frame ran) for ``closed_grace_s``
+only; then its name is unknown to the listener. What it keeps is in :mod:`.table`.
 A channel closes when the data owner closes it, when it is idle longer than its timeout (never
 with a frame in flight), when ``check`` says so (the family closes channels whose segments are
 halted, rejected or no longer allowed), or when the client says goodbye.
@@ -26,12 +30,12 @@ import hashlib
 import hmac
 import logging
 import secrets
+import select
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from .. import wire
@@ -44,73 +48,12 @@ from ..errors import (
     WireError,
 )
 from . import tls
-from .strangers import Strangers
+from .strangers import Refusals, Strangers
+from .table import DATA_OPS, RESUMABLE, Channel, error_frame, trim_kept
 
 __all__ = ["Channel", "ChannelServer", "DATA_OPS"]
 
-#: the data-plane ops: the only ones answered over a channel (every other op goes through
-#: PySyft). They are the host's ops that run on a segment (declared with ``roles``); a host
-#: passes its own list (:class:`ChannelServer` ``data_ops``), tests check that the two agree.
-DATA_OPS = frozenset({
-    "forward", "backward", "discard", "loss_step",                        # segments
-    "local_forward", "pipe_forward", "pipe_backward", "pipe_discard",     # latency
-    "export", "seal", "unseal",                                           # weights
-    "secagg_round", "secagg_contribute", "secagg_aggregate",              # secure aggregation
-    "fl_train", "fl_gradient", "fl_evaluate",                             # federated
-    "he_context", "he_output", "he_grad", "he_costs",                     # HE
-    "watch", "leakage",                                                   # leakage watch
-})
-
-#: a channel whose answer to a frame in flight is kept for a reconnect even once closed
-RESUMABLE = ("expired", "replaced")
-
 _log = logging.getLogger(__name__)
-
-
-@dataclass
-class Channel:
-    """One channel: who may use it, for which segments, and how it has been used."""
-
-    id: str
-    user: str
-    segments: tuple[str, ...]
-    key_hash: bytes
-    certificate: bytes
-    context: ssl.SSLContext = field(repr=False)
-    idle_timeout: float
-    opened: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.monotonic)
-    state: str = "open"
-    #: why it closed: "owner", "halted", "expired", "client", "replaced", "shutdown"
-    closed_kind: str = ""
-    reason: str = ""
-    last_seq: int = 0
-    last_response: bytes | None = field(default=None, repr=False)
-    #: sequence number of the frame the host is running now (0: none)
-    inflight: int = 0
-    #: guards last_seq / last_response / inflight / conn between connection threads
-    cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
-    frames: int = 0
-    refused: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    conn: socket.socket | None = field(default=None, repr=False)
-
-    @property
-    def fingerprint(self) -> bytes:
-        return tls.fingerprint(self.certificate)
-
-    def info(self) -> dict[str, Any]:
-        """What the data owner's console lists (JSON)."""
-        return {"channel": self.id, "user": self.user, "segments": list(self.segments),
-                "state": self.state, "closed": self.closed_kind, "reason": self.reason,
-                "opened": self.opened, "idle_s": round(time.monotonic() - self.last_used, 3),
-                "running": self.inflight, "frames": self.frames, "refused": self.refused,
-                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "fingerprint": self.fingerprint.hex()}
-
-
-def _error(exc: SyftSplitError, **extra: Any) -> bytes:
-    return wire.encode({"error": type(exc).__name__, "message": str(exc), **extra})
 
 
 class ChannelServer:
@@ -120,7 +63,10 @@ class ChannelServer:
     PySyft endpoint; ``check(channel)`` returns a reason to close a channel (or None);
     ``audit(user, op, segment, nbytes, outcome)`` records a refusal in the host's audit log;
     ``data_ops`` are the ops answered over a channel (default :data:`DATA_OPS`); a hello waits
-    at most ``hello_wait_s`` for a frame in flight on its channel.
+    at most ``hello_wait_s`` for a frame in flight on its channel (one per channel). A closed
+    channel keeps the answer to its last frame only when it expired or was replaced, for
+    ``closed_grace_s`` and within ``max_kept_bytes`` over all closed channels. Refused hellos
+    of peers without the key are audited once per ``refusal_summary_s`` per channel.
 
     A connection is *unauthenticated* until its hello presented the channel's key and user: it
     gets ``auth_deadline_s`` in total for the TLS handshake and the hello (a peer trickling
@@ -141,9 +87,14 @@ class ChannelServer:
                  max_frame_bytes: int = 64 * 1024 * 1024, sweep_s: float = 0.25,
                  max_connections: int = 64, data_ops: frozenset[str] = DATA_OPS,
                  hello_wait_s: float = 3600.0, auth_deadline_s: float = 10.0,
-                 max_unauthenticated: int | None = None, max_per_address: int = 8) -> None:
+                 max_unauthenticated: int | None = None, max_per_address: int = 8,
+                 closed_grace_s: float = 300.0, max_kept_bytes: int = 64 * 1024 * 1024,
+                 refusal_summary_s: float = 60.0) -> None:
         self._handle, self._lock, self._check, self._audit = handle, lock, check, audit
         self.data_ops, self.hello_wait_s = frozenset(data_ops), hello_wait_s
+        self.closed_grace_s, self.max_kept_bytes = closed_grace_s, max_kept_bytes
+        #: refused hellos of peers without the key: counted, audited once per interval
+        self.refusals = Refusals(refusal_summary_s)
         #: connections served at once (authenticated or not); more are dropped at accept
         self._slots = threading.BoundedSemaphore(max_connections)
         self.strangers = Strangers(auth_deadline_s, max_connections // 2 if max_unauthenticated
@@ -189,11 +140,20 @@ class ChannelServer:
         channel = self.channels.get(channel_id)
         if channel is None or channel.state != "open":
             return False
-        # last_response stays: a client whose frame was in flight learns from its hello whether
-        # that frame ran (and, for an expired or replaced channel, gets its answer)
-        channel.state, channel.closed_kind, channel.reason = "closed", kind, reason
+        # last_seq stays: a client whose frame was in flight learns from its hello whether
+        # that frame ran; its answer only for an expired or replaced channel (see .table)
+        with channel.cond:
+            channel.state, channel.closed_kind, channel.reason = "closed", kind, reason
+            channel.closed_at = time.monotonic()
+            if kind not in RESUMABLE:
+                channel.last_response = None
         self._drop(channel)
+        self._trim()
         return True
+
+    def _trim(self) -> None:
+        trim_kept(list(self.channels.values()), time.monotonic(), self.closed_grace_s,
+                  self.max_kept_bytes)
 
     def _drop(self, channel: Channel) -> None:
         conn, channel.conn = channel.conn, None
@@ -222,7 +182,8 @@ class ChannelServer:
     # ---------------------------------------------------------------------- listening
     def _select(self, sslsock: Any, server_name: str | None, _ctx: ssl.SSLContext) -> Any:
         channel = self.channels.get(server_name or "")
-        if channel is None:
+        if channel is None or (channel.state != "open" and
+                               time.monotonic() - channel.closed_at > self.closed_grace_s):
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         sslsock.context = channel.context
         return None
@@ -259,6 +220,11 @@ class ChannelServer:
 
     def _sweep(self, now: float) -> None:
         self.strangers.shut_late(now)
+        summaries = self.refusals.due(now)
+        if summaries:  # not from this thread: the audit takes the host's lock
+            threading.Thread(target=self._audit_summaries, args=(summaries,), daemon=True,
+                             name="syft-split-channel-audit").start()
+        self._trim()
         for channel in self.live():
             with channel.cond:  # a frame in flight is not idleness: never expired mid-frame
                 idle = not channel.inflight and now - channel.last_used > channel.idle_timeout
@@ -288,7 +254,9 @@ class ChannelServer:
             _log.debug("syft_split channel: wrapping failed: %s", exc)
             raw.close()
             return
-        self.strangers.wrapped(raw, conn)
+        if not self.strangers.wrapped(raw, conn):  # evicted while wrap_socket() held raw
+            conn.close()
+            return
         try:
             conn.do_handshake()
             channel = next((c for c in list(self.channels.values())
@@ -307,12 +275,30 @@ class ChannelServer:
             except OSError:
                 pass
 
+    def _audit_summaries(self, summaries: list[tuple[str, str]]) -> None:
+        for caller, outcome in summaries:
+            self._audit(caller, "channel.hello", None, 0, outcome)
+
+    def _refuse_stranger(self, conn: socket.socket, channel: Channel,
+                         exc: SyftSplitError) -> None:
+        """Refuse the hello of a peer without the key: counted, audited per interval."""
+        channel.refused += 1
+        try:
+            address = str(conn.getpeername()[0])
+        except OSError:
+            address = "?"
+        audit = self.refusals.note(channel.id, address, f"{type(exc).__name__}: {exc}",
+                                   time.monotonic())
+        if audit is not None:
+            self._audit(audit[0], "channel.hello", None, 0, audit[1])
+        tls.send_frame(conn, error_frame(exc))
+
     def _refuse(self, conn: socket.socket, channel: Channel, exc: SyftSplitError, *,
-                op: str, segment: str | None = None, nbytes: int = 0, caller: str | None = None,
+                op: str, segment: str | None = None, nbytes: int = 0,
                 closed: str | None = None, extra: dict[str, Any] | None = None) -> None:
         channel.refused += 1
-        self._audit(caller or channel.user, op, segment, nbytes, f"{type(exc).__name__}: {exc}")
-        tls.send_frame(conn, _error(exc, **({} if closed is None else {"closed": closed}),
+        self._audit(channel.user, op, segment, nbytes, f"{type(exc).__name__}: {exc}")
+        tls.send_frame(conn, error_frame(exc, **({} if closed is None else {"closed": closed}),
                                     **(extra or {})))
 
     def _closed_error(self, channel: Channel) -> AccessError:
@@ -322,25 +308,23 @@ class ChannelServer:
     def _hello(self, conn: socket.socket, channel: Channel, raw: socket.socket) -> bool:
         """Check the hello; the connection is trusted (no stranger's deadline) as soon as its
         key and user are right, before it waits (up to ``hello_wait_s``) for a frame in flight."""
-        stranger = f"unauthenticated peer {conn.getpeername()[0]} on {channel.id}"
         try:
             body = tls.recv_frame(conn, 64 * 1024)
-        except PayloadTooLargeError as exc:  # audited like any other bad hello
-            self._refuse(conn, channel, exc, op="channel.hello", caller=stranger)
+        except PayloadTooLargeError as exc:  # counted like any other bad hello
+            self._refuse_stranger(conn, channel, exc)
             return False
         try:
             if body[:1] != tls.HELLO:
                 raise ProtocolError("a channel starts with a hello frame")
             msg = wire.decode(body[1:], max_bytes=64 * 1024)
         except (ProtocolError, WireError) as exc:
-            self._refuse(conn, channel, exc, op="channel.hello", caller=stranger)
+            self._refuse_stranger(conn, channel, exc)
             return False
         key, user = msg.get("key"), msg.get("user")
         given = hashlib.sha256(key).digest() if isinstance(key, bytes) else b""
         if not hmac.compare_digest(given, channel.key_hash):
-            self._refuse(conn, channel, AuthorizationError(
-                f"wrong key for channel {channel.id}: refused"), op="channel.hello",
-                caller=stranger)
+            self._refuse_stranger(conn, channel, AuthorizationError(
+                f"wrong key for channel {channel.id}: refused"))
             return False
         if user != channel.user:
             self._refuse(conn, channel, AuthorizationError(
@@ -349,7 +333,7 @@ class ChannelServer:
             return False
         self.strangers.trust(raw)  # authenticated: waiting for a frame in flight is no stall
         with channel.cond:  # a frame in flight: wait for it, then say whether it ran
-            idle = channel.cond.wait_for(lambda: not channel.inflight, self.hello_wait_s)
+            idle, displaced = self._wait(conn, channel)
             running, is_open = channel.inflight, channel.state == "open"
             previous = None
             if idle and is_open:  # one live connection per channel
@@ -359,6 +343,10 @@ class ChannelServer:
             if channel.last_response is not None and (
                     is_open or channel.closed_kind in RESUMABLE):
                 reply["last_response"] = channel.last_response
+        if displaced:  # a newer reconnect took its place, or its peer went away
+            tls.send_frame(conn, error_frame(ProtocolError(
+                f"a newer reconnect waits for frame {running} on channel {channel.id}")))
+            return False
         if not idle:
             self._refuse(conn, channel, ProtocolError(
                 f"frame {running} is still running on channel {channel.id}: reconnect later"),
@@ -375,6 +363,27 @@ class ChannelServer:
                 pass
         tls.send_frame(conn, wire.encode({"ok": True, **reply}))
         return True
+
+    def _wait(self, conn: socket.socket, channel: Channel) -> tuple[bool, bool]:
+        """Under ``channel.cond``: wait for the frame in flight, as the channel's one waiting
+        reconnect; (no frame in flight any more, gave up: replaced or peer gone)."""
+        if not channel.inflight:
+            return True, False
+        older, channel.waiting = channel.waiting, conn
+        if older is not None:
+            channel.cond.notify_all()  # the older waiter gives up
+        deadline = time.monotonic() + self.hello_wait_s
+        while channel.inflight and channel.waiting is conn:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            channel.cond.wait(min(left, max(self.sweep_s, 0.05)))
+            if channel.waiting is conn and _readable(conn):  # EOF (or bytes out of turn):
+                channel.waiting = None                             # its peer does not wait
+        displaced = channel.waiting is not conn
+        if not displaced:
+            channel.waiting = None
+        return not channel.inflight, displaced
 
     def _frames(self, conn: socket.socket, channel: Channel) -> None:
         while True:
@@ -423,8 +432,10 @@ class ChannelServer:
                     refusal = ProtocolError(f"frame {seq} out of order on channel {channel.id}")
                 else:
                     raw = self._handle(channel.user, data)
-                    with channel.cond:
+                    with channel.cond:  # a close meanwhile: kept only if resumable
                         channel.last_seq, channel.last_response = seq, raw
+                        if channel.state != "open" and channel.closed_kind not in RESUMABLE:
+                            channel.last_response = None
         finally:
             with channel.cond:
                 channel.inflight = 0
@@ -466,7 +477,16 @@ class ChannelServer:
                                       f"{list(channel.segments)}, not to segment {segment!r}: "
                                       "refused, nothing ran")
             if problem is not None:  # answered (with the refusal): the frame is used up
-                channel.last_seq, channel.last_response = seq, _error(problem)
+                channel.last_seq, channel.last_response = seq, error_frame(problem)
                 return problem, True
             channel.inflight = seq
             return None, True
+
+
+def _readable(sock: socket.socket) -> bool:
+    """A waiting connection's peer closed it (or sent bytes before its answer)."""
+    try:
+        r, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(r)

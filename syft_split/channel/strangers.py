@@ -13,6 +13,11 @@ client out. What holds: a client whose handshake and hello complete before
 served; a peer opening connections faster than that can still keep it out (the model owner's
 router then falls back to PySyft). A newcomer is refused only when no connection slot is free
 (the server is full of authenticated connections).
+
+Their refused hellos are not audited one by one (a peer without any key could otherwise fill
+the audit log, each entry taken under the host's lock): :class:`Refusals` reports the first
+refusal on a channel at once and counts the following ones, reported as one summary entry per
+interval.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
-__all__ = ["Strangers"]
+__all__ = ["Refusals", "Strangers"]
 
 
 @dataclass
@@ -81,12 +87,15 @@ class Strangers:
         self.dropped["evicted"] += 1
         return oldest.sock
 
-    def wrapped(self, raw: socket.socket, conn: socket.socket) -> None:
-        """``raw`` now lives on as the TLS socket ``conn`` (same descriptor)."""
+    def wrapped(self, raw: socket.socket, conn: socket.socket) -> bool:
+        """``raw`` now lives on as the TLS socket ``conn`` (same descriptor). False: it was
+        evicted meanwhile (its shutdown may have missed the detached ``raw``): the caller
+        closes ``conn``."""
         with self._lock:
             entry = self._entries.get(id(raw))
             if entry is not None:
                 entry.sock = conn
+            return entry is not None
 
     def trust(self, raw: socket.socket) -> None:
         """``raw``'s connection authenticated (or ended): it is no stranger any more."""
@@ -109,6 +118,64 @@ class Strangers:
             socks = [e.sock for e in late]
         for sock in socks:
             _shut(sock)
+
+
+@dataclass
+class _Tally:
+    since: float  # when this channel's last entry was reported
+    count: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)
+    addresses: set[str] = field(default_factory=set)
+
+
+class Refusals:
+    """Refused hellos of unauthenticated peers, per channel (thread safe): the first one
+    after a quiet ``interval_s`` is reported at once, later ones are counted and reported as
+    one summary once ``interval_s`` has passed (by the next refusal or by :meth:`due`)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.total = 0
+        self._tallies: dict[str, _Tally] = {}
+        self._lock = threading.Lock()
+
+    def note(self, channel: str, address: str, outcome: str, now: float
+             ) -> tuple[str, str] | None:
+        """Count one refusal (``outcome``: "ErrorClass: message"); (caller, outcome) to audit
+        now, or None (counted, reported later)."""
+        with self._lock:
+            self.total += 1
+            tally = self._tallies.get(channel)
+            if tally is None or (tally.count == 0 and now - tally.since >= self.interval_s):
+                self._tallies[channel] = _Tally(now)
+                return f"unauthenticated peer {address} on {channel}", outcome
+            tally.count += 1
+            tally.kinds[outcome.split(":")[0]] += 1
+            if len(tally.addresses) < 16:
+                tally.addresses.add(address)
+            return self._summary(channel, tally, now) if now - tally.since >= self.interval_s \
+                else None
+
+    def due(self, now: float) -> list[tuple[str, str]]:
+        """(caller, outcome) of every summary whose interval ended; forgets quiet channels."""
+        out = []
+        with self._lock:
+            for channel, tally in list(self._tallies.items()):
+                if now - tally.since < self.interval_s:
+                    continue
+                if tally.count:
+                    out.append(self._summary(channel, tally, now))
+                else:
+                    del self._tallies[channel]
+        return out
+
+    def _summary(self, channel: str, tally: _Tally, now: float) -> tuple[str, str]:
+        kinds = ", ".join(f"{k}: {n}" for k, n in tally.kinds.most_common())
+        outcome = (f"{tally.kinds.most_common(1)[0][0]}: {tally.count} more hellos refused in "
+                   f"{now - tally.since:.0f} s ({kinds}) from {sorted(tally.addresses)}"
+                   f"{' and more' if len(tally.addresses) >= 16 else ''}")
+        self._tallies[channel] = _Tally(now)
+        return f"unauthenticated peers on {channel}", outcome
 
 
 def _shut(sock: socket.socket) -> None:

@@ -12,7 +12,8 @@ Model-owner ops: ``open_channel`` (``segments``: ids the caller drives, each app
 channel), ``close_channel`` (one of the caller's channels). Data-owner ops: ``channels`` (list),
 ``close_channel`` (by ``channel`` or every channel of a ``segment``; it also withdraws the
 permission unless ``revoke=False``), ``allow_channel`` (grant or withdraw it after approval),
-``channel_settings`` (``bind``, ``port``, ``advertise``, ``idle_timeout``, ``max_channels``).
+``channel_settings`` (``bind``, ``port``, ``advertise``, ``idle_timeout``, ``max_channels``,
+``max_per_user``; saved with the host's state and restored on restart, like the permissions).
 A channel also closes when a segment it serves is halted or rejected, and after
 ``idle_timeout`` seconds without a frame.
 """
@@ -49,6 +50,26 @@ def CHANNEL_MATERIAL(name: str, value: Any, call: Call, guard: Guard) -> None:
         raise _refuse(call, name, f"expected {limit} bytes at most (32 for keys)")
 
 
+def _checked(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (every key of ``_DEFAULTS``) if each value is valid; else ConfigError."""
+    unknown = set(settings) - set(_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown channel settings {sorted(unknown)}; known: "
+                          f"{sorted(_DEFAULTS)}")
+    new = {**_DEFAULTS, **settings}
+    for k in ("port", "max_channels", "max_per_user"):
+        v = new[k]
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "port" else 1):
+            raise ConfigError(f"{k} must be an int >= {0 if k == 'port' else 1}, got {v!r}")
+    t = new["idle_timeout"]
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t <= 86_400:
+        raise ConfigError(f"idle_timeout must be in (0, 86400] seconds, got {t!r}")
+    for k in ("bind", "advertise"):
+        if new[k] is not None and not isinstance(new[k], str):
+            raise ConfigError(f"{k} must be a host name or address, got {new[k]!r}")
+    return new
+
+
 def _flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be True or False, got {value!r}")
@@ -60,6 +81,7 @@ class ChannelOps(OpFamily):
     """Direct channels of one host (see the module docstring)."""
 
     name = "channel"
+    host_state = True  # the data owner's settings persist with the host
 
     def __init__(self, host: DataOwnerHost) -> None:
         super().__init__(host)
@@ -90,6 +112,20 @@ class ChannelOps(OpFamily):
 
     def _allowed(self, rt: Runtime) -> bool:
         return bool(rt.extra.get(self.name, False))
+
+    def state(self) -> dict[str, Any]:
+        """The data owner's settings (the permissions live with each segment, ``rt.extra``)."""
+        return {"settings": dict(self.settings)}
+
+    def restore(self, state: Any) -> None:
+        saved = state.get("settings")
+        if saved is None:  # saved before settings were kept: the defaults
+            return
+        try:
+            self.settings = _checked(dict(saved))
+        except ConfigError as exc:  # never serve looser limits than the data owner set
+            raise ConfigError(f"saved channel settings are invalid ({exc}); fix or remove "
+                              "them in the state directory") from exc
 
     # ------------------------------------------------------------------ the server
     def _server(self) -> ChannelServer:
@@ -230,21 +266,7 @@ class ChannelOps(OpFamily):
 
     @owner_op("channel_settings")
     def owner_channel_settings(self, **settings: Any) -> dict[str, Any]:
-        unknown = set(settings) - set(_DEFAULTS)
-        if unknown:
-            raise ConfigError(f"unknown channel settings {sorted(unknown)}; known: "
-                              f"{sorted(_DEFAULTS)}")
-        new = {**self.settings, **settings}
-        for k in ("port", "max_channels", "max_per_user"):
-            v = new[k]
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "port" else 1):
-                raise ConfigError(f"{k} must be an int >= {0 if k == 'port' else 1}, got {v!r}")
-        t = new["idle_timeout"]
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t <= 86_400:
-            raise ConfigError(f"idle_timeout must be in (0, 86400] seconds, got {t!r}")
-        for k in ("bind", "advertise"):
-            if new[k] is not None and not isinstance(new[k], str):
-                raise ConfigError(f"{k} must be a host name or address, got {new[k]!r}")
+        new = _checked({**self.settings, **settings})
         moved = any(new[k] != self.settings[k] for k in ("bind", "port", "advertise"))
         self.settings = new
         if moved:  # the listener moves: every channel closes (their tickets name the old one)
