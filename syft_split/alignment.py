@@ -28,9 +28,9 @@ those rows (re-ordered, shortened or changed).
 
 Afterwards, with an honest model owner, row ``j`` of every party's ``as_name`` dataset and of
 the model owner's aligned labels is the same record (a malicious one can swap records for
-random others of the source: SECURITY.md). Who learns what is documented in :mod:`syft_split.psi`: each data
-owner learns which of its records are common to all, the model owner (leader) learns the
-common ids and the prefix intersections.
+random others of the source: SECURITY.md). Who learns what is documented in
+:mod:`syft_split.psi`: each data owner learns which of its records are common to all, the
+model owner (leader) learns the common ids and the prefix intersections.
 """
 
 from __future__ import annotations
