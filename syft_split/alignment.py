@@ -11,19 +11,32 @@ alignment its owner allowed for that user (data-owner op ``allow_alignment``):
                    dataset ``as_name``; returns only the number of records
 =================  ===================================================================
 
-Each user keeps at most :data:`MAX_ALIGNED_PER_USER` aligned datasets here, and ``as_name``
-never names a dataset the host already holds. After a restart an aligned dataset whose name
-the data owner has since given to a dataset of its own is not restored (the data owner's
-stays; audited), and a segment approved on the aligned rows is halted.
+Each user keeps at most :data:`MAX_ALIGNED_PER_USER` aligned datasets here; ``as_name`` is a
+new dataset name of at most :data:`MAX_NAME_CHARS` printable characters. A ``psi_serve``
+request holds at most ``HostLimits.max_psi_elements`` distinct elements, and the PSI work of
+each user is capped per minute (``HostLimits.max_psi_elements_per_minute``). The data
+owner's request lists its ids in a secret random order and a response with a repeated
+element is refused: a model owner that answers out of order cannot pick which rows match
+(see SECURITY.md for what it can still do). Each ``psi_request`` serves one ``psi_finish``;
+one with no common record creates nothing. The setup is checked before openmined-psi sees
+it: only the ``"gcs"`` setup :func:`align_records` sends (see :meth:`PsiClient.intersection`).
 
-Afterwards row ``j`` of every party's ``as_name`` dataset and of the model owner's aligned
-labels is the same record. Who learns what is documented in :mod:`syft_split.psi`: each data
-owner learns which of its records are common to all, the model owner (leader) learns the
-common ids and the prefix intersections.
+An aligned dataset is saved as its rows and a digest of their ids. After a restart it is not
+restored (audited) and a segment approved on it halts when the data owner has since given its
+name to a dataset of its own (which stays), or when its source no longer holds the same ids at
+those rows (re-ordered, shortened or changed).
+
+Afterwards, with an honest model owner, row ``j`` of every party's ``as_name`` dataset and of
+the model owner's aligned labels is the same record (a malicious one can swap records for
+random others of the source: SECURITY.md). Who learns what is documented in
+:mod:`syft_split.psi`: each data owner learns which of its records are common to all, the
+model owner (leader) learns the common ids and the prefix intersections.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -31,18 +44,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import AccessError, ConfigError, ProtocolError
+from .errors import AccessError, ConfigError, ProtocolError, ValidationError
 from .host import AuditEntry, Call, Dataset, OpFamily, op, owner_op, register_family
 from .host.dispatch import Host
-from .host.guard import BYTES, SCALAR
+from .host.guard import BYTES, SCALAR, in_window
 
 if TYPE_CHECKING:
     from .transport.base import Transport
 
-__all__ = ["AlignmentOps", "align_records", "MAX_ALIGNED_PER_USER"]
+__all__ = ["AlignmentOps", "align_records", "MAX_ALIGNED_PER_USER", "MAX_NAME_CHARS"]
 
 #: aligned datasets one user may keep on a host (each holds a copy of its rows in memory)
 MAX_ALIGNED_PER_USER = 8
+#: longest ``as_name`` (it is kept in the host's saved state)
+MAX_NAME_CHARS = 128
 
 _log = logging.getLogger(__name__)
 
@@ -62,6 +77,8 @@ class AlignmentOps(OpFamily):
         #: aligned datasets made here: as_name -> (source dataset, its rows, the user who
         #: aligned it), kept on restart
         self._aligned: dict[str, tuple[str, torch.Tensor, str]] = {}
+        #: PSI work per user: (wall-clock time, elements) of the last minute's calls
+        self._work: dict[str, list[tuple[float, int]]] = {}
 
     @owner_op("allow_alignment")
     def allow_alignment(self, dataset: str, user: str) -> dict[str, Any]:
@@ -96,80 +113,133 @@ class AlignmentOps(OpFamily):
         self.host.datasets.pop(dataset, None)
         return {"dropped": dataset, "stopped": stopped}
 
-    def _aligned_source(self, call: Call) -> Dataset:
+    def _aligned_source(self, call: Call) -> tuple[str, Dataset]:
         name = call.req.get("dataset")
-        if (name, call.caller) not in self._allowed:
+        if not isinstance(name, str) or (name, call.caller) not in self._allowed:
             raise AccessError(f"{call.caller} may not align dataset {name!r} here")
-        ds: Dataset = self.host.datasets[str(name)]
-        return ds
+        ds = self.host.datasets.get(name)
+        if ds is None or ds.ids is None:  # the permission outlived it (a restart)
+            raise ConfigError(f"dataset {name!r} is not here now or has no record ids; the data "
+                              "owner must add it (with ids) again")
+        return name, ds
+
+    def _charge(self, caller: str, elements: int) -> None:
+        """Count ``elements`` of PSI work against ``caller``'s minute
+        (``HostLimits.max_psi_elements_per_minute``) before the work runs; refuse past it."""
+        budget = self.host.limits.max_psi_elements_per_minute
+        now = time.time()  # wall clock: the window is saved and goes on after a restart
+        recent = [(t, n) for t, n in self._work.get(caller, []) if in_window(t, now)]
+        used = sum(n for _, n in recent)
+        self._work[caller] = recent
+        if used + elements > budget:
+            raise ValidationError(f"{caller} had {used} PSI elements processed here in the last "
+                                  f"minute and this call needs {elements}; this data owner "
+                                  f"allows {budget} a minute")
+        recent.append((now, elements))
 
     @op("psi_serve", egress={"setup": BYTES, "response": BYTES})
     def psi_serve(self, call: Call) -> dict[str, Any]:
-        from .psi import PsiServer
+        from .psi import PsiServer, request_elements
 
-        ds = self._aligned_source(call)
+        _, ds = self._aligned_source(call)
+        request = _bytes(call.req, "request")
+        n, most = request_elements(request), self.host.limits.max_psi_elements
+        if n > most:
+            raise ValidationError(f"expected a PSI request of at most {most} elements but got {n}")
         assert ds.ids is not None
-        setup, response = PsiServer(ds.ids).handle(_bytes(call.req, "request"))
+        self._charge(call.caller, n + len(ds.ids))
+        setup, response = PsiServer(ds.ids).handle(request)
         return {"setup": setup, "response": response}
 
     @op("psi_request", egress={"request": BYTES})
     def psi_request(self, call: Call) -> dict[str, Any]:
         from .psi import PsiClient
 
-        ds = self._aligned_source(call)
+        name, ds = self._aligned_source(call)
         assert ds.ids is not None
+        self._charge(call.caller, len(ds.ids))
         client = PsiClient(ds.ids)
-        self._psi_clients[(str(call.req["dataset"]), call.caller)] = client
+        self._psi_clients[(name, call.caller)] = client
         return {"request": client.request()}
 
     @op("psi_finish", mutates=True, egress={"records": SCALAR})
     def psi_finish(self, call: Call) -> dict[str, Any]:
-        ds = self._aligned_source(call)
-        key = (str(call.req["dataset"]), call.caller)
+        from .psi import DEFAULT_FPR
+
+        name, ds = self._aligned_source(call)
+        key = (name, call.caller)
         client = self._psi_clients.get(key)
         if client is None:
             raise ProtocolError("psi_finish without psi_request")
         as_name = call.req.get("as_name")
-        if not isinstance(as_name, str) or not as_name or as_name in self.host.datasets:
-            raise ConfigError(f"as_name must be a new dataset name, got {as_name!r}")
+        if (not isinstance(as_name, str) or not 0 < len(as_name) <= MAX_NAME_CHARS
+                or not as_name.isprintable() or as_name in self.host.datasets):
+            got = f"{as_name[:40]!r} ({len(as_name)} characters)" if isinstance(as_name, str) \
+                else type(as_name).__name__
+            raise ConfigError(f"as_name must be a new dataset name of 1..{MAX_NAME_CHARS} "
+                              f"printable characters, got {got}")
         held = sum(1 for *_, user in self._aligned.values() if user == call.caller)
         if held >= MAX_ALIGNED_PER_USER:
             raise ConfigError(f"{call.caller} holds {held} aligned datasets here; this data "
                               f"owner keeps at most {MAX_ALIGNED_PER_USER} per user")
-        rows = client.intersection(_bytes(call.req, "setup"), _bytes(call.req, "response"))
-        del self._psi_clients[key]
-        self.host.datasets[as_name] = ds.subset(rows, str(call.req["dataset"]))
-        self._aligned[as_name] = (str(call.req["dataset"]), rows, call.caller)
+        setup, response = _bytes(call.req, "setup"), _bytes(call.req, "response")
+        self._charge(call.caller, len(client))
+        del self._psi_clients[key]  # one finish per request, whatever its outcome
+        rows = client.intersection(setup, response, fpr=DEFAULT_FPR)
+        if rows.numel() == 0:
+            raise ConfigError(f"no record of {name!r} is common with the model owner's ids; "
+                              "nothing was aligned")
+        self.host.datasets[as_name] = ds.subset(rows, name)
+        self._aligned[as_name] = (name, rows, call.caller)
         return {"records": int(rows.numel())}
 
     # --------------------------------------------------- persistence (host.store)
     def state(self) -> dict[str, Any]:
-        """Alignment permissions and the rows of each aligned dataset (not its data: the
-        source dataset is the data owner's and comes back with the datasite)."""
+        """Alignment permissions, the PSI work windows, and the rows of each aligned dataset
+        with a digest of their ids (not its data: the source dataset is the data owner's and
+        comes back with the datasite)."""
+        now = time.time()
+        work = {u: [[t, n] for t, n in w if in_window(t, now)] for u, w in self._work.items()}
         return {"allowed": sorted([d, u] for d, u in self._allowed),
-                "aligned": {k: {"source": src, "rows": rows, "user": user}
+                "work": {u: w for u, w in work.items() if w},
+                "aligned": {k: {"source": src, "rows": rows, "user": user,
+                                "ids_digest": _digest(self.host.datasets[k].ids)}
                             for k, (src, rows, user) in self._aligned.items()}}
 
     def restore(self, state: Any) -> None:
         """Permissions and aligned datasets; one whose name the data owner gave to a dataset
-        of its own since is dropped, not put in its place (:meth:`_shadowed`)."""
+        of its own since, or whose source holds other ids at its rows now, is dropped, not
+        put in its place (:meth:`_not_restored`)."""
         self._allowed = {(str(d), str(u)) for d, u in state.get("allowed", [])}
+        self._work = {str(u): [(float(t), int(n)) for t, n in w]
+                      for u, w in (state.get("work") or {}).items()}
         for name, rec in (state.get("aligned") or {}).items():
             source = self.host.datasets.get(rec["source"])
             if source is None:
                 continue  # the source dataset is gone: so is its alignment
             if name in self.host.datasets:
-                self._shadowed(str(name))
+                self._not_restored(str(name), "the data owner holds a dataset of that name now "
+                                              "(kept)")
                 continue
-            self._aligned[name] = (str(rec["source"]), rec["rows"], str(rec.get("user", "")))
-            self.host.datasets[name] = source.subset(rec["rows"], str(rec["source"]))
+            rows: torch.Tensor = rec["rows"]
+            n = len(source.ids) if source.ids is not None else 0
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+                self._not_restored(str(name), f"its source {rec['source']!r} has {n} records "
+                                              f"with ids now, fewer than its rows reach")
+                continue
+            ids = [] if source.ids is None else [source.ids[int(r)] for r in rows]
+            if "ids_digest" in rec and _digest(ids) != rec["ids_digest"]:
+                self._not_restored(str(name), f"its source {rec['source']!r} holds other ids at "
+                                              "its rows now (re-ordered or changed)")
+                continue
+            self._aligned[name] = (str(rec["source"]), rows, str(rec.get("user", "")))
+            self.host.datasets[name] = source.subset(rows, str(rec["source"]))
 
-    def _shadowed(self, name: str) -> None:
-        """The data owner holds a dataset ``name`` of its own now: it stays; the aligned rows
-        saved under that name are forgotten (audited), and segments approved on them halt
-        (they would read other records than those they were approved on)."""
-        why = (f"aligned dataset {name!r} was not restored: the data owner holds a dataset of "
-               "that name now (kept)")
+    def _not_restored(self, name: str, reason: str) -> None:
+        """The aligned rows saved under ``name`` are forgotten (audited), and segments approved
+        on them halt: they would read other records than those they were approved on (the data
+        owner's own dataset of that name, or other rows of the source)."""
+        why = f"aligned dataset {name!r} was not restored: {reason}"
         _log.warning("%s: %s", self.host.name, why)
         self.host.record(AuditEntry(time.time(), "alignment", "restore", None, {}, 0, 0, 0.0,
                                     why))
@@ -178,6 +248,12 @@ class AlignmentOps(OpFamily):
                 self.host.halt(p.id, f"the datasite restarted and {why}: this segment was "
                                      "approved on the aligned records; align again under "
                                      "another name and propose again")
+
+
+def _digest(ids: Sequence[str | int] | None) -> str:
+    """SHA-256 of a list of record ids, as the strings PSI compares."""
+    text = json.dumps([str(i) for i in ids or []])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _bytes(req: dict[str, Any], name: str) -> bytes:

@@ -75,6 +75,7 @@ __all__ = [
     "align",
     "canonical_ids",
     "id_sort_key",
+    "request_elements",
 ]
 
 #: default false-positive rate of a ``"gcs"``/``"bloom_filter"`` setup, per execution.
@@ -84,6 +85,9 @@ DataStructure = Literal["gcs", "raw", "bloom_filter"]
 _DATA_STRUCTURES = ("gcs", "raw", "bloom_filter")
 _INT_RE = re.compile(r"-?(0|[1-9][0-9]*)\Z")
 _DUMMY_PREFIX = "\x00syft-split-psi-dummy:"
+#: the largest Golomb divisor and Bloom hash count a setup may use (honest ones: under 64)
+_MAX_GCS_DIV = 62
+_MAX_BLOOM_HASHES = 256
 
 
 def _psi() -> Any:
@@ -141,6 +145,50 @@ def id_sort_key(key: str) -> tuple[int, int | str]:
     return (1, key)
 
 
+def _gcs_range(num_client_inputs: int, num_server_inputs: int, fpr: float) -> float:
+    """The hash range of openmined-psi's GCS setup (``max(m, n) / (fpr / m)``, as its C++
+    computes it in double before truncating it to int64)."""
+    m = num_client_inputs
+    return max(m, num_server_inputs) / (fpr / m)
+
+
+def _check_setup(msg: Any, num_client_inputs: int, fpr: float | None) -> None:
+    """Refuse a setup that openmined-psi would abort on (a zero modulus: empty Bloom ``bits``,
+    GCS ``hash_range`` 0) or spin in (2^31 hash functions, a huge Golomb ``div``), before the
+    library sees it. With ``fpr``, accept only what :class:`PsiServer` with that ``fpr`` sends
+    for ``num_client_inputs`` request elements and a set no larger than that: a ``"gcs"``
+    setup with exactly its ``hash_range`` and at most the bits such a set compresses to."""
+    kind = msg.WhichOneof("data_structure")
+    m = num_client_inputs
+    if fpr is not None:
+        want = int(_gcs_range(m, m, fpr))
+        got = f"{kind} hash_range={msg.gcs.hash_range}" if kind == "gcs" else repr(kind)
+        if kind != "gcs" or msg.gcs.hash_range != want:
+            raise ProtocolError(f"expected a 'gcs' PSI setup with hash_range={want} (what a "
+                                f"server at fpr={fpr} sends for {m} request elements) but got {got}")
+    if kind == "gcs":
+        gcs = msg.gcs
+        if gcs.hash_range < 1:
+            raise ProtocolError(f"expected a GCS setup with hash_range >= 1 but got {gcs.hash_range}")
+        top = min(_MAX_GCS_DIV, gcs.hash_range.bit_length())
+        if not 0 <= gcs.div <= top:
+            raise ProtocolError(f"expected a GCS setup with 0 <= div <= {top} (its hash_range is "
+                                f"{gcs.hash_range}) but got div={gcs.div}")
+        most = (m * (gcs.div + 8)) // 8 + 8  # n <= m elements of div + 1 + ~4 bits each
+        if fpr is not None and len(gcs.bits) > most:
+            raise ProtocolError(f"expected a GCS setup of at most {most} bytes for {m} request "
+                                f"elements but got {len(gcs.bits)}")
+        gcs.bits = gcs.bits + bytes(8)  # the decoder reads up to 8 bytes past the last element
+    elif kind == "bloom_filter":
+        bloom = msg.bloom_filter
+        if not 1 <= bloom.num_hash_functions <= _MAX_BLOOM_HASHES or not bloom.bits:
+            raise ProtocolError(f"expected a Bloom filter setup with 1..{_MAX_BLOOM_HASHES} hash "
+                                f"functions and some bits but got {bloom.num_hash_functions} "
+                                f"hash functions and {len(bloom.bits)} bytes")
+    elif kind != "raw":
+        raise ProtocolError("expected a PSI setup holding a data structure but got none")
+
+
 def _parse(cls: Any, data: bytes, what: str) -> Any:
     if not isinstance(data, (bytes, bytearray)):
         raise WireError(f"expected the PSI {what} as bytes but got {type(data).__name__}")
@@ -150,6 +198,12 @@ def _parse(cls: Any, data: bytes, what: str) -> Any:
     except Exception as exc:
         raise WireError(f"PSI {what} bytes do not decode: {exc}") from exc
     return msg
+
+
+def request_elements(request: bytes) -> int:
+    """How many elements a client's PSI request holds (what answering it costs a server, on
+    top of blinding its own ids). Raises :class:`WireError` on bad bytes."""
+    return len(_parse(_psi().Request, request, "request").encrypted_elements)
 
 
 class PsiServer:
@@ -186,6 +240,11 @@ class PsiServer:
             raise ValidationError(
                 f"Expected `num_client_inputs` to be a positive int but got {num_client_inputs!r}"
             )
+        if self.data_structure == "gcs" and _gcs_range(num_client_inputs, len(self._ids),
+                                                       self.fpr) >= 2**63:
+            raise ConfigError(f"a 'gcs' setup at fpr={self.fpr} for {num_client_inputs} request "
+                              f"elements and {len(self._ids)} ids overflows its int64 hash range; "
+                              "use fewer elements or a larger fpr")
         msg = self._server.CreateSetupMessage(self.fpr, num_client_inputs, self._ids, self._ds)
         return bytes(msg.SerializeToString())
 
@@ -200,10 +259,14 @@ class PsiServer:
 
     def _parse_request(self, request: bytes) -> Any:
         req = _parse(_psi().Request, request, "request")
+        n = len(req.encrypted_elements)
         if not req.reveal_intersection:
             raise ValidationError("expected a PSI request with reveal_intersection=True")
-        if len(req.encrypted_elements) == 0:
+        if n == 0:
             raise EmptyBatchError("expected a PSI request with at least one element but got none")
+        if len(set(req.encrypted_elements)) != n:  # one id blinded twice: never honest
+            raise ValidationError(f"expected distinct PSI request elements but "
+                                  f"{n - len(set(req.encrypted_elements))} repeat")
         return req
 
     def _respond(self, req: Any) -> bytes:
@@ -231,7 +294,12 @@ class PsiClient:
                 f"but got {pad_to!r}"
             )
         n_dummy = 0 if pad_to is None else pad_to - len(self._ids)
-        self._padded = self._ids + [_DUMMY_PREFIX + secrets.token_hex(16) for _ in range(n_dummy)]
+        padded = self._ids + [_DUMMY_PREFIX + secrets.token_hex(16) for _ in range(n_dummy)]
+        #: a secret order for the request: position k holds row _order[k], so a server that
+        #: answers in another order cannot pick which rows match (it reorders at random)
+        self._order = list(range(len(padded)))
+        secrets.SystemRandom().shuffle(self._order)
+        self._padded = [padded[k] for k in self._order]
         self._client = _psi().client.CreateWithNewKey(True)
 
     def __len__(self) -> int:
@@ -241,24 +309,36 @@ class PsiClient:
         """The request message: this party's ids (and dummies), hashed and blinded."""
         return bytes(self._client.CreateRequest(self._padded).SerializeToString())
 
-    def intersection(self, setup: bytes, response: bytes) -> torch.Tensor:
+    def intersection(self, setup: bytes, response: bytes, *,
+                     fpr: float | None = None) -> torch.Tensor:
         """Rows (into ``ids``) of the ids the server also holds, sorted by :func:`id_sort_key`.
 
-        Returns an int64 tensor (possibly empty). Raises :class:`WireError` on bad bytes.
+        ``fpr``: accept only the setup a :class:`PsiServer` at this ``fpr`` (``"gcs"``) sends for
+        this request and a set no larger than it (a data owner's host, with the model owner's
+        common ids as server). Any setup is first checked for parameters that would crash or
+        stall openmined-psi. Returns an int64 tensor (possibly empty). Raises
+        :class:`WireError` on bad bytes, :class:`ProtocolError` on a refused setup or response
+        (a repeated element: never honest).
         """
         psi = _psi()
         setup_msg = _parse(psi.ServerSetup, setup, "setup")
         resp_msg = _parse(psi.Response, response, "response")
-        if len(resp_msg.encrypted_elements) != len(self._padded):
+        elements = resp_msg.encrypted_elements
+        if len(elements) != len(self._padded):
             raise ProtocolError(
                 f"expected a PSI response with {len(self._padded)} elements (one per request "
-                f"element) but got {len(resp_msg.encrypted_elements)}"
+                f"element) but got {len(elements)}"
             )
+        if len(set(elements)) != len(elements):
+            raise ProtocolError(f"expected distinct PSI response elements but "
+                                f"{len(elements) - len(set(elements))} repeat")
+        _check_setup(setup_msg, len(self._padded), fpr)
         try:
             hits = self._client.GetIntersection(setup_msg, resp_msg)
         except RuntimeError as exc:
             raise WireError(f"PSI setup/response refused: {exc}") from exc
-        rows = sorted((i for i in hits if i < len(self._ids)), key=lambda i: id_sort_key(self._ids[i]))
+        found = (self._order[i] for i in hits)
+        rows = sorted((r for r in found if r < len(self._ids)), key=lambda r: id_sort_key(self._ids[r]))
         return torch.tensor(rows, dtype=torch.int64)
 
 

@@ -41,6 +41,7 @@ def parties() -> dict[str, list[int | str]]:
 def test_all_is_pinned() -> None:
     assert set(psi.__all__) == {
         "DEFAULT_FPR", "DataStructure", "PsiClient", "PsiServer", "align", "canonical_ids", "id_sort_key",
+        "request_elements",
     }
 
 
@@ -165,3 +166,11 @@ def test_modules_import_neither_syft_nor_tenseal() -> None:
         "assert not {'syft', 'tenseal'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_gcs_setup_past_its_int64_hash_range_is_refused() -> None:
+    """openmined-psi's GCS hash range is max(m, n) * m / fpr in int64: past it the library
+    fails with a raw ValueError (before: `basic_string::_M_replace_aux`)."""
+    with pytest.raises(ConfigError, match="overflows its int64 hash range"):
+        PsiServer([1]).setup(100_000)
+    assert PsiServer([1], fpr=1e-3).setup(100_000)  # a larger fpr fits

@@ -113,6 +113,12 @@ class HostLimits:
     ``he_min_flood_margin``: the flooding noise of returned decryptions,
     2^-flood_bits, must lie at least this many bits above the encoding unit 2^-scale_bits
     (the CKKS noise, which depends on the secret key, sits a few bits above that unit).
+    ``max_psi_elements``: a ``psi_serve`` request holds at most this many elements (and a
+    ``"gcs"`` setup at the default fpr overflows past ~96 000 anyway).
+    ``max_psi_elements_per_minute``: per user, the PSI elements the alignment ops may blind
+    or unblind here in a minute (each costs ~40 us of the host): ``psi_serve`` counts its
+    request's and the dataset's, ``psi_request`` and ``psi_finish`` the dataset's. One
+    alignment of N records with a model owner of M labels costs M + 3N.
     """
 
     max_request_bytes: int = 64 * 1024 * 1024
@@ -133,11 +139,14 @@ class HostLimits:
     he_min_share_bound: float = 1.0
     he_min_grad_mask: float = 1.0
     he_min_flood_margin: int = 10
+    max_psi_elements: int = 65_536
+    max_psi_elements_per_minute: int = 262_144
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_batch", "max_parameters", "max_width",
                      "max_layers", "max_activation_bytes", "max_proposals_per_minute", "max_pending",
-                     "max_pending_bytes", "min_local_batch"):
+                     "max_pending_bytes", "min_local_batch", "max_psi_elements",
+                     "max_psi_elements_per_minute"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"HostLimits.{name} must be a positive int, got {value!r}")

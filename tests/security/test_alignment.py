@@ -1,0 +1,261 @@
+"""A malicious model owner against a data owner's alignment ops (``psi_serve``, ``psi_request``,
+``psi_finish``): crafted setups, oversized or repeated requests, reordered responses, long names,
+absent datasets, and aligned rows restored onto another source. Each is refused with a clear
+error and leaves the host as it was."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from syft_split import DataOwnerHost, wire
+from syft_split.host import HostLimits
+from syft_split.spec import module_to_spec, spec_state
+
+psi = pytest.importorskip("private_set_intersection.python")
+
+MO = "mo@x"
+N = 60
+IDS = [f"p{i:02d}" for i in range(N)]
+G = ["p03", "p07", "p11"]  # the ids the model owner holds: the true intersection
+
+
+def _host(state_dir: Path | None = None, limits: HostLimits | None = None,
+          ids: list[str] = IDS) -> DataOwnerHost:
+    """A data owner whose feature of row ``r`` is ``r``: a dataset shows which rows it took."""
+    host = DataOwnerHost("a", state_dir=state_dir, limits=limits)
+    host.add_dataset("people", torch.tensor([[float(IDS.index(i))] for i in ids]),
+                     torch.zeros(len(ids), dtype=torch.long), ids=list(ids))
+    host.restore_state()
+    host.allow_alignment("people", MO)
+    return host
+
+
+def _call(host: DataOwnerHost, req: dict[str, Any], user: str = MO) -> dict[str, Any]:
+    return dict(wire.decode(host.handle(user, wire.encode(req))))
+
+
+def _finish(host: DataOwnerHost, setup: bytes, response: bytes, as_name: str) -> dict[str, Any]:
+    return _call(host, {"op": "psi_finish", "dataset": "people", "setup": setup,
+                        "response": response, "as_name": as_name})
+
+
+def _honest(host: DataOwnerHost, as_name: str, common: list[str] = G) -> dict[str, Any]:
+    from syft_split.psi import PsiServer
+
+    request = _call(host, {"op": "psi_request", "dataset": "people"})["request"]
+    return _finish(host, *PsiServer(common).handle(request), as_name=as_name)
+
+
+def _rows(host: DataOwnerHost, name: str) -> list[int]:
+    return host.datasets[name].features.flatten().int().tolist()
+
+
+# A crafted setup made openmined-psi abort the whole process (a CHECK on a zero modulus) or
+# spin for hours: run in a subprocess so that a regression fails this test, not the run.
+# "host": through a data owner's psi_finish (only the setup it would make itself passes);
+# "library": PsiClient.intersection without that exact check (the model owner's side).
+_CRAFTED = textwrap.dedent("""
+    import json, torch
+    import private_set_intersection.python as psi
+    from syft_split import DataOwnerHost, wire
+    from syft_split.psi import PsiClient, PsiServer
+    host = DataOwnerHost("a")
+    host.add_dataset("t", torch.randn(50, 3), ids=[f"r{i}" for i in range(50)])
+    host.allow_alignment("t", "mo@x")
+    call = lambda req: dict(wire.decode(host.handle("mo@x", wire.encode(req))))
+    out = {"host": {}, "library": {}}
+    for case in ("bloom_empty_bits", "gcs_zero_range", "bloom_2e31_hashes", "gcs_huge_div",
+                 "raw_points", "none"):
+        s = psi.ServerSetup()
+        if case == "bloom_empty_bits":
+            s.bloom_filter.num_hash_functions = 3; s.bloom_filter.bits = b""
+        elif case == "gcs_zero_range":
+            s.gcs.div = 5; s.gcs.hash_range = 0; s.gcs.bits = b"\\xff" * 8
+        elif case == "bloom_2e31_hashes":
+            s.bloom_filter.num_hash_functions = 2**31 - 1; s.bloom_filter.bits = b"\\xff" * 16
+        elif case == "gcs_huge_div":
+            s.gcs.div = 2**31 - 1; s.gcs.hash_range = 2**62; s.gcs.bits = b"\\x01" * 8
+        elif case == "raw_points":
+            s.raw.encrypted_elements.extend([b"\\x02" + b"\\xff" * 32] * 3)
+        req = call({"op": "psi_request", "dataset": "t"})["request"]
+        _, response = PsiServer(["r1", "r2"]).handle(req)
+        out["host"][case] = call({"op": "psi_finish", "dataset": "t", "as_name": "x",
+                                  "setup": s.SerializeToString(), "response": response})
+        client = PsiClient(list(range(20)))
+        _, response = PsiServer(list(range(5))).handle(client.request())
+        try:
+            out["library"][case] = client.intersection(s.SerializeToString(), response).tolist()
+        except Exception as exc:
+            out["library"][case] = f"{type(exc).__name__}: {exc}"
+    out["datasets"] = sorted(host.datasets)
+    req = call({"op": "psi_request", "dataset": "t"})["request"]
+    setup, response = PsiServer(["r1", "r2"]).handle(req)
+    out["honest"] = call({"op": "psi_finish", "dataset": "t", "setup": setup,
+                          "response": response, "as_name": "x"})
+    print(json.dumps(out))
+""")
+
+
+def test_a_crafted_psi_setup_is_refused_and_the_host_lives() -> None:
+    done = subprocess.run([sys.executable, "-c", _CRAFTED], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]  # an abort is -6/134
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, answer in out["host"].items():
+        assert answer["error"] == "ProtocolError", (case, answer)
+        assert "expected a 'gcs' PSI setup with hash_range=" in answer["message"]
+    assert out["datasets"] == ["t"]  # nothing made by a refused setup
+    assert out["honest"] == {"records": 2}  # and the host goes on serving
+    library = out["library"]
+    assert library["bloom_empty_bits"].startswith("ProtocolError: expected a Bloom filter")
+    assert library["bloom_2e31_hashes"].startswith("ProtocolError: expected a Bloom filter")
+    assert library["gcs_zero_range"].startswith("ProtocolError: expected a GCS setup with hash_r")
+    assert library["gcs_huge_div"].startswith("ProtocolError: expected a GCS setup with 0 <= div")
+    assert library["none"].startswith("ProtocolError: expected a PSI setup holding")
+    assert library["raw_points"] == []  # well formed, matches nothing
+
+
+def test_psi_serve_is_capped_and_psi_work_is_rate_limited() -> None:
+    from syft_split.psi import PsiClient
+
+    # psi_serve costs its request's elements plus the dataset's (60), counted before it runs
+    host = _host(limits=HostLimits(max_psi_elements=8, max_psi_elements_per_minute=260))
+    host.allow_alignment("people", "other@x")
+    serve = {"op": "psi_serve", "dataset": "people"}
+    big = _call(host, {**serve, "request": PsiClient([f"g{i}" for i in range(9)]).request()})
+    assert big["error"] == "ValidationError" and "at most 8 elements" in big["message"]
+
+    one = psi.Request()
+    one.ParseFromString(PsiClient(["g"]).request())
+    dup = psi.Request()
+    dup.reveal_intersection = True
+    dup.encrypted_elements.extend([one.encrypted_elements[0]] * 4)  # free for the MO to build
+    repeated = _call(host, {**serve, "request": dup.SerializeToString()})
+    assert repeated["error"] == "ValidationError" and "distinct" in repeated["message"]  # 64
+
+    request = PsiClient(["p03", "zz", "p07", "q", "r"]).request()
+    assert set(_call(host, {**serve, "request": request})) == {"setup", "response"}
+    assert set(_call(host, {**serve, "request": request})) == {"setup", "response"}
+    assert set(_call(host, {**serve, "request": request})) == {"setup", "response"}  # 259
+    for op in ({**serve, "request": request}, {"op": "psi_request", "dataset": "people"}):
+        refused = _call(host, op)
+        assert refused["error"] == "ValidationError", refused
+        assert "259 PSI elements" in refused["message"] and "allows 260" in refused["message"]
+    assert set(_call(host, {**serve, "request": request}, user="other@x")) == {"setup",
+                                                                                 "response"}
+
+
+def test_a_reordered_response_cannot_pick_the_rows_kept() -> None:
+    """The model owner blinds the data owner's request honestly but answers it shifted by one
+    position, aiming at the rows before its ids (2, 6, 10). The request's secret order makes
+    the rows kept random: never chosen by position, and never more than |G|."""
+    host = _host()
+    assert _honest(host, "honest") == {"records": 3}
+    assert _rows(host, "honest") == [3, 7, 11]
+    host.drop_aligned("honest")
+
+    aimed, kept = 0, set()
+    for trial in range(10):
+        req = psi.Request()
+        req.ParseFromString(_call(host, {"op": "psi_request", "dataset": "people"})["request"])
+        server = psi.server.CreateWithNewKey(True)
+        els = list(server.ProcessRequest(req).encrypted_elements)
+        shifted = psi.Response()
+        shifted.encrypted_elements.extend(els[1:] + els[:1])
+        setup = server.CreateSetupMessage(1e-9, len(els), G, psi.DataStructure.GCS)
+        got = _finish(host, setup.SerializeToString(), shifted.SerializeToString(), f"s{trial}")
+        if "error" in got:  # the shift happened to match no row: nothing is made
+            assert got["error"] == "ConfigError" and f"s{trial}" not in host.datasets
+            continue
+        rows = _rows(host, f"s{trial}")
+        assert len(rows) <= len(G)
+        aimed += rows == [2, 6, 10]
+        kept.add(tuple(rows))
+        host.drop_aligned(f"s{trial}")
+    assert aimed <= 1 and len(kept) > 1  # without the secret order: 10 hits, one set of rows
+
+    req = psi.Request()  # answering every position with one element that matches is refused
+    req.ParseFromString(_call(host, {"op": "psi_request", "dataset": "people"})["request"])
+    server = psi.server.CreateWithNewKey(True)
+    els = list(server.ProcessRequest(req).encrypted_elements)
+    same = psi.Response()
+    same.encrypted_elements.extend([els[0]] * len(els))
+    setup = server.CreateSetupMessage(1e-9, len(els), G, psi.DataStructure.GCS)
+    got = _finish(host, setup.SerializeToString(), same.SerializeToString(), "dup")
+    assert got["error"] == "ProtocolError" and "distinct" in got["message"]
+    assert "dup" not in host.datasets
+
+
+def test_bad_alignment_requests_get_clear_errors_and_change_nothing(tmp_path: Path) -> None:
+    from syft_split.alignment import MAX_NAME_CHARS
+
+    host = _host(tmp_path)
+    for name in ("x" * (MAX_NAME_CHARS + 1), "x" * 600_000, "a\nb", "", 7):
+        got = _honest(host, name)  # type: ignore[arg-type]
+        assert got["error"] == "ConfigError" and "as_name" in got["message"], got
+        assert len(got["message"]) < 300  # the name is not echoed in full
+    assert sorted(host.datasets) == ["people"]
+    assert _honest(host, "x" * MAX_NAME_CHARS) == {"records": 3}
+
+    empty = _honest(host, "empty", common=["nobody"])
+    assert empty["error"] == "ConfigError" and "no record" in empty["message"]
+    assert "empty" not in host.datasets
+    host.allow_alignment("people", "later@x")  # every op is saved: the state saves
+    host.close()
+
+    back = DataOwnerHost("a", state_dir=tmp_path)  # 'people' comes back without ids
+    back.add_dataset("people", torch.zeros(N, 1))
+    back.restore_state()
+    for op in ({"op": "psi_request", "dataset": "people"},
+               {"op": "psi_serve", "dataset": "people", "request": b"x"}):
+        got = _call(back, op)
+        assert got["error"] == "ConfigError" and "no record ids" in got["message"], got
+    back.close()
+    gone = DataOwnerHost("a", state_dir=tmp_path)  # or not at all
+    gone.restore_state()
+    got = _call(gone, {"op": "psi_request", "dataset": "people"})
+    assert got["error"] == "ConfigError" and "is not here" in got["message"], got
+    got = _call(gone, {"op": "psi_request", "dataset": ["people"]})
+    assert got["error"] == "AccessError", got
+
+
+def _propose_on(host: DataOwnerHost, dataset: str) -> str:
+    m = nn.Linear(1, 2)
+    req = {"op": "propose", "role": "input", "datasets": [dataset], "spec": module_to_spec(m),
+           "optimizer": {"name": "sgd", "lr": 0.1},
+           **{f"state/{k}": v for k, v in spec_state(m).items()}}
+    pid = str(_call(host, req)["segment"])
+    host.approve(pid)
+    return pid
+
+
+@pytest.mark.parametrize("source", ["reversed", "shorter"])
+def test_aligned_rows_are_not_restored_onto_other_records(tmp_path: Path, source: str) -> None:
+    host = _host(tmp_path)
+    assert _honest(host, "people@aligned") == {"records": 3}
+    pid = _propose_on(host, "people@aligned")
+    host.close()
+
+    ids = list(reversed(IDS)) if source == "reversed" else IDS[:5]
+    back = _host(tmp_path, ids=ids)  # the same ids in another order, or fewer records
+    assert "people@aligned" not in back.datasets
+    assert back.proposal(pid).status == "halted"
+    assert "aligned dataset 'people@aligned' was not restored" in back.proposal(pid).reason
+    assert any(e.op == "restore" and "people@aligned" in e.outcome for e in back.audit)
+    back.close()
+
+    same = _host(tmp_path)  # forgotten: the source as it was does not bring it back
+    assert "people@aligned" not in same.datasets
+    assert _honest(same, "people@aligned") == {"records": 3}  # align again
+    same.close()
+    again = _host(tmp_path)  # and an unchanged source restores it
+    assert _rows(again, "people@aligned") == [3, 7, 11]
