@@ -116,3 +116,41 @@ def test_peer_weights_past_the_bound_are_never_loaded(peers) -> None:
         t.call("c", "unseal", segment=segs["c"], sender="b",
                sealed=bytes(b._box("c").encrypt(plain)))
     assert np.array_equal(_flat(dep, "c", segs["c"]), before_c)
+
+
+def test_input_weights_never_load_into_a_segment_of_another_role() -> None:
+    """a's input segment and b's middle segment of the same spec, both shared with peers
+    (found in review): averaging weights {a: 1, b: 0} would load a's input weights at b, whose
+    forward of the identity reads them back (and from them a record). The fingerprint binds
+    the role and input shape: the contribution and the relay are refused, nothing loaded."""
+    from torch import nn
+
+    from syft_split import DataOwnerHost, InProcessTransport, ProtocolError
+    from syft_split.spec import module_to_spec, spec_state
+
+    a, b = DataOwnerHost("a"), DataOwnerHost("b")
+    a.add_dataset("train", torch.randn(16, 6), torch.randint(0, 2, (16,)))
+    t = InProcessTransport([a, b])
+    m = nn.Linear(6, 4)
+    common = dict(spec=module_to_spec(m), optimizer={"name": "sgd", "lr": 0.5},
+                  share_weights="peer", **{f"state/{k}": v for k, v in spec_state(m).items()})
+    pa = t.call("a", "propose", role="input", datasets=["train"], **common)["segment"]
+    pb = t.call("b", "propose", role="middle", datasets=[], input_shape=[6], **common)["segment"]
+    a.approve(pa)
+    b.approve(pb)
+    a.trust_peer("b", b.public_key())
+    b.trust_peer("a", a.public_key())
+    t.call("a", "forward", segment=pa, indices=torch.tensor([7]))
+    t.call("a", "backward", segment=pa, grad=torch.ones(1, 4))  # a's weights now hold record 7
+    before = {k: v.clone() for k, v in b.export_weights(pb).items()}
+    members, w = {"a": pa, "b": pb}, {"a": 1.0, "b": 0.0}
+    ca = t.call("a", "secagg_contribute", segment=pa, label="r", round=1, members=members,
+                weights=w)
+    t.call("b", "secagg_contribute", segment=pb, label="r", round=1, members=members, weights=w)
+    with pytest.raises(ProtocolError, match="not for round 1"):
+        t.call("b", "secagg_aggregate", segment=pb, round=1, **{"sealed/a": ca["sealed/b"]})
+    sealed = t.call("a", "seal", segment=pa, peer="b", to_segment=pb)
+    with pytest.raises(ProtocolError, match="not for"):
+        t.call("b", "unseal", segment=pb, **sealed)
+    after = b.export_weights(pb)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing of a's loaded

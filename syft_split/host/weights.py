@@ -52,10 +52,17 @@ _MAX_WEIGHT = 1e12  # averaging weights are record counts
 
 
 def fingerprint(rt: Runtime) -> str:
-    """What two data owners' copies of one segment must share: its spec and weight layout."""
+    """What two data owners' copies of one segment must share: its role, spec, input shape
+    (an input segment's: its datasets' feature shape) and weight layout. An input segment's
+    weights never leave; loaded into a middle or loss segment, whose inputs the model owner
+    chooses, they would be read back (a forward of the identity; found in review). A middle
+    or loss segment's own weights are readable that way anyway, so its copies may be shared
+    among segments of its role."""
+    p = rt.proposal
     layout = [[k, list(v.shape), str(v.dtype)] for k, v in rt.module.state_dict().items()]
-    return hashlib.sha256(secagg.canonical({"spec": rt.proposal.spec, "state": layout})
-                          ).hexdigest()
+    return hashlib.sha256(secagg.canonical({
+        "role": p.role, "input_shape": list(p.input_shape), "spec": p.spec, "state": layout})
+    ).hexdigest()
 
 
 def _positive_int(value: Any, name: str) -> int:
