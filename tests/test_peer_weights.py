@@ -154,3 +154,58 @@ def test_input_weights_never_load_into_a_segment_of_another_role() -> None:
         t.call("b", "unseal", segment=pb, **sealed)
     after = b.export_weights(pb)
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing of a's loaded
+
+
+def test_weights_loaded_from_peers_are_held_to_the_watch_bound() -> None:
+    """b and c approved a blind (rank-1) segment with a leakage bound; their trusted peer a
+    the same spec with invertible weights (found in review). Loading a's weights, averaged
+    {a: 1, b: 0} at b or relayed to c, would let evaluation forwards release every record with
+    no step for the watch to look at: the watch measures them at once, the load is refused
+    (own weights kept) and the segment halted."""
+    from torch import nn
+
+    from syft_split import (
+        DataOwnerHost,
+        InProcessTransport,
+        LeakageHaltError,
+    )
+    from syft_split.spec import module_to_spec, spec_state
+
+    hosts = {n: DataOwnerHost(n) for n in NAMES}
+    for h in hosts.values():
+        h.add_dataset("train", torch.randn(256, 8), torch.randint(0, 2, (256,)))
+    t = InProcessTransport(list(hosts.values()))
+    blind = torch.zeros(16, 8)
+    blind[0, 0] = 1.0
+    pid = {}
+    for n, w in (("a", torch.cat([torch.eye(8), -torch.eye(8)])), ("b", blind), ("c", blind)):
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        with torch.no_grad():
+            m[0].weight.copy_(w)
+            m[0].bias.zero_()
+        pid[n] = t.call(n, "propose", role="input", datasets=["train"], spec=module_to_spec(m),
+                        optimizer={"name": "sgd", "lr": 0.1}, share_weights="peer",
+                        **{f"state/{k}": v for k, v in spec_state(m).items()})["segment"]
+    hosts["a"].approve(pid["a"])
+    for n in "bc":
+        hosts[n].approve(pid[n], leakage_bound={"relative": 0.5})
+    for n in NAMES:
+        for o in NAMES:
+            if o != n:
+                hosts[n].trust_peer(o, hosts[o].public_key())
+    own = {n: {k: v.clone() for k, v in hosts[n].export_weights(pid[n]).items()} for n in "bc"}
+    members, w = {"a": pid["a"], "b": pid["b"]}, {"a": 1.0, "b": 0.0}
+    c = {n: t.call(n, "secagg_contribute", segment=pid[n], label="r", round=1, members=members,
+                   weights=w) for n in "ab"}
+    with pytest.raises(LeakageHaltError, match="loaded from peers: inversion ratio"):
+        t.call("b", "secagg_aggregate", segment=pid["b"], round=1,
+               **{"sealed/a": c["a"]["sealed/b"]})
+    sealed = t.call("a", "seal", segment=pid["a"], peer="c", to_segment=pid["c"])
+    with pytest.raises(LeakageHaltError, match="loaded from peers"):
+        t.call("c", "unseal", segment=pid["c"], **sealed)
+    for n in "bc":
+        assert hosts[n].proposal(pid[n]).status == "halted"
+        now = hosts[n].export_weights(pid[n])
+        assert all(torch.equal(now[k], own[n][k]) for k in now)  # a's weights not kept
+        with pytest.raises(LeakageHaltError):
+            t.call(n, "forward", segment=pid[n], indices=torch.arange(4), train=False)

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..errors import ConfigError, SyftSplitError, ValidationError
+from ..errors import ConfigError, LeakageHaltError, SyftSplitError, ValidationError
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import SCALAR, TEXT, Call
 from .records import AuditEntry, Dataset, Proposal, Runtime
@@ -240,6 +240,17 @@ class LeakageOps(OpFamily):
             return
         if watch.after_step(rt.module, rt.steps, grad=grad, labels=labels):
             self.host.halt(rt.id, f"leakage watch: {watch.reason}", by="watch")
+
+    def after_load(self, rt: Runtime) -> None:
+        """Weights loaded from peers (a relayed copy, an average) are measured at once and held
+        to the bound, like a step's: past it the watch halts and the load is refused (the
+        segment keeps its own weights; :meth:`WeightOps._load` puts them back and halts it)."""
+        watch = rt.extra.get("watch")
+        if watch is None or rt.proposal.status != "approved":
+            return
+        if _measuring("the leakage watch", lambda: watch.judge(
+                rt.module, rt.steps, note="weights loaded from peers"), detail=False):
+            raise LeakageHaltError(f"leakage watch: weights loaded from peers: {watch.reason}")
 
     # ---------------------------------------------------- persistence (host.store)
     def segment_state(self, rt: Runtime) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ from .. import secagg, wire
 from ..errors import (
     AccessError,
     ConfigError,
+    LeakageHaltError,
     ProtocolError,
     ShapeError,
     WireError,
@@ -224,6 +225,21 @@ class WeightOps(OpFamily):
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         return state
 
+    def _load(self, rt: Runtime, state: dict[str, torch.Tensor]) -> None:
+        """Load weights from peers (checked already), then let every family look at them (the
+        leakage watch measures them now). Refused by the watch: the segment's own weights are
+        put back and it is halted, as the watch halts on a step."""
+        own = {k: v.detach().clone() for k, v in rt.module.state_dict().items()}
+        rt.module.load_state_dict(state)
+        try:
+            for family in self.host.families.values():
+                family.after_load(rt)
+        except Exception as exc:
+            rt.module.load_state_dict(own)
+            if isinstance(exc, LeakageHaltError):
+                self.host.halt(rt.id, str(exc), by="watch")
+            raise
+
     # ----------------------------------------------------------------------- export
     @op("export", roles=ROLES, egress={"state/*": WEIGHTS})
     def export(self, call: Call) -> dict[str, Any]:
@@ -277,7 +293,7 @@ class WeightOps(OpFamily):
                                 f"{rt.id} already loaded {last}: a replay is refused")
         state = self._check_loadable(rt, {k[6:]: v for k, v in msg.items()
                                           if k.startswith("state/")})
-        rt.module.load_state_dict(state)
+        self._load(rt, state)
         self.relay_seen[seen_key] = seq
         return {"steps": rt.steps}
 
@@ -415,7 +431,7 @@ class WeightOps(OpFamily):
         keys = [k for k, v in state.items() if v.is_floating_point()]
         new = {**{k: v.clone() for k, v in state.items()},
                **secagg.unflatten(average, state, keys)}
-        rt.module.load_state_dict(self._check_loadable(rt, new))
+        self._load(rt, self._check_loadable(rt, new))
         del self.pending[rt.id]
         self.aggregated[rt.id] = rnd
         self.done[rt.id] = {"descriptor": desc, "own": pending["own"]}
