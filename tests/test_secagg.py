@@ -275,6 +275,8 @@ def test_cohort_checks_at_contribution(three_peers) -> None:
             segs["a"].secagg_contribute("node0", 1, ids, {**w, "b": bad})
     with pytest.raises(ProtocolError, match="not all 0"):  # weight 0: a member without a batch
         segs["a"].secagg_contribute("node0", 1, ids, {n: 0.0 for n in w})
+    with pytest.raises(ProtocolError, match="at most 256 characters"):  # persisted with the
+        segs["a"].secagg_contribute("node0", 1, {**ids, "b": "y" * 600_000}, w)  # round
     # none of these spent a round: round 1 is still available
     assert segs["a"].secagg_round() == 0
     sealed = _round(segs, 1, w)

@@ -50,6 +50,7 @@ __all__ = ["WeightOps", "fingerprint"]
 
 _MAX_MEMBERS = 64
 _MAX_WEIGHT = 1e12  # averaging weights are record counts
+_MAX_TEXT = 256  # labels, segment ids: persisted with a round (the host's state is capped)
 
 
 def fingerprint(rt: Runtime) -> str:
@@ -73,8 +74,11 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 def _text(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > 256:
-        raise ProtocolError(f"{name} must be a short non-empty string, got {value!r:.60}")
+    """A short string the model owner (or a peer) chose, which may be persisted: at most
+    ``_MAX_TEXT`` characters."""
+    if not isinstance(value, str) or not value or len(value) > _MAX_TEXT:
+        raise ProtocolError(f"{name} must be a non-empty string of at most {_MAX_TEXT} "
+                            f"characters, got {type(value).__name__} {value!r:.60}")
     return value
 
 
@@ -279,7 +283,7 @@ class WeightOps(OpFamily):
         assert rt is not None
         sender = self._trusted(rt, call.req.get("sender"))
         msg = self._open(sender, call.req.get("sealed"), "sealed weights")
-        seen_key = f"{rt.id}<{sender}/{msg.get('from_segment')}"
+        seen_key = f"{rt.id}<{sender}/{_text(msg.get('from_segment'), 'from_segment')}"
         expect = {"kind": "relay", "sender": sender, "recipient": self.host.name,
                   "to_segment": rt.id, "fingerprint": fingerprint(rt)}
         wrong = {k: msg.get(k) for k, v in expect.items() if msg.get(k) != v}
@@ -327,6 +331,8 @@ class WeightOps(OpFamily):
                 or not all(isinstance(v, str) for v in members.values())):
             raise ProtocolError(f"members must map 2..{_MAX_MEMBERS} data owners to segment ids, "
                                 f"got {members!r:.200}")
+        for peer, segment in members.items():  # persisted with the round: bounded
+            _text(segment, f"members[{peer!r:.60}] (a segment id)")
         if members.get(self.host.name) != rt.id:
             raise ProtocolError(f"members {members} do not list {self.host.name} as {rt.id}")
         for peer in members:
