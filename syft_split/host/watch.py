@@ -125,7 +125,9 @@ class LeakageOps(OpFamily):
         return Release.from_defences(p.defences, release_labels=p.release_labels)
 
     def _watched(self, p: Proposal) -> bool:
-        return p.role == "input" and p.he is None and bool(p.datasets)
+        """Input segments, encrypted ones too: a malicious model owner can decrypt what an
+        encrypted segment releases (SECURITY.md), so it is measured like a plain one."""
+        return p.role == "input" and bool(p.datasets)
 
     # ------------------------------------------------------------------------- review
     def suite(self, p: Proposal) -> dict[str, Any] | None:
@@ -304,7 +306,7 @@ class LeakageOps(OpFamily):
         rt = call.rt
         assert rt is not None
         w = rt.extra.get("watch")
-        if w is None:  # no watch on this segment (e.g. it releases ciphertexts only)
+        if w is None:  # no watch on this segment (not measurable, or too few records)
             return {}
         entry = w.measure(rt.module, rt.steps, record=False)  # asking adds nothing to keep
         out = {k: _scalar(entry.get(k)) for k in ("step", "inversion_ratio", "ssim", "dcor",
