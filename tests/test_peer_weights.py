@@ -120,7 +120,7 @@ def test_peer_weights_past_the_bound_are_never_loaded(peers) -> None:
 
 def test_input_weights_never_load_into_a_segment_of_another_role() -> None:
     """a's input segment and b's middle segment of the same spec, both shared with peers
-    (found in review): averaging weights {a: 1, b: 0} would load a's input weights at b, whose
+    (found in review): averaging would load a's input weights at b, whose
     forward of the identity reads them back (and from them a record). The fingerprint binds
     the role and input shape: the contribution and the relay are refused, nothing loaded."""
     from torch import nn
@@ -143,7 +143,7 @@ def test_input_weights_never_load_into_a_segment_of_another_role() -> None:
     t.call("a", "forward", segment=pa, indices=torch.tensor([7]))
     t.call("a", "backward", segment=pa, grad=torch.ones(1, 4))  # a's weights now hold record 7
     before = {k: v.clone() for k, v in b.export_weights(pb).items()}
-    members, w = {"a": pa, "b": pb}, {"a": 1.0, "b": 0.0}
+    members, w = {"a": pa, "b": pb}, {"a": 1.0, "b": 1.0}
     ca = t.call("a", "secagg_contribute", segment=pa, label="r", round=1, members=members,
                 weights=w)
     t.call("b", "secagg_contribute", segment=pb, label="r", round=1, members=members, weights=w)
@@ -159,7 +159,7 @@ def test_input_weights_never_load_into_a_segment_of_another_role() -> None:
 def test_weights_loaded_from_peers_are_held_to_the_watch_bound() -> None:
     """b and c approved a blind (rank-1) segment with a leakage bound; their trusted peer a
     the same spec with invertible weights (found in review). Loading a's weights, averaged
-    {a: 1, b: 0} at b or relayed to c, would let evaluation forwards release every record with
+    with a at b or relayed to c, would let evaluation forwards release every record with
     no step for the watch to look at: the watch measures them at once, the load is refused
     (own weights kept) and the segment halted."""
     from torch import nn
@@ -194,7 +194,7 @@ def test_weights_loaded_from_peers_are_held_to_the_watch_bound() -> None:
             if o != n:
                 hosts[n].trust_peer(o, hosts[o].public_key())
     own = {n: {k: v.clone() for k, v in hosts[n].export_weights(pid[n]).items()} for n in "bc"}
-    members, w = {"a": pid["a"], "b": pid["b"]}, {"a": 1.0, "b": 0.0}
+    members, w = {"a": pid["a"], "b": pid["b"]}, {"a": 1.0, "b": 1.0}
     c = {n: t.call(n, "secagg_contribute", segment=pid[n], label="r", round=1, members=members,
                    weights=w) for n in "ab"}
     with pytest.raises(LeakageHaltError, match="loaded from peers: inversion ratio"):
@@ -209,3 +209,27 @@ def test_weights_loaded_from_peers_are_held_to_the_watch_bound() -> None:
         assert all(torch.equal(now[k], own[n][k]) for k in now)  # a's weights not kept
         with pytest.raises(LeakageHaltError):
             t.call(n, "forward", segment=pid[n], indices=torch.arange(4), train=False)
+
+
+def test_a_data_owner_can_require_that_no_single_peer_reads_its_weights(peers) -> None:
+    """Two members, or a member of negligible weight, let one trusted peer read a's weights
+    out of the average (one malicious peer sufficed; found in review), and a relay hands them
+    over whole. HostLimits.min_cohort=3 at a refuses all three; an even 3-member round runs."""
+    from dataclasses import replace
+
+    from syft_split import ProtocolError
+
+    dep, session, segs = peers
+    t, host_a = dep.transport, dep.owners["a"]
+    host_a.limits = replace(host_a.limits, min_cohort=3)
+    with pytest.raises(ProtocolError, match="at least 3 members"):
+        t.call("a", "secagg_contribute", segment=segs["a"], label="node0", round=1,
+               members={"a": segs["a"], "b": segs["b"]}, weights={"a": 1.0, "b": 1.0})
+    with pytest.raises(ProtocolError, match="a tenth of the largest"):
+        t.call("a", "secagg_contribute", segment=segs["a"], label="node0", round=1,
+               members=segs, weights={"a": 1.0, "b": 1.0, "c": 0.01})
+    with pytest.raises(AccessError, match="never relays"):
+        t.call("a", "seal", segment=segs["a"], peer="b", to_segment=segs["b"])
+    assert t.call("a", "secagg_round", segment=segs["a"])["round"] == 0  # nothing spent
+    SecureAverage(session)(NAMES, [1.0, 1.0, 2.0])
+    assert np.abs(_flat(dep, "a", segs["a"]) - _flat(dep, "b", segs["b"])).max() <= 1e-6

@@ -110,6 +110,11 @@ class HostLimits:
     hides little of dW). ``he_min_flood_margin``: the flooding noise of returned decryptions,
     2^-flood_bits, must lie at least this many bits above the encoding unit 2^-scale_bits
     (the CKKS noise, which depends on the secret key, sits a few bits above that unit).
+    ``min_cohort``: the fewest members of a secure-aggregation round this data owner takes
+    part in. With 2 (the default) one trusted peer learns this data owner's weights (from a
+    two-member average, or a relay). From 3 no single peer does: every member's averaging
+    weight must be at least a tenth of the largest (a member of negligible weight hides
+    nothing), and this data owner's weights are never relayed (``seal`` is refused).
     """
 
     max_request_bytes: int = 64 * 1024 * 1024
@@ -129,14 +134,17 @@ class HostLimits:
     min_local_batch: int = 1
     he_min_share_bound: float = 1.0
     he_min_flood_margin: int = 10
+    min_cohort: int = 2
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_batch", "max_parameters", "max_width",
                      "max_layers", "max_activation_bytes", "max_proposals_per_minute", "max_pending",
-                     "max_pending_bytes", "min_local_batch"):
+                     "max_pending_bytes", "min_local_batch", "min_cohort"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"HostLimits.{name} must be a positive int, got {value!r}")
+        if self.min_cohort < 2:
+            raise ConfigError(f"HostLimits.min_cohort must be at least 2, got {self.min_cohort}")
         for name in ("max_abs_value", "max_step_flops"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:

@@ -264,6 +264,10 @@ class WeightOps(OpFamily):
         assert rt is not None
         peer = self._trusted(rt, call.req.get("peer"))
         to_segment = _text(call.req.get("to_segment"), "to_segment")
+        if self.host.limits.min_cohort >= 3:
+            raise AccessError(f"{self.host.name} never relays its weights to a single peer "
+                              f"(HostLimits.min_cohort={self.host.limits.min_cohort}); they "
+                              "are only averaged")
         if rt.pending_output is not None or rt.pending_loss_grads:
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         seq = self.relay_sent.get(rt.id, 0) + 1
@@ -340,13 +344,27 @@ class WeightOps(OpFamily):
                 self._trusted(rt, peer)
         if (not isinstance(weights, dict) or set(weights) != set(members) or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool)
-                and 0 <= w <= _MAX_WEIGHT for w in weights.values())
-                or not sum(weights.values()) > 0):
-            raise ProtocolError(f"weights must give every member a number in [0, "
-                                f"{_MAX_WEIGHT:g}] (a member without a batch this round: 0), "
-                                f"not all 0, got {weights!r:.200}")
+                and 0 < w <= _MAX_WEIGHT for w in weights.values())):
+            raise ProtocolError(f"weights must give every member a number in (0, "
+                                f"{_MAX_WEIGHT:g}] (a member of weight 0 contributes nothing: "
+                                "the 'average' would be a copy of the others'; leave it out of "
+                                f"the round), got {weights!r:.200}")
+        self._cohort_rule(members, weights)
         return {"v": 1, "label": label, "round": rnd, "members": members, "weights": weights,
                 "fingerprint": fingerprint(rt)}
+
+    def _cohort_rule(self, members: dict[str, str], weights: dict[str, Any]) -> None:
+        """``HostLimits.min_cohort``: from 3 members, no single peer may read this data owner's
+        weights out of the average (each weight at least a tenth of the largest)."""
+        least = self.host.limits.min_cohort
+        if len(members) < least:
+            raise ProtocolError(f"{self.host.name} averages only in cohorts of at least {least} "
+                                f"members (HostLimits.min_cohort), got {len(members)}")
+        if least >= 3 and min(weights.values()) * 10 < max(weights.values()):
+            raise ProtocolError(f"{self.host.name} needs every member's averaging weight to be "
+                                "at least a tenth of the largest (HostLimits.min_cohort="
+                                f"{least}: no single peer reads its weights), got "
+                                f"{weights!r:.200}")
 
     @op("secagg_contribute", roles=ROLES, mutates=True, egress={"sealed/*": SEALED, "round": SCALAR})
     def secagg_contribute(self, call: Call) -> dict[str, Any]:
