@@ -15,8 +15,8 @@ over N datasites costs the sum of N round trips; :class:`SplitFedRounds` overlap
    every data owner at once) and, for v1, the server copies (:meth:`ServerCopies.average`).
 
 Results equal the sequential schedule's (the same operations in the same order per party).
-Data owners of unequal size: one without a batch in a round sits it out and counts with
-weight 0 in the averaging, so it continues from the average like everybody else.
+Data owners of unequal size: one without a batch in a round sits it out of the averaging
+(weight 0) and is relayed the average, so it continues from it like everybody else.
 
 Failures: :func:`run_each` bounds the calls in flight (``max_workers``) and gives each data
 owner ``deadline_s`` per phase. A data owner whose call fails or does not answer in time is

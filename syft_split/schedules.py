@@ -101,7 +101,9 @@ class SecureAverage:
     def __call__(self, sources: Sequence[str], weights: Sequence[float], *,
                  each: Each | None = None) -> dict[str, BaseException]:
         """Replace each source's copy of every shared segment by their weighted average (a
-        source with weight 0 contributes nothing and receives the average).
+        source with weight 0 is not a member of the rounds, which data owners refuse: it
+        receives the average, relayed sealed from a member; with one source of positive
+        weight that is a relay of its weights).
 
         ``each(keys, fn) -> (results, errors)`` runs one phase's calls (contribute, then
         aggregate) for every data owner, e.g. concurrently (:func:`syft_split.rounds.run_each`),
@@ -127,18 +129,25 @@ class SecureAverage:
                 return failed
             self.round = _first_round(status) - 1
         w = {s: float(x) for s, x in zip(sources, weights)}
-        members, dropped = list(sources), {}
-        self.round += 1
-        for i in nodes:
+        members, dropped = [s for s in dict.fromkeys(sources) if w[s] > 0], {}
+        if not members:
+            raise ConfigError(f"averaging weights {weights} are all 0")
+        if len(members) > 1:
+            self.round += 1
+        for i in nodes if len(members) > 1 else []:
             while True:
                 failed, loading = self._node(i, members, w, run)
                 dropped.update(failed)
                 if not failed:
                     break
                 members = [s for s in members if s not in failed]
-                if loading or len(members) < 2 or sum(w[s] for s in members) <= 0:
+                if loading or len(members) < 2:
                     return dropped
                 self.round += 1  # the survivors again, under fresh masks
+        zero = [s for s in dict.fromkeys(sources) if w[s] <= 0]  # no batch: gets the average
+        if zero:
+            _, failed = run(zero, lambda s: relay_weights(self.session, members[0], s))
+            dropped.update(failed)
         return dropped
 
     def _node(self, i: int, sources: Sequence[str], w: dict[str, float], run: Each

@@ -211,7 +211,7 @@ class Trainer:
             self._server_copies.save(party)
         if end_of_round and self.schedule in ("splitfed_v1", "splitfed_v2"):
             self.session.flush()
-            # a data owner without a batch this round counts with weight 0 (gets the average)
+            # a data owner without a batch this round has weight 0 (is relayed the average)
             sources = self.session.plan.sources
             self._average(sources, [round_sizes.get(p, 0.0) for p in sources])
             if self._server_copies is not None:

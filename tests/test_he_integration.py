@@ -83,9 +83,11 @@ def test_he_training_matches_plain_training(level: str) -> None:
     # the data owner sent ciphertexts and masked values only: never a plaintext activation
     sent = dep.transport.traffic.fields_sent_by("h")
     assert "activation" not in sent and "he_input" in sent
+    watch = {"step", "inversion_ratio", "ssim", "dcor", "label_alignment", "seconds", "halted",
+             "watch_seconds"}  # the leakage watch's scalar figures, as for a plain segment
     assert sent <= {"he_input", "msg", "context", "segment", "status", "output_shape", "host",
                     "datasets", "h.enc_s", "steps", "last_step", "pending",
-                    } | {k.removeprefix("h.") for k in he}  # status: step counters only
+                    } | {k.removeprefix("h.") for k in he} | watch  # status: step counters
 
 
 def test_demo_model_protected_as_is_trains_to_plain_accuracy() -> None:

@@ -116,3 +116,120 @@ def test_peer_weights_past_the_bound_are_never_loaded(peers) -> None:
         t.call("c", "unseal", segment=segs["c"], sender="b",
                sealed=bytes(b._box("c").encrypt(plain)))
     assert np.array_equal(_flat(dep, "c", segs["c"]), before_c)
+
+
+def test_input_weights_never_load_into_a_segment_of_another_role() -> None:
+    """a's input segment and b's middle segment of the same spec, both shared with peers
+    (found in review): averaging would load a's input weights at b, whose
+    forward of the identity reads them back (and from them a record). The fingerprint binds
+    the role and input shape: the contribution and the relay are refused, nothing loaded."""
+    from torch import nn
+
+    from syft_split import DataOwnerHost, InProcessTransport, ProtocolError
+    from syft_split.spec import module_to_spec, spec_state
+
+    a, b = DataOwnerHost("a"), DataOwnerHost("b")
+    a.add_dataset("train", torch.randn(16, 6), torch.randint(0, 2, (16,)))
+    t = InProcessTransport([a, b])
+    m = nn.Linear(6, 4)
+    common = dict(spec=module_to_spec(m), optimizer={"name": "sgd", "lr": 0.5},
+                  share_weights="peer", **{f"state/{k}": v for k, v in spec_state(m).items()})
+    pa = t.call("a", "propose", role="input", datasets=["train"], **common)["segment"]
+    pb = t.call("b", "propose", role="middle", datasets=[], input_shape=[6], **common)["segment"]
+    a.approve(pa)
+    b.approve(pb)
+    a.trust_peer("b", b.public_key())
+    b.trust_peer("a", a.public_key())
+    t.call("a", "forward", segment=pa, indices=torch.tensor([7]))
+    t.call("a", "backward", segment=pa, grad=torch.ones(1, 4))  # a's weights now hold record 7
+    before = {k: v.clone() for k, v in b.export_weights(pb).items()}
+    members, w = {"a": pa, "b": pb}, {"a": 1.0, "b": 1.0}
+    ca = t.call("a", "secagg_contribute", segment=pa, label="r", round=1, members=members,
+                weights=w)
+    t.call("b", "secagg_contribute", segment=pb, label="r", round=1, members=members, weights=w)
+    with pytest.raises(ProtocolError, match="not for round 1"):
+        t.call("b", "secagg_aggregate", segment=pb, round=1, **{"sealed/a": ca["sealed/b"]})
+    sealed = t.call("a", "seal", segment=pa, peer="b", to_segment=pb)
+    with pytest.raises(ProtocolError, match="not for"):
+        t.call("b", "unseal", segment=pb, **sealed)
+    after = b.export_weights(pb)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing of a's loaded
+
+
+def test_weights_loaded_from_peers_are_held_to_the_watch_bound() -> None:
+    """b and c approved a blind (rank-1) segment with a leakage bound; their trusted peer a
+    the same spec with invertible weights (found in review). Loading a's weights, averaged
+    with a at b or relayed to c, would let evaluation forwards release every record with
+    no step for the watch to look at: the watch measures them at once, the load is refused
+    (own weights kept) and the segment halted."""
+    from torch import nn
+
+    from syft_split import (
+        DataOwnerHost,
+        InProcessTransport,
+        LeakageHaltError,
+    )
+    from syft_split.spec import module_to_spec, spec_state
+
+    hosts = {n: DataOwnerHost(n) for n in NAMES}
+    for h in hosts.values():
+        h.add_dataset("train", torch.randn(256, 8), torch.randint(0, 2, (256,)))
+    t = InProcessTransport(list(hosts.values()))
+    blind = torch.zeros(16, 8)
+    blind[0, 0] = 1.0
+    pid = {}
+    for n, w in (("a", torch.cat([torch.eye(8), -torch.eye(8)])), ("b", blind), ("c", blind)):
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        with torch.no_grad():
+            m[0].weight.copy_(w)
+            m[0].bias.zero_()
+        pid[n] = t.call(n, "propose", role="input", datasets=["train"], spec=module_to_spec(m),
+                        optimizer={"name": "sgd", "lr": 0.1}, share_weights="peer",
+                        **{f"state/{k}": v for k, v in spec_state(m).items()})["segment"]
+    hosts["a"].approve(pid["a"])
+    for n in "bc":
+        hosts[n].approve(pid[n], leakage_bound={"relative": 0.5})
+    for n in NAMES:
+        for o in NAMES:
+            if o != n:
+                hosts[n].trust_peer(o, hosts[o].public_key())
+    own = {n: {k: v.clone() for k, v in hosts[n].export_weights(pid[n]).items()} for n in "bc"}
+    members, w = {"a": pid["a"], "b": pid["b"]}, {"a": 1.0, "b": 1.0}
+    c = {n: t.call(n, "secagg_contribute", segment=pid[n], label="r", round=1, members=members,
+                   weights=w) for n in "ab"}
+    with pytest.raises(LeakageHaltError, match="loaded from peers: inversion ratio"):
+        t.call("b", "secagg_aggregate", segment=pid["b"], round=1,
+               **{"sealed/a": c["a"]["sealed/b"]})
+    sealed = t.call("a", "seal", segment=pid["a"], peer="c", to_segment=pid["c"])
+    with pytest.raises(LeakageHaltError, match="loaded from peers"):
+        t.call("c", "unseal", segment=pid["c"], **sealed)
+    for n in "bc":
+        assert hosts[n].proposal(pid[n]).status == "halted"
+        now = hosts[n].export_weights(pid[n])
+        assert all(torch.equal(now[k], own[n][k]) for k in now)  # a's weights not kept
+        with pytest.raises(LeakageHaltError):
+            t.call(n, "forward", segment=pid[n], indices=torch.arange(4), train=False)
+
+
+def test_a_data_owner_can_require_that_no_single_peer_reads_its_weights(peers) -> None:
+    """Two members, or a member of negligible weight, let one trusted peer read a's weights
+    out of the average (one malicious peer sufficed; found in review), and a relay hands them
+    over whole. HostLimits.min_cohort=3 at a refuses all three; an even 3-member round runs."""
+    from dataclasses import replace
+
+    from syft_split import ProtocolError
+
+    dep, session, segs = peers
+    t, host_a = dep.transport, dep.owners["a"]
+    host_a.limits = replace(host_a.limits, min_cohort=3)
+    with pytest.raises(ProtocolError, match="at least 3 members"):
+        t.call("a", "secagg_contribute", segment=segs["a"], label="node0", round=1,
+               members={"a": segs["a"], "b": segs["b"]}, weights={"a": 1.0, "b": 1.0})
+    with pytest.raises(ProtocolError, match="a tenth of the largest"):
+        t.call("a", "secagg_contribute", segment=segs["a"], label="node0", round=1,
+               members=segs, weights={"a": 1.0, "b": 1.0, "c": 0.01})
+    with pytest.raises(AccessError, match="never relays"):
+        t.call("a", "seal", segment=segs["a"], peer="b", to_segment=segs["b"])
+    assert t.call("a", "secagg_round", segment=segs["a"])["round"] == 0  # nothing spent
+    SecureAverage(session)(NAMES, [1.0, 1.0, 2.0])
+    assert np.abs(_flat(dep, "a", segs["a"]) - _flat(dep, "b", segs["b"])).max() <= 1e-6

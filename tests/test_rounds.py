@@ -130,7 +130,7 @@ def test_a_failing_party_is_named_and_the_others_keep_training(stall) -> None:
     made: list[_Flaky] = []
 
     def wrap(t: Transport) -> _Flaky:
-        made.append(_Flaky(t, "c", after=12, stall=stall))
+        made.append(_Flaky(t, "c", after=8, stall=stall))  # within the rounds
         return made[0]
 
     t0 = time.perf_counter()

@@ -273,8 +273,11 @@ def test_cohort_checks_at_contribution(three_peers) -> None:
     for bad in (-1.0, 1e13, 10**400):
         with pytest.raises(ProtocolError, match="a number in"):
             segs["a"].secagg_contribute("node0", 1, ids, {**w, "b": bad})
-    with pytest.raises(ProtocolError, match="not all 0"):  # weight 0: a member without a batch
-        segs["a"].secagg_contribute("node0", 1, ids, {n: 0.0 for n in w})
+    for zero in ({**w, "b": 0.0, "c": 0.0}, {**w, "a": 0.0}):  # a copy, not an average
+        with pytest.raises(ProtocolError, match=r"a number in \(0"):
+            segs["a"].secagg_contribute("node0", 1, ids, zero)
+    with pytest.raises(ProtocolError, match="at most 256 characters"):  # persisted with the
+        segs["a"].secagg_contribute("node0", 1, {**ids, "b": "y" * 600_000}, w)  # round
     # none of these spent a round: round 1 is still available
     assert segs["a"].secagg_round() == 0
     sealed = _round(segs, 1, w)

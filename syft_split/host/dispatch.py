@@ -144,6 +144,10 @@ class OpFamily:
         """Called after every optimizer step of an input or middle segment, with the
         validated gradient the model owner sent for it (override)."""
 
+    def after_load(self, rt: Runtime) -> None:
+        """Called after weights from peer data owners were loaded into ``rt``, before the op
+        answers (override); raising refuses them: the segment's own weights are put back."""
+
     def state(self) -> dict[str, Any]:
         """What this family must keep across a restart: JSON data, tensors and bytes
         (:func:`syft_split.persist.pack`); saved with the host's proposals (override)."""

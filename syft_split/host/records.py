@@ -119,6 +119,11 @@ class HostLimits:
     or unblind here in a minute (each costs ~40 us of the host): ``psi_serve`` counts its
     request's and the dataset's, ``psi_request`` and ``psi_finish`` the dataset's. One
     alignment of N records with a model owner of M labels costs M + 3N.
+    ``min_cohort``: the fewest members of a secure-aggregation round this data owner takes
+    part in. With 2 (the default) one trusted peer learns this data owner's weights (from a
+    two-member average, or a relay). From 3 no single peer does: every member's averaging
+    weight must be at least a tenth of the largest (a member of negligible weight hides
+    nothing), and this data owner's weights are never relayed (``seal`` is refused).
     """
 
     max_request_bytes: int = 64 * 1024 * 1024
@@ -141,15 +146,18 @@ class HostLimits:
     he_min_flood_margin: int = 10
     max_psi_elements: int = 65_536
     max_psi_elements_per_minute: int = 262_144
+    min_cohort: int = 2
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_batch", "max_parameters", "max_width",
                      "max_layers", "max_activation_bytes", "max_proposals_per_minute", "max_pending",
                      "max_pending_bytes", "min_local_batch", "max_psi_elements",
-                     "max_psi_elements_per_minute"):
+                     "max_psi_elements_per_minute", "min_cohort"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"HostLimits.{name} must be a positive int, got {value!r}")
+        if self.min_cohort < 2:
+            raise ConfigError(f"HostLimits.min_cohort must be at least 2, got {self.min_cohort}")
         for name in ("max_abs_value", "max_step_flops"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:

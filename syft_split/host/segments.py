@@ -280,9 +280,11 @@ class SegmentOps(OpFamily):
                                       "rng": start}
                                      if idx is not None else {"x": x.detach(), "rng": start})
             response: dict[str, Any] = {}
-            if rt.he is not None:  # only ciphertexts of the approved output leave
-                response["he_input"] = rt.he.encrypt_input(out.detach().flatten(1),
-                                                           need_grad=train)
+            if rt.he is not None:  # only ciphertexts of the approved output leave, with the
+                # release's defences applied first, as on the plain path: a malicious model owner
+                # can decrypt them (SECURITY.md), so the noise must be in what it decrypts
+                released = release(rt, out, None, None)["activation"]
+                response["he_input"] = rt.he.encrypt_input(released.flatten(1), need_grad=train)
                 return response
             response.update(release(rt, out, ds, idx, req.get("dataset")))
         except Exception:  # refused (NoPeek on one record, label noise, |x| > x_bound, ...):

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..errors import ConfigError, SyftSplitError, ValidationError
+from ..errors import ConfigError, LeakageHaltError, SyftSplitError, ValidationError
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import SCALAR, TEXT, Call
 from .records import AuditEntry, Dataset, Proposal, Runtime
@@ -125,7 +125,9 @@ class LeakageOps(OpFamily):
         return Release.from_defences(p.defences, release_labels=p.release_labels)
 
     def _watched(self, p: Proposal) -> bool:
-        return p.role == "input" and p.he is None and bool(p.datasets)
+        """Input segments, encrypted ones too: a malicious model owner can decrypt what an
+        encrypted segment releases (SECURITY.md), so it is measured like a plain one."""
+        return p.role == "input" and bool(p.datasets)
 
     # ------------------------------------------------------------------------- review
     def suite(self, p: Proposal) -> dict[str, Any] | None:
@@ -241,6 +243,17 @@ class LeakageOps(OpFamily):
         if watch.after_step(rt.module, rt.steps, grad=grad, labels=labels):
             self.host.halt(rt.id, f"leakage watch: {watch.reason}", by="watch")
 
+    def after_load(self, rt: Runtime) -> None:
+        """Weights loaded from peers (a relayed copy, an average) are measured at once and held
+        to the bound, like a step's: past it the watch halts and the load is refused (the
+        segment keeps its own weights; :meth:`WeightOps._load` puts them back and halts it)."""
+        watch = rt.extra.get("watch")
+        if watch is None or rt.proposal.status != "approved":
+            return
+        if _measuring("the leakage watch", lambda: watch.judge(
+                rt.module, rt.steps, note="weights loaded from peers"), detail=False):
+            raise LeakageHaltError(f"leakage watch: weights loaded from peers: {watch.reason}")
+
     # ---------------------------------------------------- persistence (host.store)
     def segment_state(self, rt: Runtime) -> dict[str, Any] | None:
         """The watch (None: none was installed) and the labels released with the pending
@@ -293,7 +306,7 @@ class LeakageOps(OpFamily):
         rt = call.rt
         assert rt is not None
         w = rt.extra.get("watch")
-        if w is None:  # no watch on this segment (e.g. it releases ciphertexts only)
+        if w is None:  # no watch on this segment (not measurable, or too few records)
             return {}
         entry = w.measure(rt.module, rt.steps, record=False)  # asking adds nothing to keep
         out = {k: _scalar(entry.get(k)) for k in ("step", "inversion_ratio", "ssim", "dcor",

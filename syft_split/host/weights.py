@@ -36,6 +36,7 @@ from .. import secagg, wire
 from ..errors import (
     AccessError,
     ConfigError,
+    LeakageHaltError,
     ProtocolError,
     ShapeError,
     WireError,
@@ -49,13 +50,21 @@ __all__ = ["WeightOps", "fingerprint"]
 
 _MAX_MEMBERS = 64
 _MAX_WEIGHT = 1e12  # averaging weights are record counts
+_MAX_TEXT = 256  # labels, segment ids: persisted with a round (the host's state is capped)
 
 
 def fingerprint(rt: Runtime) -> str:
-    """What two data owners' copies of one segment must share: its spec and weight layout."""
+    """What two data owners' copies of one segment must share: its role, spec, input shape
+    (an input segment's: its datasets' feature shape) and weight layout. An input segment's
+    weights never leave; loaded into a middle or loss segment, whose inputs the model owner
+    chooses, they would be read back (a forward of the identity; found in review). A middle
+    or loss segment's own weights are readable that way anyway, so its copies may be shared
+    among segments of its role."""
+    p = rt.proposal
     layout = [[k, list(v.shape), str(v.dtype)] for k, v in rt.module.state_dict().items()]
-    return hashlib.sha256(secagg.canonical({"spec": rt.proposal.spec, "state": layout})
-                          ).hexdigest()
+    return hashlib.sha256(secagg.canonical({
+        "role": p.role, "input_shape": list(p.input_shape), "spec": p.spec, "state": layout})
+    ).hexdigest()
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -65,8 +74,11 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 def _text(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > 256:
-        raise ProtocolError(f"{name} must be a short non-empty string, got {value!r:.60}")
+    """A short string the model owner (or a peer) chose, which may be persisted: at most
+    ``_MAX_TEXT`` characters."""
+    if not isinstance(value, str) or not value or len(value) > _MAX_TEXT:
+        raise ProtocolError(f"{name} must be a non-empty string of at most {_MAX_TEXT} "
+                            f"characters, got {type(value).__name__} {value!r:.60}")
     return value
 
 
@@ -217,6 +229,21 @@ class WeightOps(OpFamily):
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         return state
 
+    def _load(self, rt: Runtime, state: dict[str, torch.Tensor]) -> None:
+        """Load weights from peers (checked already), then let every family look at them (the
+        leakage watch measures them now). Refused by the watch: the segment's own weights are
+        put back and it is halted, as the watch halts on a step."""
+        own = {k: v.detach().clone() for k, v in rt.module.state_dict().items()}
+        rt.module.load_state_dict(state)
+        try:
+            for family in self.host.families.values():
+                family.after_load(rt)
+        except Exception as exc:
+            rt.module.load_state_dict(own)
+            if isinstance(exc, LeakageHaltError):
+                self.host.halt(rt.id, str(exc), by="watch")
+            raise
+
     # ----------------------------------------------------------------------- export
     @op("export", roles=ROLES, egress={"state/*": WEIGHTS})
     def export(self, call: Call) -> dict[str, Any]:
@@ -237,6 +264,10 @@ class WeightOps(OpFamily):
         assert rt is not None
         peer = self._trusted(rt, call.req.get("peer"))
         to_segment = _text(call.req.get("to_segment"), "to_segment")
+        if self.host.limits.min_cohort >= 3:
+            raise AccessError(f"{self.host.name} never relays its weights to a single peer "
+                              f"(HostLimits.min_cohort={self.host.limits.min_cohort}); they "
+                              "are only averaged")
         if rt.pending_output is not None or rt.pending_loss_grads:
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         seq = self.relay_sent.get(rt.id, 0) + 1
@@ -256,7 +287,7 @@ class WeightOps(OpFamily):
         assert rt is not None
         sender = self._trusted(rt, call.req.get("sender"))
         msg = self._open(sender, call.req.get("sealed"), "sealed weights")
-        seen_key = f"{rt.id}<{sender}/{msg.get('from_segment')}"
+        seen_key = f"{rt.id}<{sender}/{_text(msg.get('from_segment'), 'from_segment')}"
         expect = {"kind": "relay", "sender": sender, "recipient": self.host.name,
                   "to_segment": rt.id, "fingerprint": fingerprint(rt)}
         wrong = {k: msg.get(k) for k, v in expect.items() if msg.get(k) != v}
@@ -270,7 +301,7 @@ class WeightOps(OpFamily):
                                 f"{rt.id} already loaded {last}: a replay is refused")
         state = self._check_loadable(rt, {k[6:]: v for k, v in msg.items()
                                           if k.startswith("state/")})
-        rt.module.load_state_dict(state)
+        self._load(rt, state)
         self.relay_seen[seen_key] = seq
         return {"steps": rt.steps}
 
@@ -304,6 +335,8 @@ class WeightOps(OpFamily):
                 or not all(isinstance(v, str) for v in members.values())):
             raise ProtocolError(f"members must map 2..{_MAX_MEMBERS} data owners to segment ids, "
                                 f"got {members!r:.200}")
+        for peer, segment in members.items():  # persisted with the round: bounded
+            _text(segment, f"members[{peer!r:.60}] (a segment id)")
         if members.get(self.host.name) != rt.id:
             raise ProtocolError(f"members {members} do not list {self.host.name} as {rt.id}")
         for peer in members:
@@ -311,13 +344,27 @@ class WeightOps(OpFamily):
                 self._trusted(rt, peer)
         if (not isinstance(weights, dict) or set(weights) != set(members) or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool)
-                and 0 <= w <= _MAX_WEIGHT for w in weights.values())
-                or not sum(weights.values()) > 0):
-            raise ProtocolError(f"weights must give every member a number in [0, "
-                                f"{_MAX_WEIGHT:g}] (a member without a batch this round: 0), "
-                                f"not all 0, got {weights!r:.200}")
+                and 0 < w <= _MAX_WEIGHT for w in weights.values())):
+            raise ProtocolError(f"weights must give every member a number in (0, "
+                                f"{_MAX_WEIGHT:g}] (a member of weight 0 contributes nothing: "
+                                "the 'average' would be a copy of the others'; leave it out of "
+                                f"the round), got {weights!r:.200}")
+        self._cohort_rule(members, weights)
         return {"v": 1, "label": label, "round": rnd, "members": members, "weights": weights,
                 "fingerprint": fingerprint(rt)}
+
+    def _cohort_rule(self, members: dict[str, str], weights: dict[str, Any]) -> None:
+        """``HostLimits.min_cohort``: from 3 members, no single peer may read this data owner's
+        weights out of the average (each weight at least a tenth of the largest)."""
+        least = self.host.limits.min_cohort
+        if len(members) < least:
+            raise ProtocolError(f"{self.host.name} averages only in cohorts of at least {least} "
+                                f"members (HostLimits.min_cohort), got {len(members)}")
+        if least >= 3 and min(weights.values()) * 10 < max(weights.values()):
+            raise ProtocolError(f"{self.host.name} needs every member's averaging weight to be "
+                                "at least a tenth of the largest (HostLimits.min_cohort="
+                                f"{least}: no single peer reads its weights), got "
+                                f"{weights!r:.200}")
 
     @op("secagg_contribute", roles=ROLES, mutates=True, egress={"sealed/*": SEALED, "round": SCALAR})
     def secagg_contribute(self, call: Call) -> dict[str, Any]:
@@ -408,7 +455,7 @@ class WeightOps(OpFamily):
         keys = [k for k, v in state.items() if v.is_floating_point()]
         new = {**{k: v.clone() for k, v in state.items()},
                **secagg.unflatten(average, state, keys)}
-        rt.module.load_state_dict(self._check_loadable(rt, new))
+        self._load(rt, self._check_loadable(rt, new))
         del self.pending[rt.id]
         self.aggregated[rt.id] = rnd
         self.done[rt.id] = {"descriptor": desc, "own": pending["own"]}

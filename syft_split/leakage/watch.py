@@ -327,6 +327,16 @@ class LeakageWatch:
             self._judge(self.measure(module, step))
         return self.halted
 
+    def judge(self, module: nn.Module, step: int, *, note: str) -> bool:
+        """Measure ``module``'s current weights now and hold them to the bound, whatever the
+        step count (weights that no step of this segment made, e.g. loaded from peers:
+        ``note`` says where from, in the history). Returns ``True`` if the watch is halted."""
+        if not self.halted:
+            entry = self.measure(module, step)
+            entry["note"] = note
+            self._judge(entry)
+        return self.halted
+
     def _detect(self, step: int) -> None:
         """Alignment of the pending batches (one vectorised pass), then the window's median."""
         pending, self._pending = self._pending, []
