@@ -157,6 +157,37 @@ def test_a_step_that_cannot_be_saved_is_answered_audited_and_saved_on_retry(
     assert again.runtimes[pid].steps == 1 and again.runtimes[pid].last_step == 2
 
 
+def test_a_step_whose_after_step_hook_fails_is_undone(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A family's hook after the optimizer step (the watch's measure) raised: the step stayed
+    applied and saved, but no step record was kept and the model owner was told it failed;
+    its gradient sent again found no pending forward. The step is undone now."""
+    from syft_split.host.watch import LeakageOps
+
+    root = tmp_path / "state"
+    host = _host(root)
+    pid = _middle(host)
+
+    def step(**fields: object) -> dict[str, object]:
+        return dict(wire.decode(host.handle(USER, wire.encode({"segment": pid, **fields}))))
+
+    step(op="forward", x=torch.randn(4, 4), step=1)
+    before = {k: v.clone() for k, v in host.export_weights(pid).items()}
+    backward = {"op": "backward", "grad": torch.ones(4, 4), "step": 2}
+
+    def broken(self: object, rt: object, grad: object) -> None:
+        raise RuntimeError("the measure failed")
+
+    monkeypatch.setattr(LeakageOps, "after_step", broken)
+    assert step(**backward)["error"] == "RemoteError"
+    monkeypatch.undo()
+    rt = host.runtimes[pid]
+    assert rt.steps == 0 and rt.pending_output is not None
+    assert all(torch.equal(before[k], v) for k, v in host.export_weights(pid).items())
+    assert _host(root).runtimes[pid].steps == 0  # and so on disk
+    assert step(**backward)["steps"] == 1  # the same gradient, sent again, lands
+
+
 def _trained(root: Path) -> tuple[DataOwnerHost, str, bytes]:
     """A host whose middle segment took three steps, shut down cleanly, and its segment
     file as it was after the first step."""

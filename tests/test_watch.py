@@ -207,3 +207,52 @@ def test_watch_state_round_trips_and_a_bad_state_changes_nothing(data) -> None: 
         with pytest.raises(ConfigError, match="watch state"):
             other.load_state(bad)  # type: ignore[arg-type]
     assert other.history == [] and other.bound == WatchBound() and other.steps_seen == 0
+
+
+def test_weights_that_make_the_figures_nan_are_past_every_bound() -> None:
+    """A model owner's lr=1e30 blew the weights up: the figures were NaN, and `NaN < bound` is
+    never true, so the watch never halted."""
+    from syft_split import DataOwnerHost, wire
+    from syft_split.host.records import HostLimits
+    from syft_split.spec import module_to_spec, spec_state
+
+    def call(**req: object) -> dict[str, object]:
+        return dict(wire.decode(host.handle("mo@example.org", wire.encode(req))))
+
+    host = DataOwnerHost("a", limits=HostLimits(watch_every=1))
+    g = torch.Generator().manual_seed(0)
+    host.add_dataset("train", torch.randn(64, 4, generator=g), torch.randint(0, 2, (64,), generator=g))
+    m = nn.Sequential(nn.Linear(4, 3))
+    pid = str(call(op="propose", role="input", datasets=["train"], spec=module_to_spec(m),
+                   optimizer={"name": "sgd", "lr": 1e30},
+                   **{f"state/{k}": v for k, v in spec_state(m).items()})["segment"])
+    host.approve(pid, leakage_bound={"inversion_ratio": 0.99, "hijack": False})
+    call(op="forward", segment=pid, indices=torch.arange(4), step=1)
+    call(op="backward", segment=pid, grad=torch.full((4, 3), 1e6), step=2)
+    watch = host.runtimes[pid].extra["watch"]
+    assert watch.latest["inversion_ratio"] != watch.latest["inversion_ratio"]  # NaN
+    assert host.proposals_by_id[pid].status == "halted"
+    r = call(op="forward", segment=pid, indices=torch.arange(4), step=3)
+    assert r["error"] == "LeakageHaltError", r
+
+
+def test_the_history_kept_is_bounded(data) -> None:  # type: ignore[no-untyped-def]
+    """Every measure went into the history, saved with the segment: ~190k steps of a watched
+    segment made its state unsavable. The baseline and the newest MAX_HISTORY - 1 are kept;
+    the state and the report say how many were dropped; an older, longer history loads."""
+    from syft_split.leakage.watch import MAX_HISTORY
+
+    mock, _, _, probe = data
+    torch.manual_seed(0)
+    seg = split_model(digits_cnn(), cuts=["pool1"])[0]
+    watch = LeakageWatch(WatchBound(hijack=False), probe=probe, mock=mock, every=1)
+    base = watch.baseline(seg)
+    state = watch.state()
+    state["history"] = [base] + [{**base, "step": s} for s in range(1, MAX_HISTORY + 50)]
+    back = LeakageWatch(WatchBound(hijack=False), probe=probe, mock=mock, every=1)
+    back.load_state(state)
+    assert len(back.history) == MAX_HISTORY and back.history_dropped == 50
+    back.after_step(seg, MAX_HISTORY + 50)
+    assert len(back.history) == MAX_HISTORY and back.history_dropped == 51
+    assert back.history[0]["step"] == 0 and back.history[-1]["step"] == MAX_HISTORY + 50
+    assert back.report()["history_dropped"] == 51 and back.state()["history_dropped"] == 51

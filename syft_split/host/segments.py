@@ -329,6 +329,9 @@ class SegmentOps(OpFamily):
         grad = self.host.guard.grad_in(rt, call.req.get("grad"))
         assert rt.pending_output is not None
         call.rows = int(rt.pending_output.shape[0])
+        # what runs after the step (the families' hooks, the egress guard) may fail: the step
+        # is then undone, as the model owner is told it was refused
+        call.undo = undo_point(self.host, rt)
         grad_in = apply_grad(rt, grad)
         self.host.stepped(rt, grad)
         out: dict[str, Any] = {"steps": rt.steps}

@@ -67,7 +67,11 @@ from .modes import TrainView, mode_dependent, worse_of
 from .passthrough import ridge_decoder
 from .release import Release
 
-__all__ = ["WatchBound", "LeakageWatch", "label_alignment", "label_alignments"]
+__all__ = ["WatchBound", "LeakageWatch", "label_alignment", "label_alignments", "MAX_HISTORY"]
+
+#: measures a watch keeps in its history (the baseline and the newest): ~140 bytes each, saved
+#: with the segment after every step
+MAX_HISTORY = 1000
 
 
 def _finite(v: Any) -> TypeGuard[float]:
@@ -255,6 +259,8 @@ class LeakageWatch:
         eps = self.release.label_epsilon
         self.hijack_applicable = self.release.labels and (eps == 0 or eps >= min_label_epsilon)
         self.history: list[dict[str, Any]] = []
+        #: measures no longer in ``history`` (the oldest after the baseline)
+        self.history_dropped = 0
         self.halted = False
         self.reason: str | None = None
         self.halted_at: int | None = None
@@ -278,7 +284,7 @@ class LeakageWatch:
         entry["seconds"] = seconds
         self.seconds += seconds
         if record:
-            self.history.append(entry)
+            self._keep(entry)
             self.latest = entry
         return entry
 
@@ -358,18 +364,29 @@ class LeakageWatch:
     def _judge(self, e: dict[str, Any]) -> None:
         b, step = self.bound, e["step"]
         where = f"at step {step}, ridge decoder on {self._probe.shape[0]} of your records"
-        if b.inversion_ratio is not None and e["inversion_ratio"] < b.inversion_ratio:
+        # a figure that is not a number (weights the model owner blew up) is past every bound
+        if b.inversion_ratio is not None and not e["inversion_ratio"] >= b.inversion_ratio:
             self._halt(step, f"inversion ratio {e['inversion_ratio']:.4f} < bound {b.inversion_ratio:.4f} "
                              f"({where})")
-        elif b.ssim is not None and e["ssim"] is not None and e["ssim"] > b.ssim:
+        elif b.ssim is not None and e["ssim"] is not None and not e["ssim"] <= b.ssim:
             self._halt(step, f"SSIM {e['ssim']:.4f} > bound {b.ssim:.4f} ({where})")
-        elif b.dcor is not None and e["dcor"] > b.dcor:
+        elif b.dcor is not None and not e["dcor"] <= b.dcor:
             self._halt(step, f"dCor (bias-corrected) {e['dcor']:.4f} > bound {b.dcor:.4f} "
                              f"(at step {step})")
 
     def _halt(self, step: int, reason: str) -> None:
         self.halted, self.halted_at, self.reason = True, step, reason
-        self.history.append({"step": step, "halted": reason})
+        self._keep({"step": step, "halted": reason})
+
+    def _keep(self, entry: dict[str, Any]) -> None:
+        """Add ``entry`` to the history, which keeps the approval's baseline and the newest
+        ``MAX_HISTORY - 1`` entries (``history_dropped`` counts the others): it is saved with
+        the segment, and a history growing with every measure made a long run unsavable."""
+        self.history.append(entry)
+        over = len(self.history) - MAX_HISTORY
+        if over > 0:
+            del self.history[1:1 + over]
+            self.history_dropped += over
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, Any]:
@@ -383,6 +400,7 @@ class LeakageWatch:
             "gen": self._gen.get_state(), "alignments": list(self._alignments),
             "pending": [{"step": s, "grad": g, "labels": y} for s, g, y in self._pending],
             "history": [dict(e) for e in self.history], "halted": self.halted,
+            "history_dropped": self.history_dropped,
             "reason": self.reason, "halted_at": self.halted_at, "seconds": self.seconds,
             "steps_seen": self.steps_seen, "median_min": self.median_min,
             "median_last": self.median_last,
@@ -425,6 +443,7 @@ class LeakageWatch:
         history = state.get("history")
         if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
             raise _bad_state("`history` a list of dicts")
+        dropped = _state_int(state, "history_dropped", 0) if "history_dropped" in state else 0
         halted, reason = state.get("halted"), state.get("reason")
         at = None if state.get("halted_at") is None else _state_int(state, "halted_at", 0)
         medians = state.get("median_min"), state.get("median_last")  # absent: an older file
@@ -436,7 +455,9 @@ class LeakageWatch:
         self.bound, self.every, self._ridge, self._gen = bound, every, ridge, gen
         self._alignments = deque((float(a) for a in alignments), maxlen=self.window)
         self._pending = pending
-        self.history = [dict(e) for e in history]
+        self.history, self.history_dropped = [dict(e) for e in history[:1]], dropped
+        for e in history[1:]:  # an older file's history may be longer than is kept now
+            self._keep(dict(e))
         self.latest = next((e for e in reversed(self.history) if "halted" not in e), {})
         self.halted, self.reason, self.halted_at = halted, reason, at
         self.seconds, self.steps_seen = float(seconds), seen
@@ -457,6 +478,7 @@ class LeakageWatch:
             "hijack_detector": {"applicable": self.hijack_applicable, "threshold": self.hijack_threshold,
                                 "window": self.window, "detect_every": self.detect_every,
                                 "median_min": self.median_min, "median_last": self.median_last},
-            "history": [dict(e) for e in self.history], "halted": self.halted, "reason": self.reason,
+            "history": [dict(e) for e in self.history], "history_dropped": self.history_dropped,
+            "halted": self.halted, "reason": self.reason,
             "halted_at_step": self.halted_at, "steps": self.steps_seen, "seconds": self.seconds,
         }
