@@ -22,6 +22,7 @@ from .guard import Rule
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from threading import Lock
 
     import torch
 
@@ -38,6 +39,7 @@ class Host(Protocol):
     guard: Guard
     audit: list[AuditEntry]
     audit_first: int
+    audit_lock: Lock
     proposals_by_id: dict[str, Proposal]
     runtimes: dict[str, Runtime]
     families: dict[str, OpFamily]
