@@ -106,6 +106,10 @@ class HostLimits:
     ``watch_every``: the live leakage watch re-measures an input segment every so many steps.
     ``min_local_batch``: a locally trained (federated) model's gradient (``fl_gradient``) and
     every local step of ``fl_train`` cover at least this many records (1: no minimum).
+    ``max_local_records``: the records one ``fl_train`` call may process (``epochs`` x the
+    dataset's records; its local steps are at most as many): one call holds the host, and the
+    data owner's console waits behind it, for at most that much local training (100,000
+    records at batch 1 is some 30 s for a small CNN on one core); more epochs take more calls.
     ``he_min_share_bound``: level B's share A must be uniform in at least +-this (a tiny bound
     hides little of dW). ``he_min_flood_margin``: the flooding noise of returned decryptions,
     2^-flood_bits, must lie at least this many bits above the encoding unit 2^-scale_bits
@@ -127,13 +131,14 @@ class HostLimits:
     review_budget_s: float = 30.0
     watch_every: int = 25
     min_local_batch: int = 1
+    max_local_records: int = 100_000
     he_min_share_bound: float = 1.0
     he_min_flood_margin: int = 10
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_batch", "max_parameters", "max_width",
                      "max_layers", "max_activation_bytes", "max_proposals_per_minute", "max_pending",
-                     "max_pending_bytes", "min_local_batch"):
+                     "max_pending_bytes", "min_local_batch", "max_local_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"HostLimits.{name} must be a positive int, got {value!r}")
