@@ -97,6 +97,9 @@ class DataOwnerHost:
         #: guards :attr:`audit` (entries come from the endpoint, channel threads and refusals
         #: recorded outside the serving lock)
         self.audit_lock = threading.Lock()
+        #: display names of callers (a datasite user's e-mail, by its principal; see
+        #: :mod:`.users`): shown in the audit log and the review, never checked
+        self.names: dict[str, str] = {}
         self.proposals_by_id: dict[str, Proposal] = {}
         self.runtimes: dict[str, Runtime] = {}
         self.ids: Iterator[int] = itertools.count(1)
@@ -133,7 +136,11 @@ class DataOwnerHost:
         """Append ``entry`` to the audit log (and to the state directory's ``audit.jsonl``),
         its texts clipped (:meth:`AuditEntry.clipped`). Memory keeps the newest
         :attr:`audit_tail` to ``2 * audit_tail`` entries; older ones live on disk only.
-        Thread-safe: entries keep one order in memory and in the file."""
+        Thread-safe: entries keep one order in memory and in the file. A caller with a
+        display name is recorded under it, its principal in ``user``."""
+        name = self.names.get(entry.caller)
+        if name is not None:
+            entry = dataclasses.replace(entry, caller=name, user=entry.caller)
         entry = entry.clipped()
         with self.audit_lock:
             self.audit.append(entry)
@@ -143,6 +150,11 @@ class DataOwnerHost:
                 self.audit_first += drop
             if self.store is not None:
                 self.store.append_audit(entry)
+
+    def who(self, caller: str) -> str:
+        """``caller`` for display: its name and principal, or the principal alone."""
+        name = self.names.get(caller)
+        return caller if name is None else f"{name} ({caller})"
 
     def _persist(self, spec: OpSpec | None, call: Call | None, *, replayed: bool = False) -> None:
         """Save what the op changed (see :mod:`.store`). After a failed save
@@ -217,10 +229,9 @@ class DataOwnerHost:
             why = f" ({p.reason})" if p is not None and p.reason else ""
             cls = LeakageHaltError if p is not None and p.halted_by == "watch" else ApprovalError
             raise cls(f"segment {seg!r} is {state} on {self.name}{why}: it cannot run")
-        if caller != p.driver:
-            raise AuthorizationError(
-                f"{caller} may not drive {p.id}; the data owner approved {p.driver}"
-            )
+        if caller != p.driver:  # principals: a datasite user's id, never its e-mail
+            raise AuthorizationError(f"{self.who(caller)} may not drive {p.id}: the data "
+                                     "owner approved another user")
         if p.role not in roles:
             raise ProtocolError(f"segment {p.id} has role {p.role!r}; this op needs {roles}")
         return self.runtimes[p.id]

@@ -203,7 +203,10 @@ def state_bytes(state: dict[str, Any]) -> int:
 
 @dataclass(frozen=True)
 class AuditEntry:
-    """One call the host answered: who, which op, on what, how big, how long, outcome."""
+    """One call the host answered: who, which op, on what, how big, how long, outcome.
+    ``caller`` is who called as the data owner reads it (a datasite user's e-mail); ``user``,
+    when set, the principal the host checked (``syft-user:<PySyft user id>``): two accounts
+    that went by one e-mail differ there."""
 
     time: float
     caller: str
@@ -214,6 +217,7 @@ class AuditEntry:
     bytes_out: int
     seconds: float
     outcome: str
+    user: str = ""
 
     def clipped(self) -> AuditEntry:
         """This entry with every text a caller chose cut to a bounded length: the caller,
@@ -224,6 +228,7 @@ class AuditEntry:
                   for k, v in itertools.islice(self.shapes.items(), AUDIT_SHAPES)}
         segment = None if self.segment is None else clip(self.segment, AUDIT_TEXT)
         return replace(self, caller=clip(self.caller, AUDIT_TEXT), op=clip(self.op, AUDIT_TEXT),
+                       user=clip(self.user, AUDIT_TEXT),
                        segment=segment, shapes=shapes,
                        outcome=clip(self.outcome, AUDIT_OUTCOME))
 
