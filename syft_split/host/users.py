@@ -65,10 +65,11 @@ class UserOps(OpFamily):
         """``user`` as a principal: one the host knows, or the one display name it had."""
         if not isinstance(user, str) or not user:
             raise ConfigError(f"user must be a principal or a display name, got {user!r}")
-        known = set(self.host.names) | {p.driver for p in self.host.proposals_by_id.values()}
+        names = dict(self.host.names)  # a copy: the endpoint adds names outside the lock
+        known = set(names) | {p.driver for p in self.host.proposals_by_id.values()}
         if user in known:
             return user
-        named = sorted(k for k, v in self.host.names.items() if v == user)
+        named = sorted(k for k, v in names.items() if v == user)
         if len(named) == 1:
             return named[0]
         if not named:
