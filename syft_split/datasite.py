@@ -12,7 +12,8 @@ What runs inside the datasite (the endpoint function, the host registry) is
 :mod:`syft_split.datasite_serve`; this module is the caller's side. Calls (keyword arguments
 of ``client.api.services.api.call(path, ...)``)::
 
-    request=<wire bytes>                 a model-owner op, answered by host.handle(user e-mail)
+    request=<wire bytes>                 a model-owner op, answered by host.handle(the user's
+                                         principal, syft-user:<PySyft user id>)
     request=<wire bytes>, owner=<op>     a data-owner op; refused unless the caller is ADMIN
     done=<uid>                           housekeeping: delete the caller's previous result
 
@@ -290,7 +291,9 @@ def publish_dataset(
 # ---------------------------------------------------------------- data-owner helpers
 @dataclass(frozen=True)
 class ProposalInfo:
-    """A proposal as listed for the data owner (read :func:`review` before approving)."""
+    """A proposal as listed for the data owner (read :func:`review` before approving).
+    ``driver`` is its user's e-mail as last seen (display); ``driver_id`` the principal the
+    host checks (``syft-user:<PySyft user id>``), which no other account can take."""
 
     id: str
     driver: str
@@ -300,6 +303,7 @@ class ProposalInfo:
     input_shape: list[int]
     output_shape: list[int]
     max_batch: int
+    driver_id: str = ""
 
 
 class DatasiteConsole(ChannelConsole):
@@ -325,7 +329,20 @@ class DatasiteConsole(ChannelConsole):
     def proposals(self, status: str | None = None) -> list[ProposalInfo]:
         """Proposals on this datasite (optionally only ``"pending"``/``"approved"``/...)."""
         fields = {} if status is None else {"status": status}
-        return [ProposalInfo(**p) for p in self._call("proposals", **fields)["proposals"]]
+        names = self._call("users")["users"]
+        return [ProposalInfo(**{**p, "driver": names.get(p["driver"], p["driver"]),
+                                "driver_id": p["driver"]})
+                for p in self._call("proposals", **fields)["proposals"]]
+
+    def users(self) -> dict[str, str]:
+        """Every user that called the endpoint: principal -> e-mail as last seen."""
+        return dict(self._call("users")["users"])
+
+    def forget_user(self, user: str) -> dict[str, Any]:
+        """Halt every segment and pending proposal ``user`` drives and close its direct
+        channels (``user``: a principal, or an e-mail only one known account had). Deleting
+        its PySyft account alone revokes nothing here."""
+        return dict(self._call("forget_user", user=user))
 
     def review(self, proposal_id: str) -> str:
         """What to read before approving: layers, parameters, what leaves per step."""

@@ -39,6 +39,10 @@ __all__ = ["ENDPOINT_PATH", "syft_split_endpoint", "serve", "as_result", "forget
 
 #: default path of the endpoint on a datasite.
 ENDPOINT_PATH = "syft_split.call"
+#: how the host knows a datasite user: ``syft-user:<PySyft user id>``. An id never changes and
+#: is never reused; an e-mail is the user's to change and free again once its account is
+#: deleted: it is only displayed (:mod:`syft_split.host.users`)
+PRINCIPAL = "syft-user:"
 
 _log = logging.getLogger(__name__)
 
@@ -87,7 +91,8 @@ def serve(context: Any, request: bytes, *, owner: str = "", done: str = "") -> b
         if done:
             _delete_result(context, done)
         entry = _entry(context)
-        caller = str(context.user.email)
+        caller = f"{PRINCIPAL}{context.user.id}"
+        entry.host.names[caller] = str(context.user.email)  # for display, never checked
         if owner:
             return _owner_call(context, entry, caller, owner, bytes(request))
         with entry.lock:
@@ -153,7 +158,21 @@ def _build_host(context: Any, settings: Mapping[str, Any]) -> DataOwnerHost:
                          mock=mock if mock.shape[1:] == features.shape[1:] else None)
     if host.restore_state():
         _log.info("syft_split: host %s restored from %s", host.name, settings.get("state_dir"))
+        _halt_by_email(host)
     return host
+
+
+def _halt_by_email(host: DataOwnerHost) -> list[str]:
+    """Halt the proposals an older syft-split recorded for a user's e-mail (not a principal):
+    an e-mail can pass to another account, so none is bound to whoever has it now. The data
+    owner keeps their weights (``export_weights``); their model owners propose again."""
+    legacy = [p.id for p in host.proposals() if p.status in ("pending", "approved")
+              and not p.driver.startswith(PRINCIPAL)]
+    for pid in legacy:
+        host.halt(pid, f"proposed by {host.proposal(pid).driver!r}, a user named by its e-mail "
+                  "(state of an older syft-split): an e-mail can pass to another account, so "
+                  "it drives nothing here; the model owner proposes again")
+    return legacy
 
 
 def _load_ids(context: Any, action_id: str, name: str) -> list[str | int]:
@@ -225,12 +244,14 @@ def _owner_call(context: Any, entry: _Entry, caller: str, op: str, request: byte
     """A data-owner op: only for an admin of this datasite; answered (and audited) by the host."""
     try:
         if not _is_admin(context):
-            exc = AuthorizationError(
-                f"{caller} is not an admin of this datasite: data-owner op {op!r} refused")
+            exc = AuthorizationError(f"{context.user.email} is not an admin of this datasite: "
+                                     f"data-owner op {op!r} refused")
             entry.host.record(AuditEntry(time.time(), caller, f"owner.{op}", None, {},
                                          len(request), 0, 0.0, f"AuthorizationError: {exc}"))
             raise exc
         fields = wire.decode(request)
+        if op == "allow_alignment" and isinstance(fields.get("user"), str):
+            fields["user"] = _principal_of(context, fields["user"])
         with entry.lock:
             if op == "shutdown":  # save and forget the host (the endpoint is being removed)
                 close_channels(entry.host)
@@ -243,6 +264,20 @@ def _owner_call(context: Any, entry: _Entry, caller: str, op: str, request: byte
     except SyftSplitError as exc:
         return wire.encode({"error": type(exc).__name__, "message": str(exc)})
 
+
+
+def _principal_of(context: Any, email: str) -> str:
+    """The principal of the account that goes by ``email`` now (the data owner names a user
+    by e-mail; the host keeps that account's id)."""
+    if email.startswith(PRINCIPAL):
+        return email
+    server = context.server
+    try:
+        user = server.services.user.stash.get_by_email(credentials=server.verify_key,
+                                                       email=email).unwrap()
+    except Exception as exc:
+        raise ConfigError(f"no user {email!r} on this datasite") from exc
+    return f"{PRINCIPAL}{user.id}"
 
 
 def forget_hosts(server_id: str, *, save: bool = True) -> None:

@@ -151,3 +151,84 @@ def test_an_error_quoting_a_huge_caller_string_is_still_answered_and_audited(
         answer = wire.decode(host.handle("mo", wire.encode(req)))
         assert answer["error"] and len(answer["message"]) < 20_000
     assert len(host.audit) == n + 3
+
+
+
+def test_recording_from_many_threads_loses_nothing_and_never_raises(tmp_path: Path) -> None:
+    """A non-admin's refused owner op is recorded outside the serving lock, a step under it:
+    while audit.jsonl rotates, no entry is lost and nothing raises out of ``host.record``."""
+    import threading
+
+    from syft_split.host import AuditEntry
+    from syft_split.host.channel import serving_lock
+
+    host = _host(tmp_path)
+    assert host.store is not None
+    host.store.audit_bytes, host.store.audit_keep = 4_096, 200  # rotated often, all kept
+    lock, n, errors = serving_lock(host), 2_000, []
+
+    def worker(op: str, locked: bool) -> None:
+        for _ in range(n):
+            entry = AuditEntry(0.0, STRANGER, op, None, {}, 0, 0, 0.0, "AuthorizationError")
+            try:
+                if locked:
+                    with lock:
+                        host.record(entry)
+                else:
+                    host.record(entry)
+            except Exception as exc:  # what the race raised: ValueError, AttributeError
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=a)
+               for a in (("forward", True), ("owner.approve", False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    host.close()
+    assert errors == []
+    assert len(host.audit) == 2 * n
+    lines = [line for f in tmp_path.glob("audit*.jsonl") for line in f.read_text().splitlines()]
+    assert len(lines) == 2 * n and sum('"forward"' in line for line in lines) == n
+
+
+def test_a_failure_to_record_never_runs_a_channel_frame_twice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``host.handle`` answers a call that ran even when recording it fails: on a channel an
+    exception there killed the connection before the frame was marked answered, and the
+    client's resend ran it again (a second release)."""
+    from torch import nn
+
+    from syft_split.channel import ChannelClient, ChannelTicket
+    from syft_split.host.channel import close_channels
+    from syft_split.spec import module_to_spec, spec_state
+
+    host = DataOwnerHost("a")
+    host.add_dataset("train", torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    m = nn.Sequential(nn.Linear(4, 3))
+    pid = str(wire.decode(host.handle("mo", wire.encode({
+        "op": "propose", "role": "input", "datasets": ["train"], "spec": module_to_spec(m),
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        **{f"state/{k}": v for k, v in spec_state(m).items()}})))["segment"])
+    host.approve(pid, channel=True)
+    ticket = ChannelTicket.from_response(wire.decode(host.handle("mo", wire.encode(
+        {"op": "open_channel", "segments": [pid]}))))
+    client = ChannelClient(ticket, "mo")
+    client.connect()
+    record, ran = host.record, []
+
+    def failing(entry: Any) -> None:
+        record(entry)
+        if entry.op == "forward":
+            ran.append(entry)
+            if len(ran) == 1:
+                raise ValueError("I/O operation on closed file.")  # what the race raised
+
+    monkeypatch.setattr(host, "record", failing)
+    try:
+        answer = wire.decode(client.request(wire.encode(
+            {"op": "forward", "segment": pid, "indices": torch.arange(4), "train": False})))
+    finally:
+        close_channels(host)
+    assert "activation" in answer
+    assert len(ran) == 1

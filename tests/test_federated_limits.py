@@ -110,3 +110,24 @@ def test_the_data_owners_minimum_batch_for_local_training() -> None:
     plain.owners["a"].approve(seg1)
     out = plain.transport.call("a", "fl_train", segment=seg1, batch_size=12, **state)
     assert out["steps"] == 4  # no minimum: the last batch of 4 is a step of its own
+
+
+def test_one_fl_train_call_trains_on_at_most_max_local_records() -> None:
+    """``HostLimits.max_local_records`` bounds what one ``fl_train`` call computes (epochs x
+    records): 100 epochs at batch 1 held the host, and the data owner's console, for as long
+    as the model owner liked. Refused before anything is loaded; fewer epochs per call run."""
+    with pytest.raises(ConfigError, match="max_local_records"):
+        HostLimits(max_local_records=0)
+    dep, _, seg, *_ = _local(max_local_records=100)  # 40 records
+    dep.owners["a"].approve(seg)
+    host, t = dep.owners["a"], dep.transport
+    assert "at most 100 records" in host.review(seg)
+    before = {k: v.clone() for k, v in host.export_weights(seg).items()}
+    state = {f"state/{k}": torch.ones_like(v) for k, v in before.items()}
+    with pytest.raises(ConfigError, match=r"120 records; .* at most 100 .*max_local_records"):
+        t.call("a", "fl_train", segment=seg, epochs=3, batch_size=1, **state)
+    after = host.export_weights(seg)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing loaded
+    assert host.runtimes[seg].steps == 0
+    out = t.call("a", "fl_train", segment=seg, epochs=2, batch_size=1, **state)
+    assert (out["records"], out["steps"]) == (40, 80)

@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (register the families)
     latency,
     proposals,
     segments,
+    users,
     watch,
     weights,
 )

@@ -24,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -60,6 +62,8 @@ from .store import HostStore, _audit_json
 
 __all__ = ["DataOwnerHost", "AUDIT_TAIL", "AUDIT_PAGE"]
 
+_log = logging.getLogger(__name__)
+
 #: audit entries a host keeps in memory (the newest; up to twice this many before trimming)
 AUDIT_TAIL = 10_000
 #: the most audit entries one ``audit`` call returns (each is clipped: a page stays small)
@@ -90,6 +94,12 @@ class DataOwnerHost:
         self.audit: list[AuditEntry] = []
         self.audit_first = 0
         self.audit_tail = AUDIT_TAIL
+        #: guards :attr:`audit` (entries come from the endpoint, channel threads and refusals
+        #: recorded outside the serving lock)
+        self.audit_lock = threading.Lock()
+        #: display names of callers (a datasite user's e-mail, by its principal; see
+        #: :mod:`.users`): shown in the audit log and the review, never checked
+        self.names: dict[str, str] = {}
         self.proposals_by_id: dict[str, Proposal] = {}
         self.runtimes: dict[str, Runtime] = {}
         self.ids: Iterator[int] = itertools.count(1)
@@ -125,15 +135,26 @@ class DataOwnerHost:
     def record(self, entry: AuditEntry) -> None:
         """Append ``entry`` to the audit log (and to the state directory's ``audit.jsonl``),
         its texts clipped (:meth:`AuditEntry.clipped`). Memory keeps the newest
-        :attr:`audit_tail` to ``2 * audit_tail`` entries; older ones live on disk only."""
+        :attr:`audit_tail` to ``2 * audit_tail`` entries; older ones live on disk only.
+        Thread-safe: entries keep one order in memory and in the file. A caller with a
+        display name is recorded under it, its principal in ``user``."""
+        name = self.names.get(entry.caller)
+        if name is not None:
+            entry = dataclasses.replace(entry, caller=name, user=entry.caller)
         entry = entry.clipped()
-        self.audit.append(entry)
-        if len(self.audit) > 2 * self.audit_tail:
-            drop = len(self.audit) - self.audit_tail
-            del self.audit[:drop]
-            self.audit_first += drop
-        if self.store is not None:
-            self.store.append_audit(entry)
+        with self.audit_lock:
+            self.audit.append(entry)
+            if len(self.audit) > 2 * self.audit_tail:
+                drop = len(self.audit) - self.audit_tail
+                del self.audit[:drop]
+                self.audit_first += drop
+            if self.store is not None:
+                self.store.append_audit(entry)
+
+    def who(self, caller: str) -> str:
+        """``caller`` for display: its name and principal, or the principal alone."""
+        name = self.names.get(caller)
+        return caller if name is None else f"{name} ({caller})"
 
     def _persist(self, spec: OpSpec | None, call: Call | None, *, replayed: bool = False) -> None:
         """Save what the op changed (see :mod:`.store`). After a failed save
@@ -208,10 +229,9 @@ class DataOwnerHost:
             why = f" ({p.reason})" if p is not None and p.reason else ""
             cls = LeakageHaltError if p is not None and p.halted_by == "watch" else ApprovalError
             raise cls(f"segment {seg!r} is {state} on {self.name}{why}: it cannot run")
-        if caller != p.driver:
-            raise AuthorizationError(
-                f"{caller} may not drive {p.id}; the data owner approved {p.driver}"
-            )
+        if caller != p.driver:  # principals: a datasite user's id, never its e-mail
+            raise AuthorizationError(f"{self.who(caller)} may not drive {p.id}: the data "
+                                     "owner approved another user")
         if p.role not in roles:
             raise ProtocolError(f"segment {p.id} has role {p.role!r}; this op needs {roles}")
         return self.runtimes[p.id]
@@ -333,8 +353,12 @@ class DataOwnerHost:
                     "is lost"))
             raw = error_answer(type(err).__name__, str(err))
             outcome = f"StateSaveError: {err}"
-        self.record(AuditEntry(time.time(), caller, op, segment, shapes, len(data), len(raw),
-                               time.perf_counter() - t0, outcome))
+        try:  # the call ran and is answered: a failure to record it must not un-answer it
+            self.record(AuditEntry(time.time(), caller, op, segment, shapes, len(data),
+                                   len(raw), time.perf_counter() - t0, outcome))
+        except Exception as exc:  # (a channel would run the frame again)
+            _log.warning("syft_split: %s could not record op %s: %s: %s", self.name,
+                         clip(op, AUDIT_TEXT), type(exc).__name__, exc)
         return raw
 
     # ---------------------------------------------------------------------- owner entry
@@ -451,8 +475,10 @@ class _CoreOps(OpFamily):
         host = self.host
         since = since if isinstance(since, int) and since >= 0 else 0
         limit = limit if isinstance(limit, int) and 1 <= limit <= AUDIT_PAGE else AUDIT_PAGE
-        first = host.audit_first
-        start = max(since, first)
-        page = host.audit[start - first:start - first + limit]
-        return {"total": first + len(host.audit), "first": first, "next": start + len(page),
+        with host.audit_lock:
+            first = host.audit_first
+            start = max(since, first)
+            page = host.audit[start - first:start - first + limit]
+            total = first + len(host.audit)
+        return {"total": total, "first": first, "next": start + len(page),
                 "entries": [_audit_json(e) for e in page]}

@@ -22,6 +22,7 @@ from .guard import Rule
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from threading import Lock
 
     import torch
 
@@ -38,11 +39,13 @@ class Host(Protocol):
     guard: Guard
     audit: list[AuditEntry]
     audit_first: int
+    audit_lock: Lock
     proposals_by_id: dict[str, Proposal]
     runtimes: dict[str, Runtime]
     families: dict[str, OpFamily]
     ids: Iterator[int]
     label_key: str
+    names: dict[str, str]
 
     def proposal(self, proposal_id: str) -> Proposal: ...
     def new_proposal_id(self, kind: str) -> str: ...
@@ -53,6 +56,7 @@ class Host(Protocol):
     def dataset(self, rt: Runtime, req: Mapping[str, Any]) -> Dataset: ...
     def halt(self, proposal_id: str, reason: str, *, by: str = "owner") -> None: ...
     def record(self, entry: AuditEntry) -> None: ...
+    def who(self, caller: str) -> str: ...
     def stepped(self, rt: Runtime, grad: Any) -> None: ...
     def handle(self, caller: str, data: bytes) -> bytes: ...
     def export_weights(self, proposal_id: str) -> dict[str, torch.Tensor]: ...

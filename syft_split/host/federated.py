@@ -8,7 +8,8 @@ Model-owner ops, on a proposal of role ``local`` ("the whole model, trained loca
                   (with labels here) and the loss; reviewed and approved like any proposal
     fl_train      start from the weights sent, train ``epochs`` local epochs over every record
                   of the dataset (``batch_size``, shuffled by ``seed``, a fresh optimizer each
-                  call), return the weights after local training and the record count
+                  call; at most ``HostLimits.max_local_records`` records in all), return the
+                  weights after local training and the record count
     fl_gradient   the gradient of the mean loss of the weights sent on the given records (and
                   BatchNorm statistics after that batch)
     fl_evaluate   loss and correct counts of the weights sent on a dataset, in batches
@@ -115,6 +116,9 @@ class FederatedOps(OpFamily):
                "(HostLimits.min_local_batch)"),
             "  also leaving: the number of records trained on, loss sums and correct counts "
             "(every call is counted by max_records_per_minute)",
+            f"  one fl_train call trains on at most {self.host.limits.max_local_records} "
+            "records (epochs x records; HostLimits.max_local_records): your console's ops "
+            "wait behind a running call at most that long",
         ]
 
     # --------------------------------------------------------------- model-owner ops
@@ -178,6 +182,13 @@ class FederatedOps(OpFamily):
         least = self.host.limits.min_local_batch
         batch = _int(call.req, "batch_size", max(min(32, limit), least), least, limit)
         seed = _int(call.req, "seed", 0, 0, 2**62)
+        records = epochs * int(self.host.dataset(call.rt, call.req).features.shape[0])
+        cap = self.host.limits.max_local_records
+        if records > cap:  # before anything is loaded: one call's compute is bounded
+            raise ConfigError(f"{call.rt.id}: {epochs} epochs over the dataset's records are "
+                              f"{records} records; this data owner trains at most {cap} per "
+                              "fl_train call (HostLimits.max_local_records): ask for fewer "
+                              "epochs per call")
         rt, ds = self._start(call)
         if int(ds.features.shape[0]) < least:
             raise ValidationError(f"{rt.id}: the dataset has fewer records than the data "

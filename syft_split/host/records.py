@@ -106,6 +106,10 @@ class HostLimits:
     ``watch_every``: the live leakage watch re-measures an input segment every so many steps.
     ``min_local_batch``: a locally trained (federated) model's gradient (``fl_gradient``) and
     every local step of ``fl_train`` cover at least this many records (1: no minimum).
+    ``max_local_records``: the records one ``fl_train`` call may process (``epochs`` x the
+    dataset's records; its local steps are at most as many): one call holds the host, and the
+    data owner's console waits behind it, for at most that much local training (100,000
+    records at batch 1 is some 30 s for a small CNN on one core); more epochs take more calls.
     ``he_min_share_bound``: level B's share A must be uniform in at least +-this (a tiny bound
     hides little of dW). ``he_min_grad_mask``: level B masks the weight gradient the model
     owner receives with the share's change over lr (within +-2 share_bound / lr);
@@ -141,6 +145,7 @@ class HostLimits:
     review_budget_s: float = 30.0
     watch_every: int = 25
     min_local_batch: int = 1
+    max_local_records: int = 100_000
     he_min_share_bound: float = 1.0
     he_min_grad_mask: float = 1.0
     he_min_flood_margin: int = 10
@@ -152,7 +157,7 @@ class HostLimits:
         for name in ("max_request_bytes", "max_batch", "max_parameters", "max_width",
                      "max_layers", "max_activation_bytes", "max_proposals_per_minute", "max_pending",
                      "max_pending_bytes", "min_local_batch", "max_psi_elements",
-                     "max_psi_elements_per_minute", "min_cohort"):
+                     "max_psi_elements_per_minute", "min_cohort", "max_local_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"HostLimits.{name} must be a positive int, got {value!r}")
@@ -220,7 +225,10 @@ def state_bytes(state: dict[str, Any]) -> int:
 
 @dataclass(frozen=True)
 class AuditEntry:
-    """One call the host answered: who, which op, on what, how big, how long, outcome."""
+    """One call the host answered: who, which op, on what, how big, how long, outcome.
+    ``caller`` is who called as the data owner reads it (a datasite user's e-mail); ``user``,
+    when set, the principal the host checked (``syft-user:<PySyft user id>``): two accounts
+    that went by one e-mail differ there."""
 
     time: float
     caller: str
@@ -231,6 +239,7 @@ class AuditEntry:
     bytes_out: int
     seconds: float
     outcome: str
+    user: str = ""
 
     def clipped(self) -> AuditEntry:
         """This entry with every text a caller chose cut to a bounded length: the caller,
@@ -241,6 +250,7 @@ class AuditEntry:
                   for k, v in itertools.islice(self.shapes.items(), AUDIT_SHAPES)}
         segment = None if self.segment is None else clip(self.segment, AUDIT_TEXT)
         return replace(self, caller=clip(self.caller, AUDIT_TEXT), op=clip(self.op, AUDIT_TEXT),
+                       user=clip(self.user, AUDIT_TEXT),
                        segment=segment, shapes=shapes,
                        outcome=clip(self.outcome, AUDIT_OUTCOME))
 

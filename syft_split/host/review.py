@@ -50,7 +50,7 @@ def review_text(host: Host, p: Proposal, extra: list[str]) -> str:
     if p.role == "loss":
         out_bytes = 4 * math.prod(p.input_shape)
     lines = [
-        f"Proposal {p.id} from {p.driver} (role: {p.role}, status: {p.status})",
+        f"Proposal {p.id} from {host.who(p.driver)} (role: {p.role}, status: {p.status})",
         f"  reads datasets: {p.datasets}; input per record {p.input_shape}",
         "  layers:",
         *("    " + line for line in describe(p.module, p.input_shape)),

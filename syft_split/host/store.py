@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -96,6 +97,9 @@ class HostStore:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             folder.chmod(0o700)
         self._audit_file: Any = None
+        #: audit.jsonl's writes, rotation, fsync and close, from any thread (refusals of
+        #: non-admin owner ops are recorded outside the serving lock)
+        self._audit_lock = threading.Lock()
         #: audit.jsonl's size past which it is rotated, and how many rotated files are kept
         self.audit_bytes = AUDIT_BYTES
         self.audit_keep = AUDIT_KEEP
@@ -178,17 +182,18 @@ class HostStore:
 
     def append_audit(self, entry: AuditEntry) -> None:
         """One JSON line per call (flushed; fsynced by :meth:`save_all`); the file is rotated
-        past :attr:`audit_bytes` (see the module docstring)."""
-        try:
-            self._append_audit(entry)
-        except OSError as exc:  # disk full: the entry stays in memory; the next one retries
-            _log.warning("syft_split: audit entry not written to %s: %s", self.path, exc)
-            if self._audit_file is not None:
-                try:
-                    self._audit_file.close()
-                except OSError:
-                    pass
-                self._audit_file = None
+        past :attr:`audit_bytes` (see the module docstring). Thread-safe; never raises."""
+        with self._audit_lock:
+            try:
+                self._append_audit(entry)
+            except Exception as exc:  # disk full: the entry stays in memory; the next retries
+                _log.warning("syft_split: audit entry not written to %s: %s", self.path, exc)
+                if self._audit_file is not None:
+                    try:
+                        self._audit_file.close()
+                    except Exception:
+                        pass
+                    self._audit_file = None
 
     def _append_audit(self, entry: AuditEntry) -> None:
         if self._audit_file is None:
@@ -223,14 +228,16 @@ class HostStore:
         for rt in host.runtimes.values():
             self.save_runtime(rt)
         self.save_host(host)
-        if self._audit_file is not None:
-            os.fsync(self._audit_file.fileno())
+        with self._audit_lock:
+            if self._audit_file is not None:
+                os.fsync(self._audit_file.fileno())
         self.unsaved = False
 
     def close(self) -> None:
-        if self._audit_file is not None:
-            self._audit_file.close()
-            self._audit_file = None
+        with self._audit_lock:
+            if self._audit_file is not None:
+                self._audit_file.close()
+                self._audit_file = None
 
     # ----------------------------------------------------------------------- reading
     def exists(self) -> bool:

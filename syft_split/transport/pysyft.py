@@ -34,6 +34,7 @@ import syft as sy
 
 from .. import wire
 from ..datasite import ENDPOINT_PATH, DatasiteConsole, call_endpoint, install, publish_dataset
+from ..datasite_serve import PRINCIPAL
 from ..errors import CallTimeoutError, ConfigError, TransportError
 from ..logs import quiet
 from .base import CallPolicy, Transport, run_with_timeout, timeout_error
@@ -95,6 +96,7 @@ class PySyftTransport(Transport):
         self.cleanup = cleanup
         self._done: dict[str, str] = {}
         self._users: dict[str, str] = {}
+        self._principals: dict[str, str] = {}
         self._embedded_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         for party, client in clients.items():
@@ -103,13 +105,14 @@ class PySyftTransport(Transport):
         self.datasites: dict[str, LaunchedDatasite] = dict(datasites or {})
         self.direct = direct
         wait = channel_timeout if channel_timeout is not None else (self.policy.timeout or 600.0)
-        self.router = ChannelRouter(self._pysyft_request, self.user_on, timeout=wait,
+        self.router = ChannelRouter(self._pysyft_request, self.principal_on, timeout=wait,
                                     max_response_bytes=max_response_bytes)
 
     def set_client(self, party: str, client: Any) -> None:
         """Reach ``party`` through ``client`` (e.g. a new login after an embedded restart)."""
         self._clients[party] = client
         self._users[party] = str(getattr(client, "logged_in_user", "") or "")
+        self._principals.pop(party, None)
         self._locks[party] = (self._embedded_lock if _embedded(client)
                               else self._locks.get(party) or threading.Lock())
         self._bounded[party] = _bound_http(client, self._call_timeout)
@@ -124,6 +127,16 @@ class PySyftTransport(Transport):
         """The e-mail this transport is logged in as on ``party``'s datasite."""
         self._client(party)
         return self._users[party]
+
+    def principal_on(self, party: str) -> str:
+        """Who ``party``'s datasite knows this transport's user as: ``syft-user:<its PySyft
+        user id>`` (what a direct channel is bound to; one PySyft call, then cached)."""
+        if party not in self._principals:
+            account = self._client(party).account
+            if account is None:
+                raise TransportError(f"{party}: the client is not logged in as a user")
+            self._principals[party] = f"{PRINCIPAL}{account.id}"
+        return self._principals[party]
 
     def parties(self) -> list[str]:
         return list(self._clients)

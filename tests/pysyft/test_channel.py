@@ -67,7 +67,8 @@ def test_direct_channel_equals_the_pysyft_path_and_audits_every_step(split_site:
                if e.segment == pid and e.outcome == "ok" and e.caller == MODEL_OWNER]
         assert ops == [(MODEL_OWNER, "forward")] * 3 + [(MODEL_OWNER, "backward")]
     [info] = [c for c in site.owner.channels("open") if direct_pid in c["segments"]]
-    assert (info["user"], info["frames"]) == (MODEL_OWNER, 4)
+    # bound to the model owner's account (its PySyft user id), not to its e-mail
+    assert (info["user"], info["frames"]) == (site.transport.principal_on(site.party), 4)
     # closing the transport closes its channels on both sides at once (no idle timeout)
     site.transport.close()
     assert router.channels() == {}
@@ -92,11 +93,12 @@ def test_refusals_on_a_datasite_leave_state_intact(split_site: SplitSite) -> Non
     with pytest.raises(AuthorizationError, match="may not drive"):
         site.intruder.router.open(site.party, [pid])
     ticket = t.router.clients[(site.party, pid)].ticket
-    with pytest.raises(AuthorizationError, match=f"belongs to {MODEL_OWNER}"):
+    mo = t.principal_on(site.party)  # the channel's user: the account, not its e-mail
+    with pytest.raises(AuthorizationError, match=f"belongs to {mo}"):
         ChannelClient(ticket, INTRUDER).connect()
     # a wrong key
     with pytest.raises(AuthorizationError, match="wrong key"):
-        ChannelClient(replace(ticket, key=b"\0" * 32), MODEL_OWNER).connect()
+        ChannelClient(replace(ticket, key=b"\0" * 32), mo).connect()
     # a replayed frame (the model owner's own client, re-sending its last frame number)
     client = t.router.clients[(site.party, pid)]
     replay = wire.decode(client.send_frame(client.seq, wire.encode(

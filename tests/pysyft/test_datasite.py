@@ -23,6 +23,7 @@ from syft_split.errors import (
     NonFiniteError,
     ProtocolError,
     ShapeError,
+    SyftSplitError,
     TransportError,
     ValidationError,
     WireError,
@@ -306,3 +307,45 @@ def test_install_refuses_a_second_endpoint_and_bad_assets(split_site: SplitSite)
         datasite.install(root, {"x": "0" * 32})
     with pytest.raises(ConfigError, match="asset"):
         datasite.install(root, {"x": "not an asset"}, path="syft_split.other")
+
+
+def test_an_e_mail_that_passes_to_another_account_drives_nothing(split_site: SplitSite) -> None:
+    """Approvals hold for the PySyft account (its id), not its e-mail: after the data owner
+    deletes the approved user's account, another user who takes its e-mail is refused; the
+    audit tells the two apart; ``forget_user`` halts the deleted user's segments and closes
+    its channel, which deleting the account alone leaves open."""
+    site = split_site
+    victim_email, thief_email = f"victim-{site.kind}@example.org", f"thief-{site.kind}@example.org"
+    victim = pysyft.PySyftTransport({site.party: site.datasite.register(victim_email, "v-pw")},
+                                    direct=True)
+    thief_client = site.datasite.register(thief_email, "t-pw")
+    thief = pysyft.PySyftTransport({site.party: thief_client})
+    pid = site.propose(_segment(), transport=victim)
+    site.owner.approve(pid, channel=True)
+    idx = torch.arange(4)
+    for _ in range(2):  # the second forward goes over the channel
+        victim.call(site.party, "forward", segment=pid, indices=idx, train=False)
+    [channel] = victim.router.channels().values()
+    root = site.datasite.root
+    [account] = [u for u in root.users.get_all() if u.email == victim_email]
+    root.users.delete(account.id)
+    thief_client.api.services.user.update(uid=thief_client.account.id, email=victim_email)
+    for op, fields in [("forward", {"indices": idx}), ("status", {}), ("discard", {})]:
+        with pytest.raises(AuthorizationError, match=r"may not drive|did not propose"):
+            thief.call(site.party, op, segment=pid, **fields)
+    [info] = [p for p in site.owner.proposals() if p.id == pid]
+    assert info.driver == victim_email and info.driver_id.startswith("syft-user:")
+    refused = [e for e in site.owner.audit()
+               if e.segment == pid and e.outcome.startswith("AuthorizationError")]
+    assert refused and {(e.caller, e.user) for e in refused} == {
+        (victim_email, f"syft-user:{thief_client.account.id}")}
+    # the deleted account's channel still answers until the data owner forgets that user
+    victim.call(site.party, "forward", segment=pid, indices=idx, train=False)
+    with pytest.raises(ConfigError, match="2 users went by"):
+        site.owner.forget_user(victim_email)
+    forgot = site.owner.forget_user(info.driver_id)
+    assert forgot["halted"] == [pid] and forgot["closed"] == [channel]
+    assert [c["state"] for c in site.owner.channels() if c["channel"] == channel] == ["closed"]
+    with pytest.raises(SyftSplitError):
+        victim.call(site.party, "forward", segment=pid, indices=idx, train=False)
+    victim.close()
