@@ -225,6 +225,20 @@ def test_the_records_per_minute_cap_holds_across_a_restart(tmp_path: Path) -> No
     assert back.runtimes[pid].steps == 1
 
 
+def test_records_an_evaluation_released_count_after_a_crash(tmp_path: Path) -> None:
+    """An evaluation call (train=False) is not saved: the records it released were forgotten
+    by a crash, and 16 left in the minute under a cap of 10."""
+    limits = HostLimits(max_records_per_minute=10)
+    host = _host(tmp_path, limits)
+    pid = _call(host, "mo@x", _propose(nn.Linear(D, 4)))["segment"]
+    host.approve(pid)
+    evaluate = {"op": "forward", "segment": pid, "indices": torch.arange(8), "train": False}
+    assert "activation" in _call(host, "mo@x", evaluate)
+    back = _host(tmp_path, limits)  # a crash: no clean shutdown saved anything more
+    refused = _call(back, "mo@x", evaluate)
+    assert refused.get("error") == "EgressError" and "16 records in a minute" in refused["message"]
+
+
 def test_the_proposal_rate_cap_holds_across_a_restart(tmp_path: Path) -> None:
     limits = HostLimits(max_proposals_per_minute=5)
     host = _host(tmp_path, limits)

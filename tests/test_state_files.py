@@ -249,3 +249,54 @@ def test_a_lost_segment_file_halts_the_segment(tmp_path: Path, loss: str) -> Non
     assert refused["error"] == "ApprovalError"
     again.close()
     assert _host(tmp_path).proposals_by_id[pid].status == "halted"  # and it stays halted
+
+
+@pytest.mark.parametrize("loss", ["gone", "shorter"])
+def test_a_segment_restored_without_its_data_is_halted(tmp_path: Path, loss: str) -> None:
+    """A data owner restarted without a dataset a segment reads (or with fewer records under
+    its name): the restore failed with a bare KeyError/IndexError (the datasite could not
+    start), or the segment stayed approved and its next step failed opaquely. It is halted,
+    audited, with the reason; the restore goes on."""
+    root = tmp_path / "state"
+    host = DataOwnerHost("a", state_dir=root)
+    host.add_dataset("train", torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    host.add_dataset("extra", torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    host.restore_state()
+    module = nn.Sequential(nn.Linear(4, 3))
+    req = {"op": "propose", "role": "input", "datasets": ["extra"], "spec": module_to_spec(module),
+           "optimizer": {"name": "sgd", "lr": 0.1},
+           **{f"state/{k}": v for k, v in spec_state(module).items()}}
+    pid = str(wire.decode(host.handle(USER, wire.encode(req)))["segment"])
+    host.approve(pid)
+    r = wire.decode(host.handle(USER, wire.encode({"op": "forward", "segment": pid, "step": 1,
+                                                   "dataset": "extra",
+                                                   "indices": torch.arange(6, 8)})))
+    assert "error" not in r, r
+    host.close()
+
+    back = DataOwnerHost("a", state_dir=root)
+    back.add_dataset("train", torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    if loss == "shorter":
+        back.add_dataset("extra", torch.randn(4, 4), torch.randint(0, 2, (4,)))
+    back.restore_state()
+    p = back.proposals_by_id[pid]
+    assert p.status == "halted", p
+    assert ("without the dataset(s) ['extra']" if loss == "gone" else "could not be run again") \
+        in p.reason
+    assert back.audit[-1].op == "halt" and back.audit[-1].segment == pid
+
+
+def test_a_torn_last_audit_line_does_not_swallow_the_next_entry(tmp_path: Path) -> None:
+    """A crash or a full disk can leave audit.jsonl's last line torn: the next entry was glued
+    onto it, and the reader skipped both (a restore's own halt was lost)."""
+    root = tmp_path / "state"
+    host = _host(root)
+    pid = _middle(host)
+    host.close()
+    with open(root / "audit.jsonl", "a") as f:
+        f.write('{"time":1.0,"caller":"x","op":"forw')  # torn: no newline
+    again = _host(root)
+    again.halt(pid, "stopped by the data owner")
+    again.close()
+    last = _host(root).audit[-1]
+    assert last.op == "halt" and last.segment == pid

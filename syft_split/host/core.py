@@ -164,11 +164,17 @@ class DataOwnerHost:
         if self.store.unsaved and (replayed or (spec is not None and spec.mutates)):
             self.store.save_all(self)
             return
-        if spec is None or call is None or not spec.mutates:
+        if spec is None or call is None:
             return
-        if spec.evaluates and call.req.get("train", True) is False:
-            return  # an evaluation forward or loss step changes nothing; other ops ignore train
-        if call.rt is not None and spec.family_state:
+        # records counted against the per-minute cap: their window lasts, whatever the op
+        released = (self.limits.max_records_per_minute is not None and call.rt is not None
+                    and bool(call.rows))
+        if not spec.mutates or (spec.evaluates and call.req.get("train", True) is False):
+            # an evaluation forward or loss step changes nothing; other ops ignore train
+            if released and call.rt is not None:
+                self.store.save_runtime(call.rt)
+            return
+        if call.rt is not None and (spec.family_state or released):
             # what the family records (a round loaded, a relay seen) never outruns the weights
             # it changed: the segment first, whatever checkpoint_every says
             self.store.save_runtime(call.rt)

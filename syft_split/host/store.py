@@ -197,9 +197,12 @@ class HostStore:
 
     def _append_audit(self, entry: AuditEntry) -> None:
         if self._audit_file is None:
-            fd = os.open(self.path / "audit.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+            fd = os.open(self.path / "audit.jsonl", os.O_RDWR | os.O_APPEND | os.O_CREAT,
                          0o600)
             os.fchmod(fd, 0o600)  # also a log an older version left readable by others
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a line a crash or a full disk
+                os.write(fd, b"\n")  # tore: it ends here, the next entry starts a line
             self._audit_file = os.fdopen(fd, "a", encoding="utf-8")
         self._audit_file.write(json.dumps(_audit_json(entry), separators=(",", ":")) + "\n")
         self._audit_file.flush()
@@ -274,10 +277,17 @@ class HostStore:
             states = tree.get("families") or {}
             for name, family in host.families.items():
                 family.restore(states.get(name) or {})
-            for pid in kept:  # pending forwards, after the families (aligned datasets) are back
+            for pid in kept:  # after the families (aligned datasets) are back
+                _halt_without_data(host, host.runtimes[pid])
+            for pid in kept:  # pending forwards
                 rt = host.runtimes[pid]
                 if rt.pending_source is not None and rt.pending_output is None:
-                    rerun_pending(host, rt, rt.pending_source)
+                    try:
+                        rerun_pending(host, rt, rt.pending_source)
+                    except Exception as exc:  # e.g. a dataset that came back other than it was
+                        host.halt(pid, "the datasite restarted and the forward pending on this "
+                                  f"segment could not be run again ({type(exc).__name__}: "
+                                  f"{exc}): it cannot go on from where it stood")
             for pid, families in kept.items():  # what families keep with a segment's steps
                 for name, family in host.families.items():  # (after theirs: aligned datasets)
                     family.restore_segment(host.runtimes[pid], families.get(name))
@@ -361,6 +371,16 @@ class HostStore:
             except (ValueError, TypeError):
                 continue  # a line torn by a crash mid-write
         return out, base + count - len(lines)
+
+
+def _halt_without_data(host: DataOwnerHost, rt: Runtime) -> None:
+    """Halt (audited) an approved segment restored without a dataset it reads (the data owner
+    restarted without it): its steps would fail, or run on other records."""
+    p = rt.proposal
+    missing = sorted(d for d in p.datasets if d not in host.datasets)
+    if missing and p.status == "approved":
+        host.halt(p.id, f"the datasite restarted without the dataset(s) {missing} this segment "
+                  "reads: it cannot run on them (add them back and approve it again)")
 
 
 def _count_lines(path: Path) -> int:
