@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -132,14 +132,19 @@ def _middle(host: DataOwnerHost) -> str:
     return pid
 
 
+def _stepper(host: DataOwnerHost, pid: str) -> Callable[..., dict[str, object]]:
+    """``step(op=..., **fields)``: one call on segment ``pid``, decoded."""
+    def step(**fields: object) -> dict[str, object]:
+        return dict(wire.decode(host.handle(USER, wire.encode({"segment": pid, **fields}))))
+    return step
+
+
 def test_a_step_that_cannot_be_saved_is_answered_audited_and_saved_on_retry(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "state"
     host = _host(root)
     pid = _middle(host)
-
-    def step(**fields: object) -> dict[str, object]:
-        return dict(wire.decode(host.handle(USER, wire.encode({"segment": pid, **fields}))))
+    step = _stepper(host, pid)
 
     step(op="forward", x=torch.randn(4, 4), step=1)
     backward = {"op": "backward", "grad": torch.ones(4, 4), "step": 2}
@@ -167,9 +172,7 @@ def test_a_step_whose_after_step_hook_fails_is_undone(tmp_path: Path,
     root = tmp_path / "state"
     host = _host(root)
     pid = _middle(host)
-
-    def step(**fields: object) -> dict[str, object]:
-        return dict(wire.decode(host.handle(USER, wire.encode({"segment": pid, **fields}))))
+    step = _stepper(host, pid)
 
     step(op="forward", x=torch.randn(4, 4), step=1)
     before = {k: v.clone() for k, v in host.export_weights(pid).items()}

@@ -47,24 +47,20 @@ def check_size(spec: Any, limits: HostLimits, what: str, *,
     if input_shape is None:
         return
     shaped = spec_size(spec, input_shape, max_batch=max_batch)
-    per_step = 4 * (shaped.activations or 0) * max_batch
-    if per_step > limits.max_activation_bytes:
-        raise ConfigError(f"{what}'s widest values (those alive at once) take {per_step} "
-                          f"bytes per step of "
-                          f"{max_batch} records; this data owner accepts "
-                          f"{limits.max_activation_bytes}")
-    kept = 4 * (shaped.training or 0) * max_batch
-    if kept > limits.max_activation_bytes:
-        raise ConfigError(f"a training step of {what} keeps {kept} bytes of values until its "
-                          f"gradient returns (every layer's output, for {max_batch} records); "
-                          f"this data owner accepts {limits.max_activation_bytes} (a smaller "
-                          "max_batch takes less)")
-    step_flops = 3 * (shaped.flops or 0) * max_batch
-    if step_flops > limits.max_step_flops:
-        raise ConfigError(f"a training step of {what} computes about {step_flops:.3g} FLOPs "
-                          f"(forward and backward, {max_batch} records); this data owner "
-                          f"accepts {limits.max_step_flops:.3g} (a smaller max_batch "
-                          "computes less)")
+    n = max_batch
+    checks: list[tuple[float, float, str, str]] = [
+            (4 * (shaped.activations or 0) * n, limits.max_activation_bytes, "{} bytes",
+             f"{what}'s widest values (those alive at once) take {{}} per step of {n} records"),
+            (4 * (shaped.training or 0) * n, limits.max_activation_bytes, "{} bytes",
+             f"a training step of {what} keeps {{}} of values until its gradient returns (every "
+             f"layer's output, for {n} records)"),
+            (3 * (shaped.flops or 0) * n, limits.max_step_flops, "{:.3g} FLOPs",
+             f"a training step of {what} computes about {{}} (forward and backward, {n} "
+             "records)")]
+    for amount, limit, unit, says in checks:
+        if amount > limit:
+            raise ConfigError(says.format(unit.format(amount)) + "; this data owner accepts "
+                              f"{unit.format(limit)} (a smaller max_batch takes less)")
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, Any], bound: float,
