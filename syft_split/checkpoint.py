@@ -179,8 +179,9 @@ _RUN_KEYS = ("plan", "optimizer", "batch_size", "seed", "schedule", "defences",
 def _run(trainer: Trainer) -> dict[str, Any]:
     """The trainer's configuration that a checkpoint holds to (as JSON would keep it)."""
     config = {k: trainer.report.config.get(k) for k in _RUN_KEYS}
-    config.update(train_dataset=trainer.train_dataset, gradient_delay=trainer.gradient_delay,
-                  on_unreachable=trainer.on_unreachable)
+    # (not on_unreachable: skipping a party that does not answer changes no batch of those
+    # that do, and a resume may well want it after a crash)
+    config.update(train_dataset=trainer.train_dataset, gradient_delay=trainer.gradient_delay)
     out: dict[str, Any] = json.loads(json.dumps(config, sort_keys=True, default=str))
     return out
 

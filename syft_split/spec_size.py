@@ -53,7 +53,8 @@ class SpecSize:
     keeps until its gradient returns: the input and every node's value, attention scores
     included; a value that only names another, such as an item of a tuple, counts once) and
     ``flops`` (floating-point operations of a forward per record, counted on the meta device
-    by :class:`torch.utils.flop_counter.FlopCounterMode` over the most records propagated)."""
+    over the most records propagated: torch's formulas for products, convolutions and
+    attention, a pooling op's window, every other op's output elements)."""
 
     parameters: int
     buffers: int
@@ -177,14 +178,52 @@ def _propagate(module: nn.Module, shape: tuple[int, ...], batch: int, scores: li
     return run
 
 
+def _compute_mode() -> Any:
+    """A dispatch mode counting the floating-point work of what runs under it, from shapes:
+    torch's formulas where it has one (matrix products, convolutions, attention), a pooling
+    op's output times its window (or its input, adaptive pools), every other op its output's
+    elements (elementwise work): a bound, not the ledger's figure. Only what runs inside it
+    is counted (no module hooks: other threads are not); views compute nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Mode(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            packet = func.overloadpacket
+            aliases = any(r.alias_info is not None for r in func._schema.returns)
+            made = [] if aliases else _tensors(out)  # a view computes nothing
+            if packet in flop_registry:
+                self.flops += int(flop_registry[packet](*args, **kwargs, out_val=out))
+            elif "pool" in packet.__name__ and made:
+                window = args[1] if len(args) > 1 and isinstance(args[1], list | tuple) else None
+                seen = sum(t.numel() for t in _tensors(args[:1]))
+                self.flops += max(made[0].numel() * math.prod(window) if window else 0, seen)
+            else:
+                self.flops += sum(t.numel() for t in made)
+            return out
+
+    return Mode()
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
 def _counted(module: nn.Module, shape: tuple[int, ...], batch: int,
              scores: list[int]) -> tuple[_Run, int]:
-    """:func:`_propagate` and the forward's FLOPs (shapes only: nothing is computed)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
+    """:func:`_propagate` and the forward's work (shapes only: nothing is computed)."""
+    with _compute_mode() as counter:
         run = _propagate(module, shape, batch, scores)
-    return run, int(counter.get_total_flops())
+    return run, int(counter.flops)
 
 
 def _activations(spec: Any, input_shape: Sequence[int],
