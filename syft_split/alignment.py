@@ -131,6 +131,10 @@ class AlignmentOps(OpFamily):
         recent = [(t, n) for t, n in self._work.get(caller, []) if in_window(t, now)]
         used = sum(n for _, n in recent)
         self._work[caller] = recent
+        if elements > budget:  # waiting cannot help: say so
+            raise ValidationError(f"this call needs {elements} PSI elements processed here and "
+                                  f"this data owner allows {budget} a minute in all (it may "
+                                  "raise HostLimits.max_psi_elements_per_minute)")
         if used + elements > budget:
             raise ValidationError(f"{caller} had {used} PSI elements processed here in the last "
                                   f"minute and this call needs {elements}; this data owner "

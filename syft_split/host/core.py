@@ -166,7 +166,8 @@ class DataOwnerHost:
             return
         if spec is None or call is None:
             return
-        # records counted against the per-minute cap: their window lasts, whatever the op
+        # records an evaluation counted against the per-minute cap: their window lasts (a
+        # training call's is saved with its step, every checkpoint_every steps)
         released = (self.limits.max_records_per_minute is not None and call.rt is not None
                     and bool(call.rows))
         if not spec.mutates or (spec.evaluates and call.req.get("train", True) is False):
@@ -174,7 +175,7 @@ class DataOwnerHost:
             if released and call.rt is not None:
                 self.store.save_runtime(call.rt)
             return
-        if call.rt is not None and (spec.family_state or released):
+        if call.rt is not None and spec.family_state:
             # what the family records (a round loaded, a relay seen) never outruns the weights
             # it changed: the segment first, whatever checkpoint_every says
             self.store.save_runtime(call.rt)

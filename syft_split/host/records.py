@@ -150,7 +150,7 @@ class HostLimits:
     he_min_grad_mask: float = 1.0
     he_min_flood_margin: int = 10
     max_psi_elements: int = 65_536
-    max_psi_elements_per_minute: int = 262_144
+    max_psi_elements_per_minute: int = 1_048_576
     min_cohort: int = 2
 
     def __post_init__(self) -> None:
