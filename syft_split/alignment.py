@@ -94,6 +94,13 @@ class AlignmentOps(OpFamily):
         self._allowed.add((dataset, user))
         return {"allowed": True}
 
+    def forget_user(self, user: str) -> list[str]:
+        """Withdraw every alignment permission of ``user`` (a principal); the datasets it
+        was allowed on, sorted. Called by the host's ``forget_user``."""
+        gone = sorted(d for d, u in self._allowed if u == user)
+        self._allowed = {(d, u) for d, u in self._allowed if u != user}
+        return gone
+
     @owner_op("drop_aligned")
     def drop_aligned(self, dataset: str) -> dict[str, Any]:
         """Owner: delete the aligned dataset ``dataset`` (made by a user's PSI alignment);

@@ -78,3 +78,25 @@ def test_a_failed_open_is_tried_again_after_a_backoff(
     assert ("h", pid) in router.declined
     assert direct.call("h", "forward", **step)["activation"].shape == (4, 128)
     assert router.direct_calls == 1
+
+
+def test_a_failed_lookup_of_the_model_owners_own_name_falls_back(
+        setup: tuple[DataOwnerHost, Flaky, DirectTransport, str]) -> None:
+    """The transport's lookup of its own principal (a PySyft call) ran after the data owner had
+    opened the channel, and any error but TransportError escaped into the user's step; the
+    open channel stayed unused. It runs first now, and any failure is a failed open."""
+    host, _inner, direct, pid = setup
+    router = direct.router
+    real = router._user_on
+
+    def broken(party: str) -> str:
+        raise KeyError("no such user")
+
+    router._user_on = broken
+    step = {"segment": pid, "indices": torch.arange(4), "train": False}
+    assert direct.call("h", "forward", **step)["activation"].shape == (4, 128)  # via PySyft
+    assert router.direct_calls == 0 and "KeyError" in router.failed[("h", pid)][2]
+    assert not router.channels()
+    server = host.families["channel"].server  # type: ignore[attr-defined]
+    assert server is None or not server.live()  # nothing opened there for nothing
+    router._user_on = real

@@ -84,7 +84,8 @@ def test_forget_user_halts_its_segments_and_closes_its_channels() -> None:
                 host.owner("forget_user", user=bad)
         assert [(p.id, p.status) for p in host.proposals()] == before
         out = host.owner("forget_user", user=MAIL)  # the one principal that went by it
-        assert out == {"user": MO, "halted": [mine, pending], "closed": [ticket.channel]}
+        assert out == {"user": MO, "halted": [mine, pending], "closed": [ticket.channel],
+                       "alignment": []}
         assert {p.id: p.status for p in host.proposals()} == {
             mine: "halted", pending: "halted", eves: "approved"}
         assert "forgot its user" in host.proposal(mine).reason
@@ -122,3 +123,20 @@ def test_names_persist_and_e_mail_drivers_of_an_older_version_are_halted(
         _call(again, MAIL, "forward", segment=old, indices=torch.arange(2))
     again.close()
     assert _host(tmp_path).proposal(old).status == "halted"  # saved
+
+
+def test_forget_user_withdraws_its_alignment_permissions() -> None:
+    """A forgotten user whose account still exists could go on using psi_serve as a
+    membership oracle for the ids it guesses: its permissions go with it (others' stay)."""
+    host = DataOwnerHost("a")
+    host.add_dataset("people", torch.randn(6, 2), ids=[f"id{i}" for i in range(6)])
+    host.names.update({MO: MAIL, EVE: "eve@example.org"})
+    host.allow_alignment("people", MO)
+    host.allow_alignment("people", EVE)
+    serve = {"op": "psi_serve", "dataset": "people", "request": b"x"}
+    out = host.owner("forget_user", user=MO)
+    assert out["alignment"] == ["people"]
+    answer = dict(wire.decode(host.handle(MO, wire.encode(serve))))
+    assert answer["error"] == "AccessError", answer
+    answer = dict(wire.decode(host.handle(EVE, wire.encode(serve))))
+    assert answer.get("error") != "AccessError", answer  # allowed (its request is garbage)

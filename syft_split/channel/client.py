@@ -314,11 +314,12 @@ class ChannelRouter:
     def open(self, party: str, segments: list[str]) -> ChannelClient:
         """Ask ``party`` (through the control plane) for a channel bound to ``segments``."""
         t0 = time.perf_counter()
+        user = self._user_on(party)  # first: a lookup that fails leaves no channel open there
         raw = self._control(party, wire.encode({"op": "open_channel", "segments": segments}))
         response = wire.decode(raw, max_bytes=self.max_response_bytes)
         if "error" in response:
             raise error_from_wire(str(response["error"]), str(response.get("message", "")))
-        client = ChannelClient(ChannelTicket.from_response(response), self._user_on(party),
+        client = ChannelClient(ChannelTicket.from_response(response), user,
                                timeout=self.timeout, max_response_bytes=self.max_response_bytes)
         client.connect()
         self.open_seconds.append(time.perf_counter() - t0)
@@ -344,6 +345,9 @@ class ChannelRouter:
             # a datasite without channels, unreachable, or at its cap: PySyft, and later again
             self._failure((party, segment), str(exc))
             return None
+        except Exception as exc:  # e.g. the transport's own-principal lookup failed: a channel
+            self._failure((party, segment), f"{type(exc).__name__}: {exc}")  # is an
+            return None  # optimisation, the step goes through PySyft
 
     def _failure(self, key: tuple[str, str], why: str) -> None:
         with self._lock:

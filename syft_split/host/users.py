@@ -11,8 +11,9 @@ driver, a channel's user, rate windows, alignment permissions) is the principal.
 
 Data-owner ops: ``users`` (principal -> display name), ``forget_user`` (``user``: a principal,
 or a display name only one principal had): halts every segment and pending proposal that user
-drives and closes its direct channels. Deleting a PySyft account revokes nothing here by
-itself (an open channel does not go through PySyft): forget the user too.
+drives, closes its direct channels and withdraws its alignment permissions. Deleting a PySyft
+account revokes nothing here by itself (an open channel does not go through PySyft): forget
+the user too.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ class UserOps(OpFamily):
         for c in [] if server is None else server.live():
             if c.user == principal:
                 closed += channels.owner_close_channel(channel=c.id)["closed"]
-        return {"user": principal, "halted": halted, "closed": closed}
+        alignment: Any = self.host.families.get("alignment")  # no more PSI: a membership oracle
+        revoked = [] if alignment is None else alignment.forget_user(principal)
+        return {"user": principal, "halted": halted, "closed": closed, "alignment": revoked}
 
     def _principal(self, user: Any) -> str:
         """``user`` as a principal: one the host knows, or the one display name it had."""
