@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .flops import flop_formulas
 from .spec import OptimizerSpec
 
 if TYPE_CHECKING:
@@ -87,52 +88,6 @@ class _PeakMemory(TorchDispatchMode):
         return out
 
 
-def _conv_backward_flop(grad_out_shape: list[int], x_shape: list[int], w_shape: list[int],
-                        _bias: Any, _stride: Any, _padding: Any, _dilation: Any,
-                        transposed: bool, _output_padding: Any, _groups: int,
-                        output_mask: list[bool], out_shape: Any, **kwargs: Any) -> int:
-    """torch's ``conv_backward_flop`` counts a grouped convolution's weight gradient as if the
-    convolution were dense (``groups`` times too many; a depthwise one C times): each weight
-    meets each output position once, so the weight gradient costs what the forward pass does
-    (the weight's shape already holds ``in_channels / groups``)."""
-    from torch.utils.flop_counter import conv_flop_count
-
-    flops = 0
-    if output_mask[0]:  # input gradient: a transposed convolution of grad_out with the weight
-        flops += conv_flop_count(grad_out_shape, w_shape, x_shape, not transposed)
-    if output_mask[1]:  # weight gradient: the forward's multiply-adds
-        flops += conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
-    return flops
-
-
-def _sdpa_flop(query_shape: list[int], key_shape: list[int], value_shape: list[int],
-               *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
-
-
-def _sdpa_backward_flop(grad_out_shape: list[int], query_shape: list[int],
-                        key_shape: list[int], value_shape: list[int], *args: Any,
-                        out_shape: Any = None, **kwargs: Any) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-
-    return int(sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape))
-
-
-def _flop_formulas() -> dict[Any, Any]:
-    """Formulas :class:`FlopCounterMode` gets on top of torch's own: a groups-aware
-    convolution backward, and the CPU flash-attention kernel that ``scaled_dot_product_attention``
-    (``nn.MultiheadAttention(need_weights=False)``, transformer layers) runs on CPU, which this
-    torch does not count (its forward and backward, with torch's own attention formulas)."""
-    aten = torch.ops.aten
-    formulas: dict[Any, Any] = {aten.convolution_backward: _conv_backward_flop}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        formulas[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flop
-        formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_backward_flop
-    return formulas
-
-
 def step_cost(module: nn.Module, input_shape: tuple[int, ...], batch: int, *,
               input_grad: bool = False, optimizer: OptimizerSpec | None = None,
               memory: bool = True) -> StepCost:
@@ -149,7 +104,7 @@ def step_cost(module: nn.Module, input_shape: tuple[int, ...], batch: int, *,
     opt = optimizer.build(params) if optimizer is not None and params else None
     device = next((p.device for p in m.parameters()), torch.device("cpu"))
     x = torch.zeros((batch, *input_shape), device=device, requires_grad=input_grad)
-    counter = FlopCounterMode(display=False, custom_mapping=_flop_formulas())
+    counter = FlopCounterMode(display=False, custom_mapping=flop_formulas())
     tracker = _PeakMemory([x, *m.parameters(), *m.buffers()]) if memory else None
     # the copy runs real kernels (dropout draws from the global RNG): leave the caller's
     # random stream as it was, or a resumed run (empty cache) would draw differently

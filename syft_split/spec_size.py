@@ -180,12 +180,16 @@ def _propagate(module: nn.Module, shape: tuple[int, ...], batch: int, scores: li
 
 def _compute_mode() -> Any:
     """A dispatch mode counting the floating-point work of what runs under it, from shapes:
-    torch's formulas where it has one (matrix products, convolutions, attention), a pooling
+    the ledger's formulas where there is one (:mod:`syft_split.flops`: matrix products,
+    convolutions, attention), a pooling
     op's output times its window (or its input, adaptive pools), every other op its output's
     elements (elementwise work): a bound, not the ledger's figure. Only what runs inside it
     is counted (no module hooks: other threads are not); views compute nothing."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
+
+    from .flops import known_formulas
+
+    flop_registry = known_formulas()
 
     class Mode(TorchDispatchMode):
         flops = 0
