@@ -47,7 +47,7 @@ import torch
 from .errors import AccessError, ConfigError, ProtocolError, ValidationError
 from .host import AuditEntry, Call, Dataset, OpFamily, op, owner_op, register_family
 from .host.dispatch import Host
-from .host.guard import BYTES, SCALAR, in_window
+from .host.guard import BYTES, SCALAR, in_window, last_minute
 
 if TYPE_CHECKING:
     from .transport.base import Transport
@@ -135,9 +135,8 @@ class AlignmentOps(OpFamily):
         (``HostLimits.max_psi_elements_per_minute``) before the work runs; refuse past it."""
         budget = self.host.limits.max_psi_elements_per_minute
         now = time.time()  # wall clock: the window is saved and goes on after a restart
-        recent = [(t, n) for t, n in self._work.get(caller, []) if in_window(t, now)]
-        used = sum(n for _, n in recent)
-        self._work[caller] = recent
+        window, used = last_minute(self._work.get(caller, []), now)
+        recent = self._work[caller] = list(window)
         if elements > budget:  # waiting cannot help: say so
             raise ValidationError(f"this call needs {elements} PSI elements processed here and "
                                   f"this data owner allows {budget} a minute in all (it may "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,6 +194,14 @@ def in_window(t: float, now: float) -> bool:
     return 0.0 <= now - t <= WINDOW_S
 
 
+def last_minute(entries: Iterable[tuple[float, int]], now: float
+                ) -> tuple[deque[tuple[float, int]], int]:
+    """The ``(time, amount)`` entries of the minute up to ``now`` and their total: a rate cap's
+    window (records a segment released, PSI elements a user had processed)."""
+    recent = deque(e for e in entries if in_window(e[0], now))
+    return recent, sum(n for _, n in recent)
+
+
 class Guard:
     """Ingress checks and the egress gate of one host (see the module docstring)."""
 
@@ -269,9 +277,8 @@ class Guard:
         if cap is None:
             return
         now = time.time()
-        window = deque(e for e in self._released.get(rt.id, ()) if in_window(e[0], now))
+        window, used = last_minute(self._released.get(rt.id, ()), now)
         self._released[rt.id] = window
-        used = sum(n for _, n in window)
         if used + rows > cap:
             raise EgressError(f"{rt.id} would release {used + rows} records in a minute; the "
                               f"data owner allows {cap}")
