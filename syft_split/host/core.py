@@ -4,7 +4,8 @@ A :class:`DataOwnerHost` is transport-free. Its wire entry is :meth:`DataOwnerHo
 (``caller``, request bytes) -> response bytes; the in-process transport calls it directly and
 the PySyft plugin calls it from inside a datasite's API endpoint. Its owner-side entry is
 :meth:`DataOwnerHost.owner_call` (review, approve, audit, ...), which no model owner reaches:
-the in-process console calls it directly, the datasite only for an admin of the datasite.
+the in-process console (:mod:`.console`) calls it directly, the datasite only for an admin of
+the datasite.
 
 Every request is decoded under the wire schema, dispatched to the op family that declares the
 op (:mod:`syft_split.host.dispatch`), and every response passes the host's
@@ -46,6 +47,7 @@ from ..errors import (
     SyftSplitError,
 )
 from .answers import error_answer, opaque, recorded_answer, step_id
+from .console import HostConsole
 from .dispatch import OpFamily, OpSpec, owner_op, registered_families
 from .guard import Call, Guard
 from .records import (
@@ -70,8 +72,9 @@ AUDIT_TAIL = 10_000
 AUDIT_PAGE = 1_000
 
 
-class DataOwnerHost:
-    """Everything a data owner runs. Model owners reach it only through :meth:`handle`."""
+class DataOwnerHost(HostConsole):
+    """Everything a data owner runs. Model owners reach it only through :meth:`handle`; the
+    data owner through :meth:`owner_call` (its console methods: :class:`.console.HostConsole`)."""
 
     def __init__(
         self,
@@ -408,64 +411,6 @@ class DataOwnerHost:
 
     def owner_ops(self) -> list[str]:
         return sorted(self._owner_ops)
-
-    # ------------------------------------------------- the console (OwnerConsole protocol)
-    def add_dataset(self, name: str, features: torch.Tensor, labels: torch.Tensor | None = None,
-                    *, ids: list[str | int] | None = None,
-                    mock: torch.Tensor | None = None) -> None:
-        """Hold ``features`` (and ``labels``, record ``ids``) under ``name``; they never leave
-        this host. ``mock`` is public look-alike data (leakage measurement only)."""
-        self.datasets[name] = Dataset(features, labels, ids, mock)
-
-    def proposals(self, status: str | None = None) -> list[Proposal]:
-        """Proposals on this host (optionally only ``"pending"``/``"approved"``/...)."""
-        return [p for p in self.proposals_by_id.values() if status is None or p.status == status]
-
-    def review(self, proposal_id: str) -> str:
-        """What the data owner reads before approving: layers, parameters, what leaves."""
-        return str(self.owner("review", segment=proposal_id)["text"])
-
-    def approve(self, proposal_id: str, **options: Any) -> None:
-        """Approve once: installs the segment's runtime; only the proposal's driver may use it."""
-        self.owner("approve", segment=proposal_id, **options)
-
-    def reject(self, proposal_id: str) -> None:
-        """Reject a proposal (also stops an approved segment)."""
-        self.owner("reject", segment=proposal_id)
-
-    def release_weights(self, proposal_id: str) -> None:
-        """Let the driver fetch this segment's weights (op ``export``) from now on."""
-        self.owner("release_weights", segment=proposal_id)
-
-    def export_weights(self, proposal_id: str) -> dict[str, torch.Tensor]:
-        """The segment's current weights, for the data owner (never sent unless released)."""
-        rt = self.owned_runtime(proposal_id)
-        return {k: v.detach().clone() for k, v in rt.module.state_dict().items()}
-
-    def optimizer_state(self, proposal_id: str) -> dict[str, Any]:
-        opt = self.owned_runtime(proposal_id).optimizer
-        return {} if opt is None else opt.state_dict()
-
-    def audit_log(self) -> list[dict[str, Any]]:
-        """The calls answered, newest last, as plain dicts (who, op, segment, shapes, bytes,
-        time): those held in memory (:attr:`audit`; the whole log is on disk)."""
-        return [dict(vars(e)) for e in self.audit]
-
-    def public_key(self) -> bytes:
-        """This host's public key for peer weight exchange (give it to trusted peers)."""
-        return bytes(self.owner("public_key")["key"])
-
-    def trust_peer(self, name: str, public_key: bytes) -> None:
-        """Pin a peer data owner's public key: only pinned peers can send or receive weights."""
-        self.owner("trust_peer", name=name, key=public_key)
-
-    def allow_alignment(self, dataset: str, user: str) -> None:
-        """Let ``user`` align ``dataset``'s records by PSI (record ids never leave in clear)."""
-        self.owner("allow_alignment", dataset=dataset, user=user)
-
-    def drop_aligned(self, dataset: str) -> None:
-        """Delete an aligned dataset a user's PSI made here (its segments halt)."""
-        self.owner("drop_aligned", dataset=dataset)
 
 
 class _CoreOps(OpFamily):
