@@ -2,7 +2,8 @@
 
 The model owner, who holds the labels, leads the k-party PSI of :mod:`syft_split.psi`; each
 data owner's host answers three ops (the :class:`AlignmentOps` family), for datasets whose
-alignment its owner allowed for that user (data-owner op ``allow_alignment``):
+alignment its owner allowed for that user (data-owner op ``allow_alignment``; withdrawn by
+``revoke_alignment``, or for every dataset by the host's ``forget_user``):
 
 =================  ===================================================================
 ``psi_serve``      server role on the dataset's ids: ``request`` -> ``setup``, ``response``
@@ -65,7 +66,7 @@ _log = logging.getLogger(__name__)
 @register_family
 class AlignmentOps(OpFamily):
     """The host side of alignment: ops ``psi_serve``, ``psi_request``, ``psi_finish``; data-owner
-    op ``allow_alignment``."""
+    ops ``allow_alignment``, ``revoke_alignment``, ``drop_aligned``."""
 
     name = "alignment"
     host_state = True  # aligned datasets (rows) and permissions persist with the host
@@ -94,11 +95,47 @@ class AlignmentOps(OpFamily):
         self._allowed.add((dataset, user))
         return {"allowed": True}
 
+    @owner_op("revoke_alignment")
+    def revoke_alignment(self, dataset: str, user: str) -> dict[str, Any]:
+        """Owner: withdraw ``user``'s permission to align ``dataset`` (``user``: the principal
+        it was allowed for, or a display name only one user allowed on it had). From now on
+        its ``psi_serve``, ``psi_request`` and ``psi_finish`` on ``dataset`` are refused (a
+        request it made is dropped); the aligned datasets it made stay (``aligned``: delete
+        them with ``drop_aligned``). Its other permissions stay."""
+        principal = self._allowed_user(dataset, user)
+        self._allowed.discard((dataset, principal))
+        self._psi_clients.pop((dataset, principal), None)
+        self.host.record(AuditEntry(time.time(), "alignment", "revoke", None, {}, 0, 0, 0.0,
+                                    f"{self.host.who(principal)} may no longer align "
+                                    f"{dataset!r} (revoked by the data owner)"))
+        made = sorted(k for k, (src, _, u) in self._aligned.items()
+                      if src == dataset and u == principal)
+        return {"dataset": dataset, "user": principal, "aligned": made}
+
+    def _allowed_user(self, dataset: Any, user: Any) -> str:
+        """The principal allowed on ``dataset`` that ``user`` names (itself, or its display
+        name); a :class:`ConfigError` naming those allowed when there is none or several."""
+        if not isinstance(user, str) or not user:
+            raise ConfigError(f"user must be a principal or a display name, got {user!r}")
+        if (dataset, user) in self._allowed:
+            return user
+        allowed = sorted(u for d, u in self._allowed if d == dataset)
+        named = [u for u in allowed if self.host.names.get(u) == user]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise ConfigError(f"{len(named)} users allowed to align {dataset!r} went by "
+                              f"{user!r}: name one of {named}")
+        raise ConfigError(f"{user!r} is not allowed to align {dataset!r} here: nothing to "
+                          f"revoke; allowed on it: {[self.host.who(u) for u in allowed]}")
+
     def forget_user(self, user: str) -> list[str]:
         """Withdraw every alignment permission of ``user`` (a principal); the datasets it
         was allowed on, sorted. Called by the host's ``forget_user``."""
         gone = sorted(d for d, u in self._allowed if u == user)
         self._allowed = {(d, u) for d, u in self._allowed if u != user}
+        for d in gone:
+            self._psi_clients.pop((d, user), None)
         return gone
 
     @owner_op("drop_aligned")

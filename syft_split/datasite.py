@@ -400,6 +400,12 @@ class DatasiteConsole(ChannelConsole):
         """Let ``user`` align ``dataset``'s records by PSI (record ids never leave in clear)."""
         self._call("allow_alignment", dataset=dataset, user=user)
 
+    def revoke_alignment(self, dataset: str, user: str) -> dict[str, Any]:
+        """Withdraw ``user``'s permission to align ``dataset`` (``user``: an e-mail, or the
+        principal it was allowed for); its PSI ops on it are refused from now on.
+        ``aligned``: the aligned datasets it made from it, which stay (``drop_aligned``)."""
+        return dict(self._call("revoke_alignment", dataset=dataset, user=user))
+
     def drop_aligned(self, dataset: str) -> None:
         """Delete an aligned dataset a user's PSI made here (its segments halt)."""
         self._call("drop_aligned", dataset=dataset)

@@ -250,8 +250,12 @@ def _owner_call(context: Any, entry: _Entry, caller: str, op: str, request: byte
                                          len(request), 0, 0.0, f"AuthorizationError: {exc}"))
             raise exc
         fields = wire.decode(request)
-        if op == "allow_alignment" and isinstance(fields.get("user"), str):
-            fields["user"] = _principal_of(context, fields["user"])
+        if op in ("allow_alignment", "revoke_alignment") and isinstance(fields.get("user"), str):
+            try:
+                fields["user"] = _principal_of(context, fields["user"])
+            except ConfigError:  # no account has that e-mail now: a revocation is matched
+                if op == "allow_alignment":  # against the names of the users allowed
+                    raise
         with entry.lock:
             if op == "shutdown":  # save and forget the host (the endpoint is being removed)
                 close_channels(entry.host)

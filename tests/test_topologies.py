@@ -223,6 +223,28 @@ def test_psi_needs_the_owners_permission(make_deployment) -> None:
         align_records(dep.transport, ["bank"], "train", [1, 2, 3])
 
 
+def test_a_revoked_alignment_permission_refuses_psi(make_deployment) -> None:
+    """The data owner withdraws one permission (dataset, user): that user's PSI ops on that
+    dataset are refused from then on; the aligned dataset it made stays."""
+    from syft_split import AccessError, ConfigError
+    from syft_split.alignment import align_records
+
+    x = torch.randn(5, 3)
+    dep = make_deployment({"bank": {"train": (x, None, list(range(5)))}})
+    bank, user = dep.owners["bank"], dep.transport.user
+    bank.allow_alignment("train", user)
+    assert align_records(dep.transport, ["bank"], "train", [1, 2, 3]).tolist() == [0, 1, 2]
+    out = bank.revoke_alignment("train", user)
+    assert out["dataset"] == "train" and out["aligned"] == ["train@aligned"]
+    with pytest.raises(AccessError, match="may not align"):
+        align_records(dep.transport, ["bank"], "train", [1, 2, 3], as_name="again")
+    with pytest.raises(AccessError, match="may not align"):
+        dep.transport.call("bank", "psi_request", dataset="train")
+    assert "train@aligned" in dep.transport.call("bank", "describe")["datasets"]
+    with pytest.raises(ConfigError, match="nothing to revoke"):
+        bank.revoke_alignment("train", user)
+
+
 def test_multi_task_heads_sharing_a_layer_step_it_once(make_deployment) -> None:
     """Two model-owner heads holding the same layer: the split steps it once per step, like
     the unsplit model (a duplicated parameter list stepped it twice)."""

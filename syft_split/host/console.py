@@ -81,6 +81,11 @@ class HostConsole:
         """Let ``user`` align ``dataset``'s records by PSI (record ids never leave in clear)."""
         self.owner("allow_alignment", dataset=dataset, user=user)
 
+    def revoke_alignment(self, dataset: str, user: str) -> dict[str, Any]:
+        """Withdraw ``user``'s permission to align ``dataset`` (its PSI ops on it are refused
+        from now on); ``aligned``: the aligned datasets it made from it, which stay."""
+        return dict(self.owner("revoke_alignment", dataset=dataset, user=user))
+
     def drop_aligned(self, dataset: str) -> None:
         """Delete an aligned dataset a user's PSI made here (its segments halt)."""
         self.owner("drop_aligned", dataset=dataset)

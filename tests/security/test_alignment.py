@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from syft_split import DataOwnerHost, wire
+from syft_split import ConfigError, DataOwnerHost, wire
 from syft_split.host import HostLimits
 from syft_split.spec import module_to_spec, spec_state
 
@@ -66,7 +66,7 @@ def _rows(host: DataOwnerHost, name: str) -> list[int]:
 _CRAFTED = textwrap.dedent("""
     import json, torch
     import private_set_intersection.python as psi
-    from syft_split import DataOwnerHost, wire
+    from syft_split import ConfigError, DataOwnerHost, wire
     from syft_split.psi import PsiClient, PsiServer
     host = DataOwnerHost("a")
     host.add_dataset("t", torch.randn(50, 3), ids=[f"r{i}" for i in range(50)])
@@ -259,3 +259,49 @@ def test_aligned_rows_are_not_restored_onto_other_records(tmp_path: Path, source
     same.close()
     again = _host(tmp_path)  # and an unchanged source restores it
     assert _rows(again, "people@aligned") == [3, 7, 11]
+
+
+def _restored(state_dir: Path) -> DataOwnerHost:
+    back = DataOwnerHost("a", state_dir=state_dir)
+    back.add_dataset("people", torch.tensor([[float(r)] for r in range(N)]),
+                     torch.zeros(N, dtype=torch.long), ids=list(IDS))
+    back.restore_state()
+    return back
+
+
+def test_a_revoked_permission_refuses_psi_and_stays_revoked(tmp_path: Path) -> None:
+    """``revoke_alignment`` withdraws one (dataset, user): a request the user made cannot be
+    finished, nothing else is served to it, and a crash right after does not bring it back.
+    Other users' permissions stay; a name that matches nothing changes nothing."""
+    host = _host(tmp_path)
+    host.allow_alignment("people", "other@x")
+    host.names["other@x"] = "Other"
+    assert _honest(host, "mine") == {"records": 3}
+    pending = _call(host, {"op": "psi_request", "dataset": "people"})["request"]
+    for bad in ("nobody@x", "", None):
+        with pytest.raises(ConfigError, match=r"user must be|nothing to revoke"):
+            host.revoke_alignment("people", bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"allowed on it: \['mo@x', 'Other \(other@x\)'\]"):
+        host.revoke_alignment("people", "nobody@x")
+    assert host.revoke_alignment("people", MO) == {"dataset": "people", "user": MO,
+                                                  "aligned": ["mine"]}
+    back = _restored(tmp_path)  # a crash: the revocation was saved when it was made
+    from syft_split.psi import PsiClient, PsiServer
+
+    refused = [_finish(host, *PsiServer(G).handle(pending), as_name="late"),
+               _call(host, {"op": "psi_request", "dataset": "people"}),
+               _call(host, {"op": "psi_serve", "dataset": "people",
+                            "request": PsiClient(["p03"]).request()})]
+    assert [r.get("error") for r in refused] == ["AccessError"] * 3, refused
+    assert "late" not in host.datasets and "mine" in host.datasets  # it made: stays
+    assert "request" in _call(host, {"op": "psi_request", "dataset": "people"}, "other@x")
+    assert [e.outcome for e in host.audit if e.op == "revoke"] == [
+        "mo@x may no longer align 'people' (revoked by the data owner)"]
+    assert [e.outcome for e in host.audit if e.op == "owner.revoke_alignment"][-1] == "ok"
+
+    got = _call(back, {"op": "psi_request", "dataset": "people"})
+    assert got["error"] == "AccessError", got
+    assert "request" in _call(back, {"op": "psi_request", "dataset": "people"}, "other@x")
+    assert back.revoke_alignment("people", "Other")["user"] == "other@x"  # by its name
+    got = _call(back, {"op": "psi_request", "dataset": "people"}, "other@x")
+    assert got["error"] == "AccessError", got
