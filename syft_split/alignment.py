@@ -15,7 +15,8 @@ alignment its owner allowed for that user (data-owner op ``allow_alignment``; wi
 Each user keeps at most :data:`MAX_ALIGNED_PER_USER` aligned datasets here; ``as_name`` is a
 new dataset name of at most :data:`MAX_NAME_CHARS` printable characters. A ``psi_serve``
 request holds at most ``HostLimits.max_psi_elements`` distinct elements, and the PSI work of
-each user is capped per minute (``HostLimits.max_psi_elements_per_minute``). The data
+each user is capped per minute (``HostLimits.max_psi_elements_per_minute``; its window is
+saved with each call, so it holds across a crash of the host). The data
 owner's request lists its ids in a secret random order and a response with a repeated
 element is refused: a model owner that answers out of order cannot pick which rows match
 (see SECURITY.md for what it can still do). Each ``psi_request`` serves one ``psi_finish``;
@@ -184,7 +185,9 @@ class AlignmentOps(OpFamily):
                                   f"allows {budget} a minute")
         recent.append((now, elements))
 
-    @op("psi_serve", egress={"setup": BYTES, "response": BYTES})
+    # psi_serve and psi_request change the user's PSI work window: saved with the call (like a
+    # segment's records-per-minute window after an evaluation), a crash gives no budget back
+    @op("psi_serve", mutates=True, egress={"setup": BYTES, "response": BYTES})
     def psi_serve(self, call: Call) -> dict[str, Any]:
         from .psi import PsiServer, request_elements
 
@@ -198,7 +201,7 @@ class AlignmentOps(OpFamily):
         setup, response = PsiServer(ds.ids).handle(request)
         return {"setup": setup, "response": response}
 
-    @op("psi_request", egress={"request": BYTES})
+    @op("psi_request", mutates=True, egress={"request": BYTES})
     def psi_request(self, call: Call) -> dict[str, Any]:
         from .psi import PsiClient
 

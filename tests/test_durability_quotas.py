@@ -239,6 +239,25 @@ def test_records_an_evaluation_released_count_after_a_crash(tmp_path: Path) -> N
     assert refused.get("error") == "EgressError" and "16 records in a minute" in refused["message"]
 
 
+def test_psi_work_counts_after_a_crash(tmp_path: Path) -> None:
+    """The PSI budget's window is saved with each psi_serve and psi_request (before: at the
+    next save, so a crash in the minute gave a user its budget again): 41 + 40 elements in the
+    minute, and a request of 40 more is refused under a budget of 100."""
+    from syft_split.psi import PsiClient
+
+    limits = HostLimits(max_psi_elements_per_minute=100)
+    host = _host(tmp_path, limits)
+    host.allow_alignment("train", "mo@x")
+    serve = {"op": "psi_serve", "dataset": "train", "request": PsiClient(["r1"]).request()}
+    assert set(_call(host, "mo@x", serve)) == {"setup", "response"}  # 1 + 40 elements
+    back = _host(tmp_path, limits)  # a crash: no clean shutdown saved anything more
+    assert "request" in _call(back, "mo@x", {"op": "psi_request", "dataset": "train"})  # 40
+    again = _host(tmp_path, limits)  # and another
+    refused = _call(again, "mo@x", {"op": "psi_request", "dataset": "train"})
+    assert refused.get("error") == "ValidationError", refused
+    assert "had 81 PSI elements processed here in the last minute" in refused["message"]
+
+
 def test_the_proposal_rate_cap_holds_across_a_restart(tmp_path: Path) -> None:
     limits = HostLimits(max_proposals_per_minute=5)
     host = _host(tmp_path, limits)
