@@ -3,7 +3,8 @@
 The model owner, who holds the labels, leads the k-party PSI of :mod:`syft_split.psi`; each
 data owner's host answers three ops (the :class:`AlignmentOps` family), for datasets whose
 alignment its owner allowed for that user (data-owner op ``allow_alignment``; withdrawn by
-``revoke_alignment``, or for every dataset by the host's ``forget_user``):
+``revoke_alignment``, or for every dataset by the host's ``forget_user``; one an older version
+saved for an e-mail is withdrawn, audited, when a datasite restores it: :meth:`AlignmentOps.withdraw_legacy`):
 
 =================  ===================================================================
 ``psi_serve``      server role on the dataset's ids: ``request`` -> ``setup``, ``response``
@@ -138,6 +139,22 @@ class AlignmentOps(OpFamily):
         for d in gone:
             self._psi_clients.pop((d, user), None)
         return gone
+
+    def withdraw_legacy(self, prefix: str) -> list[tuple[str, str]]:
+        """Withdraw the permissions saved for a user not named by a principal (``prefix``: how
+        this host's principals begin): an older syft-split saved them under e-mails, which can
+        pass to another account, so none is moved to whoever has that e-mail now. Each is
+        audited ("grant again for <e-mail>"); the (dataset, e-mail) pairs, sorted."""
+        legacy = sorted((d, u) for d, u in self._allowed if not u.startswith(prefix))
+        for dataset, user in legacy:
+            self._allowed.discard((dataset, user))
+            why = (f"the permission to align {dataset!r} an older syft-split saved for the "
+                   f"e-mail {user!r} was withdrawn (an e-mail can pass to another account): "
+                   f"grant again for {user} with allow_alignment if that user should align it")
+            _log.warning("%s: %s", self.host.name, why)
+            self.host.record(AuditEntry(time.time(), "alignment", "restore", None, {}, 0, 0,
+                                        0.0, why))
+        return legacy
 
     @owner_op("drop_aligned")
     def drop_aligned(self, dataset: str) -> dict[str, Any]:

@@ -159,6 +159,7 @@ def _build_host(context: Any, settings: Mapping[str, Any]) -> DataOwnerHost:
     if host.restore_state():
         _log.info("syft_split: host %s restored from %s", host.name, settings.get("state_dir"))
         _halt_by_email(host)
+        _withdraw_email_permissions(host)
     return host
 
 
@@ -173,6 +174,22 @@ def _halt_by_email(host: DataOwnerHost) -> list[str]:
                   "(state of an older syft-split): an e-mail can pass to another account, so "
                   "it drives nothing here; the model owner proposes again")
     return legacy
+
+
+def _withdraw_email_permissions(host: DataOwnerHost) -> list[tuple[str, str]]:
+    """Withdraw the alignment permissions an older syft-split saved for e-mails (audited:
+    "grant again for <e-mail>"): moved to the account that has the e-mail now, one could
+    reach another user than the data owner allowed. Saved at once (if that fails, they are
+    withdrawn again at the next restore)."""
+    alignment: Any = host.families.get("alignment")
+    gone: list[tuple[str, str]] = [] if alignment is None else alignment.withdraw_legacy(PRINCIPAL)
+    if gone and host.store is not None:
+        try:
+            host.store.save_host(host)
+        except Exception as exc:  # in effect here; the next save (or restore) saves it
+            _log.warning("syft_split: %s could not save the withdrawn e-mail permissions: %s",
+                         host.name, exc)
+    return gone
 
 
 def _load_ids(context: Any, action_id: str, name: str) -> list[str | int]:

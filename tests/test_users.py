@@ -12,7 +12,7 @@ from torch import nn
 
 from syft_split import ConfigError, DataOwnerHost, wire
 from syft_split.channel import ChannelClient, ChannelTicket
-from syft_split.datasite_serve import _halt_by_email
+from syft_split.datasite_serve import _halt_by_email, _withdraw_email_permissions
 from syft_split.errors import AuthorizationError, SyftSplitError
 from syft_split.host import users
 from syft_split.host.channel import close_channels
@@ -140,3 +140,34 @@ def test_forget_user_withdraws_its_alignment_permissions() -> None:
     assert answer["error"] == "AccessError", answer
     answer = dict(wire.decode(host.handle(EVE, wire.encode(serve))))
     assert answer.get("error") != "AccessError", answer  # allowed (its request is garbage)
+
+
+def test_alignment_permissions_saved_for_e_mails_are_withdrawn_and_audited(
+        tmp_path: Path) -> None:
+    """A state directory from before principals allowed alignment for an e-mail. Restored on
+    a datasite that permission is withdrawn, never moved to the account that has the e-mail
+    now (EVE took it); the audit tells the data owner to grant it again. A principal's
+    permission stays; the withdrawal is saved."""
+    def restored() -> DataOwnerHost:
+        host = DataOwnerHost("a", state_dir=tmp_path)
+        host.add_dataset("people", torch.randn(6, 2), ids=[f"id{i}" for i in range(6)])
+        host.restore_state()
+        return host
+
+    host = restored()
+    host.allow_alignment("people", MAIL)  # as an older version saved it
+    host.allow_alignment("people", MO)
+    host.close()
+    again = restored()
+    again.names.update({EVE: MAIL, MO: "mo-now@example.org"})
+    assert _withdraw_email_permissions(again) == [("people", MAIL)]
+    third = restored()  # a crash: the withdrawal was saved
+    assert third.families["alignment"]._allowed == {("people", MO)}  # type: ignore[attr-defined]
+    assert _withdraw_email_permissions(third) == []
+    why = [e.outcome for e in again.audit if e.op == "restore"]
+    assert len(why) == 1 and f"grant again for {MAIL} with allow_alignment" in why[0]
+    request = {"op": "psi_request", "dataset": "people"}
+    for caller in (EVE, MAIL):
+        with pytest.raises(SyftSplitError, match="may not align"):
+            _call(again, caller, **request)
+    assert "request" in _call(again, MO, **request)
