@@ -135,3 +135,35 @@ def test_datasite_restart_under_he_continues_with_fresh_keys(tmp_path: Path, lev
     finally:
         dep.close()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_restored_datasite_withdraws_alignment_permissions_saved_for_e_mails(
+        tmp_path: Path) -> None:
+    """The datasite's restore withdraws what an older version allowed an e-mail (never moved
+    to the account that has it now) and audits it for the data owner; the model owner's
+    permission, saved for its account, holds across the crash."""
+    from syft_split import ConfigError
+    from syft_split.alignment import align_records
+    from syft_split.datasite_serve import _ENTRIES
+
+    ids = [f"id{i}" for i in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dep = deployment({"a": {"train": (torch.randn(6, 3), None, ids)}}, state_dir=tmp_path,
+                         name_prefix="t-legacy")
+    try:
+        owner = dep.owners["a"]
+        owner.allow_alignment("train", dep.transport.user)  # saved for its account's id
+        entry = next(e for e in list(_ENTRIES.values()) if e.host.name == "a")
+        with entry.lock:  # as an older version saved it
+            entry.host.families["alignment"]._allowed.add(("train", "old@example.org"))
+            entry.host.save_state()
+        restart(dep, "a", crash=True)
+        restored = [e.outcome for e in owner.audit() if e.op == "restore"]
+        assert len(restored) == 1 and "grant again for old@example.org" in restored[0]
+        with pytest.raises(ConfigError, match="nothing to revoke"):
+            owner.revoke_alignment("train", "old@example.org")
+        assert align_records(dep.transport, ["a"], "train", ids[:3]).tolist() == [0, 1, 2]
+    finally:
+        dep.close()
+    shutil.rmtree(tmp_path, ignore_errors=True)
