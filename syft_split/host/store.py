@@ -25,7 +25,8 @@ directories 0700 and every file 0600, whatever the umask)::
                              before it), written before each rotation: audit indices
                              (``owner("audit", since=...)``) go on across restarts
 
-Files use the wire format (:mod:`syft_split.persist`; no pickle) and are replaced atomically
+Files use the wire format (:mod:`syft_split.persist`; no pickle; the trees they hold:
+:mod:`~syft_split.host.state_trees`) and are replaced atomically
 (temp file, fsync, rename). A segment is saved after every ``every``-th op that changes it
 (default 1: after every step, so a crash loses nothing), ``host.sspl`` after every proposal,
 every data-owner op and every halt, and everything on a clean shutdown
@@ -48,24 +49,28 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .. import persist
-from ..errors import ConfigError, SyftSplitError, WireError
-from ..spec import OptimizerSpec, module_from_spec
+from ..errors import ConfigError
 from .records import AuditEntry, Proposal, Runtime, StepRecord
 from .segments import rerun_pending
+from .state_trees import (
+    audit_json,
+    id_number,
+    load_file,
+    proposal_from,
+    proposal_tree,
+    runtime_tree,
+)
 
 if TYPE_CHECKING:
     from .core import DataOwnerHost
@@ -144,7 +149,7 @@ class HostStore:
         tree = {
             "format": FORMAT,
             "host": host.name,
-            "proposals": [{**_proposal_tree(p, p.id in host.runtimes),
+            "proposals": [{**proposal_tree(p, p.id in host.runtimes),
                            "saves": self._saves.get(p.id, 0)}
                           for p in host.proposals_by_id.values()],
             "families": {name: fam.state() for name, fam in host.families.items()},
@@ -173,7 +178,7 @@ class HostStore:
         t0 = time.perf_counter()
         saves = self._saves.get(rt.id, 0) + 1
         with self._flagging():
-            persist.save(self.segment_path(rt.id), {**_runtime_tree(rt, self.families),
+            persist.save(self.segment_path(rt.id), {**runtime_tree(rt, self.families),
                                                     "saves": saves})
         self._saves[rt.id] = saves
         self._changes[rt.id] = 0
@@ -204,7 +209,7 @@ class HostStore:
             if size and os.pread(fd, 1, size - 1) != b"\n":  # a line a crash or a full disk
                 os.write(fd, b"\n")  # tore: it ends here, the next entry starts a line
             self._audit_file = os.fdopen(fd, "a", encoding="utf-8")
-        self._audit_file.write(json.dumps(_audit_json(entry), separators=(",", ":")) + "\n")
+        self._audit_file.write(json.dumps(audit_json(entry), separators=(",", ":")) + "\n")
         self._audit_file.flush()
         if self._audit_file.tell() >= self.audit_bytes:
             self._rotate_audit()
@@ -251,7 +256,7 @@ class HostStore:
         when there is nothing to restore."""
         if not self.exists():
             return False
-        tree = _load(self.path / "host.sspl")
+        tree = load_file(self.path / "host.sspl")
         if tree.get("format") != FORMAT:
             raise ConfigError(f"{self.path}: state format {tree.get('format')!r}, expected {FORMAT}")
         if tree.get("host") != host.name:
@@ -267,9 +272,9 @@ class HostStore:
         try:
             top, kept = 0, {}
             for raw in tree["proposals"]:
-                p = _proposal_from(raw)
+                p = proposal_from(raw)
                 host.proposals_by_id[p.id] = p
-                top = max(top, _number(p.id))
+                top = max(top, id_number(p.id))
                 if raw.get("runtime"):
                     host.runtimes[p.id], kept[p.id] = self._runtime(host, p,
                                                                     int(raw.get("saves", 0)))
@@ -313,7 +318,7 @@ class HostStore:
                           f"is missing (it had been saved {saves} times): its weights and "
                           "steps are lost; it cannot run on from its initial weights")
             return rt, {}
-        snap = _load(path)
+        snap = load_file(path)
         found = int(snap.get("saves", 0))
         self._saves[p.id] = found
         if found < saves and p.status == "approved":
@@ -390,97 +395,3 @@ def _count_lines(path: Path) -> int:
             return sum(1 for _ in f)
     except FileNotFoundError:
         return 0
-
-
-# ------------------------------------------------------------------------------ trees
-def _load(path: Path) -> Any:
-    """A state file, or an error naming it (a damaged file: truncated, overwritten)."""
-    try:
-        return persist.load(path)
-    except (SyftSplitError, ValueError, KeyError) as exc:
-        raise WireError(f"state file {path} is damaged and cannot be restored "
-                        f"({type(exc).__name__}: {exc}); put back a copy from a backup, or "
-                        "move the state directory aside to start without it") from exc
-
-
-def _number(pid: str) -> int:
-    """The number an id ends with, whatever its kind (``a/seg3``: 3, ``a/fl12``: 12): the
-    counter goes on after the highest one of every kind, so no id is handed out twice."""
-    tail = re.search(r"(\d+)$", pid)
-    return int(tail.group(1)) if tail else 0
-
-
-def _proposal_tree(p: Proposal, has_runtime: bool) -> dict[str, Any]:
-    return {
-        "id": p.id, "driver": p.driver, "role": p.role, "spec": p.spec, "state": dict(p.state),
-        "optimizer": p.optimizer.to_json(), "datasets": list(p.datasets),
-        "input_shape": list(p.input_shape), "output_shape": list(p.output_shape),
-        "max_batch": p.max_batch, "loss": p.loss, "release_labels": p.release_labels,
-        "share_weights": p.share_weights, "defences": dict(p.defences), "he": p.he,
-        "status": p.status, "reason": p.reason, "halted_by": p.halted_by, "runtime": has_runtime,
-        "spec_digest": p.spec_digest, "token": p.token, "request_digest": p.request_digest,
-    }
-
-
-def _proposal_from(raw: dict[str, Any]) -> Proposal:
-    """A proposal as saved; a rejected one without its spec and weights (also when an older
-    file still holds them: they are dropped on the next save)."""
-    rejected = raw["status"] == "rejected"
-    module = None if rejected else module_from_spec(raw["spec"])
-    if module is not None:
-        module.load_state_dict(raw["state"])
-    p = Proposal(
-        id=raw["id"], driver=raw["driver"], role=raw["role"], spec=raw["spec"],
-        state=dict(raw["state"]), optimizer=OptimizerSpec.from_json(raw["optimizer"]),
-        datasets=list(raw["datasets"]), input_shape=tuple(raw["input_shape"]),
-        output_shape=tuple(raw["output_shape"]), max_batch=int(raw["max_batch"]),
-        loss=raw.get("loss"), release_labels=bool(raw.get("release_labels")),
-        share_weights=str(raw.get("share_weights", "none")),
-        defences=dict(raw.get("defences") or {}), he=raw.get("he"),
-        status=str(raw["status"]), reason=str(raw.get("reason", "")),
-        halted_by=str(raw.get("halted_by", "")), module=module,
-        spec_digest=str(raw.get("spec_digest", "")), token=str(raw.get("token", "")),
-        request_digest=str(raw.get("request_digest", "")),
-    )
-    if rejected:
-        p.forget()
-    return p
-
-
-def _plain(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, str)):
-        return True
-    return isinstance(value, float) and math.isfinite(value)
-
-
-def _runtime_tree(rt: Runtime, families: Mapping[str, OpFamily]) -> dict[str, Any]:
-    grads = None
-    if rt.pending_loss_grads:
-        grads = {n: p.grad for n, p in rt.module.named_parameters() if p.grad is not None}
-    return {
-        "id": rt.id,
-        "steps": rt.steps,
-        "weights": rt.module.state_dict(),
-        "optimizer": rt.optimizer.state_dict() if rt.optimizer is not None else None,
-        "rng": rt.rng.get_state(),
-        "torch_rng": rt.torch_rng,
-        "records": [{"step": r.step, "op": r.op, "digest": r.digest, "response": r.response}
-                    for r in rt.records],
-        "pending": rt.pending_source if rt.pending_output is not None else None,
-        "loss_grads": grads,
-        "extra": {k: v for k, v in rt.extra.items() if _plain(v)},
-        # HE: the cost meter and (level B) the weight share, for fresh keys after a restart;
-        # never a key
-        "he": rt.he.state() if rt.he is not None else None,
-        # what the families keep per segment (e.g. the leakage watch), matching these steps
-        "families": {name: st for name, fam in families.items()
-                     if (st := fam.segment_state(rt)) is not None},
-    }
-
-
-def _audit_json(entry: AuditEntry) -> dict[str, Any]:
-    out = asdict(entry)
-    for k in ("time", "seconds"):
-        if not math.isfinite(out[k]):
-            out[k] = 0.0
-    return out
