@@ -1,6 +1,8 @@
 """The trees a data owner's state files hold (:mod:`syft_split.host.store`): proposals,
 segments and audit entries to and from JSON data, tensors and bytes (:mod:`syft_split.persist`),
-and reading one state file with an error that names it.
+and reading one state file with an error that names it. A segment's tree is checked against
+its proposal as it is read (:func:`runtime_from`): what does not fit raises at the restore,
+never at the segment's next step.
 
 Imports point one way: :mod:`~syft_split.host.store` uses this module, never the reverse.
 """
@@ -14,16 +16,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .. import persist
-from ..errors import SyftSplitError, WireError
+from ..errors import ShapeError, SyftSplitError, WireError
 from ..spec import OptimizerSpec, module_from_spec
-from .records import AuditEntry, Proposal, Runtime
+from .records import AuditEntry, Proposal, Runtime, StepRecord
 
 if TYPE_CHECKING:
     from .dispatch import OpFamily
 
-__all__ = ["audit_json", "id_number", "load_file", "plain", "proposal_from", "proposal_tree",
-           "runtime_tree"]
+__all__ = ["audit_json", "id_number", "initial_runtime", "load_file", "plain", "proposal_from",
+           "proposal_tree", "runtime_from", "runtime_tree"]
 
 
 def load_file(path: Path) -> Any:
@@ -79,6 +83,75 @@ def proposal_from(raw: dict[str, Any]) -> Proposal:
     if rejected:
         p.forget()
     return p
+
+
+def initial_runtime(p: Proposal) -> Runtime:
+    """Segment ``p`` as approved: its initial weights (put back: a file that failed to load
+    may have changed some) and a new optimizer."""
+    assert p.module is not None
+    p.module.load_state_dict(p.state)
+    params = list(p.module.parameters())
+    return Runtime(p, p.module, p.optimizer.build(params) if params else None)
+
+
+def runtime_from(p: Proposal, snap: Any, label_key: str) -> tuple[Runtime, dict[str, Any], int]:
+    """Segment ``p`` as its file's tree ``snap`` left it (fresh release noise, the host's
+    ``label_key``), what the families kept with it, and how many times the file had been
+    written. Raises if ``snap`` does not fit ``p`` (weights, optimizer state or a held-back
+    gradient of other shapes, a field missing or of the wrong kind): nothing that would fail
+    only at the segment's next step is let through."""
+    if not isinstance(snap, dict):
+        raise WireError(f"expected a segment's state (a dict), got {type(snap).__name__}")
+    rt = initial_runtime(p)
+    found = int(snap.get("saves", 0))
+    rt.module.load_state_dict(snap["weights"])
+    if rt.optimizer is not None and snap.get("optimizer") is not None:
+        rt.optimizer.load_state_dict(snap["optimizer"])
+        _check_optimizer(rt)
+    rt.steps = int(snap["steps"])
+    if rt.steps < 0:
+        raise ValueError(f"expected a step count >= 0, got {rt.steps}")
+    rt.torch_rng = snap["torch_rng"]
+    want = torch.Generator().get_state()
+    if (not isinstance(rt.torch_rng, torch.Tensor) or rt.torch_rng.dtype != want.dtype
+            or rt.torch_rng.shape != want.shape):
+        raise ShapeError(f"torch_rng: expected a {want.dtype} tensor of {tuple(want.shape)}")
+    rt.records = [StepRecord(int(r["step"]), str(r["op"]), str(r["digest"]),
+                             _bytes(r["response"])) for r in snap.get("records", [])]
+    rt.extra.update(snap.get("extra") or {})
+    rt.fresh_secrets(label_key)  # the release noise not replayed
+    rt.he_saved = snap.get("he")
+    grads = snap.get("loss_grads")
+    if grads is not None:  # a loss step waiting for its weight
+        for name, param in rt.module.named_parameters():
+            if name in grads:
+                if grads[name].shape != param.shape:
+                    raise ShapeError(f"loss_grads[{name!r}]: expected {tuple(param.shape)}, "
+                                     f"got {tuple(grads[name].shape)}")
+                param.grad = grads[name].clone()
+        rt.pending_loss_grads = True
+    if snap.get("pending") is not None and p.he is None:
+        rt.pending_source = snap["pending"]  # re-run once every dataset is back
+    return rt, dict(snap.get("families") or {}), found
+
+
+def _check_optimizer(rt: Runtime) -> None:
+    """Optimizer state of other shapes than the parameters (loaded without a check by torch:
+    the next step would fail) is refused."""
+    assert rt.optimizer is not None
+    for group in rt.optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in rt.optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    raise ShapeError(f"optimizer state {key!r}: expected {tuple(param.shape)}, "
+                                     f"got {tuple(value.shape)}")
+
+
+def _bytes(value: Any) -> bytes:
+    """``value`` if it is bytes (``bytes(5)`` would make five zero bytes of a damaged int)."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, got {type(value).__name__}")
+    return value
 
 
 def plain(value: Any) -> bool:
