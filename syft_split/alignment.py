@@ -51,6 +51,7 @@ from .errors import AccessError, ConfigError, ProtocolError, ValidationError
 from .host import AuditEntry, Call, Dataset, OpFamily, op, owner_op, register_family
 from .host.dispatch import Host
 from .host.guard import BYTES, SCALAR, in_window, last_minute
+from .host.records import clip
 
 if TYPE_CHECKING:
     from .transport.base import Transport
@@ -275,32 +276,44 @@ class AlignmentOps(OpFamily):
 
     def restore(self, state: Any) -> None:
         """Permissions and aligned datasets; one whose name the data owner gave to a dataset
-        of its own since, or whose source holds other ids at its rows now, is dropped, not
-        put in its place (:meth:`_not_restored`)."""
+        of its own since, or whose source holds other ids at its rows now, or whose saved
+        record cannot be read, is dropped, not put in its place (:meth:`_not_restored`): the
+        others are restored."""
         self._allowed = {(str(d), str(u)) for d, u in state.get("allowed", [])}
         self._work = {str(u): [(float(t), int(n)) for t, n in w]
                       for u, w in (state.get("work") or {}).items()}
         for name, rec in (state.get("aligned") or {}).items():
-            source = self.host.datasets.get(rec["source"])
-            if source is None:
-                continue  # the source dataset is gone: so is its alignment
-            if name in self.host.datasets:
-                self._not_restored(str(name), "the data owner holds a dataset of that name now "
-                                              "(kept)")
-                continue
-            rows: torch.Tensor = rec["rows"]
-            n = len(source.ids) if source.ids is not None else 0
-            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
-                self._not_restored(str(name), f"its source {rec['source']!r} has {n} records "
-                                              f"with ids now, fewer than its rows reach")
-                continue
-            ids = [] if source.ids is None else [source.ids[int(r)] for r in rows]
-            if "ids_digest" in rec and _digest(ids) != rec["ids_digest"]:
-                self._not_restored(str(name), f"its source {rec['source']!r} holds other ids at "
-                                              "its rows now (re-ordered or changed)")
-                continue
-            self._aligned[name] = (str(rec["source"]), rows, str(rec.get("user", "")))
-            self.host.datasets[name] = source.subset(rows, str(rec["source"]))
+            try:
+                self._restore_aligned(str(name), rec)
+            except Exception as exc:  # this aligned dataset only: the others are restored
+                self._not_restored(str(name), f"its saved record cannot be read "
+                                              f"({type(exc).__name__}: {clip(str(exc), 200)})")
+
+    def _restore_aligned(self, name: str, rec: Any) -> None:
+        """One aligned dataset as saved (or :meth:`_not_restored`); raises if ``rec`` is not
+        one :meth:`state` wrote."""
+        source = self.host.datasets.get(rec["source"])
+        if source is None:
+            return  # the source dataset is gone: so is its alignment
+        if name in self.host.datasets:
+            self._not_restored(name, "the data owner holds a dataset of that name now (kept)")
+            return
+        rows = rec["rows"]
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 1:
+            raise TypeError(f"expected rows as a 1-d tensor, got {type(rows).__name__}")
+        n = len(source.ids) if source.ids is not None else 0
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+            self._not_restored(name, f"its source {rec['source']!r} has {n} records "
+                                     f"with ids now, fewer than its rows reach")
+            return
+        ids = [] if source.ids is None else [source.ids[int(r)] for r in rows]
+        if "ids_digest" in rec and _digest(ids) != rec["ids_digest"]:
+            self._not_restored(name, f"its source {rec['source']!r} holds other ids at "
+                                     "its rows now (re-ordered or changed)")
+            return
+        aligned = source.subset(rows, str(rec["source"]))
+        self._aligned[name] = (str(rec["source"]), rows, str(rec.get("user", "")))
+        self.host.datasets[name] = aligned
 
     def _not_restored(self, name: str, reason: str) -> None:
         """The aligned rows saved under ``name`` are forgotten (audited), and segments approved

@@ -240,12 +240,19 @@ class HEOps(OpFamily):
         encrypted segment gets *fresh* keys (its weights, steps and, at level B, its weight
         share come back from the state directory); the model owner sees a new public context
         in the next encrypted input and fetches it (a step cut by the restart is run again from
-        its forward). A level-B segment whose share is not on disk is halted."""
+        its forward). A level-B segment whose share is not on disk is halted, and so is one
+        whose saved encryption state cannot be loaded (whatever the error: the others are
+        restored)."""
         for p in self.host.proposals("approved"):
             if p.he is None:
                 continue
             rt = self.host.owned_runtime(p.id)
             saved, rt.he_saved = rt.he_saved, None
+            if saved is not None and not isinstance(saved, dict):
+                self.host.halt(p.id, f"the datasite restarted and this segment's saved "
+                                     f"encryption state is not readable (a "
+                                     f"{type(saved).__name__}): propose this segment again")
+                continue
             if p.he.get("level") == "B" and "share" not in (saved or {}):
                 self.host.halt(p.id, "the datasite restarted and this segment's level-B weight "
                                      "share is not on disk: propose this segment again")
@@ -254,9 +261,10 @@ class HEOps(OpFamily):
                 client = StepGate(build_client(p.he))
                 if saved:
                     client.load_state(saved)
-            except (ConfigError, ValidationError) as exc:
+            except Exception as exc:  # this segment only
                 self.host.halt(p.id, f"the datasite restarted and this segment's encryption "
-                                     f"could not be rebuilt ({exc}): propose this segment again")
+                                     f"could not be rebuilt ({type(exc).__name__}: {exc}): "
+                                     "propose this segment again")
                 continue
             rt.he = client
 

@@ -60,7 +60,8 @@ from .records import (
     StepRecord,
     clip,
 )
-from .store import HostStore, _audit_json
+from .state_trees import audit_json
+from .store import HostStore
 
 __all__ = ["DataOwnerHost", "AUDIT_TAIL", "AUDIT_PAGE"]
 
@@ -433,4 +434,4 @@ class _CoreOps(OpFamily):
             page = host.audit[start - first:start - first + limit]
             total = first + len(host.audit)
         return {"total": total, "first": first, "next": start + len(page),
-                "entries": [_audit_json(e) for e in page]}
+                "entries": [audit_json(e) for e in page]}

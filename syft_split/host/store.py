@@ -25,15 +25,20 @@ directories 0700 and every file 0600, whatever the umask)::
                              before it), written before each rotation: audit indices
                              (``owner("audit", since=...)``) go on across restarts
 
-Files use the wire format (:mod:`syft_split.persist`; no pickle) and are replaced atomically
+Files use the wire format (:mod:`syft_split.persist`; no pickle; the trees they hold:
+:mod:`~syft_split.host.state_trees`) and are replaced atomically
 (temp file, fsync, rename). A segment is saved after every ``every``-th op that changes it
 (default 1: after every step, so a crash loses nothing), ``host.sspl`` after every proposal,
 every data-owner op and every halt, and everything on a clean shutdown
 (:meth:`HostStore.save_all`).
 
 Restoring (:meth:`HostStore.restore`, after the host's datasets are back) rebuilds proposals and
-segments (a damaged file is refused with an error naming it; a segment whose file is missing or
-older than ``host.sspl`` records is halted, audited, never run on from lost state), re-runs
+segments (a damaged ``host.sspl``, the index, is refused with an error naming it; a segment
+whose file is missing or older than ``host.sspl`` records, damaged (truncated, changed on
+disk), or does not fit the segment (weights of other shapes, a field missing), or whose
+families' part cannot be rebuilt, is halted with the reason, audited, never run on from lost
+state, and the others are restored; a damaged segment file is kept, never overwritten, as
+``segments/<id>.sspl.damaged-<n>`` (the lowest ``n`` free)), re-runs
 a pending forward from its recorded input and RNG state (so the model owner's held-back gradient
 lands on the same step), and hands each family its state (what it keeps per segment through
 ``OpFamily.restore_segment``). CKKS secret keys
@@ -48,24 +53,31 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
-import re
+import shutil
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .. import persist
 from ..errors import ConfigError, SyftSplitError, WireError
-from ..spec import OptimizerSpec, module_from_spec
-from .records import AuditEntry, Proposal, Runtime, StepRecord
+from .records import AuditEntry, Proposal, Runtime, clip
 from .segments import rerun_pending
+from .state_trees import (
+    audit_json,
+    id_number,
+    initial_runtime,
+    load_file,
+    proposal_from,
+    proposal_tree,
+    runtime_from,
+    runtime_tree,
+)
 
 if TYPE_CHECKING:
     from .core import DataOwnerHost
@@ -80,6 +92,8 @@ FORMAT = 1
 #: audit.jsonl's size past which it is rotated, and how many rotated files are kept
 AUDIT_BYTES = 64 * 1024 * 1024
 AUDIT_KEEP = 4
+#: characters of an error's text a halt's reason keeps (a weight mismatch lists every key)
+_ERROR_CHARS = 400
 
 
 class HostStore:
@@ -114,6 +128,8 @@ class HostStore:
         #: cannot rebuild) waits until everything is loaded, so no half-restored state is written
         self._restoring = False
         self._deferred = False
+        #: segment id -> where :meth:`restore` set its damaged file aside (this restore)
+        self._aside: dict[str, Path] = {}
         #: seconds spent writing state, and how many files were written (for the report)
         self.seconds = 0.0
         self.writes = 0
@@ -144,7 +160,7 @@ class HostStore:
         tree = {
             "format": FORMAT,
             "host": host.name,
-            "proposals": [{**_proposal_tree(p, p.id in host.runtimes),
+            "proposals": [{**proposal_tree(p, p.id in host.runtimes),
                            "saves": self._saves.get(p.id, 0)}
                           for p in host.proposals_by_id.values()],
             "families": {name: fam.state() for name, fam in host.families.items()},
@@ -173,7 +189,7 @@ class HostStore:
         t0 = time.perf_counter()
         saves = self._saves.get(rt.id, 0) + 1
         with self._flagging():
-            persist.save(self.segment_path(rt.id), {**_runtime_tree(rt, self.families),
+            persist.save(self.segment_path(rt.id), {**runtime_tree(rt, self.families),
                                                     "saves": saves})
         self._saves[rt.id] = saves
         self._changes[rt.id] = 0
@@ -204,7 +220,7 @@ class HostStore:
             if size and os.pread(fd, 1, size - 1) != b"\n":  # a line a crash or a full disk
                 os.write(fd, b"\n")  # tore: it ends here, the next entry starts a line
             self._audit_file = os.fdopen(fd, "a", encoding="utf-8")
-        self._audit_file.write(json.dumps(_audit_json(entry), separators=(",", ":")) + "\n")
+        self._audit_file.write(json.dumps(audit_json(entry), separators=(",", ":")) + "\n")
         self._audit_file.flush()
         if self._audit_file.tell() >= self.audit_bytes:
             self._rotate_audit()
@@ -248,10 +264,16 @@ class HostStore:
 
     def restore(self, host: DataOwnerHost) -> bool:
         """Load the directory into ``host`` (whose datasets must already be added); False
-        when there is nothing to restore."""
+        when there is nothing to restore. A segment whose file (or what a family keeps in
+        it) cannot be restored is halted, the others are restored (:meth:`_damaged`);
+        host.sspl that cannot be read stops the restore with a :class:`WireError` naming it
+        and the part (it is the index)."""
         if not self.exists():
             return False
-        tree = _load(self.path / "host.sspl")
+        tree = load_file(self.path / "host.sspl")
+        if not isinstance(tree, dict):
+            raise self._index_error("its contents", TypeError(
+                f"expected a dict, got {type(tree).__name__}"))
         if tree.get("format") != FORMAT:
             raise ConfigError(f"{self.path}: state format {tree.get('format')!r}, expected {FORMAT}")
         if tree.get("host") != host.name:
@@ -263,20 +285,23 @@ class HostStore:
         # first: what restoring audits (halts) comes after
         tail, host.audit_first = self._read_audit(host.audit_tail)
         host.audit[:0] = tail
-        self._restoring, self._deferred = True, False
+        self._restoring, self._deferred, self._aside = True, False, {}
         try:
             top, kept = 0, {}
-            for raw in tree["proposals"]:
-                p = _proposal_from(raw)
+            for p, runtime, saves in self._proposals(tree):
                 host.proposals_by_id[p.id] = p
-                top = max(top, _number(p.id))
-                if raw.get("runtime"):
-                    host.runtimes[p.id], kept[p.id] = self._runtime(host, p,
-                                                                    int(raw.get("saves", 0)))
+                top = max(top, id_number(p.id))
+                if runtime:
+                    host.runtimes[p.id], kept[p.id] = self._runtime(host, p, saves)
             host.ids = itertools.count(top + 1)
             states = tree.get("families") or {}
             for name, family in host.families.items():
-                family.restore(states.get(name) or {})
+                try:
+                    family.restore(states.get(name) or {})
+                except SyftSplitError:  # the family's own word (e.g. settings it refuses)
+                    raise
+                except Exception as exc:
+                    raise self._index_error(f"the {name!r} family's state", exc) from exc
             for pid in kept:  # after the families (aligned datasets) are back
                 _halt_without_data(host, host.runtimes[pid])
             for pid in kept:  # pending forwards
@@ -290,7 +315,10 @@ class HostStore:
                                   f"{exc}): it cannot go on from where it stood")
             for pid, families in kept.items():  # what families keep with a segment's steps
                 for name, family in host.families.items():  # (after theirs: aligned datasets)
-                    family.restore_segment(host.runtimes[pid], families.get(name))
+                    try:
+                        family.restore_segment(host.runtimes[pid], families.get(name))
+                    except Exception as exc:  # this segment only
+                        self._damaged(host, host.proposals_by_id[pid], exc, family=name)
         finally:
             self._restoring = False
         if self._deferred or saved_key != host.label_key:  # e.g. a segment halted because it
@@ -298,47 +326,95 @@ class HostStore:
             self.save_host(host)
         return True
 
+    def _proposals(self, tree: dict[str, Any]) -> Iterator[tuple[Proposal, bool, int]]:
+        """host.sspl's proposals, each with whether it has a segment file and how many times
+        that was written; an entry that cannot be read stops the restore (host.sspl is the
+        index: without it no segment is known)."""
+        entries = tree.get("proposals")
+        if not isinstance(entries, list):
+            raise self._index_error("the proposals", TypeError(
+                f"expected a list, got {type(entries).__name__}"))
+        for i, raw in enumerate(entries):
+            try:
+                if not isinstance(raw, dict):
+                    raise TypeError(f"expected a dict, got {type(raw).__name__}")
+                p, saves = proposal_from(raw), int(raw.get("saves", 0))
+            except Exception as exc:
+                name = raw.get("id") if isinstance(raw, dict) else None
+                raise self._index_error(f"proposal {i} ({name!r})", exc) from exc
+            yield p, bool(raw.get("runtime")), saves
+
+    def _index_error(self, what: str, exc: Exception) -> WireError:
+        """host.sspl is readable but ``what`` in it is not: the restore stops (it is the
+        index), with an error naming the file and the part."""
+        return WireError(f"state file {self.path / 'host.sspl'}: {what} cannot be restored "
+                         f"({type(exc).__name__}: {clip(str(exc), _ERROR_CHARS)}); put back a "
+                         "copy from a backup, or move the state directory aside to start "
+                         "without it")
+
     def _runtime(self, host: DataOwnerHost, p: Proposal,
                  saves: int) -> tuple[Runtime, dict[str, Any]]:
         """The segment as its file left it, and what the families kept with it. A file that
         is missing or older than host.sspl says (``saves``: how often it had been written)
-        halts the segment (audited): it would run on from lost weights and steps."""
-        assert p.module is not None
-        params = list(p.module.parameters())
-        rt = Runtime(p, p.module, p.optimizer.build(params) if params else None)
+        halts the segment (audited): it would run on from lost weights and steps. A file that
+        cannot be loaded into the segment (damaged on disk: truncated, bytes changed; weights
+        or optimizer state that do not fit its module; a field missing or of the wrong kind)
+        halts that segment only (:meth:`_damaged`: moved aside, kept for inspection); it holds
+        its initial weights, halted, and every other segment is restored. A file that cannot
+        be read (``OSError``: permissions, an I/O error) stops the restore: a halt is final."""
         path = self.segment_path(p.id)
         if not path.exists():
             if saves > 0 and p.status == "approved":
                 host.halt(p.id, f"the datasite restarted and this segment's state file {path} "
                           f"is missing (it had been saved {saves} times): its weights and "
                           "steps are lost; it cannot run on from its initial weights")
-            return rt, {}
-        snap = _load(path)
-        found = int(snap.get("saves", 0))
+            return initial_runtime(p), {}
+        try:
+            rt, families, found = runtime_from(p, persist.load(path), host.label_key)
+        except OSError:  # the disk, not the file (unreadable now): fix it and restart
+            raise
+        except Exception as exc:  # this segment's file only: the others are restored
+            self._saves[p.id] = saves  # its next file is newer than host.sspl's record
+            self._damaged(host, p, exc)
+            return initial_runtime(p), {}
         self._saves[p.id] = found
         if found < saves and p.status == "approved":
             host.halt(p.id, f"the datasite restarted and this segment's state file {path} is "
                       f"older than the host's record (save {found} of {saves}): its latest "
                       "weights and steps are lost; it cannot run on from older ones")
-        rt.module.load_state_dict(snap["weights"])
-        if rt.optimizer is not None and snap.get("optimizer") is not None:
-            rt.optimizer.load_state_dict(snap["optimizer"])
-        rt.steps = int(snap["steps"])
-        rt.torch_rng = snap["torch_rng"]
-        rt.records = [StepRecord(int(r["step"]), str(r["op"]), str(r["digest"]),
-                                 bytes(r["response"])) for r in snap.get("records", [])]
-        rt.extra.update(snap.get("extra") or {})
-        rt.fresh_secrets(host.label_key)  # the release noise not replayed
-        rt.he_saved = snap.get("he")
-        grads = snap.get("loss_grads")
-        if grads is not None:  # a loss step waiting for its weight
-            for name, param in rt.module.named_parameters():
-                if name in grads:
-                    param.grad = grads[name].clone()
-            rt.pending_loss_grads = True
-        if snap.get("pending") is not None and p.he is None:
-            rt.pending_source = snap["pending"]  # re-run once every dataset is back
-        return rt, dict(snap.get("families") or {})
+        return rt, families
+
+    def _damaged(self, host: DataOwnerHost, p: Proposal, exc: Exception, *,
+                 family: str | None = None) -> None:
+        """Segment ``p``'s file (``family``: what that family keeps in it) could not be
+        restored: halt the segment (an already halted one keeps its reason; the event is
+        audited either way) with a reason naming the file, the error and where the file is
+        kept: as ``segments/<id>.sspl.damaged-<n>``, the lowest ``n`` not taken (an earlier
+        one is never overwritten; one per segment and restore). A file that could not be
+        loaded at all is moved there (the next save writes the halted segment a new one); a
+        file only a family's part of which did not fit stays too (its weights were loaded),
+        a copy beside it."""
+        path = self.segment_path(p.id)
+        aside = self._aside.get(p.id)
+        if aside is None:
+            try:
+                aside = self._aside[p.id] = _set_aside(path, move=family is None)
+            except OSError as err:  # e.g. a read-only directory: the next save replaces it
+                where = f"could not be set aside ({type(err).__name__}: {err})"
+        if aside is not None:
+            where = f"is kept as {aside.name} for inspection"
+        what = "this segment's state file" if family is None else \
+            f"what the {family!r} family keeps in this segment's state file"
+        why = (f"the datasite restarted and {what} {path} could not be restored "
+               f"({type(exc).__name__}: {clip(' '.join(str(exc).split()), _ERROR_CHARS)}); "
+               f"the file {where}: "
+               + ("its weights and steps are lost, it cannot run on from its initial weights"
+                  if family is None else "it cannot run on without it"))
+        _log.warning("%s: %s", host.name, why)
+        if p.status == "approved":
+            host.halt(p.id, why)
+        else:
+            host.record(AuditEntry(time.time(), "owner", "restore", p.id, {}, 0, 0, 0.0, why))
 
     def _audit_base(self) -> int:
         """The index of audit.jsonl's first line: from audit.index; without it (a directory
@@ -373,6 +449,28 @@ class HostStore:
         return out, base + count - len(lines)
 
 
+def _set_aside(path: Path, *, move: bool) -> Path:
+    """Keep ``path`` as ``<name>.damaged-<n>``, the lowest ``n`` not taken (a hard link, or
+    a copy where there are none); ``move``: ``path`` itself goes."""
+    n = 1
+    while (aside := path.with_name(f"{path.name}.damaged-{n}")).exists():
+        n += 1
+    try:
+        os.link(path, aside)
+    except FileExistsError:
+        raise  # never over an earlier one
+    except OSError:  # no hard links on this file system: a copy (0600, like every file here)
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f, open(path, "rb") as src:
+            shutil.copyfileobj(src, f)
+            f.flush()
+            os.fsync(f.fileno())
+    if move:
+        path.unlink()
+    persist.fsync_dir(path.parent)
+    return aside
+
+
 def _halt_without_data(host: DataOwnerHost, rt: Runtime) -> None:
     """Halt (audited) an approved segment restored without a dataset it reads (the data owner
     restarted without it): its steps would fail, or run on other records."""
@@ -390,97 +488,3 @@ def _count_lines(path: Path) -> int:
             return sum(1 for _ in f)
     except FileNotFoundError:
         return 0
-
-
-# ------------------------------------------------------------------------------ trees
-def _load(path: Path) -> Any:
-    """A state file, or an error naming it (a damaged file: truncated, overwritten)."""
-    try:
-        return persist.load(path)
-    except (SyftSplitError, ValueError, KeyError) as exc:
-        raise WireError(f"state file {path} is damaged and cannot be restored "
-                        f"({type(exc).__name__}: {exc}); put back a copy from a backup, or "
-                        "move the state directory aside to start without it") from exc
-
-
-def _number(pid: str) -> int:
-    """The number an id ends with, whatever its kind (``a/seg3``: 3, ``a/fl12``: 12): the
-    counter goes on after the highest one of every kind, so no id is handed out twice."""
-    tail = re.search(r"(\d+)$", pid)
-    return int(tail.group(1)) if tail else 0
-
-
-def _proposal_tree(p: Proposal, has_runtime: bool) -> dict[str, Any]:
-    return {
-        "id": p.id, "driver": p.driver, "role": p.role, "spec": p.spec, "state": dict(p.state),
-        "optimizer": p.optimizer.to_json(), "datasets": list(p.datasets),
-        "input_shape": list(p.input_shape), "output_shape": list(p.output_shape),
-        "max_batch": p.max_batch, "loss": p.loss, "release_labels": p.release_labels,
-        "share_weights": p.share_weights, "defences": dict(p.defences), "he": p.he,
-        "status": p.status, "reason": p.reason, "halted_by": p.halted_by, "runtime": has_runtime,
-        "spec_digest": p.spec_digest, "token": p.token, "request_digest": p.request_digest,
-    }
-
-
-def _proposal_from(raw: dict[str, Any]) -> Proposal:
-    """A proposal as saved; a rejected one without its spec and weights (also when an older
-    file still holds them: they are dropped on the next save)."""
-    rejected = raw["status"] == "rejected"
-    module = None if rejected else module_from_spec(raw["spec"])
-    if module is not None:
-        module.load_state_dict(raw["state"])
-    p = Proposal(
-        id=raw["id"], driver=raw["driver"], role=raw["role"], spec=raw["spec"],
-        state=dict(raw["state"]), optimizer=OptimizerSpec.from_json(raw["optimizer"]),
-        datasets=list(raw["datasets"]), input_shape=tuple(raw["input_shape"]),
-        output_shape=tuple(raw["output_shape"]), max_batch=int(raw["max_batch"]),
-        loss=raw.get("loss"), release_labels=bool(raw.get("release_labels")),
-        share_weights=str(raw.get("share_weights", "none")),
-        defences=dict(raw.get("defences") or {}), he=raw.get("he"),
-        status=str(raw["status"]), reason=str(raw.get("reason", "")),
-        halted_by=str(raw.get("halted_by", "")), module=module,
-        spec_digest=str(raw.get("spec_digest", "")), token=str(raw.get("token", "")),
-        request_digest=str(raw.get("request_digest", "")),
-    )
-    if rejected:
-        p.forget()
-    return p
-
-
-def _plain(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, str)):
-        return True
-    return isinstance(value, float) and math.isfinite(value)
-
-
-def _runtime_tree(rt: Runtime, families: Mapping[str, OpFamily]) -> dict[str, Any]:
-    grads = None
-    if rt.pending_loss_grads:
-        grads = {n: p.grad for n, p in rt.module.named_parameters() if p.grad is not None}
-    return {
-        "id": rt.id,
-        "steps": rt.steps,
-        "weights": rt.module.state_dict(),
-        "optimizer": rt.optimizer.state_dict() if rt.optimizer is not None else None,
-        "rng": rt.rng.get_state(),
-        "torch_rng": rt.torch_rng,
-        "records": [{"step": r.step, "op": r.op, "digest": r.digest, "response": r.response}
-                    for r in rt.records],
-        "pending": rt.pending_source if rt.pending_output is not None else None,
-        "loss_grads": grads,
-        "extra": {k: v for k, v in rt.extra.items() if _plain(v)},
-        # HE: the cost meter and (level B) the weight share, for fresh keys after a restart;
-        # never a key
-        "he": rt.he.state() if rt.he is not None else None,
-        # what the families keep per segment (e.g. the leakage watch), matching these steps
-        "families": {name: st for name, fam in families.items()
-                     if (st := fam.segment_state(rt)) is not None},
-    }
-
-
-def _audit_json(entry: AuditEntry) -> dict[str, Any]:
-    out = asdict(entry)
-    for k in ("time", "seconds"):
-        if not math.isfinite(out[k]):
-            out[k] = 0.0
-    return out
