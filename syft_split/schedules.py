@@ -13,7 +13,7 @@
 The data owners' weights move only between data owners (plans with ``share_weights="peer"``;
 each data owner pins the others' public keys with ``trust_peer``): the model owner never writes
 them and never reads them. Averaging is secure aggregation (:mod:`syft_split.secagg`,
-:mod:`syft_split.host.weights`): each data owner seals a pairwise-masked, weighted contribution
+:mod:`syft_split.host.aggregation`): each data owner seals a pairwise-masked, weighted contribution
 for every other member; each checks every contribution it sums (pinned key, round, cohort,
 weights, segment) and loads the average. The model owner relays ciphertext and learns no weight,
 not even the average. A data owner that drops out before its contribution is out: the round

@@ -1,5 +1,5 @@
 """Secure aggregation: the pure arithmetic (syft_split.secagg) and the data owners' protocol
-(syft_split.host.weights) on in-process hosts, including what a model owner that relays the
+(syft_split.host.aggregation) on in-process hosts, including what a model owner that relays the
 contributions may try: forge, replay, redirect, drop, or split the cohort's view of a round."""
 
 from __future__ import annotations
