@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .. import secagg, wire
-from ..errors import AccessError, ProtocolError, ShapeError
+from ..errors import AccessError, CohortRefusedError, ProtocolError, ShapeError
 from .dispatch import Host, op
 from .guard import SCALAR, SEALED, Call
 from .peers import PeerFamily, _positive_int, _text, fingerprint
@@ -54,15 +54,18 @@ class AggregationOps(PeerFamily):
 
     # --------------------------------------------------------- secure aggregation
     @op("secagg_round", roles=ROLES, mutates=True,
-        egress={"round": SCALAR, "pending": SCALAR, "aggregated": SCALAR})
+        egress={"round": SCALAR, "pending": SCALAR, "aggregated": SCALAR, "min_cohort": SCALAR})
     def secagg_round(self, call: Call) -> dict[str, Any]:
         """The last round contributed to, the round in flight (0: none) and the last round
-        loaded, so that a new model-owner process can finish an interrupted round."""
+        loaded, so that a new model-owner process can finish an interrupted round; and this
+        data owner's ``HostLimits.min_cohort``, so that the model owner starts no round (and
+        asks for no relay) that it would refuse."""
         assert call.rt is not None
         pending = self.pending.get(call.rt.id)
         return {"round": self.rounds.get(call.rt.id, 0),
                 "pending": 0 if pending is None else int(pending["descriptor"]["round"]),
-                "aggregated": self.aggregated.get(call.rt.id, 0)}
+                "aggregated": self.aggregated.get(call.rt.id, 0),
+                "min_cohort": self.host.limits.min_cohort}
 
     def _descriptor(self, rt: Runtime, req: dict[str, Any]) -> dict[str, Any]:
         """The round as the model owner describes it, checked against what this host knows."""
@@ -102,16 +105,18 @@ class AggregationOps(PeerFamily):
 
     def _cohort_rule(self, members: dict[str, str], weights: dict[str, Any]) -> None:
         """``HostLimits.min_cohort``: from 3 members, no single peer may read this data owner's
-        weights out of the average (each weight at least a tenth of the largest)."""
+        weights out of the average (each weight at least a tenth of the largest). Checked before
+        anything is kept or masked; refused with :class:`CohortRefusedError` (a policy)."""
         least = self.host.limits.min_cohort
         if len(members) < least:
-            raise ProtocolError(f"{self.host.name} averages only in cohorts of at least {least} "
-                                f"members (HostLimits.min_cohort), got {len(members)}")
+            raise CohortRefusedError(f"{self.host.name} averages only in cohorts of at least "
+                                     f"{least} members (HostLimits.min_cohort), got "
+                                     f"{len(members)}")
         if least >= 3 and min(weights.values()) * 10 < max(weights.values()):
-            raise ProtocolError(f"{self.host.name} needs every member's averaging weight to be "
-                                "at least a tenth of the largest (HostLimits.min_cohort="
-                                f"{least}: no single peer reads its weights), got "
-                                f"{weights!r:.200}")
+            raise CohortRefusedError(f"{self.host.name} needs every member's averaging weight "
+                                     "to be at least a tenth of the largest (HostLimits."
+                                     f"min_cohort={least}: no single peer reads its weights), "
+                                     f"got {weights!r:.200}")
 
     @op("secagg_contribute", roles=ROLES, mutates=True, egress={"sealed/*": SEALED, "round": SCALAR})
     def secagg_contribute(self, call: Call) -> dict[str, Any]:

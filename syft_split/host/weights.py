@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import wire
-from ..errors import AccessError, ConfigError, ProtocolError
+from ..errors import AccessError, CohortRefusedError, ConfigError, ProtocolError
 from .aggregation import AggregationOps
 from .dispatch import Host, op, owner_op, register_family
 from .guard import SCALAR, SEALED, TEXT, WEIGHTS, Call
@@ -144,9 +144,9 @@ class WeightOps(AggregationOps):
         peer = self._trusted(rt, call.req.get("peer"))
         to_segment = _text(call.req.get("to_segment"), "to_segment")
         if self.host.limits.min_cohort >= 3:
-            raise AccessError(f"{self.host.name} never relays its weights to a single peer "
-                              f"(HostLimits.min_cohort={self.host.limits.min_cohort}); they "
-                              "are only averaged")
+            raise CohortRefusedError(f"{self.host.name} never relays its weights to a single "
+                                     "peer (HostLimits.min_cohort="
+                                     f"{self.host.limits.min_cohort}); they are only averaged")
         if rt.pending_output is not None or rt.pending_loss_grads:
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         seq = self.relay_sent.get(rt.id, 0) + 1
