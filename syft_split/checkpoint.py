@@ -10,8 +10,8 @@ atomically after every training step by :meth:`syft_split.Trainer.fit`. It holds
 - the schedule position: epoch, batches done in it, the batch generator's state at the start
   of the epoch (the epoch's order is drawn again from it), running sums, per-client server
   copies (SplitFed v1), the report so far (steps, epochs, wall time, the cost ledger's FLOPs and
-  peak memory, this run's bytes and calls: a resumed run's report covers the crashed process's
-  work up to its last checkpoint too);
+  peak memory, this run's bytes and calls, the rounds not averaged: a resumed run's report
+  covers the crashed process's work up to its last checkpoint too);
 - the run's configuration (plan, optimizer, batch size, seed, schedule, defences, datasets):
   a resume configured otherwise is refused, as it would silently train another run; the
   parties skipped for the rest of the epoch (``on_unreachable="skip"``);
@@ -97,6 +97,7 @@ class Checkpoint:
                        "epochs": [asdict(e) for e in trainer.report.epochs],
                        "extra": {k: v for k, v in trainer.report.extra.items()
                                  if k in ("unreachable", "resumed")},
+                       "not_averaged": list(trainer.report.not_averaged),
                        "wall_time_s": trainer.report.wall_time_s + trainer.fit_seconds(),
                        "ledger": trainer.ledger.totals(),
                        "traffic": {} if trainer.traffic is None else trainer.traffic.figures()},
@@ -162,6 +163,7 @@ class Checkpoint:
         trainer.report.steps = int(report["steps"])
         trainer.report.epochs = [EpochRecord(**e) for e in report["epochs"]]
         trainer.report.extra.update(report.get("extra", {}))
+        trainer.report.not_averaged = list(report.get("not_averaged", []))
         # the crashed process's costs, as of this checkpoint: the report goes on from them
         trainer.report.wall_time_s = float(report.get("wall_time_s", 0.0))
         trainer.ledger.load_totals(report.get("ledger", {}))

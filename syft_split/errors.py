@@ -13,6 +13,9 @@
     │   └── PayloadTooLargeError  a message over the receiver's size limit
     ├── WireError               bytes that do not decode under the wire schema
     ├── ProtocolError           an op out of order (gradient without forward) or unknown
+    │   └── CohortRefusedError  a data owner's HostLimits.min_cohort refused an averaging
+    │                           cohort or a relay of its weights (a policy, not a failure;
+    │                           also an AccessError)
     ├── AccessError             the caller may not do this
     │   ├── AuthorizationError  caller is not the approved model owner
     │   ├── ApprovalError       the segment was never approved / was rejected
@@ -45,6 +48,7 @@ __all__ = [
     "PayloadTooLargeError",
     "WireError",
     "ProtocolError",
+    "CohortRefusedError",
     "AccessError",
     "AuthorizationError",
     "ApprovalError",
@@ -107,6 +111,14 @@ class ProtocolError(SyftSplitError):
 
 class AccessError(SyftSplitError):
     """The caller is not allowed to do this."""
+
+
+class CohortRefusedError(ProtocolError, AccessError):
+    """A data owner's ``HostLimits.min_cohort`` refused a secure-aggregation round (too few
+    members, or an averaging weight under a tenth of the largest) or a relay of its weights to
+    a single peer. Nothing was applied. It is the data owner's standing policy, not a failure:
+    the model owner leaves that round unaveraged (or that copy unrelayed) and trains on with
+    every data owner (:class:`~syft_split.schedules.SecureAverage`)."""
 
 
 class AuthorizationError(AccessError):

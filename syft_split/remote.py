@@ -272,9 +272,11 @@ class RemoteSegment:
 
     def secagg_status(self) -> dict[str, int]:
         """``round`` (last contributed to), ``pending`` (in flight, 0: none) and ``aggregated``
-        (last loaded) secure-aggregation rounds of this segment."""
+        (last loaded) secure-aggregation rounds of this segment, and its data owner's
+        ``min_cohort`` (``HostLimits``; 2 from a host that does not say)."""
         r = self._call("secagg_round")
-        return {k: int(r.get(k, 0)) for k in ("round", "pending", "aggregated")}
+        out = {k: int(r.get(k, 0)) for k in ("round", "pending", "aggregated")}
+        return {**out, "min_cohort": int(r.get("min_cohort", 2))}
 
     def secagg_contribute(self, label: str, round: int, members: dict[str, str],
                           weights: dict[str, float]) -> dict[str, bytes]:

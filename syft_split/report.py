@@ -83,6 +83,10 @@ class RunReport:
     peak_memory_by_party: dict[str, int] = field(default_factory=dict)
     #: data owners that failed a round and were dropped: {"party", "round", "phase", "error"}
     party_failures: list[dict[str, Any]] = field(default_factory=list)
+    #: SplitFed rounds in which data owners kept their own weights instead of the average (not
+    #: a failure: a member's HostLimits.min_cohort refused the cohort, or no member relays):
+    #: {"epoch", "round" (of the epoch, from 0), "kept" (data owners), "reason"}
+    not_averaged: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 

@@ -16,7 +16,12 @@ over N datasites costs the sum of N round trips; :class:`SplitFedRounds` overlap
 
 Results equal the sequential schedule's (the same operations in the same order per party).
 Data owners of unequal size: one without a batch in a round sits it out of the averaging
-(weight 0) and is relayed the average, so it continues from it like everybody else.
+(weight 0) and is relayed the average, so it continues from it like everybody else. A data
+owner's ``HostLimits.min_cohort`` may refuse a round's cohort (too few members with a batch,
+or a batch under a tenth of the largest) or relaying its weights: that is its policy, not a
+failure. The round is then not averaged (every data owner, and with v1 its server copy, keeps
+its weights) or the average not relayed, ``report.not_averaged`` says which round and why,
+and every data owner trains on.
 
 Failures: :func:`run_each` bounds the calls in flight (``max_workers``) and gives each data
 owner ``deadline_s`` per phase. A data owner whose call fails or does not answer in time is
@@ -223,8 +228,10 @@ class SplitFedRounds:
         _log.warning("round %d: %s failed in %s (%s); continuing without it",
                      self.rounds_run, party, phase, failure.error)
 
-    def run_round(self, batches: Sequence[tuple[str, torch.Tensor]]) -> RoundResult:
-        """One round: ``batches`` holds (data owner, record indices) in the round's order."""
+    def run_round(self, batches: Sequence[tuple[str, torch.Tensor]], *,
+                  at: tuple[int, int] | None = None) -> RoundResult:
+        """One round: ``batches`` holds (data owner, record indices) in the round's order;
+        ``at`` (epoch, round of the epoch) names it in the report."""
         s, tr = self.session, self.trainer
         if tr.schedule == "splitfed_v1" and self.copies is None:
             self.copies = ServerCopies(s, s.plan.sources)
@@ -283,11 +290,14 @@ class SplitFedRounds:
                 keys, fn, max_workers=self.max_workers, deadline_s=self.deadline_s))
             for p, exc in failed.items():
                 self._drop(p, "aggregate", exc)
+            outcome = tr._average.last  # a cohort refused by min_cohort: not averaged
             kept = {p: w for p, w in sizes.items() if p not in self.dropped}
-            if self.copies is not None and sum(kept.values()) > 0:
+            if self.copies is not None and sum(kept.values()) > 0 and (
+                    outcome.not_averaged is None):
                 t_mo = time.perf_counter()
-                self.copies.average(kept)
+                self.copies.average(kept, keep=list(outcome.not_relayed))
                 timing.model_owner_s += time.perf_counter() - t_mo
+            tr.note_averaging(outcome, *(at or (None, self.rounds_run)))
         timing.aggregate_s = time.perf_counter() - t0
         timing.seconds = time.perf_counter() - t_round
         timing.parties = len(out.metrics)
@@ -308,8 +318,8 @@ class SplitFedRounds:
         loss_sum, correct, count = 0.0, 0, 0
         first = len(self.timings)
         bar = tqdm(tr._batches(), desc=f"epoch {epoch}", disable=not tr.progress, leave=False)
-        for batches in bar:
-            result = self.run_round(batches)
+        for k, batches in enumerate(bar):
+            result = self.run_round(batches, at=(epoch, k))
             for m in result.metrics.values():
                 tr.report.steps += 1
                 loss_sum += m.loss * m.count

@@ -13,28 +13,33 @@
 The data owners' weights move only between data owners (plans with ``share_weights="peer"``;
 each data owner pins the others' public keys with ``trust_peer``): the model owner never writes
 them and never reads them. Averaging is secure aggregation (:mod:`syft_split.secagg`,
-:mod:`syft_split.host.weights`): each data owner seals a pairwise-masked, weighted contribution
+:mod:`syft_split.host.aggregation`): each data owner seals a pairwise-masked, weighted contribution
 for every other member; each checks every contribution it sums (pinned key, round, cohort,
 weights, segment) and loads the average. The model owner relays ciphertext and learns no weight,
 not even the average. A data owner that drops out before its contribution is out: the round
 runs again among the others under a new round number (fresh masks); one that drops out after
-the others have started loading stops the round there (see :class:`SecureAverage`).
+the others have started loading stops the round there (see :class:`SecureAverage`). A round
+a member's ``HostLimits.min_cohort`` refuses (or a relay it refuses) is not averaged (relayed):
+its data owners keep their weights, which :attr:`SecureAverage.last` says; it is not a failure.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
-from .errors import ConfigError
+from .errors import CohortRefusedError, ConfigError
 from .remote import RemoteSegment
 from .session import SplitSession
 
-__all__ = ["SCHEDULES", "relay_weights", "average_segments", "input_nodes", "SecureAverage",
-           "weighted_mean"]
+__all__ = ["SCHEDULES", "AverageOutcome", "SecureAverage", "average_segments", "cohort_refusal",
+           "input_nodes", "relay_weights", "weighted_mean"]
+
+T = TypeVar("T")
 
 SCHEDULES = ("round_robin", "relay", "splitfed_v1", "splitfed_v2")
 
@@ -88,22 +93,78 @@ def _journal_node(journal: Callable[[int, int], None] | None, node: int, seg: Re
     return lambda: journal(node, seg.next_step)
 
 
+@dataclass
+class AverageOutcome:
+    """What one :class:`SecureAverage` call did besides its failures: ``not_averaged`` says
+    why its members kept their own weights (a data owner's ``HostLimits.min_cohort``; None:
+    averaged, or nothing to average), ``not_relayed`` which data owners without a batch kept
+    their own weights instead of receiving the average, and why."""
+
+    sources: list[str] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)
+    not_averaged: str | None = None
+    not_relayed: dict[str, str] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any] | None:
+        """For the run report: the data owners that kept their own weights and why (None:
+        nothing was left out)."""
+        if self.not_averaged is not None:
+            return {"kept": sorted(self.sources), "reason": self.not_averaged}
+        if self.not_relayed:
+            reasons = "; ".join(dict.fromkeys(self.not_relayed.values()))
+            return {"kept": sorted(self.not_relayed), "reason": f"not relayed the average: "
+                    f"{reasons}"}
+        return None
+
+
+def cohort_refusal(members: Sequence[str], weights: dict[str, float],
+                   min_cohort: dict[str, int]) -> str | None:
+    """Why a member would refuse this cohort under its ``HostLimits.min_cohort`` (its host's
+    rule, :meth:`syft_split.host.aggregation.AggregationOps._cohort_rule`), None if none
+    would: at least that many members and, from 3, every weight at least a tenth of the
+    largest."""
+    ws = [weights[m] for m in members]
+    for m in members:
+        least = min_cohort.get(m, 2)
+        if len(members) < least:
+            return (f"{m} averages only in cohorts of at least {least} members "
+                    f"(HostLimits.min_cohort), this round has {len(members)}: "
+                    f"{', '.join(members)}")
+        if least >= 3 and min(ws) * 10 < max(ws):
+            return (f"{m} needs every averaging weight to be at least a tenth of the largest "
+                    f"(HostLimits.min_cohort={least}), this round has "
+                    f"{dict(zip(members, ws))}")
+    return None
+
+
 class SecureAverage:
     """Secure-aggregation rounds over a session's shared segments (the model owner relays).
 
     Round numbers increase across calls; the first call starts after the highest round any
-    involved segment has seen (so a new session on old segments still uses fresh masks)."""
+    involved segment has seen (so a new session on old segments still uses fresh masks), and
+    learns each data owner's ``HostLimits.min_cohort``. A round some member would refuse under
+    it (too few members, a weight under a tenth of the largest) is not started: its members
+    keep their own weights, which :attr:`last` says (:class:`AverageOutcome`); a data owner
+    whose policy changed since and refuses anyway (:class:`~syft_split.errors.
+    CohortRefusedError`) has the round abandoned the same way, nothing loaded anywhere. Such
+    a refusal is never a failure: no data owner is dropped for it."""
 
     def __init__(self, session: SplitSession) -> None:
         self.session = session
         self.round: int | None = None
+        #: each data owner's HostLimits.min_cohort, from its first status
+        self.min_cohort: dict[str, int] = {}
+        #: what the last call did (averaged or not, relayed or not)
+        self.last = AverageOutcome()
 
     def __call__(self, sources: Sequence[str], weights: Sequence[float], *,
                  each: Each | None = None) -> dict[str, BaseException]:
         """Replace each source's copy of every shared segment by their weighted average (a
         source with weight 0 is not a member of the rounds, which data owners refuse: it
-        receives the average, relayed sealed from a member; with one source of positive
-        weight that is a relay of its weights).
+        receives the average, relayed sealed from a member that relays; with one source of
+        positive weight that is a relay of its weights). A cohort a member's
+        ``HostLimits.min_cohort`` refuses is not averaged, and a source no member may relay to
+        keeps its weights: see :attr:`last`.
 
         ``each(keys, fn) -> (results, errors)`` runs one phase's calls (contribute, then
         aggregate) for every data owner, e.g. concurrently (:func:`syft_split.rounds.run_each`),
@@ -111,13 +172,16 @@ class SecureAverage:
         *contribute* loads nothing of that node anywhere: its round runs again among the members
         that did not fail, under the next round number (new masks; no contribution of the
         aborted round was delivered to anyone), as long as two members with a positive total
-        weight remain; the nodes after it are averaged among those members (nodes averaged
-        before it already included the member that failed). A failed *aggregate* stops the
-        averaging (the others have loaded). Without ``each`` the calls run one after the other
-        and a failure raises."""
+        weight remain that every member's ``min_cohort`` allows; the nodes after it are averaged
+        among those members (nodes averaged before it already included the member that failed).
+        A failed *aggregate* stops the averaging (the others have loaded). Without ``each`` the
+        calls run one after the other and a failure raises."""
         _require_peer(self.session)
         if len(sources) != len(weights):
             raise ConfigError(f"{len(sources)} sources but {len(weights)} weights")
+        w = {s: float(x) for s, x in zip(sources, weights)}
+        members = [s for s in dict.fromkeys(sources) if w[s] > 0]
+        out = self.last = AverageOutcome(list(dict.fromkeys(sources)), members)
         if len(set(sources)) < 2:
             return {}  # the average of one copy is that copy
         run = each or _one_after_the_other
@@ -128,43 +192,86 @@ class SecureAverage:
             if failed:
                 return failed
             self.round = _first_round(status) - 1
-        w = {s: float(x) for s, x in zip(sources, weights)}
-        members, dropped = [s for s in dict.fromkeys(sources) if w[s] > 0], {}
+            self.min_cohort.update({s: max(st.get("min_cohort", 2) for st in sts)
+                                    for s, sts in status.items() if sts})
+        dropped: dict[str, BaseException] = {}
         if not members:
             raise ConfigError(f"averaging weights {weights} are all 0")
         if len(members) > 1:
+            out.not_averaged = cohort_refusal(members, w, self.min_cohort)
+            if out.not_averaged is not None:
+                return dropped  # no round started: no masks spent, nothing loaded
             self.round += 1
-        for i in nodes if len(members) > 1 else []:
+        for k, i in enumerate(nodes if len(members) > 1 else []):
             while True:
-                failed, loading = self._node(i, members, w, run)
+                failed, loading, refused = self._node(i, members, w, run)
                 dropped.update(failed)
+                if refused is not None:  # abandoned before anyone loaded: nothing loaded
+                    out.not_averaged = refused + ("" if k == 0 else f" (nodes {nodes[:k]} "
+                                                  "were averaged before)")
+                    return dropped  # (the next round number is a fresh one)
                 if not failed:
                     break
                 members = [s for s in members if s not in failed]
+                out.members = list(members)
                 if loading or len(members) < 2:
+                    return dropped
+                out.not_averaged = cohort_refusal(members, w, self.min_cohort)
+                if out.not_averaged is not None:
+                    out.not_averaged = f"after {sorted(failed)} failed: {out.not_averaged}"
                     return dropped
                 self.round += 1  # the survivors again, under fresh masks
         zero = [s for s in dict.fromkeys(sources) if w[s] <= 0]  # no batch: gets the average
         if zero:
-            _, failed = run(zero, lambda s: relay_weights(self.session, members[0], s))
-            dropped.update(failed)
+            dropped.update(self._relay(members, zero, run))
         return dropped
 
+    def _relay(self, members: list[str], zero: list[str], run: Each
+               ) -> dict[str, BaseException]:
+        """Relay the average (every member holds it) to each of ``zero``, from a member whose
+        ``min_cohort`` allows relaying its weights (below 3); without one, or refused by it,
+        they keep their own weights (in :attr:`last`)."""
+        src = next((m for m in members if self.min_cohort.get(m, 2) < 3), None)
+        if src is None:
+            why = (f"no member relays its weights ({', '.join(members)}: HostLimits.min_cohort "
+                   ">= 3)")
+            self.last.not_relayed.update({s: why for s in zero})
+            return {}
+        done, failed = run(zero, lambda s: _refused(relay_weights, self.session, src, s))
+        for s, result in done.items():
+            if isinstance(result, CohortRefusedError):
+                self.last.not_relayed[s] = f"{type(result).__name__}: {result}"
+        return failed
+
     def _node(self, i: int, sources: Sequence[str], w: dict[str, float], run: Each
-              ) -> tuple[dict[str, BaseException], bool]:
+              ) -> tuple[dict[str, BaseException], bool, str | None]:
         """One round of node ``i``'s copies: every member contributes, then aggregates.
-        Returns the failures and whether they happened while loading (aggregate)."""
+        Returns the failures, whether they happened while loading (aggregate), and why the
+        round was abandoned if a member refused its cohort (then nobody aggregates)."""
         segs = {s: self.session._seg(s, i) for s in sources}
         members = {seg.party: seg.segment_id for seg in segs.values()}
         rnd = self.round
         assert rnd is not None
-        sealed, failed = run(list(segs), lambda s: segs[s].secagg_contribute(
-            f"node{i}", rnd, members, {segs[o].party: w[o] for o in segs}))
+        sealed, failed = run(list(segs), lambda s: _refused(
+            segs[s].secagg_contribute, f"node{i}", rnd, members,
+            {segs[o].party: w[o] for o in segs}))
+        refused = {s: r for s, r in sealed.items() if isinstance(r, CohortRefusedError)}
+        if refused:
+            return failed, False, "; ".join(f"{type(r).__name__}: {r}" for r in refused.values())
         if failed:
-            return failed, False
+            return failed, False, None
         _, failed = run(list(segs), lambda s: segs[s].secagg_aggregate(
             rnd, {segs[o].party: sealed[o][segs[s].party] for o in segs if o != s}))
-        return failed, True
+        return failed, True, None
+
+
+def _refused(fn: Callable[..., T], *args: Any) -> T | CohortRefusedError:
+    """``fn(*args)``, or the :class:`CohortRefusedError` it raised (a policy, not a failure:
+    returned, so that no phase runner counts it as one)."""
+    try:
+        return fn(*args)
+    except CohortRefusedError as exc:
+        return exc
 
 
 def _first_round(status: dict[str, list[dict[str, int]]]) -> int:
@@ -238,14 +345,17 @@ class ServerCopies:
     def save(self, source: str) -> None:
         self.states[source] = self._snapshot()
 
-    def average(self, weights: dict[str, float]) -> None:
+    def average(self, weights: dict[str, float], keep: Sequence[str] = ()) -> None:
         """Every copy becomes the weighted average; a source missing from ``weights`` (it had
-        no batch this round) counts with weight 0 and also continues from the average."""
+        no batch this round) counts with weight 0 and also continues from the average, unless
+        it is in ``keep`` (its data owner's segment was not relayed the average: its copy stays
+        with it)."""
         sources = list(self.states)
         per_module = [
             weighted_mean([self.states[s][0][k] for s in sources], [weights.get(s, 0.0) for s in sources])
             for k in range(len(self.session.local))
         ]
         for s in sources:
-            self.states[s] = ([copy.deepcopy(m) for m in per_module], self.states[s][1])
+            if s not in keep:
+                self.states[s] = ([copy.deepcopy(m) for m in per_module], self.states[s][1])
         self.use(sources[0])

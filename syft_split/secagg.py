@@ -14,7 +14,7 @@ their X25519 shared secret and the round's canonical descriptor. Masks cancel in
 ``sum_i y_i = sum_i q_i`` and :func:`decode` gives the weighted average; a single ``y_i`` is
 uniform to anyone who lacks one of ``i``'s pairwise secrets. Only library primitives are used
 (hashlib's SHAKE-256 and BLAKE2b here; the key exchange and the authenticated sealing of each
-``y_i`` for its recipient are PyNaCl's, in :mod:`syft_split.host.weights`).
+``y_i`` for its recipient are PyNaCl's, in :mod:`syft_split.host.aggregation`).
 
 Fresh masks need a fresh descriptor: a member must never mask two different vectors under the
 same descriptor (the difference would be unmasked). The host enforces strictly increasing

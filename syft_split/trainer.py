@@ -13,6 +13,7 @@ skipped is listed in ``report.extra["unreachable"]``.
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from .checkpoint import Checkpoint, Position
 from .errors import ConfigError, TransportError
 from .ledger import CostLedger
 from .report import EpochRecord, RunReport, RunTraffic
-from .schedules import SCHEDULES, SecureAverage, ServerCopies, relay_weights
+from .schedules import SCHEDULES, AverageOutcome, SecureAverage, ServerCopies, relay_weights
 from .session import SplitSession, StepMetrics
 
 __all__ = ["Trainer"]
@@ -46,8 +47,9 @@ class Trainer:
     ``max_workers`` bounds the calls in flight (``None``: one per data owner, up to 32, when the
     plan allows it; ``1``: one data owner after the other), ``party_deadline_s`` is each data
     owner's time per phase of a round before it is dropped and reported
-    (``report.party_failures``). Every report counts FLOPs and peak memory per party
-    (:mod:`syft_split.ledger`) next to bytes.
+    (``report.party_failures``). A round whose cohort a data owner's ``HostLimits.min_cohort``
+    refuses is not averaged (``report.not_averaged``): a policy, never a failure. Every report
+    counts FLOPs and peak memory per party (:mod:`syft_split.ledger`) next to bytes.
     """
 
     def __init__(self, session: SplitSession, *, batch_size: int = 64,
@@ -92,6 +94,8 @@ class Trainer:
         self._server_copies: ServerCopies | None = None
         self._average = SecureAverage(session)
         self._relay_last: str | None = None
+        #: (epoch, round of the epoch) of the step running (one data owner after the other)
+        self._round_at: tuple[int | None, int] = (None, 0)
         #: the relay under way: {"from", "to", "sealed": [[node, step id of its unseal], ...]}
         self._relay: dict[str, Any] | None = None
         self.session = session
@@ -214,9 +218,19 @@ class Trainer:
             # a data owner without a batch this round has weight 0 (is relayed the average)
             sources = self.session.plan.sources
             self._average(sources, [round_sizes.get(p, 0.0) for p in sources])
-            if self._server_copies is not None:
-                self._server_copies.average(round_sizes)
+            outcome = self._average.last
+            if self._server_copies is not None and outcome.not_averaged is None:
+                self._server_copies.average(round_sizes, keep=list(outcome.not_relayed))
+            self.note_averaging(outcome, *self._round_at)
             round_sizes.clear()
+
+    def note_averaging(self, outcome: AverageOutcome, epoch: int | None, round: int) -> None:
+        """Put a round's averaging in the run report if some data owners kept their own
+        weights (``report.not_averaged``: a member's ``HostLimits.min_cohort`` refused the
+        cohort, or no member relays); with v1 their server copies stay with them too."""
+        entry = outcome.record()
+        if entry is not None:
+            self.report.not_averaged.append({"epoch": epoch, "round": round, **entry})
 
     def train_epoch(self, epoch: int = 0, *, position: Position | None = None) -> StepMetrics:
         """One pass over every source's training records, in the schedule's order
@@ -239,8 +253,10 @@ class Trainer:
         loss_sum, correct, count = position["sums"] if position is not None else (0.0, 0, 0)
         round_sizes: dict[str, float] = dict(position["round_sizes"]) if position else {}
         self.down = set()
+        rounds_before = [0, *accumulate(int(end) for _, _, end in order)]
         bar = tqdm(order[done:], desc=f"epoch {epoch}", disable=not self.progress, leave=False)
         for k, (party, idx, end_of_round) in enumerate(bar, start=done):
+            self._round_at = (epoch, rounds_before[k])  # for the report (note_averaging)
             if party not in self.down:
                 try:
                     m = self._train_step(party, idx, end_of_round, round_sizes)

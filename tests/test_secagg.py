@@ -1,5 +1,5 @@
 """Secure aggregation: the pure arithmetic (syft_split.secagg) and the data owners' protocol
-(syft_split.host.weights) on in-process hosts, including what a model owner that relays the
+(syft_split.host.aggregation) on in-process hosts, including what a model owner that relays the
 contributions may try: forge, replay, redirect, drop, or split the cohort's view of a round."""
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def test_secure_average_equals_plain_average(three_peers) -> None:
         assert max(float((after[k] - want[k]).abs().max()) for k in want) <= 1e-6
     # what the data owners sent: sealed contributions, round numbers and steps, no weight value
     raw = [v for r in dep.transport.traffic.records if r.src != "model_owner" for v in r.fields]
-    assert {f for f in raw if not f.startswith("sealed/")} <= {"round", "pending", "aggregated",
-                                                                "steps"}  # round numbers
+    assert {f for f in raw if not f.startswith("sealed/")} <= {
+        "round", "pending", "aggregated", "steps", "min_cohort"}  # round numbers, the policy
 
 
 def _assert_unchanged(dep, segs, before) -> None:
@@ -184,8 +184,8 @@ def test_a_loaded_round_is_served_again_only_as_it_was(three_peers) -> None:
     sealed = _round(segs, 1, w)
     segs["a"].secagg_aggregate(1, {o: sealed[o]["a"] for o in NAMES if o != "a"})
     after_a = _weights(dep, {"a": segs["a"]})
-    assert segs["a"].secagg_status() == {"round": 1, "pending": 0, "aggregated": 1}
-    assert segs["b"].secagg_status() == {"round": 1, "pending": 1, "aggregated": 0}
+    assert segs["a"].secagg_status() == {"round": 1, "pending": 0, "aggregated": 1, "min_cohort": 2}
+    assert segs["b"].secagg_status() == {"round": 1, "pending": 1, "aggregated": 0, "min_cohort": 2}
     again = _round(segs, 1, w)  # a model owner finishing round 1
     # every sealed message opens to the same masked vector as before (fresh nonces)
     for n in NAMES:

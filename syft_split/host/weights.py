@@ -13,12 +13,7 @@ Model-owner ops:
                        line (``approve(..., release_weights=True)`` or ``release_weights``)
 ``seal`` / ``unseal``  relay: the weights sealed for one trusted peer's named segment, with a
                        sequence number; the peer loads them once, in order
-``secagg_round``       the last secure-aggregation round this segment took part in
-``secagg_contribute``  this segment's weights, fixed point, weighted, pairwise masked
-                       (:mod:`syft_split.secagg`) and sealed once per other member
-``secagg_aggregate``   every other member's sealed contribution for the pending round: each is
-                       authenticated and checked (member, round, cohort, weights, segment
-                       fingerprint); the masks cancel in the sum and the average is loaded
+``secagg_*``           secure aggregation among peers (:mod:`.aggregation`)
 =====================  =====================================================================
 
 Data-owner ops: ``release_weights``, ``export_weights``, ``public_key``, ``trust_peer``.
@@ -26,60 +21,17 @@ Data-owner ops: ``release_weights``, ``export_weights``, ``public_key``, ``trust
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
-import numpy as np
-import torch
-
-from .. import secagg, wire
-from ..errors import (
-    AccessError,
-    ConfigError,
-    LeakageHaltError,
-    ProtocolError,
-    ShapeError,
-    WireError,
-)
-from .admission import check_weights
-from .dispatch import Host, OpFamily, op, owner_op, register_family
+from .. import wire
+from ..errors import AccessError, CohortRefusedError, ConfigError, ProtocolError
+from .aggregation import AggregationOps
+from .dispatch import Host, op, owner_op, register_family
 from .guard import SCALAR, SEALED, TEXT, WEIGHTS, Call
+from .peers import _text, fingerprint
 from .records import ROLES, Runtime
 
 __all__ = ["WeightOps", "fingerprint"]
-
-_MAX_MEMBERS = 64
-_MAX_WEIGHT = 1e12  # averaging weights are record counts
-_MAX_TEXT = 256  # labels, segment ids: persisted with a round (the host's state is capped)
-
-
-def fingerprint(rt: Runtime) -> str:
-    """What two data owners' copies of one segment must share: its role, spec, input shape
-    (an input segment's: its datasets' feature shape) and weight layout. An input segment's
-    weights never leave; loaded into a middle or loss segment, whose inputs the model owner
-    chooses, they would be read back (a forward of the identity; found in review). A middle
-    or loss segment's own weights are readable that way anyway, so its copies may be shared
-    among segments of its role."""
-    p = rt.proposal
-    layout = [[k, list(v.shape), str(v.dtype)] for k, v in rt.module.state_dict().items()]
-    return hashlib.sha256(secagg.canonical({
-        "role": p.role, "input_shape": list(p.input_shape), "spec": p.spec, "state": layout})
-    ).hexdigest()
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ProtocolError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _text(value: Any, name: str) -> str:
-    """A short string the model owner (or a peer) chose, which may be persisted: at most
-    ``_MAX_TEXT`` characters."""
-    if not isinstance(value, str) or not value or len(value) > _MAX_TEXT:
-        raise ProtocolError(f"{name} must be a non-empty string of at most {_MAX_TEXT} "
-                            f"characters, got {type(value).__name__} {value!r:.60}")
-    return value
 
 
 def _releasable(rt: Runtime) -> None:
@@ -91,13 +43,8 @@ def _releasable(rt: Runtime) -> None:
                           "model owner")
 
 
-def _pending_round(pending: dict[str, Any] | None) -> int | None:
-    """The round number of a round in flight (None: none)."""
-    return None if pending is None else int(pending["descriptor"]["round"])
-
-
 @register_family
-class WeightOps(OpFamily):
+class WeightOps(AggregationOps):
     """Weight export, peer relay and secure aggregation (see the module docstring).
 
     State lives in plain attributes (bytes, str, int) for :meth:`state`: the X25519 secret
@@ -112,21 +59,11 @@ class WeightOps(OpFamily):
     host_state = True  # relay and round counters (replay protection) persist with the host
 
     def __init__(self, host: Host) -> None:
-        super().__init__(host)
-        self.secret_key: bytes | None = None
-        self.peers: dict[str, bytes] = {}
+        super().__init__(host)  # keys and peers (.peers), aggregation rounds (.aggregation)
         #: relay: last sequence number sealed by each of our segments
         self.relay_sent: dict[str, int] = {}
         #: relay: last sequence number loaded, per "our segment<peer/their segment"
         self.relay_seen: dict[str, int] = {}
-        #: secure aggregation: last round each of our segments contributed to
-        self.rounds: dict[str, int] = {}
-        #: secure aggregation: the round each segment contributed to and has not summed yet
-        self.pending: dict[str, dict[str, Any]] = {}
-        #: the last round each segment loaded (a repeated aggregate of it is answered, not redone)
-        self.aggregated: dict[str, int] = {}
-        #: that round's descriptor and own masked contribution (served again to finish it)
-        self.done: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------- family hooks
     def review_lines(self, proposal: Any) -> list[str]:
@@ -186,64 +123,6 @@ class WeightOps(OpFamily):
         self.done = {k: {"descriptor": v["descriptor"], "own": bytes.fromhex(v["own"])}
                      for k, v in state.get("done", {}).items()}
 
-    # ----------------------------------------------------------------------- crypto
-    def keypair(self) -> Any:
-        from nacl.public import PrivateKey
-
-        if self.secret_key is None:
-            self.secret_key = bytes(PrivateKey.generate())
-        return PrivateKey(self.secret_key)
-
-    def _box(self, peer: str) -> Any:
-        from nacl.public import Box, PublicKey
-
-        return Box(self.keypair(), PublicKey(self.peers[peer]))
-
-    def _trusted(self, rt: Runtime, peer: Any) -> str:
-        if rt.proposal.share_weights != "peer":
-            raise AccessError(f"{rt.id} was not approved for peer weight sharing")
-        if not isinstance(peer, str) or peer not in self.peers:
-            raise AccessError(f"{peer!r} is not a peer {self.host.name} trusts; trusted: "
-                              f"{sorted(self.peers)}")
-        return peer
-
-    def _open(self, peer: str, sealed: Any, what: str) -> dict[str, Any]:
-        """Decrypt and authenticate ``sealed`` from ``peer`` (a trusted peer's key)."""
-        from nacl.exceptions import CryptoError
-
-        if not isinstance(sealed, bytes):
-            raise WireError(f"{what} must be bytes, got {type(sealed).__name__}")
-        try:
-            plain = self._box(peer).decrypt(sealed)
-        except CryptoError as exc:
-            raise WireError(f"{what} from {peer!r} does not authenticate under its pinned key: "
-                            f"{exc}") from exc
-        return wire.decode(plain, max_bytes=self.host.limits.max_request_bytes)
-
-    def _check_loadable(self, rt: Runtime, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Weights from peers, before anything changes: the segment's keys, shapes and dtypes,
-        finite and within the data owner's bound (``HostLimits.max_abs_value``), like every
-        value the guard lets in; and no step pending."""
-        check_weights(rt.module, state, self.host.limits.max_abs_value, f"segment {rt.id}")
-        if rt.pending_output is not None or rt.pending_loss_grads:
-            raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
-        return state
-
-    def _load(self, rt: Runtime, state: dict[str, torch.Tensor]) -> None:
-        """Load weights from peers (checked already), then let every family look at them (the
-        leakage watch measures them now). Refused by the watch: the segment's own weights are
-        put back and it is halted, as the watch halts on a step."""
-        own = {k: v.detach().clone() for k, v in rt.module.state_dict().items()}
-        rt.module.load_state_dict(state)
-        try:
-            for family in self.host.families.values():
-                family.after_load(rt)
-        except Exception as exc:
-            rt.module.load_state_dict(own)
-            if isinstance(exc, LeakageHaltError):
-                self.host.halt(rt.id, str(exc), by="watch")
-            raise
-
     # ----------------------------------------------------------------------- export
     @op("export", roles=ROLES, egress={"state/*": WEIGHTS})
     def export(self, call: Call) -> dict[str, Any]:
@@ -265,9 +144,9 @@ class WeightOps(OpFamily):
         peer = self._trusted(rt, call.req.get("peer"))
         to_segment = _text(call.req.get("to_segment"), "to_segment")
         if self.host.limits.min_cohort >= 3:
-            raise AccessError(f"{self.host.name} never relays its weights to a single peer "
-                              f"(HostLimits.min_cohort={self.host.limits.min_cohort}); they "
-                              "are only averaged")
+            raise CohortRefusedError(f"{self.host.name} never relays its weights to a single "
+                                     "peer (HostLimits.min_cohort="
+                                     f"{self.host.limits.min_cohort}); they are only averaged")
         if rt.pending_output is not None or rt.pending_loss_grads:
             raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
         seq = self.relay_sent.get(rt.id, 0) + 1
@@ -304,162 +183,6 @@ class WeightOps(OpFamily):
         self._load(rt, state)
         self.relay_seen[seen_key] = seq
         return {"steps": rt.steps}
-
-    # --------------------------------------------------------- secure aggregation
-    @op("secagg_round", roles=ROLES, mutates=True,
-        egress={"round": SCALAR, "pending": SCALAR, "aggregated": SCALAR})
-    def secagg_round(self, call: Call) -> dict[str, Any]:
-        """The last round contributed to, the round in flight (0: none) and the last round
-        loaded, so that a new model-owner process can finish an interrupted round."""
-        assert call.rt is not None
-        pending = self.pending.get(call.rt.id)
-        return {"round": self.rounds.get(call.rt.id, 0),
-                "pending": 0 if pending is None else int(pending["descriptor"]["round"]),
-                "aggregated": self.aggregated.get(call.rt.id, 0)}
-
-    def _descriptor(self, rt: Runtime, req: dict[str, Any]) -> dict[str, Any]:
-        """The round as the model owner describes it, checked against what this host knows."""
-        if rt.proposal.share_weights != "peer":
-            raise AccessError(f"{rt.id} was not approved for peer weight sharing")
-        label = _text(req.get("label"), "label")
-        rnd = _positive_int(req.get("round"), "round")
-        last = self.rounds.get(rt.id, 0)
-        pending = self.pending.get(rt.id)
-        repeat = (pending is not None and pending["descriptor"]["round"] == rnd == last) or (
-            rt.id in self.done and self.done[rt.id]["descriptor"]["round"] == rnd == last)
-        if rnd <= last and not repeat:
-            raise ProtocolError(f"round {rnd} of {rt.id} is not after its last round {last}: "
-                                "masks are never reused")
-        members, weights = req.get("members"), req.get("weights")
-        if (not isinstance(members, dict) or not 2 <= len(members) <= _MAX_MEMBERS
-                or not all(isinstance(v, str) for v in members.values())):
-            raise ProtocolError(f"members must map 2..{_MAX_MEMBERS} data owners to segment ids, "
-                                f"got {members!r:.200}")
-        for peer, segment in members.items():  # persisted with the round: bounded
-            _text(segment, f"members[{peer!r:.60}] (a segment id)")
-        if members.get(self.host.name) != rt.id:
-            raise ProtocolError(f"members {members} do not list {self.host.name} as {rt.id}")
-        for peer in members:
-            if peer != self.host.name:
-                self._trusted(rt, peer)
-        if (not isinstance(weights, dict) or set(weights) != set(members) or not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool)
-                and 0 < w <= _MAX_WEIGHT for w in weights.values())):
-            raise ProtocolError(f"weights must give every member a number in (0, "
-                                f"{_MAX_WEIGHT:g}] (a member of weight 0 contributes nothing: "
-                                "the 'average' would be a copy of the others'; leave it out of "
-                                f"the round), got {weights!r:.200}")
-        self._cohort_rule(members, weights)
-        return {"v": 1, "label": label, "round": rnd, "members": members, "weights": weights,
-                "fingerprint": fingerprint(rt)}
-
-    def _cohort_rule(self, members: dict[str, str], weights: dict[str, Any]) -> None:
-        """``HostLimits.min_cohort``: from 3 members, no single peer may read this data owner's
-        weights out of the average (each weight at least a tenth of the largest)."""
-        least = self.host.limits.min_cohort
-        if len(members) < least:
-            raise ProtocolError(f"{self.host.name} averages only in cohorts of at least {least} "
-                                f"members (HostLimits.min_cohort), got {len(members)}")
-        if least >= 3 and min(weights.values()) * 10 < max(weights.values()):
-            raise ProtocolError(f"{self.host.name} needs every member's averaging weight to be "
-                                "at least a tenth of the largest (HostLimits.min_cohort="
-                                f"{least}: no single peer reads its weights), got "
-                                f"{weights!r:.200}")
-
-    @op("secagg_contribute", roles=ROLES, mutates=True, egress={"sealed/*": SEALED, "round": SCALAR})
-    def secagg_contribute(self, call: Call) -> dict[str, Any]:
-        rt = call.rt
-        assert rt is not None
-        desc = self._descriptor(rt, call.req)
-        if rt.pending_output is not None or rt.pending_loss_grads:
-            raise ProtocolError(f"segment {rt.id} has a pending step; flush first")
-        me, members, weights = self.host.name, desc["members"], desc["weights"]
-        peers = sorted(p for p in members if p != me)
-        done = self.done.get(rt.id)
-        if _pending_round(self.pending.get(rt.id)) != desc["round"] and done is not None and (
-                done["descriptor"]["round"] == desc["round"]):
-            # a round this data owner loaded, asked again by a model owner finishing it for the
-            # members that did not: the same contribution, for exactly the same description
-            if secagg.canonical(done["descriptor"]) != secagg.canonical(desc):
-                raise ProtocolError(f"round {desc['round']} of {rt.id} was contributed to "
-                                    "with another description")
-            return self._sealed(desc, np.frombuffer(done["own"], dtype=np.uint64), peers)
-        pending = self.pending.get(rt.id)
-        if pending is not None and pending["descriptor"]["round"] == desc["round"]:
-            # the same round asked again (its answer was lost): the same contribution, if the
-            # model owner describes the round exactly as before and nothing trained since
-            if (secagg.canonical(pending["descriptor"]) != secagg.canonical(desc)
-                    or pending["steps"] != rt.steps):
-                raise ProtocolError(f"round {desc['round']} of {rt.id} was contributed to "
-                                    "with another description or other weights")
-            masked = np.frombuffer(pending["own"], dtype=np.uint64)
-        else:
-            state = rt.module.state_dict()
-            keys = [k for k, v in state.items() if v.is_floating_point()]
-            fraction = float(weights[me]) / float(sum(weights.values()))
-            q = secagg.encode(secagg.flatten(state, keys), fraction, len(members))
-            masked = secagg.mask(q, me, {p: bytes(self._box(p).shared_key()) for p in peers},
-                                 secagg.canonical(desc))
-        out = self._sealed(desc, masked, peers)
-        self.rounds[rt.id] = desc["round"]  # from now on these masks are spent
-        self.pending[rt.id] = {"descriptor": desc, "own": masked.tobytes(), "steps": rt.steps}
-        return out
-
-    def _sealed(self, desc: dict[str, Any], masked: np.ndarray, peers: list[str]
-                ) -> dict[str, Any]:
-        """This data owner's masked contribution, sealed for each other member."""
-        out: dict[str, Any] = {"round": desc["round"]}
-        for p in peers:
-            plain = wire.encode({"kind": "secagg", "sender": self.host.name, "recipient": p,
-                                 "descriptor": desc, "masked": masked.tobytes()})
-            out[f"sealed/{p}"] = bytes(self._box(p).encrypt(plain))
-        return out
-
-    @op("secagg_aggregate", roles=ROLES, mutates=True, egress={"round": SCALAR, "steps": SCALAR})
-    def secagg_aggregate(self, call: Call) -> dict[str, Any]:
-        rt = call.rt
-        assert rt is not None
-        pending = self.pending.get(rt.id)
-        rnd = call.req.get("round")
-        if pending is None and self.aggregated.get(rt.id) == rnd:  # done; its answer was lost
-            return {"round": rnd, "steps": rt.steps}
-        if pending is None or pending["descriptor"]["round"] != rnd:
-            have = None if pending is None else pending["descriptor"]["round"]
-            raise ProtocolError(f"no pending aggregation round {rnd!r} for {rt.id} (pending: "
-                                f"{have})")
-        desc, me = pending["descriptor"], self.host.name
-        expected = sorted(p for p in desc["members"] if p != me)
-        got = sorted(k[7:] for k in call.req if k.startswith("sealed/"))
-        if got != expected:
-            raise ProtocolError(f"round {rnd} of {rt.id} needs one contribution from each of "
-                                f"{expected}, got {got}; without every member the round "
-                                "aborts (nothing loaded)")
-        if rt.steps != pending["steps"]:
-            raise ProtocolError(f"{rt.id} trained since contributing to round {rnd}")
-        own = np.frombuffer(pending["own"], dtype=np.uint64)
-        parts = [own]
-        for peer in expected:
-            msg = self._open(self._trusted(rt, peer), call.req[f"sealed/{peer}"],
-                             f"contribution to round {rnd}")
-            if (msg.get("kind"), msg.get("sender"), msg.get("recipient")) != (
-                    "secagg", peer, me) or not isinstance(msg.get("descriptor"), dict) or (
-                    secagg.canonical(msg["descriptor"]) != secagg.canonical(desc)):
-                raise ProtocolError(f"the contribution of {peer!r} is not for round {rnd} of "
-                                    f"{rt.id} as this data owner contributed to it")
-            masked = msg.get("masked")
-            if not isinstance(masked, bytes) or len(masked) != len(pending["own"]):
-                raise ShapeError(f"the contribution of {peer!r} has the wrong size")
-            parts.append(np.frombuffer(masked, dtype=np.uint64))
-        average = secagg.decode(secagg.total(parts))
-        state = rt.module.state_dict()
-        keys = [k for k, v in state.items() if v.is_floating_point()]
-        new = {**{k: v.clone() for k, v in state.items()},
-               **secagg.unflatten(average, state, keys)}
-        self._load(rt, self._check_loadable(rt, new))
-        del self.pending[rt.id]
-        self.aggregated[rt.id] = rnd
-        self.done[rt.id] = {"descriptor": desc, "own": pending["own"]}
-        return {"round": rnd, "steps": rt.steps}
 
     # ----------------------------------------------------------------- data-owner ops
     @owner_op("release_weights")
