@@ -58,6 +58,9 @@ class Connections:
     def close(self, channel_id: str, kind: str, reason: str) -> bool:
         raise NotImplementedError
 
+    def _trim(self) -> None:
+        raise NotImplementedError
+
     def _connection(self, raw: socket.socket) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.settimeout(self.strangers.deadline_s)
@@ -244,6 +247,7 @@ class Connections:
                     raw = self._handle(channel.user, data)
                     with channel.cond:  # a close meanwhile: kept only if resumable
                         channel.last_seq, channel.last_response = seq, raw
+                        channel.answered_at = time.monotonic()
                         if channel.state != "open" and channel.closed_kind not in RESUMABLE:
                             channel.last_response = None
         finally:
@@ -255,6 +259,7 @@ class Connections:
             self._refuse(conn, channel, refusal, op=op, segment=segment, nbytes=n,
                          closed=channel.closed_kind or None)
             return
+        self._trim()  # within the budget of kept answers (the oldest dropped)
         channel.frames += 1
         channel.bytes_in += len(body)
         channel.bytes_out += len(raw)
@@ -288,6 +293,7 @@ class Connections:
                                       "refused, nothing ran")
             if problem is not None:  # answered (with the refusal): the frame is used up
                 channel.last_seq, channel.last_response = seq, error_frame(problem)
+                channel.answered_at = time.monotonic()
                 return problem, True
             channel.inflight = seq
             return None, True

@@ -51,9 +51,10 @@ class ChannelServer(Connections):
     PySyft endpoint; ``check(channel)`` returns a reason to close a channel (or None);
     ``audit(user, op, segment, nbytes, outcome)`` records a refusal in the host's audit log;
     ``data_ops`` are the ops answered over a channel (default :data:`DATA_OPS`); a hello waits
-    at most ``hello_wait_s`` for a frame in flight on its channel (one per channel). A closed
-    channel keeps the answer to its last frame only when it expired or was replaced, for
-    ``closed_grace_s`` and within ``max_kept_bytes`` over all closed channels. Refused hellos
+    at most ``hello_wait_s`` for a frame in flight on its channel (one per channel). A channel
+    keeps the answer to its last frame within ``max_kept_bytes`` over all channels, open and
+    closed (the oldest answers dropped first); a closed one only when it expired or was
+    replaced, for ``closed_grace_s``. Refused hellos
     of peers without the key are audited once per ``refusal_summary_s`` per channel.
 
     A connection is *unauthenticated* until its hello presented the channel's key and user: it
