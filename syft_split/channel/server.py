@@ -38,7 +38,7 @@ from typing import Any
 
 from . import tls
 from .connection import Connections
-from .strangers import Refusals, Strangers
+from .strangers import Arrivals, Refusals, Strangers
 from .table import DATA_OPS, RESUMABLE, Channel, trim_kept
 
 __all__ = ["Channel", "ChannelServer", "DATA_OPS"]
@@ -66,7 +66,10 @@ class ChannelServer(Connections):
     instead, so idle connections cannot shut a reconnecting client out; one that authenticates
     before that many newer connections arrive gets through (see :mod:`.strangers`). A
     newcomer is closed at accept only when no connection slot is free. Both are counted
-    (``strangers.dropped``), not audited one by one.
+    (``strangers.dropped``), not audited one by one. One peer address (IPv6: its /64) starts
+    at most ``max_handshakes_per_minute`` connections a minute (a burst of as many, then that
+    rate); more are closed at accept, before any TLS handshake, counted (``arrivals``) and
+    audited as one summary entry per ``refusal_summary_s``.
     """
 
     def __init__(self, handle: Callable[[str, bytes], bytes], lock: Any, *,
@@ -78,12 +81,14 @@ class ChannelServer(Connections):
                  hello_wait_s: float = 3600.0, auth_deadline_s: float = 10.0,
                  max_unauthenticated: int | None = None, max_per_address: int = 8,
                  closed_grace_s: float = 300.0, max_kept_bytes: int = 64 * 1024 * 1024,
-                 refusal_summary_s: float = 60.0) -> None:
+                 refusal_summary_s: float = 60.0, max_handshakes_per_minute: int = 120) -> None:
         self._handle, self._lock, self._check, self._audit = handle, lock, check, audit
         self.data_ops, self.hello_wait_s = frozenset(data_ops), hello_wait_s
         self.closed_grace_s, self.max_kept_bytes = closed_grace_s, max_kept_bytes
         #: refused hellos of peers without the key: counted, audited once per interval
         self.refusals = Refusals(refusal_summary_s)
+        #: new connections per peer address: over the rate, closed before any TLS handshake
+        self.arrivals = Arrivals(max_handshakes_per_minute, refusal_summary_s)
         #: connections served at once (authenticated or not); more are dropped at accept
         self._slots = threading.BoundedSemaphore(max_connections)
         self.strangers = Strangers(auth_deadline_s, max_connections // 2 if max_unauthenticated
@@ -201,7 +206,8 @@ class ChannelServer(Connections):
             address = raw.getpeername()[0]
         except OSError:
             address = None
-        if address is None or not self.strangers.admit(raw, address, self._slots):
+        if address is None or not self.arrivals.allow(address, time.monotonic()) or \
+                not self.strangers.admit(raw, address, self._slots):
             raw.close()
             return
         threading.Thread(target=self._serve, args=(raw,), daemon=True,
@@ -209,7 +215,10 @@ class ChannelServer(Connections):
 
     def _sweep(self, now: float) -> None:
         self.strangers.shut_late(now)
-        summaries = self.refusals.due(now)
+        summaries = [(caller, "channel.hello", outcome)
+                     for caller, outcome in self.refusals.due(now)]
+        summaries += [(caller, "channel.connect", outcome)
+                      for caller, outcome in self.arrivals.due(now)]
         if summaries:  # not from this thread: the audit takes the host's lock
             threading.Thread(target=self._audit_summaries, args=(summaries,), daemon=True,
                              name="syft-split-channel-audit").start()
@@ -233,7 +242,7 @@ class ChannelServer(Connections):
             self.strangers.trust(raw)
             self._slots.release()
 
-    def _audit_summaries(self, summaries: list[tuple[str, str]]) -> None:
-        for caller, outcome in summaries:
-            self._audit(caller, "channel.hello", None, 0, outcome)
+    def _audit_summaries(self, summaries: list[tuple[str, str, str]]) -> None:
+        for caller, op, outcome in summaries:
+            self._audit(caller, op, None, 0, outcome)
 
