@@ -350,8 +350,9 @@ def test_settings_and_limits(site: Site) -> None:
     site.ticket(site.approved(0)[0])
     with pytest.raises(ValidationError, match="allows 1 per user"):
         site.ticket(site.approved(1)[0])
-    site.host.owner("channel_settings", max_handshakes_per_minute=7)  # the listener's, at once
-    assert site.host.families["channel"].server.arrivals.per_minute == 7  # type: ignore[attr-defined]
+    site.host.owner("channel_settings", max_handshakes_per_minute=7, max_kept_bytes=0)
+    server = site.host.families["channel"].server  # type: ignore[attr-defined]
+    assert server.arrivals.per_minute == 7 and server.max_kept_bytes == 0  # at once
 
 
 def test_settings_survive_a_restart(tmp_path: Path) -> None:
@@ -362,7 +363,7 @@ def test_settings_survive_a_restart(tmp_path: Path) -> None:
         return host
     first = start()
     tight = {"idle_timeout": 5.0, "max_channels": 1, "max_per_user": 1, "advertise": "dt.local",
-             "max_handshakes_per_minute": 3}
+             "max_handshakes_per_minute": 3, "max_kept_bytes": 1024}
     first.owner("channel_settings", **tight)
     with pytest.raises(ConfigError, match="max_channels"):  # refused, nothing changes
         first.owner("channel_settings", max_channels=0)
