@@ -8,7 +8,7 @@ server's grace period; every other close drops it at once. Over all channels, op
 the kept answers stay within the server's byte budget, the oldest answers dropped first
 (:func:`trim_kept`), so a model owner's large answers cannot make the host hold more than that
 budget however many channels it has. A client whose answer was dropped learns only that its
-frame ran (its outcome is unknown to it: it sends it again through PySyft).
+frame ran (its outcome is unknown to it: it sends it again, through PySyft or a new channel).
 """
 
 from __future__ import annotations
