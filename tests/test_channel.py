@@ -344,10 +344,15 @@ def test_settings_and_limits(site: Site) -> None:
         site.host.owner("channel_settings", colour="red")
     with pytest.raises(ConfigError, match="idle_timeout"):
         site.host.owner("channel_settings", idle_timeout=0)
+    with pytest.raises(ConfigError, match="max_handshakes_per_minute"):
+        site.host.owner("channel_settings", max_handshakes_per_minute=0)
     site.host.owner("channel_settings", max_per_user=1)
     site.ticket(site.approved(0)[0])
     with pytest.raises(ValidationError, match="allows 1 per user"):
         site.ticket(site.approved(1)[0])
+    site.host.owner("channel_settings", max_handshakes_per_minute=7, max_kept_bytes=0)
+    server = site.host.families["channel"].server  # type: ignore[attr-defined]
+    assert server.arrivals.per_minute == 7 and server.max_kept_bytes == 0  # at once
 
 
 def test_settings_survive_a_restart(tmp_path: Path) -> None:
@@ -357,7 +362,8 @@ def test_settings_survive_a_restart(tmp_path: Path) -> None:
         host.restore_state()
         return host
     first = start()
-    tight = {"idle_timeout": 5.0, "max_channels": 1, "max_per_user": 1, "advertise": "dt.local"}
+    tight = {"idle_timeout": 5.0, "max_channels": 1, "max_per_user": 1, "advertise": "dt.local",
+             "max_handshakes_per_minute": 3, "max_kept_bytes": 1024}
     first.owner("channel_settings", **tight)
     with pytest.raises(ConfigError, match="max_channels"):  # refused, nothing changes
         first.owner("channel_settings", max_channels=0)

@@ -15,6 +15,7 @@ import pytest
 
 from syft_split import wire
 from syft_split.channel import ChannelClient, ChannelServer, ChannelTicket, tls
+from syft_split.errors import TransportError
 
 MO = "model-owner@example.org"
 
@@ -111,6 +112,31 @@ def test_closed_channels_keep_answers_only_when_resumable_within_budget_and_grac
     assert _until(lambda: all(c.last_response is None for c in closed))
     with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
         _tls(server, closed[-1].id)
+
+
+def test_open_channels_keep_answers_within_the_same_budget_oldest_dropped(
+        host: Host, server: ChannelServer) -> None:
+    """One model owner's open channels, each answered with a large response, keep at most
+    ``max_kept_bytes`` in all (they kept one answer each, 5 x 1 KB here past a 3000-byte
+    budget); a client whose dropped answer was lost learns only that its frame ran."""
+    host.size = 1000
+    clients = [ChannelClient(_ticket(server, f"s{i}"), MO) for i in range(5)]
+    for i, client in enumerate(clients):
+        _forward(client, f"s{i}")
+    chans = [server.channels[c.channel] for c in clients]
+    kept = [c.last_response is not None for c in chans]
+    assert kept == [False, False, False, True, True]  # the newest, within 3000 bytes
+    assert sum(len(c.last_response or b"") for c in chans) <= 3000
+    assert all(c.state == "open" and c.last_seq == 1 for c in chans)
+    for client in (clients[0], clients[-1]):  # both lose the answer to frame 1 and reconnect
+        client._disconnect()
+    assert wire.decode(clients[-1]._resume(1) or b"")["pad"] == b"x" * 1000
+    with pytest.raises(TransportError, match="ran at the data owner, which no longer keeps"):
+        clients[0]._resume(1)
+    assert host.runs == 5  # nothing ran again
+    assert wire.decode(_forward(clients[0], "s0"))["pad"] == b"x" * 1000  # still serves
+    for client in clients:
+        client.close()
 
 
 def test_refused_hellos_without_the_key_are_audited_once_per_interval(

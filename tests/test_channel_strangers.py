@@ -176,3 +176,62 @@ def test_idle_strangers_held_open_cannot_shut_a_client_out(server: ChannelServer
             f.join()
         for x in held:
             x.close()
+
+
+def _handshake(server: ChannelServer, name: str, source: str = "127.0.0.1") -> bool:
+    """Whether a TLS handshake naming channel ``name`` from ``source`` completes."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    raw = socket.create_connection(server.address, timeout=2, source_address=(source, 0))
+    try:
+        ctx.wrap_socket(raw, server_hostname=name).close()
+        return True
+    except (OSError, ssl.SSLError):
+        raw.close()
+        return False
+
+
+def test_connections_over_an_address_rate_are_closed_before_tls_and_audited_once() -> None:
+    audits: list[tuple[object, ...]] = []
+    s = ChannelServer(_echo, threading.RLock(), check=lambda c: None,
+                      audit=lambda *a: audits.append(a), sweep_s=0.05,
+                      max_handshakes_per_minute=5, refusal_summary_s=60.0)
+    try:
+        ticket = _ticket(s)
+        done = [_handshake(s, ticket.channel) for _ in range(20)]
+        assert done == [True] * 5 + [False] * 15  # the burst, then closed before any TLS
+        assert s.arrivals.refused == 15 and s.strangers.dropped == {
+            "evicted": 0, "limit": 0, "deadline": 0}
+        assert _handshake(s, ticket.channel, "127.0.0.2")  # another address is not slowed
+        time.sleep(0.3)  # several sweeps: one summary entry for the 15, at once
+        assert [a[:2] for a in audits] == [("unauthenticated peers", "channel.connect")]
+        assert str(audits[0][4]).startswith("AccessError: 15 connections closed at accept")
+        assert not any(_handshake(s, ticket.channel) for _ in range(10))
+        time.sleep(0.3)
+        assert len(audits) == 1  # the next ones wait for the interval's summary
+        s.arrivals.interval_s = 0.1
+        assert _until_audits(audits, 2) and "10 connections" in str(audits[1][4])
+    finally:
+        s.shutdown()
+
+
+def _until_audits(audits: list[tuple[object, ...]], n: int) -> bool:
+    deadline = time.monotonic() + 3
+    while len(audits) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return len(audits) == n
+
+
+def test_the_address_rate_refills_groups_ipv6_by_64_and_forgets_quiet_peers() -> None:
+    from syft_split.channel.strangers import Arrivals, peer_key
+
+    a = Arrivals(per_minute=60, interval_s=60.0, max_addresses=3)
+    assert all(a.allow("10.0.0.1", 0.0) for _ in range(60)) and not a.allow("10.0.0.1", 0.0)
+    assert a.allow("10.0.0.1", 1.0) and not a.allow("10.0.0.1", 1.0)  # one a second
+    assert peer_key("2001:db8::1") == peer_key("2001:db8::ffff:2") == "2001:db8::/64"
+    assert peer_key("::ffff:10.0.0.1") == "10.0.0.1" and peer_key("fe80::1%eth0") == "fe80::/64"
+    for i in range(5):  # at most max_addresses buckets, the least recently used forgotten
+        a.allow(f"10.0.1.{i}", 2.0)
+    assert a.tracked() == 3
+    assert a.due(2.0) and a.tracked() == 3
+    assert a.due(200.0) == [] and a.tracked() == 0  # refilled: forgotten

@@ -12,12 +12,15 @@ given to that user only) and only about the segments the channel is bound to; fr
 encrypted and authenticated by TLS 1.3 and numbered (a replayed or reordered frame is refused,
 nothing runs). Not hidden: the channel id (sent as TLS server name) and traffic sizes and
 timing. Anyone who can reach the address can attempt handshakes: the datasite caps concurrent
-connections and counts refused hellos (audited once per interval per channel). Keys and
+connections and new connections per address and minute (more are closed before any TLS), and
+counts refused hellos (audited once per interval per channel). Keys and
 certificates live in memory only (the standard library loads the certificate from a private
 temporary file, removed at once).
 
 - :mod:`.tls`: certificates (``cryptography``), TLS 1.3 contexts (stdlib ``ssl``), framing.
-- :mod:`.server`: :class:`ChannelServer`, the listener in the data owner's process.
+- :mod:`.server`: :class:`ChannelServer`, the listener in the data owner's process (the
+  channel table in :mod:`.table`, one connection's hello and frames in :mod:`.connection`,
+  unauthenticated peers in :mod:`.strangers`).
 - :mod:`.client`: :class:`ChannelClient` (one channel), :class:`ChannelRouter` (channels of
   a transport, opened on demand), :class:`DirectTransport` (any transport + channels).
 """

@@ -209,6 +209,11 @@ class ChannelClient:
             return None
         if last == seq and isinstance(reply.get("last_response"), bytes):
             return bytes(reply["last_response"])
+        if last == seq:
+            raise TransportError(f"channel {self.channel}: frame {seq} ran at the data owner, "
+                                 "which no longer keeps its answer (it keeps answers for "
+                                 "reconnects within a byte budget): its outcome is unknown "
+                                 "here; send it again (through PySyft or a new channel)")
         if last != seq - 1:
             raise TransportError(f"channel {self.channel}: frame {seq} was sent, the data owner "
                                  f"answered up to {last}; its answer is lost")

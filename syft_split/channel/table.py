@@ -1,12 +1,14 @@
 """The channel table's records: one :class:`Channel` per channel a datasite opened, and what
 is kept of it once closed.
 
-A closed channel keeps its counters (the data owner's console lists them) and, only when it
-closed in a way its client resumes from (:data:`RESUMABLE`: it expired idle or was replaced),
-the answer to its last frame, so that a client whose answer was lost gets it on its next hello.
-That answer is dropped after the server's grace period and when the answers kept by closed
-channels exceed the server's byte budget (:func:`trim_kept`); every other close drops it at
-once. A client then learns only whether its frame ran.
+A channel keeps the answer to its last frame, so that a client whose answer was lost (its
+connection dropped) gets it on its next hello. Once closed, it keeps it only when it closed in
+a way its client resumes from (:data:`RESUMABLE`: it expired idle or was replaced), for the
+server's grace period; every other close drops it at once. Over all channels, open and closed,
+the kept answers stay within the server's byte budget, the oldest answers dropped first
+(:func:`trim_kept`), so a model owner's large answers cannot make the host hold more than that
+budget however many channels it has. A client whose answer was dropped learns only that its
+frame ran (its outcome is unknown to it: it sends it again, through PySyft or a new channel).
 """
 
 from __future__ import annotations
@@ -60,9 +62,11 @@ class Channel:
     closed_kind: str = ""
     reason: str = ""
     last_seq: int = 0
-    #: the answer to frame last_seq; once closed, kept only for a RESUMABLE close, within
-    #: the server's grace and byte budget (:func:`trim_kept`)
+    #: the answer to frame last_seq, within the server's byte budget (:func:`trim_kept`);
+    #: once closed, kept only for a RESUMABLE close and within the server's grace
     last_response: bytes | None = field(default=None, repr=False)
+    #: when last_response was made (time.monotonic()): the oldest answers are dropped first
+    answered_at: float = 0.0
     #: when it closed (time.monotonic(); 0: open)
     closed_at: float = 0.0
     #: sequence number of the frame the host is running now (0: none)
@@ -95,17 +99,23 @@ def error_frame(exc: SyftSplitError, **extra: Any) -> bytes:
 
 
 def trim_kept(channels: Iterable[Channel], now: float, grace_s: float, max_bytes: int) -> int:
-    """Drop the answers closed ``channels`` keep: every one closed more than ``grace_s`` ago
-    and, newest close first, every one past ``max_bytes`` in total. Returns the bytes kept."""
+    """Drop the answers ``channels`` keep: every one of a channel closed more than ``grace_s``
+    ago and, newest answer first, every one past ``max_bytes`` in total (open and closed
+    channels alike). Returns the bytes kept."""
+    channels = list(channels)
+    total = sum(len(c.last_response or b"") for c in channels)  # the usual case: nothing to drop
+    if total <= max_bytes and not any(c.last_response is not None and c.state != "open" and
+                                      now - c.closed_at > grace_s for c in channels):
+        return total
     kept = 0
-    closed = sorted((c for c in channels if c.state != "open"), key=lambda c: -c.closed_at)
-    for c in closed:
+    for c in sorted(channels, key=lambda c: -c.answered_at):
         if c.last_response is None:
             continue
         with c.cond:
             if c.last_response is None:
                 continue
-            if now - c.closed_at > grace_s or kept + len(c.last_response) > max_bytes:
+            late = c.state != "open" and now - c.closed_at > grace_s
+            if late or kept + len(c.last_response) > max_bytes:
                 c.last_response = None
             else:
                 kept += len(c.last_response)

@@ -13,7 +13,10 @@ channel), ``close_channel`` (one of the caller's channels). Data-owner ops: ``ch
 ``close_channel`` (by ``channel`` or every channel of a ``segment``; it also withdraws the
 permission unless ``revoke=False``), ``allow_channel`` (grant or withdraw it after approval),
 ``channel_settings`` (``bind``, ``port``, ``advertise``, ``idle_timeout``, ``max_channels``,
-``max_per_user``; saved with the host's state and restored on restart, like the permissions).
+``max_per_user``, ``max_handshakes_per_minute``: new connections one peer address may start a
+minute, more are closed before any TLS handshake; ``max_kept_bytes``: the answers all channels
+keep for reconnects, the oldest dropped first; saved with the host's state and restored on
+restart, like the permissions).
 A channel also closes when a segment it serves is halted or rejected, and after
 ``idle_timeout`` seconds without a frame.
 """
@@ -36,7 +39,11 @@ if TYPE_CHECKING:
 __all__ = ["ChannelOps", "ChannelConsole", "serving_lock", "close_channels", "CHANNEL_MATERIAL"]
 
 _DEFAULTS: dict[str, Any] = {"bind": "127.0.0.1", "port": 0, "advertise": None,
-                             "idle_timeout": 300.0, "max_channels": 32, "max_per_user": 8}
+                             "idle_timeout": 300.0, "max_channels": 32, "max_per_user": 8,
+                             "max_handshakes_per_minute": 120,
+                             "max_kept_bytes": 64 * 1024 * 1024}
+#: settings that may be 0 (the others are at least 1)
+_ZERO_OK = ("port", "max_kept_bytes")
 
 
 def CHANNEL_MATERIAL(name: str, value: Any, call: Call, guard: Guard) -> None:
@@ -57,10 +64,11 @@ def _checked(settings: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"unknown channel settings {sorted(unknown)}; known: "
                           f"{sorted(_DEFAULTS)}")
     new = {**_DEFAULTS, **settings}
-    for k in ("port", "max_channels", "max_per_user"):
-        v = new[k]
-        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "port" else 1):
-            raise ConfigError(f"{k} must be an int >= {0 if k == 'port' else 1}, got {v!r}")
+    for k in ("port", "max_channels", "max_per_user", "max_handshakes_per_minute",
+              "max_kept_bytes"):
+        v, least = new[k], 0 if k in _ZERO_OK else 1
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise ConfigError(f"{k} must be an int >= {least}, got {v!r}")
     t = new["idle_timeout"]
     if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t <= 86_400:
         raise ConfigError(f"idle_timeout must be in (0, 86400] seconds, got {t!r}")
@@ -138,7 +146,9 @@ class ChannelOps(OpFamily):
                     self.host.handle, self.lock, check=self._check, audit=self._audit,
                     bind=s["bind"], port=s["port"], advertise=s["advertise"],
                     max_frame_bytes=self.host.limits.max_request_bytes,
-                    data_ops=self.data_ops())
+                    data_ops=self.data_ops(),
+                    max_handshakes_per_minute=s["max_handshakes_per_minute"],
+                    max_kept_bytes=s["max_kept_bytes"])
             return self.server
 
     def data_ops(self) -> frozenset[str]:
@@ -271,6 +281,9 @@ class ChannelOps(OpFamily):
         self.settings = new
         if moved:  # the listener moves: every channel closes (their tickets name the old one)
             self.close_all("the data owner moved the channel listener")
+        elif self.server is not None:  # the listener's own limits apply at once
+            self.server.arrivals.per_minute = new["max_handshakes_per_minute"]
+            self.server.max_kept_bytes = new["max_kept_bytes"]
         return {"settings": dict(self.settings)}
 
 
