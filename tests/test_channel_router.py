@@ -131,10 +131,11 @@ def test_a_failed_lookup_of_the_model_owners_own_name_falls_back(
     router._user_on = real
 
 
-@pytest.fixture(params=["tls", "tcp"])
+@pytest.fixture(params=["tls", "tcp", "trickle"])
 def silent(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """A ticket to a channel endpoint that never answers: it completes the TLS handshake, then
-    says nothing ("tls"), or never accepts the connection at all ("tcp")."""
+    says nothing ("tls") or answers the hello one byte every 0.2 s ("trickle"), or never
+    accepts the connection at all ("tcp")."""
     der, pem, key = tls.make_certificate()
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.1)
@@ -149,9 +150,17 @@ def silent(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
                 held.append(context.wrap_socket(conn, server_side=True))
             except OSError:
                 continue
+            if request.param == "trickle":  # a 1000-byte answer, one byte at a time
+                for byte in (b"\xe8\x03\x00\x00" + b"x" * 1000):
+                    if stop.wait(0.2):
+                        return
+                    try:
+                        held[-1].sendall(bytes([byte]))
+                    except OSError:  # the client gave up
+                        break
 
     thread = threading.Thread(target=serve, daemon=True)
-    if request.param == "tls":
+    if request.param != "tcp":
         thread.start()
     yield {"channel": "c1", "host": "127.0.0.1", "port": listener.getsockname()[1],
            "certificate": der, "fingerprint": tls.fingerprint(der), "key": b"k" * 32,
