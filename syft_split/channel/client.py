@@ -55,6 +55,10 @@ _log = logging.getLogger(__name__)
 #: closes by the data owner: that segment's ops go through PySyft for the router's life
 DECLINED = ("owner", "halted")
 
+#: seconds an open may take from the TCP connect to the answer to its hello (the channel
+#: server's own deadline for a handshake and hello); one that takes longer is a failed open
+OPEN_DEADLINE_S = 10.0
+
 
 @dataclass(frozen=True)
 class ChannelTicket:
@@ -120,33 +124,55 @@ class ChannelClient:
     def channel(self) -> str:
         return self.ticket.channel
 
-    def connect(self) -> dict[str, Any]:
-        """TLS handshake, pin check and hello; returns the server's hello reply."""
+    def connect(self, deadline: float | None = None) -> dict[str, Any]:
+        """TLS handshake, pin check and hello; returns the server's hello reply. With
+        ``deadline`` (seconds), all of it (TCP connect, handshake, hello and its answer) must be
+        done within that time, else :class:`TransportError`; without, the connect and handshake
+        wait up to 30 s and the answer up to :attr:`timeout` (a reconnect's hello waits for a
+        frame still running)."""
         self._disconnect()
         t = self.ticket
+        end = None if deadline is None else time.monotonic() + deadline
+
+        def left(cap: float) -> float:
+            if end is None:
+                return cap
+            if time.monotonic() >= end:
+                raise TimeoutError("timed out")
+            return min(cap, end - time.monotonic())
+
+        def why(exc: BaseException) -> str:
+            late = end is not None and isinstance(exc, TimeoutError)
+            return f"not open within {deadline:g} s ({exc})" if late else str(exc)
+
+        raw: socket.socket | None = None
         try:
-            raw = socket.create_connection((t.host, t.port), timeout=min(self.timeout, 30.0))
+            raw = socket.create_connection((t.host, t.port), timeout=left(min(self.timeout, 30.0)))
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.settimeout(left(min(self.timeout, 30.0)))  # for the whole handshake
             sock = self._context.wrap_socket(raw, server_hostname=t.channel)
         except ssl.SSLCertVerificationError as exc:
             raise TransportError(f"channel {t.channel} at {t.host}:{t.port} did not present the "
                                  f"certificate the datasite sent through PySyft: {exc}") from exc
         except (OSError, ssl.SSLError) as exc:
+            if raw is not None:
+                raw.close()
             raise TransportError(f"cannot reach channel {t.channel} at {t.host}:{t.port}: "
-                                 f"{exc}") from exc
+                                 f"{why(exc)}") from exc
         peer = sock.getpeercert(binary_form=True) or b""
         if not hmac.compare_digest(tls.fingerprint(peer), t.fingerprint):
             sock.close()
             raise TransportError(f"channel {t.channel}: certificate fingerprint differs from the "
                                  "one pinned through PySyft")
-        sock.settimeout(self.timeout)
         try:
+            sock.settimeout(left(self.timeout))
             tls.send_frame(sock, tls.HELLO + wire.encode({"key": t.key, "user": self.user}))
-            reply = wire.decode(tls.recv_frame(sock, self.max_response_bytes),
+            reply = wire.decode(tls.recv_frame(sock, self.max_response_bytes, end),
                                 max_bytes=self.max_response_bytes)
+            sock.settimeout(self.timeout)
         except (EOFError, OSError) as exc:
             sock.close()
-            raise TransportError(f"channel {t.channel}: hello failed: {exc}") from exc
+            raise TransportError(f"channel {t.channel}: hello failed: {why(exc)}") from exc
         if "error" in reply:
             sock.close()
             self.refusal = reply
@@ -252,12 +278,16 @@ class ChannelRouter:
 
     ``control(party, data) -> bytes`` delivers a request through the control plane (PySyft);
     ``user_on(party)`` is the identity the transport has there; an open that failed is tried
-    again after ``retry_s`` seconds, doubling with each failure up to ``max_retry_s``.
+    again after ``retry_s`` seconds, doubling with each failure up to ``max_retry_s``; an open
+    must connect, finish its handshake and have its hello answered within ``open_deadline_s``.
+    No network I/O happens under the router's lock: a channel opens under its (party, segment)'s
+    own lock, so a datasite slow to answer (or hanging) delays only the steps on that segment.
     """
 
     def __init__(self, control: Callable[[str, bytes], bytes], user_on: Callable[[str], str], *,
                  timeout: float = 600.0, max_response_bytes: int = wire.DEFAULT_MAX_BYTES,
-                 retry_s: float = 2.0, max_retry_s: float = 300.0) -> None:
+                 retry_s: float = 2.0, max_retry_s: float = 300.0,
+                 open_deadline_s: float = OPEN_DEADLINE_S) -> None:
         self._control = control
         self._user_on = user_on
         self.timeout = timeout
@@ -270,10 +300,12 @@ class ChannelRouter:
         #: their ops go through PySyft until then
         self.failed: dict[tuple[str, str], tuple[float, int, str]] = {}
         self.retry_s, self.max_retry_s = retry_s, max_retry_s
+        self.open_deadline_s = open_deadline_s
         self.direct_calls = 0
         #: seconds each channel took to open (PySyft call + TLS handshake + hello)
         self.open_seconds: list[float] = []
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the tables above; never held over network I/O
+        self._opening: dict[tuple[str, str], threading.Lock] = {}
 
     def route(self, party: str, data: bytes) -> bytes | None:
         """The answer over a direct channel, or None: send it through the control plane."""
@@ -281,27 +313,17 @@ class ChannelRouter:
         if op is None or segment is None or op not in DATA_OPS:
             return None
         key = (party, segment)
-        with self._lock:  # one channel per segment, even with calls from several threads
-            if key in self.declined or time.monotonic() < self.failed.get(key, (0.0,))[0]:
-                return None
-            client = self.clients.get(key)
-            if client is not None and client.idle_for() > 0.8 * client.ticket.idle_timeout:
-                self._forget(key)  # about to expire at the datasite: open a fresh one
-                client = None
-            if client is None:
-                client = self._open(party, segment)
-                if client is None:
-                    return None
+        client = self._channel(key)
+        if client is None:
+            return None
         try:
             raw = client.request(data)
         except SyftSplitError:
-            with self._lock:
-                self._forget(key)
+            self._forget(key, client)
             if client.closed_kind in RESUMABLE:  # the server kept its answer, or it never ran
                 if not client.unsent:  # it may have run (its answer is lost): never resend
                     raise
-                with self._lock:  # it did not run: reopen, resend
-                    fresh = self._open(party, segment)
+                fresh = self._channel(key)  # it did not run: reopen, resend
                 if fresh is None:
                     return None
                 raw = fresh.request(data)
@@ -316,6 +338,35 @@ class ChannelRouter:
             self.direct_calls += 1
         return raw
 
+    def _channel(self, key: tuple[str, str]) -> ChannelClient | None:
+        """``key``'s channel, opened if need be (one per segment, even with calls from several
+        threads); None: through the control plane."""
+        with self._lock:
+            if self._skipped(key):
+                return None
+            client = self._usable(key)
+            if client is not None:
+                return client
+            opening = self._opening.setdefault(key, threading.Lock())
+        with opening:  # others wait here for this segment only, at most one open's time
+            with self._lock:  # it was opened while we waited, or that open failed
+                if self._skipped(key):
+                    return None
+                client = self._usable(key)
+                if client is not None:
+                    return client
+            return self._open(*key)
+
+    def _skipped(self, key: tuple[str, str]) -> bool:
+        return key in self.declined or time.monotonic() < self.failed.get(key, (0.0,))[0]
+
+    def _usable(self, key: tuple[str, str]) -> ChannelClient | None:
+        client = self.clients.get(key)
+        if client is not None and client.idle_for() > 0.8 * client.ticket.idle_timeout:
+            self._forget(key, client)  # about to expire at the datasite: open a fresh one
+            return None
+        return client
+
     def open(self, party: str, segments: list[str]) -> ChannelClient:
         """Ask ``party`` (through the control plane) for a channel bound to ``segments``."""
         t0 = time.perf_counter()
@@ -326,9 +377,9 @@ class ChannelRouter:
             raise error_from_wire(str(response["error"]), str(response.get("message", "")))
         client = ChannelClient(ChannelTicket.from_response(response), user,
                                timeout=self.timeout, max_response_bytes=self.max_response_bytes)
-        client.connect()
-        self.open_seconds.append(time.perf_counter() - t0)
+        client.connect(self.open_deadline_s)
         with self._lock:
+            self.open_seconds.append(time.perf_counter() - t0)
             for s in client.ticket.segments:
                 self.failed.pop((party, s), None)
                 old = self.clients.pop((party, s), None)
@@ -343,7 +394,8 @@ class ChannelRouter:
         except (ApprovalError, AuthorizationError):
             return None  # not (yet) approved, or not ours: the control plane says so
         except AccessError as exc:  # the data owner did not allow one: not asked again
-            self.declined[(party, segment)] = str(exc)
+            with self._lock:
+                self.declined[(party, segment)] = str(exc)
             _log.info("syft_split: no direct channel for %s on %s: %s", segment, party, exc)
             return None
         except (ProtocolError, TransportError, ValidationError) as exc:
@@ -362,11 +414,14 @@ class ChannelRouter:
         _log.info("syft_split: no direct channel for %s on %s (again in %g s): %s", key[1],
                   key[0], wait, why)
 
-    def _forget(self, key: tuple[str, str]) -> None:
+    def _forget(self, key: tuple[str, str], client: ChannelClient) -> None:
+        """Drop ``client`` as ``key``'s channel (not one opened since in its place)."""
         with self._lock:
-            client = self.clients.pop(key, None)
-        if client is not None and client not in self.clients.values():
-            client._disconnect()
+            if self.clients.get(key) is client:
+                del self.clients[key]
+            if client in self.clients.values():
+                return
+        client._disconnect()
 
     def channels(self) -> dict[tuple[str, str], str]:
         """``{(party, segment): channel id}`` of the open channels."""

@@ -21,6 +21,7 @@ import socket
 import ssl
 import struct
 import tempfile
+import time
 
 from ..errors import PayloadTooLargeError, TransportError
 
@@ -109,11 +110,16 @@ def send_frame(sock: socket.socket, body: bytes) -> None:
     sock.sendall(_LEN.pack(len(body)) + body)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
+        if deadline is not None:  # a peer trickling bytes does not get more time
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            sock.settimeout(left)
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise EOFError("connection closed")
@@ -121,12 +127,14 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def recv_frame(sock: socket.socket, max_bytes: int) -> bytes:
-    """Read one frame; :class:`EOFError` when the peer closed the connection cleanly."""
-    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+def recv_frame(sock: socket.socket, max_bytes: int, deadline: float | None = None) -> bytes:
+    """Read one frame; :class:`EOFError` when the peer closed the connection cleanly. With
+    ``deadline`` (a :func:`time.monotonic` time) the whole frame must arrive by then, else
+    :class:`TimeoutError` (the socket's timeout is changed)."""
+    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size, deadline))
     if n > max_bytes:
         raise PayloadTooLargeError(f"frame of {n} bytes exceeds the limit of {max_bytes} bytes")
-    return bytes(_recv_exact(sock, n))
+    return bytes(_recv_exact(sock, n, deadline))
 
 
 def request_body(seq: int, data: bytes) -> bytes:
