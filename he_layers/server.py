@@ -258,6 +258,30 @@ class HEServer:
         self.costs.add("keyswitches_min", layout.min_keyswitches())
         return out, total
 
+    def _share_bound(self) -> float:
+        """Level B: the largest |A| the data owner's share can hold (0 at level A)."""
+        spec = self.spec
+        return 0.0 if spec.level == "A" else max(spec.share_bound, spec.initial_share)
+
+    def _output_bound(self) -> np.ndarray:
+        """Per output column, the largest |z| an honest data owner's answer gives: its inputs
+        are within ``x_bound`` (it checks that before encrypting; the model owner cannot see
+        them), so |z_j| <= x_bound * sum_i (|W_ij| + |A|max) + |b_j|."""
+        a = self._share_bound()
+        return self.spec.x_bound * (np.abs(self._w) + a).sum(axis=0) + np.abs(self._b)
+
+    def _grad_bound(self, d: np.ndarray) -> np.ndarray:
+        """Per output column, the largest |dW_ij| an honest answer gives: x_bound * sum_b
+        |delta_bj|, plus at level B the data owner's correction ((A' - A)/lr, its momentum
+        and weight decay of A)."""
+        spec = self.spec
+        bound = spec.x_bound * np.abs(d).sum(axis=0)
+        if spec.level == "B":
+            a = self._share_bound()
+            assert spec.lr is not None
+            bound = bound + 2 * a / spec.lr * (1 + spec.momentum) + spec.weight_decay * a
+        return bound
+
     # -- protocol ------------------------------------------------------------------
     def forward(self, msg: bytes) -> bytes:
         """``enc_input`` -> ``masked_output`` = Enc(x W_s + b + R1). An evaluation input
@@ -297,6 +321,7 @@ class HEServer:
         out, r1 = self._product(blobs[:n_x], self._w, lay["forward"], "forward", y, bound)
         self._last_step = step
         slot = {"step": step, "rows": rows, "records": n, "r1": r1[:rows], "stage": "output",
+                "zbound": self._output_bound(),
                 "xt": blobs[n_x:n_x + n_xt], "a": blobs[n_x + n_xt:]}
         if grad:
             self._pending = slot
@@ -312,7 +337,9 @@ class HEServer:
         if len(blobs) != 1:
             raise CiphertextError(f"{OUTPUT_RETURN}: expected 1 blob, got {len(blobs)}")
         y = array_from_bytes(blobs[0], (p["rows"], self.spec.mat_out), "returned output")
-        z = torch.from_numpy(y - p["r1"])
+        z_rows = y - p["r1"]
+        _within(z_rows, p["zbound"][None, :], "returned output z = xW + b")
+        z = torch.from_numpy(z_rows)
         if self._geo is not None:
             z = self._geo.fold_output(z, p["records"], self.spec.output_spatial)
         if p["xt"]:
@@ -343,6 +370,7 @@ class HEServer:
         dpad = np.zeros((spec.rows, spec.mat_out))
         dpad[: p["rows"]] = d
         p["db"] = d.sum(axis=0)
+        p["gbound"] = self._grad_bound(d)
         # no rescale: the weight gradient keeps ~1e-10 absolute precision (see grad_floor)
         g, r2 = self._product(p["xt"], dpad, lay["grad"], "weight gradient",
                               np.zeros((spec.mat_in, spec.mat_out)),
@@ -375,6 +403,8 @@ class HEServer:
             raise CiphertextError(f"{GRAD_RETURN}: expected 1 blob, got {len(blobs)}")
         shape = (self.spec.mat_in, self.spec.mat_out)
         g = array_from_bytes(blobs[0], shape, "returned weight gradient") - p["r2"]
+        if "gbound" in p:  # (a step resumed from grad_state() has no bound: not checked)
+            _within(g, p["gbound"][None, :], "returned weight gradient")
         if self.spec.level == "A":
             g[np.abs(g) < self.grad_floor] = 0.0
         self._grads = (g, p["db"])
@@ -411,6 +441,20 @@ class HEServer:
         if spec.bias:
             self._b = self._b - step * db
         self._grads = None
+
+
+def _within(values: np.ndarray, bound: np.ndarray, what: str) -> None:
+    """Refuse a data owner's answer past what an honest one can give (CKKS error and the
+    data owner's rounding allowed for). A data owner that encrypts inputs past ``x_bound``
+    reads the model owner's weights through the masks (each such forward gives W to a few
+    percent); the first such answer stops the layer here, after that one decryption."""
+    limit = bound * (1 + 1e-6) + 1e-6
+    if not bool(np.all(np.abs(values) <= limit)):
+        worst = float(np.max(np.abs(values) - limit))
+        raise HEError(f"{what}: the data owner's answer exceeds what inputs within the agreed "
+                      f"x_bound can give (by {worst:.3g}): it encrypted inputs past x_bound "
+                      "(this reveals the model owner's weights to it) or answered garbage; "
+                      "refused, the layer stops here")
 
 
 def _zero_sum(masks: np.ndarray, layout: Layout) -> np.ndarray:

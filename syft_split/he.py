@@ -44,7 +44,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .topology import SplitPlan
 
-__all__ = ["EncryptedLayer", "ProtectedSegment", "protect", "explain"]
+__all__ = ["EncryptedLayer", "ProtectedSegment", "protect", "explain", "agreed_layer"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 
@@ -127,6 +127,27 @@ class EncryptedLayer:
                 "bias": getattr(self.module, "bias", None) is not None,
                 "params": dict(self.params), "options": dict(self.options),
                 "layer": repr(self.module), "optimizer": dict(self.optimizer)}
+
+
+def agreed_layer(agreement: dict[str, Any]) -> tuple[Any, Any]:
+    """The ``(LayerSpec, CKKSParams)`` an agreement (:meth:`EncryptedLayer.agreement`) stands
+    for, validated: what the data owner builds its keys from, and what the model owner holds
+    the data owner's public context to.
+
+    Raises:
+        ConfigError: a field missing or of the wrong type, or values he_layers refuses.
+    """
+    from he_layers import CKKSParams, LayerSpec
+
+    try:
+        params = CKKSParams(**agreement.get("params", {})).validate()
+        spec = LayerSpec(batch_size=agreement["batch_size"], d_in=agreement["d_in"],
+                         d_out=agreement["d_out"], level=agreement["level"],
+                         lr=agreement["lr"], bias=agreement["bias"],
+                         **agreement.get("options", {})).validate(params)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"bad encryption agreement {agreement!r:.400}: {exc}") from exc
+    return spec, params
 
 
 def _layers(module: nn.Module) -> list[nn.Module]:

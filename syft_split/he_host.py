@@ -271,14 +271,9 @@ class HEOps(OpFamily):
 
 def build_client(agreement: dict[str, Any]) -> Any:
     """Fresh keys for this run from the reviewed agreement (the secret key stays here)."""
-    from he_layers import CKKSParams, HEClient, KeyOwner, LayerSpec
+    from he_layers import HEClient, KeyOwner
 
-    try:
-        spec = LayerSpec(batch_size=agreement["batch_size"], d_in=agreement["d_in"],
-                         d_out=agreement["d_out"], level=agreement["level"],
-                         lr=agreement["lr"], bias=agreement["bias"],
-                         **agreement.get("options", {}))
-        params = CKKSParams(**agreement.get("params", {}))
-    except (KeyError, TypeError) as exc:
-        raise ConfigError(f"bad encryption agreement {agreement}: {exc}") from exc
+    from .he import agreed_layer
+
+    spec, params = agreed_layer(agreement)
     return HEClient(KeyOwner(spec, params))

@@ -16,6 +16,7 @@ of running the step again; a journal whose request was not applied is removed.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 
 from . import persist, wire
 from .errors import HEError, ProtocolError, StateSaveError, TransportError
-from .he import EncryptedLayer
+from .he import EncryptedLayer, agreed_layer
 
 if TYPE_CHECKING:
     from .remote import RemoteSegment
@@ -116,6 +117,7 @@ class HEState:
 
         raw = self._call(source, "he_context")["context"]
         ctx = ServerContext.from_bytes(raw)  # refuses a context holding a secret key
+        self._check_agreed(source, ctx)
         old = self.servers.get(source)
         if old is not None and old.context.context_id == ctx.context_id:
             return False
@@ -127,6 +129,22 @@ class HEState:
             self.rekeys[source] = self.rekeys.get(source, 0) + 1
             server.costs = old.costs
         return True
+
+    def _check_agreed(self, source: str, ctx: Any) -> None:
+        """Refuse a public context whose layer spec or CKKS parameters are not the agreement
+        this model owner proposed: the data owner builds its keys, and so the masks the model
+        owner adds, from what its context says (``mask_bits=0`` let it read W)."""
+        spec, params = agreed_layer(self.enc.agreement())
+        got = json.loads(json.dumps({"spec": ctx.spec.to_dict(), "params": ctx.params.to_dict()}))
+        want = json.loads(json.dumps({"spec": spec.to_dict(), "params": params.to_dict()}))
+        diff = {f"{part}.{k}": (got[part].get(k), v) for part in want
+                for k, v in want[part].items() if got[part].get(k) != v}
+        diff.update({f"{part}.{k}": (v, None) for part in got for k, v in got[part].items()
+                     if k not in want[part]})
+        if diff:
+            raise HEError(f"{source}'s public context is not the encryption agreement this "
+                          "model owner proposed (field: (context, agreed)): "
+                          f"{dict(sorted(diff.items()))!r:.600}; refused, nothing was sent")
 
     def state(self) -> dict[str, Any]:
         """What a model-owner checkpoint keeps of the encrypted layer: at level B the share

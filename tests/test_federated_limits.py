@@ -131,3 +131,22 @@ def test_one_fl_train_call_trains_on_at_most_max_local_records() -> None:
     assert host.runtimes[seg].steps == 0
     out = t.call("a", "fl_train", segment=seg, epochs=2, batch_size=1, **state)
     assert (out["records"], out["steps"]) == (40, 80)
+
+
+def test_a_dataset_larger_than_max_local_records_is_said_at_review_and_refusal() -> None:
+    """A dataset with more records than ``max_local_records`` can never run ``fl_train``, even at
+    one epoch: the review says so before approval, and the refusal says that fewer epochs
+    cannot help (it used to advise them) while fl_gradient still runs."""
+    dep, _, seg, *_ = _local(max_local_records=30)  # 40 records
+    host, t = dep.owners["a"], dep.transport
+    review = host.review(seg)
+    assert "dataset 'train' has 40 records" in review and "at least 40" in review
+    ok, _, seg_ok, *_ = _local(max_local_records=40)
+    assert "NOTE: dataset" not in ok.owners["a"].review(seg_ok)  # control: it fits
+    host.approve(seg)
+    state = {f"state/{k}": v.clone() for k, v in host.export_weights(seg).items()}
+    with pytest.raises(ConfigError, match=r"no call can train on it: .* at least 40") as err:
+        t.call("a", "fl_train", segment=seg, epochs=1, **state)
+    assert "fewer epochs" not in str(err.value)
+    out = t.call("a", "fl_gradient", segment=seg, indices=torch.arange(8), **state)
+    assert out["count"] == 8

@@ -100,6 +100,9 @@ class FederatedOps(OpFamily):
         assert proposal.module is not None
         n = count_parameters(proposal.module)
         least = self.host.limits.min_local_batch
+        cap = self.host.limits.max_local_records
+        big = {d: int(self.host.datasets[d].features.shape[0]) for d in proposal.datasets
+               if d in self.host.datasets and int(self.host.datasets[d].features.shape[0]) > cap}
         return [
             "  FEDERATED: the WHOLE MODEL trains here on your records (local epochs per round, "
             "or one gradient per step); the model owner sends the weights to start from, any "
@@ -119,7 +122,10 @@ class FederatedOps(OpFamily):
             f"  one fl_train call trains on at most {self.host.limits.max_local_records} "
             "records (epochs x records; HostLimits.max_local_records): your console's ops "
             "wait behind a running call at most that long",
-        ]
+        ] + [f"  NOTE: dataset {d!r} has {n} records, more than that: fl_train is refused on "
+             "it (fl_gradient and fl_evaluate still run); raise "
+             f"HostLimits.max_local_records to at least {n} to allow local epochs"
+             for d, n in big.items()]
 
     # --------------------------------------------------------------- model-owner ops
     @op("fl_propose", mutates=True, egress={"segment": TEXT, "status": TEXT, "output_shape": JSON})
@@ -185,10 +191,13 @@ class FederatedOps(OpFamily):
         records = epochs * int(self.host.dataset(call.rt, call.req).features.shape[0])
         cap = self.host.limits.max_local_records
         if records > cap:  # before anything is loaded: one call's compute is bounded
+            hint = ("ask for fewer epochs per call" if records // epochs <= cap else
+                    "the dataset alone is larger, so no call can train on it: the data owner "
+                    "would have to raise HostLimits.max_local_records to at least "
+                    f"{records // epochs} (fl_gradient and fl_evaluate still run)")
             raise ConfigError(f"{call.rt.id}: {epochs} epochs over the dataset's records are "
                               f"{records} records; this data owner trains at most {cap} per "
-                              "fl_train call (HostLimits.max_local_records): ask for fewer "
-                              "epochs per call")
+                              f"fl_train call (HostLimits.max_local_records): {hint}")
         rt, ds = self._start(call)
         if int(ds.features.shape[0]) < least:
             raise ValidationError(f"{rt.id}: the dataset has fewer records than the data "
