@@ -44,6 +44,7 @@ from torch import nn
 from . import wire
 from .contract import check_describe
 from .errors import ConfigError, TransportError, ValidationError
+from .host.admission import MAX_BATCHES_TRACKED
 from .ledger import CostLedger
 from .report import EpochRecord, RunReport, RunTraffic
 from .rounds import PartyFailure, run_each
@@ -52,12 +53,15 @@ from .spec import OptimizerSpec, module_from_spec, module_to_spec, spec_state
 from .topology import MAX_FEATURE_BYTES
 from .transport.base import Transport
 
-__all__ = ["ALGORITHMS", "FederatedTrainer", "weighted_mean"]
+__all__ = ["ALGORITHMS", "MAX_ABS_VALUE", "MAX_COUNT", "FederatedTrainer", "weighted_mean"]
 
 ALGORITHMS = ("fedavg", "sync_sgd")
 #: the default bound on the magnitude of a weight or gradient a data owner returns (a data
 #: owner's host releases none above ``HostLimits.max_abs_value``, 1e6 by default)
 MAX_ABS_VALUE = 1e6
+#: an integer buffer a data owner returns (``num_batches_tracked``) lies in ``[0, MAX_COUNT]``:
+#: every data owner's host refuses to load one outside (the first answer's would be sent on)
+MAX_COUNT = MAX_BATCHES_TRACKED
 
 
 def _declarable(model: nn.Module) -> nn.Module:
@@ -108,9 +112,15 @@ def _tensors(party: str, op: str, answer: dict[str, Any], prefix: str,
     for k, v in got.items():
         name = f"{party}: its {op} answer's {prefix}{k}"
         wire.check_tensor(v, name, shape=tuple(own[k].shape), dtype=own[k].dtype, nonempty=False)
-        if v.numel() and float(v.abs().max()) > bound:
+        if not v.numel():
+            continue
+        if v.is_floating_point() and float(v.abs().max()) > bound:
             raise ValidationError(f"{name} has magnitude {float(v.abs().max()):.3g}, over the "
                                   f"bound {bound:g} (max_abs_value)")
+        if not v.is_floating_point() and not 0 <= int(v.min()) <= int(v.max()) <= MAX_COUNT:
+            raise ValidationError(f"{name} holds {int(v.min())}..{int(v.max())}; an integer "
+                                  f"buffer (num_batches_tracked) lies in [0, {MAX_COUNT}] (every "
+                                  "data owner's host refuses to load others)")
     return got
 
 
