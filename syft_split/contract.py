@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -164,7 +164,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -179,7 +179,7 @@ def _checked_dataset(party: str, name: Any, meta: Any) -> dict[str, Any]:
         raise ConfigError(f"{where} is {_show(meta)}; expected a dict with records, "
                           "feature_shape, feature_dtype, has_labels, has_ids")
     records = meta.get("records")
-    if not isinstance(records, int) or isinstance(records, bool) or records < 0:
+    if not _is_int(records) or records < 0:
         raise ConfigError(f"{where}.records is {_show(records)}; expected an int >= 0")
     shape = meta.get("feature_shape")
     if (not isinstance(shape, (list, tuple)) or len(shape) > _MAX_FEATURE_DIMS

@@ -254,7 +254,6 @@ class FederatedTrainer:
         """One FedAvg round; returns each data owner's response scalars."""
         state = self._state_fields()
         seed = self.seed + self.rounds_run
-
         own = {k[6:]: v for k, v in state.items()}
 
         def train(p: str) -> dict[str, Any]:
@@ -342,10 +341,13 @@ class FederatedTrainer:
             return r
 
         results = self._each("fl_evaluate", self.data_owners, ev)
-        for p, r in results.items():
-            cost = self.ledger.cost(self.module, self.input_shape, int(r["count"]),
-                                    input_grad=False, optimizer=None)
-            self.ledger.add(p, cost, train=False)
+        for p, r in results.items():  # in batches, as the data owner ran them: a count of
+            n, b = r["count"], self.batch_size  # its choosing allocates nothing here
+            for batch, times in ((b, n // b), (n % b, 1)):
+                if batch and times:
+                    cost = self.ledger.cost(self.module, self.input_shape, batch,
+                                            input_grad=False, optimizer=None)
+                    self.ledger.add(p, cost, train=False, times=times)
         n = sum(int(r["count"]) for r in results.values())
         return {"loss": sum(float(r["loss_sum"]) for r in results.values()) / max(n, 1),
                 "accuracy": sum(int(r["correct"]) for r in results.values()) / max(n, 1)}

@@ -183,3 +183,18 @@ def test_a_malformed_describe_or_oversized_features_refuse_the_proposal() -> Non
                                           r"512 bytes \(float32\), more than max_feature_bytes=511"):
         _trainer(["a"], max_feature_bytes=511)
     assert MAX_ABS_VALUE == HostLimits().max_abs_value  # the host's own default bound
+
+
+def test_evaluation_is_booked_in_batches_whatever_count_a_data_owner_describes() -> None:
+    """The ledger counts an evaluation on identical copies here: batch by batch (as the data
+    owner runs it), not on one batch of every record (a described count of 10**8 would
+    allocate 10**8 records)."""
+    fl = _trainer(["a"])
+    batches: list[int] = []
+    cost = fl.ledger.cost
+    fl.ledger.cost = lambda module, shape, batch, **kw: (batches.append(batch),  # type: ignore
+                                                         cost(module, shape, batch, **kw))[1]
+    fl.evaluate()  # 12 test records, batch_size 8
+    assert sorted(batches) == [4, 8]
+    per_record = cost(fl.module, fl.input_shape, 1, input_grad=False, optimizer=None).forward
+    assert fl.ledger.flops_by_party()["a"]["eval"] == 12 * per_record
