@@ -23,13 +23,20 @@ any proposal::
     print(contract.explain(plan))                       # what the datasets must look like
     contract.check_datasite(plan, DatasiteConsole(admin_client))   # the data owner: [] = fits
     contract.check_parties(plan, transport)             # the model owner, through ``describe``
+
+A ``describe`` answer is a data owner's word: before anything is run on it, the model owner
+checks it against the schema a host answers (:func:`check_describe`: a malformed value is a
+:class:`ConfigError` naming the party and the field), and the features of ``max_batch``
+records against ``SplitPlan.max_feature_bytes`` (a larger shape is a problem of the contract,
+never allocated for the dry run).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -38,9 +45,11 @@ from .errors import ConfigError
 from .topology import DATA_OWNER, MODEL_OWNER, RELEASED, SplitPlan
 
 __all__ = ["DatasetRequirement", "requirements", "explain", "check", "check_datasite",
-           "check_parties", "require"]
+           "check_parties", "check_describe", "require"]
 
 _ALIGNED = "@aligned"
+#: the most dimensions a record's features may declare (the wire's bound on a tensor's)
+_MAX_FEATURE_DIMS = 8
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -149,15 +158,66 @@ def explain(plan: SplitPlan) -> str:
     return "\n".join(lines)
 
 
-def _datasets(meta: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The ``datasets`` part of a ``describe`` answer (or the part itself)."""
-    inner = meta.get("datasets") if isinstance(meta, Mapping) else None
-    return inner if isinstance(inner, Mapping) else meta
+def _show(value: Any) -> str:
+    """A value a data owner chose, for a message: its repr, clipped."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_dataset(party: str, name: Any, meta: Any) -> dict[str, Any]:
+    """One dataset's entry of ``party``'s ``describe`` answer, checked (see
+    :func:`check_describe`)."""
+    if not isinstance(name, str) or not 0 < len(name) <= 256:
+        raise ConfigError(f"{party}: its describe answer names a dataset {_show(name)}; "
+                          "expected a string of 1..256 characters")
+    where = f"{party}: its describe answer, datasets[{_show(name)}]"
+    if not isinstance(meta, Mapping):
+        raise ConfigError(f"{where} is {_show(meta)}; expected a dict with records, "
+                          "feature_shape, feature_dtype, has_labels, has_ids")
+    records = meta.get("records")
+    if not _is_int(records) or records < 0:
+        raise ConfigError(f"{where}.records is {_show(records)}; expected an int >= 0")
+    shape = meta.get("feature_shape")
+    if (not isinstance(shape, (list, tuple)) or len(shape) > _MAX_FEATURE_DIMS
+            or not all(_is_int(d) and d > 0 for d in shape)):
+        raise ConfigError(f"{where}.feature_shape is {_show(shape)}; expected a list of at most "
+                          f"{_MAX_FEATURE_DIMS} positive ints (one record's shape)")
+    dtype = meta.get("feature_dtype")
+    if not isinstance(dtype, str) or not 0 < len(dtype) <= 64:
+        raise ConfigError(f"{where}.feature_dtype is {_show(dtype)}; expected a dtype name "
+                          "such as 'float32'")
+    for flag in ("has_labels", "has_ids"):
+        if not isinstance(meta.get(flag, False), bool):
+            raise ConfigError(f"{where}.{flag} is {_show(meta.get(flag))}; expected a bool")
+    return {**meta, "feature_shape": list(shape)}
+
+
+def check_describe(party: str, answer: Any) -> dict[str, dict[str, Any]]:
+    """The datasets of ``party``'s ``describe`` answer (the whole answer, or its
+    ``"datasets"`` part), checked against what a data owner's host answers: a dict of dataset
+    name -> ``records`` (an int >= 0), ``feature_shape`` (a list of at most 8 positive ints),
+    ``feature_dtype`` (a name), ``has_labels`` / ``has_ids`` (bools). Anything else raises
+    :class:`ConfigError` naming the party and the field; nothing is computed from it before."""
+    datasets = answer.get("datasets") if isinstance(answer, Mapping) and "datasets" in answer \
+        else answer
+    if not isinstance(datasets, Mapping):
+        raise ConfigError(f"{party}: its describe answer has datasets = {_show(datasets)}; "
+                          "expected a dict of dataset name -> metadata")
+    return {name: _checked_dataset(party, name, meta) for name, meta in datasets.items()}
+
+
+def _feature_bytes(plan: SplitPlan, shape: tuple[int, ...]) -> int:
+    """Bytes of the features of ``max_batch`` records (float32; at least the dry run's 2)."""
+    return math.prod(shape) * max(plan.max_batch, 2) * 4
 
 
 def _dry_run(plan: SplitPlan, node: int, meta: Mapping[str, Any]) -> str | None:
     """None if the input segment runs on zeros shaped like the dataset, else torch's reason."""
-    shape = [int(s) for s in meta.get("feature_shape", [])]
+    shape = list(meta["feature_shape"])
     module = plan.nodes[node].module
     was = module.training
     module.eval()
@@ -181,7 +241,7 @@ def _problems_of(plan: SplitPlan, party: str, datasets: Mapping[str, Any],
         if not isinstance(meta, Mapping):
             base = r.name.removesuffix(_ALIGNED)
             if r.aligned and base in datasets:
-                ids = datasets[base].get("has_ids") if isinstance(datasets[base], Mapping) else 0
+                ids = datasets[base].get("has_ids")
                 problems.append(f"{party}: no dataset {r.name!r} yet: the model owner builds it "
                                 f"with align_records(transport, parties, {base!r}) (PSI on the "
                                 f"record ids of {base!r}; the data owner allows it first with "
@@ -197,10 +257,10 @@ def _problems_of(plan: SplitPlan, party: str, datasets: Mapping[str, Any],
             problems.append(f"{party}: no dataset {r.name!r} (it has {have}); this plan reads "
                             f"{list(plan.datasets)}: {fix}")
             continue
-        shape = tuple(int(s) for s in meta.get("feature_shape", []))
+        shape = tuple(meta["feature_shape"])
         shapes[r.name] = shape
-        dtype = str(meta.get("feature_dtype", "?"))
-        if int(meta.get("records", 0)) < 1:
+        dtype = meta["feature_dtype"]
+        if meta["records"] < 1:
             problems.append(f"{party}: dataset {r.name!r} holds no records")
         if r.labels and not meta.get("has_labels"):
             why = ("releases each batch's labels (labels=RELEASED)" if plan.release_labels
@@ -211,6 +271,14 @@ def _problems_of(plan: SplitPlan, party: str, datasets: Mapping[str, Any],
             problems.append(f"{party}: dataset {r.name!r} has {dtype} features; the data owner's "
                             "segments compute in float32: upload floating features (e.g. "
                             "x.astype(numpy.float32))")
+            continue
+        nbytes = _feature_bytes(plan, shape)
+        if nbytes > plan.max_feature_bytes:  # before anything is allocated for the dry run
+            problems.append(f"{party}: dataset {r.name!r} has features {shape} per record: "
+                            f"{max(plan.max_batch, 2)} records of them are {nbytes} bytes "
+                            f"(float32), more than the model owner's bound "
+                            f"{plan.max_feature_bytes} (SplitPlan(..., max_feature_bytes=...)): "
+                            "set a smaller max_batch, or a larger bound for records that large")
             continue
         for node in r.nodes:
             refused = _dry_run(plan, node, meta)
@@ -230,7 +298,8 @@ def check(plan: SplitPlan, metadata: Mapping[str, Mapping[str, Any]]) -> list[st
 
     ``metadata`` maps a party to what its datasite's ``describe`` returned (the whole answer
     or its ``"datasets"`` part). Parties the plan reads data from but absent here are
-    reported as problems too.
+    reported as problems too. An answer that is not what a host answers raises
+    :class:`ConfigError` (:func:`check_describe`).
     """
     return _check(plan, metadata, missing_ok=False)
 
@@ -239,17 +308,17 @@ def _check(plan: SplitPlan, metadata: Mapping[str, Mapping[str, Any]], *,
            missing_ok: bool) -> list[str]:
     problems: list[str] = []
     reqs = requirements(plan)
+    checked = {p: check_describe(p, m) for p, m in metadata.items()}
     for party in dict.fromkeys(r.party for r in reqs):
-        if party not in metadata:
+        if party not in checked:
             if not missing_ok:
                 problems.append(f"{party}: no metadata (describe) for this party")
             continue
-        problems += _problems_of(plan, party, _datasets(metadata[party]),
+        problems += _problems_of(plan, party, checked[party],
                                  [r for r in reqs if r.party == party])
     if plan.is_vertical:  # row j must be the same record at every party
         for name in plan.datasets:
-            counts = {p: int(_datasets(m)[name].get("records", 0)) for p, m in metadata.items()
-                      if isinstance(_datasets(m).get(name), Mapping)}
+            counts = {p: m[name]["records"] for p, m in checked.items() if name in m}
             if len(set(counts.values())) > 1:
                 problems.append(f"dataset {name!r} holds different numbers of records per party "
                                 f"{counts}: a vertical plan needs the same records, aligned "
@@ -281,7 +350,7 @@ def check_datasite(plan: SplitPlan, site: Any, *, party: str | None = None) -> l
     if party is None or party not in names:
         raise ConfigError(f"which party of the plan is this datasite? pass party= one of {names}")
     me = str(party)
-    return _problems_of(plan, me, _datasets(meta), [r for r in reqs if r.party == me])
+    return _problems_of(plan, me, check_describe(me, meta), [r for r in reqs if r.party == me])
 
 
 def check_parties(plan: SplitPlan, transport: Any) -> list[str]:

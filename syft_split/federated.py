@@ -14,6 +14,12 @@ on equal terms -- the same wire format, the same byte counts, the same FLOP coun
 
 Data owners run concurrently (:func:`syft_split.rounds.run_each`: ``max_workers``,
 ``party_deadline_s``; a failing data owner is dropped and named in ``report.party_failures``).
+A data owner's answer is its word: before anything is averaged the model owner checks it, and
+an answer that fails is that data owner's failure (dropped, named; nothing of it is used):
+weights and gradients must be exactly the model's keys, shapes and dtypes, finite and within
+``max_abs_value``; record counts must be the ones ``describe`` gave at :meth:`propose` (FedAvg
+weights each data owner by that count, never by one it reports) or the batch sent; correct
+counts lie in ``[0, count]``, loss sums are finite and >= 0.
 Local shuffling is reproducible: round ``r`` shuffles with ``torch.Generator().manual_seed(
 seed + r)`` at every data owner. The model owner sees every data owner's weights or gradients
 (that is FedAvg without secure aggregation; the data owner's review says so).
@@ -25,6 +31,7 @@ seed + r)`` at every data owner. The model owner sees every data owner's weights
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -34,17 +41,27 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import ConfigError, TransportError
+from . import wire
+from .contract import check_describe
+from .errors import ConfigError, TransportError, ValidationError
+from .host.admission import MAX_BATCHES_TRACKED
 from .ledger import CostLedger
 from .report import EpochRecord, RunReport, RunTraffic
 from .rounds import PartyFailure, run_each
 from .schedules import weighted_mean
 from .spec import OptimizerSpec, module_from_spec, module_to_spec, spec_state
+from .topology import MAX_FEATURE_BYTES
 from .transport.base import Transport
 
-__all__ = ["ALGORITHMS", "FederatedTrainer", "weighted_mean"]
+__all__ = ["ALGORITHMS", "MAX_ABS_VALUE", "MAX_COUNT", "FederatedTrainer", "weighted_mean"]
 
 ALGORITHMS = ("fedavg", "sync_sgd")
+#: the default bound on the magnitude of a weight or gradient a data owner returns (a data
+#: owner's host releases none above ``HostLimits.max_abs_value``, 1e6 by default)
+MAX_ABS_VALUE = 1e6
+#: an integer buffer a data owner returns (``num_batches_tracked``) lies in ``[0, MAX_COUNT]``:
+#: every data owner's host refuses to load one outside (the first answer's would be sent on)
+MAX_COUNT = MAX_BATCHES_TRACKED
 
 
 def _declarable(model: nn.Module) -> nn.Module:
@@ -54,17 +71,74 @@ def _declarable(model: nn.Module) -> nn.Module:
     return fx.symbolic_trace(model)
 
 
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _int_in(party: str, op: str, answer: dict[str, Any], key: str, low: int, high: int,
+            why: str = "") -> int:
+    """``answer[key]``, an int in ``[low, high]``, or :class:`ValidationError` naming ``party``."""
+    value = answer.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        want = f"{low}" if low == high else f"an int in [{low}, {high}]"
+        raise ValidationError(f"{party}: its {op} answer has {key}={_show(value)}; expected "
+                              f"{want}{why}")
+    return value
+
+
+def _figures(party: str, op: str, answer: dict[str, Any], count_key: str, count: int,
+             why: str) -> None:
+    """The scalars of an answer: ``count_key`` is ``count``; ``correct`` in ``[0, count]``;
+    ``loss_sum`` finite and >= 0 (every loss here is)."""
+    _int_in(party, op, answer, count_key, count, count, why)
+    _int_in(party, op, answer, "correct", 0, count)
+    loss = answer.get("loss_sum")
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not 0 <= loss < math.inf:
+        raise ValidationError(f"{party}: its {op} answer has loss_sum={_show(loss)}; expected a "
+                              "finite number >= 0")
+
+
+def _tensors(party: str, op: str, answer: dict[str, Any], prefix: str,
+             own: dict[str, torch.Tensor], bound: float) -> dict[str, torch.Tensor]:
+    """The ``prefix``-named tensors of an answer, keyed without it: exactly ``own``'s keys,
+    shapes and dtypes, finite, every value within ``bound`` in magnitude; else
+    :class:`ValidationError` (or its ShapeError/DTypeError/NonFiniteError) naming ``party``."""
+    got = {k[len(prefix):]: v for k, v in answer.items() if k.startswith(prefix)}
+    if set(got) != set(own):
+        missing, extra = sorted(set(own) - set(got)), sorted(set(got) - set(own))
+        raise ValidationError(f"{party}: its {op} answer's {prefix}* fields are not the model's: "
+                              f"missing {_show(missing)}, unexpected {_show(extra)}")
+    for k, v in got.items():
+        name = f"{party}: its {op} answer's {prefix}{k}"
+        wire.check_tensor(v, name, shape=tuple(own[k].shape), dtype=own[k].dtype, nonempty=False)
+        if not v.numel():
+            continue
+        if v.is_floating_point() and float(v.abs().max()) > bound:
+            raise ValidationError(f"{name} has magnitude {float(v.abs().max()):.3g}, over the "
+                                  f"bound {bound:g} (max_abs_value)")
+        if not v.is_floating_point() and not 0 <= int(v.min()) <= int(v.max()) <= MAX_COUNT:
+            raise ValidationError(f"{name} holds {int(v.min())}..{int(v.max())}; an integer "
+                                  f"buffer (num_batches_tracked) lies in [0, {MAX_COUNT}] (every "
+                                  "data owner's host refuses to load others)")
+    return got
+
+
 class FederatedTrainer:
     """Train ``model`` by FedAvg or large-batch synchronous SGD over ``data_owners`` reached
     through ``transport`` (see the module docstring). ``model`` must be declarable as a spec
-    (standard layers; residual graphs through ``torch.fx``)."""
+    (standard layers; residual graphs through ``torch.fx``). ``max_abs_value``: the largest
+    magnitude of a weight, buffer or gradient a data owner may return; ``max_feature_bytes``:
+    the largest features of ``batch_size`` records (float32) a data owner may declare (the
+    cost ledger runs the model on a batch of them here)."""
 
     def __init__(self, model: nn.Module, transport: Transport, data_owners: Sequence[str], *,
                  algorithm: str = "fedavg", optimizer: OptimizerSpec | None = None,
                  loss: str = "cross_entropy", local_epochs: int = 1, batch_size: int = 32,
                  train_dataset: str = "train", test_dataset: str | None = "test",
                  seed: int = 0, max_workers: int | None = None,
-                 party_deadline_s: float | None = None) -> None:
+                 party_deadline_s: float | None = None, max_abs_value: float = MAX_ABS_VALUE,
+                 max_feature_bytes: int = MAX_FEATURE_BYTES) -> None:
         if algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         if not data_owners:
@@ -73,9 +147,13 @@ class FederatedTrainer:
         if missing:
             raise ConfigError(f"parties {missing} are not reachable through the transport; "
                               f"connected: {transport.parties()}")
-        for name, value in (("local_epochs", local_epochs), ("batch_size", batch_size)):
+        for name, value in (("local_epochs", local_epochs), ("batch_size", batch_size),
+                            ("max_feature_bytes", max_feature_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(max_abs_value, bool) or not isinstance(max_abs_value, (int, float)) \
+                or not 0 < max_abs_value < float("inf"):
+            raise ConfigError(f"max_abs_value must be a finite number > 0, got {max_abs_value!r}")
         self.algorithm = algorithm
         self.transport = transport
         self.data_owners = list(data_owners)
@@ -88,6 +166,8 @@ class FederatedTrainer:
         self.seed = seed
         self.max_workers = max_workers or min(32, len(self.data_owners))
         self.deadline_s = party_deadline_s
+        self.max_abs_value = float(max_abs_value)
+        self.max_feature_bytes = max_feature_bytes
         declared = _declarable(model)
         self.spec = module_to_spec(declared)
         #: the global model, as every data owner rebuilds it from the spec
@@ -95,7 +175,10 @@ class FederatedTrainer:
         self.module.load_state_dict(spec_state(declared))
         self.optimizer = self.optimizer_spec.build(self.module.parameters())
         self.segments: dict[str, str] = {}
+        #: each data owner's train records, as its ``describe`` said at :meth:`propose`
         self.records: dict[str, int] = {}
+        #: each data owner's records per dataset, as its ``describe`` said
+        self.sizes: dict[str, dict[str, int]] = {}
         self.input_shape: tuple[int, ...] = ()
         self.dropped: dict[str, PartyFailure] = {}
         self.rounds_run = 0
@@ -117,15 +200,34 @@ class FederatedTrainer:
         state = {f"state/{k}": v for k, v in self.module.state_dict().items()}
         out: dict[str, list[str]] = {}
         for party in self.data_owners:
-            meta = self.transport.call(party, "describe")["datasets"]
-            self.records[party] = int(meta[self.train_dataset]["records"])
-            self.input_shape = tuple(meta[self.train_dataset]["feature_shape"])
+            self._describe(party)
             r = self.transport.call(party, "fl_propose", spec=self.spec, datasets=datasets,
                                     optimizer=self.optimizer_spec.to_json(), loss=self.loss,
                                     max_batch=max(self.batch_size, 1), **state)
             self.segments[party] = str(r["segment"])
             out[party] = [self.segments[party]]
         return out
+
+    def _describe(self, party: str) -> None:
+        """Read ``party``'s record counts and feature shape from its ``describe`` answer,
+        checked (:func:`~syft_split.contract.check_describe`; the features of ``batch_size``
+        records within ``max_feature_bytes``); raises :class:`ConfigError` naming the party."""
+        answer = self.transport.call(party, "describe")
+        if not isinstance(answer, dict) or "datasets" not in answer:
+            raise ConfigError(f"{party}: its describe answer has no 'datasets' field")
+        meta = check_describe(party, answer)
+        train = meta.get(self.train_dataset)
+        if train is None:
+            raise ConfigError(f"{party}: no dataset {self.train_dataset!r} (it has {sorted(meta)})")
+        shape = tuple(train["feature_shape"])
+        nbytes = math.prod(shape) * self.batch_size * 4
+        if nbytes > self.max_feature_bytes:
+            raise ConfigError(f"{party}: dataset {self.train_dataset!r} has features {shape} per "
+                              f"record: {self.batch_size} records of them are {nbytes} bytes "
+                              f"(float32), more than max_feature_bytes={self.max_feature_bytes}")
+        self.sizes[party] = {name: m["records"] for name, m in meta.items()}
+        self.records[party] = train["records"]
+        self.input_shape = shape
 
     def _state_fields(self) -> dict[str, torch.Tensor]:
         return {f"state/{k}": v.detach() for k, v in self.module.state_dict().items()}
@@ -152,24 +254,29 @@ class FederatedTrainer:
         """One FedAvg round; returns each data owner's response scalars."""
         state = self._state_fields()
         seed = self.seed + self.rounds_run
+        own = {k[6:]: v for k, v in state.items()}
 
         def train(p: str) -> dict[str, Any]:
-            return self.transport.call(p, "fl_train", segment=self.segments[p],
-                                       dataset=self.train_dataset, epochs=self.local_epochs,
-                                       batch_size=self.batch_size, seed=seed, **state)
+            r = self.transport.call(p, "fl_train", segment=self.segments[p],
+                                    dataset=self.train_dataset, epochs=self.local_epochs,
+                                    batch_size=self.batch_size, seed=seed, **state)
+            n = self.records[p]  # the count describe gave: the weight, whatever the answer says
+            _int_in(p, "fl_train", r, "steps", 0, n * self.local_epochs)
+            _figures(p, "fl_train", r, "records", n, f" (the records of {self.train_dataset!r} "
+                     "its describe gave)")
+            return {**r, "state": _tensors(p, "fl_train", r, "state/", own, self.max_abs_value)}
 
         results = self._each("fl_train", self.data_owners, train)
         parties = list(results)
-        states = [{k[6:]: v for k, v in results[p].items() if k.startswith("state/")}
-                  for p in parties]
-        self.module.load_state_dict(weighted_mean(states, [results[p]["records"] for p in parties]))
+        self.module.load_state_dict(weighted_mean([results[p]["state"] for p in parties],
+                                                  [self.records[p] for p in parties]))
         for p in parties:
-            n, b = int(results[p]["records"]), self.batch_size
+            n, b = self.records[p], self.batch_size
             self._book(p, b, times=(n // b) * self.local_epochs)
             if n % b:
                 self._book(p, n % b, times=self.local_epochs)
         self.rounds_run += 1
-        return {p: {k: v for k, v in results[p].items() if not k.startswith("state/")}
+        return {p: {k: v for k, v in results[p].items() if not k.startswith("state")}
                 for p in parties}
 
     def sync_sgd_step(self, batches: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
@@ -177,22 +284,28 @@ class FederatedTrainer:
         indices), averaged by batch size, then the model owner's optimizer step."""
         state = self._state_fields()
 
+        params = {k: v.detach() for k, v in self.module.named_parameters()}
+        own_buffers = {k: v.detach() for k, v in self.module.named_buffers()}
+
         def grad(p: str) -> dict[str, Any]:
-            return self.transport.call(p, "fl_gradient", segment=self.segments[p],
-                                       dataset=self.train_dataset,
-                                       indices=batches[p].to(torch.int64), **state)
+            r = self.transport.call(p, "fl_gradient", segment=self.segments[p],
+                                    dataset=self.train_dataset,
+                                    indices=batches[p].to(torch.int64), **state)
+            _figures(p, "fl_gradient", r, "count", int(batches[p].numel()),
+                     " (the records sent)")
+            return {**r, "grad": _tensors(p, "fl_gradient", r, "grad/", params, self.max_abs_value),
+                    "buffer": _tensors(p, "fl_gradient", r, "buffer/", own_buffers,
+                                       self.max_abs_value)}
 
         results = self._each("fl_gradient", list(batches), grad)
         parties = list(results)
         counts = [float(results[p]["count"]) for p in parties]
-        grads = weighted_mean([{k[5:]: v for k, v in results[p].items() if k.startswith("grad/")}
-                               for p in parties], counts)
+        grads = weighted_mean([results[p]["grad"] for p in parties], counts)
         self.optimizer.zero_grad(set_to_none=True)
         for name, param in self.module.named_parameters():
             param.grad = grads[name].clone()
         self.optimizer.step()
-        buffers = [{k[7:]: v for k, v in results[p].items() if k.startswith("buffer/")}
-                   for p in parties]
+        buffers = [results[p]["buffer"] for p in parties]
         if buffers[0]:
             merged = weighted_mean(buffers, counts)
             self.module.load_state_dict({**self.module.state_dict(), **merged})
@@ -218,14 +331,23 @@ class FederatedTrainer:
         state = self._state_fields()
 
         def ev(p: str) -> dict[str, Any]:
-            return self.transport.call(p, "fl_evaluate", segment=self.segments[p],
-                                       dataset=dataset, **state)
+            r = self.transport.call(p, "fl_evaluate", segment=self.segments[p],
+                                    dataset=dataset, **state)
+            known = self.sizes.get(p, {}).get(dataset)
+            if known is None:  # a dataset its describe did not list: any count, consistent
+                _int_in(p, "fl_evaluate", r, "count", 0, 2**62)
+            _figures(p, "fl_evaluate", r, "count", r["count"] if known is None else known,
+                     f" (the records of {dataset!r} its describe gave)")
+            return r
 
         results = self._each("fl_evaluate", self.data_owners, ev)
-        for p, r in results.items():
-            cost = self.ledger.cost(self.module, self.input_shape, int(r["count"]),
-                                    input_grad=False, optimizer=None)
-            self.ledger.add(p, cost, train=False)
+        for p, r in results.items():  # in batches, as the data owner ran them: a count of
+            n, b = r["count"], self.batch_size  # its choosing allocates nothing here
+            for batch, times in ((b, n // b), (n % b, 1)):
+                if batch and times:
+                    cost = self.ledger.cost(self.module, self.input_shape, batch,
+                                            input_grad=False, optimizer=None)
+                    self.ledger.add(p, cost, train=False, times=times)
         n = sum(int(r["count"]) for r in results.values())
         return {"loss": sum(float(r["loss_sum"]) for r in results.values()) / max(n, 1),
                 "accuracy": sum(int(r["correct"]) for r in results.values()) / max(n, 1)}

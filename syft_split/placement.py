@@ -48,8 +48,10 @@ def merge_inputs(plan: SplitPlan, i: int, values: dict[int, torch.Tensor],
 def node_shapes(plan: SplitPlan, source: str, describe: Callable[[str], dict[str, Any]],
                 device: torch.device) -> list[Shapes]:
     """(input, output) shape per record of every node for records from ``source`` (a dry
-    run on zeros, here). ``describe(party)`` is the party's published dataset metadata; every
-    problem of the data contract is raised as :class:`ConfigError` before any shape."""
+    run on zeros, here). ``describe(party)`` is the party's published dataset metadata; a
+    malformed answer, and every problem of the data contract (features of ``max_batch``
+    records over ``plan.max_feature_bytes`` among them), is raised as :class:`ConfigError`
+    before anything is allocated."""
     values: dict[int, torch.Tensor] = {}
     shapes = []
     with torch.no_grad():
@@ -62,10 +64,11 @@ def node_shapes(plan: SplitPlan, source: str, describe: Callable[[str], dict[str
                     raise ConfigError(f"segment {i} cannot merge its inputs {shapes_in} by "
                                       f"{node.merge!r}: {exc}") from exc
             else:
-                meta = describe(host_of(plan, source, i))
-                from .contract import require  # the data contract: every problem, and why
+                from .contract import check_describe, require  # the data contract
 
-                require(plan, {host_of(plan, source, i): meta})
+                party = host_of(plan, source, i)
+                meta = check_describe(party, describe(party))
+                require(plan, {party: meta})  # every problem, and why; the features' size too
                 x = torch.zeros((2, *meta[plan.datasets[0]]["feature_shape"]))
             at = next((p.device for p in node.module.parameters()), None)
             x = x if at is None else x.to(at)

@@ -31,7 +31,8 @@ from .modes import mixed_modes, mode_dependent
 from .spec import OptimizerSpec, module_to_spec
 from .transport.base import MODEL_OWNER
 
-__all__ = ["ALIGNED", "DATA_OWNER", "MERGES", "MODEL_OWNER", "RELEASED", "Node", "SplitPlan", "Task"]
+__all__ = ["ALIGNED", "DATA_OWNER", "MAX_FEATURE_BYTES", "MERGES", "MODEL_OWNER", "RELEASED", "Node",
+           "SplitPlan", "Task"]
 
 #: owner placeholder: "the data owner whose records this step uses".
 DATA_OWNER = "data_owner"
@@ -41,6 +42,10 @@ RELEASED = "released"
 ALIGNED = "aligned"
 #: how a node with several inputs combines them (at the model owner).
 MERGES = ("concat", "sum", "mean")
+#: the default of :attr:`SplitPlan.max_feature_bytes`: a data owner's host refuses a proposal
+#: whose values over ``max_batch`` records pass ``HostLimits.max_activation_bytes``, 1 GiB by
+#: default (the input included), so an honest data owner's features never exceed it either.
+MAX_FEATURE_BYTES = 1 << 30
 
 
 @dataclass
@@ -78,6 +83,11 @@ class SplitPlan:
     data_owners: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=lambda: ["train", "test"])
     max_batch: int = 1024
+    #: the model owner's bound on the features of ``max_batch`` records (float32), read from
+    #: each data owner's ``describe`` before anything is allocated for them: the model owner
+    #: dry-runs its input segments on zeros of the declared feature shape, and a data owner
+    #: chooses that shape (a larger one is a problem of the data contract)
+    max_feature_bytes: int = MAX_FEATURE_BYTES
     #: how the data owners' segment weights may move: "none"; "peer" (relayed sealed between
     #: data owners, or securely averaged among them: relay and SplitFed schedules); or
     #: "model_owner" (the proposal asks that the model owner may read them: each data owner
@@ -301,6 +311,9 @@ class SplitPlan:
             problems.extend(self.local_loss.problems(self))
         if not 0 < self.max_batch:
             problems.append(f"max_batch must be positive, got {self.max_batch}")
+        bound = self.max_feature_bytes
+        if not isinstance(bound, int) or isinstance(bound, bool) or bound <= 0:
+            problems.append(f"max_feature_bytes must be a positive int, got {bound!r}")
         if problems:
             raise ConfigError("invalid split plan:\n  - " + "\n  - ".join(problems))
 

@@ -15,7 +15,7 @@ import torch
 from syft_split import DataOwnerHost, InProcessTransport, deploy, wire
 from syft_split.deploy import Deployment, PartyDatasets
 from syft_split.errors import TransportError
-from syft_split.transport.base import CallPolicy
+from syft_split.transport.base import CallPolicy, TransportWrapper
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -25,6 +25,27 @@ torch.set_num_threads(1)  # 2 shared cores: tiny ops are far slower with 2 threa
 #: datasites; ``make_deployment_http`` adds uvicorn HTTP datasites on loopback.
 DEPLOY_KINDS = ["inprocess", "datasite"]
 HTTP_KINDS = [*DEPLOY_KINDS, "http"]
+
+
+class RewriteAnswers(TransportWrapper):
+    """A malicious data owner: ``party``'s answers to ``op`` are decoded, passed to
+    ``fn(request, answer) -> answer`` and re-encoded (its error answers pass unchanged)."""
+
+    def __init__(self, inner, party: str, op: str, fn: Callable[[dict, dict], dict]) -> None:
+        super().__init__(inner)
+        self.party, self.op, self.fn = party, op, fn
+        self.rewritten = 0
+
+    def request(self, party: str, data: bytes) -> bytes:
+        raw = self.inner.request(party, data)
+        req = wire.decode(data)
+        if party != self.party or req.get("op") != self.op:
+            return raw
+        answer = wire.decode(raw)
+        if "error" in answer:
+            return raw
+        self.rewritten += 1
+        return wire.encode(self.fn(req, answer))
 
 
 #: quick retries for in-process crash tests

@@ -6,11 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from syft_split import SplitPlan, SplitSession, contract, split_model
+from syft_split import HostLimits, SplitPlan, SplitSession, contract, split_model
 from syft_split.deploy import inprocess
 from syft_split.errors import ConfigError
 from syft_split.models import digits_cnn
 from syft_split.topology import RELEASED
+
+from .conftest import RewriteAnswers
 
 
 def _digits_plan(**kwargs) -> SplitPlan:
@@ -116,3 +118,70 @@ def test_check_datasite_needs_to_know_the_party() -> None:
     assert contract.check_datasite(plan, {"datasets": {}}, party="b")[0].startswith("b: no dataset")
     with pytest.raises(ConfigError, match="expected a DatasiteConsole"):
         contract.check_datasite(plan, 42)
+
+
+def _set(field: str, value):
+    """A describe answer of the data owner's choosing: ``train``'s ``field`` set to ``value``."""
+    def fn(req: dict, answer: dict) -> dict:
+        answer["datasets"]["train"][field] = value
+        return answer
+    return fn
+
+
+MALFORMED = [("feature_shape", ["x"]), ("feature_shape", 7), ("feature_shape", [1] * 9),
+             ("feature_shape", [1, 0, 8]), ("feature_shape", [True, 8, 8]),
+             ("records", "many"), ("records", -1), ("records", 2.5),
+             ("feature_dtype", 3), ("has_labels", "yes")]
+
+
+@pytest.mark.parametrize(("field", "value"), MALFORMED, ids=[f"{f}={v!r}" for f, v in MALFORMED])
+def test_a_malformed_describe_answer_is_a_config_error_naming_party_and_field(field, value) -> None:
+    plan = _digits_plan(datasets=["train"])
+    dep = inprocess({"hospital_a": {"train": (_x(), _y())}})
+    lying = RewriteAnswers(dep.transport, "hospital_a", "describe", _set(field, value))
+    with pytest.raises(ConfigError, match=rf"^hospital_a: .*datasets\['train'\]\.{field} is "):
+        SplitSession(plan, lying).propose()
+    with pytest.raises(ConfigError, match=rf"datasets\['train'\]\.{field} is "):
+        contract.check_parties(plan, lying)
+    assert lying.rewritten == 2 and dep.owners["hospital_a"].proposals() == []
+
+
+def test_a_describe_answer_of_the_wrong_form_is_a_config_error() -> None:
+    plan = _digits_plan(datasets=["train"])
+    for answer, says in (({"datasets": [1, 2]}, "has datasets = [1, 2]"),
+                         ({"datasets": {"train": 5}}, "datasets['train'] is 5"),
+                         ({"datasets": {"train": {"feature_shape": [1, 8, 8]}}},
+                          "records is None")):
+        with pytest.raises(ConfigError, match=r"^hospital_a: its describe answer") as err:
+            contract.check(plan, {"hospital_a": answer})
+        assert says in str(err.value)
+
+
+def test_features_past_the_bound_are_a_problem_before_any_dry_run() -> None:
+    """A data owner declares huge records: the model owner allocates nothing for them (it
+    dry-ran its segment on zeros of that shape: (1, 6000, 6000) took 24 s and 5 GB)."""
+    runs: list[tuple[int, ...]] = []
+    seg = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(4), nn.Flatten())  # any H x W
+    seg.register_forward_pre_hook(lambda m, args: runs.append(tuple(args[0].shape)))
+
+    def plan(**kwargs) -> SplitPlan:
+        return SplitPlan.vanilla([seg, nn.Linear(32, 4)], "hospital_a", datasets=["train"],
+                                 **kwargs)
+
+    dep = inprocess({"hospital_a": {"train": (_x(), _y())}})
+    lying = RewriteAnswers(dep.transport, "hospital_a", "describe",
+                           _set("feature_shape", [1, 2000, 2000]))
+    with pytest.raises(ConfigError) as err:
+        SplitSession(plan(), lying).propose()
+    assert "features (1, 2000, 2000) per record" in str(err.value)
+    assert "max_feature_bytes" in str(err.value) and "16384000000 bytes" in str(err.value)
+    [problem] = contract.check_parties(plan(), lying)
+    assert "max_feature_bytes" in problem
+    assert runs == [] and dep.owners["hospital_a"].proposals() == []
+    # the bound is the plan's: 1024 records of (1, 8, 8) are 262 144 bytes
+    assert contract.check_parties(plan(max_feature_bytes=262_144), dep.transport) == []
+    [problem] = contract.check_parties(plan(max_feature_bytes=262_143), dep.transport)
+    assert "262144 bytes (float32), more than the model owner's bound 262143" in problem
+    assert plan().max_feature_bytes == HostLimits().max_activation_bytes  # the host's default
+    with pytest.raises(ConfigError, match="max_feature_bytes must be a positive int"):
+        plan(max_feature_bytes=0)
