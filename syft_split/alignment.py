@@ -47,11 +47,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import AccessError, ConfigError, ProtocolError, ValidationError
+from .errors import AccessError, ConfigError, ProtocolError, ValidationError, WireError
 from .host import AuditEntry, Call, Dataset, OpFamily, op, owner_op, register_family
 from .host.dispatch import Host
 from .host.guard import BYTES, SCALAR, in_window, last_minute
-from .host.records import clip
+from .host.records import HostLimits, clip
 
 if TYPE_CHECKING:
     from .transport.base import Transport
@@ -344,28 +344,48 @@ def _bytes(req: dict[str, Any], name: str) -> bytes:
 
 
 def align_records(transport: Transport, parties: Sequence[str], dataset: str,
-                  label_ids: Sequence[str | int], *, as_name: str | None = None) -> torch.Tensor:
+                  label_ids: Sequence[str | int], *, as_name: str | None = None,
+                  max_psi_elements: int = HostLimits.max_psi_elements) -> torch.Tensor:
     """Align ``parties``' ``dataset`` with the model owner's ``label_ids``.
 
     Each party ends with a dataset ``as_name`` (default ``f"{dataset}@aligned"``) holding the
     records common to everyone, sorted by id; the return value is the model owner's rows into
     ``label_ids`` for the same records in the same order (index your labels with it).
-    """
-    from .psi import PsiClient, PsiServer, canonical_ids, id_sort_key
 
+    Each data owner is held to the record count its ``describe`` declares for ``dataset`` (at
+    most ``max_psi_elements``, a host's default, else :class:`ConfigError`): its ``psi_serve``
+    setup must be the ``"gcs"`` one an honest host sends for a set no larger
+    (:class:`ProtocolError`), and its ``psi_request`` may hold no more elements
+    (:class:`ValidationError`); each error names the party. So a data owner learns which of at
+    most that many ids of its choosing are common, not which of any number it guesses.
+    """
+    from .psi import DEFAULT_FPR, PsiClient, PsiServer, canonical_ids, id_sort_key
+
+    if (not isinstance(max_psi_elements, int) or isinstance(max_psi_elements, bool)
+            or max_psi_elements < 1):
+        raise ConfigError(f"Expected argument `max_psi_elements` to be a positive int but got "
+                          f"{max_psi_elements!r}")
     as_name = as_name or f"{dataset}@aligned"
     lead = canonical_ids(label_ids, party="model owner")
+    declared = {p: _declared_records(transport, p, dataset, max_psi_elements) for p in parties}
     cand = torch.arange(len(lead))
     for party in parties:  # narrowing: the model owner (client) against each party (server)
         client = PsiClient([lead[i] for i in cand.tolist()], pad_to=len(lead))
         r = transport.call(party, "psi_serve", dataset=dataset, request=client.request())
-        cand = cand[client.intersection(r["setup"], r["response"])]
+        try:  # the setup an honest host sends for at most the records it declared
+            found = client.intersection(r["setup"], r["response"], fpr=DEFAULT_FPR,
+                                        max_server_ids=declared[party])
+        except (ProtocolError, WireError) as exc:
+            raise type(exc)(f"data owner {party!r} answered psi_serve on {dataset!r} "
+                            f"({declared[party]} records declared): {exc}") from exc
+        cand = cand[found]
         if cand.numel() == 0:
             raise ConfigError("no record is common to all parties; nothing to align")
     cand = cand[sorted(range(len(cand)), key=lambda j: id_sort_key(lead[int(cand[j])]))]
     common = [lead[i] for i in cand.tolist()]
     for party in parties:  # distribution: each party (client) against the common ids
         request = transport.call(party, "psi_request", dataset=dataset)["request"]
+        _check_request(party, dataset, request, declared[party])
         setup, response = PsiServer(common).handle(request)
         n = transport.call(party, "psi_finish", dataset=dataset, setup=setup,
                            response=response, as_name=as_name)["records"]
@@ -373,3 +393,37 @@ def align_records(transport: Transport, parties: Sequence[str], dataset: str,
             raise ProtocolError(f"{party} aligned {n} records, expected {len(common)} "
                                 "(a PSI false positive); rerun")
     return cand
+
+
+def _declared_records(transport: Transport, party: str, dataset: str, most: int) -> int:
+    """How many records ``party``'s ``dataset`` holds, as its ``describe`` declares: the most
+    ids it may claim in ``psi_serve`` and ask about in ``psi_request`` (at most ``most``)."""
+    meta = transport.call(party, "describe").get("datasets")
+    entry = meta.get(dataset) if isinstance(meta, dict) else None
+    n = entry.get("records") if isinstance(entry, dict) else None
+    if (not isinstance(n, int) or isinstance(n, bool) or n < 1
+            or not isinstance(entry, dict) or entry.get("has_ids") is not True):
+        raise ConfigError(f"data owner {party!r} declares no dataset {dataset!r} with record "
+                          "ids (describe): it must add one before aligning")
+    if n > most:
+        raise ConfigError(f"data owner {party!r} declares {n} records in {dataset!r}; the "
+                          f"model owner aligns at most {most} records per data owner (argument "
+                          "max_psi_elements, a host's default HostLimits.max_psi_elements)")
+    return n
+
+
+def _check_request(party: str, dataset: str, request: Any, declared: int) -> None:
+    """Refuse a ``psi_request`` of more elements than the records ``party`` declared: each
+    element is an id tested against the common ones (and costs the model owner work)."""
+    from .psi import request_elements
+
+    try:
+        n = request_elements(request)
+    except WireError as exc:
+        raise WireError(f"data owner {party!r} sent a bad psi_request on {dataset!r}: "
+                        f"{exc}") from exc
+    if n > declared:
+        raise ValidationError(f"data owner {party!r} sent a PSI request of {n} elements on "
+                              f"{dataset!r}, more than the {declared} records it declared "
+                              "(describe); refused: each element tests one id against the "
+                              "common ones")

@@ -152,20 +152,44 @@ def _gcs_range(num_client_inputs: int, num_server_inputs: int, fpr: float) -> fl
     return max(m, num_server_inputs) / (fpr / m)
 
 
-def _check_setup(msg: Any, num_client_inputs: int, fpr: float | None) -> None:
+def _honest_set_size(hash_range: int, m: int, most_ids: int, fpr: float) -> int | None:
+    """The largest set of at most ``most_ids`` ids for which a :class:`PsiServer` at ``fpr``
+    sends this ``hash_range`` to a request of ``m`` elements (``max(m, n) * m / fpr``: any
+    ``n <= m`` gives the same range), or ``None`` when no such set exists."""
+    if hash_range == int(_gcs_range(m, m, fpr)):
+        return min(m, most_ids)
+    guess = round(hash_range * fpr / m)
+    for n in (guess - 1, guess, guess + 1):
+        if m < n <= most_ids and int(_gcs_range(m, n, fpr)) == hash_range:
+            return n
+    return None
+
+
+def _check_setup(msg: Any, num_client_inputs: int, fpr: float | None,
+                 max_server_ids: int | None = None) -> None:
     """Refuse a setup that openmined-psi would abort on (a zero modulus: empty Bloom ``bits``,
     GCS ``hash_range`` 0) or spin in (2^31 hash functions, a huge Golomb ``div``), before the
     library sees it. With ``fpr``, accept only what :class:`PsiServer` with that ``fpr`` sends
-    for ``num_client_inputs`` request elements and a set no larger than that: a ``"gcs"``
-    setup with exactly its ``hash_range`` and at most the bits such a set compresses to."""
+    for ``num_client_inputs`` request elements and a set of at most ``max_server_ids`` ids
+    (default: as many as the request's elements): a ``"gcs"`` setup with exactly the
+    ``hash_range`` of such a set and at most the bits it compresses to."""
     kind = msg.WhichOneof("data_structure")
     m = num_client_inputs
+    most_ids = m if max_server_ids is None else max_server_ids
+    n = m
     if fpr is not None:
-        want = int(_gcs_range(m, m, fpr))
         got = f"{kind} hash_range={msg.gcs.hash_range}" if kind == "gcs" else repr(kind)
-        if kind != "gcs" or msg.gcs.hash_range != want:
-            raise ProtocolError(f"expected a 'gcs' PSI setup with hash_range={want} (what a "
-                                f"server at fpr={fpr} sends for {m} request elements) but got {got}")
+        found = _honest_set_size(msg.gcs.hash_range, m, most_ids, fpr) if kind == "gcs" else None
+        if found is None and most_ids <= m:
+            raise ProtocolError(f"expected a 'gcs' PSI setup with hash_range="
+                                f"{int(_gcs_range(m, m, fpr))} (what a server at fpr={fpr} "
+                                f"sends for {m} request elements) but got {got}")
+        if found is None:
+            raise ProtocolError(f"expected a 'gcs' PSI setup with the hash_range a server at "
+                                f"fpr={fpr} sends for {m} request elements and at most "
+                                f"{most_ids} ids ({int(_gcs_range(m, m, fpr))}.."
+                                f"{int(_gcs_range(m, most_ids, fpr))}) but got {got}")
+        n = found
     if kind == "gcs":
         gcs = msg.gcs
         if gcs.hash_range < 1:
@@ -174,10 +198,10 @@ def _check_setup(msg: Any, num_client_inputs: int, fpr: float | None) -> None:
         if not 0 <= gcs.div <= top:
             raise ProtocolError(f"expected a GCS setup with 0 <= div <= {top} (its hash_range is "
                                 f"{gcs.hash_range}) but got div={gcs.div}")
-        most = (m * (gcs.div + 8)) // 8 + 8  # n <= m elements of div + 1 + ~4 bits each
+        most = (n * (gcs.div + 8)) // 8 + 8  # n elements of div + 1 + ~4 bits each
         if fpr is not None and len(gcs.bits) > most:
-            raise ProtocolError(f"expected a GCS setup of at most {most} bytes for {m} request "
-                                f"elements but got {len(gcs.bits)}")
+            raise ProtocolError(f"expected a GCS setup of at most {most} bytes for a set of at "
+                                f"most {n} ids but got {len(gcs.bits)}")
         gcs.bits = gcs.bits + bytes(8)  # the decoder reads up to 8 bytes past the last element
     elif kind == "bloom_filter":
         bloom = msg.bloom_filter
@@ -309,17 +333,23 @@ class PsiClient:
         """The request message: this party's ids (and dummies), hashed and blinded."""
         return bytes(self._client.CreateRequest(self._padded).SerializeToString())
 
-    def intersection(self, setup: bytes, response: bytes, *,
-                     fpr: float | None = None) -> torch.Tensor:
+    def intersection(self, setup: bytes, response: bytes, *, fpr: float | None = None,
+                     max_server_ids: int | None = None) -> torch.Tensor:
         """Rows (into ``ids``) of the ids the server also holds, sorted by :func:`id_sort_key`.
 
         ``fpr``: accept only the setup a :class:`PsiServer` at this ``fpr`` (``"gcs"``) sends for
-        this request and a set no larger than it (a data owner's host, with the model owner's
-        common ids as server). Any setup is first checked for parameters that would crash or
-        stall openmined-psi. Returns an int64 tensor (possibly empty). Raises
+        this request and a set of at most ``max_server_ids`` ids (default: no larger than the
+        request), so a server cannot claim more ids than that (a data owner's host, with the
+        model owner's common ids as server; the model owner, with a data owner's declared
+        records). Any setup is first checked for parameters that would crash or stall
+        openmined-psi. Returns an int64 tensor (possibly empty). Raises
         :class:`WireError` on bad bytes, :class:`ProtocolError` on a refused setup or response
         (a repeated element: never honest).
         """
+        if max_server_ids is not None and (not isinstance(max_server_ids, int)
+                                           or isinstance(max_server_ids, bool) or max_server_ids < 1):
+            raise ConfigError(f"Expected argument `max_server_ids` to be a positive int but got "
+                              f"{max_server_ids!r}")
         psi = _psi()
         setup_msg = _parse(psi.ServerSetup, setup, "setup")
         resp_msg = _parse(psi.Response, response, "response")
@@ -332,7 +362,7 @@ class PsiClient:
         if len(set(elements)) != len(elements):
             raise ProtocolError(f"expected distinct PSI response elements but "
                                 f"{len(elements) - len(set(elements))} repeat")
-        _check_setup(setup_msg, len(self._padded), fpr)
+        _check_setup(setup_msg, len(self._padded), fpr, max_server_ids)
         try:
             hits = self._client.GetIntersection(setup_msg, resp_msg)
         except RuntimeError as exc:

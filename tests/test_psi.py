@@ -174,3 +174,21 @@ def test_a_gcs_setup_past_its_int64_hash_range_is_refused() -> None:
     with pytest.raises(ConfigError, match="overflows its int64 hash range"):
         PsiServer([1]).setup(100_000)
     assert PsiServer([1], fpr=1e-3).setup(100_000)  # a larger fpr fits
+
+
+@pytest.mark.parametrize(("m", "n"), [(20, 50), (3, 1000), (480, 420), (100, 7), (7, 4096)])
+def test_the_strict_check_takes_an_honest_set_of_at_most_max_server_ids(m: int, n: int) -> None:
+    """With ``fpr`` and ``max_server_ids``, an honest server of ``n`` ids passes exactly when
+    ``n <= max_server_ids`` (its hash range names its size past the request's ``m``; at or
+    below ``m`` its bits do)."""
+    client = PsiClient([f"c{i}" for i in range(m)])
+    server = PsiServer([f"c{i}" for i in range(0, 2 * n, 2)])
+    setup, response = server.handle(client.request())
+    assert client.intersection(setup, response, fpr=psi.DEFAULT_FPR,
+                               max_server_ids=n).numel() == min(m // 2 + m % 2, n)
+    with pytest.raises(ProtocolError, match=r"hash_range|bytes for a set of at most"):
+        client.intersection(setup, response, fpr=psi.DEFAULT_FPR, max_server_ids=max(1, n // 2))
+    for bad in (0, -1, True, 2.5, "5"):
+        with pytest.raises(ConfigError, match="max_server_ids"):
+            client.intersection(setup, response, fpr=psi.DEFAULT_FPR,
+                                max_server_ids=bad)  # type: ignore[arg-type]

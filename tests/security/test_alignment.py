@@ -1,7 +1,8 @@
 """A malicious model owner against a data owner's alignment ops (``psi_serve``, ``psi_request``,
 ``psi_finish``): crafted setups, oversized or repeated requests, reordered responses, long names,
 absent datasets, and aligned rows restored onto another source. Each is refused with a clear
-error and leaves the host as it was."""
+error and leaves the host as it was. Then a malicious data owner against the model owner's
+``align_records``: setups claiming ids it does not hold, requests larger than it declared."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 from syft_split import ConfigError, DataOwnerHost, wire
 from syft_split.host import HostLimits
 from syft_split.spec import module_to_spec, spec_state
+from syft_split.transport.base import TransportWrapper
 
 psi = pytest.importorskip("private_set_intersection.python")
 
@@ -305,3 +307,130 @@ def test_a_revoked_permission_refuses_psi_and_stays_revoked(tmp_path: Path) -> N
     assert back.revoke_alignment("people", "Other")["user"] == "other@x"  # by its name
     got = _call(back, {"op": "psi_request", "dataset": "people"}, "other@x")
     assert got["error"] == "AccessError", got
+
+
+# ------------------------------------------- a malicious data owner against the model owner
+class _Lying(TransportWrapper):
+    """Data owner ``m`` as its own transport: ``edit[op](request, answer)`` rewrites what it
+    answers to ``op`` (``answer`` is None when it answers without asking its host)."""
+
+    def __init__(self, inner: Any, edit: dict[str, Any]) -> None:
+        super().__init__(inner)
+        self.edit, self.ops = edit, []
+
+    def request(self, party: str, data: bytes) -> bytes:
+        req = dict(wire.decode(data))
+        if party != "m":
+            return self.inner.request(party, data)
+        self.ops.append(req["op"])
+        if req["op"] not in self.edit:
+            return self.inner.request(party, data)
+        answer = None if req["op"] == "psi_request" else dict(
+            wire.decode(self.inner.request(party, data)))
+        return wire.encode(self.edit[req["op"]](req, answer))
+
+
+def _vertical() -> Any:
+    """``h`` holds the even ids 0..98, ``m`` the ids 0..9; the model owner labels 0..99."""
+    from syft_split.deploy import inprocess
+
+    dep = inprocess({"h": {"train": (torch.randn(50, 3), None, [str(2 * i) for i in range(50)])},
+                     "m": {"train": (torch.randn(10, 3), None, [str(i) for i in range(10)])}},
+                    user=MO)
+    for p in ("h", "m"):
+        dep.owners[p].allow_alignment("train", MO)
+    return dep
+
+
+LABELS = [str(i) for i in range(100)]
+
+
+def _packed(request: bytes, ids: list[str], hash_range: int) -> tuple[bytes, bytes]:
+    """An honest-looking GCS setup holding ``ids`` at ``hash_range``, and its response."""
+    server = psi.server.CreateWithNewKey(True)
+    req = psi.Request()
+    req.ParseFromString(request)
+    m = len(req.encrypted_elements)
+    setup = server.CreateSetupMessage(max(m, len(ids)) * m / hash_range, m, ids,
+                                      psi.DataStructure.GCS)
+    setup.gcs.hash_range = hash_range
+    return setup.SerializeToString(), server.ProcessRequest(req).SerializeToString()
+
+
+@pytest.mark.parametrize("setup", ["all_ones_bloom", "more_ids_at_its_range", "larger_range"])
+def test_a_data_owner_cannot_claim_ids_it_does_not_hold(setup: str) -> None:
+    """``m`` (10 records declared) answers the narrowing with a setup claiming more ids, so
+    that the common set, which it probes next, is the model owner's and ``h``'s: refused as
+    m's failure before any data owner is asked for its request."""
+    from syft_split import ProtocolError
+    from syft_split.alignment import align_records
+    from syft_split.psi import DEFAULT_FPR, _gcs_range
+
+    # 60: more than the 10 records m declared, fewer than the 100 elements of the request
+    guesses = [str(i) for i in range(60 if setup == "more_ids_at_its_range" else 300)]
+
+    def serve(req: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+        if setup == "all_ones_bloom":
+            s = psi.ServerSetup()
+            s.bloom_filter.num_hash_functions = 1
+            s.bloom_filter.bits = b"\xff" * 64
+            return {**answer, "setup": s.SerializeToString()}
+        n = 10 if setup == "more_ids_at_its_range" else 300  # 100 request elements
+        ranged = _packed(req["request"], guesses, int(_gcs_range(100, max(100, n), DEFAULT_FPR)))
+        return {"setup": ranged[0], "response": ranged[1]}
+
+    dep = _vertical()
+    lying = _Lying(dep.transport, {"psi_serve": serve})
+    why = {"more_ids_at_its_range": "GCS setup of at most 64 bytes for a set of at most 10 ids"
+           }.get(setup, "'gcs' PSI setup with hash_range=9999999999999 ")
+    with pytest.raises(ProtocolError, match=r"data owner 'm' answered psi_serve on 'train' "
+                                            r"\(10 records declared\): expected a " + why):
+        align_records(lying, ["m", "h"], "train", LABELS)
+    assert lying.ops == ["describe", "psi_serve"]  # no psi_request was answered
+    assert "train@aligned" not in dep.owners["h"].datasets
+
+
+def test_an_oversized_psi_request_of_a_data_owner_is_refused() -> None:
+    """``m`` answers the narrowing honestly, then asks about 300 guessed ids (or declares more
+    records than a host serves by default): refused as m's failure; ``m`` learns nothing of
+    the common ids. An honest run on the same parties then aligns."""
+    from syft_split import ConfigError, ValidationError
+    from syft_split.alignment import align_records
+    from syft_split.psi import PsiClient
+
+    dep = _vertical()
+    ask = {"psi_request": lambda req, _: {"request": PsiClient([str(i) for i in range(300)])
+                                          .request()}}
+    lying = _Lying(dep.transport, ask)
+    with pytest.raises(ValidationError, match=r"data owner 'm' sent a PSI request of 300 "
+                                              r"elements on 'train', more than the 10 records"):
+        align_records(lying, ["m", "h"], "train", LABELS)
+    assert "psi_finish" not in lying.ops
+
+    def inflate(req: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+        answer["datasets"]["train"]["records"] = HostLimits().max_psi_elements + 1
+        return answer
+
+    lying = _Lying(dep.transport, {"describe": inflate, **ask})
+    with pytest.raises(ConfigError, match=r"data owner 'm' declares 65537 records in 'train'; "
+                                          r"the model owner aligns at most 65536"):
+        align_records(lying, ["m", "h"], "train", LABELS)
+    assert lying.ops == ["describe"]
+    with pytest.raises(ConfigError, match=r"'h' declares 50 records .* at most 20 records"):
+        align_records(dep.transport, ["m", "h"], "train", LABELS, max_psi_elements=20)
+
+    rows = align_records(dep.transport, ["m", "h"], "train", LABELS)
+    assert [LABELS[int(r)] for r in rows] == ["0", "2", "4", "6", "8"]
+    assert dep.owners["m"].datasets["train@aligned"].ids == ["0", "2", "4", "6", "8"]
+
+
+def test_a_data_owner_with_more_records_than_the_model_owner_aligns() -> None:
+    """The strict check on the model owner's side accepts an honest host's setup for a set
+    larger than its request (``h``: 50 ids against 20 labels) or smaller (``m``: 10)."""
+    from syft_split.alignment import align_records
+
+    dep = _vertical()
+    labels = [str(i) for i in range(0, 40, 2)]
+    rows = align_records(dep.transport, ["h", "m"], "train", labels)
+    assert [labels[int(r)] for r in rows] == ["0", "2", "4", "6", "8"]
+    assert sorted(dep.owners["h"].datasets["train@aligned"].ids) == ["0", "2", "4", "6", "8"]
