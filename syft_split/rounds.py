@@ -26,7 +26,11 @@ and every data owner trains on.
 Failures: :func:`run_each` bounds the calls in flight (``max_workers``) and gives each data
 owner ``deadline_s`` per phase. A data owner whose call fails or does not answer in time is
 reported by name (:class:`PartyFailure`, also in the run report) and dropped for the rest of
-the run; the round goes on with the others, whose steps and averaging are kept. A call past
+the run; the round goes on with the others, whose steps and averaging are kept. A bad answer
+is its sender's failure only: an activation the model owner refuses (:func:`check_activation`;
+or a non-finite loss or gradient on it) fails that data owner in phase ``"model owner"``
+before anything changed, and a bad secure-aggregation contribution fails its sender (see
+:class:`~syft_split.schedules.SecureAverage`), never the peers whose refusals follow. A call past
 its deadline is abandoned, not killed: its (daemon) thread ends when the transport returns.
 """
 

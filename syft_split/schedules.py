@@ -176,8 +176,13 @@ class SecureAverage:
         aborted round was delivered to anyone), as long as two members with a positive total
         weight remain that every member's ``min_cohort`` allows; the nodes after it are averaged
         among those members (nodes averaged before it already included the member that failed).
-        A failed *aggregate* stops the averaging (the others have loaded). Without ``each`` the
-        calls run one after the other and a failure raises."""
+        A bad contribution fails its sender as a failed contribute does: the model owner
+        refuses an answer that is not one ``bytes`` contribution per other member, of one
+        length, and every member checks everything it is relayed before anyone loads
+        (``secagg_aggregate`` with ``check``); a refusal that names a peer (the error's
+        ``peer``) fails that peer, the refusing member goes on. A failed *aggregate* stops the
+        averaging (the others have loaded). Without ``each`` the calls run one after the other
+        and a failure raises (nothing loaded, if it is one of these)."""
         _require_peer(self.session)
         if len(sources) != len(weights):
             raise ConfigError(f"{len(sources)} sources but {len(weights)} weights")
@@ -249,7 +254,10 @@ class SecureAverage:
 
     def _node(self, i: int, sources: Sequence[str], w: dict[str, float], run: Each
               ) -> tuple[dict[str, BaseException], bool, str | None]:
-        """One round of node ``i``'s copies: every member contributes, then aggregates.
+        """One round of node ``i``'s copies: every member contributes; the answers are
+        checked (:func:`contribution_faults`: a bad one fails its sender); every member checks
+        every contribution it is relayed, loading nothing (a refusal naming a peer fails that
+        peer, :func:`_blamed`), then aggregates.
         Returns the failures, whether they happened while loading (aggregate), and why the
         round was abandoned if a member refused its cohort (then nobody aggregates)."""
         segs = {s: self.session._seg(s, i) for s in sources}
