@@ -30,8 +30,9 @@
         ├── InsecureParametersError
         └── CiphertextError
 
-Errors raised by a data owner's host travel back over the wire as (class name, message)
-and are re-raised on the model owner's side as the same class (see :func:`error_from_wire`).
+Errors raised by a data owner's host travel back over the wire as (class name, message, and
+``peer`` when set) and are re-raised on the model owner's side as the same class (see
+:func:`error_from_wire`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,13 @@ __all__ = [
 
 
 class SyftSplitError(Exception):
-    """Base class of every error syft-split raises."""
+    """Base class of every error syft-split raises.
+
+    ``peer``: another data owner the error is about, when it is one (a data owner refusing a
+    peer's sealed contribution names the sender); it travels as the ``peer`` field of the
+    error answer, never read out of the message."""
+
+    peer: str | None = None
 
 
 class SplitError(SyftSplitError):

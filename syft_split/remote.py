@@ -287,10 +287,13 @@ class RemoteSegment:
                               weights=weights)
         return {k[7:]: v for k, v in response.items() if k.startswith("sealed/")}
 
-    def secagg_aggregate(self, round: int, contributions: dict[str, bytes]) -> None:
+    def secagg_aggregate(self, round: int, contributions: dict[str, bytes], *,
+                         check: bool = False) -> None:
         """Hand over every other member's sealed contribution; the data owner checks each,
-        sums them with its own and loads the average."""
-        self._call("secagg_aggregate", round=round,
+        sums them with its own and loads the average (``check``: only checks, loads nothing).
+        A refusal because of one sender's contribution names it (the error's ``peer``)."""
+        extra = {"check": True} if check else {}
+        self._call("secagg_aggregate", round=round, **extra,
                    **{f"sealed/{sender}": sealed for sender, sealed in contributions.items()})
 
 

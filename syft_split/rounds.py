@@ -26,7 +26,11 @@ and every data owner trains on.
 Failures: :func:`run_each` bounds the calls in flight (``max_workers``) and gives each data
 owner ``deadline_s`` per phase. A data owner whose call fails or does not answer in time is
 reported by name (:class:`PartyFailure`, also in the run report) and dropped for the rest of
-the run; the round goes on with the others, whose steps and averaging are kept. A call past
+the run; the round goes on with the others, whose steps and averaging are kept. A bad answer
+is its sender's failure only: an activation the model owner refuses (:func:`check_activation`;
+or a non-finite loss or gradient on it) fails that data owner in phase ``"model owner"``
+before anything changed, and a bad secure-aggregation contribution fails its sender (see
+:class:`~syft_split.schedules.SecureAverage`), never the peers whose refusals follow. A call past
 its deadline is abandoned, not killed: its (daemon) thread ends when the transport returns.
 """
 
@@ -42,7 +46,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from .errors import ConfigError, TransportError
+from .errors import ConfigError, DTypeError, NonFiniteError, SyftSplitError, TransportError, ValidationError
 from .schedules import ServerCopies
 from .session import SplitSession, StepMetrics
 from .topology import DATA_OWNER, MODEL_OWNER
@@ -54,13 +58,36 @@ __all__ = [
     "PartyFailure",
     "RoundResult",
     "RoundTiming",
+    "MAX_ABS_ACTIVATION",
     "SplitFedRounds",
+    "check_activation",
     "run_each",
     "unsupported",
 ]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+#: the largest |value| of an activation the model owner uses (the data owners' own default
+#: bound, ``HostLimits.max_abs_value``), unless its session sets ``max_abs_value``
+MAX_ABS_ACTIVATION = 1e6
+
+
+def check_activation(party: str, act: object, dtype: torch.dtype, bound: float) -> None:
+    """Refuse ``party``'s activation (:class:`~syft_split.errors.ValidationError`) unless it
+    is a tensor of ``dtype``, finite, every ``|v| <= bound``."""
+    if not isinstance(act, torch.Tensor):
+        raise ValidationError(f"{party}: activation must be a tensor, got {type(act).__name__}")
+    if act.dtype != dtype:
+        raise DTypeError(f"{party}: activation must be {dtype}, got {act.dtype}")
+    if not bool(torch.isfinite(act).all()):
+        raise NonFiniteError(f"{party}: activation contains "
+                             f"{int((~torch.isfinite(act)).sum())} non-finite values")
+    top = float(act.abs().max()) if act.numel() else 0.0
+    if top > bound:
+        raise ValidationError(f"{party}: activation has |v| = {top:.3g}, past the bound "
+                              f"{bound:g}")
 
 
 # --------------------------------------------------------------------- bounded concurrency
@@ -212,6 +239,9 @@ class SplitFedRounds:
         #: seconds of each round of the last epoch
         self.epoch_round_seconds: list[float] = []
         self._node = next(i for i, n in enumerate(self.session.plan.nodes) if not n.inputs)
+        #: the dtype of the model owner's segments: what each activation must have
+        self._dtype = next((w.dtype for m in self.session.local.values() for w in m.parameters()
+                            if w.is_floating_point()), torch.float32)
 
     def _each(self, phase: str, keys: Iterable[str], fn: Callable[[str], T]) -> dict[str, T]:
         results, errors = run_each(keys, fn, max_workers=self.max_workers,
@@ -227,6 +257,49 @@ class SplitFedRounds:
         self.trainer.report.party_failures.append(asdict(failure))
         _log.warning("round %d: %s failed in %s (%s); continuing without it",
                      self.rounds_run, party, phase, failure.error)
+
+    def _model_owner_step(self, p: str, idx: torch.Tensor, act: torch.Tensor
+                          ) -> tuple[torch.Tensor, StepMetrics]:
+        """The model owner's part of ``p``'s step on its activation ``act``: the rest of the
+        network, the loss, backward and the optimizer step; returns the cut-layer gradient.
+
+        ``p``'s answer is checked first (the dtype of the model owner's segments, finite,
+        ``|v| <=`` :data:`MAX_ABS_ACTIVATION` or the session's ``max_abs_value``), and the
+        loss and every gradient before the step: a failure raises before any weight or
+        optimizer state changes, and buffers the forward moved (BatchNorm statistics) are put
+        back, so one data owner's bad answer is its failure alone."""
+        s, tr = self.session, self.trainer
+        check_activation(p, act, self._dtype,
+                         float(getattr(s, "max_abs_value", None) or MAX_ABS_ACTIVATION))
+        if self.copies is not None:
+            self.copies.use(p)
+        buffers = [(b, b.detach().clone()) for m in s.local.values() for b in m.buffers()]
+        s.zero_grad()
+        try:
+            leaf = act.detach().requires_grad_()
+            loss, m = s.loss(p, idx, tr._label(p, tr.train_dataset, idx), dataset=tr.train_dataset,
+                             inputs={self._node: leaf})
+            if not bool(torch.isfinite(loss.detach()).all()):
+                raise NonFiniteError(f"{p}: the loss on its activation is {float(loss):g}")
+            loss.backward()
+            bad = [n for m_ in s.local.values() for n, w in m_.named_parameters()
+                   if w.grad is not None and not bool(torch.isfinite(w.grad).all())]
+            if leaf.grad is None or not bool(torch.isfinite(leaf.grad).all()):
+                bad.append("the cut layer")
+            if bad:
+                raise NonFiniteError(f"{p}: its activation gives non-finite gradients of "
+                                     f"{', '.join(bad[:5])}")
+        except BaseException:
+            s.zero_grad()
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            raise
+        s.step()
+        if self.copies is not None:
+            self.copies.save(p)
+        assert leaf.grad is not None
+        return leaf.grad.detach(), m
 
     def run_round(self, batches: Sequence[tuple[str, torch.Tensor]], *,
                   at: tuple[int, int] | None = None) -> RoundResult:
@@ -253,19 +326,10 @@ class SplitFedRounds:
         for p, idx in todo:
             if p not in acts:
                 continue
-            if self.copies is not None:
-                self.copies.use(p)
-            s.zero_grad()
-            leaf = acts[p].detach().requires_grad_()
-            loss, m = s.loss(p, idx, tr._label(p, ds, idx), dataset=ds,
-                             inputs={self._node: leaf})
-            loss.backward()
-            s.step()
-            if self.copies is not None:
-                self.copies.save(p)
-            assert leaf.grad is not None
-            grads[p] = leaf.grad.detach()
-            out.metrics[p] = m
+            try:
+                grads[p], out.metrics[p] = self._model_owner_step(p, idx, acts[p])
+            except (SyftSplitError, RuntimeError) as err:  # this data owner's answer: its failure
+                self._drop(p, "model owner", err)
         timing.model_owner_s = time.perf_counter() - t0
 
         def backward(p: str) -> None:

@@ -26,18 +26,20 @@ its data owners keep their weights, which :attr:`SecureAverage.last` says; it is
 from __future__ import annotations
 
 import copy
+import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
-from .errors import CohortRefusedError, ConfigError
+from .errors import CohortRefusedError, ConfigError, ValidationError
 from .remote import RemoteSegment
 from .session import SplitSession
 
 __all__ = ["SCHEDULES", "AverageOutcome", "SecureAverage", "average_segments", "cohort_refusal",
-           "input_nodes", "relay_weights", "weighted_mean"]
+           "contribution_faults", "input_nodes", "relay_weights", "weighted_mean"]
 
 T = TypeVar("T")
 
@@ -174,8 +176,13 @@ class SecureAverage:
         aborted round was delivered to anyone), as long as two members with a positive total
         weight remain that every member's ``min_cohort`` allows; the nodes after it are averaged
         among those members (nodes averaged before it already included the member that failed).
-        A failed *aggregate* stops the averaging (the others have loaded). Without ``each`` the
-        calls run one after the other and a failure raises."""
+        A bad contribution fails its sender as a failed contribute does: the model owner
+        refuses an answer that is not one ``bytes`` contribution per other member, of one
+        length, and every member checks everything it is relayed before anyone loads
+        (``secagg_aggregate`` with ``check``); a refusal that names a peer (the error's
+        ``peer``) fails that peer, the refusing member goes on. A failed *aggregate* stops the
+        averaging (the others have loaded). Without ``each`` the calls run one after the other
+        and a failure raises (nothing loaded, if it is one of these)."""
         _require_peer(self.session)
         if len(sources) != len(weights):
             raise ConfigError(f"{len(sources)} sources but {len(weights)} weights")
@@ -205,6 +212,8 @@ class SecureAverage:
         for k, i in enumerate(nodes if len(members) > 1 else []):
             while True:
                 failed, loading, refused = self._node(i, members, w, run)
+                if failed and each is None:  # one after the other: a failure raises
+                    raise next(iter(failed.values()))
                 dropped.update(failed)
                 if refused is not None:  # abandoned before anyone loaded: nothing loaded
                     out.not_averaged = refused + ("" if k == 0 else f" (nodes {nodes[:k]} "
@@ -245,7 +254,10 @@ class SecureAverage:
 
     def _node(self, i: int, sources: Sequence[str], w: dict[str, float], run: Each
               ) -> tuple[dict[str, BaseException], bool, str | None]:
-        """One round of node ``i``'s copies: every member contributes, then aggregates.
+        """One round of node ``i``'s copies: every member contributes; the answers are
+        checked (:func:`contribution_faults`: a bad one fails its sender); every member checks
+        every contribution it is relayed, loading nothing (a refusal naming a peer fails that
+        peer, :func:`_blamed`), then aggregates.
         Returns the failures, whether they happened while loading (aggregate), and why the
         round was abandoned if a member refused its cohort (then nobody aggregates)."""
         segs = {s: self.session._seg(s, i) for s in sources}
@@ -260,9 +272,76 @@ class SecureAverage:
             return failed, False, "; ".join(f"{type(r).__name__}: {r}" for r in refused.values())
         if failed:
             return failed, False, None
-        _, failed = run(list(segs), lambda s: segs[s].secagg_aggregate(
-            rnd, {segs[o].party: sealed[o][segs[s].party] for o in segs if o != s}))
+        party = {s: seg.party for s, seg in segs.items()}
+        failed = contribution_faults({party[s]: sealed[s] for s in segs}, rnd)
+        if failed:  # a bad answer is its sender's failure (by source)
+            return {s: failed[party[s]] for s in segs if party[s] in failed}, False, None
+
+        def relayed(s: str) -> dict[str, bytes]:
+            return {party[o]: sealed[o][party[s]] for o in segs if o != s}
+
+        # every member checks every contribution before anyone loads: a refusal aborts the
+        # round (nothing loaded anywhere), charged to the peer it names
+        _, failed = run(list(segs), lambda s: segs[s].secagg_aggregate(rnd, relayed(s),
+                                                                       check=True))
+        if failed:
+            return _blamed(failed, party, rnd), False, None
+        _, failed = run(list(segs), lambda s: segs[s].secagg_aggregate(rnd, relayed(s)))
         return failed, True, None
+
+
+def contribution_faults(sealed: dict[str, dict[str, Any]], rnd: int
+                        ) -> dict[str, BaseException]:
+    """The members whose ``secagg_contribute`` answer (``sealed``: member -> its answer, by
+    recipient) the model owner refuses before relaying anything, and why: every answer must
+    hold exactly one non-empty ``bytes`` contribution for every other member, all of one
+    length up to the JSON length of the sender's and the recipient's names (they are in the
+    sealed text), that length the same as a strict majority of the members' when one has
+    it. What the model owner cannot see (a corrupted contribution of the right length) its
+    recipient refuses, naming the sender (:class:`SecureAverage`)."""
+    faults: dict[str, BaseException] = {}
+    norm: dict[str, int] = {}
+    for s, answer in sealed.items():
+        want = sorted(o for o in sealed if o != s)
+        got = sorted(answer) if isinstance(answer, dict) else []
+        if got != want:
+            faults[s] = ValidationError(f"{s}'s contribution to round {rnd} must be sealed for "
+                                        f"each of {want}, got {got[:8]}")
+            continue
+        sizes = {len(v) - len(json.dumps(s)) - len(json.dumps(o)) if isinstance(v, bytes)
+                 and v else -1 for o, v in answer.items()}
+        if -1 in sizes or len(sizes) != 1:
+            faults[s] = ValidationError(f"{s}'s contribution to round {rnd} must be one "
+                                        "non-empty bytes value of one length per recipient")
+            continue
+        norm[s] = sizes.pop()
+    if norm:
+        common, n = Counter(norm.values()).most_common(1)[0]
+        if 2 * n > len(sealed):
+            faults.update({s: ValidationError(
+                f"{s}'s contribution to round {rnd} has another length than the others'")
+                for s, v in norm.items() if v != common})
+    return faults
+
+
+def _blamed(failed: dict[str, BaseException], party: dict[str, str], rnd: int
+            ) -> dict[str, BaseException]:
+    """The failures of the checking phase charged to whom they name: a member that refused
+    another member's contribution (its error's ``peer``, a structured field) charges that
+    member, which is left out (the refusing member goes on); any other failure is the
+    member's own (by source)."""
+    source = {p: s for s, p in party.items()}
+    out: dict[str, BaseException] = {}
+    for s, exc in failed.items():
+        peer = getattr(exc, "peer", None)
+        if peer in source and peer != party[s]:
+            culprit = ValidationError(f"{party[s]} refused {peer}'s contribution to round "
+                                      f"{rnd}: {type(exc).__name__}: {exc}")
+            culprit.__cause__ = exc
+            out.setdefault(source[peer], culprit)
+        else:
+            out[s] = exc
+    return out
 
 
 def _refused(fn: Callable[..., T], *args: Any) -> T | CohortRefusedError:
@@ -315,7 +394,8 @@ def weighted_mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[f
         if v.is_floating_point():
             acc = torch.zeros_like(v)
             for s, w in zip(states, weights):
-                acc += s[k] * (w / total)
+                if w:  # weight 0 adds nothing (not even a copy's NaN: 0 * NaN is NaN)
+                    acc += s[k] * (w / total)
             out[k] = acc
         else:
             out[k] = v.clone()

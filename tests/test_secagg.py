@@ -161,8 +161,8 @@ def test_a_member_that_fails_to_contribute_is_left_out_and_the_others_average(th
     avg = SecureAverage(session)
     failed = avg(NAMES, [w[n] for n in NAMES], each=each)
     assert list(failed) == ["c"]
-    # round number, contribute (c fails), then the survivors' contribute and aggregate
-    assert calls == [NAMES, NAMES, ["a", "b"], ["a", "b"]]
+    # round number, contribute (c fails), then the survivors' contribute, check and aggregate
+    assert calls == [NAMES, NAMES, ["a", "b"], ["a", "b"], ["a", "b"]]
     want = weighted_mean([before["a"], before["b"]], [w["a"], w["b"]])
     after = _weights(dep, segs)
     for n in ("a", "b"):
@@ -172,7 +172,7 @@ def test_a_member_that_fails_to_contribute_is_left_out_and_the_others_average(th
     # with one survivor there is nothing to average: the round stops, nothing more is loaded
     mid = _weights(dep, segs)
     failed = avg(["a", "c"], [1.0, 1.0], each=each)
-    assert list(failed) == ["c"] and calls[4:] == [["a", "c"]]
+    assert list(failed) == ["c"] and calls[5:] == [["a", "c"]]
     _assert_unchanged(dep, segs, mid)
 
 
@@ -353,3 +353,29 @@ def test_weight_export_is_its_own_approval_line() -> None:
     assert torch.equal(got["state/1.weight"], host.export_weights(granted)["1.weight"])
     host.release_weights(asked)
     assert "state/1.weight" in dep.transport.call("a", "export", segment=asked)
+
+
+def test_a_check_loads_nothing_and_a_refusal_names_the_sender(three_peers) -> None:
+    """``check``: every contribution is checked and nothing is loaded (the model owner asks
+    every member first); a refused contribution names its sender as the error's ``peer``
+    (a field of the answer, not read out of the message)."""
+    dep, _, segs = three_peers
+    before = _weights(dep, segs)
+    sealed = _round(segs, 1, {n: 1.0 for n in NAMES})
+    for n in NAMES:
+        segs[n].secagg_aggregate(1, {o: sealed[o][n] for o in NAMES if o != n}, check=True)
+    _assert_unchanged(dep, segs, before)
+    bad = {"b": b"\x00" * len(sealed["b"]["a"]), "c": sealed["c"]["a"]}
+    with pytest.raises(WireError, match="does not authenticate") as info:
+        segs["a"].secagg_aggregate(1, bad, check=True)
+    assert info.value.peer == "b"
+    with pytest.raises(WireError) as info2:  # c's contribution for b, relayed to a
+        segs["a"].secagg_aggregate(1, {"b": sealed["b"]["a"], "c": sealed["c"]["b"]})
+    assert info2.value.peer == "c"
+    with pytest.raises(ProtocolError, match="aborts") as info3:  # not about one peer: no peer
+        segs["a"].secagg_aggregate(1, {"b": sealed["b"]["a"]}, check=True)
+    assert info3.value.peer is None
+    _assert_unchanged(dep, segs, before)
+    for n in NAMES:
+        segs[n].secagg_aggregate(1, {o: sealed[o][n] for o in NAMES if o != n})
+    assert not torch.equal(_weights(dep, segs)["a"]["1.weight"], before["a"]["1.weight"])

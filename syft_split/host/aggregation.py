@@ -8,6 +8,7 @@
 ``secagg_aggregate``   every other member's sealed contribution for the pending round: each is
                        authenticated and checked (member, round, cohort, weights, segment
                        fingerprint); the masks cancel in the sum and the average is loaded
+                       (``check: true``: only checked; a refusal names the peer at fault)
 =====================  =====================================================================
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import secagg, wire
-from ..errors import AccessError, CohortRefusedError, ProtocolError, ShapeError
+from ..errors import AccessError, CohortRefusedError, ProtocolError, ShapeError, SyftSplitError
 from .dispatch import Host, op
 from .guard import SCALAR, SEALED, Call
 from .peers import PeerFamily, _positive_int, _text, fingerprint
@@ -169,8 +170,17 @@ class AggregationOps(PeerFamily):
 
     @op("secagg_aggregate", roles=ROLES, mutates=True, egress={"round": SCALAR, "steps": SCALAR})
     def secagg_aggregate(self, call: Call) -> dict[str, Any]:
+        """Check every other member's sealed contribution, sum them with this data owner's
+        own and load the average. With ``check: true`` only check (everything, the average's
+        bound too) and load nothing: the model owner asks every member this first, so that a
+        refused contribution aborts the round before anyone has loaded it. A refusal because
+        of one peer's contribution names it in the answer's ``peer`` field (the error's
+        ``peer`` attribute)."""
         rt = call.rt
         assert rt is not None
+        check = call.req.get("check", False)
+        if not isinstance(check, bool):
+            raise ProtocolError(f"check must be a bool, got {type(check).__name__}")
         pending = self.pending.get(rt.id)
         rnd = call.req.get("round")
         if pending is None and self.aggregated.get(rt.id) == rnd:  # done; its answer was lost
@@ -191,24 +201,37 @@ class AggregationOps(PeerFamily):
         own = np.frombuffer(pending["own"], dtype=np.uint64)
         parts = [own]
         for peer in expected:
-            msg = self._open(self._trusted(rt, peer), call.req[f"sealed/{peer}"],
-                             f"contribution to round {rnd}")
-            if (msg.get("kind"), msg.get("sender"), msg.get("recipient")) != (
-                    "secagg", peer, me) or not isinstance(msg.get("descriptor"), dict) or (
-                    secagg.canonical(msg["descriptor"]) != secagg.canonical(desc)):
-                raise ProtocolError(f"the contribution of {peer!r} is not for round {rnd} of "
-                                    f"{rt.id} as this data owner contributed to it")
-            masked = msg.get("masked")
-            if not isinstance(masked, bytes) or len(masked) != len(pending["own"]):
-                raise ShapeError(f"the contribution of {peer!r} has the wrong size")
-            parts.append(np.frombuffer(masked, dtype=np.uint64))
+            try:
+                parts.append(self._contribution(rt, peer, call.req[f"sealed/{peer}"], desc,
+                                                len(pending["own"])))
+            except SyftSplitError as exc:
+                exc.peer = peer  # the sender, for the model owner (a field of the answer)
+                raise
         average = secagg.decode(secagg.total(parts))
         state = rt.module.state_dict()
         keys = [k for k, v in state.items() if v.is_floating_point()]
         new = {**{k: v.clone() for k, v in state.items()},
                **secagg.unflatten(average, state, keys)}
-        self._load(rt, self._check_loadable(rt, new))
+        checked = self._check_loadable(rt, new)
+        if check:
+            return {"round": rnd, "steps": rt.steps}
+        self._load(rt, checked)
         del self.pending[rt.id]
         self.aggregated[rt.id] = rnd
         self.done[rt.id] = {"descriptor": desc, "own": pending["own"]}
         return {"round": rnd, "steps": rt.steps}
+
+    def _contribution(self, rt: Runtime, peer: str, sealed: Any, desc: dict[str, Any],
+                      size: int) -> np.ndarray:
+        """``peer``'s masked contribution to the round ``desc``, opened and checked."""
+        rnd = desc["round"]
+        msg = self._open(self._trusted(rt, peer), sealed, f"contribution to round {rnd}")
+        if (msg.get("kind"), msg.get("sender"), msg.get("recipient")) != (
+                "secagg", peer, self.host.name) or not isinstance(msg.get("descriptor"), dict) or (
+                secagg.canonical(msg["descriptor"]) != secagg.canonical(desc)):
+            raise ProtocolError(f"the contribution of {peer!r} is not for round {rnd} of "
+                                f"{rt.id} as this data owner contributed to it")
+        masked = msg.get("masked")
+        if not isinstance(masked, bytes) or len(masked) != size:
+            raise ShapeError(f"the contribution of {peer!r} has the wrong size")
+        return np.frombuffer(masked, dtype=np.uint64)

@@ -24,9 +24,13 @@ __all__ = ["ERROR_TEXT", "error_answer", "opaque", "step_id", "recorded_answer"]
 ERROR_TEXT = 16_000
 
 
-def error_answer(name: str, message: str) -> bytes:
-    """The wire answer of an error: its class name and its message, clipped."""
-    return wire.encode({"error": name, "message": clip(message, ERROR_TEXT)})
+def error_answer(name: str, message: str, peer: str | None = None) -> bytes:
+    """The wire answer of an error: its class name and its message, clipped, and the peer
+    data owner it names (:attr:`~syft_split.errors.SyftSplitError.peer`), if any."""
+    out = {"error": name, "message": clip(message, ERROR_TEXT)}
+    if peer is not None:
+        out["peer"] = peer  # a member id of the round (at most 256 characters)
+    return wire.encode(out)
 
 
 def opaque(exc: Exception, op: str, host: str) -> str:

@@ -338,7 +338,7 @@ class DataOwnerHost(HostConsole):
                     call.rt.remember(StepRecord(step, op, digest, raw))
                 outcome = "ok"
         except SyftSplitError as exc:
-            raw = error_answer(type(exc).__name__, str(exc))
+            raw = error_answer(type(exc).__name__, str(exc), exc.peer)
             outcome = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # a bug or torch failure: report, never crash the host
             # its text may be computed from private values (torch's "Target 4 is out of

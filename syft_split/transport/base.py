@@ -362,9 +362,14 @@ class Transport(ABC):
 
 
 def _raise_error(response: dict[str, Any]) -> dict[str, Any]:
-    """``response``, or the data owner's error it reports raised as its class."""
+    """``response``, or the data owner's error it reports raised as its class (with the
+    ``peer`` it names, if that is a short string)."""
     if "error" in response:
-        raise error_from_wire(str(response.get("error")), str(response.get("message", "")))
+        exc = error_from_wire(str(response.get("error")), str(response.get("message", "")))
+        peer = response.get("peer")
+        if isinstance(peer, str) and 0 < len(peer) <= 256:
+            exc.peer = peer
+        raise exc
     return response
 
 
