@@ -47,7 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import AccessError, ConfigError, ProtocolError, ValidationError, WireError
+from .errors import (
+    AccessError,
+    ConfigError,
+    ProtocolError,
+    StateSaveError,
+    ValidationError,
+    WireError,
+)
 from .host import AuditEntry, Call, Dataset, OpFamily, op, owner_op, register_family
 from .host.dispatch import Host
 from .host.guard import BYTES, SCALAR, in_window, last_minute
@@ -62,6 +69,8 @@ __all__ = ["AlignmentOps", "align_records", "MAX_ALIGNED_PER_USER", "MAX_NAME_CH
 MAX_ALIGNED_PER_USER = 8
 #: longest ``as_name`` (it is kept in the host's saved state)
 MAX_NAME_CHARS = 128
+#: seconds between saves of the PSI work windows (what a crash can give back)
+WINDOW_SAVE_S = 1.0
 
 _log = logging.getLogger(__name__)
 
@@ -83,6 +92,7 @@ class AlignmentOps(OpFamily):
         self._aligned: dict[str, tuple[str, torch.Tensor, str]] = {}
         #: PSI work per user: (wall-clock time, elements) of the last minute's calls
         self._work: dict[str, list[tuple[float, int]]] = {}
+        self._saved_at = 0.0  # when _charge last saved the windows
 
     @owner_op("allow_alignment")
     def allow_alignment(self, dataset: str, user: str) -> dict[str, Any]:
@@ -202,10 +212,25 @@ class AlignmentOps(OpFamily):
                                   f"minute and this call needs {elements}; this data owner "
                                   f"allows {budget} a minute")
         recent.append((now, elements))
+        self._save_window(now)
 
-    # psi_serve and psi_request change the user's PSI work window: saved with the call (like a
-    # segment's records-per-minute window after an evaluation), a crash gives no budget back
-    @op("psi_serve", mutates=True, egress={"setup": BYTES, "response": BYTES})
+    def _save_window(self, now: float) -> None:
+        """Save the PSI work windows (with the host's state) at most every
+        :data:`WINDOW_SAVE_S`: a crash gives back at most that long of PSI work, and refused
+        calls, which charge nothing, write nothing (every call rewrote host.sspl, 70 ms with
+        a large pending proposal in it). A failed save leaves the store marked unsaved: the
+        next changing op saves everything."""
+        store = getattr(self.host, "store", None)
+        if store is None or now - self._saved_at < WINDOW_SAVE_S:
+            return
+        self._saved_at = now
+        try:
+            store.save_host(self.host)
+        except StateSaveError as exc:
+            _log.warning("the PSI work window was not saved: %s", exc)
+
+    # psi_serve and psi_request change only the user's PSI work window (saved by _charge)
+    @op("psi_serve", egress={"setup": BYTES, "response": BYTES})
     def psi_serve(self, call: Call) -> dict[str, Any]:
         from .psi import PsiServer, request_elements
 
@@ -219,7 +244,7 @@ class AlignmentOps(OpFamily):
         setup, response = PsiServer(ds.ids).handle(request)
         return {"setup": setup, "response": response}
 
-    @op("psi_request", mutates=True, egress={"request": BYTES})
+    @op("psi_request", egress={"request": BYTES})
     def psi_request(self, call: Call) -> dict[str, Any]:
         from .psi import PsiClient
 

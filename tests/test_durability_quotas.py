@@ -258,6 +258,33 @@ def test_psi_work_counts_after_a_crash(tmp_path: Path) -> None:
     assert "had 81 PSI elements processed here in the last minute" in refused["message"]
 
 
+def test_psi_calls_save_the_host_at_most_once_a_second_and_refused_ones_never(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saving the PSI window with every call rewrote host.sspl each time (70 ms with a large
+    pending proposal in it), refused calls included, from any account: now only a call that
+    charged the budget saves, at most once every WINDOW_SAVE_S."""
+    from syft_split import alignment
+    from syft_split.psi import PsiClient
+
+    host = _host(tmp_path)
+    host.allow_alignment("train", "mo@x")
+    saves: list[float] = []
+    assert host.store is not None
+    real = host.store.save_host
+    monkeypatch.setattr(host.store, "save_host", lambda h: (saves.append(1.0), real(h)))
+    serve = {"op": "psi_serve", "dataset": "train", "request": PsiClient(["r1"]).request()}
+    for _ in range(3):
+        assert set(_call(host, "mo@x", serve)) == {"setup", "response"}
+    assert len(saves) == 1  # within a second: one save
+    for user in ("stranger@x", "mo@x"):  # not allowed / a malformed request: no save
+        bad = {**serve, "request": b"junk"} if user == "mo@x" else serve
+        assert "error" in _call(host, user, bad)
+    assert len(saves) == 1
+    monkeypatch.setattr(alignment, "WINDOW_SAVE_S", 0.0)
+    assert set(_call(host, "mo@x", serve)) == {"setup", "response"}
+    assert len(saves) == 2
+
+
 def test_the_proposal_rate_cap_holds_across_a_restart(tmp_path: Path) -> None:
     limits = HostLimits(max_proposals_per_minute=5)
     host = _host(tmp_path, limits)
