@@ -151,7 +151,8 @@ class HEServer:
         p = self._expect("grad", None, "grad_state")
         return {"step": int(p["step"]), "ctx": self.context.context_id,
                 "r2": torch.from_numpy(np.array(p["r2"])),
-                "db": torch.from_numpy(np.array(p["db"]))}
+                "db": torch.from_numpy(np.array(p["db"])),
+                "gbound": torch.from_numpy(np.array(p["gbound"]))}
 
     def expect_gradients(self, state: dict[str, Any]) -> None:
         """Wait for the gradients of the step another process of this model owner sent
@@ -164,9 +165,17 @@ class HEServer:
                 and isinstance(db, torch.Tensor) and tuple(db.shape) == (self.spec.mat_out,)):
             raise ShapeError(f"grad_state: expected masks {shape} and bias gradient "
                              f"({self.spec.mat_out},)")
+        gbound = state.get("gbound")  # None: a state written before answers were bounded
+        if gbound is not None and not (isinstance(gbound, torch.Tensor)
+                                       and tuple(gbound.shape) == (self.spec.mat_out,)
+                                       and bool(torch.isfinite(gbound).all())):
+            raise ShapeError(f"grad_state: expected a finite gradient bound of shape "
+                             f"({self.spec.mat_out},)")
         self._pending = {"step": int(state["step"]), "stage": "grad",
                          "ctx": str(state.get("ctx", self.context.context_id)),
                          "r2": r2.double().numpy(), "db": db.double().numpy()}
+        if gbound is not None:
+            self._pending["gbound"] = gbound.double().numpy()
 
     def velocity_state(self) -> list[torch.Tensor] | None:
         """Level B with momentum: the SGD velocity (weight, bias parts), for a checkpoint."""
@@ -338,7 +347,7 @@ class HEServer:
             raise CiphertextError(f"{OUTPUT_RETURN}: expected 1 blob, got {len(blobs)}")
         y = array_from_bytes(blobs[0], (p["rows"], self.spec.mat_out), "returned output")
         z_rows = y - p["r1"]
-        _within(z_rows, p["zbound"][None, :], "returned output z = xW + b")
+        _within(z_rows, p["zbound"][None, :], "returned output z = xW + b", self.spec.flood_bits)
         z = torch.from_numpy(z_rows)
         if self._geo is not None:
             z = self._geo.fold_output(z, p["records"], self.spec.output_spatial)
@@ -403,8 +412,8 @@ class HEServer:
             raise CiphertextError(f"{GRAD_RETURN}: expected 1 blob, got {len(blobs)}")
         shape = (self.spec.mat_in, self.spec.mat_out)
         g = array_from_bytes(blobs[0], shape, "returned weight gradient") - p["r2"]
-        if "gbound" in p:  # (a step resumed from grad_state() has no bound: not checked)
-            _within(g, p["gbound"][None, :], "returned weight gradient")
+        if "gbound" in p:  # (a step resumed from a state of an older version has none)
+            _within(g, p["gbound"][None, :], "returned weight gradient", self.spec.flood_bits)
         if self.spec.level == "A":
             g[np.abs(g) < self.grad_floor] = 0.0
         self._grads = (g, p["db"])
@@ -443,12 +452,12 @@ class HEServer:
         self._grads = None
 
 
-def _within(values: np.ndarray, bound: np.ndarray, what: str) -> None:
+def _within(values: np.ndarray, bound: np.ndarray, what: str, flood_bits: int) -> None:
     """Refuse a data owner's answer past what an honest one can give (CKKS error and the
     data owner's rounding allowed for). A data owner that encrypts inputs past ``x_bound``
     reads the model owner's weights through the masks (each such forward gives W to a few
     percent); the first such answer stops the layer here, after that one decryption."""
-    limit = bound * (1 + 1e-6) + 1e-6
+    limit = bound * (1 + 1e-6) + 1e-6 + 2.0 * 2.0**-flood_bits  # + the data owner's rounding
     if not bool(np.all(np.abs(values) <= limit)):
         worst = float(np.max(np.abs(values) - limit))
         raise HEError(f"{what}: the data owner's answer exceeds what inputs within the agreed "

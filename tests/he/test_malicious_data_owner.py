@@ -139,3 +139,43 @@ def test_a_garbage_weight_gradient_is_refused(parties: tuple[KeyOwner, nn.Linear
             gw, _ = server.receive_gradients(back)
             if owner.spec.level == "A":
                 assert torch.allclose(gw, delta.T @ x, atol=1e-5)
+
+
+@pytest.mark.parametrize("level", ["A", "B"])
+def test_honest_answers_with_coarse_flooding_and_a_dead_unit_are_accepted(level: str) -> None:
+    """The data owner rounds what it returns to 2^-flood_bits: with flood_bits=20 (allowed)
+    and an output unit whose gradient is 0 for the whole batch (its bound 0), the honest
+    rounding alone was refused as cheating. The bound allows for it."""
+    spec = LayerSpec(8, 15, 6, level=level, lr=0.1 if level == "B" else None, x_bound=4.0,
+                     flood_bits=20)
+    torch.manual_seed(1)
+    owner, layer = KeyOwner(spec), nn.Linear(15, 6).double()
+    x = torch.rand(8, 15, dtype=torch.float64) * spec.x_bound
+    delta = torch.randn(8, 6, dtype=torch.float64)
+    delta[:, 2] = 0.0  # a dead unit
+    server, client, ret = _forward(owner, layer, x, need_grad=True)
+    server.receive_output(ret)
+    back, _ = client.decrypt_gradients(server.backward(delta))
+    gw, _ = server.receive_gradients(back)
+    if level == "A":
+        assert torch.allclose(gw, delta.T @ x, atol=1e-5)
+
+
+def test_a_resumed_step_keeps_its_gradient_bound(parties: tuple[KeyOwner, nn.Linear]) -> None:
+    """A model owner that resumes a step from its checkpoint (grad_state) checks the answer
+    as the process that sent it would have: the bound travels with the state."""
+    owner, layer = parties
+    x = torch.rand(8, 15, dtype=torch.float64) * owner.spec.x_bound
+    server, client, ret = _forward(owner, layer, x, need_grad=True)
+    server.receive_output(ret)
+    back, _ = client.decrypt_gradients(server.backward(torch.randn(8, 6, dtype=torch.float64)))
+    state = server.grad_state()
+    head, blobs = decode_frame(back, "grad_return")
+    g = array_from_bytes(blobs[0], (15, 6), "g") * 1e6
+    head = {k: v for k, v in head.items() if k not in ("kind", "blob_sizes")}
+    resumed = HEServer.from_linear(ServerContext.from_bytes(owner.public_context_bytes()), layer)
+    resumed.expect_gradients(state)
+    with pytest.raises(HEError, match="exceeds"):
+        resumed.receive_gradients(encode_frame("grad_return", head, [array_to_bytes(g)]))
+    resumed.expect_gradients(state)  # the honest answer is taken
+    resumed.receive_gradients(back)
