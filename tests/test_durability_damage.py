@@ -165,6 +165,12 @@ def test_a_familys_damaged_part_halts_its_segment_and_keeps_a_copy(tmp_path: Pat
     assert all(torch.equal(v, weights[k]) for k, v in back.export_weights(bad).items())
     assert back.proposals_by_id[good].status == "approved"
     _train(sessions[0], 2, start=3)
+    entries = len(back.audit)
+    for _ in range(3):  # restarts without a clean close (crashes): no new copy, no new halt
+        back = _restart(t, tmp_path)
+    assert back.proposals_by_id[bad].reason == p.reason and not _aside(path, 2).exists()
+    assert len([e for e in back.audit if e.segment == bad and "could not be restored" in
+                str(e.outcome)]) == 1 and len(back.audit) >= entries
 
 
 def test_a_damaged_encryption_state_halts_its_segment_only(tmp_path: Path) -> None:
@@ -267,10 +273,13 @@ def test_without_hard_links_the_damaged_file_is_copied_aside(
     assert stat.S_IMODE(_aside(path, 2).stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"),
+                                   MemoryError("Input/output error")])
 def test_a_segment_file_that_cannot_be_read_stops_the_restore(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An I/O error is the disk's, not the file's: the restore stops (the data owner fixes it
-    and restarts) instead of halting the segment for good; nothing is set aside."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """An I/O error is the disk's, not the file's, and a machine short of memory is not the
+    file's either: the restore stops (the data owner fixes it and restarts) instead of halting
+    the segment for good (a MemoryError did); nothing is set aside."""
     t, _sessions, (_good, bad) = _two(tmp_path)
     host = t._hosts["a"]
     assert host.store is not None
@@ -280,11 +289,11 @@ def test_a_segment_file_that_cannot_be_read_stops_the_restore(
 
     def failing(p: Path) -> Any:
         if Path(p) == path:
-            raise OSError(5, "Input/output error", str(p))
+            raise error
         return load(p)
 
     monkeypatch.setattr(persist, "load", failing)
-    with pytest.raises(OSError, match="Input/output error"):
+    with pytest.raises(type(error), match="Input/output error"):
         _host("a", tmp_path)
     monkeypatch.undo()
     assert not _aside(path).exists()

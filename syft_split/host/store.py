@@ -94,6 +94,8 @@ AUDIT_BYTES = 64 * 1024 * 1024
 AUDIT_KEEP = 4
 #: characters of an error's text a halt's reason keeps (a weight mismatch lists every key)
 _ERROR_CHARS = 400
+#: errors of the disk or machine, not of a file: they stop the restore instead of halting
+_NOT_THE_FILE = (OSError, MemoryError, RecursionError)
 
 
 class HostStore:
@@ -286,6 +288,7 @@ class HostStore:
         tail, host.audit_first = self._read_audit(host.audit_tail)
         host.audit[:0] = tail
         self._restoring, self._deferred, self._aside = True, False, {}
+        resave: set[str] = set()
         try:
             top, kept = 0, {}
             for p, runtime, saves in self._proposals(tree):
@@ -317,13 +320,18 @@ class HostStore:
                 for name, family in host.families.items():  # (after theirs: aligned datasets)
                     try:
                         family.restore_segment(host.runtimes[pid], families.get(name))
+                    except _NOT_THE_FILE:
+                        raise
                     except Exception as exc:  # this segment only
                         self._damaged(host, host.proposals_by_id[pid], exc, family=name)
+                        resave.add(pid)
         finally:
             self._restoring = False
         if self._deferred or saved_key != host.label_key:  # e.g. a segment halted because it
             # could not be rebuilt, or state from before the host kept a label key
             self.save_host(host)
+        for pid in resave:  # its file without the part that failed: the next restart reads it
+            self.save_runtime(host.runtimes[pid])  # clean (no new copy, no new halt entry)
         return True
 
     def _proposals(self, tree: dict[str, Any]) -> Iterator[tuple[Proposal, bool, int]]:
@@ -361,7 +369,8 @@ class HostStore:
         or optimizer state that do not fit its module; a field missing or of the wrong kind)
         halts that segment only (:meth:`_damaged`: moved aside, kept for inspection); it holds
         its initial weights, halted, and every other segment is restored. A file that cannot
-        be read (``OSError``: permissions, an I/O error) stops the restore: a halt is final."""
+        be read (``OSError``: permissions, an I/O error) or a machine short of memory
+        (``MemoryError``, ``RecursionError``) stops the restore: a halt is final."""
         path = self.segment_path(p.id)
         if not path.exists():
             if saves > 0 and p.status == "approved":
@@ -371,7 +380,7 @@ class HostStore:
             return initial_runtime(p), {}
         try:
             rt, families, found = runtime_from(p, persist.load(path), host.label_key)
-        except OSError:  # the disk, not the file (unreadable now): fix it and restart
+        except _NOT_THE_FILE:  # the disk or the machine, not the file: fix it and restart
             raise
         except Exception as exc:  # this segment's file only: the others are restored
             self._saves[p.id] = saves  # its next file is newer than host.sspl's record
