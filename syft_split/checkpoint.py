@@ -98,6 +98,7 @@ class Checkpoint:
                        "extra": {k: v for k, v in trainer.report.extra.items()
                                  if k in ("unreachable", "resumed")},
                        "not_averaged": list(trainer.report.not_averaged),
+                       "not_averaged_dropped": trainer.report.not_averaged_dropped,
                        "wall_time_s": trainer.report.wall_time_s + trainer.fit_seconds(),
                        "ledger": trainer.ledger.totals(),
                        "traffic": {} if trainer.traffic is None else trainer.traffic.figures()},
@@ -164,6 +165,7 @@ class Checkpoint:
         trainer.report.epochs = [EpochRecord(**e) for e in report["epochs"]]
         trainer.report.extra.update(report.get("extra", {}))
         trainer.report.not_averaged = list(report.get("not_averaged", []))
+        trainer.report.not_averaged_dropped = int(report.get("not_averaged_dropped", 0))
         # the crashed process's costs, as of this checkpoint: the report goes on from them
         trainer.report.wall_time_s = float(report.get("wall_time_s", 0.0))
         trainer.ledger.load_totals(report.get("ledger", {}))

@@ -27,10 +27,12 @@ from typing import Any
 
 from .transport.base import MODEL_OWNER, TrafficLog, TrafficRecord
 
-__all__ = ["RunReport", "EpochRecord", "RunTraffic", "MEASUREMENT_OPS"]
+__all__ = ["RunReport", "EpochRecord", "RunTraffic", "MEASUREMENT_OPS", "MAX_NOT_AVERAGED"]
 
 #: ops that measure or query rather than train: booked in ``measurement_bytes_by_party``
 MEASUREMENT_OPS = frozenset({"leakage", "watch", "he_costs", "status"})
+#: rounds ``RunReport.not_averaged`` keeps (the newest)
+MAX_NOT_AVERAGED = 1000
 
 
 @dataclass
@@ -85,8 +87,12 @@ class RunReport:
     party_failures: list[dict[str, Any]] = field(default_factory=list)
     #: SplitFed rounds in which data owners kept their own weights instead of the average (not
     #: a failure: a member's HostLimits.min_cohort refused the cohort, or no member relays):
-    #: {"epoch", "round" (of the epoch, from 0), "kept" (data owners), "reason"}
+    #: {"epoch", "round" (of the epoch, from 0), "kept" (data owners), "reason"}; the newest
+    #: MAX_NOT_AVERAGED (it is in every checkpoint: a run whose every round a cohort refuses
+    #: made each save 2.1 MB and 183 ms after 10 000 rounds)
     not_averaged: list[dict[str, Any]] = field(default_factory=list)
+    #: entries of ``not_averaged`` dropped to keep its newest MAX_NOT_AVERAGED
+    not_averaged_dropped: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint, Position
 from .errors import ConfigError, TransportError
 from .ledger import CostLedger
-from .report import EpochRecord, RunReport, RunTraffic
+from .report import MAX_NOT_AVERAGED, EpochRecord, RunReport, RunTraffic
 from .schedules import SCHEDULES, AverageOutcome, SecureAverage, ServerCopies, relay_weights
 from .session import SplitSession, StepMetrics
 
@@ -230,7 +230,11 @@ class Trainer:
         cohort, or no member relays); with v1 their server copies stay with them too."""
         entry = outcome.record()
         if entry is not None:
-            self.report.not_averaged.append({"epoch": epoch, "round": round, **entry})
+            kept = self.report.not_averaged
+            kept.append({"epoch": epoch, "round": round, **entry})
+            if len(kept) > MAX_NOT_AVERAGED:
+                del kept[0]
+                self.report.not_averaged_dropped += 1
 
     def train_epoch(self, epoch: int = 0, *, position: Position | None = None) -> StepMetrics:
         """One pass over every source's training records, in the schedule's order
