@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -130,7 +130,10 @@ class FederatedTrainer:
     (standard layers; residual graphs through ``torch.fx``). ``max_abs_value``: the largest
     magnitude of a weight, buffer or gradient a data owner may return; ``max_feature_bytes``:
     the largest features of ``batch_size`` records (float32) a data owner may declare (the
-    cost ledger runs the model on a batch of them here)."""
+    cost ledger runs the model on a batch of them here). ``averaging_weights``: FedAvg's
+    weight of each data owner (default: the record count its ``describe`` gave, which is that
+    data owner's own claim: one that declares 10^12 records replaces the global model; give
+    equal weights, or counts you know otherwise, not to rely on it)."""
 
     def __init__(self, model: nn.Module, transport: Transport, data_owners: Sequence[str], *,
                  algorithm: str = "fedavg", optimizer: OptimizerSpec | None = None,
@@ -138,7 +141,8 @@ class FederatedTrainer:
                  train_dataset: str = "train", test_dataset: str | None = "test",
                  seed: int = 0, max_workers: int | None = None,
                  party_deadline_s: float | None = None, max_abs_value: float = MAX_ABS_VALUE,
-                 max_feature_bytes: int = MAX_FEATURE_BYTES) -> None:
+                 max_feature_bytes: int = MAX_FEATURE_BYTES,
+                 averaging_weights: Mapping[str, float] | None = None) -> None:
         if algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         if not data_owners:
@@ -154,6 +158,15 @@ class FederatedTrainer:
         if isinstance(max_abs_value, bool) or not isinstance(max_abs_value, (int, float)) \
                 or not 0 < max_abs_value < float("inf"):
             raise ConfigError(f"max_abs_value must be a finite number > 0, got {max_abs_value!r}")
+        if averaging_weights is not None and (
+                set(averaging_weights) != set(data_owners) or not all(
+                    isinstance(w, (int, float)) and not isinstance(w, bool)
+                    and 0 < w < float("inf") for w in averaging_weights.values())):
+            raise ConfigError("averaging_weights must give every data owner a finite weight "
+                              f"> 0, got {averaging_weights!r:.200}")
+        #: FedAvg's weights (None: each data owner's described record count, its own claim)
+        self.averaging_weights = None if averaging_weights is None else {
+            str(k): float(v) for k, v in averaging_weights.items()}
         self.algorithm = algorithm
         self.transport = transport
         self.data_owners = list(data_owners)
@@ -268,8 +281,10 @@ class FederatedTrainer:
 
         results = self._each("fl_train", self.data_owners, train)
         parties = list(results)
-        self.module.load_state_dict(weighted_mean([results[p]["state"] for p in parties],
-                                                  [self.records[p] for p in parties]))
+        given = self.averaging_weights
+        self.module.load_state_dict(weighted_mean(
+            [results[p]["state"] for p in parties],
+            [self.records[p] if given is None else given[p] for p in parties]))
         for p in parties:
             n, b = self.records[p], self.batch_size
             self._book(p, b, times=(n // b) * self.local_epochs)

@@ -125,6 +125,38 @@ def test_in_bound_weights_with_the_honest_count_are_averaged_by_that_count() -> 
         assert torch.allclose(v, only_a.state_dict()[k] * (2 / 3) + 0.5 / 3, atol=1e-6)
 
 
+def test_a_described_count_is_the_data_owners_claim_unless_weights_are_given() -> None:
+    """FedAvg's default weight is the count a data owner's describe gave, its own claim: one
+    that describes 10**12 records and trains on them (it says) replaces the global model (R8).
+    With ``averaging_weights`` the model owner does not rely on it: equal weights halve it."""
+    def lying(**kwargs) -> FederatedTrainer:
+        dep = inprocess({p: _data(p) for p in ("a", "m")})
+
+        def describe(req, answer):
+            answer["datasets"]["train"]["records"] = 10**12
+            return answer
+
+        t = RewriteAnswers(dep.transport, "m", "describe", describe)
+        t = RewriteAnswers(t, "m", "fl_train", lambda req, answer: _replacement(answer))
+        fl = FederatedTrainer(_model(), t, ["a", "m"], batch_size=8, **kwargs)
+        dep.approve_all(fl.propose())
+        fl.fedavg_round()
+        assert not fl.dropped and fl.records["m"] == 10**12
+        return fl
+
+    replaced = lying()
+    assert all(torch.allclose(v, torch.full_like(v, 7.0)) for v in replaced.state_dict().values())
+    equal = lying(averaging_weights={"a": 1.0, "m": 1.0})
+    only_a = _trainer(["a"])
+    only_a.fedavg_round()
+    for k, v in equal.state_dict().items():
+        assert torch.allclose(v, (only_a.state_dict()[k] + 7.0) / 2, atol=1e-6)
+    with pytest.raises(ConfigError, match="averaging_weights"):
+        _trainer(["a", "m"], averaging_weights={"a": 1.0})
+    with pytest.raises(ConfigError, match="averaging_weights"):
+        _trainer(["a", "m"], averaging_weights={"a": 1.0, "m": float("nan")})
+
+
 def _batch() -> dict[str, torch.Tensor]:
     return {p: torch.arange(8) for p in N}
 
