@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from . import secagg
 from .errors import CohortRefusedError, ConfigError, ValidationError
 from .remote import RemoteSegment
 from .session import SplitSession
@@ -121,21 +122,13 @@ class AverageOutcome:
 
 def cohort_refusal(members: Sequence[str], weights: dict[str, float],
                    min_cohort: dict[str, int]) -> str | None:
-    """Why a member would refuse this cohort under its ``HostLimits.min_cohort`` (its host's
-    rule, :meth:`syft_split.host.aggregation.AggregationOps._cohort_rule`), None if none
-    would: at least that many members and, from 3, every weight at least a tenth of the
-    largest."""
+    """Why a member would refuse this cohort under its ``HostLimits.min_cohort``
+    (:func:`syft_split.secagg.cohort_rule`, which its host enforces), None if none would."""
     ws = [weights[m] for m in members]
     for m in members:
-        least = min_cohort.get(m, 2)
-        if len(members) < least:
-            return (f"{m} averages only in cohorts of at least {least} members "
-                    f"(HostLimits.min_cohort), this round has {len(members)}: "
-                    f"{', '.join(members)}")
-        if least >= 3 and min(ws) * 10 < max(ws):
-            return (f"{m} needs every averaging weight to be at least a tenth of the largest "
-                    f"(HostLimits.min_cohort={least}), this round has "
-                    f"{dict(zip(members, ws))}")
+        why = secagg.cohort_rule(len(members), ws, min_cohort.get(m, 2))
+        if why is not None:
+            return f"{m} {why}; this round has {dict(zip(members, ws))}"
     return None
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "mask",
     "total",
     "decode",
+    "cohort_rule",
 ]
 
 #: fixed-point fraction bits: values are exact to 2^-32 (~2.3e-10) per member.
@@ -138,3 +139,19 @@ def total(contributions: Iterable[np.ndarray]) -> np.ndarray:
 def decode(summed: np.ndarray) -> np.ndarray:
     """The float64 vector a fixed-point sum stands for."""
     return summed.view(np.int64).astype(np.float64) / _SCALE
+
+
+def cohort_rule(members: int, weights: Sequence[float], least: int) -> str | None:
+    """``HostLimits.min_cohort`` (``least``) on a cohort of ``members`` with these averaging
+    ``weights``: why a data owner at that limit refuses it (at least ``least`` members and,
+    from 3, every weight at least a tenth of the largest, so that no single peer reads its
+    weights out of the average), None if it takes part. The host enforces it; the model owner
+    asks it beforehand so as not to start a round a member refuses."""
+    if members < least:
+        return (f"averages only in cohorts of at least {least} members (HostLimits.min_cohort), "
+                f"got {members}")
+    if least >= 3 and min(weights) * 10 < max(weights):
+        return ("needs every averaging weight to be at least a tenth of the largest "
+                f"(HostLimits.min_cohort={least}: no single peer reads its weights)")
+    return None
+

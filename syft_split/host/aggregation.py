@@ -105,19 +105,13 @@ class AggregationOps(PeerFamily):
                 "fingerprint": fingerprint(rt)}
 
     def _cohort_rule(self, members: dict[str, str], weights: dict[str, Any]) -> None:
-        """``HostLimits.min_cohort``: from 3 members, no single peer may read this data owner's
-        weights out of the average (each weight at least a tenth of the largest). Checked before
+        """``HostLimits.min_cohort`` (:func:`syft_split.secagg.cohort_rule`), checked before
         anything is kept or masked; refused with :class:`CohortRefusedError` (a policy)."""
-        least = self.host.limits.min_cohort
-        if len(members) < least:
-            raise CohortRefusedError(f"{self.host.name} averages only in cohorts of at least "
-                                     f"{least} members (HostLimits.min_cohort), got "
-                                     f"{len(members)}")
-        if least >= 3 and min(weights.values()) * 10 < max(weights.values()):
-            raise CohortRefusedError(f"{self.host.name} needs every member's averaging weight "
-                                     "to be at least a tenth of the largest (HostLimits."
-                                     f"min_cohort={least}: no single peer reads its weights), "
-                                     f"got {weights!r:.200}")
+        why = secagg.cohort_rule(len(members), list(weights.values()),
+                                 self.host.limits.min_cohort)
+        if why is not None:
+            raise CohortRefusedError(f"{self.host.name} {why}; this round has {len(members)} "
+                                     f"members, weights {weights!r:.200}")
 
     @op("secagg_contribute", roles=ROLES, mutates=True, egress={"sealed/*": SEALED, "round": SCALAR})
     def secagg_contribute(self, call: Call) -> dict[str, Any]:
