@@ -23,6 +23,7 @@ from syft_split.errors import (
     ValidationError,
     error_from_wire,
 )
+from syft_split.local_loss import LocalLoss
 from syft_split.report import RunReport
 from syft_split.topology import RELEASED
 from syft_split.transport.base import Transport, TransportWrapper
@@ -232,6 +233,33 @@ def test_bad_watch_figures_are_refused(figures: dict[str, Any]) -> None:
     with pytest.raises(ValidationError) as caught:
         s.watch_status()
     assert caught.value.party == "m" and "'watch'" in str(caught.value)
+
+
+@pytest.mark.parametrize("schedule", ["pipelined", "local_loss"])
+@pytest.mark.parametrize("field, craft", [
+    ("activation", lambda r: {**r, "activation": torch.full_like(r["activation"], float("nan"))}),
+    ("labels", lambda r: {**r, "labels": torch.full_like(r["labels"], 10**9)}),
+], ids=["nan-activation", "huge-labels"])
+def test_latency_tolerant_schedules_check_answers_too(
+        schedule: str, field: str, craft: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    local = schedule == "local_loss"
+    dep = deploy.inprocess({"m": {"train": _data()}})
+    transport = Rewrite(dep.transport, "m", "local_forward" if local else "pipe_forward",
+                        lambda req, r: craft(r))
+    torch.manual_seed(0)
+    plan = SplitPlan.vanilla([nn.Sequential(nn.Linear(16, 8), nn.ReLU()), nn.Linear(8, 4)], ["m"],
+                             datasets=["train"], labels=RELEASED,
+                             local_loss=LocalLoss(nn.Linear(8, 4)) if local else None)
+    s = SplitSession(plan, transport, optimizer=OptimizerSpec("adam", lr=1e-2))
+    dep.approve_all(s.propose(), **({"local_loss": True} if local else {}))
+    trainer = Trainer(s, batch_size=B, progress=False, test_dataset=None, watch=False,
+                      measure_leakage=False, gradient_delay=0 if local else 1)
+    before = _weights(s)
+    with pytest.raises(ValidationError) as caught:
+        trainer.train_epoch(1)
+    assert caught.value.party == "m" and repr(field) in str(caught.value)
+    assert all(torch.equal(before[k], v) for k, v in _weights(s).items())
+    assert all(not opt.state for opt in s.optimizers)
 
 
 def test_a_nan_activation_never_reaches_the_checkpoint(tmp_path: Path) -> None:
