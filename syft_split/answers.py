@@ -37,6 +37,8 @@ def _within(t: torch.Tensor, bound: float) -> bool:
     """Every value finite and ``|v| <= bound``, in one min/max pass (NaN fails both)."""
     if t.numel() == 0:
         return True
+    if not math.isfinite(bound):
+        return bool(torch.isfinite(t).all())
     lo, hi = torch.aminmax(t)
     return bool(lo >= -bound) and bool(hi <= bound)
 

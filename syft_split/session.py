@@ -72,7 +72,8 @@ class SplitSession:
             transport.policy = policy
         self.optimizer_spec = optimizer or OptimizerSpec("sgd", lr=0.01)
         self.fuse = fuse
-        if not isinstance(max_abs_value, (int, float)) or not max_abs_value > 0:
+        if (not isinstance(max_abs_value, (int, float)) or isinstance(max_abs_value, bool)
+                or not max_abs_value > 0):
             raise ConfigError(f"max_abs_value must be > 0, got {max_abs_value!r}")
         #: the bound on |value| of the tensors in data owners' answers
         self.max_abs_value = float(max_abs_value)

@@ -16,6 +16,7 @@ from syft_split import HostLimits, OptimizerSpec, SplitPlan, SplitSession, Train
 from syft_split.answers import MAX_ABS_VALUE
 from syft_split.checkpoint import Checkpoint
 from syft_split.errors import (
+    ConfigError,
     DTypeError,
     NonFiniteError,
     ShapeError,
@@ -300,6 +301,14 @@ def test_the_bound_is_the_hosts_default_and_can_be_raised() -> None:
     s, _ = _session("vanilla", "m", "forward", big, max_abs_value=1e7)
     assert s.remote[("m", 0)].max_abs_value == 1e7
     _step(s, "vanilla")  # accepted
+    inf = _act(lambda a: torch.full_like(a, float("inf")))
+    s, _ = _session("vanilla", "m", "forward", inf, max_abs_value=float("inf"))  # no bound
+    with pytest.raises(NonFiniteError):
+        _step(s, "vanilla")  # but finite
+    for bad in (0, -1.0, True, float("nan"), "1e6"):
+        with pytest.raises(ConfigError, match="max_abs_value"):
+            SplitSession(_plan("vanilla"), deploy.inprocess({"m": {"train": _data()}}).transport,
+                         max_abs_value=bad)
 
 
 def test_a_peer_error_text_is_clipped() -> None:
