@@ -85,7 +85,10 @@ class ConfigError(SyftSplitError):
 
 
 class ValidationError(SyftSplitError):
-    """A value crossing a party boundary failed validation; receiver state is unchanged."""
+    """A value crossing a party boundary failed validation; receiver state is unchanged
+    (``party``: the data owner whose answer the model owner refused, when it is one)."""
+
+    party: str | None = None
 
 
 class ShapeError(ValidationError):
@@ -197,12 +200,25 @@ def _registry() -> dict[str, type[SyftSplitError]]:
     return out
 
 
+#: a peer's error message is clipped to this many characters (it ends up in reports and in
+#: the model owner's checkpoint)
+MAX_MESSAGE_CHARS = 1000
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def error_from_wire(name: str, message: str) -> SyftSplitError:
     """Rebuild an error that a peer reported as ``(class name, message)``.
 
-    Unknown names become :class:`RemoteError`; nothing is imported or evaluated.
+    Unknown names become :class:`RemoteError`; nothing is imported or evaluated. The message
+    is clipped to :data:`MAX_MESSAGE_CHARS` characters (a peer's error text is not trusted).
     """
+    message = _clip(message, MAX_MESSAGE_CHARS)
     cls = _registry().get(name)
     if cls is None:
-        return RemoteError(f"{name}: {message}")
+        return RemoteError(f"{_clip(name, 100)}: {message}")
     return cls(message)

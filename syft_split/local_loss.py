@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .answers import Answer
 from .errors import ConfigError
 from .host.latency import MAX_BATCHES_PER_CALL
 from .losses import LOSSES
@@ -192,12 +193,17 @@ def local_loss_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
             _, p, batches, fut = stream.pending.popleft()
             response = fut.result()
             sizes = [int(b.shape[0]) for b in batches]
-            acts = response["activation"].split(sizes)
+            answer = Answer(p, "local_forward", response, bound=s.max_abs_value)
+            acts = answer.tensor("activation", (sum(sizes), *s._seg(p, 0).output_shape)
+                                 ).split(sizes)
             labels = response.get("labels")
+            if labels is not None and (not isinstance(labels, torch.Tensor) or labels.dim() == 0
+                                       or labels.shape[0] != sum(sizes)):
+                raise answer.refuse("labels", f"expected one label per record ({sum(sizes)})")
             released = labels.split(sizes) if labels is not None else [None] * len(sizes)
             for idx, act, y in zip(batches, acts, released):
                 _, m = model_owner_step(s, act, trainer._label(p, ds, idx), y,
-                                        need_grad=False)  # nothing goes back
+                                        need_grad=False, answer=answer)  # nothing goes back
                 trainer.ledger.session_step(s, p, int(idx.shape[0]), local_loss=True)
                 totals.add(m)
             stream.ahead -= len(batches)

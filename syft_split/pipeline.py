@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from .answers import Answer
 from .errors import ConfigError, ProtocolError
 from .losses import LOSSES, count_correct
 from .remote import RemoteSegment
@@ -82,11 +83,13 @@ def check_latency_options(session: SplitSession, schedule: str, gradient_delay: 
 
 
 def model_owner_step(session: SplitSession, act: torch.Tensor, labels: Any,
-                     released: torch.Tensor | None, *, need_grad: bool = True
-                     ) -> tuple[torch.Tensor | None, StepMetrics]:
+                     released: torch.Tensor | None, *, need_grad: bool = True,
+                     answer: Answer | None = None) -> tuple[torch.Tensor | None, StepMetrics]:
     """One step of the model owner's segments on a data owner's activation: forward, losses of
     every task, backward, optimizer step. Returns the gradient w.r.t. ``act`` (None without
-    ``need_grad``: then it is not computed) and metrics."""
+    ``need_grad``: then it is not computed) and metrics. ``released`` labels are checked
+    against each task's loss first, as a field of ``answer`` (the data owner's answer they
+    came in), before anything is stepped."""
     from .session import StepMetrics
 
     plan = session.plan
@@ -97,11 +100,14 @@ def model_owner_step(session: SplitSession, act: torch.Tensor, labels: Any,
         values[i] = plan.nodes[i].module(session._merge(i, values))
     total: torch.Tensor | None = None
     per_task: dict[str, dict[str, float]] = {}
+    if answer is None:
+        answer = Answer("the data owner", "forward", {}, bound=session.max_abs_value)
     for task in plan.tasks:
+        out = values[task.node]
         if task.labels == RELEASED:
             if released is None:
                 raise ProtocolError("the data owner released no labels with its activations")
-            y = released
+            y = answer.labels("labels", released, out, task.loss)
         elif isinstance(labels, dict):
             y = labels[task.name]
         elif labels is None:
@@ -109,7 +115,6 @@ def model_owner_step(session: SplitSession, act: torch.Tensor, labels: Any,
                               "to the trainer")
         else:
             y = labels
-        out = values[task.node]
         loss = LOSSES[task.loss](out, y)
         per_task[task.name] = {"loss": float(loss.detach()), "correct": count_correct(out, y)}
         weighted = loss if task.weight == 1.0 else task.weight * loss
@@ -176,8 +181,10 @@ def pipelined_epoch(trainer: Trainer, epoch: int) -> StepMetrics:
                 send(p, "pipe_forward", indices=todo[p].popleft(), dataset=ds)
         for p, idx in order:
             response = queues[p].popleft().result()
-            grad, m = model_owner_step(s, response["activation"],
-                                       trainer._label(p, ds, idx), response.get("labels"))
+            answer = Answer(p, "pipe_forward", response, bound=s.max_abs_value)
+            act = answer.tensor("activation", (int(idx.shape[0]), *segs[p].output_shape))
+            grad, m = model_owner_step(s, act, trainer._label(p, ds, idx),
+                                       response.get("labels"), answer=answer)
             assert grad is not None
             trainer.ledger.session_step(s, p, int(idx.shape[0]))  # data owner + model owner
             if todo[p]:

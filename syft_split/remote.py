@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .errors import ProtocolError, ShapeError, StateSaveError, SyftSplitError, TransportError
+from .answers import MAX_ABS_VALUE, Answer
+from .errors import ProtocolError, StateSaveError, SyftSplitError, TransportError
 from .transport.base import Transport
 
 __all__ = ["RemoteSegment", "ActivationPointer"]
@@ -34,11 +35,14 @@ class RemoteSegment:
     under the same id, before anything else: the host answers from its record if it already
     applied it, and applies it otherwise. A held-back gradient thus lands exactly once, or the
     session raises (never drops it silently).
+
+    Every answer is checked before it is used (:mod:`syft_split.answers`): tensors of the
+    expected shape, float32, finite and at most ``max_abs_value`` in magnitude.
     """
 
     def __init__(self, transport: Transport, party: str, segment_id: str, role: str,
                  input_shape: tuple[int, ...], output_shape: tuple[int, ...], *,
-                 fuse: bool = True) -> None:
+                 fuse: bool = True, max_abs_value: float = MAX_ABS_VALUE) -> None:
         self.transport = transport
         self.party = party
         self.segment_id = segment_id
@@ -46,6 +50,8 @@ class RemoteSegment:
         self.input_shape = input_shape
         self.output_shape = output_shape
         self.fuse = fuse and role in ("input", "loss")
+        #: the bound on |value| of the tensors this segment's data owner answers with
+        self.max_abs_value = max_abs_value
         self._held_grad: torch.Tensor | None = None
         self._held_scale: float | None = None
         self.last_labels: torch.Tensor | None = None
@@ -59,6 +65,9 @@ class RemoteSegment:
 
     def _call(self, op: str, **fields: Any) -> dict[str, Any]:
         return self.transport.call(self.party, op, segment=self.segment_id, **fields)
+
+    def _answer(self, op: str, response: dict[str, Any]) -> Answer:
+        return Answer(self.party, op, response, bound=self.max_abs_value)
 
     # --------------------------------------------------------------- exactly-once
     @property
@@ -162,12 +171,9 @@ class RemoteSegment:
             response = self._mutate("forward", **fields)
         else:
             response = self._call("forward", **fields)
-        act = response["activation"]
         batch = int(indices.shape[0]) if indices is not None else int(x.shape[0])  # type: ignore[union-attr]
-        if tuple(act.shape) != (batch, *self.output_shape):
-            raise ShapeError(f"{self.party} returned {tuple(act.shape)}, expected "
-                             f"{(batch, *self.output_shape)}")
-        self.last_labels = response.get("labels")
+        act = self._answer("forward", response).tensor("activation", (batch, *self.output_shape))
+        self.last_labels = response.get("labels")  # checked where the loss is known (session)
         return act
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor | None:
@@ -181,7 +187,10 @@ class RemoteSegment:
             self._held_grad = grad
             return None
         response = self._mutate("backward", grad=grad)
-        return response.get("grad_input")
+        if self.role != "middle":
+            return None
+        return self._answer("backward", response).tensor(
+            "grad_input", (int(grad.shape[0]), *self.input_shape))
 
     def flush(self) -> None:
         """Send a held-back gradient / loss weight now (end of epoch, before evaluation or
@@ -219,17 +228,20 @@ class RemoteSegment:
 
     def loss_step(self, x: torch.Tensor, indices: torch.Tensor, *, dataset: str | None = None,
                   train: bool = True) -> dict[str, Any]:
-        """Last segment + loss at the data owner (U-shaped); returns loss/correct/count and, in
-        training, the gradient w.r.t. ``x``."""
+        """Last segment + loss at the data owner (U-shaped); returns loss_sum/correct/count
+        and, in training, the gradient w.r.t. ``x`` (checked: :meth:`Answer.loss`)."""
         fields: dict[str, Any] = {"x": x.detach().to(torch.float32),
                                   "indices": indices.to(torch.int64), "train": train}
         if dataset is not None:
             fields["dataset"] = dataset
         if not train:
-            return self._call("loss_step", **fields)
-        if self._held_scale is not None:
-            fields["step_scale"], self._held_scale = self._held_scale, None
-        return self._mutate("loss_step", **fields)
+            response = self._call("loss_step", **fields)
+        else:
+            if self._held_scale is not None:
+                fields["step_scale"], self._held_scale = self._held_scale, None
+            response = self._mutate("loss_step", **fields)
+        return self._answer("loss_step", response).loss(int(x.shape[0]), self.input_shape,
+                                                        train=train)
 
     # ------------------------------------------------------------------- weights
     # The model owner never writes a data owner's weights: it may read them only if the data

@@ -27,12 +27,16 @@ from typing import Any
 
 from .transport.base import MODEL_OWNER, TrafficLog, TrafficRecord
 
-__all__ = ["RunReport", "EpochRecord", "RunTraffic", "MEASUREMENT_OPS", "MAX_NOT_AVERAGED"]
+__all__ = ["RunReport", "EpochRecord", "RunTraffic", "MEASUREMENT_OPS", "MAX_NOT_AVERAGED",
+           "MAX_UNREACHABLE", "MAX_ERROR_CHARS"]
 
 #: ops that measure or query rather than train: booked in ``measurement_bytes_by_party``
 MEASUREMENT_OPS = frozenset({"leakage", "watch", "he_costs", "status"})
 #: rounds ``RunReport.not_averaged`` keeps (the newest)
 MAX_NOT_AVERAGED = 1000
+#: the skips ``extra["unreachable"]`` keeps (the latest), and the characters of each error
+MAX_UNREACHABLE = 100
+MAX_ERROR_CHARS = 1000
 
 
 @dataclass
@@ -104,6 +108,18 @@ class RunReport:
         """Forward + backward TFLOPs ``party`` spent training in this run."""
         row = self.flops_by_party.get(party, {})
         return (row.get("forward", 0) + row.get("backward", 0)) / 1e12
+
+    def note_unreachable(self, party: str, epoch: int | None, batch: int | None,
+                         exc: BaseException) -> None:
+        """Record that ``party`` was skipped after ``exc`` in ``extra["unreachable"]`` (saved
+        with every checkpoint): the latest :data:`MAX_UNREACHABLE` skips, each error text
+        clipped to :data:`MAX_ERROR_CHARS` characters (a data owner chooses its text)."""
+        error = f"{type(exc).__name__}: {exc}"
+        if len(error) > MAX_ERROR_CHARS:
+            error = f"{error[:MAX_ERROR_CHARS]}... ({len(error) - MAX_ERROR_CHARS} more characters)"
+        kept = self.extra.setdefault("unreachable", [])
+        kept.append({"party": party, "epoch": epoch, "batch": batch, "error": error})
+        del kept[:-MAX_UNREACHABLE]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

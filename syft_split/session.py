@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .answers import MAX_ABS_VALUE, Answer
 from .errors import ApprovalError, ConfigError, ProtocolError
 from .he_state import HEState, encrypted_forward
 from .losses import LOSSES, count_correct
@@ -51,11 +52,15 @@ class SplitSession:
     ``source`` arguments name where a batch's records come from: a data owner of the plan,
     or :data:`~syft_split.topology.ALIGNED` for vertical plans. ``policy`` sets the timeouts
     and retries of the transport's calls (:class:`~syft_split.transport.base.CallPolicy`).
+    Data owners' answers are checked before use (:mod:`syft_split.answers`); ``max_abs_value``
+    bounds the magnitude of the tensors they answer with (the hosts' default bound: raise it
+    if a data owner raised its ``HostLimits.max_abs_value``).
     """
 
     def __init__(self, plan: SplitPlan, transport: Transport, *,
                  optimizer: OptimizerSpec | None = None, fuse: bool = True,
-                 policy: CallPolicy | None = None) -> None:
+                 policy: CallPolicy | None = None,
+                 max_abs_value: float = MAX_ABS_VALUE) -> None:
         plan.validate()
         missing = [d for d in plan.parties if d not in transport.parties()]
         if missing:
@@ -67,6 +72,11 @@ class SplitSession:
             transport.policy = policy
         self.optimizer_spec = optimizer or OptimizerSpec("sgd", lr=0.01)
         self.fuse = fuse
+        if (not isinstance(max_abs_value, (int, float)) or isinstance(max_abs_value, bool)
+                or not max_abs_value > 0):
+            raise ConfigError(f"max_abs_value must be > 0, got {max_abs_value!r}")
+        #: the bound on |value| of the tensors in data owners' answers
+        self.max_abs_value = float(max_abs_value)
         #: modules the model owner runs, by node index (shared by all data owners)
         self.local: dict[int, nn.Module] = {
             i: n.module for i, n in enumerate(plan.nodes) if n.owner == MODEL_OWNER
@@ -149,11 +159,13 @@ class SplitSession:
             # one token per segment until its proposal is answered: a propose that failed
             # (no answer, or answered StateSaveError) and is sent again makes no second one
             fields["token"] = self._tokens.setdefault((host, i), secrets.token_hex(16))
-            pid = self.transport.call(host, "propose", **fields)["segment"]
+            pid = Answer(host, "propose", self.transport.call(host, "propose", **fields)
+                         ).segment_id()
             if role == "input" and self.plan.local_loss is not None:  # reviewed with it
                 self.plan.local_loss.attach(self.transport, host, pid, self.optimizer_spec)
             self.remote[(host, i)] = RemoteSegment(
-                self.transport, host, pid, role, shapes[0], shapes[1], fuse=self.fuse)
+                self.transport, host, pid, role, shapes[0], shapes[1], fuse=self.fuse,
+                max_abs_value=self.max_abs_value)
             self._unreported.add((host, i))
             out.setdefault(host, []).append(pid)
         self._unreported.clear()
@@ -181,7 +193,7 @@ class SplitSession:
             if key not in segments:
                 raise ConfigError(f"no segment id for {key}; got {sorted(segments)}")
             seg = RemoteSegment(self.transport, host, str(segments[key]), role, shapes[0],
-                                shapes[1], fuse=self.fuse)
+                                shapes[1], fuse=self.fuse, max_abs_value=self.max_abs_value)
             info = self.transport.call(host, "status", segment=seg.segment_id)
             if info["status"] != "approved":
                 why = f" ({info['reason']})" if info.get("reason") else ""
@@ -252,7 +264,7 @@ class SplitSession:
                     r = seg.loss_step(x, indices, dataset=dataset, train=False)
                     remote_losses[task.name] = (
                         torch.tensor(r["loss_sum"] / r["count"], dtype=torch.float64),
-                        {"correct": int(r["correct"])})
+                        {"correct": r["correct"]})  # checked by loss_step
                 else:
                     remote_losses[task.name] = remote_loss(x, seg, indices, dataset)
             else:
@@ -307,7 +319,7 @@ class SplitSession:
                 correct = int(m["correct"])
             else:
                 out = values[task.node]
-                y = self._labels(source, task, labels).to(out.device)
+                y = self._labels(source, task, labels, out).to(out.device)
                 loss = LOSSES[task.loss](out, y)
                 correct = count_correct(out, y)
             per_task[task.name] = {"loss": float(loss.detach()), "correct": correct}
@@ -319,13 +331,15 @@ class SplitSession:
                                   per_task if len(self.plan.tasks) > 1 else {})
 
     def _labels(self, source: str, task: Task,
-                labels: torch.Tensor | dict[str, torch.Tensor] | None) -> torch.Tensor:
-        if task.labels == RELEASED:
+                labels: torch.Tensor | dict[str, torch.Tensor] | None,
+                out: torch.Tensor) -> torch.Tensor:
+        if task.labels == RELEASED:  # a data owner's answer: checked against the task's loss
             inputs = [i for i, n in enumerate(self.plan.nodes) if not n.inputs]
-            y = self._seg(source, inputs[0]).last_labels
-            if y is None:
+            seg = self._seg(source, inputs[0])
+            if seg.last_labels is None:
                 raise ProtocolError(f"{source} released no labels with its activations")
-            return y
+            return Answer(seg.party, "forward", {}, bound=self.max_abs_value).labels(
+                "labels", seg.last_labels, out, task.loss)
         if isinstance(labels, dict):
             if task.name not in labels:
                 raise ConfigError(f"no labels for task {task.name!r}; got {sorted(labels)}")
@@ -398,7 +412,7 @@ class SplitSession:
             if seg.role == "input" and seg.segment_id and host not in skip:
                 r = self.transport.call(host, "leakage", segment=seg.segment_id, dataset=dataset,
                                         **extra)
-                out[host] = {k: float(v) for k, v in r.items()}
+                out[host] = {k: float(v) for k, v in Answer(host, "leakage", r).figures().items()}
         return out
 
     def watch_status(self, *, skip: Collection[str] = ()) -> dict[str, dict[str, Any]]:
@@ -411,7 +425,8 @@ class SplitSession:
             if seg.role != "input" or host in skip:
                 continue
             try:
-                figures = dict(self.transport.call(host, "watch", segment=seg.segment_id))
+                figures = Answer(host, "watch", self.transport.call(
+                    host, "watch", segment=seg.segment_id)).figures(text=True)
             except LeakageHaltError as exc:
                 figures = {"halted": True, "reason": str(exc)}
             if figures:  # no watch there: nothing to report

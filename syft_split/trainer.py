@@ -299,8 +299,7 @@ class Trainer:
             raise exc
         self.session.zero_grad()
         self.down.add(party)
-        self.report.extra.setdefault("unreachable", []).append(
-            {"party": party, "epoch": epoch, "batch": step, "error": f"{type(exc).__name__}: {exc}"})
+        self.report.note_unreachable(party, epoch, step, exc)
 
     def _flush(self) -> None:
         """Deliver held-back gradients; an unreachable party's stay held (sent when it is back)."""
@@ -314,9 +313,7 @@ class Trainer:
                 if self.on_unreachable != "skip":
                     raise
                 self.down.add(seg.party)
-                self.report.extra.setdefault("unreachable", []).append(
-                    {"party": seg.party, "epoch": None, "batch": None,
-                     "error": f"{type(exc).__name__}: {exc}"})
+                self.report.note_unreachable(seg.party, None, None, exc)
 
     def evaluate(self, dataset: str | None = None, batch_size: int = 512) -> dict[str, float]:
         """Loss and accuracy over every data owner's ``dataset`` (no gradient bookkeeping)."""

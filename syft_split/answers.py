@@ -1,0 +1,171 @@
+"""What the model owner checks in a data owner's answers before it uses them.
+
+An honest data owner's host releases only what its egress guard (:mod:`syft_split.host.guard`)
+lets through; a malicious one answers whatever it likes. So every value the model owner reads
+from a data owner's answer (activations, released labels, input gradients, loss figures,
+counts, segment ids, measured figures) passes one of these checks first, mirroring the guard:
+required fields and their types; tensors of the expected shape (batch first) and dtype, finite
+and within ``max_abs_value`` in magnitude (by default the host's own default,
+:data:`MAX_ABS_VALUE`); class labels in range; ``count`` equal to the batch and
+``0 <= correct <= count``. A refused answer raises :class:`~syft_split.errors.ValidationError`
+(or a subclass) whose ``party`` is the data owner and whose message names the op and the field,
+before the value reaches the model owner's weights, optimizer or checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .errors import DTypeError, NonFiniteError, ShapeError, ValidationError
+
+__all__ = ["Answer", "MAX_ABS_VALUE", "MAX_ID_CHARS"]
+
+#: the bound on |value| of tensors in data owners' answers: ``HostLimits().max_abs_value``
+#: (an honest host with the default limits releases nothing larger)
+MAX_ABS_VALUE = 1e6
+#: the longest segment id accepted (the host's own limit for the ids and names it keeps)
+MAX_ID_CHARS = 256
+_MAX_FIGURES = 64  # measured figures in one leakage / watch answer
+_MAX_TEXT = 1000  # a text figure (a watch's halt reason)
+
+
+def _within(t: torch.Tensor, bound: float) -> bool:
+    """Every value finite and ``|v| <= bound``, in one min/max pass (NaN fails both)."""
+    if t.numel() == 0:
+        return True
+    if not math.isfinite(bound):
+        return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t)
+    return bool(lo >= -bound) and bool(hi <= bound)
+
+
+def _finite(value: Any) -> bool:
+    """A finite int or float (not a bool; an int within 64 bits)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(1 << 63) <= value < 1 << 63
+    return isinstance(value, float) and math.isfinite(value)
+
+
+class Answer:
+    """``party``'s answer to ``op``: each accessor checks one field and returns it."""
+
+    def __init__(self, party: str, op: str, response: Mapping[str, Any], *,
+                 bound: float = MAX_ABS_VALUE) -> None:
+        self.party = party
+        self.op = op
+        self.response = response
+        self.bound = bound
+
+    def refuse(self, name: str, why: str, cls: type[ValidationError] = ValidationError
+               ) -> ValidationError:
+        """The error for a bad field ``name`` (``party`` set: who sent it)."""
+        exc = cls(f"{self.party}'s answer to {self.op!r} has a bad field {name!r}: {why}")
+        exc.party = self.party
+        return exc
+
+    def field(self, name: str) -> Any:
+        """A required field."""
+        if name not in self.response:
+            raise self.refuse(name, "missing")
+        return self.response[name]
+
+    def tensor(self, name: str, shape: tuple[int, ...],
+               dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> torch.Tensor:
+        """A required tensor of exactly ``shape`` and one of ``dtypes``, finite and within the
+        bound."""
+        return self.check_tensor(name, self.field(name), shape, dtypes)
+
+    def check_tensor(self, name: str, value: Any, shape: tuple[int, ...],
+                     dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> torch.Tensor:
+        """``value`` (field ``name``) as :meth:`tensor` checks it."""
+        if not isinstance(value, torch.Tensor):
+            raise self.refuse(name, f"expected a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != shape:
+            raise self.refuse(name, f"expected shape {shape}, got {tuple(value.shape)}",
+                              ShapeError)
+        if value.dtype not in dtypes:
+            want = " or ".join(str(d) for d in dtypes)
+            raise self.refuse(name, f"expected {want}, got {value.dtype}", DTypeError)
+        if value.is_floating_point() and not _within(value, self.bound):
+            if not bool(torch.isfinite(value).all()):
+                raise self.refuse(name, "non-finite values (NaN/Inf)", NonFiniteError)
+            raise self.refuse(name, f"magnitude {float(value.abs().max()):.3g} above the bound "
+                                    f"{self.bound:g}")
+        return value
+
+    def count(self, name: str, low: int, high: int) -> int:
+        """A required integer in ``[low, high]``."""
+        value = self.field(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise self.refuse(name, f"expected an integer in [{low}, {high}], got {value!r:.60}")
+        return value
+
+    def scalar(self, name: str) -> float:
+        """A required finite number."""
+        value = self.field(name)
+        if not _finite(value):
+            raise self.refuse(name, f"expected a finite number, got {value!r:.60}")
+        return float(value)
+
+    def segment_id(self, name: str = "segment") -> str:
+        """A segment id: a string of 1 to :data:`MAX_ID_CHARS` printable characters."""
+        value = self.field(name)
+        if (not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS
+                or not value.isprintable()):
+            got = f"{type(value).__name__} of {len(value)}" if hasattr(value, "__len__") else (
+                type(value).__name__)
+            raise self.refuse(name, f"expected a string of 1 to {MAX_ID_CHARS} printable "
+                                    f"characters, got {got}")
+        return value
+
+    def loss(self, batch: int, input_shape: tuple[int, ...], *, train: bool) -> dict[str, Any]:
+        """A loss step's answer over ``batch`` records: ``loss_sum`` (finite), ``count``
+        (the batch), ``correct`` (0 to count) and, in training, ``grad_input`` (the gradient
+        w.r.t. the segment's input, ``(batch, *input_shape)`` float32)."""
+        out: dict[str, Any] = {"loss_sum": self.scalar("loss_sum"),
+                               "count": self.count("count", batch, batch)}
+        out["correct"] = self.count("correct", 0, batch)
+        if train:
+            out["grad_input"] = self.tensor("grad_input", (batch, *input_shape))
+        return out
+
+    def labels(self, name: str, value: Any, out: torch.Tensor, loss: str) -> torch.Tensor:
+        """Labels released with a batch, for ``loss`` on the model's output ``out``: class
+        indices (int64, ``out``'s shape without dimension 1, each in ``[0, out.shape[1])``)
+        for cross-entropy; otherwise float targets of ``out``'s shape (in [0, 1] for
+        ``bce_with_logits``)."""
+        if loss == "cross_entropy":
+            shape = (out.shape[0], *out.shape[2:]) if out.dim() > 1 else tuple(out.shape)
+            y = self.check_tensor(name, value, shape, (torch.int64,))
+            classes = out.shape[1] if out.dim() > 1 else 0
+            if y.numel() and not (0 <= int(y.min()) and int(y.max()) < classes):
+                raise self.refuse(name, f"class labels outside [0, {classes})")
+            return y
+        y = self.check_tensor(name, value, tuple(out.shape), (torch.float32, torch.float64))
+        if loss == "bce_with_logits" and y.numel() and not (0 <= float(y.min())
+                                                             and float(y.max()) <= 1):
+            raise self.refuse(name, "binary targets outside [0, 1]")
+        return y
+
+    def figures(self, *, text: bool = False) -> dict[str, Any]:
+        """Measured figures (leakage, watch): at most 64 fields, each a finite number (or,
+        with ``text``, a string of at most 1000 characters)."""
+        if len(self.response) > _MAX_FIGURES:
+            raise self.refuse("*", f"{len(self.response)} figures, at most {_MAX_FIGURES}")
+        out: dict[str, Any] = {}
+        for k, v in self.response.items():
+            if not isinstance(k, str) or len(k) > 64:
+                raise self.refuse(str(k)[:64], "a figure's name must be at most 64 characters")
+            if isinstance(v, bool) or _finite(v):
+                out[k] = v
+            elif text and isinstance(v, str) and len(v) <= _MAX_TEXT:
+                out[k] = v
+            else:
+                raise self.refuse(str(k)[:64], f"expected a finite number, got {v!r:.60}")
+        return out
