@@ -423,11 +423,11 @@ def align_records(transport: Transport, parties: Sequence[str], dataset: str,
 def _declared_records(transport: Transport, party: str, dataset: str, most: int) -> int:
     """How many records ``party``'s ``dataset`` holds, as its ``describe`` declares: the most
     ids it may claim in ``psi_serve`` and ask about in ``psi_request`` (at most ``most``)."""
-    meta = transport.call(party, "describe").get("datasets")
-    entry = meta.get(dataset) if isinstance(meta, dict) else None
-    n = entry.get("records") if isinstance(entry, dict) else None
-    if (not isinstance(n, int) or isinstance(n, bool) or n < 1
-            or not isinstance(entry, dict) or entry.get("has_ids") is not True):
+    from .contract import check_describe
+
+    entry = check_describe(party, transport.call(party, "describe")).get(dataset)
+    n = entry.get("records") if entry is not None else None
+    if not isinstance(n, int) or n < 1 or entry is None or entry.get("has_ids") is not True:
         raise ConfigError(f"data owner {party!r} declares no dataset {dataset!r} with record "
                           "ids (describe): it must add one before aligning")
     if n > most:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .answers import MAX_ABS_VALUE, Answer
+from .contract import check_describe
 from .errors import ApprovalError, ConfigError, ProtocolError
 from .he_state import HEState, encrypted_forward
 from .losses import LOSSES, count_correct
@@ -130,7 +131,8 @@ class SplitSession:
 
     def _describe(self, party: str) -> dict[str, Any]:
         if party not in self.metadata:
-            self.metadata[party] = self.transport.call(party, "describe")["datasets"]
+            self.metadata[party] = dict(check_describe(party,
+                                                       self.transport.call(party, "describe")))
         return self.metadata[party]
 
     def _merge(self, i: int, values: dict[int, torch.Tensor]) -> torch.Tensor:

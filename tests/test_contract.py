@@ -157,6 +157,17 @@ def test_a_describe_answer_of_the_wrong_form_is_a_config_error() -> None:
         assert says in str(err.value)
 
 
+def test_a_describe_answer_without_datasets_is_a_config_error_in_the_session() -> None:
+    """The session read ``describe``'s ``datasets`` unchecked: an answer without it was a raw
+    KeyError."""
+    plan = _digits_plan(datasets=["train"])
+    dep = inprocess({"hospital_a": {"train": (_x(), _y())}})
+    lying = RewriteAnswers(dep.transport, "hospital_a", "describe", lambda req, a: {"x": 1})
+    with pytest.raises(ConfigError, match=r"^hospital_a: its describe answer"):
+        SplitSession(plan, lying).propose()
+    assert dep.owners["hospital_a"].proposals() == []
+
+
 def test_features_past_the_bound_are_a_problem_before_any_dry_run() -> None:
     """A data owner declares huge records: the model owner allocates nothing for them (it
     dry-ran its segment on zeros of that shape: (1, 6000, 6000) took 24 s and 5 GB)."""
