@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import DTypeError, NonFiniteError, ShapeError, ValidationError
+from .wire import within
 
 __all__ = ["Answer", "MAX_ABS_VALUE", "MAX_ID_CHARS"]
 
@@ -31,16 +32,6 @@ MAX_ABS_VALUE = 1e6
 MAX_ID_CHARS = 256
 _MAX_FIGURES = 64  # measured figures in one leakage / watch answer
 _MAX_TEXT = 1000  # a text figure (a watch's halt reason)
-
-
-def _within(t: torch.Tensor, bound: float) -> bool:
-    """Every value finite and ``|v| <= bound``, in one min/max pass (NaN fails both)."""
-    if t.numel() == 0:
-        return True
-    if not math.isfinite(bound):
-        return bool(torch.isfinite(t).all())
-    lo, hi = torch.aminmax(t)
-    return bool(lo >= -bound) and bool(hi <= bound)
 
 
 def _finite(value: Any) -> bool:
@@ -92,7 +83,7 @@ class Answer:
         if value.dtype not in dtypes:
             want = " or ".join(str(d) for d in dtypes)
             raise self.refuse(name, f"expected {want}, got {value.dtype}", DTypeError)
-        if value.is_floating_point() and not _within(value, self.bound):
+        if value.is_floating_point() and not within(value, self.bound):
             if not bool(torch.isfinite(value).all()):
                 raise self.refuse(name, "non-finite values (NaN/Inf)", NonFiniteError)
             raise self.refuse(name, f"magnitude {float(value.abs().max()):.3g} above the bound "

@@ -23,6 +23,7 @@ import torch
 
 from .. import wire
 from ..errors import EgressError, ProtocolError, ValidationError
+from ..wire import within
 from .records import Dataset, HostLimits, Runtime
 
 __all__ = [
@@ -75,23 +76,11 @@ def _tensor(name: str, value: Any, call: Call, guard: Guard, shape: tuple[int, .
     if tuple(value.shape) != shape or (dtype is not None and value.dtype != dtype):
         raise _refuse(call, name, f"{tuple(value.shape)} {value.dtype}; approved: {shape} "
                                   f"{dtype if dtype is not None else ''}".rstrip())
-    if value.is_floating_point() and not _within(value, guard.limits.max_abs_value):
+    if value.is_floating_point() and not within(value, guard.limits.max_abs_value):
         if not bool(torch.isfinite(value).all()):
             raise _refuse(call, name, "non-finite values (NaN/Inf) never leave")
         raise _refuse(call, name, f"magnitude above the approved bound "
                                   f"{guard.limits.max_abs_value:g}")
-
-
-def _within(t: torch.Tensor, bound: float) -> bool:
-    """Every value finite and ``|v| <= bound``: one fused min/max pass (NaN fails both
-    comparisons), ~8x cheaper than ``isfinite().all()`` on CPU; the slow checks run only to
-    say what failed."""
-    if t.numel() == 0:
-        return True
-    if not math.isfinite(bound):
-        return bool(torch.isfinite(t).all())
-    lo, hi = torch.aminmax(t)
-    return bool(lo >= -bound) and bool(hi <= bound)
 
 
 def _rows(call: Call, name: str) -> int:
@@ -244,7 +233,7 @@ class Guard:
 
     def _finite_bounded(self, t: torch.Tensor, name: str) -> None:
         """NonFiniteError for NaN/Inf, ValidationError above the bound (fast path: one pass)."""
-        if _within(t, self.limits.max_abs_value):
+        if within(t, self.limits.max_abs_value):
             return
         wire.check_tensor(t, name, nonempty=False)  # raises NonFiniteError, with counts
         self.bounded(t, name)
