@@ -264,19 +264,25 @@ def test_alignment_permissions_and_aligned_rows_survive_restart(tmp_path: Path) 
     assert ("people", "model-owner@example.org") in back.families["alignment"]._allowed  # type: ignore[attr-defined]
 
 
+def _people(state_dir: Path) -> Callable[[], DataOwnerHost]:
+    """A data owner "a" with 12 records ``people`` (ids p0..p11), as it (re)starts."""
+    x, ids = torch.randn(12, 3), [f"p{i}" for i in range(12)]
+
+    def start() -> DataOwnerHost:
+        host = DataOwnerHost("a", state_dir=state_dir / "a")
+        host.add_dataset("people", x, ids=ids)
+        host.restore_state()
+        return host
+
+    return start
+
+
 def test_a_pending_forward_on_aligned_rows_comes_back(tmp_path: Path) -> None:
     """A forward left pending on an aligned dataset is re-run after a crash once the aligned
     rows are back (restoring used to fail: the re-run came before the families' state)."""
     from syft_split.alignment import align_records
 
-    x, ids = torch.randn(12, 3), [f"p{i}" for i in range(12)]
-
-    def start() -> DataOwnerHost:
-        host = DataOwnerHost("a", state_dir=tmp_path / "a")
-        host.add_dataset("people", x, ids=ids)
-        host.restore_state()
-        return host
-
+    start = _people(tmp_path)
     host = start()
     host.allow_alignment("people", "model-owner@example.org")
     t = InProcessTransport([host])

@@ -28,7 +28,7 @@ from syft_split import (
 )
 from syft_split.errors import ApprovalError, WireError
 
-from .test_durability import DATA, _host, _one, _weights
+from .test_durability import DATA, _host, _one, _people, _weights
 
 Y = DATA["a"]["train"][1]
 
@@ -196,14 +196,7 @@ def test_a_damaged_aligned_dataset_is_dropped_alone(tmp_path: Path) -> None:
     with an AttributeError)."""
     from syft_split.alignment import align_records
 
-    x, ids = torch.randn(12, 3), [f"p{i}" for i in range(12)]
-
-    def start() -> DataOwnerHost:
-        host = DataOwnerHost("a", state_dir=tmp_path / "a")
-        host.add_dataset("people", x, ids=ids)
-        host.restore_state()
-        return host
-
+    start = _people(tmp_path)
     host = start()
     host.allow_alignment("people", "model-owner@example.org")
     t = InProcessTransport([host])
