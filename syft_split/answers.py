@@ -32,6 +32,8 @@ MAX_ABS_VALUE = 1e6
 MAX_ID_CHARS = 256
 _MAX_FIGURES = 64  # measured figures in one leakage / watch answer
 _MAX_TEXT = 1000  # a text figure (a watch's halt reason)
+_INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_FLOAT = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _finite(value: Any) -> bool:
@@ -127,18 +129,23 @@ class Answer:
         return out
 
     def labels(self, name: str, value: Any, out: torch.Tensor, loss: str) -> torch.Tensor:
-        """Labels released with a batch, for ``loss`` on the model's output ``out``: class
-        indices (int64, ``out``'s shape without dimension 1, each in ``[0, out.shape[1])``)
-        for cross-entropy; otherwise float targets of ``out``'s shape (in [0, 1] for
-        ``bce_with_logits``)."""
-        if loss == "cross_entropy":
-            shape = (out.shape[0], *out.shape[2:]) if out.dim() > 1 else tuple(out.shape)
-            y = self.check_tensor(name, value, shape, (torch.int64,))
+        """Labels released with a batch, for ``loss`` on the model's output ``out``, as torch's
+        losses take them: for cross-entropy class indices (int64 or uint8, ``out``'s shape
+        without dimension 1, each in ``[0, out.shape[1])``) or class probabilities (a float
+        dtype, ``out``'s shape); otherwise targets of ``out``'s shape, any float or integer
+        dtype (in [0, 1] for ``bce_with_logits``). Every value finite and within the bound."""
+        shape = tuple(out.shape)
+        if loss == "cross_entropy" and not (isinstance(value, torch.Tensor)
+                                            and value.is_floating_point()):
+            shape = (out.shape[0], *out.shape[2:]) if out.dim() > 1 else shape
+            y = self.check_tensor(name, value, shape, (torch.int64, torch.uint8))
             classes = out.shape[1] if out.dim() > 1 else 0
             if y.numel() and not (0 <= int(y.min()) and int(y.max()) < classes):
                 raise self.refuse(name, f"class labels outside [0, {classes})")
             return y
-        y = self.check_tensor(name, value, tuple(out.shape), (torch.float32, torch.float64))
+        y = self.check_tensor(name, value, shape, _FLOAT + _INTEGER)
+        if not y.is_floating_point() and y.numel() and float(y.abs().max()) > self.bound:
+            raise self.refuse(name, f"targets above the bound {self.bound:g}")
         if loss == "bce_with_logits" and y.numel() and not (0 <= float(y.min())
                                                              and float(y.max()) <= 1):
             raise self.refuse(name, "binary targets outside [0, 1]")

@@ -50,6 +50,7 @@ __all__ = [
     "WireError",
     "ProtocolError",
     "CohortRefusedError",
+    "AverageRefusedError",
     "AccessError",
     "AuthorizationError",
     "ApprovalError",
@@ -121,6 +122,12 @@ class ProtocolError(SyftSplitError):
 
 class AccessError(SyftSplitError):
     """The caller is not allowed to do this."""
+
+
+class AverageRefusedError(ValidationError):
+    """A member of a secure-aggregation round refused the round's *average* (past its bound,
+    not finite): no single sender is to blame (contributions are masked, nobody sees one), so
+    the model owner leaves the round unaveraged instead of dropping anyone."""
 
 
 class CohortRefusedError(ProtocolError, AccessError):

@@ -304,8 +304,7 @@ class RemoteSegment:
         """Hand over every other member's sealed contribution; the data owner checks each,
         sums them with its own and loads the average (``check``: only checks, loads nothing).
         A refusal because of one sender's contribution names it (the error's ``peer``)."""
-        extra = {"check": True} if check else {}
-        self._call("secagg_aggregate", round=round, **extra,
+        self._call("secagg_check" if check else "secagg_aggregate", round=round,
                    **{f"sealed/{sender}": sealed for sender, sealed in contributions.items()})
 
 

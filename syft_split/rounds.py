@@ -27,11 +27,12 @@ Failures: :func:`run_each` bounds the calls in flight (``max_workers``) and give
 owner ``deadline_s`` per phase. A data owner whose call fails or does not answer in time is
 reported by name (:class:`PartyFailure`, also in the run report) and dropped for the rest of
 the run; the round goes on with the others, whose steps and averaging are kept. A bad answer
-is its sender's failure only: an activation the model owner refuses (:func:`check_activation`;
-or a non-finite loss or gradient on it) fails that data owner in phase ``"model owner"``
-before anything changed, and a bad secure-aggregation contribution fails its sender (see
-:class:`~syft_split.schedules.SecureAverage`), never the peers whose refusals follow. A call past
-its deadline is abandoned, not killed: its (daemon) thread ends when the transport returns.
+is its sender's failure only: an activation the model owner refuses (its answer's check,
+:mod:`syft_split.answers`) fails that data owner in phase ``"forward"``, a non-finite loss or
+gradient on it in phase ``"model owner"``, before anything changed, and a bad
+secure-aggregation contribution fails its sender (see
+:class:`~syft_split.schedules.SecureAverage`), never the peers whose refusals follow. A call
+past its deadline is abandoned, not killed: its (daemon) thread ends when the transport returns.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from .errors import ConfigError, DTypeError, NonFiniteError, SyftSplitError, TransportError, ValidationError
+from .errors import ConfigError, NonFiniteError, TransportError, ValidationError
 from .schedules import ServerCopies
 from .session import SplitSession, StepMetrics
 from .topology import DATA_OWNER, MODEL_OWNER
@@ -58,36 +59,13 @@ __all__ = [
     "PartyFailure",
     "RoundResult",
     "RoundTiming",
-    "MAX_ABS_ACTIVATION",
     "SplitFedRounds",
-    "check_activation",
     "run_each",
     "unsupported",
 ]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-#: the largest |value| of an activation the model owner uses (the data owners' own default
-#: bound, ``HostLimits.max_abs_value``), unless its session sets ``max_abs_value``
-MAX_ABS_ACTIVATION = 1e6
-
-
-def check_activation(party: str, act: object, dtype: torch.dtype, bound: float) -> None:
-    """Refuse ``party``'s activation (:class:`~syft_split.errors.ValidationError`) unless it
-    is a tensor of ``dtype``, finite, every ``|v| <= bound``."""
-    if not isinstance(act, torch.Tensor):
-        raise ValidationError(f"{party}: activation must be a tensor, got {type(act).__name__}")
-    if act.dtype != dtype:
-        raise DTypeError(f"{party}: activation must be {dtype}, got {act.dtype}")
-    if not bool(torch.isfinite(act).all()):
-        raise NonFiniteError(f"{party}: activation contains "
-                             f"{int((~torch.isfinite(act)).sum())} non-finite values")
-    top = float(act.abs().max()) if act.numel() else 0.0
-    if top > bound:
-        raise ValidationError(f"{party}: activation has |v| = {top:.3g}, past the bound "
-                              f"{bound:g}")
 
 
 # --------------------------------------------------------------------- bounded concurrency
@@ -239,9 +217,6 @@ class SplitFedRounds:
         #: seconds of each round of the last epoch
         self.epoch_round_seconds: list[float] = []
         self._node = next(i for i, n in enumerate(self.session.plan.nodes) if not n.inputs)
-        #: the dtype of the model owner's segments: what each activation must have
-        self._dtype = next((w.dtype for m in self.session.local.values() for w in m.parameters()
-                            if w.is_floating_point()), torch.float32)
 
     def _each(self, phase: str, keys: Iterable[str], fn: Callable[[str], T]) -> dict[str, T]:
         results, errors = run_each(keys, fn, max_workers=self.max_workers,
@@ -263,17 +238,22 @@ class SplitFedRounds:
         """The model owner's part of ``p``'s step on its activation ``act``: the rest of the
         network, the loss, backward and the optimizer step; returns the cut-layer gradient.
 
-        ``p``'s answer is checked first (the dtype of the model owner's segments, finite,
-        ``|v| <=`` :data:`MAX_ABS_ACTIVATION` or the session's ``max_abs_value``), and the
-        loss and every gradient before the step: a failure raises before any weight or
-        optimizer state changes, and buffers the forward moved (BatchNorm statistics) are put
-        back, so one data owner's bad answer is its failure alone."""
+        ``p``'s activation was checked with its answer (:mod:`syft_split.answers`); the loss
+        and every gradient are checked before the step: such a failure (a
+        :class:`ValidationError`)
+        raises before any weight or optimizer state changes, and buffers the forward moved
+        (BatchNorm statistics) are put back, so one data owner's bad answer is its failure
+        alone. Every other error (the model owner's own: labels it lacks, weights already not
+        finite) is raised as it is: the run stops, no data owner is blamed for it."""
         s, tr = self.session, self.trainer
-        check_activation(p, act, self._dtype,
-                         float(getattr(s, "max_abs_value", None) or MAX_ABS_ACTIVATION))
         if self.copies is not None:
             self.copies.use(p)
         buffers = [(b, b.detach().clone()) for m in s.local.values() for b in m.buffers()]
+        own = [n for m_ in s.local.values() for n, w in m_.named_parameters()
+               if not bool(torch.isfinite(w).all())]
+        if own:  # the model owner's own weights: not the data owner's doing (raised, no drop)
+            raise FloatingPointError(f"the model owner's weights {', '.join(own[:5])} are not "
+                                     "finite")
         s.zero_grad()
         try:
             leaf = act.detach().requires_grad_()
@@ -328,7 +308,7 @@ class SplitFedRounds:
                 continue
             try:
                 grads[p], out.metrics[p] = self._model_owner_step(p, idx, acts[p])
-            except (SyftSplitError, RuntimeError) as err:  # this data owner's answer: its failure
+            except ValidationError as err:  # this data owner's answer: its failure alone
                 self._drop(p, "model owner", err)
         timing.model_owner_s = time.perf_counter() - t0
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 
 from . import secagg
-from .errors import CohortRefusedError, ConfigError, ValidationError
+from .errors import AverageRefusedError, CohortRefusedError, ConfigError, ValidationError
 from .remote import RemoteSegment
 from .session import SplitSession
 
@@ -151,6 +151,8 @@ class SecureAverage:
         self.min_cohort: dict[str, int] = {}
         #: what the last call did (averaged or not, relayed or not)
         self.last = AverageOutcome()
+        #: how often each data owner refused a peer's contribution (see :meth:`_blamed`)
+        self.accusations: dict[str, int] = {}
 
     def __call__(self, sources: Sequence[str], weights: Sequence[float], *,
                  each: Each | None = None) -> dict[str, BaseException]:
@@ -250,9 +252,10 @@ class SecureAverage:
         """One round of node ``i``'s copies: every member contributes; the answers are
         checked (:func:`contribution_faults`: a bad one fails its sender); every member checks
         every contribution it is relayed, loading nothing (a refusal naming a peer fails that
-        peer, :func:`_blamed`), then aggregates.
+        peer, :meth:`_blamed`; a refused average leaves the round unaveraged), then aggregates.
         Returns the failures, whether they happened while loading (aggregate), and why the
-        round was abandoned if a member refused its cohort (then nobody aggregates)."""
+        round was abandoned if a member refused its cohort or the average (then nobody
+        aggregates)."""
         segs = {s: self.session._seg(s, i) for s in sources}
         members = {seg.party: seg.segment_id for seg in segs.values()}
         rnd = self.round
@@ -277,10 +280,45 @@ class SecureAverage:
         # round (nothing loaded anywhere), charged to the peer it names
         _, failed = run(list(segs), lambda s: segs[s].secagg_aggregate(rnd, relayed(s),
                                                                        check=True))
+        average = {s: e for s, e in failed.items() if isinstance(e, AverageRefusedError)}
+        failed = {s: e for s, e in failed.items() if s not in average}
         if failed:
-            return _blamed(failed, party, rnd), False, None
+            return self._blamed(failed, party, rnd), False, None
+        if average:  # the average itself refused: nobody to blame, the round is not averaged
+            return {}, False, "; ".join(f"{party[s]}: {type(e).__name__}: {e}"
+                                        for s, e in average.items())
         _, failed = run(list(segs), lambda s: segs[s].secagg_aggregate(rnd, relayed(s)))
         return failed, True, None
+
+
+    def _blamed(self, failed: dict[str, BaseException], party: dict[str, str], rnd: int
+                ) -> dict[str, BaseException]:
+        """The failures of the checking phase charged to whom they name. A member refusing
+        another member's contribution names it (its error's ``peer``, a structured field); the
+        model owner cannot tell which of the two lies, so each member's first such accusation
+        in the run leaves the accused out, and any later one leaves the accuser out instead
+        (:attr:`accusations`): a member that lies costs the run at most one honest member, and
+        an honest one still has a lying peer left out. Any other failure is the member's own."""
+        source = {p: s for s, p in party.items()}
+        out: dict[str, BaseException] = {}
+        for s, exc in failed.items():
+            peer = getattr(exc, "peer", None)
+            me = party[s]
+            if peer in source and peer != me and self.accusations.get(me, 0) == 0:
+                culprit = ValidationError(f"{me} refused {peer}'s contribution to round "
+                                          f"{rnd}: {type(exc).__name__}: {exc}")
+                culprit.__cause__ = exc
+                out.setdefault(source[peer], culprit)
+            elif peer in source and peer != me:
+                out[s] = ValidationError(f"{me} refused {peer}'s contribution to round {rnd} "
+                                         f"after an earlier accusation of its own "
+                                         f"({type(exc).__name__}: {exc}): one accusation a "
+                                         "run is taken, the accuser is left out of the next")
+            else:
+                out[s] = exc
+            if peer in source and peer != me:
+                self.accusations[me] = self.accusations.get(me, 0) + 1
+        return out
 
 
 def contribution_faults(sealed: dict[str, dict[str, Any]], rnd: int
@@ -315,26 +353,6 @@ def contribution_faults(sealed: dict[str, dict[str, Any]], rnd: int
                 f"{s}'s contribution to round {rnd} has another length than the others'")
                 for s, v in norm.items() if v != common})
     return faults
-
-
-def _blamed(failed: dict[str, BaseException], party: dict[str, str], rnd: int
-            ) -> dict[str, BaseException]:
-    """The failures of the checking phase charged to whom they name: a member that refused
-    another member's contribution (its error's ``peer``, a structured field) charges that
-    member, which is left out (the refusing member goes on); any other failure is the
-    member's own (by source)."""
-    source = {p: s for s, p in party.items()}
-    out: dict[str, BaseException] = {}
-    for s, exc in failed.items():
-        peer = getattr(exc, "peer", None)
-        if peer in source and peer != party[s]:
-            culprit = ValidationError(f"{party[s]} refused {peer}'s contribution to round "
-                                      f"{rnd}: {type(exc).__name__}: {exc}")
-            culprit.__cause__ = exc
-            out.setdefault(source[peer], culprit)
-        else:
-            out[s] = exc
-    return out
 
 
 def _refused(fn: Callable[..., T], *args: Any) -> T | CohortRefusedError:

@@ -121,12 +121,13 @@ def _reference(schedule: str, op: str, workers: int) -> dict[str, Any]:
     ("float64", "splitfed_v1", 1)]))
 def test_a_bad_activation_drops_only_its_sender(attack: str, schedule: str, workers: int
                                                 ) -> None:
-    """m's activation is refused before the model owner's step: m alone is dropped, and the
-    others' weights (and the model owner's) are those of a run in which m's forward failed."""
+    """m's activation is refused with its forward answer (before the model owner's step): m
+    alone is dropped, and the others' weights (and the model owner's) are those of a run in
+    which m's forward failed."""
     want = _reference(schedule, "forward", workers)
     got, trainer, transport = _run(schedule, "forward", ACTIVATIONS[attack], workers=workers)
     assert transport.hits == 1  # m answered once, then was left out
-    assert _failures(trainer) == [("m", "model owner")]
+    assert _failures(trainer) == [("m", "forward")]
     assert trainer.report.steps == 4  # a and b, two rounds each
     _assert_equal(got, want)
 

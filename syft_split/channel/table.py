@@ -34,7 +34,7 @@ DATA_OPS = frozenset({
     "forward", "backward", "discard", "loss_step",                        # segments
     "local_forward", "pipe_forward", "pipe_backward", "pipe_discard",     # latency
     "export", "seal", "unseal",                                           # weights
-    "secagg_round", "secagg_contribute", "secagg_aggregate",              # secure aggregation
+    "secagg_round", "secagg_contribute", "secagg_check", "secagg_aggregate",  # secure agg.
     "fl_train", "fl_gradient", "fl_evaluate",                             # federated
     "he_context", "he_output", "he_grad", "he_costs",                     # HE
     "watch", "leakage",                                                   # leakage watch

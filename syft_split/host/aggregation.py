@@ -8,7 +8,10 @@
 ``secagg_aggregate``   every other member's sealed contribution for the pending round: each is
                        authenticated and checked (member, round, cohort, weights, segment
                        fingerprint); the masks cancel in the sum and the average is loaded
-                       (``check: true``: only checked; a refusal names the peer at fault)
+                       (a refusal names the peer at fault)
+``secagg_check``       what ``secagg_aggregate`` checks, loading and saving nothing (asked of
+                       every member first: a refused contribution aborts the round before
+                       anyone loads; a refused average leaves it unaveraged)
 =====================  =====================================================================
 """
 
@@ -19,7 +22,15 @@ from typing import Any
 import numpy as np
 
 from .. import secagg, wire
-from ..errors import AccessError, CohortRefusedError, ProtocolError, ShapeError, SyftSplitError
+from ..errors import (
+    AccessError,
+    AverageRefusedError,
+    CohortRefusedError,
+    ProtocolError,
+    ShapeError,
+    SyftSplitError,
+    ValidationError,
+)
 from .dispatch import Host, op
 from .guard import SCALAR, SEALED, Call
 from .peers import PeerFamily, _positive_int, _text, fingerprint
@@ -162,19 +173,24 @@ class AggregationOps(PeerFamily):
             out[f"sealed/{p}"] = bytes(self._box(p).encrypt(plain))
         return out
 
+    @op("secagg_check", roles=ROLES, egress={"round": SCALAR, "steps": SCALAR})
+    def secagg_check(self, call: Call) -> dict[str, Any]:
+        """What ``secagg_aggregate`` checks (every contribution, the average's bound), loading
+        and saving nothing: the model owner asks every member this first, so that a refused
+        contribution aborts the round before anyone has loaded it. A refusal because of one
+        peer's contribution names it in the answer's ``peer`` field (the error's ``peer``
+        attribute); a refused average is an :class:`AverageRefusedError`."""
+        return self._aggregate(call, check=True)
+
     @op("secagg_aggregate", roles=ROLES, mutates=True, egress={"round": SCALAR, "steps": SCALAR})
     def secagg_aggregate(self, call: Call) -> dict[str, Any]:
         """Check every other member's sealed contribution, sum them with this data owner's
-        own and load the average. With ``check: true`` only check (everything, the average's
-        bound too) and load nothing: the model owner asks every member this first, so that a
-        refused contribution aborts the round before anyone has loaded it. A refusal because
-        of one peer's contribution names it in the answer's ``peer`` field (the error's
-        ``peer`` attribute)."""
+        own and load the average (refusals as :meth:`secagg_check`'s)."""
+        return self._aggregate(call, check=False)
+
+    def _aggregate(self, call: Call, *, check: bool) -> dict[str, Any]:
         rt = call.rt
         assert rt is not None
-        check = call.req.get("check", False)
-        if not isinstance(check, bool):
-            raise ProtocolError(f"check must be a bool, got {type(check).__name__}")
         pending = self.pending.get(rt.id)
         rnd = call.req.get("round")
         if pending is None and self.aggregated.get(rt.id) == rnd:  # done; its answer was lost
@@ -206,7 +222,11 @@ class AggregationOps(PeerFamily):
         keys = [k for k, v in state.items() if v.is_floating_point()]
         new = {**{k: v.clone() for k, v in state.items()},
                **secagg.unflatten(average, state, keys)}
-        checked = self._check_loadable(rt, new)
+        try:
+            checked = self._check_loadable(rt, new)
+        except ValidationError as exc:  # the average's: nobody's contribution in particular
+            raise AverageRefusedError(f"the average of round {rnd} cannot be loaded into "
+                                      f"{rt.id}: {exc}") from exc
         if check:
             return {"round": rnd, "steps": rt.steps}
         self._load(rt, checked)

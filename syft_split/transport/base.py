@@ -89,7 +89,7 @@ class CallPolicy:
 
 
 #: ops that change state but answer a repeat of the same request from their record
-IDEMPOTENT_OPS = frozenset({"secagg_contribute", "secagg_aggregate"})
+IDEMPOTENT_OPS = frozenset({"secagg_contribute", "secagg_check", "secagg_aggregate"})
 
 
 def repeatable(op: str, fields: Mapping[str, Any]) -> bool:
