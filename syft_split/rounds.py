@@ -249,11 +249,6 @@ class SplitFedRounds:
         if self.copies is not None:
             self.copies.use(p)
         buffers = [(b, b.detach().clone()) for m in s.local.values() for b in m.buffers()]
-        own = [n for m_ in s.local.values() for n, w in m_.named_parameters()
-               if not bool(torch.isfinite(w).all())]
-        if own:  # the model owner's own weights: not the data owner's doing (raised, no drop)
-            raise FloatingPointError(f"the model owner's weights {', '.join(own[:5])} are not "
-                                     "finite")
         s.zero_grad()
         try:
             leaf = act.detach().requires_grad_()
@@ -269,11 +264,16 @@ class SplitFedRounds:
             if bad:
                 raise NonFiniteError(f"{p}: its activation gives non-finite gradients of "
                                      f"{', '.join(bad[:5])}")
-        except BaseException:
+        except BaseException as exc:
             s.zero_grad()
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
+            own = [n for m_ in s.local.values() for n, w in m_.named_parameters()
+                   if isinstance(exc, NonFiniteError) and not bool(torch.isfinite(w).all())]
+            if own:  # the model owner's own weights: not the data owner's doing (no drop)
+                raise FloatingPointError(f"the model owner's weights {', '.join(own[:5])} are "
+                                         "not finite") from exc
             raise
         s.step()
         if self.copies is not None:

@@ -161,3 +161,25 @@ def test_the_model_owners_own_error_stops_the_run_and_blames_no_data_owner() -> 
     with pytest.raises(ConfigError, match="labels"):
         trainer.fit(1, verbose=False)
     assert trainer.report.party_failures == []
+
+
+def test_the_model_owners_own_nan_weights_stop_the_run_and_blame_no_data_owner() -> None:
+    """A non-finite loss is charged to the data owner whose activation it came from, unless
+    the model owner's own weights are not finite: then the run stops, nobody dropped."""
+    data = _data()
+    dep = inprocess({p: {"train": d} for p, d in data.items()})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    plan = SplitPlan.vanilla([copy.deepcopy(model[:2]), copy.deepcopy(model[2:])], PARTIES,
+                             datasets=["train"], share_weights="peer")
+    session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("sgd", lr=0.1))
+    dep.approve_all(session.propose())
+    dep.trust_each_other()
+    trainer = Trainer(session, batch_size=8, progress=False, test_dataset=None,
+                      measure_leakage=False, watch=False, schedule="splitfed_v2", max_workers=4,
+                      labels={p: {"train": d[1]} for p, d in data.items()})
+    with pytest.raises(FloatingPointError, match="model owner's weights"):
+        trainer.fit(1, verbose=False)
+    assert trainer.report.party_failures == []
