@@ -255,7 +255,7 @@ class SplitFedRounds:
             loss, m = s.loss(p, idx, tr._label(p, tr.train_dataset, idx), dataset=tr.train_dataset,
                              inputs={self._node: leaf})
             if not bool(torch.isfinite(loss.detach()).all()):
-                raise NonFiniteError(f"{p}: the loss on its activation is {float(loss):g}")
+                raise NonFiniteError(f"{p}: the loss on its activation is {float(loss.detach()):g}")
             loss.backward()
             bad = [n for m_ in s.local.values() for n, w in m_.named_parameters()
                    if w.grad is not None and not bool(torch.isfinite(w.grad).all())]
