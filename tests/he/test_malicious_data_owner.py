@@ -56,7 +56,7 @@ def _step(s: SplitSession, y: torch.Tensor) -> float:
     loss, _ = s.loss("m", idx, y[idx])
     loss.backward()
     s.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 @pytest.mark.parametrize("options", [{"mask_bits": 0}, {"x_bound": 1e6}])
