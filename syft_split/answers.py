@@ -133,7 +133,8 @@ class Answer:
         losses take them: for cross-entropy class indices (int64 or uint8, ``out``'s shape
         without dimension 1, each in ``[0, out.shape[1])``) or class probabilities (a float
         dtype, ``out``'s shape); otherwise targets of ``out``'s shape, any float or integer
-        dtype (in [0, 1] for ``bce_with_logits``). Every value finite and within the bound."""
+        dtype (float in [0, 1] for ``bce_with_logits``). Every value finite and within the
+        bound."""
         shape = tuple(out.shape)
         if loss == "cross_entropy" and not (isinstance(value, torch.Tensor)
                                             and value.is_floating_point()):
@@ -143,7 +144,9 @@ class Answer:
             if y.numel() and not (0 <= int(y.min()) and int(y.max()) < classes):
                 raise self.refuse(name, f"class labels outside [0, {classes})")
             return y
-        y = self.check_tensor(name, value, shape, _FLOAT + _INTEGER)
+        # bce_with_logits takes float targets only (torch refuses integer ones)
+        kinds = _FLOAT if loss == "bce_with_logits" else _FLOAT + _INTEGER
+        y = self.check_tensor(name, value, shape, kinds)
         if not y.is_floating_point() and y.numel() and float(y.abs().max()) > self.bound:
             raise self.refuse(name, f"targets above the bound {self.bound:g}")
         if loss == "bce_with_logits" and y.numel() and not (0 <= float(y.min())

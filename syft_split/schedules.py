@@ -151,8 +151,6 @@ class SecureAverage:
         self.min_cohort: dict[str, int] = {}
         #: what the last call did (averaged or not, relayed or not)
         self.last = AverageOutcome()
-        #: how often each data owner refused a peer's contribution (see :meth:`_blamed`)
-        self.accusations: dict[str, int] = {}
 
     def __call__(self, sources: Sequence[str], weights: Sequence[float], *,
                  each: Each | None = None) -> dict[str, BaseException]:
@@ -174,8 +172,10 @@ class SecureAverage:
         A bad contribution fails its sender as a failed contribute does: the model owner
         refuses an answer that is not one ``bytes`` contribution per other member, of one
         length, and every member checks everything it is relayed before anyone loads
-        (``secagg_aggregate`` with ``check``); a refusal that names a peer (the error's
-        ``peer``) fails that peer, the refusing member goes on. A failed *aggregate* stops the
+        (``secagg_check``): then every member has computed the average, so a refusal there
+        leaves the round unaveraged, never run again (a second average without one member
+        would show that member's weights), and leaves out whom :func:`_blamed` names. A failed
+        *aggregate* stops the
         averaging (the others have loaded). Without ``each`` the calls run one after the other
         and a failure raises (nothing loaded, if it is one of these)."""
         _require_peer(self.session)
@@ -252,7 +252,7 @@ class SecureAverage:
         """One round of node ``i``'s copies: every member contributes; the answers are
         checked (:func:`contribution_faults`: a bad one fails its sender); every member checks
         every contribution it is relayed, loading nothing (a refusal naming a peer fails that
-        peer, :meth:`_blamed`; a refused average leaves the round unaveraged), then aggregates.
+        peer, :func:`_blamed`; any refusal leaves the round unaveraged), then aggregates.
         Returns the failures, whether they happened while loading (aggregate), and why the
         round was abandoned if a member refused its cohort or the average (then nobody
         aggregates)."""
@@ -280,45 +280,14 @@ class SecureAverage:
         # round (nothing loaded anywhere), charged to the peer it names
         _, failed = run(list(segs), lambda s: segs[s].secagg_aggregate(rnd, relayed(s),
                                                                        check=True))
-        average = {s: e for s, e in failed.items() if isinstance(e, AverageRefusedError)}
-        failed = {s: e for s, e in failed.items() if s not in average}
-        if failed:
-            return self._blamed(failed, party, rnd), False, None
-        if average:  # the average itself refused: nobody to blame, the round is not averaged
-            return {}, False, "; ".join(f"{party[s]}: {type(e).__name__}: {e}"
-                                        for s, e in average.items())
+        if failed:  # members have computed this round's average: it is never run again
+            # (a second average without one member would show that member's weights)
+            average = {s: e for s, e in failed.items() if isinstance(e, AverageRefusedError)}
+            blamed = _blamed({s: e for s, e in failed.items() if s not in average}, party, rnd)
+            why = "; ".join(f"{party[s]}: {type(e).__name__}: {e}" for s, e in failed.items())
+            return blamed, False, f"refused while checking round {rnd} (not run again): {why}"
         _, failed = run(list(segs), lambda s: segs[s].secagg_aggregate(rnd, relayed(s)))
         return failed, True, None
-
-
-    def _blamed(self, failed: dict[str, BaseException], party: dict[str, str], rnd: int
-                ) -> dict[str, BaseException]:
-        """The failures of the checking phase charged to whom they name. A member refusing
-        another member's contribution names it (its error's ``peer``, a structured field); the
-        model owner cannot tell which of the two lies, so each member's first such accusation
-        in the run leaves the accused out, and any later one leaves the accuser out instead
-        (:attr:`accusations`): a member that lies costs the run at most one honest member, and
-        an honest one still has a lying peer left out. Any other failure is the member's own."""
-        source = {p: s for s, p in party.items()}
-        out: dict[str, BaseException] = {}
-        for s, exc in failed.items():
-            peer = getattr(exc, "peer", None)
-            me = party[s]
-            if peer in source and peer != me and self.accusations.get(me, 0) == 0:
-                culprit = ValidationError(f"{me} refused {peer}'s contribution to round "
-                                          f"{rnd}: {type(exc).__name__}: {exc}")
-                culprit.__cause__ = exc
-                out.setdefault(source[peer], culprit)
-            elif peer in source and peer != me:
-                out[s] = ValidationError(f"{me} refused {peer}'s contribution to round {rnd} "
-                                         f"after an earlier accusation of its own "
-                                         f"({type(exc).__name__}: {exc}): one accusation a "
-                                         "run is taken, the accuser is left out of the next")
-            else:
-                out[s] = exc
-            if peer in source and peer != me:
-                self.accusations[me] = self.accusations.get(me, 0) + 1
-        return out
 
 
 def contribution_faults(sealed: dict[str, dict[str, Any]], rnd: int
@@ -353,6 +322,38 @@ def contribution_faults(sealed: dict[str, dict[str, Any]], rnd: int
                 f"{s}'s contribution to round {rnd} has another length than the others'")
                 for s, v in norm.items() if v != common})
     return faults
+
+
+def _blamed(failed: dict[str, BaseException], party: dict[str, str], rnd: int
+            ) -> dict[str, BaseException]:
+    """Whom the check phase's refusals leave out (by source). A member refusing a peer's
+    contribution names it (its error's ``peer``, a structured field). An honest member names
+    only a member that sent it something bad, so every accusation has a guilty end, but the
+    model owner cannot tell which: a member accused by a strict majority of the others is left
+    out alone; otherwise the accused and its accusers all are (a liar leaves with the member
+    it names; one bad contribution to a single member costs that member too). Any other
+    refusal is the member's own; a refused average (:class:`AverageRefusedError`) is
+    nobody's."""
+    source = {p: s for s, p in party.items()}
+    accusers: dict[str, list[str]] = {}
+    out: dict[str, BaseException] = {}
+    for s, exc in failed.items():
+        peer = getattr(exc, "peer", None)
+        if isinstance(peer, str) and peer in source and peer != party[s]:
+            accusers.setdefault(peer, []).append(party[s])
+        elif not isinstance(exc, AverageRefusedError):
+            out[s] = exc
+    others = len(party) - 1
+    for peer, by in accusers.items():
+        err = out[source[peer]] = ValidationError(
+            f"{', '.join(by)} refused {peer}'s contribution to round {rnd}")
+        err.peer = peer
+        if 2 * len(by) <= others:  # no majority: the accusers leave too
+            for p in by:
+                out.setdefault(source[p], ValidationError(
+                    f"{p} refused {peer}'s contribution to round {rnd} without a majority of "
+                    "the members doing so: the model owner cannot tell which of them lies"))
+    return out
 
 
 def _refused(fn: Callable[..., T], *args: Any) -> T | CohortRefusedError:

@@ -62,18 +62,49 @@ class _Accuser(_Malicious):
         return wire.encode(_accuse(req))
 
 
-def test_a_member_accusing_every_peer_costs_the_run_one_honest_member() -> None:
+def test_a_member_accusing_a_peer_leaves_with_it() -> None:
     """m named a, then b, then c: each was dropped in turn and m trained on alone (review R9).
-    Now its first accusation drops a, its second drops m itself: b and c train on."""
+    A lone accusation (no majority of the others) drops the accuser with the accused, and the
+    round, whose average every member has computed, is not run again: b and c train on."""
     data = _data()
     dep = inprocess({p: {"train": d} for p, d in data.items()})
     trainer = _fit(dep, _Accuser(dep.transport, "secagg_check", None), data)
-    dropped = [(f["party"], f["phase"]) for f in trainer.report.party_failures]
-    assert dropped == [("a", "aggregate"), ("m", "aggregate")]
-    assert "after an earlier accusation of its own" in trainer.report.party_failures[1]["error"]
+    assert sorted((f["party"], f["phase"]) for f in trainer.report.party_failures) == [
+        ("a", "aggregate"), ("m", "aggregate")]
     steps = {p: dep.owners[p].runtimes[trainer.session.remote[(p, 0)].segment_id].steps
              for p in ("b", "c")}
     assert steps == {"b": 4, "c": 4}  # both epochs, every batch
+    assert [e["round"] for e in trainer.report.not_averaged] == [0]
+
+
+def test_two_colluders_corrupting_in_turn_leave_every_honest_member() -> None:
+    """n seals garbage for every honest member, then m does (review R10): each honest member
+    truthfully refuses both. Each is accused by a majority, so n and then m leave alone; a, b
+    and c train on (a one-accusation-per-run rule had dropped them all)."""
+    data = _data()
+    dep = inprocess({p: {"train": d} for p, d in {**data, "n": data["m"]}.items()})
+    calls = {"n": 0, "m": 0}
+
+    class _Colluders(_Malicious):
+        def request(self, party: str, raw: bytes) -> bytes:
+            answer = self.inner.request(party, raw)
+            if party not in calls or wire.decode(raw).get("op") != "secagg_contribute":
+                return answer
+            calls[party] += 1
+            if (party, calls[party]) not in (("n", 1), ("m", 2)):  # n first, m the round after
+                return answer
+            out = dict(wire.decode(answer))
+            return wire.encode({k: b"\x00" * len(v) if k.startswith("sealed/") and
+                                k[7:] not in calls else v for k, v in out.items()})
+
+    global PARTIES
+    saved, PARTIES = PARTIES, ["m", "n", "a", "b", "c"]
+    try:
+        trainer = _fit(dep, _Colluders(dep.transport, "", None), {**data, "n": data["m"]})
+    finally:
+        PARTIES = saved
+    assert sorted(f["party"] for f in trainer.report.party_failures) == ["m", "n"]
+    assert len(trainer.report.not_averaged) == 2
 
 
 def test_a_poisoned_average_is_not_averaged_and_nobody_is_dropped() -> None:

@@ -385,3 +385,20 @@ def test_released_labels_of_every_dtype_the_losses_take_train(case: str) -> None
     report = Trainer(session, batch_size=8, progress=False, test_dataset=None,
                      measure_leakage=False, watch=False).fit(1, verbose=False)
     assert report.steps == 2 and math.isfinite(report.epochs[-1].train_loss)
+
+
+def test_integer_binary_targets_are_the_data_owners_failure() -> None:
+    """bce_with_logits takes float targets only: released int64 0/1 labels made torch raise
+    in the model owner's step, which stopped a SplitFed run (review R10); they are refused
+    with the answer, naming the data owner."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 16, generator=g), torch.randint(0, 2, (16, 1), generator=g)
+    dep = deploy.inprocess({"m": {"train": (x, y)}})
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+    plan = SplitPlan.vanilla([model[:2], model[2:]], ["m"], datasets=["train"],
+                             labels=RELEASED, loss="bce_with_logits")
+    session = SplitSession(plan, dep.transport)
+    dep.approve_all(session.propose())
+    with pytest.raises(DTypeError, match="labels"):
+        Trainer(session, batch_size=8, progress=False, test_dataset=None,
+                measure_leakage=False, watch=False).fit(1, verbose=False)
