@@ -41,7 +41,7 @@ from typing import Any, TypeGuard
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .topology import DATA_OWNER, MODEL_OWNER, RELEASED, SplitPlan
 
 __all__ = ["DatasetRequirement", "requirements", "explain", "check", "check_datasite",
@@ -158,12 +158,6 @@ def explain(plan: SplitPlan) -> str:
     return "\n".join(lines)
 
 
-def _show(value: Any) -> str:
-    """A value a data owner chose, for a message: its repr, clipped."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -172,27 +166,27 @@ def _checked_dataset(party: str, name: Any, meta: Any) -> dict[str, Any]:
     """One dataset's entry of ``party``'s ``describe`` answer, checked (see
     :func:`check_describe`)."""
     if not isinstance(name, str) or not 0 < len(name) <= 256:
-        raise ConfigError(f"{party}: its describe answer names a dataset {_show(name)}; "
+        raise ConfigError(f"{party}: its describe answer names a dataset {shown(name)}; "
                           "expected a string of 1..256 characters")
-    where = f"{party}: its describe answer, datasets[{_show(name)}]"
+    where = f"{party}: its describe answer, datasets[{shown(name)}]"
     if not isinstance(meta, Mapping):
-        raise ConfigError(f"{where} is {_show(meta)}; expected a dict with records, "
+        raise ConfigError(f"{where} is {shown(meta)}; expected a dict with records, "
                           "feature_shape, feature_dtype, has_labels, has_ids")
     records = meta.get("records")
     if not _is_int(records) or records < 0:
-        raise ConfigError(f"{where}.records is {_show(records)}; expected an int >= 0")
+        raise ConfigError(f"{where}.records is {shown(records)}; expected an int >= 0")
     shape = meta.get("feature_shape")
     if (not isinstance(shape, (list, tuple)) or len(shape) > _MAX_FEATURE_DIMS
             or not all(_is_int(d) and d > 0 for d in shape)):
-        raise ConfigError(f"{where}.feature_shape is {_show(shape)}; expected a list of at most "
+        raise ConfigError(f"{where}.feature_shape is {shown(shape)}; expected a list of at most "
                           f"{_MAX_FEATURE_DIMS} positive ints (one record's shape)")
     dtype = meta.get("feature_dtype")
     if not isinstance(dtype, str) or not 0 < len(dtype) <= 64:
-        raise ConfigError(f"{where}.feature_dtype is {_show(dtype)}; expected a dtype name "
+        raise ConfigError(f"{where}.feature_dtype is {shown(dtype)}; expected a dtype name "
                           "such as 'float32'")
     for flag in ("has_labels", "has_ids"):
         if not isinstance(meta.get(flag, False), bool):
-            raise ConfigError(f"{where}.{flag} is {_show(meta.get(flag))}; expected a bool")
+            raise ConfigError(f"{where}.{flag} is {shown(meta.get(flag))}; expected a bool")
     return {**meta, "feature_shape": list(shape)}
 
 
@@ -205,7 +199,7 @@ def check_describe(party: str, answer: Any) -> dict[str, dict[str, Any]]:
     datasets = answer.get("datasets") if isinstance(answer, Mapping) and "datasets" in answer \
         else answer
     if not isinstance(datasets, Mapping):
-        raise ConfigError(f"{party}: its describe answer has datasets = {_show(datasets)}; "
+        raise ConfigError(f"{party}: its describe answer has datasets = {shown(datasets)}; "
                           "expected a dict of dataset name -> metadata")
     return {name: _checked_dataset(party, name, meta) for name, meta in datasets.items()}
 

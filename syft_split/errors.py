@@ -64,6 +64,7 @@ __all__ = [
     "InsecureParametersError",
     "CiphertextError",
     "error_from_wire",
+    "shown",
 ]
 
 
@@ -216,6 +217,12 @@ def _clip(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A value a peer chose, as an error message shows it: its repr, clipped to ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def error_from_wire(name: str, message: str) -> SyftSplitError:

@@ -43,7 +43,7 @@ from torch import nn
 
 from . import wire
 from .contract import check_describe
-from .errors import ConfigError, TransportError, ValidationError
+from .errors import ConfigError, TransportError, ValidationError, shown
 from .host.admission import MAX_BATCHES_TRACKED
 from .ledger import CostLedger
 from .report import EpochRecord, RunReport, RunTraffic
@@ -71,18 +71,13 @@ def _declarable(model: nn.Module) -> nn.Module:
     return fx.symbolic_trace(model)
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _int_in(party: str, op: str, answer: dict[str, Any], key: str, low: int, high: int,
             why: str = "") -> int:
     """``answer[key]``, an int in ``[low, high]``, or :class:`ValidationError` naming ``party``."""
     value = answer.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         want = f"{low}" if low == high else f"an int in [{low}, {high}]"
-        raise ValidationError(f"{party}: its {op} answer has {key}={_show(value)}; expected "
+        raise ValidationError(f"{party}: its {op} answer has {key}={shown(value)}; expected "
                               f"{want}{why}")
     return value
 
@@ -95,7 +90,7 @@ def _figures(party: str, op: str, answer: dict[str, Any], count_key: str, count:
     _int_in(party, op, answer, "correct", 0, count)
     loss = answer.get("loss_sum")
     if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not 0 <= loss < math.inf:
-        raise ValidationError(f"{party}: its {op} answer has loss_sum={_show(loss)}; expected a "
+        raise ValidationError(f"{party}: its {op} answer has loss_sum={shown(loss)}; expected a "
                               "finite number >= 0")
 
 
@@ -108,13 +103,13 @@ def _tensors(party: str, op: str, answer: dict[str, Any], prefix: str,
     if set(got) != set(own):
         missing, extra = sorted(set(own) - set(got)), sorted(set(got) - set(own))
         raise ValidationError(f"{party}: its {op} answer's {prefix}* fields are not the model's: "
-                              f"missing {_show(missing)}, unexpected {_show(extra)}")
+                              f"missing {shown(missing)}, unexpected {shown(extra)}")
     for k, v in got.items():
         name = f"{party}: its {op} answer's {prefix}{k}"
         wire.check_tensor(v, name, shape=tuple(own[k].shape), dtype=own[k].dtype, nonempty=False)
         if not v.numel():
             continue
-        if v.is_floating_point() and float(v.abs().max()) > bound:
+        if v.is_floating_point() and not wire.within(v, bound):  # finite: checked above
             raise ValidationError(f"{name} has magnitude {float(v.abs().max()):.3g}, over the "
                                   f"bound {bound:g} (max_abs_value)")
         if not v.is_floating_point() and not 0 <= int(v.min()) <= int(v.max()) <= MAX_COUNT:
