@@ -188,3 +188,55 @@ def test_a_halt_of_an_unknown_segment_closes_nothing(host: DataOwnerHost) -> Non
         host.halt("a/seg999", "no such segment")
     assert host.guard.stops() == {}
     assert "activation" in _ask(host, "forward", segment=pid, indices=torch.arange(4), train=False)
+
+
+def test_a_channel_frame_in_progress_is_refused(host: DataOwnerHost) -> None:
+    """A step over a direct channel (answered under the same lock as the endpoint): the
+    datasite's halt waits for it, its answer is refused, the channel then closes."""
+    from syft_split.channel import ChannelClient, ChannelTicket
+    from syft_split.errors import AccessError
+    from syft_split.host.channel import close_channels
+
+    m = nn.Sequential(nn.Linear(4, 3))
+    pid = str(_ask(host, "propose", role="input", datasets=["train"], spec=module_to_spec(m),
+                   optimizer={"name": "sgd", "lr": 0.1},
+                   **{f"state/{k}": v for k, v in spec_state(m).items()})["segment"])
+    host.approve(pid, channel=True)
+    client = ChannelClient(ChannelTicket.from_response(_ask(host, "open_channel",
+                                                            segments=[pid])), MO)
+    entry = _Entry("", host, serving_lock(host))
+    admin = SimpleNamespace(role=SimpleNamespace(name="ADMIN"))
+    gate = Gate(host.runtimes[pid].module)
+
+    def frame() -> object:
+        try:
+            return wire.decode(client.request(wire.encode(
+                {"op": "forward", "segment": pid, "indices": torch.arange(4)})))
+        except AccessError as exc:  # the channel closed (halted) before its answer came
+            return exc
+
+    t_mo, got = _in_thread(frame)
+    try:
+        assert gate.entered.wait(WAIT_S), "the frame never ran"
+        request = wire.encode({"segment": pid, "reason": "the data owner stops it"})
+        t_halt, halted = _in_thread(lambda: _owner_call(admin, entry, "admin", "halt", request))
+        pause = threading.Event()  # never set: a wait between looks
+        for _ in range(int(WAIT_S * 20)):  # until the halt was asked (the gate closed)
+            if host.guard.stopped(pid) is not None or pause.wait(0.05):
+                break
+    finally:
+        gate.opened.set()
+        t_mo.join(WAIT_S)
+    t_halt.join(WAIT_S)
+    try:
+        answer = got[0]
+        if isinstance(answer, AccessError):
+            assert "halted" in str(answer), answer
+        else:
+            _refused(answer, pid)
+        assert wire.decode(halted[0]) == {"segment": pid, "status": "halted"}
+        forward = [e for e in host.audit if e.op == "forward"]
+        assert [e.outcome.split(":")[0] for e in forward] == ["ApprovalError"], forward
+    finally:
+        client.close()
+        close_channels(host)
