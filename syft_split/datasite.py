@@ -358,6 +358,12 @@ class DatasiteConsole(ChannelConsole):
         """Reject a proposal (also stops an approved segment)."""
         self._call("reject", segment=proposal_id)
 
+    def halt(self, proposal_id: str, reason: str = "halted by the data owner") -> None:
+        """Stop an approved segment for good, at once: the model owner's op of it in progress
+        is refused (nothing of its answer leaves) and every later one too; returns once the
+        halt is saved and audited."""
+        self._call("halt", segment=proposal_id, reason=reason)
+
     def watch(self, proposal_id: str) -> dict[str, Any]:
         """The live leakage watch of an approved input segment: ``bound``, ``history`` (the
         figures measured so far, by step), ``halted`` and ``reason``; ``{}``: no watch."""

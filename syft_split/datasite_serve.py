@@ -273,6 +273,9 @@ def _owner_call(context: Any, entry: _Entry, caller: str, op: str, request: byte
             except ConfigError:  # no account has that e-mail now: a revocation is matched
                 if op == "allow_alignment":  # against the names of the users allowed
                     raise
+        # a halt closes its segments' gate now, not once the model owner's op in progress
+        # (which holds the lock) ends: that op's answer is refused, nothing of it leaves
+        entry.host.ask_halt(op, fields)
         with entry.lock:
             if op == "shutdown":  # save and forget the host (the endpoint is being removed)
                 close_channels(entry.host)

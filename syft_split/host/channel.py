@@ -161,9 +161,10 @@ class ChannelOps(OpFamily):
         """Why ``channel`` must close now (its segments' state), or None."""
         for sid in channel.segments:
             p = self.host.proposals_by_id.get(sid)
-            if p is None or p.status != "approved":
-                state = "gone" if p is None else p.status
-                why = f": {p.reason}" if p is not None and p.reason else ""
+            asked = self.host.guard.stopped(sid)  # a halt asked closes it before it completes
+            if p is None or p.status != "approved" or asked is not None:
+                state = "gone" if p is None else p.status if p.status != "approved" else "halted"
+                why = f": {p.reason or asked}" if p is not None and (p.reason or asked) else ""
                 return "halted", f"segment {sid} is {state}{why}"
             rt = self.host.runtimes.get(sid)
             if rt is None or not self._allowed(rt):

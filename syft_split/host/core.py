@@ -240,6 +240,10 @@ class DataOwnerHost(HostConsole):
             why = f" ({p.reason})" if p is not None and p.reason else ""
             cls = LeakageHaltError if p is not None and p.halted_by == "watch" else ApprovalError
             raise cls(f"segment {seg!r} is {state} on {self.name}{why}: it cannot run")
+        asked = self.guard.stopped(p.id)
+        if asked is not None:  # halt asked, not yet complete (it waits for the serving lock)
+            raise ApprovalError(f"segment {p.id} is being halted on {self.name} by its data "
+                                f"owner ({asked}): it cannot run")
         if caller != p.driver:  # principals: a datasite user's id, never its e-mail
             raise AuthorizationError(f"{self.who(caller)} may not drive {p.id}: the data "
                                      "owner approved another user")
@@ -264,12 +268,20 @@ class DataOwnerHost(HostConsole):
                               f"not {name!r}")
         return self.datasets[str(name)]
 
-    def halt(self, proposal_id: str, reason: str, *, by: str = "owner") -> None:
+    def halt(self, proposal_id: str, reason: str = "halted by the data owner", *,
+             by: str = "owner") -> None:
         """Stop an approved segment for good: every further op on it is refused with ``reason``
         (``by``: "owner", or "watch" for the leakage watch). With a state directory the halt is
         saved at once (a halt issued during a segment's op, e.g. by the leakage watch or a
-        refused encrypted gradient, survives a crash right after it) and audited."""
+        refused encrypted gradient, survives a crash right after it) and audited.
+
+        The data owner's console (in process) calls it directly: its segment's gate closes
+        first (:meth:`Guard.stop`), so an op of it in progress in another thread is refused
+        and nothing of its answer leaves. The leakage watch's halt does not close the gate:
+        it halts from inside the op it measured, which is answered; the next is refused."""
         p = self.proposal(proposal_id)
+        if by != "watch":
+            self.guard.stop(p.id, reason)
         p.status, p.reason, p.halted_by = "halted", reason, by
         rt = self.runtimes.get(p.id)
         if rt is not None:
@@ -325,11 +337,12 @@ class DataOwnerHost(HostConsole):
                         response = fn(call)
                     try:
                         response = self.guard.release(spec.egress, call, response)
-                    except EgressError:
+                        raw = wire.encode(response)
+                        self.guard.still_open(call)  # the last look: a halt asked meanwhile
+                    except (EgressError, ApprovalError):  # refused by the guard (or a halt)
                         if call.undo is None and call.rt is not None:
                             call.rt.clear_pending()  # nothing of this step left: not pending
                         raise
-                    raw = wire.encode(response)
                 except Exception:
                     if call.undo is not None:  # a held-back step it applied: undone
                         call.undo()
@@ -373,13 +386,28 @@ class DataOwnerHost(HostConsole):
         return raw
 
     # ---------------------------------------------------------------------- owner entry
+    def ask_halt(self, op: str, fields: Mapping[str, Any]) -> list[str]:
+        """The part of a data-owner op that halts segments (``halt``, ``reject``,
+        ``forget_user``) which takes effect at once: the guard's gate of each segment it
+        stops closes now (:meth:`Guard.stop`), so an op in progress on it is refused and
+        nothing of it leaves. Thread-safe and without the serving lock: the datasite calls it
+        before it waits for that lock, :meth:`owner_call` first thing. Returns the segments."""
+        asked: list[str] = []
+        for family in list(self.families.values()):
+            for segment, reason in family.stops(op, fields):
+                self.guard.stop(segment, reason)
+                asked.append(segment)
+        return asked
+
     def owner_call(self, caller: str, op: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Answer a data-owner op (the console's); audited as ``owner.<op>``. The caller must
-        already be established as the data owner (in process, or an admin of the datasite)."""
+        already be established as the data owner (in process, or an admin of the datasite).
+        An op that halts segments closes their gate first (:meth:`ask_halt`)."""
         t0 = time.perf_counter()
         segment = fields.get("segment") if isinstance(fields.get("segment"), str) else None
         outcome = "RemoteError"
         try:
+            self.ask_halt(op, fields)
             entry = self._owner_ops.get(op)
             if entry is None:
                 raise ProtocolError(f"unknown data-owner op {op!r}; known: "

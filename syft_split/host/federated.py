@@ -213,6 +213,7 @@ class FederatedOps(OpFamily):
         for _ in range(epochs):
             loss_sum, correct = 0.0, 0  # figures of the last local epoch
             for idx in _batches(torch.randperm(n, generator=g), batch, least):
+                self.host.guard.still_open(call)  # a halt asked now stops it here
                 x, y = ds.features[idx].to(torch.float32), _labels(ds)[idx]
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
@@ -272,6 +273,7 @@ class FederatedOps(OpFamily):
         try:
             with torch.no_grad():
                 for idx in torch.arange(n).split(rt.proposal.max_batch):
+                    self.host.guard.still_open(call)
                     logits = rt.module(ds.features[idx].to(torch.float32))
                     loss_sum += float(loss_fn(logits, _labels(ds)[idx], reduction="sum"))
                     correct += count_correct(logits, _labels(ds)[idx])

@@ -6,6 +6,10 @@ what the data owner approved (shape, dtype, finite, magnitude, batch) before any
 Egress: every op declares the fields its response may carry, each with a :class:`Rule`; the
 dispatcher hands every response to :meth:`Guard.release`, which refuses (``EgressError``) any
 undeclared field and any value its rule rejects. No op writes to the wire by any other path.
+A halt the data owner asks for (:meth:`Guard.stop`, from any thread, before the host's serving
+lock is taken) closes the gate of that segment at once: an op in progress is refused
+(``ApprovalError``) when its answer reaches the guard, and long loops (local training epochs)
+look at :meth:`Guard.still_open` between their steps.
 :meth:`Guard.admit` applies the optional cap on records released per minute, before an op runs;
 its window (wall-clock times) is saved with the segment and comes back after a restart.
 """
@@ -13,6 +17,7 @@ its window (wall-clock times) is saved with the segment and comes back after a r
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -22,7 +27,7 @@ from typing import Any
 import torch
 
 from .. import wire
-from ..errors import EgressError, ProtocolError, ValidationError
+from ..errors import ApprovalError, EgressError, ProtocolError, ValidationError
 from ..wire import within
 from .records import Dataset, HostLimits, Runtime
 
@@ -197,6 +202,38 @@ class Guard:
     def __init__(self, limits: HostLimits) -> None:
         self.limits = limits
         self._released: dict[str, deque[tuple[float, int]]] = {}
+        #: segments the data owner asked to halt, with the reason: nothing of theirs passes
+        #: from the moment it is asked (set from the console's thread, without the serving lock)
+        self._stopped: dict[str, str] = {}
+        self._stop_lock = threading.Lock()
+
+    # -------------------------------------------------------------------------- halts
+    def stop(self, segment: str, reason: str) -> None:
+        """Close the gate of ``segment`` now (thread-safe, no other lock needed): from this
+        call on no answer of it passes :meth:`release`, an op in progress included."""
+        with self._stop_lock:
+            self._stopped.setdefault(segment, str(reason)[:1000])
+
+    def stopped(self, segment: str) -> str | None:
+        """Why ``segment``'s gate is closed (the data owner's halt reason), or None."""
+        with self._stop_lock:
+            return self._stopped.get(segment)
+
+    def stops(self) -> dict[str, str]:
+        """Every closed gate: segment -> reason (saved with the host's state)."""
+        with self._stop_lock:
+            return dict(self._stopped)
+
+    def still_open(self, call: Call) -> None:
+        """Refuse (``ApprovalError``) ``call`` if the data owner asked to halt its segment
+        since it began: its answer never leaves, and a long op stops where it stands."""
+        if call.rt is None:
+            return
+        why = self.stopped(call.rt.id)
+        if why is not None:
+            raise ApprovalError(f"segment {call.rt.id} was halted by its data owner while op "
+                                f"{call.op!r} ran ({why}): the op was refused, nothing of its "
+                                "answer left")
 
     # ------------------------------------------------------------------------ ingress
     def batch(self, rt: Runtime, n: int, name: str) -> None:
@@ -247,7 +284,9 @@ class Guard:
     # ------------------------------------------------------------------------- egress
     def release(self, rules: Mapping[str, Rule], call: Call, response: dict[str, Any]
                 ) -> dict[str, Any]:
-        """Let ``response`` leave only if every field is declared and passes its rule."""
+        """Let ``response`` leave only if every field is declared and passes its rule, and
+        the data owner has not asked to halt the segment (:meth:`still_open`)."""
+        self.still_open(call)
         for name, value in response.items():
             rule = rules.get(name)
             if rule is None and "/" in name:
@@ -258,6 +297,7 @@ class Guard:
                 raise _refuse(call, name, f"not a field this op may release; declared: "
                                           f"{sorted(rules)}")
             rule(name, value, call, self)
+        self.still_open(call)  # a halt asked while the rules ran
         return response
 
     def admit(self, rt: Runtime, rows: int) -> None:

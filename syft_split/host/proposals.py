@@ -124,16 +124,30 @@ class ProposalOps(OpFamily):
         recent.append(now)
 
     def state(self) -> dict[str, Any]:
-        """The proposal-rate windows (wall-clock times of the last minute's attempts)."""
+        """The proposal-rate windows (wall-clock times of the last minute's attempts) and the
+        segments whose halt the data owner asked for (the guard's closed gates)."""
         now = time.time()
         recent = {user: [t for t in times if in_window(t, now)]
                   for user, times in self._recent.items()}
-        return {"recent": {user: times for user, times in recent.items() if times}}
+        return {"recent": {user: times for user, times in recent.items() if times},
+                "halts": self.host.guard.stops()}
 
     def restore(self, state: Any) -> None:
         saved = state.get("recent") if isinstance(state, dict) else None
         for user, times in (saved or {}).items():
             self._recent[str(user)] = deque(float(t) for t in times)
+        halts = state.get("halts") if isinstance(state, dict) else None
+        for segment, reason in (halts if isinstance(halts, dict) else {}).items():
+            self.host.guard.stop(str(segment), str(reason))  # a restart keeps them closed
+
+    def stops(self, op: str, fields: Any) -> list[tuple[str, str]]:
+        """``halt`` and ``reject`` of an approved segment close its gate at once."""
+        segment = fields.get("segment")
+        p = self.host.proposals_by_id.get(segment) if isinstance(segment, str) else None
+        if op not in ("halt", "reject") or p is None or p.status != "approved":
+            return []
+        default = "halted by the data owner" if op == "halt" else "rejected by the data owner"
+        return [(p.id, str(fields.get("reason", default)))]
 
     def segment_state(self, rt: Runtime) -> dict[str, Any] | None:
         """The segment's records-per-minute window (``HostLimits.max_records_per_minute``),

@@ -109,7 +109,8 @@ class HostLimits:
     ``max_local_records``: the records one ``fl_train`` call may process (``epochs`` x the
     dataset's records; its local steps are at most as many): one call holds the host, and the
     data owner's console waits behind it, for at most that much local training (100,000
-    records at batch 1 is some 30 s for a small CNN on one core); more epochs take more calls.
+    records at batch 1 is some 30 s for a small CNN on one core; a halt stops it at its next
+    local step); more epochs take more calls.
     ``he_min_share_bound``: level B's share A must be uniform in at least +-this (a tiny bound
     hides little of dW). ``he_min_grad_mask``: level B masks the weight gradient the model
     owner receives with the share's change over lr (within +-2 share_bound / lr);

@@ -64,6 +64,18 @@ class UserOps(OpFamily):
         revoked = [] if alignment is None else alignment.forget_user(principal)
         return {"user": principal, "halted": halted, "closed": closed, "alignment": revoked}
 
+    def stops(self, op: str, fields: Any) -> list[tuple[str, str]]:
+        """``forget_user`` closes the gate of every approved segment the user drives at once."""
+        if op != "forget_user":
+            return []
+        try:
+            principal = self._principal(fields.get("user"))
+        except ConfigError:  # the op itself says why
+            return []
+        why = f"the data owner forgot its user {self.host.who(principal)}"
+        return [(p.id, why) for p in list(self.host.proposals_by_id.values())
+                if p.driver == principal and p.status == "approved"]
+
     def _principal(self, user: Any) -> str:
         """``user`` as a principal: one the host knows, or the one display name it had."""
         if not isinstance(user, str) or not user:

@@ -349,3 +349,55 @@ def test_an_e_mail_that_passes_to_another_account_drives_nothing(split_site: Spl
     with pytest.raises(SyftSplitError):
         victim.call(site.party, "forward", segment=pid, indices=idx, train=False)
     victim.close()
+
+
+def test_a_halt_refuses_the_model_owners_op_in_progress(split_site: SplitSite) -> None:
+    """The console's halt while the model owner's forward runs (made slow by a hook that waits
+    for the test): the forward holds the endpoint's lock and the halt waits for it, but the
+    model owner gets the halt error, no activation; the halt is then saved and audited."""
+    import threading
+
+    from syft_split.datasite_serve import _ENTRIES
+
+    if split_site.kind != "inprocess-datasite":
+        pytest.skip("the host runs in the HTTP datasite's process: no hook reaches it")
+    site = split_site
+    pid, _ = _approved(site)
+    host = next(e.host for e in list(_ENTRIES.values()) if pid in e.host.proposals_by_id)
+    entered, opened = threading.Event(), threading.Event()
+
+    def hook(*_: object) -> None:
+        entered.set()
+        opened.wait(60)
+
+    host.runtimes[pid].module.register_forward_hook(hook)
+    got: list[object] = []
+
+    def forward() -> None:
+        try:
+            got.append(site.transport.call(site.party, "forward", segment=pid,
+                                           indices=torch.arange(4)))
+        except SyftSplitError as exc:
+            got.append(exc)
+
+    mo = threading.Thread(target=forward, daemon=True)
+    halt = threading.Thread(target=lambda: site.owner.halt(pid, "stop it now"), daemon=True)
+    mo.start()
+    try:
+        assert entered.wait(60), "the forward never started"
+        halt.start()
+        pause = threading.Event()  # never set: a wait between looks
+        for _ in range(1200):  # until the halt was asked (it then waits for the lock)
+            if host.guard.stopped(pid) is not None or pause.wait(0.05):
+                break
+    finally:
+        opened.set()
+        mo.join(60)
+    halt.join(60)
+    assert len(got) == 1 and isinstance(got[0], ApprovalError), got
+    assert "halted" in str(got[0]) and "stop it now" in str(got[0])
+    assert [p.status for p in site.owner.proposals() if p.id == pid] == ["halted"]
+    audit = [(e.op, e.outcome.split(":")[0]) for e in site.owner.audit()
+             if e.segment == pid][-3:]
+    assert audit == [("forward", "ApprovalError"), ("halt", "stop it now"),
+                     ("owner.halt", "ok")], audit
