@@ -22,7 +22,9 @@ temporary file, removed at once).
   channel table in :mod:`.table`, one connection's hello and frames in :mod:`.connection`,
   unauthenticated peers in :mod:`.strangers`).
 - :mod:`.client`: :class:`ChannelClient` (one channel), :class:`ChannelRouter` (channels of
-  a transport, opened on demand), :class:`DirectTransport` (any transport + channels).
+  a transport, opened on demand), :class:`DirectTransport` (any transport + channels); the
+  ticket's address is checked in :mod:`.address` (only the datasite's host, or one the model
+  owner allowed for that party, ``channel_hosts``, is connected to).
 """
 
 from .client import ChannelClient, ChannelRouter, ChannelTicket, DirectTransport

@@ -1,11 +1,12 @@
 """The model owner's end of the direct data plane.
 
 :class:`ChannelClient` is one channel: it connects over TLS 1.3 to the address the datasite
-gave through PySyft, trusts only the certificate that came with it (and checks its SHA-256
-fingerprint), presents the channel key, and then sends request frames with increasing
-sequence numbers. A lost connection is re-established with the same key; the server says
-which frame it answered last (after waiting for one still running), so a frame is never run
-twice and a lost answer is recovered.
+gave through PySyft -- only when that address is the datasite's host, or one the model owner
+allowed for that party (:mod:`.address`; else refused before any connection) --, trusts only
+the certificate that came with it (and checks its SHA-256 fingerprint), presents the channel
+key, and then sends request frames with increasing sequence numbers. A lost connection is
+re-established with the same key; the server says which frame it answered last (after waiting
+for one still running), so a frame is never run twice and a lost answer is recovered.
 
 :class:`ChannelRouter` is what a transport uses: given the control plane (a function that
 delivers a request through PySyft), it opens a channel for a segment the first time an op on
@@ -15,9 +16,9 @@ control plane for segments whose data owner did not allow a channel. A channel t
 when the datasite showed it did not run); one the data owner closed (or whose segment was
 halted) raises, and that segment's ops go through PySyft afterwards. A channel that could not be
 opened for any other reason (the datasite unreachable or restarting, its cap on channels
-reached, a lost connect) is tried again later, after a backoff doubling from ``retry_s`` up to
-``max_retry_s``; its ops go through PySyft meanwhile. :class:`DirectTransport` wraps any
-transport the same way.
+reached, a lost connect, a ticket naming an address not trusted for that party) is tried again
+later, after a backoff doubling from ``retry_s`` up to ``max_retry_s``; its ops go through PySyft
+meanwhile. :class:`DirectTransport` wraps any transport the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,7 @@ from ..errors import (
     error_from_wire,
 )
 from ..transport.base import Transport, TransportWrapper
-from . import tls
+from . import address, tls
 from .table import DATA_OPS, RESUMABLE
 
 __all__ = ["ChannelTicket", "ChannelClient", "ChannelRouter", "DirectTransport"]
@@ -55,8 +56,9 @@ _log = logging.getLogger(__name__)
 #: closes by the data owner: that segment's ops go through PySyft for the router's life
 DECLINED = ("owner", "halted")
 
-#: seconds an open may take from the TCP connect to the answer to its hello (the channel
-#: server's own deadline for a handshake and hello); one that takes longer is a failed open
+#: seconds an open may take from resolving the ticket's host to the answer to its hello (the
+#: channel server's own deadline for a handshake and hello); one that takes longer is a failed
+#: open
 OPEN_DEADLINE_S = 10.0
 
 
@@ -99,11 +101,16 @@ def _readable(sock: socket.socket) -> bool:
 
 
 class ChannelClient:
-    """One direct channel, as ``user`` (see the module docstring)."""
+    """One direct channel, as ``user`` (see the module docstring). ``hosts``: the hosts the
+    ticket's address may be at (names or addresses, any port; see :func:`.address.vetted`)."""
 
     def __init__(self, ticket: ChannelTicket, user: str, *, timeout: float = 600.0,
-                 max_response_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
+                 max_response_bytes: int = wire.DEFAULT_MAX_BYTES,
+                 hosts: Sequence[str] = ("localhost",)) -> None:
         self.ticket = ticket
+        self.hosts = tuple(hosts)
+        #: where the ticket's address resolved to, once checked (reconnects resolve nothing)
+        self.addresses: list[address.Address] | None = None
         self.user = user
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
@@ -125,11 +132,13 @@ class ChannelClient:
         return self.ticket.channel
 
     def connect(self, deadline: float | None = None) -> dict[str, Any]:
-        """TLS handshake, pin check and hello; returns the server's hello reply. With
-        ``deadline`` (seconds), all of it (TCP connect, handshake, hello and its answer) must be
-        done within that time, else :class:`TransportError`; without, the connect and handshake
-        wait up to 30 s and the answer up to :attr:`timeout` (a reconnect's hello waits for a
-        frame still running)."""
+        """Address check, TLS handshake, pin check and hello; returns the server's hello reply.
+        With ``deadline`` (seconds), all of it (resolving the ticket's host, TCP connect,
+        handshake, hello and its answer) must be done within that time, else
+        :class:`TransportError`; without, the lookup, connect and handshake wait up to 30 s and
+        the answer up to :attr:`timeout` (a reconnect's hello waits for a frame still running).
+        A ticket naming an address not of :attr:`hosts` is refused (:class:`TransportError`)
+        before any connection is attempted."""
         self._disconnect()
         t = self.ticket
         end = None if deadline is None else time.monotonic() + deadline
@@ -147,17 +156,23 @@ class ChannelClient:
 
         raw: socket.socket | None = None
         try:
-            raw = socket.create_connection((t.host, t.port), timeout=left(min(self.timeout, 30.0)))
+            if self.addresses is None:
+                self.addresses = address.vetted(t.host, t.port, self.hosts,
+                                                lambda: left(min(self.timeout, 30.0)))
+            raw = address.connect(self.addresses, lambda: left(min(self.timeout, 30.0)))
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(left(min(self.timeout, 30.0)))  # for the whole handshake
             sock = self._context.wrap_socket(raw, server_hostname=t.channel)
+        except TransportError as exc:  # the address is not the datasite's: nothing connected
+            raise TransportError(f"channel {t.channel}: {exc}") from None
         except ssl.SSLCertVerificationError as exc:
-            raise TransportError(f"channel {t.channel} at {t.host}:{t.port} did not present the "
-                                 f"certificate the datasite sent through PySyft: {exc}") from exc
+            raise TransportError(f"channel {t.channel} at {t.host:.100}:{t.port} did not present "
+                                 f"the certificate the datasite sent through PySyft: {exc}"
+                                 ) from exc
         except (OSError, ssl.SSLError) as exc:
             if raw is not None:
                 raw.close()
-            raise TransportError(f"cannot reach channel {t.channel} at {t.host}:{t.port}: "
+            raise TransportError(f"cannot reach channel {t.channel} at {t.host:.100}:{t.port}: "
                                  f"{why(exc)}") from exc
         peer = sock.getpeercert(binary_form=True) or b""
         if not hmac.compare_digest(tls.fingerprint(peer), t.fingerprint):
@@ -279,7 +294,12 @@ class ChannelRouter:
     ``control(party, data) -> bytes`` delivers a request through the control plane (PySyft);
     ``user_on(party)`` is the identity the transport has there; an open that failed is tried
     again after ``retry_s`` seconds, doubling with each failure up to ``max_retry_s``; an open
-    must connect, finish its handshake and have its hello answered within ``open_deadline_s``.
+    must resolve the ticket's host, connect, finish its handshake and have its hello answered
+    within ``open_deadline_s``. A ticket's address must be ``home(party)`` (the host the
+    transport reaches that party's datasite at; default ``localhost``) or
+    ``channel_hosts[party]`` (a data-plane host the model owner allows that party besides), by
+    name or by an address such a name resolves to (any port); another is a failed open, refused
+    before any connection (:mod:`.address`).
     No network I/O happens under the router's lock: a channel opens under its (party, segment)'s
     own lock, so a datasite slow to answer (or hanging) delays only the steps on that segment.
     """
@@ -287,9 +307,14 @@ class ChannelRouter:
     def __init__(self, control: Callable[[str, bytes], bytes], user_on: Callable[[str], str], *,
                  timeout: float = 600.0, max_response_bytes: int = wire.DEFAULT_MAX_BYTES,
                  retry_s: float = 2.0, max_retry_s: float = 300.0,
-                 open_deadline_s: float = OPEN_DEADLINE_S) -> None:
+                 open_deadline_s: float = OPEN_DEADLINE_S,
+                 home: Callable[[str], str] = lambda party: "localhost",
+                 channel_hosts: Mapping[str, str] | None = None) -> None:
         self._control = control
         self._user_on = user_on
+        self._home = home
+        #: ``{party: host}``: a data-plane host allowed for that party besides its datasite's
+        self.channel_hosts = address.channel_hosts(channel_hosts)
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
         self.clients: dict[tuple[str, str], ChannelClient] = {}
@@ -371,11 +396,12 @@ class ChannelRouter:
         """Ask ``party`` (through the control plane) for a channel bound to ``segments``."""
         t0 = time.perf_counter()
         user = self._user_on(party)  # first: a lookup that fails leaves no channel open there
+        hosts = (self._home(party), *(h for h in [self.channel_hosts.get(party)] if h))
         raw = self._control(party, wire.encode({"op": "open_channel", "segments": segments}))
         response = wire.decode(raw, max_bytes=self.max_response_bytes)
         if "error" in response:
             raise error_from_wire(str(response["error"]), str(response.get("message", "")))
-        client = ChannelClient(ChannelTicket.from_response(response), user,
+        client = ChannelClient(ChannelTicket.from_response(response), user, hosts=hosts,
                                timeout=self.timeout, max_response_bytes=self.max_response_bytes)
         client.connect(self.open_deadline_s)
         with self._lock:
@@ -439,12 +465,16 @@ class ChannelRouter:
 class DirectTransport(TransportWrapper):
     """Any transport, with segment ops over direct channels when the data owner allows them
     (``inner`` stays the control plane). :class:`~syft_split.transport.pysyft.PySyftTransport`
-    does the same by itself (``direct=True``)."""
+    does the same by itself (``direct=True``). A channel connects only to the host ``inner``
+    reaches the party at (:meth:`~syft_split.transport.base.Transport.datasite_host`) or to
+    ``channel_hosts[party]``."""
 
-    def __init__(self, inner: Transport, *, timeout: float = 600.0) -> None:
+    def __init__(self, inner: Transport, *, timeout: float = 600.0,
+                 channel_hosts: Mapping[str, str] | None = None) -> None:
         super().__init__(inner)
         self.router = ChannelRouter(inner.request, lambda party: inner.user, timeout=timeout,
-                                    max_response_bytes=inner.max_response_bytes)
+                                    max_response_bytes=inner.max_response_bytes,
+                                    home=inner.datasite_host, channel_hosts=channel_hosts)
 
     def request(self, party: str, data: bytes) -> bytes:
         raw = self.router.route(party, data)

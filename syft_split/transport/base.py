@@ -357,6 +357,12 @@ class Transport(ABC):
         self.traffic.add(party, MODEL_OWNER, op, len(raw), tuple(response))
         return response
 
+    def datasite_host(self, party: str) -> str:
+        """The host ``party`` is reached at: a direct channel connects only to it (by name or an
+        address it resolves to) or to a host the model owner allowed (``channel_hosts``).
+        Default: ``localhost`` (a data owner in this process)."""
+        return "localhost"
+
     def close(self) -> None:
         """Release what the transport holds (servers it launched, connections)."""
 
@@ -392,6 +398,9 @@ class TransportWrapper(Transport):
 
     def request(self, party: str, data: bytes) -> bytes:
         return self.inner.request(party, data)
+
+    def datasite_host(self, party: str) -> str:
+        return self.inner.datasite_host(party)
 
     def close(self) -> None:
         self.inner.close()

@@ -64,7 +64,12 @@ class PySyftTransport(Transport):
 
     ``direct=True`` (default): segments whose data owner allowed a direct channel run over one
     (see :mod:`syft_split.channel`; ``self.router`` holds the channels). ``direct=False``:
-    PySyft carries everything. A channel's socket waits at most the call policy's timeout.
+    PySyft carries everything. A channel's socket waits at most the call policy's timeout. A
+    channel connects only to the datasite's host (its URL's host; loopback for a datasite
+    embedded in this process), by name or an address that name resolves to, any port;
+    ``channel_hosts={party: host}`` allows that party's channels one other host (a data owner
+    whose channel listens on another interface, its ``advertise`` setting). A ticket naming any
+    other address is refused without connecting; the steps go through PySyft.
 
     Calls to different parties may run concurrently from several threads (each party has
     its own client); calls to one party are serialised here, and so are all calls to
@@ -83,6 +88,7 @@ class PySyftTransport(Transport):
         policy: CallPolicy | None = None,
         direct: bool = True,
         channel_timeout: float | None = None,
+        channel_hosts: Mapping[str, str] | None = None,
     ) -> None:
         from ..channel.client import ChannelRouter
 
@@ -106,7 +112,8 @@ class PySyftTransport(Transport):
         self.direct = direct
         wait = channel_timeout if channel_timeout is not None else (self.policy.timeout or 600.0)
         self.router = ChannelRouter(self._pysyft_request, self.principal_on, timeout=wait,
-                                    max_response_bytes=max_response_bytes)
+                                    max_response_bytes=max_response_bytes,
+                                    home=self.datasite_host, channel_hosts=channel_hosts)
 
     def set_client(self, party: str, client: Any) -> None:
         """Reach ``party`` through ``client`` (e.g. a new login after an embedded restart)."""
@@ -140,6 +147,12 @@ class PySyftTransport(Transport):
 
     def parties(self) -> list[str]:
         return list(self._clients)
+
+    def datasite_host(self, party: str) -> str:
+        """The host of ``party``'s datasite URL (HTTP); ``localhost`` for one embedded here."""
+        url = getattr(getattr(self._client(party), "connection", None), "url", None)
+        host = getattr(url, "host_or_ip", None)
+        return str(host) if host and not _embedded(self._client(party)) else "localhost"
 
     def _client(self, party: str) -> Any:
         client = self._clients.get(party)
@@ -310,8 +323,10 @@ def restart(dep: Any, party: str, *, crash: bool = False) -> float:
 
 
 def connect(urls: Mapping[str, str], email: str, password: str, *,
-            policy: CallPolicy | None = None) -> PySyftTransport:
-    """Log in to existing datasites (``{party: "http://host:port"}``) as the model owner.
+            policy: CallPolicy | None = None,
+            channel_hosts: Mapping[str, str] | None = None) -> PySyftTransport:
+    """Log in to existing datasites (``{party: "http://host:port"}``) as the model owner
+    (``channel_hosts``: see :class:`PySyftTransport`).
 
     Each login and every call is bounded by ``policy``'s timeout; a datasite that refuses
     connections (e.g. restarting) is tried again like a failed call (``policy.retries``)."""
@@ -343,7 +358,7 @@ def connect(urls: Mapping[str, str], email: str, password: str, *,
                     raise TransportError(f"could not log in to {party} at {url}: {exc}") from exc
             time.sleep(wait)
             wait = min(2 * wait, policy.max_backoff)
-    return PySyftTransport(clients, policy=policy)
+    return PySyftTransport(clients, policy=policy, channel_hosts=channel_hosts)
 
 
 def _refused(exc: BaseException) -> bool:
