@@ -4,6 +4,7 @@ loopback, no PySyft)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import threading
@@ -203,16 +204,26 @@ def test_connections_over_an_address_rate_are_closed_before_tls_and_audited_once
         assert s.arrivals.refused == 15 and s.strangers.dropped == {
             "evicted": 0, "limit": 0, "deadline": 0}
         assert _handshake(s, ticket.channel, "127.0.0.2")  # another address is not slowed
-        time.sleep(0.3)  # several sweeps: one summary entry for the 15, at once
+        # one summary entry at once, at the first sweep after a refusal (a sweep may fall
+        # inside the burst on a loaded machine: it then counts the refusals so far)
+        assert _until_audits(audits, 1)
         assert [a[:2] for a in audits] == [("unauthenticated peers", "channel.connect")]
-        assert str(audits[0][4]).startswith("AccessError: 15 connections closed at accept")
+        first = _closed(audits[0])
+        assert 1 <= first <= 15
         assert not any(_handshake(s, ticket.channel) for _ in range(10))
-        time.sleep(0.3)
+        time.sleep(0.3)  # several sweeps
         assert len(audits) == 1  # the next ones wait for the interval's summary
         s.arrivals.interval_s = 0.1
-        assert _until_audits(audits, 2) and "10 connections" in str(audits[1][4])
+        assert _until_audits(audits, 2) and first + _closed(audits[1]) == 25  # none lost
     finally:
         s.shutdown()
+
+
+def _closed(audit: tuple[object, ...]) -> int:
+    """The count of connections an arrivals summary entry reports."""
+    m = re.match(r"AccessError: (\d+) connections closed at accept", str(audit[4]))
+    assert m is not None, audit
+    return int(m.group(1))
 
 
 def _until_audits(audits: list[tuple[object, ...]], n: int) -> bool:
