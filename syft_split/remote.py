@@ -212,8 +212,22 @@ class RemoteSegment:
                    "held_scale": self._held_scale is not None}
         self._held_grad = None
         self._held_scale = None
-        dropped["pending"] = bool(self._mutate("discard").get("discarded"))
+        dropped["pending"] = self._mutate("discard").get("discarded") is True
         return dropped
+
+    def abandon(self) -> dict[str, bool]:
+        """Drop the step under way after the model owner refused an answer of it (its
+        data owner's, or another party's on the same batch): a gradient / loss weight held
+        back from an *earlier* step (that step stands: the model owner stepped on it) is
+        delivered first, unless this step's backward already reached the segment
+        (``awaiting_step``: then what is held is this step's, and it is dropped); then the
+        step pending at the data owner (the forward or loss step whose backward never comes)
+        is discarded, so its next training request is taken. Returns what :meth:`discard`
+        returns."""
+        if not self.awaiting_step:
+            self.flush()
+        self.awaiting_step = False
+        return self.discard()
 
     def loss_backward(self, scale: float) -> None:
         """The loss weight for the pending loss step: the data owner steps its segment with its

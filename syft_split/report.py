@@ -110,15 +110,18 @@ class RunReport:
         return (row.get("forward", 0) + row.get("backward", 0)) / 1e12
 
     def note_unreachable(self, party: str, epoch: int | None, batch: int | None,
-                         exc: BaseException) -> None:
+                         exc: BaseException, *, reason: str = "unreachable") -> None:
         """Record that ``party`` was skipped after ``exc`` in ``extra["unreachable"]`` (saved
         with every checkpoint): the latest :data:`MAX_UNREACHABLE` skips, each error text
-        clipped to :data:`MAX_ERROR_CHARS` characters (a data owner chooses its text)."""
+        clipped to :data:`MAX_ERROR_CHARS` characters (a data owner chooses its text).
+        ``reason``: ``"unreachable"`` (a timeout, a lost connection) or ``"refused"`` (the
+        model owner refused its answer; the error names the op and the field)."""
         error = f"{type(exc).__name__}: {exc}"
         if len(error) > MAX_ERROR_CHARS:
             error = f"{error[:MAX_ERROR_CHARS]}... ({len(error) - MAX_ERROR_CHARS} more characters)"
         kept = self.extra.setdefault("unreachable", [])
-        kept.append({"party": party, "epoch": epoch, "batch": batch, "error": error})
+        kept.append({"party": party, "epoch": epoch, "batch": batch, "reason": reason,
+                     "error": error})
         del kept[:-MAX_UNREACHABLE]
 
     def to_json(self) -> dict[str, Any]:

@@ -6,8 +6,11 @@ Only exact steps are checkpointed: with ``gradient_delay=1`` or a ``local_loss``
 owners' requests carry no step ids, so ``fit`` refuses ``checkpoint_dir`` (a resume would apply
 part of an epoch twice).
 With ``on_unreachable="skip"`` (round-robin schedule) a data owner that times out or cannot
-be reached loses its batches for the rest of the epoch while the others train on; what was
-skipped is listed in ``report.extra["unreachable"]``.
+be reached, or whose answer the model owner refuses (:mod:`syft_split.answers`: a NaN or
+out-of-bound activation, bad labels or counts), loses its batches for the rest of the epoch
+while the others train on; what was skipped, and why, is listed in
+``report.extra["unreachable"]``. A refused step is dropped on both sides (no model-owner
+step; the data owner's pending step discarded), also under ``"raise"``, which then raises.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, Position
-from .errors import ConfigError, TransportError
+from .errors import ConfigError, SyftSplitError, TransportError, ValidationError
 from .ledger import CostLedger
 from .report import MAX_NOT_AVERAGED, EpochRecord, RunReport, RunTraffic
 from .schedules import SCHEDULES, AverageOutcome, SecureAverage, ServerCopies, relay_weights
@@ -271,6 +274,8 @@ class Trainer:
                                     acc=f"{correct / max(count, 1):.3f}")
                 except TransportError as exc:
                     self._unreachable(exc, party, epoch, k)
+                except ValidationError as exc:
+                    self._refused(exc, party, epoch, k)
             if self._checkpoint is not None:
                 self._checkpoint.save(self, Position(
                     epoch=epoch, done=k + 1, gen=start_gen, sums=[loss_sum, correct, count],
@@ -283,9 +288,16 @@ class Trainer:
         s = self.session
         self._before(party)
         s.zero_grad()
-        loss, m = s.loss(party, idx, self._label(party, self.train_dataset, idx),
-                         dataset=self.train_dataset)
-        loss.backward()
+        buffers = [(b, b.detach().clone()) for mod in s.local.values() for b in mod.buffers()]
+        try:
+            loss, m = s.loss(party, idx, self._label(party, self.train_dataset, idx),
+                             dataset=self.train_dataset)
+            loss.backward()
+        except ValidationError:  # a refused answer: the statistics the forward moved go back
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            raise
         s.step()
         self.ledger.session_step(s, party, int(idx.shape[0]))
         self._after(party, idx, end_of_round, round_sizes)
@@ -300,6 +312,34 @@ class Trainer:
         self.session.zero_grad()
         self.down.add(party)
         self.report.note_unreachable(party, epoch, step, exc)
+
+    def _refused(self, exc: ValidationError, party: str, epoch: int, step: int) -> None:
+        """The model owner refused an answer of ``party``'s step (``exc.party``: the data
+        owner that sent it; None: not an answer, e.g. a host's own refusal of a request, which
+        is raised). The step is dropped on both sides whatever ``on_unreachable`` says: no
+        model-owner step, and at every data owner that ran this batch the pending step is
+        discarded (a gradient held back from an earlier step delivered first), so the next
+        training request works. Then, under ``"skip"`` and if ``party`` sent the refused
+        answer, it is skipped for the rest of the epoch and reported; otherwise ``exc`` is
+        raised."""
+        if exc.party is None:
+            raise exc
+        s = self.session
+        if step >= 0:  # training: evaluation leaves nothing pending at the data owners
+            for (host, i), seg in s.remote.items():
+                if host != s._host(party, i) or (
+                        s.he is not None and not s.plan.nodes[i].inputs):
+                    continue  # (an encrypted forward left pending: he_state discards it)
+                try:
+                    seg.abandon()
+                except SyftSplitError as err:  # unreachable: kept, sent before its next request
+                    exc.add_note(f"discarding the step at {host} failed too: "
+                                 f"{type(err).__name__}: {err}")
+        s.zero_grad()  # (after abandon(), which reads whether this step's backward ran)
+        if self.on_unreachable != "skip" or exc.party != party:
+            raise exc
+        self.down.add(party)
+        self.report.note_unreachable(party, epoch, step, exc, reason="refused")
 
     def _flush(self) -> None:
         """Deliver held-back gradients; an unreachable party's stay held (sent when it is back)."""
@@ -316,7 +356,9 @@ class Trainer:
                 self.report.note_unreachable(seg.party, None, None, exc)
 
     def evaluate(self, dataset: str | None = None, batch_size: int = 512) -> dict[str, float]:
-        """Loss and accuracy over every data owner's ``dataset`` (no gradient bookkeeping)."""
+        """Loss and accuracy over every data owner's ``dataset`` (no gradient bookkeeping);
+        under ``on_unreachable="skip"`` one unreachable, or whose answer is refused, is left
+        out of the figures and reported."""
         dataset = dataset or self.test_dataset or self.train_dataset
         s = self.session
         self._flush()
@@ -335,6 +377,8 @@ class Trainer:
                     count += m.count
             except TransportError as exc:
                 self._unreachable(exc, party, -1, -1)
+            except ValidationError as exc:
+                self._refused(exc, party, -1, -1)
         if count == 0:
             return {"loss": float("nan"), "accuracy": float("nan")}
         return {"loss": loss_sum / count, "accuracy": correct / count}
