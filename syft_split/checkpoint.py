@@ -149,7 +149,7 @@ class Checkpoint:
             opt.load_state_dict(state)
         torch.set_rng_state(tree["torch_rng"])
         if tree.get("server_copies") is not None:
-            from .schedules import ServerCopies
+            from .server_copies import ServerCopies
 
             copies = ServerCopies(s, list(tree["server_copies"]))
             copies.states = {k: (list(v[0]), list(v[1]))

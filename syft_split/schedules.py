@@ -6,7 +6,7 @@
 - ``splitfed_v1`` (Thapa et al. 2022): each round every data owner trains one batch "in
   parallel" against its own copy of the model owner's segments; after the round the data
   owners' segments are averaged by secure aggregation, and the model owner averages its copies
-  (FedAvg, weighted by batch size).
+  (FedAvg, weighted by batch size; :mod:`syft_split.server_copies`).
 - ``splitfed_v2``: as v1 but the model owner processes the data owners one after the other on
   a single copy of its segments; only the data owners' segments are averaged.
 
@@ -25,22 +25,20 @@ its data owners keep their weights, which :attr:`SecureAverage.last` says; it is
 
 from __future__ import annotations
 
-import copy
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import torch
-
 from . import secagg
 from .errors import AverageRefusedError, CohortRefusedError, ConfigError, ValidationError
 from .remote import RemoteSegment
+from .server_copies import ServerCopies, weighted_mean
 from .session import SplitSession
 
-__all__ = ["SCHEDULES", "AverageOutcome", "SecureAverage", "average_segments", "cohort_refusal",
-           "contribution_faults", "input_nodes", "relay_weights", "weighted_mean"]
+__all__ = ["SCHEDULES", "AverageOutcome", "SecureAverage", "ServerCopies", "average_segments",
+           "cohort_refusal", "contribution_faults", "input_nodes", "relay_weights", "weighted_mean"]
 
 T = TypeVar("T")
 
@@ -392,62 +390,3 @@ def average_segments(session: SplitSession, sources: Sequence[str],
     """FedAvg the data owners' copies of every shared segment by secure aggregation (one round;
     for many rounds keep one :class:`SecureAverage`)."""
     SecureAverage(session)(sources, weights)
-
-
-def weighted_mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
-                  ) -> dict[str, torch.Tensor]:
-    """FedAvg of state dicts: floating tensors weighted by ``weights``; others (e.g.
-    BatchNorm's ``num_batches_tracked``) from the first state."""
-    total = float(sum(weights))
-    if not states or total <= 0:
-        raise ConfigError(f"weighted_mean needs states and a positive total weight, got {total}")
-    out: dict[str, torch.Tensor] = {}
-    for k, v in states[0].items():
-        if v.is_floating_point():
-            acc = torch.zeros_like(v)
-            for s, w in zip(states, weights):
-                if w:  # weight 0 adds nothing (not even a copy's NaN: 0 * NaN is NaN)
-                    acc += s[k] * (w / total)
-            out[k] = acc
-        else:
-            out[k] = v.clone()
-    return out
-
-
-class ServerCopies:
-    """Per-data-owner copies of the model owner's segments (SplitFed v1)."""
-
-    def __init__(self, session: SplitSession, sources: Sequence[str]) -> None:
-        self.session = session
-        self.states: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
-            s: self._snapshot() for s in sources
-        }
-
-    def _snapshot(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        mods = [copy.deepcopy(m.state_dict()) for m in self.session.local.values()]
-        return mods, [copy.deepcopy(o.state_dict()) for o in self.session.optimizers]
-
-    def use(self, source: str) -> None:
-        mods, opt = self.states[source]
-        for m, state in zip(self.session.local.values(), mods):
-            m.load_state_dict(state)
-        for o, state in zip(self.session.optimizers, opt):
-            o.load_state_dict(state)
-
-    def save(self, source: str) -> None:
-        self.states[source] = self._snapshot()
-
-    def average(self, weights: dict[str, float], keep: Sequence[str] = ()) -> None:
-        """Every copy becomes the weighted average; a source missing from ``weights`` (it had
-        no batch this round) counts with weight 0 and also continues from the average, unless
-        it is in ``keep`` (its data owner's segment was not relayed the average: its copy stays
-        with it)."""
-        sources = list(self.states)
-        per_module = [
-            weighted_mean([self.states[s][0][k] for s in sources], [weights.get(s, 0.0) for s in sources])
-            for k in range(len(self.session.local))
-        ]
-        for s in sources:
-            if s not in keep:
-                self.states[s] = ([copy.deepcopy(m) for m in per_module], self.states[s][1])
-        self.use(sources[0])
