@@ -19,7 +19,15 @@ atomically after every training step by :meth:`syft_split.Trainer.fit`. It holds
   once each shared segment's weights are sealed and before their ``unseal`` request leaves, so
   a new process sends those very bytes again under their step id (sealing again would give
   other bytes, which the data owner refuses under a step id it applied) and seals only the
-  segments not sealed yet.
+  segments not sealed yet;
+- the average relayed under way (SplitFed, a data owner without a batch in the round): it is
+  relayed after the step trained, so it is not written at a new position but added to the
+  checkpoint as last saved (:meth:`Checkpoint.note`), once the members loaded the average and
+  once each copy is sealed, before its ``unseal`` request leaves: the round averaged and each
+  sealed request by recipient and node.
+  A new process runs that step again from the checkpoint (the data owners answer it from their
+  records), does not average again (every member loaded the average) and sends those very
+  requests again (:class:`syft_split.schedules.SecureAverage`).
 
 ``fit(resume=True, checkpoint_dir=...)`` in a new process re-attaches to the approved segments
 by id (:meth:`syft_split.SplitSession.attach`) and continues at the next batch; every request
@@ -53,6 +61,8 @@ if TYPE_CHECKING:
 __all__ = ["Checkpoint", "Position"]
 
 FORMAT = 1
+#: the key of SplitFed's relayed average under way (:meth:`Checkpoint.note`)
+SPLITFED_RELAYS = "splitfed_relays"
 
 
 class Position(dict):  # type: ignore[type-arg]
@@ -117,6 +127,21 @@ class Checkpoint:
             raise ConfigError("a checkpoint journal needs a saved or restored position")
         self.save(trainer, self.position)
 
+    def note(self, key: str, value: Any) -> None:
+        """Add ``value`` under ``key`` to the checkpoint as last saved (its state and position
+        unchanged), before a request leaves that the step after that position, run again by a
+        new process, must send as it was (SplitFed's relayed average: the trainer's state
+        then already holds that step, and :meth:`journal` writing it at the last position would
+        have a new process run the step again on top of it). The next :meth:`save` drops it."""
+        tree = self.load()
+        if tree is None:
+            raise ConfigError(f"{self.path}: a checkpoint note needs a saved checkpoint")
+        t0 = time.perf_counter()
+        tree[key] = value
+        persist.save(self.path, tree)
+        self.writes += 1
+        self.seconds += time.perf_counter() - t0
+
     def load(self) -> dict[str, Any] | None:
         """The saved state, or None if there is none yet."""
         if not self.exists():
@@ -149,7 +174,7 @@ class Checkpoint:
             opt.load_state_dict(state)
         torch.set_rng_state(tree["torch_rng"])
         if tree.get("server_copies") is not None:
-            from .schedules import ServerCopies
+            from .server_copies import ServerCopies
 
             copies = ServerCopies(s, list(tree["server_copies"]))
             copies.states = {k: (list(v[0]), list(v[1]))
@@ -157,6 +182,7 @@ class Checkpoint:
             trainer._server_copies = copies
         trainer._relay_last = tree.get("relay_last")
         trainer._relay = tree.get("relay")
+        trainer._average.journaled = tree.get(SPLITFED_RELAYS)
         trainer.down = set(tree.get("down", []))
         if s.he is not None:
             s.he.load_state(tree.get("he") or {})

@@ -6,7 +6,7 @@
 - ``splitfed_v1`` (Thapa et al. 2022): each round every data owner trains one batch "in
   parallel" against its own copy of the model owner's segments; after the round the data
   owners' segments are averaged by secure aggregation, and the model owner averages its copies
-  (FedAvg, weighted by batch size).
+  (FedAvg, weighted by batch size; :mod:`syft_split.server_copies`).
 - ``splitfed_v2``: as v1 but the model owner processes the data owners one after the other on
   a single copy of its segments; only the data owners' segments are averaged.
 
@@ -25,22 +25,27 @@ its data owners keep their weights, which :attr:`SecureAverage.last` says; it is
 
 from __future__ import annotations
 
-import copy
+import functools
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import torch
-
 from . import secagg
-from .errors import AverageRefusedError, CohortRefusedError, ConfigError, ValidationError
+from .errors import (
+    AverageRefusedError,
+    CohortRefusedError,
+    ConfigError,
+    ProtocolError,
+    ValidationError,
+)
 from .remote import RemoteSegment
+from .server_copies import ServerCopies, weighted_mean
 from .session import SplitSession
 
-__all__ = ["SCHEDULES", "AverageOutcome", "SecureAverage", "average_segments", "cohort_refusal",
-           "contribution_faults", "input_nodes", "relay_weights", "weighted_mean"]
+__all__ = ["SCHEDULES", "AverageOutcome", "SecureAverage", "ServerCopies", "average_segments",
+           "cohort_refusal", "contribution_faults", "input_nodes", "relay_weights", "weighted_mean"]
 
 T = TypeVar("T")
 
@@ -151,9 +156,14 @@ class SecureAverage:
         self.min_cohort: dict[str, int] = {}
         #: what the last call did (averaged or not, relayed or not)
         self.last = AverageOutcome()
+        #: what a crashed process journaled of the call that runs again first (from a checkpoint:
+        #: the ``journal`` record of :meth:`__call__`); that call takes it
+        self.journaled: dict[str, Any] | None = None
 
     def __call__(self, sources: Sequence[str], weights: Sequence[float], *,
-                 each: Each | None = None) -> dict[str, BaseException]:
+                 each: Each | None = None,
+                 journal: Callable[[dict[str, Any]], None] | None = None
+                 ) -> dict[str, BaseException]:
         """Replace each source's copy of every shared segment by their weighted average (a
         source with weight 0 is not a member of the rounds, which data owners refuse: it
         receives the average, relayed sealed from a member that relays; with one source of
@@ -177,7 +187,17 @@ class SecureAverage:
         would show that member's weights), and leaves out whom :func:`_blamed` names. A failed
         *aggregate* stops the
         averaging (the others have loaded). Without ``each`` the calls run one after the other
-        and a failure raises (nothing loaded, if it is one of these)."""
+        and a failure raises (nothing loaded, if it is one of these).
+
+        Resumable (checkpoints): ``journal(record)`` keeps ``record`` with the checkpoint once
+        the average is loaded and before each copy of it relayed to a source of weight 0 leaves:
+        the round averaged, its members, the relaying member and every ``unseal`` request
+        sealed so far (the step id and the sealed bytes, by recipient and node). A new process
+        whose first call is this one again (:attr:`journaled`: that record) does not average
+        again (the members hold the average; a second one is not exact in fixed point) and
+        sends those very requests again (a new seal is other bytes, which a data owner refuses
+        under a step id it applied): the data owners apply each once, and only the relays not
+        journaled are sealed."""
         _require_peer(self.session)
         if len(sources) != len(weights):
             raise ConfigError(f"{len(sources)} sources but {len(weights)} weights")
@@ -199,12 +219,13 @@ class SecureAverage:
         dropped: dict[str, BaseException] = {}
         if not members:
             raise ConfigError(f"averaging weights {weights} are all 0")
-        if len(members) > 1:
+        resumed = self._resumed(members)  # averaged before a crash, relayed in part
+        if len(members) > 1 and resumed is None:
             out.not_averaged = cohort_refusal(members, w, self.min_cohort)
             if out.not_averaged is not None:
                 return dropped  # no round started: no masks spent, nothing loaded
             self.round += 1
-        for k, i in enumerate(nodes if len(members) > 1 else []):
+        for k, i in enumerate(nodes if len(members) > 1 and resumed is None else []):
             while True:
                 failed, loading, refused = self._node(i, members, w, run)
                 if failed and each is None:  # one after the other: a failure raises
@@ -227,25 +248,63 @@ class SecureAverage:
                 self.round += 1  # the survivors again, under fresh masks
         zero = [s for s in dict.fromkeys(sources) if w[s] <= 0]  # no batch: gets the average
         if zero:
-            dropped.update(self._relay(members, zero, run))
+            dropped.update(self._relay(members, zero, run, journal, resumed))
         return dropped
 
-    def _relay(self, members: list[str], zero: list[str], run: Each
-               ) -> dict[str, BaseException]:
+    def _resumed(self, members: list[str]) -> dict[str, Any] | None:
+        """The :attr:`journaled` record if it is this call's (same members; when averaged, the
+        round every member loaded last), else None; either way it is taken."""
+        record, self.journaled = self.journaled, None
+        if record is None or record.get("members") != members or (
+                len(members) > 1 and record.get("round") != self.round):
+            return None
+        return record
+
+    def _relay(self, members: list[str], zero: list[str], run: Each,
+               journal: Callable[[dict[str, Any]], None] | None = None,
+               resumed: dict[str, Any] | None = None) -> dict[str, BaseException]:
         """Relay the average (every member holds it) to each of ``zero``, from a member whose
         ``min_cohort`` allows relaying its weights (below 3); without one, or refused by it,
-        they keep their own weights (in :attr:`last`)."""
+        they keep their own weights (in :attr:`last`). ``journal``, ``resumed``: see
+        :meth:`__call__`."""
         src = next((m for m in members if self.min_cohort.get(m, 2) < 3), None)
         if src is None:
             why = (f"no member relays its weights ({', '.join(members)}: HostLimits.min_cohort "
                    ">= 3)")
             self.last.not_relayed.update({s: why for s in zero})
             return {}
-        done, failed = run(zero, lambda s: _refused(relay_weights, self.session, src, s))
+        record = resumed if resumed is not None and resumed.get("from") == src else {
+            "round": self.round, "members": list(members), "from": src, "sealed": {}}
+        if journal is not None and record is not resumed:  # averaged: not to be run again
+            journal(record)
+        done, failed = run(zero, lambda s: _refused(self._relay_one, src, s, record, journal))
         for s, result in done.items():
             if isinstance(result, CohortRefusedError):
                 self.last.not_relayed[s] = f"{type(result).__name__}: {result}"
         return failed
+
+    def _relay_one(self, src: str, dst: str, record: dict[str, Any],
+                   journal: Callable[[dict[str, Any]], None] | None) -> None:
+        """Relay every shared node from ``src`` to ``dst``: a node ``record`` holds (journaled
+        before a crash) by its very ``unseal`` request, under its step id; any other sealed
+        anew and, with ``journal``, added to ``record`` and journaled before it leaves."""
+        for i in input_nodes(self.session):
+            a, b = self.session._seg(src, i), self.session._seg(dst, i)
+            sent = record["sealed"].get(dst, {}).get(i)
+            if sent is not None:
+                b.flush()
+                b.settle()
+                if b.next_step != sent["step"]:
+                    raise ProtocolError(
+                        f"the checkpoint journaled the relay to {dst}'s segment {b.segment_id} "
+                        f"under step {sent['step']}, but it is at step {b.next_step}: the "
+                        "checkpoint is not this run's")
+                b.unseal(sent["sealed"], sent["sender"])  # applied once (or from the record)
+                continue
+            sealed, sender = a.seal_for(dst, b.segment_id)
+            note = None if journal is None else functools.partial(
+                _journal_relay, journal, record, dst, i, b, sealed, sender)
+            b.unseal(sealed, sender, journal=note)
 
     def _node(self, i: int, sources: Sequence[str], w: dict[str, float], run: Each
               ) -> tuple[dict[str, BaseException], bool, str | None]:
@@ -356,6 +415,16 @@ def _blamed(failed: dict[str, BaseException], party: dict[str, str], rnd: int
     return out
 
 
+def _journal_relay(journal: Callable[[dict[str, Any]], None], record: dict[str, Any], dst: str,
+                   node: int, seg: RemoteSegment, sealed: bytes, sender: str) -> None:
+    """Journal ``record`` with ``node``'s ``unseal`` request to ``dst`` (under ``seg``'s step id
+    in flight), then keep it in ``record``; if ``journal`` raises, ``record`` is unchanged."""
+    entry = {"step": seg.next_step, "sealed": sealed, "sender": sender}
+    by_dst = {**record["sealed"], dst: {**record["sealed"].get(dst, {}), node: entry}}
+    journal({**record, "sealed": by_dst})
+    record["sealed"] = by_dst
+
+
 def _refused(fn: Callable[..., T], *args: Any) -> T | CohortRefusedError:
     """``fn(*args)``, or the :class:`CohortRefusedError` it raised (a policy, not a failure:
     returned, so that no phase runner counts it as one)."""
@@ -392,62 +461,3 @@ def average_segments(session: SplitSession, sources: Sequence[str],
     """FedAvg the data owners' copies of every shared segment by secure aggregation (one round;
     for many rounds keep one :class:`SecureAverage`)."""
     SecureAverage(session)(sources, weights)
-
-
-def weighted_mean(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
-                  ) -> dict[str, torch.Tensor]:
-    """FedAvg of state dicts: floating tensors weighted by ``weights``; others (e.g.
-    BatchNorm's ``num_batches_tracked``) from the first state."""
-    total = float(sum(weights))
-    if not states or total <= 0:
-        raise ConfigError(f"weighted_mean needs states and a positive total weight, got {total}")
-    out: dict[str, torch.Tensor] = {}
-    for k, v in states[0].items():
-        if v.is_floating_point():
-            acc = torch.zeros_like(v)
-            for s, w in zip(states, weights):
-                if w:  # weight 0 adds nothing (not even a copy's NaN: 0 * NaN is NaN)
-                    acc += s[k] * (w / total)
-            out[k] = acc
-        else:
-            out[k] = v.clone()
-    return out
-
-
-class ServerCopies:
-    """Per-data-owner copies of the model owner's segments (SplitFed v1)."""
-
-    def __init__(self, session: SplitSession, sources: Sequence[str]) -> None:
-        self.session = session
-        self.states: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
-            s: self._snapshot() for s in sources
-        }
-
-    def _snapshot(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        mods = [copy.deepcopy(m.state_dict()) for m in self.session.local.values()]
-        return mods, [copy.deepcopy(o.state_dict()) for o in self.session.optimizers]
-
-    def use(self, source: str) -> None:
-        mods, opt = self.states[source]
-        for m, state in zip(self.session.local.values(), mods):
-            m.load_state_dict(state)
-        for o, state in zip(self.session.optimizers, opt):
-            o.load_state_dict(state)
-
-    def save(self, source: str) -> None:
-        self.states[source] = self._snapshot()
-
-    def average(self, weights: dict[str, float], keep: Sequence[str] = ()) -> None:
-        """Every copy becomes the weighted average; a source missing from ``weights`` (it had
-        no batch this round) counts with weight 0 and also continues from the average, unless
-        it is in ``keep`` (its data owner's segment was not relayed the average: its copy stays
-        with it)."""
-        sources = list(self.states)
-        per_module = [
-            weighted_mean([self.states[s][0][k] for s in sources], [weights.get(s, 0.0) for s in sources])
-            for k in range(len(self.session.local))
-        ]
-        for s in sources:
-            if s not in keep:
-                self.states[s] = ([copy.deepcopy(m) for m in per_module], self.states[s][1])
-        self.use(sources[0])

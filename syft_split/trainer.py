@@ -15,6 +15,7 @@ step; the data owner's pending step discarded), also under ``"raise"``, which th
 
 from __future__ import annotations
 
+import functools
 import time
 from itertools import accumulate
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, Position
+from .checkpoint import SPLITFED_RELAYS, Checkpoint, Position
 from .errors import ConfigError, SyftSplitError, TransportError, ValidationError
 from .ledger import CostLedger
 from .report import MAX_NOT_AVERAGED, EpochRecord, RunReport, RunTraffic
@@ -220,7 +221,9 @@ class Trainer:
             self.session.flush()
             # a data owner without a batch this round has weight 0 (is relayed the average)
             sources = self.session.plan.sources
-            self._average(sources, [round_sizes.get(p, 0.0) for p in sources])
+            self._average(sources, [round_sizes.get(p, 0.0) for p in sources],
+                          journal=None if self._checkpoint is None else functools.partial(
+                              self._checkpoint.note, SPLITFED_RELAYS))
             outcome = self._average.last
             if self._server_copies is not None and outcome.not_averaged is None:
                 self._server_copies.average(round_sizes, keep=list(outcome.not_relayed))
