@@ -57,7 +57,7 @@ from .errors import (
 )
 from .host import AuditEntry, Call, Dataset, OpFamily, op, owner_op, register_family
 from .host.dispatch import Host
-from .host.guard import BYTES, SCALAR, in_window, last_minute
+from .host.guard import BYTES, SCALAR, WINDOW_SAVE_S, in_window, last_minute, window_save_due
 from .host.records import HostLimits, clip
 
 if TYPE_CHECKING:
@@ -69,8 +69,6 @@ __all__ = ["AlignmentOps", "align_records", "MAX_ALIGNED_PER_USER", "MAX_NAME_CH
 MAX_ALIGNED_PER_USER = 8
 #: longest ``as_name`` (it is kept in the host's saved state)
 MAX_NAME_CHARS = 128
-#: seconds between saves of the PSI work windows (what a crash can give back)
-WINDOW_SAVE_S = 1.0
 
 _log = logging.getLogger(__name__)
 
@@ -92,7 +90,7 @@ class AlignmentOps(OpFamily):
         self._aligned: dict[str, tuple[str, torch.Tensor, str]] = {}
         #: PSI work per user: (wall-clock time, elements) of the last minute's calls
         self._work: dict[str, list[tuple[float, int]]] = {}
-        self._saved_at = 0.0  # when _charge last saved the windows
+        self._saved_at: dict[str, float] = {}  # when _charge's last save of them ended
 
     @owner_op("allow_alignment")
     def allow_alignment(self, dataset: str, user: str) -> dict[str, Any]:
@@ -221,13 +219,14 @@ class AlignmentOps(OpFamily):
         a large pending proposal in it). A failed save leaves the store marked unsaved: the
         next changing op saves everything."""
         store = getattr(self.host, "store", None)
-        if store is None or now - self._saved_at < WINDOW_SAVE_S:
+        if store is None or not window_save_due(self._saved_at, "psi", now, WINDOW_SAVE_S):
             return
-        self._saved_at = now
         try:
             store.save_host(self.host)
         except StateSaveError as exc:
             _log.warning("the PSI work window was not saved: %s", exc)
+        finally:
+            self._saved_at["psi"] = time.time()
 
     # psi_serve and psi_request change only the user's PSI work window (saved by _charge)
     @op("psi_serve", egress={"setup": BYTES, "response": BYTES})

@@ -57,7 +57,9 @@ def test_a_rejected_proposal_keeps_no_weights_across_restarts(tmp_path: Path) ->
     keep, pending, *rejected = ids
     host.approve(keep)
     size_before = (tmp_path / "host.sspl").stat().st_size
-    assert size_before > 4 * BIG_BYTES  # every proposal's initial weights are in host.sspl
+    # every pending proposal's initial weights are in host.sspl (the approved one's segment
+    # file holds its weights: host.sspl no longer keeps them, tests/test_persist_cost.py)
+    assert 3 * BIG_BYTES < size_before < 4 * BIG_BYTES
     for pid in rejected:
         host.reject(pid)
     p = host.proposal(rejected[0])

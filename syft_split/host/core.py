@@ -60,6 +60,7 @@ from .records import (
     StepRecord,
     clip,
 )
+from .saving import Ran, before, persist
 from .state_trees import audit_json
 from .store import HostStore
 
@@ -119,6 +120,9 @@ class DataOwnerHost(HostConsole):
         #: the data owner's state directory (None: state lives in memory only)
         self.store = (HostStore(state_dir, every=checkpoint_every, families=self.families)
                       if state_dir is not None else None)
+        #: when a rate window that changed alone was last saved, by segment id ("": the
+        #: proposal-rate windows in host.sspl; see :mod:`.saving`)
+        self.window_saves: dict[str, float] = {}
 
     # ------------------------------------------------------------------- persistence
     def restore_state(self) -> bool:
@@ -159,34 +163,6 @@ class DataOwnerHost(HostConsole):
         """``caller`` for display: its name and principal, or the principal alone."""
         name = self.names.get(caller)
         return caller if name is None else f"{name} ({caller})"
-
-    def _persist(self, spec: OpSpec | None, call: Call | None, *, replayed: bool = False) -> None:
-        """Save what the op changed (see :mod:`.store`). After a failed save
-        (``store.unsaved``) the next changing op or replayed step saves everything."""
-        if self.store is None:
-            return
-        if self.store.unsaved and (replayed or (spec is not None and spec.mutates)):
-            self.store.save_all(self)
-            return
-        if spec is None or call is None:
-            return
-        # records an evaluation counted against the per-minute cap: their window lasts (a
-        # training call's is saved with its step, every checkpoint_every steps)
-        released = (self.limits.max_records_per_minute is not None and call.rt is not None
-                    and bool(call.rows))
-        if not spec.mutates or (spec.evaluates and call.req.get("train", True) is False):
-            # an evaluation forward or loss step changes nothing; other ops ignore train
-            if released and call.rt is not None:
-                self.store.save_runtime(call.rt)
-            return
-        if call.rt is not None and spec.family_state:
-            # what the family records (a round loaded, a relay seen) never outruns the weights
-            # it changed: the segment first, whatever checkpoint_every says
-            self.store.save_runtime(call.rt)
-        elif call.rt is not None:
-            self.store.changed(call.rt)
-        if call.rt is None or spec.family_state:
-            self.store.save_host(self)
 
     @property
     def max_request_bytes(self) -> int:
@@ -311,6 +287,7 @@ class DataOwnerHost(HostConsole):
         replay: bytes | None = None
         step: int | None = None
         token = False  # a propose with a token: sent again, it is answered, not made twice
+        ran: Ran | None = None  # set when the op runs (see :mod:`.saving`)
         try:
             request = wire.decode(data, max_bytes=self.limits.max_request_bytes)
             op = str(request.pop("op", "?"))
@@ -332,6 +309,7 @@ class DataOwnerHost(HostConsole):
                 spec = None  # nothing ran: nothing to save
                 raw, outcome = replay, f"ok (step {step} answered from the record)"
             else:
+                ran = before(self, call)
                 try:
                     with torch.enable_grad():  # the caller's grad mode is not ours
                         response = fn(call)
@@ -344,11 +322,14 @@ class DataOwnerHost(HostConsole):
                             call.rt.clear_pending()  # nothing of this step left: not pending
                         raise
                 except Exception:
+                    ran.failed = True
                     if call.undo is not None:  # a held-back step it applied: undone
                         call.undo()
+                        ran.undone = True
                     raise
                 if step is not None and call.rt is not None:
                     call.rt.remember(StepRecord(step, op, digest, raw))
+                    call.unchanged = False  # its record is to be saved
                 outcome = "ok"
         except SyftSplitError as exc:
             raw = error_answer(type(exc).__name__, str(exc), exc.peer)
@@ -359,8 +340,8 @@ class DataOwnerHost(HostConsole):
             # data owner's audit entry
             raw = error_answer("RemoteError", opaque(exc, op, self.name))
             outcome = f"RemoteError: {type(exc).__name__}: {exc}"
-        try:  # before answering: an answered step is on disk
-            self._persist(spec, call, replayed=replay is not None)
+        try:  # before answering: an answered step is on disk (what changed: .saving)
+            persist(self, spec, call, ran, replayed=replay is not None)
         except Exception as exc:  # disk full, I/O error: it ran, it is not saved; say so
             err = StateSaveError(
                 f"op {clip(op, AUDIT_TEXT)!r} ran on {self.name} (outcome: "

@@ -11,7 +11,9 @@ lock is taken) closes the gate of that segment at once: an op in progress is ref
 (``ApprovalError``) when its answer reaches the guard, and long loops (local training epochs)
 look at :meth:`Guard.still_open` between their steps.
 :meth:`Guard.admit` applies the optional cap on records released per minute, before an op runs;
-its window (wall-clock times) is saved with the segment and comes back after a restart.
+its window (wall-clock times) is saved with the segment and comes back after a restart. A
+window that changed alone (an evaluation's records, a PSI call's work, a refused proposal's
+slot) is saved at most every :data:`WINDOW_SAVE_S` (:func:`window_save_due`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ __all__ = [
     "TEXT",
     "JSON",
     "BYTES",
+    "WINDOW_SAVE_S",
+    "window_save_due",
 ]
 
 
@@ -55,7 +59,8 @@ class Call:
     ``rows`` is set by the op to the number of records the response concerns (the batch).
     ``undo`` is set by an op that applies a held-back step before it computes its answer (a
     fused forward or loss step): the host calls it if that answer is refused, and the segment
-    is as it was before the call."""
+    is as it was before the call. ``unchanged`` is set by an op that found nothing to change
+    (a ``discard`` with nothing pending): nothing is saved for it."""
 
     caller: str
     op: str
@@ -63,6 +68,7 @@ class Call:
     rt: Runtime | None = None
     rows: int | None = None
     undo: Callable[[], None] | None = None
+    unchanged: bool = False
 
 
 #: a rule checks one outgoing value; it raises EgressError to stop it.
@@ -188,6 +194,25 @@ def in_window(t: float, now: float) -> bool:
     return 0.0 <= now - t <= WINDOW_S
 
 
+#: seconds between saves of a rate window that changed alone (nothing else the call did needed
+#: saving), from the end of one save to the next: a crash forgets at most the entries charged
+#: in that long after a save, so after a restart the cap is looser by at most that much, never
+#: stricter
+WINDOW_SAVE_S = 1.0
+
+
+def window_save_due(saved_at: dict[str, float], key: str, now: float,
+                    every: float | None = None) -> bool:
+    """Whether the rate window(s) saved under ``key`` are due for a save at wall-clock ``now``:
+    none ended in the last ``every`` seconds (default :data:`WINDOW_SAVE_S`; a clock set back
+    makes it due). The caller records in ``saved_at[key]`` when its save ended, failed or not
+    (a save slower than ``every`` then cannot make every call save; a failed one marks the
+    store unsaved, and the next change saves everything)."""
+    last = saved_at.get(key)
+    span = WINDOW_SAVE_S if every is None else every
+    return last is None or not 0.0 <= now - last < span
+
+
 def last_minute(entries: Iterable[tuple[float, int]], now: float
                 ) -> tuple[deque[tuple[float, int]], int]:
     """The ``(time, amount)`` entries of the minute up to ``now`` and their total: a rate cap's
@@ -206,6 +231,7 @@ class Guard:
         #: from the moment it is asked (set from the console's thread, without the serving lock)
         self._stopped: dict[str, str] = {}
         self._stop_lock = threading.Lock()
+        self._charged: dict[str, int] = {}
 
     # -------------------------------------------------------------------------- halts
     def stop(self, segment: str, reason: str) -> None:
@@ -312,6 +338,12 @@ class Guard:
             raise EgressError(f"{rt.id} would release {used + rows} records in a minute; the "
                               f"data owner allows {cap}")
         window.append((now, rows))
+        self._charged[rt.id] = self._charged.get(rt.id, 0) + 1
+
+    def charged(self, segment: str) -> int:
+        """How many calls :meth:`admit` has let through on ``segment`` (in this process): a
+        changed count says its window changed and is to be saved."""
+        return self._charged.get(segment, 0)
 
     def window(self, segment: str) -> list[list[float]] | None:
         """The records ``segment`` released in the last minute, ``[[time, records], ...]``, to

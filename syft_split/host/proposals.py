@@ -45,6 +45,9 @@ class ProposalOps(OpFamily):
     def __init__(self, host: Host) -> None:
         super().__init__(host)
         self._recent: dict[str, deque[float]] = {}
+        #: attempts :meth:`admit` counted (in this process): a changed count says the rate
+        #: windows changed and are to be saved, even when the attempt was then refused
+        self.charged = 0
 
     # --------------------------------------------------------------- model-owner ops
     @op("describe", egress={"host": TEXT, "datasets": JSON})
@@ -122,6 +125,7 @@ class ProposalOps(OpFamily):
             raise ValidationError(f"{caller} has {pending} proposals pending review; this data "
                                   f"owner accepts {limits.max_pending}")
         recent.append(now)
+        self.charged += 1
 
     def state(self) -> dict[str, Any]:
         """The proposal-rate windows (wall-clock times of the last minute's attempts) and the

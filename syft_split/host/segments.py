@@ -345,6 +345,7 @@ class SegmentOps(OpFamily):
         assert rt is not None
         dropped = rt.pending_output is not None or rt.pending_loss_grads
         rt.clear_pending()
+        call.unchanged = not dropped  # nothing was pending: nothing to save
         return {"discarded": dropped}
 
     @op("loss_step", roles=("loss",), mutates=True, evaluates=True,

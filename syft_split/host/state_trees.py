@@ -9,6 +9,7 @@ Imports point one way: :mod:`~syft_split.host.store` uses this module, never the
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -26,8 +27,8 @@ from .records import AuditEntry, Proposal, Runtime, StepRecord
 if TYPE_CHECKING:
     from .dispatch import OpFamily
 
-__all__ = ["audit_json", "id_number", "initial_runtime", "load_file", "plain", "proposal_from",
-           "proposal_tree", "runtime_from", "runtime_tree"]
+__all__ = ["audit_json", "id_number", "initial_runtime", "initial_weights", "load_file", "plain",
+           "proposal_from", "proposal_tree", "runtime_from", "runtime_tree"]
 
 
 def load_file(path: Path) -> Any:
@@ -47,16 +48,22 @@ def id_number(pid: str) -> int:
     return int(tail.group(1)) if tail else 0
 
 
-def proposal_tree(p: Proposal, has_runtime: bool) -> dict[str, Any]:
-    """A proposal as ``host.sspl`` keeps it (``has_runtime``: approved once, a segment file)."""
+def proposal_tree(p: Proposal, has_runtime: bool, saves: int = 0) -> dict[str, Any]:
+    """A proposal as ``host.sspl`` keeps it (``has_runtime``: approved once, a segment file
+    written ``saves`` times). Its initial weights only until its segment's own file holds
+    weights (a pending proposal keeps them, an approved or halted one drops them at its first
+    save): host.sspl is rewritten whole at every save, and they are not needed again
+    (:func:`initial_weights`)."""
+    state = {} if has_runtime and saves > 0 else dict(p.state)
     return {
-        "id": p.id, "driver": p.driver, "role": p.role, "spec": p.spec, "state": dict(p.state),
+        "id": p.id, "driver": p.driver, "role": p.role, "spec": p.spec, "state": state,
         "optimizer": p.optimizer.to_json(), "datasets": list(p.datasets),
         "input_shape": list(p.input_shape), "output_shape": list(p.output_shape),
         "max_batch": p.max_batch, "loss": p.loss, "release_labels": p.release_labels,
         "share_weights": p.share_weights, "defences": dict(p.defences), "he": p.he,
         "status": p.status, "reason": p.reason, "halted_by": p.halted_by, "runtime": has_runtime,
         "spec_digest": p.spec_digest, "token": p.token, "request_digest": p.request_digest,
+        "saves": saves,
     }
 
 
@@ -65,8 +72,10 @@ def proposal_from(raw: dict[str, Any]) -> Proposal:
     file still holds them: they are dropped on the next save)."""
     rejected = raw["status"] == "rejected"
     module = None if rejected else module_from_spec(raw["spec"])
-    if module is not None:
-        module.load_state_dict(raw["state"])
+    if module is not None and (raw["state"] or not raw.get("runtime")):
+        module.load_state_dict(raw["state"])  # (a pending one always keeps its weights)
+    elif module is not None:  # its segment's file holds its weights (runtime_from)
+        initial_weights(module, {})
     p = Proposal(
         id=raw["id"], driver=raw["driver"], role=raw["role"], spec=raw["spec"],
         state=dict(raw["state"]), optimizer=OptimizerSpec.from_json(raw["optimizer"]),
@@ -85,11 +94,25 @@ def proposal_from(raw: dict[str, Any]) -> Proposal:
     return p
 
 
+def initial_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a proposal's initial weights ``state`` into ``module``; none kept (a segment whose
+    own file holds its weights: host.sspl drops them, :func:`proposal_tree`): every weight
+    and buffer zero, so a segment whose file cannot be restored (halted) holds no weights
+    at all, never a half-loaded mix or a random draw."""
+    if state:
+        module.load_state_dict(state)
+        return
+    with torch.no_grad():
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            tensor.zero_()
+
+
 def initial_runtime(p: Proposal) -> Runtime:
     """Segment ``p`` as approved: its initial weights (put back: a file that failed to load
-    may have changed some) and a new optimizer."""
+    may have changed some; zeros if host.sspl no longer holds them, :func:`initial_weights`)
+    and a new optimizer."""
     assert p.module is not None
-    p.module.load_state_dict(p.state)
+    initial_weights(p.module, p.state)
     params = list(p.module.parameters())
     return Runtime(p, p.module, p.optimizer.build(params) if params else None)
 

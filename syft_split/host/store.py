@@ -6,7 +6,8 @@ directories 0700 and every file 0600, whatever the umask)::
 
     state_dir/
       host.sspl              proposals (spec JSON, initial weights -- a rejected one keeps
-                             only the spec's digest --, status and, for a halted one, why and
+                             only the spec's digest, an approved one none once its segment
+                             file is written --, status and, for a halted one, why and
                              by whom, approval; how many times its segment file was written;
                              the id counter goes on after the highest id), and what each op
                              family keeps (peer keys, trusted peers, alignment permissions and
@@ -30,7 +31,7 @@ Files use the wire format (:mod:`syft_split.persist`; no pickle; the trees they 
 (temp file, fsync, rename). A segment is saved after every ``every``-th op that changes it
 (default 1: after every step, so a crash loses nothing), ``host.sspl`` after every proposal,
 every data-owner op and every halt, and everything on a clean shutdown
-(:meth:`HostStore.save_all`).
+(:meth:`HostStore.save_all`); what a model owner's call saves: :mod:`.saving`.
 
 Restoring (:meth:`HostStore.restore`, after the host's datasets are back) rebuilds proposals and
 segments (a damaged ``host.sspl``, the index, is refused with an error naming it; a segment
@@ -162,8 +163,7 @@ class HostStore:
         tree = {
             "format": FORMAT,
             "host": host.name,
-            "proposals": [{**proposal_tree(p, p.id in host.runtimes),
-                           "saves": self._saves.get(p.id, 0)}
+            "proposals": [proposal_tree(p, p.id in host.runtimes, self._saves.get(p.id, 0))
                           for p in host.proposals_by_id.values()],
             "families": {name: fam.state() for name, fam in host.families.items()},
             "label_key": host.label_key,
