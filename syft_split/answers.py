@@ -3,7 +3,8 @@
 An honest data owner's host releases only what its egress guard (:mod:`syft_split.host.guard`)
 lets through; a malicious one answers whatever it likes. So every value the model owner reads
 from a data owner's answer (activations, released labels, input gradients, loss figures,
-counts, segment ids, measured figures) passes one of these checks first, mirroring the guard:
+counts, segment ids, measured figures; the federated baselines' weights, gradients and
+figures) passes one of these checks first, mirroring the guard:
 required fields and their types; tensors of the expected shape (batch first) and dtype, finite
 and within ``max_abs_value`` in magnitude (by default the host's own default,
 :data:`MAX_ABS_VALUE`); class labels in range; ``count`` equal to the batch and
@@ -20,10 +21,11 @@ from typing import Any
 
 import torch
 
-from .errors import DTypeError, NonFiniteError, ShapeError, ValidationError
+from .errors import DTypeError, NonFiniteError, ShapeError, ValidationError, shown
+from .host.admission import MAX_BATCHES_TRACKED
 from .wire import within
 
-__all__ = ["Answer", "MAX_ABS_VALUE", "MAX_ID_CHARS"]
+__all__ = ["Answer", "MAX_ABS_VALUE", "MAX_COUNT", "MAX_ID_CHARS"]
 
 #: the bound on |value| of tensors in data owners' answers: ``HostLimits().max_abs_value``
 #: (an honest host with the default limits releases nothing larger)
@@ -32,6 +34,9 @@ MAX_ABS_VALUE = 1e6
 MAX_ID_CHARS = 256
 _MAX_FIGURES = 64  # measured figures in one leakage / watch answer
 _MAX_TEXT = 1000  # a text figure (a watch's halt reason)
+#: an integer tensor in an answer (a counter: ``num_batches_tracked``) lies in
+#: ``[0, MAX_COUNT]`` by default: every data owner's host refuses to load one outside
+MAX_COUNT = MAX_BATCHES_TRACKED
 _INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _FLOAT = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -92,18 +97,44 @@ class Answer:
                                     f"{self.bound:g}")
         return value
 
-    def count(self, name: str, low: int, high: int) -> int:
-        """A required integer in ``[low, high]``."""
+    def tensors(self, prefix: str, like: Mapping[str, torch.Tensor], *,
+                counts: tuple[int, int] = (0, MAX_COUNT)) -> dict[str, torch.Tensor]:
+        """The fields named ``prefix`` + a key of ``like`` (a model's weights, gradients or
+        buffers), keyed without ``prefix``: exactly ``like``'s keys, each tensor of its
+        shape and dtype (:meth:`check_tensor`: finite and within the bound); an integer one
+        (a counter such as ``num_batches_tracked``) with every value in ``counts``."""
+        got = {k[len(prefix):]: v for k, v in self.response.items()
+               if isinstance(k, str) and k.startswith(prefix)}
+        if got.keys() != like.keys():
+            missing, extra = sorted(like.keys() - got.keys()), sorted(got.keys() - like.keys())
+            raise self.refuse(f"{prefix}*", f"not the model's keys: missing {shown(missing)}, "
+                                            f"unexpected {shown(extra)}")
+        low, high = counts
+        for k, v in got.items():
+            name = prefix + k
+            self.check_tensor(name, v, tuple(like[k].shape), (like[k].dtype,))
+            if not v.is_floating_point() and v.numel() and not (
+                    low <= int(v.min()) and int(v.max()) <= high):
+                raise self.refuse(name, f"holds {int(v.min())}..{int(v.max())}; an integer "
+                                        "tensor (a counter such as num_batches_tracked) lies "
+                                        f"in [{low}, {high}]")
+        return got
+
+    def count(self, name: str, low: int, high: int, why: str = "") -> int:
+        """A required integer in ``[low, high]`` (``why``: where the bounds come from, for
+        the message)."""
         value = self.field(name)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise self.refuse(name, f"expected an integer in [{low}, {high}], got {value!r:.60}")
+            want = f"{low}" if low == high else f"an integer in [{low}, {high}]"
+            raise self.refuse(name, f"expected {want}{why}, got {shown(value, 60)}")
         return value
 
-    def scalar(self, name: str) -> float:
-        """A required finite number."""
+    def scalar(self, name: str, *, low: float | None = None) -> float:
+        """A required finite number (``low``: and at least that)."""
         value = self.field(name)
-        if not _finite(value):
-            raise self.refuse(name, f"expected a finite number, got {value!r:.60}")
+        if not _finite(value) or (low is not None and value < low):
+            want = "a finite number" + ("" if low is None else f" >= {low:g}")
+            raise self.refuse(name, f"expected {want}, got {shown(value, 60)}")
         return float(value)
 
     def segment_id(self, name: str = "segment") -> str:

@@ -14,12 +14,14 @@ on equal terms -- the same wire format, the same byte counts, the same FLOP coun
 
 Data owners run concurrently (:func:`syft_split.rounds.run_each`: ``max_workers``,
 ``party_deadline_s``; a failing data owner is dropped and named in ``report.party_failures``).
-A data owner's answer is its word: before anything is averaged the model owner checks it, and
-an answer that fails is that data owner's failure (dropped, named; nothing of it is used):
+A data owner's answer is its word: before anything is averaged the model owner checks it
+(:class:`~syft_split.answers.Answer`, as split-learning answers are), and an answer that fails
+is that data owner's failure (dropped, named; nothing of it is used):
 weights and gradients must be exactly the model's keys, shapes and dtypes, finite and within
 ``max_abs_value``; record counts must be the ones ``describe`` gave at :meth:`propose` (FedAvg
 weights each data owner by that count, never by one it reports) or the batch sent; correct
-counts lie in ``[0, count]``, loss sums are finite and >= 0.
+counts lie in ``[0, count]``, loss sums are finite and >= 0; an integer buffer
+(``num_batches_tracked``) lies in ``[0, MAX_COUNT]``.
 Local shuffling is reproducible: round ``r`` shuffles with ``torch.Generator().manual_seed(
 seed + r)`` at every data owner. The model owner sees every data owner's weights or gradients
 (that is FedAvg without secure aggregation; the data owner's review says so).
@@ -41,10 +43,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import wire
+from .answers import MAX_ABS_VALUE, MAX_COUNT, Answer
 from .contract import check_describe
-from .errors import ConfigError, TransportError, ValidationError, shown
-from .host.admission import MAX_BATCHES_TRACKED
+from .errors import ConfigError, TransportError
 from .ledger import CostLedger
 from .report import EpochRecord, RunReport, RunTraffic
 from .rounds import PartyFailure, run_each
@@ -56,12 +57,9 @@ from .transport.base import Transport
 __all__ = ["ALGORITHMS", "MAX_ABS_VALUE", "MAX_COUNT", "FederatedTrainer", "weighted_mean"]
 
 ALGORITHMS = ("fedavg", "sync_sgd")
-#: the default bound on the magnitude of a weight or gradient a data owner returns (a data
-#: owner's host releases none above ``HostLimits.max_abs_value``, 1e6 by default)
-MAX_ABS_VALUE = 1e6
-#: an integer buffer a data owner returns (``num_batches_tracked``) lies in ``[0, MAX_COUNT]``:
-#: every data owner's host refuses to load one outside (the first answer's would be sent on)
-MAX_COUNT = MAX_BATCHES_TRACKED
+# re-exported from .answers: MAX_ABS_VALUE, the default bound on the magnitude of a weight or
+# gradient a data owner returns (the host's own default); MAX_COUNT, the range [0, MAX_COUNT]
+# of an integer buffer (num_batches_tracked) it returns: every host refuses to load others
 
 
 def _declarable(model: nn.Module) -> nn.Module:
@@ -71,52 +69,12 @@ def _declarable(model: nn.Module) -> nn.Module:
     return fx.symbolic_trace(model)
 
 
-def _int_in(party: str, op: str, answer: dict[str, Any], key: str, low: int, high: int,
-            why: str = "") -> int:
-    """``answer[key]``, an int in ``[low, high]``, or :class:`ValidationError` naming ``party``."""
-    value = answer.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        want = f"{low}" if low == high else f"an int in [{low}, {high}]"
-        raise ValidationError(f"{party}: its {op} answer has {key}={shown(value)}; expected "
-                              f"{want}{why}")
-    return value
-
-
-def _figures(party: str, op: str, answer: dict[str, Any], count_key: str, count: int,
-             why: str) -> None:
-    """The scalars of an answer: ``count_key`` is ``count``; ``correct`` in ``[0, count]``;
-    ``loss_sum`` finite and >= 0 (every loss here is)."""
-    _int_in(party, op, answer, count_key, count, count, why)
-    _int_in(party, op, answer, "correct", 0, count)
-    loss = answer.get("loss_sum")
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not 0 <= loss < math.inf:
-        raise ValidationError(f"{party}: its {op} answer has loss_sum={shown(loss)}; expected a "
-                              "finite number >= 0")
-
-
-def _tensors(party: str, op: str, answer: dict[str, Any], prefix: str,
-             own: dict[str, torch.Tensor], bound: float) -> dict[str, torch.Tensor]:
-    """The ``prefix``-named tensors of an answer, keyed without it: exactly ``own``'s keys,
-    shapes and dtypes, finite, every value within ``bound`` in magnitude; else
-    :class:`ValidationError` (or its ShapeError/DTypeError/NonFiniteError) naming ``party``."""
-    got = {k[len(prefix):]: v for k, v in answer.items() if k.startswith(prefix)}
-    if set(got) != set(own):
-        missing, extra = sorted(set(own) - set(got)), sorted(set(got) - set(own))
-        raise ValidationError(f"{party}: its {op} answer's {prefix}* fields are not the model's: "
-                              f"missing {shown(missing)}, unexpected {shown(extra)}")
-    for k, v in got.items():
-        name = f"{party}: its {op} answer's {prefix}{k}"
-        wire.check_tensor(v, name, shape=tuple(own[k].shape), dtype=own[k].dtype, nonempty=False)
-        if not v.numel():
-            continue
-        if v.is_floating_point() and not wire.within(v, bound):  # finite: checked above
-            raise ValidationError(f"{name} has magnitude {float(v.abs().max()):.3g}, over the "
-                                  f"bound {bound:g} (max_abs_value)")
-        if not v.is_floating_point() and not 0 <= int(v.min()) <= int(v.max()) <= MAX_COUNT:
-            raise ValidationError(f"{name} holds {int(v.min())}..{int(v.max())}; an integer "
-                                  f"buffer (num_batches_tracked) lies in [0, {MAX_COUNT}] (every "
-                                  "data owner's host refuses to load others)")
-    return got
+def _figures(answer: Answer, count_key: str, count: int, why: str) -> dict[str, Any]:
+    """The figures of a local run's answer: ``count_key`` is ``count`` (``why``: whose count
+    it is), ``correct`` in ``[0, count]``, ``loss_sum`` finite and >= 0 (every loss here is)."""
+    return {count_key: answer.count(count_key, count, count, why),
+            "correct": answer.count("correct", 0, count),
+            "loss_sum": answer.scalar("loss_sum", low=0.0)}
 
 
 class FederatedTrainer:
@@ -212,7 +170,7 @@ class FederatedTrainer:
             r = self.transport.call(party, "fl_propose", spec=self.spec, datasets=datasets,
                                     optimizer=self.optimizer_spec.to_json(), loss=self.loss,
                                     max_batch=max(self.batch_size, 1), **state)
-            self.segments[party] = str(r["segment"])
+            self.segments[party] = Answer(party, "fl_propose", r).segment_id()
             out[party] = [self.segments[party]]
         return out
 
@@ -269,10 +227,11 @@ class FederatedTrainer:
                                     dataset=self.train_dataset, epochs=self.local_epochs,
                                     batch_size=self.batch_size, seed=seed, **state)
             n = self.records[p]  # the count describe gave: the weight, whatever the answer says
-            _int_in(p, "fl_train", r, "steps", 0, n * self.local_epochs)
-            _figures(p, "fl_train", r, "records", n, f" (the records of {self.train_dataset!r} "
-                     "its describe gave)")
-            return {**r, "state": _tensors(p, "fl_train", r, "state/", own, self.max_abs_value)}
+            a = Answer(p, "fl_train", r, bound=self.max_abs_value)
+            return {"steps": a.count("steps", 0, n * self.local_epochs),
+                    **_figures(a, "records", n, f" (the records of {self.train_dataset!r} its "
+                               "describe gave)"),
+                    "state": a.tensors("state/", own)}
 
         results = self._each("fl_train", self.data_owners, train)
         parties = list(results)
@@ -301,11 +260,9 @@ class FederatedTrainer:
             r = self.transport.call(p, "fl_gradient", segment=self.segments[p],
                                     dataset=self.train_dataset,
                                     indices=batches[p].to(torch.int64), **state)
-            _figures(p, "fl_gradient", r, "count", int(batches[p].numel()),
-                     " (the records sent)")
-            return {**r, "grad": _tensors(p, "fl_gradient", r, "grad/", params, self.max_abs_value),
-                    "buffer": _tensors(p, "fl_gradient", r, "buffer/", own_buffers,
-                                       self.max_abs_value)}
+            a = Answer(p, "fl_gradient", r, bound=self.max_abs_value)
+            return {**_figures(a, "count", int(batches[p].numel()), " (the records sent)"),
+                    "grad": a.tensors("grad/", params), "buffer": a.tensors("buffer/", own_buffers)}
 
         results = self._each("fl_gradient", list(batches), grad)
         parties = list(results)
@@ -343,12 +300,12 @@ class FederatedTrainer:
         def ev(p: str) -> dict[str, Any]:
             r = self.transport.call(p, "fl_evaluate", segment=self.segments[p],
                                     dataset=dataset, **state)
+            a = Answer(p, "fl_evaluate", r)
             known = self.sizes.get(p, {}).get(dataset)
             if known is None:  # a dataset its describe did not list: any count, consistent
-                _int_in(p, "fl_evaluate", r, "count", 0, 2**62)
-            _figures(p, "fl_evaluate", r, "count", r["count"] if known is None else known,
-                     f" (the records of {dataset!r} its describe gave)")
-            return r
+                known = a.count("count", 0, 2**62)
+            return _figures(a, "count", known, f" (the records of {dataset!r} its describe "
+                            "gave)")
 
         results = self._each("fl_evaluate", self.data_owners, ev)
         for p, r in results.items():  # in batches, as the data owner ran them: a count of

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from syft_split import ConfigError
+from syft_split import ConfigError, ValidationError
 from syft_split.deploy import inprocess
 from syft_split.federated import MAX_ABS_VALUE, FederatedTrainer
 from syft_split.host import HostLimits
@@ -68,42 +68,50 @@ def _same(x: FederatedTrainer, y: FederatedTrainer) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _dropped(fl: FederatedTrainer, phase: str) -> str:
+def _dropped(fl: FederatedTrainer, phase: str, field: str, cls: str) -> str:
+    """m, and only m, was dropped at ``phase`` by a ``cls`` refusing its answer's ``field``."""
     [failure] = fl.report.party_failures
     assert failure["party"] == "m" and failure["phase"] == phase and "m" in fl.dropped
-    assert f"m: its {phase} answer" in failure["error"]
+    assert failure["error"].startswith(f"{cls}: m's answer to {phase!r} has a bad field "
+                                       f"{field!r}: "), failure["error"]
     return failure["error"]
 
 
 TRAIN = {
-    "records 10**12, weights 7": _replacement,
-    "records -31.999": _set("records", -31.999),
-    "records 'x'": _set("records", "x"),
-    "records 17 (describe: 16)": _set("records", 17),
-    "records True": _set("records", True),
-    "steps -1": _set("steps", -1),
-    "correct 17 of 16": _set("correct", 17),
-    "loss_sum -1": _set("loss_sum", -1.0),
-    "a state key missing": _without("state/0.weight"),
-    "an extra state key": _set("state/extra", torch.zeros(2)),
-    "a weight of another shape": _tensor("state/0.weight", lambda v: v[:1]),
-    "a float64 weight": _tensor("state/0.weight", lambda v: v.double()),
-    "a NaN weight": _tensor("state/0.weight", lambda v: torch.full_like(v, float("nan"))),
-    "a 3e38 weight": _tensor("state/0.weight", lambda v: torch.full_like(v, 3e38)),
+    "records 10**12, weights 7": (_replacement, "records", "ValidationError"),
+    "records -31.999": (_set("records", -31.999), "records", "ValidationError"),
+    "records 'x'": (_set("records", "x"), "records", "ValidationError"),
+    "records 17 (describe: 16)": (_set("records", 17), "records", "ValidationError"),
+    "records True": (_set("records", True), "records", "ValidationError"),
+    "steps -1": (_set("steps", -1), "steps", "ValidationError"),
+    "correct 17 of 16": (_set("correct", 17), "correct", "ValidationError"),
+    "loss_sum -1": (_set("loss_sum", -1.0), "loss_sum", "ValidationError"),
+    "a state key missing": (_without("state/0.weight"), "state/*", "ValidationError"),
+    "an extra state key": (_set("state/extra", torch.zeros(2)), "state/*", "ValidationError"),
+    "a weight of another shape": (_tensor("state/0.weight", lambda v: v[:1]),
+                                  "state/0.weight", "ShapeError"),
+    "a float64 weight": (_tensor("state/0.weight", lambda v: v.double()),
+                         "state/0.weight", "DTypeError"),
+    "a NaN weight": (_tensor("state/0.weight", lambda v: torch.full_like(v, float("nan"))),
+                     "state/0.weight", "NonFiniteError"),
+    "a 3e38 weight": (_tensor("state/0.weight", lambda v: torch.full_like(v, 3e38)),
+                      "state/0.weight", "ValidationError"),
     # every data owner's host refuses these when the first answer's is sent on next round
-    "num_batches_tracked 10**8": _tensor("state/1.num_batches_tracked",
-                                         lambda v: torch.full_like(v, 10**8)),
-    "num_batches_tracked -1": _tensor("state/1.num_batches_tracked",
-                                      lambda v: torch.full_like(v, -1)),
+    "num_batches_tracked 10**8": (_tensor("state/1.num_batches_tracked",
+                                          lambda v: torch.full_like(v, 10**8)),
+                                  "state/1.num_batches_tracked", "ValidationError"),
+    "num_batches_tracked -1": (_tensor("state/1.num_batches_tracked",
+                                       lambda v: torch.full_like(v, -1)),
+                               "state/1.num_batches_tracked", "ValidationError"),
 }
 
 
-@pytest.mark.parametrize("craft", list(TRAIN.values()), ids=list(TRAIN))
-def test_a_bad_fl_train_answer_drops_its_party_and_is_never_averaged(craft) -> None:
+@pytest.mark.parametrize(("craft", "field", "cls"), list(TRAIN.values()), ids=list(TRAIN))
+def test_a_bad_fl_train_answer_drops_its_party_and_is_never_averaged(craft, field, cls) -> None:
     fl = _trainer(["m", "a"], "fl_train", craft, bn=True)  # m's answer would come first
     answers = fl.fedavg_round()
     assert list(answers) == ["a"]
-    _dropped(fl, "fl_train")
+    _dropped(fl, "fl_train", field, cls)
     only_a = _trainer(["a"], bn=True)
     only_a.fedavg_round()
     assert _same(fl, only_a)  # the global model is a's alone: nothing of m's answer in it
@@ -162,46 +170,61 @@ def _batch() -> dict[str, torch.Tensor]:
 
 
 GRADIENT = {
-    "count 9 (sent: 8)": _set("count", 9),
-    "count 10**12": _set("count", 10**12),
-    "correct 9": _set("correct", 9),
-    "loss_sum -5": _set("loss_sum", -5.0),
-    "a gradient missing": _without("grad/0.weight"),
-    "a gradient of another shape": _tensor("grad/0.weight", lambda v: v.flatten()),
-    "a 3e38 gradient": _tensor("grad/3.bias", lambda v: torch.full_like(v, 3e38)),
-    "an Inf gradient": _tensor("grad/3.bias", lambda v: torch.full_like(v, float("inf"))),
-    "a buffer missing": _without("buffer/1.running_mean"),
-    "an int32 buffer": _tensor("buffer/1.num_batches_tracked", lambda v: v.int()),
-    "a NaN buffer": _tensor("buffer/1.running_var", lambda v: torch.full_like(v, float("nan"))),
+    "count 9 (sent: 8)": (_set("count", 9), "count", "ValidationError"),
+    "count 10**12": (_set("count", 10**12), "count", "ValidationError"),
+    "correct 9": (_set("correct", 9), "correct", "ValidationError"),
+    "loss_sum -5": (_set("loss_sum", -5.0), "loss_sum", "ValidationError"),
+    "a gradient missing": (_without("grad/0.weight"), "grad/*", "ValidationError"),
+    "a gradient of another shape": (_tensor("grad/0.weight", lambda v: v.flatten()),
+                                    "grad/0.weight", "ShapeError"),
+    "a 3e38 gradient": (_tensor("grad/3.bias", lambda v: torch.full_like(v, 3e38)),
+                        "grad/3.bias", "ValidationError"),
+    "an Inf gradient": (_tensor("grad/3.bias", lambda v: torch.full_like(v, float("inf"))),
+                        "grad/3.bias", "NonFiniteError"),
+    "a buffer missing": (_without("buffer/1.running_mean"), "buffer/*", "ValidationError"),
+    "an int32 buffer": (_tensor("buffer/1.num_batches_tracked", lambda v: v.int()),
+                        "buffer/1.num_batches_tracked", "DTypeError"),
+    "a NaN buffer": (_tensor("buffer/1.running_var", lambda v: torch.full_like(v, float("nan"))),
+                     "buffer/1.running_var", "NonFiniteError"),
 }
 
 
-@pytest.mark.parametrize("craft", list(GRADIENT.values()), ids=list(GRADIENT))
-def test_a_bad_fl_gradient_answer_drops_its_party(craft) -> None:
+@pytest.mark.parametrize(("craft", "field", "cls"), list(GRADIENT.values()), ids=list(GRADIENT))
+def test_a_bad_fl_gradient_answer_drops_its_party(craft, field, cls) -> None:
     fl = _trainer(["a", "m"], "fl_gradient", craft, bn=True, algorithm="sync_sgd")
     assert list(fl.sync_sgd_step(_batch())) == ["a"]
-    _dropped(fl, "fl_gradient")
+    _dropped(fl, "fl_gradient", field, cls)
     only_a = _trainer(["a"], bn=True, algorithm="sync_sgd")
     only_a.sync_sgd_step({"a": torch.arange(8)})
     assert _same(fl, only_a)
 
 
 EVALUATE = {
-    "count 10**6 (describe: 12)": _set("count", 10**6),
-    "correct 13 of 12": _set("correct", 13),
-    "correct -1": _set("correct", -1),
-    "loss_sum -100": _set("loss_sum", -100.0),
-    "loss_sum 'x'": _set("loss_sum", "x"),
+    "count 10**6 (describe: 12)": (_set("count", 10**6), "count", "ValidationError"),
+    "correct 13 of 12": (_set("correct", 13), "correct", "ValidationError"),
+    "correct -1": (_set("correct", -1), "correct", "ValidationError"),
+    "loss_sum -100": (_set("loss_sum", -100.0), "loss_sum", "ValidationError"),
+    "loss_sum 'x'": (_set("loss_sum", "x"), "loss_sum", "ValidationError"),
 }
 
 
-@pytest.mark.parametrize("craft", list(EVALUATE.values()), ids=list(EVALUATE))
-def test_bad_evaluation_figures_drop_their_party(craft) -> None:
+@pytest.mark.parametrize(("craft", "field", "cls"), list(EVALUATE.values()), ids=list(EVALUATE))
+def test_bad_evaluation_figures_drop_their_party(craft, field, cls) -> None:
     fl = _trainer(["a", "m"], "fl_evaluate", craft)
     figures = fl.evaluate()
-    _dropped(fl, "fl_evaluate")
+    _dropped(fl, "fl_evaluate", field, cls)
     assert figures == _trainer(["a"]).evaluate()  # a's figures alone
     assert 0 <= figures["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("segment", [None, 7, "", "x" * 257, "a\nb"])
+def test_a_bad_proposed_segment_id_refuses_the_proposal_naming_its_party(segment) -> None:
+    """The segment id an fl_propose answer gives is checked like a split-learning one (a
+    string of 1 to 256 printable characters), before it is kept or sent anywhere."""
+    with pytest.raises(ValidationError) as caught:
+        _trainer(["a", "m"], "fl_propose", _set("segment", segment))
+    assert caught.value.party == "m"
+    assert str(caught.value).startswith("m's answer to 'fl_propose' has a bad field 'segment'")
 
 
 def test_a_malformed_describe_or_oversized_features_refuse_the_proposal() -> None:

@@ -4,7 +4,9 @@ and reading one state file with an error that names it. A segment's tree is chec
 its proposal as it is read (:func:`runtime_from`): what does not fit raises at the restore,
 never at the segment's next step.
 
-Imports point one way: :mod:`~syft_split.host.store` uses this module, never the reverse.
+Imports point one way: :mod:`~syft_split.host.store` (and its parts
+:mod:`~syft_split.host.state_restore`, :mod:`~syft_split.host.audit_files`) use this module,
+never the reverse.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from .records import AuditEntry, Proposal, Runtime, StepRecord
 if TYPE_CHECKING:
     from .dispatch import OpFamily
 
-__all__ = ["audit_json", "id_number", "initial_runtime", "initial_weights", "load_file", "plain",
-           "proposal_from", "proposal_tree", "runtime_from", "runtime_tree"]
+__all__ = ["FORMAT", "audit_json", "id_number", "initial_runtime", "initial_weights", "load_file",
+           "plain", "proposal_from", "proposal_tree", "runtime_from", "runtime_tree"]
+
+#: version of the state directory's layout (host.sspl and the segment files)
+FORMAT = 1
 
 
 def load_file(path: Path) -> Any:
