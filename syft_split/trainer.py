@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import skips
 from .checkpoint import SPLITFED_RELAYS, Checkpoint, Position
-from .errors import ConfigError, SyftSplitError, TransportError, ValidationError
+from .errors import ConfigError, TransportError, ValidationError
 from .ledger import CostLedger
 from .report import MAX_NOT_AVERAGED, EpochRecord, RunReport, RunTraffic
 from .schedules import SCHEDULES, AverageOutcome, SecureAverage, ServerCopies, relay_weights
@@ -276,14 +277,14 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_sum / max(count, 1):.3f}",
                                     acc=f"{correct / max(count, 1):.3f}")
                 except TransportError as exc:
-                    self._unreachable(exc, party, epoch, k)
+                    skips.unreachable(self, exc, party, epoch, k)
                 except ValidationError as exc:
-                    self._refused(exc, party, epoch, k)
+                    skips.refused(self, exc, party, epoch, k)
             if self._checkpoint is not None:
                 self._checkpoint.save(self, Position(
                     epoch=epoch, done=k + 1, gen=start_gen, sums=[loss_sum, correct, count],
                     round_sizes=round_sizes))
-        self._flush()
+        skips.flush(self)
         return StepMetrics(loss_sum / max(count, 1), int(correct), int(count))
 
     def _train_step(self, party: str, idx: torch.Tensor, end_of_round: bool,
@@ -307,64 +308,13 @@ class Trainer:
         self.report.steps += 1
         return m
 
-    def _unreachable(self, exc: TransportError, party: str, epoch: int, step: int) -> None:
-        """A party failed in transit: skip it for the rest of the epoch (or raise)."""
-        who = exc.party or party
-        if self.on_unreachable != "skip" or who != party:
-            raise exc
-        self.session.zero_grad()
-        self.down.add(party)
-        self.report.note_unreachable(party, epoch, step, exc)
-
-    def _refused(self, exc: ValidationError, party: str, epoch: int, step: int) -> None:
-        """The model owner refused an answer of ``party``'s step (``exc.party``: the data
-        owner that sent it; None: not an answer, e.g. a host's own refusal of a request, which
-        is raised). The step is dropped on both sides whatever ``on_unreachable`` says: no
-        model-owner step, and at every data owner that ran this batch the pending step is
-        discarded (a gradient held back from an earlier step delivered first), so the next
-        training request works. Then, under ``"skip"`` and if ``party`` sent the refused
-        answer, it is skipped for the rest of the epoch and reported; otherwise ``exc`` is
-        raised."""
-        if exc.party is None:
-            raise exc
-        s = self.session
-        if step >= 0:  # training: evaluation leaves nothing pending at the data owners
-            for (host, i), seg in s.remote.items():
-                if host != s._host(party, i) or (
-                        s.he is not None and not s.plan.nodes[i].inputs):
-                    continue  # (an encrypted forward left pending: he_state discards it)
-                try:
-                    seg.abandon()
-                except SyftSplitError as err:  # unreachable: kept, sent before its next request
-                    exc.add_note(f"discarding the step at {host} failed too: "
-                                 f"{type(err).__name__}: {err}")
-        s.zero_grad()  # (after abandon(), which reads whether this step's backward ran)
-        if self.on_unreachable != "skip" or exc.party != party:
-            raise exc
-        self.down.add(party)
-        self.report.note_unreachable(party, epoch, step, exc, reason="refused")
-
-    def _flush(self) -> None:
-        """Deliver held-back gradients; an unreachable party's stay held (sent when it is back)."""
-        skip = self.unavailable()
-        for seg in self.session.remote.values():
-            if seg.party in skip:
-                continue
-            try:
-                seg.flush()
-            except TransportError as exc:
-                if self.on_unreachable != "skip":
-                    raise
-                self.down.add(seg.party)
-                self.report.note_unreachable(seg.party, None, None, exc)
-
     def evaluate(self, dataset: str | None = None, batch_size: int = 512) -> dict[str, float]:
         """Loss and accuracy over every data owner's ``dataset`` (no gradient bookkeeping);
         under ``on_unreachable="skip"`` one unreachable, or whose answer is refused, is left
         out of the figures and reported."""
         dataset = dataset or self.test_dataset or self.train_dataset
         s = self.session
-        self._flush()
+        skips.flush(self)
         loss_sum, correct, count = 0.0, 0, 0
         for party in s.plan.sources:
             if party in self.unavailable():
@@ -379,9 +329,9 @@ class Trainer:
                     correct += m.correct
                     count += m.count
             except TransportError as exc:
-                self._unreachable(exc, party, -1, -1)
+                skips.unreachable(self, exc, party, -1, -1)
             except ValidationError as exc:
-                self._refused(exc, party, -1, -1)
+                skips.refused(self, exc, party, -1, -1)
         if count == 0:
             return {"loss": float("nan"), "accuracy": float("nan")}
         return {"loss": loss_sum / count, "accuracy": correct / count}
