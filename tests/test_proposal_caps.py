@@ -1,7 +1,8 @@
-"""What any datasite user's proposals may make the data owner's host do or keep (review
-R11): the dry run computes on no real records, auxiliary heads per proposal are capped, a
-spec's JSON and a ``cat`` node's inputs are capped and specs count against
-``max_pending_bytes``, a pending proposal keeps one copy of its weights. In process, through
+"""What any datasite user's proposals, and an approved model owner's ``leakage`` calls, may
+make the data owner's host do or keep (review R11): the dry run computes on no real records,
+auxiliary heads per proposal are capped, a spec's JSON and a ``cat`` node's inputs are capped
+and specs count against ``max_pending_bytes``, a pending proposal keeps one copy of its
+weights, and ``leakage`` seconds per segment and hour are capped. In process, through
 ``host.handle``, with small limits."""
 
 from __future__ import annotations
@@ -210,3 +211,22 @@ def test_a_pending_proposal_keeps_one_copy_of_its_weights(tmp_path: Path) -> Non
     assert all(torch.equal(p.state[k], sent[k]) for k in sent)
     back.close()
 
+
+def test_leakage_seconds_are_capped_per_segment_and_hour() -> None:
+    """F6: ``leakage`` had no rate cap: each 67-byte call ran up to ``review_budget_s``
+    (~30 s) of attacks, back to back. The seconds it takes per segment are now capped per
+    hour (``HostLimits.leakage_seconds_per_hour``): with a tiny allowance the first call
+    runs (within what is left) and the next is refused, audited with its reason."""
+    host = _host(review_budget_s=0.5, leakage_seconds_per_hour=1e-3)
+    pid = _propose(host, nn.Sequential(nn.Linear(8, 4)))
+    host.approve(pid)
+    first = _call(host, "mo", "leakage", segment=pid)
+    assert "error" not in first and first["records"] > 0, first
+    r = _call(host, "mo", "leakage", segment=pid)
+    assert r["error"] == "ValidationError", r
+    assert "leakage_seconds_per_hour" in r["message"] and "in the last hour" in r["message"]
+    last = host.audit[-1]
+    assert last.op == "leakage" and "leakage_seconds_per_hour" in last.outcome
+    other = _propose(host, nn.Sequential(nn.Linear(8, 4)))  # each segment has its own
+    host.approve(other)
+    assert "error" not in _call(host, "mo", "leakage", segment=other)

@@ -106,6 +106,9 @@ class HostLimits:
     ``max_records_per_minute``: records a segment may release per minute (None: no cap).
     ``review_budget_s``: seconds the review's attack suite may spend on one proposal, and
     the model owner's ``leakage`` op on one call (it may ask for less);
+    ``leakage_seconds_per_hour``: the seconds the ``leakage`` op may run on one segment in
+    any hour (a call past it is refused; each call holds the host, so back-to-back calls
+    would keep the console waiting);
     ``watch_every``: the live leakage watch re-measures an input segment every so many steps.
     ``min_local_batch``: a locally trained (federated) model's gradient (``fl_gradient``) and
     every local step of ``fl_train`` cover at least this many records (1: no minimum).
@@ -147,6 +150,7 @@ class HostLimits:
     max_abs_value: float = 1e6
     max_records_per_minute: int | None = None
     review_budget_s: float = 30.0
+    leakage_seconds_per_hour: float = 300.0
     watch_every: int = 25
     min_local_batch: int = 1
     max_local_records: int = 100_000
@@ -167,7 +171,7 @@ class HostLimits:
                 raise ConfigError(f"HostLimits.{name} must be a positive int, got {value!r}")
         if self.min_cohort < 2:
             raise ConfigError(f"HostLimits.min_cohort must be at least 2, got {self.min_cohort}")
-        for name in ("max_abs_value", "max_step_flops"):
+        for name in ("max_abs_value", "max_step_flops", "leakage_seconds_per_hour"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"HostLimits.{name} must be > 0, got {value!r}")
