@@ -21,7 +21,7 @@ from torch import nn
 from .errors import ConfigError
 
 __all__ = ["LAYER_ARG_TYPES", "LAYER_ARGS", "GRAPH_LAYERS", "OPS", "ArgType", "OpDef",
-           "check_args", "layer_defaults"]
+           "MAX_CAT_INPUTS", "check_args", "layer_defaults"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,9 @@ class OpDef:
 
 
 REQUIRED = object()
+#: the most inputs a ``cat`` node lists (a name may be listed more than once; as many as
+#: ``HostLimits.max_layers``' default, so any graph of distinct values fits)
+MAX_CAT_INPUTS = 256
 _SCALAR: dict[str, tuple[ArgType, Any]] = {"other": (_opt(NUM), None)}
 
 
@@ -185,7 +188,7 @@ OPS: dict[str, OpDef] = {
     "mul": OpDef((1, 2), _SCALAR),
     "div": OpDef((1, 2), _SCALAR),
     "matmul": OpDef((2, 2), {}),
-    "cat": OpDef((1, None), {"dim": (INT, 0)}),
+    "cat": OpDef((1, MAX_CAT_INPUTS), {"dim": (INT, 0)}),
     "flatten": OpDef((1, 1), {"start_dim": (INT, 0), "end_dim": (INT, -1)}),
     "relu": OpDef((1, 1), {}),
     "tanh": OpDef((1, 1), {}),

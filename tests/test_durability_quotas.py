@@ -14,6 +14,7 @@ from torch import nn
 from syft_split import DataOwnerHost, wire
 from syft_split.errors import ApprovalError, ConfigError, WireError
 from syft_split.host import HostLimits
+from syft_split.host.records import spec_bytes
 from syft_split.spec import module_to_spec, spec_state
 
 N, D = 40, 8
@@ -49,6 +50,7 @@ def _call(host: DataOwnerHost, user: str, req: dict[str, Any]) -> dict[str, Any]
 
 BIG = nn.Sequential(nn.Linear(D, 4096))  # 36,864 values: 147,456 bytes of weights
 BIG_BYTES = 4 * (D * 4096 + 4096)
+BIG_COST = BIG_BYTES + spec_bytes(module_to_spec(BIG))  # what max_pending_bytes counts
 
 
 def test_a_rejected_proposal_keeps_no_weights_across_restarts(tmp_path: Path) -> None:
@@ -103,7 +105,7 @@ def test_rejected_weights_an_older_state_file_kept_are_dropped_on_restore(tmp_pa
 
 
 def test_pending_weights_are_capped_per_user(tmp_path: Path) -> None:
-    host = _host(tmp_path, HostLimits(max_pending_bytes=3 * BIG_BYTES))
+    host = _host(tmp_path, HostLimits(max_pending_bytes=3 * BIG_COST))
     ids = [_call(host, "mo@x", _propose(BIG)).get("segment") for _ in range(3)]
     assert all(ids)
     refused = _call(host, "mo@x", _propose(BIG))
@@ -118,7 +120,7 @@ def test_pending_weights_are_capped_per_user(tmp_path: Path) -> None:
     assert _call(host, "mo@x", _propose(BIG)).get("segment")
     host.close()
 
-    back = _host(tmp_path, HostLimits(max_pending_bytes=3 * BIG_BYTES))
+    back = _host(tmp_path, HostLimits(max_pending_bytes=3 * BIG_COST))
     refused = _call(back, "mo@x", _propose(BIG))  # the cap holds after a restart
     assert refused["error"] == "ValidationError"
 

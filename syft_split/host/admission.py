@@ -1,6 +1,7 @@
 """What a data owner checks before it builds or loads anything a model owner proposes: the
-declared size (from the spec's JSON alone), the weights sent with it, and a dry run on zero
-records. Used by segment proposals, federated models and local-loss auxiliary heads."""
+spec's serialized size and declared size (from its JSON alone), the weights sent with it, and
+a dry run on the meta device (shapes only: nothing is computed). Used by segment proposals,
+federated models and local-loss auxiliary heads."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from .. import wire
 from ..errors import ConfigError, ValidationError
 from ..spec import spec_size
-from .records import HostLimits
+from .records import HostLimits, spec_bytes
 
 __all__ = ["check_size", "check_weights", "load_weights", "dry_run", "check_classes", "check_norm_state",
            "MAX_BATCHES_TRACKED", "MIN_MOMENTUM"]
@@ -36,7 +37,13 @@ def check_size(spec: Any, limits: HostLimits, what: str, *,
     whose training forward keeps too much until its gradient returns (every layer's output:
     ``HostLimits.max_activation_bytes`` bounds both), or whose training step computes too much
     (``HostLimits.max_step_flops``: forward and backward over ``max_batch`` records, counted
-    as three forwards)."""
+    as three forwards). First of all, a spec whose JSON is longer than
+    ``HostLimits.max_spec_bytes`` is refused (the host keeps it, and saves it, with the
+    proposal)."""
+    length = spec_bytes(spec)
+    if length > limits.max_spec_bytes:
+        raise ConfigError(f"{what}'s spec takes {length} bytes of JSON; this data owner accepts "
+                          f"at most {limits.max_spec_bytes} (HostLimits.max_spec_bytes)")
     size = spec_size(spec)
     for kind, got, cap in (("parameters", size.parameters + size.buffers, limits.max_parameters),
                            ("layer width", size.max_width, limits.max_width),
@@ -67,10 +74,14 @@ def load_weights(module: torch.nn.Module, state: dict[str, Any], bound: float,
                  what: str) -> None:
     """Load weights a model owner sent, once :func:`check_weights` let them in and their
     running statistics can follow the data (:func:`check_norm_state`); nothing changes if
-    any of them is refused."""
+    any of them is refused. Once loaded, ``state`` holds the module's own tensors (the same
+    storage, not the copies sent): a pending proposal keeps one copy of its weights, the one
+    ``HostLimits.max_pending_bytes`` counts. Whoever then trains the module must copy
+    ``state`` first if it keeps it (approval does)."""
     check_weights(module, state, bound, what)
     check_norm_state(module, state, what)
     module.load_state_dict(state)
+    state.update(module.state_dict())
 
 
 def check_weights(module: torch.nn.Module, state: dict[str, Any], bound: float,
@@ -116,16 +127,25 @@ def check_norm_state(module: torch.nn.Module, state: dict[str, Any], what: str) 
 
 def dry_run(module: torch.nn.Module, input_shape: tuple[int, ...], what: str, *,
             loss: str | None = None, labels: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
-    """``module``'s output on two zero records of ``input_shape`` (eval mode, no grad): a
-    module that does not accept its declared input is refused here, and one ending in
-    ``loss`` that does not fit the classes of ``labels`` (:func:`check_classes`)."""
+    """``module``'s output for two records of ``input_shape`` on the meta device (eval mode,
+    no grad; its weights replaced by meta tensors: shapes only, nothing is computed or
+    allocated, so it costs the host nothing whatever the input shape): a module that does not
+    accept its declared input is refused here, and one ending in ``loss`` that does not fit
+    the classes of ``labels`` (:func:`check_classes`). The result is a meta tensor: its shape
+    is all a caller may read."""
+    meta = {name: torch.empty_like(t, device="meta")
+            for name, t in (*module.named_parameters(), *module.named_buffers())}
     try:
         with torch.no_grad():
             module.eval()
-            out = module(torch.zeros((2, *input_shape)))
-            module.train()
+            out = torch.func.functional_call(module, meta, (torch.empty((2, *input_shape),
+                                                                        device="meta"),))
     except Exception as exc:
         raise ConfigError(f"{what} does not accept input {input_shape}: {exc}") from exc
+    finally:
+        module.train()
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"{what}'s output is not a tensor: {type(out).__name__}")
     check_classes(tuple(out.shape[1:]), loss, labels, what)
     return out
 

@@ -157,7 +157,7 @@ class FederatedOps(OpFamily):
                    max_batch=max_batch)
         state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
         self.host.families["proposals"].check_pending_bytes(  # type: ignore[attr-defined]
-            caller, state)
+            caller, state, spec=req.get("spec"))
         module = module_from_spec(req.get("spec"))
         load_weights(module, state, limits.max_abs_value, "the model")
         out = dry_run(module, input_shape, "the model", loss=loss,

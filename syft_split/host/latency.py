@@ -2,7 +2,8 @@
 
 **Local loss** (Han, Mu & Chen 2021, "Accelerating federated learning with split learning on
 locally generated losses"). The model owner attaches an *auxiliary head* to a pending input
-proposal (model-owner op ``propose_local_loss``: a declared spec, weights, a loss); the review
+proposal (model-owner op ``propose_local_loss``: a declared spec, weights, a loss; at most
+:data:`MAX_HEADS_PER_PROPOSAL` per proposal, replacements included); the review
 shows it, and the data owner approves with ``local_loss=True``. Op ``local_forward`` then runs
 up to 64 batches in one call: for each batch the segment's output goes through the auxiliary
 head, the loss on the labels held here trains segment and head here, and the output (computed
@@ -61,14 +62,18 @@ from ..spec import OptimizerSpec, count_parameters, describe, module_from_spec
 from .admission import check_size, dry_run, load_weights
 from .dispatch import OpFamily, op, register_family
 from .guard import ACTIVATION, LABELS, SCALAR, TEXT, Call
-from .records import Dataset, Proposal, Runtime, state_bytes
+from .records import Dataset, Proposal, Runtime, spec_bytes, state_bytes
 from .review import record_rate
 from .segments import nopeek_penalty, optimizer_step, release
 
-__all__ = ["LocalLossOps", "PipelineOps", "MAX_BATCHES_PER_CALL", "MAX_DELAY"]
+__all__ = ["LocalLossOps", "PipelineOps", "MAX_BATCHES_PER_CALL", "MAX_DELAY",
+           "MAX_HEADS_PER_PROPOSAL"]
 
 #: batches one ``local_forward`` may carry.
 MAX_BATCHES_PER_CALL = 64
+#: auxiliary heads one pending proposal may be sent (the first and its replacements: each is
+#: built, loaded and dry-run under the host's lock, and counts toward the proposal rate only)
+MAX_HEADS_PER_PROPOSAL = 8
 #: the largest gradient delay (in steps) ``pipe_forward`` allows.
 MAX_DELAY = 1
 
@@ -136,6 +141,8 @@ class LocalLossOps(OpFamily):
     def __init__(self, host: Any) -> None:
         super().__init__(host)
         self.heads: dict[str, AuxHead] = {}
+        #: heads proposed so far per pending proposal (refused past MAX_HEADS_PER_PROPOSAL)
+        self.proposed: dict[str, int] = {}
 
     def review_lines(self, proposal: Proposal) -> list[str]:
         head = self.heads.get(proposal.id)
@@ -156,15 +163,18 @@ class LocalLossOps(OpFamily):
         ]
 
     def pending_bytes(self, proposal: Proposal) -> int:
-        """The auxiliary head's weights (kept and saved with the pending proposal)."""
+        """The auxiliary head's weights and spec JSON (kept and saved with the pending
+        proposal)."""
         head = self.heads.get(proposal.id)
-        return 0 if head is None else state_bytes(head.module.state_dict())
+        return 0 if head is None else state_bytes(head.module.state_dict()) + spec_bytes(head.spec)
 
     def on_reject(self, proposal: Proposal) -> None:
         self.heads.pop(proposal.id, None)
+        self.proposed.pop(proposal.id, None)
 
     def on_approve(self, rt: Runtime, options: dict[str, Any]) -> None:
         allow = options.pop("local_loss", None)
+        self.proposed.pop(rt.id, None)
         head = self.heads.get(rt.id)
         if head is None:
             if allow is not None:
@@ -178,16 +188,22 @@ class LocalLossOps(OpFamily):
         rt.extra[self.name] = head  # saved with the segment from now on (segment_state)
 
     def state(self) -> dict[str, Any]:
-        """The heads of proposals still pending (an approved head is saved with its segment)."""
+        """The heads of proposals still pending (an approved head is saved with its segment)
+        and how many heads each of them was sent."""
         pending = {p.id for p in self.host.proposals_by_id.values() if p.status == "pending"}
         return {"pending": {pid: head.state() for pid, head in self.heads.items()
-                            if pid in pending}}
+                            if pid in pending},
+                "proposed": {pid: n for pid, n in self.proposed.items() if pid in pending}}
 
     def restore(self, state: Any) -> None:
         """Rebuild the heads of pending proposals (an approved segment's head comes back with
         its segment: :meth:`restore_segment`). A head that cannot be rebuilt halts its
         proposal, with the reason."""
         saved = dict(state.get("pending") or {}) if isinstance(state, dict) else {}
+        counts = state.get("proposed") if isinstance(state, dict) else None
+        for pid, n in (counts if isinstance(counts, dict) else {}).items():
+            if isinstance(n, int) and not isinstance(n, bool):
+                self.proposed[str(pid)] = n
         for pid, raw in saved.items():
             p = self.host.proposals_by_id.get(pid)
             if p is not None and p.status == "pending":
@@ -235,13 +251,19 @@ class LocalLossOps(OpFamily):
             raise ConfigError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
         proposals: Any = host.families["proposals"]
         proposals.admit(call.caller, new=False)  # the same per-user rate as proposals
+        sent = self.proposed.get(p.id, 0)
+        if sent >= MAX_HEADS_PER_PROPOSAL:
+            raise ValidationError(f"{p.id} was sent {sent} auxiliary heads; this data owner "
+                                  f"accepts {MAX_HEADS_PER_PROPOSAL} per proposal (propose the "
+                                  "segment again for another)")
+        self.proposed[p.id] = sent + 1  # counted before any work, like a proposal
         spec, limits = req.get("spec"), host.limits
         check_size(spec, limits, "the auxiliary head", input_shape=p.output_shape,
                    max_batch=p.max_batch)
         module = module_from_spec(spec)
         state = {k[6:]: v for k, v in req.items() if k.startswith("state/")}
         old = self.heads.get(p.id)  # a head proposed again replaces the one before
-        proposals.check_pending_bytes(call.caller, state,
+        proposals.check_pending_bytes(call.caller, state, spec=spec,
                                       freed=0 if old is None else self.pending_bytes(p))
         load_weights(module, state, limits.max_abs_value, "the head")
         dry_run(module, p.output_shape, "the auxiliary head", loss=str(loss),

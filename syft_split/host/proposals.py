@@ -5,8 +5,10 @@ spec + initial weights + optimizer + datasets), ``status``. Data-owner ops: ``de
 ``proposals``, ``review``, ``approve``, ``reject``, ``halt``.
 
 A proposal is refused before any module is built when its caller proposes too often, has
-too many pending or too many bytes of weights pending, or when its weights or declared layers
-exceed the host's :class:`~syft_split.host.records.HostLimits`. A rejected proposal keeps its
+too many pending or too many bytes of weights and specs pending, or when its spec's JSON, its
+weights or declared layers exceed the host's :class:`~syft_split.host.records.HostLimits`.
+A pending proposal keeps one copy of its weights (its module's; copied at approval, when
+training starts). A rejected proposal keeps its
 id, driver, shapes, status and spec digest; its spec and initial weights are dropped.
 """
 
@@ -27,7 +29,7 @@ from ..spec import OptimizerSpec, module_from_spec
 from .admission import check_size, dry_run, load_weights
 from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import JSON, SCALAR, TEXT, Call, in_window
-from .records import ROLES, SHARING, Proposal, Runtime, state_bytes
+from .records import ROLES, SHARING, Proposal, Runtime, spec_bytes, state_bytes
 from .review import review_text
 
 __all__ = ["ProposalOps", "DEFENCES"]
@@ -163,21 +165,23 @@ class ProposalOps(OpFamily):
         if state is not None:
             self.host.guard.restore_window(rt.id, state.get("released"))
 
-    def check_pending_bytes(self, caller: str, state: dict[str, Any], *, freed: int = 0) -> None:
-        """Refuse weights that would take ``caller``'s pending proposals past
+    def check_pending_bytes(self, caller: str, state: dict[str, Any], *, spec: Any = None,
+                            freed: int = 0) -> None:
+        """Refuse weights (and a ``spec``) that would take ``caller``'s pending proposals past
         ``HostLimits.max_pending_bytes`` (the host keeps them, and saves them, until the data
-        owner decides): their own weights and what families keep for them (e.g. a local
-        loss's auxiliary head), less ``freed`` (what the new weights replace)."""
+        owner decides): their own weights and spec JSON and what families keep for them
+        (e.g. a local loss's auxiliary head), less ``freed`` (what the new ones replace)."""
         cap = self.host.limits.max_pending_bytes
         families = list(self.host.families.values())
-        held = sum(state_bytes(p.state) + sum(f.pending_bytes(p) for f in families)
+        held = sum(state_bytes(p.state) + spec_bytes(p.spec)
+                   + sum(f.pending_bytes(p) for f in families)
                    for p in self.host.proposals_by_id.values()
                    if p.driver == caller and p.status == "pending") - freed
-        new = state_bytes(state)
+        new = state_bytes(state) + spec_bytes(spec)
         if held + new > cap:
-            raise ValidationError(f"{caller}'s pending proposals hold {held} bytes of weights; "
-                                  f"these {new} more exceed the {cap} this data owner accepts "
-                                  "until it decides")
+            raise ValidationError(f"{caller}'s pending proposals hold {held} bytes of weights "
+                                  f"and specs; these {new} more exceed the {cap} this data owner "
+                                  "accepts until it decides (HostLimits.max_pending_bytes)")
 
     def _parse(self, caller: str, req: dict[str, Any]) -> Proposal:
         host, limits = self.host, self.host.limits
@@ -198,7 +202,7 @@ class ProposalOps(OpFamily):
         if n_params > limits.max_parameters:
             raise ConfigError(f"the proposed weights hold {n_params} values; this data owner "
                               f"accepts at most {limits.max_parameters}")
-        self.check_pending_bytes(caller, state)
+        self.check_pending_bytes(caller, state, spec=req.get("spec"))
         if role == "input":
             input_shape = tuple(host.datasets[datasets[0]].features.shape[1:])
             for d in datasets:
@@ -297,6 +301,9 @@ class ProposalOps(OpFamily):
         assert p.module is not None
         params = list(p.module.parameters())
         rt = Runtime(p, p.module, p.optimizer.build(params) if params else None)
+        # the pending proposal shared its module's tensors (load_weights): training changes
+        # those, and p.state stays the initial weights
+        initial = {k: v.clone() for k, v in p.state.items()}
         rt.fresh_secrets(self.host.label_key)
         opts = dict(options)
         for family in self.host.families.values():
@@ -304,7 +311,7 @@ class ProposalOps(OpFamily):
         if opts:
             raise ConfigError(f"unknown approval options {sorted(opts)}")
         self.host.runtimes[p.id] = rt
-        p.status = "approved"
+        p.state, p.status = initial, "approved"
         return {"segment": p.id, "status": "approved"}
 
     @owner_op("reject")

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..spec import OptimizerSpec
 
 __all__ = ["Dataset", "Proposal", "Runtime", "StepRecord", "AuditEntry", "HostLimits", "ROLES", "SHARING",
-           "STEPS_KEPT", "clip", "spec_digest", "state_bytes"]
+           "STEPS_KEPT", "clip", "spec_bytes", "spec_digest", "state_bytes"]
 
 #: what a segment does at the data owner: reads its records (``input``), transforms an incoming
 #: activation (``middle``, e.g. a relay party), or ends in a loss on labels held here (``loss``).
@@ -96,13 +96,19 @@ class HostLimits:
     each step, the review's and the watch's forwards (``max_batch`` records at a time) and the
     time a step holds the host. The default, 1e12, is some 10-60 s of one CPU core.
     ``max_proposals_per_minute`` / ``max_pending``: per user; ``max_pending_bytes``: the initial
-    weights a user's pending proposals hold at once, auxiliary heads (local loss) included (the
-    host keeps them until the data owner decides; a rejected proposal's are dropped).
+    weights and spec JSON a user's pending proposals hold at once, auxiliary heads (local
+    loss) included (the host keeps them until the data owner decides; a rejected proposal's
+    are dropped). ``max_spec_bytes``: a proposed spec (segment, federated model, auxiliary
+    head) whose compact JSON is longer is refused before it is parsed (specs are kept in
+    ``host.sspl``'s header, which holds at most 64 MiB).
     ``max_abs_value``: no released activation or gradient, and no incoming gradient, may
     exceed it in magnitude.
     ``max_records_per_minute``: records a segment may release per minute (None: no cap).
     ``review_budget_s``: seconds the review's attack suite may spend on one proposal, and
     the model owner's ``leakage`` op on one call (it may ask for less);
+    ``leakage_seconds_per_hour``: the seconds the ``leakage`` op may run on one segment in
+    any hour (a call past it is refused; each call holds the host, so back-to-back calls
+    would keep the console waiting);
     ``watch_every``: the live leakage watch re-measures an input segment every so many steps.
     ``min_local_batch``: a locally trained (federated) model's gradient (``fl_gradient``) and
     every local step of ``fl_train`` cover at least this many records (1: no minimum).
@@ -141,9 +147,11 @@ class HostLimits:
     max_proposals_per_minute: int = 30
     max_pending: int = 32
     max_pending_bytes: int = 256 * 1024 * 1024
+    max_spec_bytes: int = 64 * 1024
     max_abs_value: float = 1e6
     max_records_per_minute: int | None = None
     review_budget_s: float = 30.0
+    leakage_seconds_per_hour: float = 300.0
     watch_every: int = 25
     min_local_batch: int = 1
     max_local_records: int = 100_000
@@ -157,14 +165,14 @@ class HostLimits:
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_batch", "max_parameters", "max_width",
                      "max_layers", "max_activation_bytes", "max_proposals_per_minute", "max_pending",
-                     "max_pending_bytes", "min_local_batch", "max_psi_elements",
+                     "max_pending_bytes", "max_spec_bytes", "min_local_batch", "max_psi_elements",
                      "max_psi_elements_per_minute", "min_cohort", "max_local_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"HostLimits.{name} must be a positive int, got {value!r}")
         if self.min_cohort < 2:
             raise ConfigError(f"HostLimits.min_cohort must be at least 2, got {self.min_cohort}")
-        for name in ("max_abs_value", "max_step_flops"):
+        for name in ("max_abs_value", "max_step_flops", "leakage_seconds_per_hour"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"HostLimits.{name} must be > 0, got {value!r}")
@@ -216,6 +224,14 @@ def spec_digest(spec: Any) -> str:
     """The sha256 of ``spec``'s canonical JSON."""
     text = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def spec_bytes(spec: Any) -> int:
+    """The bytes of ``spec``'s compact JSON (what a proposal's spec costs the host: it is
+    kept, and saved in ``host.sspl``'s header, until the data owner decides)."""
+    if not spec:
+        return 0
+    return len(json.dumps(spec, separators=(",", ":"), default=str).encode())
 
 
 def state_bytes(state: dict[str, Any]) -> int:

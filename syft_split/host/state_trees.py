@@ -77,13 +77,16 @@ def proposal_from(raw: dict[str, Any]) -> Proposal:
     file still holds them: they are dropped on the next save)."""
     rejected = raw["status"] == "rejected"
     module = None if rejected else module_from_spec(raw["spec"])
-    if module is not None and (raw["state"] or not raw.get("runtime")):
-        module.load_state_dict(raw["state"])  # (a pending one always keeps its weights)
+    state = dict(raw["state"])
+    if module is not None and (state or not raw.get("runtime")):
+        module.load_state_dict(state)  # (a pending one always keeps its weights)
+        if raw["status"] == "pending":  # one copy, the module's, as at propose (load_weights)
+            state = dict(module.state_dict())
     elif module is not None:  # its segment's file holds its weights (runtime_from)
         initial_weights(module, {})
     p = Proposal(
         id=raw["id"], driver=raw["driver"], role=raw["role"], spec=raw["spec"],
-        state=dict(raw["state"]), optimizer=OptimizerSpec.from_json(raw["optimizer"]),
+        state=state, optimizer=OptimizerSpec.from_json(raw["optimizer"]),
         datasets=list(raw["datasets"]), input_shape=tuple(raw["input_shape"]),
         output_shape=tuple(raw["output_shape"]), max_batch=int(raw["max_batch"]),
         loss=raw.get("loss"), release_labels=bool(raw.get("release_labels")),

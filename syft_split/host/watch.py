@@ -25,7 +25,8 @@
   held-out and augmentation rows, a narrower decoder; a segment whose records do not fit is
   reported as not measurable). A failure inside the measurement comes out as a
   :class:`~syft_split.errors.ConfigError`, shown in the review.
-- Model-owner ops (scalars only leave): ``leakage`` (the suite on the current weights) and
+- Model-owner ops (scalars only leave): ``leakage`` (the suite on the current weights, within
+  ``HostLimits.review_budget_s`` a call and ``leakage_seconds_per_hour`` a segment) and
   ``watch`` (the watch's latest figures, measured now, and whether it halted). Data-owner op
   ``watch``: the whole watch (bound, history, halt).
 """
@@ -44,7 +45,7 @@ from .dispatch import Host, OpFamily, op, owner_op, register_family
 from .guard import SCALAR, TEXT, Call
 from .records import AuditEntry, Dataset, Proposal, Runtime
 
-__all__ = ["LeakageOps", "REVIEW_MEMORY_FLOOR", "MOCK_ROWS"]
+__all__ = ["LeakageOps", "REVIEW_MEMORY_FLOOR", "MOCK_ROWS", "LEAKAGE_WINDOW_S"]
 
 T = TypeVar("T")
 
@@ -53,6 +54,8 @@ T = TypeVar("T")
 REVIEW_MEMORY_FLOOR = 1 << 28
 #: at most this many mock records are used (the attacker's side data; the mock asset may be big).
 MOCK_ROWS = 200
+#: the window of ``HostLimits.leakage_seconds_per_hour`` (seconds)
+LEAKAGE_WINDOW_S = 3600.0
 
 _WATCH_FIELDS = {"step": SCALAR, "inversion_ratio": SCALAR, "ssim": SCALAR, "dcor": SCALAR,
                  "label_alignment": SCALAR, "seconds": SCALAR, "halted": SCALAR,
@@ -118,6 +121,8 @@ class LeakageOps(OpFamily):
     def __init__(self, host: Host) -> None:
         super().__init__(host)
         self._suites: dict[str, dict[str, Any]] = {}
+        #: per segment, (monotonic time, seconds) of the ``leakage`` calls of the last hour
+        self._spent: dict[str, list[tuple[float, float]]] = {}
 
     def _release(self, p: Proposal) -> Any:
         from ..leakage import Release
@@ -314,11 +319,26 @@ class LeakageOps(OpFamily):
         out.update(halted=bool(w.halted), watch_seconds=float(w.seconds))
         return {k: v for k, v in out.items() if v is not None}
 
+    def _left(self, segment: str) -> float:
+        """Seconds of ``leakage`` calls ``segment`` may still spend this hour
+        (``HostLimits.leakage_seconds_per_hour``); refused (ValidationError) when none."""
+        now, cap = time.monotonic(), self.host.limits.leakage_seconds_per_hour
+        spent = [(t, s) for t, s in self._spent.get(segment, ()) if now - t < LEAKAGE_WINDOW_S]
+        self._spent[segment] = spent
+        used = sum(s for _, s in spent)
+        if used >= cap:
+            raise ValidationError(f"{segment}: leakage measurements took {used:.1f} s in the last "
+                                  f"hour; this data owner allows {cap:g} s an hour per segment "
+                                  "(HostLimits.leakage_seconds_per_hour): ask again later")
+        return cap - used
+
     @op("leakage", roles=("input",), egress={"*": SCALAR})
     def leakage(self, call: Call) -> dict[str, Any]:
         """The attack suite on the current weights, scored on held-out records here, within
         the data owner's ``review_budget_s`` (the model owner may ask for less, never more:
-        the host is busy meanwhile)."""
+        the host is busy meanwhile) and what is left of the segment's
+        ``HostLimits.leakage_seconds_per_hour`` (the seconds each call took count; a call
+        past it is refused). The hour's count is not kept across a restart."""
         from ..leakage import leakage_suite
 
         rt = call.rt
@@ -327,12 +347,13 @@ class LeakageOps(OpFamily):
         budget = call.req.get("budget_s", self.host.limits.review_budget_s)
         if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget <= 120:
             raise ValidationError(f"budget_s must be in (0, 120], got {budget!r}")
-        budget = min(float(budget), self.host.limits.review_budget_s)
+        budget = min(float(budget), self.host.limits.review_budget_s, self._left(rt.id))
         rows = _rows(ds)
         if rows is None:  # too few records to score an attack on: say how many, nothing else
             return {"records": int(ds.features.shape[0])}
         probe, mock, labels, _ = rows
         rt.module.eval()
+        started = time.monotonic()
         try:
             r = _measuring("the leakage measurement", lambda: leakage_suite(
                 rt.module, mock, probe, release=self._release(rt.proposal),
@@ -341,6 +362,7 @@ class LeakageOps(OpFamily):
                 memory_bytes=self._memory()), detail=False)
         finally:
             rt.module.train()
+            self._spent[rt.id].append((started, time.monotonic() - started))
         out: dict[str, Any] = {"records": r["n_held_out"], "dcor": r["dcor"],
                                "inversion_ratio": r["worst"]["ratio"],
                                "inversion_ssim": r["worst"]["ssim"], "seconds": r["seconds"]}

@@ -104,9 +104,10 @@ def test_refused_proposals_count_against_the_rate_and_heads_are_sized() -> None:
     assert r["error"] == "ValidationError" and "in the last minute" in r["message"]
 
     pid = _propose(host, nn.Sequential(nn.Linear(8, 4)), max_batch=1)
-    head = {"input": "z", "nodes": [
-        {"name": "a", "op": "cat", "args": {"dim": 1}, "inputs": ["z"] * 2000},
-        {"name": "b", "op": "cat", "args": {"dim": 1}, "inputs": ["a"] * 2000}], "output": "b"}
+    head = {"input": "z", "nodes": [  # a cat node takes at most 256 inputs
+        {"name": "a", "op": "cat", "args": {"dim": 1}, "inputs": ["z"] * 256},
+        {"name": "b", "op": "cat", "args": {"dim": 1}, "inputs": ["a"] * 256},
+        {"name": "c", "op": "cat", "args": {"dim": 1}, "inputs": ["b"] * 2}], "output": "c"}
     r = _call(host, "mo", "propose_local_loss", segment=pid, loss="cross_entropy", spec=head,
               optimizer=SGD)
     assert r["error"] == "ConfigError" and "bytes per step" in r["message"]
