@@ -109,23 +109,15 @@ def test_the_op_in_progress_is_refused_when_the_console_halts_in_process(
     assert rt is None or rt.pending_output is None  # nothing of the refused step is pending
 
 
-def test_a_datasite_halt_closes_the_gate_before_it_waits_for_the_lock(
-        host: DataOwnerHost) -> None:
-    """As on a datasite: the model owner's op holds the serving lock; the admin's ``halt``
-    (``datasite_serve._owner_call``) waits for it, but the op's answer is refused, and the
-    halt returns saved and audited after it."""
-    pid = _segment(host)
-    entry = _Entry("", host, serving_lock(host))
+def _datasite_halt_during(op: Callable[[], Any], host: DataOwnerHost, entry: _Entry,
+                          gate: Gate, pid: str) -> tuple[list[Any], list[Any]]:
+    """Run the model owner's ``op`` in a thread until ``gate`` holds it, ask the admin's halt
+    of ``pid`` as a datasite does (``_owner_call``, in another thread), open the gate once the
+    halt was asked; the answers of both (each a one-item list once its thread ended)."""
     admin = SimpleNamespace(role=SimpleNamespace(name="ADMIN"))
-    gate = Gate(host.runtimes[pid].module)
-
-    def model_owner() -> dict[str, Any]:
-        with entry.lock:  # as datasite_serve.serve answers a model owner's call
-            return _ask(host, "forward", segment=pid, indices=torch.arange(4))
-
-    t_mo, got = _in_thread(model_owner)
+    t_mo, got = _in_thread(op)
     try:
-        assert gate.entered.wait(WAIT_S), "the forward never started"
+        assert gate.entered.wait(WAIT_S), "the model owner's op never started"
         request = wire.encode({"segment": pid, "reason": "the data owner stops it"})
         t_halt, halted = _in_thread(lambda: _owner_call(admin, entry, "admin", "halt", request))
         pause = threading.Event()  # never set: a wait between looks
@@ -136,6 +128,23 @@ def test_a_datasite_halt_closes_the_gate_before_it_waits_for_the_lock(
         gate.opened.set()
         t_mo.join(WAIT_S)
     t_halt.join(WAIT_S)
+    return got, halted
+
+
+def test_a_datasite_halt_closes_the_gate_before_it_waits_for_the_lock(
+        host: DataOwnerHost) -> None:
+    """As on a datasite: the model owner's op holds the serving lock; the admin's ``halt``
+    (``datasite_serve._owner_call``) waits for it, but the op's answer is refused, and the
+    halt returns saved and audited after it."""
+    pid = _segment(host)
+    entry = _Entry("", host, serving_lock(host))
+    gate = Gate(host.runtimes[pid].module)
+
+    def model_owner() -> dict[str, Any]:
+        with entry.lock:  # as datasite_serve.serve answers a model owner's call
+            return _ask(host, "forward", segment=pid, indices=torch.arange(4))
+
+    got, halted = _datasite_halt_during(model_owner, host, entry, gate, pid)
     _refused(got[0], pid)
     assert wire.decode(halted[0]) == {"segment": pid, "status": "halted"}
     ops = [(e.op, e.outcome.split(":")[0]) for e in host.audit[-3:]]
@@ -205,7 +214,6 @@ def test_a_channel_frame_in_progress_is_refused(host: DataOwnerHost) -> None:
     client = ChannelClient(ChannelTicket.from_response(_ask(host, "open_channel",
                                                             segments=[pid])), MO)
     entry = _Entry("", host, serving_lock(host))
-    admin = SimpleNamespace(role=SimpleNamespace(name="ADMIN"))
     gate = Gate(host.runtimes[pid].module)
 
     def frame() -> object:
@@ -215,19 +223,7 @@ def test_a_channel_frame_in_progress_is_refused(host: DataOwnerHost) -> None:
         except AccessError as exc:  # the channel closed (halted) before its answer came
             return exc
 
-    t_mo, got = _in_thread(frame)
-    try:
-        assert gate.entered.wait(WAIT_S), "the frame never ran"
-        request = wire.encode({"segment": pid, "reason": "the data owner stops it"})
-        t_halt, halted = _in_thread(lambda: _owner_call(admin, entry, "admin", "halt", request))
-        pause = threading.Event()  # never set: a wait between looks
-        for _ in range(int(WAIT_S * 20)):  # until the halt was asked (the gate closed)
-            if host.guard.stopped(pid) is not None or pause.wait(0.05):
-                break
-    finally:
-        gate.opened.set()
-        t_mo.join(WAIT_S)
-    t_halt.join(WAIT_S)
+    got, halted = _datasite_halt_during(frame, host, entry, gate, pid)
     try:
         answer = got[0]
         if isinstance(answer, AccessError):

@@ -22,18 +22,9 @@ from syft_split.host import HostLimits
 from syft_split.host import guard as guard_module
 from syft_split.spec import module_to_spec, spec_state
 
-N, D = 40, 8
+from .test_durability_quotas import D, N, _host
+
 MO = "mo@x"
-
-
-def _host(state_dir: Path, limits: HostLimits | None = None) -> DataOwnerHost:
-    """A data owner as it (re)starts from ``state_dir`` (without a clean shutdown: a crash)."""
-    host = DataOwnerHost("a", state_dir=state_dir, limits=limits)
-    g = torch.Generator().manual_seed(0)
-    host.add_dataset("train", torch.randn(N, D, generator=g),
-                     torch.randint(0, 3, (N,), generator=g), ids=[f"r{i}" for i in range(N)])
-    host.restore_state()
-    return host
 
 
 def _propose(module: nn.Module) -> dict[str, Any]:
