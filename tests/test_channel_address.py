@@ -259,3 +259,38 @@ def test_a_pysyft_transport_trusts_its_datasite_urls_host() -> None:
     assert t.datasite_host("embedded") == "localhost"
     assert t.router._home is not None and t.router._home("remote") == "dsite.example"
     assert t.router.channel_hosts == {"remote": "10.1.2.3"}
+
+
+def test_a_datasite_name_its_dns_points_at_loopback_connects_nowhere(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review R12: the datasite's name, resolved when the channel opens, is the data owner's
+    DNS; pointed at the model owner's loopback it would have the model owner connect to a port
+    there of the data owner's choosing. Such addresses are refused for a name (not for
+    ``localhost`` or an address the model owner wrote itself), and an IP ticket naming one
+    is refused even though the name resolves to it."""
+    from syft_split.channel import address
+    from syft_split.errors import TransportError
+
+    real = socket.getaddrinfo
+    names = {"rebound.example": "127.0.0.1", "mapped.example": "::ffff:127.0.0.1",
+             "intranet.example": "10.1.2.3"}
+
+    def getaddrinfo(name: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if name in names:  # never on the network from a test
+            family = socket.AF_INET6 if ":" in names[name] else socket.AF_INET
+            return [(family, socket.SOCK_STREAM, 6, "",
+                     (names[name], port) if family == socket.AF_INET else
+                     (names[name], port, 0, 0))]
+        return real(name, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for name in ("rebound.example", "mapped.example"):
+        with pytest.raises(TransportError, match="resolves only to loopback"):
+            address.vetted(name, 4433, [name], lambda: 5.0)
+    with pytest.raises(TransportError, match="not the datasite's host"):
+        address.vetted("127.0.0.1", 4433, ["rebound.example"], lambda: 5.0)
+    # an intranet datasite keeps its private address; localhost and a literal stay loopback
+    assert [a[1][0] for a in address.vetted("intranet.example", 4433, ["intranet.example"],
+                                            lambda: 5.0)] == ["10.1.2.3"]
+    assert address.vetted("localhost", 4433, ["localhost"], lambda: 5.0)
+    assert address.vetted("127.0.0.1", 4433, ["127.0.0.1"], lambda: 5.0)

@@ -10,7 +10,13 @@ datasite in this process) and the one host it allows that party besides
 is free. A ticket naming one of these hosts connects to what that name resolves to; a ticket
 naming an IP address connects to it only if a trusted name resolves to it; any other ticket is
 refused before any connection is attempted (another name is not even looked up: a data owner
-cannot make the model owner's resolver query names of its choosing).
+cannot make the model owner's resolver query names of its choosing). What a trusted *name*
+resolves to must not be a loopback, unspecified, link-local or multicast address
+(:func:`routable`), unless the name is ``localhost`` (a datasite in this process or on this
+machine): a data owner that controls its domain's DNS could otherwise point the datasite's
+name at the model owner's own machine when a channel opens (review R12). A model owner that
+wants such an address writes it literally (``channel_hosts={party: "127.0.0.1"}``). Private
+addresses (10/8, 192.168/16, fc00::/7, ...) stay allowed: intranet datasites use them.
 
 Names are resolved with a deadline (:func:`resolve`): a resolver that hangs fails the open in
 time (the lookup is left to finish on its own daemon thread); the connection then goes to the
@@ -27,7 +33,7 @@ from typing import Any
 
 from ..errors import ConfigError, TransportError, shown
 
-__all__ = ["Address", "channel_hosts", "connect", "resolve", "vetted"]
+__all__ = ["Address", "channel_hosts", "connect", "resolve", "routable", "vetted"]
 
 #: one TCP address as ``socket.getaddrinfo`` gives it: (family, sockaddr)
 Address = tuple[int, tuple[Any, ...]]
@@ -78,6 +84,23 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def routable(name: str, addresses: Sequence[Address]) -> list[Address]:
+    """The addresses trusted ``name`` resolved to that a channel may use: all of them for
+    ``localhost`` or an address written literally; otherwise none that is loopback,
+    unspecified, link-local or multicast (a name its data owner's DNS points there)."""
+    if _same(name, "localhost") or _ip(name) is not None:
+        return list(addresses)
+    return [(family, sockaddr) for family, sockaddr in addresses
+            if not _local(_ip(str(sockaddr[0]).split("%")[0]))]
+
+
+def _local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip is None or ip.is_loopback or ip.is_unspecified or ip.is_link_local or \
+        ip.is_multicast
+
+
 def vetted(host: str, port: int, trusted: Sequence[str],
            timeout: Callable[[], float]) -> list[Address]:
     """The addresses a ticket naming ``host``:``port`` may be connected at, given the hosts
@@ -86,13 +109,21 @@ def vetted(host: str, port: int, trusted: Sequence[str],
     was connected), :class:`OSError` (:class:`TimeoutError`) when a name cannot be resolved
     (in time)."""
     if any(_same(host, name) for name in trusted):
-        return resolve(host, port, timeout())
+        found = resolve(host, port, timeout())
+        kept = routable(host, found)
+        if found and not kept:
+            raise TransportError(
+                f"the datasite's host {shown(host)} resolves only to loopback, link-local or "
+                "unspecified addresses: refused, nothing was connected (a model owner that "
+                "means it writes the address in channel_hosts={party: address})")
+        return kept
     usable: list[Address] = []
     if _ip(host) is not None:  # an address: one a trusted name resolves to?
         allowed: set[Any] = set()
         for name in trusted:
             try:
-                allowed.update(_ip(sockaddr[0]) for _, sockaddr in resolve(name, port, timeout()))
+                allowed.update(_ip(str(sockaddr[0])) for _, sockaddr in
+                               routable(name, resolve(name, port, timeout())))
             except TimeoutError:
                 raise
             except OSError:  # a trusted name that does not resolve allows nothing
