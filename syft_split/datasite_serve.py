@@ -275,7 +275,7 @@ def _owner_call(context: Any, entry: _Entry, caller: str, op: str, request: byte
                     raise
         # a halt closes its segments' gate now, not once the model owner's op in progress
         # (which holds the lock) ends: that op's answer is refused, nothing of it leaves
-        entry.host.ask_halt(op, fields)
+        closed = entry.host.ask_halt(op, fields)
         with entry.lock:
             if op == "shutdown":  # save and forget the host (the endpoint is being removed)
                 close_channels(entry.host)
@@ -284,7 +284,11 @@ def _owner_call(context: Any, entry: _Entry, caller: str, op: str, request: byte
                     for key in [k for k, v in _ENTRIES.items() if v is entry]:
                         del _ENTRIES[key]
                 return wire.encode({"shutdown": True})
-            return wire.encode(entry.host.owner_call(caller, op, fields))
+            try:
+                return wire.encode(entry.host.owner_call(caller, op, fields))
+            except BaseException:
+                entry.host.undo_halt(closed)  # the halt failed: its gates open again
+                raise
     except SyftSplitError as exc:
         return wire.encode({"error": type(exc).__name__, "message": str(exc)})
 

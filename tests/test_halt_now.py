@@ -199,6 +199,34 @@ def test_a_halt_of_an_unknown_segment_closes_nothing(host: DataOwnerHost) -> Non
     assert "activation" in _ask(host, "forward", segment=pid, indices=torch.arange(4), train=False)
 
 
+def test_a_halt_that_fails_leaves_the_gate_open(tmp_path: Path) -> None:
+    """Review R12: a ``halt`` the console sends with a mistyped field fails (ConfigError);
+    the gate it closed first opens again, in process and on a datasite alike, so the segment
+    is neither halted nor refused, and a restart does not bring a closed gate back."""
+    from syft_split.errors import ConfigError
+
+    host = _host(tmp_path / "state")
+    pid = _segment(host)
+    with pytest.raises(ConfigError):
+        host.owner_call("owner", "halt", {"segment": pid, "reson": "a typo"})
+    entry = _Entry("", host, serving_lock(host))
+    admin = SimpleNamespace(role=SimpleNamespace(name="ADMIN"))
+    answer = wire.decode(_owner_call(admin, entry, "admin", "halt",
+                                     wire.encode({"segment": pid, "reson": "a typo"})))
+    assert answer["error"] == "ConfigError", answer
+    assert host.guard.stops() == {} and host.proposal(pid).status == "approved"
+    assert "activation" in _ask(host, "forward", segment=pid, indices=torch.arange(4), train=False)
+    host.owner_call("owner", "channel_settings", {})  # any later save of host.sspl
+    host.close()
+    again = _host(tmp_path / "state")
+    try:
+        assert again.guard.stops() == {}
+        assert "activation" in _ask(again, "forward", segment=pid, indices=torch.arange(4),
+                                    train=False)
+    finally:
+        again.close()
+
+
 def test_a_channel_frame_in_progress_is_refused(host: DataOwnerHost) -> None:
     """A step over a direct channel (answered under the same lock as the endpoint): the
     datasite's halt waits for it, its answer is refused, the channel then closes."""

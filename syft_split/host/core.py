@@ -372,13 +372,23 @@ class DataOwnerHost(HostConsole):
         ``forget_user``) which takes effect at once: the guard's gate of each segment it
         stops closes now (:meth:`Guard.stop`), so an op in progress on it is refused and
         nothing of it leaves. Thread-safe and without the serving lock: the datasite calls it
-        before it waits for that lock, :meth:`owner_call` first thing. Returns the segments."""
+        before it waits for that lock, :meth:`owner_call` first thing. Returns the segments
+        whose gate this call closed (for :meth:`undo_halt` if the op then fails)."""
         asked: list[str] = []
         for family in list(self.families.values()):
-            for segment, reason in family.stops(op, fields):
-                self.guard.stop(segment, reason)
-                asked.append(segment)
+            try:
+                stops = family.stops(op, fields)
+            except Exception:  # (never: stops() does not raise) the op itself still halts
+                continue
+            asked += [segment for segment, reason in stops if self.guard.stop(segment, reason)]
         return asked
+
+    def undo_halt(self, closed: list[str]) -> None:
+        """The op that closed the gates ``closed`` (:meth:`ask_halt`) failed: those of
+        segments it did not halt or reject open again (review R12: a halt with a mistyped
+        field left its segment approved but refused for good, across restarts too)."""
+        self.guard.reopen(s for s in closed if s in self.proposals_by_id and
+                          self.proposals_by_id[s].status not in ("halted", "rejected"))
 
     def owner_call(self, caller: str, op: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Answer a data-owner op (the console's); audited as ``owner.<op>``. The caller must
@@ -388,12 +398,16 @@ class DataOwnerHost(HostConsole):
         segment = fields.get("segment") if isinstance(fields.get("segment"), str) else None
         outcome = "RemoteError"
         try:
-            self.ask_halt(op, fields)
+            closed = self.ask_halt(op, fields)
             entry = self._owner_ops.get(op)
-            if entry is None:
-                raise ProtocolError(f"unknown data-owner op {op!r}; known: "
-                                    f"{sorted(self._owner_ops)}")
-            response: dict[str, Any] = entry[1](**fields)
+            try:
+                if entry is None:
+                    raise ProtocolError(f"unknown data-owner op {op!r}; known: "
+                                        f"{sorted(self._owner_ops)}")
+                response: dict[str, Any] = entry[1](**fields)
+            except BaseException:
+                self.undo_halt(closed)
+                raise
             outcome = "ok"
             if self.store is not None and entry[0].mutates:  # approvals, peers: saved at once
                 try:

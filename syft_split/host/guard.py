@@ -234,11 +234,21 @@ class Guard:
         self._charged: dict[str, int] = {}
 
     # -------------------------------------------------------------------------- halts
-    def stop(self, segment: str, reason: str) -> None:
+    def stop(self, segment: str, reason: str) -> bool:
         """Close the gate of ``segment`` now (thread-safe, no other lock needed): from this
-        call on no answer of it passes :meth:`release`, an op in progress included."""
+        call on no answer of it passes :meth:`release`, an op in progress included. True if
+        this call closed it (False: it was closed already)."""
         with self._stop_lock:
-            self._stopped.setdefault(segment, str(reason)[:1000])
+            if segment in self._stopped:
+                return False
+            self._stopped[segment] = str(reason)[:1000]
+            return True
+
+    def reopen(self, segments: Iterable[str]) -> None:
+        """Open the gates of ``segments`` again (a halt that closed them failed)."""
+        with self._stop_lock:
+            for segment in segments:
+                self._stopped.pop(segment, None)
 
     def stopped(self, segment: str) -> str | None:
         """Why ``segment``'s gate is closed (the data owner's halt reason), or None."""

@@ -81,7 +81,7 @@ class UserOps(OpFamily):
         if not isinstance(user, str) or not user:
             raise ConfigError(f"user must be a principal or a display name, got {user!r}")
         names = dict(self.host.names)  # a copy: the endpoint adds names outside the lock
-        known = set(names) | {p.driver for p in self.host.proposals_by_id.values()}
+        known = set(names) | {p.driver for p in list(self.host.proposals_by_id.values())}
         if user in known:
             return user
         named = sorted(k for k, v in names.items() if v == user)
