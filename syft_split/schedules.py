@@ -157,6 +157,30 @@ class SecureAverage:
         #: what a crashed process journaled of the call that runs again first (from a checkpoint:
         #: the ``journal`` record of :meth:`__call__`); that call takes it
         self.journaled: dict[str, Any] | None = None
+        #: the last round as of the checkpoint a new process resumes from (:attr:`saved`): a
+        #: node's round every member loaded after it is not run again by the first call
+        self.checkpointed: int | None = None
+
+    @property
+    def saved(self) -> int | None:
+        """The round number a checkpoint keeps: the last round started (None: not known yet,
+        see :meth:`start`)."""
+        return self.round if self.round is not None else self.checkpointed
+
+    def start(self, sources: Sequence[str], run: Each | None = None
+              ) -> tuple[dict[str, list[dict[str, int]]], dict[str, BaseException]]:
+        """Learn every data owner's round status (the last round each shared node contributed
+        to, has in flight and loaded; its ``min_cohort``) and where the rounds start; the first
+        call does it (a run with checkpoints at its start, so that its first checkpoint holds
+        :attr:`saved`). Returns the status and the failures."""
+        nodes = input_nodes(self.session)
+        status, failed = (run or _one_after_the_other)(list(sources), lambda s: [
+            self.session._seg(s, i).secagg_status() for i in nodes])
+        if not failed:
+            self.round = _first_round(status) - 1
+            self.min_cohort.update({s: max(st.get("min_cohort", 2) for st in sts)
+                                    for s, sts in status.items() if sts})
+        return status, failed
 
     def __call__(self, sources: Sequence[str], weights: Sequence[float], *,
                  each: Each | None = None,
@@ -196,7 +220,10 @@ class SecureAverage:
         again (the members hold the average; a second one is not exact in fixed point) and
         sends those very requests again (a new seal is other bytes, which a data owner refuses
         under a step id it applied): the data owners apply each once, and only the relays not
-        journaled are sealed."""
+        journaled are sealed. Nor does a new process average again a shared node whose round
+        every member loaded after the checkpoint (:attr:`checkpointed`; their round status
+        says so) although nothing was journaled: the model owner died before its next
+        checkpoint. A round only some members loaded is finished under its own number."""
         _require_peer(self.session)
         if len(sources) != len(weights):
             raise ConfigError(f"{len(sources)} sources but {len(weights)} weights")
@@ -207,25 +234,25 @@ class SecureAverage:
             return {}  # the average of one copy is that copy
         run = each or _one_after_the_other
         nodes = input_nodes(self.session)
+        loaded: set[int] = set()  # nodes every member loaded after the checkpoint
         if self.round is None:
-            status, failed = run(list(sources), lambda s: [
-                self.session._seg(s, i).secagg_status() for i in nodes])
+            status, failed = self.start(sources, run)
             if failed:
                 return failed
-            self.round = _first_round(status) - 1
-            self.min_cohort.update({s: max(st.get("min_cohort", 2) for st in sts)
-                                    for s, sts in status.items() if sts})
+            loaded = _loaded(status, members, self.checkpointed)
+        assert self.round is not None  # (set by start)
         dropped: dict[str, BaseException] = {}
         if not members:
             raise ConfigError(f"averaging weights {weights} are all 0")
         resumed = self._resumed(members)  # averaged before a crash, relayed in part
-        if len(members) > 1 and resumed is None:
-            out.not_averaged = cohort_refusal(members, w, self.min_cohort)
+        average = len(members) > 1 and resumed is None and len(loaded) < len(nodes)
+        if average:
+            out.not_averaged = None if loaded else cohort_refusal(members, w, self.min_cohort)
             if out.not_averaged is not None:
                 return dropped  # no round started: no masks spent, nothing loaded
             self.round += 1
-        for k, i in enumerate(nodes if len(members) > 1 and resumed is None else []):
-            while True:
+        for k, i in enumerate(nodes if average else []):
+            while k not in loaded:
                 failed, loading, refused = self._node(i, members, w, run)
                 if failed and each is None:  # one after the other: a failure raises
                     raise next(iter(failed.values()))
@@ -379,6 +406,20 @@ def _first_round(status: dict[str, list[dict[str, int]]]) -> int:
     loading = (any(st["pending"] == last for st in seen)
                and any(st["aggregated"] == last for st in seen))
     return last if loading and last > 0 else last + 1
+
+
+def _loaded(status: dict[str, list[dict[str, int]]], members: Sequence[str],
+            after: int | None) -> set[int]:
+    """The nodes (by position) whose round after round ``after`` (the checkpoint's) every
+    member loaded, none having one in flight: a model owner died after they loaded and before
+    its next checkpoint. A second average is not exact in fixed point: those are not run again
+    (with checkpoints a call runs one round, so that round is the call's)."""
+    if after is None or len(members) < 2:
+        return set()
+    return {k for k in range(len(status[members[0]]))
+            if len({status[m][k]["aggregated"] for m in members}) == 1
+            and all(status[m][k]["pending"] == 0 for m in members)
+            and status[members[0]][k]["aggregated"] > after}
 
 
 #: runs ``fn(key)`` for every key; returns (results, errors) by key
