@@ -27,7 +27,11 @@ atomically after every training step by :meth:`syft_split.Trainer.fit`. It holds
   sealed request by recipient and node.
   A new process runs that step again from the checkpoint (the data owners answer it from their
   records), does not average again (every member loaded the average) and sends those very
-  requests again (:class:`syft_split.schedules.SecureAverage`).
+  requests again (:class:`syft_split.schedules.SecureAverage`);
+- SplitFed's last secure-aggregation round (the rounds so far, learned from the data owners at
+  the start of a run): a new process does not average again a round every member loaded after
+  it (their round status, persisted with their state, says so), also when the model owner died
+  after they loaded and before its next checkpoint write; no extra write per round.
 
 ``fit(resume=True, checkpoint_dir=...)`` in a new process re-attaches to the approved segments
 by id (:meth:`syft_split.SplitSession.attach`) and continues at the next batch; every request
@@ -100,6 +104,7 @@ class Checkpoint:
             "server_copies": None if copies is None else copies.states,
             "relay_last": trainer._relay_last,
             "relay": trainer._relay,
+            "secagg_round": trainer._average.saved,
             "down": sorted(trainer.down),
             "run": _run(trainer),
             "he": s.he.state() if s.he is not None else None,
@@ -183,6 +188,7 @@ class Checkpoint:
         trainer._relay_last = tree.get("relay_last")
         trainer._relay = tree.get("relay")
         trainer._average.journaled = tree.get(SPLITFED_RELAYS)
+        trainer._average.checkpointed = tree.get("secagg_round")
         trainer.down = set(tree.get("down", []))
         if s.he is not None:
             s.he.load_state(tree.get("he") or {})

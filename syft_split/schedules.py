@@ -26,19 +26,17 @@ its data owners keep their weights, which :attr:`SecureAverage.last` says; it is
 from __future__ import annotations
 
 import functools
-import json
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from . import secagg
+from .contributions import blamed, contribution_faults
 from .errors import (
     AverageRefusedError,
     CohortRefusedError,
     ConfigError,
     ProtocolError,
-    ValidationError,
 )
 from .remote import RemoteSegment
 from .server_copies import ServerCopies, weighted_mean
@@ -159,6 +157,30 @@ class SecureAverage:
         #: what a crashed process journaled of the call that runs again first (from a checkpoint:
         #: the ``journal`` record of :meth:`__call__`); that call takes it
         self.journaled: dict[str, Any] | None = None
+        #: the last round as of the checkpoint a new process resumes from (:attr:`saved`): a
+        #: node's round every member loaded after it is not run again by the first call
+        self.checkpointed: int | None = None
+
+    @property
+    def saved(self) -> int | None:
+        """The round number a checkpoint keeps: the last round started (None: not known yet,
+        see :meth:`start`)."""
+        return self.round if self.round is not None else self.checkpointed
+
+    def start(self, sources: Sequence[str], run: Each | None = None
+              ) -> tuple[dict[str, list[dict[str, int]]], dict[str, BaseException]]:
+        """Learn every data owner's round status (the last round each shared node contributed
+        to, has in flight and loaded; its ``min_cohort``) and where the rounds start; the first
+        call does it (a run with checkpoints at its start, so that its first checkpoint holds
+        :attr:`saved`). Returns the status and the failures."""
+        nodes = input_nodes(self.session)
+        status, failed = (run or _one_after_the_other)(list(sources), lambda s: [
+            self.session._seg(s, i).secagg_status() for i in nodes])
+        if not failed:
+            self.round = _first_round(status) - 1
+            self.min_cohort.update({s: max(st.get("min_cohort", 2) for st in sts)
+                                    for s, sts in status.items() if sts})
+        return status, failed
 
     def __call__(self, sources: Sequence[str], weights: Sequence[float], *,
                  each: Each | None = None,
@@ -184,7 +206,8 @@ class SecureAverage:
         length, and every member checks everything it is relayed before anyone loads
         (``secagg_check``): then every member has computed the average, so a refusal there
         leaves the round unaveraged, never run again (a second average without one member
-        would show that member's weights), and leaves out whom :func:`_blamed` names. A failed
+        would show that member's weights), and leaves out whom
+        :func:`~syft_split.contributions.blamed` names. A failed
         *aggregate* stops the
         averaging (the others have loaded). Without ``each`` the calls run one after the other
         and a failure raises (nothing loaded, if it is one of these).
@@ -197,7 +220,10 @@ class SecureAverage:
         again (the members hold the average; a second one is not exact in fixed point) and
         sends those very requests again (a new seal is other bytes, which a data owner refuses
         under a step id it applied): the data owners apply each once, and only the relays not
-        journaled are sealed."""
+        journaled are sealed. Nor does a new process average again a shared node whose round
+        every member loaded after the checkpoint (:attr:`checkpointed`; their round status
+        says so) although nothing was journaled: the model owner died before its next
+        checkpoint. A round only some members loaded is finished under its own number."""
         _require_peer(self.session)
         if len(sources) != len(weights):
             raise ConfigError(f"{len(sources)} sources but {len(weights)} weights")
@@ -208,25 +234,25 @@ class SecureAverage:
             return {}  # the average of one copy is that copy
         run = each or _one_after_the_other
         nodes = input_nodes(self.session)
+        loaded: set[int] = set()  # nodes every member loaded after the checkpoint
         if self.round is None:
-            status, failed = run(list(sources), lambda s: [
-                self.session._seg(s, i).secagg_status() for i in nodes])
+            status, failed = self.start(sources, run)
             if failed:
                 return failed
-            self.round = _first_round(status) - 1
-            self.min_cohort.update({s: max(st.get("min_cohort", 2) for st in sts)
-                                    for s, sts in status.items() if sts})
+            loaded = _loaded(status, members, self.checkpointed)
+        assert self.round is not None  # (set by start)
         dropped: dict[str, BaseException] = {}
         if not members:
             raise ConfigError(f"averaging weights {weights} are all 0")
         resumed = self._resumed(members)  # averaged before a crash, relayed in part
-        if len(members) > 1 and resumed is None:
-            out.not_averaged = cohort_refusal(members, w, self.min_cohort)
+        average = len(members) > 1 and resumed is None and len(loaded) < len(nodes)
+        if average:
+            out.not_averaged = None if loaded else cohort_refusal(members, w, self.min_cohort)
             if out.not_averaged is not None:
                 return dropped  # no round started: no masks spent, nothing loaded
             self.round += 1
-        for k, i in enumerate(nodes if len(members) > 1 and resumed is None else []):
-            while True:
+        for k, i in enumerate(nodes if average else []):
+            while k not in loaded:
                 failed, loading, refused = self._node(i, members, w, run)
                 if failed and each is None:  # one after the other: a failure raises
                     raise next(iter(failed.values()))
@@ -311,7 +337,8 @@ class SecureAverage:
         """One round of node ``i``'s copies: every member contributes; the answers are
         checked (:func:`contribution_faults`: a bad one fails its sender); every member checks
         every contribution it is relayed, loading nothing (a refusal naming a peer fails that
-        peer, :func:`_blamed`; any refusal leaves the round unaveraged), then aggregates.
+        peer, :func:`~syft_split.contributions.blamed`; any refusal leaves the round
+        unaveraged), then aggregates.
         Returns the failures, whether they happened while loading (aggregate), and why the
         round was abandoned if a member refused its cohort or the average (then nobody
         aggregates)."""
@@ -342,77 +369,11 @@ class SecureAverage:
         if failed:  # members have computed this round's average: it is never run again
             # (a second average without one member would show that member's weights)
             average = {s: e for s, e in failed.items() if isinstance(e, AverageRefusedError)}
-            blamed = _blamed({s: e for s, e in failed.items() if s not in average}, party, rnd)
+            blame = blamed({s: e for s, e in failed.items() if s not in average}, party, rnd)
             why = "; ".join(f"{party[s]}: {type(e).__name__}: {e}" for s, e in failed.items())
-            return blamed, False, f"refused while checking round {rnd} (not run again): {why}"
+            return blame, False, f"refused while checking round {rnd} (not run again): {why}"
         _, failed = run(list(segs), lambda s: segs[s].secagg_aggregate(rnd, relayed(s)))
         return failed, True, None
-
-
-def contribution_faults(sealed: dict[str, dict[str, Any]], rnd: int
-                        ) -> dict[str, BaseException]:
-    """The members whose ``secagg_contribute`` answer (``sealed``: member -> its answer, by
-    recipient) the model owner refuses before relaying anything, and why: every answer must
-    hold exactly one non-empty ``bytes`` contribution for every other member, all of one
-    length up to the JSON length of the sender's and the recipient's names (they are in the
-    sealed text), that length the same as a strict majority of the members' when one has
-    it. What the model owner cannot see (a corrupted contribution of the right length) its
-    recipient refuses, naming the sender (:class:`SecureAverage`)."""
-    faults: dict[str, BaseException] = {}
-    norm: dict[str, int] = {}
-    for s, answer in sealed.items():
-        want = sorted(o for o in sealed if o != s)
-        got = sorted(answer) if isinstance(answer, dict) else []
-        if got != want:
-            faults[s] = ValidationError(f"{s}'s contribution to round {rnd} must be sealed for "
-                                        f"each of {want}, got {got[:8]}")
-            continue
-        sizes = {len(v) - len(json.dumps(s)) - len(json.dumps(o)) if isinstance(v, bytes)
-                 and v else -1 for o, v in answer.items()}
-        if -1 in sizes or len(sizes) != 1:
-            faults[s] = ValidationError(f"{s}'s contribution to round {rnd} must be one "
-                                        "non-empty bytes value of one length per recipient")
-            continue
-        norm[s] = sizes.pop()
-    if norm:
-        common, n = Counter(norm.values()).most_common(1)[0]
-        if 2 * n > len(sealed):
-            faults.update({s: ValidationError(
-                f"{s}'s contribution to round {rnd} has another length than the others'")
-                for s, v in norm.items() if v != common})
-    return faults
-
-
-def _blamed(failed: dict[str, BaseException], party: dict[str, str], rnd: int
-            ) -> dict[str, BaseException]:
-    """Whom the check phase's refusals leave out (by source). A member refusing a peer's
-    contribution names it (its error's ``peer``, a structured field). An honest member names
-    only a member that sent it something bad, so every accusation has a guilty end, but the
-    model owner cannot tell which: a member accused by a strict majority of the others is left
-    out alone; otherwise the accused and its accusers all are (a liar leaves with the member
-    it names; one bad contribution to a single member costs that member too). Any other
-    refusal is the member's own; a refused average (:class:`AverageRefusedError`) is
-    nobody's."""
-    source = {p: s for s, p in party.items()}
-    accusers: dict[str, list[str]] = {}
-    out: dict[str, BaseException] = {}
-    for s, exc in failed.items():
-        peer = getattr(exc, "peer", None)
-        if isinstance(peer, str) and peer in source and peer != party[s]:
-            accusers.setdefault(peer, []).append(party[s])
-        elif not isinstance(exc, AverageRefusedError):
-            out[s] = exc
-    others = len(party) - 1
-    for peer, by in accusers.items():
-        err = out[source[peer]] = ValidationError(
-            f"{', '.join(by)} refused {peer}'s contribution to round {rnd}")
-        err.peer = peer
-        if 2 * len(by) <= others:  # no majority: the accusers leave too
-            for p in by:
-                out.setdefault(source[p], ValidationError(
-                    f"{p} refused {peer}'s contribution to round {rnd} without a majority of "
-                    "the members doing so: the model owner cannot tell which of them lies"))
-    return out
 
 
 def _journal_relay(journal: Callable[[dict[str, Any]], None], record: dict[str, Any], dst: str,
@@ -445,6 +406,20 @@ def _first_round(status: dict[str, list[dict[str, int]]]) -> int:
     loading = (any(st["pending"] == last for st in seen)
                and any(st["aggregated"] == last for st in seen))
     return last if loading and last > 0 else last + 1
+
+
+def _loaded(status: dict[str, list[dict[str, int]]], members: Sequence[str],
+            after: int | None) -> set[int]:
+    """The nodes (by position) whose round after round ``after`` (the checkpoint's) every
+    member loaded, none having one in flight: a model owner died after they loaded and before
+    its next checkpoint. A second average is not exact in fixed point: those are not run again
+    (with checkpoints a call runs one round, so that round is the call's)."""
+    if after is None or len(members) < 2:
+        return set()
+    return {k for k in range(len(status[members[0]]))
+            if len({status[m][k]["aggregated"] for m in members}) == 1
+            and all(status[m][k]["pending"] == 0 for m in members)
+            and status[members[0]][k]["aggregated"] > after}
 
 
 #: runs ``fn(key)`` for every key; returns (results, errors) by key

@@ -369,6 +369,8 @@ class Trainer:
                 position = self._checkpoint.restore(self, tree)
                 self.report.extra["resumed"] = int(self.report.extra.get("resumed", 0)) + 1
         if self._checkpoint is not None and position is None:  # the segment ids, at once
+            if self.schedule in ("splitfed_v1", "splitfed_v2") and self._average.round is None:
+                self._average.start(self.session.plan.sources)  # the rounds so far, checkpointed
             self._checkpoint.save(self, Position(epoch=1, done=0, gen=self.generator.get_state(),
                                                  sums=[0.0, 0, 0], round_sizes={}))
         first = int(position["epoch"]) if position is not None else 1

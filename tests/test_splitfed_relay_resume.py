@@ -110,6 +110,10 @@ CRASHES = {
     "between_recipients": ({("seal", 3): "model_owner", ("unseal", 4): "model_owner"}, 1, 3),
     # journaled, then the model owner died before it left: sent (applied) by the new process
     "before_sent": ({("unseal", 2): "model_owner_before"}, 0, 1),
+    # a and b loaded round 2's average (aggregates 4 and 5), then the model owner died before
+    # journaling the relay to c: the new process does not average again (their round status
+    # says they loaded it after the checkpoint) and relays the average once
+    "loaded_before_journal": ({("secagg_aggregate", 5): "model_owner"}, 0, 0),
 }
 
 
