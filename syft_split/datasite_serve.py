@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import wire
-from .errors import AuthorizationError, ConfigError, SyftSplitError
+from .errors import AuthorizationError, ConfigError, StateSaveError, SyftSplitError
 from .host import AuditEntry, DataOwnerHost, HostLimits
 from .host.channel import close_channels, serving_lock
 
@@ -286,6 +286,8 @@ def _owner_call(context: Any, entry: _Entry, caller: str, op: str, request: byte
                 return wire.encode({"shutdown": True})
             try:
                 return wire.encode(entry.host.owner_call(caller, op, fields))
+            except StateSaveError:
+                raise  # it took effect, not durably: its gates stay closed
             except BaseException:
                 entry.host.undo_halt(closed)  # the halt failed: its gates open again
                 raise

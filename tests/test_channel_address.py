@@ -294,3 +294,8 @@ def test_a_datasite_name_its_dns_points_at_loopback_connects_nowhere(
                                             lambda: 5.0)] == ["10.1.2.3"]
     assert address.vetted("localhost", 4433, ["localhost"], lambda: 5.0)
     assert address.vetted("127.0.0.1", 4433, ["127.0.0.1"], lambda: 5.0)
+    # review R13: a datasite on the model owner's machine reached by its host name; the model
+    # owner allows the loopback address it maps to, and a ticket naming the name opens
+    assert [a[1][0] for a in address.vetted("rebound.example", 4433,
+                                            ["rebound.example", "127.0.0.1"],
+                                            lambda: 5.0)] == ["127.0.0.1"]

@@ -227,6 +227,53 @@ def test_a_halt_that_fails_leaves_the_gate_open(tmp_path: Path) -> None:
         again.close()
 
 
+def test_a_failed_halt_never_opens_a_gate_another_halt_asked_for(host: DataOwnerHost) -> None:
+    """Review R13: a halt whose fields the op does not take closes nothing; of two halts asked
+    for one segment (both waiting for the serving lock), the one that fails leaves the gate
+    to the other."""
+    pid = _segment(host)
+    assert host.ask_halt("halt", {"segment": pid, "reson": "a typo"}) == []
+    assert host.guard.stops() == {}
+    first = host.ask_halt("halt", {"segment": pid, "reason": "one"})
+    second = host.ask_halt("halt", {"segment": pid, "reason": "two"})
+    host.undo_halt(first)  # the first failed (as owner_call and _owner_call undo it)
+    _refused(_ask(host, "forward", segment=pid, indices=torch.arange(4), train=False), pid,
+             "being halted")
+    host.undo_halt(second)  # the second failed too: nobody halts it any more
+    assert "activation" in _ask(host, "forward", segment=pid, indices=torch.arange(4), train=False)
+
+
+def test_a_forget_user_whose_save_fails_leaves_every_gate_closed(tmp_path: Path) -> None:
+    """Review R13: ``forget_user`` halts the user's segments one by one; when the second
+    halt's save fails (disk full) the op ends with StateSaveError, and the segments it did
+    not reach stay closed: the forgotten user drives none of them."""
+    host = _host(tmp_path / "state")
+    pids = [_segment(host) for _ in range(3)]
+    store = host.store
+    assert store is not None
+    real, calls = store.save_host, []
+
+    def disk_full(h: DataOwnerHost) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(h)
+
+    store.save_host = disk_full  # type: ignore[method-assign]
+    entry = _Entry("", host, serving_lock(host))
+    admin = SimpleNamespace(role=SimpleNamespace(name="ADMIN"))
+    answer = wire.decode(_owner_call(admin, entry, "admin", "forget_user",
+                                     wire.encode({"user": MO})))
+    store.save_host = real  # type: ignore[method-assign]
+    try:
+        assert answer["error"] == "StateSaveError", answer
+        for pid in pids:
+            _refused(_ask(host, "forward", segment=pid, indices=torch.arange(4), train=False),
+                     pid, "halt")
+    finally:
+        host.close()
+
+
 def test_a_channel_frame_in_progress_is_refused(host: DataOwnerHost) -> None:
     """A step over a direct channel (answered under the same lock as the endpoint): the
     datasite's halt waits for it, its answer is refused, the channel then closes."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import itertools
 import logging
 import secrets
@@ -372,22 +373,35 @@ class DataOwnerHost(HostConsole):
         ``forget_user``) which takes effect at once: the guard's gate of each segment it
         stops closes now (:meth:`Guard.stop`), so an op in progress on it is refused and
         nothing of it leaves. Thread-safe and without the serving lock: the datasite calls it
-        before it waits for that lock, :meth:`owner_call` first thing. Returns the segments
-        whose gate this call closed (for :meth:`undo_halt` if the op then fails)."""
+        before it waits for that lock, :meth:`owner_call` first thing. An unknown op, or fields
+        the op does not take (a typo), closes nothing. Returns the segments it asked to halt
+        (for :meth:`undo_halt` if the op then fails)."""
+        entry = self._owner_ops.get(op)
+        try:
+            if entry is None:
+                return []
+            inspect.signature(entry[1]).bind(**fields)
+        except TypeError:  # the op refuses these fields itself, before halting anything
+            return []
         asked: list[str] = []
         for family in list(self.families.values()):
             try:
                 stops = family.stops(op, fields)
             except Exception:  # (never: stops() does not raise) the op itself still halts
                 continue
-            asked += [segment for segment, reason in stops if self.guard.stop(segment, reason)]
+            for segment, reason in stops:
+                self.guard.stop(segment, reason)
+                asked.append(segment)
         return asked
 
-    def undo_halt(self, closed: list[str]) -> None:
-        """The op that closed the gates ``closed`` (:meth:`ask_halt`) failed: those of
-        segments it did not halt or reject open again (review R12: a halt with a mistyped
-        field left its segment approved but refused for good, across restarts too)."""
-        self.guard.reopen(s for s in closed if s in self.proposals_by_id and
+    def undo_halt(self, asked: list[str]) -> None:
+        """The op that asked to halt ``asked`` (:meth:`ask_halt`) failed before taking effect:
+        the gates of segments it did not halt or reject open again, unless another halt asked
+        for them too (review R12: a halt that failed left its segment approved but refused
+        for good, across restarts too). Not after a :class:`StateSaveError`: the op took
+        effect (a ``forget_user`` whose second halt could not be saved had the user's third
+        segment run again, review R13)."""
+        self.guard.reopen(s for s in asked if s in self.proposals_by_id and
                           self.proposals_by_id[s].status not in ("halted", "rejected"))
 
     def owner_call(self, caller: str, op: str, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -405,6 +419,8 @@ class DataOwnerHost(HostConsole):
                     raise ProtocolError(f"unknown data-owner op {op!r}; known: "
                                         f"{sorted(self._owner_ops)}")
                 response: dict[str, Any] = entry[1](**fields)
+            except StateSaveError:
+                raise  # it took effect (halts are in memory): its gates stay closed
             except BaseException:
                 self.undo_halt(closed)
                 raise

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -230,6 +230,9 @@ class Guard:
         #: segments the data owner asked to halt, with the reason: nothing of theirs passes
         #: from the moment it is asked (set from the console's thread, without the serving lock)
         self._stopped: dict[str, str] = {}
+        #: halts asked per segment and not undone (:meth:`reopen`): a gate opens again only
+        #: when every halt that asked for it failed
+        self._asks: Counter[str] = Counter()
         self._stop_lock = threading.Lock()
         self._charged: dict[str, int] = {}
 
@@ -237,18 +240,27 @@ class Guard:
     def stop(self, segment: str, reason: str) -> bool:
         """Close the gate of ``segment`` now (thread-safe, no other lock needed): from this
         call on no answer of it passes :meth:`release`, an op in progress included. True if
-        this call closed it (False: it was closed already)."""
+        this call closed it (False: it was closed already). Each call counts as one halt
+        asked (see :meth:`reopen`)."""
         with self._stop_lock:
+            self._asks[segment] += 1
             if segment in self._stopped:
                 return False
             self._stopped[segment] = str(reason)[:1000]
             return True
 
     def reopen(self, segments: Iterable[str]) -> None:
-        """Open the gates of ``segments`` again (a halt that closed them failed)."""
+        """A halt that asked for the gates of ``segments`` (:meth:`stop`) failed: each opens
+        again once no other halt asked for it is still on its way (review R13: a failed halt
+        opened the gate a valid halt of the same segment, waiting for the lock, relied on)."""
         with self._stop_lock:
             for segment in segments:
-                self._stopped.pop(segment, None)
+                left = self._asks[segment] - 1
+                if left > 0:
+                    self._asks[segment] = left
+                else:
+                    self._asks.pop(segment, None)
+                    self._stopped.pop(segment, None)
 
     def stopped(self, segment: str) -> str | None:
         """Why ``segment``'s gate is closed (the data owner's halt reason), or None."""
