@@ -28,6 +28,7 @@ from syft_split import (
 from syft_split.models import digits_cnn
 
 from .conftest import ChaosTransport, Crash
+from .test_splitfed_relay_resume import approved_peers, weights
 
 #: batch 16: round 1 averages with weights 16/16/16, round 2 with 16/16/8 (each epoch)
 SIZES = {"a": 32, "b": 32, "c": 24}
@@ -67,29 +68,13 @@ def _session(transport: InProcessTransport, kind: str, seed: int = 1) -> SplitSe
 
 
 def _start(t: ChaosTransport, kind: str) -> SplitSession:
-    session = _session(t, kind)
-    for party, ids in session.propose().items():
-        for pid in ids:
-            t.host(party).approve(pid)
-    for p in SIZES:
-        for q in SIZES:
-            if p != q:
-                t.host(p).trust_peer(q, t.host(q).public_key())
-    return session
+    return approved_peers(_session(t, kind), t)
 
 
 def _trainer(session: SplitSession, schedule: str) -> Trainer:
     labels = {p: {ds: y for ds, (_x, y) in DATA[p].items()} for p in SIZES}
     return Trainer(session, batch_size=16, labels=labels, seed=0, progress=False,
                    measure_leakage=False, schedule=schedule, test_dataset=None)
-
-
-def _weights(session: SplitSession, t: ChaosTransport) -> list[torch.Tensor]:
-    session.flush()
-    out = [v for m in session.local.values() for v in m.state_dict().values()]
-    for (party, _i), seg in sorted(session.remote.items()):
-        out.extend(t.host(party).export_weights(seg.segment_id).values())
-    return out
 
 
 @functools.cache
@@ -99,7 +84,7 @@ def _reference(schedule: str, kind: str) -> tuple[list[torch.Tensor], int]:
     session = _start(t, kind)
     t.per_op.clear()
     _trainer(session, schedule).fit(2, verbose=False)
-    return _weights(session, t), t.per_op["secagg_aggregate"]
+    return weights(session, t), t.per_op["secagg_aggregate"]
 
 
 #: (plan, the model owner's crash: right after this aggregate call was applied, how many more
@@ -142,7 +127,7 @@ def test_a_round_every_member_loaded_is_not_averaged_again(tmp_path: Path, sched
             crashed += 1
             session = _session(t, kind, seed=99)
     assert crashed == 1 and not t.crashes and report.extra["resumed"] == 1
-    got = _weights(session, t)
+    got = weights(session, t)
     differ = sum(int((a != b).sum()) for a, b in zip(got, want, strict=True))
     assert differ == 0, f"{differ} weights differ from the uninterrupted run"
     assert t.per_op["secagg_aggregate"] == aggregates + more  # loaded rounds: not run again

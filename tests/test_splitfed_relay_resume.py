@@ -62,12 +62,17 @@ def _session(transport: InProcessTransport, seed: int = 1) -> SplitSession:
 
 
 def _start(t: ChaosTransport) -> SplitSession:
-    session = _session(t)
+    return approved_peers(_session(t), t)
+
+
+def approved_peers(session: SplitSession, t: ChaosTransport) -> SplitSession:
+    """``session`` proposed, every segment approved, every data owner a trusted peer of
+    every other (what secure aggregation needs)."""
     for party, ids in session.propose().items():
         for pid in ids:
             t.host(party).approve(pid)
-    for p in SIZES:
-        for q in SIZES:
+    for p in session.plan.sources:
+        for q in session.plan.sources:
             if p != q:
                 t.host(p).trust_peer(q, t.host(q).public_key())
     return session
@@ -79,7 +84,8 @@ def _trainer(session: SplitSession, schedule: str) -> Trainer:
                    measure_leakage=False, schedule=schedule)
 
 
-def _weights(session: SplitSession, t: ChaosTransport) -> list[torch.Tensor]:
+def weights(session: SplitSession, t: ChaosTransport) -> list[torch.Tensor]:
+    """Every weight of the run: the model owner's, then each data owner's segment."""
     session.flush()
     out = [v for m in session.local.values() for v in m.state_dict().values()]
     for (party, _i), seg in sorted(session.remote.items()):
@@ -96,7 +102,7 @@ def _reference(schedule: str) -> tuple[list[torch.Tensor], dict[str, int]]:
     t.per_op.clear()
     _trainer(session, schedule).fit(2, verbose=False)
     ops = ("seal", "unseal", "secagg_aggregate")
-    return _weights(session, t), {op: t.per_op[op] for op in ops}
+    return weights(session, t), {op: t.per_op[op] for op in ops}
 
 
 #: crashes (per op; requests sent again count too), and how many more seals and unseals than
@@ -136,7 +142,7 @@ def test_a_resume_around_the_relayed_average_ends_as_an_uninterrupted_run(
             crashed += 1
             session = _session(t, seed=99)
     assert crashed == len(crashes) and not t.crashes  # every crash happened
-    got = _weights(session, t)
+    got = weights(session, t)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), \
         "weights differ from the uninterrupted run"
     # the average is not computed again; a journaled relay is not sealed again
