@@ -121,7 +121,7 @@ def test_splitfed_v1_round_equals_one_sgd_step_on_the_union(make_deployment) -> 
     dep.approve_all(session.propose())
     dep.trust_each_other()
     trainer = Trainer(session, batch_size=len(a.y_train), progress=False, schedule="splitfed_v1",
-                      labels={"a": {"train": a.y_train, "test": a.y_test},
+                      measure_leakage=False, labels={"a": {"train": a.y_train, "test": a.y_test},
                               "b": {"train": b.y_train, "test": b.y_test}})
     trainer.fit(2, verbose=False)
     want = list(reference.state_dict().values())
@@ -144,7 +144,7 @@ def test_shared_client_schedules_learn(make_deployment, schedule) -> None:
     dep.approve_all(session.propose(), channel=True)  # datasites: steps over the direct channel
     dep.trust_each_other()
     report = Trainer(session, batch_size=32, progress=False, schedule=schedule,
-                     labels={"a": {"train": a.y_train, "test": a.y_test},
+                     measure_leakage=False, labels={"a": {"train": a.y_train, "test": a.y_test},
                              "b": {"train": b.y_train, "test": b.y_test}}).fit(3, verbose=False)
     assert report.final_test_accuracy is not None and report.final_test_accuracy >= 0.85
     if schedule == "splitfed_v2":  # averaged at the end of every round: one client model

@@ -96,6 +96,7 @@ def _encoder() -> nn.Module:
 
 
 def _fit(session: SplitSession, labels: Any = None, **kw: Any) -> None:
+    kw.setdefault("leakage_budget_s", 1.0)  # the figures leave; how good they are is not tested
     Trainer(session, batch_size=32, progress=False, labels=labels, **kw).fit(1, verbose=False)
 
 

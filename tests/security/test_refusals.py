@@ -33,6 +33,7 @@ def _propose(host: DataOwnerHost, module: nn.Module, caller: str = "mo", **field
 
 def _host(labels: torch.Tensor | None = None, **limits: Any) -> DataOwnerHost:
     torch.manual_seed(0)
+    limits.setdefault("review_budget_s", 2.0)  # reviews are read for their warnings here
     host = DataOwnerHost("do", limits=HostLimits(**limits))
     y = torch.randint(0, 3, (64,)) if labels is None else labels
     host.add_dataset("train", torch.randn(64, 8), y)
