@@ -37,7 +37,7 @@ from syft_split.errors import (
     TransportError,
     ValidationError,
 )
-from syft_split.host import DataOwnerHost
+from syft_split.host import DataOwnerHost, HostLimits
 from syft_split.host.channel import close_channels
 from syft_split.spec import OptimizerSpec, module_to_spec, spec_state
 from syft_split.transport.inprocess import InProcessTransport
@@ -95,7 +95,7 @@ def _answer(raw: bytes) -> dict[str, object]:
 def site() -> Iterator[Site]:
     g = torch.Generator().manual_seed(0)
     features = torch.randn(64, 1, 8, 8, generator=g)
-    host = DataOwnerHost("h")
+    host = DataOwnerHost("h", limits=HostLimits(review_budget_s=2.0))  # reviews read for text
     host.add_dataset("d", features, torch.randint(0, 10, (64,), generator=g))
     inner = InProcessTransport([host], user=MO)
     s = Site(host, DirectTransport(inner), InProcessTransport([host], user=INTRUDER), features)

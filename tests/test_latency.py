@@ -29,6 +29,7 @@ from syft_split.errors import (
     TransportError,
     ValidationError,
 )
+from syft_split.host import HostLimits
 from syft_split.local_loss import LocalLoss
 from syft_split.topology import RELEASED
 from syft_split.transport.base import CallPolicy, Transport
@@ -65,7 +66,8 @@ def _order(seed: int = 0, epochs: int = 1) -> list[torch.Tensor]:
 @pytest.fixture
 def dep() -> Iterator[Deployment]:
     x, y = _data()
-    d = inprocess({"h": {"train": (x, y), "test": (x[:32], y[:32])}})
+    d = inprocess({"h": {"train": (x, y), "test": (x[:32], y[:32])}},
+                  limits=HostLimits(review_budget_s=2.0))  # reviews read for text
     yield d
     d.close()
 

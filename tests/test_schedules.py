@@ -20,6 +20,7 @@ from syft_split import (
     Trainer,
 )
 from syft_split.datasets import digits_parties
+from syft_split.host import HostLimits
 from syft_split.schedules import relay_weights
 
 SGD = OptimizerSpec("sgd", lr=0.1)
@@ -34,7 +35,8 @@ def _model() -> nn.Sequential:
 def _two_clients(make_deployment, limit: int = 120):
     a, b = digits_parties(2, limit=limit, test_fraction=0.25)
     dep = make_deployment({"a": {"train": (a.x_train, a.y_train), "test": (a.x_test, a.y_test)},
-                           "b": {"train": (b.x_train, b.y_train), "test": (b.x_test, b.y_test)}})
+                           "b": {"train": (b.x_train, b.y_train), "test": (b.x_test, b.y_test)}},
+                          limits=HostLimits(review_budget_s=2.0))  # reviews read for text
     return a, b, dep
 
 
