@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from syft_split.deploy import Deployment, datasites, inprocess
+from syft_split.host import HostLimits
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -60,7 +61,8 @@ def inproc_world() -> Iterator[Deployment]:
 def site_world() -> Iterator[Deployment]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dep = datasites(_parties(), name_prefix="t-sec")
+        # reviews are read for their warnings (copies, linear, release): 2 s of attacks
+        dep = datasites(_parties(), name_prefix="t-sec", limits=HostLimits(review_budget_s=2.0))
     dirs = [s.data_dir for s in dep.transport.datasites.values()]  # type: ignore[attr-defined]
     yield dep
     dep.close()
