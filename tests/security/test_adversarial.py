@@ -260,5 +260,4 @@ def test_selection_segment_is_flagged_in_the_review(site_world: Deployment, widt
     review = console.review(pid)
     assert f"WARNING: {width} of your 64 input values leave as exact copies" in review
     assert "WARNING: the segment is linear" in review
-    assert "reconstructed from what leaves" in review or width < 64
     console.reject(pid)
