@@ -9,13 +9,21 @@ import torch
 from syft_split import ConfigError, OptimizerSpec, SplitPlan, SplitSession, Trainer, split_model
 from syft_split.datasets import digits_parties
 from syft_split.defences import flip_probability
+from syft_split.host import HostLimits
 from syft_split.models import digits_cnn
 
+#: seconds the data owner's attack suite may spend (review and measurement alike): the
+#: suite uses all of the default 30 s here, which was 90% of each run; dCor does not depend
+#: on it and the white-box attack, the worst case in both runs, still inverts the undefended
+#: activations almost exactly (inversion ratio ~0.003 at 1 s, 0.09 under NoPeek)
+SUITE_BUDGET_S = 5.0
 
-def _run(make_deployment, defences: dict[str, float], epochs: int = 3):
+
+def _run(make_deployment, defences: dict[str, float], epochs: int = 3, measure: bool = True):
     (d,) = digits_parties(1, mock_records=300)
     dep = make_deployment({"h": {"train": (d.x_train, d.y_train, None, d.mock),
-                                 "test": (d.x_test, d.y_test, None, d.mock)}})
+                                 "test": (d.x_test, d.y_test, None, d.mock)}},
+                          limits=HostLimits(review_budget_s=SUITE_BUDGET_S))
     torch.manual_seed(0)
     plan = SplitPlan.vanilla(split_model(digits_cnn(), "pool1"), "h", defences=defences)
     session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("adam", lr=1e-2))
@@ -24,7 +32,7 @@ def _run(make_deployment, defences: dict[str, float], epochs: int = 3):
     for name in defences:
         assert f"defence here: {name}" in review
     dep.approve_all(proposals, channel=True)  # datasites: steps over the direct channel
-    trainer = Trainer(session, batch_size=64, progress=False,
+    trainer = Trainer(session, batch_size=64, progress=False, measure_leakage=measure,
                       labels={"h": {"train": d.y_train, "test": d.y_test}})
     return trainer.fit(epochs, verbose=False), dep, session
 
@@ -40,7 +48,8 @@ def test_nopeek_lowers_distance_correlation(make_deployment) -> None:
 
 
 def test_activation_noise_is_added_at_the_data_owner(make_deployment) -> None:
-    _, _, session = _run(make_deployment, {"noise_sigma": 0.5}, epochs=1)
+    # the noise is drawn per forward at the data owner: no leakage figures needed here
+    _, _, session = _run(make_deployment, {"noise_sigma": 0.5}, epochs=1, measure=False)
     seg = session.remote[("h", 0)]
     a = seg.forward(indices=torch.arange(32), train=False)
     b = seg.forward(indices=torch.arange(32), train=False)

@@ -82,7 +82,7 @@ def test_demo_inprocess_reaches_090(tmp_path, capsys) -> None:
     from syft_split.demo import main
 
     acc = main(["--transport", "inprocess", "--epochs", "5", "--runs-dir", str(tmp_path),
-                "--leakage-budget", "4"])
+                "--leakage-budget", "1"])  # the suite's figures are not checked here
     out = capsys.readouterr().out.strip().splitlines()
     assert acc >= 0.90
     assert out[-1].startswith("test_accuracy=") and " report=" in out[-1]
