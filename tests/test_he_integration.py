@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -10,9 +12,11 @@ from torch import nn
 
 from syft_split import ConfigError, OptimizerSpec, SplitPlan, SplitSession, Trainer, split_model
 from syft_split.datasets import digits_parties
-from syft_split.deploy import inprocess
+from syft_split.deploy import Deployment, inprocess
 from syft_split.he import explain, protect
 from syft_split.topology import DATA_OWNER, MODEL_OWNER, Node, Task
+
+from .conftest import HTTP_KINDS, deployed
 
 pytestmark = [pytest.mark.he, pytest.mark.slow]
 
@@ -123,14 +127,24 @@ def test_demo_model_protected_as_is_trains_to_plain_accuracy() -> None:
     assert he["model_owner.h.last_multiplications"] > 0 and he["h.last_ser_s"] > 0
 
 
-@pytest.mark.parametrize("level", ["A", "B"])
-def test_he_over_datasites_gives_the_in_process_result(make_deployment_http, level) -> None:
-    """A short HE run through real datasites: the same losses as in process (masks differ
-    per run, but they cancel exactly up to the 2^-30 rounding), ciphertexts only."""
+@pytest.fixture(scope="module", params=HTTP_KINDS)
+def short_run_sites(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Deployment]]:
+    """160 digits records on each deployment kind, launched once for both levels (each test
+    proposes its own segment)."""
     (d,) = digits_parties(1, limit=160)
     parties = {"h": {"train": (d.x_train, d.y_train), "test": (d.x_test, d.y_test)}}
+    with deployed(request.param, parties) as dep:
+        yield d, dep
+
+
+@pytest.mark.parametrize("level", ["A", "B"])
+def test_he_over_datasites_gives_the_in_process_result(short_run_sites, level) -> None:
+    """A short HE run through real datasites: the same losses as in process (masks differ
+    per run, but they cancel exactly up to the 2^-30 rounding), ciphertexts only."""
+    d, shared = short_run_sites
+    parties = {"h": {"train": (d.x_train, d.y_train), "test": (d.x_test, d.y_test)}}
     losses = []
-    for dep in (inprocess(parties), make_deployment_http(parties)):
+    for dep in (inprocess(parties), shared):
         plan = _protect(SplitPlan.vanilla(split_model(_model(), "2"), "h"), level)
         session = SplitSession(plan, dep.transport, optimizer=OptimizerSpec("sgd", lr=HE_LR))
         dep.approve_all(session.propose())
