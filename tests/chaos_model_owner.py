@@ -26,6 +26,11 @@ PARTIES = ("a", "b")
 EPOCHS = 3
 #: the HE-protected run: fewer epochs (its steps cost ~10x a plain step; its crashes come early)
 HE_EPOCHS = 2
+
+
+def chaos_epochs(he: bool) -> int:
+    """Epochs of the chaos run (plain or HE-protected)."""
+    return HE_EPOCHS if he else EPOCHS
 BATCH = 10
 #: patient retries: a datasite being restarted is unreachable for ~10-20 s
 POLICY = CallPolicy(timeout=60.0, retries=60, backoff=0.2, max_backoff=1.0)
@@ -87,7 +92,7 @@ def main() -> None:
         while set(session.status().values()) != {"approved"}:
             time.sleep(0.5)
     print(f"training from {time.time():.2f}", flush=True)
-    report = chaos_trainer(session).fit(HE_EPOCHS if args.he else EPOCHS, verbose=False,
+    report = chaos_trainer(session).fit(chaos_epochs(args.he), verbose=False,
                                         checkpoint_dir=args.checkpoint, resume=True)
     session.flush()
     persist.save(out / "final.sspl", {

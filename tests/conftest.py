@@ -24,6 +24,10 @@ torch.set_num_threads(1)  # 2 shared cores: tiny ops are far slower with 2 threa
 #: every behaviour test runs on these: the in-process transport and real (embedded) PySyft
 #: datasites; ``make_deployment_http`` adds uvicorn HTTP datasites on loopback.
 DEPLOY_KINDS = ["inprocess", "datasite"]
+#: the data owner's attack-suite budget (``HostLimits.review_budget_s``) for hosts whose reviews
+#: are read for their text only (warnings, layers, options): the default 30 s, spent in full
+#: at every review, was most of those tests' time; no figure they assert on depends on it
+TEXT_REVIEW_S = 2.0
 HTTP_KINDS = [*DEPLOY_KINDS, "http"]
 
 

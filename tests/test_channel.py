@@ -42,6 +42,8 @@ from syft_split.host.channel import close_channels
 from syft_split.spec import OptimizerSpec, module_to_spec, spec_state
 from syft_split.transport.inprocess import InProcessTransport
 
+from .conftest import TEXT_REVIEW_S
+
 MO, INTRUDER = "model-owner@example.org", "intruder@example.org"
 
 
@@ -95,7 +97,7 @@ def _answer(raw: bytes) -> dict[str, object]:
 def site() -> Iterator[Site]:
     g = torch.Generator().manual_seed(0)
     features = torch.randn(64, 1, 8, 8, generator=g)
-    host = DataOwnerHost("h", limits=HostLimits(review_budget_s=2.0))  # reviews read for text
+    host = DataOwnerHost("h", limits=HostLimits(review_budget_s=TEXT_REVIEW_S))
     host.add_dataset("d", features, torch.randint(0, 10, (64,), generator=g))
     inner = InProcessTransport([host], user=MO)
     s = Site(host, DirectTransport(inner), InProcessTransport([host], user=INTRUDER), features)

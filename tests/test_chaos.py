@@ -37,14 +37,7 @@ from syft_split.errors import CallTimeoutError
 from syft_split.transport.base import CallPolicy
 from syft_split.transport.pysyft import deployment
 
-from .chaos_model_owner import (
-    EPOCHS,
-    HE_EPOCHS,
-    PARTIES,
-    chaos_data,
-    chaos_session,
-    chaos_trainer,
-)
+from .chaos_model_owner import PARTIES, chaos_data, chaos_epochs, chaos_session, chaos_trainer
 
 pytestmark = pytest.mark.pysyft
 
@@ -73,7 +66,7 @@ def _reference(he: bool) -> dict[str, Any]:
     dep = inprocess(chaos_data())
     session = chaos_session(dep.transport, he=he)
     dep.approve_all(session.propose())
-    report = chaos_trainer(session).fit(HE_EPOCHS if he else EPOCHS, verbose=False)
+    report = chaos_trainer(session).fit(chaos_epochs(he), verbose=False)
     session.flush()
     segs = {f"{p}:{i}": seg.segment_id for (p, i), seg in session.remote.items()}
     return {

@@ -128,21 +128,20 @@ def test_demo_model_protected_as_is_trains_to_plain_accuracy() -> None:
 
 
 @pytest.fixture(scope="module", params=HTTP_KINDS)
-def short_run_sites(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Deployment]]:
-    """160 digits records on each deployment kind, launched once for both levels (each test
-    proposes its own segment)."""
+def short_run_sites(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Any, Deployment]]:
+    """160 digits records (the party, its datasets) on each deployment kind, launched once for
+    both levels (each test proposes its own segment)."""
     (d,) = digits_parties(1, limit=160)
     parties = {"h": {"train": (d.x_train, d.y_train), "test": (d.x_test, d.y_test)}}
     with deployed(request.param, parties) as dep:
-        yield d, dep
+        yield d, parties, dep
 
 
 @pytest.mark.parametrize("level", ["A", "B"])
 def test_he_over_datasites_gives_the_in_process_result(short_run_sites, level) -> None:
     """A short HE run through real datasites: the same losses as in process (masks differ
     per run, but they cancel exactly up to the 2^-30 rounding), ciphertexts only."""
-    d, shared = short_run_sites
-    parties = {"h": {"train": (d.x_train, d.y_train), "test": (d.x_test, d.y_test)}}
+    d, parties, shared = short_run_sites
     losses = []
     for dep in (inprocess(parties), shared):
         plan = _protect(SplitPlan.vanilla(split_model(_model(), "2"), "h"), level)

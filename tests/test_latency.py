@@ -36,6 +36,8 @@ from syft_split.transport.base import CallPolicy, Transport
 from syft_split.transport.inprocess import InProcessTransport
 from syft_split.transport.latency import DelayedTransport, submit_call
 
+from .conftest import TEXT_REVIEW_S
+
 N, B = 96, 16
 OPT = OptimizerSpec("sgd", lr=0.05, momentum=0.9)
 
@@ -67,7 +69,7 @@ def _order(seed: int = 0, epochs: int = 1) -> list[torch.Tensor]:
 def dep() -> Iterator[Deployment]:
     x, y = _data()
     d = inprocess({"h": {"train": (x, y), "test": (x[:32], y[:32])}},
-                  limits=HostLimits(review_budget_s=2.0))  # reviews read for text
+                  limits=HostLimits(review_budget_s=TEXT_REVIEW_S))
     yield d
     d.close()
 

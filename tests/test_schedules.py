@@ -23,6 +23,8 @@ from syft_split.datasets import digits_parties
 from syft_split.host import HostLimits
 from syft_split.schedules import relay_weights
 
+from .conftest import TEXT_REVIEW_S
+
 SGD = OptimizerSpec("sgd", lr=0.1)
 
 
@@ -36,7 +38,7 @@ def _two_clients(make_deployment, limit: int = 120):
     a, b = digits_parties(2, limit=limit, test_fraction=0.25)
     dep = make_deployment({"a": {"train": (a.x_train, a.y_train), "test": (a.x_test, a.y_test)},
                            "b": {"train": (b.x_train, b.y_train), "test": (b.x_test, b.y_test)}},
-                          limits=HostLimits(review_budget_s=2.0))  # reviews read for text
+                          limits=HostLimits(review_budget_s=TEXT_REVIEW_S))
     return a, b, dep
 
 

@@ -30,6 +30,8 @@ from syft_split.transport.pysyft import (
     deployment,
 )
 
+from ..conftest import TEXT_REVIEW_S
+
 SITE_KINDS = ["inprocess-datasite", "http-datasite"]
 PARTY = "hospital"
 MODEL_OWNER = "model-owner@example.org"
@@ -87,9 +89,8 @@ class SplitSite:
 
 
 #: the data owner's limits on the shared datasites (a narrow max_width: test_datasite checks
-#: that limits given to install reach the host in the datasite's process); reviews are read
-#: for their text here: the attack suite gets 2 s
-LIMITS = HostLimits(max_batch=256, max_width=4096, review_budget_s=2.0)
+#: that limits given to install reach the host in the datasite's process)
+LIMITS = HostLimits(max_batch=256, max_width=4096, review_budget_s=TEXT_REVIEW_S)
 
 
 def make_split_site(kind: str) -> SplitSite:

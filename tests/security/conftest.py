@@ -23,6 +23,8 @@ from syft_split.host import HostLimits
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 INTRUDER = "intruder@example.org"
+#: tests/conftest.py's TEXT_REVIEW_S (this package, tests/security, cannot import it)
+TEXT_REVIEW_S = 2.0
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -61,8 +63,8 @@ def inproc_world() -> Iterator[Deployment]:
 def site_world() -> Iterator[Deployment]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # reviews are read for their warnings (copies, linear, release): 2 s of attacks
-        dep = datasites(_parties(), name_prefix="t-sec", limits=HostLimits(review_budget_s=2.0))
+        dep = datasites(_parties(), name_prefix="t-sec",
+                        limits=HostLimits(review_budget_s=TEXT_REVIEW_S))
     dirs = [s.data_dir for s in dep.transport.datasites.values()]  # type: ignore[attr-defined]
     yield dep
     dep.close()

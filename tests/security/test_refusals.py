@@ -15,6 +15,8 @@ from syft_split.host.core import DataOwnerHost
 from syft_split.host.records import HostLimits
 from syft_split.spec import module_to_spec, spec_state
 
+from .conftest import TEXT_REVIEW_S
+
 SGD = OptimizerSpec("sgd", lr=1.0).to_json()
 
 
@@ -33,7 +35,7 @@ def _propose(host: DataOwnerHost, module: nn.Module, caller: str = "mo", **field
 
 def _host(labels: torch.Tensor | None = None, **limits: Any) -> DataOwnerHost:
     torch.manual_seed(0)
-    limits.setdefault("review_budget_s", 2.0)  # reviews are read for their warnings here
+    limits.setdefault("review_budget_s", TEXT_REVIEW_S)
     host = DataOwnerHost("do", limits=HostLimits(**limits))
     y = torch.randint(0, 3, (64,)) if labels is None else labels
     host.add_dataset("train", torch.randn(64, 8), y)
